@@ -1,0 +1,38 @@
+"""expertscope: what gets activated inside Mixture-of-Experts language models.
+
+``import expertscope as es`` — load a model, profile its routing over domains, find domain experts.
+"""
+
+from __future__ import annotations
+
+from .config import DomainExpertConfig, ProfileConfig
+from .data.types import Domain, Example
+from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
+from .models.hooks import RouterCall, RouterHooks
+from .models.loading import load_model
+from .models.model import MoEModel
+from .stats.domain_experts import DomainExpertTable, domain_experts
+from .stats.profile import RoutingProfile, profile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "Domain",
+    "DomainExpertConfig",
+    "DomainExpertTable",
+    "Example",
+    "ExpertscopeError",
+    "ModelError",
+    "MoEModel",
+    "OutputError",
+    "ProfileConfig",
+    "RouterCall",
+    "RouterHooks",
+    "RoutingProfile",
+    "__version__",
+    "domain_experts",
+    "load_model",
+    "profile",
+]

@@ -1,0 +1,52 @@
+"""The ``expertscope`` command line. Thin: every command parses flags and calls the library."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="expertscope",
+    help=(
+        "What gets activated inside Mixture-of-Experts language models.\n\n"
+        "Examples:\n\n"
+        "  expertscope run                                   # the whole study on the bundled demo\n\n"
+        "  expertscope profile --model demo --domain math=math.jsonl --out runs/p\n\n"
+        "  expertscope domains runs/p"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+# Each module registers its commands on `app`; one module per area keeps this file thin.
+_COMMAND_MODULES = (
+    "expertscope.cli.profile_cmds",
+    "expertscope.cli.data_cmds",
+    "expertscope.cli.eval_cmds",
+)
+
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Typed, validated, serialisable settings. Each config checks its ``Literal`` options and ranges on
+creation and round-trips through plain dicts (what manifests store)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="BaseConfig")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Validates ``Literal`` fields against their options on creation; ``to_dict``/``from_dict``."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            options = _literal_options(hints.get(f.name))
+            value = getattr(self, f.name)
+            if options and value not in options:
+                raise ConfigError(
+                    f"{f.name}={value!r} is not a valid option: use one of {', '.join(map(repr, options))}"
+                )
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks beyond the Literal options (subclasses)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field {unknown[0]!r}: use one of {sorted(names)}")
+        return cls(**d)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def _literal_options(tp: Any) -> tuple[Any, ...]:
+    if tp is None:
+        return ()
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    # Optional[Literal[...]]
+    opts: list[Any] = []
+    for arg in get_args(tp):
+        if get_origin(arg) is Literal:
+            opts.extend(get_args(arg))
+        elif arg is type(None):
+            opts.append(None)
+    return tuple(opts) if any(get_origin(a) is Literal for a in get_args(tp)) else ()
+
+
+def _positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}: pass a value > 0")
+
+
+@dataclass(frozen=True)
+class ProfileConfig(BaseConfig):
+    """Settings of :func:`expertscope.profile`."""
+
+    batch_size: int = 8
+    max_length: int | None = 512
+    keep_sequences: bool = True
+    sort_by_length: bool = True
+    limit: int | None = None
+
+    def validate(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _positive("max_length", self.max_length, allow_none=True)
+        _positive("limit", self.limit, allow_none=True)
+
+
+@dataclass(frozen=True)
+class DomainExpertConfig(BaseConfig):
+    """Settings of :func:`expertscope.domain_experts` (SPEC §2)."""
+
+    rule: Literal["z", "fdr"] = "z"
+    z: float = 2.0
+    entropy: Literal["bernoulli", "eq1"] = "bernoulli"
+    conditional: bool = False
+    n_boot: int = 1000
+    n_perm: int = 1000
+    alpha: float = 0.05
+    ci: float = 0.95
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.n_boot < 0 or self.n_perm < 0:
+            raise ConfigError("n_boot and n_perm must be >= 0: pass 0 to skip bootstraps or permutations")
+        if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
+            raise ConfigError("alpha and ci must lie in (0, 1): e.g. --alpha 0.05 --ci 0.95")
+        if self.rule == "fdr" and self.n_perm == 0:
+            raise ConfigError("rule='fdr' needs permutation p-values: set n_perm > 0 or use rule='z'")

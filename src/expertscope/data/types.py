@@ -1,0 +1,104 @@
+"""The data types every part of expertscope shares: one example, one domain."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TaskName = Literal["classification", "multiple_choice", "math"]
+TASKS: tuple[str, ...] = ("classification", "multiple_choice", "math")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One item of a domain.
+
+    ``text`` is the raw input (an utterance, a question, a word problem). Task fields are optional:
+    ``label`` is the class name (classification) or the answer letter ``"A"``–``"D"`` (multiple choice);
+    ``answer`` is the final number of a math problem as a string, ``solution`` its worked solution;
+    ``choices`` are the options of a multiple-choice question; ``context`` is preceding dialogue.
+    """
+
+    text: str
+    label: str | None = None
+    answer: str | None = None
+    choices: tuple[str, ...] | None = None
+    solution: str | None = None
+    context: tuple[str, ...] | None = None
+    id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the empty fields left out."""
+        out: dict[str, Any] = {"text": self.text}
+        for key in ("label", "answer", "choices", "solution", "context", "id"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if isinstance(value, tuple) else value
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Example:
+        return cls(
+            text=str(d["text"]),
+            label=None if d.get("label") is None else str(d["label"]),
+            answer=None if d.get("answer") is None else str(d["answer"]),
+            choices=None if d.get("choices") is None else tuple(str(c) for c in d["choices"]),
+            solution=d.get("solution"),
+            context=None if d.get("context") is None else tuple(str(c) for c in d["context"]),
+            id=None if d.get("id") is None else str(d["id"]),
+            meta=dict(d.get("meta") or {}),
+        )
+
+
+@dataclass
+class Domain:
+    """A named collection of examples, optionally tied to an evaluation task.
+
+    ``texts`` are what profiling feeds the model: the task's prompt for each example when ``task`` is set
+    (so routing is measured on exactly what evaluation shows the model), else the raw text.
+    """
+
+    name: str
+    examples: list[Example]
+    task: TaskName | None = None
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"unknown task {self.task!r} for domain {self.name!r}: use one of {TASKS}")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+    @property
+    def texts(self) -> list[str]:
+        if self.task is None:
+            return [ex.text for ex in self.examples]
+        from ..evaluation.prompts import profile_text
+
+        return [profile_text(self.task, ex) for ex in self.examples]
+
+    def head(self, n: int | None) -> Domain:
+        """The first ``n`` examples (all when ``n`` is None)."""
+        return self if n is None else Domain(self.name, self.examples[:n], self.task, self.source)
+
+
+def as_domains(domains: Domain | Sequence[Domain] | dict[str, Sequence[str]]) -> list[Domain]:
+    """Normalise the accepted domain inputs to a list of :class:`Domain`.
+
+    Accepts one Domain, a list of them, or ``{name: [text, ...]}``.
+    """
+    if isinstance(domains, Domain):
+        return [domains]
+    if isinstance(domains, dict):
+        return [Domain(name, [Example(text=t) for t in texts]) for name, texts in domains.items()]
+    return list(domains)

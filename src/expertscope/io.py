@@ -1,0 +1,144 @@
+"""Atomic file output and the run manifest.
+
+Every file expertscope writes goes through :func:`atomic_write` so an interrupted run never leaves a
+half-written file behind: data goes to a temporary file in the same directory and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+
+MANIFEST_SCHEMA_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; it replaces ``path`` only when the block exits cleanly."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
+        yield fh
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_write(path) as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
+        fh.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_table(
+    path: str | os.PathLike[str], df: pd.DataFrame, meta: dict[str, Any] | None = None, csv: bool = True
+) -> None:
+    """Write ``df`` as Parquet (``meta`` stored as JSON in the schema metadata) and, if ``csv``, as CSV."""
+    path = Path(path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if meta is not None:
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), b"expertscope": json.dumps(meta, default=_json_default).encode()}
+        )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    if csv:
+        with atomic_path(path.with_suffix(".csv")) as tmp:
+            df.to_csv(tmp, index=False)
+
+
+def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a table written by :func:`write_table`; returns ``(df, meta)``."""
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(b"expertscope")
+    meta = json.loads(raw) if raw else {}
+    return table.to_pandas(), meta
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide results, for the manifest."""
+    out: dict[str, str] = {"python": platform.python_version()}
+    for name in ("expertscope", "torch", "transformers", "numpy", "scikit-learn", "peft", "tokenizers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def make_manifest(kind: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A versioned manifest: what ran, with which settings and package versions, and when."""
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "kind": kind,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "config": config,
+        "versions": package_versions(),
+        **extra,
+    }
+
+
+def prepare_out_dir(out: str | os.PathLike[str], kind: str, resume: bool = False, force: bool = False) -> Path:
+    """Create ``out`` or check it may be written to by a run of ``kind``.
+
+    A directory holding another kind of run, or the same kind without ``resume``/``force``, is refused so
+    two runs never mix their files.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} is a file: pass a directory with --out")
+    manifest = out / "manifest.json"
+    if out.exists() and any(out.iterdir()) and not force:
+        if not manifest.exists():
+            raise OutputError(
+                f"output directory {out} is not empty and holds no expertscope run: choose a new --out"
+            )
+        try:
+            other = json.loads(manifest.read_text()).get("kind")
+        except (json.JSONDecodeError, OSError):
+            other = None
+        if other != kind:
+            raise OutputError(
+                f"output directory {out} holds another run ({other!r}): choose a new --out"
+            )
+        if not resume:
+            raise OutputError(
+                f"output directory {out} already holds a {kind} run: pass --resume to continue it, "
+                "--force to overwrite it, or choose a new --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,134 @@
+"""Loading a causal LM and its tokenizer from a local directory, the bundled demo, or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from .model import MoEModel
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """``"float32"``/``"bf16"``/... → torch dtype; ``"auto"``/None → ``"auto"`` (the checkpoint's own)."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def resolve_source(path_or_id: str) -> tuple[str, bool]:
+    """``(where to load from, is_local)``; ``"demo"`` is the bundled demo model."""
+    if path_or_id == "demo":
+        from ..demo import demo_model_path
+
+        path = Path(demo_model_path())
+        if not (path / "config.json").exists():
+            raise ModelError(f"the bundled demo model is missing from {path}: reinstall expertscope or run "
+                             "`expertscope demo train`")
+        return str(path), True
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"{p} is a file: pass the model's directory (with config.json)")
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p} has no config.json: pass a Hugging Face model directory")
+        return str(p), True
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
+        raise ModelError(f"model directory {path_or_id} does not exist: check the path")
+    return path_or_id, False
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> bool:
+    """Whether to load safetensors; refuse pickled-only checkpoints unless allowed."""
+    safes = list(path.glob("*.safetensors"))
+    if safes:
+        return True
+    pickled = [f for f in path.iterdir() if f.suffix in _PICKLE_SUFFIXES]
+    if pickled and not allow_pickle:
+        raise ModelError(
+            f"{path} has only pickled weights ({pickled[0].name}), which can run code when loaded: convert them "
+            "to safetensors, or pass --allow-pickle if you trust the source"
+        )
+    return False
+
+
+def _refuse_bypassing_paths(config: Any, use_kernels: bool) -> None:
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(method).lower() == "mxfp4" or use_kernels:
+        raise ModelError(
+            "this model runs its MoE through fused kernels (MXFP4 / use_kernels) that bypass the router's "
+            "forward, so routing cannot be captured: load the dequantized (bf16) weights without use_kernels"
+        )
+
+
+def load_model(
+    path_or_id: str,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
+    offload_folder: str | None = None,
+    use_kernels: bool = False,
+    verify: bool = True,
+) -> MoEModel:
+    """Load a Mixture-of-Experts causal LM and its tokenizer, find and self-check its routers.
+
+    ``path_or_id``: a local Hugging Face directory, ``"demo"``, or a hub id (needs network or cache).
+    Remote model code runs only with ``trust_remote_code=True``; weights load from safetensors, and pickled
+    checkpoints are refused unless ``allow_pickle``. ``device_map``/``max_memory``/``offload_folder`` are
+    passed to transformers (accelerate) for models larger than one device.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, local = resolve_source(path_or_id)
+    torch_dtype = parse_dtype(dtype)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(
+                f"{path_or_id} needs its own model code: pass --trust-remote-code if you trust its source"
+            ) from None
+        raise ModelError(f"cannot read the config of {path_or_id}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        if local:
+            raise ModelError(f"cannot read {source}/config.json: {str(e).splitlines()[0]}") from None
+        raise ModelError(
+            f"cannot fetch {path_or_id!r} from the Hugging Face hub (offline, or no such model): download it "
+            "and pass its local directory, e.g. --model ./my-model"
+        ) from None
+    _refuse_bypassing_paths(config, use_kernels)
+    use_safetensors = _check_weights(Path(source), allow_pickle) if local else (not allow_pickle or None)
+    load_kwargs: dict[str, Any] = {**kwargs, "dtype": torch_dtype, "use_safetensors": use_safetensors}
+    if device_map is not None:
+        load_kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ModelError(f"cannot load {path_or_id}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise ModelError(f"cannot load {path_or_id}: {str(e).splitlines()[0]}") from None
+    if device is not None and device_map is None:
+        model = model.to(device)
+    moe = MoEModel.from_model(model, tokenizer=tokenizer, source=path_or_id, verify=verify)
+    moe.revision = revision or getattr(config, "_commit_hash", None)
+    return moe

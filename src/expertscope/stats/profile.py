@@ -1,0 +1,409 @@
+"""Routing profiles: mergeable sufficient statistics of router decisions per (domain, layer, expert).
+
+A :class:`RoutingProfile` keeps, for every profiled sequence, its real-token count and per (layer, expert):
+selections, sums of ``h(p̃)`` in both entropy forms (SPEC §2) and gate-weight sums. Domain totals are
+derived from those rows in a canonical order (by domain, then sequence id), so a profile assembled from
+shards (``merge``) equals, bit for bit, the profile of the same batches added in one process. With
+``keep_sequences=False`` only running totals are kept: memory is then constant in the number of texts,
+and bootstraps/permutations are unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ProfileConfig
+from ..data.types import Domain, as_domains
+from ..errors import ConfigError, DataError, OutputError
+from ..io import atomic_path, write_json
+from ..models.hooks import RouterHooks
+from ..models.model import MoEModel
+from .entropy import bernoulli_entropy, eq1_entropy, topk_renormalised
+
+PROFILE_FORMAT_VERSION = 1
+STAT_NAMES = ("sel", "h_bern", "h_eq1", "gate")
+
+
+@dataclass
+class _Totals:
+    """Running sums for one domain: ``n_tokens`` scalar; each stat ``(L, E)``."""
+
+    n_tokens: int
+    stats: dict[str, np.ndarray]
+
+
+@dataclass
+class RoutingProfile:
+    """Sufficient statistics of routing over domains.
+
+    Arrays (``S`` sequences, ``L`` MoE layers, ``E`` experts): ``seq_domain`` ``(S,)`` index into
+    ``domains``; ``seq_id`` ``(S,)`` the sequence's index in its domain; ``seq_tokens`` ``(S,)`` real tokens;
+    ``seq_stats[name]`` ``(S, L, E)``: ``sel`` (int64 selection counts), ``h_bern``, ``h_eq1``, ``gate``
+    (float64 sums over the sequence's tokens).
+    """
+
+    layers: list[int]
+    num_experts: int
+    top_k: int
+    domains: list[str] = field(default_factory=list)
+    keep_sequences: bool = True
+    model_info: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)
+    _rows: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    _totals: dict[str, _Totals] = field(default_factory=dict, repr=False)
+    _keys: set[tuple[str, int]] = field(default_factory=set, repr=False)
+
+    # ----- building ------------------------------------------------------------------------------
+    def _domain_index(self, name: str) -> int:
+        if name not in self.domains:
+            self.domains.append(name)
+        return self.domains.index(name)
+
+    def add(
+        self, domain: str, seq_ids: Sequence[int], n_tokens: np.ndarray, stats: dict[str, np.ndarray]
+    ) -> None:
+        """Add sequences of one domain: ``n_tokens`` ``(B,)``, each ``stats[name]`` ``(B, L, E)``."""
+        d = self._domain_index(domain)
+        keys = [(domain, int(i)) for i in seq_ids]
+        dup = next((k for k in keys if k in self._keys), None)
+        if dup is not None:
+            raise DataError(f"sequence {dup[1]} of domain {dup[0]!r} was already profiled: profile each text once")
+        self._keys.update(keys)
+        if self.keep_sequences:
+            self._rows.append({
+                "seq_domain": np.full(len(keys), d, dtype=np.int32),
+                "seq_id": np.asarray(seq_ids, dtype=np.int64),
+                "seq_tokens": np.asarray(n_tokens, dtype=np.int64),
+                **{name: np.asarray(stats[name]) for name in STAT_NAMES},
+            })
+        else:
+            t = self._totals.get(domain)
+            if t is None:
+                t = self._totals[domain] = _Totals(0, {
+                    name: np.zeros((len(self.layers), self.num_experts), dtype=stats[name].dtype)
+                    for name in STAT_NAMES
+                })
+            t.n_tokens += int(np.sum(n_tokens))
+            for name in STAT_NAMES:
+                t.stats[name] += stats[name].sum(axis=0)
+
+    def has(self, domain: str, seq_id: int) -> bool:
+        return (domain, int(seq_id)) in self._keys
+
+    # ----- canonical arrays ----------------------------------------------------------------------
+    def _compact(self) -> dict[str, np.ndarray]:
+        """All sequence rows concatenated and sorted by (domain name, sequence id)."""
+        if not self.keep_sequences:
+            raise ConfigError("this profile kept no per-sequence statistics: profile with keep_sequences=True")
+        if not self._rows:
+            L, E = len(self.layers), self.num_experts
+            empty = {
+                "seq_domain": np.zeros(0, np.int32), "seq_id": np.zeros(0, np.int64),
+                "seq_tokens": np.zeros(0, np.int64),
+                "sel": np.zeros((0, L, E), np.int64),
+            }
+            empty.update({n: np.zeros((0, L, E), np.float64) for n in STAT_NAMES[1:]})
+            return empty
+        if len(self._rows) > 1:
+            cat = {k: np.concatenate([r[k] for r in self._rows]) for k in self._rows[0]}
+            self._rows = [cat]
+        rows = self._rows[0]
+        names = np.asarray(self.domains, dtype=object)[rows["seq_domain"]]
+        order = np.lexsort((rows["seq_id"], names))
+        if not np.array_equal(order, np.arange(len(order))):
+            rows = {k: v[order] for k, v in rows.items()}
+            self._rows = [rows]
+        return rows
+
+    @property
+    def seq_domain(self) -> np.ndarray:
+        return self._compact()["seq_domain"]
+
+    @property
+    def seq_id(self) -> np.ndarray:
+        return self._compact()["seq_id"]
+
+    @property
+    def seq_tokens(self) -> np.ndarray:
+        return self._compact()["seq_tokens"]
+
+    def seq_stats(self, name: str) -> np.ndarray:
+        return self._compact()[name]
+
+    @property
+    def num_sequences(self) -> dict[str, int]:
+        if not self.keep_sequences:
+            return {}
+        counts = np.bincount(self.seq_domain, minlength=len(self.domains))
+        return {d: int(c) for d, c in zip(self.domains, counts, strict=True)}
+
+    def totals(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Per-domain totals: ``n_tokens`` ``(D,)`` and each stat ``(D, L, E)``, domains in ``self.domains``."""
+        D, L, E = len(self.domains), len(self.layers), self.num_experts
+        if not self.keep_sequences:
+            n = np.array([self._totals[d].n_tokens if d in self._totals else 0 for d in self.domains], np.int64)
+            out = {
+                name: np.stack([self._totals[d].stats[name] for d in self.domains]) if D else
+                np.zeros((0, L, E)) for name in STAT_NAMES
+            }
+            return n, out
+        rows = self._compact()
+        n = np.zeros(D, np.int64)
+        out = {name: np.zeros((D, L, E), rows[name].dtype) for name in STAT_NAMES}
+        for d in range(D):
+            m = rows["seq_domain"] == d
+            n[d] = rows["seq_tokens"][m].sum()
+            for name in STAT_NAMES:
+                out[name][d] = rows[name][m].sum(axis=0)
+        return n, out
+
+    # ----- combining -----------------------------------------------------------------------------
+    def _check_compatible(self, other: RoutingProfile) -> None:
+        if (self.layers, self.num_experts, self.top_k) != (other.layers, other.num_experts, other.top_k):
+            raise ConfigError(
+                "profiles differ in layers, experts or top-k: merge only profiles of the same model"
+            )
+        if self.keep_sequences != other.keep_sequences:
+            raise ConfigError("cannot merge a profile with per-sequence statistics and one without: rerun both alike")
+
+    def merge(self, other: RoutingProfile) -> RoutingProfile:
+        """A new profile holding the statistics of the union of both (disjoint) sets of sequences."""
+        self._check_compatible(other)
+        overlap = self._keys & other._keys
+        if overlap:
+            d, i = sorted(overlap)[0]
+            raise DataError(f"both profiles hold sequence {i} of domain {d!r}: merge disjoint shards only")
+        out = RoutingProfile(
+            layers=list(self.layers), num_experts=self.num_experts, top_k=self.top_k,
+            keep_sequences=self.keep_sequences, model_info=dict(self.model_info or other.model_info),
+            config=dict(self.config or other.config),
+        )
+        for p in (self, other):
+            for d, c in p.truncated.items():
+                out.truncated[d] = out.truncated.get(d, 0) + c
+            if p.keep_sequences:
+                for r in p._rows:
+                    names = [p.domains[i] for i in r["seq_domain"]]
+                    remap = np.array([out._domain_index(n) for n in names], np.int32)
+                    out._rows.append({**r, "seq_domain": remap})
+            else:
+                for d in p.domains:
+                    out._domain_index(d)
+                    t = p._totals.get(d)
+                    if t is None:
+                        continue
+                    mine = out._totals.get(d)
+                    if mine is None:
+                        out._totals[d] = _Totals(t.n_tokens, {k: v.copy() for k, v in t.stats.items()})
+                    else:
+                        mine.n_tokens += t.n_tokens
+                        for k in STAT_NAMES:
+                            mine.stats[k] = mine.stats[k] + t.stats[k]
+            out._keys |= p._keys
+        return out
+
+    # ----- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``profile.safetensors`` (arrays) and ``profile.json`` (metadata) into ``directory``."""
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        if self.keep_sequences:
+            arrays = {k: np.ascontiguousarray(v) for k, v in self._compact().items()}
+        else:
+            for d, t in self._totals.items():
+                i = self.domains.index(d)
+                arrays[f"total_tokens.{i}"] = np.array([t.n_tokens], np.int64)
+                arrays.update({f"total_{k}.{i}": v for k, v in t.stats.items()})
+        with atomic_path(directory / "profile.safetensors") as tmp:
+            save_file(arrays, str(tmp))
+        keys = sorted(self._keys)
+        write_json(directory / "profile.json", {
+            "format": "expertscope.profile", "version": PROFILE_FORMAT_VERSION,
+            "layers": self.layers, "num_experts": self.num_experts, "top_k": self.top_k,
+            "domains": self.domains, "keep_sequences": self.keep_sequences,
+            "model": self.model_info, "config": self.config, "truncated": self.truncated,
+            "keys": [[d, i] for d, i in keys] if not self.keep_sequences else None,
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RoutingProfile:
+        """Read a profile written by :meth:`save`."""
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        meta_path = directory / "profile.json"
+        if not meta_path.exists():
+            raise OutputError(f"no profile in {directory}: run `expertscope profile --out {directory}` first")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != "expertscope.profile" or meta.get("version", 0) > PROFILE_FORMAT_VERSION:
+            raise OutputError(
+                f"{meta_path} is not a profile this expertscope can read (version {meta.get('version')}): "
+                "upgrade expertscope"
+            )
+        arrays = load_file(str(directory / "profile.safetensors"))
+        p = cls(
+            layers=list(meta["layers"]), num_experts=int(meta["num_experts"]), top_k=int(meta["top_k"]),
+            domains=list(meta["domains"]), keep_sequences=bool(meta["keep_sequences"]),
+            model_info=meta.get("model", {}), config=meta.get("config", {}),
+            truncated={k: int(v) for k, v in meta.get("truncated", {}).items()},
+        )
+        if p.keep_sequences:
+            if len(arrays.get("seq_id", [])):
+                p._rows = [dict(arrays)]
+            p._keys = {(p.domains[d], int(i)) for d, i in zip(arrays.get("seq_domain", []),
+                                                               arrays.get("seq_id", []), strict=True)}
+        else:
+            for i, d in enumerate(p.domains):
+                if f"total_tokens.{i}" in arrays:
+                    p._totals[d] = _Totals(int(arrays[f"total_tokens.{i}"][0]),
+                                           {k: arrays[f"total_{k}.{i}"] for k in STAT_NAMES})
+            p._keys = {(d, int(i)) for d, i in meta.get("keys") or []}
+        return p
+
+
+# ----- computing ---------------------------------------------------------------------------------
+def batch_statistics(
+    calls: dict[int, Any], layers: Sequence[int], num_experts: int, mask: torch.Tensor
+) -> dict[str, np.ndarray]:
+    """Per-sequence routing sums for one batch.
+
+    ``calls[layer]`` is a :class:`~expertscope.models.hooks.RouterCall` over the batch's ``B*T`` tokens
+    (batch-major); ``mask`` ``(B, T)`` marks real tokens. Returns each stat as ``(B, L, E)``: selections
+    (int64) and float64 sums of ``h_bern(p̃)``, ``-p̃ ln p̃`` and the gate weight, padding excluded.
+    """
+    B, T = mask.shape
+    m = mask.reshape(-1, 1).to(torch.float64)
+    per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES}
+    for layer in layers:
+        call = calls[layer]
+        idx = call.indices
+        p = topk_renormalised(call.logits, idx).double()
+        values = {
+            "sel": torch.ones_like(p),
+            "h_bern": bernoulli_entropy(p),
+            "h_eq1": eq1_entropy(p),
+            "gate": call.weights.double(),
+        }
+        for name, v in values.items():
+            dense = torch.zeros(idx.shape[0], num_experts, dtype=torch.float64, device=idx.device)
+            dense.scatter_add_(1, idx, v)
+            per_layer[name].append((dense * m).reshape(B, T, num_experts).sum(dim=1))
+    out = {name: torch.stack(v, dim=1).cpu().numpy() for name, v in per_layer.items()}
+    out["sel"] = np.rint(out["sel"]).astype(np.int64)
+    return out
+
+
+def tokenize_batch(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> tuple[dict, np.ndarray]:
+    """Right-padded tokenisation; returns the batch and, per text, whether it was truncated."""
+    full = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    lengths = np.array([len(ids) for ids in full])
+    truncated = lengths > max_length if max_length else np.zeros(len(texts), bool)
+    enc = tokenizer(
+        list(texts), return_tensors="pt", padding=True, truncation=max_length is not None,
+        max_length=max_length, add_special_tokens=True,
+    )
+    return enc, truncated
+
+
+def _ensure_pad(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def profile(
+    model: MoEModel,
+    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
+    batch_size: int = 8,
+    max_length: int | None = 512,
+    keep_sequences: bool = True,
+    limit: int | None = None,
+    resume_from: RoutingProfile | None = None,
+    on_batch: Callable[[RoutingProfile, int], None] | None = None,
+    progress: bool = False,
+    config: ProfileConfig | None = None,
+) -> RoutingProfile:
+    """Stream each domain's texts through ``model`` and collect a :class:`RoutingProfile`.
+
+    Texts are batched (longest first when ``sort_by_length``), right-padded and truncated to
+    ``max_length`` (or the model's context, whichever is smaller); truncations are counted per domain.
+    ``resume_from`` skips sequences already in that profile and continues it; ``on_batch(profile, n)``
+    runs after every batch (checkpointing, progress).
+    """
+    cfg = config or ProfileConfig(batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
+                                  limit=limit)
+    doms = as_domains(domains)
+    if not doms:
+        raise DataError("no domains given: pass at least one --domain NAME=SOURCE")
+    if model.tokenizer is None:
+        raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
+    tok = model.tokenizer
+    _ensure_pad(tok)
+    tok.padding_side = "right"
+    ctx = model.context_length
+    max_len = min(x for x in (cfg.max_length, ctx) if x) if (cfg.max_length or ctx) else None
+    texts_by_domain = {}
+    for d in doms:
+        texts = d.head(cfg.limit).texts
+        if not texts:
+            raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
+        texts_by_domain[d.name] = texts
+    layers = model.layers
+    prof = resume_from or RoutingProfile(
+        layers=layers, num_experts=model.num_experts, top_k=model.top_k, keep_sequences=cfg.keep_sequences,
+        model_info=model.describe(), config={**cfg.to_dict(), "max_length_used": max_len},
+    )
+    if resume_from is not None and (resume_from.layers != layers or resume_from.num_experts != model.num_experts):
+        raise ConfigError("the profile to resume was made with another model: use a new --out")
+
+    plan: list[tuple[str, list[int]]] = []
+    for name, texts in texts_by_domain.items():
+        todo = [i for i in range(len(texts)) if not prof.has(name, i)]
+        if cfg.sort_by_length:
+            todo.sort(key=lambda i, t=texts: (-len(t[i]), i))
+        plan.extend((name, todo[j:j + cfg.batch_size]) for j in range(0, len(todo), cfg.batch_size))
+
+    device = model.device
+    bar = _progress_bar(len(plan)) if progress else None
+    try:
+        with RouterHooks(model, record=True) as hooks, torch.no_grad():
+            for step, (name, ids) in enumerate(plan):
+                enc, trunc = tokenize_batch(tok, [texts_by_domain[name][i] for i in ids], max_len)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                hooks.clear()
+                model.model(**enc, use_cache=False)
+                calls = {layer: hooks.calls[layer][0] for layer in layers}
+                mask = enc["attention_mask"].bool()
+                stats = batch_statistics(calls, layers, model.num_experts, mask)
+                prof.add(name, ids, mask.sum(1).cpu().numpy(), stats)
+                if trunc.any():
+                    prof.truncated[name] = prof.truncated.get(name, 0) + int(trunc.sum())
+                if on_batch is not None:
+                    on_batch(prof, step)
+                if bar is not None:
+                    bar[0].advance(bar[1])
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    return prof
+
+
+def _progress_bar(total: int) -> tuple[Any, Any]:
+    from ..cli._common import progress as make_progress
+
+    p = make_progress()
+    p.start()
+    return p, p.add_task("profiling", total=total)

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random MoE models of every router family (built once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from expertscope.models.tiny import TINY_BUILDERS, tiny_model  # noqa: E402
+
+FAMILIES = sorted(TINY_BUILDERS)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache() -> dict:
+    return {}
+
+
+@pytest.fixture
+def make_tiny(tiny_cache: dict):
+    """``make_tiny(family, dtype=torch.float32, **config)``: a cached tiny model (do not mutate weights)."""
+
+    def make(family: str, dtype: torch.dtype = torch.float32, **config):
+        key = (family, dtype, tuple(sorted(config.items())))
+        if key not in tiny_cache:
+            tiny_cache[key] = tiny_model(family, seed=0, dtype=dtype, **config)
+        return tiny_cache[key]
+
+    return make
