@@ -26,6 +26,9 @@ _COMMAND_MODULES = (
     "expertscope.cli.profile_cmds",
     "expertscope.cli.data_cmds",
     "expertscope.cli.eval_cmds",
+    "expertscope.cli.causal_cmds",
+    "expertscope.cli.steer_cmds",
+    "expertscope.cli.run_cmds",
 )
 
 
