@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from .config import DomainExpertConfig, ProfileConfig
+from . import data  # noqa: F401  (es.data.sources)
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
 from .models.hooks import RouterCall, RouterHooks

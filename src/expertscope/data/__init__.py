@@ -1,0 +1,3 @@
+"""Domains: shared types, local/hub/preset sources, and the synthetic generator."""
+
+from . import sources, types  # noqa: F401

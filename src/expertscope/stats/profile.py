@@ -212,7 +212,8 @@ class RoutingProfile:
 
     # ----- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``profile.safetensors`` (arrays) and ``profile.json`` (metadata) into ``directory``."""
+        """Write ``profile.safetensors`` (arrays, with the metadata in its header: one atomic file) and a
+        readable copy of the metadata as ``profile.json``."""
         from safetensors.numpy import save_file
 
         directory = Path(directory)
@@ -225,34 +226,36 @@ class RoutingProfile:
                 i = self.domains.index(d)
                 arrays[f"total_tokens.{i}"] = np.array([t.n_tokens], np.int64)
                 arrays.update({f"total_{k}.{i}": v for k, v in t.stats.items()})
-        with atomic_path(directory / "profile.safetensors") as tmp:
-            save_file(arrays, str(tmp))
-        keys = sorted(self._keys)
-        write_json(directory / "profile.json", {
+        meta = {
             "format": "expertscope.profile", "version": PROFILE_FORMAT_VERSION,
             "layers": self.layers, "num_experts": self.num_experts, "top_k": self.top_k,
             "domains": self.domains, "keep_sequences": self.keep_sequences,
             "model": self.model_info, "config": self.config, "truncated": self.truncated,
-            "keys": [[d, i] for d, i in keys] if not self.keep_sequences else None,
-        })
+            "keys": None if self.keep_sequences else [[d, i] for d, i in sorted(self._keys)],
+        }
+        with atomic_path(directory / "profile.safetensors") as tmp:
+            save_file(arrays, str(tmp), metadata={"expertscope": json.dumps(meta, default=str)})
+        write_json(directory / "profile.json", {k: v for k, v in meta.items() if k != "keys"})
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> RoutingProfile:
         """Read a profile written by :meth:`save`."""
+        from safetensors import safe_open
         from safetensors.numpy import load_file
 
         directory = Path(directory)
-        meta_path = directory / "profile.json"
-        if not meta_path.exists():
+        path = directory / "profile.safetensors"
+        if not path.exists():
             raise OutputError(f"no profile in {directory}: run `expertscope profile --out {directory}` first")
-        meta = json.loads(meta_path.read_text())
+        with safe_open(str(path), framework="np") as fh:
+            meta = json.loads((fh.metadata() or {}).get("expertscope", "{}"))
         if meta.get("format") != "expertscope.profile" or meta.get("version", 0) > PROFILE_FORMAT_VERSION:
             raise OutputError(
-                f"{meta_path} is not a profile this expertscope can read (version {meta.get('version')}): "
+                f"{path} is not a profile this expertscope can read (version {meta.get('version')}): "
                 "upgrade expertscope"
             )
-        arrays = load_file(str(directory / "profile.safetensors"))
+        arrays = load_file(str(path))
         p = cls(
             layers=list(meta["layers"]), num_experts=int(meta["num_experts"]), top_k=int(meta["top_k"]),
             domains=list(meta["domains"]), keep_sequences=bool(meta["keep_sequences"]),

@@ -1,0 +1,224 @@
+"""Loading domains from local files (JSONL/JSON/CSV/Parquet), Hugging Face datasets, presets, or the
+synthetic generator.
+
+A domain spec on the command line is ``NAME=SOURCE`` with an optional field mapping as a query string:
+``math=data/gsm.jsonl?text=question&answer=final``. SOURCE is a file path, ``hf:ID[:CONFIG][@SPLIT]``,
+``preset:gsm8k|mmlu|emotion`` (hub datasets formatted for their evaluation task), or
+``synthetic:emotion|knowledge|math[@SPLIT]`` (generated offline).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ..errors import DataError
+from .types import Domain, Example, TaskName
+
+FIELD_KEYS = ("text", "label", "answer", "choices", "solution", "context", "id")
+_LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A hub dataset and how its rows become :class:`Example` s for one evaluation task."""
+
+    hub_id: str
+    config: str | None
+    split: str
+    task: TaskName
+    convert: Callable[[dict[str, Any]], Example]
+
+
+def _gsm8k(row: dict[str, Any]) -> Example:
+    solution = str(row["answer"])
+    final = solution.split("####")[-1].strip().replace(",", "")
+    return Example(text=str(row["question"]), answer=final, solution=solution)
+
+
+def _mmlu(row: dict[str, Any]) -> Example:
+    answer = row["answer"]
+    label = _LETTERS[int(answer)] if not isinstance(answer, str) else answer.strip().upper()
+    return Example(text=str(row["question"]), choices=tuple(map(str, row["choices"])), label=label,
+                   meta={"subject": row.get("subject")})
+
+
+# dair-ai/emotion label ids, in that dataset's order.
+_EMOTION_NAMES = ("sadness", "joy", "love", "anger", "fear", "surprise")
+
+
+def _emotion(row: dict[str, Any]) -> Example:
+    label = row["label"]
+    return Example(text=str(row["text"]), label=_EMOTION_NAMES[int(label)] if not isinstance(label, str) else label)
+
+
+PRESETS: dict[str, Preset] = {
+    "gsm8k": Preset("openai/gsm8k", "main", "test", "math", _gsm8k),
+    "mmlu": Preset("cais/mmlu", "all", "test", "multiple_choice", _mmlu),
+    "emotion": Preset("dair-ai/emotion", "split", "test", "classification", _emotion),
+}
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise DataError(f"data file {path} not found: check the path")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            rows = []
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError:
+                            raise DataError(f"{path}:{lineno} is not valid JSON: fix or remove that line") from None
+            return rows
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data if isinstance(data, list) else data.get("data", [])
+        if suffix in (".csv", ".tsv"):
+            import pandas as pd
+
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",").to_dict("records")
+        if suffix == ".parquet":
+            import pandas as pd
+
+            return pd.read_parquet(path).to_dict("records")
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    raise DataError(f"unsupported data file type {suffix!r} for {path}: use .jsonl, .json, .csv or .parquet")
+
+
+def rows_to_examples(rows: Sequence[dict[str, Any]], fields: dict[str, str], where: str) -> list[Example]:
+    """Map raw rows to examples. ``fields`` maps Example field → column name (``text`` required)."""
+    if not rows:
+        raise DataError(f"{where} has no rows: check the source")
+    columns = set(rows[0])
+    for key, col in fields.items():
+        if key == "text" or col != key:
+            if col not in columns:
+                raise DataError(
+                    f"{where} has no field {col!r} (fields: {', '.join(sorted(map(str, columns)))}): "
+                    f"pass the right one with --{key}-field or NAME=SOURCE?{key}=FIELD"
+                )
+    out = []
+    for i, row in enumerate(rows):
+        values: dict[str, Any] = {}
+        for key in FIELD_KEYS:
+            col = fields.get(key, key)
+            if col in row and row[col] is not None and not (isinstance(row[col], float) and row[col] != row[col]):
+                values[key] = row[col]
+        if not str(values.get("text", "")).strip():
+            raise DataError(f"{where} row {i} has an empty {fields.get('text', 'text')!r}: remove it or fix the field")
+        if isinstance(values.get("choices"), str):
+            values["choices"] = json.loads(values["choices"])
+        values.setdefault("id", str(i))
+        out.append(Example.from_dict(values))
+    return out
+
+
+def _load_hub(hub_id: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("loading hub datasets needs the `datasets` package: pip install 'expertscope[hub]'") from None
+    try:
+        ds = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as e:  # datasets raises many types for offline / unknown ids
+        raise DataError(
+            f"cannot load dataset {hub_id!r} ({type(e).__name__}: offline, or no such dataset/split): "
+            "download it and pass a local file as NAME=path.jsonl"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def parse_domain_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """``"NAME=SOURCE?field=col&..."`` → ``(name, source, fields)``."""
+    if "=" not in spec:
+        raise DataError(f"domain {spec!r} is not NAME=SOURCE: e.g. --domain math=data/math.jsonl")
+    name, _, rest = spec.partition("=")
+    source, _, query = rest.partition("?")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise DataError(f"domain name {name!r} must be letters, digits, '_', '-' or '.': rename it")
+    fields = dict(parse_qsl(query)) if query else {}
+    bad = sorted(set(fields) - set(FIELD_KEYS) - {"task", "split", "limit"})
+    if bad:
+        raise DataError(f"unknown field key {bad[0]!r} in {spec!r}: use {', '.join(FIELD_KEYS)}, task, split or limit")
+    return name, source, fields
+
+
+def load_domain(
+    spec: str | None = None,
+    *,
+    name: str | None = None,
+    source: str | None = None,
+    fields: dict[str, str] | None = None,
+    task: TaskName | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> Domain:
+    """Load one domain from ``spec`` (``NAME=SOURCE?...``) or from ``name`` + ``source``.
+
+    Sources: a local JSONL/JSON/CSV/Parquet file; ``hf:ID[:CONFIG][@SPLIT]``; ``preset:NAME``; or
+    ``synthetic:DOMAIN[@SPLIT]``. ``fields`` maps Example fields to column names; ``task`` ties the domain to
+    an evaluation task (presets and synthetic domains set it), which decides the prompt text profiled.
+    """
+    fields = dict(fields or {})
+    if spec is not None:
+        name, source, parsed = parse_domain_spec(spec)
+        fields.update(parsed)
+    if not name or not source:
+        raise DataError("a domain needs a name and a source: e.g. --domain math=data/math.jsonl")
+    task = fields.pop("task", task)  # type: ignore[assignment]
+    split = fields.pop("split", split)
+    limit_s = fields.pop("limit", None)
+    limit = int(limit_s) if limit_s is not None else limit
+    if source.startswith("preset:"):
+        key = source.split(":", 1)[1]
+        if key not in PRESETS:
+            raise DataError(f"unknown preset {key!r}: use one of {', '.join(PRESETS)}")
+        p = PRESETS[key]
+        rows = _load_hub(p.hub_id, p.config, split or p.split)[: limit or None]
+        return Domain(name, [p.convert(r) for r in rows], task or p.task, source)
+    if source.startswith("synthetic:"):
+        from .synthetic import generate
+
+        kind, _, sp = source.split(":", 1)[1].partition("@")
+        examples = generate(kind, n=limit or 200, seed=seed, split=sp or split or "test")
+        dom = examples if isinstance(examples, Domain) else Domain(name, list(examples), None, source)
+        return Domain(name, dom.examples, task or dom.task or _synthetic_task(kind), source)
+    if source.startswith("hf:"):
+        ident, _, sp = source[3:].partition("@")
+        hub_id, _, config = ident.partition(":")
+        rows = _load_hub(hub_id, config or None, sp or split or "train")
+        where = f"dataset {hub_id}"
+    else:
+        path = Path(source).expanduser()
+        rows = _read_rows(path)
+        where = str(path)
+    if limit:
+        rows = rows[:limit]
+    return Domain(name, rows_to_examples(rows, fields, where), task, source)
+
+
+def _synthetic_task(kind: str) -> TaskName | None:
+    return {"emotion": "classification", "knowledge": "multiple_choice", "math": "math"}.get(kind)  # type: ignore[return-value]
+
+
+def load_domains(specs: Sequence[str], limit: int | None = None, seed: int = 0, **defaults: Any) -> list[Domain]:
+    """Load several ``NAME=SOURCE`` specs; names must be unique."""
+    doms = [load_domain(s, limit=limit, seed=seed, **defaults) for s in specs]
+    names = [d.name for d in doms]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise DataError(f"domain name {dup!r} is used twice: give each --domain its own name")
+    return doms
