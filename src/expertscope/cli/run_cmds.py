@@ -1,0 +1,64 @@
+"""``expertscope run``: the whole study in one command."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, handle_errors
+from .options import BatchOpt, DeviceOpt, DomainOpt, DtypeOpt, ForceOpt, ModelOpt, OutOpt, ResumeOpt, SeedOpt
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)
+
+
+@handle_errors
+def run_cmd(
+    model: ModelOpt = "demo",
+    domain: DomainOpt = None,
+    out: OutOpt = Path("runs/study"),
+    limit: Annotated[int, typer.Option(help="Texts per domain for profiling.")] = 150,
+    batch_size: BatchOpt = 16,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    seed: SeedOpt = 0,
+    z: Annotated[float, typer.Option(help="Standard deviations for the domain/driver rules.")] = 2.0,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Run the whole study: profile → domain experts → … into one directory.
+
+    With no options it uses the bundled demo model and the synthetic emotion / knowledge / math domains.
+
+    Examples:
+
+      expertscope run
+
+      expertscope run --resume                      # continue an interrupted run in runs/study
+
+      expertscope run -m ./Mixtral-8x7B --dtype bfloat16 --device cuda -d sa=sa.jsonl -d math=gsm8k.jsonl -o runs/mx
+    """
+    from ..study import STAGES, StudyConfig, run_study
+
+    cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, batch_size=batch_size, dtype=dtype,
+                      device=device, seed=seed, z=z, trust_remote_code=trust_remote_code)
+    t0 = time.perf_counter()
+    names = [n for n, _ in STAGES]
+
+    def on_stage(name: str, event: str) -> None:
+        i = names.index(name) + 1
+        if event == "start":
+            console.print(f"[bold cyan][{i}/{len(names)}][/] {name} …  ({time.perf_counter() - t0:.0f}s elapsed)")
+        elif event == "skip":
+            console.print(f"[dim][{i}/{len(names)}] {name}: already complete, skipped[/]")
+
+    manifest = run_study(cfg, out, resume=resume, force=force, on_stage=on_stage)
+    console.print(f"[bold green]study complete[/] in {time.perf_counter() - t0:.0f}s → {out}")
+    de = manifest["stages"].get("domain_experts", {}).get("domain_experts")
+    if de:
+        console.print(f"domain experts per domain: {de}")
