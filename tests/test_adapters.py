@@ -8,7 +8,6 @@ import torch
 from expertscope.errors import ConfigError, ModelError
 from expertscope.models.hooks import RouterHooks
 from expertscope.models.model import MoEModel
-
 from expertscope.models.tiny import TINY_BUILDERS
 
 FAMILIES = sorted(TINY_BUILDERS)
@@ -168,7 +167,7 @@ def test_unadaptable_moe_refused_naming_supported() -> None:
 
     cfg = SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2,
                                    num_heads=2, num_experts=4)
-    with pytest.raises(ModelError, match="supported router families are .*mixtral"):
+    with pytest.raises(ModelError, match=r"supported router families are .*mixtral"):
         MoEModel.from_model(SwitchTransformersForConditionalGeneration(cfg))
 
 

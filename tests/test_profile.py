@@ -34,7 +34,7 @@ def _naive(moe: MoEModel, texts: dict[str, list[str]]) -> dict:
             ids = moe.tokenizer(text, return_tensors="pt")["input_ids"]
             seen: dict[int, tuple] = {}
             handles = [
-                s.module.register_forward_hook(lambda m, a, o, layer=s.layer: seen.__setitem__(layer, o))
+                s.module.register_forward_hook(lambda m, a, o, layer=s.layer, seen=seen: seen.__setitem__(layer, o))
                 for s in moe.sites
             ]
             with torch.no_grad():

@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from .config import DomainExpertConfig, ProfileConfig
 from . import data  # noqa: F401  (es.data.sources)
+from .config import DomainExpertConfig, ProfileConfig
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
 from .models.hooks import RouterCall, RouterHooks
@@ -25,8 +25,8 @@ __all__ = [
     "DomainExpertTable",
     "Example",
     "ExpertscopeError",
-    "ModelError",
     "MoEModel",
+    "ModelError",
     "OutputError",
     "ProfileConfig",
     "RouterCall",

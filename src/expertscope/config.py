@@ -105,3 +105,39 @@ class DomainExpertConfig(BaseConfig):
             raise ConfigError("alpha and ci must lie in (0, 1): e.g. --alpha 0.05 --ci 0.95")
         if self.rule == "fdr" and self.n_perm == 0:
             raise ConfigError("rule='fdr' needs permutation p-values: set n_perm > 0 or use rule='z'")
+
+
+@dataclass(frozen=True)
+class CausalConfig(BaseConfig):
+    """Settings of :func:`expertscope.causal_effects` (SPEC §3).
+
+    ``chunk_tokens`` bounds the tokens of one perturbed run (rows × sequence length); ``skip`` drops
+    perturbations that provably cannot change the output (renormalising top-k routers only);
+    ``fisher_mass``/``fisher_max_outputs`` set the output tokens the Fisher expectation covers;
+    ``hybrid_top`` is how many experts per layer ``method="hybrid"`` recomputes exactly.
+    """
+
+    method: Literal["exact", "fisher", "hybrid"] = "exact"
+    magnitude: float = 1.0
+    positions: Literal["all", "last"] = "all"
+    target: Literal["vocab", "labels"] = "vocab"
+    batch_size: int = 8
+    max_length: int | None = 512
+    limit: int | None = None
+    chunk_tokens: int = 8192
+    skip: bool = True
+    fisher_mass: float = 0.99
+    fisher_max_outputs: int = 512
+    hybrid_top: int = 4
+
+    def validate(self) -> None:
+        if self.magnitude == 0 or self.magnitude != self.magnitude:
+            raise ConfigError(f"magnitude={self.magnitude!r} perturbs nothing: pass a non-zero value, e.g. 1.0")
+        _positive("batch_size", self.batch_size)
+        _positive("max_length", self.max_length, allow_none=True)
+        _positive("limit", self.limit, allow_none=True)
+        _positive("chunk_tokens", self.chunk_tokens)
+        _positive("fisher_max_outputs", self.fisher_max_outputs)
+        _positive("hybrid_top", self.hybrid_top)
+        if not 0 < self.fisher_mass <= 1:
+            raise ConfigError(f"fisher_mass={self.fisher_mass!r} is not in (0, 1]: e.g. 0.99")

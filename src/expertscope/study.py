@@ -112,7 +112,7 @@ def _stage_domain_experts(ctx: StudyContext) -> dict[str, Any]:
     cfg = DomainExpertConfig(z=c.z, entropy=c.entropy, n_boot=c.n_boot, n_perm=c.n_perm, seed=c.seed)
     table = domain_experts(RoutingProfile.load(ctx.out), cfg)
     table.save(ctx.out / "domain_experts.parquet")
-    counts = {d: int(len(table.experts(d))) for d in table.settings["domains"]}
+    counts = {d: len(table.experts(d)) for d in table.settings["domains"]}
     return {"domain_experts": counts, "rule": table.settings["rule_text"]}
 
 

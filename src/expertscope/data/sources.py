@@ -103,12 +103,11 @@ def rows_to_examples(rows: Sequence[dict[str, Any]], fields: dict[str, str], whe
         raise DataError(f"{where} has no rows: check the source")
     columns = set(rows[0])
     for key, col in fields.items():
-        if key == "text" or col != key:
-            if col not in columns:
-                raise DataError(
-                    f"{where} has no field {col!r} (fields: {', '.join(sorted(map(str, columns)))}): "
-                    f"pass the right one with --{key}-field or NAME=SOURCE?{key}=FIELD"
-                )
+        if (key == "text" or col != key) and col not in columns:
+            raise DataError(
+                f"{where} has no field {col!r} (fields: {', '.join(sorted(map(str, columns)))}): "
+                f"pass the right one with --{key}-field or NAME=SOURCE?{key}=FIELD"
+            )
     out = []
     for i, row in enumerate(rows):
         values: dict[str, Any] = {}

@@ -109,7 +109,7 @@ def domain_experts(
     sd = spec.std(axis=2, keepdims=True)
     threshold = np.broadcast_to(mu + cfg.z * sd, spec.shape)
     uniform = profile.top_k / E
-    above_uniform = A > uniform
+    above_uniform = uniform < A
     gate_mean = np.where(tot["sel"] > 0, tot["gate"] / np.maximum(tot["sel"], 1), 0.0)
 
     ci = {k: np.full((D, L, E), np.nan) for k in ("A_lo", "A_hi", "H_lo", "H_hi", "S_lo", "S_hi")}
@@ -149,10 +149,8 @@ def domain_experts(
                           "profile with keep_sequences=True and more texts, or use rule='z'")
     qvals = bh_qvalues(pvals.ravel()).reshape(D, L, E)
 
-    if cfg.rule == "z":
-        is_dom = (spec >= threshold) & (sd > 0) & above_uniform
-    else:
-        is_dom = (qvals <= cfg.alpha) & above_uniform
+    selected = (spec >= threshold) & (sd > 0) if cfg.rule == "z" else qvals <= cfg.alpha
+    is_dom = selected & above_uniform
     is_driver = np.zeros((D, L, E), bool)
     if drivers is not None and len(drivers):
         d_index = {d: i for i, d in enumerate(profile.domains)}

@@ -1,7 +1,14 @@
 """Router adapters, registered in the order they are tried (specific classes first, structure last)."""
 
-from . import deepseek, gpt_oss, granite, phimoe, remote_moegate, softmax_topk  # noqa: F401
-from . import linear_gate  # noqa: F401  (structural match: keep last)
+from . import (  # noqa: F401
+    deepseek,
+    gpt_oss,
+    granite,
+    linear_gate,
+    phimoe,
+    remote_moegate,
+    softmax_topk,
+)
 from .base import (
     RouterAdapter,
     RouterSite,
