@@ -101,6 +101,7 @@ def rows_to_examples(rows: Sequence[dict[str, Any]], fields: dict[str, str], whe
     """Map raw rows to examples. ``fields`` maps Example field → column name (``text`` required)."""
     if not rows:
         raise DataError(f"{where} has no rows: check the source")
+    fields = {"text": "text", **fields}
     columns = set(rows[0])
     for key, col in fields.items():
         if (key == "text" or col != key) and col not in columns:
