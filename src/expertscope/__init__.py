@@ -9,6 +9,7 @@ from . import data  # noqa: F401  (es.data.sources)
 from .config import DomainExpertConfig, ProfileConfig
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
+from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
 from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
 from .models.model import MoEModel
@@ -30,10 +31,15 @@ __all__ = [
     "OutputError",
     "ProfileConfig",
     "RouterCall",
+    "RouterFinetune",
     "RouterHooks",
     "RoutingProfile",
+    "Steering",
+    "SteeringSpec",
     "__version__",
     "domain_experts",
+    "finetune_router",
     "load_model",
     "profile",
+    "steer",
 ]

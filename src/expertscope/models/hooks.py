@@ -11,6 +11,7 @@ in ``finally``, also after an exception inside the model.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,12 +64,86 @@ def _resolve_sites(target: MoEModel | Iterable[RouterSite]) -> list[RouterSite]:
     return list(sites)
 
 
+class _Interceptor:
+    """The one pair of hooks on a router module, shared by every active :class:`RouterHooks`.
+
+    Sharing keeps a single ``TorchFunctionMode`` per router call, so several users (steering while
+    recording, say) never leave torch's mode stack out of order. Transforms apply in the order the users
+    were entered; every recorder sees the final logits, the ones the routing used.
+    """
+
+    def __init__(self, site: RouterSite) -> None:
+        self.site = site
+        self.clients: list[RouterHooks] = []
+        self.handles: list[Any] = []
+        self.modes: list[_LogitsMode] = []
+
+    def add(self, client: RouterHooks) -> None:
+        if not self.clients:
+            m = self.site.module
+            self.handles = [
+                m.register_forward_pre_hook(self._pre),
+                m.register_forward_hook(self._post, always_call=True),
+            ]
+        self.clients.append(client)
+
+    def remove(self, client: RouterHooks) -> None:
+        if client in self.clients:
+            self.clients.remove(client)
+        if not self.clients:
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+            while self.modes:  # left open only if a router raised before its forward hook ran
+                self.modes.pop().__exit__(None, None, None)
+            _INTERCEPTORS.pop(self.site.module, None)
+
+    def _transform(self, logits: torch.Tensor) -> torch.Tensor:
+        for client in self.clients:
+            fn = client.transforms.get(self.site.layer)
+            if fn is not None:
+                logits = fn(self.site, logits)
+        return logits
+
+    def _pre(self, module: torch.nn.Module, args: Any) -> None:
+        mode = _LogitsMode(self._transform)
+        mode.__enter__()
+        self.modes.append(mode)
+
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not self.modes:
+            return
+        mode = self.modes.pop()
+        mode.__exit__(None, None, None)
+        if output is None:  # the router raised; torch re-raises that error after this hook
+            return
+        site = self.site
+        if mode.logits is None:
+            raise ModelError(
+                f"router at {site.path} computed its logits without F.linear: this router is not "
+                "supported by the installed expertscope; please report the model and transformers version"
+            )
+        recorders = [c for c in self.clients if site.layer in c.record_layers]
+        if not recorders:
+            return
+        logits = mode.logits.reshape(-1, site.num_experts)
+        idx, w = site.adapter.selection(site, output, logits)
+        call = RouterCall(logits.float(), idx, w.float())
+        detached = RouterCall(call.logits.detach(), call.indices.detach(), call.weights.detach())
+        for c in recorders:
+            c.calls[site.layer].append(detached if c.detach else call)
+
+
+_INTERCEPTORS: weakref.WeakKeyDictionary[torch.nn.Module, _Interceptor] = weakref.WeakKeyDictionary()
+
+
 class RouterHooks:
     """Context manager recording router decisions and/or transforming router logits.
 
     ``transforms`` maps MoE layer index → :data:`LogitTransform`; ``record`` is ``True`` (all layers),
     ``False``, or the layers to record. Recorded calls accumulate in ``calls[layer]`` (one
-    :class:`RouterCall` per router forward, e.g. one per generation step).
+    :class:`RouterCall` per router forward, e.g. one per generation step). Several RouterHooks may be active
+    at once on the same model; their transforms compose in the order they were entered.
     """
 
     def __init__(
@@ -98,55 +173,16 @@ class RouterHooks:
         self.detach = detach
         self.calls: dict[int, list[RouterCall]] = {layer: [] for layer in sorted(self.record_layers)}
         self._active = [s for s in self.sites if s.layer in self.transforms or s.layer in self.record_layers]
-        self._handles: list[Any] = []
-        self._modes: dict[int, list[_LogitsMode]] = {}
+        self._entered: list[_Interceptor] = []
 
-    # ----- hook bodies ---------------------------------------------------------------------------
-    def _pre_hook(self, site: RouterSite) -> Callable[..., None]:
-        transform = self.transforms.get(site.layer)
-
-        def handler(logits: torch.Tensor) -> torch.Tensor:
-            return logits if transform is None else transform(site, logits)
-
-        def pre(module: torch.nn.Module, args: Any) -> None:
-            mode = _LogitsMode(handler)
-            mode.__enter__()
-            self._modes.setdefault(site.layer, []).append(mode)
-
-        return pre
-
-    def _post_hook(self, site: RouterSite) -> Callable[..., None]:
-        record = site.layer in self.record_layers
-
-        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
-            stack = self._modes.get(site.layer)
-            if not stack:
-                return
-            mode = stack.pop()
-            mode.__exit__(None, None, None)
-            if output is None:  # the router raised; torch re-raises that error after this hook
-                return
-            if mode.logits is None:
-                raise ModelError(
-                    f"router at {site.path} computed its logits without F.linear: this router is not "
-                    "supported by the installed expertscope; please report the model and transformers version"
-                )
-            if record:
-                logits = mode.logits.reshape(-1, site.num_experts)
-                idx, w = site.adapter.selection(site, output, logits)
-                call = RouterCall(logits.float(), idx, w.float())
-                if self.detach:
-                    call = RouterCall(call.logits.detach(), call.indices.detach(), call.weights.detach())
-                self.calls[site.layer].append(call)
-
-        return post
-
-    # ----- context management --------------------------------------------------------------------
     def __enter__(self) -> RouterHooks:
         try:
             for site in self._active:
-                self._handles.append(site.module.register_forward_pre_hook(self._pre_hook(site)))
-                self._handles.append(site.module.register_forward_hook(self._post_hook(site), always_call=True))
+                icpt = _INTERCEPTORS.get(site.module)
+                if icpt is None:
+                    icpt = _INTERCEPTORS[site.module] = _Interceptor(site)
+                icpt.add(self)
+                self._entered.append(icpt)
         except BaseException:
             self._remove()
             raise
@@ -156,13 +192,8 @@ class RouterHooks:
         self._remove()
 
     def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        # A mode left open only if a router raised before its forward hook ran.
-        for stack in self._modes.values():
-            while stack:
-                stack.pop().__exit__(None, None, None)
+        while self._entered:
+            self._entered.pop().remove(self)
 
     def clear(self) -> None:
         """Drop the recorded calls (between batches)."""

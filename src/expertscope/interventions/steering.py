@@ -1,0 +1,184 @@
+"""Steering experts at inference (SPEC §4): scale or bias chosen experts' router logits before routing.
+
+``mode="scale"`` (the paper's): ``z_i ← s·z_i``; ``mode="bias"``: ``z_i ← z_i + ln s`` (multiplies expert i's
+pre-normalisation probability by ``s``). Scaling a negative logit moves it the other way: ``s > 1`` makes
+a negative logit more negative. Applies to every token, prompt and generated; ``s = 1`` is bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..config import BaseConfig
+from ..errors import ConfigError
+from ..io import write_json
+from ..models.adapters.base import RouterSite
+from ..models.hooks import RouterHooks
+from ..models.model import MoEModel
+
+Target = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SteeringSpec(BaseConfig):
+    """What to steer: ``targets`` ``((layer, expert), ...)``, the factor ``scale`` and the ``mode``."""
+
+    targets: tuple[Target, ...] = ()
+    scale: float = 1.2
+    mode: Literal["scale", "bias"] = "scale"
+
+    def validate(self) -> None:
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ConfigError(f"scale must be a positive number, got {self.scale}: e.g. 1.2 to up-weight, 0.8 down")
+        object.__setattr__(self, "targets", tuple(sorted({(int(a), int(b)) for a, b in self.targets})))
+
+    def to_json(self) -> str:
+        return json.dumps({"targets": [list(t) for t in self.targets], "scale": self.scale, "mode": self.mode})
+
+    @classmethod
+    def from_json(cls, text: str) -> SteeringSpec:
+        d = json.loads(text)
+        return cls(targets=tuple(tuple(t) for t in d.get("targets", [])), scale=float(d.get("scale", 1.2)),
+                   mode=d.get("mode", "scale"))
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, json.loads(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringSpec:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"steering file {p} not found: check the path")
+        return cls.from_json(p.read_text())
+
+
+def targets_from(source: Any, domain: str | None = None) -> list[Target]:
+    """``(layer, expert)`` pairs from an explicit list, a domain-expert table or a driver table.
+
+    Tables are DataFrames (or objects with ``.df``) with ``layer, expert`` and a flag column
+    ``is_domain_expert`` or ``is_driver``; ``domain`` picks one domain's rows.
+    """
+    df = getattr(source, "df", source)
+    if hasattr(df, "columns"):
+        rows = df
+        if domain is not None and "domain" in rows.columns:
+            rows = rows[rows["domain"] == domain]
+        flag = next((c for c in ("is_driver", "is_domain_expert") if c in rows.columns), None)
+        if flag is None:
+            raise ConfigError("the table has neither is_domain_expert nor is_driver: pass a domain or driver table")
+        if "is_driver" in rows.columns and "is_domain_expert" in rows.columns:
+            flag = "is_domain_expert"
+        rows = rows[rows[flag].astype(bool)]
+        return [(int(r.layer), int(r.expert)) for r in rows.itertuples()]
+    return [(int(a), int(b)) for a, b in source]
+
+
+@dataclass
+class Steering:
+    """A context manager (or ``attach``/``detach``) applying a :class:`SteeringSpec` to a model's routers.
+
+    ``changed`` counts, per layer, the tokens whose selected set differs from what the same router input
+    would have selected without steering (the direct effect at that layer); ``seen`` counts routed tokens.
+    """
+
+    model: MoEModel
+    spec: SteeringSpec
+    count_changes: bool = True
+    changed: dict[int, int] = field(default_factory=dict)
+    seen: dict[int, int] = field(default_factory=dict)
+    _hooks: RouterHooks | None = None
+
+    def __post_init__(self) -> None:
+        layers = {s.layer: s for s in self.model.sites}
+        for layer, expert in self.spec.targets:
+            if layer not in layers:
+                raise ConfigError(f"steering target layer {layer} is not an MoE layer: choose from {sorted(layers)}")
+            if not 0 <= expert < layers[layer].num_experts:
+                raise ConfigError(
+                    f"steering target expert {expert} does not exist at layer {layer}: "
+                    f"choose 0..{layers[layer].num_experts - 1}"
+                )
+
+    def _transform(self, site: RouterSite, experts: list[int]) -> Any:
+        s = self.spec.scale
+        vec_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+        def transform(site: RouterSite, z: torch.Tensor) -> torch.Tensor:
+            key = (z.dtype, z.device)
+            if key not in vec_cache:
+                base = 1.0 if self.spec.mode == "scale" else 0.0
+                v = torch.full((z.shape[-1],), base, dtype=z.dtype, device=z.device)
+                v[experts] = s if self.spec.mode == "scale" else math.log(s)
+                vec_cache[key] = v
+            new = z * vec_cache[key] if self.spec.mode == "scale" else z + vec_cache[key]
+            if self.count_changes:
+                self._count(site, z, new)
+            return new
+
+        return transform
+
+    def _count(self, site: RouterSite, old: torch.Tensor, new: torch.Tensor) -> None:
+        with torch.no_grad():
+            try:
+                a, _ = site.adapter.site_route(site, old.reshape(-1, site.num_experts))
+                b, _ = site.adapter.site_route(site, new.reshape(-1, site.num_experts))
+            except NotImplementedError:
+                return
+            diff = (a.sort(-1).values != b.sort(-1).values).any(-1)
+            self.changed[site.layer] = self.changed.get(site.layer, 0) + int(diff.sum())
+            self.seen[site.layer] = self.seen.get(site.layer, 0) + int(diff.numel())
+
+    def attach(self) -> Steering:
+        """Install the steering until :meth:`detach` (persistent use)."""
+        if self._hooks is not None:
+            return self
+        by_layer: dict[int, list[int]] = {}
+        for layer, expert in self.spec.targets:
+            by_layer.setdefault(layer, []).append(expert)
+        transforms = {layer: self._transform(self.model.site(layer), experts) for layer, experts in by_layer.items()}
+        self._hooks = RouterHooks(self.model, transforms=transforms)
+        self._hooks.__enter__()
+        return self
+
+    def detach(self) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+
+    def __enter__(self) -> Steering:
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    @property
+    def total_changed(self) -> int:
+        return sum(self.changed.values())
+
+    def reset_counts(self) -> None:
+        self.changed.clear()
+        self.seen.clear()
+
+
+def steer(
+    model: MoEModel,
+    targets: Iterable[Target] | Any = (),
+    scale: float = 1.2,
+    mode: Literal["scale", "bias"] = "scale",
+    domain: str | None = None,
+    spec: SteeringSpec | None = None,
+) -> Steering:
+    """Steer ``targets`` (pairs, a domain-expert or driver table, with ``domain``) by ``scale`` in ``mode``.
+
+    Use as ``with es.steer(model, targets, 1.2): ...`` or ``s = es.steer(...).attach(); ...; s.detach()``.
+    """
+    if spec is None:
+        spec = SteeringSpec(targets=tuple(targets_from(targets, domain)), scale=scale, mode=mode)
+    return Steering(model, spec)
