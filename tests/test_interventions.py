@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,48 @@ def test_router_lora_bad_input(make_tiny) -> None:
         finetune_router(moe, [], task="classification")
     with pytest.raises(es.ConfigError, match="not an MoE layer"):
         finetune_router(moe, [Example("a", label="joy")], task="classification", layers=[7])
+
+
+def test_paired_bootstrap_against_hand_computation() -> None:
+    from expertscope.interventions.study import paired_bootstrap
+
+    a = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+    b = np.array([1, 1, 1, 0, 1, 0, 1, 1])
+    d, lo, hi = paired_bootstrap(a, b, n_boot=2000, seed=0)
+    assert d == pytest.approx(0.25)
+    assert lo < d < hi and lo >= -1 and hi <= 1
+    d0, lo0, hi0 = paired_bootstrap(a, a, n_boot=100)
+    assert (d0, lo0, hi0) == (0.0, 0.0, 0.0)
+
+
+def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
+    import pandas as pd
+
+    from expertscope.data.sources import load_domain
+    from expertscope.evaluation import evaluate
+    from expertscope.interventions.study import CONDITIONS, intervention_study
+
+    moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3), tokenizer=tiny_tokenizer())
+    dom = load_domain("emo=synthetic:emotion@test", limit=12)
+    table = pd.DataFrame({"domain": ["emo"] * 2, "layer": [0, 2], "expert": [1, 3],
+                          "is_domain_expert": [True, True], "specificity": [0.2, 0.5]})
+    drivers = pd.DataFrame({"domain": ["emo"], "layer": [1], "expert": [0], "is_driver": [True], "ce_mean": [0.1]})
+    train = {"emo": load_domain("emo=synthetic:emotion@train", limit=8)}
+    res = intervention_study(moe, [dom], table, drivers, train=train, scale_up=3.0, scale_down=0.3,
+                             sweep_scales=(0.5, 1.0, 2.0), sweep_counts=(1, 2), n_boot=200,
+                             finetune={"max_steps": 2, "batch_size": 4}, batch_size=4)
+    t = res.table.set_index("condition")
+    assert list(t.index) == list(CONDITIONS)
+    base = evaluate(moe, "classification", dom, batch_size=4)
+    assert t.loc["original", "accuracy"] == base.accuracy
+    assert t.loc["domain_up", "n_targets"] == 2 and t.loc["driver_up", "n_targets"] == 1
+    for cond in CONDITIONS:
+        assert t.loc[cond, "delta"] == pytest.approx(t.loc[cond, "accuracy"] - base.accuracy)
+        assert t.loc[cond, "delta_lo"] <= t.loc[cond, "delta"] + 1e-12 <= t.loc[cond, "delta_hi"] + 2e-12
+    # steering with these scales changes routing; the router LoRA was removed afterwards
+    assert t.loc["domain_up", "changed_selections"] > 0
+    assert evaluate(moe, "classification", dom, batch_size=4).accuracy == base.accuracy
+    sweep = res.sweep
+    assert set(sweep["sweep"]) == {"scale", "count"}
+    one = sweep[(sweep.targets == "domain") & (sweep.sweep == "scale") & (sweep.scale == 1.0)]
+    assert float(one.accuracy.iloc[0]) == base.accuracy
