@@ -96,7 +96,9 @@ def load_model(
     passed to transformers (accelerate) for models larger than one device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # expertscope shows its own progress
     source, local = resolve_source(path_or_id)
     torch_dtype = parse_dtype(dtype)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
