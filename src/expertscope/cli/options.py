@@ -26,6 +26,9 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Column holding the text, for every --domain.")]
 LabelFieldOpt = Annotated[str | None, typer.Option("--label-field", help="Column holding the label, if any.")]
 AnswerFieldOpt = Annotated[str | None, typer.Option("--answer-field", help="Column holding the answer, if any.")]
+ExecutorOpt = Annotated[str, typer.Option(help="local, or ray (Ray Data actors; pip install 'expertscope[ray]').")]
+WorkersOpt = Annotated[int, typer.Option(help="Ray actors (each loads the model once).")]
+GpusOpt = Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray actor (>1: device_map='auto').")]
 
 
 def field_map(text_field: str, label_field: str | None, answer_field: str | None) -> dict[str, str]:

@@ -17,7 +17,9 @@ from .options import (
     DeviceOpt,
     DomainOpt,
     DtypeOpt,
+    ExecutorOpt,
     ForceOpt,
+    GpusOpt,
     LabelFieldOpt,
     LimitOpt,
     ModelOpt,
@@ -27,6 +29,7 @@ from .options import (
     SeedOpt,
     TextFieldOpt,
     TrustOpt,
+    WorkersOpt,
     field_map,
 )
 
@@ -55,6 +58,9 @@ def profile_cmd(
     text_field: TextFieldOpt = "text",
     label_field: LabelFieldOpt = None,
     answer_field: AnswerFieldOpt = None,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = 2,
+    gpus_per_worker: GpusOpt = 0,
 ) -> None:
     """Capture the routing of MODEL over each domain and save the profile.
 
@@ -79,7 +85,8 @@ def profile_cmd(
     moe = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                      allow_pickle=allow_pickle)
     config = {"model": model, "domains": domain, "batch_size": batch_size, "max_length": max_length,
-              "limit": limit, "dtype": dtype, "device": device, "seed": seed, "keep_sequences": keep_sequences}
+              "limit": limit, "dtype": dtype, "device": device, "seed": seed, "keep_sequences": keep_sequences,
+              "executor": executor, "workers": workers, "gpus_per_worker": gpus_per_worker}
     write_json(out / "manifest.json", make_manifest("profile", config, status="running", model=moe.describe()))
     previous = RoutingProfile.load(out) if resume and (out / "profile.safetensors").exists() else None
     last_save = [time.perf_counter()]
@@ -89,8 +96,12 @@ def profile_cmd(
             prof.save(out)
             last_save[0] = time.perf_counter()
 
+    from ..executors import ModelSpec, make_executor
+
+    spec = ModelSpec(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    runner = make_executor(executor, spec, workers=workers, gpus_per_worker=gpus_per_worker)  # type: ignore[arg-type]
     prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
-                   resume_from=previous, on_batch=checkpoint, progress=True)
+                   resume_from=previous, on_batch=checkpoint, progress=True, executor=runner)
     prof.save(out)
     n, _ = prof.totals()
     write_json(out / "manifest.json", make_manifest(

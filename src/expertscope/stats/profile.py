@@ -326,6 +326,79 @@ def _ensure_pad(tokenizer: Any) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+@dataclass
+class BatchResult:
+    """Routing statistics of one batch: ``n_tokens`` ``(B,)``, ``stats[name]`` ``(B, L, E)``."""
+
+    domain: str
+    ids: list[int]
+    n_tokens: np.ndarray
+    stats: dict[str, np.ndarray]
+    n_truncated: int
+
+
+class BatchProfiler:
+    """The unit of work of every executor: routing statistics of one batch of texts.
+
+    Local runs call it in-process; distributed runs build one per worker from a model path, so the batches
+    (formed by :func:`plan_batches`) and hence every per-sequence row are the same either way.
+    """
+
+    def __init__(self, model: MoEModel, max_length: int | None) -> None:
+        if model.tokenizer is None:
+            raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
+        _ensure_pad(model.tokenizer)
+        self.model = model
+        self.max_length = max_length
+
+    def __call__(self, domain: str, ids: Sequence[int], texts: Sequence[str]) -> BatchResult:
+        model = self.model
+        enc, trunc = tokenize_batch(model.tokenizer, texts, self.max_length)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with RouterHooks(model, record=True) as hooks, torch.no_grad():
+            model.model(**enc, use_cache=False)
+        calls = {layer: hooks.calls[layer][0] for layer in model.layers}
+        mask = enc["attention_mask"].bool()
+        stats = batch_statistics(calls, model.layers, model.num_experts, mask)
+        return BatchResult(domain, list(ids), mask.sum(1).cpu().numpy(), stats, int(trunc.sum()))
+
+
+def effective_max_length(model: MoEModel, max_length: int | None) -> int | None:
+    """``max_length`` capped at the model's context length (None when neither is known)."""
+    ctx = model.context_length
+    return min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
+
+
+def plan_batches(
+    texts_by_domain: dict[str, list[str]], batch_size: int, sort_by_length: bool = True,
+    done: Callable[[str, int], bool] | None = None,
+) -> list[tuple[str, list[int]]]:
+    """Batches as ``(domain, sequence ids)``: per domain, longest text first, skipping ``done`` sequences."""
+    plan: list[tuple[str, list[int]]] = []
+    for name, texts in texts_by_domain.items():
+        todo = [i for i in range(len(texts)) if done is None or not done(name, i)]
+        if sort_by_length:
+            todo.sort(key=lambda i, t=texts: (-len(t[i]), i))
+        plan.extend((name, todo[j:j + batch_size]) for j in range(0, len(todo), batch_size))
+    return plan
+
+
+def domain_texts(
+    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]], limit: int | None
+) -> dict[str, list[str]]:
+    """``{domain name: texts}``; an empty domain is an error."""
+    doms = as_domains(domains)
+    if not doms:
+        raise DataError("no domains given: pass at least one --domain NAME=SOURCE")
+    out = {}
+    for d in doms:
+        texts = d.head(limit).texts
+        if not texts:
+            raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
+        out[d.name] = texts
+    return out
+
+
 def profile(
     model: MoEModel,
     domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
@@ -337,32 +410,20 @@ def profile(
     on_batch: Callable[[RoutingProfile, int], None] | None = None,
     progress: bool = False,
     config: ProfileConfig | None = None,
+    executor: Any = None,
 ) -> RoutingProfile:
     """Stream each domain's texts through ``model`` and collect a :class:`RoutingProfile`.
 
     Texts are batched (longest first when ``sort_by_length``), right-padded and truncated to
     ``max_length`` (or the model's context, whichever is smaller); truncations are counted per domain.
     ``resume_from`` skips sequences already in that profile and continues it; ``on_batch(profile, n)``
-    runs after every batch (checkpointing, progress).
+    runs after every batch (checkpointing, progress). ``executor`` (see :mod:`expertscope.executors`)
+    runs the batches elsewhere, e.g. on Ray actors; results are identical to the in-process run.
     """
     cfg = config or ProfileConfig(batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
                                   limit=limit)
-    doms = as_domains(domains)
-    if not doms:
-        raise DataError("no domains given: pass at least one --domain NAME=SOURCE")
-    if model.tokenizer is None:
-        raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
-    tok = model.tokenizer
-    _ensure_pad(tok)
-    tok.padding_side = "right"
-    ctx = model.context_length
-    max_len = min(x for x in (cfg.max_length, ctx) if x) if (cfg.max_length or ctx) else None
-    texts_by_domain = {}
-    for d in doms:
-        texts = d.head(cfg.limit).texts
-        if not texts:
-            raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
-        texts_by_domain[d.name] = texts
+    texts_by_domain = domain_texts(domains, cfg.limit)
+    max_len = effective_max_length(model, cfg.max_length)
     layers = model.layers
     prof = resume_from or RoutingProfile(
         layers=layers, num_experts=model.num_experts, top_k=model.top_k, keep_sequences=cfg.keep_sequences,
@@ -370,33 +431,22 @@ def profile(
     )
     if resume_from is not None and (resume_from.layers != layers or resume_from.num_experts != model.num_experts):
         raise ConfigError("the profile to resume was made with another model: use a new --out")
-
-    plan: list[tuple[str, list[int]]] = []
-    for name, texts in texts_by_domain.items():
-        todo = [i for i in range(len(texts)) if not prof.has(name, i)]
-        if cfg.sort_by_length:
-            todo.sort(key=lambda i, t=texts: (-len(t[i]), i))
-        plan.extend((name, todo[j:j + cfg.batch_size]) for j in range(0, len(todo), cfg.batch_size))
-
-    device = model.device
+    plan = plan_batches(texts_by_domain, cfg.batch_size, cfg.sort_by_length, prof.has)
+    if executor is None:
+        worker = BatchProfiler(model, max_len)
+        results = (worker(name, ids, [texts_by_domain[name][i] for i in ids]) for name, ids in plan)
+    else:
+        results = executor.profile_batches(model, plan, texts_by_domain, max_len)
     bar = _progress_bar(len(plan)) if progress else None
     try:
-        with RouterHooks(model, record=True) as hooks, torch.no_grad():
-            for step, (name, ids) in enumerate(plan):
-                enc, trunc = tokenize_batch(tok, [texts_by_domain[name][i] for i in ids], max_len)
-                enc = {k: v.to(device) for k, v in enc.items()}
-                hooks.clear()
-                model.model(**enc, use_cache=False)
-                calls = {layer: hooks.calls[layer][0] for layer in layers}
-                mask = enc["attention_mask"].bool()
-                stats = batch_statistics(calls, layers, model.num_experts, mask)
-                prof.add(name, ids, mask.sum(1).cpu().numpy(), stats)
-                if trunc.any():
-                    prof.truncated[name] = prof.truncated.get(name, 0) + int(trunc.sum())
-                if on_batch is not None:
-                    on_batch(prof, step)
-                if bar is not None:
-                    bar[0].advance(bar[1])
+        for step, res in enumerate(results):
+            prof.add(res.domain, res.ids, res.n_tokens, res.stats)
+            if res.n_truncated:
+                prof.truncated[res.domain] = prof.truncated.get(res.domain, 0) + res.n_truncated
+            if on_batch is not None:
+                on_batch(prof, step)
+            if bar is not None:
+                bar[0].advance(bar[1])
     finally:
         if bar is not None:
             bar[0].stop()

@@ -1,0 +1,72 @@
+"""Ray executor: sharded profiling on a local Ray cluster equals the in-process profile exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import expertscope as es
+from expertscope.executors import ModelSpec, RayExecutor, make_executor
+from expertscope.models.tiny import tiny_model, tiny_tokenizer
+
+ray = pytest.importorskip("ray", reason="ray is part of the dev install; see pyproject [dev]")
+
+TEXTS = {
+    "emotion": [f"I feel number {i} " * (i % 4 + 1) for i in range(14)],
+    "math": [f"{i} + {2 * i} = {3 * i}" for i in range(11)],
+    "knowledge": ["the capital of Zorbia is Quell"] * 5 + [f"fact {i}" for i in range(4)],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray-model")
+    tiny_model("qwen2_moe").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_two_actor_profile_equals_in_process_exactly(cluster, model_dir) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors are pinned to one thread too: same kernels, same bits
+    try:
+        model = es.load_model(str(model_dir), dtype="float32")
+        local = es.profile(model, TEXTS, batch_size=4)
+        ex = RayExecutor(ModelSpec(str(model_dir), dtype="float32", threads=1), workers=2, cpus_per_worker=0.5)
+        sharded = es.profile(model, TEXTS, batch_size=4, executor=ex)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(local.domains) == sorted(sharded.domains)
+    order = [sharded.domains.index(d) for d in local.domains]
+    n_l, t_l = local.totals()
+    n_s, t_s = sharded.totals()
+    assert np.array_equal(n_l, n_s[order])
+    for k in t_l:
+        assert np.array_equal(t_l[k], t_s[k][order]), k
+    assert np.array_equal(local.seq_stats("h_bern"), sharded.seq_stats("h_bern"))
+
+
+def test_gpu_request_without_gpus_is_refused(cluster, model_dir) -> None:
+    with pytest.raises(es.ConfigError, match="needs 2 GPUs but the Ray cluster has 0"):
+        RayExecutor(ModelSpec(str(model_dir)), workers=2, gpus_per_worker=1)
+
+
+def test_unknown_executor(model_dir) -> None:
+    with pytest.raises(es.ConfigError, match="unknown executor"):
+        make_executor("dask", ModelSpec(str(model_dir)))  # type: ignore[arg-type]
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch, model_dir) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(es.ConfigError, match=r"Ray is not installed: pip install 'expertscope\[ray\]'"):
+        RayExecutor(ModelSpec(str(model_dir)))
