@@ -29,6 +29,8 @@ _COMMAND_MODULES = (
     "expertscope.cli.causal_cmds",
     "expertscope.cli.steer_cmds",
     "expertscope.cli.run_cmds",
+    "expertscope.cli.lm_eval_cmds",
+    "expertscope.cli.report_cmds",
 )
 
 

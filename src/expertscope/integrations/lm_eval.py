@@ -1,0 +1,151 @@
+"""lm-evaluation-harness under expertscope steering.
+
+lm-eval's own ``steered`` model edits hooked modules' outputs, which for transformers 5.x routers changes
+nothing (the selection is computed inside the router). Here the model is wrapped as
+``HFLM(pretrained=<model instance>)`` and expertscope's router interception stays attached while
+lm-eval runs, so every request is routed with the steered logits.
+
+Offline tasks: :func:`write_synthetic_tasks` writes the synthetic domains as local JSONL plus task YAMLs
+(``dataset_path: json``, ``dataset_kwargs.data_files``) that lm-eval loads with ``include_path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..io import atomic_write
+from ..models.model import MoEModel
+
+SYNTHETIC_TASKS = {"emotion": "expertscope_emotion", "knowledge": "expertscope_knowledge", "math": "expertscope_math"}
+
+_MC_YAML = """task: {task}
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+_MATH_YAML = """task: {task}
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["\\n\\n", "\\nQuestion:"]
+  do_sample: false
+  max_gen_toks: 64
+filter_list:
+  - name: final-number
+    filter:
+      - function: regex
+        regex_pattern: "#### (-?[0-9.,]+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: false
+metadata:
+  version: 1.0
+"""
+
+
+def write_synthetic_tasks(
+    directory: str | Path, domains: Sequence[str] = ("emotion", "knowledge", "math"), n: int = 100,
+    seed: int = 0, split: str = "test",
+) -> dict[str, str]:
+    """Write ``{domain}.jsonl`` and ``{task}.yaml`` for each synthetic domain; returns ``{domain: task name}``.
+
+    Classification and multiple choice become lm-eval ``multiple_choice`` over the label / letter
+    continuations that :mod:`expertscope.evaluation.prompts` defines; math becomes ``generate_until`` scored
+    by exact match of the ``#### n`` number.
+    """
+    from ..data.synthetic import generate
+    from ..evaluation import prompts
+
+    d = Path(directory).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for dom in domains:
+        if dom not in SYNTHETIC_TASKS:
+            raise ConfigError(f"unknown synthetic domain {dom!r}: use emotion, knowledge or math")
+        data = generate(dom, n=n, seed=seed, split=split)
+        rows = []
+        for ex in data.examples:
+            text = prompts.prompt(data.task, ex)
+            if data.task == "classification":
+                labels = list(prompts.LABELS)
+                rows.append({"prompt": text, "choices": [prompts.verbalise(x) for x in labels],
+                             "gold": labels.index(ex.label)})
+            elif data.task == "multiple_choice":
+                letters = list(prompts.LETTERS[: len(ex.choices or ())])
+                rows.append({"prompt": text, "choices": [prompts.LETTER_VERBALISATIONS[x] for x in letters],
+                             "gold": letters.index(ex.label)})
+            else:
+                rows.append({"prompt": text, "answer": ex.answer})
+        task = SYNTHETIC_TASKS[dom]
+        with atomic_write(d / f"{dom}.jsonl") as fh:
+            fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
+        template = _MATH_YAML if data.task == "math" else _MC_YAML
+        with atomic_write(d / f"{task}.yaml") as fh:
+            fh.write(template.format(task=task, data=json.dumps(str(d / f"{dom}.jsonl"))))
+        names[dom] = task
+    return names
+
+
+def lm_eval_steered(
+    model: MoEModel,
+    tasks: Sequence[str],
+    steering: Any = None,
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Run lm-eval ``tasks`` on ``model`` with ``steering`` (a :class:`~expertscope.SteeringSpec`) attached.
+
+    Returns lm-eval's results dict (``results[task][metric]``, and ``samples`` when ``log_samples``).
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("lm-evaluation-harness is not installed: pip install lm_eval") from None
+    from ..interventions.steering import steer
+
+    lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size, device=str(model.device))
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    ctx = steer(model, spec=steering) if steering is not None else contextlib.nullcontext()
+    with ctx:
+        out = simple_evaluate(lm, tasks=list(tasks), task_manager=manager, limit=limit, bootstrap_iters=0,
+                              log_samples=log_samples, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                              fewshot_random_seed=0)
+    if out is None:
+        raise ConfigError("lm-eval returned no results: check the task names")
+    return out

@@ -1,0 +1,50 @@
+"""lm-evaluation-harness on local synthetic tasks, steered and unsteered."""
+
+from __future__ import annotations
+
+import pytest
+
+import expertscope as es
+from expertscope.integrations.lm_eval import lm_eval_steered, write_synthetic_tasks
+from expertscope.models.model import MoEModel
+from expertscope.models.tiny import tiny_model, tiny_tokenizer
+
+pytest.importorskip("lm_eval", reason="lm_eval is part of the dev install; see pyproject [dev]")
+
+
+def _loglik(out: dict, task: str) -> list[float]:
+    return [float(r[0][0]) for s in out["samples"][task] for r in s["resps"]]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    moe = MoEModel.from_model(tiny_model("mixtral", initializer_range=0.3, max_position_embeddings=1024),
+                              tokenizer=tiny_tokenizer())
+    d = tmp_path_factory.mktemp("lm-eval-tasks")
+    names = write_synthetic_tasks(d, domains=("emotion", "knowledge"), n=6)
+    return moe, d, names
+
+
+def test_unit_scale_identical_and_steering_changes_scores(setup) -> None:
+    moe, d, names = setup
+    tasks = list(names.values())
+    clean = lm_eval_steered(moe, tasks, include_path=d, log_samples=True, batch_size=4)
+    unit = lm_eval_steered(moe, tasks, include_path=d, log_samples=True, batch_size=4,
+                           steering=es.SteeringSpec(targets=((1, 0), (2, 1)), scale=1.0))
+    steered = lm_eval_steered(moe, tasks, include_path=d, log_samples=True, batch_size=4,
+                              steering=es.SteeringSpec(targets=((1, 0), (2, 1)), scale=3.0))
+    for task in tasks:
+        assert clean["results"][task]["sample_len"] == 6
+        assert _loglik(clean, task) == _loglik(unit, task)  # bit-identical at scale 1.0
+        assert _loglik(clean, task) != _loglik(steered, task)  # routing changed, so scores changed
+    # The steering was removed after the run.
+    again = lm_eval_steered(moe, tasks, include_path=d, log_samples=True, batch_size=4)
+    assert all(_loglik(again, t) == _loglik(clean, t) for t in tasks)
+
+
+def test_task_files_are_local_json(setup) -> None:
+    _, d, names = setup
+    text = (d / f"{names['emotion']}.yaml").read_text()
+    assert "dataset_path: json" in text and str(d) in text
+    with pytest.raises(es.ConfigError, match="unknown synthetic domain"):
+        write_synthetic_tasks(d, domains=("poetry",))
