@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from . import data  # noqa: F401  (es.data.sources)
-from .config import DomainExpertConfig, ProfileConfig
+from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts
+from .config import CausalConfig, DomainExpertConfig, ProfileConfig
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
 from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
@@ -19,11 +20,14 @@ from .stats.profile import RoutingProfile, profile
 __version__ = "0.1.0"
 
 __all__ = [
+    "CausalConfig",
+    "CausalEffects",
     "ConfigError",
     "DataError",
     "Domain",
     "DomainExpertConfig",
     "DomainExpertTable",
+    "DriverTable",
     "Example",
     "ExpertscopeError",
     "MoEModel",
@@ -37,7 +41,10 @@ __all__ = [
     "Steering",
     "SteeringSpec",
     "__version__",
+    "causal_effects",
+    "causal_rate",
     "domain_experts",
+    "driver_experts",
     "finetune_router",
     "load_model",
     "profile",

@@ -114,6 +114,7 @@ class CausalConfig(BaseConfig):
     ``chunk_tokens`` bounds the tokens of one perturbed run (rows × sequence length); ``skip`` drops
     perturbations that provably cannot change the output (renormalising top-k routers only);
     ``fisher_mass``/``fisher_max_outputs`` set the output tokens the Fisher expectation covers;
+    ``fisher_route`` forces how the Fisher expectation is taken (``auto``: the cheaper exact route);
     ``hybrid_top`` is how many experts per layer ``method="hybrid"`` recomputes exactly.
     """
 
@@ -128,6 +129,7 @@ class CausalConfig(BaseConfig):
     skip: bool = True
     fisher_mass: float = 0.99
     fisher_max_outputs: int = 512
+    fisher_route: Literal["auto", "tokens", "hidden"] = "auto"
     hybrid_top: int = 4
 
     def validate(self) -> None:

@@ -1,0 +1,149 @@
+"""``expertscope drivers``: causal effects, driver experts and the causal rate (SPEC §3)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ._common import console, handle_errors, out_console
+from .options import (
+    AnswerFieldOpt,
+    DeviceOpt,
+    DomainOpt,
+    DtypeOpt,
+    ForceOpt,
+    LabelFieldOpt,
+    LimitOpt,
+    ModelOpt,
+    PickleOpt,
+    ResumeOpt,
+    SeedOpt,
+    TextFieldOpt,
+    TrustOpt,
+    field_map,
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``drivers`` command to ``app``."""
+    app.command("drivers")(handle_errors(drivers_cmd))
+
+
+def _int_list(value: str | None, what: str) -> list[int] | None:
+    from ..errors import ConfigError
+
+    if value is None or value == "":
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--{what} {value!r} is not a comma-separated list of integers: e.g. --{what} 0,2,5"
+        ) from None
+
+
+def drivers_cmd(
+    model: ModelOpt = "demo",
+    domain: DomainOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (one run per directory).")] = Path(
+        "runs/drivers"),
+    method: Annotated[str, typer.Option(help="exact (the definition), fisher (2nd-order) or hybrid.")] = "exact",
+    magnitude: Annotated[float, typer.Option(help="Added to the expert's router logit (non-zero).")] = 1.0,
+    positions: Annotated[str, typer.Option(help="all (every token) or last (the prediction position).")] = "all",
+    target: Annotated[str, typer.Option(help="vocab (full-vocabulary KL) or labels (over --label tokens).")] = "vocab",
+    label: Annotated[list[str] | None, typer.Option(help="Answer token text for --target labels (repeat).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated MoE layers (default: all).")] = None,
+    experts: Annotated[str | None, typer.Option(help="Comma-separated experts (default: all).")] = None,
+    z: Annotated[float, typer.Option(help="Driver rule: CE at least z sd above the layer mean.")] = 2.0,
+    hybrid_top: Annotated[int, typer.Option(help="hybrid: experts per layer recomputed exactly.")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Inputs per clean run.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Truncate longer texts (counted in the manifest).")] = 512,
+    limit: LimitOpt = None,
+    top: Annotated[int, typer.Option(help="Drivers to print per layer.")] = 3,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    text_field: TextFieldOpt = "text",
+    label_field: LabelFieldOpt = None,
+    answer_field: AnswerFieldOpt = None,
+) -> None:
+    """Causal effect of every (layer, expert) on the next-token prediction; driver experts; causal rate.
+
+    Writes ce.parquet (CE per input, layer, expert), drivers.parquet/.csv, causal_rate.parquet/.csv and
+    manifest.json into --out; checkpoints after every batch (continue with --resume).
+
+    Examples:
+
+      expertscope drivers --model demo --domain math=synthetic:math --domain sa=synthetic:emotion -o runs/d
+
+      expertscope drivers -m ./my-moe --domain qa=qa.jsonl --method hybrid --positions last -o runs/d2
+    """
+    import torch
+
+    from ..config import CausalConfig
+    from ..data.sources import load_domains
+    from ..errors import DataError
+    from ..io import make_manifest, prepare_out_dir, write_json, write_table
+    from ..models.loading import load_model
+
+    if not domain:
+        raise DataError("no --domain given: pass at least one, e.g. --domain math=math.jsonl")
+    # Validate the settings before loading anything, so bad input fails fast.
+    cfg = CausalConfig(method=method, magnitude=magnitude, positions=positions, target=target,  # type: ignore[arg-type]
+                       batch_size=batch_size, max_length=max_length, limit=limit, hybrid_top=hybrid_top)
+    layer_list, expert_list = _int_list(layers, "layers"), _int_list(experts, "experts")
+    out = prepare_out_dir(out, "drivers", resume=resume, force=force)
+    t0 = time.perf_counter()
+    doms = load_domains(domain, limit=limit, seed=seed, fields=field_map(text_field, label_field, answer_field))
+    torch.manual_seed(seed)
+    moe = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                     allow_pickle=allow_pickle)
+    config: dict[str, Any] = {"model": model, "domains": domain, **cfg.to_dict(), "labels": label,
+                              "layers": layer_list, "experts": expert_list, "z": z, "dtype": dtype,
+                              "device": device, "seed": seed}
+    write_json(out / "manifest.json", make_manifest("drivers", config, status="running", model=moe.describe()))
+
+    import expertscope.causal as C
+
+    effects = C.causal_effects(moe, doms, config=cfg, layers=layer_list, experts=expert_list, labels=label,
+                               checkpoint=out / "checkpoint.npz", resume=resume, progress=True)
+    effects.save(out)
+    table = C.driver_experts(effects, rule="z", z=z)
+    table.save(out / "drivers.parquet")
+    rate = C.causal_rate(moe, doms, table, batch_size=batch_size, max_length=max_length, limit=limit)
+    write_table(out / "causal_rate.parquet", rate, meta={"table": "causal_rate", "version": 1,
+                                                         "driver_rule": table.settings["rule_text"]})
+    (out / "checkpoint.npz").unlink(missing_ok=True)
+    write_json(out / "manifest.json", make_manifest(
+        "drivers", config, status="complete", model=moe.describe(), settings=effects.settings,
+        thresholds={"rule": table.settings["rule_text"]},
+        timings={**effects.settings["timings"], "command_total_s": round(time.perf_counter() - t0, 3)},
+    ))
+    print_drivers(table, rate, top=top)
+    console.print(f"causal effects ({cfg.method}) of {effects.ce.shape[0]} inputs → {out}")
+
+
+def print_drivers(table: Any, rate: Any, top: int = 3) -> None:
+    """The top drivers of each (domain, layer) with the layer's threshold and causal rate."""
+    from rich.table import Table
+
+    t = Table(title=f"Driver experts ({table.settings['rule_text']})")
+    for col in ("domain", "layer", "top experts (CE)", "threshold", "drivers", "causal rate"):
+        t.add_column(col, justify="left" if col in ("domain", "top experts (CE)", "drivers") else "right")
+    df = table.df
+    rates = {(r.domain, int(r.layer)): r.causal_rate for r in rate.itertuples()}
+    for (d, layer), g in df.groupby(["domain", "layer"], sort=False):
+        g = g.sort_values("ce_mean", ascending=False)
+        best = ", ".join(f"{int(r.expert)} ({r.ce_mean:.3g})" for r in g.head(top).itertuples())
+        drv = ",".join(str(int(e)) for e in g[g["is_driver"]]["expert"]) or "-"
+        cr = rates.get((d, int(layer)))
+        t.add_row(str(d), str(layer), best, f"{g['threshold'].iloc[0]:.3g}", drv,
+                  "-" if cr is None else f"{cr:.3f}")
+    out_console.print(t)

@@ -1,0 +1,275 @@
+"""Causal effects, driver experts and the causal rate against independent naive references.
+
+Tolerance: exact CE values (KL divergences, here up to ~2 nats) must equal the naive loop to an absolute
+1e-5 in fp32 (SPEC §3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import expertscope.causal as C
+from expertscope.causal import _engine
+from expertscope.errors import ConfigError, DataError
+from expertscope.models.model import MoEModel
+from expertscope.models.tiny import tiny_model, tiny_tokenizer
+
+TEXTS = {
+    "alpha": ["the cat sat on the mat", "hello", "a dog ran far away", "x"],
+    "beta": ["1 + 2 = 3", "x = 42 * 7 and more", "99 bottles"],
+}
+SHORT = {"alpha": ["the cat sat", "hello", "x"], "beta": ["1 + 2 = 3", "x = 42 * 7"]}  # for naive loops
+ATOL = 1e-5
+
+
+def _moe(make_tiny: Any, family: str, **cfg: Any) -> MoEModel:
+    return MoEModel.from_model(make_tiny(family, initializer_range=0.3, **cfg), tokenizer=tiny_tokenizer())
+
+
+class _AddToColumn(TorchFunctionMode):
+    """The naive perturbation, written independently of the engine: adds ``m`` to column ``e`` of the output
+    of ``F.linear`` calls whose weight is the router's own weight, on ``rows`` (None: every token)."""
+
+    def __init__(self, weight: torch.Tensor, e: int, m: float, rows: list[int] | None) -> None:
+        super().__init__()
+        self.weight, self.e, self.m, self.rows = weight, e, m, rows
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and len(args) > 1 and args[1] is self.weight:
+            out = out.clone()
+            flat = out.view(-1, out.shape[-1])
+            if self.rows is None:
+                flat[:, self.e] += self.m
+            else:
+                flat[self.rows, self.e] += self.m
+        return out
+
+
+def naive_ce(moe: MoEModel, texts: list[str], m: float = 1.0, positions: str = "all",
+             label_ids: list[int] | None = None) -> np.ndarray:
+    """``(N, L, E)``: one full forward pass per (input, layer, expert), each input alone (no padding)."""
+    out = np.zeros((len(texts), len(moe.sites), moe.num_experts))
+    with torch.no_grad():
+        for n, t in enumerate(texts):
+            ids = moe.tokenizer(t, return_tensors="pt")["input_ids"]
+            rows = None if positions == "all" else [ids.shape[1] - 1]
+
+            def logp(logits: torch.Tensor) -> torch.Tensor:
+                x = logits[0, -1].double()
+                return (x if label_ids is None else x[label_ids]).log_softmax(-1)
+
+            p = logp(moe.model(input_ids=ids).logits)
+            for li, s in enumerate(moe.sites):
+                for e in range(s.num_experts):
+                    with _AddToColumn(s.module.weight, e, m, rows):
+                        q = logp(moe.model(input_ids=ids).logits)
+                    out[n, li, e] = float((p.exp() * (p - q)).sum())
+    return out
+
+
+def _flat(texts: dict[str, list[str]]) -> list[str]:
+    return [t for ts in texts.values() for t in ts]
+
+
+# ----- exact equals the definition -----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_exact_matches_naive_loop(make_tiny: Any, family: str, positions: str) -> None:
+    moe = _moe(make_tiny, family)
+    res = C.causal_effects(moe, SHORT, positions=positions, batch_size=3)
+    ref = naive_ce(moe, _flat(SHORT), positions=positions)
+    assert res.ce.shape == ref.shape
+    assert res.settings["exact_stats"]["engine"] == "restart"
+    assert ref.max() > 1e-2  # the effects are measurable
+    np.testing.assert_allclose(res.ce, ref, rtol=0, atol=ATOL)
+    if family != "mixtral":  # never skip for non-renormalising or sigmoid/grouped routers
+        assert res.settings["skipped"] == 0
+
+
+@pytest.mark.parametrize("magnitude", [1.0, -1.0])
+def test_skipped_perturbations_are_zero_in_the_naive_loop(make_tiny: Any, magnitude: float) -> None:
+    moe = _moe(make_tiny, "mixtral", num_local_experts=8)
+    res = C.causal_effects(moe, SHORT, positions="last", magnitude=magnitude, batch_size=4)
+    ref = naive_ce(moe, _flat(SHORT), m=magnitude, positions="last")
+    skipped = res.ce == 0.0
+    assert res.settings["skipped"] > 0
+    assert int(skipped.sum()) == res.settings["skipped"]
+    assert ref[skipped].max() < 1e-12
+    np.testing.assert_allclose(res.ce, ref, rtol=0, atol=ATOL)
+
+
+def test_results_do_not_depend_on_batch_size_or_engine(make_tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    moe = _moe(make_tiny, "qwen2_moe")
+    a = C.causal_effects(moe, TEXTS, batch_size=1)
+    b = C.causal_effects(moe, TEXTS, batch_size=7)
+    np.testing.assert_allclose(a.ce, b.ce, rtol=0, atol=1e-6)  # fp32 rounding of different shapes only
+    # The generic full-forward fallback gives the same values.
+    monkeypatch.setattr("expertscope.causal.effects.find_stack", lambda m: None)
+    c = C.causal_effects(moe, TEXTS, batch_size=3)
+    assert c.settings["exact_stats"]["engine"] == "full-forward"
+    np.testing.assert_allclose(a.ce, c.ce, rtol=0, atol=ATOL)
+
+
+def test_restart_check_passes_and_labels_target(make_tiny: Any) -> None:
+    moe = _moe(make_tiny, "mixtral")
+    labels = ["a", "b", "c", "d"]
+    ids = [moe.tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in labels]
+    res = C.causal_effects(moe, SHORT, target="labels", labels=labels, batch_size=4)
+    np.testing.assert_allclose(res.ce, naive_ce(moe, _flat(SHORT), label_ids=ids), rtol=0, atol=ATOL)
+    assert res.settings["label_ids"] == ids
+
+
+# ----- fisher and hybrid ---------------------------------------------------------------------------
+def test_fisher_is_the_second_order_term(make_tiny: Any) -> None:
+    moe = _moe(make_tiny, "qwen2_moe")
+    m = 1e-2
+    ex = C.causal_effects(moe, SHORT, magnitude=m, batch_size=4)
+    fi = C.causal_effects(moe, SHORT, method="fisher", magnitude=m, batch_size=4)
+    ratio = fi.ce[ex.ce > 1e-9] / ex.ce[ex.ce > 1e-9]
+    assert np.median(np.abs(ratio - 1)) < 0.02  # KL ≈ ½ m² F for small m
+    # The hidden route (full vocabulary) equals the token route over the whole vocabulary.
+    tok = C.causal_effects(moe, SHORT, method="fisher", magnitude=m, batch_size=4, fisher_route="tokens",
+                           fisher_mass=1.0, fisher_max_outputs=10_000)
+    assert set(fi.settings["fisher_stats"]["routes"]) == {"hidden"}  # hidden 32 < the 99% token set
+    np.testing.assert_allclose(tok.ce, fi.ce, rtol=1e-6, atol=1e-12)
+
+
+def test_hybrid_recomputes_top_candidates_exactly(make_tiny: Any) -> None:
+    moe = _moe(make_tiny, "mixtral")
+    ex = C.causal_effects(moe, SHORT, batch_size=4)
+    hy = C.causal_effects(moe, SHORT, method="hybrid", hybrid_top=2, batch_size=4)
+    assert hy.exact.sum() == 2 * len(moe.layers)
+    np.testing.assert_allclose(hy.ce[:, hy.exact], ex.ce[:, hy.exact], rtol=0, atol=1e-6)  # other row packing
+    agree = C.spearman_by_layer(hy, ex)
+    assert set(agree.columns) >= {"domain", "layer", "spearman"}
+
+
+# ----- drivers, causal rate ------------------------------------------------------------------------
+def test_planted_driver_is_found() -> None:
+    model = tiny_model("mixtral", seed=0, initializer_range=0.3, num_local_experts=8)
+    layer, expert = 1, 5
+    with torch.no_grad():
+        model.model.layers[layer].mlp.experts.down_proj[expert] *= 8.0  # its output dominates the layer's
+        model.model.layers[layer].mlp.gate.weight *= 0.1  # near-tied routing: every expert is in contention
+    moe = MoEModel.from_model(model, tokenizer=tiny_tokenizer())
+    res = C.causal_effects(moe, TEXTS, batch_size=4)
+    table = C.driver_experts(res, z=2.0)
+    for d in TEXTS:
+        assert (layer, expert) in table.targets(d)
+    row = table.df[(table.df.domain == "alpha") & (table.df.layer == layer) & (table.df.expert == expert)].iloc[0]
+    assert row.ce_mean >= row.threshold == pytest.approx(row.layer_mean + 2.0 * row.layer_sd)
+    assert table.settings["rule"] == "z" and table.settings["causal_effects"]["method"] == "exact"
+    rate = C.causal_rate(moe, TEXTS, table)
+    r = rate[(rate.domain == "alpha") & (rate.layer == layer)].iloc[0]
+    assert 0 < r.causal_rate <= 1 and r.n_drivers >= 1
+    assert rate[rate.n_drivers == 0].causal_rate.eq(0).all()
+
+
+def test_causal_rate_from_selections_by_hand() -> None:
+    sel = {0: np.array([[0, 1], [2, 3], [1, 3], [2, 0]]), 1: np.array([[1, 2], [3, 0]])}
+    got = C.causal_rate_from_selections(sel, {0: {1}, 1: set()})
+    assert got == {0: (2, 4), 1: (0, 2)}  # tokens 0 and 2 hold expert 1 at layer 0
+    got = C.causal_rate_from_selections(sel, {0: {0, 3}, 1: [0]})
+    assert got == {0: (4, 4), 1: (1, 2)}
+
+
+# ----- checkpoints, persistence --------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["exact", "hybrid"])
+def test_interrupted_run_resumes_bit_identically(make_tiny: Any, tmp_path: Any, method: str) -> None:
+    moe = _moe(make_tiny, "mixtral")
+    full = C.causal_effects(moe, SHORT, method=method, batch_size=2, hybrid_top=2)
+    ck = tmp_path / "ck.npz"
+
+    def stop(done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        C.causal_effects(moe, SHORT, method=method, batch_size=2, hybrid_top=2, checkpoint=ck, on_batch=stop)
+    resumed = C.causal_effects(moe, SHORT, method=method, batch_size=2, hybrid_top=2, checkpoint=ck, resume=True)
+    assert resumed.settings["resumed_rows"] > 0
+    assert resumed.ce.tobytes() == full.ce.tobytes()
+    assert resumed.settings["skipped"] == full.settings["skipped"]
+    with pytest.raises(ConfigError, match="other inputs or settings"):
+        C.causal_effects(moe, SHORT, method=method, batch_size=2, magnitude=2.0, checkpoint=ck, resume=True)
+
+
+def test_save_load_round_trip(make_tiny: Any, tmp_path: Any) -> None:
+    moe = _moe(make_tiny, "deepseek_v3")
+    res = C.causal_effects(moe, TEXTS, experts=[0, 3], batch_size=4)
+    assert np.isnan(res.ce[:, :, 1]).all() and not np.isnan(res.ce[:, :, 3]).any()
+    res.save(tmp_path)
+    back = C.CausalEffects.load(tmp_path)
+    assert back.ce.tobytes() == res.ce.tobytes()
+    assert back.layers == res.layers == moe.layers
+    assert back.settings["magnitude"] == 1.0 and back.domains == ["alpha", "beta"]
+    means = back.mean_by_domain()
+    assert len(means) == 2 * len(moe.layers) * 8
+    table = C.driver_experts(back)
+    table.save(tmp_path / "drivers.parquet")
+    assert C.DriverTable.load(tmp_path / "drivers.parquet").settings["rule"] == "z"
+
+
+# ----- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "bogus"}, ConfigError, "method"),
+        ({"positions": "first"}, ConfigError, "positions"),
+        ({"target": "tokens"}, ConfigError, "target"),
+        ({"layers": [7]}, ConfigError, "no MoE layer 7"),
+        ({"experts": [4]}, ConfigError, "expert 4"),
+        ({"magnitude": 0.0}, ConfigError, "magnitude"),
+        ({"target": "labels"}, ConfigError, "labels"),
+    ],
+)
+def test_bad_input_one_line_errors(make_tiny: Any, kwargs: dict, error: type, match: str) -> None:
+    moe = _moe(make_tiny, "mixtral")
+    with pytest.raises(error, match=match) as info:
+        C.causal_effects(moe, TEXTS, **kwargs)
+    assert "\n" not in str(info.value) and ": " in str(info.value)
+
+
+def test_empty_domain_is_a_data_error(make_tiny: Any) -> None:
+    moe = _moe(make_tiny, "mixtral")
+    with pytest.raises(DataError, match="no texts"):
+        C.causal_effects(moe, {"a": ["x"], "empty": []})
+
+
+def test_skip_rule_is_only_used_where_safe(make_tiny: Any) -> None:
+    assert _engine.can_skip(_moe(make_tiny, "mixtral").sites[0])
+    assert not _engine.can_skip(_moe(make_tiny, "qwen2_moe").sites[0])  # norm_topk_prob=False
+    assert _engine.can_skip(_moe(make_tiny, "qwen2_moe", norm_topk_prob=True).sites[0])
+    assert not _engine.can_skip(_moe(make_tiny, "deepseek_v3").sites[0])
+
+
+# ----- CLI -----------------------------------------------------------------------------------------
+def test_cli_drivers_writes_tables_and_fails_in_one_line(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from expertscope.cli.main import app
+
+    model_dir = tmp_path / "m"
+    tiny_model("mixtral", seed=0, initializer_range=0.3).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    for name, texts in SHORT.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
+    args = ["drivers", "--model", str(model_dir), "--domain", f"alpha={tmp_path / 'alpha.jsonl'}",
+            "--domain", f"beta={tmp_path / 'beta.jsonl'}", "-b", "2"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    for f in ("ce.parquet", "drivers.parquet", "causal_rate.parquet", "manifest.json"):
+        assert (tmp_path / "run" / f).exists()
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+    back = C.CausalEffects.load(tmp_path / "run")
+    assert back.ce.shape == (5, 3, 4)
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--positions", "first"])
+    assert bad.exit_code == 2 and "positions" in bad.output
