@@ -102,7 +102,7 @@ class RayExecutor:
 
     def __init__(
         self, spec: ModelSpec, workers: int = 2, gpus_per_worker: float = 0, cpus_per_worker: float | None = None,
-        address: str | None = None,
+        address: str | None = None, max_restarts: int = 0,
     ) -> None:
         try:
             import ray
@@ -124,10 +124,16 @@ class RayExecutor:
         elif gpus_per_worker > 0 and spec.device is None:
             spec = ModelSpec(**{**asdict(spec), "device": "cuda"})
         self.spec = spec
+        self.max_restarts = max_restarts
         self.workers = workers
         self.gpus_per_worker = gpus_per_worker
         self.cpus_per_worker = cpus_per_worker if cpus_per_worker is not None else max(
             0.25, (available.get("CPU", 1) - 0.5) / max(workers, 1))
+
+    def run_items(self, model: Any, items: Sequence[tuple[int, int, list[int]]], settings: Any
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Causal-sweep items ``(input, layer, token ids)`` → ``(input, layer, CE (E,))`` as they finish."""
+        return _ray_causal_items(self, items, settings)
 
     def profile_batches(
         self, model: Any, plan: Sequence[tuple[str, list[int]]], texts: dict[str, list[str]], max_len: int | None
@@ -143,7 +149,7 @@ class RayExecutor:
         out = ds.map_batches(
             _RayProfileActor, fn_constructor_kwargs={"spec": asdict(self.spec), "max_length": max_len},
             batch_size=1, compute=ActorPoolStrategy(size=self.workers), num_cpus=self.cpus_per_worker,
-            num_gpus=self.gpus_per_worker or None,
+            num_gpus=self.gpus_per_worker or None, max_restarts=self.max_restarts,
         )
         try:
             for row in out.iter_rows():
@@ -155,6 +161,55 @@ class RayExecutor:
                 f"a Ray worker failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                 "nothing partial was reported complete; rerun with --resume"
             ) from None
+
+
+class _RayCausalActor:
+    """Ray Data callable class for causal sweeps: one (input, layer) item per call."""
+
+    def __init__(self, spec: dict[str, Any], settings: dict[str, Any]) -> None:
+        from .causal.sweep import CausalItemWorker, SweepSettings
+
+        self.worker = CausalItemWorker(ModelSpec(**spec).load(), SweepSettings(**settings))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        rows: dict[str, list[Any]] = {"i": [], "layer": [], "ce": []}
+        with torch.no_grad():
+            for i, layer, ids in zip(batch["i"], batch["layer"], batch["ids"], strict=True):
+                ce = self.worker(json.loads(str(ids)), int(layer))
+                rows["i"].append(int(i))
+                rows["layer"].append(int(layer))
+                rows["ce"].append(json.dumps([float(x) for x in ce]))
+        return {"i": np.asarray(rows["i"]), "layer": np.asarray(rows["layer"]),
+                "ce": np.asarray(rows["ce"], dtype=object)}
+
+
+def _ray_causal_items(
+    ex: RayExecutor, items: Sequence[tuple[int, int, list[int]]], settings: Any
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if not items:
+        return
+    rows = [{"i": i, "layer": layer, "ids": json.dumps(ids)} for i, layer, ids in items]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    out = ds.map_batches(
+        _RayCausalActor, fn_constructor_kwargs={"spec": asdict(ex.spec), "settings": asdict(settings)},
+        batch_size=1, compute=ActorPoolStrategy(size=ex.workers), num_cpus=ex.cpus_per_worker,
+        num_gpus=ex.gpus_per_worker or None, max_restarts=ex.max_restarts,
+    )
+    try:
+        for row in out.iter_rows():
+            yield int(row["i"]), int(row["layer"]), np.asarray(json.loads(row["ce"]), dtype=np.float64)
+    except ExpertscopeError:
+        raise
+    except Exception as e:  # Ray wraps worker deaths and task errors in its own exception types
+        raise ExpertscopeError(
+            f"a Ray worker failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the finished items are "
+            "kept in the checkpoint; rerun with --resume"
+        ) from None
 
 
 def make_executor(

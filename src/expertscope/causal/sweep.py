@@ -1,0 +1,177 @@
+"""Causal sweeps as independent work items, for executors that spread them over many workers.
+
+One work item is one (input, MoE layer): a clean run of that input and the perturbed runs of every expert
+of the layer, batched. Results are keyed by item and appended to a checkpoint as they arrive, so an
+interrupted or failed cluster run resumes without recomputing finished items, and the assembled CE equals
+the single-process sweep over the same items bit for bit (the same worker code on the same inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from ..models.model import MoEModel
+from ._engine import find_stack, make_batch
+from .effects import CausalEffects, DomainInput, _domains
+from .exact import ExactStats, check_restart, exact_batch
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every worker needs to compute an item the same way."""
+
+    magnitude: float = 1.0
+    positions: str = "all"
+    skip: bool = True
+    chunk_tokens: int = 4096
+
+    def validate(self) -> None:
+        if self.magnitude == 0:
+            raise ConfigError("magnitude must be non-zero: the paper uses 1.0")
+        if self.positions not in ("all", "last"):
+            raise ConfigError(f"positions={self.positions!r} is not valid: use 'all' or 'last'")
+
+
+class CausalItemWorker:
+    """Computes CE ``(E,)`` for one (input, layer) item; one instance per worker, model loaded once."""
+
+    def __init__(self, model: MoEModel, settings: SweepSettings) -> None:
+        self.model = model
+        self.settings = settings
+        tok = model.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.stack = find_stack(model)
+        self._checked = False
+
+    def __call__(self, token_ids: Sequence[int], layer: int) -> np.ndarray:
+        s = self.settings
+        batch = make_batch([0], [list(token_ids)], self.pad_id, s.positions, self.model.device)
+        if not self._checked:
+            if self.stack is not None and check_restart(self.model, self.stack, batch, self.model.layers):
+                self.stack = None  # the restart does not reproduce this model: full forward passes
+            self._checked = True
+        E = self.model.site(layer).num_experts
+        out = exact_batch(self.model, self.stack, batch, {layer: list(range(E))}, s.magnitude, None,
+                          s.chunk_tokens, s.skip, ExactStats())
+        return out[0, 0, :E]
+
+
+def _fingerprint(texts: list[str], settings: SweepSettings, model_info: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps([texts, settings.__dict__, model_info], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+class SweepCheckpoint:
+    """Append-only JSON lines ``{"i", "layer", "ce"}`` behind a header; a torn last line is ignored.
+
+    Floats are written with ``repr`` precision, so values read back are bit-identical.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str, resume: bool) -> None:
+        self.path = Path(path)
+        self.done: dict[tuple[int, int], np.ndarray] = {}
+        if self.path.exists() and resume:
+            lines = self.path.read_text().splitlines()
+            header = json.loads(lines[0]) if lines else {}
+            if header.get("fingerprint") != fingerprint:
+                raise ConfigError(f"{self.path} belongs to a sweep with other inputs or settings: use a new --out")
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the process died while writing this line
+                self.done[(int(row["i"]), int(row["layer"]))] = np.asarray(row["ce"], dtype=np.float64)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
+
+    def add(self, i: int, layer: int, ce: np.ndarray) -> None:
+        self.done[(i, layer)] = ce
+        self._fh.write(json.dumps({"i": i, "layer": layer, "ce": [float(x) for x in ce]}) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class LocalSweepRunner:
+    """Runs sweep items in this process."""
+
+    def run_items(self, model: MoEModel, items: Sequence[tuple[int, int, list[int]]], settings: SweepSettings
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
+        worker = CausalItemWorker(model, settings)
+        with torch.no_grad():
+            for i, layer, ids in items:
+                yield i, layer, worker(ids, layer)
+
+
+def causal_sweep(
+    model: MoEModel,
+    domain_or_texts: DomainInput,
+    executor: Any = None,
+    magnitude: float = 1.0,
+    positions: str = "all",
+    max_length: int | None = 512,
+    limit: int | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    skip: bool = True,
+) -> CausalEffects:
+    """Exact CE for every (input, layer, expert), computed as (input, layer) items by ``executor``.
+
+    ``executor`` is a :class:`~expertscope.executors.RayExecutor` (or None: in process). With
+    ``checkpoint`` (a file), finished items survive a failure; ``resume=True`` computes only the rest.
+    """
+    settings = SweepSettings(magnitude=magnitude, positions=positions, skip=skip)
+    settings.validate()
+    doms = _domains(domain_or_texts)
+    texts, dom_of, tix = [], [], []
+    for d in doms:
+        ts = d.head(limit).texts
+        if not ts:
+            raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
+        texts += ts
+        dom_of += [d.name] * len(ts)
+        tix += list(range(len(ts)))
+    tok = model.tokenizer
+    ctx = model.context_length
+    max_len = min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
+    token_ids = [list(tok(t, add_special_tokens=True)["input_ids"])[:max_len] for t in texts]
+    layers = model.layers
+    E_max = model.num_experts
+    ck = SweepCheckpoint(checkpoint, _fingerprint(texts, settings, model.describe()), resume) if checkpoint else None
+    done: dict[tuple[int, int], np.ndarray] = dict(ck.done) if ck else {}
+    todo = [(i, layer, token_ids[i]) for i in range(len(texts)) for layer in layers if (i, layer) not in done]
+    runner = executor if executor is not None else LocalSweepRunner()
+    computed = 0
+    try:
+        for i, layer, ce in runner.run_items(model, todo, settings):
+            done[(i, layer)] = ce
+            computed += 1
+            if ck is not None:
+                ck.add(i, layer, ce)
+    finally:
+        if ck is not None:
+            ck.close()
+    out = np.full((len(texts), len(layers), E_max), np.nan)
+    for (i, layer), ce in done.items():
+        out[i, layers.index(layer), : len(ce)] = ce
+    result_settings = {**settings.__dict__, "method": "exact", "work_items": "input x layer",
+                       "executor": getattr(runner, "name", "local"), "computed_items": computed,
+                       "resumed_items": len(done) - computed, "n_inputs": len(texts), "domains": [d.name for d in doms],
+                       "max_length_used": max_len, "model": model.describe()}
+    return CausalEffects(ce=out, domain=np.asarray(dom_of, dtype=object), text_index=np.asarray(tix, np.int64),
+                         layers=list(layers), exact=np.ones((len(layers), E_max), bool), settings=result_settings)
