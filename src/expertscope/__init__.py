@@ -14,8 +14,11 @@ from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_rout
 from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
 from .models.model import MoEModel
+from .report import report
 from .stats.domain_experts import DomainExpertTable, domain_experts
+from .stats.expert_map import expert_map
 from .stats.profile import RoutingProfile, profile
+from .stats.tokens import position_profile, record_tokens, token_associations
 
 __version__ = "0.1.0"
 
@@ -45,8 +48,13 @@ __all__ = [
     "causal_rate",
     "domain_experts",
     "driver_experts",
+    "expert_map",
     "finetune_router",
     "load_model",
+    "position_profile",
     "profile",
+    "record_tokens",
+    "report",
     "steer",
+    "token_associations",
 ]

@@ -1,0 +1,37 @@
+"""``expertscope report``: rebuild a run's self-contained ``report.html`` from its saved tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import handle_errors, out_console
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report_cmd)
+
+
+@handle_errors
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A directory written by `expertscope run` (manifest.json and "
+                                                 "domain_experts.parquet at least).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the HTML "
+                                                                 "(default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Rebuild RUN_DIR/report.html and RUN_DIR/figures/ (PNG + SVG) from the tables saved in RUN_DIR.
+
+    The report is one HTML file with every figure inlined: it opens offline and fetches nothing.
+
+    Examples:
+
+      expertscope report runs/study
+
+      expertscope report runs/study -o /tmp/study-report.html
+    """
+    from ..report.html import report
+
+    path = report(run_dir, out=out)
+    out_console.print(f"wrote {path}")

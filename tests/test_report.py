@@ -1,0 +1,285 @@
+"""Figures, the self-contained report (also rendered in headless Chromium) and the expert map (Fig. 5)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from expertscope.errors import OutputError
+from expertscope.io import make_manifest, write_json, write_table
+from expertscope.report import figures as F
+from expertscope.report.html import build_html, load_tables, report
+
+CHROMIUM = Path("/usr/bin/chromium")
+APT_HINT = "apt-get update && apt-get install -y --no-install-recommends chromium"
+DOMAINS = ("emotion", "knowledge", "math")
+
+def synthetic_tables(L: int = 4, E: int = 8, seed: int = 0) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    rows, drows, crows, prows = [], [], [], []
+    for di, d in enumerate(DOMAINS):
+        for layer in range(L):
+            A = rng.dirichlet(np.ones(E)) * 2
+            ce = rng.gamma(1.0, 0.01, E)
+            ce[(layer + di) % E] += 0.08
+            mu, sd = ce.mean(), ce.std()
+            for e in range(E):
+                rows.append({"domain": d, "layer": layer, "expert": e, "activation_rate": A[e],
+                             "entropy": rng.uniform(0.2, 0.8), "cwas": A[e] * rng.uniform(0.3, 0.8),
+                             "specificity": rng.normal(0, 0.05) + (0.3 if e == (2 * di + layer) % E else 0),
+                             "uniform_rate": 2 / E, "is_domain_expert": e == (2 * di + layer) % E and A[e] > 2 / E,
+                             "is_driver": False, "is_general": False})
+                drows.append({"domain": d, "layer": layer, "expert": e, "ce_mean": ce[e], "layer_mean": mu,
+                              "layer_sd": sd, "threshold": mu + 2 * sd, "is_driver": bool(ce[e] >= mu + 2 * sd)})
+            crows.append({"domain": d, "layer": layer, "causal_rate": rng.uniform(0.05, 0.5)})
+        tot = 400
+        base = np.array([0.2, 0.2, 0.2, 0.2, 0.2])
+        trig = rng.dirichlet(np.ones(5) * 3)
+        labels = ("[0.0, 0.2)", "[0.2, 0.4)", "[0.4, 0.6)", "[0.6, 0.8)", "[0.8, 1.0]")
+        for layer in [*map(str, range(L)), "all"]:
+            for b in range(5):
+                prows.append({"domain": d, "layer": layer, "bin": labels[b], "bin_index": b,
+                              "n_trigger": int(trig[b] * 100), "trigger_share": trig[b], "n_tokens": int(base[b] * tot),
+                              "token_share": base[b], "ratio": trig[b] / base[b], "n_trigger_total": 100,
+                              "n_tokens_total": tot})
+    dom = pd.DataFrame(rows)
+    act = dom.groupby(["layer", "expert"])["activation_rate"].transform("max") > 2 / E
+    flagged = dom.groupby(["layer", "expert"])["is_domain_expert"].transform("any")
+    dom["is_general"] = act & ~flagged
+    drivers = pd.DataFrame(drows)
+    assoc = pd.DataFrame([{"domain": d, "kind": k, "layer": 1, "expert": 3, "rank": r + 1, "token": t,
+                           "token_ids": "5", "count": 10 - r, "n_selected": 8 - r,
+                           "p_expert_given_token": 0.8, "p_expert": 0.25, "lift": 3.2 - r * 0.4}
+                          for d in DOMAINS for k in ("domain", "driver") for r, t in enumerate(["sum", "what", "<b>"])])
+    emap = pd.DataFrame({"layer": np.repeat(range(L), E), "expert": np.tile(range(E), L),
+                         "x": rng.normal(size=L * E), "y": rng.normal(size=L * E),
+                         "cluster": rng.integers(0, 5, L * E), "representation": "router"})
+    drv_keys = set(zip(drivers[drivers.is_driver].layer, drivers[drivers.is_driver].expert, strict=True))
+    emap["is_driver"] = [(a, b) in drv_keys for a, b in zip(emap.layer, emap.expert, strict=True)]
+    conds = ("original", "domain_up", "domain_down", "driver_up", "driver_down")
+    steering = pd.DataFrame([{"domain": d, "task": "classification", "condition": c, "mode": "scale",
+                              "scale": 1.0, "n_targets": 3, "n": 50, "accuracy": a, "ci_low": a - 0.1,
+                              "ci_high": min(1, a + 0.1), "weighted_f1": a - 0.05, "delta": a - 0.6,
+                              "delta_lo": a - 0.7, "delta_hi": a - 0.5}
+                             for d in DOMAINS for c, a in zip(conds, rng.uniform(0.4, 0.8, 5), strict=True)])
+    sweep = pd.DataFrame([{"domain": d, "targets": t, "sweep": "scale", "scale": s, "n_targets": 3,
+                           "accuracy": 0.6 + 0.1 * np.sin(s + i), "ci_low": 0.5, "ci_high": 0.75}
+                          for d in DOMAINS for i, t in enumerate(("domain", "driver"))
+                          for s in (0.6, 0.8, 1.0, 1.2, 1.4)])
+    return {"domain_experts": dom, "drivers": drivers, "causal_rate": pd.DataFrame(crows),
+            "positions": pd.DataFrame(prows), "associations": assoc, "expert_map": emap,
+            "steering": steering, "steering_sweep": sweep}
+
+
+FILES = {"domain_experts": "domain_experts.parquet", "drivers": "driver_experts.parquet",
+         "causal_rate": "causal_rate.parquet", "positions": "token_positions.parquet",
+         "associations": "token_associations.parquet", "expert_map": "expert_map.parquet",
+         "steering": "steering.parquet", "steering_sweep": "steering_sweep.parquet"}
+ALL_FIGURES = {"fig1_cwas", "fig2_expert_types", "fig3_causal_rate", "fig4_positions", "fig5_expert_map",
+               "fig6_causal_layers", "fig7_causal_heatmap", "fig_steering", "fig_steering_sweep"}
+
+
+def write_run(run_dir: Path, tables: dict[str, pd.DataFrame], keys: tuple[str, ...] | None = None) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for key in keys or tuple(FILES):
+        write_table(run_dir / FILES[key], tables[key])
+    write_json(run_dir / "manifest.json", make_manifest("study", {"model": "demo", "seed": 0}, seed=0,
+                                                        model={"source": "demo", "moe_layers": [0, 1, 2, 3]}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return report(write_run(tmp_path_factory.mktemp("run"), synthetic_tables()))
+
+
+# ----- figures -----------------------------------------------------------------------------------------
+def test_figures_written_png_and_svg(tmp_path: Path):
+    out = F.write_figures(synthetic_tables(), tmp_path)
+    assert set(out) == ALL_FIGURES
+    for paths in out.values():
+        assert [p.suffix for p in paths] == [".png", ".svg"]
+        png, svg = paths
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        text = svg.read_text()
+        assert "<svg" in text and not re.search(r"""(?:href|src)\s*=\s*["']https?:""", text)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_figures_skip_empty_inputs(tmp_path: Path):
+    empty = pd.DataFrame()
+    for fn in (F.fig_cwas, F.fig_expert_types, F.fig_causal_rate, F.fig_positions, F.fig_expert_map,
+               F.fig_causal_layers, F.fig_causal_heatmap, F.fig_steering, F.fig_steering_sweep):
+        assert fn(None, tmp_path) == []
+        assert fn(empty, tmp_path) == []
+    assert F.write_figures({}, tmp_path) == {}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_expert_types_classification():
+    t = synthetic_tables()
+    typed = F.expert_types(t["domain_experts"], t["drivers"])
+    assert set(typed["type"]) <= {"general", "domain", "driver", "both", "other", "below uniform"}
+    flagged = typed[typed["is_domain_expert"]]
+    assert flagged["type"].isin(["domain", "both"]).all()
+    below = typed["activation_rate"] <= typed["uniform_rate"]
+    assert (typed.loc[below & ~typed["is_domain_expert"], "type"].isin(["below uniform", "driver"])).all()
+
+
+# ----- report ------------------------------------------------------------------------------------------
+def test_report_is_self_contained(built_report: Path):
+    page = built_report.read_text()
+    assert built_report.name == "report.html"
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
+    assert not re.search(r"@import|url\(\s*['\"]?(?:https?:)?//|<link\b|<script\s[^>]*src", page, re.I)
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    imgs = re.findall(r"<img\b[^>]*>", page)
+    assert len(imgs) == len(ALL_FIGURES)
+    assert all("src='data:image/png;base64," in i for i in imgs)
+    # Plain-language readings come from the numbers; table cells are escaped.
+    assert "domain experts; layer" in page and "specificity +" in page
+    assert "driver-triggering tokens sit in the first fifth" in page
+    assert "<td>&lt;b&gt;</td>" in page and "<td><b></td>" not in page
+    assert (built_report.parent / "figures" / "fig1_cwas.svg").exists()
+
+
+def test_report_partial_and_missing_tables(tmp_path: Path):
+    t = synthetic_tables()
+    only = report(write_run(tmp_path / "only", t, keys=("domain_experts",)))
+    page = only.read_text()
+    assert page.count("<img") == 2 and "Driver experts" not in page.split("<nav>")[1].split("</nav>")[0]
+    nothing = tmp_path / "empty"
+    nothing.mkdir()
+    with pytest.raises(OutputError, match=r"no manifest\.json"):
+        report(nothing)
+    write_json(nothing / "manifest.json", {"kind": "study"})
+    with pytest.raises(OutputError, match=r"no domain_experts\.parquet"):
+        report(nothing)
+
+
+def test_report_cli_exit_codes(tmp_path: Path):
+    import typer
+    from typer.testing import CliRunner
+
+    from expertscope.cli import report_cmds
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """test app"""
+
+    report_cmds.register(app)
+    runner = CliRunner()
+    bad = runner.invoke(app, ["report", str(tmp_path)])
+    assert bad.exit_code == 2
+    assert "no manifest.json" in bad.output and len(bad.output.strip().splitlines()) <= 2
+    run = write_run(tmp_path / "run", synthetic_tables(), keys=("domain_experts", "drivers"))
+    ok = runner.invoke(app, ["report", str(run), "-o", str(tmp_path / "r.html")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "r.html").exists() and not (run / "report.html").exists()
+
+
+def test_load_tables_derives_ce_means_without_driver_table(tmp_path: Path):
+    t = synthetic_tables()
+    run = write_run(tmp_path, t, keys=("domain_experts",))
+    ce = pd.DataFrame({"input": [0, 0, 1, 1], "domain": ["math"] * 4, "layer": [0, 0, 0, 0], "expert": [0, 1, 0, 1],
+                       "ce": [0.1, 0.3, 0.3, 0.5]})
+    (run / "causal").mkdir()
+    write_table(run / "causal" / "ce.parquet", ce, csv=False)
+    tables = load_tables(run)
+    np.testing.assert_allclose(tables["drivers"].sort_values("expert")["ce_mean"], [0.2, 0.4])
+    page = build_html({"kind": "study"}, tables, {})
+    assert "strongest single expert is expert 1 at layer 0" in page
+
+
+# ----- headless Chromium -------------------------------------------------------------------------------
+def _chromium(args: list[str], profile: Path, timeout: int = 90) -> subprocess.CompletedProcess:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: the report test needs Debian's chromium; install it with `{APT_HINT}`")
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-extensions", "--disable-default-apps", f"--user-data-dir={profile}",
+           "--host-resolver-rules=MAP * ~NOTFOUND", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _page_requests(net_log: Path) -> list[str]:
+    """URLs of requests the page made (Chromium's own update/sign-in/time requests carry no initiator
+    origin: ``"not an origin"``; a file:// page's requests have initiator ``"null"``)."""
+    log = json.loads(net_log.read_text())
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    return [e["params"]["url"] for e in log["events"]
+            if e["type"] == start and "url" in e.get("params", {})
+            and e["params"].get("initiator") != "not an origin"]
+
+
+def test_report_renders_offline_in_chromium(built_report: Path, tmp_path: Path):
+    # Control: a page with remote resources must show up in the net-log check, or the check proves nothing.
+    control = tmp_path / "control.html"
+    control.write_text("<!DOCTYPE html><html><body><img src='http://example.invalid/x.png'></body></html>")
+    net = tmp_path / "control-net.json"
+    _chromium([f"--log-net-log={net}", "--virtual-time-budget=3000", "--dump-dom", control.as_uri()],
+              tmp_path / "p0")
+    assert any(u.startswith("http://example.invalid") for u in _page_requests(net))
+
+    net = tmp_path / "net.json"
+    res = _chromium([f"--log-net-log={net}", "--run-all-compositor-stages-before-draw",
+                     "--virtual-time-budget=5000", "--dump-dom", built_report.as_uri()], tmp_path / "p1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = res.stdout
+    n = len(ALL_FIGURES)
+    assert f'data-images-ok="{n}/{n}"' in dom, dom[-500:]
+    assert dom.count('data-loaded="1"') == n and 'data-loaded="0"' not in dom
+    assert [u for u in _page_requests(net) if not u.startswith(("file:", "data:"))] == []
+
+    shot = tmp_path / "shot.png"
+    res = _chromium([f"--screenshot={shot}", "--window-size=1280,2000", "--virtual-time-budget=5000",
+                     built_report.as_uri()], tmp_path / "p2")
+    assert shot.exists() and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20000, res.stderr[-2000:]
+
+
+# ----- expert map (Fig. 5) -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_moe_remote"])
+def test_expert_forward_matches_the_experts_module(make_tiny, family: str):
+    from expertscope.models.model import MoEModel
+    from expertscope.stats.expert_map import expert_forward
+
+    moe = MoEModel.from_model(make_tiny(family), verify=False)
+    site = moe.sites[0]
+    experts = site.block.experts
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    for i in range(site.num_experts):
+        got = expert_forward(experts, i, x)
+        if isinstance(experts, torch.nn.ModuleList):
+            want = experts[i](x)
+        else:  # the module's own forward with every token routed to expert i at weight 1
+            want = experts(x, torch.full((6, 1), i), torch.ones(6, 1))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_expert_map_representations(make_tiny):
+    from expertscope.models.model import MoEModel
+    from expertscope.models.tiny import tiny_tokenizer
+    from expertscope.stats.expert_map import expert_map, valid_perplexity
+
+    assert valid_perplexity(4) < 4 and valid_perplexity(4, 30.0) < 3 and valid_perplexity(1000) == 30.0
+    moe = MoEModel.from_model(make_tiny("mixtral"), tiny_tokenizer(), verify=False)
+    drivers = pd.DataFrame({"domain": ["a"], "layer": [1], "expert": [2], "is_driver": [True]})
+    texts = {"a": ["hello world", "abc"], "b": ["1+2=3"]}
+    for rep in ("router", "weights", "output"):
+        df = expert_map(moe, representation=rep, k=3, drivers=drivers, domains=texts, n_tokens=20)
+        assert list(df.columns[:5]) == ["layer", "expert", "x", "y", "cluster"]
+        assert len(df) == len(moe.layers) * 4 and np.isfinite(df[["x", "y"]].to_numpy()).all()
+        assert df["cluster"].nunique() <= 3 and df["is_driver"].sum() == 1
+    again = expert_map(moe, representation="router", k=3)
+    pd.testing.assert_frame_equal(again, expert_map(moe, representation="router", k=3))  # seeded
+    per_layer = expert_map(moe, representation="router", scope="layer", perplexity=50)
+    assert all(e["perplexity"] < 4 for e in per_layer.attrs["embeddings"])
