@@ -1,0 +1,116 @@
+"""``expertscope data synth`` (the synthetic benchmark as JSONL) and ``expertscope demo train``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, handle_errors, out_console, progress
+
+data_app = typer.Typer(help="Data sources: the synthetic three-domain benchmark.", no_args_is_help=True)
+demo_app = typer.Typer(help="The bundled demo model.", no_args_is_help=True)
+
+
+@data_app.command("synth")
+@handle_errors
+def synth(
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory for <domain>.<split>.jsonl and manifest.json.")
+    ],
+    n_train: Annotated[int, typer.Option(help="Training examples per domain.")] = 2000,
+    n_validation: Annotated[int, typer.Option(help="Validation examples per domain.")] = 300,
+    n_test: Annotated[int, typer.Option(help="Test examples per domain.")] = 300,
+    seed: Annotated[int, typer.Option(help="Sampling seed (the splits stay disjoint for every seed).")] = 0,
+    domains: Annotated[str, typer.Option(help="Comma-separated subset of emotion,knowledge,math.")] = (
+        "emotion,knowledge,math"
+    ),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing synthetic-data directory.")] = False,
+) -> None:
+    """Write the seeded synthetic benchmark: train/validation/test JSONL per domain, plus a manifest.
+
+    Each file works as ``--domain NAME=FILE`` or ``expertscope eval --data FILE``.
+
+    Example: expertscope data synth --out data/synth --n-test 500
+    """
+    from ..data import synthetic
+    from ..errors import ConfigError
+    from ..io import atomic_write, make_manifest, prepare_out_dir, write_json
+
+    names = [d.strip() for d in domains.split(",") if d.strip()]
+    unknown = [d for d in names if d not in synthetic.DOMAINS]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown domain(s) {unknown or names}: use a subset of {', '.join(synthetic.DOMAINS)}"
+        )
+    sizes = {"train": n_train, "validation": n_validation, "test": n_test}
+    if min(sizes.values()) < 0:
+        raise ConfigError("a split size is negative: pass sizes >= 0")
+    out_dir = prepare_out_dir(out, kind="synthetic-data", force=force)
+    files: dict[str, dict[str, object]] = {}
+    for name in names:
+        for split, n in sizes.items():
+            dom = synthetic.generate(name, n, seed=seed, split=split)
+            path = out_dir / f"{name}.{split}.jsonl"
+            with atomic_write(path) as fh:
+                for ex in dom.examples:
+                    fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+            files[path.name] = {"domain": name, "split": split, "task": dom.task, "n": len(dom)}
+    write_json(
+        out_dir / "manifest.json",
+        make_manifest("synthetic-data", {"seed": seed, "sizes": sizes, "domains": names}, files=files),
+    )
+    for fname, info in files.items():
+        out_console.print(f"{out_dir / fname}  ({info['task']}, n={info['n']})", highlight=False)
+
+
+@demo_app.command("train")
+@handle_errors
+def demo_train(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the Hugging Face model into.")],
+    seed: Annotated[int, typer.Option(help="Seed for data, tokenizer, initialisation and batch order.")] = 0,
+    scale: Annotated[
+        float, typer.Option(help="Multiply every training-set size (e.g. 0.01 for a smoke run).")
+    ] = (1.0),
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    evaluate: Annotated[
+        bool, typer.Option(help="Score the test splits when done (training_manifest.json).")
+    ] = (True),
+) -> None:
+    """Train the demo MoE (Mixtral architecture, 8 experts, top-2) on the synthetic benchmark, on CPU.
+
+    The shipped model was made with `expertscope demo train --out src/expertscope/demo/assets/model`.
+
+    Example: expertscope demo train --out runs/demo --scale 0.05
+    """
+    from ..demo.train import TrainConfig, train
+    from ..errors import ConfigError
+
+    if scale <= 0:
+        raise ConfigError(f"scale {scale} is not positive: pass --scale > 0")
+    if threads < 1:
+        raise ConfigError(f"threads {threads} is not positive: pass --threads 1 or more")
+    cfg = TrainConfig(seed=seed, threads=threads)
+    cfg = cfg.scaled(scale) if scale != 1.0 else cfg
+    with progress() as p:
+        task = p.add_task("training", total=None)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            p.update(task, completed=step, total=total, description=f"training (loss {loss:.3f})")
+
+        manifest = train(out, cfg, evaluate_after=evaluate, on_step=on_step)
+    console.print(
+        f"trained {manifest['steps']} steps in {manifest['train_seconds']:.0f}s; "
+        f"{manifest['parameters'] / 1e6:.2f}M parameters; saved to {out}",
+        highlight=False,
+    )
+    for name, acc in manifest.get("test_accuracy", {}).items():
+        out_console.print(f"{name}: test accuracy {acc:.3f}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``data`` and ``demo`` command groups to ``app``."""
+    app.add_typer(data_app, name="data")
+    app.add_typer(demo_app, name="demo")

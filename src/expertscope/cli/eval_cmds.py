@@ -1,0 +1,195 @@
+"""``expertscope eval``: task accuracy with 95 % intervals (SPEC §7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ._common import handle_errors, out_console, progress
+
+if TYPE_CHECKING:
+    from ..data.types import Example
+    from ..evaluation import EvalResult
+
+
+def read_examples(path: Path) -> list[Example]:
+    """Examples from a JSONL file (one :meth:`Example.to_dict`-style object per line).
+
+    Raises :class:`DataError` naming the line for invalid JSON or a row without ``text``.
+    """
+    from ..data.types import Example
+    from ..errors import DataError
+
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist: check the --data path")
+    examples = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno} is not valid JSON ({e.msg}): write one object per line"
+                ) from None
+            if not isinstance(row, dict) or "text" not in row:
+                raise DataError(f"{path}:{lineno} has no 'text' field: every row needs the input text")
+            examples.append(Example.from_dict(row))
+    if not examples:
+        raise DataError(f"data file {path} holds no examples: add one JSON object per line")
+    return examples
+
+
+def infer_task(examples: list[Example]) -> str:
+    """The task the examples' fields imply: choices: multiple_choice, answer: math, label: classification."""
+    from ..errors import DataError
+
+    first = examples[0]
+    if first.choices is not None:
+        return "multiple_choice"
+    if first.answer is not None:
+        return "math"
+    if first.label is not None:
+        return "classification"
+    raise DataError("the examples have no label, answer or choices: add them, or pass --task")
+
+
+def _table(rows: list[tuple[str, EvalResult]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Evaluation (accuracy with Wilson 95% CI)")
+    for col in ("domain", "task", "n", "accuracy", "95% CI", "weighted F1"):
+        table.add_column(col, justify="left" if col in ("domain", "task") else "right")
+    for name, r in rows:
+        f1 = "-" if r.weighted_f1 is None else f"{r.weighted_f1:.3f}"
+        table.add_row(name, r.task, str(r.n), f"{r.accuracy:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]", f1)
+    return table
+
+
+def eval_command(
+    model: Annotated[str, typer.Option("--model", help="'demo', a model directory or a hub id.")] = "demo",
+    task: Annotated[
+        str | None, typer.Option(help="classification, multiple_choice or math (default: inferred / all).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="JSONL examples; without it, the synthetic benchmark.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Synthetic split to score: train, validation or test.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="Score only the first N examples (per domain).")] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Examples per forward pass (scores do not depend on it).")
+    ] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic benchmark.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation limit for math.")] = 96,
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda:0.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write results.json, predictions and a manifest here.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Overwrite an existing eval directory given with --out.")
+    ] = False,
+) -> None:
+    """Score a model: label log-likelihood (classification), letter scores (multiple choice), greedy math.
+
+    Without --data it scores the synthetic benchmark's three domains (--split, default test; 300 examples
+    each unless --limit).
+
+    Examples:
+
+      expertscope eval --model demo
+
+      expertscope eval --model ./my-moe --data mmlu.jsonl --task multiple_choice --limit 200
+    """
+    import torch
+
+    from ..data import synthetic
+    from ..data.types import TASKS
+    from ..errors import ConfigError
+    from ..evaluation import evaluate
+    from ..models.loading import load_model
+
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if split not in synthetic.SPLITS:
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(synthetic.SPLITS)}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit} is not positive: pass 1 or more")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} is not positive: pass 1 or more")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} is not positive: pass 1 or more")
+
+    # Read and check the data before loading the model, so bad input fails fast.
+    jobs: list[tuple[str, str, list[Example]]] = []
+    if data is not None:
+        examples = read_examples(data)[:limit]
+        jobs.append((data.stem, task or infer_task(examples), examples))
+    else:
+        n = limit or 300
+        for name in synthetic.DOMAINS:
+            if task is None or synthetic.DOMAIN_TASKS[name] == task:
+                dom = synthetic.generate(name, n, seed=seed, split=split)
+                jobs.append((name, synthetic.DOMAIN_TASKS[name], dom.examples))
+    from ..evaluation import validate_examples
+
+    for _, job_task, exs in jobs:
+        validate_examples(job_task, exs)
+
+    torch.manual_seed(seed)
+    moe = load_model(model, dtype=dtype, device=device)
+    results: list[tuple[str, EvalResult]] = []
+    with progress() as p:
+        for name, job_task, exs in jobs:
+            bar = p.add_task(f"eval {name}", total=len(exs))
+            res = evaluate(
+                moe,
+                job_task,
+                exs,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                device=device,
+                on_batch=lambda k, bar=bar: p.advance(bar, k),
+            )
+            results.append((name, res))
+    out_console.print(_table(results))
+    if out is not None:
+        _write(
+            out,
+            force,
+            results,
+            {
+                "model": model,
+                "task": task,
+                "data": None if data is None else str(data),
+                "split": split,
+                "limit": limit,
+                "batch_size": batch_size,
+                "seed": seed,
+                "max_new_tokens": max_new_tokens,
+                "dtype": dtype,
+                "device": device,
+            },
+        )
+
+
+def _write(out: Path, force: bool, results: list[tuple[str, EvalResult]], config: dict[str, Any]) -> None:
+    from ..io import atomic_write, make_manifest, prepare_out_dir, write_json
+
+    out_dir = prepare_out_dir(out, kind="eval", force=force)
+    summary = {name: {k: v for k, v in r.to_dict().items() if k != "predictions"} for name, r in results}
+    write_json(out_dir / "results.json", summary)
+    for name, r in results:
+        with atomic_write(out_dir / f"predictions.{name}.jsonl") as fh:
+            for rec in r.predictions:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    write_json(out_dir / "manifest.json", make_manifest("eval", config, results=summary))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``eval`` command to ``app``."""
+    app.command("eval")(handle_errors(eval_command))

@@ -1,0 +1,334 @@
+"""Train the bundled demo MoE on the synthetic three-domain benchmark (``expertscope demo train``).
+
+Recipe (seeded end to end, CPU only):
+
+1. Training text: the training splits of :mod:`expertscope.data.synthetic` rendered with the exact
+   evaluation prompts (:mod:`expertscope.evaluation.prompts`), each followed by its gold target; the
+   knowledge base's fact statements (so every fact, including those asked about in test, is learnable);
+   and open-form questions (``"Question: <q>\\nAnswer: <value>"``) for the training split's
+   (fact, template) pairs only. Test questions pair facts with templates never seen with them in training.
+2. A byte-level BPE tokenizer (``tokenizers``, 2048 tokens, every digit its own token) trained on that text.
+3. A Mixtral-architecture model (8 routed experts, top-2, 4 MoE layers, hidden 128; ~3.9 M parameters,
+   ~16 MB as fp32 safetensors) trained with AdamW, a cosine schedule and Mixtral's load-balancing loss.
+   The loss covers the targets (labels, letters, solutions, values) and whole fact statements; prompts
+   are context only.
+4. The model and tokenizer are saved as a standard Hugging Face directory, then scored on the test splits;
+   ``training_manifest.json`` records the seed, steps, time and accuracies.
+
+Reproduction: the same seed and thread count give the same data, tokenizer and initial weights; CPU float
+nondeterminism across machines can move the final accuracies by a few points, so the shipped model's
+test accuracies are reproduced within ±0.05 (the tolerance checked against the manifest).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import synthetic
+from ..data.types import Example
+from ..evaluation import prompts
+
+log = logging.getLogger(__name__)
+
+REPRODUCTION_TOLERANCE = 0.05
+"""Absolute accuracy tolerance within which a retrained demo reproduces the shipped model's scores."""
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a demo training run (all recorded in the manifest)."""
+
+    seed: int = 0
+    n_emotion: int = 50_000
+    n_knowledge: int = 60_000
+    n_open_questions: int = 25_000
+    statement_repeats: int = 40
+    n_math: int = 100_000
+    epochs: int = 1
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    num_experts: int = 8
+    top_k: int = 2
+    router_aux_loss_coef: float = 0.01
+    batch_size: int = 48
+    lr: float = 2e-3
+    warmup_steps: int = 150
+    weight_decay: float = 0.01
+    max_len: int = 160
+    threads: int = 2
+    eval_n: int = 300
+
+    def scaled(self, scale: float) -> TrainConfig:
+        """A copy with every data size multiplied by ``scale`` (for quick smoke runs)."""
+        out = TrainConfig(**asdict(self))
+        for name in ("n_emotion", "n_knowledge", "n_open_questions", "n_math"):
+            setattr(out, name, max(8, int(getattr(self, name) * scale)))
+        out.statement_repeats = max(1, round(self.statement_repeats * scale))
+        out.warmup_steps = max(1, int(self.warmup_steps * min(1.0, scale)))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def training_pairs(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """The training text as ``(prompt, target)`` pairs; loss is taken on the target only.
+
+    Fact statements have an empty prompt (the whole statement is the target).
+    """
+    pairs: list[tuple[str, str]] = []
+    for name, n in (("emotion", cfg.n_emotion), ("knowledge", cfg.n_knowledge), ("math", cfg.n_math)):
+        dom = synthetic.generate(name, n, seed=cfg.seed, split="train")
+        assert dom.task is not None
+        pairs += [(prompts.prompt(dom.task, ex), prompts.target(dom.task, ex)) for ex in dom.examples]
+    pairs += [("", " " + s) for s in synthetic.knowledge_statements()] * cfg.statement_repeats
+    open_q = synthetic.knowledge_open_questions("train")
+    rng = random.Random(f"demo-open-questions|{cfg.seed}")
+    for _ in range(cfg.n_open_questions):
+        q, a = rng.choice(open_q)
+        pairs.append((prompts.prompt("math", Example(text=q)), " " + a))
+    return pairs
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts`` with single-digit tokens, wrapped for transformers.
+
+    It prepends ``<s>`` to every encoded text, ends nothing with ``</s>`` (the trainer appends it), and pads
+    with ``<pad>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits first, so every number is spelled digit by digit (arithmetic is then learnable).
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512
+    )
+
+
+def encode_pairs(tokenizer: Any, pairs: list[tuple[str, str]], max_len: int) -> list[tuple[list[int], int]]:
+    """Token ids of ``prompt + target + </s>`` and the index where the target starts.
+
+    The prompt (with ``<s>``) and the target are tokenised separately, exactly as evaluation does.
+    """
+    p_ids = tokenizer([p for p, _ in pairs])["input_ids"]
+    t_ids = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out = []
+    for p, t in zip(p_ids, t_ids, strict=True):
+        ids = (list(p) + list(t) + [eos])[:max_len]
+        out.append((ids, len(p)))
+    return out
+
+
+def _batches(
+    encoded: list[tuple[list[int], int]], batch_size: int, rng: random.Random
+) -> list[list[tuple[list[int], int]]]:
+    """Shuffled batches of similar length (sorted within chunks of 50 batches, to cut padding)."""
+    idx = list(range(len(encoded)))
+    rng.shuffle(idx)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(idx), chunk):
+        part = sorted(idx[start : start + chunk], key=lambda i: len(encoded[i][0]))
+        batches += [[encoded[i] for i in part[j : j + batch_size]] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` of shape (batch, max_len)."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for row, (ids, start) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        labels[row, start : len(ids)] = torch.tensor(ids[start:])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
+    """A freshly initialised ``MixtralForCausalLM`` sized by ``cfg`` (seeded by the caller)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        max_position_embeddings=512,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        output_router_logits=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return MixtralForCausalLM(config)
+
+
+def train(
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    evaluate_after: bool = True,
+    on_step: Any = None,
+) -> dict[str, Any]:
+    """Train the demo model into ``out`` (a Hugging Face model directory) and return its manifest.
+
+    ``on_step(step, total, loss)`` is called after every optimiser step (for progress bars).
+    """
+    from ..io import write_json
+
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    pairs = training_pairs(cfg)
+    tokenizer = train_tokenizer([p + t for p, t in pairs], cfg.vocab_size)
+    encoded = encode_pairs(tokenizer, pairs, cfg.max_len)
+    log.info("training on %d sequences, %d tokens", len(encoded), sum(len(e[0]) for e in encoded))
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    rng = random.Random(f"demo-batches|{cfg.seed}")
+    epochs = [_batches(encoded, cfg.batch_size, rng) for _ in range(cfg.epochs)]
+    total = sum(len(e) for e in epochs)
+
+    def lr_at(step: int) -> float:
+        # Linear warmup, then cosine decay to 5 % of the peak.
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    step, t_train, running = 0, time.perf_counter(), 0.0
+    for batches in epochs:
+        for batch in batches:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            if on_step is not None:
+                on_step(step, total, running)
+            if step % 100 == 0 or step == total:
+                log.info("step %d/%d loss %.4f (%.0fs)", step, total, running, time.perf_counter() - t_train)
+    train_seconds = time.perf_counter() - t_train
+
+    model.eval()
+    model.config.output_router_logits = False  # inference does not need the auxiliary loss
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    _save_atomically(model, tokenizer, out)
+
+    manifest: dict[str, Any] = {
+        "kind": "demo-model",
+        "config": asdict(cfg),
+        "steps": step,
+        "sequences": len(encoded),
+        "tokens": sum(len(e[0]) for e in encoded),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": None,
+        "final_loss": round(running, 4),
+        "reproduction_tolerance": REPRODUCTION_TOLERANCE,
+        "test_accuracy": {},
+    }
+    if evaluate_after:
+        manifest["test_results"] = evaluate_demo(model, tokenizer, cfg.eval_n, seed=cfg.seed)
+        manifest["test_accuracy"] = {k: v["accuracy"] for k, v in manifest["test_results"].items()}
+    manifest["total_seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "training_manifest.json", manifest)
+    return manifest
+
+
+def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save model and tokenizer into a temporary sibling directory, then move each file into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # shipped as package data: readable by everyone
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def evaluate_demo(model: Any, tokenizer: Any, n: int, seed: int = 0, batch_size: int = 16) -> dict[str, Any]:
+    """Scores of ``model`` on the first ``n`` test examples of each synthetic domain, as dicts."""
+    from ..evaluation import evaluate
+
+    results = {}
+    for name in synthetic.DOMAINS:
+        dom = synthetic.generate(name, n, seed=seed, split="test")
+        assert dom.task is not None
+        res = evaluate(model, dom.task, dom.examples, tokenizer=tokenizer, batch_size=batch_size)
+        results[name] = {k: v for k, v in res.to_dict().items() if k != "predictions"}
+    return results
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m expertscope.demo.train OUT [SCALE]`
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    scale = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
+    print(train(sys.argv[1], TrainConfig().scaled(scale) if scale != 1.0 else TrainConfig()))

@@ -1,0 +1,25 @@
+"""Task evaluation: prompts, answer extraction, metrics and the ``evaluate`` entry point."""
+
+from __future__ import annotations
+
+from .evaluate import EvalResult, evaluate, validate_examples
+from .extract import answers_equal, extract_answer, normalise_number
+from .metrics import accuracy, weighted_f1, wilson_interval
+from .prompts import LABELS, LETTERS, profile_text, prompt, target
+
+__all__ = [
+    "LABELS",
+    "LETTERS",
+    "EvalResult",
+    "accuracy",
+    "answers_equal",
+    "evaluate",
+    "extract_answer",
+    "normalise_number",
+    "profile_text",
+    "prompt",
+    "target",
+    "validate_examples",
+    "weighted_f1",
+    "wilson_interval",
+]

@@ -1,0 +1,342 @@
+"""Evaluation: metrics against scikit-learn, answer extraction, scoring against naive loops, batch-size
+invariance on a tiny random Mixtral, bad input, and the ``expertscope eval`` command."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from typer.testing import CliRunner
+
+from expertscope.cli.main import app
+from expertscope.data import synthetic
+from expertscope.data.types import Example
+from expertscope.demo.train import train_tokenizer
+from expertscope.errors import ConfigError, DataError
+from expertscope.evaluation import (
+    LABELS,
+    accuracy,
+    answers_equal,
+    evaluate,
+    extract_answer,
+    prompt,
+    target,
+    weighted_f1,
+    wilson_interval,
+)
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_match_sklearn(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(1, 60)
+    gold_labels = LABELS[: rng.randint(2, 7)]
+    y_true = [rng.choice(gold_labels) for _ in range(n)]
+    # Predictions may include labels that never occur in y_true.
+    y_pred = [t if rng.random() < 0.5 else rng.choice(LABELS) for t in y_true]
+    assert accuracy(y_true, y_pred) == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    expected = f1_score(y_true, y_pred, average="weighted", zero_division=0)
+    assert weighted_f1(y_true, y_pred) == pytest.approx(expected, abs=1e-12)
+
+
+def test_wilson_interval_known_values() -> None:
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+    lo, hi = wilson_interval(50, 50)
+    assert hi == 1.0 and lo == pytest.approx(0.9287, abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+# ---------------------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("5 + 3 = 8. #### 8", "8"),
+        ("#### 42", "42"),
+        ("####42", "42"),
+        ("The total is 1,234 apples.", "1234"),
+        ("she owes #### -7", "-7"),
+        ("#### 3.50", "3.5"),
+        ("#### $1,000,000", "1000000"),
+        ("10-3 = 7", "7"),  # a subtraction, not the number -3
+        ("x = -5 so the answer is -5", "-5"),
+        ("#### 12 apples, then 13 more", "12"),  # the number after #### wins over the last number
+        ("5 + 3 = 8. ####", "8"),  # empty marker: fall back to the last number
+        ("5 + 3 = 8. #### eight", "8"),
+        ("2 + 2 = 4. 4 * 3 = 12.", "12"),
+        ("no numbers here", None),
+        ("####", None),
+        ("", None),
+        (None, None),
+        ("version v2 of the model", None),  # digits inside a word are not a number
+        ("#### 8.0", "8"),
+    ],
+)
+def test_extract_answer(text: str | None, expected: str | None) -> None:
+    assert extract_answer(text) == expected
+
+
+def test_answers_equal() -> None:
+    assert answers_equal("8.0", "8") and answers_equal("1,000", "1000") and answers_equal("-0", "0")
+    assert not answers_equal(None, "8") and not answers_equal("8", "9") and not answers_equal("abc", "abc")
+
+
+# ------------------------------------------------------------------------------------- tiny model
+
+
+def _build_pair(vocab_size: int):
+    """A byte-level BPE tokenizer trained (as the demo's) on a little synthetic text, and a tiny Mixtral."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    texts = []
+    for name in synthetic.DOMAINS:
+        dom = synthetic.generate(name, 150, seed=0, split="train")
+        texts += [prompt(dom.task, e) + target(dom.task, e) for e in dom]
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return MixtralForCausalLM(cfg).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Vocabulary 600: the letters " A"-" D" are single tokens, most emotion labels are several."""
+    return _build_pair(600)
+
+
+@pytest.fixture(scope="module")
+def tiny(pair):
+    return pair[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pair):
+    return pair[1]
+
+
+def _examples(domain: str, n: int) -> list[Example]:
+    return synthetic.generate(domain, n, seed=0, split="test").examples
+
+
+def _naive_logprob(model, ids: list[int], start: int) -> float:
+    """log p(ids[start:] | ids[:start]) from one unpadded forward pass, token by token."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
+
+
+def test_classification_scores_match_naive_loop(tiny, tokenizer) -> None:
+    exs = _examples("emotion", 10)
+    res = evaluate(tiny, "classification", exs, tokenizer=tokenizer, batch_size=4)
+    assert res.n == 10 and res.task == "classification"
+    for ex, rec in zip(exs, res.predictions, strict=True):
+        p_ids = tokenizer(prompt("classification", ex))["input_ids"]
+        naive = {}
+        for lab in LABELS:
+            l_ids = tokenizer(" " + lab, add_special_tokens=False)["input_ids"]
+            naive[lab] = _naive_logprob(tiny, p_ids + l_ids, len(p_ids))
+            assert rec["scores"][lab] == pytest.approx(naive[lab], abs=1e-4)
+        assert rec["prediction"] == max(naive, key=naive.get)
+    gold, pred = [r["gold"] for r in res.predictions], [r["prediction"] for r in res.predictions]
+    assert res.accuracy == pytest.approx(accuracy_score(gold, pred))
+    assert res.weighted_f1 == pytest.approx(f1_score(gold, pred, average="weighted", zero_division=0))
+    k = sum(r["correct"] for r in res.predictions)
+    assert (res.ci_low, res.ci_high) == pytest.approx(wilson_interval(k, 10))
+
+
+@pytest.mark.parametrize("vocab_size", [600, 300])
+def test_multiple_choice_scores_match_naive_loop(pair, vocab_size: int) -> None:
+    """Letters scored at the answer position; a tokenizer that splits " A" in two gets both tokens summed."""
+    tiny, tokenizer = pair if vocab_size == 600 else _build_pair(vocab_size)
+    n_tokens = 1 if vocab_size == 600 else 2
+    assert all(len(tokenizer(" " + x, add_special_tokens=False)["input_ids"]) == n_tokens for x in "ABCD")
+    exs = _examples("knowledge", 8)
+    res = evaluate(tiny, "multiple_choice", exs, tokenizer=tokenizer, batch_size=3)
+    for ex, rec in zip(exs, res.predictions, strict=True):
+        p_ids = tokenizer(prompt("multiple_choice", ex))["input_ids"]
+        for letter in "ABCD":
+            l_ids = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
+            naive = _naive_logprob(tiny, p_ids + l_ids, len(p_ids))
+            assert rec["scores"][letter] == pytest.approx(naive, abs=1e-4)
+        assert rec["prediction"] == max(rec["scores"], key=rec["scores"].get)
+
+
+def test_math_generation_matches_naive_greedy_loop(tiny, tokenizer) -> None:
+    exs = _examples("math", 3)
+    res = evaluate(tiny, "math", exs, tokenizer=tokenizer, batch_size=3, max_new_tokens=12)
+    for ex, rec in zip(exs, res.predictions, strict=True):
+        ids = tokenizer(prompt("math", ex))["input_ids"]
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(12):  # greedy decoding without cache or padding
+                nxt = int(tiny(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+                if nxt == tokenizer.eos_token_id:
+                    break
+                new.append(nxt)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        assert rec["generation"] == text.split("\n\n")[0].split("\nQuestion:")[0].split("\nDialogue:")[0]
+        assert rec["prediction"] == extract_answer(rec["generation"])
+        assert rec["correct"] == answers_equal(rec["prediction"], ex.answer)
+
+
+@pytest.mark.parametrize(
+    ("domain", "task"), [("emotion", "classification"), ("knowledge", "multiple_choice"), ("math", "math")]
+)
+def test_batch_size_does_not_change_scores(tiny, tokenizer, domain: str, task: str) -> None:
+    exs = _examples(domain, 12)
+    # Vary lengths within a batch so padding really happens.
+    r1 = evaluate(tiny, task, exs, tokenizer=tokenizer, batch_size=1, max_new_tokens=16)
+    r8 = evaluate(tiny, task, exs, tokenizer=tokenizer, batch_size=8, max_new_tokens=16)
+    assert len({len(tokenizer(prompt(task, e))["input_ids"]) for e in exs}) > 1
+    assert (r1.accuracy, r1.ci_low, r1.ci_high, r1.weighted_f1) == (
+        r8.accuracy,
+        r8.ci_low,
+        r8.ci_high,
+        r8.weighted_f1,
+    )
+    for a, b in zip(r1.predictions, r8.predictions, strict=True):
+        assert a["prediction"] == b["prediction"]
+        if "scores" in a:
+            for key in a["scores"]:
+                assert a["scores"][key] == pytest.approx(b["scores"][key], abs=1e-5)
+        else:
+            assert a["generation"] == b["generation"]
+
+
+def test_accepts_loaded_model_object(tiny, tokenizer) -> None:
+    class Loaded:
+        model = tiny
+
+    Loaded.tokenizer = tokenizer
+    exs = _examples("knowledge", 4)
+    a = evaluate(Loaded(), "multiple_choice", exs)
+    b = evaluate(tiny, "multiple_choice", exs, tokenizer=tokenizer)
+    assert [r["scores"] for r in a.predictions] == [r["scores"] for r in b.predictions]
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        evaluate(tiny, "multiple_choice", exs)
+
+
+def test_bad_input_raises_one_line_errors(tiny, tokenizer) -> None:
+    cases = [
+        ("summarisation", [Example(text="x", label="joy")], ConfigError, "unknown task"),
+        ("classification", [Example(text="x")], DataError, "no 'label'"),
+        ("classification", [Example(text="x", label="happy")], DataError, "outside the task's label set"),
+        (
+            "multiple_choice",
+            [Example(text="q", label="E", choices=("a", "b", "c", "d"))],
+            DataError,
+            "letters",
+        ),
+        ("multiple_choice", [Example(text="q", label="A")], DataError, "choices"),
+        ("math", [Example(text="q")], DataError, "no 'answer'"),
+        ("math", [Example(text="q", answer="many")], DataError, "non-numeric"),
+        ("math", [], DataError, "no examples"),
+    ]
+    for task, exs, err, match in cases:
+        with pytest.raises(err, match=match) as info:
+            evaluate(tiny, task, exs, tokenizer=tokenizer)
+        assert "\n" not in str(info.value) and ": " in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tokenizer, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _cli_scores(model_dir: Path, out: Path, batch_size: int) -> dict:
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--limit",
+            "8",
+            "--batch-size",
+            str(batch_size),
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "emotion" in result.output
+    scores = json.loads((out / "results.json").read_text())
+    preds = {n: (out / f"predictions.{n}.jsonl").read_text() for n in synthetic.DOMAINS}
+    return {"scores": scores, "preds": preds}
+
+
+def test_cli_eval_tiny_model_same_at_batch_1_and_8(tiny_dir: Path, tmp_path: Path) -> None:
+    one = _cli_scores(tiny_dir, tmp_path / "b1", 1)
+    eight = _cli_scores(tiny_dir, tmp_path / "b8", 8)
+    assert one["scores"] == eight["scores"]
+    assert set(one["scores"]) == set(synthetic.DOMAINS)
+    for name in synthetic.DOMAINS:
+        p1 = [json.loads(x)["prediction"] for x in one["preds"][name].splitlines()]
+        p8 = [json.loads(x)["prediction"] for x in eight["preds"][name].splitlines()]
+        assert p1 == p8
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rows", "extra", "message"),
+    [
+        ([{"text": "Ann: hi", "label": "joy"}], ["--task", "sentiment"], "unknown task"),
+        ([{"text": "Ann: hi"}], ["--task", "classification"], "no 'label'"),
+        ([{"text": "Ann: hi", "label": "happy"}], ["--task", "classification"], "label set"),
+        ([{"text": "2+2?"}], ["--task", "math"], "no 'answer'"),
+        ([{"nottext": 1}], [], "no 'text'"),
+    ],
+)
+def test_cli_eval_bad_input_exit_2(tiny_dir: Path, tmp_path: Path, rows, extra, message) -> None:
+    data = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(data), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_eval_data_file(tiny_dir: Path, tmp_path: Path) -> None:
+    exs = _examples("knowledge", 5)
+    data = _write_jsonl(tmp_path / "mc.jsonl", [e.to_dict() for e in exs])
+    result = CliRunner().invoke(
+        app, ["eval", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["mc"]
+    assert res["task"] == "multiple_choice" and res["n"] == 5

@@ -1,0 +1,135 @@
+"""The synthetic three-domain benchmark: determinism, disjoint splits, label correctness, the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+from typer.testing import CliRunner
+
+from expertscope.cli.main import app
+from expertscope.data import synthetic
+from expertscope.data.types import Example
+from expertscope.errors import ConfigError
+from expertscope.evaluation.extract import extract_answer
+
+
+@pytest.mark.parametrize("domain", synthetic.DOMAINS)
+def test_generate_is_deterministic_and_prefix_stable(domain: str) -> None:
+    a = synthetic.generate(domain, 60, seed=3, split="test")
+    b = synthetic.generate(domain, 60, seed=3, split="test")
+    assert [e.to_dict() for e in a] == [e.to_dict() for e in b]
+    short = synthetic.generate(domain, 20, seed=3, split="test")
+    assert [e.to_dict() for e in short] == [e.to_dict() for e in a][:20]
+    other = synthetic.generate(domain, 60, seed=4, split="test")
+    assert [e.to_dict() for e in other] != [e.to_dict() for e in a]
+    assert a.task == synthetic.DOMAIN_TASKS[domain] and a.name == domain
+    assert len({e.id for e in a}) == 60  # ids are unique
+
+
+@pytest.mark.parametrize("domain", synthetic.DOMAINS)
+def test_splits_share_no_item_even_across_seeds(domain: str) -> None:
+    keys = {}
+    for split, seed in (("train", 0), ("validation", 1), ("test", 2)):
+        dom = synthetic.generate(domain, 400, seed=seed, split=split)
+        assert all(e.meta["split"] == split for e in dom)
+        keys[split] = {e.meta["key"] for e in dom}
+        assert all(synthetic.split_of(f"{domain}|{k}") == split for k in keys[split])
+    assert not keys["train"] & keys["validation"]
+    assert not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
+    # The rendered items differ too (not just the keys).
+    train_texts = {(e.text, e.context) for e in synthetic.generate(domain, 400, seed=0, split="train")}
+    test_items = synthetic.generate(domain, 400, seed=0, split="test")
+    assert not train_texts & {(e.text, e.context) for e in test_items}
+
+
+def test_splits_helper_sizes() -> None:
+    out = synthetic.splits("math", {"train": 30, "validation": 10, "test": 12}, seed=0)
+    assert {k: len(v) for k, v in out.items()} == {"train": 30, "validation": 10, "test": 12}
+
+
+def test_emotion_labels_follow_cues_negation_and_context() -> None:
+    dom = synthetic.generate("emotion", 1500, seed=0, split="train")
+    counts = Counter(e.label for e in dom)
+    assert set(counts) == set(synthetic.EMOTION_LABELS)
+    assert max(counts.values()) / len(dom) < 0.5  # no label dominates
+    for ex in dom:
+        assert re.match(r"^[A-Z][a-z]+: ", ex.text)
+        rule = ex.meta["rule"]
+        if rule == "reaction":
+            # The label is the emotion of the previous speaker's event.
+            event = ex.context[0].split("Guess what, ", 1)[1].rstrip(".")
+            assert event in synthetic._EVENTS[ex.label]
+        elif rule == "negated":
+            words = set(re.findall(r"[a-z]+", ex.text.lower()))
+            cue_emotions = [emo for emo, cues in synthetic._CUES.items() if words & set(cues)]
+            assert len(cue_emotions) == 1
+            assert ex.label == ("sadness" if "joy" in cue_emotions else "neutral")
+    # The same cue word carries different labels (negation), so no word decides a label alone.
+    happy = Counter(e.label for e in dom if re.search(r"\bhappy\b", e.text))
+    assert happy["joy"] > 0 and happy["sadness"] > 0
+
+
+def test_knowledge_questions_are_consistent_and_learnable() -> None:
+    facts = {(f.relation, f.entity): f for f in synthetic.knowledge_base()}
+    assert len(facts) == 240 and len({f.subject for f in facts.values()}) == 4
+    statements = " ".join(synthetic.knowledge_statements())
+    train_keys = {e.meta["key"] for e in synthetic.generate("knowledge", 2000, seed=0, split="train")}
+    for ex in synthetic.generate("knowledge", 200, seed=0, split="test"):
+        relation, entity, _ = ex.meta["key"].split("|")
+        fact = facts[(relation, entity)]
+        assert ex.choices is not None and len(set(ex.choices)) == 4
+        assert ex.choices["ABCD".index(ex.label)] == fact.value
+        # Distractors come from the same relation (hence the same subject).
+        same_relation = {f.value for f in facts.values() if f.relation == relation}
+        assert set(ex.choices) <= same_relation
+        assert fact.value in statements and entity in statements  # the fact is in the training text
+        assert ex.meta["key"] not in train_keys  # but never this (fact, question form) pair
+    open_train = synthetic.knowledge_open_questions("train")
+    open_test = synthetic.knowledge_open_questions("test")
+    assert open_train and open_test and not set(open_train) & set(open_test)
+
+
+def test_math_solutions_are_correct() -> None:
+    dom = synthetic.generate("math", 500, seed=0, split="train")
+    n_ops = Counter(e.meta["n_ops"] for e in dom)
+    assert set(n_ops) == {1, 2, 3}
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+    for ex in dom:
+        assert ex.solution is not None and ex.solution.endswith(f"#### {ex.answer}")
+        assert extract_answer(ex.solution) == ex.answer
+        steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", ex.solution)
+        assert len(steps) == ex.meta["n_ops"]
+        for a, op, b, c in steps:
+            assert ops[op](int(a), int(b)) == int(c)
+        assert int(steps[-1][3]) == int(ex.answer) and 0 <= int(ex.answer) <= 99
+
+
+def test_bad_arguments_raise_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown synthetic domain"):
+        synthetic.generate("poetry", 3)
+    with pytest.raises(ConfigError, match="unknown split"):
+        synthetic.generate("math", 3, split="dev")
+
+
+def test_cli_data_synth_writes_jsonl_and_manifest(tmp_path) -> None:
+    out = tmp_path / "synth"
+    result = CliRunner().invoke(
+        app, ["data", "synth", "--out", str(out), "--n-train", "5", "--n-validation", "3", "--n-test", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    for domain in synthetic.DOMAINS:
+        for split, n in (("train", 5), ("validation", 3), ("test", 4)):
+            rows = [json.loads(line) for line in (out / f"{domain}.{split}.jsonl").read_text().splitlines()]
+            assert len(rows) == n
+            exs = [Example.from_dict(r) for r in rows]
+            assert [e.to_dict() for e in exs] == [
+                e.to_dict() for e in synthetic.generate(domain, n, seed=0, split=split)
+            ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "synthetic-data" and len(manifest["files"]) == 9
+    again = CliRunner().invoke(app, ["data", "synth", "--out", str(out)])
+    assert again.exit_code == 2  # refuses to overwrite without --force
