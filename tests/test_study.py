@@ -14,56 +14,83 @@ from expertscope.cli.main import app
 from expertscope.models.tiny import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
-DOMAINS = ["emotion=synthetic:emotion@validation", "math=synthetic:math@validation"]
+# No math domain here: greedy generation is the slow part and the steering tests cover it.
+DOMAINS = ["emotion=synthetic:emotion@validation", "knowledge=synthetic:knowledge@validation"]
+TABLES = ["domain_experts.parquet", "drivers.parquet", "causal_rate.parquet", "token_positions.parquet",
+          "token_associations.parquet", "steering.parquet", "steering_sweep.parquet"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-mixtral")
-    tiny_model("mixtral", num_local_experts=8).save_pretrained(d)
+    tiny_model("mixtral", num_local_experts=8, initializer_range=0.2).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
 
 
 def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
-    args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "12", "--batch-size", "4"]
+    args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "10", "--batch-size", "4",
+            "--causal-limit", "3", "--eval-limit", "6", "--train-limit", "8", "--n-boot", "50", "--n-perm", "50"]
     for d in DOMAINS:
         args += ["--domain", d]
     return args + list(extra)
 
 
-def test_run_then_interrupted_run_resumes_to_same_tables(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    full = tmp_path / "full"
-    r = runner.invoke(app, _args(model_dir, full))
+@pytest.fixture(scope="module")
+def full_run(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    r = runner.invoke(app, _args(model_dir, out))
     assert r.exit_code == 0, r.output
-    manifest = json.loads((full / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["seed"] == 0
+    return out
+
+
+def test_full_run_writes_manifest_tables_and_report(full_run: Path) -> None:
+    manifest = json.loads((full_run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["seed"] == 0 and manifest["schema_version"] == 1
+    assert [n for n, _ in study.STAGES] == [k for k in manifest["stages"] if not k.startswith("_")]
     assert all(manifest["stages"][n]["status"] == "complete" for n, _ in study.STAGES)
+    for name in TABLES:
+        assert (full_run / name).exists(), name
+    html = (full_run / "report.html").read_text()
+    assert "<img" in html and "http://" not in html.replace("http://www.w3.org", "")
+    steering = pd.read_parquet(full_run / "steering.parquet")
+    assert set(steering["domain"]) == {"emotion", "knowledge"}
+    assert "finetune_router" in set(steering["condition"])
 
-    # Interrupt the second stage once, then resume.
+
+def test_interrupted_run_resumes_to_the_same_tables(full_run: Path, model_dir: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
     part = tmp_path / "part"
-    original = dict(study.STAGES)
+    original = list(study.STAGES)
 
-    def boom(ctx):
+    def interrupted(ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study, "STAGES", [("profile", original["profile"]), ("domain_experts", boom)])
+    monkeypatch.setattr(study, "STAGES", [(n, interrupted if n == "tokens" else f) for n, f in original])
     r = runner.invoke(app, _args(model_dir, part))
     assert r.exit_code == 130 and "--resume" in r.output
-    assert json.loads((part / "manifest.json").read_text())["status"] == "running"
-    monkeypatch.setattr(study, "STAGES", list(original.items()))
+    manifest = json.loads((part / "manifest.json").read_text())
+    assert manifest["status"] == "running" and manifest["stages"]["causal_rate"]["status"] == "complete"
+    assert "tokens" not in manifest["stages"]
+    monkeypatch.setattr(study, "STAGES", original)
     r = runner.invoke(app, _args(model_dir, part))
     assert r.exit_code == 2 and "--resume" in r.output  # refuses to mix runs without --resume
     r = runner.invoke(app, _args(model_dir, part, "--resume"))
     assert r.exit_code == 0, r.output
-    assert "profile: already complete" in r.output
-    a = pd.read_parquet(full / "domain_experts.parquet")
-    b = pd.read_parquet(part / "domain_experts.parquet")
-    pd.testing.assert_frame_equal(a, b)
+    assert "profile: already complete" in r.output and "drivers: already complete" in r.output
+    for name in TABLES:
+        pd.testing.assert_frame_equal(pd.read_parquet(full_run / name), pd.read_parquet(part / name), obj=name)
 
 
-def test_resume_with_other_settings_is_refused(model_dir: Path, tmp_path: Path) -> None:
+def test_resume_with_other_settings_is_refused(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(study, "STAGES", [study.STAGES[0]])
     out = tmp_path / "o"
     assert runner.invoke(app, _args(model_dir, out)).exit_code == 0
     r = runner.invoke(app, _args(model_dir, out, "--resume", "--seed", "3"))
     assert r.exit_code == 2 and "other settings" in r.output
+
+
+def test_report_of_a_directory_without_tables_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["report", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "Traceback" not in r.output

@@ -32,6 +32,11 @@ class StudyConfig(BaseConfig):
     model: str = "demo"
     domains: tuple[str, ...] = ()
     limit: int | None = 150
+    causal_limit: int | None = 40
+    causal_method: Literal["exact", "fisher", "hybrid"] = "exact"
+    eval_limit: int | None = 60
+    train_limit: int | None = 96
+    steer_mode: Literal["scale", "bias"] = "scale"
     batch_size: int = 16
     max_length: int = 512
     dtype: str = "auto"
@@ -52,6 +57,16 @@ class StudyConfig(BaseConfig):
     @property
     def domain_specs(self) -> tuple[str, ...]:
         return self.domains or DEMO_DOMAINS
+
+    def split_specs(self, split: str) -> tuple[str, ...]:
+        """The domain specs moved to another split (synthetic sources only; others are kept as given)."""
+        out = []
+        for spec in self.domain_specs:
+            name, _, source = spec.partition("=")
+            if source.startswith("synthetic:"):
+                source = source.split("@")[0] + f"@{split}"
+            out.append(f"{name}={source}")
+        return tuple(out)
 
 
 @dataclass
@@ -80,6 +95,18 @@ class StudyContext:
 
             self._domains = load_domains(self.config.domain_specs, limit=self.config.limit, seed=self.config.seed)
         return self._domains
+
+    def split_domains(self, split: str, limit: int | None) -> Any:
+        """The domains' ``split`` (synthetic) — for real data the given sources are reused."""
+        from .data.sources import load_domains
+
+        return load_domains(self.config.split_specs(split), limit=limit, seed=self.config.seed)
+
+    def drivers(self) -> Any:
+        from .causal.drivers import DriverTable
+
+        path = self.out / "drivers.parquet"
+        return DriverTable.load(path) if path.exists() else None
 
 
 Stage = Callable[[StudyContext], dict[str, Any]]
@@ -116,10 +143,106 @@ def _stage_domain_experts(ctx: StudyContext) -> dict[str, Any]:
     return {"domain_experts": counts, "rule": table.settings["rule_text"]}
 
 
-#: The stages in order. Later stages (drivers, tokens, steering, report) append themselves here.
+def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
+    from .causal import causal_effects, driver_experts
+    from .stats.domain_experts import domain_experts
+    from .stats.profile import RoutingProfile
+
+    c = ctx.config
+    doms = [d.head(c.causal_limit) for d in ctx.domains]
+    effects = causal_effects(ctx.model, doms, method=c.causal_method, batch_size=c.batch_size,
+                             max_length=c.max_length, checkpoint=ctx.out / "ce_checkpoint.npz", resume=True,
+                             progress=True)
+    effects.save(ctx.out)
+    table = driver_experts(effects, z=c.z)
+    table.save(ctx.out / "drivers.parquet")
+    (ctx.out / "ce_checkpoint.npz").unlink(missing_ok=True)
+    # The general experts exclude drivers: refresh the domain-expert table with them.
+    cfg = DomainExpertConfig(z=c.z, entropy=c.entropy, n_boot=c.n_boot, n_perm=c.n_perm, seed=c.seed)
+    domain_experts(RoutingProfile.load(ctx.out), cfg, drivers=table.df).save(ctx.out / "domain_experts.parquet")
+    counts = {d: int(table.df[(table.df.domain == d) & table.df.is_driver].shape[0]) for d in table.df.domain.unique()}
+    return {"drivers": counts, "timings": effects.settings.get("timings", {}),
+            "skipped": effects.settings.get("skipped", 0)}
+
+
+def _stage_causal_rate(ctx: StudyContext) -> dict[str, Any]:
+    from .causal import causal_rate
+    from .io import write_table
+
+    c = ctx.config
+    rate = causal_rate(ctx.model, ctx.domains, ctx.drivers(), batch_size=c.batch_size, max_length=c.max_length)
+    write_table(ctx.out / "causal_rate.parquet", rate, meta={"table": "causal_rate"})
+    peak = rate.loc[rate["causal_rate"].idxmax()] if len(rate) else None
+    return {"peak": None if peak is None else {"domain": str(peak["domain"]), "layer": int(peak["layer"]),
+                                                 "causal_rate": float(peak["causal_rate"])}}
+
+
+def _stage_tokens(ctx: StudyContext) -> dict[str, Any]:
+    from .io import write_table
+    from .stats.domain_experts import DomainExpertTable
+    from .stats.tokens import flagged_experts, position_profile, record_tokens, token_associations
+
+    c = ctx.config
+    record = record_tokens(ctx.model, ctx.domains, batch_size=c.batch_size, max_length=c.max_length)
+    drivers = ctx.drivers()
+    positions = position_profile(ctx.model, ctx.domains, drivers.df, record=record)
+    write_table(ctx.out / "token_positions.parquet", positions, meta={"table": "token_positions"})
+    experts = flagged_experts(DomainExpertTable.load(ctx.out / "domain_experts.parquet").df, drivers.df)
+    assoc = token_associations(ctx.model, ctx.domains, experts, record=record)
+    write_table(ctx.out / "token_associations.parquet", assoc, meta={"table": "token_associations"})
+    return {"tokens": len(record.token_id) if hasattr(record, "token_id") else None,
+            "associations": len(assoc)}
+
+
+def _stage_expert_map(ctx: StudyContext) -> dict[str, Any]:
+    from .io import write_table
+    from .stats.expert_map import expert_map
+    from .stats.profile import RoutingProfile
+
+    c = ctx.config
+    written = {}
+    for rep in ("router", "output"):
+        df = expert_map(ctx.model, RoutingProfile.load(ctx.out), representation=rep, seed=c.seed,
+                        drivers=ctx.drivers().df, domains=ctx.domains if rep == "output" else None)
+        write_table(ctx.out / f"expert_map_{rep}.parquet", df, meta={"table": "expert_map", "representation": rep})
+        written[rep] = int(df["cluster"].nunique())
+    return {"clusters": written}
+
+
+def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
+    from .interventions.study import intervention_study
+    from .stats.domain_experts import DomainExpertTable
+
+    c = ctx.config
+    test = ctx.split_domains("test", c.eval_limit)
+    train = {d.name: d for d in ctx.split_domains("train", c.train_limit)}
+    result = intervention_study(
+        ctx.model, test, DomainExpertTable.load(ctx.out / "domain_experts.parquet"), ctx.drivers(), train=train,
+        mode=c.steer_mode, sweep_scales=(0.6, 0.8, 1.0, 1.2, 1.4), sweep_counts=(1, 2, 4),
+        finetune={"epochs": 1, "batch_size": 8, "lr": 5e-3}, batch_size=c.batch_size, n_boot=c.n_boot, seed=c.seed,
+    )
+    result.save(ctx.out)
+    t = result.table
+    return {"accuracy": {f"{r.domain}/{r.condition}": round(float(r.accuracy), 4) for r in t.itertuples()}}
+
+
+def _stage_report(ctx: StudyContext) -> dict[str, Any]:
+    from .report import report
+
+    path = report(ctx.out)
+    return {"report": path.name}
+
+
+#: The stages in order; each writes its tables into the run directory.
 STAGES: list[tuple[str, Stage]] = [
     ("profile", _stage_profile),
     ("domain_experts", _stage_domain_experts),
+    ("drivers", _stage_drivers),
+    ("causal_rate", _stage_causal_rate),
+    ("tokens", _stage_tokens),
+    ("expert_map", _stage_expert_map),
+    ("steering", _stage_steering),
+    ("report", _stage_report),
 ]
 
 

@@ -21,7 +21,14 @@ def run_cmd(
     model: ModelOpt = "demo",
     domain: DomainOpt = None,
     out: OutOpt = Path("runs/study"),
-    limit: Annotated[int, typer.Option(help="Texts per domain for profiling.")] = 150,
+    limit: Annotated[int, typer.Option(help="Texts per domain for profiling, tokens and the causal rate.")] = 150,
+    causal_limit: Annotated[int, typer.Option(help="Texts per domain for causal effects.")] = 40,
+    causal_method: Annotated[str, typer.Option(help="exact, fisher or hybrid.")] = "exact",
+    eval_limit: Annotated[int, typer.Option(help="Test examples per domain for the steering study.")] = 60,
+    train_limit: Annotated[int, typer.Option(help="Training examples per domain for the router LoRA.")] = 96,
+    steer_mode: Annotated[str, typer.Option(help="scale (the paper's) or bias.")] = "scale",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")] = 1000,
+    n_perm: Annotated[int, typer.Option(help="Permutations for domain-expert p-values.")] = 1000,
     batch_size: BatchOpt = 16,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
@@ -31,7 +38,8 @@ def run_cmd(
     force: ForceOpt = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
-    """Run the whole study: profile → domain experts → … into one directory.
+    """Run the whole study into one directory: profile → domain experts → driver experts → causal rate →
+    tokens → expert map → steering study → report.html.
 
     With no options it uses the bundled demo model and the synthetic emotion / knowledge / math domains.
 
@@ -45,8 +53,10 @@ def run_cmd(
     """
     from ..study import STAGES, StudyConfig, run_study
 
-    cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, batch_size=batch_size, dtype=dtype,
-                      device=device, seed=seed, z=z, trust_remote_code=trust_remote_code)
+    cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, causal_limit=causal_limit,
+                      causal_method=causal_method, eval_limit=eval_limit, train_limit=train_limit,  # type: ignore[arg-type]
+                      steer_mode=steer_mode, batch_size=batch_size, dtype=dtype, device=device, seed=seed, z=z,  # type: ignore[arg-type]
+                      n_boot=n_boot, n_perm=n_perm, trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
     names = [n for n, _ in STAGES]
 
@@ -62,3 +72,8 @@ def run_cmd(
     de = manifest["stages"].get("domain_experts", {}).get("domain_experts")
     if de:
         console.print(f"domain experts per domain: {de}")
+    dr = manifest["stages"].get("drivers", {}).get("drivers")
+    if dr:
+        console.print(f"driver experts per domain: {dr}")
+    if (out / "report.html").exists():
+        console.print(f"open {out / 'report.html'} in a browser")
