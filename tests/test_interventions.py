@@ -211,3 +211,26 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
     assert set(sweep["sweep"]) == {"scale", "count"}
     one = sweep[(sweep.targets == "domain") & (sweep.sweep == "scale") & (sweep.scale == 1.0)]
     assert float(one.accuracy.iloc[0]) == base.accuracy
+
+
+def test_steer_study_command_and_bad_scale(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from expertscope.cli.main import app
+
+    d = tmp_path / "m"
+    tiny_model("mixtral", num_local_experts=8, initializer_range=0.2).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    runner = CliRunner()
+    base = ["steer-study", "--model", str(d), "-d", "emotion=synthetic:emotion@validation",
+            "-d", "knowledge=synthetic:knowledge@validation", "--limit", "8", "--causal-limit", "2",
+            "--eval-limit", "5", "--train-limit", "4", "--n-boot", "20", "-b", "4"]
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "o"), "--mode", "bias", "--scale-up", "2.0"])
+    assert r.exit_code == 0, r.output
+    import pandas as pd
+
+    t = pd.read_parquet(tmp_path / "o" / "steering.parquet")
+    assert set(t["mode"]) == {"bias"} and t[t.condition == "domain_up"]["scale"].iloc[0] == 2.0
+    assert "finetune_router" in set(t["condition"]) and "steering study complete" in r.output
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "p"), "--scale-down", "0"])
+    assert r.exit_code == 2 and "scales must be positive" in r.output

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,8 @@ class StudyConfig(BaseConfig):
     eval_limit: int | None = 60
     train_limit: int | None = 96
     steer_mode: Literal["scale", "bias"] = "scale"
+    scale_up: float = 1.2
+    scale_down: float = 0.8
     batch_size: int = 16
     max_length: int = 512
     dtype: str = "auto"
@@ -218,7 +220,8 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
     train = {d.name: d for d in ctx.split_domains("train", c.train_limit)}
     result = intervention_study(
         ctx.model, test, DomainExpertTable.load(ctx.out / "domain_experts.parquet"), ctx.drivers(), train=train,
-        mode=c.steer_mode, sweep_scales=(0.6, 0.8, 1.0, 1.2, 1.4), sweep_counts=(1, 2, 4),
+        mode=c.steer_mode, scale_up=c.scale_up, scale_down=c.scale_down,
+        sweep_scales=(0.6, 0.8, 1.0, 1.2, 1.4), sweep_counts=(1, 2, 4),
         finetune={"epochs": 1, "batch_size": 8, "lr": 5e-3}, batch_size=c.batch_size, n_boot=c.n_boot, seed=c.seed,
     )
     result.save(ctx.out)
@@ -252,27 +255,36 @@ def run_study(
     resume: bool = False,
     force: bool = False,
     on_stage: Callable[[str, str], None] | None = None,
+    stages: Sequence[str] | None = None,
+    kind: str = "study",
 ) -> dict[str, Any]:
-    """Run every stage into ``out``; returns the final manifest. ``on_stage(name, "start"|"done"|"skip")``."""
-    out = prepare_out_dir(out, "study", resume=resume, force=force)
+    """Run the stages (all, or the named ones in pipeline order) into ``out``; returns the final manifest.
+
+    ``on_stage(name, "start"|"done"|"skip")`` reports progress; ``kind`` names the run in its manifest.
+    """
+    chosen = [(n, f) for n, f in STAGES if stages is None or n in stages]
+    unknown = sorted(set(stages or ()) - {n for n, _ in STAGES})
+    if unknown:
+        raise ConfigError(f"unknown stage {unknown[0]!r}: choose from {', '.join(n for n, _ in STAGES)}")
+    out = prepare_out_dir(out, kind, resume=resume, force=force)
     manifest_path = out / "manifest.json"
     old = json.loads(manifest_path.read_text()) if resume and manifest_path.exists() else {}
     if old and old.get("config") != json.loads(json.dumps(config.to_dict())):
         raise ConfigError(f"{out} holds a study with other settings: resume with the same options or use a new --out")
-    stages: dict[str, Any] = dict(old.get("stages", {}))
+    done: dict[str, Any] = dict(old.get("stages", {}))
     ctx = StudyContext(config, out)
     t_start = time.perf_counter()
 
     def save(status: str) -> dict[str, Any]:
         model_info = ctx._model.describe() if ctx._model is not None else old.get("model")
-        m = make_manifest("study", config.to_dict(), status=status, seed=config.seed, model=model_info,
-                          stages=stages)
+        m = make_manifest(kind, config.to_dict(), status=status, seed=config.seed, model=model_info,
+                          stages=done)
         write_json(manifest_path, m)
         return m
 
     save("running")
-    for name, stage in STAGES:
-        if stages.get(name, {}).get("status") == "complete":
+    for name, stage in chosen:
+        if done.get(name, {}).get("status") == "complete":
             if on_stage:
                 on_stage(name, "skip")
             continue
@@ -280,9 +292,9 @@ def run_study(
             on_stage(name, "start")
         t = time.perf_counter()
         result = stage(ctx)
-        stages[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), **result}
+        done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), **result}
         save("running")
         if on_stage:
             on_stage(name, "done")
-    stages["_total_seconds"] = {"status": "info", "seconds": round(time.perf_counter() - t_start, 3)}
+    done["_total_seconds"] = {"status": "info", "seconds": round(time.perf_counter() - t_start, 3)}
     return save("complete")
