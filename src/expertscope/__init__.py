@@ -10,6 +10,7 @@ from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, dri
 from .config import CausalConfig, DomainExpertConfig, ProfileConfig
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
+from .evaluation import EvalResult, evaluate
 from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
 from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
@@ -31,6 +32,7 @@ __all__ = [
     "DomainExpertConfig",
     "DomainExpertTable",
     "DriverTable",
+    "EvalResult",
     "Example",
     "ExpertscopeError",
     "MoEModel",
@@ -48,6 +50,7 @@ __all__ = [
     "causal_rate",
     "domain_experts",
     "driver_experts",
+    "evaluate",
     "expert_map",
     "finetune_router",
     "load_model",
