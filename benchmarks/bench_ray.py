@@ -28,15 +28,8 @@ def main() -> None:
 
     from expertscope.data.sources import load_domains
 
-    source = args.model
-    if source != "demo":
-        model = es.load_model(source, dtype="float32")
-    else:
-        model = es.load_model("demo", dtype="float32")
-    if source == "demo":
-        from expertscope.demo import demo_model_path
-
-        source = str(demo_model_path())
+    model = es.load_model(args.model, dtype="float32")
+    source = str(model.model.name_or_path) if args.model == "demo" else args.model
     doms = load_domains([f"{d}=synthetic:{d}@validation" for d in ("emotion", "knowledge", "math")],
                         limit=args.texts // 3)
     torch.set_num_threads(1)  # actors run one thread each; the local run gets the same for a fair ratio
