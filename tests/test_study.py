@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +31,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "10", "--batch-size", "4",
-            "--causal-limit", "3", "--eval-limit", "6", "--train-limit", "8", "--n-boot", "50", "--n-perm", "50"]
+            "--causal-limit", "3", "--eval-limit", "5", "--train-limit", "8", "--n-boot", "50", "--n-perm", "50"]
     for d in DOMAINS:
         args += ["--domain", d]
     return args + list(extra)
@@ -58,28 +59,43 @@ def test_full_run_writes_manifest_tables_and_report(full_run: Path) -> None:
     assert "finetune_router" in set(steering["condition"])
 
 
-def test_interrupted_run_resumes_to_the_same_tables(full_run: Path, model_dir: Path, tmp_path: Path,
-                                                     monkeypatch) -> None:
+def test_interrupt_exits_130_and_leaves_a_resumable_run(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     part = tmp_path / "part"
-    original = list(study.STAGES)
 
     def interrupted(ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study, "STAGES", [(n, interrupted if n == "tokens" else f) for n, f in original])
+    monkeypatch.setattr(study, "STAGES", [study.STAGES[0], ("domain_experts", interrupted)])
     r = runner.invoke(app, _args(model_dir, part))
     assert r.exit_code == 130 and "--resume" in r.output
     manifest = json.loads((part / "manifest.json").read_text())
-    assert manifest["status"] == "running" and manifest["stages"]["causal_rate"]["status"] == "complete"
-    assert "tokens" not in manifest["stages"]
-    monkeypatch.setattr(study, "STAGES", original)
+    assert manifest["status"] == "running" and manifest["stages"]["profile"]["status"] == "complete"
+    assert "domain_experts" not in manifest["stages"]
     r = runner.invoke(app, _args(model_dir, part))
     assert r.exit_code == 2 and "--resume" in r.output  # refuses to mix runs without --resume
+
+
+def test_resume_recomputes_only_unfinished_stages_to_the_same_tables(full_run: Path, model_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    # A run stopped after the causal rate: later stages' outputs gone and unrecorded.
+    part = tmp_path / "part"
+    shutil.copytree(full_run, part)
+    manifest = json.loads((part / "manifest.json").read_text())
+    later = ["tokens", "expert_map", "steering", "report"]
+    for name in later:
+        manifest["stages"].pop(name)
+    manifest["status"] = "running"
+    (part / "manifest.json").write_text(json.dumps(manifest))
+    for f in ["token_positions.parquet", "token_associations.parquet", "steering.parquet",
+              "steering_sweep.parquet", "report.html"]:
+        (part / f).unlink()
     r = runner.invoke(app, _args(model_dir, part, "--resume"))
     assert r.exit_code == 0, r.output
-    assert "profile: already complete" in r.output and "drivers: already complete" in r.output
+    assert "profile: already complete" in r.output and "causal_rate: already complete" in r.output
+    assert "tokens: already complete" not in r.output
     for name in TABLES:
         pd.testing.assert_frame_equal(pd.read_parquet(full_run / name), pd.read_parquet(part / name), obj=name)
+    assert (part / "report.html").exists()
 
 
 def test_resume_with_other_settings_is_refused(model_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -130,37 +130,46 @@ class RayExecutor:
         self.cpus_per_worker = cpus_per_worker if cpus_per_worker is not None else max(
             0.25, (available.get("CPU", 1) - 0.5) / max(workers, 1))
 
-    def run_items(self, model: Any, items: Sequence[tuple[int, int, list[int]]], settings: Any
-                  ) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Causal-sweep items ``(input, layer, token ids)`` → ``(input, layer, CE (E,))`` as they finish."""
-        return _ray_causal_items(self, items, settings)
+    def _stream(self, rows: list[dict[str, Any]], actor: type, kwargs: dict[str, Any], kept: str) -> Iterator[Any]:
+        """Map ``rows`` (one per call) over an actor pool of ``actor``; yield result rows as they finish.
 
-    def profile_batches(
-        self, model: Any, plan: Sequence[tuple[str, list[int]]], texts: dict[str, list[str]], max_len: int | None
-    ) -> Iterator[BatchResult]:
+        Any Ray failure (a dead worker, a task error) becomes one ExpertscopeError naming what is ``kept``.
+        """
         import ray
         from ray.data import ActorPoolStrategy
 
-        if not plan:
+        if not rows:
             return
-        items = [{"i": i, "domain": name, "ids": json.dumps(ids), "texts": json.dumps([texts[name][j] for j in ids])}
-                 for i, (name, ids) in enumerate(plan)]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        out = ds.map_batches(
-            _RayProfileActor, fn_constructor_kwargs={"spec": asdict(self.spec), "max_length": max_len},
-            batch_size=1, compute=ActorPoolStrategy(size=self.workers), num_cpus=self.cpus_per_worker,
-            num_gpus=self.gpus_per_worker or None, max_restarts=self.max_restarts,
+        out = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            actor, fn_constructor_kwargs=kwargs, batch_size=1, compute=ActorPoolStrategy(size=self.workers),
+            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None, max_restarts=self.max_restarts,
         )
         try:
-            for row in out.iter_rows():
-                yield _decode_result(row["payload"], row["meta"])
+            yield from out.iter_rows()
         except ExpertscopeError:
             raise
         except Exception as e:  # Ray wraps worker deaths and task errors in its own exception types
             raise ExpertscopeError(
-                f"a Ray worker failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-                "nothing partial was reported complete; rerun with --resume"
+                f"a Ray worker failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): {kept}; "
+                "rerun with --resume"
             ) from None
+
+    def run_items(self, model: Any, items: Sequence[tuple[int, int, list[int]]], settings: Any
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Causal-sweep items ``(input, layer, token ids)`` → ``(input, layer, CE (E,))`` as they finish."""
+        rows = [{"i": i, "layer": layer, "ids": json.dumps(ids)} for i, layer, ids in items]
+        kwargs = {"spec": asdict(self.spec), "settings": asdict(settings)}
+        for row in self._stream(rows, _RayCausalActor, kwargs, "the finished items are kept in the checkpoint"):
+            yield int(row["i"]), int(row["layer"]), np.asarray(json.loads(row["ce"]), dtype=np.float64)
+
+    def profile_batches(
+        self, model: Any, plan: Sequence[tuple[str, list[int]]], texts: dict[str, list[str]], max_len: int | None
+    ) -> Iterator[BatchResult]:
+        rows = [{"i": i, "domain": name, "ids": json.dumps(ids), "texts": json.dumps([texts[name][j] for j in ids])}
+                for i, (name, ids) in enumerate(plan)]
+        kwargs = {"spec": asdict(self.spec), "max_length": max_len}
+        for row in self._stream(rows, _RayProfileActor, kwargs, "nothing partial was reported complete"):
+            yield _decode_result(row["payload"], row["meta"])
 
 
 class _RayCausalActor:
@@ -183,33 +192,6 @@ class _RayCausalActor:
                 rows["ce"].append(json.dumps([float(x) for x in ce]))
         return {"i": np.asarray(rows["i"]), "layer": np.asarray(rows["layer"]),
                 "ce": np.asarray(rows["ce"], dtype=object)}
-
-
-def _ray_causal_items(
-    ex: RayExecutor, items: Sequence[tuple[int, int, list[int]]], settings: Any
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    if not items:
-        return
-    rows = [{"i": i, "layer": layer, "ids": json.dumps(ids)} for i, layer, ids in items]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    out = ds.map_batches(
-        _RayCausalActor, fn_constructor_kwargs={"spec": asdict(ex.spec), "settings": asdict(settings)},
-        batch_size=1, compute=ActorPoolStrategy(size=ex.workers), num_cpus=ex.cpus_per_worker,
-        num_gpus=ex.gpus_per_worker or None, max_restarts=ex.max_restarts,
-    )
-    try:
-        for row in out.iter_rows():
-            yield int(row["i"]), int(row["layer"]), np.asarray(json.loads(row["ce"]), dtype=np.float64)
-    except ExpertscopeError:
-        raise
-    except Exception as e:  # Ray wraps worker deaths and task errors in its own exception types
-        raise ExpertscopeError(
-            f"a Ray worker failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the finished items are "
-            "kept in the checkpoint; rerun with --resume"
-        ) from None
 
 
 def make_executor(

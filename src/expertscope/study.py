@@ -115,19 +115,12 @@ Stage = Callable[[StudyContext], dict[str, Any]]
 
 
 def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
-    from .stats.profile import RoutingProfile, profile
+    from .stats.profile import RoutingProfile, checkpointer, profile
 
     c = ctx.config
     previous = RoutingProfile.load(ctx.out) if (ctx.out / "profile.safetensors").exists() else None
-    last = [time.perf_counter()]
-
-    def checkpoint(p: RoutingProfile, step: int) -> None:
-        if time.perf_counter() - last[0] > 30:
-            p.save(ctx.out)
-            last[0] = time.perf_counter()
-
     prof = profile(ctx.model, ctx.domains, batch_size=c.batch_size, max_length=c.max_length,
-                   resume_from=previous, on_batch=checkpoint, progress=True)
+                   resume_from=previous, on_batch=checkpointer(ctx.out), progress=True)
     prof.save(ctx.out)
     n, _ = prof.totals()
     return {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated}

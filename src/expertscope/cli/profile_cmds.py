@@ -73,7 +73,7 @@ def profile_cmd(
     from ..data.sources import load_domains
     from ..io import make_manifest, prepare_out_dir, write_json
     from ..models.loading import load_model
-    from ..stats.profile import RoutingProfile, profile
+    from ..stats.profile import RoutingProfile, checkpointer, profile
 
     if not domain:
         from ..errors import DataError
@@ -89,19 +89,13 @@ def profile_cmd(
               "executor": executor, "workers": workers, "gpus_per_worker": gpus_per_worker}
     write_json(out / "manifest.json", make_manifest("profile", config, status="running", model=moe.describe()))
     previous = RoutingProfile.load(out) if resume and (out / "profile.safetensors").exists() else None
-    last_save = [time.perf_counter()]
-
-    def checkpoint(prof: RoutingProfile, step: int) -> None:
-        if time.perf_counter() - last_save[0] > 30:  # bounded checkpoint cost on long runs
-            prof.save(out)
-            last_save[0] = time.perf_counter()
 
     from ..executors import ModelSpec, make_executor
 
     spec = ModelSpec(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     runner = make_executor(executor, spec, workers=workers, gpus_per_worker=gpus_per_worker)  # type: ignore[arg-type]
     prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
-                   resume_from=previous, on_batch=checkpoint, progress=True, executor=runner)
+                   resume_from=previous, on_batch=checkpointer(out), progress=True, executor=runner)
     prof.save(out)
     n, _ = prof.totals()
     write_json(out / "manifest.json", make_manifest(

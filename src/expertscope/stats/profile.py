@@ -453,6 +453,20 @@ def profile(
     return prof
 
 
+def checkpointer(directory: str | Path, every_s: float = 30.0) -> Callable[[RoutingProfile, int], None]:
+    """An ``on_batch`` callback saving the profile into ``directory`` at most every ``every_s`` seconds."""
+    import time
+
+    last = [time.perf_counter()]
+
+    def save(prof: RoutingProfile, step: int) -> None:
+        if time.perf_counter() - last[0] > every_s:
+            prof.save(directory)
+            last[0] = time.perf_counter()
+
+    return save
+
+
 def _progress_bar(total: int) -> tuple[Any, Any]:
     from ..cli._common import progress as make_progress
 
