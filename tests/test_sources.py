@@ -94,3 +94,21 @@ def test_synthetic_spec_is_deterministic_and_tasked() -> None:
     b = load_domain("k=synthetic:knowledge@validation", limit=5, seed=1)
     assert a.task == "multiple_choice" and [e.text for e in a] == [e.text for e in b]
     assert all(t.rstrip().endswith("Answer:") for t in a.texts)
+
+
+def test_atomic_writes_leave_nothing_behind_on_error_and_use_normal_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    from expertscope.io import atomic_write
+
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError), atomic_write(target) as fh:
+        fh.write("half")
+        raise RuntimeError("interrupted")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_write(target) as fh:
+        fh.write("{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask

@@ -31,11 +31,11 @@ class StudyConfig(BaseConfig):
 
     model: str = "demo"
     domains: tuple[str, ...] = ()
-    limit: int | None = 150
-    causal_limit: int | None = 40
+    limit: int | None = 300
+    causal_limit: int | None = 120
     causal_method: Literal["exact", "fisher", "hybrid"] = "exact"
-    eval_limit: int | None = 60
-    train_limit: int | None = 96
+    eval_limit: int | None = 300
+    train_limit: int | None = 300
     steer_mode: Literal["scale", "bias"] = "scale"
     scale_up: float = 1.2
     scale_down: float = 0.8
@@ -225,6 +225,8 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
 def _stage_report(ctx: StudyContext) -> dict[str, Any]:
     from .report import report
 
+    if "mark_complete" in ctx.state:  # the report is the last stage: show the run as complete in it
+        ctx.state["mark_complete"]()
     path = report(ctx.out)
     return {"report": path.name}
 
@@ -276,6 +278,7 @@ def run_study(
         return m
 
     save("running")
+    ctx.state["mark_complete"] = lambda: save("complete")
     for name, stage in chosen:
         if done.get(name, {}).get("status") == "complete":
             if on_stage:
