@@ -51,7 +51,7 @@ def test_spec_parsing() -> None:
 
 
 def test_errors_name_the_problem(files, tmp_path) -> None:
-    with pytest.raises(DataError, match="no field 'text'.*--text-field"):
+    with pytest.raises(DataError, match=r"no field 'text'.*--text-field"):
         load_domain(f"m={files['jsonl']}")
     with pytest.raises(DataError, match="not found"):
         load_domain(f"m={tmp_path / 'missing.jsonl'}")
