@@ -33,9 +33,7 @@ def read_examples(path: Path) -> list[Example]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno} is not valid JSON ({e.msg}): write one object per line"
-                ) from None
+                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}): write one object per line") from None
             if not isinstance(row, dict) or "text" not in row:
                 raise DataError(f"{path}:{lineno} has no 'text' field: every row needs the input text")
             examples.append(Example.from_dict(row))
@@ -75,24 +73,17 @@ def eval_command(
     task: Annotated[
         str | None, typer.Option(help="classification, multiple_choice or math (default: inferred / all).")
     ] = None,
-    data: Annotated[
-        Path | None, typer.Option(help="JSONL examples; without it, the synthetic benchmark.")
-    ] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL examples; without it, the synthetic benchmark.")] = None,
     split: Annotated[str, typer.Option(help="Synthetic split to score: train, validation or test.")] = "test",
     limit: Annotated[int | None, typer.Option(help="Score only the first N examples (per domain).")] = None,
-    batch_size: Annotated[
-        int, typer.Option(help="Examples per forward pass (scores do not depend on it).")
-    ] = 8,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass (scores do not depend on it).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic benchmark.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Generation limit for math.")] = 96,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, bfloat16, float16.")] = "auto",
     device: Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda:0.")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Write results.json, predictions and a manifest here.")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option(help="Overwrite an existing eval directory given with --out.")
-    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Write results.json, predictions and a manifest here.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing eval directory given with --out.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 is fastest for tiny models).")] = None,
 ) -> None:
     """Score a model: label log-likelihood (classification), letter scores (multiple choice), greedy math.
 
@@ -140,6 +131,10 @@ def eval_command(
     for _, job_task, exs in jobs:
         validate_examples(job_task, exs)
 
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads} is not positive: pass 1 or more")
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     moe = load_model(model, dtype=dtype, device=device)
     results: list[tuple[str, EvalResult]] = []
