@@ -6,8 +6,6 @@ import pytest
 
 import expertscope as es
 from expertscope.integrations.lm_eval import lm_eval_steered, write_synthetic_tasks
-from expertscope.models.model import MoEModel
-from expertscope.models.tiny import tiny_model, tiny_tokenizer
 
 pytest.importorskip("lm_eval", reason="lm_eval is part of the dev install; see pyproject [dev]")
 
@@ -18,10 +16,9 @@ def _loglik(out: dict, task: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    moe = MoEModel.from_model(tiny_model("mixtral", initializer_range=0.3, max_position_embeddings=1024),
-                              tokenizer=tiny_tokenizer())
+    moe = es.load_model("demo", dtype="float32")  # the bundled demo: a trained MoE, offline
     d = tmp_path_factory.mktemp("lm-eval-tasks")
-    names = write_synthetic_tasks(d, domains=("emotion", "knowledge"), n=6)
+    names = write_synthetic_tasks(d, domains=("emotion", "knowledge"), n=12)
     return moe, d, names
 
 
@@ -34,7 +31,7 @@ def test_unit_scale_identical_and_steering_changes_scores(setup) -> None:
     steered = lm_eval_steered(moe, tasks, include_path=d, log_samples=True, batch_size=4,
                               steering=es.SteeringSpec(targets=((1, 0), (2, 1)), scale=3.0))
     for task in tasks:
-        assert clean["results"][task]["sample_len"] == 6
+        assert clean["results"][task]["sample_len"] == 12
         assert _loglik(clean, task) == _loglik(unit, task)  # bit-identical at scale 1.0
         assert _loglik(clean, task) != _loglik(steered, task)  # routing changed, so scores changed
     # The steering was removed after the run.
