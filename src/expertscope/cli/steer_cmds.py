@@ -81,6 +81,6 @@ def print_steering(table) -> None:  # type: ignore[no-untyped-def]
         for r in rows.itertuples():
             delta = "—" if r.condition == "original" else f"{r.delta:+.3f} [{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
             f1 = "—" if r.weighted_f1 != r.weighted_f1 else f"{r.weighted_f1:.3f}"
-            t.add_row(r.condition, str(int(r.n_targets)), f"{r.accuracy:.3f}", delta, f1,
-                      str(int(r.changed_selections)))
+            changed = "—" if r.changed_selections < 0 else str(int(r.changed_selections))
+            t.add_row(r.condition, str(int(r.n_targets)), f"{r.accuracy:.3f}", delta, f1, changed)
         out_console.print(t)

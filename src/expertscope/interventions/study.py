@@ -94,7 +94,8 @@ def intervention_study(
     ``domain_table``/``driver_table`` give each domain's targets; ``train`` maps a domain to its training
     split for the router LoRA (skipped without it, or with ``finetune=None`` and no train). Deltas against
     ``original`` come with paired bootstrap CIs over examples; ``changed_selections`` counts tokens whose
-    selected set the steering changed (summed over layers). ``on_eval(label)`` reports progress.
+    selected set the steering changed (summed over layers; -1 where not counted: the router-LoRA row, whose
+    ``n_targets`` is its trainable parameter count). ``on_eval(label)`` reports progress.
     """
     from ..evaluation import evaluate
 
@@ -153,7 +154,8 @@ def intervention_study(
                 res = evaluate(model, dom.task, dom, batch_size=batch_size)
             finally:
                 ft.unload()
-            add_row("finetune_router", res, ft.trainable_parameters, float("nan"), 0, 0)
+            # n_targets holds the adapter's trainable parameters; routing changes are not counted for LoRA.
+            add_row("finetune_router", res, ft.trainable_parameters, float("nan"), -1, -1)
         for kind, targets in (("domain", dom_targets), ("driver", drv_targets)):
             if not targets:
                 continue
