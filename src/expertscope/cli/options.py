@@ -30,6 +30,13 @@ ExecutorOpt = Annotated[str, typer.Option(help="local, or ray (Ray Data actors; 
 WorkersOpt = Annotated[int, typer.Option(help="Ray actors (each loads the model once).")]
 GpusOpt = Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray actor (>1: device_map='auto').")]
 
+# Sizes of a study (expertscope run / steer-study).
+StudyLimitOpt = Annotated[int, typer.Option("--limit", help="Texts per domain for profiling, tokens, causal rate.")]
+CausalLimitOpt = Annotated[int, typer.Option("--causal-limit", help="Texts per domain for causal effects.")]
+EvalLimitOpt = Annotated[int, typer.Option("--eval-limit", help="Test examples per domain (steering study).")]
+TrainLimitOpt = Annotated[int, typer.Option("--train-limit", help="Training examples per domain (router LoRA).")]
+NBootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the CIs.")]
+
 
 def field_map(text_field: str, label_field: str | None, answer_field: str | None) -> dict[str, str]:
     out = {"text": text_field}

@@ -9,7 +9,22 @@ from typing import Annotated
 import typer
 
 from ._common import console, handle_errors
-from .options import BatchOpt, DeviceOpt, DomainOpt, DtypeOpt, ForceOpt, ModelOpt, OutOpt, ResumeOpt, SeedOpt
+from .options import (
+    BatchOpt,
+    CausalLimitOpt,
+    DeviceOpt,
+    DomainOpt,
+    DtypeOpt,
+    EvalLimitOpt,
+    ForceOpt,
+    ModelOpt,
+    NBootOpt,
+    OutOpt,
+    ResumeOpt,
+    SeedOpt,
+    StudyLimitOpt,
+    TrainLimitOpt,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -21,13 +36,13 @@ def run_cmd(
     model: ModelOpt = "demo",
     domain: DomainOpt = None,
     out: OutOpt = Path("runs/study"),
-    limit: Annotated[int, typer.Option(help="Texts per domain for profiling, tokens and the causal rate.")] = 300,
-    causal_limit: Annotated[int, typer.Option(help="Texts per domain for causal effects.")] = 120,
+    limit: StudyLimitOpt = 300,
+    causal_limit: CausalLimitOpt = 120,
     causal_method: Annotated[str, typer.Option(help="exact, fisher or hybrid.")] = "exact",
-    eval_limit: Annotated[int, typer.Option(help="Test examples per domain for the steering study.")] = 300,
-    train_limit: Annotated[int, typer.Option(help="Training examples per domain for the router LoRA.")] = 300,
+    eval_limit: EvalLimitOpt = 300,
+    train_limit: TrainLimitOpt = 300,
     steer_mode: Annotated[str, typer.Option(help="scale (the paper's) or bias.")] = "scale",
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")] = 1000,
+    n_boot: NBootOpt = 1000,
     n_perm: Annotated[int, typer.Option(help="Permutations for domain-expert p-values.")] = 1000,
     batch_size: BatchOpt = 16,
     dtype: DtypeOpt = "auto",

@@ -10,7 +10,22 @@ import typer
 from rich.table import Table
 
 from ._common import console, handle_errors, out_console
-from .options import BatchOpt, DeviceOpt, DomainOpt, DtypeOpt, ForceOpt, ModelOpt, OutOpt, ResumeOpt, SeedOpt
+from .options import (
+    BatchOpt,
+    CausalLimitOpt,
+    DeviceOpt,
+    DomainOpt,
+    DtypeOpt,
+    EvalLimitOpt,
+    ForceOpt,
+    ModelOpt,
+    NBootOpt,
+    OutOpt,
+    ResumeOpt,
+    SeedOpt,
+    StudyLimitOpt,
+    TrainLimitOpt,
+)
 
 STEER_STAGES = ("profile", "domain_experts", "drivers", "steering")
 
@@ -27,11 +42,11 @@ def steer_study_cmd(
     scale_up: Annotated[float, typer.Option(help="Factor for the ↑ rows.")] = 1.2,
     scale_down: Annotated[float, typer.Option(help="Factor for the ↓ rows.")] = 0.8,
     mode: Annotated[str, typer.Option(help="scale (z·s, the paper's) or bias (z + ln s).")] = "scale",
-    limit: Annotated[int, typer.Option(help="Texts per domain for profiling.")] = 300,
-    causal_limit: Annotated[int, typer.Option(help="Texts per domain for causal effects.")] = 120,
-    eval_limit: Annotated[int, typer.Option(help="Test examples per domain.")] = 300,
-    train_limit: Annotated[int, typer.Option(help="Training examples per domain for the router LoRA.")] = 300,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 1000,
+    limit: StudyLimitOpt = 300,
+    causal_limit: CausalLimitOpt = 120,
+    eval_limit: EvalLimitOpt = 300,
+    train_limit: TrainLimitOpt = 300,
+    n_boot: NBootOpt = 1000,
     batch_size: BatchOpt = 16,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
