@@ -22,6 +22,7 @@ test accuracies are reproduced within ±0.05 (the tolerance checked against the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -218,14 +219,13 @@ def train(
 
     ``on_step(step, total, loss)`` is called after every optimiser step (for progress bars).
     """
-    from ..io import write_json
+    from ..io import make_manifest, write_json
 
     cfg = cfg or TrainConfig()
     out = Path(out)
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
 
     pairs = training_pairs(cfg)
     tokenizer = train_tokenizer([p + t for p, t in pairs], cfg.vocab_size)
@@ -278,23 +278,44 @@ def train(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     _save_atomically(model, tokenizer, out)
 
-    manifest: dict[str, Any] = {
-        "kind": "demo-model",
-        "config": asdict(cfg),
-        "steps": step,
-        "sequences": len(encoded),
-        "tokens": sum(len(e[0]) for e in encoded),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_seconds": round(train_seconds, 1),
-        "total_seconds": None,
-        "final_loss": round(running, 4),
-        "reproduction_tolerance": REPRODUCTION_TOLERANCE,
-        "test_accuracy": {},
-    }
+    manifest = make_manifest(
+        "demo-model",
+        asdict(cfg),
+        steps=step,
+        sequences=len(encoded),
+        tokens=sum(len(e[0]) for e in encoded),
+        parameters=sum(p.numel() for p in model.parameters()),
+        train_seconds=round(train_seconds, 1),
+        final_loss=round(running, 4),
+        reproduction_tolerance=REPRODUCTION_TOLERANCE,
+        test_accuracy={},
+    )
+    write_json(out / "training_manifest.json", manifest)
     if evaluate_after:
-        manifest["test_results"] = evaluate_demo(model, tokenizer, cfg.eval_n, seed=cfg.seed)
-        manifest["test_accuracy"] = {k: v["accuracy"] for k, v in manifest["test_results"].items()}
-    manifest["total_seconds"] = round(time.perf_counter() - t0, 1)
+        manifest = record_test_scores(out, model, tokenizer)
+    return manifest
+
+
+def record_test_scores(out: str | Path, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Score a trained demo directory on the test splits and add the scores to its training manifest.
+
+    ``model``/``tokenizer`` default to loading them from ``out`` (fp32, CPU). Returns the updated manifest.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..io import write_json
+
+    out = Path(out)
+    manifest = json.loads((out / "training_manifest.json").read_text())
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+    cfg = manifest["config"]
+    t0 = time.perf_counter()
+    results = evaluate_demo(model, tokenizer, cfg["eval_n"], seed=cfg["seed"])
+    manifest["test_results"] = results
+    manifest["test_accuracy"] = {k: v["accuracy"] for k, v in results.items()}
+    manifest["eval_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "training_manifest.json", manifest)
     return manifest
 
