@@ -21,6 +21,7 @@ from ..errors import ConfigError, DataError
 from ..io import read_table, write_table
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
+from ..stats.profile import effective_max_length
 from .effects import CausalEffects, DomainInput, _domains
 
 TABLE_VERSION = 1
@@ -142,8 +143,7 @@ def causal_rate(
         raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
     _ensure_pad(tok)
     tok.padding_side = "right"
-    ctx = model.context_length
-    max_len = min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
+    max_len = effective_max_length(model, max_length)
     rows = []
     for d in doms:
         texts = d.head(limit).texts

@@ -28,6 +28,7 @@ from ..data.types import Domain, Example, as_domains
 from ..errors import ConfigError, DataError, OutputError
 from ..io import atomic_write, read_table, write_table
 from ..models.model import MoEModel
+from ..stats.profile import effective_max_length
 from ._engine import Stack, find_stack, make_batch
 from .exact import ExactStats, check_restart, exact_batch
 from .fisher import FisherStats, fisher_batch
@@ -280,8 +281,7 @@ def causal_effects(
     if tok.pad_token_id is None and tok.eos_token_id is None:
         raise ConfigError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ctx = model.context_length
-    max_len = min(x for x in (cfg.max_length, ctx) if x) if (cfg.max_length or ctx) else None
+    max_len = effective_max_length(model, cfg.max_length)
     token_ids = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in texts]
     truncated = sum(1 for t in token_ids if max_len and len(t) > max_len)
     token_ids = [t[:max_len] if max_len else t for t in token_ids]

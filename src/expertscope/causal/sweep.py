@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..models.model import MoEModel
+from ..stats.profile import effective_max_length
 from ._engine import find_stack, make_batch
 from .effects import CausalEffects, DomainInput, _domains
 from .exact import ExactStats, check_restart, exact_batch
@@ -147,8 +148,7 @@ def causal_sweep(
         dom_of += [d.name] * len(ts)
         tix += list(range(len(ts)))
     tok = model.tokenizer
-    ctx = model.context_length
-    max_len = min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
+    max_len = effective_max_length(model, max_length)
     token_ids = [list(tok(t, add_special_tokens=True)["input_ids"])[:max_len] for t in texts]
     layers = model.layers
     E_max = model.num_experts

@@ -19,6 +19,7 @@ import torch
 
 from ..data.types import Domain, as_domains
 from ..errors import ConfigError, DataError
+from .profile import effective_max_length
 
 #: Five equal relative-position bins; the last is closed (SPEC §5).
 N_BINS = 5
@@ -118,8 +119,7 @@ def record_tokens(
         raise ConfigError(f"batch_size must be positive, got {batch_size}: pass batch_size >= 1")
     _ensure_pad(tok)
     tok.padding_side = "right"
-    ctx = model.context_length
-    max_len = min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
+    max_len = effective_max_length(model, max_length)
     layers = list(model.layers)
     k = max(s.top_k for s in model.sites)
     parts: dict[str, list[np.ndarray]] = {n: [] for n in ("domain", "seq", "position", "length", "token_id",
