@@ -75,6 +75,12 @@ class TrainConfig:
     max_len: int = 160
     threads: int = 2
     eval_n: int = 300
+    # Phase 2: a short fine-tune on option matching / multiple choice, mixed with the other domains.
+    # Off by default (0 steps): no tried setting lifted knowledge above chance (see finetune_phase), so
+    # `train()` still reproduces the shipped single-phase model. Set phase2_steps > 0 to experiment.
+    phase2_steps: int = 0
+    phase2_lr: float = 2e-3
+    phase2_warmup_steps: int = 30
 
     def scaled(self, scale: float) -> TrainConfig:
         """A copy with every data size multiplied by ``scale`` (for quick smoke runs)."""
@@ -83,6 +89,9 @@ class TrainConfig:
             setattr(out, name, max(8, int(getattr(self, name) * scale)))
         out.statement_repeats = max(1, round(self.statement_repeats * scale))
         out.warmup_steps = max(1, int(self.warmup_steps * min(1.0, scale)))
+        if self.phase2_steps > 0:
+            out.phase2_steps = max(1, int(self.phase2_steps * min(1.0, scale)))
+        out.phase2_warmup_steps = max(1, int(self.phase2_warmup_steps * min(1.0, scale)))
         return out
 
 
@@ -106,6 +115,89 @@ def training_pairs(cfg: TrainConfig) -> list[tuple[str, str]]:
         q, a = rng.choice(open_q)
         pairs.append((prompts.prompt("math", Example(text=q)), " " + a))
     return pairs
+
+
+def phase2_pairs(cfg: TrainConfig, n: int) -> list[tuple[str, str]]:
+    """``n`` phase-2 training pairs: option matching, training-split multiple choice, emotion and math.
+
+    Option matching (70 %) shows a multiple-choice block whose question names the correct option's text
+    ("Which option is <value>?"), so the only skill needed is mapping a value to its letter; the options
+    are values of one knowledge relation in random order. Then training-split knowledge questions (20 %),
+    and emotion and math training items (5 % each; math solutions carry many loss tokens) against
+    forgetting. Nothing here touches the test split.
+    """
+    rng = random.Random(f"demo-phase2|{cfg.seed}")
+    by_rel: dict[str, list[str]] = {}
+    for f in synthetic.knowledge_base():
+        by_rel.setdefault(f.relation, [])
+        if f.value not in by_rel[f.relation]:
+            by_rel[f.relation].append(f.value)
+    rels = sorted(r for r, v in by_rel.items() if len(v) >= 4)
+    n_match, n_mc, n_emo = int(n * 0.7), int(n * 0.2), int(n * 0.05)
+    pairs: list[tuple[str, str]] = []
+    forms = (
+        "Which option is {v}?",
+        "Which option says {v}?",
+        "Pick the option {v}.",
+        "The answer is {v}. Which option?",
+    )
+    for _ in range(n_match):
+        opts = rng.sample(by_rel[rng.choice(rels)], 4)
+        k = rng.randrange(4)
+        ex = Example(text=rng.choice(forms).format(v=opts[k]), label="ABCD"[k], choices=tuple(opts))
+        pairs.append((prompts.prompt("multiple_choice", ex), prompts.target("multiple_choice", ex)))
+    for name, m in (("knowledge", n_mc), ("emotion", n_emo), ("math", n - n_match - n_mc - n_emo)):
+        dom = synthetic.generate(name, m, seed=cfg.seed + 1, split="train")
+        assert dom.task is not None
+        pairs += [(prompts.prompt(dom.task, ex), prompts.target(dom.task, ex)) for ex in dom.examples]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def finetune_phase(model: Any, tokenizer: Any, cfg: TrainConfig, on_step: Any = None) -> dict[str, Any]:
+    """Phase 2: ``cfg.phase2_steps`` AdamW steps on :func:`phase2_pairs` (fresh optimiser, cosine schedule).
+
+    Seeded by ``cfg.seed``; returns ``{"steps", "seconds", "final_loss"}`` (all zero when disabled).
+
+    Status: from the shipped phase-1 weights, 600 steps (lr 1e-3, 40 % option matching), 1000 steps
+    (lr 2e-3, 60 %) and 600 steps (lr 2e-3, 70 %) all left knowledge test accuracy at chance (0.24, 0.19,
+    0.32 with every answer "B"); even the trivial "Which option is <value>?" items stayed at 25-35 %.
+    """
+    if cfg.phase2_steps <= 0:
+        return {"steps": 0, "seconds": 0.0, "final_loss": 0.0}
+    torch.manual_seed(cfg.seed + 2)
+    total = cfg.phase2_steps
+    encoded = encode_pairs(tokenizer, phase2_pairs(cfg, total * cfg.batch_size), cfg.max_len)
+    batches = _batches(encoded, cfg.batch_size, random.Random(f"demo-phase2-batches|{cfg.seed}"))[:total]
+    model.config.output_router_logits = True
+    model.train()
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters()], lr=cfg.phase2_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.phase2_warmup_steps:
+            return cfg.phase2_lr * (step + 1) / cfg.phase2_warmup_steps
+        frac = (step - cfg.phase2_warmup_steps) / max(1, total - cfg.phase2_warmup_steps)
+        return cfg.phase2_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    t0, running = time.perf_counter(), 0.0
+    for step, batch in enumerate(batches, start=1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1)
+        loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+        if on_step is not None:
+            on_step(step, total, running)
+        if step % 50 == 0 or step == len(batches):
+            log.info("phase 2 step %d/%d loss %.4f (%.0fs)", step, total, running, time.perf_counter() - t0)
+    model.eval()
+    model.config.output_router_logits = False
+    return {"steps": len(batches), "seconds": round(time.perf_counter() - t0, 1), "final_loss": round(running, 4)}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -270,6 +362,7 @@ def train(
             if step % 100 == 0 or step == total:
                 log.info("step %d/%d loss %.4f (%.0fs)", step, total, running, time.perf_counter() - t_train)
     train_seconds = time.perf_counter() - t_train
+    phase2 = finetune_phase(model, tokenizer, cfg, on_step=on_step)
 
     model.eval()
     model.config.output_router_logits = False  # inference does not need the auxiliary loss
@@ -287,6 +380,7 @@ def train(
         parameters=sum(p.numel() for p in model.parameters()),
         train_seconds=round(train_seconds, 1),
         final_loss=round(running, 4),
+        phase2=phase2,
         reproduction_tolerance=REPRODUCTION_TOLERANCE,
         test_accuracy={},
     )
@@ -347,9 +441,35 @@ def evaluate_demo(model: Any, tokenizer: Any, n: int, seed: int = 0, batch_size:
     return results
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m expertscope.demo.train OUT [SCALE]`
-    import sys
+def run_phase2(init_from: str | Path, out: str | Path, cfg: TrainConfig | None = None) -> dict[str, Any]:
+    """Run only phase 2 from the phase-1 weights in ``init_from``; save into ``out`` and return phase-2 stats."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = cfg or TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(init_from)
+    stats = finetune_phase(model, tokenizer, cfg)
+    _save_atomically(model, tokenizer, Path(out))
+    return stats
+
+
+if __name__ == "__main__":  # pragma: no cover
+    # `python -m expertscope.demo.train OUT [SCALE]` or `... OUT --init-from DIR --phase 2 [--threads N]`
+    import argparse
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    scale = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
-    print(train(sys.argv[1], TrainConfig().scaled(scale) if scale != 1.0 else TrainConfig()))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("scale", nargs="?", type=float, default=1.0)
+    ap.add_argument("--init-from")
+    ap.add_argument("--phase", type=int, choices=(1, 2))
+    ap.add_argument("--threads", type=int)
+    args = ap.parse_args()
+    config = TrainConfig().scaled(args.scale) if args.scale != 1.0 else TrainConfig()
+    if args.threads:
+        config.threads = args.threads
+    if args.phase == 2:
+        print(run_phase2(args.init_from, args.out, config))
+    else:
+        print(train(args.out, config))
