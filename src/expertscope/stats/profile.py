@@ -433,10 +433,10 @@ def profile(
         raise ConfigError("the profile to resume was made with another model: use a new --out")
     plan = plan_batches(texts_by_domain, cfg.batch_size, cfg.sort_by_length, prof.has)
     if executor is None:
-        worker = BatchProfiler(model, max_len)
-        results = (worker(name, ids, [texts_by_domain[name][i] for i in ids]) for name, ids in plan)
-    else:
-        results = executor.profile_batches(model, plan, texts_by_domain, max_len)
+        from ..executors import LocalExecutor  # executors imports this module: import lazily
+
+        executor = LocalExecutor()
+    results = executor.profile_batches(model, plan, texts_by_domain, max_len)
     bar = _progress_bar(len(plan)) if progress else None
     try:
         for step, res in enumerate(results):
