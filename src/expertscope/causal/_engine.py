@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._padding import pad_ids
 from ..models.adapters.base import RouterSite
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
@@ -50,11 +51,7 @@ def make_batch(
 ) -> Batch:
     """Right-pad the token id lists of one batch; ``positions`` ``"all"`` (real tokens) or ``"last"``."""
     B, T = len(token_ids), max(len(t) for t in token_ids)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for i, t in enumerate(token_ids):
-        ids[i, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
-        mask[i, : len(t)] = 1
+    ids, mask = pad_ids(token_ids, pad_id)
     pos = mask.sum(1) - 1
     if positions == "last":
         pmask = torch.zeros((B, T))

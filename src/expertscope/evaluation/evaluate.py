@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._padding import pad_ids
 from ..data.types import TASKS, Domain, Example
 from ..errors import ConfigError, DataError
 from . import prompts
@@ -136,14 +137,7 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of shape (batch, max_len), padded on the left or the right."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[row, sl] = torch.tensor(s, dtype=torch.long)
-        mask[row, sl] = 1
-    return ids, mask
+    return pad_ids(seqs, pad_id, left)
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._padding import pad_ids
 from ..data.types import Domain, Example
 from ..errors import ConfigError, DataError
 from ..models.model import MoEModel
@@ -82,15 +83,9 @@ def _batch(tokenizer: Any, pairs: Sequence[tuple[str, str]], device: torch.devic
             continue
         seqs.append(pi + ti)
         labels.append([-100] * len(pi) + ti)
-    width = max(map(len, seqs))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l_) in enumerate(zip(seqs, labels, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l_)] = torch.tensor(l_)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_ids(seqs, pad)
+    lab = pad_ids(labels, -100)[0]
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._padding import pad_ids
 from ..config import ProfileConfig
 from ..data.types import Domain, as_domains
 from ..errors import ConfigError, DataError, OutputError
@@ -310,12 +311,7 @@ def tokenize_batch(tokenizer: Any, texts: Sequence[str], max_length: int | None)
     truncated = np.array([bool(max_length) and len(x) > max_length for x in ids], dtype=bool)
     if max_length:
         ids = [x[:max_length] for x in ids]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), int(tokenizer.pad_token_id), dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
+    input_ids, mask = pad_ids(ids, tokenizer.pad_token_id)
     return {"input_ids": input_ids, "attention_mask": mask}, truncated
 
 
