@@ -17,9 +17,7 @@ demo_app = typer.Typer(help="The bundled demo model.", no_args_is_help=True)
 @data_app.command("synth")
 @handle_errors
 def synth(
-    out: Annotated[
-        Path, typer.Option("--out", help="Directory for <domain>.<split>.jsonl and manifest.json.")
-    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory for <domain>.<split>.jsonl and manifest.json.")],
     n_train: Annotated[int, typer.Option(help="Training examples per domain.")] = 2000,
     n_validation: Annotated[int, typer.Option(help="Validation examples per domain.")] = 300,
     n_test: Annotated[int, typer.Option(help="Test examples per domain.")] = 300,
@@ -42,9 +40,7 @@ def synth(
     names = [d.strip() for d in domains.split(",") if d.strip()]
     unknown = [d for d in names if d not in synthetic.DOMAINS]
     if unknown or not names:
-        raise ConfigError(
-            f"unknown domain(s) {unknown or names}: use a subset of {', '.join(synthetic.DOMAINS)}"
-        )
+        raise ConfigError(f"unknown domain(s) {unknown or names}: use a subset of {', '.join(synthetic.DOMAINS)}")
     sizes = {"train": n_train, "validation": n_validation, "test": n_test}
     if min(sizes.values()) < 0:
         raise ConfigError("a split size is negative: pass sizes >= 0")
@@ -71,13 +67,13 @@ def synth(
 def demo_train(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the Hugging Face model into.")],
     seed: Annotated[int, typer.Option(help="Seed for data, tokenizer, initialisation and batch order.")] = 0,
-    scale: Annotated[
-        float, typer.Option(help="Multiply every training-set size (e.g. 0.01 for a smoke run).")
-    ] = (1.0),
+    scale: Annotated[float, typer.Option(help="Multiply every training-set size (e.g. 0.01 for a smoke run).")] = (1.0),
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
-    evaluate: Annotated[
-        bool, typer.Option(help="Score the test splits when done (training_manifest.json).")
-    ] = (True),
+    evaluate: Annotated[bool, typer.Option(help="Score the test splits when done (training_manifest.json).")] = (True),
+    from_phase1: Annotated[
+        Path | None,
+        typer.Option(help="Skip phase 1: run only the multiple-choice phase 2 from this phase-1 model directory."),
+    ] = None,
 ) -> None:
     """Train the demo MoE (Mixtral architecture, 8 experts, top-2) on the synthetic benchmark, on CPU.
 
@@ -85,7 +81,7 @@ def demo_train(
 
     Example: expertscope demo train --out runs/demo --scale 0.05
     """
-    from ..demo.train import TrainConfig, train
+    from ..demo.train import TrainConfig, run_phase2, train
     from ..errors import ConfigError
 
     if scale <= 0:
@@ -94,6 +90,15 @@ def demo_train(
         raise ConfigError(f"threads {threads} is not positive: pass --threads 1 or more")
     cfg = TrainConfig(seed=seed, threads=threads)
     cfg = cfg.scaled(scale) if scale != 1.0 else cfg
+    if from_phase1 is not None:
+        if not (from_phase1 / "config.json").is_file():
+            raise ConfigError(f"{from_phase1} is not a model directory (no config.json): pass a phase-1 model")
+        with console.status("phase 2 (multiple choice)"):
+            manifest = run_phase2(from_phase1, out, cfg, evaluate_after=evaluate)
+        console.print(f"phase 2: {manifest['phase2']['steps']} steps; saved to {out}", highlight=False)
+        for name, acc in manifest.get("test_accuracy", {}).items():
+            out_console.print(f"{name}: test accuracy {acc:.3f}", highlight=False)
+        return
     with progress() as p:
         task = p.add_task("training", total=None)
 
