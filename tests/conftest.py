@@ -16,6 +16,15 @@ from expertscope.models.tiny import TINY_BUILDERS, tiny_model  # noqa: E402
 FAMILIES = sorted(TINY_BUILDERS)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Pin torch to one thread for a module: with the CPU shared, two OpenMP threads spin-wait (~50x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache() -> dict:
     return {}

@@ -19,13 +19,7 @@ MODEL_DIR = demo_model_path()
 TARGETS = {"emotion": 0.60, "knowledge": 0.50, "math": 0.30}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run on one thread: with the CPU shared, two OpenMP threads spin-wait (~50x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 needs_demo = pytest.mark.skipif(
@@ -119,6 +113,16 @@ def test_training_pipeline_smoke(tmp_path: Path) -> None:
     assert model.config.num_local_experts == 8 and tok.pad_token == "<pad>"
     res = evaluate(model, "multiple_choice", synthetic.generate("knowledge", 4, split="test"), tokenizer=tok)
     assert res.n == 4
+
+    # Phase 2 alone from the saved phase-1 directory (`demo train --from-phase1`) keeps the phase-1 record.
+    from safetensors.torch import load_file
+
+    from expertscope.demo.train import run_phase2
+
+    again = run_phase2(tmp_path / "m", tmp_path / "p2", cfg, evaluate_after=False)
+    assert again["steps"] == manifest["steps"] and again["phase2"]["steps"] == cfg.phase2_steps
+    before, after = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "p2" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_phase2_pairs_follow_the_mix_and_avoid_test_items() -> None:

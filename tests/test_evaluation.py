@@ -29,14 +29,7 @@ from expertscope.evaluation import (
     wilson_interval,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run on one thread: with the CPU shared, two OpenMP threads spin-wait (~50x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -91,8 +91,6 @@ def demo_train(
     cfg = TrainConfig(seed=seed, threads=threads)
     cfg = cfg.scaled(scale) if scale != 1.0 else cfg
     if from_phase1 is not None:
-        if not (from_phase1 / "config.json").is_file():
-            raise ConfigError(f"{from_phase1} is not a model directory (no config.json): pass a phase-1 model")
         with console.status("phase 2 (multiple choice)"):
             manifest = run_phase2(from_phase1, out, cfg, evaluate_after=evaluate)
         console.print(f"phase 2: {manifest['phase2']['steps']} steps; saved to {out}", highlight=False)

@@ -481,15 +481,15 @@ def run_phase2(
     The phase-1 manifest of ``init_from`` (when present) is carried over, with the phase-2 settings, stats
     and the test scores of the result. ``train()`` runs both phases in one go; this resumes after phase 1.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..io import write_json
+    from ..models.loading import load_model
 
     cfg = cfg or TrainConfig()
     init_from, out = Path(init_from), Path(out)
     torch.set_num_threads(cfg.threads)
-    model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(init_from)
+    # The project's loader: safetensors only, one-line errors for a missing or non-model directory.
+    loaded = load_model(str(init_from), dtype="float32", verify=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
     phase1 = init_from / "training_manifest.json"
     manifest = json.loads(phase1.read_text()) if phase1.exists() else {"kind": "demo-model", "config": {}}
     stats = finetune_phase(model, tokenizer, cfg)
