@@ -13,8 +13,8 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import expertscope as es
-from expertscope.models.tiny import tiny_tokenizer
 from expertscope.stats.profile import tokenize_batch
+from expertscope.testing import tiny_tokenizer
 
 
 def main() -> None:

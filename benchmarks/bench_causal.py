@@ -60,7 +60,7 @@ def naive(moe: MoEModel, texts: list[str], m: float, max_len: int = 512) -> np.n
 def _random_model() -> MoEModel:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from expertscope.models.tiny import tiny_tokenizer
+    from expertscope.testing import tiny_tokenizer
 
     torch.manual_seed(0)
     cfg = MixtralConfig(vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,

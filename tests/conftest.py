@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(int(os.environ.get("EXPERTSCOPE_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
-from expertscope.models.tiny import TINY_BUILDERS, tiny_model  # noqa: E402
+from expertscope.testing import TINY_BUILDERS, tiny_model  # noqa: E402
 
 FAMILIES = sorted(TINY_BUILDERS)
 

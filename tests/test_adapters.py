@@ -8,7 +8,7 @@ import torch
 from expertscope.errors import ConfigError, ModelError
 from expertscope.models.hooks import RouterHooks
 from expertscope.models.model import MoEModel
-from expertscope.models.tiny import TINY_BUILDERS
+from expertscope.testing import TINY_BUILDERS
 
 FAMILIES = sorted(TINY_BUILDERS)
 

@@ -18,7 +18,7 @@ import expertscope.causal as C
 from expertscope.causal import _engine
 from expertscope.errors import ConfigError, DataError
 from expertscope.models.model import MoEModel
-from expertscope.models.tiny import tiny_model, tiny_tokenizer
+from expertscope.testing import tiny_model, tiny_tokenizer
 
 TEXTS = {
     "alpha": ["the cat sat on the mat", "hello", "a dog ran far away", "x"],

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import expertscope as es
 from expertscope.cli.main import app
-from expertscope.models.tiny import tiny_model, tiny_tokenizer
+from expertscope.testing import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 

@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from expertscope.cli.main import app
-from expertscope.data import synthetic
+from expertscope.data import prompts, synthetic
 from expertscope.demo import demo_model_path
-from expertscope.evaluation import evaluate, prompts
+from expertscope.evaluation import evaluate
 
 MODEL_DIR = demo_model_path()
 # The accuracy targets for the full test splits (checked against the training manifest).

@@ -12,7 +12,7 @@ import expertscope as es
 from expertscope.data.types import Example
 from expertscope.interventions import SteeringSpec, finetune_router, load_router_adapter, steer
 from expertscope.models.model import MoEModel
-from expertscope.models.tiny import TINY_BUILDERS, tiny_model, tiny_tokenizer
+from expertscope.testing import TINY_BUILDERS, tiny_model, tiny_tokenizer
 
 FAMILIES = sorted(TINY_BUILDERS)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import expertscope as es
-from expertscope.models.tiny import tiny_model, tiny_tokenizer
+from expertscope.testing import tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])

@@ -11,7 +11,7 @@ import torch
 import expertscope as es
 from expertscope.data.types import Domain, Example
 from expertscope.models.model import MoEModel
-from expertscope.models.tiny import tiny_tokenizer
+from expertscope.testing import tiny_tokenizer
 
 TEXTS = {
     "alpha": ["the cat sat", "a dog ran far away", "hello", "abc abc abc abc", "moe routing is fun"],
@@ -156,7 +156,7 @@ def test_truncation_is_counted(make_tiny) -> None:
 def _planted_model(expert: int, layer: int) -> tuple[MoEModel, dict[str, list[str]]]:
     """Residual stream = token embedding (attention and experts zeroed); dim 0 of the embedding is +1 for
     letters and -1 for digits, and router row ``expert`` at ``layer`` reads dim 0 with a large weight."""
-    from expertscope.models.tiny import tiny_model
+    from expertscope.testing import tiny_model
 
     model = tiny_model("mixtral", num_local_experts=8, num_experts_per_tok=2, seed=3)
     tok = tiny_tokenizer()

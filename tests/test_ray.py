@@ -8,7 +8,7 @@ import torch
 
 import expertscope as es
 from expertscope.executors import ModelSpec, RayExecutor, make_executor
-from expertscope.models.tiny import tiny_model, tiny_tokenizer
+from expertscope.testing import tiny_model, tiny_tokenizer
 
 ray = pytest.importorskip("ray", reason="ray is part of the dev install; see pyproject [dev]")
 

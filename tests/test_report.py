@@ -267,8 +267,8 @@ def test_expert_forward_matches_the_experts_module(make_tiny, family: str):
 
 def test_expert_map_representations(make_tiny):
     from expertscope.models.model import MoEModel
-    from expertscope.models.tiny import tiny_tokenizer
     from expertscope.stats.expert_map import expert_map, valid_perplexity
+    from expertscope.testing import tiny_tokenizer
 
     assert valid_perplexity(4) < 4 and valid_perplexity(4, 30.0) < 3 and valid_perplexity(1000) == 30.0
     moe = MoEModel.from_model(make_tiny("mixtral"), tiny_tokenizer(), verify=False)

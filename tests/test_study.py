@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from expertscope import study
 from expertscope.cli.main import app
-from expertscope.models.tiny import tiny_model, tiny_tokenizer
+from expertscope.testing import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 # No math domain here: greedy generation is the slow part and the steering tests cover it.

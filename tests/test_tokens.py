@@ -13,7 +13,6 @@ import torch
 from expertscope.errors import ConfigError
 from expertscope.models.hooks import RouterHooks
 from expertscope.models.model import MoEModel
-from expertscope.models.tiny import tiny_tokenizer
 from expertscope.stats.tokens import (
     BIN_LABELS,
     TokenRecord,
@@ -24,6 +23,7 @@ from expertscope.stats.tokens import (
     position_profile,
     record_tokens,
 )
+from expertscope.testing import tiny_tokenizer
 
 
 def _record() -> TokenRecord:

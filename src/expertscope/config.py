@@ -46,6 +46,30 @@ class BaseConfig:
         return dataclasses.replace(self, **changes)
 
 
+def resolve_config(cls: type[C], config: C | None, overrides: dict[str, Any]) -> C:
+    """The one rule every analysis follows for its settings.
+
+    ``config`` (or ``cls()`` when None) with keyword ``overrides`` applied. An override that names no field of
+    ``cls`` raises, and so does one that contradicts an explicitly passed ``config`` (the same value is fine):
+    a config and a keyword never silently disagree.
+    """
+    if config is not None and not isinstance(config, cls):
+        raise ConfigError(f"config must be a {cls.__name__}, got {type(config).__name__}: pass {cls.__name__}(...)")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} setting {unknown[0]!r}: use one of {sorted(names)}")
+    if config is None:
+        return cls(**overrides)
+    clash = [k for k, v in overrides.items() if getattr(config, k) != v]
+    if clash:
+        k = clash[0]
+        raise ConfigError(
+            f"{k}={overrides[k]!r} contradicts config.{k}={getattr(config, k)!r}: pass the setting in one place"
+        )
+    return config
+
+
 def _literal_options(tp: Any) -> tuple[Any, ...]:
     if tp is None:
         return ()

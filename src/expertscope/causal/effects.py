@@ -141,7 +141,7 @@ def _label_ids(moe: MoEModel, doms: list[Domain], labels: Sequence[str | int] | 
     """Token ids of the answer tokens for ``target="labels"``: given, or from the domains' task."""
     tok = moe.tokenizer
     if labels is None:
-        from ..evaluation.prompts import LETTER_VERBALISATIONS, LETTERS, verbalise
+        from ..data.prompts import LETTER_VERBALISATIONS, LETTERS, verbalise
 
         tasks = {d.task for d in doms}
         if tasks == {"multiple_choice"}:

@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .prompts import profile_text
+
 TaskName = Literal["classification", "multiple_choice", "math"]
 TASKS: tuple[str, ...] = ("classification", "multiple_choice", "math")
 
@@ -83,8 +85,6 @@ class Domain:
     def texts(self) -> list[str]:
         if self.task is None:
             return [ex.text for ex in self.examples]
-        from ..evaluation.prompts import profile_text
-
         return [profile_text(self.task, ex) for ex in self.examples]
 
     def head(self, n: int | None) -> Domain:

@@ -39,9 +39,8 @@ from typing import Any
 
 import torch
 
-from ..data import synthetic
+from ..data import prompts, synthetic
 from ..data.types import Example
-from ..evaluation import prompts
 
 log = logging.getLogger(__name__)
 

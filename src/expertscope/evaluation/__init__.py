@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from ..data.prompts import LABELS, LETTERS, profile_text, prompt, target
 from .evaluate import EvalResult, evaluate, validate_examples
 from .extract import answers_equal, extract_answer, normalise_number
 from .metrics import accuracy, weighted_f1, wilson_interval
-from .prompts import LABELS, LETTERS, profile_text, prompt, target
 
 __all__ = [
     "LABELS",

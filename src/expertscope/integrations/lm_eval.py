@@ -85,8 +85,8 @@ def write_synthetic_tasks(
     continuations that :mod:`expertscope.evaluation.prompts` defines; math becomes ``generate_until`` scored
     by exact match of the ``#### n`` number.
     """
+    from ..data import prompts
     from ..data.synthetic import generate
-    from ..evaluation import prompts
 
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ class RouterFinetune:
 
 
 def _pairs(task: str | None, examples: Sequence[Example]) -> list[tuple[str, str]]:
-    from ..evaluation.prompts import prompt, target
+    from ..data.prompts import prompt, target
 
     if task is None:
         return [(ex.text, "") for ex in examples]

@@ -30,8 +30,12 @@ A target (what follows the prompt) always starts with a space, and the model is 
 
 from __future__ import annotations
 
-from ..data.types import Example
+from typing import TYPE_CHECKING
+
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .types import Example
 
 LABELS: tuple[str, ...] = ("neutral", "joy", "sadness", "anger", "fear", "disgust", "surprise")
 """The classification label set (the 7 EmotionLines emotions)."""
