@@ -227,6 +227,30 @@ def fig_causal_rate(causal_rate: pd.DataFrame | None, out_dir: str | Path, name:
     return _styled(build)
 
 
+def fig_routing_mi(routing_mi: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_routing_mi"
+                   ) -> list[Path]:
+    """Mutual information I(domain; selected expert) per layer, in bits (one line per model if a ``model``
+    column is present)."""
+    if _empty(routing_mi, "layer", "mi_bits"):
+        return []
+    assert routing_mi is not None
+    groups = list(routing_mi.groupby("model", sort=False)) if "model" in routing_mi.columns else [("", routing_mi)]
+
+    def build() -> Any:
+        fig, (ax,) = _figure(1, panel=(6.4, 3.4))
+        for i, (label, g) in enumerate(groups):
+            ax.plot(g["layer"], g["mi_bits"], marker="o", color=_colour(i), label=str(label) or None)
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("I(domain; expert) [bits]")
+        ax.set_ylim(bottom=0)
+        ax.set_title("How much routing depends on the domain")
+        if len(groups) > 1:
+            ax.legend(title="model", frameon=False)
+        return _save(fig, out_dir, name)
+
+    return _styled(build)
+
+
 def fig_causal_layers(drivers: pd.DataFrame | None, out_dir: str | Path, name: str = "fig6_causal_layers"
                       ) -> list[Path]:
     """Fig. 6: causal effect per layer per domain: (a) mean CE over the layer's experts, (b) the largest."""
@@ -388,8 +412,11 @@ def fig_steering(steering: pd.DataFrame | None, out_dir: str | Path, name: str =
             if {"ci_low", "ci_high"} <= set(r.columns):
                 err = np.vstack([acc - r["ci_low"].to_numpy(float), r["ci_high"].to_numpy(float) - acc])
                 err = np.where(np.isfinite(err), np.maximum(err, 0), 0)
-            ax.bar(x + (j - (len(conditions) - 1) / 2) * w, acc, width=w, yerr=err, capsize=2,
+            xs = x + (j - (len(conditions) - 1) / 2) * w
+            ax.bar(xs, acc, width=w, yerr=err, capsize=2,
                    color=_colour(j), label=c.replace("_", " "), error_kw={"lw": 0.8})
+            for xi in xs[np.isnan(acc)]:  # a condition without targets: not applicable, not a zero
+                ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="#555")
         ax.set_xticks(x, domains)
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.05)
@@ -461,6 +488,7 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -
         ("fig6_causal_layers", lambda: fig_causal_layers(t.get("drivers"), out_dir)),
         ("fig7_causal_heatmap", lambda: fig_causal_heatmap(t.get("drivers"), out_dir)),
         ("fig_steering", lambda: fig_steering(t.get("steering"), out_dir)),
+        ("fig_routing_mi", lambda: fig_routing_mi(t.get("routing_mi"), out_dir)),
         ("fig_steering_sweep", lambda: fig_steering_sweep(t.get("steering_sweep"), out_dir)),
     ]
     for key in sorted(k for k in t if k == "expert_map" or k.startswith("expert_map:")):
@@ -475,5 +503,5 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -
 
 
 __all__ = ["OKABE_ITO", "expert_types", "fig_causal_heatmap", "fig_causal_layers", "fig_causal_rate", "fig_cwas",
-           "fig_expert_map", "fig_expert_types", "fig_positions", "fig_steering", "fig_steering_sweep",
-           "write_figures"]
+           "fig_expert_map", "fig_expert_types", "fig_positions", "fig_routing_mi", "fig_steering",
+           "fig_steering_sweep", "write_figures"]

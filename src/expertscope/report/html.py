@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import OutputError
-from ..io import atomic_write, read_table
+from ..io import atomic_write, read_table, write_json
 from .figures import expert_types, write_figures
+from .findings import SATURATED, findings, findings_record, sentences
 
 #: Table key -> file names it may be saved under (searched in the run directory, then one level down).
 TABLE_FILES: dict[str, tuple[str, ...]] = {
@@ -33,6 +34,7 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "associations": ("token_associations.parquet",),
     "steering": ("steering.parquet",),
     "steering_sweep": ("steering_sweep.parquet",),
+    "routing_mi": ("routing_mi.parquet",),
 }
 FIGURE_DIR = "figures"
 
@@ -81,9 +83,11 @@ def load_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
             if path is None:
                 continue
             try:
-                out[key] = read_table(path)[0]
+                df, meta = read_table(path)
             except Exception:  # a half-written or foreign file must not stop the report
                 continue
+            df.attrs["meta"] = meta  # rule texts and settings travel with the table
+            out[key] = df
             break
     for path in sorted(run_dir.glob("expert_map*.parquet")) + sorted(run_dir.glob("*/expert_map*.parquet")):
         suffix = path.stem[len("expert_map"):].lstrip("_-")
@@ -100,6 +104,10 @@ def load_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
 
 
 # ----- formatting ----------------------------------------------------------------------------------------
+def _meta_of(df: pd.DataFrame | None) -> dict[str, Any]:
+    return dict(df.attrs.get("meta") or {}) if df is not None else {}
+
+
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
@@ -355,91 +363,176 @@ def _association_summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]],
-               title: str = "expertscope report") -> str:
-    """The report page as a string (pure: no I/O beyond reading the figure files)."""
-    sec: list[str] = []
-    t = tables
-    dom = t.get("domain_experts")
-    drv = t.get("drivers")
-    nav = []
+def _findings_html(tables: dict[str, pd.DataFrame]) -> str:
+    """Per domain: what was found and, in words, what was not (see :mod:`.findings`)."""
+    parts = []
+    for f in findings(tables):
+        items = "".join(f"<li>{_e(x)}</li>" for x in sentences(f))
+        parts.append(f"<h3>{_e(f.domain)}</h3><ul class='findings'>{items}</ul>")
+    mi = tables.get("routing_mi")
+    if mi is not None and len(mi) and "mi_bits" in mi.columns:
+        top = mi.loc[mi["mi_bits"].idxmax()]
+        parts.append(f"<p>Routing depends on the domain most at layer {int(top['layer'])}: I(domain; selected "
+                     f"expert) = {_num(top['mi_bits'])} bits (mean over layers {_num(mi['mi_bits'].mean())}).</p>")
+    return "".join(parts)
 
-    def section(anchor: str, heading: str, body: str) -> None:
-        if body.strip():
-            nav.append(f"<a href='#{anchor}'>{_e(heading)}</a>")
-            sec.append(f"<section id='{anchor}'><h2>{_e(heading)}</h2>{body}</section>")
 
-    section("settings", "Run settings", _settings_html(manifest))
-    if dom is not None and len(dom):
-        body = _figure_html(figures.get("fig1_cwas"), "Figure 1. CWAS = (1 − H)·A of every expert, per layer and "
-                            "domain; stars mark domain experts, the dotted line the uniform rate k/E.")
-        body += _reading(_safe(read_domain_experts, dom))
-        body += _figure_html(figures.get("fig2_expert_types"), "Figure 2. (a) Share of routed selections by expert "
-                             "type; (b) number of activated experts of each type.")
-        body += _reading(_safe(read_expert_types, dom, drv))
-        top = dom[dom["is_domain_expert"].astype(bool)] if "is_domain_expert" in dom.columns else dom
-        top = top.sort_values(["domain", "specificity"], ascending=[True, False])
-        body += "<h3>Domain experts (most specific first)</h3>" + table_html(
-            top, ["domain", "layer", "expert", "activation_rate", "entropy", "cwas", "specificity", "spec_threshold",
-                  "A_lo", "A_hi", "q_value", "is_driver"], rows=20)
-        section("domain", "Domain experts", body)
+def _domain_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    dom, drv = tables.get("domain_experts"), tables.get("drivers")
+    if dom is None or not len(dom):
+        return ""
+    body = _figure_html(figures.get("fig1_cwas"), "Figure 1. CWAS = (1 − H)·A of every expert, per layer and "
+                        "domain; stars mark domain experts, the dotted line the uniform rate k/E.")
+    body += _reading(_safe(read_domain_experts, dom))
+    body += _figure_html(figures.get("fig2_expert_types"), "Figure 2. (a) Share of routed selections by expert "
+                         "type; (b) number of activated experts of each type.")
+    body += _reading(_safe(read_expert_types, dom, drv))
+    top = dom[dom["is_domain_expert"].astype(bool)] if "is_domain_expert" in dom.columns else dom
+    key = "lift" if "lift" in top.columns else "specificity"
+    top = top.sort_values(["domain", key], ascending=[True, False])
+    rule = _meta_of(dom).get("rule_text")
+    if rule:
+        body += f"<p class='note'>Rule: {_e(rule)}</p>"
+    body += "<h3>Domain experts (largest activation lift first)</h3>" + table_html(
+        top, ["domain", "layer", "expert", "activation_rate", "A_lo", "A_hi", "lift", "lift_lo", "lift_hi",
+              "entropy", "cwas", "specificity", "q_value", "is_driver"], rows=30)
+    return body
+
+
+def _driver_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
-    if t.get("causal_rate") is not None:
+    rate, drv = tables.get("causal_rate"), tables.get("drivers")
+    if rate is not None:
         body += _figure_html(figures.get("fig3_causal_rate"), "Figure 3. Causal rate per layer: the share of a "
                              "domain's tokens whose selected experts include a driver expert of that layer.")
-        body += _reading(_safe(read_causal_rate, t["causal_rate"]))
-    if drv is not None and len(drv):
-        body += _figure_html(figures.get("fig6_causal_layers"), "Figure 6. Causal effect (KL of the clean to the "
-                             "perturbed next-token distribution) per layer: mean and largest over the experts.")
-        body += _figure_html(figures.get("fig7_causal_heatmap"), "Figures 7–9. Causal effect of every expert at "
-                             "every layer; darker is stronger, driver experts boxed.")
-        body += _reading(_safe(read_drivers, drv))
-        if "is_driver" in drv.columns:
-            rows = drv[drv["is_driver"].astype(bool)].sort_values(["domain", "ce_mean"], ascending=[True, False])
-            body += "<h3>Driver experts (largest CE first)</h3>" + table_html(
-                rows, ["domain", "layer", "expert", "ce_mean", "ce_sd", "layer_mean", "layer_sd", "threshold",
-                       "n_inputs"], rows=20)
-    section("drivers", "Driver experts", body)
+        body += _reading(_safe(read_causal_rate, rate))
+    if drv is None or not len(drv):
+        return body
+    body += _figure_html(figures.get("fig6_causal_layers"), "Figure 6. Causal effect (KL of the clean to the "
+                         "perturbed next-token distribution at the decision positions) per layer: mean and largest "
+                         "over the experts.")
+    body += _figure_html(figures.get("fig7_causal_heatmap"), "Figures 7–9. Causal effect of every expert at "
+                         "every layer; darker is stronger, driver experts boxed.")
+    body += _reading(_safe(read_drivers, drv))
+    rule = _meta_of(drv).get("rule_text")
+    if rule:
+        body += f"<p class='note'>Rule: {_e(rule)}</p>"
+    if "is_driver" in drv.columns:
+        rows = drv[drv["is_driver"].fillna(False).astype(bool)].sort_values(["domain", "ce_mean"],
+                                                                           ascending=[True, False])
+        body += "<h3>Driver experts (largest CE first)</h3>"
+        body += table_html(rows, ["domain", "layer", "expert", "ce_mean", "ce_lo", "ce_hi", "layer_median",
+                                  "ratio", "q_value", "n_inputs"], rows=30) if len(rows) else \
+            "<p class='note'>No expert passes the driver rule in any domain; see the findings above.</p>"
+    return body
+
+
+def _token_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
-    pos = t.get("positions")
+    pos = tables.get("positions")
     if pos is not None and len(pos):
         body += _figure_html(figures.get("fig4_positions"), "Figure 4. Relative position t/T of tokens that select "
                              "a driver expert at any layer, against all tokens (baseline).")
         body += _reading(_safe(read_positions, pos))
         body += table_html(pos[pos["layer"].astype(str) == "all"],
                            ["domain", "bin", "n_trigger", "trigger_share", "n_tokens", "token_share", "ratio"], 30)
-    assoc = t.get("associations")
+    assoc = tables.get("associations")
     if assoc is not None and len(assoc):
         body += "<h3>Tokens associated with domain and driver experts (Table 3)</h3>"
         body += table_html(_association_summary(assoc), rows=40)
         body += _reading(_safe(read_associations, assoc))
-        body += table_html(assoc, ["domain", "kind", "layer", "expert", "rank", "token", "count",
+        body += table_html(assoc, ["domain", "kind", "layer", "expert", "rank", "token_id", "token", "count",
                                    "p_expert_given_token", "p_expert", "lift"], rows=30)
-    section("tokens", "Tokens", body)
+    return body
+
+
+def _map_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
-    for key in sorted(k for k in t if k == "expert_map" or k.startswith("expert_map:")):
+    for key in sorted(k for k in tables if k == "expert_map" or k.startswith("expert_map:")):
         fname = "fig5_expert_map" + ("" if key == "expert_map" else "_" + key.split(":", 1)[1])
-        rep = str(t[key]["representation"].iloc[0]) if "representation" in t[key].columns and len(t[key]) else "?"
+        t = tables[key]
+        rep = str(t["representation"].iloc[0]) if "representation" in t.columns and len(t) else "?"
         body += _figure_html(figures.get(fname), f"Figure 5. t-SNE of expert representations ({rep}), KMeans "
                              "clusters by colour, driver experts as stars.")
-        body += _reading(_safe(read_expert_map, t[key]))
-    section("map", "Expert map", body)
+        body += _reading(_safe(read_expert_map, t))
+    return body
+
+
+def _routing_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    mi = tables.get("routing_mi")
+    if mi is None or not len(mi):
+        return ""
+    body = _figure_html(figures.get("fig_routing_mi"), "Mutual information between the domain and the selected "
+                        "expert, per layer (bits; the expert drawn uniformly from each token's selected set).")
+    return body + table_html(mi, list(mi.columns), rows=64)
+
+
+def _steering_table(st: pd.DataFrame) -> pd.DataFrame:
+    """The steering table as shown: not-applicable rows keep their reason and show no numbers."""
+    st = st.copy()
+    if "applicable" in st.columns:
+        na = ~st["applicable"].fillna(True).astype(bool)
+        reason = st["note"] if "note" in st.columns else pd.Series("no targets", index=st.index)
+        st["status"] = np.where(na, "not applicable: " + reason.fillna("no targets").astype(str), "")
+    if "accuracy" in st.columns and "condition" in st.columns:
+        base = st[st["condition"] == "original"].set_index("domain")["accuracy"]
+        sat = st["domain"].map(base) >= SATURATED
+        st["saturated"] = sat.fillna(False)
+    return st
+
+
+def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
-    st = t.get("steering")
+    st = tables.get("steering")
     if st is not None and len(st):
-        body += _figure_html(figures.get("fig_steering"), "Accuracy under each steering condition (95% CIs).")
+        shown = _steering_table(st)
+        body += _figure_html(figures.get("fig_steering"), "Accuracy under each steering condition (95% CIs); "
+                             "conditions without targets are not applicable and not drawn.")
         body += _reading(_safe(read_steering, st))
-        body += table_html(st, ["domain", "condition", "mode", "scale", "n_targets", "n", "accuracy", "ci_low",
-                                "ci_high", "weighted_f1", "delta", "delta_lo", "delta_hi"], rows=40)
+        if "saturated" in shown.columns and shown["saturated"].any():
+            names = ", ".join(dict.fromkeys(shown.loc[shown["saturated"], "domain"].astype(str)))
+            body += (f"<p class='note'><strong>Saturated:</strong> {_e(names)} (unsteered accuracy ≥ "
+                     f"{SATURATED}); a null there says little about the experts.</p>")
+        body += table_html(shown, ["domain", "condition", "status", "mode", "scale", "n_targets", "n", "accuracy",
+                                   "ci_low", "ci_high", "weighted_f1", "delta", "delta_lo", "delta_hi", "saturated"],
+                           rows=40)
         if "mode" in st.columns and (st["mode"] == "scale").any():
             body += ("<p class='note'>Scale mode multiplies router logits by s: a negative logit scaled by s &gt; 1 "
                      "moves down, not up.</p>")
-    sw = t.get("steering_sweep")
+    sw = tables.get("steering_sweep")
     if sw is not None and len(sw):
         body += _figure_html(figures.get("fig_steering_sweep"), "Accuracy against the steering scale (and the "
                              "number of targeted experts), shaded 95% CIs.")
         body += _reading(_safe(read_sweep, sw))
-    section("steering", "Steering", body)
+    return body
+
+
+#: The report's sections in order: findings first, settings last.
+SECTIONS: list[tuple[str, str, Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]]] = [
+    ("domain", "Domain experts", _domain_section),
+    ("drivers", "Driver experts", _driver_section),
+    ("routing", "Routing and the domain", _routing_section),
+    ("tokens", "Tokens", _token_section),
+    ("map", "Expert map", _map_section),
+    ("steering", "Steering", _steering_section),
+]
+
+
+def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]],
+               title: str = "expertscope report") -> str:
+    """The report page as a string (pure: no I/O beyond reading the figure files)."""
+    sec: list[str] = []
+    nav: list[str] = []
+
+    def section(anchor: str, heading: str, body: str) -> None:
+        if body.strip():
+            nav.append(f"<a href='#{anchor}'>{_e(heading)}</a>")
+            sec.append(f"<section id='{anchor}'><h2>{_e(heading)}</h2>{body}</section>")
+
+    section("findings", "Findings", _findings_html(tables))
+    for anchor, heading, build in SECTIONS:
+        section(anchor, heading, build(tables, figures))
+    section("settings", "Run settings", _settings_html(manifest))
     model = manifest.get("model")
     source = model.get("source", "the model") if isinstance(model, dict) else "the model"
     return (
@@ -477,6 +570,7 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     figures = write_figures(tables, run_dir / FIGURE_DIR)
     page = build_html(manifest, tables, figures)
     target = Path(out) if out is not None else run_dir / "report.html"
+    write_json(target.with_name("findings.json"), findings_record(tables, manifest))
     with atomic_write(target) as fh:
         fh.write(page)
     return target

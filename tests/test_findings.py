@@ -1,0 +1,79 @@
+"""The findings record and the report's opening section, from hand-built tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from expertscope.report.findings import findings, sentences
+from expertscope.report.html import build_html
+
+
+def _tables() -> dict[str, pd.DataFrame]:
+    rows = []
+    for d in ("a", "b"):
+        for layer in (0, 1):
+            for e in range(4):
+                flagged = d == "a" and layer == 1 and e in (2, 3)
+                rows.append({"domain": d, "layer": layer, "expert": e, "n_sequences": 40, "n_tokens": 400,
+                             "activation_rate": 0.9 if flagged else 0.4, "A_lo": 0.35, "A_hi": 0.45,
+                             "lift": 3.0 if e == 3 and flagged else (2.0 if flagged else 1.0),
+                             "lift_lo": 1.5, "lift_hi": 4.0, "q_value": 0.01 if flagged else 0.8,
+                             "specificity": 0.1, "cwas": 0.2, "is_domain_expert": flagged})
+    dom = pd.DataFrame(rows)
+    dom.attrs["meta"] = {"rule_text": "BH q <= 0.05, A > k/E, lift >= 1.5"}
+    drows = []
+    for d in ("a", "b"):
+        for layer in (0, 1):
+            for e in range(4):
+                ce = 0.05 if (d == "a" and layer == 0 and e == 1) else (1e-4 if d == "b" else 0.004)
+                drows.append({"domain": d, "layer": layer, "expert": e, "ce_mean": ce, "ce_lo": ce / 2,
+                              "ce_hi": ce * 2, "n_inputs": 30, "is_driver": ce == 0.05})
+    drv = pd.DataFrame(drows)
+    drv.attrs["meta"] = {"rule_text": "paired test, 2x median, floor", "config": {"ce_floor": 1e-3, "min_ratio": 2.0}}
+    nan = float("nan")
+    st = pd.DataFrame([
+        {"domain": "a", "condition": "original", "accuracy": 0.6, "ci_low": 0.5, "ci_high": 0.7, "n": 100},
+        {"domain": "a", "condition": "driver_down", "accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 100,
+         "delta": -0.1, "delta_lo": -0.15, "delta_hi": -0.05, "applicable": True},
+        {"domain": "a", "condition": "domain_up", "accuracy": 0.61, "ci_low": 0.5, "ci_high": 0.7, "n": 100,
+         "delta": 0.01, "delta_lo": -0.02, "delta_hi": 0.04, "applicable": True},
+        {"domain": "b", "condition": "original", "accuracy": 0.97, "ci_low": 0.93, "ci_high": 0.99, "n": 100},
+        {"domain": "b", "condition": "driver_down", "accuracy": nan, "ci_low": nan, "ci_high": nan, "n": 100,
+         "delta": nan, "delta_lo": nan, "delta_hi": nan, "applicable": False, "note": "no driver experts"},
+    ])
+    return {"domain_experts": dom, "drivers": drv, "steering": st}
+
+
+def test_findings_counts_strongest_and_nulls() -> None:
+    fa, fb = findings(_tables())
+    assert (fa.domain, fb.domain) == ("a", "b")
+    assert fa.n_domain_experts == 2 and fb.n_domain_experts == 0
+    assert [(e["layer"], e["expert"]) for e in fa.domain_experts] == [(1, 3), (1, 2)]  # largest lift first
+    assert fa.n_drivers == 1 and fa.drivers[0]["expert"] == 1
+    assert fa.drivers[0]["ratio_to_median"] == np.float64(0.05 / 0.004)
+    assert fb.n_drivers == 0 and fb.largest_ce == 1e-4
+    # the smallest flaggable CE: max(floor, 2 x smallest layer median)
+    assert fb.detectable_ce == 1e-3
+    assert fa.detectable_ce == max(1e-3, 2 * 0.004)
+    assert [c["condition"] for c in fa.steering_changes] == ["driver_down"]
+    assert fa.steering_null == ["domain_up"]
+    assert fb.saturated and not fa.saturated
+    assert fb.not_applicable == [{"condition": "driver_down", "reason": "no driver experts"}]
+
+
+def test_sentences_say_nulls_in_words() -> None:
+    _, fb = findings(_tables())
+    text = " ".join(sentences(fb))
+    assert "No domain experts" in text
+    assert "No driver experts (largest mean CE 0.0001 nats" in text
+    assert "saturated" in text
+    assert "driver down: not applicable (no driver experts)" in text
+    assert "+0.000" not in text and "[0.000, 0.000]" not in text  # a null is never a zero change
+
+
+def test_report_opens_with_findings_and_ends_with_settings() -> None:
+    page = build_html({"model": {"source": "tiny"}, "config": {"seed": 3}}, _tables(), {})
+    assert page.index("id='findings'") < page.index("id='domain'") < page.index("id='settings'")
+    assert "not applicable: no driver experts" in page
+    assert "Saturated:" in page
