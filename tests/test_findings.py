@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -77,3 +79,41 @@ def test_report_opens_with_findings_and_ends_with_settings() -> None:
     assert page.index("id='findings'") < page.index("id='domain'") < page.index("id='settings'")
     assert "not applicable: no driver experts" in page
     assert "Saturated:" in page
+
+
+def _fake_run(tmp_path: Path, name: str, n_experts: int) -> Path:
+    import json
+
+    from expertscope.io import write_table
+
+    run = tmp_path / name
+    run.mkdir()
+    t = _tables()
+    (run / "manifest.json").write_text(json.dumps({"model": {
+        "source": name, "architecture": "X", "moe_layers": [0, 1], "num_experts": {"0": n_experts},
+        "top_k": {"0": 2}, "num_shared_experts": {"0": 0}}}))
+    write_table(run / "domain_experts.parquet", t["domain_experts"], meta=t["domain_experts"].attrs["meta"])
+    write_table(run / "drivers.parquet", t["drivers"], meta=t["drivers"].attrs["meta"])
+    write_table(run / "steering.parquet", t["steering"], meta={})
+    write_table(run / "routing_mi.parquet", pd.DataFrame({"layer": [0, 1], "mi_bits": [0.1, 0.3]}), meta={})
+    return run
+
+
+def test_compare_two_runs(tmp_path: Path) -> None:
+    import pytest
+
+    from expertscope.errors import OutputError
+    from expertscope.report.compare import compare
+
+    a, b = _fake_run(tmp_path, "m-one", 8), _fake_run(tmp_path, "m-two", 32)
+    page = compare([a, b], tmp_path / "cmp.html").read_text()
+    assert "m-one" in page and "m-two" in page and "Tables 1–2" in page
+    import json
+
+    rec = json.loads((tmp_path / "cmp.json").read_text())
+    rows = {(r["model"], r["domain"]): r for r in rec["summary"]}
+    assert rows[("m-two", "a")]["experts_per_layer"] == 32
+    assert rows[("m-one", "a")]["domain_experts"] == 2 and rows[("m-one", "b")]["drivers"] == 0
+    with pytest.raises(OutputError, match="at least two"):
+        compare([a], tmp_path / "x.html")
+    assert not (tmp_path / "x.html").exists()

@@ -12,6 +12,7 @@ from ._common import handle_errors, out_console
 
 def register(app: typer.Typer) -> None:
     app.command("report")(report_cmd)
+    app.command("compare")(compare_cmd)
 
 
 @handle_errors
@@ -34,4 +35,26 @@ def report_cmd(
     from ..report.html import report
 
     path = report(run_dir, out=out)
+    out_console.print(f"wrote {path}")
+
+
+@handle_errors
+def compare_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more directories written by `expertscope run`, "
+                                                       "one per model.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the comparison HTML.")] = Path(
+        "runs/compare.html"),
+) -> None:
+    """Compare runs of several models side by side, where the paper compares its models: Figures 1–3, the
+    routing mutual information per layer, and the steering Tables 1–2.
+
+    Examples:
+
+      expertscope run --model demo -o runs/demo && expertscope run --model demo-deepseek -o runs/demo-deepseek
+
+      expertscope compare runs/demo runs/demo-deepseek -o runs/compare.html
+    """
+    from ..report.compare import compare
+
+    path = compare(run_dirs, out)
     out_console.print(f"wrote {path}")

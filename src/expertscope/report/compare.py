@@ -1,0 +1,121 @@
+"""``compare.html``: several runs (one per model) side by side, where the paper compares its models.
+
+For each run: its architecture (experts per layer, top-k, shared experts), the domain- and driver-expert
+counts per domain, the unsteered accuracies, then the paper's comparisons — Figure 1 (CWAS per expert),
+Figure 2 (expert types), Figure 3 (causal rate per layer), the routing mutual information per layer, and
+Tables 1–2 (steering) with one block per model. Figures are written per run into ``<out>_figures/``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import OutputError
+from ..io import atomic_write, write_json
+from .figures import fig_causal_rate, fig_cwas, fig_expert_types, fig_routing_mi
+from .findings import findings
+from .html import _CSP, _CSS, _SCRIPT, _e, _figure_html, _steering_table, load_tables, table_html
+
+
+def _label(manifest: dict[str, Any], run_dir: Path) -> str:
+    model = manifest.get("model")
+    src = model.get("source") if isinstance(model, dict) else None
+    return str(src or run_dir.name)
+
+
+def _arch_row(label: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    m = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    first = lambda d: next(iter((d or {}).values()), None)  # noqa: E731  (per-layer dicts: the first layer's)
+    return {"model": label, "architecture": m.get("architecture"), "moe_layers": len(m.get("moe_layers") or []),
+            "experts_per_layer": first(m.get("num_experts")), "top_k": first(m.get("top_k")),
+            "shared_experts": first(m.get("num_shared_experts"))}
+
+
+def _load(run_dir: Path) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        raise OutputError(f"{run_dir} has no manifest.json: pass output directories of `expertscope run`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise OutputError(f"{path} is unreadable ({type(e).__name__}): rerun `expertscope run`") from e
+    tables = load_tables(run_dir)
+    if "domain_experts" not in tables:
+        raise OutputError(f"{run_dir} has no domain_experts.parquet: finish that run first (--resume)")
+    return manifest, tables
+
+
+def summary_frame(runs: Sequence[tuple[str, dict[str, Any], dict[str, pd.DataFrame]]]) -> pd.DataFrame:
+    """One row per (model, domain): experts found, drivers found, largest mean CE, unsteered accuracy."""
+    rows = []
+    for label, manifest, tables in runs:
+        arch = _arch_row(label, manifest)
+        for f in findings(tables):
+            acc = f.accuracy or {}
+            rows.append({**arch, "domain": f.domain, "domain_experts": f.n_domain_experts, "drivers": f.n_drivers,
+                         "largest_mean_ce": f.largest_ce, "accuracy": acc.get("accuracy"),
+                         "accuracy_lo": acc.get("ci_low"), "accuracy_hi": acc.get("ci_high")})
+    return pd.DataFrame(rows)
+
+
+def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """Write ``out`` (an HTML file) comparing the runs in ``run_dirs`` (at least two); returns its path."""
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) < 2:
+        raise OutputError("compare needs at least two run directories: pass e.g. runs/demo runs/demo-deepseek")
+    runs = []
+    for d in dirs:
+        if not d.is_dir():
+            raise OutputError(f"{d} is not a directory: pass output directories of `expertscope run`")
+        manifest, tables = _load(d)
+        runs.append((_label(manifest, d), manifest, tables))
+    out = Path(out)
+    fig_dir = out.with_name(out.stem + "_figures")
+    mi_frames = []
+    panels: dict[str, list[str]] = {"cwas": [], "types": [], "rate": []}
+    for i, (label, _m, t) in enumerate(runs):
+        sub = fig_dir / f"run{i}"
+        panels["cwas"].append(_figure_html(fig_cwas(t.get("domain_experts"), sub), f"Figure 1 — {label}: CWAS"))
+        panels["types"].append(_figure_html(fig_expert_types(t.get("domain_experts"), sub, drivers=t.get("drivers")),
+                                            f"Figure 2 — {label}: expert types"))
+        panels["rate"].append(_figure_html(fig_causal_rate(t.get("causal_rate"), sub),
+                                           f"Figure 3 — {label}: causal rate per layer"))
+        if t.get("routing_mi") is not None:
+            mi_frames.append(t["routing_mi"].assign(model=label))
+    summary = summary_frame(runs)
+    body = ["<section id='summary'><h2>Summary</h2>", table_html(summary, rows=60), "</section>"]
+    for key, heading in (("cwas", "Domain experts (Figure 1)"), ("types", "Expert types (Figure 2)"),
+                         ("rate", "Causal rate (Figure 3)")):
+        body.append(f"<section id='{key}'><h2>{_e(heading)}</h2>{''.join(panels[key])}</section>")
+    if mi_frames:
+        mi = pd.concat(mi_frames, ignore_index=True)
+        body.append("<section id='mi'><h2>Routing and the domain</h2>"
+                    + _figure_html(fig_routing_mi(mi, fig_dir), "I(domain; selected expert) per layer, per model")
+                    + table_html(mi, rows=80) + "</section>")
+    steer = []
+    for label, _m, t in runs:
+        st = t.get("steering")
+        if st is not None and len(st):
+            steer.append(f"<h3>{_e(label)}</h3>" + table_html(
+                _steering_table(st), ["domain", "condition", "status", "n_targets", "n", "accuracy", "ci_low",
+                                      "ci_high", "delta", "delta_lo", "delta_hi", "saturated"], rows=40))
+    if steer:
+        body.append("<section id='steering'><h2>Steering (Tables 1–2)</h2>" + "".join(steer) + "</section>")
+    names = ", ".join(label for label, _, _ in runs)
+    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\"><title>expertscope comparison</title>"
+            f"<style>{_CSS}</style></head><body><h1>expertscope comparison</h1><p class='note'>{_e(names)}; "
+            "self-contained, works offline.</p>" + "".join(body) + f"<script>{_SCRIPT}</script></body></html>\n")
+    with atomic_write(out) as fh:
+        fh.write(page)
+    write_json(out.with_suffix(".json"), {"version": 1, "runs": [str(d) for d in dirs],
+                                          "summary": json.loads(summary.to_json(orient="records"))})
+    return out
+
+
+__all__ = ["compare", "summary_frame"]
