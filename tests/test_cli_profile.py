@@ -54,6 +54,13 @@ def test_profile_then_domains(model_dir: Path, data: dict[str, Path], tmp_path: 
     ref = es.profile(moe, es.data.sources.load_domains(
         [f"chat={data['a']}?text=utterance", f"sums={data['b']}?text=utterance"]), batch_size=4)
     assert np.array_equal(prof.totals()[1]["sel"], ref.totals()[1]["sel"])
+    # The routing mutual information is part of the profile's outputs, equal to the library's.
+    from expertscope.io import read_table
+    from expertscope.stats.routing_mi import routing_mutual_information
+
+    mi, _ = read_table(out / "routing_mi.parquet")
+    np.testing.assert_allclose(mi["mi_bits"], routing_mutual_information(ref)["mi_bits"], atol=1e-12)
+    assert "I(domain; selected expert)" in r.output
     r = _run("domains", out, "--n-boot", "50", "--n-perm", "50")
     assert r.exit_code == 0, r.output
     assert "domain experts of 'chat'" in r.output

@@ -122,8 +122,12 @@ def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
     prof = profile(ctx.model, ctx.domains, batch_size=c.batch_size, max_length=c.max_length,
                    resume_from=previous, on_batch=checkpointer(ctx.out), progress=True)
     prof.save(ctx.out)
+    from .stats.routing_mi import save_routing_mi
+
+    mi = save_routing_mi(prof, ctx.out)
     n, _ = prof.totals()
-    return {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated}
+    return {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated,
+            "routing_mi_bits": {int(r.layer): round(float(r.mi_bits), 4) for r in mi.itertuples()}}
 
 
 def _stage_domain_experts(ctx: StudyContext) -> dict[str, Any]:

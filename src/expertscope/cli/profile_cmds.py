@@ -97,6 +97,9 @@ def profile_cmd(
     prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
                    resume_from=previous, on_batch=checkpointer(out), progress=True, executor=runner)
     prof.save(out)
+    from ..stats.routing_mi import save_routing_mi
+
+    mi = save_routing_mi(prof, out)
     n, _ = prof.totals()
     write_json(out / "manifest.json", make_manifest(
         "profile", config, status="complete", model=moe.describe(),
@@ -104,6 +107,8 @@ def profile_cmd(
         timings={"total_s": round(time.perf_counter() - t0, 3)},
     ))
     console.print(f"profiled {sum(int(x) for x in n)} tokens over {len(prof.domains)} domains → {out}")
+    console.print("I(domain; selected expert) per layer [bits]: "
+                  + ", ".join(f"{int(r.layer)}: {r.mi_bits:.3f}" for r in mi.itertuples()))
     if prof.truncated:
         console.print(f"[yellow]truncated to {max_length} tokens:[/] {prof.truncated}")
 

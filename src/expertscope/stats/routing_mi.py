@@ -19,6 +19,7 @@ Miller-Madow first-order bias ``(|D| - 1)(E - 1) / (2 N' ln 2)`` with ``N' = k N
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -90,4 +91,13 @@ def routing_mutual_information(profile: RoutingProfile) -> pd.DataFrame:
     return df
 
 
-__all__ = ["mutual_information_from_counts", "routing_mutual_information"]
+def save_routing_mi(profile: RoutingProfile, out_dir: str | Path) -> pd.DataFrame:
+    """Compute :func:`routing_mutual_information` and write it to ``out_dir/routing_mi.parquet`` (and CSV)."""
+    from ..io import write_table
+
+    df = routing_mutual_information(profile)
+    write_table(Path(out_dir) / "routing_mi.parquet", df, meta={"table": "routing_mi", "version": 1})
+    return df
+
+
+__all__ = ["mutual_information_from_counts", "routing_mutual_information", "save_routing_mi"]
