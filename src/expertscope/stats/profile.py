@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .._padding import pad_ids
-from ..config import ProfileConfig
+from ..config import ProfileConfig, resolve_config
 from ..data.types import Domain, as_domains
 from ..errors import ConfigError, DataError, OutputError
 from ..io import atomic_path, write_json
@@ -398,26 +398,25 @@ def domain_texts(
 def profile(
     model: MoEModel,
     domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
-    batch_size: int = 8,
-    max_length: int | None = 512,
-    keep_sequences: bool = True,
-    limit: int | None = None,
+    config: ProfileConfig | None = None,
+    *,
     resume_from: RoutingProfile | None = None,
     on_batch: Callable[[RoutingProfile, int], None] | None = None,
     progress: bool = False,
-    config: ProfileConfig | None = None,
     executor: Any = None,
+    **overrides: Any,
 ) -> RoutingProfile:
     """Stream each domain's texts through ``model`` and collect a :class:`RoutingProfile`.
 
+    Settings come from ``config`` (a :class:`~expertscope.config.ProfileConfig`) and/or keyword overrides of
+    its fields (``batch_size=16``); a keyword contradicting an explicit ``config`` raises ConfigError.
     Texts are batched (longest first when ``sort_by_length``), right-padded and truncated to
     ``max_length`` (or the model's context, whichever is smaller); truncations are counted per domain.
     ``resume_from`` skips sequences already in that profile and continues it; ``on_batch(profile, n)``
     runs after every batch (checkpointing, progress). ``executor`` (see :mod:`expertscope.executors`)
     runs the batches elsewhere, e.g. on Ray actors; results are identical to the in-process run.
     """
-    cfg = config or ProfileConfig(batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
-                                  limit=limit)
+    cfg = resolve_config(ProfileConfig, config, overrides)
     texts_by_domain = domain_texts(domains, cfg.limit)
     max_len = effective_max_length(model, cfg.max_length)
     layers = model.layers
