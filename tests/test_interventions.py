@@ -272,7 +272,7 @@ def test_intervention_config_rule_and_validation() -> None:
     from expertscope.config import InterventionConfig
     from expertscope.interventions.study import intervention_study
 
-    with pytest.raises(es.ConfigError, match="contradicts config.scale_up"):
+    with pytest.raises(es.ConfigError, match=r"contradicts config\.scale_up"):
         intervention_study(None, [], config=InterventionConfig(scale_up=1.5), scale_up=2.0)  # type: ignore[arg-type]
     with pytest.raises(es.ConfigError, match="scales must be positive"):
         InterventionConfig(sweep_scales=(1.0, 0.0))

@@ -230,7 +230,7 @@ def test_profile_config_and_keywords_follow_one_rule(make_tiny) -> None:
     same = es.profile(moe, texts, config=es.ProfileConfig(batch_size=1), batch_size=1)  # agreeing: fine
     np.testing.assert_array_equal(ref.totals()[1]["sel"], same.totals()[1]["sel"])
     assert same.config["batch_size"] == 1
-    with pytest.raises(es.ConfigError, match="contradicts config.batch_size"):
+    with pytest.raises(es.ConfigError, match=r"contradicts config\.batch_size"):
         es.profile(moe, texts, config=es.ProfileConfig(batch_size=2), batch_size=4)
     with pytest.raises(es.ConfigError, match="unknown ProfileConfig setting 'batchsize'"):
         es.profile(moe, texts, batchsize=4)
