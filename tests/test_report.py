@@ -114,6 +114,25 @@ def test_figures_written_png_and_svg(tmp_path: Path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
+def test_saved_figures_hold_legends_wider_than_the_panels(tmp_path: Path):
+    import matplotlib.image as mpimg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(3.0, 2.0), layout="constrained")
+    fig.subplots().plot([0, 1], [0, 1])
+    handles = [Line2D([], [], marker="o", ls="", label=f"cluster {c}") for c in range(5)]
+    handles.append(Line2D([], [], marker="*", ls="", label="driver expert"))
+    legend = fig.legend(handles=handles, loc="outside lower center", ncols=6, frameon=False)
+    fig.canvas.draw()
+    legend_in = legend.get_window_extent().width / fig.dpi
+    assert legend_in > 3.0  # the case that was clipped ("driver ex")
+    png, svg = F._save(fig, tmp_path, "wide_legend")
+    width_in = mpimg.imread(png).shape[1] / 150
+    assert width_in >= legend_in, (width_in, legend_in)
+    assert "driver expert" in svg.read_text()
+
+
 def test_figures_skip_empty_inputs(tmp_path: Path):
     empty = pd.DataFrame()
     for fn in (F.fig_cwas, F.fig_expert_types, F.fig_causal_rate, F.fig_positions, F.fig_expert_map,
