@@ -64,6 +64,8 @@ def test_profile_then_domains(model_dir: Path, data: dict[str, Path], tmp_path: 
     r = _run("domains", out, "--n-boot", "50", "--n-perm", "50")
     assert r.exit_code == 0, r.output
     assert "domain experts of 'chat'" in r.output
+    # qwen2_moe has one shared expert per MoE layer: the output names them
+    assert "shared experts (always on, not candidates" in r.output and "layer 2: 1" in r.output
     table = es.DomainExpertTable.load(out / "domain_experts.parquet")
     assert len(table.df) == 2 * 3 * 4 and table.settings["config"]["n_perm"] == 50
     assert (out / "domain_experts.csv").exists()

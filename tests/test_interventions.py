@@ -195,9 +195,9 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
     train = {"emo": load_domain("emo=synthetic:emotion@train", limit=8)}
     res = intervention_study(moe, [dom], table, drivers, train=train, scale_up=3.0, scale_down=0.3,
                              sweep_scales=(0.5, 1.0, 2.0), sweep_counts=(1, 2), n_boot=200,
-                             finetune={"max_steps": 2, "batch_size": 4}, batch_size=4)
+                             finetune_max_steps=2, finetune_batch_size=4, batch_size=4)
     t = res.table.set_index("condition")
-    assert list(t.index) == list(CONDITIONS)
+    assert list(t.index) == list(CONDITIONS) and t["applicable"].all() and (t["reason"] == "").all()
     base = evaluate(moe, "classification", dom, batch_size=4)
     assert t.loc["original", "accuracy"] == base.accuracy
     assert t.loc["domain_up", "n_targets"] == 2 and t.loc["driver_up", "n_targets"] == 1
@@ -211,6 +211,75 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
     assert set(sweep["sweep"]) == {"scale", "count"}
     one = sweep[(sweep.targets == "domain") & (sweep.sweep == "scale") & (sweep.scale == 1.0)]
     assert float(one.accuracy.iloc[0]) == base.accuracy
+    assert res.settings["finetune_max_steps"] == 2 and res.settings["sweep_scales"] == [0.5, 1.0, 2.0]
+
+
+def test_intervention_conditions_without_targets_are_not_applicable(make_tiny) -> None:
+    import pandas as pd
+
+    from expertscope.config import InterventionConfig
+    from expertscope.data.sources import load_domain
+    from expertscope.evaluation import evaluate
+    from expertscope.interventions.study import CONDITIONS, intervention_study
+
+    moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3), tokenizer=tiny_tokenizer())
+    dom = load_domain("emo=synthetic:emotion@test", limit=10)
+    table = pd.DataFrame({"domain": ["emo"], "layer": [0], "expert": [1], "is_domain_expert": [True],
+                          "specificity": [0.2]})
+    # Drivers were scored but none passed: the reason carries the largest mean CE.
+    drivers = pd.DataFrame({"domain": ["emo"] * 2, "layer": [0, 1], "expert": [0, 0], "is_driver": [False] * 2,
+                            "ce_mean": [2e-4, 7e-4]})
+    seen: list[str] = []
+    res = intervention_study(moe, [dom], table, drivers, config=InterventionConfig(
+        sweep_scales=(1.0, 2.0), sweep_counts=(1,), n_boot=50, batch_size=5), on_eval=seen.append)
+    t = res.table.set_index("condition")
+    assert list(t.index) == list(CONDITIONS)
+    na = t[~t["applicable"]]
+    assert list(na.index) == ["driver_up", "driver_down", "finetune_router"]
+    assert na.loc["driver_up", "reason"] == "no driver experts (largest mean CE 0.0007 nats)"
+    assert na.loc["finetune_router", "reason"] == "no training split given"
+    measured = ["n", "accuracy", "ci_low", "ci_high", "delta", "delta_lo", "delta_hi", "changed_selections"]
+    assert na[measured].isna().all().all()  # no numbers at all, never 0.000 [0, 0]
+    assert (na["n_targets"] == 0).all()
+    assert not any("driver" in label for label in seen)  # nothing evaluated for a condition with no targets
+    base = evaluate(moe, "classification", dom, batch_size=5)
+    assert t.loc["domain_up", "n"] == base.n and t.loc["original", "accuracy"] == base.accuracy
+    assert set(res.sweep["targets"]) == {"domain"}
+    # No tables at all: every steered condition says which table is missing.
+    bare = intervention_study(moe, [dom], n_boot=20, batch_size=5, sweep_counts=(1,), finetune=False)
+    bt = bare.table.set_index("condition")
+    assert bt.loc["domain_down", "reason"] == "no domain-expert table given"
+    assert bt.loc["finetune_router", "reason"] == "router LoRA switched off (finetune=False)"
+    assert bt["applicable"].sum() == 1 and bare.sweep.empty
+
+
+def test_intervention_study_labels_saturated_tasks(make_tiny) -> None:
+    from expertscope.data.sources import load_domain
+    from expertscope.interventions.study import intervention_study
+
+    moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3), tokenizer=tiny_tokenizer())
+    dom = load_domain("emo=synthetic:emotion@test", limit=10)
+    acc = intervention_study(moe, [dom], n_boot=20, batch_size=5, finetune=False).table["accuracy"].iloc[0]
+    # The same run with the threshold at the measured accuracy (saturated) and just above it (not).
+    for thr, want in ((acc, True), (acc + 0.01, False)):
+        if not 0 < thr <= 1:
+            continue
+        t = intervention_study(moe, [dom], n_boot=20, batch_size=5, finetune=False, saturation=thr).table
+        assert t["saturated"].tolist() == [want] * len(t), (thr, acc)
+
+
+def test_intervention_config_rule_and_validation() -> None:
+    from expertscope.config import InterventionConfig
+    from expertscope.interventions.study import intervention_study
+
+    with pytest.raises(es.ConfigError, match=r"contradicts config\.scale_up"):
+        intervention_study(None, [], config=InterventionConfig(scale_up=1.5), scale_up=2.0)  # type: ignore[arg-type]
+    with pytest.raises(es.ConfigError, match="scales must be positive"):
+        InterventionConfig(sweep_scales=(1.0, 0.0))
+    with pytest.raises(es.ConfigError, match="must be True or False"):
+        InterventionConfig(finetune={"epochs": 1})  # type: ignore[arg-type]
+    c = InterventionConfig.from_dict(InterventionConfig(sweep_counts=(1, 3)).to_dict())
+    assert c.sweep_counts == (1, 3) and c.finetune_kwargs()["epochs"] == 1
 
 
 def test_steer_study_command_and_bad_scale(tmp_path) -> None:

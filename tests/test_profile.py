@@ -221,3 +221,65 @@ def test_domain_experts_needs_two_domains(make_tiny) -> None:
         es.domain_experts(prof)
     with pytest.raises(es.ExpertscopeError, match="not a valid option"):
         es.domain_experts(prof, entropy="shannon")
+
+
+def test_profile_config_and_keywords_follow_one_rule(make_tiny) -> None:
+    moe = _moe(make_tiny)
+    texts = {"a": ["abc", "de"], "b": ["xyz"]}
+    ref = es.profile(moe, texts, batch_size=1)
+    same = es.profile(moe, texts, config=es.ProfileConfig(batch_size=1), batch_size=1)  # agreeing: fine
+    np.testing.assert_array_equal(ref.totals()[1]["sel"], same.totals()[1]["sel"])
+    assert same.config["batch_size"] == 1
+    with pytest.raises(es.ConfigError, match=r"contradicts config\.batch_size"):
+        es.profile(moe, texts, config=es.ProfileConfig(batch_size=2), batch_size=4)
+    with pytest.raises(es.ConfigError, match="unknown ProfileConfig setting 'batchsize'"):
+        es.profile(moe, texts, batchsize=4)
+
+
+def _naive_gate_mean(moe: MoEModel, texts: list[str]) -> np.ndarray:
+    """Mean gate weight of each (layer, expert) over the tokens that select it, one text at a time."""
+    L, E = len(moe.layers), moe.num_experts
+    wsum, cnt = np.zeros((L, E)), np.zeros((L, E))
+    for text in texts:
+        ids = moe.tokenizer(text, return_tensors="pt")["input_ids"]
+        with es.RouterHooks(moe, record=True) as h, torch.no_grad():
+            moe.model(input_ids=ids)
+        for li, layer in enumerate(moe.layers):
+            call = h.calls[layer][0]
+            for t in range(call.indices.shape[0]):
+                for i, w in zip(call.indices[t].tolist(), call.weights[t].tolist(), strict=True):
+                    wsum[li, i] += w
+                    cnt[li, i] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(cnt > 0, wsum / np.maximum(cnt, 1), np.nan)
+
+
+def test_to_frame_matches_naive_loop_and_works_for_one_domain(make_tiny) -> None:
+    moe = _moe(make_tiny)  # qwen2_moe: one always-on shared expert per layer
+    E, L = moe.num_experts, len(moe.layers)
+    ref = _naive(moe, TEXTS)
+    frame = es.profile(moe, TEXTS, batch_size=2).to_frame()
+    routed = frame[~frame["shared"]].set_index(["domain", "layer", "expert"])
+    A = {d: ref[d]["sel"] / ref[d]["n"] for d in TEXTS}
+    for d in TEXTS:
+        other = next(o for o in TEXTS if o != d)
+        for li, layer in enumerate(moe.layers):
+            rows = routed.loc[(d, layer)].sort_index()
+            np.testing.assert_allclose(rows["activation_rate"], A[d][li])
+            np.testing.assert_allclose(rows["entropy"], ref[d]["hb"][li] / ref[d]["n"], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(rows["cwas"], (1 - ref[d]["hb"][li] / ref[d]["n"]) * A[d][li],
+                                       rtol=1e-5, atol=1e-7)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                want_lift = np.where((A[d][li] == 0) & (A[other][li] == 0), np.nan, A[d][li] / A[other][li])
+            np.testing.assert_allclose(rows["lift"], want_lift)
+        np.testing.assert_allclose(routed.loc[d]["gate_mean"].to_numpy().reshape(L, E),
+                                   _naive_gate_mean(moe, TEXTS[d]), rtol=1e-5, atol=1e-6)
+    shared = frame[frame["shared"]]
+    assert len(shared) == len(TEXTS) * L and (shared["expert"] == E).all()  # numbered after the routed experts
+    assert (shared["activation_rate"] == 1.0).all() and shared[["entropy", "cwas", "lift"]].isna().all().all()
+    # A single domain: every statistic is there, lift is NaN (no other domain to compare with).
+    one = es.profile(moe, {"alpha": TEXTS["alpha"]}, batch_size=2).to_frame(entropy="eq1", shared=False)
+    assert len(one) == L * E and not one["shared"].any()
+    np.testing.assert_allclose(one["entropy"].to_numpy().reshape(L, E), ref["alpha"]["he"] / ref["alpha"]["n"],
+                               rtol=1e-5, atol=1e-7)
+    assert one["lift"].isna().all() and one["activation_rate"].notna().all()

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from expertscope.causal.drivers import causal_rate
 from expertscope.errors import ConfigError
 from expertscope.models.hooks import RouterHooks
 from expertscope.models.model import MoEModel
@@ -117,7 +118,7 @@ def test_position_bins_without_drivers_and_dict_input():
 
 
 def _assoc_record() -> TokenRecord:
-    """One domain, 10 tokens, one layer: ids 10 "the", 11 " the" (same string), 12 "cat", 13 "sum"."""
+    """One domain, 10 tokens, one layer: ids 10 "the", 11 " the" (another id), 12 "cat", 13 "sum"."""
     ids = np.array([10, 11, 10, 12, 12, 13, 13, 13, 12, 10])
     sel_e5 = np.array([1, 1, 0, 0, 1, 1, 1, 0, 0, 0], bool)  # which tokens select expert 5
     selected = np.where(sel_e5[:, None, None], [[5, 0]], [[1, 0]]).astype(np.int32)
@@ -130,20 +131,22 @@ def test_associations_hand_computed():
     rec = _assoc_record()
     experts = pd.DataFrame({"domain": ["d"], "layer": [2], "expert": [5], "kind": ["driver"]})
     df = associations_from_record(rec, experts, min_count=2, top=10)
-    # P(5) = 5/10. "the" (ids 10, 11): 4 occurrences, 2 select -> 0.5, lift 1.0; "cat": 3, 1 -> 1/3, lift 2/3;
-    # "sum": 3, 2 -> 2/3, lift 4/3.
+    # Keyed by token id. P(5) = 5/10. id 13 "sum": 3 occurrences, 2 select -> 2/3, lift 4/3; id 10 "the":
+    # 3, 1 -> 1/3, lift 2/3; id 12 "cat": 3, 1 -> lift 2/3 (tie with id 10: same count, smaller id first);
+    # id 11 " the" occurs once (< min_count 2), and is not merged into id 10 although it decodes alike.
+    assert df["token_id"].tolist() == [13, 10, 12]
     assert df["token"].tolist() == ["sum", "the", "cat"]
-    assert df["count"].tolist() == [3, 4, 3]
-    assert df["n_selected"].tolist() == [2, 2, 1]
-    np.testing.assert_allclose(df["p_expert_given_token"], [2 / 3, 0.5, 1 / 3])
+    assert df["count"].tolist() == [3, 3, 3]
+    assert df["n_selected"].tolist() == [2, 1, 1]
+    np.testing.assert_allclose(df["p_expert_given_token"], [2 / 3, 1 / 3, 1 / 3])
     np.testing.assert_allclose(df["p_expert"], 0.5)
-    np.testing.assert_allclose(df["lift"], [4 / 3, 1.0, 2 / 3])
+    np.testing.assert_allclose(df["lift"], [4 / 3, 2 / 3, 2 / 3])
     assert df["rank"].tolist() == [1, 2, 3]
-    assert df.loc[df["token"] == "the", "token_ids"].item() == "10,11"
     assert (df["kind"] == "driver").all()
-    # min_count drops "cat" and "sum" (3 < 4); top truncates.
-    assert associations_from_record(rec, experts, min_count=4)["token"].tolist() == ["the"]
-    assert associations_from_record(rec, experts, min_count=1, top=1)["token"].tolist() == ["sum"]
+    # min_count 1 lets id 11 in: 1 occurrence, selected -> p 1, lift 2, the top token, with its own string.
+    top1 = associations_from_record(rec, experts, min_count=1, top=1)
+    assert top1[["token_id", "token", "lift"]].values.tolist() == [[11, " the", 2.0]]
+    assert associations_from_record(rec, experts, min_count=4).empty  # no id occurs 4 times
     # An expert that is never selected, or an unknown domain/layer, gives no rows.
     none = pd.DataFrame({"domain": ["d", "x", "d"], "layer": [2, 2, 7], "expert": [3, 5, 5]})
     assert associations_from_record(rec, none, min_count=1).empty
@@ -196,7 +199,6 @@ def test_position_profile_agrees_with_causal_rate(tiny_moe: MoEModel):
     pos = position_profile(tiny_moe, TEXTS, drivers, record=rec)
     assert pos.equals(position_bins(rec, drivers))
     per_layer = pos[pos["layer"] != "all"].groupby(["domain", "layer"])["n_trigger"].sum()
-    drivers_mod = pytest.importorskip("expertscope.causal.drivers")
-    rate = drivers_mod.causal_rate(tiny_moe, TEXTS, drivers, batch_size=3)
+    rate = causal_rate(tiny_moe, TEXTS, drivers, batch_size=3)
     for r in rate.itertuples():
         assert per_layer[(r.domain, str(r.layer))] == r.n_driver_tokens

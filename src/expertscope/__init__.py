@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from . import data  # noqa: F401  (es.data.sources)
 from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts
-from .config import CausalConfig, DomainExpertConfig, ProfileConfig
+from .config import CausalConfig, DomainExpertConfig, InterventionConfig, ProfileConfig
+from .data.sources import load_domain, load_domains
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
 from .evaluation import EvalResult, evaluate
@@ -35,6 +36,7 @@ __all__ = [
     "EvalResult",
     "Example",
     "ExpertscopeError",
+    "InterventionConfig",
     "MoEModel",
     "ModelError",
     "OutputError",
@@ -53,6 +55,8 @@ __all__ = [
     "evaluate",
     "expert_map",
     "finetune_router",
+    "load_domain",
+    "load_domains",
     "load_model",
     "position_profile",
     "profile",

@@ -167,3 +167,66 @@ class CausalConfig(BaseConfig):
         _positive("hybrid_top", self.hybrid_top)
         if not 0 < self.fisher_mass <= 1:
             raise ConfigError(f"fisher_mass={self.fisher_mass!r} is not in (0, 1]: e.g. 0.99")
+
+
+@dataclass(frozen=True)
+class InterventionConfig(BaseConfig):
+    """Settings of :func:`expertscope.interventions.study.intervention_study` (the paper's Tables 1–2).
+
+    ``scale_up``/``scale_down`` steer each domain's targets in the ↑/↓ rows (``mode="scale"``: logits × s;
+    ``"bias"``: logits + ln s); ``sweep_scales``/``sweep_counts`` are the sweeps over the scale and the number
+    of strongest targets. ``finetune`` trains the router LoRA row (for domains given a training split) with
+    the ``finetune_*`` settings of :func:`expertscope.finetune_router`. Deltas against the original model
+    come with ``ci`` paired-bootstrap intervals (``n_boot`` resamples). A domain whose original accuracy is at
+    least ``saturation`` is labelled saturated: there is little room for steering to improve it.
+    """
+
+    scale_up: float = 1.2
+    scale_down: float = 0.8
+    mode: Literal["scale", "bias"] = "scale"
+    sweep_scales: tuple[float, ...] = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
+    sweep_counts: tuple[int, ...] = (1, 2, 4, 8)
+    batch_size: int = 16
+    n_boot: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    saturation: float = 0.95
+    finetune: bool = True
+    finetune_layers: str = "last3"
+    finetune_rank: int = 8
+    finetune_alpha: int = 16
+    finetune_lr: float = 1e-3
+    finetune_epochs: int = 1
+    finetune_max_steps: int | None = None
+    finetune_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        # Lists (from JSON manifests or callers) become tuples, so the frozen config stays hashable.
+        object.__setattr__(self, "sweep_scales", tuple(float(s) for s in self.sweep_scales))
+        object.__setattr__(self, "sweep_counts", tuple(int(c) for c in self.sweep_counts))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if self.scale_up <= 0 or self.scale_down <= 0 or any(s <= 0 for s in self.sweep_scales):
+            raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
+        if any(c <= 0 for c in self.sweep_counts):
+            raise ConfigError(f"sweep_counts={self.sweep_counts!r} must be positive counts: e.g. (1, 2, 4)")
+        if not isinstance(self.finetune, bool):
+            raise ConfigError(f"finetune={self.finetune!r} must be True or False: set the LoRA through "
+                              "finetune_epochs, finetune_lr, finetune_max_steps, finetune_batch_size, ...")
+        _positive("batch_size", self.batch_size)
+        _positive("finetune_batch_size", self.finetune_batch_size)
+        _positive("finetune_rank", self.finetune_rank)
+        _positive("finetune_lr", self.finetune_lr)
+        _positive("finetune_epochs", self.finetune_epochs)
+        _positive("finetune_max_steps", self.finetune_max_steps, allow_none=True)
+        if self.n_boot < 1:
+            raise ConfigError(f"n_boot={self.n_boot} must be at least 1: e.g. 1000")
+        if not 0 < self.ci < 1 or not 0 < self.saturation <= 1:
+            raise ConfigError("ci must lie in (0, 1) and saturation in (0, 1]: e.g. ci=0.95 saturation=0.95")
+
+    def finetune_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`expertscope.finetune_router` for the router-LoRA row."""
+        return {"layers": self.finetune_layers, "rank": self.finetune_rank, "alpha": self.finetune_alpha,
+                "lr": self.finetune_lr, "epochs": self.finetune_epochs, "max_steps": self.finetune_max_steps,
+                "batch_size": self.finetune_batch_size, "seed": self.seed}

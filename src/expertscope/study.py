@@ -209,6 +209,7 @@ def _stage_expert_map(ctx: StudyContext) -> dict[str, Any]:
 
 
 def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
+    from .config import InterventionConfig
     from .interventions.study import intervention_study
     from .stats.domain_experts import DomainExpertTable
 
@@ -217,13 +218,16 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
     train = {d.name: d for d in ctx.split_domains("train", c.train_limit)}
     result = intervention_study(
         ctx.model, test, DomainExpertTable.load(ctx.out / "domain_experts.parquet"), ctx.drivers(), train=train,
-        mode=c.steer_mode, scale_up=c.scale_up, scale_down=c.scale_down,
-        sweep_scales=(0.6, 0.8, 1.0, 1.2, 1.4), sweep_counts=(1, 2, 4),
-        finetune={"epochs": 1, "batch_size": 8, "lr": 5e-3}, batch_size=c.batch_size, n_boot=c.n_boot, seed=c.seed,
+        config=InterventionConfig(mode=c.steer_mode, scale_up=c.scale_up, scale_down=c.scale_down,
+                                  sweep_scales=(0.6, 0.8, 1.0, 1.2, 1.4), sweep_counts=(1, 2, 4),
+                                  finetune_epochs=1, finetune_batch_size=8, finetune_lr=5e-3,
+                                  batch_size=c.batch_size, n_boot=c.n_boot, seed=c.seed),
     )
     result.save(ctx.out)
     t = result.table
-    return {"accuracy": {f"{r.domain}/{r.condition}": round(float(r.accuracy), 4) for r in t.itertuples()}}
+    # Not-applicable conditions (no targets) are recorded as null, never as a number.
+    return {"accuracy": {f"{r.domain}/{r.condition}": round(float(r.accuracy), 4) if r.applicable else None
+                         for r in t.itertuples()}}
 
 
 def _stage_report(ctx: StudyContext) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import warnings
 
 import typer
 
@@ -48,8 +50,19 @@ def _register() -> None:
 _register()
 
 
+def quiet_third_party_warnings() -> None:
+    """Hide deprecation and future warnings that third-party libraries raise about their own internals
+    (e.g. transformers' ``is_gradient_checkpointing``): they say nothing about the user's run. expertscope's
+    own warnings stay visible, and so does everything when the user passes ``-W`` or ``PYTHONWARNINGS``."""
+    if sys.warnoptions:
+        return
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!expertscope(\.|$))")
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (the library itself never changes warning filters)."""
+    quiet_third_party_warnings()
     app()
 
 

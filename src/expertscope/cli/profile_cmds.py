@@ -151,6 +151,7 @@ def domains_cmd(
         m.setdefault("analyses", {})["domain_experts"] = table.settings
         write_json(manifest, m)
     print_domain_experts(table, top)
+    print_shared_experts(prof.model_info)
     out_console.print(f"wrote {run_dir / 'domain_experts.parquet'} (rule: {table.settings['rule_text']})")
 
 
@@ -167,3 +168,14 @@ def print_domain_experts(table, top: int = 10) -> None:  # type: ignore[no-untyp
             t.add_row(str(r.layer), str(r.expert), f"{r.activation_rate:.3f}", f"{r.entropy:.3f}",
                       f"{r.cwas:.3f}", f"{r.specificity:+.3f}", ci, q)
         out_console.print(t)
+
+
+def print_shared_experts(model_info: dict) -> None:
+    """One line naming the model's always-on shared experts (never domain or driver candidates), if any."""
+    from ..stats.shared import shared_counts
+
+    counts = shared_counts(model_info)
+    if counts:
+        where = ", ".join(f"layer {layer}: {n}" for layer, n in sorted(counts.items()))
+        out_console.print(f"shared experts (always on, not candidates; rows marked shared in "
+                          f"RoutingProfile.to_frame()): {where}")

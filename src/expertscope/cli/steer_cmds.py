@@ -87,13 +87,21 @@ def steer_study_cmd(
 
 
 def print_steering(table) -> None:  # type: ignore[no-untyped-def]
-    """The Tables 1–2 rows per domain, with the paired-bootstrap CI of the change."""
+    """The Tables 1–2 rows per domain, with the paired-bootstrap CI of the change; a condition with nothing
+    to measure shows "not applicable" and its reason; a saturated domain says so in its title."""
     for dom in table["domain"].unique():
         rows = table[table["domain"] == dom]
-        t = Table(title=f"{dom} ({rows['task'].iloc[0]}, n={int(rows['n'].iloc[0])})", title_justify="left")
+        first = rows.iloc[0]
+        title = f"{dom} ({first['task']}, n={int(first['n'])})"
+        if "saturated" in rows.columns and bool(first["saturated"]):
+            title += " — saturated: the original accuracy leaves little room to improve"
+        t = Table(title=title, title_justify="left")
         for col in ("condition", "targets", "accuracy", "Δ acc [95% CI]", "weighted F1", "changed selections"):
             t.add_column(col, justify="right" if col != "condition" else "left")
         for r in rows.itertuples():
+            if not getattr(r, "applicable", True):
+                t.add_row(r.condition, "0", f"not applicable: {r.reason}", "—", "—", "—")
+                continue
             delta = "—" if r.condition == "original" else f"{r.delta:+.3f} [{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
             f1 = "—" if r.weighted_f1 != r.weighted_f1 else f"{r.weighted_f1:.3f}"
             changed = "—" if r.changed_selections < 0 else str(int(r.changed_selections))

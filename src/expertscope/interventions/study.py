@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from ..config import InterventionConfig, resolve_config
 from ..data.types import Domain
 from ..errors import ConfigError, DataError
 from ..io import read_table, write_table
@@ -19,7 +20,12 @@ from ..models.model import MoEModel
 from .steering import SteeringSpec, steer
 
 CONDITIONS = ("original", "domain_up", "domain_down", "driver_up", "driver_down", "finetune_router")
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+
+#: The columns of the steering table, in order.
+ROW_COLUMNS = ("domain", "task", "condition", "applicable", "reason", "mode", "scale", "n_targets", "n",
+               "accuracy", "ci_low", "ci_high", "weighted_f1", "delta", "delta_lo", "delta_hi", "delta_f1",
+               "changed_selections", "routed_tokens", "saturated")
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
@@ -78,102 +84,184 @@ def intervention_study(
     domain_table: Any = None,
     driver_table: Any = None,
     train: dict[str, Domain] | None = None,
-    scale_up: float = 1.2,
-    scale_down: float = 0.8,
-    mode: Literal["scale", "bias"] = "scale",
-    sweep_scales: Sequence[float] = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6),
-    sweep_counts: Sequence[int] = (1, 2, 4, 8),
-    finetune: dict[str, Any] | None = None,
-    batch_size: int = 16,
-    n_boot: int = 1000,
-    seed: int = 0,
+    config: InterventionConfig | None = None,
+    *,
     on_eval: Callable[[str], None] | None = None,
+    **overrides: Any,
 ) -> InterventionResult:
     """Evaluate every domain (with a ``task``) under each condition of :data:`CONDITIONS`.
 
+    Settings come from ``config`` (an :class:`~expertscope.config.InterventionConfig`) and/or keyword
+    overrides of its fields; a keyword contradicting an explicit ``config`` raises ConfigError.
     ``domain_table``/``driver_table`` give each domain's targets; ``train`` maps a domain to its training
-    split for the router LoRA (skipped without it, or with ``finetune=None`` and no train). Deltas against
-    ``original`` come with paired bootstrap CIs over examples; ``changed_selections`` counts tokens whose
-    selected set the steering changed (summed over layers; -1 where not counted: the router-LoRA row, whose
-    ``n_targets`` is its trainable parameter count). ``on_eval(label)`` reports progress.
-    """
-    from ..evaluation import evaluate
+    split for the router LoRA. Deltas against ``original`` come with paired bootstrap CIs over examples;
+    ``changed_selections`` counts tokens whose selected set the steering changed (summed over layers; -1
+    where not counted: the router-LoRA row, whose ``n_targets`` is its trainable parameter count).
 
-    if scale_up <= 0 or scale_down <= 0 or any(s <= 0 for s in sweep_scales):
-        raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
+    A condition with nothing to measure (a domain with no domain or driver experts, no training split for
+    the LoRA) is one row with ``applicable=False``, the ``reason`` in words, and NaN in every measured column:
+    never an accuracy equal to the original with a CI of [0, 0]. ``saturated`` marks domains whose original
+    accuracy is at least ``config.saturation``. ``on_eval(label)`` reports progress.
+    """
+    cfg = resolve_config(InterventionConfig, config, overrides)
     tasked = [d for d in domains if d.task is not None]
     if not tasked:
         raise DataError("no domain has an evaluation task: use presets, synthetic domains or ?task=... in the spec")
+    t0 = time.perf_counter()
+    runner = _Runner(model, cfg, on_eval)
     rows: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-
-    def run(dom: Domain, targets: list[tuple[int, int]], scale: float, label: str) -> tuple[Any, int, int]:
-        if on_eval:
-            on_eval(f"{dom.name}: {label}")
-        if not targets or scale == 1.0:
-            return evaluate(model, dom.task, dom, batch_size=batch_size), 0, 0
-        with steer(model, spec=SteeringSpec(targets=tuple(targets), scale=scale, mode=mode)) as s:
-            res = evaluate(model, dom.task, dom, batch_size=batch_size)
-        return res, s.total_changed, sum(s.seen.values())
-
     for dom in tasked:
-        dom_targets = ranked_targets(domain_table, dom.name, "domain") if domain_table is not None else []
-        drv_targets = ranked_targets(driver_table, dom.name, "driver") if driver_table is not None else []
-        base, _, _ = run(dom, [], 1.0, "original")
-        base_correct = np.array([bool(p["correct"]) for p in base.predictions])
-
-        def add_row(condition: str, res: Any, n_targets: int, scale: float, changed: int, seen: int,
-                    dom: Domain = dom, base: Any = base, base_correct: np.ndarray = base_correct) -> None:
-            correct = np.array([bool(p["correct"]) for p in res.predictions])
-            delta, lo, hi = paired_bootstrap(base_correct, correct, n_boot, seed)
-            f1 = res.weighted_f1
-            rows.append({
-                "domain": dom.name, "task": dom.task, "condition": condition, "mode": mode, "scale": scale,
-                "n_targets": n_targets, "n": res.n, "accuracy": res.accuracy, "ci_low": res.ci_low,
-                "ci_high": res.ci_high, "weighted_f1": f1 if f1 is not None else np.nan,
-                "delta": delta, "delta_lo": lo, "delta_hi": hi,
-                "delta_f1": (f1 - base.weighted_f1) if f1 is not None and base.weighted_f1 is not None else np.nan,
-                "changed_selections": changed, "routed_tokens": seen,
-            })
-
-        add_row("original", base, 0, 1.0, 0, 0)
-        for condition, targets, scale in (
-            ("domain_up", dom_targets, scale_up), ("domain_down", dom_targets, scale_down),
-            ("driver_up", drv_targets, scale_up), ("driver_down", drv_targets, scale_down),
-        ):
-            res, changed, seen = run(dom, targets, scale, condition)
-            add_row(condition, res, len(targets), scale, changed, seen)
-        if train and dom.name in train and finetune is not None:
-            from .router_lora import finetune_router
-
-            if on_eval:
-                on_eval(f"{dom.name}: finetune_router (training)")
-            ft = finetune_router(model, train[dom.name], task=dom.task, seed=seed, **finetune)
-            try:
-                res = evaluate(model, dom.task, dom, batch_size=batch_size)
-            finally:
-                ft.unload()
-            # n_targets holds the adapter's trainable parameters; routing changes are not counted for LoRA.
-            add_row("finetune_router", res, ft.trainable_parameters, float("nan"), -1, -1)
-        for kind, targets in (("domain", dom_targets), ("driver", drv_targets)):
-            if not targets:
-                continue
-            for scale in sweep_scales:
-                res = base if scale == 1.0 else run(dom, targets, scale, f"sweep {kind} ×{scale}")[0]
-                sweep_rows.append({"domain": dom.name, "targets": kind, "sweep": "scale", "scale": scale,
-                                   "n_targets": len(targets), "accuracy": res.accuracy, "ci_low": res.ci_low,
-                                   "ci_high": res.ci_high})
-            for count in sweep_counts:
-                if count > len(targets):
-                    continue
-                res = run(dom, targets[:count], scale_up, f"sweep {kind} top-{count}")[0]
-                sweep_rows.append({"domain": dom.name, "targets": kind, "sweep": "count", "scale": scale_up,
-                                   "n_targets": count, "accuracy": res.accuracy, "ci_low": res.ci_low,
-                                   "ci_high": res.ci_high})
-    settings = {"scale_up": scale_up, "scale_down": scale_down, "mode": mode, "n_boot": n_boot, "seed": seed,
-                "sweep_scales": list(sweep_scales), "sweep_counts": list(sweep_counts), "finetune": finetune,
-                "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 3),
+        targets = {kind: _domain_targets(table, dom.name, kind)
+                   for kind, table in (("domain", domain_table), ("driver", driver_table))}
+        base = runner.evaluate(dom, [], 1.0, "original")
+        saturated = bool(base.accuracy >= cfg.saturation)
+        dom_rows = [_row(dom, "original", cfg, base, base, 0, 1.0, 0, 0)]
+        dom_rows += _steering_rows(runner, dom, base, targets, cfg)
+        dom_rows.append(_finetune_row(runner, dom, base, (train or {}).get(dom.name), cfg))
+        rows += [{**r, "saturated": saturated} for r in dom_rows]
+        sweep_rows += _sweep_rows(runner, dom, base, targets, cfg)
+    settings = {**cfg.to_dict(), "sweep_scales": list(cfg.sweep_scales), "sweep_counts": list(cfg.sweep_counts),
+                "seconds": round(time.perf_counter() - t0, 3),
                 "note": ("scale mode multiplies logits: a negative logit scaled by s > 1 moves down"
-                         if mode == "scale" else "bias mode adds ln(s) to the targeted logits")}
-    return InterventionResult(pd.DataFrame(rows), pd.DataFrame(sweep_rows), settings)
+                         if cfg.mode == "scale" else "bias mode adds ln(s) to the targeted logits")}
+    return InterventionResult(pd.DataFrame(rows, columns=ROW_COLUMNS), pd.DataFrame(sweep_rows), settings)
+
+
+
+@dataclass
+class _Targets:
+    """One kind of a domain's targets, strongest first; ``missing`` says in words why there are none."""
+
+    experts: list[tuple[int, int]]
+    missing: str = ""
+
+
+def _domain_targets(table: Any, domain: str, kind: Literal["domain", "driver"]) -> _Targets:
+    """The targets of ``domain`` of one kind, or the reason there are none (the largest effect, if known)."""
+    if table is None:
+        return _Targets([], f"no {kind}-expert table given")
+    experts = ranked_targets(table, domain, kind)
+    if experts:
+        return _Targets(experts)
+    df = getattr(table, "df", table)
+    key, unit = ("ce_mean", " nats") if kind == "driver" else ("specificity", "")
+    rows = df[df["domain"] == domain] if df is not None and len(df) else None
+    if rows is not None and key in rows.columns and len(rows):
+        label = "largest mean CE" if kind == "driver" else "largest specificity"
+        return _Targets([], f"no {kind} experts ({label} {float(rows[key].max()):.3g}{unit})")
+    return _Targets([], f"no {kind} experts")
+
+
+class _Runner:
+    """Evaluates a domain's task, steering given targets; counts routing changes."""
+
+    def __init__(self, model: MoEModel, cfg: InterventionConfig, on_eval: Callable[[str], None] | None) -> None:
+        self.model, self.cfg, self.on_eval = model, cfg, on_eval
+        self.changed = self.seen = 0
+
+    def evaluate(self, dom: Domain, targets: Sequence[tuple[int, int]], scale: float, label: str) -> Any:
+        """The task's EvalResult with ``targets`` steered by ``scale``; routing counts in ``changed/seen``."""
+        from ..evaluation import evaluate
+
+        if self.on_eval:
+            self.on_eval(f"{dom.name}: {label}")
+        self.changed = self.seen = 0
+        if not targets or scale == 1.0:
+            return evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
+        spec = SteeringSpec(targets=tuple(targets), scale=scale, mode=self.cfg.mode)
+        with steer(self.model, spec=spec) as s:
+            res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
+        self.changed, self.seen = s.total_changed, sum(s.seen.values())
+        return res
+
+
+def _correct(res: Any) -> np.ndarray:
+    return np.array([bool(p["correct"]) for p in res.predictions])
+
+
+def _row(dom: Domain, condition: str, cfg: InterventionConfig, res: Any, base: Any, n_targets: int,
+         scale: float, changed: int, seen: int) -> dict[str, Any]:
+    """One measured row: accuracy with its CI, and the paired-bootstrap change against ``base``."""
+    delta, lo, hi = paired_bootstrap(_correct(base), _correct(res), cfg.n_boot, cfg.seed, cfg.ci)
+    f1, f1_base = res.weighted_f1, base.weighted_f1
+    return {
+        "domain": dom.name, "task": dom.task, "condition": condition, "applicable": True, "reason": "",
+        "mode": cfg.mode, "scale": scale, "n_targets": n_targets, "n": res.n, "accuracy": res.accuracy,
+        "ci_low": res.ci_low, "ci_high": res.ci_high, "weighted_f1": f1 if f1 is not None else np.nan,
+        "delta": delta, "delta_lo": lo, "delta_hi": hi,
+        "delta_f1": (f1 - f1_base) if f1 is not None and f1_base is not None else np.nan,
+        "changed_selections": changed, "routed_tokens": seen,
+    }
+
+
+def _not_applicable(dom: Domain, condition: str, cfg: InterventionConfig, scale: float, reason: str
+                    ) -> dict[str, Any]:
+    """A condition with nothing to measure: the reason, and NaN wherever a number would be measured."""
+    nan = float("nan")
+    return {
+        "domain": dom.name, "task": dom.task, "condition": condition, "applicable": False, "reason": reason,
+        "mode": cfg.mode, "scale": scale, "n_targets": 0, "n": nan, "accuracy": nan, "ci_low": nan,
+        "ci_high": nan, "weighted_f1": nan, "delta": nan, "delta_lo": nan, "delta_hi": nan, "delta_f1": nan,
+        "changed_selections": nan, "routed_tokens": nan,
+    }
+
+
+def _steering_rows(runner: _Runner, dom: Domain, base: Any, targets: dict[str, _Targets],
+                   cfg: InterventionConfig) -> list[dict[str, Any]]:
+    """The ↑/↓ rows for domain and driver experts."""
+    rows = []
+    for kind in ("domain", "driver"):
+        t = targets[kind]
+        for direction, scale in (("up", cfg.scale_up), ("down", cfg.scale_down)):
+            condition = f"{kind}_{direction}"
+            if not t.experts:
+                rows.append(_not_applicable(dom, condition, cfg, scale, t.missing))
+                continue
+            res = runner.evaluate(dom, t.experts, scale, condition)
+            rows.append(_row(dom, condition, cfg, res, base, len(t.experts), scale, runner.changed, runner.seen))
+    return rows
+
+
+def _finetune_row(runner: _Runner, dom: Domain, base: Any, train: Domain | None,
+                  cfg: InterventionConfig) -> dict[str, Any]:
+    """The router-LoRA row: train on ``train``, evaluate, unload (``n_targets``: trainable parameters)."""
+    from ..evaluation import evaluate
+    from .router_lora import finetune_router
+
+    if not cfg.finetune:
+        return _not_applicable(dom, "finetune_router", cfg, float("nan"), "router LoRA switched off (finetune=False)")
+    if train is None:
+        return _not_applicable(dom, "finetune_router", cfg, float("nan"), "no training split given")
+    if runner.on_eval:
+        runner.on_eval(f"{dom.name}: finetune_router (training)")
+    ft = finetune_router(runner.model, train, task=dom.task, **cfg.finetune_kwargs())
+    try:
+        res = evaluate(runner.model, dom.task, dom, batch_size=cfg.batch_size)
+    finally:
+        ft.unload()
+    # Routing changes are not counted for the LoRA: -1.
+    return _row(dom, "finetune_router", cfg, res, base, ft.trainable_parameters, float("nan"), -1, -1)
+
+
+def _sweep_rows(runner: _Runner, dom: Domain, base: Any, targets: dict[str, _Targets],
+                cfg: InterventionConfig) -> list[dict[str, Any]]:
+    """Accuracy over the scale sweep and over the number of strongest targets (kinds with targets only)."""
+    rows = []
+    for kind in ("domain", "driver"):
+        experts = targets[kind].experts
+        if not experts:
+            continue
+        for scale in cfg.sweep_scales:
+            res = base if scale == 1.0 else runner.evaluate(dom, experts, scale, f"sweep {kind} ×{scale}")
+            rows.append({"domain": dom.name, "targets": kind, "sweep": "scale", "scale": scale,
+                         "n_targets": len(experts), "accuracy": res.accuracy, "ci_low": res.ci_low,
+                         "ci_high": res.ci_high})
+        for count in cfg.sweep_counts:
+            if count > len(experts):
+                continue
+            res = runner.evaluate(dom, experts[:count], cfg.scale_up, f"sweep {kind} top-{count}")
+            rows.append({"domain": dom.name, "targets": kind, "sweep": "count", "scale": cfg.scale_up,
+                         "n_targets": count, "accuracy": res.accuracy, "ci_low": res.ci_low,
+                         "ci_high": res.ci_high})
+    return rows

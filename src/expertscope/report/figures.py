@@ -51,7 +51,8 @@ def _figure(n_panels: int, ncols: int = 3, panel: tuple[float, float] = (4.2, 3.
 
 
 def _save(fig: Any, out_dir: str | Path, name: str) -> list[Path]:
-    """Write ``name.png`` (150 dpi) and ``name.svg`` atomically; no timestamps, so reruns give equal files."""
+    """Write ``name.png`` (150 dpi) and ``name.svg`` atomically, cropped to hold every artist (legends
+    included); no timestamps, so reruns give equal files."""
     import matplotlib as mpl
 
     out = Path(out_dir)
@@ -61,7 +62,10 @@ def _save(fig: Any, out_dir: str | Path, name: str) -> list[Path]:
         for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
             path = out / f"{name}.{fmt}"
             with atomic_path(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=150, metadata=meta, facecolor="white")
+                # bbox_inches="tight" grows the saved area to hold every artist: a figure legend wider
+                # than its panels (the t-SNE map's clusters + "driver expert") is never clipped.
+                fig.savefig(tmp, format=fmt, dpi=150, metadata=meta, facecolor="white", bbox_inches="tight",
+                            pad_inches=0.05)
             paths.append(path)
     return paths
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .._padding import pad_ids
-from ..config import ProfileConfig
+from ..config import ProfileConfig, resolve_config
 from ..data.types import Domain, as_domains
 from ..errors import ConfigError, DataError, OutputError
 from ..io import atomic_path, write_json
@@ -165,6 +166,49 @@ class RoutingProfile:
             for name in STAT_NAMES:
                 out[name][d] = rows[name][m].sum(axis=0)
         return n, out
+
+    # ----- tables --------------------------------------------------------------------------------
+    def to_frame(self, entropy: str = "bernoulli", conditional: bool = False, shared: bool = True
+                 ) -> pd.DataFrame:
+        """One row per (domain, layer, expert): ``n_tokens``, activation rate ``A`` (``activation_rate``),
+        entropy ``H`` (``entropy``: mean ``h(p̃)`` per token, or per selecting token with ``conditional``),
+        ``cwas`` = ``(1 - H)·A``, ``gate_mean`` (mean gate weight when selected; NaN if never selected) and
+        ``lift`` = ``A / mean of A over the other domains`` (NaN with a single domain or when all are 0,
+        inf when only this domain selects the expert). Works for any number of domains, one included.
+
+        ``entropy`` is ``"bernoulli"`` (base 2) or ``"eq1"`` (``-p ln p``). With ``shared`` (default), the
+        model's always-on shared experts are added as rows marked ``shared=True`` (see
+        :mod:`expertscope.stats.shared`); routed rows have ``shared=False``.
+        """
+        from .shared import with_shared_rows
+
+        if entropy not in ("bernoulli", "eq1"):
+            raise ConfigError(f"entropy={entropy!r} is not a valid option: use 'bernoulli' or 'eq1'")
+        n, tot = self.totals()
+        D, L, E = len(self.domains), len(self.layers), self.num_experts
+        nn = n[:, None, None].astype(np.float64)
+        sel = tot["sel"].astype(np.float64)
+        hsum = tot["h_bern" if entropy == "bernoulli" else "h_eq1"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            A = np.where(nn > 0, sel / np.maximum(nn, 1), np.nan)
+            H = (np.where(sel > 0, hsum / np.maximum(sel, 1), np.nan) if conditional
+                 else np.where(nn > 0, hsum / np.maximum(nn, 1), np.nan))
+            gate_mean = np.where(sel > 0, tot["gate"] / np.maximum(sel, 1), np.nan)
+            others = (A.sum(axis=0, keepdims=True) - A) / (D - 1) if D > 1 else np.full_like(A, np.nan)
+            lift = np.where((A == 0) & (others == 0), np.nan, A / others)
+        dd, ll, ee = np.meshgrid(np.arange(D), np.arange(L), np.arange(E), indexing="ij")
+        df = pd.DataFrame({
+            "domain": np.asarray(self.domains, dtype=object)[dd.ravel()],
+            "layer": np.asarray(self.layers, dtype=np.int64)[ll.ravel()],
+            "expert": ee.ravel(),
+            "n_tokens": n[dd.ravel()],
+            "activation_rate": A.ravel(),
+            "entropy": H.ravel(),
+            "cwas": ((1.0 - H) * A).ravel(),
+            "gate_mean": gate_mean.ravel(),
+            "lift": lift.ravel(),
+        })
+        return with_shared_rows(df, self.model_info, E) if shared else df.assign(shared=False)
 
     # ----- combining -----------------------------------------------------------------------------
     def _check_compatible(self, other: RoutingProfile) -> None:
@@ -398,26 +442,25 @@ def domain_texts(
 def profile(
     model: MoEModel,
     domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
-    batch_size: int = 8,
-    max_length: int | None = 512,
-    keep_sequences: bool = True,
-    limit: int | None = None,
+    config: ProfileConfig | None = None,
+    *,
     resume_from: RoutingProfile | None = None,
     on_batch: Callable[[RoutingProfile, int], None] | None = None,
     progress: bool = False,
-    config: ProfileConfig | None = None,
     executor: Any = None,
+    **overrides: Any,
 ) -> RoutingProfile:
     """Stream each domain's texts through ``model`` and collect a :class:`RoutingProfile`.
 
+    Settings come from ``config`` (a :class:`~expertscope.config.ProfileConfig`) and/or keyword overrides of
+    its fields (``batch_size=16``); a keyword contradicting an explicit ``config`` raises ConfigError.
     Texts are batched (longest first when ``sort_by_length``), right-padded and truncated to
     ``max_length`` (or the model's context, whichever is smaller); truncations are counted per domain.
     ``resume_from`` skips sequences already in that profile and continues it; ``on_batch(profile, n)``
     runs after every batch (checkpointing, progress). ``executor`` (see :mod:`expertscope.executors`)
     runs the batches elsewhere, e.g. on Ray actors; results are identical to the in-process run.
     """
-    cfg = config or ProfileConfig(batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
-                                  limit=limit)
+    cfg = resolve_config(ProfileConfig, config, overrides)
     texts_by_domain = domain_texts(domains, cfg.limit)
     max_len = effective_max_length(model, cfg.max_length)
     layers = model.layers

@@ -255,44 +255,31 @@ def flagged_experts(domain_table: Any = None, driver_table: Any = None) -> pd.Da
     return pd.concat(parts, ignore_index=True).astype({"layer": int, "expert": int})
 
 
-def _token_key(text: str) -> str:
-    """The string tokens are grouped by: the decoded text without surrounding whitespace ("Ġthe" and "the"
-    count as one token); a whitespace-only token keeps its escaped form so it stays visible."""
-    stripped = text.strip()
-    return stripped if stripped else repr(text)
-
-
 def associations_from_record(
     record: TokenRecord, experts: pd.DataFrame, min_count: int = 5, top: int = 10
 ) -> pd.DataFrame:
-    """Top tokens by lift for each flagged expert (SPEC §5; paper Table 3).
+    """Top tokens by lift for each flagged expert (paper Table 3), keyed by token id.
 
-    Within a domain's tokens, for expert ``i`` at layer ``l`` and token string ``w`` (token ids grouped by
-    :func:`_token_key`): ``count`` = occurrences of ``w``; ``n_selected`` = those selecting ``i`` at ``l``;
-    ``p_expert_given_token = n_selected / count``; ``p_expert`` = fraction of all the domain's tokens
-    selecting ``i`` at ``l``; ``lift = p_expert_given_token / p_expert``. Tokens with ``count < min_count`` or
-    ``n_selected == 0`` are left out; the ``top`` largest lifts are kept (ties: larger count, then token).
+    Within a domain's tokens, for expert ``i`` at layer ``l`` and token id ``w``: ``count`` = occurrences of
+    ``w``; ``n_selected`` = those selecting ``i`` at ``l``; ``p_expert_given_token = n_selected / count``;
+    ``p_expert`` = fraction of all the domain's tokens selecting ``i`` at ``l``;
+    ``lift = p_expert_given_token / p_expert``. Tokens with ``count < min_count`` or ``n_selected == 0`` are
+    left out; the ``top`` largest lifts are kept (ties: larger count, then smaller token id). Ids that decode
+    alike ("the" and " the") stay separate rows: the model sees different tokens.
 
     ``experts``: rows ``domain, layer, expert`` and optionally ``kind`` (see :func:`flagged_experts`).
-    Returns ``domain, kind, layer, expert, rank, token, token_ids, count, n_selected,
-    p_expert_given_token, p_expert, lift``.
+    Returns ``domain, kind, layer, expert, rank, token_id, token`` (the decoded text of the id, as the
+    tokenizer gives it), ``count, n_selected, p_expert_given_token, p_expert, lift``.
     """
-    cols = ["domain", "kind", "layer", "expert", "rank", "token", "token_ids", "count", "n_selected",
+    cols = ["domain", "kind", "layer", "expert", "rank", "token_id", "token", "count", "n_selected",
             "p_expert_given_token", "p_expert", "lift"]
     if min_count < 1 or top < 1:
         raise ConfigError(f"min_count ({min_count}) and top ({top}) must be at least 1: pass positive values")
     if experts is None or len(experts) == 0 or record.num_tokens == 0:
         return pd.DataFrame(columns=cols)
-    # Token id -> group of its string, once for the record.
-    keys = {i: _token_key(s) for i, s in record.token_strings.items()}
-    uniq_ids = np.unique(record.token_id)
-    names = sorted({keys.get(int(i), str(int(i))) for i in uniq_ids})
-    name_index = {n: g for g, n in enumerate(names)}
-    group_of_id = {int(i): name_index[keys.get(int(i), str(int(i)))] for i in uniq_ids}
-    group = np.array([group_of_id[int(i)] for i in record.token_id], dtype=np.int64)
-    ids_of_group: dict[int, list[int]] = {}
-    for i, g in group_of_id.items():
-        ids_of_group.setdefault(g, []).append(i)
+    # Dense index of the token ids present, once for the record.
+    uniq_ids, group = np.unique(np.asarray(record.token_id, dtype=np.int64), return_inverse=True)
+    group = group.ravel()
     layer_pos = {layer: j for j, layer in enumerate(record.layers)}
     rows: list[dict[str, Any]] = []
     exp = experts.copy()
@@ -308,19 +295,20 @@ def associations_from_record(
         sel = (record.selected[in_dom, layer_pos[int(r.layer)]] == int(r.expert)).any(axis=1)
         p_expert = sel.sum() / n_dom
         g = group[in_dom]
-        count = np.bincount(g, minlength=len(names))
-        n_sel = np.bincount(g[sel], minlength=len(names))
+        count = np.bincount(g, minlength=len(uniq_ids))
+        n_sel = np.bincount(g[sel], minlength=len(uniq_ids))
         ok = np.flatnonzero((count >= min_count) & (n_sel > 0))
         if not len(ok) or p_expert == 0:
             continue
         p_given = n_sel[ok] / count[ok]
         lift = p_given / p_expert
-        order = sorted(range(len(ok)), key=lambda j: (-lift[j], -count[ok[j]], names[ok[j]]))[:top]
+        order = sorted(range(len(ok)), key=lambda j: (-lift[j], -count[ok[j]], int(uniq_ids[ok[j]])))[:top]
         for rank, j in enumerate(order, start=1):
             gi = int(ok[j])
+            tid = int(uniq_ids[gi])
             rows.append({
                 "domain": r.domain, "kind": r.kind, "layer": int(r.layer), "expert": int(r.expert), "rank": rank,
-                "token": names[gi], "token_ids": ",".join(map(str, sorted(ids_of_group[gi]))),
+                "token_id": tid, "token": record.token_strings.get(tid, ""),
                 "count": int(count[gi]), "n_selected": int(n_sel[gi]),
                 "p_expert_given_token": float(p_given[j]), "p_expert": float(p_expert), "lift": float(lift[j]),
             })
