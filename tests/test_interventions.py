@@ -302,4 +302,4 @@ def test_steer_study_command_and_bad_scale(tmp_path) -> None:
     assert set(t["mode"]) == {"bias"} and t[t.condition == "domain_up"]["scale"].iloc[0] == 2.0
     assert "finetune_router" in set(t["condition"]) and "steering study complete" in r.output
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "p"), "--scale-down", "0"])
-    assert r.exit_code == 2 and "scales must be positive" in r.output
+    assert r.exit_code == 2 and "--scale-down 0.0 is not positive" in r.output

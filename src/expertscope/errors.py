@@ -26,3 +26,7 @@ class ModelError(ExpertscopeError, ValueError):
 
 class OutputError(ExpertscopeError, ValueError):
     """An output directory that would mix two runs, or a report directory missing its tables."""
+
+
+class InputTypeError(ExpertscopeError, TypeError):
+    """An API argument of the wrong type (a string where a list of domains belongs, a number as text, ...)."""

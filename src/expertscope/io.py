@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OutputError
+from .errors import DataError, OutputError
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -30,17 +31,34 @@ MANIFEST_SCHEMA_VERSION = 1
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _output_error(path, e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and e.filename not in (str(tmp_path), str(path)):
+            raise  # a missing input file read inside the block, not a write failure
+        raise _output_error(path, e) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _output_error(path: Path, e: OSError) -> OutputError:
+    """A write failure (disk full, read-only, no permission) as one line naming the file and the fix."""
+    fix = {errno.ENOSPC: "free some disk space or choose another --out",
+           errno.EDQUOT: "free some disk space or choose another --out",
+           errno.EROFS: "the disk is read-only: choose another --out",
+           errno.EACCES: "no permission: choose another --out",
+           errno.EPERM: "no permission: choose another --out"}.get(e.errno or 0, "choose another --out")
+    return OutputError(f"cannot write {path} ({e.strerror or e}): {fix}")
 
 
 def _umask() -> int:
@@ -88,6 +106,38 @@ def write_table(
             df.to_csv(tmp, index=False)
 
 
+def read_text(path: str | os.PathLike[str], what: str = "file") -> str:
+    """A text file's content as UTF-8 (a leading byte-order mark is accepted).
+
+    Raises :class:`DataError` naming the file and the encoding problem, or a missing file.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} not found: check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} {path} is a directory: pass a file") from None
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path} ({e.strerror}): check the path and permissions") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        enc = "UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8"
+        raise DataError(f"{what} {path} is {enc} (byte {raw[e.start]:#04x} at offset {e.start} is invalid UTF-8): "
+                        "save it as UTF-8") from None
+
+
+def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
+    """Parse a JSON file (UTF-8, BOM accepted); one-line :class:`DataError` on bad encoding or syntax."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): "
+                        "fix the file") from None
+
+
 def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read a table written by :func:`write_table`; returns ``(df, meta)``."""
     table = pq.read_table(path)
@@ -117,35 +167,3 @@ def make_manifest(kind: str, config: dict[str, Any], **extra: Any) -> dict[str, 
         "versions": package_versions(),
         **extra,
     }
-
-
-def prepare_out_dir(out: str | os.PathLike[str], kind: str, resume: bool = False, force: bool = False) -> Path:
-    """Create ``out`` or check it may be written to by a run of ``kind``.
-
-    A directory holding another kind of run, or the same kind without ``resume``/``force``, is refused so
-    two runs never mix their files.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out} is a file: pass a directory with --out")
-    manifest = out / "manifest.json"
-    if out.exists() and any(out.iterdir()) and not force:
-        if not manifest.exists():
-            raise OutputError(
-                f"output directory {out} is not empty and holds no expertscope run: choose a new --out"
-            )
-        try:
-            other = json.loads(manifest.read_text()).get("kind")
-        except (json.JSONDecodeError, OSError):
-            other = None
-        if other != kind:
-            raise OutputError(
-                f"output directory {out} holds another run ({other!r}): choose a new --out"
-            )
-        if not resume:
-            raise OutputError(
-                f"output directory {out} already holds a {kind} run: pass --resume to continue it, "
-                "--force to overwrite it, or choose a new --out"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    return out

@@ -7,7 +7,6 @@ stopped and ends with the same tables as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any, Literal
 
 from .config import BaseConfig, DomainExpertConfig
 from .errors import ConfigError
-from .io import make_manifest, prepare_out_dir, write_json
+from .rundir import RunDir, open_run_dir
 
 DEMO_DOMAINS = (
     "emotion=synthetic:emotion@validation",
@@ -51,10 +50,26 @@ class StudyConfig(BaseConfig):
     trust_remote_code: bool = False
 
     def validate(self) -> None:
-        if self.limit is not None and self.limit <= 0:
-            raise ConfigError(f"limit must be positive, got {self.limit}: pass --limit N with N > 0")
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {self.batch_size}: pass --batch-size N")
+        from .validation import check_finite, check_positive, check_positive_finite
+
+        for name in ("limit", "causal_limit", "eval_limit", "train_limit"):
+            check_positive(getattr(self, name), name, allow_none=True)
+        for name in ("batch_size", "max_length"):
+            check_positive(getattr(self, name), name)
+        for name in ("n_boot", "n_perm"):
+            check_positive(getattr(self, name), name, allow_zero=True)
+        check_finite(self.z, "z")
+        check_positive_finite(self.scale_up, "scale_up")
+        check_positive_finite(self.scale_down, "scale_down")
+
+    def check_inputs(self) -> None:
+        """Check what can be checked before any expensive stage: device, model location, domain specs."""
+        from .models.loading import resolve_source
+        from .validation import check_device, check_domain_specs
+
+        check_device(self.device)
+        resolve_source(self.model)
+        check_domain_specs(self.domain_specs)
 
     @property
     def domain_specs(self) -> tuple[str, ...]:
@@ -269,21 +284,29 @@ def run_study(
     unknown = sorted(set(stages or ()) - {n for n, _ in STAGES})
     if unknown:
         raise ConfigError(f"unknown stage {unknown[0]!r}: choose from {', '.join(n for n, _ in STAGES)}")
-    out = prepare_out_dir(out, kind, resume=resume, force=force)
-    manifest_path = out / "manifest.json"
-    old = json.loads(manifest_path.read_text()) if resume and manifest_path.exists() else {}
-    if old and old.get("config") != json.loads(json.dumps(config.to_dict())):
-        raise ConfigError(f"{out} holds a study with other settings: resume with the same options or use a new --out")
+    config.check_inputs()
+    fingerprint = study_fingerprint(config)
+    with open_run_dir(out, kind, fingerprint, config.to_dict(), resume=resume, force=force) as rd:
+        return _run_stages(rd, config, chosen, on_stage)
+
+
+def study_fingerprint(config: StudyConfig) -> dict[str, Any]:
+    """What decides a study's tables: the model's files, the domain data, and every setting."""
+    from .rundir import run_fingerprint
+
+    return run_fingerprint(config.model, config.domain_specs, config.to_dict())
+
+
+def _run_stages(rd: RunDir, config: StudyConfig, chosen: list[tuple[str, Stage]],
+                on_stage: Callable[[str, str], None] | None) -> dict[str, Any]:
+    old = rd.previous
     done: dict[str, Any] = dict(old.get("stages", {}))
-    ctx = StudyContext(config, out)
+    ctx = StudyContext(config, rd.path)
     t_start = time.perf_counter()
 
     def save(status: str) -> dict[str, Any]:
         model_info = ctx._model.describe() if ctx._model is not None else old.get("model")
-        m = make_manifest(kind, config.to_dict(), status=status, seed=config.seed, model=model_info,
-                          stages=done)
-        write_json(manifest_path, m)
-        return m
+        return rd.write_manifest(status, seed=config.seed, model=model_info, stages=done)
 
     save("running")
     ctx.state["mark_complete"] = lambda: save("complete")

@@ -43,6 +43,9 @@ def handle_errors(fn: F) -> F:
             fail(str(e), e.exit_code)
         except FileNotFoundError as e:
             fail(f"file not found: {e.filename or e}: check the path")
+        except OSError as e:  # disk full, read-only disk, permissions: one line, never a traceback
+            where = f" {e.filename}" if e.filename else ""
+            fail(f"cannot access{where} ({e.strerror or e}): check the path, free disk space or choose another --out")
         except KeyboardInterrupt:
             fail("interrupted: rerun with --resume to continue where it stopped", 130)
 

@@ -90,42 +90,57 @@ def drivers_cmd(
     from ..config import CausalConfig
     from ..data.sources import load_domains
     from ..errors import DataError
-    from ..io import make_manifest, prepare_out_dir, write_json, write_table
-    from ..models.loading import load_model
+    from ..io import write_table
+    from ..models.loading import load_model, resolve_source
+    from ..rundir import check_out_dir, open_run_dir, run_fingerprint
+    from ..validation import check_device, check_domain_specs, check_finite, check_positive
 
+    # Every check before anything is created or loaded, so bad input fails fast and leaves nothing behind.
     if not domain:
         raise DataError("no --domain given: pass at least one, e.g. --domain math=math.jsonl")
-    # Validate the settings before loading anything, so bad input fails fast.
+    check_finite(magnitude, "--magnitude")
+    check_finite(z, "--z")
+    check_positive(batch_size, "--batch-size")
+    check_positive(max_length, "--max-length")
+    check_positive(limit, "--limit", allow_none=True)
+    check_positive(hybrid_top, "--hybrid-top")
+    check_positive(top, "--top", allow_zero=True)
     cfg = CausalConfig(method=method, magnitude=magnitude, positions=positions, target=target,  # type: ignore[arg-type]
                        batch_size=batch_size, max_length=max_length, limit=limit, hybrid_top=hybrid_top)
     layer_list, expert_list = _int_list(layers, "layers"), _int_list(experts, "experts")
-    out = prepare_out_dir(out, "drivers", resume=resume, force=force)
-    t0 = time.perf_counter()
-    doms = load_domains(domain, limit=limit, seed=seed, fields=field_map(text_field, label_field, answer_field))
-    torch.manual_seed(seed)
-    moe = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                     allow_pickle=allow_pickle)
-    config: dict[str, Any] = {"model": model, "domains": domain, **cfg.to_dict(), "labels": label,
+    check_device(device)
+    check_domain_specs(domain)
+    resolve_source(model)
+    check_out_dir(out)
+    fields = field_map(text_field, label_field, answer_field)
+    config: dict[str, Any] = {"model": model, "domains": domain, "fields": fields, **cfg.to_dict(), "labels": label,
                               "layers": layer_list, "experts": expert_list, "z": z, "dtype": dtype,
                               "device": device, "seed": seed}
-    write_json(out / "manifest.json", make_manifest("drivers", config, status="running", model=moe.describe()))
+    fingerprint = run_fingerprint(model, domain, config, fields=fields)
+    with open_run_dir(out, "drivers", fingerprint, config, resume=resume, force=force) as rd:
+        t0 = time.perf_counter()
+        doms = load_domains(domain, limit=limit, seed=seed, fields=fields)
+        torch.manual_seed(seed)
+        moe = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                         allow_pickle=allow_pickle)
+        rd.write_manifest("running", model=moe.describe())
 
-    import expertscope.causal as C
+        import expertscope.causal as C
 
-    effects = C.causal_effects(moe, doms, config=cfg, layers=layer_list, experts=expert_list, labels=label,
-                               checkpoint=out / "checkpoint.npz", resume=resume, progress=True)
-    effects.save(out)
-    table = C.driver_experts(effects, rule="z", z=z)
-    table.save(out / "drivers.parquet")
-    rate = C.causal_rate(moe, doms, table, batch_size=batch_size, max_length=max_length, limit=limit)
-    write_table(out / "causal_rate.parquet", rate, meta={"table": "causal_rate", "version": 1,
-                                                         "driver_rule": table.settings["rule_text"]})
-    (out / "checkpoint.npz").unlink(missing_ok=True)
-    write_json(out / "manifest.json", make_manifest(
-        "drivers", config, status="complete", model=moe.describe(), settings=effects.settings,
-        thresholds={"rule": table.settings["rule_text"]},
-        timings={**effects.settings["timings"], "command_total_s": round(time.perf_counter() - t0, 3)},
-    ))
+        effects = C.causal_effects(moe, doms, config=cfg, layers=layer_list, experts=expert_list, labels=label,
+                                   checkpoint=out / "checkpoint.npz", resume=bool(rd.previous), progress=True)
+        effects.save(out)
+        table = C.driver_experts(effects, rule="z", z=z)
+        table.save(out / "drivers.parquet")
+        rate = C.causal_rate(moe, doms, table, batch_size=batch_size, max_length=max_length, limit=limit)
+        write_table(out / "causal_rate.parquet", rate, meta={"table": "causal_rate", "version": 1,
+                                                             "driver_rule": table.settings["rule_text"]})
+        (out / "checkpoint.npz").unlink(missing_ok=True)
+        rd.write_manifest(
+            "complete", model=moe.describe(), settings=effects.settings,
+            thresholds={"rule": table.settings["rule_text"]},
+            timings={**effects.settings["timings"], "command_total_s": round(time.perf_counter() - t0, 3)},
+        )
     print_drivers(table, rate, top=top)
     console.print(f"causal effects ({cfg.method}) of {effects.ce.shape[0]} inputs → {out}")
 

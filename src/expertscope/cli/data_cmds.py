@@ -35,7 +35,8 @@ def synth(
     """
     from ..data import synthetic
     from ..errors import ConfigError
-    from ..io import atomic_write, make_manifest, prepare_out_dir, write_json
+    from ..io import atomic_write
+    from ..rundir import check_out_dir, open_run_dir, run_fingerprint
 
     names = [d.strip() for d in domains.split(",") if d.strip()]
     unknown = [d for d in names if d not in synthetic.DOMAINS]
@@ -44,20 +45,21 @@ def synth(
     sizes = {"train": n_train, "validation": n_validation, "test": n_test}
     if min(sizes.values()) < 0:
         raise ConfigError("a split size is negative: pass sizes >= 0")
-    out_dir = prepare_out_dir(out, kind="synthetic-data", force=force)
+    check_out_dir(out)
+    settings = {"seed": seed, "sizes": sizes, "domains": names}
     files: dict[str, dict[str, object]] = {}
-    for name in names:
-        for split, n in sizes.items():
-            dom = synthetic.generate(name, n, seed=seed, split=split)
-            path = out_dir / f"{name}.{split}.jsonl"
-            with atomic_write(path) as fh:
-                for ex in dom.examples:
-                    fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-            files[path.name] = {"domain": name, "split": split, "task": dom.task, "n": len(dom)}
-    write_json(
-        out_dir / "manifest.json",
-        make_manifest("synthetic-data", {"seed": seed, "sizes": sizes, "domains": names}, files=files),
-    )
+    with open_run_dir(out, "synthetic-data", run_fingerprint(None, (), settings), settings, force=force,
+                      resumable=False) as rd:
+        for name in names:
+            for split, n in sizes.items():
+                dom = synthetic.generate(name, n, seed=seed, split=split)
+                path = rd.path / f"{name}.{split}.jsonl"
+                with atomic_write(path) as fh:
+                    for ex in dom.examples:
+                        fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+                files[path.name] = {"domain": name, "split": split, "task": dom.task, "n": len(dom)}
+        rd.write_manifest("complete", config=settings, files=files)
+    out_dir = rd.path
     for fname, info in files.items():
         out_console.print(f"{out_dir / fname}  ({info['task']}, n={info['n']})", highlight=False)
 
@@ -81,13 +83,19 @@ def demo_train(
 
     Example: expertscope demo train --out runs/demo --scale 0.05
     """
-    from ..demo.train import TrainConfig, run_phase2, train
-    from ..errors import ConfigError
+    from ..rundir import check_out_dir, lock_dir
+    from ..validation import check_positive, check_positive_finite
 
-    if scale <= 0:
-        raise ConfigError(f"scale {scale} is not positive: pass --scale > 0")
-    if threads < 1:
-        raise ConfigError(f"threads {threads} is not positive: pass --threads 1 or more")
+    check_positive_finite(scale, "--scale")
+    check_positive(threads, "--threads")
+    check_out_dir(out)
+    with lock_dir(out, require_manifest=False, create=True):
+        _demo_train(out, seed, scale, threads, evaluate, from_phase1)
+
+
+def _demo_train(out: Path, seed: int, scale: float, threads: int, evaluate: bool, from_phase1: Path | None) -> None:
+    from ..demo.train import TrainConfig, run_phase2, train
+
     cfg = TrainConfig(seed=seed, threads=threads)
     cfg = cfg.scaled(scale) if scale != 1.0 else cfg
     if from_phase1 is not None:

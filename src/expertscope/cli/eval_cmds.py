@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -13,6 +14,7 @@ from ._common import handle_errors, out_console, progress
 if TYPE_CHECKING:
     from ..data.types import Example
     from ..evaluation import EvalResult
+    from ..rundir import RunDir
 
 
 def read_examples(path: Path) -> list[Example]:
@@ -22,21 +24,24 @@ def read_examples(path: Path) -> list[Example]:
     """
     from ..data.types import Example
     from ..errors import DataError
+    from ..io import read_text
 
     if not path.exists():
         raise DataError(f"data file {path} does not exist: check the --data path")
     examples = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}): write one object per line") from None
-            if not isinstance(row, dict) or "text" not in row:
-                raise DataError(f"{path}:{lineno} has no 'text' field: every row needs the input text")
-            examples.append(Example.from_dict(row))
+    for lineno, line in enumerate(read_text(path, "data file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}): write one object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object: write one "
+                            '{"text": ...} object per line')
+        if "text" not in row:
+            raise DataError(f"{path}:{lineno} has no 'text' field: every row needs the input text")
+        examples.append(Example.from_dict(row, where=f"{path}:{lineno}"))
     if not examples:
         raise DataError(f"data file {path} holds no examples: add one JSON object per line")
     return examples
@@ -114,6 +119,16 @@ def eval_command(
         raise ConfigError(f"--batch-size {batch_size} is not positive: pass 1 or more")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} is not positive: pass 1 or more")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads} is not positive: pass 1 or more")
+    from ..models.loading import resolve_source
+    from ..rundir import check_out_dir, open_run_dir, run_fingerprint
+    from ..validation import check_device
+
+    check_device(device)
+    resolve_source(model)
+    if out is not None:
+        check_out_dir(out)
 
     # Read and check the data before loading the model, so bad input fails fast.
     jobs: list[tuple[str, str, list[Example]]] = []
@@ -132,57 +147,45 @@ def eval_command(
         validate_examples(job_task, exs)
 
     if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads {threads} is not positive: pass 1 or more")
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    moe = load_model(model, dtype=dtype, device=device)
-    results: list[tuple[str, EvalResult]] = []
-    with progress() as p:
-        for name, job_task, exs in jobs:
-            bar = p.add_task(f"eval {name}", total=len(exs))
-            res = evaluate(
-                moe,
-                job_task,
-                exs,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                device=device,
-                on_batch=lambda k, bar=bar: p.advance(bar, k),
-            )
-            results.append((name, res))
-    out_console.print(_table(results))
-    if out is not None:
-        _write(
-            out,
-            force,
-            results,
-            {
-                "model": model,
-                "task": task,
-                "data": None if data is None else str(data),
-                "split": split,
-                "limit": limit,
-                "batch_size": batch_size,
-                "seed": seed,
-                "max_new_tokens": max_new_tokens,
-                "dtype": dtype,
-                "device": device,
-            },
-        )
+    config = {"model": model, "task": task, "data": None if data is None else str(data), "split": split,
+              "limit": limit, "batch_size": batch_size, "seed": seed, "max_new_tokens": max_new_tokens,
+              "dtype": dtype, "device": device}
+    # The output directory is locked (and checked) before the model loads; nothing is written on failure.
+    run = (open_run_dir(out, "eval", run_fingerprint(model, (), config, files=[data] if data else ()), config,
+                        force=force, resumable=False) if out is not None else contextlib.nullcontext())
+    with run as rd:
+        torch.manual_seed(seed)
+        moe = load_model(model, dtype=dtype, device=device)
+        results: list[tuple[str, EvalResult]] = []
+        with progress() as p:
+            for name, job_task, exs in jobs:
+                bar = p.add_task(f"eval {name}", total=len(exs))
+                res = evaluate(
+                    moe,
+                    job_task,
+                    exs,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    device=device,
+                    on_batch=lambda k, bar=bar: p.advance(bar, k),
+                )
+                results.append((name, res))
+        out_console.print(_table(results))
+        if rd is not None:
+            _write(rd, results)
 
 
-def _write(out: Path, force: bool, results: list[tuple[str, EvalResult]], config: dict[str, Any]) -> None:
-    from ..io import atomic_write, make_manifest, prepare_out_dir, write_json
+def _write(rd: RunDir, results: list[tuple[str, EvalResult]]) -> None:
+    from ..io import atomic_write, write_json
 
-    out_dir = prepare_out_dir(out, kind="eval", force=force)
     summary = {name: {k: v for k, v in r.to_dict().items() if k != "predictions"} for name, r in results}
-    write_json(out_dir / "results.json", summary)
+    write_json(rd.path / "results.json", summary)
     for name, r in results:
-        with atomic_write(out_dir / f"predictions.{name}.jsonl") as fh:
+        with atomic_write(rd.path / f"predictions.{name}.jsonl") as fh:
             for rec in r.predictions:
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    write_json(out_dir / "manifest.json", make_manifest("eval", config, results=summary))
+    rd.write_manifest("complete", results=summary)
 
 
 def register(app: typer.Typer) -> None:

@@ -31,6 +31,7 @@ def lm_eval_cmd(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     trust_remote_code: TrustOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace earlier lm-eval results in --out.")] = False,
 ) -> None:
     """Evaluate MODEL with lm-evaluation-harness, optionally with experts steered.
 
@@ -40,26 +41,43 @@ def lm_eval_cmd(
 
       expertscope lm-eval --model demo --steer runs/study/steer_math_driver_up.json --tasks expertscope_math
     """
-    from ..integrations.lm_eval import SYNTHETIC_TASKS, lm_eval_steered, write_synthetic_tasks
+    from ..integrations.lm_eval import SYNTHETIC_TASKS, lm_eval_steered, task_manager, write_synthetic_tasks
     from ..interventions.steering import SteeringSpec
-    from ..io import make_manifest, write_json
-    from ..models.loading import load_model
+    from ..models.loading import load_model, resolve_source
+    from ..rundir import check_out_dir, open_run_dir, run_fingerprint
+    from ..validation import check_device, check_positive
 
+    # Every check before the output directory is touched or the model loads.
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    check_positive(limit, "--limit", allow_none=True)
+    check_positive(n, "--n")
+    check_positive(batch_size, "--batch-size")
+    check_device(device)
+    resolve_source(model)
+    check_out_dir(out)
     spec = SteeringSpec.load(steer) if steer else None
     synthetic = [d for d, t in SYNTHETIC_TASKS.items() if t in names]
-    task_dir = include_path
-    if synthetic:
-        task_dir = out / "tasks"
-        write_synthetic_tasks(task_dir, synthetic, n=n)
-        if include_path:
-            console.print("[yellow]--include-path ignored: the synthetic tasks use their own directory[/]")
-    moe = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    result = lm_eval_steered(moe, names, steering=spec, include_path=task_dir, limit=limit, batch_size=batch_size)
-    scores = {t: {k: v for k, v in r.items() if isinstance(v, int | float)} for t, r in result["results"].items()}
-    write_json(out / "lm_eval_results.json", make_manifest(
-        "lm-eval", {"model": model, "tasks": names, "steer": spec.to_json() if spec else None, "limit": limit},
-        results=scores))
+    others = [t for t in names if t not in SYNTHETIC_TASKS.values()]
+    if synthetic and include_path:
+        console.print("[yellow]--include-path ignored: the synthetic tasks use their own directory[/]")
+    if others or not names:
+        task_manager(others or names, None if synthetic else include_path)  # unknown names fail here, fast
+    settings = {"model": model, "tasks": names, "steer": spec.to_json() if spec else None, "limit": limit, "n": n,
+                "batch_size": batch_size, "dtype": dtype, "device": device}
+    with open_run_dir(out, "lm-eval", run_fingerprint(model, (), settings), settings, force=force,
+                      resumable=False) as rd:
+        task_dir = include_path
+        if synthetic:
+            task_dir = out / "tasks"
+            write_synthetic_tasks(task_dir, synthetic, n=n)
+        manager = task_manager(names, task_dir)
+        moe = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        result = lm_eval_steered(moe, names, steering=spec, include_path=task_dir, limit=limit,
+                                 batch_size=batch_size, manager=manager)
+        scores = {t: {k: v for k, v in r.items() if isinstance(v, int | float)} for t, r in result["results"].items()}
+        from ..io import write_json
+
+        write_json(out / "lm_eval_results.json", rd.write_manifest("complete", results=scores))
     table = Table(title="lm-eval" + (f" (steered: {len(spec.targets)} experts ×{spec.scale} {spec.mode})" if spec
                                      else ""))
     table.add_column("task")

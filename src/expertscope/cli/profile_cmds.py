@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -71,46 +70,62 @@ def profile_cmd(
       expertscope profile -m ./Qwen1.5-MoE-A2.7B --domain sa=emotion.jsonl --domain math=gsm8k.jsonl?text=question
     """
     from ..data.sources import load_domains
-    from ..io import make_manifest, prepare_out_dir, write_json
-    from ..models.loading import load_model
+    from ..errors import DataError
+    from ..models.loading import load_model, resolve_source
+    from ..rundir import check_out_dir, open_run_dir, run_fingerprint
     from ..stats.profile import RoutingProfile, checkpointer, profile
+    from ..validation import check_choice, check_device, check_domain_specs, check_positive
 
+    # Every check before anything is created or loaded.
     if not domain:
-        from ..errors import DataError
-
         raise DataError("no --domain given: pass at least two, e.g. --domain math=math.jsonl --domain sa=sa.jsonl")
-    out = prepare_out_dir(out, "profile", resume=resume, force=force)
-    t0 = time.perf_counter()
-    doms = load_domains(domain, limit=limit, seed=seed, fields=field_map(text_field, label_field, answer_field))
-    moe = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                     allow_pickle=allow_pickle)
+    check_positive(batch_size, "--batch-size")
+    check_positive(max_length, "--max-length")
+    check_positive(limit, "--limit", allow_none=True)
+    check_positive(workers, "--workers")
+    check_choice(executor, "--executor", ("local", "ray"))
+    check_device(device)
+    check_domain_specs(domain)
+    resolve_source(model)
+    check_out_dir(out)
+    fields = field_map(text_field, label_field, answer_field)
     config = {"model": model, "domains": domain, "batch_size": batch_size, "max_length": max_length,
               "limit": limit, "dtype": dtype, "device": device, "seed": seed, "keep_sequences": keep_sequences,
-              "executor": executor, "workers": workers, "gpus_per_worker": gpus_per_worker}
-    write_json(out / "manifest.json", make_manifest("profile", config, status="running", model=moe.describe()))
-    previous = RoutingProfile.load(out) if resume and (out / "profile.safetensors").exists() else None
+              "fields": fields, "executor": executor, "workers": workers, "gpus_per_worker": gpus_per_worker}
+    # The fingerprint leaves out how the work is spread (executor, workers): results do not depend on it.
+    result_settings = {k: v for k, v in config.items() if k not in ("executor", "workers", "gpus_per_worker")}
+    fingerprint = run_fingerprint(model, domain, result_settings, fields=fields)
+    with open_run_dir(out, "profile", fingerprint, config, resume=resume, force=force) as rd:
+        t0 = time.perf_counter()
+        doms = load_domains(domain, limit=limit, seed=seed, fields=fields)
+        moe = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                         allow_pickle=allow_pickle)
+        rd.write_manifest("running", model=moe.describe())
+        previous = RoutingProfile.load(out) if rd.previous and (out / "profile.safetensors").exists() else None
 
-    from ..executors import ModelSpec, make_executor
+        from ..executors import ModelSpec, make_executor
 
-    spec = ModelSpec(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    runner = make_executor(executor, spec, workers=workers, gpus_per_worker=gpus_per_worker)  # type: ignore[arg-type]
-    prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
-                   resume_from=previous, on_batch=checkpointer(out), progress=True, executor=runner)
-    prof.save(out)
-    from ..stats.routing_mi import save_routing_mi
+        spec = ModelSpec(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                         allow_pickle=allow_pickle)
+        runner = make_executor(executor, spec, workers=workers, gpus_per_worker=gpus_per_worker)  # type: ignore[arg-type]
+        prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
+                       resume_from=previous, on_batch=checkpointer(out), progress=True, executor=runner)
+        prof.save(out)
+        from ..stats.routing_mi import save_routing_mi
 
-    mi = save_routing_mi(prof, out)
-    n, _ = prof.totals()
-    write_json(out / "manifest.json", make_manifest(
-        "profile", config, status="complete", model=moe.describe(),
-        tokens={d: int(x) for d, x in zip(prof.domains, n, strict=True)}, truncated=prof.truncated,
-        timings={"total_s": round(time.perf_counter() - t0, 3)},
-    ))
+        mi = save_routing_mi(prof, out)
+        n, _ = prof.totals()
+        rd.write_manifest(
+            "complete", model=moe.describe(),
+            tokens={d: int(x) for d, x in zip(prof.domains, n, strict=True)}, truncated=prof.truncated,
+            timings={"total_s": round(time.perf_counter() - t0, 3)},
+        )
     console.print(f"profiled {sum(int(x) for x in n)} tokens over {len(prof.domains)} domains → {out}")
     console.print("I(domain; selected expert) per layer [bits]: "
                   + ", ".join(f"{int(r.layer)}: {r.mi_bits:.3f}" for r in mi.itertuples()))
     if prof.truncated:
-        console.print(f"[yellow]truncated to {max_length} tokens:[/] {prof.truncated}")
+        cap = prof.config.get("max_length_used", max_length)
+        console.print(f"[yellow]truncated to {cap} tokens:[/] {prof.truncated}")
 
 
 @handle_errors
@@ -135,21 +150,29 @@ def domains_cmd(
       expertscope domains runs/p --rule fdr --alpha 0.1 --entropy eq1
     """
     from ..config import DomainExpertConfig
+    from ..rundir import lock_dir
     from ..stats.domain_experts import domain_experts
     from ..stats.profile import RoutingProfile
+    from ..validation import check_finite, check_open_unit, check_positive
 
+    check_finite(z, "--z")
+    check_open_unit(alpha, "--alpha")
+    check_positive(n_boot, "--n-boot", allow_zero=True)
+    check_positive(n_perm, "--n-perm", allow_zero=True)
+    check_positive(top, "--top", allow_zero=True)
     cfg = DomainExpertConfig(rule=rule, z=z, entropy=entropy, conditional=conditional,  # type: ignore[arg-type]
                              n_boot=n_boot, n_perm=n_perm, alpha=alpha, seed=seed)
     prof = RoutingProfile.load(run_dir)
-    table = domain_experts(prof, cfg)
-    table.save(run_dir / "domain_experts.parquet")
-    manifest = run_dir / "manifest.json"
-    if manifest.exists():
-        from ..io import write_json
+    with lock_dir(run_dir):
+        table = domain_experts(prof, cfg)
+        table.save(run_dir / "domain_experts.parquet")
+        manifest = run_dir / "manifest.json"
+        if manifest.exists():
+            from ..io import read_json, write_json
 
-        m = json.loads(manifest.read_text())
-        m.setdefault("analyses", {})["domain_experts"] = table.settings
-        write_json(manifest, m)
+            m = read_json(manifest, "manifest")
+            m.setdefault("analyses", {})["domain_experts"] = table.settings
+            write_json(manifest, m)
     print_domain_experts(table, top)
     print_shared_experts(prof.model_info)
     out_console.print(f"wrote {run_dir / 'domain_experts.parquet'} (rule: {table.settings['rule_text']})")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import handle_errors, out_console
+from ._common import console, handle_errors, out_console
 
 
 def register(app: typer.Typer) -> None:
@@ -33,8 +33,16 @@ def report_cmd(
       expertscope report runs/study -o /tmp/study-report.html
     """
     from ..report.html import report
+    from ..rundir import check_out_file, lock_dir
 
-    path = report(run_dir, out=out)
+    if out is not None:
+        check_out_file(out)
+    problems: dict[str, str] = {}
+    with lock_dir(run_dir):  # the figures are rewritten inside RUN_DIR
+        path = report(run_dir, out=out, problems=problems)
+    for name, reason in problems.items():
+        console.print(f"[yellow]warning:[/] could not read {name} ({reason}); left out of the report",
+                      highlight=False, soft_wrap=True)
     out_console.print(f"wrote {path}")
 
 

@@ -67,6 +67,15 @@ def run_cmd(
       expertscope run -m ./Mixtral-8x7B --dtype bfloat16 --device cuda -d sa=sa.jsonl -d math=gsm8k.jsonl -o runs/mx
     """
     from ..study import STAGES, StudyConfig, run_study
+    from ..validation import check_finite, check_positive
+
+    # Option ranges first (named as options); StudyConfig checks the same for API callers.
+    for value, option in ((limit, "--limit"), (causal_limit, "--causal-limit"), (eval_limit, "--eval-limit"),
+                          (train_limit, "--train-limit"), (batch_size, "--batch-size")):
+        check_positive(value, option)
+    check_positive(n_boot, "--n-boot", allow_zero=True)
+    check_finite(z, "--z")
+    check_positive(n_perm, "--n-perm", allow_zero=True)
 
     cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, causal_limit=causal_limit,
                       causal_method=causal_method, eval_limit=eval_limit, train_limit=train_limit,  # type: ignore[arg-type]

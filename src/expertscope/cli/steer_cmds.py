@@ -65,12 +65,18 @@ def steer_study_cmd(
 
       expertscope steer-study --model demo --mode bias --scale-up 1.5 --scale-down 0.67 -o runs/bias
     """
-    from ..errors import ConfigError
     from ..interventions.study import InterventionResult
     from ..study import StudyConfig, run_study
+    from ..validation import check_positive, check_positive_finite
 
-    if scale_up <= 0 or scale_down <= 0:
-        raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
+    # Option ranges first (named as options); StudyConfig checks the same for API callers.
+    for value, option in ((limit, "--limit"), (causal_limit, "--causal-limit"), (eval_limit, "--eval-limit"),
+                          (train_limit, "--train-limit"), (batch_size, "--batch-size")):
+        check_positive(value, option)
+    check_positive(n_boot, "--n-boot", allow_zero=True)
+
+    check_positive_finite(scale_up, "--scale-up")
+    check_positive_finite(scale_down, "--scale-down")
     cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, causal_limit=causal_limit,
                       eval_limit=eval_limit, train_limit=train_limit, steer_mode=mode,  # type: ignore[arg-type]
                       batch_size=batch_size, dtype=dtype, device=device, seed=seed, n_boot=n_boot,

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ..errors import DataError
+from ..validation import check_positive, check_text, parse_limit
 from .types import Domain, Example, TaskName
 
 FIELD_KEYS = ("text", "label", "answer", "choices", "solution", "context", "id")
@@ -65,27 +66,47 @@ PRESETS: dict[str, Preset] = {
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    from ..io import read_text
+
     if not path.exists():
         raise DataError(f"data file {path} not found: check the path")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: pass a .jsonl, .json, .csv or .parquet file")
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
             rows = []
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError:
-                            raise DataError(f"{path}:{lineno} is not valid JSON: fix or remove that line") from None
+            for lineno, line in enumerate(read_text(path, "data file").splitlines(), 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that "
+                                        "line") from None
+                    _check_row(row, f"{path}:{lineno}")
+                    rows.append(row)
             return rows
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return data if isinstance(data, list) else data.get("data", [])
+            try:
+                data = json.loads(read_text(path, "data file"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): fix the file") from None
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise DataError(f"{path} holds a JSON {type(data).__name__}: write a list of objects "
+                                '([{"text": ...}, ...]) or {"data": [...]}')
+            for i, row in enumerate(data):
+                _check_row(row, f"{path} item {i}")
+            return data
         if suffix in (".csv", ".tsv"):
             import pandas as pd
 
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",").to_dict("records")
+            try:
+                return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8-sig",
+                                   dtype=str).to_dict("records")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 (invalid byte at offset {e.start}): save it as UTF-8") from None
         if suffix == ".parquet":
             import pandas as pd
 
@@ -93,8 +114,14 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError) as e:
         if isinstance(e, DataError):
             raise
-        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"cannot read {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     raise DataError(f"unsupported data file type {suffix!r} for {path}: use .jsonl, .json, .csv or .parquet")
+
+
+def _check_row(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is a JSON {type(row).__name__} ({str(row)[:30]}), not an object: write one "
+                        '{"text": ...} object per row')
 
 
 def rows_to_examples(rows: Sequence[dict[str, Any]], fields: dict[str, str], where: str) -> list[Example]:
@@ -116,10 +143,15 @@ def rows_to_examples(rows: Sequence[dict[str, Any]], fields: dict[str, str], whe
             col = fields.get(key, key)
             if col in row and row[col] is not None and not (isinstance(row[col], float) and row[col] != row[col]):
                 values[key] = row[col]
-        if not str(values.get("text", "")).strip():
+        text = check_text(values.get("text", ""), f"{where} row {i}", fields.get("text", "text"))
+        if not text.strip():
             raise DataError(f"{where} row {i} has an empty {fields.get('text', 'text')!r}: remove it or fix the field")
         if isinstance(values.get("choices"), str):
-            values["choices"] = json.loads(values["choices"])
+            try:
+                values["choices"] = json.loads(values["choices"])
+            except json.JSONDecodeError:
+                raise DataError(f"{where} row {i}: choices {values['choices'][:30]!r} is not a JSON list: "
+                                'write e.g. ["a", "b"]') from None
         values.setdefault("id", str(i))
         out.append(Example.from_dict(values))
     return out
@@ -181,7 +213,8 @@ def load_domain(
     task = fields.pop("task", task)  # type: ignore[assignment]
     split = fields.pop("split", split)
     limit_s = fields.pop("limit", None)
-    limit = int(limit_s) if limit_s is not None else limit
+    limit = parse_limit(limit_s, spec or f"{name}={source}") if limit_s is not None else limit
+    check_positive(limit, "limit", allow_none=True)  # 0 must not mean "all", nor -1 "all but the last"
     if source.startswith("preset:"):
         key = source.split(":", 1)[1]
         if key not in PRESETS:
@@ -216,6 +249,11 @@ def _synthetic_task(kind: str) -> TaskName | None:
 
 def load_domains(specs: Sequence[str], limit: int | None = None, seed: int = 0, **defaults: Any) -> list[Domain]:
     """Load several ``NAME=SOURCE`` specs; names must be unique."""
+    if isinstance(specs, str):
+        from ..errors import InputTypeError
+
+        raise InputTypeError(f"specs must be a list of NAME=SOURCE strings, got one string {specs!r}: wrap it in a "
+                             "list")
     doms = [load_domain(s, limit=limit, seed=seed, **defaults) for s in specs]
     names = [d.name for d in doms]
     dup = next((n for n in names if names.count(n) > 1), None)

@@ -43,9 +43,33 @@ class Example:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Example:
+    def from_dict(cls, d: dict[str, Any], where: str = "example") -> Example:
+        """An example from a JSON-style dict; ``text``, ``solution`` and ``context`` must be strings (numbers
+        are accepted for ``label``/``answer``/``choices``, which are often numeric). ``where`` names the row in
+        errors."""
+        from ..validation import check_text
+
+        if not isinstance(d, dict):
+            from ..errors import DataError
+
+            raise DataError(f"{where} is a {type(d).__name__}, not an object: write one {{\"text\": ...}} object")
+        check_text(d.get("text"), where)
+        if d.get("solution") is not None:
+            check_text(d["solution"], where, "solution")
+        for key in ("choices", "context"):
+            v = d.get(key)
+            if v is not None and (isinstance(v, str | bytes | dict) or not hasattr(v, "__iter__")):
+                from ..errors import DataError
+
+                raise DataError(f"{where}: field {key!r} is a {type(v).__name__}, not a list: write e.g. "
+                                f'"{key}": ["a", "b"]')
+        for c in d.get("context") or ():
+            check_text(c, where, "context")
+        for c in d.get("choices") or ():
+            if not isinstance(c, str | int | float) or isinstance(c, bool):
+                check_text(c, where, "choices")
         return cls(
-            text=str(d["text"]),
+            text=d["text"],
             label=None if d.get("label") is None else str(d["label"]),
             answer=None if d.get("answer") is None else str(d["answer"]),
             choices=None if d.get("choices") is None else tuple(str(c) for c in d["choices"]),
@@ -97,8 +121,26 @@ def as_domains(domains: Domain | Sequence[Domain] | dict[str, Sequence[str]]) ->
 
     Accepts one Domain, a list of them, or ``{name: [text, ...]}``.
     """
+    from ..errors import InputTypeError
+    from ..validation import check_text
+
+    expected = "a Domain, a list of Domains, or {name: [text, ...]}"
     if isinstance(domains, Domain):
         return [domains]
     if isinstance(domains, dict):
-        return [Domain(name, [Example(text=t) for t in texts]) for name, texts in domains.items()]
+        out = []
+        for name, texts in domains.items():
+            if not isinstance(name, str):
+                raise InputTypeError(f"domain name {name!r} is a {type(name).__name__}: expected {expected}")
+            if isinstance(texts, str | bytes) or not isinstance(texts, Sequence):
+                raise InputTypeError(f"domain {name!r} maps to a {type(texts).__name__}, not a list of texts: "
+                                     f"expected {expected}, e.g. {{{name!r}: [\"text one\", \"text two\"]}}")
+            out.append(Domain(name, [Example(text=check_text(t, f"domain {name!r} item {i}"))
+                                     for i, t in enumerate(texts)]))
+        return out
+    if isinstance(domains, str | bytes) or not isinstance(domains, Sequence):
+        raise InputTypeError(f"domains is a {type(domains).__name__}: expected {expected}")
+    bad = next((d for d in domains if not isinstance(d, Domain)), None)
+    if bad is not None:
+        raise InputTypeError(f"domains holds a {type(bad).__name__} ({str(bad)[:30]!r}): expected {expected}")
     return list(domains)

@@ -118,6 +118,36 @@ def write_synthetic_tasks(
     return names
 
 
+def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:
+    """An lm-eval ``TaskManager`` that knows every name in ``tasks``; unknown names raise :class:`ConfigError`.
+
+    Tasks found in ``include_path`` alone use a manager without lm-eval's own task index (indexing its
+    thousands of YAML files takes seconds); otherwise the full index is built and checked.
+    """
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("lm-evaluation-harness is not installed: pip install lm_eval") from None
+    if isinstance(tasks, str):
+        raise ConfigError(f"tasks must be a list of task names, got the string {tasks!r}: wrap it in a list")
+    if not tasks:
+        raise ConfigError("no lm-eval task given: pass e.g. --tasks expertscope_emotion")
+    inc = str(include_path) if include_path else None
+    if inc is not None:
+        local = TaskManager(include_path=inc, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=inc)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `lm_eval --tasks list`"
+        raise ConfigError(f"unknown lm-eval task {unknown[0]!r}: {hint}")
+    return manager
+
+
 def lm_eval_steered(
     model: MoEModel,
     tasks: Sequence[str],
@@ -126,21 +156,22 @@ def lm_eval_steered(
     limit: int | None = None,
     batch_size: int = 8,
     log_samples: bool = False,
+    manager: Any = None,
 ) -> dict[str, Any]:
     """Run lm-eval ``tasks`` on ``model`` with ``steering`` (a :class:`~expertscope.SteeringSpec`) attached.
 
     Returns lm-eval's results dict (``results[task][metric]``, and ``samples`` when ``log_samples``).
+    ``manager``: a :func:`task_manager` already built for ``tasks`` (built here when None).
     """
+    manager = manager if manager is not None else task_manager(tasks, include_path)
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise ConfigError("lm-evaluation-harness is not installed: pip install lm_eval") from None
     from ..interventions.steering import steer
 
     lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size, device=str(model.device))
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
     ctx = steer(model, spec=steering) if steering is not None else contextlib.nullcontext()
     with ctx:
         out = simple_evaluate(lm, tasks=list(tasks), task_manager=manager, limit=limit, bootstrap_iters=0,

@@ -43,20 +43,44 @@ class SteeringSpec(BaseConfig):
         return json.dumps({"targets": [list(t) for t in self.targets], "scale": self.scale, "mode": self.mode})
 
     @classmethod
-    def from_json(cls, text: str) -> SteeringSpec:
-        d = json.loads(text)
-        return cls(targets=tuple(tuple(t) for t in d.get("targets", [])), scale=float(d.get("scale", 1.2)),
-                   mode=d.get("mode", "scale"))
+    def from_json(cls, text: str, where: str = "steering JSON") -> SteeringSpec:
+        """Parse ``{"targets": [[layer, expert], ...], "scale": s, "mode": "scale"|"bias"}``; any other shape
+        raises :class:`ConfigError` naming the problem."""
+        shape = '{"targets": [[layer, expert], ...], "scale": 1.2, "mode": "scale"}'
+        try:
+            d = json.loads(text.removeprefix("\ufeff"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}): write {shape}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where} holds a JSON {type(d).__name__}: write an object {shape}")
+        unknown = sorted(set(d) - {"targets", "scale", "mode"})
+        if unknown:
+            raise ConfigError(f"{where} has an unknown key {unknown[0]!r}: write {shape}")
+        targets = d.get("targets", [])
+        if not isinstance(targets, list) or not all(
+            isinstance(t, list) and len(t) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                        for x in t) for t in targets):
+            raise ConfigError(f"{where}: targets must be a list of [layer, expert] pairs of integers >= 0, got "
+                              f"{str(targets)[:40]}: write {shape}")
+        scale = d.get("scale", 1.2)
+        if not isinstance(scale, int | float) or isinstance(scale, bool):
+            raise ConfigError(f"{where}: scale {scale!r} is not a number: write e.g. \"scale\": 1.2")
+        mode = d.get("mode", "scale")
+        if not isinstance(mode, str):
+            raise ConfigError(f"{where}: mode {mode!r} is not a string: use \"scale\" or \"bias\"")
+        return cls(targets=tuple((a, b) for a, b in targets), scale=float(scale), mode=mode)  # type: ignore[arg-type]
 
     def save(self, path: str | Path) -> None:
         write_json(path, json.loads(self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringSpec:
+        from ..io import read_text
+
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"steering file {p} not found: check the path")
-        return cls.from_json(p.read_text())
+        return cls.from_json(read_text(p, "steering file"), where=f"steering file {p}")
 
 
 def targets_from(source: Any, domain: str | None = None) -> list[Target]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,54 @@ def _check_weights(path: Path, allow_pickle: bool) -> bool:
     return False
 
 
+def _hub_available(repo_id: str, revision: str | None) -> bool:
+    """Whether ``repo_id`` can be had without waiting on retries: cached, or the hub answers a connection."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+            return True
+    except Exception:  # an invalid repo id is reported by the fetch itself
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Silence huggingface_hub's per-retry warnings; the failure is reported once, as a ModelError."""
+    import logging
+
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first non-empty line, whole (messages must not be cut mid-sentence)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0].rstrip(":") if lines else type(e).__name__
+
+
+def _has_tokenizer(path: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+    return any((path / n).exists() for n in names)
+
+
 def _refuse_bypassing_paths(config: Any, use_kernels: bool) -> None:
     quant = getattr(config, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
@@ -102,8 +152,14 @@ def load_model(
     source, local = resolve_source(path_or_id)
     torch_dtype = parse_dtype(dtype)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if not local and not _hub_available(source, revision):
+        raise ModelError(
+            f"cannot fetch {path_or_id!r}: the Hugging Face hub is unreachable (offline) and it is not in the local "
+            "cache: download it and pass its local directory, e.g. --model ./my-model"
+        )
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        with _quiet_hub():
+            config = AutoConfig.from_pretrained(source, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError(
@@ -122,13 +178,27 @@ def load_model(
     load_kwargs: dict[str, Any] = {**kwargs, "dtype": torch_dtype, "use_safetensors": use_safetensors}
     if device_map is not None:
         load_kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    if device is not None:
+        from ..validation import check_device
+
+        check_device(str(device))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, **load_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise ModelError(f"cannot load {path_or_id}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:
-        raise ModelError(f"cannot load {path_or_id}: {str(e).splitlines()[0]}") from None
+        with _quiet_hub():
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, **load_kwargs)
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt or truncated files
+        if not isinstance(e, OSError | ValueError | RuntimeError) and type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"cannot load the weights of {path_or_id} ({_first_line(e)}): the files may be corrupt "
+                         "or truncated; download or save them again") from None
+    if local and not _has_tokenizer(Path(source)):
+        raise ModelError(f"{source} has no tokenizer (no tokenizer.json, tokenizer_config.json or tokenizer.model): "
+                         "save the model's tokenizer into that directory (tokenizer.save_pretrained(dir))")
+    try:
+        with _quiet_hub():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {path_or_id} ({_first_line(e)}): save the model's "
+                         "tokenizer into its directory") from None
     if device is not None and device_map is None:
         model = model.to(device)
     moe = MoEModel.from_model(model, tokenizer=tokenizer, source=path_or_id, verify=verify)

@@ -71,32 +71,40 @@ def _find(run_dir: Path, name: str) -> Path | None:
     return nested[0] if nested else None
 
 
-def load_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+def load_tables(run_dir: str | Path, problems: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """Every table of :data:`TABLE_FILES` found in ``run_dir`` (plus each ``expert_map*.parquet`` as
-    ``expert_map:<suffix>``); unreadable or missing tables are left out. Without a driver table, per-expert
-    mean CE is derived from ``ce.parquet`` (no driver flags)."""
+    ``expert_map:<suffix>``); missing tables are left out. A table that exists but cannot be read is left out
+    too, and recorded in ``problems`` as ``{file name: reason}``. Without a driver table, per-expert mean CE
+    is derived from ``ce.parquet`` (no driver flags)."""
     run_dir = Path(run_dir)
     out: dict[str, pd.DataFrame] = {}
+    problems = {} if problems is None else problems
+
+    def read(path: Path) -> pd.DataFrame | None:
+        try:
+            df, meta = read_table(path)
+            df.attrs["meta"] = meta  # rule texts and settings travel with the table
+            return df
+        except Exception as e:  # a half-written or foreign file must not stop the report: say why, go on
+            problems[str(path.relative_to(run_dir))] = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            return None
+
     for key, names in TABLE_FILES.items():
         for name in names:
             path = _find(run_dir, name)
             if path is None:
                 continue
-            try:
-                df, meta = read_table(path)
-            except Exception:  # a half-written or foreign file must not stop the report
-                continue
-            df.attrs["meta"] = meta  # rule texts and settings travel with the table
-            out[key] = df
-            break
+            df = read(path)
+            if df is not None:
+                out[key] = df
+                break
     for path in sorted(run_dir.glob("expert_map*.parquet")) + sorted(run_dir.glob("*/expert_map*.parquet")):
         suffix = path.stem[len("expert_map"):].lstrip("_-")
         key = f"expert_map:{suffix}" if suffix else "expert_map"
         if key not in out:
-            try:
-                out[key] = read_table(path)[0]
-            except Exception:
-                continue
+            df = read(path)
+            if df is not None:
+                out[key] = df
     if "drivers" not in out and "ce" in out and {"domain", "layer", "expert", "ce"} <= set(out["ce"].columns):
         out["drivers"] = (out["ce"].groupby(["domain", "layer", "expert"], sort=False)["ce"].mean()
                           .rename("ce_mean").reset_index())
@@ -547,12 +555,17 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
     )
 
 
-def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None) -> Path:
     """Build ``run_dir/report.html`` (or ``out``) from the run's saved tables; figures are (re)written to
-    ``run_dir/figures/`` as PNG and SVG. Returns the report's path.
+    ``run_dir/figures/`` as PNG and SVG. Returns the report's path. Tables that exist but cannot be read are
+    recorded in ``problems`` (``{file: reason}``) and left out of the report.
 
-    Raises :class:`OutputError` if ``run_dir`` lacks ``manifest.json`` or ``domain_experts.parquet``.
+    Raises :class:`OutputError` if ``run_dir`` lacks ``manifest.json`` or a readable ``domain_experts.parquet``,
+    or if ``out`` is a directory.
     """
+    problems = {} if problems is None else problems
+    if out is not None and Path(out).is_dir():
+        raise OutputError(f"--out {out} is a directory: pass a file path, e.g. {Path(out) / 'report.html'}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise OutputError(f"{run_dir} is not a directory: pass the output directory of `expertscope run`")
@@ -560,10 +573,17 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not manifest_path.exists():
         raise OutputError(f"{run_dir} has no manifest.json: pass the output directory of `expertscope run`")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, OSError) as e:
-        raise OutputError(f"{manifest_path} is unreadable ({type(e).__name__}): rerun `expertscope run`") from e
-    tables = load_tables(run_dir)
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8-sig"))
+    except (ValueError, OSError) as e:
+        raise OutputError(f"{manifest_path} is unreadable ({type(e).__name__}): rerun `expertscope run`") from None
+    if not isinstance(manifest, dict):
+        raise OutputError(f"{manifest_path} is not a run manifest (a JSON {type(manifest).__name__}): pass the "
+                          "output directory of `expertscope run`")
+    tables = load_tables(run_dir, problems)
+    bad = next((f for f in problems if Path(f).name == "domain_experts.parquet"), None)
+    if "domain_experts" not in tables and bad is not None:
+        raise OutputError(f"{run_dir / bad} cannot be read ({problems[bad]}): rerun the domain-expert stage "
+                          f"(`expertscope run --resume` or `expertscope domains {run_dir}`)")
     if "domain_experts" not in tables:
         raise OutputError(f"{run_dir} has no domain_experts.parquet: run the study (or `expertscope domains "
                           f"{run_dir}`) before building the report")

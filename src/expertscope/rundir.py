@@ -1,0 +1,400 @@
+"""Run-directory integrity: one writer per directory, fingerprinted resume, ``--force`` that reuses nothing.
+
+Every command that writes into an output directory opens it with :func:`open_run_dir`:
+
+- **Lock.** An exclusive ``fcntl.flock`` on ``OUT/.expertscope.lock`` for the whole command; a second
+  writer is refused with one line (the kernel drops the lock when a process dies, even on SIGKILL).
+- **One run per directory.** A directory holding another kind of run, or files that are not a run, is
+  refused; a finished or interrupted run of the same kind needs ``--resume`` or ``--force``.
+- **Fingerprint.** The manifest records what decides the results (model id and weights digest, domain
+  specs and data digests, every result-changing setting). ``--resume`` refuses a directory whose
+  fingerprint differs, naming the first difference.
+- **--force.** The old run's files are moved aside (``OUT/.replaced-run/``) before anything else runs, so
+  nothing stale is reused. They are deleted when the new run finishes, and moved back if the new run fails
+  before writing any file of its own.
+- **Nothing half-made.** If a command fails before writing any artifact, the directory is returned to
+  how it was (a directory it created is removed).
+
+All files inside are written atomically (:mod:`expertscope.io`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+from .io import make_manifest, write_json
+
+LOCK_NAME = ".expertscope.lock"
+ASIDE_NAME = ".replaced-run"
+MANIFEST = "manifest.json"
+#: Files up to this size are hashed whole; larger ones by size, head, middle and tail (weights can be 100s of GB).
+FULL_HASH_BYTES = 64 << 20
+_SAMPLE = 1 << 20
+
+
+# ----- checks without side effects ------------------------------------------------------------------------
+def check_out_dir(out: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Check that ``out`` can be a writable output directory, without creating anything.
+
+    Raises :class:`OutputError` if it is a file, if an ancestor is a file, or if the nearest existing
+    directory is not writable (read-only disk or permissions).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{option} {out} is a file, not a directory: pass a directory path")
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{option} {out} cannot be created because {anc} is a file: choose another {option}")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputError(f"{anc} is not writable (read-only or no permission): choose another {option}")
+    return out
+
+
+def check_out_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Check that ``path`` can be written as a file: not a directory, and its directory writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a directory: pass a file path, e.g. {path / 'report.html'}")
+    check_out_dir(path.parent, option)
+    return path
+
+
+# ----- fingerprints ---------------------------------------------------------------------------------------
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file; files above :data:`FULL_HASH_BYTES` are hashed by size plus three 1 MiB samples."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= FULL_HASH_BYTES:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            h.update(str(size).encode())
+            for offset in (0, size // 2, size - _SAMPLE):
+                fh.seek(offset)
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: str, revision: str | None = None) -> dict[str, Any]:
+    """``{"model", "revision", "files"}``: a local directory's files (weights, config, tokenizer) by digest.
+
+    A hub id is fingerprinted by its id and revision only (its files are not fetched here).
+    """
+    from .models.loading import resolve_source
+
+    source, local = resolve_source(model)
+    files: dict[str, str] | None = None
+    if local:
+        files = {p.name: file_digest(p) for p in sorted(Path(source).iterdir())
+                 if p.is_file() and not p.name.startswith(".") and p.suffix not in (".md", ".txt")}
+    return {"model": model, "revision": revision, "files": files}
+
+
+def data_fingerprint(specs: Sequence[str], fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """Each domain (by name, in order) → its source, effective field mapping and the local file's digest.
+
+    ``fields`` is the mapping given for every domain (``--text-field``...); a spec's own ``?text=...`` wins.
+    Two spellings of the same data (``--text-field q`` and ``?text=q``) give the same fingerprint.
+    """
+    from .data.sources import parse_domain_spec
+
+    out: dict[str, Any] = {"order": []}
+    for spec in specs:
+        name, source, parsed = parse_domain_spec(spec)
+        path = Path(source).expanduser()
+        is_file = ":" not in source.split("/")[0] and path.is_file()
+        out["order"].append(name)
+        out[name] = {"source": source, "fields": {**(fields or {}), **parsed},
+                     "sha256": file_digest(path) if is_file else None}
+    return out
+
+
+def run_fingerprint(model: str | None, domains: Sequence[str] = (), settings: dict[str, Any] | None = None,
+                    revision: str | None = None, files: Sequence[str | os.PathLike[str]] = (),
+                    fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """What decides a run's results: model (with weights digest), data (with digests), settings, extra files.
+
+    ``settings`` should not repeat the domain specs or field mapping (they are fingerprinted by meaning in
+    ``data``); keys ``domains`` and ``fields`` are dropped from it.
+    """
+    fp: dict[str, Any] = {}
+    if model is not None:
+        fp["model"] = model_fingerprint(model, revision)
+    if domains:
+        fp["data"] = data_fingerprint(domains, fields)
+    if files:
+        fp["files"] = {str(f): file_digest(f) for f in files}
+    kept = {k: v for k, v in (settings or {}).items() if k not in ("domains", "fields")}
+    fp["settings"] = json.loads(json.dumps(kept, default=str))
+    return fp
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: d}
+
+
+def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first difference between two fingerprints as ``"key: old → new"``, or None if they match."""
+    a, b = _flatten(old), _flatten(new)
+    for key in list(b) + [k for k in a if k not in b]:
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            label = key.removeprefix("settings.")
+            return f"{label}: {_short(a.get(key, '<absent>'))} → {_short(b.get(key, '<absent>'))}"
+    return None
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+# ----- the run directory ----------------------------------------------------------------------------------
+@dataclass
+class RunDir:
+    """An opened, locked output directory. ``previous`` is the resumed run's manifest (empty when fresh)."""
+
+    path: Path
+    kind: str
+    fingerprint: dict[str, Any]
+    config: dict[str, Any]
+    previous: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def write_manifest(self, status: str, config: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        """Write ``manifest.json`` (atomically) with the run's fingerprint; returns it."""
+        m = make_manifest(self.kind, self.config if config is None else config, status=status,
+                          fingerprint=self.fingerprint, **extra)
+        write_json(self.manifest_path, m)
+        return m
+
+
+def _artifacts(out: Path) -> list[Path]:
+    """The directory's entries that a run produced (not the lock, manifest, moved-aside run or temp files)."""
+    return [p for p in out.iterdir()
+            if p.name not in (LOCK_NAME, MANIFEST, ASIDE_NAME) and not (p.name.startswith(".") and
+                                                                      p.name.endswith(".tmp"))]
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        m = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def _move_aside(out: Path) -> None:
+    aside = out / ASIDE_NAME
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    # The manifest goes last: until then the directory still reads as the old run.
+    for p in [*_artifacts(out), out / MANIFEST]:
+        if p.exists():
+            os.replace(p, aside / p.name)
+
+
+def _restore_aside(out: Path) -> None:
+    aside = out / ASIDE_NAME
+    for p in _artifacts(out):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)
+    for p in aside.iterdir():
+        os.replace(p, out / p.name)
+    aside.rmdir()
+
+
+def _lock(out: Path) -> int:
+    path = out / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(f"cannot create {path} ({e.strerror}): choose a writable --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (pid {int(path.read_text().strip())})"
+            raise OutputError(f"another expertscope process{holder} is writing to {out}: wait for it to finish, "
+                              "or choose another --out") from None
+        raise OutputError(f"cannot lock {path} ({e.strerror}): choose another --out") from None
+    # The directory may have been removed (by a failed first writer) between open and lock.
+    try:
+        same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        raise OutputError(f"{out} was removed while this command waited for it: run the command again")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+@contextlib.contextmanager
+def open_run_dir(
+    out: str | os.PathLike[str],
+    kind: str,
+    fingerprint: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    resumable: bool = True,
+    option: str = "--out",
+) -> Iterator[RunDir]:
+    """Open ``out`` for a run of ``kind``: lock it, check or replace what it holds, write a running manifest.
+
+    ``resumable=False`` for commands without ``--resume`` (their advice names only ``--force``). On a fresh
+    start (or ``--force``) a manifest with ``status="running"`` and the fingerprint is written at once. On
+    resume, ``RunDir.previous`` is the old manifest and nothing is rewritten until the caller writes.
+    """
+    out = check_out_dir(out, option)
+    fingerprint = fingerprint or {}
+    config = config if config is not None else dict(fingerprint.get("settings", {}))
+    created: list[Path] = []
+    p = out
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out} ({e.strerror}): choose another {option}") from None
+    try:
+        fd = _lock(out)
+    except BaseException:
+        _remove_created(created)
+        raise
+    rd = RunDir(out, kind, fingerprint, config)
+    fresh = True
+    started = False
+    try:
+        manifest = out / MANIFEST
+        if not manifest.exists() and (out / ASIDE_NAME).exists():
+            _restore_aside(out)  # an earlier --force was killed before its new run wrote anything
+        if _artifacts(out) or manifest.exists():
+            old = _read_manifest(manifest) if manifest.exists() else None
+            if not manifest.exists():
+                raise OutputError(f"{option} {out} is not empty and holds no expertscope run: choose a new {option}")
+            if old is None and not force:
+                raise OutputError(f"{manifest} is unreadable: pass --force to replace that run, or choose a new "
+                                  f"{option}")
+            other = None if old is None else old.get("kind")
+            if old is not None and other != kind:
+                raise OutputError(f"{option} {out} holds another run ({other!r}, not {kind!r}): choose a new "
+                                  f"{option}")
+            if force:
+                _move_aside(out)
+            elif resume and resumable:
+                assert old is not None
+                if "fingerprint" not in old:
+                    raise OutputError(f"{out} holds a {kind} run without a fingerprint (older expertscope): pass "
+                                      "--force to start it over, or choose a new --out")
+                diff = fingerprint_difference(old["fingerprint"], fingerprint)
+                if diff is not None:
+                    raise OutputError(f"{out} holds a {kind} run with other settings ({diff}): resume with the "
+                                      "same options, or pass --force to start over")
+                rd.previous = old
+                fresh = False
+            else:
+                status = old.get("status", "unknown") if old else "unknown"
+                advice = "pass --resume to continue it, --force to replace it" if resumable else (
+                    "pass --force to replace it")
+                raise OutputError(f"{option} {out} already holds a {kind} run ({status}): {advice}, or choose a "
+                                  f"new {option}")
+        started = True
+        if fresh:
+            rd.write_manifest("running")
+        yield rd
+    except BaseException:
+        if started and not rd.previous and not _artifacts(out):
+            # The run wrote nothing of its own: put the directory back as it was.
+            (out / MANIFEST).unlink(missing_ok=True)
+            if (out / ASIDE_NAME).exists():
+                _restore_aside(out)
+            elif created:
+                (out / LOCK_NAME).unlink(missing_ok=True)
+                _remove_created(created)
+        elif not started and created:
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            _remove_created(created)
+        raise
+    else:
+        if (out / ASIDE_NAME).exists():
+            shutil.rmtree(out / ASIDE_NAME, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create: bool = False) -> Iterator[Path]:
+    """Hold the writer lock of a run directory (commands that add to a finished run, or write a model).
+
+    ``create=True`` makes the directory if needed, and removes it again if the block fails before writing
+    anything into it.
+    """
+    path = Path(path)
+    created: list[Path] = []
+    if create:
+        check_out_dir(path)
+        p = path
+        while not p.exists():
+            created.append(p)
+            p = p.parent
+        path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        raise OutputError(f"{path} is not a directory: pass a run directory")
+    if require_manifest and not (path / MANIFEST).is_file():
+        raise OutputError(f"{path} has no {MANIFEST}: pass the output directory of an expertscope run")
+    try:
+        fd = _lock(path)
+    except BaseException:
+        _remove_created(created)
+        raise
+    try:
+        yield path
+    except BaseException:
+        if created and not _artifacts(path) and not (path / MANIFEST).exists():
+            (path / LOCK_NAME).unlink(missing_ok=True)
+            _remove_created(created)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove directories this command created (deepest first), if they are empty."""
+    for p in created:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+__all__ = ["RunDir", "check_out_dir", "check_out_file", "file_digest", "fingerprint_difference", "lock_dir",
+           "model_fingerprint", "open_run_dir", "run_fingerprint"]
