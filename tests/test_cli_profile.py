@@ -54,11 +54,11 @@ def test_profile_then_domains(model_dir: Path, data: dict[str, Path], tmp_path: 
     ref = es.profile(moe, es.data.sources.load_domains(
         [f"chat={data['a']}?text=utterance", f"sums={data['b']}?text=utterance"]), batch_size=4)
     assert np.array_equal(prof.totals()[1]["sel"], ref.totals()[1]["sel"])
-    r = _run("domains", out, "--n-boot", "50", "--n-perm", "50")
+    r = _run("domains", out, "--n-boot", "50", "--n-perm", "600")
     assert r.exit_code == 0, r.output
     assert "domain experts of 'chat'" in r.output
     table = es.DomainExpertTable.load(out / "domain_experts.parquet")
-    assert len(table.df) == 2 * 3 * 4 and table.settings["config"]["n_perm"] == 50
+    assert len(table.df) == 2 * 3 * 4 and table.settings["config"]["n_perm"] == 600
     assert (out / "domain_experts.csv").exists()
     # A second run into the same directory is refused; --resume continues (nothing left to do).
     r = _run("profile", "--model", model_dir, "--domain", f"chat={data['a']}?text=utterance", "--out", out)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import data  # noqa: F401  (es.data.sources)
 from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts
-from .config import CausalConfig, DomainExpertConfig, ProfileConfig
+from .config import CausalConfig, DomainExpertConfig, DriverConfig, ProfileConfig
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
 from .evaluation import EvalResult, evaluate
@@ -31,6 +31,7 @@ __all__ = [
     "Domain",
     "DomainExpertConfig",
     "DomainExpertTable",
+    "DriverConfig",
     "DriverTable",
     "EvalResult",
     "Example",
