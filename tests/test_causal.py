@@ -160,7 +160,7 @@ def test_planted_driver_is_found() -> None:
         model.model.layers[layer].mlp.gate.weight *= 0.1  # near-tied routing: every expert is in contention
     moe = MoEModel.from_model(model, tokenizer=tiny_tokenizer())
     res = C.causal_effects(moe, TEXTS, batch_size=4)
-    table = C.driver_experts(res, z=2.0)
+    table = C.driver_experts(res, rule="z", z=2.0)
     for d in TEXTS:
         assert (layer, expert) in table.targets(d)
     row = table.df[(table.df.domain == "alpha") & (table.df.layer == layer) & (table.df.expert == expert)].iloc[0]
@@ -212,7 +212,7 @@ def test_save_load_round_trip(make_tiny: Any, tmp_path: Any) -> None:
     assert back.settings["magnitude"] == 1.0 and back.domains == ["alpha", "beta"]
     means = back.mean_by_domain()
     assert len(means) == 2 * len(moe.layers) * 8
-    table = C.driver_experts(back)
+    table = C.driver_experts(back, rule="z")
     table.save(tmp_path / "drivers.parquet")
     assert C.DriverTable.load(tmp_path / "drivers.parquet").settings["rule"] == "z"
 

@@ -61,13 +61,13 @@ def test_profile_then_domains(model_dir: Path, data: dict[str, Path], tmp_path: 
     mi, _ = read_table(out / "routing_mi.parquet")
     np.testing.assert_allclose(mi["mi_bits"], routing_mutual_information(ref)["mi_bits"], atol=1e-12)
     assert "I(domain; selected expert)" in r.output
-    r = _run("domains", out, "--n-boot", "50", "--n-perm", "50")
+    r = _run("domains", out, "--n-boot", "50", "--n-perm", "600")
     assert r.exit_code == 0, r.output
     assert "domain experts of 'chat'" in r.output
     # qwen2_moe has one shared expert per MoE layer: the output names them
     assert "shared experts (always on, not candidates" in r.output and "layer 2: 1" in r.output
     table = es.DomainExpertTable.load(out / "domain_experts.parquet")
-    assert len(table.df) == 2 * 3 * 4 and table.settings["config"]["n_perm"] == 50
+    assert len(table.df) == 2 * 3 * 4 and table.settings["config"]["n_perm"] == 600
     assert (out / "domain_experts.csv").exists()
     # A second run into the same directory is refused; --resume continues (nothing left to do).
     r = _run("profile", "--model", model_dir, "--domain", f"chat={data['a']}?text=utterance", "--out", out)

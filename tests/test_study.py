@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "10", "--batch-size", "4",
-            "--causal-limit", "3", "--eval-limit", "5", "--train-limit", "8", "--n-boot", "50", "--n-perm", "50"]
+            "--causal-limit", "3", "--eval-limit", "5", "--train-limit", "8", "--n-boot", "50", "--n-perm", "auto"]
     for d in DOMAINS:
         args += ["--domain", d]
     return args + list(extra)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import data  # noqa: F401  (es.data.sources)
 from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts
-from .config import CausalConfig, DomainExpertConfig, InterventionConfig, ProfileConfig
+from .config import CausalConfig, DomainExpertConfig, DriverConfig, InterventionConfig, ProfileConfig
 from .data.sources import load_domain, load_domains
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
@@ -32,6 +32,7 @@ __all__ = [
     "Domain",
     "DomainExpertConfig",
     "DomainExpertTable",
+    "DriverConfig",
     "DriverTable",
     "EvalResult",
     "Example",

@@ -75,7 +75,10 @@ def _literal_options(tp: Any) -> tuple[Any, ...]:
         return ()
     if get_origin(tp) is Literal:
         return get_args(tp)
-    # Optional[Literal[...]]
+    # Optional[Literal[...]]; a union that also admits other types (``int | Literal["auto"]``) is checked
+    # by the config's own ``validate``.
+    if any(get_origin(a) is not Literal and a is not type(None) for a in get_args(tp)):
+        return ()
     opts: list[Any] = []
     for arg in get_args(tp):
         if get_origin(arg) is Literal:
@@ -110,25 +113,82 @@ class ProfileConfig(BaseConfig):
 
 @dataclass(frozen=True)
 class DomainExpertConfig(BaseConfig):
-    """Settings of :func:`expertscope.domain_experts` (SPEC §2)."""
+    """Settings of :func:`expertscope.domain_experts` (rules and defaults in ``docs/methods.md``).
 
-    rule: Literal["z", "fdr"] = "z"
+    ``rule="fdr"`` (default): a domain expert passes all three of BH ``q <= alpha`` on the specificity test
+    over all D·L·E cells, ``A > k/E`` and lift ``A(D) / mean A(other domains) >= min_lift``.
+    ``test`` picks the specificity test: ``"permutation"`` (domain labels shuffled across sequences,
+    sequential Monte Carlo) or ``"normal"`` (a normal approximation of the same permutation null, fitted
+    to ``n_perm`` permutations). ``n_perm="auto"``: ``ceil(20·m/alpha)`` permutations for m = D·L·E tests
+    (``"permutation"``, so the smallest p can pass BH at that many tests), 1000 for ``"normal"``.
+    ``perm_stop``: a (layer, expert) column stops permuting once each of its domain cells has seen that
+    many permuted statistics at least as large as the observed one (its p-value is then settled and large).
+
+    ``rule="z"`` (the first version): specificity >= mean + z·sd (ddof=0) of the layer's experts, and
+    ``A > k/E``. Its cap: among E values the largest z is sqrt(E-1) and at most E/(1+z²) values can reach
+    z, so with E = 8 and z = 2 at most one expert per (domain, layer) can pass, and none when two are
+    equally specific.
+    """
+
+    rule: Literal["fdr", "z"] = "fdr"
     z: float = 2.0
     entropy: Literal["bernoulli", "eq1"] = "bernoulli"
     conditional: bool = False
+    test: Literal["permutation", "normal"] = "permutation"
     n_boot: int = 1000
-    n_perm: int = 1000
+    n_perm: int | Literal["auto"] = "auto"
+    perm_stop: int = 50
     alpha: float = 0.05
+    min_lift: float = 1.5
     ci: float = 0.95
     seed: int = 0
 
     def validate(self) -> None:
-        if self.n_boot < 0 or self.n_perm < 0:
+        if self.n_perm != "auto" and (isinstance(self.n_perm, bool) or not isinstance(self.n_perm, int)):
+            raise ConfigError(f"n_perm={self.n_perm!r} is not valid: pass 'auto' or a whole number >= 0")
+        if self.n_boot < 0 or (self.n_perm != "auto" and int(self.n_perm) < 0):
             raise ConfigError("n_boot and n_perm must be >= 0: pass 0 to skip bootstraps or permutations")
         if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
             raise ConfigError("alpha and ci must lie in (0, 1): e.g. --alpha 0.05 --ci 0.95")
         if self.rule == "fdr" and self.n_perm == 0:
-            raise ConfigError("rule='fdr' needs permutation p-values: set n_perm > 0 or use rule='z'")
+            raise ConfigError("rule='fdr' needs permutation p-values: set n_perm > 0 (or 'auto') or use rule='z'")
+        _positive("perm_stop", self.perm_stop)
+        if not self.min_lift >= 1:
+            raise ConfigError(f"min_lift={self.min_lift!r} is below 1: pass a lift >= 1, e.g. 1.5")
+
+
+@dataclass(frozen=True)
+class DriverConfig(BaseConfig):
+    """Settings of :func:`expertscope.driver_experts` (rules and defaults in ``docs/methods.md``).
+
+    ``rule="fdr"`` (default): a driver of D at layer l passes all three of (1) a one-sided Wilcoxon
+    signed-rank test across D's inputs that ``CE_{l,i}(X)`` exceeds the median CE of layer l's experts on
+    the same input, Benjamini–Hochberg over D's L·E cells, ``q <= alpha``; (2) ``CE_{l,i}(D) >= min_ratio``
+    × the layer's median ``CE(D)``; (3) ``CE_{l,i}(D) >= ce_floor`` nats.
+    ``rule="z"`` (the first version): ``CE(D) >= layer mean + z·sd`` (ddof=0) of the layer's experts. Its
+    cap: among E values the largest z is sqrt(E-1) and at most E/(1+z²) values can reach z (E = 8, z = 2:
+    at most one driver per layer, none when two are equally strong). ``rule="top"``: the ``top`` largest.
+    ``n_boot`` bootstrap resamples of the inputs give the ``ci`` interval of each mean CE.
+    """
+
+    rule: Literal["fdr", "z", "top"] = "fdr"
+    alpha: float = 0.05
+    min_ratio: float = 2.0
+    ce_floor: float = 1e-3
+    z: float = 2.0
+    top: int = 1
+    n_boot: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
+            raise ConfigError("alpha and ci must lie in (0, 1): e.g. alpha=0.05, ci=0.95")
+        if self.n_boot < 0:
+            raise ConfigError(f"n_boot={self.n_boot} is negative: pass 0 to skip bootstraps")
+        if self.ce_floor < 0 or self.min_ratio < 0:
+            raise ConfigError("ce_floor and min_ratio must be >= 0: e.g. ce_floor=1e-3, min_ratio=2")
+        _positive("top", self.top)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class StudyConfig(BaseConfig):
     z: float = 2.0
     entropy: Literal["bernoulli", "eq1"] = "bernoulli"
     n_boot: int = 1000
-    n_perm: int = 1000
+    n_perm: int | Literal["auto"] = "auto"
     trust_remote_code: bool = False
 
     def validate(self) -> None:
@@ -168,14 +168,15 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
                              max_length=c.max_length, checkpoint=ctx.out / "ce_checkpoint.npz", resume=True,
                              progress=True)
     effects.save(ctx.out)
-    table = driver_experts(effects, z=c.z)
+    table = driver_experts(effects, seed=c.seed, n_boot=c.n_boot)
     table.save(ctx.out / "drivers.parquet")
     (ctx.out / "ce_checkpoint.npz").unlink(missing_ok=True)
     # The general experts exclude drivers: refresh the domain-expert table with them.
     cfg = DomainExpertConfig(z=c.z, entropy=c.entropy, n_boot=c.n_boot, n_perm=c.n_perm, seed=c.seed)
     domain_experts(RoutingProfile.load(ctx.out), cfg, drivers=table.df).save(ctx.out / "domain_experts.parquet")
     counts = {d: int(table.df[(table.df.domain == d) & table.df.is_driver].shape[0]) for d in table.df.domain.unique()}
-    return {"drivers": counts, "timings": effects.settings.get("timings", {}),
+    return {"drivers": counts, "rule": table.settings["rule_text"], "summary": [r["text"] for r in table.summary()],
+            "timings": effects.settings.get("timings", {}),
             "skipped": effects.settings.get("skipped", 0)}
 
 

@@ -1,12 +1,16 @@
-"""Driver experts and the causal rate (SPEC §3).
+"""Driver experts and the causal rate (definitions and defaults in ``docs/methods.md``).
 
-A driver expert of domain ``D`` at layer ``l``: ``CE_{l,i}(D)`` at least ``z`` standard deviations (ddof=0)
-above the mean CE of that layer's experts on ``D``. The causal rate of layer ``l`` on ``D``: the fraction of
-``D``'s real tokens whose selected set at ``l`` holds at least one driver expert of that layer.
+A driver expert of domain ``D`` at layer ``l`` (default ``rule="fdr"``) passes all three of: a one-sided
+Wilcoxon signed-rank test across D's inputs that ``CE_{l,i}(X)`` exceeds the median CE of layer ``l``'s
+experts on the same input, with Benjamini–Hochberg over D's L·E cells (``q <= alpha``); ``CE_{l,i}(D) >=
+min_ratio ×`` the layer's median ``CE(D)``; and ``CE_{l,i}(D) >= ce_floor`` nats. The causal rate of layer
+``l`` on ``D``: the fraction of ``D``'s real tokens whose selected set at ``l`` holds at least one driver
+expert of that layer.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,20 +20,29 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import DriverConfig, resolve_config
 from ..data.types import Domain
 from ..errors import ConfigError, DataError
 from ..io import read_table, write_table
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
+from ..stats.domain_experts import bh_qvalues
 from ..stats.profile import effective_max_length
 from .effects import CausalEffects, DomainInput, _domains
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 
 @dataclass
 class DriverTable:
-    """One row per (domain, layer, expert); ``settings`` holds the rule, thresholds and the CE settings."""
+    """One row per (domain, layer, expert); ``settings`` holds the rule, thresholds and the CE settings.
+
+    Columns: ``ce_mean`` (mean CE over the domain's inputs, nats) with its bootstrap interval ``ce_lo``,
+    ``ce_hi``; ``ce_sd``, ``n_inputs``; ``layer_median``, ``layer_mean``, ``layer_sd`` of the layer's mean
+    CEs; ``ratio`` = ``ce_mean / layer_median``; ``p_value``, ``q_value`` of the paired test; ``threshold``
+    (the CE a driver needs: ``max(min_ratio·layer_median, ce_floor)``, or the z/top threshold); which
+    criteria passed (``pass_test``, ``pass_ratio``, ``pass_floor``); ``is_driver``; ``rank`` in its layer.
+    """
 
     df: pd.DataFrame
     settings: dict[str, Any] = field(default_factory=dict)
@@ -42,7 +55,7 @@ class DriverTable:
         return rows.sort_values(["domain", "ce_mean"], ascending=[True, False])
 
     def targets(self, domain: str) -> list[tuple[int, int]]:
-        """``(layer, expert)`` pairs of ``domain``'s drivers, for steering."""
+        """``(layer, expert)`` pairs of ``domain``'s drivers, for steering (``[]`` when it has none)."""
         return [(int(r.layer), int(r.expert)) for r in self.drivers(domain).itertuples()]
 
     def by_layer(self, domain: str) -> dict[int, set[int]]:
@@ -50,6 +63,38 @@ class DriverTable:
         out: dict[int, set[int]] = {int(x): set() for x in self.df["layer"].unique()}
         for layer, expert in self.targets(domain):
             out[layer].add(expert)
+        return out
+
+    def summary(self, top: int = 3) -> list[dict[str, Any]]:
+        """Per domain: ``domain, n_drivers, n_inputs, largest_ce`` (the largest mean CE of any expert, nats),
+        ``ce_floor``, ``strongest`` (up to ``top`` drivers as ``{layer, expert, ce_mean, ce_lo, ce_hi, q_value}``)
+        and ``text``, one sentence saying what was found — or "no driver experts (largest mean CE x nats)".
+        """
+        floor = self.settings.get("config", {}).get("ce_floor")
+        out = []
+        for d in dict.fromkeys(self.df["domain"].tolist()):
+            g = self.df[self.df["domain"] == d]
+            drv = self.drivers(d)
+            largest = float(np.nanmax(g["ce_mean"])) if g["ce_mean"].notna().any() else float("nan")
+            strongest = [
+                {"layer": int(r.layer), "expert": int(r.expert), "ce_mean": float(r.ce_mean),
+                 "ce_lo": float(getattr(r, "ce_lo", np.nan)), "ce_hi": float(getattr(r, "ce_hi", np.nan)),
+                 "q_value": float(getattr(r, "q_value", np.nan))}
+                for r in drv.head(top).itertuples()
+            ]
+            n_in = int(g["n_inputs"].max()) if len(g) else 0
+            if strongest:
+                parts = []
+                for x in strongest:
+                    ci = "" if np.isnan(x["ce_lo"]) else f" [{x['ce_lo']:.3g}, {x['ce_hi']:.3g}]"
+                    parts.append(f"layer {x['layer']} expert {x['expert']}: CE {x['ce_mean']:.3g}{ci} nats")
+                text = (f"{d}: {len(drv)} driver expert{'s' if len(drv) != 1 else ''} over {n_in} inputs; "
+                        f"strongest {'; '.join(parts)}")
+            else:
+                text = f"{d}: no driver experts (largest mean CE {largest:.3g} nats over {n_in} inputs"
+                text += f"; floor {floor:g} nats)" if floor is not None else ")"
+            out.append({"domain": d, "n_drivers": len(drv), "n_inputs": n_in, "largest_ce": largest,
+                        "ce_floor": floor, "strongest": strongest, "text": text})
         return out
 
     def save(self, path: str | Path) -> None:
@@ -61,46 +106,125 @@ class DriverTable:
         return cls(df, meta)
 
 
-def driver_experts(effects: CausalEffects, rule: str = "z", z: float = 2.0, top: int = 1) -> DriverTable:
-    """Flag driver experts per (domain, layer) from domain-mean CE (SPEC §3).
+def paired_median_test(ce: np.ndarray) -> np.ndarray:
+    """One-sided Wilcoxon signed-rank p-values that an expert's CE exceeds its layer's median, per input.
 
-    ``rule="z"`` (SPEC): ``ce_mean >= layer_mean + z * layer_sd`` over the layer's computed experts (ddof=0),
-    and ``layer_sd > 0``. ``rule="top"``: the ``top`` experts of each layer (threshold = the top-th value).
-    The threshold of every (domain, layer) is in the table; the CE settings travel in ``settings``.
+    ``ce`` ``(N, L, E)`` CE per input (NaN: not computed). For each (l, i), the differences
+    ``CE_{l,i}(X) - median_j CE_{l,j}(X)`` over the N inputs are tested for a positive location (zeros
+    dropped, exact distribution for small samples without ties, normal approximation otherwise).
+    Returns ``(L, E)``; NaN where fewer than one non-zero difference exists or the expert was not computed.
     """
-    if rule not in ("z", "top"):
-        raise ConfigError(f"rule={rule!r} is not a valid option: use 'z' or 'top'")
-    if rule == "top" and top < 1:
-        raise ConfigError(f"top={top} is not positive: pass 1 or more")
+    from scipy.stats import wilcoxon
+
+    N, L, E = ce.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(ce, axis=2, keepdims=True)
+    diff = (ce - med).reshape(N, L * E)
+    p = np.full(L * E, np.nan)
+    ok = ~np.isnan(diff).any(axis=0) & (np.abs(diff) > 0).any(axis=0)
+    if ok.any() and N >= 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns about ties/zeros and small samples
+            res = wilcoxon(diff[:, ok], alternative="greater", zero_method="wilcox", axis=0)
+        p[ok] = np.asarray(res.pvalue, dtype=float)
+    return p.reshape(L, E)
+
+
+def bootstrap_mean_ci(x: np.ndarray, n_boot: int, ci: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of the mean over axis 0 (inputs resampled with replacement).
+
+    ``x`` ``(N, C)``; columns with NaN give NaN. Draws ``rng.multinomial(N, [1/N]*N, size=n_boot)``: the
+    counts of each input in each resample. Returns ``lo``, ``hi`` ``(C,)``.
+    """
+    N, C = x.shape
+    if n_boot == 0 or N == 0:
+        return np.full(C, np.nan), np.full(C, np.nan)
+    W = rng.multinomial(N, np.full(N, 1 / N), size=n_boot).astype(np.float64)
+    bad = np.isnan(x).any(axis=0)
+    means = W @ np.where(np.isnan(x), 0.0, x) / N
+    lo, hi = np.percentile(means, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2], axis=0)
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
+
+
+def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, **overrides: Any) -> DriverTable:
+    """Flag driver experts per (domain, layer) from the per-input CE of ``effects``.
+
+    ``rule="fdr"`` (default) needs all three (columns ``pass_test``, ``pass_ratio``, ``pass_floor``): the
+    paired one-sided Wilcoxon test of ``CE_{l,i}(X)`` against the median CE of layer l's experts on the same
+    input, BH over the domain's L·E computed cells, ``q <= alpha``; ``ce_mean >= min_ratio × layer_median``;
+    ``ce_mean >= ce_floor`` nats. ``rule="z"`` (the first version): ``ce_mean >= layer_mean + z·layer_sd``
+    (ddof=0, ``layer_sd > 0``); capped: among E values the largest z is sqrt(E-1) and at most E/(1+z²)
+    experts can reach z (E = 8, z = 2: at most one per layer). ``rule="top"``: the ``top`` largest of each
+    layer. ``config`` or keyword overrides of :class:`DriverConfig` (both at once must agree).
+    Every row carries a bootstrap CI of its mean CE; :meth:`DriverTable.summary` says per domain what was
+    found or that nothing was.
+    """
+    cfg = resolve_config(DriverConfig, config, overrides)
     df = effects.mean_by_domain()
+    rng = np.random.default_rng(cfg.seed)
+    L, E = len(effects.layers), effects.num_experts
     parts = []
-    for (_d, _l), g in df.groupby(["domain", "layer"], sort=False):
-        g = g.copy()
-        vals = g["ce_mean"].to_numpy()
+    for d in effects.domains:
+        x = effects.ce[effects.domain == d]  # (N_D, L, E)
+        g = df[df["domain"] == d].copy()  # rows in (layer, expert) order, as mean_by_domain builds them
+        vals = g["ce_mean"].to_numpy().reshape(L, E)
         ok = ~np.isnan(vals)
-        mu = float(vals[ok].mean()) if ok.any() else np.nan
-        sd = float(vals[ok].std()) if ok.any() else np.nan
-        if rule == "z":
-            thr = mu + z * sd
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # layers with no computed expert
+            mu = np.nanmean(vals, axis=1, keepdims=True)
+            sd = np.nanstd(vals, axis=1, keepdims=True)
+            med = np.nanmedian(vals, axis=1, keepdims=True)
+        p = paired_median_test(x)
+        q = bh_qvalues(p.ravel()).reshape(L, E)
+        pass_test = q <= cfg.alpha
+        pass_ratio = ok & (vals >= cfg.min_ratio * med)
+        pass_floor = ok & (vals >= cfg.ce_floor)
+        if cfg.rule == "fdr":
+            thr = np.maximum(cfg.min_ratio * med, cfg.ce_floor)
+            is_drv = pass_test & pass_ratio & pass_floor
+        elif cfg.rule == "z":
+            thr = mu + cfg.z * sd
             is_drv = ok & (vals >= thr) & (sd > 0)
         else:
-            srt = np.sort(vals[ok])[::-1]
-            thr = float(srt[min(top, len(srt)) - 1]) if len(srt) else np.nan
+            srt = -np.sort(-np.where(ok, vals, -np.inf), axis=1)
+            thr = srt[:, min(cfg.top, E) - 1 : min(cfg.top, E)]
             is_drv = ok & (vals >= thr) & (vals > 0)
-        g["layer_mean"], g["layer_sd"], g["threshold"] = mu, sd, thr
-        g["is_driver"] = is_drv
-        g["rank"] = pd.Series(vals, index=g.index).rank(ascending=False, method="min").astype("Int64")
+        lo, hi = bootstrap_mean_ci(x.reshape(len(x), L * E), cfg.n_boot, cfg.ci, rng)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(med > 0, vals / np.where(med > 0, med, 1.0), np.where(vals > 0, np.inf, np.nan))
+        cols = {
+            "ce_lo": lo, "ce_hi": hi, "layer_mean": np.broadcast_to(mu, (L, E)),
+            "layer_sd": np.broadcast_to(sd, (L, E)),
+            "layer_median": np.broadcast_to(med, (L, E)), "ratio": ratio, "p_value": p, "q_value": q,
+            "threshold": np.broadcast_to(thr, (L, E)), "pass_test": pass_test, "pass_ratio": pass_ratio,
+            "pass_floor": pass_floor, "is_driver": is_drv,
+        }
+        for k, v in cols.items():
+            g[k] = np.asarray(v).ravel()
+        g["rank"] = g.groupby("layer")["ce_mean"].rank(ascending=False, method="min").astype("Int64")
         parts.append(g)
     out = pd.concat(parts, ignore_index=True)
-    cols = ["domain", "layer", "expert", "ce_mean", "ce_sd", "n_inputs", "layer_mean", "layer_sd", "threshold",
-            "is_driver", "rank", "exact"]
+    cols_out = ["domain", "layer", "expert", "ce_mean", "ce_lo", "ce_hi", "ce_sd", "n_inputs", "layer_median",
+                "layer_mean", "layer_sd", "ratio", "p_value", "q_value", "threshold", "pass_test", "pass_ratio",
+                "pass_floor", "is_driver", "rank", "exact"]
+    if cfg.rule == "fdr":
+        rule_text = (f"one-sided Wilcoxon signed-rank test of CE against the layer's median CE on the same input, "
+                     f"BH q <= {cfg.alpha} over the domain's {L * E} cells; CE(D) >= {cfg.min_ratio} x the layer's "
+                     f"median CE(D); CE(D) >= {cfg.ce_floor:g} nats")
+    elif cfg.rule == "z":
+        rule_text = (f"CE(D) >= layer mean + {cfg.z} sd (ddof=0) of the layer's experts (cap: at most "
+                     f"{E}/(1+{cfg.z}^2) = {E / (1 + cfg.z**2):.2f} experts per layer can reach z)")
+    else:
+        rule_text = f"the {cfg.top} largest CE(D) of each layer"
     settings = {
-        "rule": rule, "z": z if rule == "z" else None, "top": top if rule == "top" else None,
-        "rule_text": (f"CE(D) >= layer mean + {z} sd (ddof=0) of the layer's experts" if rule == "z"
-                      else f"the {top} largest CE(D) of each layer"),
+        "rule": cfg.rule, "config": cfg.to_dict(), "z": cfg.z if cfg.rule == "z" else None,
+        "top": cfg.top if cfg.rule == "top" else None, "rule_text": rule_text,
         "causal_effects": effects.settings,
     }
-    return DriverTable(out[cols], settings)
+    table = DriverTable(out[cols_out], settings)
+    table.settings["summary"] = [{k: v for k, v in r.items() if k != "strongest"} for r in table.summary()]
+    return table
 
 
 # ----- causal rate ---------------------------------------------------------------------------------
@@ -187,5 +311,5 @@ def spearman_by_layer(a: CausalEffects, b: CausalEffects) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-__all__: Sequence[str] = ("DriverTable", "causal_rate", "causal_rate_from_selections", "driver_experts",
-                          "spearman_by_layer")
+__all__: Sequence[str] = ("DriverTable", "bootstrap_mean_ci", "causal_rate", "causal_rate_from_selections",
+                          "driver_experts", "paired_median_test", "spearman_by_layer")

@@ -57,7 +57,10 @@ def drivers_cmd(
     label: Annotated[list[str] | None, typer.Option(help="Answer token text for --target labels (repeat).")] = None,
     layers: Annotated[str | None, typer.Option(help="Comma-separated MoE layers (default: all).")] = None,
     experts: Annotated[str | None, typer.Option(help="Comma-separated experts (default: all).")] = None,
-    z: Annotated[float, typer.Option(help="Driver rule: CE at least z sd above the layer mean.")] = 2.0,
+    rule: Annotated[str, typer.Option(help="fdr (default: paired test vs the layer median, BH q <= 0.05, CE >= 2x "
+                                      "the layer median and >= 1e-3 nats), z or top.")] = "fdr",
+    z: Annotated[float, typer.Option(help="rule z: CE at least z sd above the layer mean (capped: with E experts "
+                                          "at most E/(1+z^2) can pass).")] = 2.0,
     hybrid_top: Annotated[int, typer.Option(help="hybrid: experts per layer recomputed exactly.")] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Inputs per clean run.")] = 8,
     max_length: Annotated[int, typer.Option(help="Truncate longer texts (counted in the manifest).")] = 512,
@@ -87,7 +90,7 @@ def drivers_cmd(
     """
     import torch
 
-    from ..config import CausalConfig
+    from ..config import CausalConfig, DriverConfig
     from ..data.sources import load_domains
     from ..errors import DataError
     from ..io import write_table
@@ -100,6 +103,7 @@ def drivers_cmd(
         raise DataError("no --domain given: pass at least one, e.g. --domain math=math.jsonl")
     check_finite(magnitude, "--magnitude")
     check_finite(z, "--z")
+    DriverConfig(rule=rule, z=z)  # type: ignore[arg-type]  # validate before loading anything
     check_positive(batch_size, "--batch-size")
     check_positive(max_length, "--max-length")
     check_positive(limit, "--limit", allow_none=True)
@@ -114,7 +118,7 @@ def drivers_cmd(
     check_out_dir(out)
     fields = field_map(text_field, label_field, answer_field)
     config: dict[str, Any] = {"model": model, "domains": domain, "fields": fields, **cfg.to_dict(), "labels": label,
-                              "layers": layer_list, "experts": expert_list, "z": z, "dtype": dtype,
+                              "layers": layer_list, "experts": expert_list, "rule": rule, "z": z, "dtype": dtype,
                               "device": device, "seed": seed}
     fingerprint = run_fingerprint(model, domain, config, fields=fields)
     with open_run_dir(out, "drivers", fingerprint, config, resume=resume, force=force) as rd:
@@ -130,7 +134,7 @@ def drivers_cmd(
         effects = C.causal_effects(moe, doms, config=cfg, layers=layer_list, experts=expert_list, labels=label,
                                    checkpoint=out / "checkpoint.npz", resume=bool(rd.previous), progress=True)
         effects.save(out)
-        table = C.driver_experts(effects, rule="z", z=z)
+        table = C.driver_experts(effects, rule=rule, z=z, seed=seed)
         table.save(out / "drivers.parquet")
         rate = C.causal_rate(moe, doms, table, batch_size=batch_size, max_length=max_length, limit=limit)
         write_table(out / "causal_rate.parquet", rate, meta={"table": "causal_rate", "version": 1,
@@ -142,6 +146,8 @@ def drivers_cmd(
             timings={**effects.settings["timings"], "command_total_s": round(time.perf_counter() - t0, 3)},
         )
     print_drivers(table, rate, top=top)
+    for r in table.summary():
+        console.print(r["text"])
     console.print(f"causal effects ({cfg.method}) of {effects.ce.shape[0]} inputs → {out}")
 
 

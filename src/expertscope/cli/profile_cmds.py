@@ -131,12 +131,18 @@ def profile_cmd(
 @handle_errors
 def domains_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A directory written by `expertscope profile`.")],
-    rule: Annotated[str, typer.Option(help="z (specificity z-score) or fdr (permutation q-value).")] = "z",
-    z: Annotated[float, typer.Option(help="Standard deviations above the layer mean.")] = 2.0,
+    rule: Annotated[str, typer.Option(help="fdr (default: BH q <= alpha, A > k/E, lift >= min-lift) or z "
+                                      "(specificity z-score; capped: with E experts at most E/(1+z^2) can pass, "
+                                      "with E=8, z=2 one per layer).")] = "fdr",
+    z: Annotated[float, typer.Option(help="rule z: standard deviations above the layer mean.")] = 2.0,
+    min_lift: Annotated[float, typer.Option(help="rule fdr: least activation lift A(D)/mean A(others).")] = 1.5,
+    test: Annotated[str, typer.Option(help="permutation (default) or normal (its normal approximation).")]
+    = "permutation",
     entropy: Annotated[str, typer.Option(help="bernoulli (default) or eq1 (the paper's literal Eq. 1).")] = "bernoulli",
     conditional: Annotated[bool, typer.Option(help="Average H over the tokens that select the expert.")] = False,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for CIs (0: none).")] = 1000,
-    n_perm: Annotated[int, typer.Option(help="Permutations for p-values (0: none).")] = 1000,
+    n_perm: Annotated[str, typer.Option(help="Permutations for p-values: auto (20·tests/alpha), or N (0: none).")]
+    = "auto",
     alpha: Annotated[float, typer.Option(help="FDR level for rule=fdr.")] = 0.05,
     seed: SeedOpt = 0,
     top: Annotated[int, typer.Option(help="Rows to print per domain.")] = 10,
@@ -147,21 +153,21 @@ def domains_cmd(
 
       expertscope domains runs/p
 
-      expertscope domains runs/p --rule fdr --alpha 0.1 --entropy eq1
+      expertscope domains runs/p --rule z --z 2 --entropy eq1
     """
     from ..config import DomainExpertConfig
     from ..rundir import lock_dir
-    from ..stats.domain_experts import domain_experts
+    from ..stats.domain_experts import domain_experts, parse_n_perm
     from ..stats.profile import RoutingProfile
     from ..validation import check_finite, check_open_unit, check_positive
 
     check_finite(z, "--z")
     check_open_unit(alpha, "--alpha")
     check_positive(n_boot, "--n-boot", allow_zero=True)
-    check_positive(n_perm, "--n-perm", allow_zero=True)
     check_positive(top, "--top", allow_zero=True)
     cfg = DomainExpertConfig(rule=rule, z=z, entropy=entropy, conditional=conditional,  # type: ignore[arg-type]
-                             n_boot=n_boot, n_perm=n_perm, alpha=alpha, seed=seed)
+                             n_boot=n_boot, n_perm=parse_n_perm(n_perm), alpha=alpha, seed=seed,
+                             min_lift=min_lift, test=test)  # type: ignore[arg-type]
     prof = RoutingProfile.load(run_dir)
     with lock_dir(run_dir):
         table = domain_experts(prof, cfg)
@@ -175,6 +181,8 @@ def domains_cmd(
             write_json(manifest, m)
     print_domain_experts(table, top)
     print_shared_experts(prof.model_info)
+    if table.settings.get("note"):
+        console.print(f"[yellow]note:[/] {table.settings['note']}")
     out_console.print(f"wrote {run_dir / 'domain_experts.parquet'} (rule: {table.settings['rule_text']})")
 
 
@@ -183,13 +191,13 @@ def print_domain_experts(table, top: int = 10) -> None:  # type: ignore[no-untyp
     for dom in table.settings["domains"]:
         rows = table.experts(dom).head(top)
         t = Table(title=f"domain experts of {dom!r} ({len(table.experts(dom))} found)", title_justify="left")
-        for col in ("layer", "expert", "A", "H", "CWAS", "specificity", "A 95% CI", "q"):
+        for col in ("layer", "expert", "A", "H", "CWAS", "specificity", "lift", "A 95% CI", "q"):
             t.add_column(col, justify="right")
         for r in rows.itertuples():
             ci = "–" if r.A_lo != r.A_lo else f"[{r.A_lo:.3f}, {r.A_hi:.3f}]"
             q = "–" if r.q_value != r.q_value else f"{r.q_value:.3g}"
             t.add_row(str(r.layer), str(r.expert), f"{r.activation_rate:.3f}", f"{r.entropy:.3f}",
-                      f"{r.cwas:.3f}", f"{r.specificity:+.3f}", ci, q)
+                      f"{r.cwas:.3f}", f"{r.specificity:+.3f}", f"{getattr(r, 'lift', float('nan')):.2f}", ci, q)
         out_console.print(t)
 
 

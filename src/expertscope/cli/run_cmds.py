@@ -43,12 +43,13 @@ def run_cmd(
     train_limit: TrainLimitOpt = 300,
     steer_mode: Annotated[str, typer.Option(help="scale (the paper's) or bias.")] = "scale",
     n_boot: NBootOpt = 1000,
-    n_perm: Annotated[int, typer.Option(help="Permutations for domain-expert p-values.")] = 1000,
+    n_perm: Annotated[str, typer.Option(help="Permutations for domain-expert p-values: 'auto' (20·tests/alpha) "
+                                          "or a number.")] = "auto",
     batch_size: BatchOpt = 16,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
-    z: Annotated[float, typer.Option(help="Standard deviations for the domain/driver rules.")] = 2.0,
+    z: Annotated[float, typer.Option(help="z for the optional z rules (not the default rules).")] = 2.0,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
@@ -66,6 +67,7 @@ def run_cmd(
 
       expertscope run -m ./Mixtral-8x7B --dtype bfloat16 --device cuda -d sa=sa.jsonl -d math=gsm8k.jsonl -o runs/mx
     """
+    from ..stats.domain_experts import parse_n_perm
     from ..study import STAGES, StudyConfig, run_study
     from ..validation import check_finite, check_positive
 
@@ -80,7 +82,7 @@ def run_cmd(
     cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, causal_limit=causal_limit,
                       causal_method=causal_method, eval_limit=eval_limit, train_limit=train_limit,  # type: ignore[arg-type]
                       steer_mode=steer_mode, batch_size=batch_size, dtype=dtype, device=device, seed=seed, z=z,  # type: ignore[arg-type]
-                      n_boot=n_boot, n_perm=n_perm, trust_remote_code=trust_remote_code)
+                      n_boot=n_boot, n_perm=parse_n_perm(n_perm), trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
     names = [n for n, _ in STAGES]
 

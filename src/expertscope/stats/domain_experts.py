@@ -1,20 +1,22 @@
-"""Domain experts (SPEC §2): activation rate, routing entropy, CWAS, specificity, and the selection rules."""
+"""Domain experts: activation rate, routing entropy, CWAS, specificity, activation lift, and the selection
+rules (definitions and defaults in ``docs/methods.md``)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from ..config import DomainExpertConfig
+from ..config import DomainExpertConfig, resolve_config
 from ..errors import ConfigError
 from ..io import read_table, write_table
 from .profile import RoutingProfile
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 
 @dataclass
@@ -80,31 +82,160 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     return q
 
 
+def activation_lift(A: np.ndarray) -> np.ndarray:
+    """``A(D_j) / mean_{k≠j} A(D_k)`` along axis -3 (domains): inf when the others never select, NaN for 0/0."""
+    D = A.shape[-3]
+    others = (A.sum(axis=-3, keepdims=True) - A) / (D - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(others > 0, A / np.where(others > 0, others, 1.0), np.where(A > 0, np.inf, np.nan))
+
+
+def group_statistics(
+    tok: np.ndarray, sel: np.ndarray, h: np.ndarray, onehot: np.ndarray, conditional: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Specificity of CWAS and of the activation rate for labelings of the sequences.
+
+    ``tok`` ``(N,)`` real tokens per sequence, ``sel``/``h`` ``(N, C)`` per-sequence sums (C = L·E cells),
+    ``onehot`` ``(B, D, N)`` B labelings. Returns ``spec`` and ``act`` ``(B, D, C)``: ``S(D_j) - mean_{k≠j}
+    S(D_k)`` with ``S = (1 - H)·A``, and ``A(D_j) - mean_{k≠j} A(D_k)``.
+    """
+    B, D, N = onehot.shape
+    X = np.concatenate([tok[:, None], sel, h], axis=1)
+    G = (onehot.reshape(B * D, N) @ X).reshape(B, D, -1)
+    C = sel.shape[1]
+    n, s_sel, s_h = G[..., :1], G[..., 1:1 + C], G[..., 1 + C:]
+    A, _, S = _rates(n, s_sel, s_h, conditional)
+    return _specificity(S[:, :, None, :])[:, :, 0], _specificity(A[:, :, None, :])[:, :, 0]
+
+
+def _onehot(labels: np.ndarray, D: int) -> np.ndarray:
+    """``(B, N)`` integer labels → ``(B, D, N)`` float indicators."""
+    B, N = labels.shape
+    out = np.zeros((B, D, N))
+    out[np.arange(B)[:, None], labels, np.arange(N)[None, :]] = 1.0
+    return out
+
+
+def parse_n_perm(text: str | int) -> int | Literal["auto"]:
+    """``"auto"`` or a whole number >= 0 (what a command line passes as ``--n-perm``)."""
+    if isinstance(text, int) or str(text).strip().isdigit():
+        return int(text)
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    raise ConfigError(f"--n-perm {text!r} is not valid: pass 'auto' or a whole number, e.g. --n-perm 20000")
+
+
+def auto_n_perm(m: int, alpha: float) -> int:
+    """Permutations for m tests at FDR ``alpha``: ``ceil(20·m/alpha)``, so that the smallest attainable p,
+    ``1/(n+1)``, lies 20× below the first BH threshold ``alpha/m``."""
+    return int(np.ceil(20 * m / alpha))
+
+
+def permutation_pvalues(
+    tok: np.ndarray, sel: np.ndarray, h: np.ndarray, labels: np.ndarray, D: int, conditional: bool,
+    n_perm: int, rng: np.random.Generator, test: str = "permutation", stop: int = 50,
+    batch_cells: int = 4_000_000,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-sided p-values of specificity (CWAS) and of activation specificity under label shuffling.
+
+    Domain labels ``labels`` ``(N,)`` are permuted across the N sequences (group sizes kept). Returns
+    ``p_spec``, ``p_act`` ``(D, C)`` and ``n_done`` ``(C,)`` (permutations used per cell column).
+
+    ``test="permutation"``: Monte Carlo ``p = (1 + #{perm ≥ observed}) / (1 + n)``, in rounds of doubling
+    size; a column stops once each of its D cells has ``stop`` exceedances (its p is settled and far from
+    significant), so the full ``n_perm`` is spent only on candidate cells (sequential Monte Carlo, Besag &
+    Clifford 1991). ``test="normal"``: the observed statistic against a normal fitted to the mean and sd
+    of ``n_perm`` permuted statistics of the same cell, ``p = 1 - Φ((obs - mean)/sd)``.
+    """
+    from scipy.stats import norm
+
+    N, C = sel.shape
+    obs_s, obs_a = group_statistics(tok, sel, h, _onehot(labels[None], D), conditional)
+    obs_s, obs_a = obs_s[0], obs_a[0]
+    tol_s = 1e-12 * np.maximum(1.0, np.abs(obs_s))
+    tol_a = 1e-12 * np.maximum(1.0, np.abs(obs_a))
+    ex_s, ex_a = np.zeros((D, C)), np.zeros((D, C))
+    sum_s, sq_s, sum_a, sq_a = (np.zeros((D, C)) for _ in range(4))
+    n_done = np.zeros(C, np.int64)
+    active = np.arange(C)
+    done, round_size = 0, min(n_perm, 1000)
+    while done < n_perm and active.size:
+        todo = min(round_size, n_perm - done)
+        # Batch so that the label indicators and group sums stay a few tens of MB.
+        bsz = max(1, min(todo, batch_cells // max(1, D * max(N, active.size))))
+        tk, sl, hh = tok, sel[:, active], h[:, active]
+        for s in range(0, todo, bsz):
+            b = min(bsz, todo - s)
+            perm = rng.permuted(np.broadcast_to(labels, (b, N)), axis=1)
+            ps, pa = group_statistics(tk, sl, hh, _onehot(perm, D), conditional)
+            if test == "normal":
+                sum_s[:, active] += ps.sum(0)
+                sq_s[:, active] += (ps**2).sum(0)
+                sum_a[:, active] += pa.sum(0)
+                sq_a[:, active] += (pa**2).sum(0)
+            ex_s[:, active] += (ps >= (obs_s - tol_s)[:, active]).sum(0)
+            ex_a[:, active] += (pa >= (obs_a - tol_a)[:, active]).sum(0)
+        n_done[active] += todo
+        done += todo
+        round_size *= 2
+        if test == "permutation":
+            active = active[(ex_s[:, active] < stop).any(axis=0)]
+    if test == "normal":
+        n = float(n_done.max())
+
+        def fit(obs: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
+            mu = s1 / n
+            sd = np.sqrt(np.maximum(s2 / n - mu**2, 0.0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                zz = (obs - mu) / sd
+            # A constant null (an expert nobody selects): p = 1 unless the observation exceeds it.
+            return np.where(sd > 1e-15, norm.sf(zz), np.where(obs > mu + 1e-12, 0.0, 1.0))
+
+        return fit(obs_s, sum_s, sq_s), fit(obs_a, sum_a, sq_a), n_done
+    return (1 + ex_s) / (1 + n_done), (1 + ex_a) / (1 + n_done), n_done
+
+
 def domain_experts(
     profile: RoutingProfile,
     config: DomainExpertConfig | None = None,
     drivers: pd.DataFrame | None = None,
     **overrides: Any,
 ) -> DomainExpertTable:
-    """Score every (domain, layer, expert) and flag domain and general experts (SPEC §2).
+    """Score every (domain, layer, expert) and flag domain and general experts.
 
-    ``config`` (or keyword overrides of :class:`DomainExpertConfig`) chooses the rule (``"z"``: specificity
-    ≥ mean + z·sd of the layer's experts, ddof=0; ``"fdr"``: BH q-value ≤ alpha), the entropy form and
-    whether H is conditional on selection. Both rules also need ``A`` above uniform (``k/E``). ``drivers``
-    (rows with ``domain, layer, expert, is_driver``) removes driver experts from the general set.
+    Per (domain D, layer l, expert i): activation rate ``A``, entropy ``H``, ``CWAS = (1-H)·A``, the
+    specificity ``CWAS(D) - mean CWAS(other domains)`` and the activation lift ``A(D) / mean A(others)``,
+    each ``A``/``H``/``CWAS``/lift with a bootstrap CI over sequences.
+
+    ``rule="fdr"`` (default): a domain expert passes all three (columns ``pass_test``, ``pass_uniform``,
+    ``pass_lift``): BH ``q_value <= alpha`` over all D·L·E cells on the specificity test (``test``:
+    permutation of domain labels across sequences, or its normal approximation), ``A > k/E``, and
+    ``lift >= min_lift``. ``activation_q`` is the same test on ``A`` itself, so an expert whose equal gate
+    weights make its CWAS 0 by definition (``p̃ = ½`` gives ``h = 1``) still shows as domain-specific.
+    ``rule="z"``: specificity >= mean + z·sd (ddof=0) of the layer's experts, and ``A > k/E``. Its cap:
+    among E values the largest z is sqrt(E-1) and at most E/(1+z²) experts can reach z, so with E = 8 and
+    z = 2 at most one expert per (domain, layer) can pass, and none when two are equally specific.
+
+    ``config`` (or keyword overrides of :class:`DomainExpertConfig`; both at once must agree) sets the
+    rule. ``drivers`` (rows with ``domain, layer, expert, is_driver``) removes drivers from the general
+    set. A profile of one domain gives A/H/CWAS/gate only (specificity and lift need two domains), with a
+    note in ``settings["note"]``.
     """
-    cfg = (config or DomainExpertConfig()).replace(**overrides) if overrides else (config or DomainExpertConfig())
+    cfg = resolve_config(DomainExpertConfig, config, overrides)
     D = len(profile.domains)
-    if D < 2:
-        raise ConfigError(f"domain experts need at least 2 domains, the profile has {D}: add --domain sources")
+    if D < 1:
+        raise ConfigError("the profile holds no domains: profile at least one --domain")
     n, tot = profile.totals()
     if (n == 0).any():
         empty = profile.domains[int(np.argmin(n))]
         raise ConfigError(f"domain {empty!r} has no tokens in the profile: check its texts")
     hname = "h_bern" if cfg.entropy == "bernoulli" else "h_eq1"
     L, E = len(profile.layers), profile.num_experts
+    comparable = D >= 2
     A, H, S = _rates(n[:, None, None], tot["sel"], tot[hname], cfg.conditional)
-    spec = _specificity(S)
+    nan = np.full((D, L, E), np.nan)
+    spec = _specificity(S) if comparable else nan.copy()
+    lift = activation_lift(A) if comparable else nan.copy()
     mu = spec.mean(axis=2, keepdims=True)
     sd = spec.std(axis=2, keepdims=True)
     threshold = np.broadcast_to(mu + cfg.z * sd, spec.shape)
@@ -112,45 +243,57 @@ def domain_experts(
     above_uniform = uniform < A
     gate_mean = np.where(tot["sel"] > 0, tot["gate"] / np.maximum(tot["sel"], 1), 0.0)
 
-    ci = {k: np.full((D, L, E), np.nan) for k in ("A_lo", "A_hi", "H_lo", "H_hi", "S_lo", "S_hi")}
-    pvals = np.full((D, L, E), np.nan)
+    names = ("A", "H", "S", "lift")
+    ci = {f"{k}_{e}": nan.copy() for k in names for e in ("lo", "hi")}
+    pvals, act_p, n_done = nan.copy(), nan.copy(), np.zeros((L, E), np.int64)
+    m = D * L * E
+    n_perm = (auto_n_perm(m, cfg.alpha) if cfg.test == "permutation" else 1000) if cfg.n_perm == "auto" \
+        else int(cfg.n_perm)
     rng = np.random.default_rng(cfg.seed)
     n_seq = profile.num_sequences
     resamplable = profile.keep_sequences and min(n_seq.values(), default=0) > 1
+    if cfg.rule == "fdr" and comparable:
+        if not resamplable:
+            raise ConfigError("rule='fdr' needs per-sequence statistics from more than one sequence per domain: "
+                              "profile with keep_sequences=True and more texts, or use rule='z'")
+        if cfg.test == "permutation" and n_perm + 1 < m / cfg.alpha:
+            raise ConfigError(f"n_perm={n_perm} is too few for {m} tests: the smallest p-value 1/(n_perm+1) can "
+                              f"never pass BH at alpha={cfg.alpha}; use n_perm='auto' ({auto_n_perm(m, cfg.alpha)})")
     if resamplable:
-        seq = {
-            "tok": profile.seq_tokens.astype(np.float64),
-            "sel": profile.seq_stats("sel").reshape(-1, L * E).astype(np.float64),
-            "h": profile.seq_stats(hname).reshape(-1, L * E),
-        }
-        dom = profile.seq_domain
+        tok = profile.seq_tokens.astype(np.float64)
+        sel = profile.seq_stats("sel").reshape(-1, L * E).astype(np.float64)
+        hs = profile.seq_stats(hname).reshape(-1, L * E)
+        dom = profile.seq_domain.astype(np.int64)
         if cfg.n_boot > 0:
             lo_q, hi_q = 100 * (1 - cfg.ci) / 2, 100 * (1 + cfg.ci) / 2
+            boot = {k: np.empty((cfg.n_boot, D, L * E)) for k in ("A", "H", "S")}
             for d in range(D):
+                # Stratified: each domain's sequences resampled with replacement, as multinomial weights.
                 idx = np.flatnonzero(dom == d)
                 W = rng.multinomial(len(idx), np.full(len(idx), 1 / len(idx)), size=cfg.n_boot).astype(np.float64)
-                nb = W @ seq["tok"][idx]
-                Ab, Hb, Sb = _rates(nb[:, None], W @ seq["sel"][idx], W @ seq["h"][idx], cfg.conditional)
-                for name, arr in (("A", Ab), ("H", Hb), ("S", Sb)):
+                boot["A"][:, d], boot["H"][:, d], boot["S"][:, d] = _rates(
+                    (W @ tok[idx])[:, None], W @ sel[idx], W @ hs[idx], cfg.conditional)
+            if comparable:
+                boot["lift"] = activation_lift(boot["A"][:, :, None, :])[:, :, 0]
+            for name, arr in boot.items():
+                if name == "lift":  # inf (others never select) sorts above every finite lift
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        lo, hi = np.nanpercentile(np.where(np.isnan(arr), -np.inf, arr), [lo_q, hi_q], axis=0)
+                    lo, hi = np.where(np.isneginf(lo), np.nan, lo), np.where(np.isneginf(hi), np.nan, hi)
+                else:
                     lo, hi = np.percentile(arr, [lo_q, hi_q], axis=0)
-                    ci[f"{name}_lo"][d], ci[f"{name}_hi"][d] = lo.reshape(L, E), hi.reshape(L, E)
-        if cfg.n_perm > 0:
-            exceed = np.zeros((D, L * E))
-            onehot = np.zeros((D, len(dom)))
-            for _ in range(cfg.n_perm):
-                onehot[:] = 0
-                onehot[rng.permutation(dom), np.arange(len(dom))] = 1.0
-                _, _, Sp = _rates((onehot @ seq["tok"])[:, None], onehot @ seq["sel"], onehot @ seq["h"],
-                                  cfg.conditional)
-                exceed += _specificity(Sp.reshape(D, L, E)).reshape(D, -1) >= spec.reshape(D, -1) - 1e-12
-            pvals = ((1 + exceed) / (1 + cfg.n_perm)).reshape(D, L, E)
-    elif cfg.rule == "fdr":
-        raise ConfigError("rule='fdr' needs per-sequence statistics from more than one sequence per domain: "
-                          "profile with keep_sequences=True and more texts, or use rule='z'")
+                ci[f"{name}_lo"], ci[f"{name}_hi"] = lo.reshape(D, L, E), hi.reshape(D, L, E)
+        if n_perm > 0 and comparable:
+            ps, pa, nd = permutation_pvalues(tok, sel, hs, dom, D, cfg.conditional, n_perm, rng, cfg.test,
+                                             cfg.perm_stop)
+            pvals, act_p, n_done = ps.reshape(D, L, E), pa.reshape(D, L, E), nd.reshape(L, E)
     qvals = bh_qvalues(pvals.ravel()).reshape(D, L, E)
+    act_q = bh_qvalues(act_p.ravel()).reshape(D, L, E)
 
-    selected = (spec >= threshold) & (sd > 0) if cfg.rule == "z" else qvals <= cfg.alpha
-    is_dom = selected & above_uniform
+    pass_test = (spec >= threshold) & (sd > 0) if cfg.rule == "z" else qvals <= cfg.alpha
+    pass_lift = lift >= cfg.min_lift
+    is_dom = pass_test & above_uniform & (pass_lift if cfg.rule == "fdr" else True) & comparable
     is_driver = np.zeros((D, L, E), bool)
     if drivers is not None and len(drivers):
         d_index = {d: i for i, d in enumerate(profile.domains)}
@@ -173,23 +316,45 @@ def domain_experts(
         "cwas": S.ravel(),
         "specificity": spec.ravel(),
         "spec_threshold": threshold.ravel(),
+        "lift": lift.ravel(),
         "uniform_rate": uniform,
         "gate_mean": gate_mean.ravel(),
         **{k: v.ravel() for k, v in ci.items()},
         "p_value": pvals.ravel(),
         "q_value": qvals.ravel(),
+        "activation_p": act_p.ravel(),
+        "activation_q": act_q.ravel(),
+        "n_perm_used": np.broadcast_to(n_done, (D, L, E)).ravel(),
+        "pass_test": pass_test.ravel() & comparable,
+        "pass_uniform": above_uniform.ravel(),
+        "pass_lift": pass_lift.ravel(),
         "is_domain_expert": is_dom.ravel(),
         "is_driver": is_driver.ravel(),
         "is_general": np.broadcast_to(general, (D, L, E)).ravel(),
     })
+    test_text = (f"one-sided permutation test of specificity (domain labels shuffled across sequences; up to "
+                 f"{n_perm} permutations, sequential stop at {cfg.perm_stop} exceedances)"
+                 if cfg.test == "permutation" else
+                 f"normal approximation of the permutation null of specificity ({n_perm} permutations)")
+    if cfg.rule == "z":
+        rule_text = (f"specificity >= mean + {cfg.z} sd (ddof=0) of the layer's experts, and A > k/E "
+                     f"(cap: at most {E}/(1+{cfg.z}^2) = {E / (1 + cfg.z**2):.2f} experts per layer can reach z)")
+    else:
+        rule_text = (f"BH q <= {cfg.alpha} over {m} cells on a {test_text}; A > k/E; "
+                     f"lift A(D)/mean A(others) >= {cfg.min_lift}")
     settings = {
         "config": cfg.to_dict(),
-        "rule_text": (f"specificity >= mean + {cfg.z} sd (ddof=0) of the layer's experts, and A > k/E"
-                      if cfg.rule == "z" else f"BH q-value <= {cfg.alpha}, and A > k/E"),
+        "rule_text": rule_text,
+        "test": cfg.test if cfg.rule == "fdr" or n_perm > 0 else None,
+        "n_perm": n_perm,
+        "n_tests": m,
         "uniform_rate": uniform,
         "domains": profile.domains,
         "layers": profile.layers,
         "resampled": bool(resamplable),
         "truncated": profile.truncated,
     }
+    if not comparable:
+        settings["note"] = ("one domain only: specificity, lift and domain experts need at least 2 domains; "
+                            "the table holds A, H, CWAS and gate weights")
     return DomainExpertTable(df, settings)
