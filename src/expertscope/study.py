@@ -56,8 +56,9 @@ class StudyConfig(BaseConfig):
             check_positive(getattr(self, name), name, allow_none=True)
         for name in ("batch_size", "max_length"):
             check_positive(getattr(self, name), name)
-        for name in ("n_boot", "n_perm"):
-            check_positive(getattr(self, name), name, allow_zero=True)
+        check_positive(self.n_boot, "n_boot", allow_zero=True)
+        if self.n_perm != "auto":
+            check_positive(self.n_perm, "n_perm", allow_zero=True)
         check_finite(self.z, "z")
         check_positive_finite(self.scale_up, "scale_up")
         check_positive_finite(self.scale_down, "scale_down")

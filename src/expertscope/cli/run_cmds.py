@@ -77,7 +77,6 @@ def run_cmd(
         check_positive(value, option)
     check_positive(n_boot, "--n-boot", allow_zero=True)
     check_finite(z, "--z")
-    check_positive(n_perm, "--n-perm", allow_zero=True)
 
     cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, causal_limit=causal_limit,
                       causal_method=causal_method, eval_limit=eval_limit, train_limit=train_limit,  # type: ignore[arg-type]
