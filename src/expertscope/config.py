@@ -140,11 +140,15 @@ class CausalConfig(BaseConfig):
     ``fisher_mass``/``fisher_max_outputs`` set the output tokens the Fisher expectation covers;
     ``fisher_route`` forces how the Fisher expectation is taken (``auto``: the cheaper exact route);
     ``hybrid_top`` is how many experts per layer ``method="hybrid"`` recomputes exactly.
+    ``decision``: where CE is measured. ``"task"`` (default): where each input's task is decided (the label
+    or answer-letter position, every gold-answer position of math, teacher-forced; the last real token of
+    plain text); ``"last"``: the last token of the prompt (the first version's rule).
     """
 
     method: Literal["exact", "fisher", "hybrid"] = "exact"
     magnitude: float = 1.0
     positions: Literal["all", "last"] = "all"
+    decision: Literal["task", "last"] = "task"
     target: Literal["vocab", "labels"] = "vocab"
     batch_size: int = 8
     max_length: int | None = 512

@@ -1,5 +1,5 @@
 """Building blocks of the causal-effect engine: batches, the clean run with its cached layer inputs, the
-restart at a decoder layer, the LM head at the prediction position only, KL in float64, and the skip rule.
+restart at a decoder layer, the LM head at the decision positions only, KL in float64, and the skip rule.
 
 Shapes: ``B`` inputs of a batch, ``T`` padded length, ``H`` hidden size, ``V`` vocabulary, ``E`` experts,
 ``R`` rows of a perturbed run (one row = one input with one expert perturbed).
@@ -28,37 +28,93 @@ _RENORMALISING = {"mixtral", "gpt-oss", "granitemoe"}
 
 
 @dataclass
+class Picks:
+    """The decision positions of some rows of a perturbed run, flattened.
+
+    ``row`` ``(P,)`` the row (0..R-1) each position belongs to; ``pos`` ``(P,)`` its token position;
+    ``clean`` ``(P,)`` its index into the clean run's decision logits; ``weight`` ``(P,)`` float64, one over
+    its input's number of decision positions (so a weighted sum per row is that row's mean).
+    """
+
+    row: torch.Tensor
+    pos: torch.Tensor
+    clean: torch.Tensor
+    weight: torch.Tensor
+
+    def row_mean(self, values: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Per-row mean ``(R,)`` of per-position ``values`` ``(P,)``."""
+        out = torch.zeros(n_rows, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, self.row, values * self.weight.to(values.dtype))
+
+
+@dataclass
 class Batch:
     """One batch of inputs, right-padded.
 
-    ``index`` ``(B,)`` global input indices; ``input_ids``/``attention_mask`` ``(B, T)``; ``pos`` ``(B,)`` the
-    prediction position (last real token); ``pmask`` ``(B, T)`` float, 1 at the perturbed positions.
+    ``index`` ``(B,)`` global input indices; ``input_ids``/``attention_mask`` ``(B, T)``; ``decisions[b]``
+    the decision positions of input ``b`` (ascending); ``pmask`` ``(B, T)`` float, 1 at the perturbed
+    positions; ``all`` the :class:`Picks` of every input, in input order (the clean run's logit rows).
     """
 
     index: list[int]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pos: torch.Tensor
+    decisions: list[list[int]]
     pmask: torch.Tensor
+    all: Picks = field(init=False)
+
+    def __post_init__(self) -> None:
+        starts = [0]
+        for d in self.decisions:
+            starts.append(starts[-1] + len(d))
+        self._starts = starts
+        self.all = self.picks(list(range(self.size)))
 
     @property
     def size(self) -> int:
         return len(self.index)
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
+    def n_decisions(self) -> int:
+        return self._starts[-1]
+
+    def picks(self, rows: Sequence[int]) -> Picks:
+        """The decision positions of the inputs ``rows`` (row ``r`` of a run is input ``rows[r]``)."""
+        r, t, c, w = [], [], [], []
+        for j, b in enumerate(rows):
+            d = self.decisions[b]
+            r += [j] * len(d)
+            t += d
+            c += range(self._starts[b], self._starts[b + 1])
+            w += [1.0 / len(d)] * len(d)
+        dev = self.device
+        return Picks(torch.tensor(r, dtype=torch.long, device=dev), torch.tensor(t, dtype=torch.long, device=dev),
+                     torch.tensor(c, dtype=torch.long, device=dev), torch.tensor(w, dtype=torch.float64, device=dev))
+
 
 def make_batch(
-    index: Sequence[int], token_ids: Sequence[Sequence[int]], pad_id: int, positions: str, device: torch.device
+    index: Sequence[int], token_ids: Sequence[Sequence[int]], pad_id: int, positions: str, device: torch.device,
+    decisions: Sequence[Sequence[int]] | None = None,
 ) -> Batch:
-    """Right-pad the token id lists of one batch; ``positions`` ``"all"`` (real tokens) or ``"last"``."""
-    B, T = len(token_ids), max(len(t) for t in token_ids)
+    """Right-pad the token id lists of one batch.
+
+    ``decisions[b]``: input ``b``'s decision positions (default: its last real token). ``positions``
+    ``"all"`` perturbs every real token, ``"last"`` the first decision position and every later real token.
+    """
     ids, mask = pad_ids(token_ids, pad_id)
-    pos = mask.sum(1) - 1
+    dec = [[len(t) - 1] for t in token_ids] if decisions is None else [sorted(int(x) for x in d) for d in decisions]
+    if any(not d or d[0] < 0 or d[-1] >= len(t) for d, t in zip(dec, token_ids, strict=True)):
+        raise ValueError("every input needs at least one decision position inside its tokens")
     if positions == "last":
-        pmask = torch.zeros((B, T))
-        pmask[torch.arange(B), pos] = 1.0
+        first = torch.tensor([d[0] for d in dec])
+        pmask = (torch.arange(ids.shape[1])[None, :] >= first[:, None]).float() * mask.float()
     else:
         pmask = mask.float()
-    return Batch(list(index), ids.to(device), mask.to(device), pos.to(device), pmask.to(device))
+    return Batch(list(index), ids.to(device), mask.to(device), dec, pmask.to(device))
 
 
 # ----- the model's decoder stack -------------------------------------------------------------------
@@ -130,8 +186,9 @@ def _select_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 class CleanRun:
     """The clean run of a batch.
 
-    ``logits`` ``(B, V)`` at the prediction positions; ``inputs[i]`` the ``(args, kwargs)`` decoder layer ``i``
-    received (cached for restarts); ``router_logits[layer]`` ``(B*T, E)`` fp32, batch-major.
+    ``logits`` ``(P, V)`` at the decision positions of every input (``batch.all``); ``inputs[i]`` the
+    ``(args, kwargs)`` decoder layer ``i`` received (cached for restarts); ``router_logits[layer]``
+    ``(B*T, E)`` fp32, batch-major.
     """
 
     logits: torch.Tensor
@@ -156,9 +213,9 @@ def clean_run(
             if stack is not None:
                 out = stack.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
                 h = out[0] if isinstance(out, tuple) else out.last_hidden_state
-                logits = stack.logits(h[torch.arange(batch.size, device=h.device), batch.pos])
+                logits = stack.logits(h[batch.all.row, batch.all.pos])
             else:
-                logits = full_logits(moe, batch.input_ids, batch.attention_mask, batch.pos)
+                logits = full_logits(moe, batch.input_ids, batch.attention_mask, batch.all)
     finally:
         for hd in handles:
             hd.remove()
@@ -166,20 +223,18 @@ def clean_run(
     return CleanRun(logits=logits, inputs=inputs, router_logits=router)
 
 
-def full_logits(
-    moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pos: torch.Tensor
-) -> torch.Tensor:
-    """The model's own logits at ``pos`` ``(R,)`` from a full forward (generic path) → ``(R, V)``."""
-    keep, where = torch.unique(pos, return_inverse=True)
+def full_logits(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, picks: Picks) -> torch.Tensor:
+    """The model's own logits at ``picks`` (rows of ``input_ids``) from a full forward (generic path) → ``(P, V)``."""
+    keep, where = torch.unique(picks.pos, return_inverse=True)
     out = moe.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
-    return out.logits[torch.arange(len(pos), device=pos.device), where]
+    return out.logits[picks.row, where]
 
 
 def restart(
-    stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor
+    stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor, picks: Picks
 ) -> torch.Tensor:
     """Re-run decoder layers ``layer..`` on the cached input of ``layer`` for batch rows ``rows`` ``(R,)``;
-    only the prediction position of each row reaches the final norm and the LM head → logits ``(R, V)``.
+    only the decision positions ``picks`` (of these rows) reach the final norm and the LM head → ``(P, V)``.
 
     Any router transform must be installed by the caller (``RouterHooks``) around this call.
     """
@@ -192,8 +247,7 @@ def restart(
         kw = {k: _select_rows(v, rows, B) for k, v in kw.items() if k != "hidden_states"}
         out = stack.layers[i](h, *[_select_rows(v, rows, B) for v in a[1:]], **kw)
         h = out[0] if isinstance(out, tuple) else out
-    last = h[torch.arange(len(rows), device=h.device), batch.pos.index_select(0, rows)]
-    return stack.logits(stack.norm(last))
+    return stack.logits(stack.norm(h[picks.row, picks.pos]))
 
 
 def perturb_transform(
@@ -222,9 +276,9 @@ def log_probs(logits: torch.Tensor, label_ids: torch.Tensor | None) -> torch.Ten
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """``KL(P‖Q)`` per row in float64; ``logp``, ``logq`` ``(R, V)``."""
+    """``KL(P‖Q)`` per row in float64, clamped at 0 (rounding); ``logp``, ``logq`` ``(R, V)``."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
 
 
 def can_skip(site: RouterSite) -> bool:

@@ -60,17 +60,19 @@ def check_restart(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[in
     The rows are taken in reverse order so that a wrong batch mapping of the cached kwargs shows up.
     """
     with torch.no_grad():
-        ref = full_logits(moe, batch.input_ids, batch.attention_mask, batch.pos).float()
+        ref = full_logits(moe, batch.input_ids, batch.attention_mask, batch.all).float()
         clean = clean_run(moe, stack, batch, min(layers), [])
         scale = float(ref.abs().max()) + 1.0
         tol = (1e-4 if ref.dtype == torch.float32 and moe.dtype == torch.float32 else 3e-2) * scale
         err = float((clean.logits.float() - ref).abs().max())
         if not err <= tol:
             return f"the final norm + LM head do not reproduce the model's logits (max error {err:.3g})"
-        rows = torch.arange(batch.size - 1, -1, -1, device=batch.pos.device)
+        order = list(range(batch.size - 1, -1, -1))
+        rows = torch.tensor(order, device=batch.device)
+        picks = batch.picks(order)
         for layer in layers:
-            got = restart(stack, clean, batch, layer, rows).float()
-            err = float((got - ref.index_select(0, rows)).abs().max())
+            got = restart(stack, clean, batch, layer, rows, picks).float()
+            err = float((got - ref.index_select(0, picks.clean)).abs().max())
             if not err <= tol:
                 return f"restarting at decoder layer {layer} does not reproduce the model (max error {err:.3g})"
     return ""
@@ -90,51 +92,61 @@ def exact_batch(
 ) -> np.ndarray:
     """CE ``(B, L, E_max)`` float64 for one batch; layers in ``experts``' order, NaN where not asked.
 
-    ``experts[layer]`` lists the experts to perturb at that MoE layer. ``stack=None`` uses full forward passes.
+    Each value is the KL at the input's decision positions, averaged. ``experts[layer]`` lists the experts
+    to perturb at that MoE layer. ``stack=None`` uses full forward passes. ``chunk_tokens`` bounds the
+    tokens of one perturbed run (rows × padded length), so memory stays bounded whatever the batch.
     """
     layers = list(experts)
     B = batch.size
     E_max = max(moe.site(layer).num_experts for layer in layers)
-    out = np.full((B, len(layers), E_max), np.nan)
-    dev = batch.pos.device
+    dev = batch.device
+    out = torch.full((B, len(layers), E_max), float("nan"), dtype=torch.float64, device=dev)
     skippable = [layer for layer in layers if skip and can_skip(moe.site(layer))]
     t0 = time.perf_counter()
     if clean is None:
         clean = clean_run(moe, stack, batch, min(layers) if stack is not None else None, skippable)
-    logp = log_probs(clean.logits, label_ids)
+    logp = log_probs(clean.logits, label_ids)  # (P, V)
     stats.clean_s += time.perf_counter() - t0
     T = batch.input_ids.shape[1]
     max_rows = max(1, chunk_tokens // T)
     t1 = time.perf_counter()
+    # Which (input, expert) pairs provably change nothing: every layer's rule at once, one device sync.
+    masks = [skip_mask(clean.router_logits[layer], batch, moe.site(layer), list(experts[layer]), magnitude,
+                       moe.dtype) for layer in skippable]
+    flat = torch.cat([m.flatten() for m in masks]).cpu().numpy() if masks else np.zeros(0, bool)
+    skipped: dict[int, np.ndarray] = {}
+    o = 0
+    for layer in skippable:
+        n = B * len(experts[layer])
+        skipped[layer] = flat[o : o + n].reshape(B, len(experts[layer]))
+        o += n
     for li, layer in enumerate(layers):
-        site = moe.site(layer)
         ex = list(experts[layer])
-        if layer in skippable:
-            sk = skip_mask(clean.router_logits[layer], batch, site, ex, magnitude, moe.dtype).cpu().numpy()
-        else:
-            sk = np.zeros((B, len(ex)), bool)
+        sk = skipped.get(layer, np.zeros((B, len(ex)), bool))
         n_sk = int(sk.sum())
         stats.skipped += n_sk
         stats.per_layer_skipped[layer] = stats.per_layer_skipped.get(layer, 0) + n_sk
-        for b, j in zip(*np.nonzero(sk), strict=True):
-            out[b, li, ex[j]] = 0.0  # provably unchanged output: KL exactly 0
+        if n_sk:
+            b_sk, j_sk = np.nonzero(sk)
+            out[torch.as_tensor(b_sk, device=dev), li, torch.as_tensor(np.asarray(ex)[j_sk], device=dev)] = 0.0
         # Rows: (input b, expert e) pairs, expert-major so one run perturbs few distinct experts.
         pairs = [(b, e) for j, e in enumerate(ex) for b in range(B) if not sk[b, j]]
         for s in range(0, len(pairs), max_rows):
             chunk = pairs[s : s + max_rows]
-            rows = torch.tensor([b for b, _ in chunk], device=dev)
+            bs = [b for b, _ in chunk]
+            rows = torch.tensor(bs, device=dev)
             exps = torch.tensor([e for _, e in chunk], device=dev)
+            picks = batch.picks(bs)
             tf = perturb_transform(batch, rows, exps, magnitude)
             with RouterHooks(moe, transforms={layer: tf}), torch.no_grad():
                 if stack is not None:
-                    q = restart(stack, clean, batch, layer, rows)
+                    q = restart(stack, clean, batch, layer, rows, picks)
                 else:
                     q = full_logits(moe, batch.input_ids.index_select(0, rows),
-                                    batch.attention_mask.index_select(0, rows), batch.pos.index_select(0, rows))
-            vals = kl(logp.index_select(0, rows), log_probs(q, label_ids)).cpu().numpy()
-            for (b, e), v in zip(chunk, vals, strict=True):
-                out[b, li, e] = float(v)
+                                    batch.attention_mask.index_select(0, rows), picks)
+            per_pos = kl(logp.index_select(0, picks.clean), log_probs(q, label_ids))
+            out[rows, li, exps] = picks.row_mean(per_pos, len(chunk))
             stats.runs += 1
             stats.computed += len(chunk)
     stats.perturbed_s += time.perf_counter() - t1
-    return out
+    return out.cpu().numpy()
