@@ -401,3 +401,36 @@ def test_fisher_at_decision_positions_is_the_second_order_term(make_tiny: Any) -
     fi = C.causal_effects(moe, doms, method="fisher", magnitude=m, batch_size=4)
     big = ex.ce > 1e-9
     assert np.median(np.abs(fi.ce[big] / ex.ce[big] - 1)) < 0.02
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_prefix_reuse_changes_no_value_and_recomputes_less(make_tiny: Any, family: str) -> None:
+    moe = _moe(make_tiny, family)
+    doms = _task_domains()
+    for positions in ("all", "last"):
+        on = C.causal_effects(moe, doms, positions=positions, batch_size=4)
+        off = C.causal_effects(moe, doms, positions=positions, batch_size=4, prefix_reuse=False)
+        assert on.settings["exact_stats"]["prefix_reuse"] is True
+        assert off.settings["exact_stats"]["prefix_reuse"] is False
+        np.testing.assert_allclose(on.ce, off.ce, rtol=1e-3, atol=1e-5)
+        done_on = on.settings["exact_stats"]["recomputed_token_layers"]
+        done_off = off.settings["exact_stats"]["recomputed_token_layers"]
+        if positions == "last":  # only the answer spans onward are recomputed
+            assert done_on < 0.8 * done_off
+        else:
+            assert done_on <= done_off
+    # A small memory budget (one row per run) gives the same values.
+    tiny = C.causal_effects(moe, doms, positions="last", batch_size=4, chunk_tokens=1)
+    np.testing.assert_allclose(tiny.ce, on.ce, rtol=1e-3, atol=1e-5)
+    assert tiny.settings["exact_stats"]["perturbed_runs"] == tiny.settings["exact_stats"]["computed"]
+
+
+def test_renormalising_router_restarts_where_the_expert_can_enter(make_tiny: Any) -> None:
+    moe = _moe(make_tiny, "mixtral", num_local_experts=8)
+    on = C.causal_effects(moe, SHORT, batch_size=4)
+    off = C.causal_effects(moe, SHORT, batch_size=4, prefix_reuse=False)
+    np.testing.assert_allclose(on.ce, naive_ce(moe, _flat(SHORT)), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(on.ce, off.ce, rtol=1e-3, atol=1e-5)
+    # Rows whose expert cannot enter the top-k before position t restart at t.
+    n_on, n_off = (r.settings["exact_stats"]["recomputed_token_layers"] for r in (on, off))
+    assert n_on < n_off

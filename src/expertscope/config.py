@@ -135,7 +135,9 @@ class DomainExpertConfig(BaseConfig):
 class CausalConfig(BaseConfig):
     """Settings of :func:`expertscope.causal_effects` (SPEC §3).
 
-    ``chunk_tokens`` bounds the tokens of one perturbed run (rows × sequence length); ``skip`` drops
+    ``chunk_tokens`` bounds the tokens of one perturbed run (rows × recomputed positions): the memory budget
+    of the exact engine; ``prefix_reuse`` recomputes each perturbed row only from the first position whose
+    layer output can change, reusing the clean run's keys and values before it; ``skip`` drops
     perturbations that provably cannot change the output (renormalising top-k routers only);
     ``fisher_mass``/``fisher_max_outputs`` set the output tokens the Fisher expectation covers;
     ``fisher_route`` forces how the Fisher expectation is taken (``auto``: the cheaper exact route);
@@ -155,6 +157,7 @@ class CausalConfig(BaseConfig):
     limit: int | None = None
     chunk_tokens: int = 8192
     skip: bool = True
+    prefix_reuse: bool = True
     fisher_mass: float = 0.99
     fisher_max_outputs: int = 512
     fisher_route: Literal["auto", "tokens", "hidden"] = "auto"

@@ -194,18 +194,53 @@ class CleanRun:
     logits: torch.Tensor
     inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     router_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class _KVRecorder:
+    """Passed as ``past_key_values`` to the clean run's decoder layers: keeps each attention's keys and values
+    ``(B, heads, T, d)`` (after rotary embedding) and hands them back unchanged."""
+
+    def __init__(self, store: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.store = store
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.store[layer_idx] = (key, value)
+        return key, value
+
+
+class _PrefixKV:
+    """``past_key_values`` of a suffix restart: the clean keys/values of positions ``< start`` of the
+    restarted rows, joined in front of the suffix's own."""
+
+    def __init__(self, clean: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, start: int) -> None:
+        self.clean, self.rows, self.start = clean, rows, start
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        k0, v0 = self.clean[layer_idx]
+        k0 = k0.index_select(0, self.rows)[:, :, : self.start]
+        v0 = v0.index_select(0, self.rows)[:, :, : self.start]
+        return torch.cat([k0, key], dim=2), torch.cat([v0, value], dim=2)
 
 
 def clean_run(
-    moe: MoEModel, stack: Stack | None, batch: Batch, capture_from: int | None, record: Sequence[int]
+    moe: MoEModel, stack: Stack | None, batch: Batch, capture_from: int | None, record: Sequence[int],
+    keep_kv: bool = False,
 ) -> CleanRun:
-    """Run the batch once, caching every decoder layer's inputs from ``capture_from`` on."""
+    """Run the batch once, caching every decoder layer's inputs from ``capture_from`` on (and, with
+    ``keep_kv``, each attention's keys and values, for restarts that recompute only a suffix)."""
     inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     if stack is not None and capture_from is not None:
         for i in range(capture_from, len(stack.layers)):
-            def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+            def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> tuple[tuple, dict] | None:
                 inputs[i] = (args, dict(kwargs))
+                if keep_kv:
+                    return args, {**kwargs, "past_key_values": _KVRecorder(kv)}
+                return None
 
             handles.append(stack.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
     try:
@@ -220,7 +255,7 @@ def clean_run(
         for hd in handles:
             hd.remove()
     router = {layer: hooks.calls[layer][0].logits for layer in record}
-    return CleanRun(logits=logits, inputs=inputs, router_logits=router)
+    return CleanRun(logits=logits, inputs=inputs, router_logits=router, kv=kv)
 
 
 def full_logits(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, picks: Picks) -> torch.Tensor:
@@ -231,31 +266,68 @@ def full_logits(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def restart(
-    stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor, picks: Picks
+    stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor, picks: Picks, start: int = 0
 ) -> torch.Tensor:
     """Re-run decoder layers ``layer..`` on the cached input of ``layer`` for batch rows ``rows`` ``(R,)``;
     only the decision positions ``picks`` (of these rows) reach the final norm and the LM head → ``(P, V)``.
 
-    Any router transform must be installed by the caller (``RouterHooks``) around this call.
+    ``start > 0`` recomputes positions ``start..`` only (causal attention: earlier positions cannot change),
+    attending to the clean run's keys and values of the earlier ones (``clean_run(keep_kv=True)``); every
+    decision position must be ``>= start``. Any router transform must be installed by the caller
+    (``RouterHooks``) around this call, and sees the suffix positions only.
     """
     B = batch.size
+    T = batch.input_ids.shape[1]
     args, _ = clean.inputs[layer]
     h = args[0] if args else clean.inputs[layer][1]["hidden_states"]
     h = h.index_select(0, rows)
+    if start:
+        h = h[:, start:]
     for i in range(layer, len(stack.layers)):
         a, kw = clean.inputs[i]
         kw = {k: _select_rows(v, rows, B) for k, v in kw.items() if k != "hidden_states"}
+        if start:
+            kw = _suffix_kwargs(kw, T, start, h.device)
+            kw["past_key_values"] = _PrefixKV(clean.kv, rows, start)
         out = stack.layers[i](h, *[_select_rows(v, rows, B) for v in a[1:]], **kw)
         h = out[0] if isinstance(out, tuple) else out
-    return stack.logits(stack.norm(h[picks.row, picks.pos]))
+    return stack.logits(stack.norm(h[picks.row, picks.pos - start]))
+
+
+def _suffix_kwargs(kw: dict[str, Any], T: int, start: int, device: torch.device) -> dict[str, Any]:
+    """Layer kwargs for queries at positions ``start..T-1`` against keys ``0..T-1``: the 4-D mask's query rows,
+    position ids/embeddings and cache positions of the suffix."""
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            if v.dim() >= 2 and v.shape[1] == T:
+                return v[:, start:]
+            if v.dim() == 1 and v.shape[0] == T:
+                return v[start:]
+            return v
+        if isinstance(v, tuple | list):
+            return type(v)(cut(x) for x in v)
+        return v
+
+    out = {k: cut(v) for k, v in kw.items() if k != "attention_mask"}
+    mask = kw.get("attention_mask")
+    if mask is None:  # no padding in the batch: the model relied on a plain causal mask
+        q = torch.arange(start, T, device=device)[:, None]
+        mask = (torch.arange(T, device=device)[None, :] <= q)[None, None]
+    elif mask.dim() == 4:
+        mask = mask[:, :, start:, :]
+    else:
+        raise ValueError(f"an attention mask of shape {tuple(mask.shape)} cannot be cut to a suffix")
+    out["attention_mask"] = mask
+    return out
 
 
 def perturb_transform(
-    batch: Batch, rows: torch.Tensor, experts: torch.Tensor, magnitude: float
+    batch: Batch, rows: torch.Tensor, experts: torch.Tensor, magnitude: float, start: int = 0
 ) -> Callable[[RouterSite, torch.Tensor], torch.Tensor]:
     """A router transform adding ``magnitude`` to expert ``experts[r]``'s logit in row ``r`` at the
-    perturbed positions of input ``rows[r]``; the router sees logits ``(R*T, E)``."""
-    pm = batch.pmask.index_select(0, rows)  # (R, T)
+    perturbed positions of input ``rows[r]``; the router sees logits ``(R*(T-start), E)``."""
+    pm = batch.pmask.index_select(0, rows)[:, start:]  # (R, T - start)
 
     def transform(site: RouterSite, logits: torch.Tensor) -> torch.Tensor:
         R, T = pm.shape
@@ -292,7 +364,17 @@ def skip_mask(
     router_logits: torch.Tensor, batch: Batch, site: RouterSite, experts: Sequence[int], magnitude: float,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``(B, len(experts))`` bool: the perturbation provably changes nothing for that input.
+    """``(B, len(experts))`` bool: the perturbation provably changes nothing for that input (see
+    :func:`first_change`)."""
+    return first_change(router_logits, batch, site, experts, magnitude, dtype) == batch.input_ids.shape[1]
+
+
+def first_change(
+    router_logits: torch.Tensor, batch: Batch, site: RouterSite, experts: Sequence[int], magnitude: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(B, len(experts))`` long: the first position whose layer output the perturbation can change (``T``:
+    none, the perturbation provably changes nothing for that input).
 
     For a renormalising top-k router, adding ``m`` to expert ``e`` changes neither the selection nor the
     weights over the selected set if at every perturbed token ``max(z_e, z_e + m)`` lies strictly below the
@@ -312,5 +394,13 @@ def skip_mask(
     high = torch.maximum(ze, ze + magnitude)
     eps = torch.finfo(dtype).eps
     margin = 16 * eps * (1.0 + ze.abs() + abs(magnitude) + kth_other.abs())
-    safe = (high < kth_other - margin) | (batch.pmask[..., None] == 0)
-    return safe.all(dim=1)
+    safe = (high < kth_other - margin) | (batch.pmask[..., None] == 0)  # (B, T, n)
+    pos = torch.arange(T, device=z.device)[None, :, None].expand_as(safe)
+    return torch.where(safe, torch.full_like(pos, T), pos).amin(dim=1)
+
+
+def first_perturbed(batch: Batch) -> torch.Tensor:
+    """``(B,)`` long: each input's first perturbed position (its layer outputs before it cannot change)."""
+    T = batch.pmask.shape[1]
+    pos = torch.arange(T, device=batch.pmask.device)[None, :].expand_as(batch.pmask)
+    return torch.where(batch.pmask > 0, pos, torch.full_like(pos, T)).amin(dim=1)

@@ -31,7 +31,7 @@ from ..models.model import MoEModel
 from ..stats.profile import effective_max_length
 from ._engine import Stack, find_stack, make_batch
 from .decision import Prepared, common_prefix, prepare_inputs
-from .exact import ExactStats, check_restart, exact_batch
+from .exact import ExactStats, check_prefix, check_restart, exact_batch
 from .fisher import FisherStats, fisher_batch
 
 TABLE_VERSION = 1
@@ -399,9 +399,10 @@ class _Run:
                 vals = fisher_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fisher_mass,
                                     cfg.fisher_max_outputs, self.fisher_stats, cfg.fisher_route)
             else:
-                engine = _verify_once(model, self.stack, batch, self.lays, self.exact_stats, self.verified)
+                engine = _verify_once(model, self.stack, batch, self.lays, self.exact_stats, self.verified,
+                                      cfg.prefix_reuse)
                 vals = exact_batch(model, engine, batch, which, cfg.magnitude, self.lab_t, cfg.chunk_tokens,
-                                   cfg.skip, self.exact_stats)
+                                   cfg.skip, self.exact_stats, prefix=self.exact_stats.prefix)
             for j, i in enumerate(ids):
                 rows[i] = _full_row(vals[j], self.lays, which, self.E_max)
             self.done += 1
@@ -440,8 +441,9 @@ def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Se
 
 
 def _verify_once(model: MoEModel, stack: Stack | None, batch: Any, layers: list[int], stats: ExactStats,
-                 verified: list[bool]) -> Stack | None:
-    """Check the restart path once per call; fall back to full forward passes (with a note) if it fails."""
+                 verified: list[bool], prefix: bool) -> Stack | None:
+    """Check the restart path (and the suffix restart, with ``prefix``) once per call; fall back to full
+    forward passes, or to full-length restarts, with a note, if a check fails."""
     if stack is None or stats.engine != "restart":
         return None
     if not verified[0]:
@@ -452,6 +454,13 @@ def _verify_once(model: MoEModel, stack: Stack | None, batch: Any, layers: list[
             warnings.warn(f"exact causal effects fall back to full forward passes: {problem}", stacklevel=3)
             return None
         stats.note = "verified"
+        if prefix:
+            problem = check_prefix(model, stack, batch, layers)
+            stats.prefix = not problem
+            stats.prefix_note = problem or "verified"
+            if problem:
+                warnings.warn(f"exact causal effects recompute full rows (no prefix reuse): {problem}",
+                              stacklevel=3)
     return stack
 
 
@@ -495,6 +504,7 @@ def _hybrid_candidates(ce: np.ndarray, dom: np.ndarray, lays: list[int], per_lay
 def _dump_stats(ex: ExactStats, fi: FisherStats) -> dict[str, Any]:
     return {"exact": {"skipped": ex.skipped, "computed": ex.computed, "runs": ex.runs, "clean_s": ex.clean_s,
                       "perturbed_s": ex.perturbed_s, "engine": ex.engine, "note": ex.note,
+                      "token_rows": ex.token_rows, "prefix": ex.prefix, "prefix_note": ex.prefix_note,
                       "per_layer_skipped": {str(k): v for k, v in ex.per_layer_skipped.items()}},
             "fisher": {"backward_products": fi.backward_products, "routes": fi.routes, "min_mass": fi.min_mass,
                        "forward_s": fi.forward_s, "backward_s": fi.backward_s}}
@@ -505,6 +515,8 @@ def _restore_stats(ex: ExactStats, fi: FisherStats, d: dict[str, Any]) -> None:
     ex.skipped, ex.computed, ex.runs = int(e.get("skipped", 0)), int(e.get("computed", 0)), int(e.get("runs", 0))
     ex.clean_s, ex.perturbed_s = float(e.get("clean_s", 0.0)), float(e.get("perturbed_s", 0.0))
     ex.per_layer_skipped = {int(k): int(v) for k, v in e.get("per_layer_skipped", {}).items()}
+    ex.token_rows, ex.prefix = int(e.get("token_rows", 0)), bool(e.get("prefix", False))
+    ex.prefix_note = str(e.get("prefix_note", ""))
     if e.get("engine") == "full-forward":
         ex.engine, ex.note = "full-forward", str(e.get("note", ""))
     fi.backward_products, fi.routes = int(f.get("backward_products", 0)), dict(f.get("routes", {}))
