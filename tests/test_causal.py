@@ -434,3 +434,15 @@ def test_renormalising_router_restarts_where_the_expert_can_enter(make_tiny: Any
     # Rows whose expert cannot enter the top-k before position t restart at t.
     n_on, n_off = (r.settings["exact_stats"]["recomputed_token_layers"] for r in (on, off))
     assert n_on < n_off
+
+
+def test_sweep_items_use_the_decision_positions(make_tiny: Any) -> None:
+    from expertscope.causal.sweep import causal_sweep
+
+    moe = _moe(make_tiny, "qwen2_moe")
+    doms = _task_domains()
+    swept = causal_sweep(moe, doms)
+    batched = C.causal_effects(moe, doms, batch_size=3)
+    np.testing.assert_allclose(swept.ce, batched.ce, rtol=1e-3, atol=1e-5)
+    old = causal_sweep(moe, doms, decision="last")
+    np.testing.assert_allclose(old.ce, C.causal_effects(moe, doms, decision="last").ce, rtol=1e-3, atol=1e-5)
