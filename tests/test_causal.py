@@ -273,3 +273,176 @@ def test_cli_drivers_writes_tables_and_fails_in_one_line(tmp_path: Any) -> None:
     assert back.ce.shape == (5, 3, 4)
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--positions", "first"])
     assert bad.exit_code == 2 and "positions" in bad.output
+
+
+# ----- decision positions --------------------------------------------------------------------------
+def _task_domains() -> list[Any]:
+    from expertscope.data.types import Domain, Example
+
+    emo = Domain("emo", [Example(text="Ann: we won", label="joy"), Example(text="Ben: go away", label="anger"),
+                         Example(text="Cy: boo", label="fear")], task="classification")
+    mc = Domain("mc", [Example(text="Capital?", choices=("Ka", "Lo", "Mi", "Zu"), label="C"),
+                       Example(text="Sum?", choices=("1", "2", "3", "4"), label="A")], task="multiple_choice")
+    math = Domain("math", [Example(text="2+3?", answer="5", solution="2+3=5. #### 5"),
+                           Example(text="4-1?", answer="3")], task="math")
+    plain = Domain("plain", [Example(text="the cat sat"), Example(text="x = 1")])
+    return [emo, mc, math, plain]
+
+
+def _by_hand(tok: Any, domains: list[Any]) -> list[tuple[list[int], list[int]]]:
+    """Token ids and decision positions written out for the character-level tiny tokenizer: every label and
+    letter verbalisation starts with the same space character, so the decision is the position after it."""
+    from expertscope.data import prompts
+
+    out = []
+    for d in domains:
+        for ex in d.examples:
+            if d.task is None:
+                ids = tok(ex.text)["input_ids"]
+                out.append((ids, [len(ids) - 1]))
+                continue
+            p = tok(prompts.prompt(d.task, ex))["input_ids"]
+            space = tok(" ", add_special_tokens=False)["input_ids"]
+            if d.task in ("classification", "multiple_choice"):
+                ids = p + space  # teacher-forced through the shared " "; the next token is the label's first letter
+                out.append((ids, [len(ids) - 1]))
+            else:
+                gold = " " + ex.solution if ex.solution else f" #### {ex.answer}"
+                g = tok(gold, add_special_tokens=False)["input_ids"]
+                ids = p + g[:-1]
+                out.append((ids, list(range(len(p) - 1, len(ids)))))
+    return out
+
+
+def naive_decision_ce(moe: MoEModel, items: list[tuple[list[int], list[int]]], positions: str = "all",
+                      label_ids: list[int] | None = None, m: float = 1.0) -> np.ndarray:
+    """``(N, L, E)``: one full forward per (input, layer, expert); KL at each decision position, averaged."""
+    out = np.zeros((len(items), len(moe.sites), moe.num_experts))
+    with torch.no_grad():
+        for n, (ids_l, dec) in enumerate(items):
+            ids = torch.tensor([ids_l])
+            rows = None if positions == "all" else list(range(dec[0], len(ids_l)))
+
+            def logp(logits: torch.Tensor, dec: list[int] = dec) -> torch.Tensor:
+                x = logits[0, dec].double()
+                return (x if label_ids is None else x[:, label_ids]).log_softmax(-1)
+
+            p = logp(moe.model(input_ids=ids).logits)
+            for li, s in enumerate(moe.sites):
+                for e in range(s.num_experts):
+                    with _AddToColumn(s.module.weight, e, m, rows):
+                        q = logp(moe.model(input_ids=ids).logits)
+                    out[n, li, e] = float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
+    return out
+
+
+def test_decision_positions_by_hand() -> None:
+    from expertscope.causal.decision import decision_index, prepare_inputs
+
+    tok = tiny_tokenizer()
+    doms = _task_domains()
+    prep, dom_of, tix = prepare_inputs(tok, doms, None, "task", None)
+    hand = _by_hand(tok, doms)
+    assert prep.token_ids == [h[0] for h in hand]
+    assert prep.decisions == [h[1] for h in hand]
+    assert prep.kinds == ["label"] * 3 + ["letter"] * 2 + ["answer"] * 2 + ["last"] * 2
+    assert dom_of[3:5] == ["mc", "mc"] and tix[3:5] == [0, 1]
+    # The emotion decision position predicts the gold label's first letter (" joy" -> "j").
+    ids, dec = prep.token_ids[0], prep.decisions[0]
+    assert tok.decode([ids[dec[0]]]) == " " and dec == [len(ids) - 1]
+    # math: one position per gold token; the first predicts the leading space after "Answer:".
+    assert len(prep.decisions[5]) == len(" 2+3=5. #### 5")
+    # decision_index: after a shared prefix; 0 for single-token labels; the last gold token if it is a prefix.
+    assert decision_index([[5, 1], [5, 2]], [5, 2]) == 1
+    assert decision_index([[7], [8], [9]], [8]) == 0
+    assert decision_index([[5], [5, 6]], [5]) == 0
+    # decision="last": the prompt's last token, as in the first version.
+    old, _, _ = prepare_inputs(tok, doms, None, "last", None)
+    assert old.token_ids[0] == tok(doms[0].texts[0])["input_ids"] and old.decisions[0] == [len(old.token_ids[0]) - 1]
+    # Truncation keeps the decision positions that fit and says when none did.
+    cut, _, _ = prepare_inputs(tok, doms[2:3], None, "task", 12)
+    assert cut.truncated == 2 and cut.lost == 2 and cut.decisions[0] == [11]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_exact_at_decision_positions_matches_naive_loop(make_tiny: Any, family: str, positions: str) -> None:
+    moe = _moe(make_tiny, family)
+    doms = _task_domains()
+    res = C.causal_effects(moe, doms, positions=positions, batch_size=3)
+    ref = naive_decision_ce(moe, _by_hand(moe.tokenizer, doms), positions=positions)
+    assert res.settings["decision"] == "task" and res.settings["decision_kinds"]["answer"] == 2
+    assert ref.max() > 1e-2
+    np.testing.assert_allclose(res.ce, ref, rtol=0, atol=ATOL)
+    assert (res.ce >= 0).all()
+
+
+def test_decision_last_keeps_the_old_rule_and_labels_target(make_tiny: Any) -> None:
+    moe = _moe(make_tiny, "mixtral")
+    doms = _task_domains()
+    tok = moe.tokenizer
+    old = C.causal_effects(moe, doms, decision="last", batch_size=4)
+    texts = [t for d in doms for t in d.texts]
+    np.testing.assert_allclose(old.ce, naive_ce(moe, texts), rtol=0, atol=ATOL)
+    # target="labels" on the emotion domain: KL over the labels' decision tokens (first letters here).
+    emo = doms[0]
+    res = C.causal_effects(moe, emo, target="labels", batch_size=2)
+    ids = [tok(x, add_special_tokens=False)["input_ids"][0] for x in ("a", "f", "j")]  # anger, fear, joy
+    assert res.settings["label_ids"] == ids
+    ref = naive_decision_ce(moe, _by_hand(tok, [emo]), label_ids=ids)
+    np.testing.assert_allclose(res.ce, ref, rtol=0, atol=ATOL)
+
+
+def test_fisher_at_decision_positions_is_the_second_order_term(make_tiny: Any) -> None:
+    moe = _moe(make_tiny, "qwen2_moe")
+    doms = _task_domains()[1:3]
+    m = 1e-2
+    ex = C.causal_effects(moe, doms, magnitude=m, batch_size=4)
+    fi = C.causal_effects(moe, doms, method="fisher", magnitude=m, batch_size=4)
+    big = ex.ce > 1e-9
+    assert np.median(np.abs(fi.ce[big] / ex.ce[big] - 1)) < 0.02
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_prefix_reuse_changes_no_value_and_recomputes_less(make_tiny: Any, family: str) -> None:
+    moe = _moe(make_tiny, family)
+    doms = _task_domains()
+    for positions in ("all", "last"):
+        on = C.causal_effects(moe, doms, positions=positions, batch_size=4)
+        off = C.causal_effects(moe, doms, positions=positions, batch_size=4, prefix_reuse=False)
+        assert on.settings["exact_stats"]["prefix_reuse"] is True
+        assert off.settings["exact_stats"]["prefix_reuse"] is False
+        np.testing.assert_allclose(on.ce, off.ce, rtol=1e-3, atol=1e-5)
+        done_on = on.settings["exact_stats"]["recomputed_token_layers"]
+        done_off = off.settings["exact_stats"]["recomputed_token_layers"]
+        if positions == "last":  # only the answer spans onward are recomputed
+            assert done_on < 0.8 * done_off
+        else:
+            assert done_on <= done_off
+    # A small memory budget (one row per run) gives the same values.
+    tiny = C.causal_effects(moe, doms, positions="last", batch_size=4, chunk_tokens=1)
+    np.testing.assert_allclose(tiny.ce, on.ce, rtol=1e-3, atol=1e-5)
+    assert tiny.settings["exact_stats"]["perturbed_runs"] == tiny.settings["exact_stats"]["computed"]
+
+
+def test_renormalising_router_restarts_where_the_expert_can_enter(make_tiny: Any) -> None:
+    moe = _moe(make_tiny, "mixtral", num_local_experts=8)
+    on = C.causal_effects(moe, SHORT, batch_size=4)
+    off = C.causal_effects(moe, SHORT, batch_size=4, prefix_reuse=False)
+    np.testing.assert_allclose(on.ce, naive_ce(moe, _flat(SHORT)), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(on.ce, off.ce, rtol=1e-3, atol=1e-5)
+    # Rows whose expert cannot enter the top-k before position t restart at t.
+    n_on, n_off = (r.settings["exact_stats"]["recomputed_token_layers"] for r in (on, off))
+    assert n_on < n_off
+
+
+def test_sweep_items_use_the_decision_positions(make_tiny: Any) -> None:
+    from expertscope.causal.sweep import causal_sweep
+
+    moe = _moe(make_tiny, "qwen2_moe")
+    doms = _task_domains()
+    swept = causal_sweep(moe, doms)
+    batched = C.causal_effects(moe, doms, batch_size=3)
+    np.testing.assert_allclose(swept.ce, batched.ce, rtol=1e-3, atol=1e-5)
+    old = causal_sweep(moe, doms, decision="last")
+    np.testing.assert_allclose(old.ce, C.causal_effects(moe, doms, decision="last").ce, rtol=1e-3, atol=1e-5)

@@ -195,22 +195,29 @@ class DriverConfig(BaseConfig):
 class CausalConfig(BaseConfig):
     """Settings of :func:`expertscope.causal_effects` (SPEC §3).
 
-    ``chunk_tokens`` bounds the tokens of one perturbed run (rows × sequence length); ``skip`` drops
+    ``chunk_tokens`` bounds the tokens of one perturbed run (rows × recomputed positions): the memory budget
+    of the exact engine; ``prefix_reuse`` recomputes each perturbed row only from the first position whose
+    layer output can change, reusing the clean run's keys and values before it; ``skip`` drops
     perturbations that provably cannot change the output (renormalising top-k routers only);
     ``fisher_mass``/``fisher_max_outputs`` set the output tokens the Fisher expectation covers;
     ``fisher_route`` forces how the Fisher expectation is taken (``auto``: the cheaper exact route);
     ``hybrid_top`` is how many experts per layer ``method="hybrid"`` recomputes exactly.
+    ``decision``: where CE is measured. ``"task"`` (default): where each input's task is decided (the label
+    or answer-letter position, every gold-answer position of math, teacher-forced; the last real token of
+    plain text); ``"last"``: the last token of the prompt (the first version's rule).
     """
 
     method: Literal["exact", "fisher", "hybrid"] = "exact"
     magnitude: float = 1.0
     positions: Literal["all", "last"] = "all"
+    decision: Literal["task", "last"] = "task"
     target: Literal["vocab", "labels"] = "vocab"
     batch_size: int = 8
     max_length: int | None = 512
     limit: int | None = None
     chunk_tokens: int = 8192
     skip: bool = True
+    prefix_reuse: bool = True
     fisher_mass: float = 0.99
     fisher_max_outputs: int = 512
     fisher_route: Literal["auto", "tokens", "hidden"] = "auto"

@@ -1,5 +1,5 @@
 """Building blocks of the causal-effect engine: batches, the clean run with its cached layer inputs, the
-restart at a decoder layer, the LM head at the prediction position only, KL in float64, and the skip rule.
+restart at a decoder layer, the LM head at the decision positions only, KL in float64, and the skip rule.
 
 Shapes: ``B`` inputs of a batch, ``T`` padded length, ``H`` hidden size, ``V`` vocabulary, ``E`` experts,
 ``R`` rows of a perturbed run (one row = one input with one expert perturbed).
@@ -28,37 +28,93 @@ _RENORMALISING = {"mixtral", "gpt-oss", "granitemoe"}
 
 
 @dataclass
+class Picks:
+    """The decision positions of some rows of a perturbed run, flattened.
+
+    ``row`` ``(P,)`` the row (0..R-1) each position belongs to; ``pos`` ``(P,)`` its token position;
+    ``clean`` ``(P,)`` its index into the clean run's decision logits; ``weight`` ``(P,)`` float64, one over
+    its input's number of decision positions (so a weighted sum per row is that row's mean).
+    """
+
+    row: torch.Tensor
+    pos: torch.Tensor
+    clean: torch.Tensor
+    weight: torch.Tensor
+
+    def row_mean(self, values: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Per-row mean ``(R,)`` of per-position ``values`` ``(P,)``."""
+        out = torch.zeros(n_rows, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, self.row, values * self.weight.to(values.dtype))
+
+
+@dataclass
 class Batch:
     """One batch of inputs, right-padded.
 
-    ``index`` ``(B,)`` global input indices; ``input_ids``/``attention_mask`` ``(B, T)``; ``pos`` ``(B,)`` the
-    prediction position (last real token); ``pmask`` ``(B, T)`` float, 1 at the perturbed positions.
+    ``index`` ``(B,)`` global input indices; ``input_ids``/``attention_mask`` ``(B, T)``; ``decisions[b]``
+    the decision positions of input ``b`` (ascending); ``pmask`` ``(B, T)`` float, 1 at the perturbed
+    positions; ``all`` the :class:`Picks` of every input, in input order (the clean run's logit rows).
     """
 
     index: list[int]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pos: torch.Tensor
+    decisions: list[list[int]]
     pmask: torch.Tensor
+    all: Picks = field(init=False)
+
+    def __post_init__(self) -> None:
+        starts = [0]
+        for d in self.decisions:
+            starts.append(starts[-1] + len(d))
+        self._starts = starts
+        self.all = self.picks(list(range(self.size)))
 
     @property
     def size(self) -> int:
         return len(self.index)
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
+    def n_decisions(self) -> int:
+        return self._starts[-1]
+
+    def picks(self, rows: Sequence[int]) -> Picks:
+        """The decision positions of the inputs ``rows`` (row ``r`` of a run is input ``rows[r]``)."""
+        r, t, c, w = [], [], [], []
+        for j, b in enumerate(rows):
+            d = self.decisions[b]
+            r += [j] * len(d)
+            t += d
+            c += range(self._starts[b], self._starts[b + 1])
+            w += [1.0 / len(d)] * len(d)
+        dev = self.device
+        return Picks(torch.tensor(r, dtype=torch.long, device=dev), torch.tensor(t, dtype=torch.long, device=dev),
+                     torch.tensor(c, dtype=torch.long, device=dev), torch.tensor(w, dtype=torch.float64, device=dev))
+
 
 def make_batch(
-    index: Sequence[int], token_ids: Sequence[Sequence[int]], pad_id: int, positions: str, device: torch.device
+    index: Sequence[int], token_ids: Sequence[Sequence[int]], pad_id: int, positions: str, device: torch.device,
+    decisions: Sequence[Sequence[int]] | None = None,
 ) -> Batch:
-    """Right-pad the token id lists of one batch; ``positions`` ``"all"`` (real tokens) or ``"last"``."""
-    B, T = len(token_ids), max(len(t) for t in token_ids)
+    """Right-pad the token id lists of one batch.
+
+    ``decisions[b]``: input ``b``'s decision positions (default: its last real token). ``positions``
+    ``"all"`` perturbs every real token, ``"last"`` the first decision position and every later real token.
+    """
     ids, mask = pad_ids(token_ids, pad_id)
-    pos = mask.sum(1) - 1
+    dec = [[len(t) - 1] for t in token_ids] if decisions is None else [sorted(int(x) for x in d) for d in decisions]
+    if any(not d or d[0] < 0 or d[-1] >= len(t) for d, t in zip(dec, token_ids, strict=True)):
+        raise ValueError("every input needs at least one decision position inside its tokens")
     if positions == "last":
-        pmask = torch.zeros((B, T))
-        pmask[torch.arange(B), pos] = 1.0
+        first = torch.tensor([d[0] for d in dec])
+        pmask = (torch.arange(ids.shape[1])[None, :] >= first[:, None]).float() * mask.float()
     else:
         pmask = mask.float()
-    return Batch(list(index), ids.to(device), mask.to(device), pos.to(device), pmask.to(device))
+    return Batch(list(index), ids.to(device), mask.to(device), dec, pmask.to(device))
 
 
 # ----- the model's decoder stack -------------------------------------------------------------------
@@ -130,25 +186,61 @@ def _select_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 class CleanRun:
     """The clean run of a batch.
 
-    ``logits`` ``(B, V)`` at the prediction positions; ``inputs[i]`` the ``(args, kwargs)`` decoder layer ``i``
-    received (cached for restarts); ``router_logits[layer]`` ``(B*T, E)`` fp32, batch-major.
+    ``logits`` ``(P, V)`` at the decision positions of every input (``batch.all``); ``inputs[i]`` the
+    ``(args, kwargs)`` decoder layer ``i`` received (cached for restarts); ``router_logits[layer]``
+    ``(B*T, E)`` fp32, batch-major.
     """
 
     logits: torch.Tensor
     inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     router_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class _KVRecorder:
+    """Passed as ``past_key_values`` to the clean run's decoder layers: keeps each attention's keys and values
+    ``(B, heads, T, d)`` (after rotary embedding) and hands them back unchanged."""
+
+    def __init__(self, store: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.store = store
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.store[layer_idx] = (key, value)
+        return key, value
+
+
+class _PrefixKV:
+    """``past_key_values`` of a suffix restart: the clean keys/values of positions ``< start`` of the
+    restarted rows, joined in front of the suffix's own."""
+
+    def __init__(self, clean: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, start: int) -> None:
+        self.clean, self.rows, self.start = clean, rows, start
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        k0, v0 = self.clean[layer_idx]
+        k0 = k0.index_select(0, self.rows)[:, :, : self.start]
+        v0 = v0.index_select(0, self.rows)[:, :, : self.start]
+        return torch.cat([k0, key], dim=2), torch.cat([v0, value], dim=2)
 
 
 def clean_run(
-    moe: MoEModel, stack: Stack | None, batch: Batch, capture_from: int | None, record: Sequence[int]
+    moe: MoEModel, stack: Stack | None, batch: Batch, capture_from: int | None, record: Sequence[int],
+    keep_kv: bool = False,
 ) -> CleanRun:
-    """Run the batch once, caching every decoder layer's inputs from ``capture_from`` on."""
+    """Run the batch once, caching every decoder layer's inputs from ``capture_from`` on (and, with
+    ``keep_kv``, each attention's keys and values, for restarts that recompute only a suffix)."""
     inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     if stack is not None and capture_from is not None:
         for i in range(capture_from, len(stack.layers)):
-            def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+            def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> tuple[tuple, dict] | None:
                 inputs[i] = (args, dict(kwargs))
+                if keep_kv:
+                    return args, {**kwargs, "past_key_values": _KVRecorder(kv)}
+                return None
 
             handles.append(stack.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
     try:
@@ -156,52 +248,86 @@ def clean_run(
             if stack is not None:
                 out = stack.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
                 h = out[0] if isinstance(out, tuple) else out.last_hidden_state
-                logits = stack.logits(h[torch.arange(batch.size, device=h.device), batch.pos])
+                logits = stack.logits(h[batch.all.row, batch.all.pos])
             else:
-                logits = full_logits(moe, batch.input_ids, batch.attention_mask, batch.pos)
+                logits = full_logits(moe, batch.input_ids, batch.attention_mask, batch.all)
     finally:
         for hd in handles:
             hd.remove()
     router = {layer: hooks.calls[layer][0].logits for layer in record}
-    return CleanRun(logits=logits, inputs=inputs, router_logits=router)
+    return CleanRun(logits=logits, inputs=inputs, router_logits=router, kv=kv)
 
 
-def full_logits(
-    moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pos: torch.Tensor
-) -> torch.Tensor:
-    """The model's own logits at ``pos`` ``(R,)`` from a full forward (generic path) → ``(R, V)``."""
-    keep, where = torch.unique(pos, return_inverse=True)
+def full_logits(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, picks: Picks) -> torch.Tensor:
+    """The model's own logits at ``picks`` (rows of ``input_ids``) from a full forward (generic path) → ``(P, V)``."""
+    keep, where = torch.unique(picks.pos, return_inverse=True)
     out = moe.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
-    return out.logits[torch.arange(len(pos), device=pos.device), where]
+    return out.logits[picks.row, where]
 
 
 def restart(
-    stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor
+    stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor, picks: Picks, start: int = 0
 ) -> torch.Tensor:
     """Re-run decoder layers ``layer..`` on the cached input of ``layer`` for batch rows ``rows`` ``(R,)``;
-    only the prediction position of each row reaches the final norm and the LM head → logits ``(R, V)``.
+    only the decision positions ``picks`` (of these rows) reach the final norm and the LM head → ``(P, V)``.
 
-    Any router transform must be installed by the caller (``RouterHooks``) around this call.
+    ``start > 0`` recomputes positions ``start..`` only (causal attention: earlier positions cannot change),
+    attending to the clean run's keys and values of the earlier ones (``clean_run(keep_kv=True)``); every
+    decision position must be ``>= start``. Any router transform must be installed by the caller
+    (``RouterHooks``) around this call, and sees the suffix positions only.
     """
     B = batch.size
+    T = batch.input_ids.shape[1]
     args, _ = clean.inputs[layer]
     h = args[0] if args else clean.inputs[layer][1]["hidden_states"]
     h = h.index_select(0, rows)
+    if start:
+        h = h[:, start:]
     for i in range(layer, len(stack.layers)):
         a, kw = clean.inputs[i]
         kw = {k: _select_rows(v, rows, B) for k, v in kw.items() if k != "hidden_states"}
+        if start:
+            kw = _suffix_kwargs(kw, T, start, h.device)
+            kw["past_key_values"] = _PrefixKV(clean.kv, rows, start)
         out = stack.layers[i](h, *[_select_rows(v, rows, B) for v in a[1:]], **kw)
         h = out[0] if isinstance(out, tuple) else out
-    last = h[torch.arange(len(rows), device=h.device), batch.pos.index_select(0, rows)]
-    return stack.logits(stack.norm(last))
+    return stack.logits(stack.norm(h[picks.row, picks.pos - start]))
+
+
+def _suffix_kwargs(kw: dict[str, Any], T: int, start: int, device: torch.device) -> dict[str, Any]:
+    """Layer kwargs for queries at positions ``start..T-1`` against keys ``0..T-1``: the 4-D mask's query rows,
+    position ids/embeddings and cache positions of the suffix."""
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            if v.dim() >= 2 and v.shape[1] == T:
+                return v[:, start:]
+            if v.dim() == 1 and v.shape[0] == T:
+                return v[start:]
+            return v
+        if isinstance(v, tuple | list):
+            return type(v)(cut(x) for x in v)
+        return v
+
+    out = {k: cut(v) for k, v in kw.items() if k != "attention_mask"}
+    mask = kw.get("attention_mask")
+    if mask is None:  # no padding in the batch: the model relied on a plain causal mask
+        q = torch.arange(start, T, device=device)[:, None]
+        mask = (torch.arange(T, device=device)[None, :] <= q)[None, None]
+    elif mask.dim() == 4:
+        mask = mask[:, :, start:, :]
+    else:
+        raise ValueError(f"an attention mask of shape {tuple(mask.shape)} cannot be cut to a suffix")
+    out["attention_mask"] = mask
+    return out
 
 
 def perturb_transform(
-    batch: Batch, rows: torch.Tensor, experts: torch.Tensor, magnitude: float
+    batch: Batch, rows: torch.Tensor, experts: torch.Tensor, magnitude: float, start: int = 0
 ) -> Callable[[RouterSite, torch.Tensor], torch.Tensor]:
     """A router transform adding ``magnitude`` to expert ``experts[r]``'s logit in row ``r`` at the
-    perturbed positions of input ``rows[r]``; the router sees logits ``(R*T, E)``."""
-    pm = batch.pmask.index_select(0, rows)  # (R, T)
+    perturbed positions of input ``rows[r]``; the router sees logits ``(R*(T-start), E)``."""
+    pm = batch.pmask.index_select(0, rows)[:, start:]  # (R, T - start)
 
     def transform(site: RouterSite, logits: torch.Tensor) -> torch.Tensor:
         R, T = pm.shape
@@ -222,9 +348,9 @@ def log_probs(logits: torch.Tensor, label_ids: torch.Tensor | None) -> torch.Ten
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """``KL(P‖Q)`` per row in float64; ``logp``, ``logq`` ``(R, V)``."""
+    """``KL(P‖Q)`` per row in float64, clamped at 0 (rounding); ``logp``, ``logq`` ``(R, V)``."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
 
 
 def can_skip(site: RouterSite) -> bool:
@@ -238,7 +364,17 @@ def skip_mask(
     router_logits: torch.Tensor, batch: Batch, site: RouterSite, experts: Sequence[int], magnitude: float,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``(B, len(experts))`` bool: the perturbation provably changes nothing for that input.
+    """``(B, len(experts))`` bool: the perturbation provably changes nothing for that input (see
+    :func:`first_change`)."""
+    return first_change(router_logits, batch, site, experts, magnitude, dtype) == batch.input_ids.shape[1]
+
+
+def first_change(
+    router_logits: torch.Tensor, batch: Batch, site: RouterSite, experts: Sequence[int], magnitude: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(B, len(experts))`` long: the first position whose layer output the perturbation can change (``T``:
+    none, the perturbation provably changes nothing for that input).
 
     For a renormalising top-k router, adding ``m`` to expert ``e`` changes neither the selection nor the
     weights over the selected set if at every perturbed token ``max(z_e, z_e + m)`` lies strictly below the
@@ -258,5 +394,13 @@ def skip_mask(
     high = torch.maximum(ze, ze + magnitude)
     eps = torch.finfo(dtype).eps
     margin = 16 * eps * (1.0 + ze.abs() + abs(magnitude) + kth_other.abs())
-    safe = (high < kth_other - margin) | (batch.pmask[..., None] == 0)
-    return safe.all(dim=1)
+    safe = (high < kth_other - margin) | (batch.pmask[..., None] == 0)  # (B, T, n)
+    pos = torch.arange(T, device=z.device)[None, :, None].expand_as(safe)
+    return torch.where(safe, torch.full_like(pos, T), pos).amin(dim=1)
+
+
+def first_perturbed(batch: Batch) -> torch.Tensor:
+    """``(B,)`` long: each input's first perturbed position (its layer outputs before it cannot change)."""
+    T = batch.pmask.shape[1]
+    pos = torch.arange(T, device=batch.pmask.device)[None, :].expand_as(batch.pmask)
+    return torch.where(batch.pmask > 0, pos, torch.full_like(pos, T)).amin(dim=1)

@@ -23,14 +23,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import CausalConfig
+from ..config import CausalConfig, resolve_config
 from ..data.types import Domain, Example, as_domains
 from ..errors import ConfigError, DataError, OutputError
 from ..io import atomic_write, read_table, write_table
 from ..models.model import MoEModel
 from ..stats.profile import effective_max_length
 from ._engine import Stack, find_stack, make_batch
-from .exact import ExactStats, check_restart, exact_batch
+from .decision import Prepared, common_prefix, prepare_inputs
+from .exact import ExactStats, check_prefix, check_restart, exact_batch
 from .fisher import FisherStats, fisher_batch
 
 TABLE_VERSION = 1
@@ -137,8 +138,12 @@ def _domains(domain_or_texts: DomainInput) -> list[Domain]:
     return doms
 
 
-def _label_ids(moe: MoEModel, doms: list[Domain], labels: Sequence[str | int] | None) -> list[int]:
-    """Token ids of the answer tokens for ``target="labels"``: given, or from the domains' task."""
+def _label_ids(moe: MoEModel, doms: list[Domain], labels: Sequence[str | int] | None, decision: str) -> list[int]:
+    """Token ids of the answer tokens for ``target="labels"``: given, or from the domains' task.
+
+    With ``decision="task"`` a string label contributes its token at the decision index (the first token
+    where the labels' encodings differ, e.g. after a shared leading-space token); else its first token.
+    """
     tok = moe.tokenizer
     if labels is None:
         from ..data.prompts import LETTER_VERBALISATIONS, LETTERS, verbalise
@@ -151,26 +156,30 @@ def _label_ids(moe: MoEModel, doms: list[Domain], labels: Sequence[str | int] | 
         else:
             raise ConfigError("target='labels' needs the answer tokens: pass labels=[...] (--label), or use "
                               "domains of one classification or multiple-choice task")
-    ids = []
+    encs: list[list[int] | None] = []
     for x in labels:
         if isinstance(x, int):
-            ids.append(int(x))
-        else:
-            enc = list(tok(x, add_special_tokens=False)["input_ids"])
-            if not enc:
-                raise ConfigError(f"label {x!r} encodes to no token: pass another label or its token id")
-            ids.append(int(enc[0]))
+            encs.append(None)
+            continue
+        enc = [int(t) for t in tok(x, add_special_tokens=False)["input_ids"]]
+        if not enc:
+            raise ConfigError(f"label {x!r} encodes to no token: pass another label or its token id")
+        encs.append(enc)
+    strs = [e for e in encs if e is not None]
+    at = common_prefix(strs) if decision == "task" and len(strs) >= 2 else 0
+    ids = [int(x) if e is None else e[min(at, len(e) - 1)] for x, e in zip(labels, encs, strict=True)]
     if len(set(ids)) != len(ids) or len(ids) < 2:
         raise ConfigError(f"the label tokens {ids} are not at least 2 distinct tokens: pass labels whose first "
                           "tokens differ, or their token ids")
     return ids
 
 
-def _fingerprint(texts: list[str], domains: list[str], settings: dict[str, Any]) -> str:
+def _fingerprint(token_ids: list[list[int]], decisions: list[list[int]], domains: list[str],
+                 settings: dict[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for d, t in zip(domains, texts, strict=True):
-        h.update(d.encode() + b"\0" + t.encode() + b"\1")
+    for d, t, p in zip(domains, token_ids, decisions, strict=True):
+        h.update(d.encode() + b"\0" + json.dumps([t, p]).encode() + b"\1")
     return h.hexdigest()
 
 
@@ -209,42 +218,89 @@ def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, dict[int, 
 def causal_effects(
     model: MoEModel,
     domain_or_texts: DomainInput,
-    method: str = "exact",
-    magnitude: float = 1.0,
-    positions: str = "all",
-    target: str = "vocab",
+    config: CausalConfig | None = None,
+    *,
     layers: Sequence[int] | None = None,
     experts: Sequence[int] | None = None,
-    batch_size: int = 8,
-    max_length: int | None = 512,
-    limit: int | None = None,
     labels: Sequence[str | int] | None = None,
-    config: CausalConfig | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
     progress: bool = False,
-    **options: Any,
+    **overrides: Any,
 ) -> CausalEffects:
-    """Causal effect of each (layer, expert) on the next-token prediction of each input (SPEC §3).
+    """Causal effect of each (layer, expert) on the prediction where each input's task is decided.
 
-    ``domain_or_texts``: a :class:`Domain`, a list of them, ``{name: texts}`` or a list of texts.
-    ``method``: ``"exact"`` | ``"fisher"`` | ``"hybrid"``; ``positions``: ``"all"`` | ``"last"``;
-    ``target``: ``"vocab"`` (full-vocabulary KL) | ``"labels"`` (KL over ``labels`` tokens, renormalised).
-    ``layers``/``experts`` restrict the (layer, expert) pairs computed (others are NaN). ``config`` (a
-    :class:`CausalConfig`) replaces the keyword settings; ``options`` are further CausalConfig fields
-    (``chunk_tokens``, ``skip``, ``fisher_mass``, ``fisher_max_outputs``, ``hybrid_top``).
+    ``CE = KL(P ‖ Q)`` averaged over the input's decision positions (see :mod:`.decision`), ``Q`` after adding
+    ``magnitude`` to the expert's router logit at the perturbed positions. ``domain_or_texts``: a
+    :class:`Domain`, a list of them, ``{name: texts}`` or a list of texts. Settings: ``config`` (a
+    :class:`CausalConfig`) and/or its fields as keywords (``method``: ``"exact"`` | ``"fisher"`` |
+    ``"hybrid"``; ``positions``: ``"all"`` | ``"last"``; ``target``: ``"vocab"`` | ``"labels"``; ``decision``:
+    ``"task"`` | ``"last"``; ``batch_size``, ``max_length``, ``limit``, ``chunk_tokens``, ...); a keyword that
+    contradicts ``config`` raises. ``layers``/``experts`` restrict the (layer, expert) pairs computed
+    (others are NaN). ``labels``: the answer tokens of ``target="labels"`` (default: from the task).
     ``checkpoint``: a file path; the partial result is saved atomically after every batch and, with
     ``resume=True``, continued from (bit-identical to an uninterrupted run). ``on_batch(done, total)`` runs
     after each batch's checkpoint.
     """
     t_start = time.perf_counter()
-    cfg = config or CausalConfig(method=method, magnitude=magnitude, positions=positions,  # type: ignore[arg-type]
-                                 target=target, batch_size=batch_size, max_length=max_length, limit=limit,  # type: ignore[arg-type]
-                                 **options)
+    cfg = resolve_config(CausalConfig, config, overrides)
     if model.tokenizer is None:
         raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
-    # ----- what to compute
+    lays, per_layer, E_max = _targets(model, layers, experts)
+    doms = _domains(domain_or_texts)
+    prep, dom_of, tix, max_len = _prepare(model, doms, cfg)
+    label_ids = _label_ids(model, doms, labels, cfg.decision) if cfg.target == "labels" else None
+    run = _Run(model, cfg, prep, lays, E_max, label_ids)
+    settings_key = {
+        **cfg.to_dict(), "layers": lays, "experts": None if experts is None else sorted({int(e) for e in experts}),
+        "label_ids": label_ids, "model": model.describe(),
+    }
+    fingerprint = _fingerprint(prep.token_ids, prep.decisions, dom_of, settings_key)
+    resumed = run.open_checkpoint(checkpoint, resume, fingerprint)
+    phase_names = {"exact": ["exact"], "fisher": ["fisher"], "hybrid": ["fisher", "exact"]}[cfg.method]
+    run.start_progress(len(phase_names), progress, on_batch)
+    top: dict[int, list[int]] = {}
+    try:
+        if cfg.method in ("exact", "fisher"):
+            run.phase(cfg.method, per_layer)
+        else:
+            run.phase("fisher", per_layer)
+            top = _hybrid_candidates(run.assemble("fisher"), np.asarray(dom_of, dtype=object), lays, per_layer,
+                                     cfg.hybrid_top)
+            run.phase("exact", top)
+    finally:
+        run.stop_progress()
+    ce, exact_mask = _combine(run, cfg.method, lays, per_layer, top, E_max)
+    settings = {
+        **cfg.to_dict(), "layers_asked": lays, "experts_asked": settings_key["experts"], "label_ids": label_ids,
+        "n_inputs": len(prep.token_ids), "domains": [d.name for d in doms], "truncated": prep.truncated,
+        "max_length_used": max_len, "decision_positions": _decision_note(cfg.decision),
+        "decision_kinds": prep.kind_counts(), "decision_lost_to_truncation": prep.lost,
+        "decision_positions_per_input": round(float(np.mean([len(d) for d in prep.decisions])), 3),
+        "kl": "KL(P||Q) in float64, clamped at 0, averaged over each input's decision positions",
+        "exact_stats": run.exact_stats.to_dict() if cfg.method != "fisher" else None,
+        "fisher_stats": run.fisher_stats.to_dict() if cfg.method != "exact" else None,
+        "skipped": run.exact_stats.skipped, "timings": run.timings(time.perf_counter() - t_start),
+        "resumed_rows": resumed, "model": model.describe(),
+    }
+    if cfg.method == "hybrid":
+        settings["hybrid_exact"] = {str(layer): list(map(int, v)) for layer, v in top.items()}
+    return CausalEffects(ce=ce, domain=np.asarray(dom_of, dtype=object), text_index=np.asarray(tix, dtype=np.int64),
+                         layers=lays, exact=exact_mask, settings=settings)
+
+
+def _decision_note(decision: str) -> str:
+    if decision == "last":
+        return "last real token of each input (the prompt, no teacher forcing)"
+    return ("task: classification the label position, multiple choice the answer-letter position (first token "
+            "where the options differ), math every gold-answer position (teacher-forced), plain text the last "
+            "real token")
+
+
+def _targets(model: MoEModel, layers: Sequence[int] | None, experts: Sequence[int] | None
+             ) -> tuple[list[int], dict[int, list[int]], int]:
+    """The MoE layers (sorted), the experts to perturb in each, and the largest expert count."""
     lays = list(model.layers) if layers is None else [int(x) for x in layers]
     bad = [x for x in lays if x not in model.layers]
     if bad or not lays:
@@ -262,136 +318,132 @@ def causal_effects(
             raise ConfigError(f"expert {wrong[0] if wrong else '(none given)'} is not in layer {layer}: choose "
                               f"experts 0..{E - 1}")
         per_layer[layer] = ex
-    E_max = max(model.site(layer).num_experts for layer in lays)
-    # ----- inputs
-    doms = _domains(domain_or_texts)
+    return lays, per_layer, max(model.site(layer).num_experts for layer in lays)
+
+
+def _prepare(model: MoEModel, doms: list[Domain], cfg: CausalConfig
+             ) -> tuple[Prepared, list[str], list[int], int | None]:
+    """Teacher-forced token ids and decision positions of every input, checked."""
     names = [d.name for d in doms]
     if len(set(names)) != len(names):
         raise DataError(f"domain names {names} repeat: give each domain its own name")
-    texts, dom_of, tix = [], [], []
     for d in doms:
-        ts = d.head(cfg.limit).texts
-        if not ts:
+        if not d.head(cfg.limit).examples:
             raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
-        texts += ts
-        dom_of += [d.name] * len(ts)
-        tix += list(range(len(ts)))
-    label_ids = _label_ids(model, doms, labels) if cfg.target == "labels" else None
     tok = model.tokenizer
     if tok.pad_token_id is None and tok.eos_token_id is None:
         raise ConfigError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     max_len = effective_max_length(model, cfg.max_length)
-    token_ids = [list(tok(t, add_special_tokens=True)["input_ids"]) for t in texts]
-    truncated = sum(1 for t in token_ids if max_len and len(t) > max_len)
-    token_ids = [t[:max_len] if max_len else t for t in token_ids]
-    empty = next((i for i, t in enumerate(token_ids) if not t), None)
+    prep, dom_of, tix = prepare_inputs(tok, doms, cfg.limit, cfg.decision, max_len)
+    empty = next((i for i, t in enumerate(prep.token_ids) if not t), None)
     if empty is not None:
         raise DataError(f"text {tix[empty]} of domain {dom_of[empty]!r} has no tokens: drop empty texts")
-    order = sorted(range(len(texts)), key=lambda i: (-len(token_ids[i]), i))
-    plan = _plan(order, [len(t) for t in token_ids], cfg.batch_size)
-    device = model.device
-    lab_t = None if label_ids is None else torch.tensor(label_ids, device=device)
+    return prep, dom_of, tix, max_len
 
-    # ----- engine
-    stack: Stack | None = find_stack(model)
-    exact_stats, fisher_stats = ExactStats(), FisherStats()
-    if stack is None:
-        exact_stats.engine, exact_stats.note = "full-forward", "decoder stack not found"
-    settings_key = {
-        **cfg.to_dict(), "layers": lays, "experts": None if experts is None else sorted({int(e) for e in experts}),
-        "label_ids": label_ids, "model": model.describe(),
-    }
-    fingerprint = _fingerprint(texts, dom_of, settings_key)
-    ck_path = Path(checkpoint) if checkpoint is not None else None
-    phases: dict[str, dict[int, np.ndarray]] = {}
-    resumed = 0
-    if ck_path is not None and resume and ck_path.exists():
-        phases, meta = _load_checkpoint(ck_path, fingerprint)
-        resumed = sum(len(v) for v in phases.values())
-        _restore_stats(exact_stats, fisher_stats, meta.get("stats", {}))
-    phase_names = {"exact": ["exact"], "fisher": ["fisher"], "hybrid": ["fisher", "exact"]}[cfg.method]
-    total = len(plan) * len(phase_names)
-    done = [sum(1 for b in plan for ph in phases.values() if all(i in ph for i in b))]
-    bar = _progress_bar(total, cfg.method) if progress else None
-    if bar is not None:
-        bar[0].advance(bar[1], done[0])
-    verified = [False]
 
-    def run_phase(name: str, which: Mapping[int, Sequence[int]]) -> None:
-        rows = phases.setdefault(name, {})
-        for ids in plan:
+class _Run:
+    """The batches of one call, their per-phase results, checkpointing and progress."""
+
+    def __init__(self, model: MoEModel, cfg: CausalConfig, prep: Prepared, lays: list[int], E_max: int,
+                 label_ids: list[int] | None) -> None:
+        self.model, self.cfg, self.prep, self.lays, self.E_max = model, cfg, prep, lays, E_max
+        tok = model.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        order = sorted(range(len(prep.token_ids)), key=lambda i: (-len(prep.token_ids[i]), i))
+        self.plan = _plan(order, [len(t) for t in prep.token_ids], cfg.batch_size)
+        self.lab_t = None if label_ids is None else torch.tensor(label_ids, device=model.device)
+        self.stack: Stack | None = find_stack(model)
+        self.exact_stats, self.fisher_stats = ExactStats(), FisherStats()
+        if self.stack is None:
+            self.exact_stats.engine, self.exact_stats.note = "full-forward", "decoder stack not found"
+        self.phases: dict[str, dict[int, np.ndarray]] = {}
+        self.ck_path: Path | None = None
+        self.fingerprint = ""
+        self.verified = [False]
+        self.done, self.total = 0, 0
+        self.bar: Any = None
+        self.on_batch: Callable[[int, int], None] | None = None
+
+    def open_checkpoint(self, checkpoint: str | Path | None, resume: bool, fingerprint: str) -> int:
+        """Remember where to checkpoint; with ``resume`` load finished rows. Returns the rows resumed."""
+        self.ck_path = Path(checkpoint) if checkpoint is not None else None
+        self.fingerprint = fingerprint
+        if self.ck_path is not None and resume and self.ck_path.exists():
+            self.phases, meta = _load_checkpoint(self.ck_path, fingerprint)
+            _restore_stats(self.exact_stats, self.fisher_stats, meta.get("stats", {}))
+            return sum(len(v) for v in self.phases.values())
+        return 0
+
+    def start_progress(self, n_phases: int, progress: bool, on_batch: Callable[[int, int], None] | None) -> None:
+        self.total = len(self.plan) * n_phases
+        self.done = sum(1 for b in self.plan for ph in self.phases.values() if all(i in ph for i in b))
+        self.on_batch = on_batch
+        if progress:
+            self.bar = _progress_bar(self.total, self.cfg.method)
+            self.bar[0].advance(self.bar[1], self.done)
+
+    def stop_progress(self) -> None:
+        if self.bar is not None:
+            self.bar[0].stop()
+
+    def phase(self, name: str, which: Mapping[int, Sequence[int]]) -> None:
+        """Compute phase ``name`` (``"exact"`` or ``"fisher"``) for the (layer, experts) in ``which``."""
+        cfg, model, prep = self.cfg, self.model, self.prep
+        rows = self.phases.setdefault(name, {})
+        for ids in self.plan:
             if all(i in rows for i in ids):
                 continue
-            batch = make_batch(ids, [token_ids[i] for i in ids], pad_id, cfg.positions, device)
+            batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions, model.device,
+                               [prep.decisions[i] for i in ids])
             if name == "fisher":
-                vals = fisher_batch(model, stack, batch, which, cfg.magnitude, lab_t, cfg.fisher_mass,
-                                    cfg.fisher_max_outputs, fisher_stats, cfg.fisher_route)
+                vals = fisher_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fisher_mass,
+                                    cfg.fisher_max_outputs, self.fisher_stats, cfg.fisher_route)
             else:
-                engine = _verify_once(model, stack, batch, lays, exact_stats, verified)
-                vals = exact_batch(model, engine, batch, which, cfg.magnitude, lab_t, cfg.chunk_tokens,
-                                   cfg.skip, exact_stats)
+                engine = _verify_once(model, self.stack, batch, self.lays, self.exact_stats, self.verified,
+                                      cfg.prefix_reuse)
+                vals = exact_batch(model, engine, batch, which, cfg.magnitude, self.lab_t, cfg.chunk_tokens,
+                                   cfg.skip, self.exact_stats, prefix=self.exact_stats.prefix)
             for j, i in enumerate(ids):
-                rows[i] = _full_row(vals[j], lays, which, E_max)
-            done[0] += 1
-            if ck_path is not None:
-                _save_checkpoint(ck_path, fingerprint, phases, _dump_stats(exact_stats, fisher_stats), {})
-            if bar is not None:
-                bar[0].advance(bar[1])
-            if on_batch is not None:
-                on_batch(done[0], total)
+                rows[i] = _full_row(vals[j], self.lays, which, self.E_max)
+            self.done += 1
+            if self.ck_path is not None:
+                _save_checkpoint(self.ck_path, self.fingerprint, self.phases,
+                                 _dump_stats(self.exact_stats, self.fisher_stats), {})
+            if self.bar is not None:
+                self.bar[0].advance(self.bar[1])
+            if self.on_batch is not None:
+                self.on_batch(self.done, self.total)
 
-    try:
-        if cfg.method == "exact":
-            run_phase("exact", per_layer)
-        elif cfg.method == "fisher":
-            run_phase("fisher", per_layer)
-        else:
-            run_phase("fisher", per_layer)
-            fisher_ce = _assemble(phases["fisher"], len(texts))
-            top = _hybrid_candidates(fisher_ce, np.asarray(dom_of, dtype=object), lays, per_layer, cfg.hybrid_top)
-            run_phase("exact", top)
-    finally:
-        if bar is not None:
-            bar[0].stop()
+    def assemble(self, name: str) -> np.ndarray:
+        return _assemble(self.phases[name], len(self.prep.token_ids))
 
+    def timings(self, total_s: float) -> dict[str, float]:
+        ex, fi = self.exact_stats, self.fisher_stats
+        return {"clean_s": round(ex.clean_s, 4), "perturbed_s": round(ex.perturbed_s, 4),
+                "fisher_s": round(fi.forward_s + fi.backward_s, 4), "total_s": round(total_s, 4)}
+
+
+def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Sequence[int]],
+             top: Mapping[int, Sequence[int]], E_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """The CE array of the method and the ``(L, E)`` mask of entries computed exactly."""
     exact_mask = np.zeros((len(lays), E_max), bool)
-    if cfg.method == "exact":
-        ce = _assemble(phases["exact"], len(texts))
+    if method == "exact":
         for li, layer in enumerate(lays):
-            exact_mask[li, per_layer[layer]] = True
-    elif cfg.method == "fisher":
-        ce = _assemble(phases["fisher"], len(texts))
-    else:
-        ce = _assemble(phases["fisher"], len(texts))
-        ex_ce = _assemble(phases["exact"], len(texts))
+            exact_mask[li, list(per_layer[layer])] = True
+        return run.assemble("exact"), exact_mask
+    ce = run.assemble("fisher")
+    if method == "hybrid":
+        ex_ce = run.assemble("exact")
         for li, layer in enumerate(lays):
-            exact_mask[li, top[layer]] = True
+            exact_mask[li, list(top[layer])] = True
         ce[:, exact_mask] = ex_ce[:, exact_mask]
-    timings = {
-        "clean_s": round(exact_stats.clean_s, 4), "perturbed_s": round(exact_stats.perturbed_s, 4),
-        "fisher_s": round(fisher_stats.forward_s + fisher_stats.backward_s, 4),
-        "total_s": round(time.perf_counter() - t_start, 4),
-    }
-    settings = {
-        **{k: v for k, v in cfg.to_dict().items()}, "layers_asked": lays,
-        "experts_asked": settings_key["experts"], "label_ids": label_ids, "n_inputs": len(texts),
-        "domains": names, "truncated": truncated, "max_length_used": max_len,
-        "prediction_position": "last real (non-padding) token", "kl": "KL(P||Q), float64 reduction",
-        "exact_stats": exact_stats.to_dict() if cfg.method != "fisher" else None,
-        "fisher_stats": fisher_stats.to_dict() if cfg.method != "exact" else None,
-        "skipped": exact_stats.skipped, "timings": timings, "resumed_rows": resumed,
-        "model": model.describe(),
-    }
-    if cfg.method == "hybrid":
-        settings["hybrid_exact"] = {str(layer): list(map(int, v)) for layer, v in top.items()}
-    return CausalEffects(ce=ce, domain=np.asarray(dom_of, dtype=object), text_index=np.asarray(tix, dtype=np.int64),
-                         layers=lays, exact=exact_mask, settings=settings)
+    return ce, exact_mask
 
 
 def _verify_once(model: MoEModel, stack: Stack | None, batch: Any, layers: list[int], stats: ExactStats,
-                 verified: list[bool]) -> Stack | None:
-    """Check the restart path once per call; fall back to full forward passes (with a note) if it fails."""
+                 verified: list[bool], prefix: bool) -> Stack | None:
+    """Check the restart path (and the suffix restart, with ``prefix``) once per call; fall back to full
+    forward passes, or to full-length restarts, with a note, if a check fails."""
     if stack is None or stats.engine != "restart":
         return None
     if not verified[0]:
@@ -402,6 +454,13 @@ def _verify_once(model: MoEModel, stack: Stack | None, batch: Any, layers: list[
             warnings.warn(f"exact causal effects fall back to full forward passes: {problem}", stacklevel=3)
             return None
         stats.note = "verified"
+        if prefix:
+            problem = check_prefix(model, stack, batch, layers)
+            stats.prefix = not problem
+            stats.prefix_note = problem or "verified"
+            if problem:
+                warnings.warn(f"exact causal effects recompute full rows (no prefix reuse): {problem}",
+                              stacklevel=3)
     return stack
 
 
@@ -445,6 +504,7 @@ def _hybrid_candidates(ce: np.ndarray, dom: np.ndarray, lays: list[int], per_lay
 def _dump_stats(ex: ExactStats, fi: FisherStats) -> dict[str, Any]:
     return {"exact": {"skipped": ex.skipped, "computed": ex.computed, "runs": ex.runs, "clean_s": ex.clean_s,
                       "perturbed_s": ex.perturbed_s, "engine": ex.engine, "note": ex.note,
+                      "token_rows": ex.token_rows, "prefix": ex.prefix, "prefix_note": ex.prefix_note,
                       "per_layer_skipped": {str(k): v for k, v in ex.per_layer_skipped.items()}},
             "fisher": {"backward_products": fi.backward_products, "routes": fi.routes, "min_mass": fi.min_mass,
                        "forward_s": fi.forward_s, "backward_s": fi.backward_s}}
@@ -455,6 +515,8 @@ def _restore_stats(ex: ExactStats, fi: FisherStats, d: dict[str, Any]) -> None:
     ex.skipped, ex.computed, ex.runs = int(e.get("skipped", 0)), int(e.get("computed", 0)), int(e.get("runs", 0))
     ex.clean_s, ex.perturbed_s = float(e.get("clean_s", 0.0)), float(e.get("perturbed_s", 0.0))
     ex.per_layer_skipped = {int(k): int(v) for k, v in e.get("per_layer_skipped", {}).items()}
+    ex.token_rows, ex.prefix = int(e.get("token_rows", 0)), bool(e.get("prefix", False))
+    ex.prefix_note = str(e.get("prefix_note", ""))
     if e.get("engine") == "full-forward":
         ex.engine, ex.note = "full-forward", str(e.get("note", ""))
     fi.backward_products, fi.routes = int(f.get("backward_products", 0)), dict(f.get("routes", {}))

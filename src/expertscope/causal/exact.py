@@ -23,12 +23,13 @@ from ._engine import (
     Stack,
     can_skip,
     clean_run,
+    first_change,
+    first_perturbed,
     full_logits,
     kl,
     log_probs,
     perturb_transform,
     restart,
-    skip_mask,
 )
 
 
@@ -44,12 +45,16 @@ class ExactStats:
     engine: str = "restart"
     note: str = ""
     per_layer_skipped: dict[int, int] = field(default_factory=dict)
+    token_rows: int = 0  # positions x decoder layers recomputed by perturbed runs (restart engine)
+    prefix: bool = False
+    prefix_note: str = ""
 
     def to_dict(self) -> dict:
         return {
             "skipped": self.skipped, "computed": self.computed, "perturbed_runs": self.runs,
             "clean_s": round(self.clean_s, 4), "perturbed_s": round(self.perturbed_s, 4),
-            "engine": self.engine, "engine_note": self.note,
+            "engine": self.engine, "engine_note": self.note, "recomputed_token_layers": self.token_rows,
+            "prefix_reuse": self.prefix, "prefix_note": self.prefix_note,
             "skipped_per_layer": {str(k): v for k, v in self.per_layer_skipped.items()},
         }
 
@@ -60,19 +65,49 @@ def check_restart(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[in
     The rows are taken in reverse order so that a wrong batch mapping of the cached kwargs shows up.
     """
     with torch.no_grad():
-        ref = full_logits(moe, batch.input_ids, batch.attention_mask, batch.pos).float()
+        ref = full_logits(moe, batch.input_ids, batch.attention_mask, batch.all).float()
         clean = clean_run(moe, stack, batch, min(layers), [])
         scale = float(ref.abs().max()) + 1.0
         tol = (1e-4 if ref.dtype == torch.float32 and moe.dtype == torch.float32 else 3e-2) * scale
         err = float((clean.logits.float() - ref).abs().max())
         if not err <= tol:
             return f"the final norm + LM head do not reproduce the model's logits (max error {err:.3g})"
-        rows = torch.arange(batch.size - 1, -1, -1, device=batch.pos.device)
+        order = list(range(batch.size - 1, -1, -1))
+        rows = torch.tensor(order, device=batch.device)
+        picks = batch.picks(order)
         for layer in layers:
-            got = restart(stack, clean, batch, layer, rows).float()
-            err = float((got - ref.index_select(0, rows)).abs().max())
+            got = restart(stack, clean, batch, layer, rows, picks).float()
+            err = float((got - ref.index_select(0, picks.clean)).abs().max())
             if not err <= tol:
                 return f"restarting at decoder layer {layer} does not reproduce the model (max error {err:.3g})"
+    return ""
+
+
+def check_prefix(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[int]) -> str:
+    """Check that a suffix restart (clean keys/values before each row's first decision position) reproduces
+    the model's own logits at every one of ``layers``; "" if it does, else why not."""
+    with torch.no_grad():
+        ref = full_logits(moe, batch.input_ids, batch.attention_mask, batch.all).float()
+        try:
+            clean = clean_run(moe, stack, batch, min(layers), [], keep_kv=True)
+        except Exception as exc:  # a layer that does not accept our key/value store
+            return f"the clean run cannot keep keys and values ({type(exc).__name__}: {exc})"
+        if not clean.kv:
+            return "the attention layers do not hand their keys and values to past_key_values"
+        scale = float(ref.abs().max()) + 1.0
+        tol = (1e-4 if ref.dtype == torch.float32 and moe.dtype == torch.float32 else 3e-2) * scale
+        order = list(range(batch.size - 1, -1, -1))
+        rows = torch.tensor(order, device=batch.device)
+        picks = batch.picks(order)
+        start = min(batch.decisions[b][0] for b in order)
+        for layer in layers:
+            try:
+                got = restart(stack, clean, batch, layer, rows, picks, start).float()
+            except Exception as exc:
+                return f"a suffix restart at decoder layer {layer} fails ({type(exc).__name__}: {exc})"
+            err = float((got - ref.index_select(0, picks.clean)).abs().max())
+            if not err <= tol:
+                return f"a suffix restart at decoder layer {layer} does not reproduce the model (max error {err:.3g})"
     return ""
 
 
@@ -87,54 +122,101 @@ def exact_batch(
     skip: bool,
     stats: ExactStats,
     clean: CleanRun | None = None,
+    prefix: bool = False,
 ) -> np.ndarray:
     """CE ``(B, L, E_max)`` float64 for one batch; layers in ``experts``' order, NaN where not asked.
 
-    ``experts[layer]`` lists the experts to perturb at that MoE layer. ``stack=None`` uses full forward passes.
+    Each value is the KL at the input's decision positions, averaged. ``experts[layer]`` lists the experts
+    to perturb at that MoE layer. ``stack=None`` uses full forward passes. ``chunk_tokens`` bounds the
+    tokens of one perturbed run (rows × padded length), so memory stays bounded whatever the batch.
+    ``prefix``: recompute each row only from the first position whose layer output can change (the first
+    perturbed position; for renormalising routers the first token where the expert is selected or can
+    enter the top-k), attending to the clean run's cached keys and values before it.
     """
     layers = list(experts)
     B = batch.size
     E_max = max(moe.site(layer).num_experts for layer in layers)
-    out = np.full((B, len(layers), E_max), np.nan)
-    dev = batch.pos.device
+    dev = batch.device
+    out = torch.full((B, len(layers), E_max), float("nan"), dtype=torch.float64, device=dev)
     skippable = [layer for layer in layers if skip and can_skip(moe.site(layer))]
+    prefix = prefix and stack is not None
     t0 = time.perf_counter()
     if clean is None:
-        clean = clean_run(moe, stack, batch, min(layers) if stack is not None else None, skippable)
-    logp = log_probs(clean.logits, label_ids)
+        clean = clean_run(moe, stack, batch, min(layers) if stack is not None else None, skippable, keep_kv=prefix)
+    logp = log_probs(clean.logits, label_ids)  # (P, V)
     stats.clean_s += time.perf_counter() - t0
     T = batch.input_ids.shape[1]
-    max_rows = max(1, chunk_tokens // T)
     t1 = time.perf_counter()
-    for li, layer in enumerate(layers):
-        site = moe.site(layer)
-        ex = list(experts[layer])
+    # Per (input, expert) the first position whose layer output can change (T: provably none, KL exactly 0),
+    # for every layer at once: one device sync.
+    first_dec = torch.tensor([d[0] for d in batch.decisions], device=dev)
+    base = first_perturbed(batch)
+    starts = []
+    for layer in layers:
         if layer in skippable:
-            sk = skip_mask(clean.router_logits[layer], batch, site, ex, magnitude, moe.dtype).cpu().numpy()
+            starts.append(first_change(clean.router_logits[layer], batch, moe.site(layer), list(experts[layer]),
+                                       magnitude, moe.dtype))
         else:
-            sk = np.zeros((B, len(ex)), bool)
+            starts.append(base[:, None].expand(B, len(experts[layer])))
+    flat = torch.cat([x.flatten() for x in starts]).cpu().numpy()
+    fd = first_dec.cpu().numpy()
+    o = 0
+    for li, layer in enumerate(layers):
+        ex = list(experts[layer])
+        st = flat[o : o + B * len(ex)].reshape(B, len(ex))
+        o += B * len(ex)
+        sk = st >= T
         n_sk = int(sk.sum())
         stats.skipped += n_sk
         stats.per_layer_skipped[layer] = stats.per_layer_skipped.get(layer, 0) + n_sk
-        for b, j in zip(*np.nonzero(sk), strict=True):
-            out[b, li, ex[j]] = 0.0  # provably unchanged output: KL exactly 0
-        # Rows: (input b, expert e) pairs, expert-major so one run perturbs few distinct experts.
-        pairs = [(b, e) for j, e in enumerate(ex) for b in range(B) if not sk[b, j]]
-        for s in range(0, len(pairs), max_rows):
-            chunk = pairs[s : s + max_rows]
-            rows = torch.tensor([b for b, _ in chunk], device=dev)
-            exps = torch.tensor([e for _, e in chunk], device=dev)
-            tf = perturb_transform(batch, rows, exps, magnitude)
+        if n_sk:
+            b_sk, j_sk = np.nonzero(sk)
+            out[torch.as_tensor(b_sk, device=dev), li, torch.as_tensor(np.asarray(ex)[j_sk], device=dev)] = 0.0
+        # Rows: (input b, expert e) pairs, ordered by restart position so a run restarts late for all its rows.
+        pairs = sorted(((int(min(st[b, j], fd[b])) if prefix else 0, e, b)
+                        for j, e in enumerate(ex) for b in range(B) if not sk[b, j]))
+        for chunk in _runs(pairs, T, chunk_tokens):
+            start = chunk[0][0]
+            bs = [b for _, _, b in chunk]
+            rows = torch.tensor(bs, device=dev)
+            exps = torch.tensor([e for _, e, _ in chunk], device=dev)
+            picks = batch.picks(bs)
+            tf = perturb_transform(batch, rows, exps, magnitude, start)
             with RouterHooks(moe, transforms={layer: tf}), torch.no_grad():
                 if stack is not None:
-                    q = restart(stack, clean, batch, layer, rows)
+                    q = restart(stack, clean, batch, layer, rows, picks, start)
                 else:
                     q = full_logits(moe, batch.input_ids.index_select(0, rows),
-                                    batch.attention_mask.index_select(0, rows), batch.pos.index_select(0, rows))
-            vals = kl(logp.index_select(0, rows), log_probs(q, label_ids)).cpu().numpy()
-            for (b, e), v in zip(chunk, vals, strict=True):
-                out[b, li, e] = float(v)
+                                    batch.attention_mask.index_select(0, rows), picks)
+            per_pos = kl(logp.index_select(0, picks.clean), log_probs(q, label_ids))
+            out[rows, li, exps] = picks.row_mean(per_pos, len(chunk))
             stats.runs += 1
             stats.computed += len(chunk)
+            stats.token_rows += len(chunk) * (T - start) * (len(stack.layers) - layer if stack is not None else 1)
     stats.perturbed_s += time.perf_counter() - t1
-    return out
+    return out.cpu().numpy()
+
+
+def _runs(pairs: list[tuple[int, int, int]], T: int, chunk_tokens: int, waste: float = 0.25
+          ) -> list[list[tuple[int, int, int]]]:
+    """Split ``(start, expert, input)`` rows, sorted by start, into perturbed runs. A run restarts all its
+    rows at its first row's start; it holds at most ``chunk_tokens`` recomputed positions (the memory
+    budget, at least one row), and closes before a row whose early restart would waste more than
+    ``waste`` × the positions the run needs anyway."""
+    runs: list[list[tuple[int, int, int]]] = []
+    cur: list[tuple[int, int, int]] = []
+    need = 0
+    for row in pairs:
+        if cur:
+            s0 = cur[0][0]
+            width = T - s0
+            over = (len(cur) + 1) * width > chunk_tokens
+            wasted = (len(cur) + 1) * width - (need + T - row[0])
+            if over or wasted > waste * (need + T - row[0]):
+                runs.append(cur)
+                cur, need = [], 0
+        cur.append(row)
+        need += T - row[0]
+    if cur:
+        runs.append(cur)
+    return runs

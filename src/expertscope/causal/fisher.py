@@ -92,13 +92,15 @@ def fisher_batch(
     stats: FisherStats,
     route: str = "auto",
 ) -> np.ndarray:
-    """Fisher CE estimates ``(B, L, E_max)`` float64 for one batch (NaN where not asked)."""
+    """Fisher CE estimates ``(B, L, E_max)`` float64 for one batch (NaN where not asked), averaged over
+    each input's decision positions (one set of backward products per decision-position slot)."""
     import time
 
     layers = list(experts)
     B = batch.size
     E_max = max(moe.site(layer).num_experts for layer in layers)
-    dev = batch.pos.device
+    dev = batch.device
+    picks = batch.all
     deltas = [torch.zeros(B, moe.site(layer).num_experts, device=dev, requires_grad=True) for layer in layers]
     transforms = {layer: _delta_transform(d, batch.pmask) for layer, d in zip(layers, deltas, strict=True)}
     t0 = time.perf_counter()
@@ -106,23 +108,23 @@ def fisher_batch(
         if stack is not None:
             o = stack.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             hs = o[0] if isinstance(o, tuple) else o.last_hidden_state
-            h = hs[torch.arange(B, device=dev), batch.pos]  # (B, H) post-norm
+            h = hs[picks.row, picks.pos]  # (P, H) post-norm
             logits = stack.logits(h)
         else:
             h = None
-            logits = full_logits(moe, batch.input_ids, batch.attention_mask, batch.pos)
+            logits = full_logits(moe, batch.input_ids, batch.attention_mask, picks)
     stats.forward_s += time.perf_counter() - t0
     t1 = time.perf_counter()
     x = logits.float() if label_ids is None else logits.float().index_select(1, label_ids)
-    logp = torch.log_softmax(x, dim=-1)  # (B, V') differentiable
-    p = torch.softmax(x.detach().double(), dim=-1)  # (B, V')
-    V = p.shape[1]
+    logp = torch.log_softmax(x, dim=-1)  # (P, V') differentiable
+    p = torch.softmax(x.detach().double(), dim=-1)  # (P, V')
+    P, V = p.shape
     if label_ids is not None:
-        K, w, idx = V, p, torch.arange(V, device=dev).expand(B, V)
+        K, w, idx = V, p, torch.arange(V, device=dev).expand(P, V)
         route = "labels"  # the label tokens themselves: few, exact
     else:
         ps, order = torch.sort(p, dim=-1, descending=True)
-        need = (torch.searchsorted(ps.cumsum(-1), torch.full((B, 1), mass, dtype=ps.dtype, device=dev)) + 1)
+        need = (torch.searchsorted(ps.cumsum(-1), torch.full((P, 1), mass, dtype=ps.dtype, device=dev)) + 1)
         need = need.clamp(max=V).squeeze(1)
         K = int(min(int(need.max()), max_outputs, V))
         idx = order[:, :K]
@@ -134,44 +136,58 @@ def fisher_batch(
         if route == "auto":
             route = "hidden" if (can_hidden and h is not None and h.shape[1] < K) else "tokens"
     F = torch.zeros(B, len(layers), E_max, dtype=torch.float64, device=dev)
-    if route == "hidden":
-        assert h is not None and stack is not None
-        W = stack.linear_head[0].detach().double()  # type: ignore[index]  # (V, H)
-        Hd = h.shape[1]
+    # Decision positions of one input share its delta: take them slot by slot (the s-th of every input).
+    slots: dict[int, list[int]] = {}
+    for b in range(B):
+        for s_, j in enumerate(range(batch._starts[b], batch._starts[b + 1])):
+            slots.setdefault(s_, []).append(j)
+    for sel_pos in slots.values():
+        sp = torch.tensor(sel_pos, device=dev)
+        rows_b = picks.row.index_select(0, sp)  # (S,) input of each position
+        wt = picks.weight.index_select(0, sp)  # (S,) 1 / n decision positions
+        if route == "hidden":
+            assert h is not None and stack is not None
+            W = stack.linear_head[0].detach().double()  # type: ignore[index]  # (V, H)
+            hs_ = h.index_select(0, sp)
+            Hd = hs_.shape[1]
 
-        def hot_h(s: int, t: int) -> torch.Tensor:
-            go = torch.zeros(t - s, B, Hd, dtype=h.dtype, device=dev)
-            go[torch.arange(t - s), :, torch.arange(s, t)] = 1.0
-            return go
+            def hot_h(s: int, t: int, hs_: torch.Tensor = hs_) -> torch.Tensor:
+                go = torch.zeros(t - s, *hs_.shape, dtype=hs_.dtype, device=dev)
+                go[torch.arange(t - s), :, torch.arange(s, t)] = 1.0
+                return go
 
-        chunks = _vjps(h, deltas, Hd, hot_h)
-        # G[l] (H, B, E_l): ∂h/∂b; J = W G per input (V, E); F = Σ_y p_y (J_y - p·J)² over the full vocab.
-        for li in range(len(layers)):
-            G = torch.cat([c[li] for c in chunks]).double()  # (H, B, E)
-            J = torch.einsum("vh,hbe->bve", W, G)
-            u = torch.einsum("bv,bve->be", p, J)
-            F[:, li, : G.shape[2]] = torch.einsum("bv,bve->be", p, (J - u[:, None, :]) ** 2)
-        stats.backward_products += Hd
-    else:
-        sel = logp.gather(1, idx)  # (B, K)
-
-        def hot_y(s: int, t: int) -> torch.Tensor:
-            go = torch.zeros(t - s, B, K, dtype=sel.dtype, device=dev)
-            go[torch.arange(t - s), :, torch.arange(s, t)] = 1.0
-            return go
-
-        chunks = _vjps(sel, deltas, K, hot_y)
-        j0 = 0
-        for c in chunks:
-            n = c[0].shape[0]
-            wj = w[:, j0 : j0 + n].T.double()  # (n, B)
+            chunks = _vjps(hs_, deltas, Hd, hot_h)
+            pp = p.index_select(0, sp)  # (S, V)
+            # G[l] (H, B, E_l): ∂h/∂b; J = W G per input (V, E); F = Σ_y p_y (J_y - p·J)² over the full vocab.
             for li in range(len(layers)):
-                g = c[li].double()  # (n, B, E)
-                F[:, li, : g.shape[2]] += (wj[..., None] * g**2).sum(0)
-            j0 += n
-        stats.backward_products += K
-        if label_ids is None:
-            stats.min_mass = min(stats.min_mass, float(w.sum(-1).min()))
+                G = torch.cat([c[li] for c in chunks]).double().index_select(1, rows_b)  # (H, S, E)
+                J = torch.einsum("vh,hse->sve", W, G)
+                u = torch.einsum("sv,sve->se", pp, J)
+                f = torch.einsum("sv,sve->se", pp, (J - u[:, None, :]) ** 2)
+                F[:, li, : G.shape[2]].index_add_(0, rows_b, f * wt[:, None])
+            stats.backward_products += Hd
+        else:
+            sel = logp.index_select(0, sp).gather(1, idx.index_select(0, sp))  # (S, K)
+
+            def hot_y(s: int, t: int, sel: torch.Tensor = sel) -> torch.Tensor:
+                go = torch.zeros(t - s, *sel.shape, dtype=sel.dtype, device=dev)
+                go[torch.arange(t - s), :, torch.arange(s, t)] = 1.0
+                return go
+
+            chunks = _vjps(sel, deltas, K, hot_y)
+            ws = w.index_select(0, sp)
+            j0 = 0
+            for c in chunks:
+                n = c[0].shape[0]
+                wj = ws[:, j0 : j0 + n].T.double()  # (n, S)
+                for li in range(len(layers)):
+                    g = c[li].double().index_select(1, rows_b)  # (n, S, E)
+                    f = (wj[..., None] * g**2).sum(0)  # (S, E)
+                    F[:, li, : g.shape[2]].index_add_(0, rows_b, f * wt[:, None])
+                j0 += n
+            stats.backward_products += K
+    if route != "hidden" and label_ids is None:
+        stats.min_mass = min(stats.min_mass, float(w.sum(-1).min()))
     stats.backward_s += time.perf_counter() - t1
     stats.routes[route] = stats.routes.get(route, 0) + 1
     out = (0.5 * magnitude**2 * F).detach().cpu().numpy()

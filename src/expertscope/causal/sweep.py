@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,9 @@ from ..errors import ConfigError, DataError
 from ..models.model import MoEModel
 from ..stats.profile import effective_max_length
 from ._engine import find_stack, make_batch
+from .decision import prepare_inputs
 from .effects import CausalEffects, DomainInput, _domains
-from .exact import ExactStats, check_restart, exact_batch
+from .exact import ExactStats, check_prefix, check_restart, exact_batch
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,24 @@ class SweepSettings:
     positions: str = "all"
     skip: bool = True
     chunk_tokens: int = 4096
+    decision: str = "task"
+    prefix_reuse: bool = True
 
     def validate(self) -> None:
         if self.magnitude == 0:
             raise ConfigError("magnitude must be non-zero: the paper uses 1.0")
         if self.positions not in ("all", "last"):
             raise ConfigError(f"positions={self.positions!r} is not valid: use 'all' or 'last'")
+        if self.decision not in ("task", "last"):
+            raise ConfigError(f"decision={self.decision!r} is not valid: use 'task' or 'last'")
 
 
 class CausalItemWorker:
-    """Computes CE ``(E,)`` for one (input, layer) item; one instance per worker, model loaded once."""
+    """Computes CE ``(E,)`` for one (input, layer) item; one instance per worker, model loaded once.
+
+    An item's input is its token ids (measured at the last token) or ``{"ids": [...], "decisions": [...]}``
+    (measured at those decision positions, averaged).
+    """
 
     def __init__(self, model: MoEModel, settings: SweepSettings) -> None:
         self.model = model
@@ -53,17 +62,24 @@ class CausalItemWorker:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.stack = find_stack(model)
         self._checked = False
+        self._prefix = False
 
-    def __call__(self, token_ids: Sequence[int], layer: int) -> np.ndarray:
+    def __call__(self, item: Sequence[int] | Mapping[str, Any], layer: int) -> np.ndarray:
         s = self.settings
-        batch = make_batch([0], [list(token_ids)], self.pad_id, s.positions, self.model.device)
+        if isinstance(item, Mapping):
+            ids, dec = [int(x) for x in item["ids"]], [[int(x) for x in item["decisions"]]]
+        else:
+            ids, dec = [int(x) for x in item], None
+        batch = make_batch([0], [ids], self.pad_id, s.positions, self.model.device, dec)
         if not self._checked:
             if self.stack is not None and check_restart(self.model, self.stack, batch, self.model.layers):
                 self.stack = None  # the restart does not reproduce this model: full forward passes
+            self._prefix = bool(s.prefix_reuse and self.stack is not None
+                                and not check_prefix(self.model, self.stack, batch, self.model.layers))
             self._checked = True
         E = self.model.site(layer).num_experts
         out = exact_batch(self.model, self.stack, batch, {layer: list(range(E))}, s.magnitude, None,
-                          s.chunk_tokens, s.skip, ExactStats())
+                          s.chunk_tokens, s.skip, ExactStats(), prefix=self._prefix)
         return out[0, 0, :E]
 
 
@@ -111,7 +127,7 @@ class SweepCheckpoint:
 class LocalSweepRunner:
     """Runs sweep items in this process."""
 
-    def run_items(self, model: MoEModel, items: Sequence[tuple[int, int, list[int]]], settings: SweepSettings
+    def run_items(self, model: MoEModel, items: Sequence[tuple[int, int, Any]], settings: SweepSettings
                   ) -> Iterator[tuple[int, int, np.ndarray]]:
         worker = CausalItemWorker(model, settings)
         with torch.no_grad():
@@ -130,31 +146,31 @@ def causal_sweep(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     skip: bool = True,
+    decision: str = "task",
 ) -> CausalEffects:
     """Exact CE for every (input, layer, expert), computed as (input, layer) items by ``executor``.
+
+    ``decision``: where CE is measured, as in :func:`~expertscope.causal.causal_effects` (``"task"``:
+    each input's decision positions; ``"last"``: its last token).
 
     ``executor`` is a :class:`~expertscope.executors.RayExecutor` (or None: in process). With
     ``checkpoint`` (a file), finished items survive a failure; ``resume=True`` computes only the rest.
     """
-    settings = SweepSettings(magnitude=magnitude, positions=positions, skip=skip)
+    settings = SweepSettings(magnitude=magnitude, positions=positions, skip=skip, decision=decision)
     settings.validate()
     doms = _domains(domain_or_texts)
-    texts, dom_of, tix = [], [], []
     for d in doms:
-        ts = d.head(limit).texts
-        if not ts:
+        if not d.head(limit).examples:
             raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
-        texts += ts
-        dom_of += [d.name] * len(ts)
-        tix += list(range(len(ts)))
-    tok = model.tokenizer
     max_len = effective_max_length(model, max_length)
-    token_ids = [list(tok(t, add_special_tokens=True)["input_ids"])[:max_len] for t in texts]
+    prep, dom_of, tix = prepare_inputs(model.tokenizer, doms, limit, decision, max_len)
+    texts = [json.dumps([t, d]) for t, d in zip(prep.token_ids, prep.decisions, strict=True)]
+    items = [{"ids": t, "decisions": d} for t, d in zip(prep.token_ids, prep.decisions, strict=True)]
     layers = model.layers
     E_max = model.num_experts
     ck = SweepCheckpoint(checkpoint, _fingerprint(texts, settings, model.describe()), resume) if checkpoint else None
     done: dict[tuple[int, int], np.ndarray] = dict(ck.done) if ck else {}
-    todo = [(i, layer, token_ids[i]) for i in range(len(texts)) for layer in layers if (i, layer) not in done]
+    todo = [(i, layer, items[i]) for i in range(len(texts)) for layer in layers if (i, layer) not in done]
     runner = executor if executor is not None else LocalSweepRunner()
     computed = 0
     try:
