@@ -34,3 +34,46 @@ def test_entry_point_hides_third_party_deprecations_only(monkeypatch: pytest.Mon
         warnings.simplefilter("always")
         cli_main.main()
     assert len(seen) == 4
+
+
+# Rule options (--rule, --z, --alpha, --n-perm) follow the domain/driver rule configs and are checked there.
+RULE_OPTIONS = {"rule", "z", "alpha", "n_perm"}
+
+
+def _command_defaults(name: str) -> dict[str, object]:
+    import typer.main
+
+    group = typer.main.get_command(cli_main.app)
+    cmd = group.commands[name]  # type: ignore[attr-defined]
+    return {p.name: p.default for p in cmd.params}
+
+
+@pytest.mark.parametrize(("command", "configs"), [
+    ("profile", ["ProfileConfig"]),
+    ("drivers", ["CausalConfig"]),
+    ("run", ["StudyConfig"]),
+    ("steer-study", ["InterventionConfig", "StudyConfig"]),
+])
+def test_cli_defaults_are_the_configs_defaults(command: str, configs: list[str]) -> None:
+    import dataclasses
+
+    import expertscope.config as config_mod
+    import expertscope.study as study_mod
+
+    defaults = _command_defaults(command)
+    checked = 0
+    for cls_name in configs:
+        cls = getattr(config_mod, cls_name, None) or getattr(study_mod, cls_name)
+        cfg = cls()
+        for f in dataclasses.fields(cls):
+            name = "mode" if (cls_name, f.name) == ("InterventionConfig", "mode") else f.name
+            if name in RULE_OPTIONS or name not in defaults or name in {"model", "domains"}:
+                continue
+            want = getattr(cfg, f.name)
+            # max_length None (no limit) has no CLI spelling: the option keeps the model-context default.
+            assert defaults[name] == want or (f.name == "max_length" and want is None), (command, name)
+            checked += 1
+    assert checked >= 4  # the command really shares settings with its config
+    # And StudyConfig's steering settings are the intervention study's.
+    assert (study_mod.StudyConfig().scale_up, study_mod.StudyConfig().steer_mode) == (
+        config_mod.InterventionConfig().scale_up, config_mod.InterventionConfig().mode)
