@@ -392,8 +392,11 @@ def fig_steering(steering: pd.DataFrame | None, out_dir: str | Path, name: str =
             if {"ci_low", "ci_high"} <= set(r.columns):
                 err = np.vstack([acc - r["ci_low"].to_numpy(float), r["ci_high"].to_numpy(float) - acc])
                 err = np.where(np.isfinite(err), np.maximum(err, 0), 0)
-            ax.bar(x + (j - (len(conditions) - 1) / 2) * w, acc, width=w, yerr=err, capsize=2,
+            xs = x + (j - (len(conditions) - 1) / 2) * w
+            ax.bar(xs, acc, width=w, yerr=err, capsize=2,
                    color=_colour(j), label=c.replace("_", " "), error_kw={"lw": 0.8})
+            for xi in xs[~np.isfinite(acc)]:  # a condition with no targets: say so, draw no bar
+                ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="0.4")
         ax.set_xticks(x, domains)
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.05)
