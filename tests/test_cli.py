@@ -77,3 +77,28 @@ def test_cli_defaults_are_the_configs_defaults(command: str, configs: list[str])
     # And StudyConfig's steering settings are the intervention study's.
     assert (study_mod.StudyConfig().scale_up, study_mod.StudyConfig().steer_mode) == (
         config_mod.InterventionConfig().scale_up, config_mod.InterventionConfig().mode)
+
+
+def test_steering_table_prints_not_applicable_and_saturated(capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+
+    from expertscope.cli._common import out_console
+    from expertscope.cli.steer_cmds import print_steering
+
+    nan = float("nan")
+    base = {"domain": "emo", "task": "classification", "n": 20, "weighted_f1": nan, "saturated": True}
+    table = pd.DataFrame([
+        {**base, "condition": "original", "applicable": True, "reason": "", "n_targets": 0, "accuracy": 0.97,
+         "delta": 0.0, "delta_lo": 0.0, "delta_hi": 0.0, "changed_selections": 0},
+        {**base, "condition": "driver_up", "applicable": False, "reason": "no driver experts", "n_targets": 0,
+         "n": nan, "accuracy": nan, "delta": nan, "delta_lo": nan, "delta_hi": nan, "changed_selections": nan},
+    ])
+    width = out_console.width
+    out_console.width = 200
+    try:
+        print_steering(table)
+    finally:
+        out_console.width = width
+    out = capsys.readouterr().out
+    assert "not applicable: no driver experts" in out and "saturated" in out
+    assert "nan" not in out.lower().replace("not applicable", "")
