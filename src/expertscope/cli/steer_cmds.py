@@ -97,12 +97,18 @@ def print_steering(table) -> None:  # type: ignore[no-untyped-def]
         title = f"{dom} ({first['task']}, n={int(first['n'])})"
         if "saturated" in rows.columns and bool(first["saturated"]):
             title += " — saturated: the original accuracy leaves little room to improve"
-        t = Table(title=title, title_justify="left")
+        # Conditions with nothing to measure: "n/a" in the row, the reason once in the caption.
+        reasons: dict[str, list[str]] = {}
+        for r in rows.itertuples():
+            if not getattr(r, "applicable", True):
+                reasons.setdefault(str(r.reason), []).append(str(r.condition))
+        caption = "; ".join(f"{', '.join(c)}: not applicable: {why}" for why, c in reasons.items()) or None
+        t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
         for col in ("condition", "targets", "accuracy", "Δ acc [95% CI]", "weighted F1", "changed selections"):
             t.add_column(col, justify="right" if col != "condition" else "left")
         for r in rows.itertuples():
             if not getattr(r, "applicable", True):
-                t.add_row(r.condition, "0", f"not applicable: {r.reason}", "—", "—", "—")
+                t.add_row(r.condition, "0", "n/a", "—", "—", "—")
                 continue
             delta = "—" if r.condition == "original" else f"{r.delta:+.3f} [{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
             f1 = "—" if r.weighted_f1 != r.weighted_f1 else f"{r.weighted_f1:.3f}"
