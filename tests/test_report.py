@@ -133,6 +133,17 @@ def test_saved_figures_hold_legends_wider_than_the_panels(tmp_path: Path):
     assert "driver expert" in svg.read_text()
 
 
+def test_steering_figure_marks_not_applicable_conditions(tmp_path: Path):
+    nan = float("nan")
+    st = pd.DataFrame({"domain": ["a"] * 3, "condition": ["original", "domain_up", "driver_up"],
+                       "accuracy": [0.6, 0.7, nan], "ci_low": [0.5, 0.6, nan], "ci_high": [0.7, 0.8, nan]})
+    (png, svg) = F.fig_steering(st, tmp_path)
+    assert png.suffix == ".png" and png.exists()
+    assert svg.read_text().count("n/a") == 1
+    (_, svg) = F.fig_steering(st.iloc[:2], tmp_path, name="all_applicable")
+    assert "n/a" not in svg.read_text()
+
+
 def test_figures_skip_empty_inputs(tmp_path: Path):
     empty = pd.DataFrame()
     for fn in (F.fig_cwas, F.fig_expert_types, F.fig_causal_rate, F.fig_positions, F.fig_expert_map,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import BaseConfig, DomainExpertConfig
+from .config import BaseConfig, DomainExpertConfig, InterventionConfig
 from .errors import ConfigError
 from .rundir import RunDir, open_run_dir
 
@@ -35,9 +35,9 @@ class StudyConfig(BaseConfig):
     causal_method: Literal["exact", "fisher", "hybrid"] = "exact"
     eval_limit: int | None = 300
     train_limit: int | None = 300
-    steer_mode: Literal["scale", "bias"] = "scale"
-    scale_up: float = 1.2
-    scale_down: float = 0.8
+    steer_mode: Literal["scale", "bias"] = InterventionConfig.mode
+    scale_up: float = InterventionConfig.scale_up
+    scale_down: float = InterventionConfig.scale_down
     batch_size: int = 16
     max_length: int = 512
     dtype: str = "auto"
@@ -226,7 +226,6 @@ def _stage_expert_map(ctx: StudyContext) -> dict[str, Any]:
 
 
 def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
-    from .config import InterventionConfig
     from .interventions.study import intervention_study
     from .stats.domain_experts import DomainExpertTable
 

@@ -10,6 +10,7 @@ import typer
 
 from ._common import console, handle_errors, out_console
 from .options import (
+    CAUSAL,
     AnswerFieldOpt,
     DeviceOpt,
     DomainOpt,
@@ -50,10 +51,14 @@ def drivers_cmd(
     domain: DomainOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (one run per directory).")] = Path(
         "runs/drivers"),
-    method: Annotated[str, typer.Option(help="exact (the definition), fisher (2nd-order) or hybrid.")] = "exact",
-    magnitude: Annotated[float, typer.Option(help="Added to the expert's router logit (non-zero).")] = 1.0,
-    positions: Annotated[str, typer.Option(help="all (every token) or last (the prediction position).")] = "all",
-    target: Annotated[str, typer.Option(help="vocab (full-vocabulary KL) or labels (over --label tokens).")] = "vocab",
+    method: Annotated[str, typer.Option(help="exact (the definition), fisher (2nd-order) or hybrid.")] = (
+        CAUSAL.method),
+    magnitude: Annotated[float, typer.Option(help="Added to the expert's router logit (non-zero).")] = (
+        CAUSAL.magnitude),
+    positions: Annotated[str, typer.Option(help="all (every token) or last (the prediction position).")] = (
+        CAUSAL.positions),
+    target: Annotated[str, typer.Option(help="vocab (full-vocabulary KL) or labels (over --label tokens).")] = (
+        CAUSAL.target),
     label: Annotated[list[str] | None, typer.Option(help="Answer token text for --target labels (repeat).")] = None,
     layers: Annotated[str | None, typer.Option(help="Comma-separated MoE layers (default: all).")] = None,
     experts: Annotated[str | None, typer.Option(help="Comma-separated experts (default: all).")] = None,
@@ -61,10 +66,12 @@ def drivers_cmd(
                                       "the layer median and >= 1e-3 nats), z or top.")] = "fdr",
     z: Annotated[float, typer.Option(help="rule z: CE at least z sd above the layer mean (capped: with E experts "
                                           "at most E/(1+z^2) can pass).")] = 2.0,
-    hybrid_top: Annotated[int, typer.Option(help="hybrid: experts per layer recomputed exactly.")] = 4,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Inputs per clean run.")] = 8,
-    max_length: Annotated[int, typer.Option(help="Truncate longer texts (counted in the manifest).")] = 512,
-    limit: LimitOpt = None,
+    hybrid_top: Annotated[int, typer.Option(help="hybrid: experts per layer recomputed exactly.")] = (
+        CAUSAL.hybrid_top),
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Inputs per clean run.")] = CAUSAL.batch_size,
+    max_length: Annotated[int, typer.Option(help="Truncate longer texts (counted in the manifest).")] = (
+        CAUSAL.max_length or 512),
+    limit: LimitOpt = CAUSAL.limit,
     top: Annotated[int, typer.Option(help="Drivers to print per layer.")] = 3,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,

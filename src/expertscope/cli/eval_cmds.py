@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..evaluation.evaluate import DEFAULT_MAX_NEW_TOKENS
 from ._common import handle_errors, out_console, progress
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="Score only the first N examples (per domain).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass (scores do not depend on it).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic benchmark.")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation limit for math.")] = 96,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation limit for math.")] = DEFAULT_MAX_NEW_TOKENS,
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, bfloat16, float16.")] = "auto",
     device: Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda:0.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write results.json, predictions and a manifest here.")] = None,
@@ -103,49 +104,12 @@ def eval_command(
     """
     import torch
 
-    from ..data import synthetic
-    from ..data.types import TASKS
-    from ..errors import ConfigError
-    from ..evaluation import evaluate
     from ..models.loading import load_model
+    from ..rundir import open_run_dir, run_fingerprint
 
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-    if split not in synthetic.SPLITS:
-        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(synthetic.SPLITS)}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit {limit} is not positive: pass 1 or more")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size} is not positive: pass 1 or more")
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens} is not positive: pass 1 or more")
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads {threads} is not positive: pass 1 or more")
-    from ..models.loading import resolve_source
-    from ..rundir import check_out_dir, open_run_dir, run_fingerprint
-    from ..validation import check_device
-
-    check_device(device)
-    resolve_source(model)
-    if out is not None:
-        check_out_dir(out)
-
+    _check_options(task, split, limit, batch_size, max_new_tokens, threads, device, model, out)
     # Read and check the data before loading the model, so bad input fails fast.
-    jobs: list[tuple[str, str, list[Example]]] = []
-    if data is not None:
-        examples = read_examples(data)[:limit]
-        jobs.append((data.stem, task or infer_task(examples), examples))
-    else:
-        n = limit or 300
-        for name in synthetic.DOMAINS:
-            if task is None or synthetic.DOMAIN_TASKS[name] == task:
-                dom = synthetic.generate(name, n, seed=seed, split=split)
-                jobs.append((name, synthetic.DOMAIN_TASKS[name], dom.examples))
-    from ..evaluation import validate_examples
-
-    for _, job_task, exs in jobs:
-        validate_examples(job_task, exs)
-
+    jobs = _eval_jobs(data, task, split, limit, seed)
     if threads is not None:
         torch.set_num_threads(threads)
     config = {"model": model, "task": task, "data": None if data is None else str(data), "split": split,
@@ -157,23 +121,71 @@ def eval_command(
     with run as rd:
         torch.manual_seed(seed)
         moe = load_model(model, dtype=dtype, device=device)
-        results: list[tuple[str, EvalResult]] = []
-        with progress() as p:
-            for name, job_task, exs in jobs:
-                bar = p.add_task(f"eval {name}", total=len(exs))
-                res = evaluate(
-                    moe,
-                    job_task,
-                    exs,
-                    batch_size=batch_size,
-                    max_new_tokens=max_new_tokens,
-                    device=device,
-                    on_batch=lambda k, bar=bar: p.advance(bar, k),
-                )
-                results.append((name, res))
+        results = _run_jobs(moe, jobs, batch_size, max_new_tokens, device)
         out_console.print(_table(results))
         if rd is not None:
             _write(rd, results)
+
+
+def _check_options(task: str | None, split: str, limit: int | None, batch_size: int, max_new_tokens: int,
+                   threads: int | None, device: str | None, model: str, out: Path | None) -> None:
+    """One-line errors for option values no run can use, before anything is loaded or written."""
+    from ..data import synthetic
+    from ..data.types import TASKS
+    from ..errors import ConfigError
+    from ..models.loading import resolve_source
+    from ..rundir import check_out_dir
+    from ..validation import check_device
+
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if split not in synthetic.SPLITS:
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(synthetic.SPLITS)}")
+    for flag, value in (("--limit", limit), ("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens),
+                        ("--threads", threads)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} is not positive: pass 1 or more")
+    check_device(device)
+    resolve_source(model)
+    if out is not None:
+        check_out_dir(out)
+
+
+def _eval_jobs(data: Path | None, task: str | None, split: str, limit: int | None, seed: int
+               ) -> list[tuple[str, str, list[Example]]]:
+    """``(name, task, examples)`` to score: the --data file, or the synthetic domains (of --task, if given);
+    every job's examples checked against its task."""
+    from ..data import synthetic
+    from ..evaluation import validate_examples
+
+    jobs: list[tuple[str, str, list[Example]]] = []
+    if data is not None:
+        examples = read_examples(data)[:limit]
+        jobs.append((data.stem, task or infer_task(examples), examples))
+    else:
+        n = limit or 300
+        for name in synthetic.DOMAINS:
+            if task is None or synthetic.DOMAIN_TASKS[name] == task:
+                dom = synthetic.generate(name, n, seed=seed, split=split)
+                jobs.append((name, synthetic.DOMAIN_TASKS[name], dom.examples))
+    for _, job_task, exs in jobs:
+        validate_examples(job_task, exs)
+    return jobs
+
+
+def _run_jobs(moe: Any, jobs: list[tuple[str, str, list[Example]]], batch_size: int, max_new_tokens: int,
+              device: str | None) -> list[tuple[str, EvalResult]]:
+    """Score every job, one progress bar each."""
+    from ..evaluation import evaluate
+
+    results: list[tuple[str, EvalResult]] = []
+    with progress() as p:
+        for name, job_task, exs in jobs:
+            bar = p.add_task(f"eval {name}", total=len(exs))
+            res = evaluate(moe, job_task, exs, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
+                           on_batch=lambda k, bar=bar: p.advance(bar, k))
+            results.append((name, res))
+    return results
 
 
 def _write(rd: RunDir, results: list[tuple[str, EvalResult]]) -> None:

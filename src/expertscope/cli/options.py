@@ -7,6 +7,16 @@ from typing import Annotated
 
 import typer
 
+from ..config import CausalConfig, InterventionConfig, ProfileConfig
+from ..study import StudyConfig
+
+#: The settings every command takes its option defaults from, so the CLI never re-spells a default and a
+#: changed default reaches the command line and the library alike.
+PROFILE = ProfileConfig()
+CAUSAL = CausalConfig()
+INTERVENTION = InterventionConfig()
+STUDY = StudyConfig()
+
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF model directory, a hub id, or 'demo'.")]
 DomainOpt = Annotated[
     list[str] | None,

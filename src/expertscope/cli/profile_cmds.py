@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ._common import console, handle_errors, out_console
 from .options import (
+    PROFILE,
     AnswerFieldOpt,
     BatchOpt,
     DeviceOpt,
@@ -43,13 +44,15 @@ def profile_cmd(
     model: ModelOpt = "demo",
     domain: DomainOpt = None,
     out: OutOpt = Path("runs/profile"),
-    batch_size: BatchOpt = 8,
-    max_length: Annotated[int, typer.Option(help="Truncate longer texts (counted in the manifest).")] = 512,
-    limit: LimitOpt = None,
+    batch_size: BatchOpt = PROFILE.batch_size,
+    max_length: Annotated[int, typer.Option(help="Truncate longer texts (counted in the manifest).")] = (
+        PROFILE.max_length or 512),
+    limit: LimitOpt = PROFILE.limit,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
-    keep_sequences: Annotated[bool, typer.Option(help="Keep per-sequence statistics for CIs and p-values.")] = True,
+    keep_sequences: Annotated[bool, typer.Option(help="Keep per-sequence statistics for CIs and p-values.")] = (
+        PROFILE.keep_sequences),
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     trust_remote_code: TrustOpt = False,

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from ._common import console, handle_errors, out_console
 from .options import (
+    INTERVENTION,
+    STUDY,
     BatchOpt,
     CausalLimitOpt,
     DeviceOpt,
@@ -39,18 +41,18 @@ def steer_study_cmd(
     model: ModelOpt = "demo",
     domain: DomainOpt = None,
     out: OutOpt = Path("runs/steer-study"),
-    scale_up: Annotated[float, typer.Option(help="Factor for the ↑ rows.")] = 1.2,
-    scale_down: Annotated[float, typer.Option(help="Factor for the ↓ rows.")] = 0.8,
-    mode: Annotated[str, typer.Option(help="scale (z·s, the paper's) or bias (z + ln s).")] = "scale",
-    limit: StudyLimitOpt = 300,
-    causal_limit: CausalLimitOpt = 120,
-    eval_limit: EvalLimitOpt = 300,
-    train_limit: TrainLimitOpt = 300,
-    n_boot: NBootOpt = 1000,
-    batch_size: BatchOpt = 16,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = None,
-    seed: SeedOpt = 0,
+    scale_up: Annotated[float, typer.Option(help="Factor for the ↑ rows.")] = INTERVENTION.scale_up,
+    scale_down: Annotated[float, typer.Option(help="Factor for the ↓ rows.")] = INTERVENTION.scale_down,
+    mode: Annotated[str, typer.Option(help="scale (z·s, the paper's) or bias (z + ln s).")] = INTERVENTION.mode,
+    limit: StudyLimitOpt = STUDY.limit,
+    causal_limit: CausalLimitOpt = STUDY.causal_limit,
+    eval_limit: EvalLimitOpt = STUDY.eval_limit,
+    train_limit: TrainLimitOpt = STUDY.train_limit,
+    n_boot: NBootOpt = STUDY.n_boot,
+    batch_size: BatchOpt = STUDY.batch_size,
+    dtype: DtypeOpt = STUDY.dtype,
+    device: DeviceOpt = STUDY.device,
+    seed: SeedOpt = STUDY.seed,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -101,12 +103,18 @@ def print_steering(table) -> None:  # type: ignore[no-untyped-def]
         title = f"{dom} ({first['task']}, n={int(first['n'])})"
         if "saturated" in rows.columns and bool(first["saturated"]):
             title += " — saturated: the original accuracy leaves little room to improve"
-        t = Table(title=title, title_justify="left")
+        # Conditions with nothing to measure: "n/a" in the row, the reason once in the caption.
+        reasons: dict[str, list[str]] = {}
+        for r in rows.itertuples():
+            if not getattr(r, "applicable", True):
+                reasons.setdefault(str(r.reason), []).append(str(r.condition))
+        caption = "; ".join(f"{', '.join(c)}: not applicable: {why}" for why, c in reasons.items()) or None
+        t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
         for col in ("condition", "targets", "accuracy", "Δ acc [95% CI]", "weighted F1", "changed selections"):
             t.add_column(col, justify="right" if col != "condition" else "left")
         for r in rows.itertuples():
             if not getattr(r, "applicable", True):
-                t.add_row(r.condition, "0", f"not applicable: {r.reason}", "—", "—", "—")
+                t.add_row(r.condition, "0", "n/a", "—", "—", "—")
                 continue
             delta = "—" if r.condition == "original" else f"{r.delta:+.3f} [{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
             f1 = "—" if r.weighted_f1 != r.weighted_f1 else f"{r.weighted_f1:.3f}"

@@ -419,8 +419,8 @@ def fig_steering(steering: pd.DataFrame | None, out_dir: str | Path, name: str =
             xs = x + (j - (len(conditions) - 1) / 2) * w
             ax.bar(xs, acc, width=w, yerr=err, capsize=2,
                    color=_colour(j), label=c.replace("_", " "), error_kw={"lw": 0.8})
-            for xi in xs[np.isnan(acc)]:  # a condition without targets: not applicable, not a zero
-                ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="#555")
+            for xi in xs[~np.isfinite(acc)]:  # a condition with no targets: say so, draw no bar
+                ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="0.4")
         ax.set_xticks(x, domains)
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.05)

@@ -310,7 +310,9 @@ def read_steering(df: pd.DataFrame) -> list[str]:
         b = base.iloc[0]
         parts = []
         for r in g[g["condition"] != "original"].itertuples():
-            if "delta" in g.columns and not math.isnan(float(r.delta)):
+            if "applicable" in g.columns and not bool(r.applicable):
+                parts.append(f"{str(r.condition).replace('_', ' ')} not applicable ({getattr(r, 'reason', '')})")
+            elif "delta" in g.columns and not math.isnan(float(r.delta)):
                 ci = (f" (95% CI {_signed(float(r.delta_lo))} to {_signed(float(r.delta_hi))})"
                       if "delta_lo" in g.columns else "")
                 parts.append(f"{str(r.condition).replace('_', ' ')} {_signed(float(r.delta))}{ci}")
@@ -480,12 +482,14 @@ def _steering_table(st: pd.DataFrame) -> pd.DataFrame:
     st = st.copy()
     if "applicable" in st.columns:
         na = ~st["applicable"].fillna(True).astype(bool)
-        reason = st["note"] if "note" in st.columns else pd.Series("no targets", index=st.index)
+        col = "reason" if "reason" in st.columns else "note"
+        reason = st[col] if col in st.columns else pd.Series("no targets", index=st.index)
         st["status"] = np.where(na, "not applicable: " + reason.fillna("no targets").astype(str), "")
     if "accuracy" in st.columns and "condition" in st.columns:
-        base = st[st["condition"] == "original"].set_index("domain")["accuracy"]
-        sat = st["domain"].map(base) >= SATURATED
-        st["saturated"] = sat.fillna(False)
+        if "saturated" not in st.columns:
+            base = st[st["condition"] == "original"].set_index("domain")["accuracy"]
+            st["saturated"] = (st["domain"].map(base) >= SATURATED).fillna(False)
+        st["saturated"] = st["saturated"].fillna(False).astype(bool)
     return st
 
 
