@@ -65,7 +65,7 @@ def test_z_threshold_by_hand_and_the_documented_cap() -> None:
     labels = ["a"] * 6 + ["b"] * 6
     table = es.domain_experts(_profile_from(tok, sel, h, labels, L, E), rule="z", z=2.0, n_boot=0, n_perm=0)
     df = table.df
-    for (d, layer), grp in df.groupby(["domain", "layer"]):
+    for _key, grp in df.groupby(["domain", "layer"]):
         spec = list(grp.sort_values("expert")["specificity"])
         mean = sum(spec) / E
         sd = math.sqrt(sum((x - mean) ** 2 for x in spec) / E)  # ddof = 0
