@@ -352,3 +352,22 @@ def test_steering_records_exact_transform_on_targets_only(mode: str, s: float) -
         torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
         others = [e for e in range(8) if (site.layer, e) not in targets]
         assert torch.equal(got[:, others], z[:, others])  # untouched: bit-identical
+
+
+def test_equal_gate_expert_has_zero_cwas_but_stays_visible_by_lift() -> None:
+    """An expert every token of A selects with weight exactly ½ (h(½) = 1 bit): CWAS = 0 in A by definition,
+    so the CWAS test cannot see it; its activation lift and activation q-value do."""
+    g = np.random.default_rng(0)
+    L, E, n = 1, 8, 20
+    tok = g.integers(5, 15, size=2 * n).astype(np.int64)
+    sel = np.stack([g.binomial(int(t), 0.25, size=E) for t in tok]).astype(np.int64)
+    h = sel * g.uniform(0.3, 0.9, size=sel.shape)
+    sel[:n, 3] = tok[:n]  # A: expert 3 on every token ...
+    h[:n, 3] = tok[:n] * 1.0  # ... with p~ = 1/2, so h = 1 on each
+    sel[n:, 3] = 0  # B never selects it
+    h[n:, 3] = 0.0
+    table = es.domain_experts(_profile_from(tok, sel, h, ["A"] * n + ["B"] * n, L, E), n_boot=200)
+    row = table.df[(table.df.domain == "A") & (table.df.expert == 3)].iloc[0]
+    assert row.activation_rate == 1.0 and row.cwas == 0.0 and row.lift == np.inf
+    assert not row.pass_test and not row.is_domain_expert  # the CWAS specificity test: not significant
+    assert row.activation_q <= 0.05 and row.pass_lift and row.pass_uniform  # but plainly visible
