@@ -27,6 +27,7 @@ def test_every_planted_expert_is_found(E: int, k: int) -> None:
         assert r["all_found"], (E, n, r["found"], r["q"], r["lift"])
         assert all(q <= 0.05 for q in r["q"]) and all(lift >= 1.5 for lift in r["lift"])
         assert all(a > k / E for a in r["A_rate_in_A"])
+        assert planted_result(prof, planted, test="normal", n_boot=0)["all_found"]  # the approximation too
         if E == 8:
             # The old z rule cannot: among 8 values at most 8/(1+2^2) = 1.6 reach z = 2, so one per layer.
             z = planted_result(prof, planted, rule="z", n_perm=0, n_boot=0)
@@ -42,3 +43,5 @@ def test_null_splits_flag_at_most_five_percent(E: int, k: int) -> None:
     res = null_splits(prof, 100)
     assert res.n_splits == 100
     assert res.false_flag_rate <= 0.05, res.flags
+    # the normal approximation (what test="auto" runs on real-model-sized profiles) meets the same target
+    assert null_splits(prof, 100, test="normal").false_flag_rate <= 0.05
