@@ -70,7 +70,8 @@ class DriverTable:
         ``ce_floor``, ``strongest`` (up to ``top`` drivers as ``{layer, expert, ce_mean, ce_lo, ce_hi, q_value}``)
         and ``text``, one sentence saying what was found — or "no driver experts (largest mean CE x nats)".
         """
-        floor = self.settings.get("config", {}).get("ce_floor")
+        cfg = self.settings.get("config", {})
+        floor = cfg.get("ce_floor") if cfg.get("rule", "fdr") == "fdr" else None  # only the default rule has one
         out = []
         for d in dict.fromkeys(self.df["domain"].tolist()):
             g = self.df[self.df["domain"] == d]
