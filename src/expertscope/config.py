@@ -118,9 +118,11 @@ class DomainExpertConfig(BaseConfig):
     ``rule="fdr"`` (default): a domain expert passes all three of BH ``q <= alpha`` on the specificity test
     over all D·L·E cells, ``A > k/E`` and lift ``A(D) / mean A(other domains) >= min_lift``.
     ``test`` picks the specificity test: ``"permutation"`` (domain labels shuffled across sequences,
-    sequential Monte Carlo) or ``"normal"`` (a normal approximation of the same permutation null, fitted
-    to ``n_perm`` permutations). ``n_perm="auto"``: ``ceil(20·m/alpha)`` permutations for m = D·L·E tests
-    (``"permutation"``, so the smallest p can pass BH at that many tests), 1000 for ``"normal"``.
+    sequential Monte Carlo), ``"normal"`` (a normal approximation of the same permutation null, fitted
+    to ``n_perm`` permutations) or ``"auto"`` (permutation when its worst-case work, permutations ×
+    domains × sequences × cells, is at most ``perm_budget`` multiply-adds, else normal; the table's
+    settings say which ran). ``n_perm="auto"``: ``ceil(20·m/alpha)`` permutations for m = D·L·E tests
+    (permutation, so the smallest p can pass BH at that many tests), 1000 for the normal approximation.
     ``perm_stop``: a (layer, expert) column stops permuting once each of its domain cells has seen that
     many permuted statistics at least as large as the observed one (its p-value is then settled and large).
 
@@ -134,10 +136,11 @@ class DomainExpertConfig(BaseConfig):
     z: float = 2.0
     entropy: Literal["bernoulli", "eq1"] = "bernoulli"
     conditional: bool = False
-    test: Literal["permutation", "normal"] = "permutation"
+    test: Literal["auto", "permutation", "normal"] = "auto"
     n_boot: int = 1000
     n_perm: int | Literal["auto"] = "auto"
     perm_stop: int = 50
+    perm_budget: float = 5e10
     alpha: float = 0.05
     min_lift: float = 1.5
     ci: float = 0.95
@@ -153,6 +156,7 @@ class DomainExpertConfig(BaseConfig):
         if self.rule == "fdr" and self.n_perm == 0:
             raise ConfigError("rule='fdr' needs permutation p-values: set n_perm > 0 (or 'auto') or use rule='z'")
         _positive("perm_stop", self.perm_stop)
+        _positive("perm_budget", self.perm_budget)
         if not self.min_lift >= 1:
             raise ConfigError(f"min_lift={self.min_lift!r} is below 1: pass a lift >= 1, e.g. 1.5")
 

@@ -70,7 +70,8 @@ class DriverTable:
         ``ce_floor``, ``strongest`` (up to ``top`` drivers as ``{layer, expert, ce_mean, ce_lo, ce_hi, q_value}``)
         and ``text``, one sentence saying what was found — or "no driver experts (largest mean CE x nats)".
         """
-        floor = self.settings.get("config", {}).get("ce_floor")
+        cfg = self.settings.get("config", {})
+        floor = cfg.get("ce_floor") if cfg.get("rule", "fdr") == "fdr" else None  # only the default rule has one
         out = []
         for d in dict.fromkeys(self.df["domain"].tolist()):
             g = self.df[self.df["domain"] == d]
@@ -112,7 +113,7 @@ def paired_median_test(ce: np.ndarray) -> np.ndarray:
     ``ce`` ``(N, L, E)`` CE per input (NaN: not computed). For each (l, i), the differences
     ``CE_{l,i}(X) - median_j CE_{l,j}(X)`` over the N inputs are tested for a positive location (zeros
     dropped, exact distribution for small samples without ties, normal approximation otherwise).
-    Returns ``(L, E)``; NaN where fewer than one non-zero difference exists or the expert was not computed.
+    Returns ``(L, E)``: 1 where every difference is 0, NaN where the expert was not computed.
     """
     from scipy.stats import wilcoxon
 
@@ -121,13 +122,17 @@ def paired_median_test(ce: np.ndarray) -> np.ndarray:
         warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(ce, axis=2, keepdims=True)
     diff = (ce - med).reshape(N, L * E)
-    p = np.full(L * E, np.nan)
-    ok = ~np.isnan(diff).any(axis=0) & (np.abs(diff) > 0).any(axis=0)
-    if ok.any() and N >= 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # scipy warns about ties/zeros and small samples
-            res = wilcoxon(diff[:, ok], alternative="greater", zero_method="wilcox", axis=0)
-        p[ok] = np.asarray(res.pvalue, dtype=float)
+    computed = ~np.isnan(diff).any(axis=0)
+    # A cell whose CE equals its layer's median on every input plainly does not exceed it: p = 1, and it
+    # still counts as one of the L·E tests.
+    p = np.where(computed, 1.0, np.nan)
+    ok = computed & (np.abs(diff) > 0).any(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about ties/zeros and small samples
+        # One call per cell: scipy picks the exact or the normal method per call, so a cell with ties
+        # must not switch its neighbours to the approximation.
+        for c in np.flatnonzero(ok):
+            p[c] = float(wilcoxon(diff[:, c], alternative="greater", zero_method="wilcox").pvalue)
     return p.reshape(L, E)
 
 

@@ -139,8 +139,8 @@ def domains_cmd(
                                       "with E=8, z=2 one per layer).")] = "fdr",
     z: Annotated[float, typer.Option(help="rule z: standard deviations above the layer mean.")] = 2.0,
     min_lift: Annotated[float, typer.Option(help="rule fdr: least activation lift A(D)/mean A(others).")] = 1.5,
-    test: Annotated[str, typer.Option(help="permutation (default) or normal (its normal approximation).")]
-    = "permutation",
+    test: Annotated[str, typer.Option(help="auto (permutation when affordable, else its normal approximation), "
+                                      "permutation or normal.")] = "auto",
     entropy: Annotated[str, typer.Option(help="bernoulli (default) or eq1 (the paper's literal Eq. 1).")] = "bernoulli",
     conditional: Annotated[bool, typer.Option(help="Average H over the tokens that select the expert.")] = False,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for CIs (0: none).")] = 1000,

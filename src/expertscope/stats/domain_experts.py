@@ -217,9 +217,10 @@ def domain_experts(
     z = 2 at most one expert per (domain, layer) can pass, and none when two are equally specific.
 
     ``config`` (or keyword overrides of :class:`DomainExpertConfig`; both at once must agree) sets the
-    rule. ``drivers`` (rows with ``domain, layer, expert, is_driver``) removes drivers from the general
-    set. A profile of one domain gives A/H/CWAS/gate only (specificity and lift need two domains), with a
-    note in ``settings["note"]``.
+    rule; ``test="auto"`` runs the permutation test when it is affordable and its normal approximation
+    otherwise (``settings["test"]`` says which). ``drivers`` (rows with ``domain, layer, expert,
+    is_driver``) removes drivers from the general set. A profile of one domain gives A/H/CWAS/gate only
+    (specificity and lift need two domains), with a note in ``settings["note"]``.
     """
     cfg = resolve_config(DomainExpertConfig, config, overrides)
     D = len(profile.domains)
@@ -247,16 +248,22 @@ def domain_experts(
     ci = {f"{k}_{e}": nan.copy() for k in names for e in ("lo", "hi")}
     pvals, act_p, n_done = nan.copy(), nan.copy(), np.zeros((L, E), np.int64)
     m = D * L * E
-    n_perm = (auto_n_perm(m, cfg.alpha) if cfg.test == "permutation" else 1000) if cfg.n_perm == "auto" \
+    n_seq = profile.num_sequences
+    test = cfg.test
+    if test == "auto":
+        # Worst case: every column runs all permutations (group sums of 2·L·E + 1 columns per labeling).
+        n_full = auto_n_perm(m, cfg.alpha) if cfg.n_perm == "auto" else int(cfg.n_perm)
+        work = float(n_full) * D * sum(n_seq.values()) * (2 * L * E + 1)
+        test = "permutation" if work <= cfg.perm_budget else "normal"
+    n_perm = (auto_n_perm(m, cfg.alpha) if test == "permutation" else 1000) if cfg.n_perm == "auto" \
         else int(cfg.n_perm)
     rng = np.random.default_rng(cfg.seed)
-    n_seq = profile.num_sequences
     resamplable = profile.keep_sequences and min(n_seq.values(), default=0) > 1
     if cfg.rule == "fdr" and comparable:
         if not resamplable:
             raise ConfigError("rule='fdr' needs per-sequence statistics from more than one sequence per domain: "
                               "profile with keep_sequences=True and more texts, or use rule='z'")
-        if cfg.test == "permutation" and n_perm + 1 < m / cfg.alpha:
+        if test == "permutation" and n_perm + 1 < m / cfg.alpha:
             raise ConfigError(f"n_perm={n_perm} is too few for {m} tests: the smallest p-value 1/(n_perm+1) can "
                               f"never pass BH at alpha={cfg.alpha}; use n_perm='auto' ({auto_n_perm(m, cfg.alpha)})")
     if resamplable:
@@ -285,7 +292,7 @@ def domain_experts(
                     lo, hi = np.percentile(arr, [lo_q, hi_q], axis=0)
                 ci[f"{name}_lo"], ci[f"{name}_hi"] = lo.reshape(D, L, E), hi.reshape(D, L, E)
         if n_perm > 0 and comparable:
-            ps, pa, nd = permutation_pvalues(tok, sel, hs, dom, D, cfg.conditional, n_perm, rng, cfg.test,
+            ps, pa, nd = permutation_pvalues(tok, sel, hs, dom, D, cfg.conditional, n_perm, rng, test,
                                              cfg.perm_stop)
             pvals, act_p, n_done = ps.reshape(D, L, E), pa.reshape(D, L, E), nd.reshape(L, E)
     qvals = bh_qvalues(pvals.ravel()).reshape(D, L, E)
@@ -334,7 +341,7 @@ def domain_experts(
     })
     test_text = (f"one-sided permutation test of specificity (domain labels shuffled across sequences; up to "
                  f"{n_perm} permutations, sequential stop at {cfg.perm_stop} exceedances)"
-                 if cfg.test == "permutation" else
+                 if test == "permutation" else
                  f"normal approximation of the permutation null of specificity ({n_perm} permutations)")
     if cfg.rule == "z":
         rule_text = (f"specificity >= mean + {cfg.z} sd (ddof=0) of the layer's experts, and A > k/E "
@@ -345,7 +352,7 @@ def domain_experts(
     settings = {
         "config": cfg.to_dict(),
         "rule_text": rule_text,
-        "test": cfg.test if cfg.rule == "fdr" or n_perm > 0 else None,
+        "test": test if (cfg.rule == "fdr" or n_perm > 0) and comparable else None,
         "n_perm": n_perm,
         "n_tests": m,
         "uniform_rate": uniform,

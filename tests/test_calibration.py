@@ -1,0 +1,47 @@
+"""Calibration targets of the default domain-expert rule (numbers in docs/methods.md; the same runs are
+printed by benchmarks/calibrate_rules.py):
+
+- power: 1, 2 and 3 experts planted in one layer of 8 (top-2) and of 60 (top-4) are all found;
+- null: on random half-splits of the same texts, at most 5% of splits flag any expert.
+
+The plants are real top-k routing in tiny models (see ``expertscope.calibration``), 60 texts per domain.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from expertscope.calibration import null_splits, null_texts, planted_model, planted_profile, planted_result
+from expertscope.stats.profile import profile
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize(("E", "k"), [(8, 2), (60, 4)])
+def test_every_planted_expert_is_found(E: int, k: int) -> None:
+    for n in (1, 2, 3):
+        planted = list(range(n))
+        prof = planted_profile(E, k, planted, strength=1.0)
+        r = planted_result(prof, planted)
+        assert r["table"].settings["test"] == "permutation"  # affordable at this size
+        assert r["all_found"], (E, n, r["found"], r["q"], r["lift"])
+        assert all(q <= 0.05 for q in r["q"]) and all(lift >= 1.5 for lift in r["lift"])
+        assert all(a > k / E for a in r["A_rate_in_A"])
+        assert planted_result(prof, planted, test="normal", n_boot=0)["all_found"]  # the approximation too
+        if E == 8:
+            # The old z rule cannot: among 8 values at most 8/(1+2^2) = 1.6 reach z = 2, so one per layer.
+            z = planted_result(prof, planted, rule="z", n_perm=0, n_boot=0)
+            flagged = z["table"].df[z["table"].df.is_domain_expert]
+            assert (flagged.groupby(["domain", "layer"]).size() <= 1).all()
+            if n >= 2:
+                assert len(z["found"]) < n
+
+
+@pytest.mark.parametrize(("E", "k"), [(8, 2), (60, 4)])
+def test_null_splits_flag_at_most_five_percent(E: int, k: int) -> None:
+    prof = profile(planted_model(E, k, [], strength=0.0), {"all": null_texts(120)}, batch_size=32)
+    res = null_splits(prof, 100)
+    assert res.n_splits == 100
+    assert res.false_flag_rate <= 0.05, res.flags
+    # the normal approximation (what test="auto" runs on real-model-sized profiles) meets the same target
+    assert null_splits(prof, 100, test="normal").false_flag_rate <= 0.05
