@@ -3,7 +3,8 @@
 Every command that writes into an output directory opens it with :func:`open_run_dir`:
 
 - **Lock.** An exclusive ``fcntl.flock`` on ``OUT/.expertscope.lock`` for the whole command; a second
-  writer is refused with one line (the kernel drops the lock when a process dies, even on SIGKILL).
+  writer is refused with one line. The file is removed on exit; after a SIGKILL it stays behind but holds
+  no lock (the kernel drops it with the process), so the next command proceeds.
 - **One run per directory.** A directory holding another kind of run, or files that are not a run, is
   refused; a finished or interrupted run of the same kind needs ``--resume`` or ``--force``.
 - **Fingerprint.** The manifest records what decides the results (model id and weights digest, domain
@@ -257,6 +258,22 @@ def _lock(out: Path) -> int:
     return fd
 
 
+class _Lock:
+    """The held lock; released by removing the lock file and closing it (while still holding it)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fd: int | None = _lock(directory)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.directory / LOCK_NAME).unlink()
+        os.close(self.fd)
+        self.fd = None
+
+
 @contextlib.contextmanager
 def open_run_dir(
     out: str | os.PathLike[str],
@@ -288,7 +305,7 @@ def open_run_dir(
     except OSError as e:
         raise OutputError(f"cannot create {out} ({e.strerror}): choose another {option}") from None
     try:
-        fd = _lock(out)
+        lock = _Lock(out)
     except BaseException:
         _remove_created(created)
         raise
@@ -339,18 +356,17 @@ def open_run_dir(
             (out / MANIFEST).unlink(missing_ok=True)
             if (out / ASIDE_NAME).exists():
                 _restore_aside(out)
-            elif created:
-                (out / LOCK_NAME).unlink(missing_ok=True)
-                _remove_created(created)
-        elif not started and created:
-            (out / LOCK_NAME).unlink(missing_ok=True)
+            lock.release()
+            _remove_created(created)
+        elif not started:
+            lock.release()
             _remove_created(created)
         raise
     else:
         if (out / ASIDE_NAME).exists():
             shutil.rmtree(out / ASIDE_NAME, ignore_errors=True)
     finally:
-        os.close(fd)
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -374,7 +390,7 @@ def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create
     if require_manifest and not (path / MANIFEST).is_file():
         raise OutputError(f"{path} has no {MANIFEST}: pass the output directory of an expertscope run")
     try:
-        fd = _lock(path)
+        lock = _Lock(path)
     except BaseException:
         _remove_created(created)
         raise
@@ -382,11 +398,11 @@ def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create
         yield path
     except BaseException:
         if created and not _artifacts(path) and not (path / MANIFEST).exists():
-            (path / LOCK_NAME).unlink(missing_ok=True)
+            lock.release()
             _remove_created(created)
         raise
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def _remove_created(created: list[Path]) -> None:

@@ -28,7 +28,10 @@ T = TypeVar("T")
 
 def fail(message: str, code: int = 2) -> None:
     """Print one error line and exit with ``code``."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: "[layer, expert]" in a message is text, not rich markup.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
