@@ -214,6 +214,11 @@ API_CASES: list[tuple[str, Any, type[Exception], str]] = [
     ("study-limit-0", lambda m, i: study.StudyConfig(limit=0), ValueError, "limit=0"),
     ("device", lambda m, i: es.load_model(str(i["model"]), device="potato"), ValueError, "unknown device"),
     ("corrupt-weights", lambda m, i: es.load_model(str(i["truncated"])), ValueError, "corrupt or truncated"),
+    ("profile-model-str", lambda m, i: es.profile("nope", {"a": ["x"]}), TypeError, "not an MoEModel"),
+    ("domain-experts-str", lambda m, i: es.domain_experts("nope"), TypeError, "not a RoutingProfile"),
+    ("evaluate-str", lambda m, i: es.evaluate(m, "classification", "nope"), TypeError, "list of Example"),
+    ("steer-targets-str", lambda m, i: es.steer(m, targets="x"), TypeError, "(layer, expert) pairs"),
+    ("steer-targets-short", lambda m, i: es.steer(m, targets=[(1,)]), TypeError, "(layer, expert) pairs"),
 ]
 
 

@@ -156,5 +156,13 @@ def _preview(value: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+
+
+def check_type(value: Any, types: type | tuple[type, ...], name: str, expected: str) -> None:
+    """``value`` is an instance of ``types``; else :class:`InputTypeError` naming what was expected."""
+    if not isinstance(value, types):
+        raise InputTypeError(f"{name} is a {type(value).__name__}, not {expected}")
+
+
 __all__ = ["check_choice", "check_device", "check_domain_specs", "check_finite", "check_open_unit",
-           "check_positive", "check_positive_finite", "check_text", "parse_limit"]
+           "check_positive", "check_positive_finite", "check_text", "check_type", "parse_limit"]

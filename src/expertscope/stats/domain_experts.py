@@ -93,6 +93,9 @@ def domain_experts(
     whether H is conditional on selection. Both rules also need ``A`` above uniform (``k/E``). ``drivers``
     (rows with ``domain, layer, expert, is_driver``) removes driver experts from the general set.
     """
+    from ..validation import check_type
+
+    check_type(profile, RoutingProfile, "profile", "a RoutingProfile (es.profile(...) or RoutingProfile.load(dir))")
     cfg = (config or DomainExpertConfig()).replace(**overrides) if overrides else (config or DomainExpertConfig())
     D = len(profile.domains)
     if D < 2:

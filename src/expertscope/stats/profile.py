@@ -416,6 +416,9 @@ def profile(
     runs after every batch (checkpointing, progress). ``executor`` (see :mod:`expertscope.executors`)
     runs the batches elsewhere, e.g. on Ray actors; results are identical to the in-process run.
     """
+    from ..validation import check_type
+
+    check_type(model, MoEModel, "model", "an MoEModel (es.load_model(...))")
     cfg = config or ProfileConfig(batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
                                   limit=limit)
     texts_by_domain = domain_texts(domains, cfg.limit)
