@@ -383,3 +383,50 @@ def test_report_names_unreadable_optional_tables(inputs, tmp_path: Path) -> None
     problems: dict[str, str] = {}
     tables = load_tables(run, problems)
     assert "drivers" not in tables and "domain_experts" in tables and set(problems) == {"drivers.parquet"}
+
+
+def test_interrupted_synth_keeps_nothing_and_a_forced_one_restores_the_old_data(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    from expertscope.data import synthetic
+
+    out = tmp_path / "s"
+    args = ["data", "synth", "--out", str(out), "--n-train", "2", "--n-validation", "2", "--n-test", "2"]
+    real, calls = synthetic.generate, []
+
+    def interrupted_on_third(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(synthetic, "generate", interrupted_on_third)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130 and "--resume" not in r.output and not out.exists()
+    monkeypatch.setattr(synthetic, "generate", real)
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls.clear()
+    monkeypatch.setattr(synthetic, "generate", interrupted_on_third)
+    r = runner.invoke(app, [*args, "--force", "--seed", "5"])
+    assert r.exit_code == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier data, back in place
+
+
+def test_forced_resumable_run_keeps_the_old_run_aside_until_the_new_one_finishes(tmp_path: Path) -> None:
+    from expertscope.rundir import ASIDE_NAME, open_run_dir
+
+    out = tmp_path / "r"
+    with open_run_dir(out, "profile", {"settings": {"a": 1}}) as rd:
+        (rd.path / "table.parquet").write_text("old")
+        rd.write_manifest("complete")
+    with pytest.raises(KeyboardInterrupt), open_run_dir(out, "profile", {"settings": {"a": 2}}, force=True) as rd:
+        (rd.path / "table.parquet").write_text("new, partial")
+        raise KeyboardInterrupt
+    assert (out / ASIDE_NAME / "table.parquet").read_text() == "old"  # not yet deleted: new run unfinished
+    with pytest.raises(OutputError, match=r"a: 2 → 3"):
+        with open_run_dir(out, "profile", {"settings": {"a": 3}}, resume=True):
+            pass
+    with open_run_dir(out, "profile", {"settings": {"a": 2}}, resume=True) as rd:
+        assert rd.previous["status"] == "running"
+        rd.write_manifest("complete")
+    assert not (out / ASIDE_NAME).exists() and (out / "table.parquet").read_text() == "new, partial"

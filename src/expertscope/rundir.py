@@ -14,7 +14,8 @@ Every command that writes into an output directory opens it with :func:`open_run
   nothing stale is reused. They are deleted when the new run finishes, and moved back if the new run fails
   before writing any file of its own.
 - **Nothing half-made.** If a command fails before writing any artifact, the directory is returned to
-  how it was (a directory it created is removed).
+  how it was (a directory it created is removed). Commands that cannot resume (``resumable=False``)
+  also remove what they wrote before failing.
 
 All files inside are written atomically (:mod:`expertscope.io`).
 """
@@ -351,6 +352,11 @@ def open_run_dir(
             rd.write_manifest("running")
         yield rd
     except BaseException:
+        if started and not resumable:
+            # A command that cannot resume keeps nothing of a failed run (only it wrote here: the directory
+            # was empty, or the old run was moved aside).
+            for p in _artifacts(out):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         if started and not rd.previous and not _artifacts(out):
             # The run wrote nothing of its own: put the directory back as it was.
             (out / MANIFEST).unlink(missing_ok=True)
