@@ -423,9 +423,9 @@ def test_forced_resumable_run_keeps_the_old_run_aside_until_the_new_one_finishes
         (rd.path / "table.parquet").write_text("new, partial")
         raise KeyboardInterrupt
     assert (out / ASIDE_NAME / "table.parquet").read_text() == "old"  # not yet deleted: new run unfinished
-    with pytest.raises(OutputError, match=r"a: 2 → 3"):
-        with open_run_dir(out, "profile", {"settings": {"a": 3}}, resume=True):
-            pass
+    with pytest.raises(OutputError, match=r"a: 2 → 3"), open_run_dir(out, "profile", {"settings": {"a": 3}},
+                                                                      resume=True):
+        pass
     with open_run_dir(out, "profile", {"settings": {"a": 2}}, resume=True) as rd:
         assert rd.previous["status"] == "running"
         rd.write_manifest("complete")
