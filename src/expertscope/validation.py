@@ -132,6 +132,31 @@ def check_domain_specs(specs: Any, option: str = "--domain") -> None:
         raise DataError(f"domain name {dup!r} is used twice: give each {option} its own name")
 
 
+def spec_task(spec: str) -> str | None:
+    """The evaluation task a domain spec implies: ``?task=``, else the preset's or synthetic domain's own."""
+    from .data.sources import PRESETS, _synthetic_task, parse_domain_spec
+
+    _, source, fields = parse_domain_spec(spec)
+    if "task" in fields:
+        return fields["task"]
+    if source.startswith("preset:"):
+        preset = PRESETS.get(source.split(":", 1)[1])
+        return preset.task if preset else None
+    if source.startswith("synthetic:"):
+        return _synthetic_task(source.split(":", 1)[1].partition("@")[0])
+    return None
+
+
+def check_stage_inputs(specs: Sequence[str], stages: Sequence[str]) -> None:
+    """What later stages need, checked before the first: two domains for domain experts, a task to steer."""
+    if "domain_experts" in stages and len(specs) < 2:
+        raise DataError(f"domain experts compare domains, but {len(specs)} --domain was given: pass at least two")
+    if "steering" in stages and not any(spec_task(s) for s in specs):
+        raise DataError("the steering stage evaluates a task, but no --domain has one: add ?task=classification|"
+                        "multiple_choice|math to a spec (e.g. -d qa=qa.jsonl?task=multiple_choice), or use "
+                        "preset: or synthetic: sources")
+
+
 def parse_limit(value: str, where: str) -> int:
     """``?limit=N`` of a domain spec as an integer ≥ 1."""
     try:
@@ -165,4 +190,5 @@ def check_type(value: Any, types: type | tuple[type, ...], name: str, expected: 
 
 
 __all__ = ["check_choice", "check_device", "check_domain_specs", "check_finite", "check_open_unit",
-           "check_positive", "check_positive_finite", "check_text", "check_type", "parse_limit"]
+           "check_positive", "check_positive_finite", "check_stage_inputs", "check_text", "check_type",
+           "parse_limit", "spec_task"]
