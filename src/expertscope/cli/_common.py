@@ -31,7 +31,8 @@ def fail(message: str, code: int = 2) -> None:
     from rich.markup import escape
 
     # Escaped: "[layer, expert]" in a message is text, not rich markup.
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    one_line = " ".join(message.split())  # an error is always one line, whatever the message held
+    console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
