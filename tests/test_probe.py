@@ -433,3 +433,21 @@ def test_forced_resumable_run_keeps_the_old_run_aside_until_the_new_one_finishes
         assert rd.previous["status"] == "running"
         rd.write_manifest("complete")
     assert not (out / ASIDE_NAME).exists() and (out / "table.parquet").read_text() == "new, partial"
+
+
+def test_a_force_killed_while_moving_aside_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL between moving the first old file aside and the manifest: the next --force finishes the move, and
+    when that run fails before writing anything, every old file is back."""
+    from expertscope.rundir import ASIDE_NAME, open_run_dir
+
+    out = tmp_path / "r"
+    with open_run_dir(out, "profile", {"settings": {"a": 1}}) as rd:
+        for name in ("one.parquet", "two.parquet"):
+            (rd.path / name).write_text(name)
+        rd.write_manifest("complete")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / ASIDE_NAME).mkdir()
+    os.replace(out / "one.parquet", out / ASIDE_NAME / "one.parquet")  # the killed move
+    with pytest.raises(RuntimeError), open_run_dir(out, "profile", {"settings": {"a": 2}}, force=True):
+        raise RuntimeError("model failed to load")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -210,9 +210,10 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
 
 def _move_aside(out: Path) -> None:
     aside = out / ASIDE_NAME
-    if aside.exists():
-        shutil.rmtree(aside)
-    aside.mkdir()
+    if (aside / MANIFEST).exists():
+        shutil.rmtree(aside)  # a run replaced earlier, whose replacement is now replaced in turn
+    # Without a manifest inside, the aside is a move killed half-way: keep it and finish the move.
+    aside.mkdir(exist_ok=True)
     # The manifest goes last: until then the directory still reads as the old run.
     for p in [*_artifacts(out), out / MANIFEST]:
         if p.exists():
