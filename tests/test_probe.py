@@ -221,6 +221,8 @@ API_CASES: list[tuple[str, Any, type[Exception], str]] = [
     ("domain-experts-str", lambda m, i: es.domain_experts("nope"), TypeError, "not a RoutingProfile"),
     ("evaluate-str", lambda m, i: es.evaluate(m, "classification", "nope"), TypeError, "list of Example"),
     ("steer-targets-str", lambda m, i: es.steer(m, targets="x"), TypeError, "(layer, expert) pairs"),
+    ("study-domains-str", lambda m, i: study.StudyConfig(domains="a=synthetic:math"), TypeError, "wrap it in a list"),
+    ("example-text-int", lambda m, i: es.Example(text=5), TypeError, "not a string"),
     ("steer-targets-short", lambda m, i: es.steer(m, targets=[(1,)]), TypeError, "(layer, expert) pairs"),
 ]
 
@@ -368,24 +370,67 @@ def test_two_writers_in_one_directory(inputs, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
 
 
-def test_report_names_unreadable_optional_tables(inputs, tmp_path: Path) -> None:
+def test_report_names_unreadable_optional_tables(moe, tmp_path: Path) -> None:
     """An unreadable optional table is named on stderr; the report is still written (exit 0)."""
-    import pandas as pd
-
-    from expertscope.io import write_table
+    from expertscope.data.sources import load_domains
+    from expertscope.report.html import load_tables
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps({"kind": "study", "status": "complete"}))
-    de = pd.DataFrame({"domain": ["a"], "layer": [0], "expert": [1], "activation_rate": [0.5], "entropy": [0.1],
-                       "cwas": [0.2], "specificity": [1.0], "is_domain_expert": [True]})
-    write_table(run / "domain_experts.parquet", de, meta={"table": "domain_experts"})
+    prof = es.profile(moe, load_domains(["a=synthetic:math?limit=4", "b=synthetic:emotion?limit=4"]), batch_size=4)
+    es.domain_experts(prof, n_boot=0, n_perm=0).save(run / "domain_experts.parquet")
     (run / "drivers.parquet").write_bytes(b"garbage")
-    from expertscope.report.html import load_tables
-
     problems: dict[str, str] = {}
     tables = load_tables(run, problems)
     assert "drivers" not in tables and "domain_experts" in tables and set(problems) == {"drivers.parquet"}
+    r = runner.invoke(app, ["report", str(run), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    assert "could not read drivers.parquet" in r.output and (tmp_path / "r.html").exists()
+    assert not (run / ".expertscope.lock").exists()
+
+
+def test_truncation_message_states_the_real_cap(inputs, tmp_path: Path) -> None:
+    """--max-length 4096 on a model with a 256-token context: the message says 256, as the profile does."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": " ".join(["word"] * 400)}) + "\n")
+    r = runner.invoke(app, ["profile", "-m", str(inputs["model"]), "-d", f"a={long}", "--max-length", "4096",
+                            "-o", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert "truncated to 256 tokens" in r.output
+    assert es.RoutingProfile.load(tmp_path / "p").config["max_length_used"] == 256
+
+
+def test_unknown_lm_eval_task_is_named_with_close_matches(monkeypatch, tmp_path: Path) -> None:
+    """The task check itself (lm-eval's own index takes ~15 s to build, so a stand-in index is used here)."""
+    import lm_eval.tasks
+
+    from expertscope.errors import ConfigError
+    from expertscope.integrations.lm_eval import task_manager
+
+    class Index:
+        def __init__(self, include_path: str | None = None, include_defaults: bool = True) -> None:
+            self.all_tasks = (["hellaswag", "arc_easy"] if include_defaults else []) + (
+                ["mine"] if include_path else [])
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Index)
+    assert task_manager(["mine"], tmp_path).all_tasks == ["mine"]  # found locally: no full index
+    assert "hellaswag" in task_manager(["mine", "hellaswag"], tmp_path).all_tasks
+    with pytest.raises(ConfigError, match="unknown lm-eval task 'helaswag': did you mean hellaswag"):
+        task_manager(["arc_easy", "helaswag"])
+    with pytest.raises(ConfigError, match="no lm-eval task given"):
+        task_manager([])
+
+
+def test_read_only_output_is_refused_before_anything_runs(inputs, tmp_path: Path, monkeypatch) -> None:
+    """Root ignores file modes, so a read-only directory is stood in for by os.access saying so."""
+    real = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == ro else real(p, mode, *a, **k))
+    r = runner.invoke(app, ["profile", "-m", str(inputs["model"]), "-d", f"a={inputs['good']}",
+                            "-o", str(ro / "out")])
+    assert r.exit_code == 2 and "is not writable" in r.output and list(ro.iterdir()) == []
 
 
 def test_interrupted_synth_keeps_nothing_and_a_forced_one_restores_the_old_data(tmp_path: Path,

@@ -230,12 +230,13 @@ def _restore_aside(out: Path) -> None:
     aside.rmdir()
 
 
-def _lock(out: Path) -> int:
+def _lock(out: Path, option: str | None = "--out") -> int:
     path = out / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise OutputError(f"cannot create {path} ({e.strerror}): choose a writable --out") from None
+        fix = f"choose a writable {option}" if option else "check the directory's permissions"
+        raise OutputError(f"cannot create {path} ({e.strerror}): {fix}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -244,9 +245,10 @@ def _lock(out: Path) -> int:
             holder = ""
             with contextlib.suppress(OSError, ValueError):
                 holder = f" (pid {int(path.read_text().strip())})"
-            raise OutputError(f"another expertscope process{holder} is writing to {out}: wait for it to finish, "
-                              "or choose another --out") from None
-        raise OutputError(f"cannot lock {path} ({e.strerror}): choose another --out") from None
+            other = f", or choose another {option}" if option else ""
+            raise OutputError(f"another expertscope process{holder} is writing to {out}: wait for it to "
+                              f"finish{other}") from None
+        raise OutputError(f"cannot lock {path} ({e.strerror}): check that the file system supports locks") from None
     # The directory may have been removed (by a failed first writer) between open and lock.
     try:
         same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -263,9 +265,9 @@ def _lock(out: Path) -> int:
 class _Lock:
     """The held lock; released by removing the lock file and closing it (while still holding it)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, option: str | None = "--out") -> None:
         self.directory = directory
-        self.fd: int | None = _lock(directory)
+        self.fd: int | None = _lock(directory, option)
 
     def release(self) -> None:
         if self.fd is None:
@@ -307,7 +309,7 @@ def open_run_dir(
     except OSError as e:
         raise OutputError(f"cannot create {out} ({e.strerror}): choose another {option}") from None
     try:
-        lock = _Lock(out)
+        lock = _Lock(out, option)
     except BaseException:
         _remove_created(created)
         raise
@@ -377,16 +379,17 @@ def open_run_dir(
 
 
 @contextlib.contextmanager
-def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create: bool = False) -> Iterator[Path]:
+def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create: bool = False,
+             option: str | None = None) -> Iterator[Path]:
     """Hold the writer lock of a run directory (commands that add to a finished run, or write a model).
 
     ``create=True`` makes the directory if needed, and removes it again if the block fails before writing
-    anything into it.
+    anything into it. ``option`` is the command's option naming the directory (for advice), if it has one.
     """
     path = Path(path)
     created: list[Path] = []
     if create:
-        check_out_dir(path)
+        check_out_dir(path, option or "--out")
         p = path
         while not p.exists():
             created.append(p)
@@ -397,7 +400,7 @@ def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create
     if require_manifest and not (path / MANIFEST).is_file():
         raise OutputError(f"{path} has no {MANIFEST}: pass the output directory of an expertscope run")
     try:
-        lock = _Lock(path)
+        lock = _Lock(path, option)
     except BaseException:
         _remove_created(created)
         raise

@@ -50,7 +50,10 @@ class StudyConfig(BaseConfig):
     trust_remote_code: bool = False
 
     def validate(self) -> None:
-        from .validation import check_finite, check_positive, check_positive_finite
+        from .validation import check_domain_specs, check_finite, check_positive, check_positive_finite
+
+        if isinstance(self.domains, str):
+            check_domain_specs(self.domains)  # refuses one string (it would be split into characters)
 
         for name in ("limit", "causal_limit", "eval_limit", "train_limit"):
             check_positive(getattr(self, name), name, allow_none=True)
