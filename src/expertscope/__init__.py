@@ -9,7 +9,7 @@ from . import data  # noqa: F401  (es.data.sources)
 from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts
 from .config import CausalConfig, DomainExpertConfig, ProfileConfig
 from .data.types import Domain, Example
-from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
+from .errors import ConfigError, DataError, ExpertscopeError, InputTypeError, ModelError, OutputError
 from .evaluation import EvalResult, evaluate
 from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
 from .models.hooks import RouterCall, RouterHooks
@@ -35,6 +35,7 @@ __all__ = [
     "EvalResult",
     "Example",
     "ExpertscopeError",
+    "InputTypeError",
     "MoEModel",
     "ModelError",
     "OutputError",
