@@ -35,24 +35,24 @@ def check_positive(value: Any, name: str, allow_none: bool = False, allow_zero: 
         raise ConfigError(f"{_show(name, value)} is out of range: pass {low} or more{hint}")
 
 
-def check_finite(value: Any, name: str) -> None:
+def check_finite(value: Any, name: str, example: str = "2.0") -> None:
     """A finite real number (not NaN, not ±inf)."""
     if not _is_number(value):
-        raise InputTypeError(f"{_show(name, value)} is not a number: pass a finite number, e.g. 2.0")
+        raise InputTypeError(f"{_show(name, value)} is not a number: pass a finite number, e.g. {example}")
     if not math.isfinite(value):
-        raise ConfigError(f"{_show(name, value)} is not finite: pass a finite number, e.g. 2.0")
+        raise ConfigError(f"{_show(name, value)} is not finite: pass a finite number, e.g. {example}")
 
 
 def check_positive_finite(value: Any, name: str) -> None:
     """A finite number > 0 (steering scales, magnitudes)."""
-    check_finite(value, name)
+    check_finite(value, name, "1.2")
     if value <= 0:
         raise ConfigError(f"{_show(name, value)} is not positive: pass a finite number > 0, e.g. 1.2")
 
 
 def check_open_unit(value: Any, name: str) -> None:
     """A number strictly between 0 and 1 (significance levels)."""
-    check_finite(value, name)
+    check_finite(value, name, "0.05")
     if not 0 < value < 1:
         raise ConfigError(f"{_show(name, value)} is not in (0, 1): pass e.g. 0.05")
 
