@@ -25,7 +25,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_tables(tmp_path: Path) -> N
     tiny_model("mixtral", num_local_experts=4).save_pretrained(model)
     tiny_tokenizer().save_pretrained(model)
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"text": f"text number {i} " * (1 + i % 3)}) for i in range(24)))
+    data.write_text("\n".join(json.dumps({"text": f"text number {i} " * (1 + i % 3)}) for i in range(12)))
     args = ["drivers", "--model", str(model), "-d", f"a={data}", "--batch-size", "1", "--dtype", "float32"]
     killed, full = tmp_path / "killed", tmp_path / "full"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
