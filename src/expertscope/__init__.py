@@ -10,7 +10,7 @@ from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, dri
 from .config import CausalConfig, DomainExpertConfig, DriverConfig, InterventionConfig, ProfileConfig
 from .data.sources import load_domain, load_domains
 from .data.types import Domain, Example
-from .errors import ConfigError, DataError, ExpertscopeError, ModelError, OutputError
+from .errors import ConfigError, DataError, ExpertscopeError, InputTypeError, ModelError, OutputError
 from .evaluation import EvalResult, evaluate
 from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
 from .models.hooks import RouterCall, RouterHooks
@@ -37,6 +37,7 @@ __all__ = [
     "EvalResult",
     "Example",
     "ExpertscopeError",
+    "InputTypeError",
     "InterventionConfig",
     "MoEModel",
     "ModelError",

@@ -152,7 +152,7 @@ class DomainExpertConfig(BaseConfig):
         if self.n_boot < 0 or (self.n_perm != "auto" and int(self.n_perm) < 0):
             raise ConfigError("n_boot and n_perm must be >= 0: pass 0 to skip bootstraps or permutations")
         if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
-            raise ConfigError("alpha and ci must lie in (0, 1): e.g. --alpha 0.05 --ci 0.95")
+            raise ConfigError("alpha and ci must lie in (0, 1): e.g. alpha=0.05, ci=0.95")
         if self.rule == "fdr" and self.n_perm == 0:
             raise ConfigError("rule='fdr' needs permutation p-values: set n_perm > 0 (or 'auto') or use rule='z'")
         _positive("perm_stop", self.perm_stop)

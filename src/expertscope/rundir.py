@@ -3,7 +3,8 @@
 Every command that writes into an output directory opens it with :func:`open_run_dir`:
 
 - **Lock.** An exclusive ``fcntl.flock`` on ``OUT/.expertscope.lock`` for the whole command; a second
-  writer is refused with one line (the kernel drops the lock when a process dies, even on SIGKILL).
+  writer is refused with one line. The file is removed on exit; after a SIGKILL it stays behind but holds
+  no lock (the kernel drops it with the process), so the next command proceeds.
 - **One run per directory.** A directory holding another kind of run, or files that are not a run, is
   refused; a finished or interrupted run of the same kind needs ``--resume`` or ``--force``.
 - **Fingerprint.** The manifest records what decides the results (model id and weights digest, domain
@@ -13,7 +14,8 @@ Every command that writes into an output directory opens it with :func:`open_run
   nothing stale is reused. They are deleted when the new run finishes, and moved back if the new run fails
   before writing any file of its own.
 - **Nothing half-made.** If a command fails before writing any artifact, the directory is returned to
-  how it was (a directory it created is removed).
+  how it was (a directory it created is removed). Commands that cannot resume (``resumable=False``)
+  also remove what they wrote before failing.
 
 All files inside are written atomically (:mod:`expertscope.io`).
 """
@@ -208,9 +210,10 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
 
 def _move_aside(out: Path) -> None:
     aside = out / ASIDE_NAME
-    if aside.exists():
-        shutil.rmtree(aside)
-    aside.mkdir()
+    if (aside / MANIFEST).exists():
+        shutil.rmtree(aside)  # a run replaced earlier, whose replacement is now replaced in turn
+    # Without a manifest inside, the aside is a move killed half-way: keep it and finish the move.
+    aside.mkdir(exist_ok=True)
     # The manifest goes last: until then the directory still reads as the old run.
     for p in [*_artifacts(out), out / MANIFEST]:
         if p.exists():
@@ -227,12 +230,13 @@ def _restore_aside(out: Path) -> None:
     aside.rmdir()
 
 
-def _lock(out: Path) -> int:
+def _lock(out: Path, option: str | None = "--out") -> int:
     path = out / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise OutputError(f"cannot create {path} ({e.strerror}): choose a writable --out") from None
+        fix = f"choose a writable {option}" if option else "check the directory's permissions"
+        raise OutputError(f"cannot create {path} ({e.strerror}): {fix}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -241,9 +245,10 @@ def _lock(out: Path) -> int:
             holder = ""
             with contextlib.suppress(OSError, ValueError):
                 holder = f" (pid {int(path.read_text().strip())})"
-            raise OutputError(f"another expertscope process{holder} is writing to {out}: wait for it to finish, "
-                              "or choose another --out") from None
-        raise OutputError(f"cannot lock {path} ({e.strerror}): choose another --out") from None
+            other = f", or choose another {option}" if option else ""
+            raise OutputError(f"another expertscope process{holder} is writing to {out}: wait for it to "
+                              f"finish{other}") from None
+        raise OutputError(f"cannot lock {path} ({e.strerror}): check that the file system supports locks") from None
     # The directory may have been removed (by a failed first writer) between open and lock.
     try:
         same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -255,6 +260,22 @@ def _lock(out: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+class _Lock:
+    """The held lock; released by removing the lock file and closing it (while still holding it)."""
+
+    def __init__(self, directory: Path, option: str | None = "--out") -> None:
+        self.directory = directory
+        self.fd: int | None = _lock(directory, option)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.directory / LOCK_NAME).unlink()
+        os.close(self.fd)
+        self.fd = None
 
 
 @contextlib.contextmanager
@@ -288,7 +309,7 @@ def open_run_dir(
     except OSError as e:
         raise OutputError(f"cannot create {out} ({e.strerror}): choose another {option}") from None
     try:
-        fd = _lock(out)
+        lock = _Lock(out, option)
     except BaseException:
         _remove_created(created)
         raise
@@ -334,36 +355,41 @@ def open_run_dir(
             rd.write_manifest("running")
         yield rd
     except BaseException:
+        if started and not resumable:
+            # A command that cannot resume keeps nothing of a failed run (only it wrote here: the directory
+            # was empty, or the old run was moved aside).
+            for p in _artifacts(out):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         if started and not rd.previous and not _artifacts(out):
             # The run wrote nothing of its own: put the directory back as it was.
             (out / MANIFEST).unlink(missing_ok=True)
             if (out / ASIDE_NAME).exists():
                 _restore_aside(out)
-            elif created:
-                (out / LOCK_NAME).unlink(missing_ok=True)
-                _remove_created(created)
-        elif not started and created:
-            (out / LOCK_NAME).unlink(missing_ok=True)
+            lock.release()
+            _remove_created(created)
+        elif not started:
+            lock.release()
             _remove_created(created)
         raise
     else:
         if (out / ASIDE_NAME).exists():
             shutil.rmtree(out / ASIDE_NAME, ignore_errors=True)
     finally:
-        os.close(fd)
+        lock.release()
 
 
 @contextlib.contextmanager
-def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create: bool = False) -> Iterator[Path]:
+def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create: bool = False,
+             option: str | None = None) -> Iterator[Path]:
     """Hold the writer lock of a run directory (commands that add to a finished run, or write a model).
 
     ``create=True`` makes the directory if needed, and removes it again if the block fails before writing
-    anything into it.
+    anything into it. ``option`` is the command's option naming the directory (for advice), if it has one.
     """
     path = Path(path)
     created: list[Path] = []
     if create:
-        check_out_dir(path)
+        check_out_dir(path, option or "--out")
         p = path
         while not p.exists():
             created.append(p)
@@ -374,7 +400,7 @@ def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create
     if require_manifest and not (path / MANIFEST).is_file():
         raise OutputError(f"{path} has no {MANIFEST}: pass the output directory of an expertscope run")
     try:
-        fd = _lock(path)
+        lock = _Lock(path, option)
     except BaseException:
         _remove_created(created)
         raise
@@ -382,11 +408,11 @@ def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create
         yield path
     except BaseException:
         if created and not _artifacts(path) and not (path / MANIFEST).exists():
-            (path / LOCK_NAME).unlink(missing_ok=True)
+            lock.release()
             _remove_created(created)
         raise
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def _remove_created(created: list[Path]) -> None:

@@ -50,7 +50,10 @@ class StudyConfig(BaseConfig):
     trust_remote_code: bool = False
 
     def validate(self) -> None:
-        from .validation import check_finite, check_positive, check_positive_finite
+        from .validation import check_domain_specs, check_finite, check_positive, check_positive_finite
+
+        if isinstance(self.domains, str):
+            check_domain_specs(self.domains)  # refuses one string (it would be split into characters)
 
         for name in ("limit", "causal_limit", "eval_limit", "train_limit"):
             check_positive(getattr(self, name), name, allow_none=True)
@@ -63,14 +66,16 @@ class StudyConfig(BaseConfig):
         check_positive_finite(self.scale_up, "scale_up")
         check_positive_finite(self.scale_down, "scale_down")
 
-    def check_inputs(self) -> None:
-        """Check what can be checked before any expensive stage: device, model location, domain specs."""
+    def check_inputs(self, stages: Sequence[str] | None = None) -> None:
+        """Check what can be checked before any expensive stage: device, model location, domain specs, and
+        what the chosen ``stages`` (default: all) need of the domains."""
         from .models.loading import resolve_source
-        from .validation import check_device, check_domain_specs
+        from .validation import check_device, check_domain_specs, check_stage_inputs
 
         check_device(self.device)
         resolve_source(self.model)
         check_domain_specs(self.domain_specs)
+        check_stage_inputs(self.domain_specs, stages if stages is not None else [n for n, _ in STAGES])
 
     @property
     def domain_specs(self) -> tuple[str, ...]:
@@ -285,7 +290,7 @@ def run_study(
     unknown = sorted(set(stages or ()) - {n for n, _ in STAGES})
     if unknown:
         raise ConfigError(f"unknown stage {unknown[0]!r}: choose from {', '.join(n for n, _ in STAGES)}")
-    config.check_inputs()
+    config.check_inputs([n for n, _ in chosen])
     fingerprint = study_fingerprint(config)
     with open_run_dir(out, kind, fingerprint, config.to_dict(), resume=resume, force=force) as rd:
         return _run_stages(rd, config, chosen, on_stage)

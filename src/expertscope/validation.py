@@ -35,24 +35,24 @@ def check_positive(value: Any, name: str, allow_none: bool = False, allow_zero: 
         raise ConfigError(f"{_show(name, value)} is out of range: pass {low} or more{hint}")
 
 
-def check_finite(value: Any, name: str) -> None:
+def check_finite(value: Any, name: str, example: str = "2.0") -> None:
     """A finite real number (not NaN, not ±inf)."""
     if not _is_number(value):
-        raise InputTypeError(f"{_show(name, value)} is not a number: pass a finite number, e.g. 2.0")
+        raise InputTypeError(f"{_show(name, value)} is not a number: pass a finite number, e.g. {example}")
     if not math.isfinite(value):
-        raise ConfigError(f"{_show(name, value)} is not finite: pass a finite number, e.g. 2.0")
+        raise ConfigError(f"{_show(name, value)} is not finite: pass a finite number, e.g. {example}")
 
 
 def check_positive_finite(value: Any, name: str) -> None:
     """A finite number > 0 (steering scales, magnitudes)."""
-    check_finite(value, name)
+    check_finite(value, name, "1.2")
     if value <= 0:
         raise ConfigError(f"{_show(name, value)} is not positive: pass a finite number > 0, e.g. 1.2")
 
 
 def check_open_unit(value: Any, name: str) -> None:
     """A number strictly between 0 and 1 (significance levels)."""
-    check_finite(value, name)
+    check_finite(value, name, "0.05")
     if not 0 < value < 1:
         raise ConfigError(f"{_show(name, value)} is not in (0, 1): pass e.g. 0.05")
 
@@ -132,6 +132,31 @@ def check_domain_specs(specs: Any, option: str = "--domain") -> None:
         raise DataError(f"domain name {dup!r} is used twice: give each {option} its own name")
 
 
+def spec_task(spec: str) -> str | None:
+    """The evaluation task a domain spec implies: ``?task=``, else the preset's or synthetic domain's own."""
+    from .data.sources import PRESETS, _synthetic_task, parse_domain_spec
+
+    _, source, fields = parse_domain_spec(spec)
+    if "task" in fields:
+        return fields["task"]
+    if source.startswith("preset:"):
+        preset = PRESETS.get(source.split(":", 1)[1])
+        return preset.task if preset else None
+    if source.startswith("synthetic:"):
+        return _synthetic_task(source.split(":", 1)[1].partition("@")[0])
+    return None
+
+
+def check_stage_inputs(specs: Sequence[str], stages: Sequence[str]) -> None:
+    """What later stages need, checked before the first: two domains for domain experts, a task to steer."""
+    if "domain_experts" in stages and len(specs) < 2:
+        raise DataError(f"domain experts compare domains, but {len(specs)} --domain was given: pass at least two")
+    if "steering" in stages and not any(spec_task(s) for s in specs):
+        raise DataError("the steering stage evaluates a task, but no --domain has one: add ?task=classification|"
+                        "multiple_choice|math to a spec (e.g. -d qa=qa.jsonl?task=multiple_choice), or use "
+                        "preset: or synthetic: sources")
+
+
 def parse_limit(value: str, where: str) -> int:
     """``?limit=N`` of a domain spec as an integer ≥ 1."""
     try:
@@ -156,5 +181,14 @@ def _preview(value: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+
+
+def check_type(value: Any, types: type | tuple[type, ...], name: str, expected: str) -> None:
+    """``value`` is an instance of ``types``; else :class:`InputTypeError` naming what was expected."""
+    if not isinstance(value, types):
+        raise InputTypeError(f"{name} is a {type(value).__name__}, not {expected}")
+
+
 __all__ = ["check_choice", "check_device", "check_domain_specs", "check_finite", "check_open_unit",
-           "check_positive", "check_positive_finite", "check_text", "parse_limit"]
+           "check_positive", "check_positive_finite", "check_stage_inputs", "check_text", "check_type",
+           "parse_limit", "spec_task"]

@@ -28,12 +28,23 @@ T = TypeVar("T")
 
 def fail(message: str, code: int = 2) -> None:
     """Print one error line and exit with ``code``."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: "[layer, expert]" in a message is text, not rich markup.
+    one_line = " ".join(message.split())  # an error is always one line, whatever the message held
+    console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
 def handle_errors(fn: F) -> F:
     """Turn :class:`ExpertscopeError` (and missing files) into one line on stderr and exit code 2."""
+
+    import inspect
+
+    # Only commands that have --resume may advise it.
+    resumable = "resume" in inspect.signature(fn).parameters
+    interrupted = ("interrupted: rerun with --resume to continue where it stopped" if resumable
+                   else "interrupted: nothing was kept; run the command again")  # open_run_dir removed it
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,7 +58,7 @@ def handle_errors(fn: F) -> F:
             where = f" {e.filename}" if e.filename else ""
             fail(f"cannot access{where} ({e.strerror or e}): check the path, free disk space or choose another --out")
         except KeyboardInterrupt:
-            fail("interrupted: rerun with --resume to continue where it stopped", 130)
+            fail(interrupted, 130)
 
     return wrapper  # type: ignore[return-value]
 

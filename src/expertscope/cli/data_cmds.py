@@ -89,7 +89,7 @@ def demo_train(
     check_positive_finite(scale, "--scale")
     check_positive(threads, "--threads")
     check_out_dir(out)
-    with lock_dir(out, require_manifest=False, create=True):
+    with lock_dir(out, require_manifest=False, create=True, option="--out"):
         _demo_train(out, seed, scale, threads, evaluate, from_phase1)
 
 

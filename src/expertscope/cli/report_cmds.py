@@ -32,6 +32,8 @@ def report_cmd(
 
       expertscope report runs/study -o /tmp/study-report.html
     """
+    from rich.markup import escape
+
     from ..report.html import report
     from ..rundir import check_out_file, lock_dir
 
@@ -41,7 +43,7 @@ def report_cmd(
     with lock_dir(run_dir):  # the figures are rewritten inside RUN_DIR
         path = report(run_dir, out=out, problems=problems)
     for name, reason in problems.items():
-        console.print(f"[yellow]warning:[/] could not read {name} ({reason}); left out of the report",
+        console.print(f"[yellow]warning:[/] could not read {escape(name)} ({escape(reason)}); left out of the report",
                       highlight=False, soft_wrap=True)
     out_console.print(f"wrote {path}")
 

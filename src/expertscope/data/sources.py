@@ -162,6 +162,12 @@ def _load_hub(hub_id: str, config: str | None, split: str) -> list[dict[str, Any
         import datasets
     except ImportError:
         raise DataError("loading hub datasets needs the `datasets` package: pip install 'expertscope[hub]'") from None
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("huggingface_hub", "datasets")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)  # one error line, not one warning per retry
     try:
         ds = datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:  # datasets raises many types for offline / unknown ids
@@ -169,6 +175,9 @@ def _load_hub(hub_id: str, config: str | None, split: str) -> list[dict[str, Any
             f"cannot load dataset {hub_id!r} ({type(e).__name__}: offline, or no such dataset/split): "
             "download it and pass a local file as NAME=path.jsonl"
         ) from None
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
     return [dict(r) for r in ds]
 
 

@@ -31,6 +31,13 @@ class Example:
     id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            from ..errors import InputTypeError
+
+            raise InputTypeError(f"Example text is a {type(self.text).__name__}, not a string: pass text=str(...) "
+                                 "only if that is really the text")
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the empty fields left out."""
         out: dict[str, Any] = {"text": self.text}

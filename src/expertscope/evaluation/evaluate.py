@@ -246,6 +246,13 @@ def evaluate(
         raise ConfigError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more")
     if isinstance(examples, Domain):
         examples = examples.examples
+    if isinstance(examples, str | bytes | dict) or not all(isinstance(e, Example) for e in examples):
+        from ..errors import InputTypeError
+
+        bad = examples if isinstance(examples, str | bytes | dict) else next(
+            e for e in examples if not isinstance(e, Example))
+        raise InputTypeError(f"examples holds a {type(bad).__name__}: expected a Domain or a list of Example "
+                             "(es.Example(text=..., label=...))")
     hf, tokenizer = _resolve(model, tokenizer)
     exs = validate_examples(task, examples, labels)
     label_set = tuple(labels) if labels is not None else prompts.LABELS

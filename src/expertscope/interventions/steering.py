@@ -37,7 +37,7 @@ class SteeringSpec(BaseConfig):
     def validate(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ConfigError(f"scale must be a positive number, got {self.scale}: e.g. 1.2 to up-weight, 0.8 down")
-        object.__setattr__(self, "targets", tuple(sorted({(int(a), int(b)) for a, b in self.targets})))
+        object.__setattr__(self, "targets", tuple(sorted(set(_pairs(self.targets)))))
 
     def to_json(self) -> str:
         return json.dumps({"targets": [list(t) for t in self.targets], "scale": self.scale, "mode": self.mode})
@@ -101,7 +101,22 @@ def targets_from(source: Any, domain: str | None = None) -> list[Target]:
             flag = "is_domain_expert"
         rows = rows[rows[flag].astype(bool)]
         return [(int(r.layer), int(r.expert)) for r in rows.itertuples()]
-    return [(int(a), int(b)) for a, b in source]
+    return _pairs(source)
+
+
+def _pairs(items: Any) -> list[Target]:
+    """``[(layer, expert), ...]`` as int pairs; anything else raises :class:`InputTypeError` naming the shape."""
+    from ..errors import InputTypeError
+
+    def ok(t: Any) -> bool:
+        return (isinstance(t, tuple | list) and len(t) == 2
+                and all(hasattr(x, "__index__") and not isinstance(x, bool) for x in t))
+
+    items = list(items) if hasattr(items, "__iter__") and not isinstance(items, str | bytes | dict) else items
+    if not isinstance(items, list) or not all(ok(t) for t in items):
+        raise InputTypeError(f"targets must be (layer, expert) pairs of integers, got {str(items)[:40]}: e.g. "
+                             "targets=((0, 3), (1, 5)), or a domain-expert / driver table")
+    return [(int(a), int(b)) for a, b in items]
 
 
 @dataclass

@@ -222,6 +222,9 @@ def domain_experts(
     is_driver``) removes drivers from the general set. A profile of one domain gives A/H/CWAS/gate only
     (specificity and lift need two domains), with a note in ``settings["note"]``.
     """
+    from ..validation import check_type
+
+    check_type(profile, RoutingProfile, "profile", "a RoutingProfile (es.profile(...) or RoutingProfile.load(dir))")
     cfg = resolve_config(DomainExpertConfig, config, overrides)
     D = len(profile.domains)
     if D < 1:

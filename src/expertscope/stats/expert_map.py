@@ -271,6 +271,11 @@ def expert_map(
     """
     if representation not in REPRESENTATIONS:
         raise ConfigError(f"representation={representation!r} is not valid: use one of {REPRESENTATIONS}")
+    if profile is not None:
+        from ..validation import check_type
+        from .profile import RoutingProfile
+
+        check_type(profile, RoutingProfile, "profile", "a RoutingProfile (es.profile(...) or RoutingProfile.load)")
     if scope not in ("all", "layer"):
         raise ConfigError(f"scope={scope!r} is not valid: use 'all' or 'layer'")
     if k < 1:

@@ -460,6 +460,9 @@ def profile(
     runs after every batch (checkpointing, progress). ``executor`` (see :mod:`expertscope.executors`)
     runs the batches elsewhere, e.g. on Ray actors; results are identical to the in-process run.
     """
+    from ..validation import check_type
+
+    check_type(model, MoEModel, "model", "an MoEModel (es.load_model(...))")
     cfg = resolve_config(ProfileConfig, config, overrides)
     texts_by_domain = domain_texts(domains, cfg.limit)
     max_len = effective_max_length(model, cfg.max_length)

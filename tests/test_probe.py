@@ -1,0 +1,498 @@
+"""The misuse probe: bad input through the CLI and the API must fail with one line, exit code 2, nothing
+half-written and nothing outside --out; and the data-loss cases (a forced run over a finished one, lm-eval
+over earlier results, two writers in one directory, resume with other settings) must be impossible."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import expertscope as es
+from expertscope import study
+from expertscope.cli.main import app
+from expertscope.errors import ExpertscopeError, InputTypeError, OutputError
+from expertscope.testing import tiny_model, tiny_tokenizer
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model, broken copies of it, and data files good and bad (outside every test's work dir)."""
+    d = tmp_path_factory.mktemp("probe-inputs")
+    model = d / "model"
+    tiny_model("mixtral", num_local_experts=4).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    weights = next(model.glob("*.safetensors")).read_bytes()
+
+    def copy_model(name: str, weights_bytes: bytes | None, tokenizer: bool = True) -> Path:
+        m = d / name
+        m.mkdir()
+        for f in model.iterdir():
+            if f.suffix == ".safetensors":
+                (m / f.name).write_bytes(weights_bytes if weights_bytes is not None else f.read_bytes())
+            elif tokenizer or not f.name.startswith(("tokenizer", "special_tokens")):
+                (m / f.name).write_bytes(f.read_bytes())
+        return m
+
+    files = {
+        "model": model,
+        "truncated": copy_model("truncated", weights[: len(weights) // 2]),
+        "garbage": copy_model("garbage", b"not a safetensors file at all" * 4),
+        "no_tokenizer": copy_model("no_tokenizer", None, tokenizer=False),
+    }
+    texts = [{"text": f"sentence number {i} about things"} for i in range(6)]
+    files["good"] = d / "good.jsonl"
+    files["good"].write_text("\n".join(json.dumps(r) for r in texts) + "\n")
+    files["bom"] = d / "bom.jsonl"
+    files["bom"].write_bytes(b"\xef\xbb\xbf" + files["good"].read_bytes())
+    for name, row in (("row_int", 42), ("row_str", "s"), ("row_list", [1, 2])):
+        files[name] = d / f"{name}.jsonl"
+        files[name].write_text(json.dumps(texts[0]) + "\n" + json.dumps(row) + "\n")
+    files["text_dict"] = d / "text_dict.jsonl"
+    files["text_dict"].write_text(json.dumps({"text": {"a": 1}}) + "\n")
+    files["text_num"] = d / "text_num.jsonl"
+    files["text_num"].write_text(json.dumps({"text": 3.5}) + "\n")
+    files["latin1"] = d / "latin1.jsonl"
+    files["latin1"].write_bytes(json.dumps({"text": "café"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    files["utf16"] = d / "utf16.jsonl"
+    files["utf16"].write_bytes(json.dumps({"text": "hello"}).encode("utf-16"))
+    files["json_str"] = d / "str.json"
+    files["json_str"].write_text(json.dumps("just a string"))
+    files["badjson"] = d / "bad.jsonl"
+    files["badjson"].write_text('{"text": "a"\n')
+    files["eval_rows"] = d / "eval_rows.jsonl"
+    files["eval_rows"].write_text(json.dumps({"text": "q", "label": "joy"}) + "\n42\n")
+    files["afile"] = d / "a-file"
+    files["afile"].write_text("x")
+    for name, obj in (("steer_list", [[0, 1]]), ("steer_shape", {"targets": [[1]], "scale": 1.2}),
+                      ("steer_scale", {"targets": [[0, 1]], "scale": "big"}),
+                      ("steer_key", {"targets": [[0, 1]], "scales": 2})):
+        files[name] = d / f"{name}.json"
+        files[name].write_text(json.dumps(obj))
+    files["steer_bad"] = d / "steer_bad.json"
+    files["steer_bad"].write_text("{targets: [[0, 1]]")
+    files["bad_table_run"] = d / "bad_table_run"
+    files["bad_table_run"].mkdir()
+    (files["bad_table_run"] / "manifest.json").write_text(json.dumps({"kind": "study", "status": "complete"}))
+    (files["bad_table_run"] / "domain_experts.parquet").write_bytes(b"PAR1 truncated")
+    return files
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
+
+
+def _profile(*extra: str) -> list[str]:
+    return ["profile", "--model", "{model}", "-d", "a={good}", "-d", "b=synthetic:math", *extra]
+
+
+M, G = "{model}", "{good}"
+# (id, argv with {placeholders} for inputs and {out} for the output directory, text the one line must contain)
+CLI_CASES: list[tuple[str, list[str], str]] = [
+    ("limit-0", _profile("--limit", "0", "-o", "{out}"), "--limit 0 is out of range"),
+    ("limit-negative", _profile("--limit", "-2", "-o", "{out}"), "--limit -2 is out of range"),
+    ("batch-0", _profile("--batch-size", "0", "-o", "{out}"), "--batch-size 0"),
+    ("max-length-0", _profile("--max-length", "0", "-o", "{out}"), "--max-length 0"),
+    ("device-potato", _profile("--device", "potato", "-o", "{out}"), "unknown device 'potato'"),
+    ("device-cuda7", _profile("--device", "cuda:7", "-o", "{out}"), "cuda:7"),
+    ("out-is-file", _profile("-o", "{afile}"), "is a file"),
+    ("out-under-file", _profile("-o", "{afile}/sub"), "is a file"),
+    ("query-limit-abc", ["profile", "-m", M, "-d", "a={good}?limit=abc", "-o", "{out}"], "not a whole number"),
+    ("query-limit-0", ["profile", "-m", M, "-d", "a={good}?limit=0", "-o", "{out}"], "out of range"),
+    ("query-task", ["profile", "-m", M, "-d", "a={good}?task=poetry", "-o", "{out}"], "unknown task 'poetry'"),
+    ("row-int", ["profile", "-m", M, "-d", "a={row_int}", "-o", "{out}"], "not an object"),
+    ("row-str", ["profile", "-m", M, "-d", "a={row_str}", "-o", "{out}"], "not an object"),
+    ("row-list", ["profile", "-m", M, "-d", "a={row_list}", "-o", "{out}"], "not an object"),
+    ("text-dict", ["profile", "-m", M, "-d", "a={text_dict}", "-o", "{out}"], "is a dict"),
+    ("text-number", ["profile", "-m", M, "-d", "a={text_num}", "-o", "{out}"], "is a float"),
+    ("latin1", ["profile", "-m", M, "-d", "a={latin1}", "-o", "{out}"], "save it as UTF-8"),
+    ("utf16", ["profile", "-m", M, "-d", "a={utf16}", "-o", "{out}"], "UTF-16"),
+    ("json-string", ["profile", "-m", M, "-d", "a={json_str}", "-o", "{out}"], "holds a JSON str"),
+    ("bad-jsonl", ["profile", "-m", M, "-d", "a={badjson}", "-o", "{out}"], "not valid JSON"),
+    ("domain-dir", ["profile", "-m", M, "-d", "a={bad_table_run}", "-o", "{out}"], "is a directory"),
+    ("synthetic-poetry", ["profile", "-m", M, "-d", "a=synthetic:poetry", "-o", "{out}"], "synthetic domain"),
+    ("dup-domain", ["profile", "-m", M, "-d", "a={good}", "-d", "a=synthetic:math", "-o", "{out}"], "used twice"),
+    ("truncated-weights", _profile("-o", "{out}", "--model", "{truncated}"), "corrupt or truncated"),
+    ("garbage-weights", _profile("-o", "{out}", "--model", "{garbage}"), "corrupt or truncated"),
+    ("no-tokenizer", _profile("-o", "{out}", "--model", "{no_tokenizer}"), "tokenizer.save_pretrained(dir))"),
+    ("offline-hub", _profile("-o", "{out}", "--model", "someorg/some-moe"), "cannot fetch"),
+    ("drivers-z-nan", ["drivers", "-m", M, "-d", "a={good}", "--z", "nan", "-o", "{out}"], "--z nan is not finite"),
+    ("drivers-z-inf", ["drivers", "-m", M, "-d", "a={good}", "--z", "inf", "-o", "{out}"], "not finite"),
+    ("drivers-magnitude-nan", ["drivers", "-m", M, "-d", "a={good}", "--magnitude", "nan", "-o", "{out}"],
+     "--magnitude nan"),
+    ("drivers-limit-0", ["drivers", "-m", M, "-d", "a={good}", "--limit", "0", "-o", "{out}"], "--limit 0"),
+    ("drivers-layers", ["drivers", "-m", M, "-d", "a={good}", "--layers", "x", "-o", "{out}"], "--layers"),
+    ("run-limit-0", ["run", "-m", M, "--limit", "0", "-o", "{out}"], "--limit 0"),
+    ("run-causal-limit", ["run", "-m", M, "--causal-limit", "-3", "-o", "{out}"], "--causal-limit -3"),
+    ("run-z-nan", ["run", "-m", M, "--z", "nan", "-o", "{out}"], "--z nan"),
+    ("run-device", ["run", "-m", M, "--device", "potato", "-o", "{out}"], "unknown device"),
+    ("run-missing-domain-file", ["run", "-m", M, "-d", "a=/no/such.jsonl", "-o", "{out}"], "not found"),
+    ("run-one-domain", ["run", "-m", M, "-d", "a=synthetic:math", "-o", "{out}"], "pass at least two"),
+    ("run-no-task", ["run", "-m", M, "-d", "a={good}", "-d", "b={good}", "-o", "{out}"], "?task="),
+    ("steer-no-task", ["steer-study", "-m", M, "-d", "a={good}", "-d", "b={good}", "-o", "{out}"], "?task="),
+    ("run-model-missing", ["run", "-m", "./no-such-model", "-o", "{out}"], "does not exist"),
+    ("steer-up-nan", ["steer-study", "-m", M, "--scale-up", "nan", "-o", "{out}"], "--scale-up nan"),
+    ("steer-down-inf", ["steer-study", "-m", M, "--scale-down", "inf", "-o", "{out}"], "--scale-down inf"),
+    ("steer-up-negative", ["steer-study", "-m", M, "--scale-up", "-1", "-o", "{out}"], "not positive"),
+    ("domains-alpha", ["domains", "{bad_table_run}", "--alpha", "1.5"], "--alpha 1.5 is not in (0, 1)"),
+    ("domains-z-nan", ["domains", "{bad_table_run}", "--z", "nan"], "--z nan"),
+    ("eval-row-int", ["eval", "--model", M, "--data", "{eval_rows}", "--out", "{out}"],
+     "not an object"),
+    ("eval-latin1", ["eval", "--model", M, "--data", "{latin1}", "--out", "{out}"], "UTF-8"),
+    ("eval-limit-0", ["eval", "--model", M, "--limit", "0", "--out", "{out}"], "--limit 0"),
+    ("eval-device", ["eval", "--model", M, "--device", "potato", "--out", "{out}"], "unknown device"),
+    ("lm-eval-steer-json", ["lm-eval", "-m", M, "--steer", "{steer_bad}", "-o", "{out}"], "not valid JSON"),
+    ("lm-eval-steer-list", ["lm-eval", "-m", M, "--steer", "{steer_list}", "-o", "{out}"], "holds a JSON list"),
+    ("lm-eval-steer-shape", ["lm-eval", "-m", M, "--steer", "{steer_shape}", "-o", "{out}"], "[layer, expert]"),
+    ("lm-eval-steer-scale", ["lm-eval", "-m", M, "--steer", "{steer_scale}", "-o", "{out}"], "not a number"),
+    ("lm-eval-steer-key", ["lm-eval", "-m", M, "--steer", "{steer_key}", "-o", "{out}"], "unknown key 'scales'"),
+    ("lm-eval-limit-0", ["lm-eval", "-m", M, "--limit", "0", "-o", "{out}"], "--limit 0"),
+    ("report-out-dir", ["report", "{bad_table_run}", "-o", "{inputs}"], "is a directory"),
+    ("report-no-manifest", ["report", "{inputs}"], "no manifest.json"),
+    ("report-bad-table", ["report", "{bad_table_run}"], "domain_experts.parquet cannot be read"),
+    ("synth-domain", ["data", "synth", "--out", "{out}", "--domains", "poetry"], "unknown domain"),
+    ("demo-scale-nan", ["demo", "train", "--out", "{out}", "--scale", "nan"], "--scale nan"),
+    ("demo-threads-0", ["demo", "train", "--out", "{out}", "--threads", "0"], "--threads 0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [(a, n) for _, a, n in CLI_CASES], ids=[i for i, _, _ in CLI_CASES])
+def test_cli_misuse_is_one_line_exit_2_and_writes_nothing(argv: list[str], needle: str, inputs: dict[str, Path],
+                                                         tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    fill = {k: str(v) for k, v in inputs.items()} | {"out": str(out), "inputs": str(inputs["model"].parent)}
+    args = [a.format(**fill) for a in argv]
+    before_inputs, before_work = _tree(inputs["model"].parent), _tree(tmp_path)
+    r = runner.invoke(app, args)
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+    assert len(lines) == 1, r.output
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert not out.exists()  # no directory, no manifest
+    assert _tree(tmp_path) == before_work  # nothing written beside --out (the working directory)
+    assert _tree(inputs["model"].parent) == before_inputs  # nor into the inputs
+
+
+def test_bom_data_is_accepted(inputs: dict[str, Path]) -> None:
+    good = es.data.sources.load_domain(f"a={inputs['good']}")
+    bom = es.data.sources.load_domain(f"a={inputs['bom']}")
+    assert [e.text for e in bom] == [e.text for e in good] and len(good) == 6
+
+
+@pytest.fixture(scope="module")
+def moe(inputs):
+    return es.load_model(str(inputs["model"]))
+
+
+API_CASES: list[tuple[str, Any, type[Exception], str]] = [
+    ("profile-str", lambda m, i: es.profile(m, "not a list"), TypeError, "expected a Domain"),
+    ("profile-dict-str", lambda m, i: es.profile(m, {"a": "text"}), TypeError, "not a list of texts"),
+    ("profile-dict-ints", lambda m, i: es.profile(m, {"a": [1, 2]}), ValueError, "is a int"),
+    ("profile-list-ints", lambda m, i: es.profile(m, [1, 2]), TypeError, "holds a int"),
+    ("profile-batch-0", lambda m, i: es.profile(m, {"a": ["x y"]}, batch_size=0), ValueError, "batch_size"),
+    ("load-domains-str", lambda m, i: es.data.sources.load_domains(f"a={i['good']}"), TypeError, "wrap it in a list"),
+    ("load-domain-limit-0", lambda m, i: es.data.sources.load_domain(f"a={i['good']}", limit=0), ValueError,
+     "limit=0"),
+    ("load-domain-limit-neg", lambda m, i: es.data.sources.load_domain(f"a={i['good']}", limit=-1), ValueError,
+     "limit=-1"),
+    ("example-dict-text", lambda m, i: es.Example.from_dict({"text": {"a": 1}}), ValueError, "not text"),
+    ("example-row-list", lambda m, i: es.Example.from_dict([1, 2]), ValueError, "not an object"),
+    ("steering-json", lambda m, i: es.SteeringSpec.from_json('{"targets": 3}'), ValueError, "[layer, expert]"),
+    ("steering-scale-nan", lambda m, i: es.SteeringSpec(targets=((0, 1),), scale=math.nan), ValueError, "scale"),
+    ("study-z-inf", lambda m, i: study.StudyConfig(z=math.inf), ValueError, "z=inf is not finite"),
+    ("study-scale-0", lambda m, i: study.StudyConfig(scale_up=0.0), ValueError, "scale_up=0.0"),
+    ("study-limit-0", lambda m, i: study.StudyConfig(limit=0), ValueError, "limit=0"),
+    ("device", lambda m, i: es.load_model(str(i["model"]), device="potato"), ValueError, "unknown device"),
+    ("corrupt-weights", lambda m, i: es.load_model(str(i["truncated"])), ValueError, "corrupt or truncated"),
+    ("profile-model-str", lambda m, i: es.profile("nope", {"a": ["x"]}), TypeError, "not an MoEModel"),
+    ("domain-experts-str", lambda m, i: es.domain_experts("nope"), TypeError, "not a RoutingProfile"),
+    ("evaluate-str", lambda m, i: es.evaluate(m, "classification", "nope"), TypeError, "list of Example"),
+    ("steer-targets-str", lambda m, i: es.steer(m, targets="x"), TypeError, "(layer, expert) pairs"),
+    ("study-domains-str", lambda m, i: study.StudyConfig(domains="a=synthetic:math"), TypeError, "wrap it in a list"),
+    ("example-text-int", lambda m, i: es.Example(text=5), TypeError, "not a string"),
+    ("steer-targets-short", lambda m, i: es.steer(m, targets=[(1,)]), TypeError, "(layer, expert) pairs"),
+]
+
+
+@pytest.mark.parametrize(("call", "exc", "needle"), [(c, e, n) for _, c, e, n in API_CASES],
+                         ids=[i for i, _, _, _ in API_CASES])
+def test_api_misuse_raises_a_typed_one_line_error(call, exc, needle, moe, inputs) -> None:
+    with pytest.raises(exc) as info:
+        call(moe, inputs)
+    assert isinstance(info.value, ExpertscopeError), repr(info.value)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_input_type_error_is_a_type_error() -> None:
+    assert issubclass(InputTypeError, TypeError) and issubclass(InputTypeError, ExpertscopeError)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from expertscope.io import write_json
+
+    def full(*a: Any, **k: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OutputError, match=r"No space left on device.*free some disk space"):
+        write_json(tmp_path / "x.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----- data-loss cases ------------------------------------------------------------------------------------
+def _run_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["run", "--model", str(inputs["model"]), "--out", str(out), "--limit", "4", "--batch-size", "4",
+            "-d", f"a={inputs['good']}", "-d", "b=synthetic:math", *extra]
+
+
+@pytest.fixture
+def profile_only(monkeypatch) -> None:
+    """`run` with only its profile stage, so a finished run takes a second."""
+    monkeypatch.setattr(study, "STAGES", [study.STAGES[0]])
+
+
+def test_forced_run_that_fails_keeps_the_finished_run(inputs, tmp_path: Path, profile_only) -> None:
+    out = tmp_path / "run"
+    assert runner.invoke(app, _run_args(inputs, out)).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    r = runner.invoke(app, _run_args(inputs, out, "--force", "-m", "other"))
+    assert r.exit_code == 2 and "cannot fetch" in r.output
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # the finished run's manifest and profile are back, byte for byte
+    assert json.loads(after["manifest.json"])["status"] == "complete"
+
+
+def test_forced_run_reuses_nothing_stale(inputs, tmp_path: Path, profile_only) -> None:
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert runner.invoke(app, _run_args(inputs, out)).exit_code == 0
+    assert runner.invoke(app, _run_args(inputs, out, "--force", "--limit", "6")).exit_code == 0
+    assert runner.invoke(app, _run_args(inputs, fresh, "--limit", "6")).exit_code == 0
+    forced, ref = es.RoutingProfile.load(out), es.RoutingProfile.load(fresh)
+    assert forced.totals()[0].tolist() == ref.totals()[0].tolist()  # tokens of 6 texts, not 4 + stale
+    assert (forced.totals()[1]["sel"] == ref.totals()[1]["sel"]).all()
+    assert not (out / ".replaced-run").exists()
+
+
+def test_resume_with_other_settings_is_refused_naming_the_difference(inputs, tmp_path: Path,
+                                                                      profile_only) -> None:
+    out = tmp_path / "run"
+    assert runner.invoke(app, _run_args(inputs, out)).exit_code == 0
+    before = _tree(out)
+    r = runner.invoke(app, _run_args(inputs, out, "--resume", "--limit", "5"))
+    assert r.exit_code == 2 and "limit: 4 → 5" in r.output and len(r.output.strip().splitlines()) == 1
+    data = inputs["model"].parent / "changed.jsonl"
+    data.write_text(inputs["good"].read_text().replace("things", "stuff"))
+    r = runner.invoke(app, ["profile", "--model", str(inputs["model"]), "-d", f"a={inputs['good']}",
+                            "-o", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["profile", "--model", str(inputs["model"]), "-d", f"a={data}", "-o",
+                            str(tmp_path / "p"), "--resume"])
+    assert r.exit_code == 2 and "data.a.source" in r.output
+    data.unlink()
+    assert _tree(out) == before
+
+
+def test_resume_refuses_changed_data_file_contents(inputs, tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text(inputs["good"].read_text())
+    args = ["profile", "--model", str(inputs["model"]), "-d", f"a={data}", "-o", str(tmp_path / "p")]
+    assert runner.invoke(app, args).exit_code == 0
+    data.write_text(inputs["good"].read_text().replace("things", "stuff"))
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 2 and "data.a.sha256" in r.output
+
+
+def test_lm_eval_never_writes_over_earlier_results(inputs, tmp_path: Path) -> None:
+    out = tmp_path / "lm"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"kind": "lm-eval", "status": "complete"}))
+    (out / "lm_eval_results.json").write_text('{"results": "earlier"}')
+    before = _tree(out)
+    r = runner.invoke(app, ["lm-eval", "-m", str(inputs["model"]), "-o", str(out)])
+    assert r.exit_code == 2 and "--force" in r.output and "--resume" not in r.output
+    assert _tree(out) == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    r = runner.invoke(app, ["lm-eval", "-m", str(inputs["model"]), "-o", str(other), "--force"])
+    assert r.exit_code == 2 and "holds no expertscope run" in r.output
+    assert (other / "mine.txt").read_text() == "keep"
+
+
+def test_synth_advice_names_only_its_own_options(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    args = ["data", "synth", "--out", str(out), "--n-train", "2", "--n-validation", "2", "--n-test", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "--force" in r.output and "--resume" not in r.output
+    assert runner.invoke(app, [*args, "--force", "--seed", "1"]).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 1
+
+
+def test_two_writers_in_one_directory(inputs, tmp_path: Path) -> None:
+    """A second process writing into a locked --out is refused with one line; the first one's files stay."""
+    out = tmp_path / "p"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from expertscope.rundir import open_run_dir\n"
+         "with open_run_dir(sys.argv[1], 'profile'):\n    print('locked', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        before = _tree(out)
+        r = runner.invoke(app, ["profile", "--model", str(inputs["model"]), "-d", f"a={inputs['good']}",
+                                "-o", str(out), "--force"])
+        assert r.exit_code == 2 and "another expertscope process" in r.output and f"pid {holder.pid}" in r.output
+        assert _tree(out) == before
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        holder.communicate(timeout=60)
+    assert (out / ".expertscope.lock").exists()
+    # Once the first writer is gone, the directory is free again, even though its lock file stayed behind.
+    r = runner.invoke(app, ["profile", "--model", str(inputs["model"]), "-d", f"a={inputs['good']}",
+                            "-o", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+
+
+def test_report_names_unreadable_optional_tables(moe, tmp_path: Path) -> None:
+    """An unreadable optional table is named on stderr; the report is still written (exit 0)."""
+    from expertscope.data.sources import load_domains
+    from expertscope.report.html import load_tables
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"kind": "study", "status": "complete"}))
+    prof = es.profile(moe, load_domains(["a=synthetic:math?limit=4", "b=synthetic:emotion?limit=4"]), batch_size=4)
+    es.domain_experts(prof, n_boot=0, n_perm=0).save(run / "domain_experts.parquet")
+    (run / "drivers.parquet").write_bytes(b"garbage")
+    problems: dict[str, str] = {}
+    tables = load_tables(run, problems)
+    assert "drivers" not in tables and "domain_experts" in tables and set(problems) == {"drivers.parquet"}
+    r = runner.invoke(app, ["report", str(run), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    assert "could not read drivers.parquet" in r.output and (tmp_path / "r.html").exists()
+    assert not (run / ".expertscope.lock").exists()
+
+
+def test_truncation_message_states_the_real_cap(inputs, tmp_path: Path) -> None:
+    """--max-length 4096 on a model with a 256-token context: the message says 256, as the profile does."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": " ".join(["word"] * 400)}) + "\n")
+    r = runner.invoke(app, ["profile", "-m", str(inputs["model"]), "-d", f"a={long}", "--max-length", "4096",
+                            "-o", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert "truncated to 256 tokens" in r.output
+    assert es.RoutingProfile.load(tmp_path / "p").config["max_length_used"] == 256
+
+
+def test_unknown_lm_eval_task_is_named_with_close_matches(monkeypatch, tmp_path: Path) -> None:
+    """The task check itself (lm-eval's own index takes ~15 s to build, so a stand-in index is used here)."""
+    import lm_eval.tasks
+
+    from expertscope.errors import ConfigError
+    from expertscope.integrations.lm_eval import task_manager
+
+    class Index:
+        def __init__(self, include_path: str | None = None, include_defaults: bool = True) -> None:
+            self.all_tasks = (["hellaswag", "arc_easy"] if include_defaults else []) + (
+                ["mine"] if include_path else [])
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Index)
+    assert task_manager(["mine"], tmp_path).all_tasks == ["mine"]  # found locally: no full index
+    assert "hellaswag" in task_manager(["mine", "hellaswag"], tmp_path).all_tasks
+    with pytest.raises(ConfigError, match="unknown lm-eval task 'helaswag': did you mean hellaswag"):
+        task_manager(["arc_easy", "helaswag"])
+    with pytest.raises(ConfigError, match="no lm-eval task given"):
+        task_manager([])
+
+
+def test_read_only_output_is_refused_before_anything_runs(inputs, tmp_path: Path, monkeypatch) -> None:
+    """Root ignores file modes, so a read-only directory is stood in for by os.access saying so."""
+    real = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == ro else real(p, mode, *a, **k))
+    r = runner.invoke(app, ["profile", "-m", str(inputs["model"]), "-d", f"a={inputs['good']}",
+                            "-o", str(ro / "out")])
+    assert r.exit_code == 2 and "is not writable" in r.output and list(ro.iterdir()) == []
+
+
+def test_interrupted_synth_keeps_nothing_and_a_forced_one_restores_the_old_data(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    from expertscope.data import synthetic
+
+    out = tmp_path / "s"
+    args = ["data", "synth", "--out", str(out), "--n-train", "2", "--n-validation", "2", "--n-test", "2"]
+    real, calls = synthetic.generate, []
+
+    def interrupted_on_third(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(synthetic, "generate", interrupted_on_third)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130 and "--resume" not in r.output and not out.exists()
+    monkeypatch.setattr(synthetic, "generate", real)
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls.clear()
+    monkeypatch.setattr(synthetic, "generate", interrupted_on_third)
+    r = runner.invoke(app, [*args, "--force", "--seed", "5"])
+    assert r.exit_code == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier data, back in place
+
+
+def test_forced_resumable_run_keeps_the_old_run_aside_until_the_new_one_finishes(tmp_path: Path) -> None:
+    from expertscope.rundir import ASIDE_NAME, open_run_dir
+
+    out = tmp_path / "r"
+    with open_run_dir(out, "profile", {"settings": {"a": 1}}) as rd:
+        (rd.path / "table.parquet").write_text("old")
+        rd.write_manifest("complete")
+    with pytest.raises(KeyboardInterrupt), open_run_dir(out, "profile", {"settings": {"a": 2}}, force=True) as rd:
+        (rd.path / "table.parquet").write_text("new, partial")
+        raise KeyboardInterrupt
+    assert (out / ASIDE_NAME / "table.parquet").read_text() == "old"  # not yet deleted: new run unfinished
+    with pytest.raises(OutputError, match=r"a: 2 → 3"), open_run_dir(out, "profile", {"settings": {"a": 3}},
+                                                                      resume=True):
+        pass
+    with open_run_dir(out, "profile", {"settings": {"a": 2}}, resume=True) as rd:
+        assert rd.previous["status"] == "running"
+        rd.write_manifest("complete")
+    assert not (out / ASIDE_NAME).exists() and (out / "table.parquet").read_text() == "new, partial"
+
+
+def test_a_force_killed_while_moving_aside_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL between moving the first old file aside and the manifest: the next --force finishes the move, and
+    when that run fails before writing anything, every old file is back."""
+    from expertscope.rundir import ASIDE_NAME, open_run_dir
+
+    out = tmp_path / "r"
+    with open_run_dir(out, "profile", {"settings": {"a": 1}}) as rd:
+        for name in ("one.parquet", "two.parquet"):
+            (rd.path / name).write_text(name)
+        rd.write_manifest("complete")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / ASIDE_NAME).mkdir()
+    os.replace(out / "one.parquet", out / ASIDE_NAME / "one.parquet")  # the killed move
+    with pytest.raises(RuntimeError), open_run_dir(out, "profile", {"settings": {"a": 2}}, force=True):
+        raise RuntimeError("model failed to load")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
