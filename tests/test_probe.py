@@ -379,7 +379,7 @@ def test_report_names_unreadable_optional_tables(moe, tmp_path: Path) -> None:
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps({"kind": "study", "status": "complete"}))
     prof = es.profile(moe, load_domains(["a=synthetic:math?limit=4", "b=synthetic:emotion?limit=4"]), batch_size=4)
-    es.domain_experts(prof, n_boot=0, n_perm=0).save(run / "domain_experts.parquet")
+    es.domain_experts(prof, rule="z", n_boot=0, n_perm=0).save(run / "domain_experts.parquet")
     (run / "drivers.parquet").write_bytes(b"garbage")
     problems: dict[str, str] = {}
     tables = load_tables(run, problems)
