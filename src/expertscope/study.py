@@ -17,6 +17,7 @@ from typing import Any, Literal
 from .config import BaseConfig, DomainExpertConfig
 from .errors import ConfigError
 from .io import make_manifest, prepare_out_dir, write_json
+from .progress import ProgressCallback
 
 DEMO_DOMAINS = (
     "emotion=synthetic:emotion@validation",
@@ -80,6 +81,7 @@ class StudyContext:
     _model: Any = None
     _domains: Any = None
     state: dict[str, Any] = field(default_factory=dict)
+    progress: ProgressCallback | None = None
 
     @property
     def model(self) -> Any:
@@ -120,7 +122,7 @@ def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
     c = ctx.config
     previous = RoutingProfile.load(ctx.out) if (ctx.out / "profile.safetensors").exists() else None
     prof = profile(ctx.model, ctx.domains, batch_size=c.batch_size, max_length=c.max_length,
-                   resume_from=previous, on_batch=checkpointer(ctx.out), progress=True)
+                   resume_from=previous, on_batch=checkpointer(ctx.out), progress=ctx.progress)
     prof.save(ctx.out)
     n, _ = prof.totals()
     return {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated}
@@ -147,7 +149,7 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
     doms = [d.head(c.causal_limit) for d in ctx.domains]
     effects = causal_effects(ctx.model, doms, method=c.causal_method, batch_size=c.batch_size,
                              max_length=c.max_length, checkpoint=ctx.out / "ce_checkpoint.npz", resume=True,
-                             progress=True)
+                             progress=ctx.progress)
     effects.save(ctx.out)
     table = driver_experts(effects, z=c.z)
     table.save(ctx.out / "drivers.parquet")
@@ -252,10 +254,12 @@ def run_study(
     on_stage: Callable[[str, str], None] | None = None,
     stages: Sequence[str] | None = None,
     kind: str = "study",
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Run the stages (all, or the named ones in pipeline order) into ``out``; returns the final manifest.
 
-    ``on_stage(name, "start"|"done"|"skip")`` reports progress; ``kind`` names the run in its manifest.
+    ``on_stage(name, "start"|"done"|"skip")`` reports the stages, ``progress(task, done, total)`` the batches
+    within them; ``kind`` names the run in its manifest.
     """
     chosen = [(n, f) for n, f in STAGES if stages is None or n in stages]
     unknown = sorted(set(stages or ()) - {n for n, _ in STAGES})
@@ -267,7 +271,7 @@ def run_study(
     if old and old.get("config") != json.loads(json.dumps(config.to_dict())):
         raise ConfigError(f"{out} holds a study with other settings: resume with the same options or use a new --out")
     done: dict[str, Any] = dict(old.get("stages", {}))
-    ctx = StudyContext(config, out)
+    ctx = StudyContext(config, out, progress=progress)
     t_start = time.perf_counter()
 
     def save(status: str) -> dict[str, Any]:

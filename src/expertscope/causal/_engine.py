@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._padding import pad_ids
 from ..models.adapters.base import RouterSite
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
+from ..routing import pad_ids
 
 _INT_RE = re.compile(r"^\d+$")
 

@@ -24,20 +24,18 @@ import pandas as pd
 import torch
 
 from ..config import CausalConfig
-from ..data.types import Domain, Example, as_domains
+from ..data.types import Domain
 from ..errors import ConfigError, DataError, OutputError
 from ..io import atomic_write, read_table, write_table
 from ..models.model import MoEModel
-from ..stats.profile import effective_max_length
+from ..progress import ProgressCallback
+from ..routing import DomainInput, as_domain_list, effective_max_length
 from ._engine import Stack, find_stack, make_batch
 from .exact import ExactStats, check_restart, exact_batch
 from .fisher import FisherStats, fisher_batch
 
 TABLE_VERSION = 1
 CHECKPOINT_VERSION = 1
-
-DomainInput = Domain | Sequence[Domain] | Mapping[str, Sequence[str]] | Sequence[str]
-
 
 @dataclass
 class CausalEffects:
@@ -126,17 +124,6 @@ class CausalEffects:
 
 
 # ----- inputs --------------------------------------------------------------------------------------
-def _domains(domain_or_texts: DomainInput) -> list[Domain]:
-    if isinstance(domain_or_texts, str):
-        raise ConfigError("pass a list of texts, a Domain or {name: texts}, not one string: wrap it in a list")
-    if isinstance(domain_or_texts, Sequence) and domain_or_texts and all(isinstance(t, str) for t in domain_or_texts):
-        return [Domain("texts", [Example(text=t) for t in domain_or_texts])]  # type: ignore[union-attr]
-    doms = as_domains(dict(domain_or_texts) if isinstance(domain_or_texts, Mapping) else domain_or_texts)  # type: ignore[arg-type]
-    if not doms:
-        raise DataError("no domain given: pass at least one domain (or a list of texts)")
-    return doms
-
-
 def _label_ids(moe: MoEModel, doms: list[Domain], labels: Sequence[str | int] | None) -> list[int]:
     """Token ids of the answer tokens for ``target="labels"``: given, or from the domains' task."""
     tok = moe.tokenizer
@@ -223,7 +210,7 @@ def causal_effects(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     **options: Any,
 ) -> CausalEffects:
     """Causal effect of each (layer, expert) on the next-token prediction of each input (SPEC §3).
@@ -236,7 +223,7 @@ def causal_effects(
     (``chunk_tokens``, ``skip``, ``fisher_mass``, ``fisher_max_outputs``, ``hybrid_top``).
     ``checkpoint``: a file path; the partial result is saved atomically after every batch and, with
     ``resume=True``, continued from (bit-identical to an uninterrupted run). ``on_batch(done, total)`` runs
-    after each batch's checkpoint.
+    after each batch's checkpoint; ``progress(task, done, total)`` reports the same counts to a front end.
     """
     t_start = time.perf_counter()
     cfg = config or CausalConfig(method=method, magnitude=magnitude, positions=positions,  # type: ignore[arg-type]
@@ -264,7 +251,7 @@ def causal_effects(
         per_layer[layer] = ex
     E_max = max(model.site(layer).num_experts for layer in lays)
     # ----- inputs
-    doms = _domains(domain_or_texts)
+    doms = as_domain_list(domain_or_texts)
     names = [d.name for d in doms]
     if len(set(names)) != len(names):
         raise DataError(f"domain names {names} repeat: give each domain its own name")
@@ -313,9 +300,9 @@ def causal_effects(
     phase_names = {"exact": ["exact"], "fisher": ["fisher"], "hybrid": ["fisher", "exact"]}[cfg.method]
     total = len(plan) * len(phase_names)
     done = [sum(1 for b in plan for ph in phases.values() if all(i in ph for i in b))]
-    bar = _progress_bar(total, cfg.method) if progress else None
-    if bar is not None:
-        bar[0].advance(bar[1], done[0])
+    task = f"causal effects ({cfg.method})"
+    if progress is not None:
+        progress(task, done[0], total)
     verified = [False]
 
     def run_phase(name: str, which: Mapping[int, Sequence[int]]) -> None:
@@ -336,24 +323,20 @@ def causal_effects(
             done[0] += 1
             if ck_path is not None:
                 _save_checkpoint(ck_path, fingerprint, phases, _dump_stats(exact_stats, fisher_stats), {})
-            if bar is not None:
-                bar[0].advance(bar[1])
+            if progress is not None:
+                progress(task, done[0], total)
             if on_batch is not None:
                 on_batch(done[0], total)
 
-    try:
-        if cfg.method == "exact":
-            run_phase("exact", per_layer)
-        elif cfg.method == "fisher":
-            run_phase("fisher", per_layer)
-        else:
-            run_phase("fisher", per_layer)
-            fisher_ce = _assemble(phases["fisher"], len(texts))
-            top = _hybrid_candidates(fisher_ce, np.asarray(dom_of, dtype=object), lays, per_layer, cfg.hybrid_top)
-            run_phase("exact", top)
-    finally:
-        if bar is not None:
-            bar[0].stop()
+    if cfg.method == "exact":
+        run_phase("exact", per_layer)
+    elif cfg.method == "fisher":
+        run_phase("fisher", per_layer)
+    else:
+        run_phase("fisher", per_layer)
+        fisher_ce = _assemble(phases["fisher"], len(texts))
+        top = _hybrid_candidates(fisher_ce, np.asarray(dom_of, dtype=object), lays, per_layer, cfg.hybrid_top)
+        run_phase("exact", top)
 
     exact_mask = np.zeros((len(lays), E_max), bool)
     if cfg.method == "exact":
@@ -461,10 +444,3 @@ def _restore_stats(ex: ExactStats, fi: FisherStats, d: dict[str, Any]) -> None:
     fi.min_mass = float(f.get("min_mass", 1.0))
     fi.forward_s, fi.backward_s = float(f.get("forward_s", 0.0)), float(f.get("backward_s", 0.0))
 
-
-def _progress_bar(total: int, method: str) -> tuple[Any, Any]:
-    from ..cli._common import progress as make_progress
-
-    p = make_progress()
-    p.start()
-    return p, p.add_task(f"causal effects ({method})", total=total)

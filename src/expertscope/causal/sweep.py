@@ -11,19 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
+from ..execution import Executor, LocalExecutor
 from ..models.model import MoEModel
-from ..stats.profile import effective_max_length
+from ..routing import DomainInput, domain_texts, effective_max_length, flatten_texts
 from ._engine import find_stack, make_batch
-from .effects import CausalEffects, DomainInput, _domains
+from .effects import CausalEffects
 from .exact import ExactStats, check_restart, exact_batch
 
 
@@ -43,8 +44,16 @@ class SweepSettings:
             raise ConfigError(f"positions={self.positions!r} is not valid: use 'all' or 'last'")
 
 
+#: One sweep work item: ``(MoE layer, the input's token ids)``.
+CausalItem = tuple[int, list[int]]
+
+
 class CausalItemWorker:
-    """Computes CE ``(E,)`` for one (input, layer) item; one instance per worker, model loaded once."""
+    """The sweep worker: CE ``(E,)`` of every expert of one layer on one input (a :data:`CausalItem`).
+
+    Executors build one per worker (``functools.partial(CausalItemWorker, settings=...)`` is the factory),
+    so the model is loaded once per worker.
+    """
 
     def __init__(self, model: MoEModel, settings: SweepSettings) -> None:
         self.model = model
@@ -54,16 +63,18 @@ class CausalItemWorker:
         self.stack = find_stack(model)
         self._checked = False
 
-    def __call__(self, token_ids: Sequence[int], layer: int) -> np.ndarray:
+    def __call__(self, item: CausalItem) -> np.ndarray:
+        layer, token_ids = item
         s = self.settings
-        batch = make_batch([0], [list(token_ids)], self.pad_id, s.positions, self.model.device)
-        if not self._checked:
-            if self.stack is not None and check_restart(self.model, self.stack, batch, self.model.layers):
-                self.stack = None  # the restart does not reproduce this model: full forward passes
-            self._checked = True
-        E = self.model.site(layer).num_experts
-        out = exact_batch(self.model, self.stack, batch, {layer: list(range(E))}, s.magnitude, None,
-                          s.chunk_tokens, s.skip, ExactStats())
+        with torch.no_grad():
+            batch = make_batch([0], [list(token_ids)], self.pad_id, s.positions, self.model.device)
+            if not self._checked:
+                if self.stack is not None and check_restart(self.model, self.stack, batch, self.model.layers):
+                    self.stack = None  # the restart does not reproduce this model: full forward passes
+                self._checked = True
+            E = self.model.site(layer).num_experts
+            out = exact_batch(self.model, self.stack, batch, {layer: list(range(E))}, s.magnitude, None,
+                              s.chunk_tokens, s.skip, ExactStats())
         return out[0, 0, :E]
 
 
@@ -108,21 +119,10 @@ class SweepCheckpoint:
         self._fh.close()
 
 
-class LocalSweepRunner:
-    """Runs sweep items in this process."""
-
-    def run_items(self, model: MoEModel, items: Sequence[tuple[int, int, list[int]]], settings: SweepSettings
-                  ) -> Iterator[tuple[int, int, np.ndarray]]:
-        worker = CausalItemWorker(model, settings)
-        with torch.no_grad():
-            for i, layer, ids in items:
-                yield i, layer, worker(ids, layer)
-
-
 def causal_sweep(
     model: MoEModel,
     domain_or_texts: DomainInput,
-    executor: Any = None,
+    executor: Executor | None = None,
     magnitude: float = 1.0,
     positions: str = "all",
     max_length: int | None = 512,
@@ -133,20 +133,13 @@ def causal_sweep(
 ) -> CausalEffects:
     """Exact CE for every (input, layer, expert), computed as (input, layer) items by ``executor``.
 
-    ``executor`` is a :class:`~expertscope.executors.RayExecutor` (or None: in process). With
+    ``executor`` is an :class:`~expertscope.execution.Executor` (None: in process). With
     ``checkpoint`` (a file), finished items survive a failure; ``resume=True`` computes only the rest.
     """
     settings = SweepSettings(magnitude=magnitude, positions=positions, skip=skip)
     settings.validate()
-    doms = _domains(domain_or_texts)
-    texts, dom_of, tix = [], [], []
-    for d in doms:
-        ts = d.head(limit).texts
-        if not ts:
-            raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
-        texts += ts
-        dom_of += [d.name] * len(ts)
-        tix += list(range(len(ts)))
+    texts_by_domain = domain_texts(domain_or_texts, limit)
+    texts, dom_of, tix = flatten_texts(texts_by_domain)
     tok = model.tokenizer
     max_len = effective_max_length(model, max_length)
     token_ids = [list(tok(t, add_special_tokens=True)["input_ids"])[:max_len] for t in texts]
@@ -154,11 +147,13 @@ def causal_sweep(
     E_max = model.num_experts
     ck = SweepCheckpoint(checkpoint, _fingerprint(texts, settings, model.describe()), resume) if checkpoint else None
     done: dict[tuple[int, int], np.ndarray] = dict(ck.done) if ck else {}
-    todo = [(i, layer, token_ids[i]) for i in range(len(texts)) for layer in layers if (i, layer) not in done]
-    runner = executor if executor is not None else LocalSweepRunner()
+    todo = [(i, layer) for i in range(len(texts)) for layer in layers if (i, layer) not in done]
+    items: list[CausalItem] = [(layer, token_ids[i]) for i, layer in todo]
+    runner = executor if executor is not None else LocalExecutor()
     computed = 0
     try:
-        for i, layer, ce in runner.run_items(model, todo, settings):
+        results = runner.run_items(model, items, partial(CausalItemWorker, settings=settings))
+        for (i, layer), ce in zip(todo, results, strict=True):
             done[(i, layer)] = ce
             computed += 1
             if ck is not None:
@@ -171,7 +166,7 @@ def causal_sweep(
         out[i, layers.index(layer), : len(ce)] = ce
     result_settings = {**settings.__dict__, "method": "exact", "work_items": "input x layer",
                        "executor": getattr(runner, "name", "local"), "computed_items": computed,
-                       "resumed_items": len(done) - computed, "n_inputs": len(texts), "domains": [d.name for d in doms],
+                       "resumed_items": len(done) - computed, "n_inputs": len(texts), "domains": list(texts_by_domain),
                        "max_length_used": max_len, "model": model.describe()}
     return CausalEffects(ce=out, domain=np.asarray(dom_of, dtype=object), text_index=np.asarray(tix, np.int64),
                          layers=list(layers), exact=np.ones((len(layers), E_max), bool), settings=result_settings)

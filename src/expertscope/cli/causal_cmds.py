@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import console, handle_errors, out_console
+from ._common import console, handle_errors, out_console, progress_bars
 from .options import (
     AnswerFieldOpt,
     DeviceOpt,
@@ -112,8 +112,9 @@ def drivers_cmd(
 
     import expertscope.causal as C
 
-    effects = C.causal_effects(moe, doms, config=cfg, layers=layer_list, experts=expert_list, labels=label,
-                               checkpoint=out / "checkpoint.npz", resume=resume, progress=True)
+    with progress_bars() as bar:
+        effects = C.causal_effects(moe, doms, config=cfg, layers=layer_list, experts=expert_list, labels=label,
+                                   checkpoint=out / "checkpoint.npz", resume=resume, progress=bar)
     effects.save(out)
     table = C.driver_experts(effects, rule="z", z=z)
     table.save(out / "drivers.parquet")

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, handle_errors, out_console
+from ._common import console, handle_errors, out_console, progress_bars
 from .options import (
     AnswerFieldOpt,
     BatchOpt,
@@ -90,12 +90,13 @@ def profile_cmd(
     write_json(out / "manifest.json", make_manifest("profile", config, status="running", model=moe.describe()))
     previous = RoutingProfile.load(out) if resume and (out / "profile.safetensors").exists() else None
 
-    from ..executors import ModelSpec, make_executor
+    from ..execution import ModelSpec, make_executor
 
     spec = ModelSpec(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     runner = make_executor(executor, spec, workers=workers, gpus_per_worker=gpus_per_worker)  # type: ignore[arg-type]
-    prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
-                   resume_from=previous, on_batch=checkpointer(out), progress=True, executor=runner)
+    with progress_bars() as bar:
+        prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
+                       resume_from=previous, on_batch=checkpointer(out), progress=bar, executor=runner)
     prof.save(out)
     n, _ = prof.totals()
     write_json(out / "manifest.json", make_manifest(

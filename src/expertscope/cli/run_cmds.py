@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, handle_errors
+from ._common import console, handle_errors, progress_bars
 from .options import (
     BatchOpt,
     CausalLimitOpt,
@@ -82,7 +82,8 @@ def run_cmd(
         elif event == "skip":
             console.print(f"[dim][{i}/{len(names)}] {name}: already complete, skipped[/]")
 
-    manifest = run_study(cfg, out, resume=resume, force=force, on_stage=on_stage)
+    with progress_bars() as bar:
+        manifest = run_study(cfg, out, resume=resume, force=force, on_stage=on_stage, progress=bar)
     console.print(f"[bold green]study complete[/] in {time.perf_counter() - t0:.0f}s → {out}")
     de = manifest["stages"].get("domain_experts", {}).get("domain_experts")
     if de:
