@@ -13,7 +13,7 @@ grouping and top-k run unchanged on the (possibly transformed) logits.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -61,7 +61,7 @@ class RouterSite:
         return self.adapter.family
 
 
-class RouterAdapter:
+class RouterAdapter(ABC):
     """Base class. Subclasses set ``family`` and implement ``classes`` (or ``matches``) and ``route``."""
 
     family: ClassVar[str] = "base"
@@ -141,9 +141,9 @@ class RouterAdapter:
             w = torch.gather(torch.softmax(logits.float(), -1), 1, idx)
         return idx, w.reshape(-1, top_k).float()
 
+    @abstractmethod
     def route(self, logits: torch.Tensor, top_k: int) -> RouteOutput:
         """Reproduce the family's routing from logits ``(N, E)``: ``(indices, weights)``, each ``(N, k)``."""
-        raise NotImplementedError
 
     def site_route(self, site: RouterSite, logits: torch.Tensor) -> RouteOutput:
         """``route`` with the site's own settings (grouping, bias, scaling) where the family has them."""
@@ -196,5 +196,3 @@ def topk_then_softmax(logits: torch.Tensor, top_k: int) -> RouteOutput:
     top, idx = torch.topk(logits.float(), top_k, dim=-1)
     return idx, torch.softmax(top, dim=-1)
 
-
-Router = Callable[[torch.Tensor], RouteOutput]
