@@ -101,7 +101,8 @@ def find_stack(moe: MoEModel) -> Stack | None:
         return None
     norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "ln_f")
                  if isinstance(getattr(base, n, None), nn.Module)), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if norm is None or head is None:
         return None
     config = getattr(model, "config", None)

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -172,7 +172,7 @@ def _save_checkpoint(path: Path, fingerprint: str, phases: dict[str, dict[int, n
     meta = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "stats": stats, **extra}
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **cast(dict[str, Any], arrays))  # numpy's stub reserves the keyword allow_pickle: bool
     with atomic_write(path, "wb") as fh:
         fh.write(buf.getvalue())
 
@@ -196,10 +196,10 @@ def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, dict[int, 
 def causal_effects(
     model: MoEModel,
     domain_or_texts: DomainInput,
-    method: str = "exact",
+    method: Literal["exact", "fisher", "hybrid"] = "exact",
     magnitude: float = 1.0,
-    positions: str = "all",
-    target: str = "vocab",
+    positions: Literal["all", "last"] = "all",
+    target: Literal["vocab", "labels"] = "vocab",
     layers: Sequence[int] | None = None,
     experts: Sequence[int] | None = None,
     batch_size: int = 8,
@@ -226,8 +226,8 @@ def causal_effects(
     after each batch's checkpoint; ``progress(task, done, total)`` reports the same counts to a front end.
     """
     t_start = time.perf_counter()
-    cfg = config or CausalConfig(method=method, magnitude=magnitude, positions=positions,  # type: ignore[arg-type]
-                                 target=target, batch_size=batch_size, max_length=max_length, limit=limit,  # type: ignore[arg-type]
+    cfg = config or CausalConfig(method=method, magnitude=magnitude, positions=positions,
+                                 target=target, batch_size=batch_size, max_length=max_length, limit=limit,
                                  **options)
     if model.tokenizer is None:
         raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")

@@ -135,8 +135,9 @@ def fisher_batch(
             route = "hidden" if (can_hidden and h is not None and h.shape[1] < K) else "tokens"
     F = torch.zeros(B, len(layers), E_max, dtype=torch.float64, device=dev)
     if route == "hidden":
-        assert h is not None and stack is not None
-        W = stack.linear_head[0].detach().double()  # type: ignore[index]  # (V, H)
+        head = stack.linear_head if stack is not None else None
+        assert h is not None and stack is not None and head is not None
+        W = head[0].detach().double()  # (V, H)
         Hd = h.shape[1]
 
         def hot_h(s: int, t: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from rich.console import Console
 from rich.progress import (
@@ -48,7 +48,7 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             fail("interrupted: rerun with --resume to continue where it stopped", 130)
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def progress() -> Progress:

@@ -96,6 +96,7 @@ def drivers_cmd(
     if not domain:
         raise DataError("no --domain given: pass at least one, e.g. --domain math=math.jsonl")
     # Validate the settings before loading anything, so bad input fails fast.
+    # typer passes str; the config validates its Literal options on creation
     cfg = CausalConfig(method=method, magnitude=magnitude, positions=positions, target=target,  # type: ignore[arg-type]
                        batch_size=batch_size, max_length=max_length, limit=limit, hybrid_top=hybrid_top)
     layer_list, expert_list = _int_list(layers, "layers"), _int_list(experts, "experts")

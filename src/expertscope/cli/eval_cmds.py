@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -148,7 +149,7 @@ def eval_command(
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
                 device=device,
-                on_batch=lambda k, bar=bar: p.advance(bar, k),
+                on_batch=functools.partial(p.advance, bar),
             )
             results.append((name, res))
     out_console.print(_table(results))

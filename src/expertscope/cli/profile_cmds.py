@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -32,6 +32,10 @@ from .options import (
     WorkersOpt,
     field_map,
 )
+
+if TYPE_CHECKING:
+    from ..stats.domain_experts import DomainExpertTable
+
 
 
 def register(app: typer.Typer) -> None:
@@ -93,6 +97,7 @@ def profile_cmd(
     from ..execution import ModelSpec, make_executor
 
     spec = ModelSpec(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    # typer passes a plain str; make_executor refuses any other name with a one-line error
     runner = make_executor(executor, spec, workers=workers, gpus_per_worker=gpus_per_worker)  # type: ignore[arg-type]
     with progress_bars() as bar:
         prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
@@ -134,6 +139,7 @@ def domains_cmd(
     from ..stats.domain_experts import domain_experts
     from ..stats.profile import RoutingProfile
 
+    # typer passes str; the config validates its Literal options on creation
     cfg = DomainExpertConfig(rule=rule, z=z, entropy=entropy, conditional=conditional,  # type: ignore[arg-type]
                              n_boot=n_boot, n_perm=n_perm, alpha=alpha, seed=seed)
     prof = RoutingProfile.load(run_dir)
@@ -150,7 +156,7 @@ def domains_cmd(
     out_console.print(f"wrote {run_dir / 'domain_experts.parquet'} (rule: {table.settings['rule_text']})")
 
 
-def print_domain_experts(table, top: int = 10) -> None:  # type: ignore[no-untyped-def]
+def print_domain_experts(table: DomainExpertTable, top: int = 10) -> None:
     """A rich table of the top domain experts per domain."""
     for dom in table.settings["domains"]:
         rows = table.experts(dom).head(top)

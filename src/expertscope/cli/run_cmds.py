@@ -68,6 +68,7 @@ def run_cmd(
     """
     from ..study import STAGES, StudyConfig, run_study
 
+    # typer passes str; the config validates its Literal options on creation
     cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, causal_limit=causal_limit,
                       causal_method=causal_method, eval_limit=eval_limit, train_limit=train_limit,  # type: ignore[arg-type]
                       steer_mode=steer_mode, batch_size=batch_size, dtype=dtype, device=device, seed=seed, z=z,  # type: ignore[arg-type]

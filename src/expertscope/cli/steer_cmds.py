@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -26,6 +26,10 @@ from .options import (
     StudyLimitOpt,
     TrainLimitOpt,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 STEER_STAGES = ("profile", "domain_experts", "drivers", "steering")
 
@@ -71,6 +75,7 @@ def steer_study_cmd(
 
     if scale_up <= 0 or scale_down <= 0:
         raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
+    # typer passes str; the config validates its Literal options on creation
     cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, causal_limit=causal_limit,
                       eval_limit=eval_limit, train_limit=train_limit, steer_mode=mode,  # type: ignore[arg-type]
                       batch_size=batch_size, dtype=dtype, device=device, seed=seed, n_boot=n_boot,
@@ -86,7 +91,7 @@ def steer_study_cmd(
     console.print(f"steering study complete in {time.perf_counter() - t0:.0f}s → {out / 'steering.csv'}")
 
 
-def print_steering(table) -> None:  # type: ignore[no-untyped-def]
+def print_steering(table: pd.DataFrame) -> None:
     """The Tables 1–2 rows per domain, with the paired-bootstrap CI of the change."""
     for dom in table["domain"].unique():
         rows = table[table["domain"] == dom]

@@ -224,7 +224,7 @@ def _cut(text: str) -> str:
 
 def evaluate(
     model: Any,
-    task: str,
+    task: str | None,
     examples: Sequence[Example] | Domain,
     tokenizer: Any = None,
     batch_size: int = 8,

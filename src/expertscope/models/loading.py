@@ -130,7 +130,8 @@ def load_model(
     except ValueError as e:
         raise ModelError(f"cannot load {path_or_id}: {str(e).splitlines()[0]}") from None
     if device is not None and device_map is None:
-        model = model.to(device)
+        # transformers wraps PreTrainedModel.to in a decorator whose stub loses the bound self
+        model = model.to(device)  # type: ignore[arg-type]
     moe = MoEModel.from_model(model, tokenizer=tokenizer, source=path_or_id, verify=verify)
     moe.revision = revision or getattr(config, "_commit_hash", None)
     return moe

@@ -12,7 +12,7 @@ biases included; ``nn.ModuleList`` experts are called directly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -93,13 +93,18 @@ def expert_forward(experts: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
             h = apply_gate(h)
         else:
             gate, up = h.chunk(2, dim=-1)
-            h = experts.act_fn(gate) * up
+            h = _act_fn(experts)(gate) * up
     else:
         up_w = getattr(experts, "up_proj", None)
         if not isinstance(up_w, torch.Tensor):
             raise ModelError(f"{type(experts).__name__} has neither gate_up_proj nor up_proj: not supported")
-        h = experts.act_fn(_linear(x, up_w[i], _bias(experts, "up_proj_bias", i), transposed))
+        h = _act_fn(experts)(_linear(x, up_w[i], _bias(experts, "up_proj_bias", i), transposed))
     return _linear(h, down[i], _bias(experts, "down_proj_bias", i), transposed)
+
+
+def _act_fn(experts: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The experts' activation (a module or a function the model set; nn.Module types it Tensor | Module)."""
+    return cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
 
 
 def _bias(experts: nn.Module, name: str, i: int) -> torch.Tensor | None:

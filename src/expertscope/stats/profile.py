@@ -107,7 +107,7 @@ class RoutingProfile:
             raise ConfigError("this profile kept no per-sequence statistics: profile with keep_sequences=True")
         if not self._rows:
             L, E = len(self.layers), self.num_experts
-            empty = {
+            empty: dict[str, np.ndarray] = {
                 "seq_domain": np.zeros(0, np.int32), "seq_id": np.zeros(0, np.int64),
                 "seq_tokens": np.zeros(0, np.int64),
                 "sel": np.zeros((0, L, E), np.int64),

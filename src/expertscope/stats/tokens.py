@@ -173,8 +173,8 @@ def position_bins(record: TokenRecord, drivers: Any) -> pd.DataFrame:
     hit = record.triggers(dsets)  # (N, L)
     bins = position_bin(record.position, record.length)
     rows: list[dict[str, Any]] = []
-    columns = [(str(layer), hit[:, j]) for j, layer in enumerate(record.layers)]
-    columns.append(("all", hit.any(axis=1) if hit.shape[1] else np.zeros(record.num_tokens, bool)))
+    columns: list[tuple[str, np.ndarray]] = [(str(layer), hit[:, j]) for j, layer in enumerate(record.layers)]
+    columns.append(("all", np.asarray(hit.any(axis=1)) if hit.shape[1] else np.zeros(record.num_tokens, bool)))
     for d, name in enumerate(record.domains):
         in_dom = record.domain == d
         base = np.bincount(bins[in_dom], minlength=N_BINS)
