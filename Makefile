@@ -8,5 +8,6 @@ test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/mypy
 bench: setup
 	.venv/bin/python benchmarks/bench_capture.py

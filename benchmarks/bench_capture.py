@@ -13,7 +13,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import expertscope as es
-from expertscope.stats.profile import tokenize_batch
+from expertscope.routing import tokenize_batch
 from expertscope.testing import tiny_tokenizer
 
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 import expertscope as es
-from expertscope.executors import ModelSpec, RayExecutor
+from expertscope.execution import ModelSpec, RayExecutor
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import expertscope as es
-from expertscope.executors import ModelSpec, RayExecutor, make_executor
+from expertscope.execution import ModelSpec, RayExecutor, make_executor
 from expertscope.testing import tiny_model, tiny_tokenizer
 
 ray = pytest.importorskip("ray", reason="ray is part of the dev install; see pyproject [dev]")
@@ -89,7 +89,7 @@ class _KillAfter:
             yield item
             if k + 1 == self.n and not self.killed:
                 pids = [p.pid for p in psutil.process_iter(["cmdline"])
-                        if "_RayCausalActor" in " ".join(p.info["cmdline"] or [])]
+                        if "CausalItemWorker" in " ".join(p.info["cmdline"] or [])]
                 assert pids, "no Ray actor to kill"
                 os.kill(pids[0], signal.SIGKILL)
                 self.killed = True

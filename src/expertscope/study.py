@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from .config import BaseConfig, DomainExpertConfig, InterventionConfig
 from .errors import ConfigError
+from .progress import ProgressCallback
 from .rundir import RunDir, open_run_dir
 
 DEMO_DOMAINS = (
@@ -101,6 +102,7 @@ class StudyContext:
     _model: Any = None
     _domains: Any = None
     state: dict[str, Any] = field(default_factory=dict)
+    progress: ProgressCallback | None = None
 
     @property
     def model(self) -> Any:
@@ -141,7 +143,7 @@ def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
     c = ctx.config
     previous = RoutingProfile.load(ctx.out) if (ctx.out / "profile.safetensors").exists() else None
     prof = profile(ctx.model, ctx.domains, batch_size=c.batch_size, max_length=c.max_length,
-                   resume_from=previous, on_batch=checkpointer(ctx.out), progress=True)
+                   resume_from=previous, on_batch=checkpointer(ctx.out), progress=ctx.progress)
     prof.save(ctx.out)
     from .stats.routing_mi import save_routing_mi
 
@@ -172,7 +174,7 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
     doms = [d.head(c.causal_limit) for d in ctx.domains]
     effects = causal_effects(ctx.model, doms, method=c.causal_method, batch_size=c.batch_size,
                              max_length=c.max_length, checkpoint=ctx.out / "ce_checkpoint.npz", resume=True,
-                             progress=True)
+                             progress=ctx.progress)
     effects.save(ctx.out)
     table = driver_experts(effects, seed=c.seed, n_boot=c.n_boot)
     table.save(ctx.out / "drivers.parquet")
@@ -281,10 +283,12 @@ def run_study(
     on_stage: Callable[[str, str], None] | None = None,
     stages: Sequence[str] | None = None,
     kind: str = "study",
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Run the stages (all, or the named ones in pipeline order) into ``out``; returns the final manifest.
 
-    ``on_stage(name, "start"|"done"|"skip")`` reports progress; ``kind`` names the run in its manifest.
+    ``on_stage(name, "start"|"done"|"skip")`` reports the stages, ``progress(task, done, total)`` the batches
+    within them; ``kind`` names the run in its manifest.
     """
     chosen = [(n, f) for n, f in STAGES if stages is None or n in stages]
     unknown = sorted(set(stages or ()) - {n for n, _ in STAGES})
@@ -293,7 +297,7 @@ def run_study(
     config.check_inputs([n for n, _ in chosen])
     fingerprint = study_fingerprint(config)
     with open_run_dir(out, kind, fingerprint, config.to_dict(), resume=resume, force=force) as rd:
-        return _run_stages(rd, config, chosen, on_stage)
+        return _run_stages(rd, config, chosen, on_stage, progress)
 
 
 def study_fingerprint(config: StudyConfig) -> dict[str, Any]:
@@ -304,10 +308,11 @@ def study_fingerprint(config: StudyConfig) -> dict[str, Any]:
 
 
 def _run_stages(rd: RunDir, config: StudyConfig, chosen: list[tuple[str, Stage]],
-                on_stage: Callable[[str, str], None] | None) -> dict[str, Any]:
+                on_stage: Callable[[str, str], None] | None, progress: ProgressCallback | None = None
+                ) -> dict[str, Any]:
     old = rd.previous
     done: dict[str, Any] = dict(old.get("stages", {}))
-    ctx = StudyContext(config, rd.path)
+    ctx = StudyContext(config, rd.path, progress=progress)
     t_start = time.perf_counter()
 
     def save(status: str) -> dict[str, Any]:

@@ -173,7 +173,8 @@ class LegacyLinearGateMoeBlock(nn.Module):
 
 
 def _with_blocks(make_block: Callable[[Any, int], nn.Module], dense_first: bool, **kw: Any) -> nn.Module:
-    model = _mixtral(**kw)
+    # config and decoder layers are plain attributes; nn.Module types attributes as Tensor | Module
+    model: Any = _mixtral(**kw)
     cfg = model.config
     for i, layer in enumerate(model.model.layers):
         layer.mlp = _MLP(cfg.hidden_size, cfg.intermediate_size) if (dense_first and i == 0) else make_block(cfg, i)

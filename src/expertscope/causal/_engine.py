@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._padding import pad_ids
 from ..models.adapters.base import RouterSite
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
+from ..routing import pad_ids
 
 _INT_RE = re.compile(r"^\d+$")
 
@@ -157,7 +157,8 @@ def find_stack(moe: MoEModel) -> Stack | None:
         return None
     norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "ln_f")
                  if isinstance(getattr(base, n, None), nn.Module)), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if norm is None or head is None:
         return None
     config = getattr(model, "config", None)

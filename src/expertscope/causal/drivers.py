@@ -21,14 +21,11 @@ import pandas as pd
 import torch
 
 from ..config import DriverConfig, resolve_config
-from ..data.types import Domain
-from ..errors import ConfigError, DataError
 from ..io import read_table, write_table
-from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
+from ..routing import DomainInput, domain_texts, routing_pass
 from ..stats.domain_experts import bh_qvalues
-from ..stats.profile import effective_max_length
-from .effects import CausalEffects, DomainInput, _domains
+from .effects import CausalEffects
 
 TABLE_VERSION = 2
 
@@ -263,38 +260,23 @@ def causal_rate(
     Returns ``domain, layer, n_tokens, n_driver_tokens, causal_rate, n_drivers, drivers``; a domain's drivers
     are those of ``drivers`` with the same domain name (a layer without drivers has rate 0).
     """
-    from ..stats.profile import _ensure_pad, tokenize_batch
-
     table = drivers if isinstance(drivers, DriverTable) else DriverTable(drivers)
-    doms: list[Domain] = _domains(domains)
-    tok = model.tokenizer
-    if tok is None:
-        raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
-    _ensure_pad(tok)
-    tok.padding_side = "right"
-    max_len = effective_max_length(model, max_length)
+    texts_by_domain = domain_texts(domains, limit)
+    known = set(table.df["domain"])
+    drv = {name: table.by_layer(name) if name in known else {} for name in texts_by_domain}
+    counts = {name: {layer: [0, 0] for layer in model.layers} for name in texts_by_domain}
+    for routed in routing_pass(model, texts_by_domain, batch_size, max_length):
+        real = routed.real()
+        sel = {layer: call.indices[real] for layer, call in routed.calls.items()}
+        for layer, (hit, n) in causal_rate_from_selections(sel, drv[routed.domain]).items():
+            counts[routed.domain][layer][0] += hit
+            counts[routed.domain][layer][1] += n
     rows = []
-    for d in doms:
-        texts = d.head(limit).texts
-        if not texts:
-            raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
-        drv = table.by_layer(d.name) if d.name in set(table.df["domain"]) else {}
-        counts = {layer: [0, 0] for layer in model.layers}
-        with RouterHooks(model, record=True) as hooks, torch.no_grad():
-            for s in range(0, len(texts), batch_size):
-                enc, _ = tokenize_batch(tok, texts[s : s + batch_size], max_len)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                hooks.clear()
-                model.model(**enc, use_cache=False)
-                real = enc["attention_mask"].reshape(-1).bool()
-                sel = {layer: hooks.calls[layer][0].indices[real] for layer in model.layers}
-                for layer, (hit, n) in causal_rate_from_selections(sel, drv).items():
-                    counts[layer][0] += hit
-                    counts[layer][1] += n
+    for name in texts_by_domain:
         for layer in model.layers:
-            hit, n = counts[layer]
-            ds = sorted(drv.get(layer, set()))
-            rows.append({"domain": d.name, "layer": layer, "n_tokens": n, "n_driver_tokens": hit,
+            hit, n = counts[name][layer]
+            ds = sorted(drv[name].get(layer, set()))
+            rows.append({"domain": name, "layer": layer, "n_tokens": n, "n_driver_tokens": hit,
                          "causal_rate": hit / n if n else float("nan"), "n_drivers": len(ds),
                          "drivers": ",".join(map(str, ds))})
     return pd.DataFrame(rows)

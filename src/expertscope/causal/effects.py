@@ -24,11 +24,12 @@ import pandas as pd
 import torch
 
 from ..config import CausalConfig, resolve_config
-from ..data.types import Domain, Example, as_domains
+from ..data.types import Domain
 from ..errors import ConfigError, DataError, OutputError
 from ..io import atomic_write, read_table, write_table
 from ..models.model import MoEModel
-from ..stats.profile import effective_max_length
+from ..progress import ProgressCallback
+from ..routing import DomainInput, as_domain_list, effective_max_length
 from ._engine import Stack, find_stack, make_batch
 from .decision import Prepared, common_prefix, prepare_inputs
 from .exact import ExactStats, check_prefix, check_restart, exact_batch
@@ -37,7 +38,6 @@ from .fisher import FisherStats, fisher_batch
 TABLE_VERSION = 1
 CHECKPOINT_VERSION = 1
 
-DomainInput = Domain | Sequence[Domain] | Mapping[str, Sequence[str]] | Sequence[str]
 
 
 @dataclass
@@ -127,17 +127,6 @@ class CausalEffects:
 
 
 # ----- inputs --------------------------------------------------------------------------------------
-def _domains(domain_or_texts: DomainInput) -> list[Domain]:
-    if isinstance(domain_or_texts, str):
-        raise ConfigError("pass a list of texts, a Domain or {name: texts}, not one string: wrap it in a list")
-    if isinstance(domain_or_texts, Sequence) and domain_or_texts and all(isinstance(t, str) for t in domain_or_texts):
-        return [Domain("texts", [Example(text=t) for t in domain_or_texts])]  # type: ignore[union-attr]
-    doms = as_domains(dict(domain_or_texts) if isinstance(domain_or_texts, Mapping) else domain_or_texts)  # type: ignore[arg-type]
-    if not doms:
-        raise DataError("no domain given: pass at least one domain (or a list of texts)")
-    return doms
-
-
 def _label_ids(moe: MoEModel, doms: list[Domain], labels: Sequence[str | int] | None, decision: str) -> list[int]:
     """Token ids of the answer tokens for ``target="labels"``: given, or from the domains' task.
 
@@ -226,7 +215,7 @@ def causal_effects(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     **overrides: Any,
 ) -> CausalEffects:
     """Causal effect of each (layer, expert) on the prediction where each input's task is decided.
@@ -241,14 +230,14 @@ def causal_effects(
     (others are NaN). ``labels``: the answer tokens of ``target="labels"`` (default: from the task).
     ``checkpoint``: a file path; the partial result is saved atomically after every batch and, with
     ``resume=True``, continued from (bit-identical to an uninterrupted run). ``on_batch(done, total)`` runs
-    after each batch's checkpoint.
+    after each batch's checkpoint; ``progress(task, done, total)`` reports the same counts to a front end.
     """
     t_start = time.perf_counter()
     cfg = resolve_config(CausalConfig, config, overrides)
     if model.tokenizer is None:
         raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
     lays, per_layer, E_max = _targets(model, layers, experts)
-    doms = _domains(domain_or_texts)
+    doms = as_domain_list(domain_or_texts)
     prep, dom_of, tix, max_len = _prepare(model, doms, cfg)
     label_ids = _label_ids(model, doms, labels, cfg.decision) if cfg.target == "labels" else None
     run = _Run(model, cfg, prep, lays, E_max, label_ids)
@@ -361,7 +350,7 @@ class _Run:
         self.fingerprint = ""
         self.verified = [False]
         self.done, self.total = 0, 0
-        self.bar: Any = None
+        self.progress: ProgressCallback | None = None
         self.on_batch: Callable[[int, int], None] | None = None
 
     def open_checkpoint(self, checkpoint: str | Path | None, resume: bool, fingerprint: str) -> int:
@@ -374,17 +363,20 @@ class _Run:
             return sum(len(v) for v in self.phases.values())
         return 0
 
-    def start_progress(self, n_phases: int, progress: bool, on_batch: Callable[[int, int], None] | None) -> None:
+    def start_progress(self, n_phases: int, progress: ProgressCallback | None,
+                       on_batch: Callable[[int, int], None] | None) -> None:
         self.total = len(self.plan) * n_phases
         self.done = sum(1 for b in self.plan for ph in self.phases.values() if all(i in ph for i in b))
         self.on_batch = on_batch
-        if progress:
-            self.bar = _progress_bar(self.total, self.cfg.method)
-            self.bar[0].advance(self.bar[1], self.done)
+        self.progress = progress
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(f"causal effects ({self.cfg.method})", self.done, self.total)
 
     def stop_progress(self) -> None:
-        if self.bar is not None:
-            self.bar[0].stop()
+        self.progress = None
 
     def phase(self, name: str, which: Mapping[int, Sequence[int]]) -> None:
         """Compute phase ``name`` (``"exact"`` or ``"fisher"``) for the (layer, experts) in ``which``."""
@@ -409,8 +401,7 @@ class _Run:
             if self.ck_path is not None:
                 _save_checkpoint(self.ck_path, self.fingerprint, self.phases,
                                  _dump_stats(self.exact_stats, self.fisher_stats), {})
-            if self.bar is not None:
-                self.bar[0].advance(self.bar[1])
+            self._report()
             if self.on_batch is not None:
                 self.on_batch(self.done, self.total)
 
@@ -523,10 +514,3 @@ def _restore_stats(ex: ExactStats, fi: FisherStats, d: dict[str, Any]) -> None:
     fi.min_mass = float(f.get("min_mass", 1.0))
     fi.forward_s, fi.backward_s = float(f.get("forward_s", 0.0)), float(f.get("backward_s", 0.0))
 
-
-def _progress_bar(total: int, method: str) -> tuple[Any, Any]:
-    from ..cli._common import progress as make_progress
-
-    p = make_progress()
-    p.start()
-    return p, p.add_task(f"causal effects ({method})", total=total)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..execution import Executor, LocalExecutor
 from ..models.model import MoEModel
-from ..stats.profile import effective_max_length
+from ..routing import DomainInput, as_domain_list, effective_max_length
 from ._engine import find_stack, make_batch
 from .decision import prepare_inputs
-from .effects import CausalEffects, DomainInput, _domains
+from .effects import CausalEffects
 from .exact import ExactStats, check_prefix, check_restart, exact_batch
 
 
@@ -48,11 +50,16 @@ class SweepSettings:
             raise ConfigError(f"decision={self.decision!r} is not valid: use 'task' or 'last'")
 
 
-class CausalItemWorker:
-    """Computes CE ``(E,)`` for one (input, layer) item; one instance per worker, model loaded once.
+#: One sweep work item: ``(MoE layer, input)``; the input is its token ids (measured at the last token) or
+#: ``{"ids": [...], "decisions": [...]}`` (measured at those decision positions, averaged).
+CausalItem = tuple[int, Sequence[int] | Mapping[str, Any]]
 
-    An item's input is its token ids (measured at the last token) or ``{"ids": [...], "decisions": [...]}``
-    (measured at those decision positions, averaged).
+
+class CausalItemWorker:
+    """The sweep worker: CE ``(E,)`` of every expert of one layer on one input (a :data:`CausalItem`).
+
+    Executors build one per worker (``functools.partial(CausalItemWorker, settings=...)`` is the factory),
+    so the model is loaded once per worker.
     """
 
     def __init__(self, model: MoEModel, settings: SweepSettings) -> None:
@@ -64,7 +71,11 @@ class CausalItemWorker:
         self._checked = False
         self._prefix = False
 
-    def __call__(self, item: Sequence[int] | Mapping[str, Any], layer: int) -> np.ndarray:
+    def __call__(self, work: CausalItem) -> np.ndarray:
+        with torch.no_grad():
+            return self._compute(*work)
+
+    def _compute(self, layer: int, item: Sequence[int] | Mapping[str, Any]) -> np.ndarray:
         s = self.settings
         if isinstance(item, Mapping):
             ids, dec = [int(x) for x in item["ids"]], [[int(x) for x in item["decisions"]]]
@@ -124,21 +135,10 @@ class SweepCheckpoint:
         self._fh.close()
 
 
-class LocalSweepRunner:
-    """Runs sweep items in this process."""
-
-    def run_items(self, model: MoEModel, items: Sequence[tuple[int, int, Any]], settings: SweepSettings
-                  ) -> Iterator[tuple[int, int, np.ndarray]]:
-        worker = CausalItemWorker(model, settings)
-        with torch.no_grad():
-            for i, layer, ids in items:
-                yield i, layer, worker(ids, layer)
-
-
 def causal_sweep(
     model: MoEModel,
     domain_or_texts: DomainInput,
-    executor: Any = None,
+    executor: Executor | None = None,
     magnitude: float = 1.0,
     positions: str = "all",
     max_length: int | None = 512,
@@ -153,12 +153,12 @@ def causal_sweep(
     ``decision``: where CE is measured, as in :func:`~expertscope.causal.causal_effects` (``"task"``:
     each input's decision positions; ``"last"``: its last token).
 
-    ``executor`` is a :class:`~expertscope.executors.RayExecutor` (or None: in process). With
+    ``executor`` is an :class:`~expertscope.execution.Executor` (None: in process). With
     ``checkpoint`` (a file), finished items survive a failure; ``resume=True`` computes only the rest.
     """
     settings = SweepSettings(magnitude=magnitude, positions=positions, skip=skip, decision=decision)
     settings.validate()
-    doms = _domains(domain_or_texts)
+    doms = as_domain_list(domain_or_texts)
     for d in doms:
         if not d.head(limit).examples:
             raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
@@ -170,11 +170,13 @@ def causal_sweep(
     E_max = model.num_experts
     ck = SweepCheckpoint(checkpoint, _fingerprint(texts, settings, model.describe()), resume) if checkpoint else None
     done: dict[tuple[int, int], np.ndarray] = dict(ck.done) if ck else {}
-    todo = [(i, layer, items[i]) for i in range(len(texts)) for layer in layers if (i, layer) not in done]
-    runner = executor if executor is not None else LocalSweepRunner()
+    todo = [(i, layer) for i in range(len(texts)) for layer in layers if (i, layer) not in done]
+    work: list[CausalItem] = [(layer, items[i]) for i, layer in todo]
+    runner = executor if executor is not None else LocalExecutor()
     computed = 0
     try:
-        for i, layer, ce in runner.run_items(model, todo, settings):
+        results = runner.run_items(model, work, partial(CausalItemWorker, settings=settings))
+        for (i, layer), ce in zip(todo, results, strict=True):
             done[(i, layer)] = ce
             computed += 1
             if ck is not None:

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
 from ..errors import ExpertscopeError
+from ..progress import ProgressCallback
 
 console = Console(stderr=True)
 out_console = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -60,7 +62,7 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             fail(interrupted, 130)
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def progress() -> Progress:
@@ -76,10 +78,15 @@ def progress() -> Progress:
     )
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar."""
+@contextlib.contextmanager
+def progress_bars() -> Iterator[ProgressCallback]:
+    """A :data:`~expertscope.progress.ProgressCallback` drawing one rich bar per task until the block ends."""
     with progress() as p:
-        task = p.add_task(description, total=total)
-        for item in items:
-            yield item
-            p.advance(task)
+        tasks: dict[str, TaskID] = {}
+
+        def update(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = p.add_task(task, total=total)
+            p.update(tasks[task], completed=done, total=total)
+
+        yield update

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import console, handle_errors, out_console
+from ._common import console, handle_errors, out_console, progress_bars
 from .options import (
     CAUSAL,
     AnswerFieldOpt,
@@ -138,8 +138,9 @@ def drivers_cmd(
 
         import expertscope.causal as C
 
-        effects = C.causal_effects(moe, doms, config=cfg, layers=layer_list, experts=expert_list, labels=label,
-                                   checkpoint=out / "checkpoint.npz", resume=bool(rd.previous), progress=True)
+        with progress_bars() as bar:
+            effects = C.causal_effects(moe, doms, config=cfg, layers=layer_list, experts=expert_list, labels=label,
+                                       checkpoint=out / "checkpoint.npz", resume=bool(rd.previous), progress=bar)
         effects.save(out)
         table = C.driver_experts(effects, rule=rule, z=z, seed=seed)
         table.save(out / "drivers.parquet")

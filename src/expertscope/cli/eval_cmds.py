@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -182,8 +183,15 @@ def _run_jobs(moe: Any, jobs: list[tuple[str, str, list[Example]]], batch_size: 
     with progress() as p:
         for name, job_task, exs in jobs:
             bar = p.add_task(f"eval {name}", total=len(exs))
-            res = evaluate(moe, job_task, exs, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
-                           on_batch=lambda k, bar=bar: p.advance(bar, k))
+            res = evaluate(
+                moe,
+                job_task,
+                exs,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                device=device,
+                on_batch=functools.partial(p.advance, bar),
+            )
             results.append((name, res))
     return results
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from ._common import console, handle_errors, out_console
+from ._common import console, handle_errors, out_console, progress_bars
 from .options import (
     PROFILE,
     AnswerFieldOpt,
@@ -32,6 +32,10 @@ from .options import (
     WorkersOpt,
     field_map,
 )
+
+if TYPE_CHECKING:
+    from ..stats.domain_experts import DomainExpertTable
+
 
 
 def register(app: typer.Typer) -> None:
@@ -106,13 +110,14 @@ def profile_cmd(
         rd.write_manifest("running", model=moe.describe())
         previous = RoutingProfile.load(out) if rd.previous and (out / "profile.safetensors").exists() else None
 
-        from ..executors import ModelSpec, make_executor
+        from ..execution import ModelSpec, make_executor
 
         spec = ModelSpec(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                          allow_pickle=allow_pickle)
         runner = make_executor(executor, spec, workers=workers, gpus_per_worker=gpus_per_worker)  # type: ignore[arg-type]
-        prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
-                       resume_from=previous, on_batch=checkpointer(out), progress=True, executor=runner)
+        with progress_bars() as bar:
+            prof = profile(moe, doms, batch_size=batch_size, max_length=max_length, keep_sequences=keep_sequences,
+                           resume_from=previous, on_batch=checkpointer(out), progress=bar, executor=runner)
         prof.save(out)
         from ..stats.routing_mi import save_routing_mi
 
@@ -189,7 +194,7 @@ def domains_cmd(
     out_console.print(f"wrote {run_dir / 'domain_experts.parquet'} (rule: {table.settings['rule_text']})")
 
 
-def print_domain_experts(table, top: int = 10) -> None:  # type: ignore[no-untyped-def]
+def print_domain_experts(table: DomainExpertTable, top: int = 10) -> None:
     """A rich table of the top domain experts per domain."""
     for dom in table.settings["domains"]:
         rows = table.experts(dom).head(top)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, handle_errors
+from ._common import console, handle_errors, progress_bars
 from .options import (
     STUDY,
     BatchOpt,
@@ -79,6 +79,7 @@ def run_cmd(
     check_positive(n_boot, "--n-boot", allow_zero=True)
     check_finite(z, "--z")
 
+    # typer passes str; the config validates its Literal options on creation
     cfg = StudyConfig(model=model, domains=tuple(domain or ()), limit=limit, causal_limit=causal_limit,
                       causal_method=causal_method, eval_limit=eval_limit, train_limit=train_limit,  # type: ignore[arg-type]
                       steer_mode=steer_mode, batch_size=batch_size, dtype=dtype, device=device, seed=seed, z=z,  # type: ignore[arg-type]
@@ -93,7 +94,8 @@ def run_cmd(
         elif event == "skip":
             console.print(f"[dim][{i}/{len(names)}] {name}: already complete, skipped[/]")
 
-    manifest = run_study(cfg, out, resume=resume, force=force, on_stage=on_stage)
+    with progress_bars() as bar:
+        manifest = run_study(cfg, out, resume=resume, force=force, on_stage=on_stage, progress=bar)
     console.print(f"[bold green]study complete[/] in {time.perf_counter() - t0:.0f}s → {out}")
     de = manifest["stages"].get("domain_experts", {}).get("domain_experts")
     if de:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -28,6 +28,10 @@ from .options import (
     StudyLimitOpt,
     TrainLimitOpt,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 STEER_STAGES = ("profile", "domain_experts", "drivers", "steering")
 
@@ -94,7 +98,7 @@ def steer_study_cmd(
     console.print(f"steering study complete in {time.perf_counter() - t0:.0f}s → {out / 'steering.csv'}")
 
 
-def print_steering(table) -> None:  # type: ignore[no-untyped-def]
+def print_steering(table: pd.DataFrame) -> None:
     """The Tables 1–2 rows per domain, with the paired-bootstrap CI of the change; a condition with nothing
     to measure shows "not applicable" and its reason; a saturated domain says so in its title."""
     for dom in table["domain"].unique():

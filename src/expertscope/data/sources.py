@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 from ..errors import DataError
@@ -219,7 +219,7 @@ def load_domain(
         fields.update(parsed)
     if not name or not source:
         raise DataError("a domain needs a name and a source: e.g. --domain math=data/math.jsonl")
-    task = fields.pop("task", task)  # type: ignore[assignment]
+    task = cast("TaskName | None", fields.pop("task", task))  # Domain checks the name is a task
     split = fields.pop("split", split)
     limit_s = fields.pop("limit", None)
     limit = parse_limit(limit_s, spec or f"{name}={source}") if limit_s is not None else limit
@@ -253,7 +253,8 @@ def load_domain(
 
 
 def _synthetic_task(kind: str) -> TaskName | None:
-    return {"emotion": "classification", "knowledge": "multiple_choice", "math": "math"}.get(kind)  # type: ignore[return-value]
+    tasks: dict[str, TaskName] = {"emotion": "classification", "knowledge": "multiple_choice", "math": "math"}
+    return tasks.get(kind)
 
 
 def load_domains(specs: Sequence[str], limit: int | None = None, seed: int = 0, **defaults: Any) -> list[Domain]:

@@ -490,7 +490,8 @@ def run_phase2(
     loaded = load_model(str(init_from), dtype="float32", verify=False)
     model, tokenizer = loaded.model, loaded.tokenizer
     phase1 = init_from / "training_manifest.json"
-    manifest = json.loads(phase1.read_text()) if phase1.exists() else {"kind": "demo-model", "config": {}}
+    manifest: dict[str, Any] = (json.loads(phase1.read_text()) if phase1.exists()
+                                else {"kind": "demo-model", "config": {}})
     stats = finetune_phase(model, tokenizer, cfg)
     _save_atomically(model, tokenizer, out)
     phase2_cfg = {k: v for k, v in asdict(cfg).items() if k.startswith("phase2")}

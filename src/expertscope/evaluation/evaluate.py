@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from .._padding import pad_ids
 from ..data import prompts
 from ..data.types import TASKS, Domain, Example
 from ..errors import ConfigError, DataError
+from ..routing import pad_ids
 from .extract import answers_equal, extract_answer, normalise_number
 from .metrics import accuracy, weighted_f1, wilson_interval
 
@@ -224,7 +224,7 @@ def _cut(text: str) -> str:
 
 def evaluate(
     model: Any,
-    task: str,
+    task: str | None,
     examples: Sequence[Example] | Domain,
     tokenizer: Any = None,
     batch_size: int = 8,

@@ -95,17 +95,18 @@ def write_synthetic_tasks(
         if dom not in SYNTHETIC_TASKS:
             raise ConfigError(f"unknown synthetic domain {dom!r}: use emotion, knowledge or math")
         data = generate(dom, n=n, seed=seed, split=split)
+        kind = data.task or ""  # generate() always sets the task; prompt() refuses an empty one
         rows = []
         for ex in data.examples:
-            text = prompts.prompt(data.task, ex)
-            if data.task == "classification":
+            text = prompts.prompt(kind, ex)
+            if kind == "classification":
                 labels = list(prompts.LABELS)
                 rows.append({"prompt": text, "choices": [prompts.verbalise(x) for x in labels],
-                             "gold": labels.index(ex.label)})
-            elif data.task == "multiple_choice":
+                             "gold": labels.index(str(ex.label))})
+            elif kind == "multiple_choice":
                 letters = list(prompts.LETTERS[: len(ex.choices or ())])
                 rows.append({"prompt": text, "choices": [prompts.LETTER_VERBALISATIONS[x] for x in letters],
-                             "gold": letters.index(ex.label)})
+                             "gold": letters.index(str(ex.label))})
             else:
                 rows.append({"prompt": text, "answer": ex.answer})
         task = SYNTHETIC_TASKS[dom]

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._padding import pad_ids
 from ..data.types import Domain, Example
 from ..errors import ConfigError, DataError
 from ..models.model import MoEModel
+from ..routing import pad_ids
 
 
 def router_parameter_names(model: MoEModel, layers: str | Sequence[int] = "last3") -> list[str]:

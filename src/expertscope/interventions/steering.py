@@ -165,11 +165,8 @@ class Steering:
 
     def _count(self, site: RouterSite, old: torch.Tensor, new: torch.Tensor) -> None:
         with torch.no_grad():
-            try:
-                a, _ = site.adapter.site_route(site, old.reshape(-1, site.num_experts))
-                b, _ = site.adapter.site_route(site, new.reshape(-1, site.num_experts))
-            except NotImplementedError:
-                return
+            a, _ = site.adapter.site_route(site, old.reshape(-1, site.num_experts))
+            b, _ = site.adapter.site_route(site, new.reshape(-1, site.num_experts))
             diff = (a.sort(-1).values != b.sort(-1).values).any(-1)
             self.changed[site.layer] = self.changed.get(site.layer, 0) + int(diff.sum())
             self.seen[site.layer] = self.seen.get(site.layer, 0) + int(diff.numel())
@@ -200,10 +197,6 @@ class Steering:
     @property
     def total_changed(self) -> int:
         return sum(self.changed.values())
-
-    def reset_counts(self) -> None:
-        self.changed.clear()
-        self.seen.clear()
 
 
 def steer(

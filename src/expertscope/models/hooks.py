@@ -14,7 +14,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,7 @@ class _LogitsMode(TorchFunctionMode):
 
 
 def _resolve_sites(target: MoEModel | Iterable[RouterSite]) -> list[RouterSite]:
-    sites = getattr(target, "sites", target)
-    return list(sites)
+    return list(cast("Iterable[RouterSite]", getattr(target, "sites", target)))
 
 
 class _Interceptor:

@@ -200,7 +200,8 @@ def load_model(
         raise ModelError(f"cannot load the tokenizer of {path_or_id} ({_first_line(e)}): save the model's "
                          "tokenizer into its directory") from None
     if device is not None and device_map is None:
-        model = model.to(device)
+        # transformers wraps PreTrainedModel.to in a decorator whose stub loses the bound self
+        model = model.to(device)  # type: ignore[arg-type]
     moe = MoEModel.from_model(model, tokenizer=tokenizer, source=path_or_id, verify=verify)
     moe.revision = revision or getattr(config, "_commit_hash", None)
     return moe

@@ -26,7 +26,7 @@ TYPE_COLOURS = {"general": "#56B4E9", "domain": "#0072B2", "driver": "#D55E00", 
                 "other": "#E69F00", "below uniform": "#DDDDDD"}
 MAX_PANELS = 12
 
-_RC = {
+_RC: dict[Any, Any] = {  # rc names; matplotlib's stub spells every key as a Literal
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
     "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False,
     "svg.hashsalt": "expertscope", "svg.fonttype": "none", "figure.dpi": 100,

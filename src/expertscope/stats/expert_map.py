@@ -11,16 +11,16 @@ biases included; ``nn.ModuleList`` experts are called directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from ..data.types import Domain, as_domains
 from ..errors import ConfigError, ModelError
+from ..routing import DomainInput, as_domain_list, routing_pass
 
 Representation = Literal["router", "output", "weights"]
 REPRESENTATIONS = ("router", "output", "weights")
@@ -93,13 +93,18 @@ def expert_forward(experts: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
             h = apply_gate(h)
         else:
             gate, up = h.chunk(2, dim=-1)
-            h = experts.act_fn(gate) * up
+            h = _act_fn(experts)(gate) * up
     else:
         up_w = getattr(experts, "up_proj", None)
         if not isinstance(up_w, torch.Tensor):
             raise ModelError(f"{type(experts).__name__} has neither gate_up_proj nor up_proj: not supported")
-        h = experts.act_fn(_linear(x, up_w[i], _bias(experts, "up_proj_bias", i), transposed))
+        h = _act_fn(experts)(_linear(x, up_w[i], _bias(experts, "up_proj_bias", i), transposed))
     return _linear(h, down[i], _bias(experts, "down_proj_bias", i), transposed)
+
+
+def _act_fn(experts: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The experts' activation (a module or a function the model set; nn.Module types it Tensor | Module)."""
+    return cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
 
 
 def _bias(experts: nn.Module, name: str, i: int) -> torch.Tensor | None:
@@ -109,7 +114,7 @@ def _bias(experts: nn.Module, name: str, i: int) -> torch.Tensor | None:
 
 def router_inputs(
     model: Any,
-    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
+    domains: DomainInput,
     n_tokens: int = 1024,
     batch_size: int = 8,
     max_length: int | None = 512,
@@ -121,46 +126,37 @@ def router_inputs(
     ``n_tokens`` real tokens are collected, then (if more were caught) a seeded sample of ``n_tokens`` rows,
     the same rows at every layer.
     """
-    from .profile import _ensure_pad, tokenize_batch
-
-    doms = as_domains(domains)
-    tok = model.tokenizer
-    if tok is None:
-        raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
-    _ensure_pad(tok)
-    tok.padding_side = "right"
+    doms = as_domain_list(domains)
     # Interleave domains so a small n_tokens still covers every domain.
     queues = [list(d.texts) for d in doms]
     texts = [q[j] for j in range(max((len(q) for q in queues), default=0)) for q in queues if j < len(q)]
     if not texts:
         raise ConfigError("no texts to compute expert outputs on: pass domains with texts")
     caught: dict[int, list[torch.Tensor]] = {s.layer: [] for s in model.sites}
-    current: dict[str, torch.Tensor] = {}
+    batch: dict[int, torch.Tensor] = {}
 
-    def make_hook(layer: int) -> Any:
-        def hook(_m: nn.Module, args: tuple) -> None:
+    def make_hook(layer: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
             h = args[0]
-            h = h.reshape(-1, h.shape[-1])
-            real = current["mask"]
-            if h.shape[0] == real.numel():
-                h = h[real.to(h.device)]
-            caught[layer].append(h.detach().float().cpu())
+            batch[layer] = h.reshape(-1, h.shape[-1]).detach()
         return hook
 
     handles = [s.module.register_forward_pre_hook(make_hook(s.layer)) for s in model.sites]
     total = 0
     try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                enc, _ = tokenize_batch(tok, texts[start:start + batch_size], max_length)
-                current["mask"] = enc["attention_mask"].reshape(-1).bool()
-                model.model(**{k: v.to(model.device) for k, v in enc.items()}, use_cache=False)
-                total += int(current["mask"].sum())
-                if total >= n_tokens:
-                    break
+        for routed in routing_pass(model, {"texts": texts}, batch_size, max_length, record=False):
+            real = routed.real()
+            for layer, h in batch.items():
+                if h.shape[0] == real.numel():  # routers that see only real tokens need no mask
+                    h = h[real.to(h.device)]
+                caught[layer].append(h.float().cpu())
+            batch.clear()
+            total += int(real.sum())
+            if total >= n_tokens:
+                break
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
     out = {layer: torch.cat(v) for layer, v in caught.items() if v}
     n = min(v.shape[0] for v in out.values())
     keep = np.sort(np.random.default_rng(seed).choice(n, size=min(n, n_tokens), replace=False))
@@ -253,7 +249,7 @@ def expert_map(
     seed: int = 0,
     perplexity: float | None = None,
     drivers: Any = None,
-    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]] | None = None,
+    domains: DomainInput | None = None,
     scope: Literal["all", "layer"] = "all",
     n_tokens: int = 1024,
     batch_size: int = 8,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._padding import pad_ids
 from ..config import ProfileConfig, resolve_config
-from ..data.types import Domain, as_domains
 from ..errors import ConfigError, DataError, OutputError
+from ..execution import Executor, LocalExecutor
 from ..io import atomic_path, write_json
-from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
+from ..progress import ProgressCallback
+from ..routing import DomainInput, domain_texts, effective_max_length, ensure_pad, plan_batches, route_batch
 from .entropy import bernoulli_entropy, eq1_entropy, topk_renormalised
 
 PROFILE_FORMAT_VERSION = 1
@@ -107,7 +108,7 @@ class RoutingProfile:
             raise ConfigError("this profile kept no per-sequence statistics: profile with keep_sequences=True")
         if not self._rows:
             L, E = len(self.layers), self.num_experts
-            empty = {
+            empty: dict[str, np.ndarray] = {
                 "seq_domain": np.zeros(0, np.int32), "seq_id": np.zeros(0, np.int64),
                 "seq_tokens": np.zeros(0, np.int64),
                 "sel": np.zeros((0, L, E), np.int64),
@@ -349,23 +350,6 @@ def batch_statistics(
     return out
 
 
-def tokenize_batch(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> tuple[dict, np.ndarray]:
-    """Tokenise once, truncate to ``max_length``, right-pad; returns the batch and which texts were cut."""
-    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    truncated = np.array([bool(max_length) and len(x) > max_length for x in ids], dtype=bool)
-    if max_length:
-        ids = [x[:max_length] for x in ids]
-    input_ids, mask = pad_ids(ids, tokenizer.pad_token_id)
-    return {"input_ids": input_ids, "attention_mask": mask}, truncated
-
-
-def _ensure_pad(tokenizer: Any) -> None:
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
-
-
 @dataclass
 class BatchResult:
     """Routing statistics of one batch: ``n_tokens`` ``(B,)``, ``stats[name]`` ``(B, L, E)``."""
@@ -377,77 +361,40 @@ class BatchResult:
     n_truncated: int
 
 
-class BatchProfiler:
-    """The unit of work of every executor: routing statistics of one batch of texts.
+#: One profiling work item: ``(domain, sequence ids, their texts)``.
+ProfileItem = tuple[str, list[int], list[str]]
 
-    Local runs call it in-process; distributed runs build one per worker from a model path, so the batches
-    (formed by :func:`plan_batches`) and hence every per-sequence row are the same either way.
+
+class BatchProfiler:
+    """The profiling worker: routing statistics of one batch of texts (a :data:`ProfileItem`).
+
+    Executors build one per worker (``functools.partial(BatchProfiler, max_length=...)`` is the factory) and
+    call it on the batches :func:`~expertscope.routing.plan_batches` formed, so every per-sequence row is
+    the same wherever it runs.
     """
 
     def __init__(self, model: MoEModel, max_length: int | None) -> None:
-        if model.tokenizer is None:
-            raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
-        _ensure_pad(model.tokenizer)
+        ensure_pad(model.tokenizer)
         self.model = model
         self.max_length = max_length
 
-    def __call__(self, domain: str, ids: Sequence[int], texts: Sequence[str]) -> BatchResult:
+    def __call__(self, item: ProfileItem) -> BatchResult:
+        domain, ids, texts = item
         model = self.model
-        enc, trunc = tokenize_batch(model.tokenizer, texts, self.max_length)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        with RouterHooks(model, record=True) as hooks, torch.no_grad():
-            model.model(**enc, use_cache=False)
-        calls = {layer: hooks.calls[layer][0] for layer in model.layers}
-        mask = enc["attention_mask"].bool()
-        stats = batch_statistics(calls, model.layers, model.num_experts, mask)
-        return BatchResult(domain, list(ids), mask.sum(1).cpu().numpy(), stats, int(trunc.sum()))
-
-
-def effective_max_length(model: MoEModel, max_length: int | None) -> int | None:
-    """``max_length`` capped at the model's context length (None when neither is known)."""
-    ctx = model.context_length
-    return min(x for x in (max_length, ctx) if x) if (max_length or ctx) else None
-
-
-def plan_batches(
-    texts_by_domain: dict[str, list[str]], batch_size: int, sort_by_length: bool = True,
-    done: Callable[[str, int], bool] | None = None,
-) -> list[tuple[str, list[int]]]:
-    """Batches as ``(domain, sequence ids)``: per domain, longest text first, skipping ``done`` sequences."""
-    plan: list[tuple[str, list[int]]] = []
-    for name, texts in texts_by_domain.items():
-        todo = [i for i in range(len(texts)) if done is None or not done(name, i)]
-        if sort_by_length:
-            todo.sort(key=lambda i, t=texts: (-len(t[i]), i))
-        plan.extend((name, todo[j:j + batch_size]) for j in range(0, len(todo), batch_size))
-    return plan
-
-
-def domain_texts(
-    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]], limit: int | None
-) -> dict[str, list[str]]:
-    """``{domain name: texts}``; an empty domain is an error."""
-    doms = as_domains(domains)
-    if not doms:
-        raise DataError("no domains given: pass at least one --domain NAME=SOURCE")
-    out = {}
-    for d in doms:
-        texts = d.head(limit).texts
-        if not texts:
-            raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
-        out[d.name] = texts
-    return out
+        routed = route_batch(model, texts, self.max_length, domain=domain, ids=ids)
+        stats = batch_statistics(routed.calls, model.layers, model.num_experts, routed.mask)
+        return BatchResult(domain, list(ids), routed.mask.sum(1).cpu().numpy(), stats, int(routed.truncated.sum()))
 
 
 def profile(
     model: MoEModel,
-    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
+    domains: DomainInput,
     config: ProfileConfig | None = None,
     *,
     resume_from: RoutingProfile | None = None,
     on_batch: Callable[[RoutingProfile, int], None] | None = None,
-    progress: bool = False,
-    executor: Any = None,
+    progress: ProgressCallback | None = None,
+    executor: Executor | None = None,
     **overrides: Any,
 ) -> RoutingProfile:
     """Stream each domain's texts through ``model`` and collect a :class:`RoutingProfile`.
@@ -457,8 +404,9 @@ def profile(
     Texts are batched (longest first when ``sort_by_length``), right-padded and truncated to
     ``max_length`` (or the model's context, whichever is smaller); truncations are counted per domain.
     ``resume_from`` skips sequences already in that profile and continues it; ``on_batch(profile, n)``
-    runs after every batch (checkpointing, progress). ``executor`` (see :mod:`expertscope.executors`)
-    runs the batches elsewhere, e.g. on Ray actors; results are identical to the in-process run.
+    runs after every batch (checkpointing); ``progress("profiling", done, total)`` after every batch too.
+    ``executor`` (see :mod:`expertscope.execution`) runs the batches elsewhere, e.g. on Ray actors; results
+    are identical to the in-process run.
     """
     from ..validation import check_type
 
@@ -474,24 +422,18 @@ def profile(
     if resume_from is not None and (resume_from.layers != layers or resume_from.num_experts != model.num_experts):
         raise ConfigError("the profile to resume was made with another model: use a new --out")
     plan = plan_batches(texts_by_domain, cfg.batch_size, cfg.sort_by_length, prof.has)
-    if executor is None:
-        from ..executors import LocalExecutor  # executors imports this module: import lazily
-
-        executor = LocalExecutor()
-    results = executor.profile_batches(model, plan, texts_by_domain, max_len)
-    bar = _progress_bar(len(plan)) if progress else None
-    try:
-        for step, res in enumerate(results):
-            prof.add(res.domain, res.ids, res.n_tokens, res.stats)
-            if res.n_truncated:
-                prof.truncated[res.domain] = prof.truncated.get(res.domain, 0) + res.n_truncated
-            if on_batch is not None:
-                on_batch(prof, step)
-            if bar is not None:
-                bar[0].advance(bar[1])
-    finally:
-        if bar is not None:
-            bar[0].stop()
+    runner = executor if executor is not None else LocalExecutor()
+    items: list[ProfileItem] = [(name, ids, [texts_by_domain[name][i] for i in ids]) for name, ids in plan]
+    if progress is not None:
+        progress("profiling", 0, len(items))
+    for step, res in enumerate(runner.run_items(model, items, partial(BatchProfiler, max_length=max_len))):
+        prof.add(res.domain, res.ids, res.n_tokens, res.stats)
+        if res.n_truncated:
+            prof.truncated[res.domain] = prof.truncated.get(res.domain, 0) + res.n_truncated
+        if on_batch is not None:
+            on_batch(prof, step)
+        if progress is not None:
+            progress("profiling", step + 1, len(items))
     return prof
 
 
@@ -508,10 +450,3 @@ def checkpointer(directory: str | Path, every_s: float = 30.0) -> Callable[[Rout
 
     return save
 
-
-def _progress_bar(total: int) -> tuple[Any, Any]:
-    from ..cli._common import progress as make_progress
-
-    p = make_progress()
-    p.start()
-    return p, p.add_task("profiling", total=total)

@@ -9,7 +9,6 @@ without a second forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.types import Domain, as_domains
-from ..errors import ConfigError, DataError
-from .profile import effective_max_length
+from ..errors import ConfigError
+from ..routing import DomainInput, domain_texts, routing_pass
 
 #: Five equal relative-position bins; the last is closed (SPEC §5).
 N_BINS = 5
@@ -96,7 +94,7 @@ def position_bin(position: np.ndarray, length: np.ndarray) -> np.ndarray:
 # ----- recording -----------------------------------------------------------------------------------------
 def record_tokens(
     model: Any,
-    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
+    domains: DomainInput,
     batch_size: int = 8,
     max_length: int | None = 512,
     limit: int | None = None,
@@ -106,55 +104,37 @@ def record_tokens(
     Texts are tokenised like :func:`~expertscope.stats.profile.profile` (special tokens added, right-padded,
     truncated to ``max_length`` or the model's context). Memory: ``N * L * k`` int32 for ``N`` tokens.
     """
-    from ..models.hooks import RouterHooks
-    from .profile import _ensure_pad, tokenize_batch
-
-    doms = as_domains(domains)
-    if not doms:
-        raise DataError("no domains given: pass at least one domain")
     tok = model.tokenizer
-    if tok is None:
-        raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
-    if batch_size <= 0:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}: pass batch_size >= 1")
-    _ensure_pad(tok)
-    tok.padding_side = "right"
-    max_len = effective_max_length(model, max_length)
+    texts_by_domain = domain_texts(domains, limit)
+    d_index = {name: j for j, name in enumerate(texts_by_domain)}
     layers = list(model.layers)
     k = max(s.top_k for s in model.sites)
     parts: dict[str, list[np.ndarray]] = {n: [] for n in ("domain", "seq", "position", "length", "token_id",
                                                           "selected")}
-    with RouterHooks(model, record=True) as hooks, torch.no_grad():
-        for d_index, dom in enumerate(doms):
-            texts = dom.head(limit).texts
-            if not texts:
-                raise DataError(f"domain {dom.name!r} has no texts: check its source and field names")
-            for start in range(0, len(texts), batch_size):
-                enc, _ = tokenize_batch(tok, texts[start:start + batch_size], max_len)
-                hooks.clear()
-                model.model(**{n: v.to(model.device) for n, v in enc.items()}, use_cache=False)
-                mask = enc["attention_mask"].bool()
-                B, T = mask.shape
-                real = mask.reshape(-1)
-                lengths = mask.sum(1)
-                sel = np.full((int(real.sum()), len(layers), k), -1, dtype=np.int32)
-                for j, layer in enumerate(layers):
-                    call = hooks.calls[layer][0]
-                    idx = call.indices.reshape(B * T, -1)[real.to(call.indices.device)]
-                    sel[:, j, : idx.shape[1]] = idx.cpu().numpy()
-                seq_of = torch.arange(B).unsqueeze(1).expand(B, T).reshape(-1)[real]
-                parts["domain"].append(np.full(len(sel), d_index, dtype=np.int32))
-                parts["seq"].append((seq_of + start).numpy().astype(np.int64))
-                parts["position"].append(torch.arange(T).repeat(B)[real].numpy().astype(np.int32))
-                parts["length"].append(lengths[seq_of].numpy().astype(np.int32))
-                parts["token_id"].append(enc["input_ids"].reshape(-1)[real].numpy().astype(np.int64))
-                parts["selected"].append(sel)
+    for routed in routing_pass(model, texts_by_domain, batch_size, max_length):
+        mask = routed.mask.cpu()
+        B, T = mask.shape
+        real = mask.reshape(-1)
+        lengths = mask.sum(1)
+        sel = np.full((int(real.sum()), len(layers), k), -1, dtype=np.int32)
+        for j, layer in enumerate(layers):
+            call = routed.calls[layer]
+            idx = call.indices.reshape(B * T, -1)[real.to(call.indices.device)]
+            sel[:, j, : idx.shape[1]] = idx.cpu().numpy()
+        seq_of = torch.arange(B).unsqueeze(1).expand(B, T).reshape(-1)[real]
+        seq_ids = torch.as_tensor(routed.ids, dtype=torch.int64)
+        parts["domain"].append(np.full(len(sel), d_index[routed.domain], dtype=np.int32))
+        parts["seq"].append(seq_ids[seq_of].numpy().astype(np.int64))
+        parts["position"].append(torch.arange(T).repeat(B)[real].numpy().astype(np.int32))
+        parts["length"].append(lengths[seq_of].numpy().astype(np.int32))
+        parts["token_id"].append(routed.input_ids.cpu().reshape(-1)[real].numpy().astype(np.int64))
+        parts["selected"].append(sel)
     arrays = {n: np.concatenate(v) if v else np.zeros(0, np.int64) for n, v in parts.items()}
     if not parts["selected"]:
         arrays["selected"] = np.zeros((0, len(layers), k), np.int32)
     ids = np.unique(arrays["token_id"])
     strings = {int(i): tok.decode([int(i)]) for i in ids}
-    return TokenRecord(domains=[d.name for d in doms], layers=layers, token_strings=strings, **arrays)
+    return TokenRecord(domains=list(texts_by_domain), layers=layers, token_strings=strings, **arrays)
 
 
 # ----- positions -----------------------------------------------------------------------------------------
@@ -193,8 +173,8 @@ def position_bins(record: TokenRecord, drivers: Any) -> pd.DataFrame:
     hit = record.triggers(dsets)  # (N, L)
     bins = position_bin(record.position, record.length)
     rows: list[dict[str, Any]] = []
-    columns = [(str(layer), hit[:, j]) for j, layer in enumerate(record.layers)]
-    columns.append(("all", hit.any(axis=1) if hit.shape[1] else np.zeros(record.num_tokens, bool)))
+    columns: list[tuple[str, np.ndarray]] = [(str(layer), hit[:, j]) for j, layer in enumerate(record.layers)]
+    columns.append(("all", np.asarray(hit.any(axis=1)) if hit.shape[1] else np.zeros(record.num_tokens, bool)))
     for d, name in enumerate(record.domains):
         in_dom = record.domain == d
         base = np.bincount(bins[in_dom], minlength=N_BINS)
@@ -220,7 +200,7 @@ def position_bins(record: TokenRecord, drivers: Any) -> pd.DataFrame:
 
 def position_profile(
     model: Any,
-    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
+    domains: DomainInput,
     drivers: Any,
     batch_size: int = 8,
     max_length: int | None = 512,
@@ -317,7 +297,7 @@ def associations_from_record(
 
 def token_associations(
     model: Any,
-    domains: Domain | Sequence[Domain] | dict[str, Sequence[str]],
+    domains: DomainInput,
     experts: pd.DataFrame,
     min_count: int = 5,
     top: int = 10,

@@ -13,7 +13,7 @@ grouping and top-k run unchanged on the (possibly transformed) logits.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -61,7 +61,15 @@ class RouterSite:
         return self.adapter.family
 
 
-class RouterAdapter:
+def module_attr(module: object, name: str) -> Any:
+    """A plain attribute the model's code set on ``module`` (a config value such as ``top_k``).
+
+    Typed ``Any``: ``nn.Module.__getattr__`` is typed for parameters and submodules (``Tensor | Module``).
+    """
+    return getattr(module, name)
+
+
+class RouterAdapter(ABC):
     """Base class. Subclasses set ``family`` and implement ``classes`` (or ``matches``) and ``route``."""
 
     family: ClassVar[str] = "base"
@@ -72,9 +80,10 @@ class RouterAdapter:
     # ----- discovery -----------------------------------------------------------------------------
     @classmethod
     def classes(cls) -> tuple[type, ...]:
-        if cls.__dict__.get("_classes") is None:
-            cls._classes = lazy_classes(*cls.class_names)
-        return cls._classes  # type: ignore[return-value]
+        classes = cls.__dict__.get("_classes")
+        if classes is None:
+            classes = cls._classes = lazy_classes(*cls.class_names)
+        return classes
 
     @classmethod
     def matches(cls, module: nn.Module, parent: nn.Module | None) -> bool:
@@ -96,10 +105,10 @@ class RouterAdapter:
     # ----- structure -----------------------------------------------------------------------------
     def num_experts(self, module: nn.Module, parent: nn.Module | None) -> int:
         n = getattr(module, "num_experts", None)
-        return int(n) if n is not None else int(module.weight.shape[0])  # type: ignore[union-attr,index]
+        return int(n) if n is not None else int(module_attr(module, "weight").shape[0])
 
     def top_k(self, module: nn.Module, parent: nn.Module | None) -> int:
-        return int(module.top_k)  # type: ignore[arg-type]
+        return int(module_attr(module, "top_k"))
 
     def num_shared(self, module: nn.Module, parent: nn.Module | None) -> int:
         """Always-on shared experts of the block (0 when there are none)."""
@@ -141,9 +150,9 @@ class RouterAdapter:
             w = torch.gather(torch.softmax(logits.float(), -1), 1, idx)
         return idx, w.reshape(-1, top_k).float()
 
+    @abstractmethod
     def route(self, logits: torch.Tensor, top_k: int) -> RouteOutput:
         """Reproduce the family's routing from logits ``(N, E)``: ``(indices, weights)``, each ``(N, k)``."""
-        raise NotImplementedError
 
     def site_route(self, site: RouterSite, logits: torch.Tensor) -> RouteOutput:
         """``route`` with the site's own settings (grouping, bias, scaling) where the family has them."""
@@ -154,7 +163,7 @@ class RouterAdapter:
         return site.module(hidden)
 
     def hidden_size(self, site: RouterSite) -> int:
-        return int(site.module.weight.shape[1])  # type: ignore[union-attr,index]
+        return int(module_attr(site.module, "weight").shape[1])
 
 
 _REGISTRY: list[type[RouterAdapter]] = []
@@ -196,5 +205,3 @@ def topk_then_softmax(logits: torch.Tensor, top_k: int) -> RouteOutput:
     top, idx = torch.topk(logits.float(), top_k, dim=-1)
     return idx, torch.softmax(top, dim=-1)
 
-
-Router = Callable[[torch.Tensor], RouteOutput]

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .base import RouteOutput, RouterAdapter, RouterSite, register_adapter
+from .base import RouteOutput, RouterAdapter, RouterSite, module_attr, register_adapter
 
 _TM = "transformers.models"
 
@@ -28,7 +30,7 @@ class DeepseekV2Adapter(RouterAdapter):
         return self._route(logits, top_k, "greedy", 1, 1, 1.0)
 
     def site_route(self, site: RouterSite, logits: torch.Tensor) -> RouteOutput:
-        m = site.module
+        m: Any = site.module  # routing settings are plain attributes (nn.Module types them Tensor | Module)
         return self._route(logits, site.top_k, m.topk_method, m.num_group, m.topk_group, m.routed_scaling_factor)
 
     @staticmethod
@@ -45,7 +47,8 @@ class DeepseekV2Adapter(RouterAdapter):
 
     def make_site(self, layer: int, path: str, module: nn.Module, parent: nn.Module | None) -> RouterSite:
         site = super().make_site(layer, path, module, parent)
-        site.info.update(topk_method=module.topk_method, routed_scaling_factor=float(module.routed_scaling_factor))
+        site.info.update(topk_method=module_attr(module, "topk_method"),
+                         routed_scaling_factor=float(module_attr(module, "routed_scaling_factor")))
         return site
 
 
@@ -66,7 +69,7 @@ class DeepseekV3Adapter(RouterAdapter):
         return idx, w
 
     def site_route(self, site: RouterSite, logits: torch.Tensor) -> RouteOutput:
-        m = site.module
+        m: Any = site.module  # routing settings are plain attributes (nn.Module types them Tensor | Module)
         scores = logits.float().sigmoid()
         choice = scores + m.e_score_correction_bias.float()
         n, e = scores.shape
@@ -80,6 +83,6 @@ class DeepseekV3Adapter(RouterAdapter):
 
     def make_site(self, layer: int, path: str, module: nn.Module, parent: nn.Module | None) -> RouterSite:
         site = super().make_site(layer, path, module, parent)
-        site.info.update(n_group=int(module.num_group), topk_group=int(module.topk_group),
-                         norm_topk_prob=bool(module.norm_topk_prob))
+        m: Any = module
+        site.info.update(n_group=int(m.num_group), topk_group=int(m.topk_group), norm_topk_prob=bool(m.norm_topk_prob))
         return site

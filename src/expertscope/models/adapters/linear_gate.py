@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import RouteOutput, RouterAdapter, RouterSite, register_adapter, softmax_topk
+from .base import RouteOutput, RouterAdapter, RouterSite, module_attr, register_adapter, softmax_topk
 
 
 @register_adapter
@@ -34,10 +34,10 @@ class LinearGateAdapter(RouterAdapter):
         )
 
     def num_experts(self, module: nn.Module, parent: nn.Module | None) -> int:
-        return int(module.out_features)
+        return int(module_attr(module, "out_features"))
 
     def top_k(self, module: nn.Module, parent: nn.Module | None) -> int:
-        return int(getattr(parent, "top_k", None) or parent.num_experts_per_tok)  # type: ignore[union-attr]
+        return int(getattr(parent, "top_k", None) or module_attr(parent, "num_experts_per_tok"))
 
     def _renormalise(self, parent: nn.Module | None) -> bool:
         # Mixtral 4.x always renormalises; Qwen/OLMoE 4.x blocks carry norm_topk_prob.

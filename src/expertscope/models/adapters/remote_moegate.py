@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import RouteOutput, RouterAdapter, RouterSite, register_adapter, softmax_topk
+from .base import RouteOutput, RouterAdapter, RouterSite, module_attr, register_adapter, softmax_topk
 
 
 @register_adapter
@@ -29,7 +29,7 @@ class RemoteMoEGateAdapter(RouterAdapter):
         )
 
     def num_experts(self, module: nn.Module, parent: nn.Module | None) -> int:
-        return int(module.n_routed_experts)
+        return int(module_attr(module, "n_routed_experts"))
 
     def num_shared(self, module: nn.Module, parent: nn.Module | None) -> int:
         config = getattr(parent, "config", None)

@@ -1,0 +1,250 @@
+"""The one routing pass: tokenise texts, batch them, run the model under :class:`RouterHooks`, yield the routing.
+
+Every analysis that reads router decisions over texts (profiles, the causal rate, token records, router
+inputs for the expert map) goes through :func:`route_batch` / :func:`routing_pass`, so texts are tokenised,
+truncated and padded in one way everywhere:
+
+- special tokens added, truncated to :func:`effective_max_length` (the requested length capped at the
+  model's context), right-padded with :func:`pad_ids` using :func:`ensure_pad`'s token;
+- the caller's tokenizer is never modified (no ``padding_side``, no ``pad_token`` assignment): padding is
+  done here on token-id lists, so the tokenizer's own padding settings do not matter.
+
+It also holds the shared helpers that turn the accepted domain inputs into texts (:func:`as_domain_list`,
+:func:`domain_texts`, :func:`flatten_texts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+import torch
+
+from .data.types import Domain, Example, as_domains
+from .errors import ConfigError, DataError
+from .models.hooks import RouterCall, RouterHooks
+
+if TYPE_CHECKING:
+    from .models.model import MoEModel
+
+#: What analyses accept as their texts: one Domain, a list of Domains, ``{name: texts}`` or a list of texts.
+DomainInput: TypeAlias = Domain | Sequence[Domain] | Mapping[str, Sequence[str]] | Sequence[str]
+
+#: A planned batch: ``(domain name, sequence ids within that domain)``.
+PlannedBatch: TypeAlias = tuple[str, list[int]]
+
+
+# ----- tokenising ----------------------------------------------------------------------------------------
+def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, each ``(batch, longest)`` int64, padded on the right (or left)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, sl] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[row, sl] = 1
+    return ids, mask
+
+
+def ensure_pad(tokenizer: Any) -> int:
+    """The token id to pad with: the tokenizer's pad token, else its eos token (the tokenizer is not changed).
+
+    Raises :class:`ConfigError` when the tokenizer has neither.
+    """
+    if tokenizer is None:
+        raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
+    return int(tokenizer.eos_token_id)
+
+
+def effective_max_length(model: MoEModel, max_length: int | None) -> int | None:
+    """``max_length`` capped at the model's context length (None when neither is known)."""
+    ctx = model.context_length
+    known = [x for x in (max_length, ctx) if x]
+    return min(known) if known else None
+
+
+def tokenize_batch(
+    tokenizer: Any, texts: Sequence[str], max_length: int | None
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """Tokenise ``texts`` (special tokens added), truncate to ``max_length``, right-pad.
+
+    Returns ``{"input_ids", "attention_mask"}`` (each ``(B, T)`` int64, on the CPU) and ``(B,)`` bool: which
+    texts were cut.
+    """
+    pad = ensure_pad(tokenizer)
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    truncated = np.array([max_length is not None and max_length > 0 and len(x) > max_length for x in ids],
+                         dtype=bool)
+    if max_length:
+        ids = [x[:max_length] for x in ids]
+    input_ids, mask = pad_ids(ids, pad)
+    return {"input_ids": input_ids, "attention_mask": mask}, truncated
+
+
+# ----- domains to texts ----------------------------------------------------------------------------------
+def as_domain_list(domains: DomainInput) -> list[Domain]:
+    """The accepted domain inputs as a list of :class:`Domain`; a bare list of texts is one domain ``"texts"``.
+
+    An empty input is a :class:`DataError`.
+    """
+    if isinstance(domains, str):
+        raise ConfigError("pass a list of texts, a Domain or {name: texts}, not one string: wrap it in a list")
+    if isinstance(domains, Domain):
+        doms = [domains]
+    elif isinstance(domains, Mapping):
+        doms = as_domains({str(k): list(v) for k, v in domains.items()})
+    else:
+        items = list(domains)
+        if items and all(isinstance(t, str) for t in items):
+            doms = [Domain("texts", [Example(text=str(t)) for t in items])]
+        else:
+            doms = [d for d in items if isinstance(d, Domain)]
+            if len(doms) != len(items):
+                raise ConfigError("pass Domains, {name: texts} or a list of texts, not a mix: make them Domains")
+    if not doms:
+        raise DataError("no domain given: pass at least one domain (or a list of texts)")
+    return doms
+
+
+def domain_texts(domains: DomainInput, limit: int | None = None) -> dict[str, list[str]]:
+    """``{domain name: its first ``limit`` texts}``, in the given order.
+
+    No domain, a repeated name, or a domain without texts is a :class:`DataError`.
+    """
+    doms = as_domain_list(domains)
+    names = [d.name for d in doms]
+    if len(set(names)) != len(names):
+        raise DataError(f"domain names {names} repeat: give each domain its own name")
+    out: dict[str, list[str]] = {}
+    for d in doms:
+        texts = d.head(limit).texts
+        if not texts:
+            raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
+        out[d.name] = texts
+    return out
+
+
+def flatten_texts(texts_by_domain: Mapping[str, Sequence[str]]) -> tuple[list[str], list[str], list[int]]:
+    """All texts in domain order, with each text's domain name and its index within the domain."""
+    texts: list[str] = []
+    dom_of: list[str] = []
+    index: list[int] = []
+    for name, ts in texts_by_domain.items():
+        texts += list(ts)
+        dom_of += [name] * len(ts)
+        index += list(range(len(ts)))
+    return texts, dom_of, index
+
+
+# ----- planning ------------------------------------------------------------------------------------------
+def plan_batches(
+    texts_by_domain: Mapping[str, Sequence[str]], batch_size: int, sort_by_length: bool = True,
+    done: Callable[[str, int], bool] | None = None,
+) -> list[PlannedBatch]:
+    """Batches of at most ``batch_size`` sequences of one domain, as ``(domain, sequence ids)``.
+
+    Per domain, in the given domain order: longest text first when ``sort_by_length`` (ties by id), else in
+    text order; sequences for which ``done(domain, id)`` holds are skipped.
+    """
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}: pass batch_size >= 1")
+    plan: list[PlannedBatch] = []
+    for name, texts in texts_by_domain.items():
+        todo = [i for i in range(len(texts)) if done is None or not done(name, i)]
+        if sort_by_length:
+            keys = {i: (-len(texts[i]), i) for i in todo}
+            todo.sort(key=keys.__getitem__)
+        plan.extend((name, todo[j:j + batch_size]) for j in range(0, len(todo), batch_size))
+    return plan
+
+
+# ----- running -------------------------------------------------------------------------------------------
+@dataclass
+class RoutedBatch:
+    """The routing of one batch of ``B`` texts padded to ``T`` tokens.
+
+    ``input_ids`` and ``mask`` ``(B, T)`` on the model's device (``mask`` bool: real tokens); ``calls[layer]``
+    the :class:`RouterCall` of each recorded MoE layer over the ``B*T`` tokens, batch-major, padding included
+    (empty when nothing was recorded); ``truncated`` ``(B,)`` bool, the texts cut to the maximum length.
+    """
+
+    domain: str
+    ids: list[int]
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    calls: dict[int, RouterCall]
+    truncated: np.ndarray
+
+    def real(self) -> torch.Tensor:
+        """``(B*T,)`` bool on the model's device: which rows of a call are real tokens."""
+        return self.mask.reshape(-1)
+
+
+def route_batch(
+    model: MoEModel, texts: Sequence[str], max_length: int | None, record: bool = True,
+    domain: str = "", ids: Sequence[int] | None = None,
+) -> RoutedBatch:
+    """One forward pass (no gradients, no KV cache) over ``texts``, recording every MoE layer's router call.
+
+    ``max_length`` is used as given (pass :func:`effective_max_length`'s value). With ``record=False`` no
+    router hook is installed (for callers that hook the model themselves).
+    """
+    enc, truncated = tokenize_batch(model.tokenizer, texts, max_length)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    calls: dict[int, RouterCall] = {}
+    with torch.no_grad():
+        if record:
+            with RouterHooks(model, record=True) as hooks:
+                model.model(**enc, use_cache=False)
+            calls = {layer: hooks.calls[layer][0] for layer in model.layers}
+        else:
+            model.model(**enc, use_cache=False)
+    return RoutedBatch(domain, list(ids) if ids is not None else list(range(len(texts))), enc["input_ids"],
+                       enc["attention_mask"].bool(), calls, truncated)
+
+
+def routing_pass(
+    model: MoEModel,
+    texts_by_domain: Mapping[str, Sequence[str]],
+    batch_size: int = 8,
+    max_length: int | None = 512,
+    plan: Sequence[PlannedBatch] | None = None,
+    record: bool = True,
+) -> Iterator[RoutedBatch]:
+    """Route every text of every domain, one :class:`RoutedBatch` per planned batch, in plan order.
+
+    ``max_length`` is capped at the model's context (:func:`effective_max_length`). ``plan`` defaults to
+    :func:`plan_batches` in text order (no sorting). Lazy: stopping early runs no further batches, and no
+    hook is left installed between batches.
+    """
+    ensure_pad(model.tokenizer)
+    max_len = effective_max_length(model, max_length)
+    if plan is None:
+        plan = plan_batches(texts_by_domain, batch_size, sort_by_length=False)
+    for name, ids in plan:
+        texts = texts_by_domain[name]
+        yield route_batch(model, [texts[i] for i in ids], max_len, record=record, domain=name, ids=ids)
+
+
+__all__ = [
+    "DomainInput",
+    "PlannedBatch",
+    "RoutedBatch",
+    "as_domain_list",
+    "domain_texts",
+    "effective_max_length",
+    "ensure_pad",
+    "flatten_texts",
+    "pad_ids",
+    "plan_batches",
+    "route_batch",
+    "routing_pass",
+    "tokenize_batch",
+]
