@@ -51,7 +51,8 @@ class StudyConfig(BaseConfig):
     trust_remote_code: bool = False
 
     def validate(self) -> None:
-        from .validation import check_domain_specs, check_finite, check_positive, check_positive_finite
+        from .data.checks import check_domain_specs
+        from .validation import check_finite, check_positive, check_positive_finite
 
         if isinstance(self.domains, str):
             check_domain_specs(self.domains)  # refuses one string (it would be split into characters)
@@ -70,8 +71,9 @@ class StudyConfig(BaseConfig):
     def check_inputs(self, stages: Sequence[str] | None = None) -> None:
         """Check what can be checked before any expensive stage: device, model location, domain specs, and
         what the chosen ``stages`` (default: all) need of the domains."""
+        from .data.checks import check_domain_specs, check_stage_inputs
         from .models.loading import resolve_source
-        from .validation import check_device, check_domain_specs, check_stage_inputs
+        from .validation import check_device
 
         check_device(self.device)
         resolve_source(self.model)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError, InputTypeError
@@ -87,74 +86,6 @@ def check_device(device: Any) -> None:
         raise ConfigError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps")
 
 
-def check_domain_specs(specs: Any, option: str = "--domain") -> None:
-    """Domain specs parse, name unique domains, and point at files that exist / known synthetic domains."""
-    from .data.sources import PRESETS, parse_domain_spec
-
-    if isinstance(specs, str):
-        raise InputTypeError(f"domains must be a list of NAME=SOURCE specs, got one string {specs!r}: "
-                             "wrap it in a list")
-    names: list[str] = []
-    for spec in specs:
-        if not isinstance(spec, str):
-            raise InputTypeError(f"domain spec {spec!r} is a {type(spec).__name__}, not a NAME=SOURCE string")
-        name, source, fields = parse_domain_spec(spec)
-        names.append(name)
-        if "limit" in fields:
-            parse_limit(fields["limit"], spec)
-        if "task" in fields:
-            from .data.types import TASKS
-
-            if fields["task"] not in TASKS:
-                raise DataError(f"unknown task {fields['task']!r} in {spec!r}: use one of {', '.join(TASKS)}")
-        if source.startswith("synthetic:"):
-            from .data.synthetic import DOMAINS, SPLITS
-
-            kind, _, split = source.split(":", 1)[1].partition("@")
-            if kind not in DOMAINS:
-                raise DataError(f"unknown synthetic domain {kind!r} in {spec!r}: use one of {', '.join(DOMAINS)}")
-            if split and split not in SPLITS:
-                raise DataError(f"unknown split {split!r} in {spec!r}: use one of {', '.join(SPLITS)}")
-        elif source.startswith("preset:"):
-            if source.split(":", 1)[1] not in PRESETS:
-                raise DataError(f"unknown preset {source.split(':', 1)[1]!r} in {spec!r}: use one of "
-                                f"{', '.join(PRESETS)}")
-        elif not source.startswith("hf:"):
-            path = Path(source).expanduser()
-            if not path.exists():
-                raise DataError(f"data file {path} not found (in {option} {spec}): check the path")
-            if path.is_dir():
-                raise DataError(f"{path} is a directory (in {option} {spec}): pass a .jsonl, .csv or .parquet file")
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise DataError(f"domain name {dup!r} is used twice: give each {option} its own name")
-
-
-def spec_task(spec: str) -> str | None:
-    """The evaluation task a domain spec implies: ``?task=``, else the preset's or synthetic domain's own."""
-    from .data.sources import PRESETS, _synthetic_task, parse_domain_spec
-
-    _, source, fields = parse_domain_spec(spec)
-    if "task" in fields:
-        return fields["task"]
-    if source.startswith("preset:"):
-        preset = PRESETS.get(source.split(":", 1)[1])
-        return preset.task if preset else None
-    if source.startswith("synthetic:"):
-        return _synthetic_task(source.split(":", 1)[1].partition("@")[0])
-    return None
-
-
-def check_stage_inputs(specs: Sequence[str], stages: Sequence[str]) -> None:
-    """What later stages need, checked before the first: two domains for domain experts, a task to steer."""
-    if "domain_experts" in stages and len(specs) < 2:
-        raise DataError(f"domain experts compare domains, but {len(specs)} --domain was given: pass at least two")
-    if "steering" in stages and not any(spec_task(s) for s in specs):
-        raise DataError("the steering stage evaluates a task, but no --domain has one: add ?task=classification|"
-                        "multiple_choice|math to a spec (e.g. -d qa=qa.jsonl?task=multiple_choice), or use "
-                        "preset: or synthetic: sources")
-
-
 def parse_limit(value: str, where: str) -> int:
     """``?limit=N`` of a domain spec as an integer ≥ 1."""
     try:
@@ -187,6 +118,6 @@ def check_type(value: Any, types: type | tuple[type, ...], name: str, expected: 
         raise InputTypeError(f"{name} is a {type(value).__name__}, not {expected}")
 
 
-__all__ = ["check_choice", "check_device", "check_domain_specs", "check_finite", "check_open_unit",
-           "check_positive", "check_positive_finite", "check_stage_inputs", "check_text", "check_type",
-           "parse_limit", "spec_task"]
+__all__ = ["check_choice", "check_device", "check_finite", "check_open_unit",
+           "check_positive", "check_positive_finite", "check_text", "check_type",
+           "parse_limit"]

@@ -98,12 +98,13 @@ def drivers_cmd(
     import torch
 
     from ..config import CausalConfig, DriverConfig
+    from ..data.checks import check_domain_specs
     from ..data.sources import load_domains
     from ..errors import DataError
     from ..io import write_table
     from ..models.loading import load_model, resolve_source
     from ..rundir import check_out_dir, open_run_dir, run_fingerprint
-    from ..validation import check_device, check_domain_specs, check_finite, check_positive
+    from ..validation import check_device, check_finite, check_positive
 
     # Every check before anything is created or loaded, so bad input fails fast and leaves nothing behind.
     if not domain:

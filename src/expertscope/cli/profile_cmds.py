@@ -76,12 +76,13 @@ def profile_cmd(
 
       expertscope profile -m ./Qwen1.5-MoE-A2.7B --domain sa=emotion.jsonl --domain math=gsm8k.jsonl?text=question
     """
+    from ..data.checks import check_domain_specs
     from ..data.sources import load_domains
     from ..errors import DataError
     from ..models.loading import load_model, resolve_source
     from ..rundir import check_out_dir, open_run_dir, run_fingerprint
     from ..stats.profile import RoutingProfile, checkpointer, profile
-    from ..validation import check_choice, check_device, check_domain_specs, check_positive
+    from ..validation import check_choice, check_device, check_positive
 
     # Every check before anything is created or loaded.
     if not domain:
