@@ -141,7 +141,7 @@ def test_domain_inputs_and_their_errors(moe) -> None:
     assert [d.name for d in as_domain_list(["t1", "t2"])] == ["texts"]
     assert domain_texts({"a": ["1", "2", "3"]}, limit=2) == {"a": ["1", "2"]}
     assert flatten_texts({"a": ["1", "2"], "b": ["3"]}) == (["1", "2", "3"], ["a", "a", "b"], [0, 1, 0])
-    with pytest.raises(es.ConfigError, match="not one string"):
+    with pytest.raises(es.InputTypeError, match="is one string"):
         as_domain_list("one text")
     with pytest.raises(es.DataError, match="no domain given"):
         as_domain_list([])

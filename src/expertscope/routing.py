@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .data.types import Domain, Example, as_domains
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, InputTypeError
 from .models.hooks import RouterCall, RouterHooks
 
 if TYPE_CHECKING:
@@ -94,20 +94,24 @@ def as_domain_list(domains: DomainInput) -> list[Domain]:
 
     An empty input is a :class:`DataError`.
     """
-    if isinstance(domains, str):
-        raise ConfigError("pass a list of texts, a Domain or {name: texts}, not one string: wrap it in a list")
+    expected = "a Domain, a list of Domains, a list of texts, or {name: [text, ...]}"
+    if isinstance(domains, str | bytes):
+        raise InputTypeError(f"domains is one string, expected {expected}: wrap a single text in a list")
     if isinstance(domains, Domain):
         doms = [domains]
     elif isinstance(domains, Mapping):
-        doms = as_domains({str(k): list(v) for k, v in domains.items()})
+        doms = as_domains(dict(domains))  # checks each value is a list of strings, never splits a string
+    elif not isinstance(domains, Sequence):
+        raise InputTypeError(f"domains is a {type(domains).__name__}: expected {expected}")
     else:
         items = list(domains)
         if items and all(isinstance(t, str) for t in items):
             doms = [Domain("texts", [Example(text=str(t)) for t in items])]
         else:
-            doms = [d for d in items if isinstance(d, Domain)]
-            if len(doms) != len(items):
-                raise ConfigError("pass Domains, {name: texts} or a list of texts, not a mix: make them Domains")
+            bad = next((d for d in items if not isinstance(d, Domain)), None)
+            if bad is not None:
+                raise InputTypeError(f"domains holds a {type(bad).__name__} ({str(bad)[:30]!r}): expected {expected}")
+            doms = list(items)
     if not doms:
         raise DataError("no domain given: pass at least one domain (or a list of texts)")
     return doms
