@@ -41,21 +41,22 @@ def planted_model(
     tok = tiny_tokenizer()
     vocab = tok.get_vocab()
     gen = torch.Generator().manual_seed(seed + 1)
+    inner: Any = model.model  # the decoder stack (typed loosely by transformers)
     with torch.no_grad():
-        for lyr in model.model.layers:
+        for lyr in inner.layers:
             lyr.self_attn.o_proj.weight.zero_()
             lyr.mlp.experts.down_proj.zero_()
             router = lyr.mlp.gate.weight
             # Unit-scale logits: rows ~ N(0, 1/hidden) on a normalised input give logits ~ N(0, 1).
             router.copy_(torch.randn(router.shape, generator=gen) / hidden**0.5)
             router[:, 0] = 0.0
-        emb = model.model.embed_tokens.weight
+        emb = inner.embed_tokens.weight
         emb.copy_(torch.randn(emb.shape, generator=gen))
         emb[:, 0] = 0.0
         for lo, up in zip(string.ascii_lowercase, string.ascii_uppercase, strict=True):
             emb[vocab[up]] = emb[vocab[lo]]
             emb[vocab[lo], 0], emb[vocab[up], 0] = 1.0, -1.0
-        gate = model.model.layers[layer].mlp.gate.weight
+        gate = inner.layers[layer].mlp.gate.weight
         for e in planted:
             gate[e, 0] = strength
     return MoEModel.from_model(model, tokenizer=tok)

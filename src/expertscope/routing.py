@@ -111,7 +111,7 @@ def as_domain_list(domains: DomainInput) -> list[Domain]:
             bad = next((d for d in items if not isinstance(d, Domain)), None)
             if bad is not None:
                 raise InputTypeError(f"domains holds a {type(bad).__name__} ({str(bad)[:30]!r}): expected {expected}")
-            doms = list(items)
+            doms = [d for d in items if isinstance(d, Domain)]
     if not doms:
         raise DataError("no domain given: pass at least one domain (or a list of texts)")
     return doms

@@ -112,8 +112,8 @@ def intervention_study(
     rows: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []
     for dom in tasked:
-        targets = {kind: _domain_targets(table, dom.name, kind)
-                   for kind, table in (("domain", domain_table), ("driver", driver_table))}
+        targets = {"domain": _domain_targets(domain_table, dom.name, "domain"),
+                   "driver": _domain_targets(driver_table, dom.name, "driver")}
         base = runner.evaluate(dom, [], 1.0, "original")
         saturated = bool(base.accuracy >= cfg.saturation)
         dom_rows = [_row(dom, "original", cfg, base, base, 0, 1.0, 0, 0)]

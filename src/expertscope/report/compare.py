@@ -29,7 +29,8 @@ def _label(manifest: dict[str, Any], run_dir: Path) -> str:
 
 
 def _arch_row(label: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    m = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    model = manifest.get("model")
+    m: dict[str, Any] = model if isinstance(model, dict) else {}
     first = lambda d: next(iter((d or {}).values()), None)  # noqa: E731  (per-layer dicts: the first layer's)
     return {"model": label, "architecture": m.get("architecture"), "moe_layers": len(m.get("moe_layers") or []),
             "experts_per_layer": first(m.get("num_experts")), "top_k": first(m.get("top_k")),
