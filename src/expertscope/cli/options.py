@@ -41,7 +41,8 @@ WorkersOpt = Annotated[int, typer.Option(help="Ray actors (each loads the model 
 GpusOpt = Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray actor (>1: device_map='auto').")]
 
 # Sizes of a study (expertscope run / steer-study).
-StudyLimitOpt = Annotated[int | None, typer.Option("--limit", help="Texts per domain for profiling, tokens, causal rate.")]
+StudyLimitOpt = Annotated[int | None, typer.Option("--limit",
+                                                   help="Texts per domain for profiling, tokens, causal rate.")]
 CausalLimitOpt = Annotated[int | None, typer.Option("--causal-limit", help="Texts per domain for causal effects.")]
 EvalLimitOpt = Annotated[int | None, typer.Option("--eval-limit", help="Test examples per domain (steering study).")]
 TrainLimitOpt = Annotated[int | None, typer.Option("--train-limit", help="Training examples per domain (router LoRA).")]
