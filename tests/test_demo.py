@@ -230,3 +230,22 @@ def test_warmup_cosine_lr_against_hand_values() -> None:
     assert warmup_cosine_lr(10, 1.0, 10, 110, floor=0.1) == pytest.approx(1.0)
     assert warmup_cosine_lr(60, 1.0, 10, 110, floor=0.1) == pytest.approx(0.55)  # half-way: floor + (1-floor)/2
     assert warmup_cosine_lr(110, 1.0, 10, 110, floor=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", DEMOS)
+def test_demo_train_defaults_are_the_shipped_recipe(name: str) -> None:
+    """`expertscope demo train --demo <name>` runs the settings the shipped model was trained with."""
+    from dataclasses import asdict
+
+    from expertscope.demo.train import DEMO_ARCHITECTURES, TrainConfig
+
+    if not _shipped(name):
+        pytest.skip(f"{name} has not been trained")
+    shipped = json.loads((demo_model_path(name) / "training_manifest.json").read_text())["config"]
+    cfg = asdict(TrainConfig(architecture=DEMO_ARCHITECTURES[name]))
+    for key, value in cfg.items():
+        if key == "threads":  # a machine setting, not part of the recipe
+            continue
+        assert key in shipped, key
+        assert (list(value) if isinstance(value, tuple) else value) == shipped[key], key
+    assert TrainConfig(architecture="deepseek", phase3_aux_loss_coef=0.5).phase3_aux_loss_coef == 0.5

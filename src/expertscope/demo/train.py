@@ -58,6 +58,13 @@ ARCHITECTURES: tuple[str, ...] = ("mixtral", "deepseek")
 DEMO_ARCHITECTURES: dict[str, str] = {"demo": "mixtral", "demo-deepseek": "deepseek"}
 """The bundled demos by ``--model`` name and the architecture each is trained as."""
 
+PHASE3_RECIPES: dict[str, dict[str, float]] = {
+    "mixtral": {"phase3_aux_loss_coef": 0.0, "phase3_router_lr_mult": 1.0},
+    "deepseek": {"phase3_aux_loss_coef": 0.001, "phase3_router_lr_mult": 1.0},
+}
+"""The phase-3 settings each shipped demo was chosen with (on validation MI and accuracy; see the manifests'
+``recipes_tried``)."""
+
 REPRODUCTION_TOLERANCE = 0.05
 """Absolute accuracy tolerance within which a retrained demo reproduces the shipped model's scores."""
 
@@ -110,8 +117,8 @@ class TrainConfig:
     phase3_batch_size: int = 24
     phase3_lr: float = 1e-3
     phase3_warmup_steps: int = 100
-    phase3_aux_loss_coef: float = 0.001
-    phase3_router_lr_mult: float = 1.0  # learning rate of the routers relative to phase3_lr
+    phase3_aux_loss_coef: float | None = None  # None: the architecture's recipe (PHASE3_RECIPES)
+    phase3_router_lr_mult: float | None = None  # routers' learning rate / phase3_lr; None: the recipe's
     phase3_eval_every: int = 500
     phase3_eval_n: int = 100  # validation items per domain in each phase-3 validation report
     # Shares of phase-3 sequences: emotion v2, knowledge multiple choice, math, option matching on
@@ -123,6 +130,9 @@ class TrainConfig:
 
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"unknown demo architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+        for key, value in PHASE3_RECIPES[self.architecture].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         self.phase2_mix = tuple(self.phase2_mix)  # type: ignore[assignment]
         self.phase3_mix = tuple(self.phase3_mix)  # type: ignore[assignment]
 
@@ -361,14 +371,15 @@ def finetune_v2(model: Any, tokenizer: Any, cfg: TrainConfig, on_step: Any = Non
     total, bs = cfg.phase3_steps, cfg.phase3_batch_size
     encoded = encode_pairs(tokenizer, phase3_pairs(cfg, total * bs), cfg.max_len)
     batches = _batches(encoded, bs, random.Random(f"demo-phase3-batches|{cfg.seed}"))[:total]
-    model.config.router_aux_loss_coef = cfg.phase3_aux_loss_coef
-    model.config.output_router_logits = cfg.phase3_aux_loss_coef > 0
+    aux = float(cfg.phase3_aux_loss_coef or 0.0)  # resolved from the recipe on creation
+    model.config.router_aux_loss_coef = aux
+    model.config.output_router_logits = aux > 0
     model.train()
     # The routers (``...mlp.gate.weight``) may learn faster than the rest: another lever for routing to move.
     routers = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("mlp.gate.weight")]
     opt = torch.optim.AdamW(
-        [{"params": rest, "lr_mult": 1.0}, {"params": routers, "lr_mult": cfg.phase3_router_lr_mult}],
+        [{"params": rest, "lr_mult": 1.0}, {"params": routers, "lr_mult": float(cfg.phase3_router_lr_mult or 1.0)}],
         lr=cfg.phase3_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
     )
     t0, running, curve = time.perf_counter(), 0.0, []
@@ -407,7 +418,7 @@ def prepare_phase3_model(model: Any, cfg: TrainConfig) -> Any:
         from .upcycle import upcycle_mixtral
 
         return upcycle_mixtral(model, split=cfg.upcycle_split, shared_intermediate_size=cfg.shared_expert_size,
-                               router_aux_loss_coef=cfg.phase3_aux_loss_coef)
+                               router_aux_loss_coef=float(cfg.phase3_aux_loss_coef or 0.0))
     return model
 
 
@@ -709,7 +720,9 @@ def run_phase2(
     loaded = load_model(str(init_from), dtype="float32", verify=False)
     model, tokenizer = loaded.model, loaded.tokenizer
     phase1 = init_from / "training_manifest.json"
-    manifest = json.loads(phase1.read_text()) if phase1.exists() else {"kind": "demo-model", "config": {}}
+    manifest: dict[str, Any] = (
+        json.loads(phase1.read_text()) if phase1.exists() else {"kind": "demo-model", "config": {}}
+    )
     stats = finetune_phase(model, tokenizer, cfg)
     _save_atomically(model, tokenizer, out)
     phase2_cfg = {k: v for k, v in asdict(cfg).items() if k.startswith("phase2")}
@@ -734,13 +747,15 @@ def run_phase3(
     init_from, out = Path(init_from), Path(out)
     torch.set_num_threads(cfg.threads)
     loaded = load_model(str(init_from), dtype="float32", verify=False)
-    if loaded.model.config.model_type != "mixtral":
+    if getattr(loaded.model.config, "model_type", None) != "mixtral":
         from ..errors import ConfigError
 
         raise ConfigError(f"{init_from} is not a Mixtral phase-2 demo: pass the directory phase 2 wrote")
     tokenizer = loaded.tokenizer
     previous = init_from / "training_manifest.json"
-    manifest = json.loads(previous.read_text()) if previous.exists() else {"kind": "demo-model", "config": {}}
+    manifest: dict[str, Any] = (
+        json.loads(previous.read_text()) if previous.exists() else {"kind": "demo-model", "config": {}}
+    )
     model = prepare_phase3_model(loaded.model, cfg)
     stats = finetune_v2(model, tokenizer, cfg)
     _finish(model, tokenizer)

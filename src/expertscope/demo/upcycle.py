@@ -60,7 +60,7 @@ def upcycle_mixtral(model: Any, split: int = 2, shared_intermediate_size: int = 
         bos_token_id=mc.bos_token_id,
         eos_token_id=mc.eos_token_id,
     )
-    new = Qwen2MoeForCausalLM(config).to(torch.float32)
+    new = Qwen2MoeForCausalLM(config).float()
     src = {k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in new.state_dict().items():
