@@ -74,34 +74,59 @@ def demo_train(
     evaluate: Annotated[bool, typer.Option(help="Score the test splits when done (training_manifest.json).")] = (True),
     from_phase1: Annotated[
         Path | None,
-        typer.Option(help="Skip phase 1: run only the multiple-choice phase 2 from this phase-1 model directory."),
+        typer.Option(help="Skip phase 1: run phases 2 and 3 from this phase-1 model directory."),
     ] = None,
+    from_phase2: Annotated[
+        Path | None,
+        typer.Option(help="Skip phases 1-2: run only phase 3 (emotion v2) from this phase-2 model directory."),
+    ] = None,
+    demo: Annotated[
+        str, typer.Option("--demo", help="Which demo: 'demo' (Mixtral-style) or 'demo-deepseek' (fine-grained).")
+    ] = "demo",
 ) -> None:
-    """Train the demo MoE (Mixtral architecture, 8 experts, top-2) on the synthetic benchmark, on CPU.
+    """Train a bundled demo MoE on the synthetic benchmark, on CPU.
 
-    The shipped model was made with `expertscope demo train --out src/expertscope/demo/assets/model`.
+    Phase 1 (language, facts, arithmetic) and phase 2 (multiple choice) train a Mixtral-style model; phase 3
+    learns the EmotionLines-like emotion task with replay, after cutting the experts into fine-grained ones
+    plus a shared expert for demo-deepseek. The shipped models were made with
+    `expertscope demo train --demo demo --out src/expertscope/demo/assets/model` (and --demo demo-deepseek).
 
     Example: expertscope demo train --out runs/demo --scale 0.05
     """
+    from ..demo import DEMO_NAMES
+    from ..errors import ConfigError
     from ..rundir import check_out_dir, lock_dir
     from ..validation import check_positive, check_positive_finite
 
     check_positive_finite(scale, "--scale")
     check_positive(threads, "--threads")
+    if demo not in DEMO_NAMES:
+        raise ConfigError(f"unknown demo {demo!r}: pass --demo {' or --demo '.join(DEMO_NAMES)}")
+    if from_phase1 is not None and from_phase2 is not None:
+        raise ConfigError("--from-phase1 and --from-phase2 exclude each other: pass one")
     check_out_dir(out)
     with lock_dir(out, require_manifest=False, create=True, option="--out"):
-        _demo_train(out, seed, scale, threads, evaluate, from_phase1)
+        _demo_train(out, seed, scale, threads, evaluate, from_phase1, from_phase2, demo)
 
 
-def _demo_train(out: Path, seed: int, scale: float, threads: int, evaluate: bool, from_phase1: Path | None) -> None:
-    from ..demo.train import TrainConfig, run_phase2, train
+def _demo_train(out: Path, seed: int, scale: float, threads: int, evaluate: bool, from_phase1: Path | None,
+                from_phase2: Path | None, demo: str) -> None:
+    import tempfile
 
-    cfg = TrainConfig(seed=seed, threads=threads)
+    from ..demo.train import DEMO_ARCHITECTURES, TrainConfig, run_phase2, run_phase3, train
+
+    cfg = TrainConfig(seed=seed, threads=threads, architecture=DEMO_ARCHITECTURES[demo])
     cfg = cfg.scaled(scale) if scale != 1.0 else cfg
-    if from_phase1 is not None:
-        with console.status("phase 2 (multiple choice)"):
-            manifest = run_phase2(from_phase1, out, cfg, evaluate_after=evaluate)
-        console.print(f"phase 2: {manifest['phase2']['steps']} steps; saved to {out}", highlight=False)
+    if from_phase1 is not None or from_phase2 is not None:
+        with console.status("phases 2-3" if from_phase1 is not None else "phase 3 (emotion v2)"):
+            if from_phase1 is not None:
+                with tempfile.TemporaryDirectory(prefix="expertscope-phase2-") as tmp:
+                    run_phase2(from_phase1, tmp, cfg, evaluate_after=False)
+                    manifest = run_phase3(tmp, out, cfg, evaluate_after=evaluate)
+            else:
+                assert from_phase2 is not None
+                manifest = run_phase3(from_phase2, out, cfg, evaluate_after=evaluate)
+        console.print(f"phase 3: {manifest['phase3']['steps']} steps; saved to {out}", highlight=False)
         for name, acc in manifest.get("test_accuracy", {}).items():
             out_console.print(f"{name}: test accuracy {acc:.3f}", highlight=False)
         return

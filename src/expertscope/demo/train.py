@@ -15,12 +15,22 @@ Recipe (seeded end to end, CPU only):
 4. Phase 2 (:func:`finetune_phase`): 10 000 steps of multiple-choice training from the phase-1 weights:
    option matching ("Which option is <value>?", single-token and knowledge values), training-split
    knowledge questions, and emotion / math replay. Letter binding has a long plateau, hence the length.
-5. The model and tokenizer are saved as a standard Hugging Face directory, then scored on the test splits;
-   ``training_manifest.json`` records the seed, steps, time, the validation curve and the accuracies.
+   Phases 1 and 2 use the first demo's emotion data (``emotion_v1``), so they reproduce its weights.
+5. Phase 3 (:func:`finetune_v2`): the v2 demos. ``demo`` continues the Mixtral model; ``demo-deepseek``
+   first cuts every expert into fine-grained ones plus a silent shared expert (:mod:`.upcycle`, same
+   function), then both learn the EmotionLines-like emotion v2 with knowledge / math replay, with a small
+   load-balancing coefficient so that routing can follow the domain. Validation accuracy and per-layer
+   routing MI are logged every ``phase3_eval_every`` steps (recipes are chosen on those, never on test
+   scores or steering outcomes).
+6. The model and tokenizer are saved as a standard Hugging Face directory, then scored on the test splits;
+   ``training_manifest.json`` records the seed, steps, time, the validation curves, the test accuracies
+   and the test label-margin distribution.
 
 Reproduction: the same seed and thread count give the same data, tokenizer and initial weights; CPU float
-nondeterminism across machines can move the final accuracies by a few points, so the shipped model's
-test accuracies are reproduced within ±0.05 (the tolerance checked against the manifest).
+nondeterminism across machines can move the final accuracies by a few points, so a retrained demo is
+expected to match the shipped model's test accuracies within ±0.05 (``REPRODUCTION_TOLERANCE``; compare
+its ``training_manifest.json`` with the shipped one). ``--from-phase2`` on the first demo's phase-2
+weights reruns phase 3 alone.
 """
 
 from __future__ import annotations
@@ -43,6 +53,17 @@ from ..data import prompts, synthetic
 from ..data.types import Example
 
 log = logging.getLogger(__name__)
+
+ARCHITECTURES: tuple[str, ...] = ("mixtral", "deepseek")
+DEMO_ARCHITECTURES: dict[str, str] = {"demo": "mixtral", "demo-deepseek": "deepseek"}
+"""The bundled demos by ``--model`` name and the architecture each is trained as."""
+
+PHASE3_RECIPES: dict[str, dict[str, float]] = {
+    "mixtral": {"phase3_aux_loss_coef": 0.0, "phase3_router_lr_mult": 1.0},
+    "deepseek": {"phase3_aux_loss_coef": 0.001, "phase3_router_lr_mult": 1.0},
+}
+"""The phase-3 settings each shipped demo was chosen with (on validation MI and accuracy; see the manifests'
+``recipes_tried``)."""
 
 REPRODUCTION_TOLERANCE = 0.05
 """Absolute accuracy tolerance within which a retrained demo reproduces the shipped model's scores."""
@@ -86,10 +107,38 @@ class TrainConfig:
     # Shares of phase-2 sequences: single-token option matching, option matching on knowledge values,
     # training-split knowledge questions, and emotion / math replay against forgetting.
     phase2_mix: tuple[float, float, float, float, float] = (0.15, 0.25, 0.45, 0.05, 0.10)
+    # Phase 3 (the v2 demos): from the phase-2 weights (upcycled to fine-grained experts for demo-deepseek),
+    # learn the EmotionLines-like emotion v2 while replaying knowledge and math; a small load-balancing
+    # coefficient lets routing follow the domain (see :func:`finetune_v2`).
+    architecture: str = "mixtral"  # "mixtral" (demo) or "deepseek" (demo-deepseek: Qwen2-MoE upcycled)
+    upcycle_split: int = 2  # deepseek: each Mixtral expert becomes this many fine-grained experts
+    shared_expert_size: int = 256  # deepseek: intermediate size of the one shared expert
+    phase3_steps: int = 1000
+    phase3_batch_size: int = 24
+    phase3_lr: float = 1e-3
+    phase3_warmup_steps: int = 100
+    phase3_aux_loss_coef: float | None = None  # None: the architecture's recipe (PHASE3_RECIPES)
+    phase3_router_lr_mult: float | None = None  # routers' learning rate / phase3_lr; None: the recipe's
+    phase3_eval_every: int = 500
+    phase3_eval_n: int = 100  # validation items per domain in each phase-3 validation report
+    # Shares of phase-3 sequences: emotion v2, knowledge multiple choice, math, option matching on
+    # knowledge values, fact statements.
+    phase3_mix: tuple[float, float, float, float, float] = (0.45, 0.2, 0.25, 0.05, 0.05)
+
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"unknown demo architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+        for key, value in PHASE3_RECIPES[self.architecture].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.phase2_mix = tuple(self.phase2_mix)  # type: ignore[assignment]
+        self.phase3_mix = tuple(self.phase3_mix)  # type: ignore[assignment]
 
     def scaled(self, scale: float) -> TrainConfig:
         """A copy with every data size multiplied by ``scale`` (for quick smoke runs)."""
-        out = TrainConfig(**{**asdict(self), "phase2_mix": tuple(self.phase2_mix)})
+        out = TrainConfig(**asdict(self))
         for name in ("n_emotion", "n_knowledge", "n_open_questions", "n_math"):
             setattr(out, name, max(8, int(getattr(self, name) * scale)))
         out.statement_repeats = max(1, round(self.statement_repeats * scale))
@@ -97,6 +146,11 @@ class TrainConfig:
         if self.phase2_steps > 0:
             out.phase2_steps = max(1, int(self.phase2_steps * min(1.0, scale)))
         out.phase2_warmup_steps = max(1, int(self.phase2_warmup_steps * min(1.0, scale)))
+        if self.phase3_steps > 0:
+            out.phase3_steps = max(1, int(self.phase3_steps * min(1.0, scale)))
+        out.phase3_warmup_steps = max(1, int(self.phase3_warmup_steps * min(1.0, scale)))
+        out.phase3_eval_every = max(1, int(self.phase3_eval_every * min(1.0, scale)))
+        out.phase3_eval_n = max(8, int(self.phase3_eval_n * min(1.0, scale)))
         return out
 
 
@@ -109,7 +163,7 @@ def training_pairs(cfg: TrainConfig) -> list[tuple[str, str]]:
     Fact statements have an empty prompt (the whole statement is the target).
     """
     pairs: list[tuple[str, str]] = []
-    for name, n in (("emotion", cfg.n_emotion), ("knowledge", cfg.n_knowledge), ("math", cfg.n_math)):
+    for name, n in (("emotion_v1", cfg.n_emotion), ("knowledge", cfg.n_knowledge), ("math", cfg.n_math)):
         dom = synthetic.generate(name, n, seed=cfg.seed, split="train")
         assert dom.task is not None
         pairs += [(prompts.prompt(dom.task, ex), prompts.target(dom.task, ex)) for ex in dom.examples]
@@ -158,7 +212,7 @@ def phase2_pairs(cfg: TrainConfig, n: int) -> list[tuple[str, str]]:
 
     pairs = [matching(rng.sample(_TOKEN_VALUES, 4)) for _ in range(n_tok)]
     pairs += [matching(rng.sample(by_rel[rng.choice(rels)], 4)) for _ in range(n_match)]
-    for name, m in (("knowledge", n_mc), ("emotion", n_emo), ("math", n_math)):
+    for name, m in (("knowledge", n_mc), ("emotion_v1", n_emo), ("math", n_math)):
         dom = synthetic.generate(name, m, seed=cfg.seed + 1, split="train")
         assert dom.task is not None
         pairs += [(prompts.prompt(dom.task, ex), prompts.target(dom.task, ex)) for ex in dom.examples]
@@ -235,6 +289,137 @@ def finetune_phase(model: Any, tokenizer: Any, cfg: TrainConfig, on_step: Any = 
         "final_loss": round(running, 4),
         "validation_knowledge": curve,
     }
+
+
+def phase3_pairs(cfg: TrainConfig, n: int) -> list[tuple[str, str]]:
+    """``n`` phase-3 training pairs in the shares of ``cfg.phase3_mix`` (training splits only).
+
+    Emotion v2 dialogues, knowledge multiple choice, math word problems, option matching on knowledge
+    values (keeps letter binding) and fact statements (keeps the facts).
+    """
+    rng = random.Random(f"demo-phase3|{cfg.seed}")
+    shares = [int(n * w) for w in cfg.phase3_mix]
+    shares[-1] = n - sum(shares[:-1])
+    n_emo, n_mc, n_math, n_match, n_state = shares
+    pairs: list[tuple[str, str]] = []
+    for name, m in (("emotion", n_emo), ("knowledge", n_mc), ("math", n_math)):
+        if m <= 0:
+            continue
+        dom = synthetic.generate(name, m, seed=cfg.seed + 3, split="train")
+        assert dom.task is not None
+        pairs += [(prompts.prompt(dom.task, ex), prompts.target(dom.task, ex)) for ex in dom.examples]
+    by_rel: dict[str, list[str]] = {}
+    for f in synthetic.knowledge_base():
+        if f.value not in by_rel.setdefault(f.relation, []):
+            by_rel[f.relation].append(f.value)
+    rels = sorted(r for r, v in by_rel.items() if len(v) >= 4)
+    for _ in range(n_match):
+        values = rng.sample(by_rel[rng.choice(rels)], 4)
+        k = rng.randrange(4)
+        ex = Example(text=rng.choice(_MATCH_FORMS).format(v=values[k]), label="ABCD"[k], choices=tuple(values))
+        pairs.append((prompts.prompt("multiple_choice", ex), prompts.target("multiple_choice", ex)))
+    statements = synthetic.knowledge_statements()
+    pairs += [("", " " + rng.choice(statements)) for _ in range(n_state)]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def validation_report(model: Any, tokenizer: Any, n: int = 200, seed: int = 0) -> dict[str, Any]:
+    """What recipes are chosen on: validation accuracy per domain and per-layer routing MI (validation prompts).
+
+    Returns ``{"accuracy": {domain: acc}, "mi_bits": [per layer], "mi_normalised": [per layer],
+    "mi_bias_bits": float, "n": n}``. Never looks at the test split or at steering.
+    """
+    from ..evaluation import evaluate
+    from ..models.model import MoEModel
+    from ..stats.profile import profile
+    from ..stats.routing_mi import routing_mutual_information
+
+    was_training, aux = model.training, model.config.output_router_logits
+    model.eval()
+    model.config.output_router_logits = False  # generation breaks on the auxiliary loss with a KV cache
+    doms = [synthetic.generate(d, n, seed=seed, split="validation") for d in synthetic.DOMAINS]
+    acc = {}
+    for dom in doms:
+        assert dom.task is not None
+        acc[dom.name] = round(evaluate(model, dom.task, dom.examples, tokenizer=tokenizer, batch_size=32).accuracy, 4)
+    moe = MoEModel.from_model(model, tokenizer=tokenizer, verify=False)
+    mi = routing_mutual_information(profile(moe, doms, batch_size=32))
+    model.config.output_router_logits = aux
+    if was_training:
+        model.train()
+    return {
+        "n": n,
+        "accuracy": acc,
+        "mi_bits": [round(float(x), 4) for x in mi["mi_bits"]],
+        "mi_normalised": [round(float(x), 4) for x in mi["mi_normalised"]],
+        "mi_bias_bits": round(float(mi["mi_bias_bits"].iloc[0]), 5),
+    }
+
+
+def finetune_v2(model: Any, tokenizer: Any, cfg: TrainConfig, on_step: Any = None) -> dict[str, Any]:
+    """Phase 3: ``cfg.phase3_steps`` AdamW steps on :func:`phase3_pairs` with load-balancing coefficient
+    ``cfg.phase3_aux_loss_coef``; every ``cfg.phase3_eval_every`` steps a :func:`validation_report`.
+
+    Returns ``{"steps", "seconds", "final_loss", "validation": [[step, report], ...]}``. Seeded by ``cfg.seed``.
+    Why a small coefficient: Mixtral's load-balancing loss pushes every expert towards the same share of
+    each batch, and batches mix the domains, so a large one works against domain-dependent routing.
+    """
+    if cfg.phase3_steps <= 0:
+        return {"steps": 0, "seconds": 0.0, "final_loss": 0.0, "validation": []}
+    torch.manual_seed(cfg.seed + 4)
+    total, bs = cfg.phase3_steps, cfg.phase3_batch_size
+    encoded = encode_pairs(tokenizer, phase3_pairs(cfg, total * bs), cfg.max_len)
+    batches = _batches(encoded, bs, random.Random(f"demo-phase3-batches|{cfg.seed}"))[:total]
+    aux = float(cfg.phase3_aux_loss_coef or 0.0)  # resolved from the recipe on creation
+    model.config.router_aux_loss_coef = aux
+    model.config.output_router_logits = aux > 0
+    model.train()
+    # The routers (``...mlp.gate.weight``) may learn faster than the rest: another lever for routing to move.
+    routers = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("mlp.gate.weight")]
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr_mult": 1.0}, {"params": routers, "lr_mult": float(cfg.phase3_router_lr_mult or 1.0)}],
+        lr=cfg.phase3_lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
+    )
+    t0, running, curve = time.perf_counter(), 0.0, []
+    for step, batch in enumerate(batches, start=1):
+        for group in opt.param_groups:
+            lr = warmup_cosine_lr(step - 1, cfg.phase3_lr, cfg.phase3_warmup_steps, total, floor=0.1)
+            group["lr"] = lr * group["lr_mult"]
+        loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+        if on_step is not None:
+            on_step(step, total, running)
+        if step % 100 == 0:
+            log.info("phase 3 step %d/%d loss %.4f (%.0fs)", step, total, running, time.perf_counter() - t0)
+        if step % cfg.phase3_eval_every == 0 or step == len(batches):
+            report = validation_report(model, tokenizer, n=cfg.phase3_eval_n, seed=cfg.seed)
+            curve.append([step, report])
+            log.info("phase 3 step %d/%d loss %.4f (%.0fs) validation %s", step, total, running,
+                     time.perf_counter() - t0, json.dumps(report))
+    model.eval()
+    model.config.output_router_logits = False
+    return {
+        "steps": len(batches),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "final_loss": round(running, 4),
+        "validation": curve,
+    }
+
+
+def prepare_phase3_model(model: Any, cfg: TrainConfig) -> Any:
+    """The model phase 3 starts from: ``model`` itself (mixtral), or its fine-grained upcycling (deepseek)."""
+    if cfg.architecture == "deepseek":
+        from .upcycle import upcycle_mixtral
+
+        return upcycle_mixtral(model, split=cfg.upcycle_split, shared_intermediate_size=cfg.shared_expert_size,
+                               router_aux_loss_coef=float(cfg.phase3_aux_loss_coef or 0.0))
+    return model
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -394,12 +579,9 @@ def train(
                 log.info("step %d/%d loss %.4f (%.0fs)", step, total, running, time.perf_counter() - t_train)
     train_seconds = time.perf_counter() - t_train
     phase2 = finetune_phase(model, tokenizer, cfg, on_step=on_step)
-
-    model.eval()
-    model.config.output_router_logits = False  # inference does not need the auxiliary loss
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model = prepare_phase3_model(model, cfg)
+    phase3 = finetune_v2(model, tokenizer, cfg, on_step=on_step)
+    _finish(model, tokenizer)
     _save_atomically(model, tokenizer, out)
 
     manifest = make_manifest(
@@ -412,6 +594,8 @@ def train(
         train_seconds=round(train_seconds, 1),
         final_loss=round(running, 4),
         phase2=phase2,
+        phase3=phase3,
+        architecture=cfg.architecture,
         reproduction_tolerance=REPRODUCTION_TOLERANCE,
         test_accuracy={},
     )
@@ -419,6 +603,45 @@ def train(
     if evaluate_after:
         manifest = record_test_scores(out, model, tokenizer)
     return manifest
+
+
+def _finish(model: Any, tokenizer: Any) -> None:
+    """Inference settings of a trained demo: eval mode, no auxiliary loss, the tokenizer's special ids."""
+    model.eval()
+    model.config.output_router_logits = False  # inference does not need the auxiliary loss
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+def label_margins(predictions: list[dict[str, Any]]) -> list[float]:
+    """Per example: the gold label's score minus the best other label's score (nats; > 0 when correct).
+
+    ``predictions`` are :class:`~expertscope.evaluation.EvalResult` prediction dicts with ``scores``.
+    """
+    out = []
+    for p in predictions:
+        scores = p.get("scores")
+        if not scores or p["gold"] not in scores:
+            continue
+        others = [v for k, v in scores.items() if k != p["gold"]]
+        out.append(float(scores[p["gold"]] - max(others)))
+    return out
+
+
+def margin_summary(margins: list[float]) -> dict[str, Any]:
+    """Quantiles (5, 25, 50, 75, 95 %) of label margins, the share below 1 nat, and n."""
+    import numpy as np
+
+    if not margins:
+        return {"n": 0}
+    m = np.asarray(margins)
+    q = np.quantile(m, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {
+        "n": int(m.size),
+        "quantiles": {k: round(float(v), 3) for k, v in zip(("p5", "p25", "p50", "p75", "p95"), q, strict=True)},
+        "share_abs_below_1_nat": round(float((np.abs(m) < 1).mean()), 4),
+    }
 
 
 def record_test_scores(out: str | Path, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
@@ -437,8 +660,9 @@ def record_test_scores(out: str | Path, model: Any = None, tokenizer: Any = None
         tokenizer = AutoTokenizer.from_pretrained(out)
     cfg = manifest["config"]
     t0 = time.perf_counter()
-    results = evaluate_demo(model, tokenizer, cfg["eval_n"], seed=cfg["seed"])
+    results, margins = evaluate_demo(model, tokenizer, cfg["eval_n"], seed=cfg["seed"], with_margins=True)
     manifest["test_results"] = results
+    manifest["test_label_margins"] = margins
     manifest["test_accuracy"] = {k: v["accuracy"] for k, v in results.items()}
     manifest["eval_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "training_manifest.json", manifest)
@@ -459,17 +683,23 @@ def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def evaluate_demo(model: Any, tokenizer: Any, n: int, seed: int = 0, batch_size: int = 16) -> dict[str, Any]:
-    """Scores of ``model`` on the first ``n`` test examples of each synthetic domain, as dicts."""
+def evaluate_demo(model: Any, tokenizer: Any, n: int, seed: int = 0, batch_size: int = 16,
+                  with_margins: bool = False) -> Any:
+    """Scores of ``model`` on the first ``n`` test examples of each synthetic domain, as dicts.
+
+    With ``with_margins`` also returns ``{domain: margin_summary}`` for the scored (non-generative) tasks.
+    """
     from ..evaluation import evaluate
 
-    results = {}
+    results, margins = {}, {}
     for name in synthetic.DOMAINS:
         dom = synthetic.generate(name, n, seed=seed, split="test")
         assert dom.task is not None
         res = evaluate(model, dom.task, dom.examples, tokenizer=tokenizer, batch_size=batch_size)
         results[name] = {k: v for k, v in res.to_dict().items() if k != "predictions"}
-    return results
+        if dom.task != "math":
+            margins[name] = margin_summary(label_margins(res.predictions))
+    return (results, margins) if with_margins else results
 
 
 def run_phase2(
@@ -490,8 +720,9 @@ def run_phase2(
     loaded = load_model(str(init_from), dtype="float32", verify=False)
     model, tokenizer = loaded.model, loaded.tokenizer
     phase1 = init_from / "training_manifest.json"
-    manifest: dict[str, Any] = (json.loads(phase1.read_text()) if phase1.exists()
-                                else {"kind": "demo-model", "config": {}})
+    manifest: dict[str, Any] = (
+        json.loads(phase1.read_text()) if phase1.exists() else {"kind": "demo-model", "config": {}}
+    )
     stats = finetune_phase(model, tokenizer, cfg)
     _save_atomically(model, tokenizer, out)
     phase2_cfg = {k: v for k, v in asdict(cfg).items() if k.startswith("phase2")}
@@ -503,8 +734,48 @@ def run_phase2(
     return record_test_scores(out, model, tokenizer) if evaluate_after else manifest
 
 
+def run_phase3(
+    init_from: str | Path, out: str | Path, cfg: TrainConfig | None = None, evaluate_after: bool = True
+) -> dict[str, Any]:
+    """Run only phase 3 from the phase-2 weights in ``init_from`` (upcycled first when ``cfg.architecture`` is
+    ``"deepseek"``); save into ``out`` and return its manifest (the phase-1/2 record of ``init_from`` is kept).
+    """
+    from ..io import write_json
+    from ..models.loading import load_model
+
+    cfg = cfg or TrainConfig()
+    init_from, out = Path(init_from), Path(out)
+    torch.set_num_threads(cfg.threads)
+    loaded = load_model(str(init_from), dtype="float32", verify=False)
+    if getattr(loaded.model.config, "model_type", None) != "mixtral":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{init_from} is not a Mixtral phase-2 demo: pass the directory phase 2 wrote")
+    tokenizer = loaded.tokenizer
+    previous = init_from / "training_manifest.json"
+    manifest: dict[str, Any] = (
+        json.loads(previous.read_text()) if previous.exists() else {"kind": "demo-model", "config": {}}
+    )
+    model = prepare_phase3_model(loaded.model, cfg)
+    stats = finetune_v2(model, tokenizer, cfg)
+    _finish(model, tokenizer)
+    _save_atomically(model, tokenizer, out)
+    phase3_cfg = {k: v for k, v in asdict(cfg).items()
+                  if k.startswith("phase3") or k in ("architecture", "upcycle_split", "shared_expert_size")}
+    manifest["config"] = {**manifest.get("config", {}), **phase3_cfg}
+    manifest["phase3"] = stats
+    manifest["architecture"] = cfg.architecture
+    manifest["parameters"] = sum(p.numel() for p in model.parameters())
+    for key in ("test_results", "test_label_margins"):
+        manifest.pop(key, None)
+    manifest["test_accuracy"] = {}
+    write_json(out / "training_manifest.json", manifest)
+    return record_test_scores(out, model, tokenizer) if evaluate_after else manifest
+
+
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m expertscope.demo.train OUT [SCALE]` or `... OUT --init-from DIR --phase 2 [--threads N]`
+    # `python -m expertscope.demo.train OUT [SCALE] [--architecture deepseek]`, or resume:
+    # `... OUT --init-from PHASE1_DIR --phase 2` / `... OUT --init-from PHASE2_DIR --phase 3`
     import argparse
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -512,13 +783,23 @@ if __name__ == "__main__":  # pragma: no cover
     ap.add_argument("out")
     ap.add_argument("scale", nargs="?", type=float, default=1.0)
     ap.add_argument("--init-from")
-    ap.add_argument("--phase", type=int, choices=(1, 2))
+    ap.add_argument("--phase", type=int, choices=(1, 2, 3))
+    ap.add_argument("--architecture", choices=ARCHITECTURES, default="mixtral")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a TrainConfig field (a recipe probe), e.g. --set phase3_aux_loss_coef=0")
     args = ap.parse_args()
-    config = TrainConfig().scaled(args.scale) if args.scale != 1.0 else TrainConfig()
+    overrides = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        overrides[key] = json.loads(value)
+    config = TrainConfig(architecture=args.architecture, **overrides)
+    config = config.scaled(args.scale) if args.scale != 1.0 else config
     if args.threads:
         config.threads = args.threads
     if args.phase == 2:
         print(run_phase2(args.init_from, args.out, config))
+    elif args.phase == 3:
+        print(run_phase3(args.init_from, args.out, config))
     else:
         print(train(args.out, config))

@@ -32,14 +32,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def resolve_source(path_or_id: str) -> tuple[str, bool]:
-    """``(where to load from, is_local)``; ``"demo"`` is the bundled demo model."""
-    if path_or_id == "demo":
-        from ..demo import demo_model_path
+    """``(where to load from, is_local)``; ``"demo"`` and ``"demo-deepseek"`` are the bundled demo models."""
+    from ..demo import DEMO_NAMES, demo_model_path
 
-        path = Path(demo_model_path())
+    if path_or_id in DEMO_NAMES:
+        path = Path(demo_model_path(path_or_id))
         if not (path / "config.json").exists():
-            raise ModelError(f"the bundled demo model is missing from {path}: reinstall expertscope or run "
-                             "`expertscope demo train`")
+            raise ModelError(f"the bundled {path_or_id} model is missing from {path}: reinstall expertscope or run "
+                             f"`expertscope demo train --demo {path_or_id}`")
         return str(path), True
     p = Path(path_or_id).expanduser()
     if p.exists():
