@@ -3,7 +3,8 @@
 ``CE_{l,i}(X) = KL(P(X) ‖ Q_{l,i}(X))`` where ``Q`` is the prediction after adding ``magnitude`` to expert
 ``i``'s router logit at layer ``l`` (every real token, or only the prediction position). Three methods:
 ``exact`` (the definition, computed efficiently, see :mod:`.exact`), ``fisher`` (a second-order estimate
-from a few backward passes, see :mod:`.fisher`) and ``hybrid`` (fisher ranks, the top experts of each
+from a few backward passes, see :mod:`.fisher`), ``fast`` (exact local change, first-order propagation,
+see :mod:`.fast`) and ``hybrid`` (fast ranks, the top experts of each
 layer are recomputed exactly). Long runs checkpoint after every batch and resume to the same result.
 """
 
@@ -32,6 +33,7 @@ from ..stats.profile import effective_max_length
 from ._engine import Stack, find_stack, make_batch
 from .decision import Prepared, common_prefix, prepare_inputs
 from .exact import ExactStats, check_prefix, check_restart, exact_batch
+from .fast import FastStats, fast_batch
 from .fisher import FisherStats, fisher_batch
 
 TABLE_VERSION = 1
@@ -258,15 +260,15 @@ def causal_effects(
     }
     fingerprint = _fingerprint(prep.token_ids, prep.decisions, dom_of, settings_key)
     resumed = run.open_checkpoint(checkpoint, resume, fingerprint)
-    phase_names = {"exact": ["exact"], "fisher": ["fisher"], "hybrid": ["fisher", "exact"]}[cfg.method]
+    phase_names = {"exact": ["exact"], "fast": ["fast"], "fisher": ["fisher"], "hybrid": ["fast", "exact"]}[cfg.method]
     run.start_progress(len(phase_names), progress, on_batch)
     top: dict[int, list[int]] = {}
     try:
-        if cfg.method in ("exact", "fisher"):
+        if cfg.method != "hybrid":
             run.phase(cfg.method, per_layer)
         else:
-            run.phase("fisher", per_layer)
-            top = _hybrid_candidates(run.assemble("fisher"), np.asarray(dom_of, dtype=object), lays, per_layer,
+            run.phase("fast", per_layer)
+            top = _hybrid_candidates(run.assemble("fast"), np.asarray(dom_of, dtype=object), lays, per_layer,
                                      cfg.hybrid_top)
             run.phase("exact", top)
     finally:
@@ -279,8 +281,9 @@ def causal_effects(
         "decision_kinds": prep.kind_counts(), "decision_lost_to_truncation": prep.lost,
         "decision_positions_per_input": round(float(np.mean([len(d) for d in prep.decisions])), 3),
         "kl": "KL(P||Q) in float64, clamped at 0, averaged over each input's decision positions",
-        "exact_stats": run.exact_stats.to_dict() if cfg.method != "fisher" else None,
-        "fisher_stats": run.fisher_stats.to_dict() if cfg.method != "exact" else None,
+        "exact_stats": run.exact_stats.to_dict() if cfg.method in ("exact", "hybrid") else None,
+        "fisher_stats": run.fisher_stats.to_dict() if cfg.method == "fisher" else None,
+        "fast_stats": run.fast_stats.to_dict() if cfg.method in ("fast", "hybrid") else None,
         "skipped": run.exact_stats.skipped, "timings": run.timings(time.perf_counter() - t_start),
         "resumed_rows": resumed, "model": model.describe(),
     }
@@ -353,7 +356,7 @@ class _Run:
         self.plan = _plan(order, [len(t) for t in prep.token_ids], cfg.batch_size)
         self.lab_t = None if label_ids is None else torch.tensor(label_ids, device=model.device)
         self.stack: Stack | None = find_stack(model)
-        self.exact_stats, self.fisher_stats = ExactStats(), FisherStats()
+        self.exact_stats, self.fisher_stats, self.fast_stats = ExactStats(), FisherStats(), FastStats()
         if self.stack is None:
             self.exact_stats.engine, self.exact_stats.note = "full-forward", "decoder stack not found"
         self.phases: dict[str, dict[int, np.ndarray]] = {}
@@ -395,7 +398,10 @@ class _Run:
                 continue
             batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions, model.device,
                                [prep.decisions[i] for i in ids])
-            if name == "fisher":
+            if name == "fast":
+                vals = fast_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fast_outputs,
+                                  cfg.chunk_tokens, self.fast_stats)
+            elif name == "fisher":
                 vals = fisher_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fisher_mass,
                                     cfg.fisher_max_outputs, self.fisher_stats, cfg.fisher_route)
             else:
@@ -418,9 +424,10 @@ class _Run:
         return _assemble(self.phases[name], len(self.prep.token_ids))
 
     def timings(self, total_s: float) -> dict[str, float]:
-        ex, fi = self.exact_stats, self.fisher_stats
+        ex, fi, fa = self.exact_stats, self.fisher_stats, self.fast_stats
         return {"clean_s": round(ex.clean_s, 4), "perturbed_s": round(ex.perturbed_s, 4),
-                "fisher_s": round(fi.forward_s + fi.backward_s, 4), "total_s": round(total_s, 4)}
+                "fisher_s": round(fi.forward_s + fi.backward_s, 4),
+                "fast_s": round(fa.forward_s + fa.backward_s + fa.local_s, 4), "total_s": round(total_s, 4)}
 
 
 def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Sequence[int]],
@@ -431,7 +438,7 @@ def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Se
         for li, layer in enumerate(lays):
             exact_mask[li, list(per_layer[layer])] = True
         return run.assemble("exact"), exact_mask
-    ce = run.assemble("fisher")
+    ce = run.assemble("fast" if method == "hybrid" else method)
     if method == "hybrid":
         ex_ce = run.assemble("exact")
         for li, layer in enumerate(lays):
@@ -490,7 +497,7 @@ def _assemble(rows: dict[int, np.ndarray], n: int) -> np.ndarray:
 
 def _hybrid_candidates(ce: np.ndarray, dom: np.ndarray, lays: list[int], per_layer: Mapping[int, Sequence[int]],
                        n_top: int) -> dict[int, list[int]]:
-    """Per layer, the ``n_top`` experts with the largest domain-mean Fisher CE (max over domains)."""
+    """Per layer, the ``n_top`` experts with the largest domain-mean estimated CE (max over domains)."""
     means = np.stack([np.nanmean(ce[dom == d], axis=0) for d in dict.fromkeys(dom.tolist())])  # (D, L, E)
     score = np.nanmax(means, axis=0)
     out = {}

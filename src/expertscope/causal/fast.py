@@ -1,0 +1,171 @@
+"""``method="fast"``: an estimate of CE that sees top-k membership changes, from one forward and one batched
+backward pass per batch.
+
+For perturbation ``(l, i)`` let ``Δ_{l,i}`` ``(T, H)`` be the *exact* change of MoE layer ``l``'s output
+when ``magnitude`` is added to expert ``i``'s router logit at the perturbed positions: the model's own MoE
+block is run on its clean input with and without the perturbation, so selection changes (an expert entering
+or leaving the top-k), renormalisation and shared experts are all included. The rest of the network is
+linearised: with ``g_y = ∂ log p(y) / ∂ o_l`` (the gradient of the log-probability of output token ``y``
+at a decision position with respect to layer ``l``'s MoE output ``o_l``, all tokens),
+
+    ``KL(P ‖ Q_{l,i}) ≈ ½ Σ_y p(y) (g_y · Δ_{l,i})²``
+
+(the Fisher quadratic form). The gradients of every layer come from the same backward products, one per
+output token ``y`` of the most probable ``fast_outputs`` tokens (weights ``p(y)``). The local part
+(``Δ``) is exact; the propagation is first-order, so agreement with ``exact`` is measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.hooks import RouterHooks
+from ..models.model import MoEModel
+from ._engine import Batch, Stack, full_logits, perturb_transform
+
+
+@dataclass
+class FastStats:
+    """Counters accumulated over batches."""
+
+    backward_products: int = 0
+    local_rows: int = 0
+    min_mass: float = 1.0
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    local_s: float = 0.0
+    notes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backward_products": self.backward_products, "local_rows": self.local_rows,
+                "min_covered_mass": round(self.min_mass, 6), "fast_forward_s": round(self.forward_s, 4),
+                "fast_backward_s": round(self.backward_s, 4), "fast_local_s": round(self.local_s, 4)}
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def fast_batch(
+    moe: MoEModel,
+    stack: Stack | None,
+    batch: Batch,
+    experts: Mapping[int, Sequence[int]],
+    magnitude: float,
+    label_ids: torch.Tensor | None,
+    n_outputs: int,
+    chunk_tokens: int,
+    stats: FastStats,
+) -> np.ndarray:
+    """Fast CE estimates ``(B, L, E_max)`` float64 for one batch (NaN where not asked), averaged over each
+    input's decision positions."""
+    layers = list(experts)
+    B, T = batch.input_ids.shape
+    E_max = max(moe.site(layer).num_experts for layer in layers)
+    dev = batch.device
+    picks = batch.all
+    blocks: dict[int, nn.Module] = {}
+    for layer in layers:
+        blk = moe.site(layer).block
+        if blk is None:
+            raise RuntimeError(f"layer {layer}'s router has no MoE block to rerun: use method='exact'")
+        blocks[layer] = blk
+    # ----- one forward pass with a zero added to every MoE output (its gradient is ∂/∂o_l)
+    inputs: dict[int, torch.Tensor] = {}
+    zeros: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer, blk in blocks.items():
+        def pre(_m: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            inputs[layer] = x.detach()
+
+        def post(_m: nn.Module, args: tuple, kwargs: dict, out: Any, layer: int = layer) -> Any:
+            h = _hidden(out)
+            z = torch.zeros_like(h, requires_grad=True)
+            zeros[layer] = z
+            h2 = h + z
+            return (h2, *out[1:]) if isinstance(out, tuple) else h2
+
+        handles.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(blk.register_forward_hook(post, with_kwargs=True))
+    t0 = time.perf_counter()
+    try:
+        with torch.enable_grad():
+            if stack is not None:
+                o = stack.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                hs = o[0] if isinstance(o, tuple) else o.last_hidden_state
+                logits = stack.logits(hs[picks.row, picks.pos])
+            else:
+                logits = full_logits(moe, batch.input_ids, batch.attention_mask, picks)
+    finally:
+        for hd in handles:
+            hd.remove()
+    stats.forward_s += time.perf_counter() - t0
+    # ----- the exact local change of each MoE output: delta[l] (E_l, B, T, H)
+    t2 = time.perf_counter()
+    deltas: list[torch.Tensor] = []
+    with torch.no_grad():
+        for layer in layers:
+            blk, xin, ex = blocks[layer], inputs[layer], list(experts[layer])
+            base = _hidden(blk(xin)).reshape(B, T, -1)
+            d = torch.zeros(len(ex), B, T, base.shape[-1], dtype=base.dtype, device=dev)
+            pairs = [(j, b) for j in range(len(ex)) for b in range(B)]
+            n_rows = max(1, chunk_tokens // T)  # the memory budget: rows x positions of one MoE call
+            for s in range(0, len(pairs), n_rows):
+                chunk = pairs[s : s + n_rows]
+                jj = torch.tensor([j for j, _ in chunk], device=dev)
+                bb = torch.tensor([b for _, b in chunk], device=dev)
+                tf = perturb_transform(batch, bb, torch.tensor([ex[j] for j, _ in chunk], device=dev), magnitude)
+                with RouterHooks(moe, transforms={layer: tf}):
+                    pert = _hidden(blk(xin.index_select(0, bb))).reshape(len(chunk), T, -1)
+                d[jj, bb] = pert - base.index_select(0, bb)
+                stats.local_rows += len(chunk)
+            deltas.append(d)
+    stats.local_s += time.perf_counter() - t2
+    # ----- gradients of log p(y) for the most probable outputs, every layer at once, contracted with delta
+    t1 = time.perf_counter()
+    x = logits.float() if label_ids is None else logits.float().index_select(1, label_ids)
+    logp = torch.log_softmax(x, dim=-1)  # (P, V')
+    p = torch.softmax(x.detach().double(), dim=-1)
+    V = p.shape[1]
+    K = min(n_outputs, V)
+    w, idx = torch.topk(p, K, dim=-1)  # (P, K)
+    stats.min_mass = min(stats.min_mass, float(w.sum(-1).min()))
+    zs = [zeros[layer] for layer in layers]
+    out = torch.full((B, len(layers), E_max), float("nan"), dtype=torch.float64, device=dev)
+    F = [torch.zeros(B, len(experts[layer]), dtype=torch.float64, device=dev) for layer in layers]
+    # Decision positions of one input share its MoE outputs: take them slot by slot (the s-th of every input).
+    slots: dict[int, list[int]] = {}
+    starts = batch._starts
+    for b in range(B):
+        for s_, j in enumerate(range(starts[b], starts[b + 1])):
+            slots.setdefault(s_, []).append(j)
+    for sel_pos in slots.values():
+        sp = torch.tensor(sel_pos, device=dev)
+        sel = logp.index_select(0, sp).gather(1, idx.index_select(0, sp))  # (S, K)
+        go = torch.zeros(K, *sel.shape, dtype=sel.dtype, device=dev)
+        go[torch.arange(K), :, torch.arange(K)] = 1.0
+        g = torch.autograd.grad(sel, zs, grad_outputs=go, is_grads_batched=True, retain_graph=True,
+                                allow_unused=True)
+        stats.backward_products += K
+        rows_b = picks.row.index_select(0, sp)  # (S,) the input of each position
+        wts = w.index_select(0, sp) * picks.weight.index_select(0, sp)[:, None]  # (S, K): p(y) / n positions
+        with torch.no_grad():
+            for li in range(len(layers)):
+                if g[li] is None:
+                    continue
+                gl = g[li].index_select(1, rows_b).double()  # (K, S, T, H)
+                dl = deltas[li].index_select(1, rows_b).double()  # (E, S, T, H)
+                proj = torch.einsum("ksth,esth->kse", gl, dl)  # (K, S, E)
+                F[li].index_add_(0, rows_b, (wts.T[..., None] * proj**2).sum(0))
+    for li, layer in enumerate(layers):
+        out[:, li, torch.tensor(list(experts[layer]), device=dev)] = 0.5 * F[li]
+    stats.backward_s += time.perf_counter() - t1
+    return out.cpu().numpy()
