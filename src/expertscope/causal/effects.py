@@ -1,11 +1,12 @@
-"""Causal effects of experts on the next-token prediction (SPEC §3): ``causal_effects`` and its result.
+"""Causal effects of experts on the prediction where each task is decided: ``causal_effects`` and its result.
 
-``CE_{l,i}(X) = KL(P(X) ‖ Q_{l,i}(X))`` where ``Q`` is the prediction after adding ``magnitude`` to expert
-``i``'s router logit at layer ``l`` (every real token, or only the prediction position). Three methods:
-``exact`` (the definition, computed efficiently, see :mod:`.exact`), ``fisher`` (a second-order estimate
-from a few backward passes, see :mod:`.fisher`), ``fast`` (exact local change, first-order propagation,
-see :mod:`.fast`) and ``hybrid`` (fast ranks, the top experts of each
-layer are recomputed exactly). Long runs checkpoint after every batch and resume to the same result.
+``CE_{l,i}(X) = KL(P(X) ‖ Q_{l,i}(X))`` at each decision position of ``X`` (see :mod:`.decision`), averaged,
+where ``Q`` is the prediction after adding ``magnitude`` to expert ``i``'s router logit at layer ``l`` (every
+real token, or the first decision position onward). Methods: ``exact`` (the definition, computed
+efficiently, see :mod:`.exact`), ``fast`` (the exact local change of the layer's output, propagated to
+first order; see :mod:`.fast`), ``fisher`` (a second-order estimate in the router logit, blind to top-k
+changes; see :mod:`.fisher`) and ``hybrid`` (fast ranks, the top experts of each layer are recomputed
+exactly). Long runs checkpoint after every batch and resume to the same result.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..errors import ConfigError, DataError, OutputError
 from ..io import atomic_write, read_table, write_table
 from ..models.model import MoEModel
 from ..stats.profile import effective_max_length
-from ._engine import Stack, find_stack, make_batch
+from ._engine import Batch, Stack, find_stack, make_batch
 from .decision import Prepared, common_prefix, prepare_inputs
 from .exact import ExactStats, check_prefix, check_restart, exact_batch
 from .fast import FastStats, fast_batch
@@ -400,7 +401,7 @@ class _Run:
                                [prep.decisions[i] for i in ids])
             if name == "fast":
                 vals = fast_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fast_outputs,
-                                  cfg.chunk_tokens, self.fast_stats)
+                                  cfg.chunk_tokens, self.fast_stats, cfg.fast_probes)
             elif name == "fisher":
                 vals = fisher_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fisher_mass,
                                     cfg.fisher_max_outputs, self.fisher_stats, cfg.fisher_route)
@@ -447,13 +448,14 @@ def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Se
     return ce, exact_mask
 
 
-def _verify_once(model: MoEModel, stack: Stack | None, batch: Any, layers: list[int], stats: ExactStats,
+def _verify_once(model: MoEModel, stack: Stack | None, batch: Batch, layers: list[int], stats: ExactStats,
                  verified: list[bool], prefix: bool) -> Stack | None:
     """Check the restart path (and the suffix restart, with ``prefix``) once per call; fall back to full
     forward passes, or to full-length restarts, with a note, if a check fails."""
     if stack is None or stats.engine != "restart":
         return None
     if not verified[0]:
+        batch = _probe_batch(batch)
         problem = check_restart(model, stack, batch, layers)
         verified[0] = True
         if problem:
@@ -469,6 +471,20 @@ def _verify_once(model: MoEModel, stack: Stack | None, batch: Any, layers: list[
                 warnings.warn(f"exact causal effects recompute full rows (no prefix reuse): {problem}",
                               stacklevel=3)
     return stack
+
+
+def _probe_batch(batch: Batch) -> Batch:
+    """The longest and the shortest input of ``batch`` (padding and row mapping covered), for the checks."""
+    if batch.size <= 2:
+        return batch
+    keep = [0, batch.size - 1]
+    lens = batch.attention_mask.sum(1).tolist()
+    ids = [batch.input_ids[b, : int(lens[b])].tolist() for b in keep]
+    pad = int(batch.input_ids[keep[1], -1]) if lens[keep[1]] < batch.input_ids.shape[1] else 0
+    pmask = batch.pmask
+    positions = "all" if bool((pmask == batch.attention_mask.float()).all()) else "last"
+    return make_batch([batch.index[b] for b in keep], ids, pad, positions, batch.device,
+                      [batch.decisions[b] for b in keep])
 
 
 def _plan(order: list[int], lengths: list[int], batch_size: int, min_fill: float = 0.75) -> list[list[int]]:

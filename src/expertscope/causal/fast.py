@@ -63,9 +63,12 @@ def fast_batch(
     n_outputs: int,
     chunk_tokens: int,
     stats: FastStats,
+    probes: int = 4,
+    seed: int = 0,
 ) -> np.ndarray:
     """Fast CE estimates ``(B, L, E_max)`` float64 for one batch (NaN where not asked), averaged over each
-    input's decision positions."""
+    input's decision positions (exactly for one position per input; by ``probes`` random-sign probes,
+    seeded by ``seed`` and the batch, when an input has several)."""
     layers = list(experts)
     B, T = batch.input_ids.shape
     E_max = max(moe.site(layer).num_experts for layer in layers)
@@ -141,30 +144,36 @@ def fast_batch(
     zs = [zeros[layer] for layer in layers]
     out = torch.full((B, len(layers), E_max), float("nan"), dtype=torch.float64, device=dev)
     F = [torch.zeros(B, len(experts[layer]), dtype=torch.float64, device=dev) for layer in layers]
-    # Decision positions of one input share its MoE outputs: take them slot by slot (the s-th of every input).
-    slots: dict[int, list[int]] = {}
+    # Decision positions of one input share its MoE outputs, so their squared projections cannot be summed
+    # in one gradient. One position per input: one product per output token, exact. Several: random-sign
+    # probes, E[(Σ_p ε_p a_p)²] = Σ_p a_p² (unbiased), ``probes`` × K products whatever the positions
+    # (``probes=0``: one set per position slot, exact).
     starts = batch._starts
-    for b in range(B):
-        for s_, j in enumerate(range(starts[b], starts[b + 1])):
-            slots.setdefault(s_, []).append(j)
-    for sel_pos in slots.values():
-        sp = torch.tensor(sel_pos, device=dev)
-        sel = logp.index_select(0, sp).gather(1, idx.index_select(0, sp))  # (S, K)
+    n_pos = [starts[b + 1] - starts[b] for b in range(B)]
+    sqrt_w = (w * picks.weight[:, None]).sqrt()  # (P, K)
+    if max(n_pos) == 1:
+        signs = torch.ones(1, len(picks.row), dtype=torch.float64, device=dev)
+    elif probes == 0:  # exact: one set of products per slot (the s-th position of every input)
+        slot = torch.tensor([s_ for b in range(B) for s_ in range(n_pos[b])], device=dev)
+        signs = (slot[None, :] == torch.arange(max(n_pos), device=dev)[:, None]).double()
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) + sum(batch.index))
+        signs = (torch.randint(0, 2, (probes, len(picks.row)), generator=gen) * 2 - 1).double().to(dev)
+        signs = signs / float(np.sqrt(probes))  # the mean over probes
+    sel = logp.gather(1, idx)  # (P, K)
+    for j in range(signs.shape[0]):
+        coef = (signs[j][:, None] * sqrt_w).to(sel.dtype)  # (P, K)
         go = torch.zeros(K, *sel.shape, dtype=sel.dtype, device=dev)
-        go[torch.arange(K), :, torch.arange(K)] = 1.0
+        go[torch.arange(K), :, torch.arange(K)] = coef.T
         g = torch.autograd.grad(sel, zs, grad_outputs=go, is_grads_batched=True, retain_graph=True,
                                 allow_unused=True)
         stats.backward_products += K
-        rows_b = picks.row.index_select(0, sp)  # (S,) the input of each position
-        wts = w.index_select(0, sp) * picks.weight.index_select(0, sp)[:, None]  # (S, K): p(y) / n positions
         with torch.no_grad():
             for li in range(len(layers)):
                 if g[li] is None:
                     continue
-                gl = g[li].index_select(1, rows_b).double()  # (K, S, T, H)
-                dl = deltas[li].index_select(1, rows_b).double()  # (E, S, T, H)
-                proj = torch.einsum("ksth,esth->kse", gl, dl)  # (K, S, E)
-                F[li].index_add_(0, rows_b, (wts.T[..., None] * proj**2).sum(0))
+                proj = torch.einsum("kbth,ebth->kbe", g[li].double(), deltas[li].double())  # (K, B, E)
+                F[li] += (proj**2).sum(0)
     for li, layer in enumerate(layers):
         out[:, li, torch.tensor(list(experts[layer]), device=dev)] = 0.5 * F[li]
     stats.backward_s += time.perf_counter() - t1
