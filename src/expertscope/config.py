@@ -143,8 +143,8 @@ class CausalConfig(BaseConfig):
     ``fisher_route`` forces how the Fisher expectation is taken (``auto``: the cheaper exact route);
     ``hybrid_top`` is how many experts per layer ``method="hybrid"`` recomputes exactly (chosen by
     ``fast``); ``fast_outputs`` is how many of the most probable output tokens ``method="fast"`` takes
-    gradients for, and ``fast_probes`` how many random-sign probes it averages over when an input has
-    several decision positions (math; 0: one pass per position, exact).
+    gradients for, and ``fast_probes`` how many random-sign backward probes estimate its Fisher form (0,
+    or at least positions × outputs: one product per (position, token), exact).
     ``decision``: where CE is measured. ``"task"`` (default): where each input's task is decided (the label
     or answer-letter position, every gold-answer position of math, teacher-forced; the last real token of
     plain text); ``"last"``: the last token of the prompt (the first version's rule).
@@ -166,7 +166,7 @@ class CausalConfig(BaseConfig):
     fisher_route: Literal["auto", "tokens", "hidden"] = "auto"
     hybrid_top: int = 4
     fast_outputs: int = 16
-    fast_probes: int = 4
+    fast_probes: int = 8
 
     def validate(self) -> None:
         if self.magnitude == 0 or self.magnitude != self.magnitude:
@@ -180,6 +180,6 @@ class CausalConfig(BaseConfig):
         _positive("fast_outputs", self.fast_outputs)
         if self.fast_probes < 0:
             raise ConfigError(f"fast_probes={self.fast_probes!r} is negative: pass 0 (exact, one pass per "
-                              "position) or more, e.g. 4")
+                              "position and token) or more, e.g. 8")
         if not 0 < self.fisher_mass <= 1:
             raise ConfigError(f"fisher_mass={self.fisher_mass!r} is not in (0, 1]: e.g. 0.99")

@@ -10,9 +10,11 @@ at a decision position with respect to layer ``l``'s MoE output ``o_l``, all tok
 
     ``KL(P ‖ Q_{l,i}) ≈ ½ Σ_y p(y) (g_y · Δ_{l,i})²``
 
-(the Fisher quadratic form). The gradients of every layer come from the same backward products, one per
-output token ``y`` of the most probable ``fast_outputs`` tokens (weights ``p(y)``). The local part
-(``Δ``) is exact; the propagation is first-order, so agreement with ``exact`` is measured, never assumed.
+(the Fisher quadratic form) over the most probable ``fast_outputs`` tokens ``y``. The gradients of every
+layer come from the same backward products: ``fast_probes`` random-sign combinations of all (position,
+token) pairs (an unbiased estimate), or one product per pair (exact) when that is as cheap or
+``fast_probes=0``. The local part (``Δ``) is exact; the propagation is first-order, so agreement with
+``exact`` is measured, never assumed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from torch import nn
 
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
-from ._engine import Batch, Stack, full_logits, perturb_transform
+from ._engine import Batch, Stack, can_skip, full_logits, unchanged_tokens
+
+_CHUNK = 16  # backward products per batched backward pass (bounds memory)
 
 
 @dataclass
@@ -44,7 +48,7 @@ class FastStats:
     notes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backward_products": self.backward_products, "local_rows": self.local_rows,
+        return {"backward_products": self.backward_products, "local_tokens": self.local_rows,
                 "min_covered_mass": round(self.min_mass, 6), "fast_forward_s": round(self.forward_s, 4),
                 "fast_backward_s": round(self.backward_s, 4), "fast_local_s": round(self.local_s, 4)}
 
@@ -63,12 +67,12 @@ def fast_batch(
     n_outputs: int,
     chunk_tokens: int,
     stats: FastStats,
-    probes: int = 4,
+    probes: int = 8,
     seed: int = 0,
 ) -> np.ndarray:
     """Fast CE estimates ``(B, L, E_max)`` float64 for one batch (NaN where not asked), averaged over each
-    input's decision positions (exactly for one position per input; by ``probes`` random-sign probes,
-    seeded by ``seed`` and the batch, when an input has several)."""
+    input's decision positions: exactly when ``probes`` is 0 or at least (positions per input × outputs),
+    else from ``probes`` random-sign probes, seeded by ``seed`` and the batch."""
     layers = list(experts)
     B, T = batch.input_ids.shape
     E_max = max(moe.site(layer).num_experts for layer in layers)
@@ -111,25 +115,35 @@ def fast_batch(
         for hd in handles:
             hd.remove()
     stats.forward_s += time.perf_counter() - t0
-    # ----- the exact local change of each MoE output: delta[l] (E_l, B, T, H)
+    # ----- the exact local change of each MoE output: delta[l] (E_l, B, T, H). The block acts token by token,
+    # so only (expert, token) pairs whose output can change are run (for renormalising routers: tokens where
+    # the expert is selected or can enter the top-k; otherwise every perturbed token), as flat rows.
     t2 = time.perf_counter()
     deltas: list[torch.Tensor] = []
     with torch.no_grad():
         for layer in layers:
-            blk, xin, ex = blocks[layer], inputs[layer], list(experts[layer])
-            base = _hidden(blk(xin)).reshape(B, T, -1)
+            blk, xin, ex, site = blocks[layer], inputs[layer], list(experts[layer]), moe.site(layer)
+            with RouterHooks(moe, record=[layer]) as rec:
+                base = _hidden(blk(xin)).reshape(B, T, -1)
+            if can_skip(site):
+                live = ~unchanged_tokens(rec.calls[layer][0].logits, batch, site, ex, magnitude, moe.dtype)
+            else:
+                live = (batch.pmask > 0)[..., None].expand(B, T, len(ex))
+            jj, bb, tt = torch.nonzero(live.permute(2, 0, 1), as_tuple=True)  # (N,) each
             d = torch.zeros(len(ex), B, T, base.shape[-1], dtype=base.dtype, device=dev)
-            pairs = [(j, b) for j in range(len(ex)) for b in range(B)]
-            n_rows = max(1, chunk_tokens // T)  # the memory budget: rows x positions of one MoE call
-            for s in range(0, len(pairs), n_rows):
-                chunk = pairs[s : s + n_rows]
-                jj = torch.tensor([j for j, _ in chunk], device=dev)
-                bb = torch.tensor([b for _, b in chunk], device=dev)
-                tf = perturb_transform(batch, bb, torch.tensor([ex[j] for j, _ in chunk], device=dev), magnitude)
+            ex_t = torch.tensor(ex, device=dev)
+            for s in range(0, len(jj), chunk_tokens):  # the memory budget: tokens of one MoE call
+                j_, b_, t_ = jj[s : s + chunk_tokens], bb[s : s + chunk_tokens], tt[s : s + chunk_tokens]
+                cols = ex_t.index_select(0, j_)
+
+                def tf(_site: Any, z: torch.Tensor, cols: torch.Tensor = cols) -> torch.Tensor:
+                    return z.index_put((torch.arange(len(cols), device=z.device), cols),
+                                       torch.full_like(cols, 0, dtype=z.dtype) + magnitude, accumulate=True)
+
                 with RouterHooks(moe, transforms={layer: tf}):
-                    pert = _hidden(blk(xin.index_select(0, bb))).reshape(len(chunk), T, -1)
-                d[jj, bb] = pert - base.index_select(0, bb)
-                stats.local_rows += len(chunk)
+                    pert = _hidden(blk(xin[b_, t_][None])).reshape(len(j_), -1)
+                d[j_, b_, t_] = pert - base[b_, t_]
+                stats.local_rows += len(j_)
             deltas.append(d)
     stats.local_s += time.perf_counter() - t2
     # ----- gradients of log p(y) for the most probable outputs, every layer at once, contracted with delta
@@ -144,35 +158,33 @@ def fast_batch(
     zs = [zeros[layer] for layer in layers]
     out = torch.full((B, len(layers), E_max), float("nan"), dtype=torch.float64, device=dev)
     F = [torch.zeros(B, len(experts[layer]), dtype=torch.float64, device=dev) for layer in layers]
-    # Decision positions of one input share its MoE outputs, so their squared projections cannot be summed
-    # in one gradient. One position per input: one product per output token, exact. Several: random-sign
-    # probes, E[(Σ_p ε_p a_p)²] = Σ_p a_p² (unbiased), ``probes`` × K products whatever the positions
-    # (``probes=0``: one set per position slot, exact).
+    # Every (decision position, output token) pair of an input needs its own squared projection. Exact: one
+    # backward product per (position slot, output token). Cheaper: ``probes`` random-sign probes, each one
+    # product over all pairs at once, E[(Σ ε_j a_j)²] = Σ a_j² (unbiased, relative sd about √(2/probes)).
     starts = batch._starts
     n_pos = [starts[b + 1] - starts[b] for b in range(B)]
-    sqrt_w = (w * picks.weight[:, None]).sqrt()  # (P, K)
-    if max(n_pos) == 1:
-        signs = torch.ones(1, len(picks.row), dtype=torch.float64, device=dev)
-    elif probes == 0:  # exact: one set of products per slot (the s-th position of every input)
+    sqrt_w = (w * picks.weight[:, None]).sqrt().to(logp.dtype)  # (P, K)
+    n_exact = max(n_pos) * K
+    if probes == 0 or n_exact <= probes:
         slot = torch.tensor([s_ for b in range(B) for s_ in range(n_pos[b])], device=dev)
-        signs = (slot[None, :] == torch.arange(max(n_pos), device=dev)[:, None]).double()
+        one = (slot[None, :] == torch.arange(max(n_pos), device=dev)[:, None]).to(logp.dtype)  # (S, P)
+        coef = one[:, None, :, None] * torch.eye(K, dtype=logp.dtype, device=dev)[None, :, None, :]  # (S,K,P,K)
+        coef = (coef * sqrt_w[None, None]).reshape(-1, *sqrt_w.shape)
     else:
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + sum(batch.index))
-        signs = (torch.randint(0, 2, (probes, len(picks.row)), generator=gen) * 2 - 1).double().to(dev)
-        signs = signs / float(np.sqrt(probes))  # the mean over probes
+        signs = (torch.randint(0, 2, (probes, *sqrt_w.shape), generator=gen) * 2 - 1).to(logp.dtype).to(dev)
+        coef = signs * sqrt_w[None] / float(np.sqrt(probes))  # the mean over probes
     sel = logp.gather(1, idx)  # (P, K)
-    for j in range(signs.shape[0]):
-        coef = (signs[j][:, None] * sqrt_w).to(sel.dtype)  # (P, K)
-        go = torch.zeros(K, *sel.shape, dtype=sel.dtype, device=dev)
-        go[torch.arange(K), :, torch.arange(K)] = coef.T
+    for c0 in range(0, coef.shape[0], _CHUNK):
+        go = coef[c0 : c0 + _CHUNK]
         g = torch.autograd.grad(sel, zs, grad_outputs=go, is_grads_batched=True, retain_graph=True,
                                 allow_unused=True)
-        stats.backward_products += K
+        stats.backward_products += go.shape[0]
         with torch.no_grad():
             for li in range(len(layers)):
                 if g[li] is None:
                     continue
-                proj = torch.einsum("kbth,ebth->kbe", g[li].double(), deltas[li].double())  # (K, B, E)
+                proj = torch.einsum("jbth,ebth->jbe", g[li].double(), deltas[li].double())  # (J, B, E)
                 F[li] += (proj**2).sum(0)
     for li, layer in enumerate(layers):
         out[:, li, torch.tensor(list(experts[layer]), device=dev)] = 0.5 * F[li]
