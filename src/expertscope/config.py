@@ -165,7 +165,7 @@ class CausalConfig(BaseConfig):
     fisher_max_outputs: int = 512
     fisher_route: Literal["auto", "tokens", "hidden"] = "auto"
     hybrid_top: int = 4
-    fast_outputs: int = 16
+    fast_outputs: int = 64
     fast_probes: int = 8
 
     def validate(self) -> None:

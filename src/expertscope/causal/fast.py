@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
 from ._engine import Batch, Stack, can_skip, full_logits, unchanged_tokens
@@ -82,7 +83,7 @@ def fast_batch(
     for layer in layers:
         blk = moe.site(layer).block
         if blk is None:
-            raise RuntimeError(f"layer {layer}'s router has no MoE block to rerun: use method='exact'")
+            raise ConfigError(f"layer {layer}'s router has no MoE block to rerun: use method='exact'")
         blocks[layer] = blk
     # ----- one forward pass with a zero added to every MoE output (its gradient is ∂/∂o_l)
     inputs: dict[int, torch.Tensor] = {}
