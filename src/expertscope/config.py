@@ -133,7 +133,7 @@ class DomainExpertConfig(BaseConfig):
 
 @dataclass(frozen=True)
 class CausalConfig(BaseConfig):
-    """Settings of :func:`expertscope.causal_effects` (SPEC §3).
+    """Settings of :func:`expertscope.causal_effects` (definitions in docs/methods.md).
 
     ``chunk_tokens`` bounds the tokens of one perturbed run (rows × recomputed positions): the memory budget
     of the exact engine; ``prefix_reuse`` recomputes each perturbed row only from the first position whose

@@ -1,4 +1,4 @@
-"""``method="exact"``: the definition of CE (SPEC §3), computed efficiently.
+"""``method="exact"``: the definition of CE, computed efficiently.
 
 Per batch: one clean run caches every decoder layer's inputs; for each MoE layer ``l`` the (input, expert)
 pairs that are not provably zero are packed into rows of a few perturbed runs that restart at decoder
