@@ -446,3 +446,36 @@ def test_sweep_items_use_the_decision_positions(make_tiny: Any) -> None:
     np.testing.assert_allclose(swept.ce, batched.ce, rtol=1e-3, atol=1e-5)
     old = causal_sweep(moe, doms, decision="last")
     np.testing.assert_allclose(old.ce, C.causal_effects(moe, doms, decision="last").ce, rtol=1e-3, atol=1e-5)
+
+
+# ----- fast --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_fast_local_part_is_exact(make_tiny: Any, family: str) -> None:
+    """For a small perturbation (no top-k change) with every output token, fast is the Fisher quadratic form
+    of the exact local change: it equals exact KL to second order."""
+    moe = _moe(make_tiny, family)
+    doms = _task_domains()[1:3]
+    m = 1e-2
+    ex = C.causal_effects(moe, doms, magnitude=m, batch_size=4)
+    fa = C.causal_effects(moe, doms, method="fast", magnitude=m, batch_size=4, fast_outputs=1000, fast_probes=0)
+    big = ex.ce > 1e-9
+    assert fa.settings["fast_stats"]["min_covered_mass"] == pytest.approx(1.0)
+    assert np.median(np.abs(fa.ce[big] / ex.ce[big] - 1)) < 0.01
+    # The memory budget (tokens per MoE call) changes no value.
+    small = C.causal_effects(moe, doms, method="fast", magnitude=m, batch_size=4, fast_outputs=1000, fast_probes=0,
+                             chunk_tokens=7)
+    np.testing.assert_allclose(small.ce, fa.ce, rtol=2e-3, atol=1e-4 * fa.ce.max())  # fp32 rounding of differences
+
+
+@pytest.mark.parametrize(("family", "cfg"), [("mixtral", {"num_local_experts": 8}), ("qwen2_moe", {}),
+                                             ("deepseek_v3", {})])
+def test_fast_ranks_like_exact(make_tiny: Any, family: str, cfg: dict) -> None:
+    """At magnitude 1 (top-k changes included) fast's per-layer ranking agrees with exact. Measured median
+    per-(domain, layer) Spearman with the defaults (64 outputs, 8 probes): 0.82 / 0.90 / 0.96 (fisher: 0.65 /
+    0.50 / -0.11)."""
+    moe = _moe(make_tiny, family, **cfg)
+    doms = _task_domains()
+    ex = C.causal_effects(moe, doms, batch_size=4)
+    fa = C.causal_effects(moe, doms, method="fast", batch_size=4)
+    assert C.spearman_by_layer(fa, ex).spearman.median() >= 0.75
+    assert fa.settings["exact_stats"] is None and fa.settings["fast_stats"]["backward_products"] > 0

@@ -197,7 +197,7 @@ class DriverConfig(BaseConfig):
 
 @dataclass(frozen=True)
 class CausalConfig(BaseConfig):
-    """Settings of :func:`expertscope.causal_effects` (SPEC §3).
+    """Settings of :func:`expertscope.causal_effects` (definitions in docs/methods.md).
 
     ``chunk_tokens`` bounds the tokens of one perturbed run (rows × recomputed positions): the memory budget
     of the exact engine; ``prefix_reuse`` recomputes each perturbed row only from the first position whose
@@ -205,13 +205,16 @@ class CausalConfig(BaseConfig):
     perturbations that provably cannot change the output (renormalising top-k routers only);
     ``fisher_mass``/``fisher_max_outputs`` set the output tokens the Fisher expectation covers;
     ``fisher_route`` forces how the Fisher expectation is taken (``auto``: the cheaper exact route);
-    ``hybrid_top`` is how many experts per layer ``method="hybrid"`` recomputes exactly.
+    ``hybrid_top`` is how many experts per layer ``method="hybrid"`` recomputes exactly (chosen by
+    ``fast``); ``fast_outputs`` is how many of the most probable output tokens ``method="fast"`` takes
+    gradients for, and ``fast_probes`` how many random-sign backward probes estimate its Fisher form (0,
+    or at least positions × outputs: one product per (position, token), exact).
     ``decision``: where CE is measured. ``"task"`` (default): where each input's task is decided (the label
     or answer-letter position, every gold-answer position of math, teacher-forced; the last real token of
     plain text); ``"last"``: the last token of the prompt (the first version's rule).
     """
 
-    method: Literal["exact", "fisher", "hybrid"] = "exact"
+    method: Literal["exact", "fast", "fisher", "hybrid"] = "exact"
     magnitude: float = 1.0
     positions: Literal["all", "last"] = "all"
     decision: Literal["task", "last"] = "task"
@@ -226,6 +229,8 @@ class CausalConfig(BaseConfig):
     fisher_max_outputs: int = 512
     fisher_route: Literal["auto", "tokens", "hidden"] = "auto"
     hybrid_top: int = 4
+    fast_outputs: int = 64
+    fast_probes: int = 8
 
     def validate(self) -> None:
         if self.magnitude == 0 or self.magnitude != self.magnitude:
@@ -236,6 +241,10 @@ class CausalConfig(BaseConfig):
         _positive("chunk_tokens", self.chunk_tokens)
         _positive("fisher_max_outputs", self.fisher_max_outputs)
         _positive("hybrid_top", self.hybrid_top)
+        _positive("fast_outputs", self.fast_outputs)
+        if self.fast_probes < 0:
+            raise ConfigError(f"fast_probes={self.fast_probes!r} is negative: pass 0 (exact, one pass per "
+                              "position and token) or more, e.g. 8")
         if not 0 < self.fisher_mass <= 1:
             raise ConfigError(f"fisher_mass={self.fisher_mass!r} is not in (0, 1]: e.g. 0.99")
 

@@ -84,7 +84,10 @@ class Batch:
 
     def picks(self, rows: Sequence[int]) -> Picks:
         """The decision positions of the inputs ``rows`` (row ``r`` of a run is input ``rows[r]``)."""
-        r, t, c, w = [], [], [], []
+        r: list[int] = []
+        t: list[int] = []
+        c: list[int] = []
+        w: list[float] = []
         for j, b in enumerate(rows):
             d = self.decisions[b]
             r += [j] * len(d)
@@ -267,14 +270,16 @@ def full_logits(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def restart(
-    stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor, picks: Picks, start: int = 0
+    stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor, picks: Picks, start: int = 0,
+    end: int | None = None,
 ) -> torch.Tensor:
     """Re-run decoder layers ``layer..`` on the cached input of ``layer`` for batch rows ``rows`` ``(R,)``;
     only the decision positions ``picks`` (of these rows) reach the final norm and the LM head → ``(P, V)``.
 
     ``start > 0`` recomputes positions ``start..`` only (causal attention: earlier positions cannot change),
     attending to the clean run's keys and values of the earlier ones (``clean_run(keep_kv=True)``); every
-    decision position must be ``>= start``. Any router transform must be installed by the caller
+    decision position must be ``>= start``; ``end`` (default: the padded length) stops before trailing
+    padding (every decision position ``< end``). Any router transform must be installed by the caller
     (``RouterHooks``) around this call, and sees the suffix positions only.
     """
     B = batch.size
@@ -282,29 +287,31 @@ def restart(
     args, _ = clean.inputs[layer]
     h = args[0] if args else clean.inputs[layer][1]["hidden_states"]
     h = h.index_select(0, rows)
-    if start:
-        h = h[:, start:]
+    end = T if end is None else end
+    if start or end < T:
+        h = h[:, start:end]
     for i in range(layer, len(stack.layers)):
         a, kw = clean.inputs[i]
         kw = {k: _select_rows(v, rows, B) for k, v in kw.items() if k != "hidden_states"}
+        if start or end < T:
+            kw = _suffix_kwargs(kw, T, start, end, h.device)
         if start:
-            kw = _suffix_kwargs(kw, T, start, h.device)
             kw["past_key_values"] = _PrefixKV(clean.kv, rows, start)
         out = stack.layers[i](h, *[_select_rows(v, rows, B) for v in a[1:]], **kw)
         h = out[0] if isinstance(out, tuple) else out
     return stack.logits(stack.norm(h[picks.row, picks.pos - start]))
 
 
-def _suffix_kwargs(kw: dict[str, Any], T: int, start: int, device: torch.device) -> dict[str, Any]:
-    """Layer kwargs for queries at positions ``start..T-1`` against keys ``0..T-1``: the 4-D mask's query rows,
+def _suffix_kwargs(kw: dict[str, Any], T: int, start: int, end: int, device: torch.device) -> dict[str, Any]:
+    """Layer kwargs for queries at positions ``start..end-1`` against keys ``0..end-1``: the 4-D mask's block,
     position ids/embeddings and cache positions of the suffix."""
 
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             if v.dim() >= 2 and v.shape[1] == T:
-                return v[:, start:]
+                return v[:, start:end]
             if v.dim() == 1 and v.shape[0] == T:
-                return v[start:]
+                return v[start:end]
             return v
         if isinstance(v, tuple | list):
             return type(v)(cut(x) for x in v)
@@ -313,10 +320,10 @@ def _suffix_kwargs(kw: dict[str, Any], T: int, start: int, device: torch.device)
     out = {k: cut(v) for k, v in kw.items() if k != "attention_mask"}
     mask = kw.get("attention_mask")
     if mask is None:  # no padding in the batch: the model relied on a plain causal mask
-        q = torch.arange(start, T, device=device)[:, None]
-        mask = (torch.arange(T, device=device)[None, :] <= q)[None, None]
+        q = torch.arange(start, end, device=device)[:, None]
+        mask = (torch.arange(end, device=device)[None, :] <= q)[None, None]
     elif mask.dim() == 4:
-        mask = mask[:, :, start:, :]
+        mask = mask[:, :, start:end, :end]
     else:
         raise ValueError(f"an attention mask of shape {tuple(mask.shape)} cannot be cut to a suffix")
     out["attention_mask"] = mask
@@ -324,11 +331,12 @@ def _suffix_kwargs(kw: dict[str, Any], T: int, start: int, device: torch.device)
 
 
 def perturb_transform(
-    batch: Batch, rows: torch.Tensor, experts: torch.Tensor, magnitude: float, start: int = 0
+    batch: Batch, rows: torch.Tensor, experts: torch.Tensor, magnitude: float, start: int = 0,
+    end: int | None = None,
 ) -> Callable[[RouterSite, torch.Tensor], torch.Tensor]:
     """A router transform adding ``magnitude`` to expert ``experts[r]``'s logit in row ``r`` at the
-    perturbed positions of input ``rows[r]``; the router sees logits ``(R*(T-start), E)``."""
-    pm = batch.pmask.index_select(0, rows)[:, start:]  # (R, T - start)
+    perturbed positions of input ``rows[r]``; the router sees logits ``(R*(end-start), E)``."""
+    pm = batch.pmask.index_select(0, rows)[:, start:end]  # (R, end - start)
 
     def transform(site: RouterSite, logits: torch.Tensor) -> torch.Tensor:
         R, T = pm.shape
@@ -370,12 +378,11 @@ def skip_mask(
     return first_change(router_logits, batch, site, experts, magnitude, dtype) == batch.input_ids.shape[1]
 
 
-def first_change(
+def unchanged_tokens(
     router_logits: torch.Tensor, batch: Batch, site: RouterSite, experts: Sequence[int], magnitude: float,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``(B, len(experts))`` long: the first position whose layer output the perturbation can change (``T``:
-    none, the perturbation provably changes nothing for that input).
+    """``(B, T, len(experts))`` bool: the layer output at that token provably does not change.
 
     For a renormalising top-k router, adding ``m`` to expert ``e`` changes neither the selection nor the
     weights over the selected set if at every perturbed token ``max(z_e, z_e + m)`` lies strictly below the
@@ -396,7 +403,18 @@ def first_change(
     eps = torch.finfo(dtype).eps
     margin = 16 * eps * (1.0 + ze.abs() + abs(magnitude) + kth_other.abs())
     safe = (high < kth_other - margin) | (batch.pmask[..., None] == 0)  # (B, T, n)
-    pos = torch.arange(T, device=z.device)[None, :, None].expand_as(safe)
+    return safe
+
+
+def first_change(
+    router_logits: torch.Tensor, batch: Batch, site: RouterSite, experts: Sequence[int], magnitude: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(B, len(experts))`` long: the first position whose layer output the perturbation can change (``T``:
+    none, the perturbation provably changes nothing for that input); see :func:`unchanged_tokens`."""
+    safe = unchanged_tokens(router_logits, batch, site, experts, magnitude, dtype)
+    T = safe.shape[1]
+    pos = torch.arange(T, device=safe.device)[None, :, None].expand_as(safe)
     return torch.where(safe, torch.full_like(pos, T), pos).amin(dim=1)
 
 

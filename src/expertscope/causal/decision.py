@@ -3,7 +3,8 @@
 A causal effect is measured at the positions whose next-token prediction decides the input's task:
 
 * classification: the position that predicts the gold label's verbalisation (``" joy"``) at the first token
-  where the label verbalisations differ (a leading-space token shared by every label is not the decision);
+  where the label verbalisations differ (the labels of the domain; the standard emotion labels when the
+  domain's labels are among them) (a leading-space token shared by every label is not the decision);
   the prompt is extended, teacher-forced, by the gold tokens before that token;
 * multiple choice: the same rule over the answer letters (``" A"`` … ``" D"``);
 * math (generation with a gold answer): every position that predicts a token of the gold continuation
@@ -60,13 +61,15 @@ def _encode(tok: Any, text: str, special: bool) -> list[int]:
 
 def choice_verbalisations(domain: Domain) -> list[str] | None:
     """The verbalisations whose first differing token decides ``domain``'s task (None: not a choice task)."""
-    from ..data.prompts import LETTER_VERBALISATIONS, verbalise
+    from ..data.prompts import LABELS, LETTER_VERBALISATIONS, verbalise
 
     if domain.task == "multiple_choice":
         return list(LETTER_VERBALISATIONS.values())
     if domain.task == "classification":
-        labels = sorted({str(e.label) for e in domain if e.label is not None})
-        return [verbalise(x) for x in labels] if len(labels) >= 2 else None
+        labels = {str(e.label) for e in domain if e.label is not None}
+        if labels and labels <= set(LABELS):
+            labels = set(LABELS)  # the standard label set, whatever subset these examples happen to use
+        return [verbalise(x) for x in sorted(labels)] if len(labels) >= 2 else None
     return None
 
 

@@ -1,10 +1,12 @@
-"""Causal effects of experts on the next-token prediction (SPEC §3): ``causal_effects`` and its result.
+"""Causal effects of experts on the prediction where each task is decided: ``causal_effects`` and its result.
 
-``CE_{l,i}(X) = KL(P(X) ‖ Q_{l,i}(X))`` where ``Q`` is the prediction after adding ``magnitude`` to expert
-``i``'s router logit at layer ``l`` (every real token, or only the prediction position). Three methods:
-``exact`` (the definition, computed efficiently, see :mod:`.exact`), ``fisher`` (a second-order estimate
-from a few backward passes, see :mod:`.fisher`) and ``hybrid`` (fisher ranks, the top experts of each
-layer are recomputed exactly). Long runs checkpoint after every batch and resume to the same result.
+``CE_{l,i}(X) = KL(P(X) ‖ Q_{l,i}(X))`` at each decision position of ``X`` (see :mod:`.decision`), averaged,
+where ``Q`` is the prediction after adding ``magnitude`` to expert ``i``'s router logit at layer ``l`` (every
+real token, or the first decision position onward). Methods: ``exact`` (the definition, computed
+efficiently, see :mod:`.exact`), ``fast`` (the exact local change of the layer's output, propagated to
+first order; see :mod:`.fast`), ``fisher`` (a second-order estimate in the router logit, blind to top-k
+changes; see :mod:`.fisher`) and ``hybrid`` (fast ranks, the top experts of each layer are recomputed
+exactly). Long runs checkpoint after every batch and resume to the same result.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -30,9 +32,10 @@ from ..io import atomic_write, read_table, write_table
 from ..models.model import MoEModel
 from ..progress import ProgressCallback
 from ..routing import DomainInput, as_domain_list, effective_max_length
-from ._engine import Stack, find_stack, make_batch
+from ._engine import Batch, Stack, find_stack, make_batch
 from .decision import Prepared, common_prefix, prepare_inputs
 from .exact import ExactStats, check_prefix, check_restart, exact_batch
+from .fast import FastStats, fast_batch
 from .fisher import FisherStats, fisher_batch
 
 TABLE_VERSION = 1
@@ -183,7 +186,7 @@ def _save_checkpoint(path: Path, fingerprint: str, phases: dict[str, dict[int, n
     meta = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "stats": stats, **extra}
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **cast(dict[str, Any], arrays))  # numpy's stub reserves the keyword allow_pickle: bool
     with atomic_write(path, "wb") as fh:
         fh.write(buf.getvalue())
 
@@ -247,15 +250,15 @@ def causal_effects(
     }
     fingerprint = _fingerprint(prep.token_ids, prep.decisions, dom_of, settings_key)
     resumed = run.open_checkpoint(checkpoint, resume, fingerprint)
-    phase_names = {"exact": ["exact"], "fisher": ["fisher"], "hybrid": ["fisher", "exact"]}[cfg.method]
+    phase_names = {"exact": ["exact"], "fast": ["fast"], "fisher": ["fisher"], "hybrid": ["fast", "exact"]}[cfg.method]
     run.start_progress(len(phase_names), progress, on_batch)
     top: dict[int, list[int]] = {}
     try:
-        if cfg.method in ("exact", "fisher"):
+        if cfg.method != "hybrid":
             run.phase(cfg.method, per_layer)
         else:
-            run.phase("fisher", per_layer)
-            top = _hybrid_candidates(run.assemble("fisher"), np.asarray(dom_of, dtype=object), lays, per_layer,
+            run.phase("fast", per_layer)
+            top = _hybrid_candidates(run.assemble("fast"), np.asarray(dom_of, dtype=object), lays, per_layer,
                                      cfg.hybrid_top)
             run.phase("exact", top)
     finally:
@@ -268,8 +271,9 @@ def causal_effects(
         "decision_kinds": prep.kind_counts(), "decision_lost_to_truncation": prep.lost,
         "decision_positions_per_input": round(float(np.mean([len(d) for d in prep.decisions])), 3),
         "kl": "KL(P||Q) in float64, clamped at 0, averaged over each input's decision positions",
-        "exact_stats": run.exact_stats.to_dict() if cfg.method != "fisher" else None,
-        "fisher_stats": run.fisher_stats.to_dict() if cfg.method != "exact" else None,
+        "exact_stats": run.exact_stats.to_dict() if cfg.method in ("exact", "hybrid") else None,
+        "fisher_stats": run.fisher_stats.to_dict() if cfg.method == "fisher" else None,
+        "fast_stats": run.fast_stats.to_dict() if cfg.method in ("fast", "hybrid") else None,
         "skipped": run.exact_stats.skipped, "timings": run.timings(time.perf_counter() - t_start),
         "resumed_rows": resumed, "model": model.describe(),
     }
@@ -342,7 +346,7 @@ class _Run:
         self.plan = _plan(order, [len(t) for t in prep.token_ids], cfg.batch_size)
         self.lab_t = None if label_ids is None else torch.tensor(label_ids, device=model.device)
         self.stack: Stack | None = find_stack(model)
-        self.exact_stats, self.fisher_stats = ExactStats(), FisherStats()
+        self.exact_stats, self.fisher_stats, self.fast_stats = ExactStats(), FisherStats(), FastStats()
         if self.stack is None:
             self.exact_stats.engine, self.exact_stats.note = "full-forward", "decoder stack not found"
         self.phases: dict[str, dict[int, np.ndarray]] = {}
@@ -387,7 +391,10 @@ class _Run:
                 continue
             batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions, model.device,
                                [prep.decisions[i] for i in ids])
-            if name == "fisher":
+            if name == "fast":
+                vals = fast_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fast_outputs,
+                                  cfg.chunk_tokens, self.fast_stats, cfg.fast_probes)
+            elif name == "fisher":
                 vals = fisher_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fisher_mass,
                                     cfg.fisher_max_outputs, self.fisher_stats, cfg.fisher_route)
             else:
@@ -409,9 +416,10 @@ class _Run:
         return _assemble(self.phases[name], len(self.prep.token_ids))
 
     def timings(self, total_s: float) -> dict[str, float]:
-        ex, fi = self.exact_stats, self.fisher_stats
+        ex, fi, fa = self.exact_stats, self.fisher_stats, self.fast_stats
         return {"clean_s": round(ex.clean_s, 4), "perturbed_s": round(ex.perturbed_s, 4),
-                "fisher_s": round(fi.forward_s + fi.backward_s, 4), "total_s": round(total_s, 4)}
+                "fisher_s": round(fi.forward_s + fi.backward_s, 4),
+                "fast_s": round(fa.forward_s + fa.backward_s + fa.local_s, 4), "total_s": round(total_s, 4)}
 
 
 def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Sequence[int]],
@@ -422,7 +430,7 @@ def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Se
         for li, layer in enumerate(lays):
             exact_mask[li, list(per_layer[layer])] = True
         return run.assemble("exact"), exact_mask
-    ce = run.assemble("fisher")
+    ce = run.assemble("fast" if method == "hybrid" else method)
     if method == "hybrid":
         ex_ce = run.assemble("exact")
         for li, layer in enumerate(lays):
@@ -431,13 +439,14 @@ def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Se
     return ce, exact_mask
 
 
-def _verify_once(model: MoEModel, stack: Stack | None, batch: Any, layers: list[int], stats: ExactStats,
+def _verify_once(model: MoEModel, stack: Stack | None, batch: Batch, layers: list[int], stats: ExactStats,
                  verified: list[bool], prefix: bool) -> Stack | None:
     """Check the restart path (and the suffix restart, with ``prefix``) once per call; fall back to full
     forward passes, or to full-length restarts, with a note, if a check fails."""
     if stack is None or stats.engine != "restart":
         return None
     if not verified[0]:
+        batch = _probe_batch(batch)
         problem = check_restart(model, stack, batch, layers)
         verified[0] = True
         if problem:
@@ -453,6 +462,20 @@ def _verify_once(model: MoEModel, stack: Stack | None, batch: Any, layers: list[
                 warnings.warn(f"exact causal effects recompute full rows (no prefix reuse): {problem}",
                               stacklevel=3)
     return stack
+
+
+def _probe_batch(batch: Batch) -> Batch:
+    """The longest and the shortest input of ``batch`` (padding and row mapping covered), for the checks."""
+    if batch.size <= 2:
+        return batch
+    keep = [0, batch.size - 1]
+    lens = batch.attention_mask.sum(1).tolist()
+    ids = [batch.input_ids[b, : int(lens[b])].tolist() for b in keep]
+    pad = int(batch.input_ids[keep[1], -1]) if lens[keep[1]] < batch.input_ids.shape[1] else 0
+    pmask = batch.pmask
+    positions = "all" if bool((pmask == batch.attention_mask.float()).all()) else "last"
+    return make_batch([batch.index[b] for b in keep], ids, pad, positions, batch.device,
+                      [batch.decisions[b] for b in keep])
 
 
 def _plan(order: list[int], lengths: list[int], batch_size: int, min_fill: float = 0.75) -> list[list[int]]:
@@ -481,7 +504,7 @@ def _assemble(rows: dict[int, np.ndarray], n: int) -> np.ndarray:
 
 def _hybrid_candidates(ce: np.ndarray, dom: np.ndarray, lays: list[int], per_layer: Mapping[int, Sequence[int]],
                        n_top: int) -> dict[int, list[int]]:
-    """Per layer, the ``n_top`` experts with the largest domain-mean Fisher CE (max over domains)."""
+    """Per layer, the ``n_top`` experts with the largest domain-mean estimated CE (max over domains)."""
     means = np.stack([np.nanmean(ce[dom == d], axis=0) for d in dict.fromkeys(dom.tolist())])  # (D, L, E)
     score = np.nanmax(means, axis=0)
     out = {}

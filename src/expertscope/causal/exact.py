@@ -1,4 +1,4 @@
-"""``method="exact"``: the definition of CE (SPEC §3), computed efficiently.
+"""``method="exact"``: the definition of CE, computed efficiently.
 
 Per batch: one clean run caches every decoder layer's inputs; for each MoE layer ``l`` the (input, expert)
 pairs that are not provably zero are packed into rows of a few perturbed runs that restart at decoder
@@ -160,6 +160,7 @@ def exact_batch(
             starts.append(base[:, None].expand(B, len(experts[layer])))
     flat = torch.cat([x.flatten() for x in starts]).cpu().numpy()
     fd = first_dec.cpu().numpy()
+    lens = [d[-1] + 1 for d in batch.decisions]  # positions after the last decision position cannot matter
     o = 0
     for li, layer in enumerate(layers):
         ex = list(experts[layer])
@@ -175,16 +176,17 @@ def exact_batch(
         # Rows: (input b, expert e) pairs, ordered by restart position so a run restarts late for all its rows.
         pairs = sorted(((int(min(st[b, j], fd[b])) if prefix else 0, e, b)
                         for j, e in enumerate(ex) for b in range(B) if not sk[b, j]))
-        for chunk in _runs(pairs, T, chunk_tokens):
+        for chunk in _runs(pairs, lens if prefix else [T] * B, chunk_tokens):
             start = chunk[0][0]
+            end = max(lens[b] for _, _, b in chunk) if prefix else T
             bs = [b for _, _, b in chunk]
             rows = torch.tensor(bs, device=dev)
             exps = torch.tensor([e for _, e, _ in chunk], device=dev)
             picks = batch.picks(bs)
-            tf = perturb_transform(batch, rows, exps, magnitude, start)
+            tf = perturb_transform(batch, rows, exps, magnitude, start, end)
             with RouterHooks(moe, transforms={layer: tf}), torch.no_grad():
                 if stack is not None:
-                    q = restart(stack, clean, batch, layer, rows, picks, start)
+                    q = restart(stack, clean, batch, layer, rows, picks, start, end)
                 else:
                     q = full_logits(moe, batch.input_ids.index_select(0, rows),
                                     batch.attention_mask.index_select(0, rows), picks)
@@ -192,31 +194,31 @@ def exact_batch(
             out[rows, li, exps] = picks.row_mean(per_pos, len(chunk))
             stats.runs += 1
             stats.computed += len(chunk)
-            stats.token_rows += len(chunk) * (T - start) * (len(stack.layers) - layer if stack is not None else 1)
+            stats.token_rows += len(chunk) * (end - start) * (len(stack.layers) - layer if stack is not None else 1)
     stats.perturbed_s += time.perf_counter() - t1
     return out.cpu().numpy()
 
 
-def _runs(pairs: list[tuple[int, int, int]], T: int, chunk_tokens: int, waste: float = 0.25
+def _runs(pairs: list[tuple[int, int, int]], lens: list[int], chunk_tokens: int, waste: float = 0.25
           ) -> list[list[tuple[int, int, int]]]:
-    """Split ``(start, expert, input)`` rows, sorted by start, into perturbed runs. A run restarts all its
-    rows at its first row's start; it holds at most ``chunk_tokens`` recomputed positions (the memory
-    budget, at least one row), and closes before a row whose early restart would waste more than
-    ``waste`` × the positions the run needs anyway."""
+    """Split ``(start, expert, input)`` rows, sorted by start, into perturbed runs. A run recomputes all its
+    rows from its first row's start to its longest row's end (``lens[input]``); it holds at most
+    ``chunk_tokens`` recomputed positions (the memory budget, at least one row), and closes before a row that
+    would make it waste more than ``waste`` × the positions its rows need."""
     runs: list[list[tuple[int, int, int]]] = []
     cur: list[tuple[int, int, int]] = []
-    need = 0
+    need, end = 0, 0
     for row in pairs:
+        r_need, r_end = lens[row[2]] - row[0], lens[row[2]]
         if cur:
-            s0 = cur[0][0]
-            width = T - s0
-            over = (len(cur) + 1) * width > chunk_tokens
-            wasted = (len(cur) + 1) * width - (need + T - row[0])
-            if over or wasted > waste * (need + T - row[0]):
+            width = max(end, r_end) - cur[0][0]
+            total = (len(cur) + 1) * width
+            if total > chunk_tokens or total - (need + r_need) > waste * (need + r_need):
                 runs.append(cur)
-                cur, need = [], 0
+                cur, need, end = [], 0, 0
         cur.append(row)
-        need += T - row[0]
+        need += r_need
+        end = max(end, r_end)
     if cur:
         runs.append(cur)
     return runs

@@ -1,4 +1,4 @@
-"""``method="fisher"``: the second-order estimate of CE for every (layer, expert) at once (SPEC §3).
+"""``method="fisher"``: the second-order estimate of CE for every (layer, expert) at once.
 
 With ``b_{l,i}`` a scalar added to logit ``i`` of layer ``l`` at the perturbed positions,
 ``KL(P‖Q_b) ≈ ½ m² F_{l,i}`` with ``F = E_{y~P}[(∂ log p(y)/∂b_{l,i})²]``. One forward pass adds a zero
@@ -12,7 +12,10 @@ layer's logits; the gradients then come from a few batched backward passes:
   *full* vocabulary exactly.
 
 Top-k selection is piecewise constant, so gradients flow only through the gate weights of the selected
-experts; membership changes are invisible to this estimate. Its agreement with ``exact`` is measured.
+experts; membership changes are invisible to this estimate. Its agreement with ``exact`` is measured:
+on the demo (12 inputs per domain, decision positions) the median per-(domain, layer) Spearman is 0.58
+(``fast``: 0.87), and an input with several decision positions needs one set of products per position
+(49 s against 0.8 s for ``fast``). Kept for comparison; ``fast`` is the estimate to use.
 """
 
 from __future__ import annotations
