@@ -33,7 +33,7 @@ class StudyConfig(BaseConfig):
     domains: tuple[str, ...] = ()
     limit: int | None = 300
     causal_limit: int | None = 120
-    causal_method: Literal["exact", "fisher", "hybrid"] = "exact"
+    causal_method: Literal["exact", "fast", "hybrid", "fisher"] = "exact"
     eval_limit: int | None = 300
     train_limit: int | None = 300
     steer_mode: Literal["scale", "bias"] = InterventionConfig.mode

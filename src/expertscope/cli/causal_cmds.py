@@ -51,8 +51,16 @@ def drivers_cmd(
     domain: DomainOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (one run per directory).")] = Path(
         "runs/drivers"),
-    method: Annotated[str, typer.Option(help="exact (the definition), fisher (2nd-order) or hybrid.")] = (
+    method: Annotated[str, typer.Option(help="exact (the definition), fast (exact local change propagated by a "
+                                              "Fisher sketch), hybrid (fast ranks, top experts exact) or fisher.")] = (
         CAUSAL.method),
+    decision: Annotated[str, typer.Option(help="task (where each input's task is decided: label, answer letter, "
+                                                "every teacher-forced math-answer token) or last (last token).")] = (
+        CAUSAL.decision),
+    chunk_tokens: Annotated[int, typer.Option(help="Memory budget: tokens recomputed in one perturbed run.")] = (
+        CAUSAL.chunk_tokens),
+    prefix_reuse: Annotated[bool, typer.Option(help="Reuse the clean run's keys/values before the first changed "
+                                                    "position (exact; values unchanged).")] = CAUSAL.prefix_reuse,
     magnitude: Annotated[float, typer.Option(help="Added to the expert's router logit (non-zero).")] = (
         CAUSAL.magnitude),
     positions: Annotated[str, typer.Option(help="all (every token) or last (the prediction position).")] = (
@@ -118,7 +126,8 @@ def drivers_cmd(
     check_positive(hybrid_top, "--hybrid-top")
     check_positive(top, "--top", allow_zero=True)
     cfg = CausalConfig(method=method, magnitude=magnitude, positions=positions, target=target,  # type: ignore[arg-type]
-                       batch_size=batch_size, max_length=max_length, limit=limit, hybrid_top=hybrid_top)
+                       batch_size=batch_size, max_length=max_length, limit=limit, hybrid_top=hybrid_top,
+                       decision=decision, chunk_tokens=chunk_tokens, prefix_reuse=prefix_reuse)  # type: ignore[arg-type]
     layer_list, expert_list = _int_list(layers, "layers"), _int_list(experts, "experts")
     check_device(device)
     check_domain_specs(domain)

@@ -39,7 +39,7 @@ def run_cmd(
     out: OutOpt = Path("runs/study"),
     limit: StudyLimitOpt = STUDY.limit,
     causal_limit: CausalLimitOpt = STUDY.causal_limit,
-    causal_method: Annotated[str, typer.Option(help="exact, fisher or hybrid.")] = STUDY.causal_method,
+    causal_method: Annotated[str, typer.Option(help="exact, fast, hybrid or fisher.")] = STUDY.causal_method,
     eval_limit: EvalLimitOpt = STUDY.eval_limit,
     train_limit: TrainLimitOpt = STUDY.train_limit,
     steer_mode: Annotated[str, typer.Option(help="scale (the paper's) or bias.")] = STUDY.steer_mode,
