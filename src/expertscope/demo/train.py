@@ -59,7 +59,7 @@ DEMO_ARCHITECTURES: dict[str, str] = {"demo": "mixtral", "demo-deepseek": "deeps
 """The bundled demos by ``--model`` name and the architecture each is trained as."""
 
 PHASE3_RECIPES: dict[str, dict[str, float]] = {
-    "mixtral": {"phase3_aux_loss_coef": 0.0, "phase3_router_lr_mult": 1.0},
+    "mixtral": {"phase3_aux_loss_coef": 0.01, "phase3_router_lr_mult": 1.0},
     "deepseek": {"phase3_aux_loss_coef": 0.001, "phase3_router_lr_mult": 1.0},
 }
 """The phase-3 settings each shipped demo was chosen with (on validation MI and accuracy; see the manifests'
