@@ -264,3 +264,17 @@ def test_tokenizer_round_trips_emotion_v2_words(name: str) -> None:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id is None or tok.unk_token_id not in ids
         assert tok.decode(ids) == text
+
+
+def test_demo_train_rejects_unknown_demo_and_bad_phase2_dir(tmp_path: Path) -> None:
+    """`demo train --demo <unknown>` and `--from-phase2 <not a model>`: one-line errors, exit 2, nothing written."""
+    out = tmp_path / "out"
+    bad = CliRunner().invoke(app, ["demo", "train", "--out", str(out), "--demo", "demo-nope"])
+    assert bad.exit_code == 2 and "unknown demo" in bad.output
+    missing = CliRunner().invoke(app, ["demo", "train", "--out", str(out), "--from-phase2", str(tmp_path)])
+    assert missing.exit_code == 2 and "no config.json" in missing.output
+    both = CliRunner().invoke(
+        app, ["demo", "train", "--out", str(out), "--from-phase1", str(tmp_path), "--from-phase2", str(tmp_path)]
+    )
+    assert both.exit_code == 2 and "exclude each other" in both.output
+    assert not out.exists()
