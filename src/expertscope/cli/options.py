@@ -17,7 +17,8 @@ CAUSAL = CausalConfig()
 INTERVENTION = InterventionConfig()
 STUDY = StudyConfig()
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF model directory, a hub id, or 'demo'.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF model directory, a hub id, 'demo' or "
+                                                         "'demo-deepseek' (the bundled demos).")]
 DomainOpt = Annotated[
     list[str] | None,
     typer.Option("--domain", "-d", help="NAME=SOURCE[?text=FIELD&label=FIELD...]; SOURCE is a .jsonl/.csv/.parquet "
