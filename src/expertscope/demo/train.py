@@ -260,12 +260,8 @@ def finetune_phase(model: Any, tokenizer: Any, cfg: TrainConfig, on_step: Any = 
     for step, batch in enumerate(batches, start=1):
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1)
-        loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+        loss = _optimizer_step(model, opt, _collate(batch, tokenizer.pad_token_id))
+        running = 0.98 * running + 0.02 * loss if step > 1 else loss
         if on_step is not None:
             on_step(step, total, running)
         if step % 1000 == 0 or step == len(batches):
@@ -387,12 +383,8 @@ def finetune_v2(model: Any, tokenizer: Any, cfg: TrainConfig, on_step: Any = Non
         for group in opt.param_groups:
             lr = warmup_cosine_lr(step - 1, cfg.phase3_lr, cfg.phase3_warmup_steps, total, floor=0.1)
             group["lr"] = lr * group["lr_mult"]
-        loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+        loss = _optimizer_step(model, opt, _collate(batch, tokenizer.pad_token_id))
+        running = 0.98 * running + 0.02 * loss if step > 1 else loss
         if on_step is not None:
             on_step(step, total, running)
         if step % 100 == 0:
@@ -481,6 +473,16 @@ def _batches(
     return batches
 
 
+def _optimizer_step(model: Any, opt: torch.optim.Optimizer, inputs: dict[str, torch.Tensor]) -> float:
+    """One training step shared by every phase: loss, backward, clip the gradient norm at 1, step; the loss."""
+    loss = model(**inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.item())
+
+
 def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``attention_mask``/``labels`` of shape (batch, max_len)."""
     width = max(len(ids) for ids, _ in batch)
@@ -566,13 +568,9 @@ def train(
         for batch in batches:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = _optimizer_step(model, opt, _collate(batch, tokenizer.pad_token_id))
             step += 1
-            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            running = 0.98 * running + 0.02 * loss if step > 1 else loss
             if on_step is not None:
                 on_step(step, total, running)
             if step % 100 == 0 or step == total:
