@@ -303,3 +303,29 @@ def test_steer_study_command_and_bad_scale(tmp_path) -> None:
     assert "finetune_router" in set(t["condition"]) and "steering study complete" in r.output
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "p"), "--scale-down", "0"])
     assert r.exit_code == 2 and "--scale-down 0.0 is not positive" in r.output
+
+
+def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) -> None:
+    """A sweep point equal to an up/down row (same targets, same scale) is not evaluated again, and its
+    numbers equal an independent steered evaluation."""
+    import pandas as pd
+
+    from expertscope.data.sources import load_domain
+    from expertscope.evaluation import evaluate
+    from expertscope.interventions.study import intervention_study
+
+    moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3), tokenizer=tiny_tokenizer())
+    dom = load_domain("emo=synthetic:emotion@test", limit=10)
+    table = pd.DataFrame({"domain": ["emo"] * 2, "layer": [0, 2], "expert": [1, 3],
+                          "is_domain_expert": [True, True], "specificity": [0.2, 0.5]})
+    labels: list[str] = []
+    res = intervention_study(moe, [dom], table, None, scale_up=3.0, scale_down=0.3, sweep_scales=(0.3, 1.0, 3.0),
+                             sweep_counts=(1, 2), n_boot=20, batch_size=5, finetune=False, on_eval=labels.append)
+    # original, domain up, domain down, top-1 at 3.0: every other sweep point repeats one of these
+    assert len(labels) == 4, labels
+    sweep = res.sweep.set_index(["sweep", "scale", "n_targets"])["accuracy"]
+    t = res.table.set_index("condition")["accuracy"]
+    assert sweep[("scale", 3.0, 2)] == t["domain_up"] and sweep[("count", 3.0, 2)] == t["domain_up"]
+    assert sweep[("scale", 0.3, 2)] == t["domain_down"] and sweep[("scale", 1.0, 2)] == t["original"]
+    with es.steer(moe, [(0, 1), (2, 3)], scale=3.0):
+        assert evaluate(moe, "classification", dom, batch_size=5).accuracy == t["domain_up"]
