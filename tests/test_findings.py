@@ -117,3 +117,19 @@ def test_compare_two_runs(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="at least two"):
         compare([a], tmp_path / "x.html")
     assert not (tmp_path / "x.html").exists()
+
+
+def test_findings_use_the_tables_own_medians_ratios_and_saturation() -> None:
+    """Where the driver and steering tables carry what their rules used (layer median, ratio, the study's
+    saturation label), the findings report those, not a recomputation."""
+    t = _tables()
+    drv = t["drivers"].copy()
+    drv["layer_median"] = 0.02  # as if the rule's median differed from the rows shown
+    drv["ratio"] = drv["ce_mean"] / 0.02
+    drv.attrs["meta"] = t["drivers"].attrs["meta"]
+    st = t["steering"].copy()
+    st["saturated"] = st["domain"] == "a"  # the study's own threshold labelled a, not b
+    fa, fb = findings({**t, "drivers": drv, "steering": st})
+    assert fa.drivers[0]["ratio_to_median"] == 0.05 / 0.02
+    assert fa.detectable_ce == max(1e-3, 2 * 0.02)
+    assert fa.saturated and not fb.saturated

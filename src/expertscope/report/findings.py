@@ -65,7 +65,9 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _meta(df: pd.DataFrame | None) -> dict[str, Any]:
+def table_meta(df: pd.DataFrame | None) -> dict[str, Any]:
+    """The settings a table was saved with (rule text, config), as :func:`~expertscope.report.html.load_tables`
+    attaches them to ``df.attrs["meta"]``; ``{}`` when absent."""
     return dict(df.attrs.get("meta") or {}) if df is not None else {}
 
 
@@ -114,16 +116,19 @@ def _driver_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: 
     floor = meta.get("ce_floor", (meta.get("config") or {}).get("ce_floor"))
     f.ce_floor = float(floor) if floor is not None else None
     ratio = float((meta.get("config") or {}).get("min_ratio", meta.get("min_ratio", float("nan"))))
-    medians = g.groupby("layer")["ce_mean"].median()
+    # The driver table's own layer medians and ratios where it has them (what its rule used).
+    medians = (g.groupby("layer")["layer_median"].first() if "layer_median" in g.columns
+               else g.groupby("layer")["ce_mean"].median())
     if len(medians) and not math.isnan(ratio):
         detect = float(medians.min()) * ratio
         f.detectable_ce = max(detect, f.ce_floor or 0.0)
     for r in flagged.sort_values("ce_mean", ascending=False).head(top).to_dict("records"):
         med = float(medians.get(r["layer"], float("nan")))
+        ratio_to_median = _f(r, "ce_mean") / med if med > 0 else float("nan")
         f.drivers.append({
             "layer": int(r["layer"]), "expert": int(r["expert"]), "ce": _f(r, "ce_mean"),
             "ce_lo": _f(r, "ce_lo"), "ce_hi": _f(r, "ce_hi"), "q_value": _f(r, "q_value"),
-            "ratio_to_median": _f(r, "ce_mean") / med if med > 0 else float("nan"),
+            "ratio_to_median": _f(r, "ratio") if "ratio" in r else ratio_to_median,
         })
 
 
@@ -148,7 +153,8 @@ def _steering_part(f: DomainFindings, g: pd.DataFrame) -> None:
         b = base.iloc[0]
         f.accuracy = {"accuracy": _f(b, "accuracy"), "ci_low": _f(b, "ci_low"), "ci_high": _f(b, "ci_high"),
                       "n": int(b["n"]) if "n" in g.columns else None}
-        f.saturated = _f(b, "accuracy") >= SATURATED
+        # The study's own label (its configured threshold) where the table has one.
+        f.saturated = bool(b["saturated"]) if "saturated" in g.columns else _f(b, "accuracy") >= SATURATED
     rest = g[g["condition"] != "original"]
     ok = _applicable(rest)
     for r in rest[~ok].to_dict("records"):
@@ -180,9 +186,9 @@ def findings(tables: dict[str, pd.DataFrame], top: int = 3) -> list[DomainFindin
     for d in names:
         f = DomainFindings(domain=d)
         if dom is not None and len(dom):
-            _domain_part(f, dom[dom["domain"].astype(str) == d], _meta(dom), top)
+            _domain_part(f, dom[dom["domain"].astype(str) == d], table_meta(dom), top)
         if drv is not None and len(drv) and "ce_mean" in drv.columns:
-            _driver_part(f, drv[drv["domain"].astype(str) == d], _meta(drv), top)
+            _driver_part(f, drv[drv["domain"].astype(str) == d], table_meta(drv), top)
         if rate is not None and len(rate) and "causal_rate" in rate.columns:
             _rate_part(f, rate[rate["domain"].astype(str) == d])
         if st is not None and len(st) and "condition" in st.columns:
@@ -261,4 +267,4 @@ def findings_record(tables: dict[str, pd.DataFrame], manifest: dict[str, Any] | 
     }
 
 
-__all__ = ["SATURATED", "DomainFindings", "findings", "findings_record", "sentences"]
+__all__ = ["SATURATED", "DomainFindings", "findings", "findings_record", "sentences", "table_meta"]

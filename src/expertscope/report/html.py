@@ -22,7 +22,7 @@ import pandas as pd
 from ..errors import OutputError
 from ..io import atomic_write, read_table, write_json
 from .figures import expert_types, write_figures
-from .findings import SATURATED, findings, findings_record, sentences
+from .findings import SATURATED, findings, findings_record, sentences, table_meta
 
 #: Table key -> file names it may be saved under (searched in the run directory, then one level down).
 TABLE_FILES: dict[str, tuple[str, ...]] = {
@@ -112,10 +112,6 @@ def load_tables(run_dir: str | Path, problems: dict[str, str] | None = None) -> 
 
 
 # ----- formatting ----------------------------------------------------------------------------------------
-def _meta_of(df: pd.DataFrame | None) -> dict[str, Any]:
-    return dict(df.attrs.get("meta") or {}) if df is not None else {}
-
-
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
@@ -400,7 +396,7 @@ def _domain_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
     top = dom[dom["is_domain_expert"].astype(bool)] if "is_domain_expert" in dom.columns else dom
     key = "lift" if "lift" in top.columns else "specificity"
     top = top.sort_values(["domain", key], ascending=[True, False])
-    rule = _meta_of(dom).get("rule_text")
+    rule = table_meta(dom).get("rule_text")
     if rule:
         body += f"<p class='note'>Rule: {_e(rule)}</p>"
     body += "<h3>Domain experts (largest activation lift first)</h3>" + table_html(
@@ -424,7 +420,7 @@ def _driver_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
     body += _figure_html(figures.get("fig7_causal_heatmap"), "Figures 7–9. Causal effect of every expert at "
                          "every layer; darker is stronger, driver experts boxed.")
     body += _reading(_safe(read_drivers, drv))
-    rule = _meta_of(drv).get("rule_text")
+    rule = table_meta(drv).get("rule_text")
     if rule:
         body += f"<p class='note'>Rule: {_e(rule)}</p>"
     if "is_driver" in drv.columns:
