@@ -133,3 +133,21 @@ def test_findings_use_the_tables_own_medians_ratios_and_saturation() -> None:
     assert fa.drivers[0]["ratio_to_median"] == 0.05 / 0.02
     assert fa.detectable_ce == max(1e-3, 2 * 0.02)
     assert fa.saturated and not fb.saturated
+
+
+def test_compare_command_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from expertscope.cli.main import app
+
+    a, b = _fake_run(tmp_path, "m-one", 8), _fake_run(tmp_path, "m-two", 8)
+    runner = CliRunner()
+    for args in (["compare", str(a), "-o", str(tmp_path / "one.html")],      # one run only
+                 ["compare", str(a), str(tmp_path / "nope"), "-o", str(tmp_path / "two.html")],  # missing run
+                 ["compare", str(a), str(b), "-o", str(tmp_path)]):           # -o is a directory
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not list(tmp_path.glob("*.html")) and not list(tmp_path.glob("*_figures"))
+    r = runner.invoke(app, ["compare", str(a), str(b), "-o", str(tmp_path / "ok.html")])
+    assert r.exit_code == 0 and (tmp_path / "ok.html").exists(), r.output

@@ -65,6 +65,8 @@ def compare_cmd(
       expertscope compare runs/demo runs/demo-deepseek -o runs/compare.html
     """
     from ..report.compare import compare
+    from ..rundir import check_out_file
 
+    check_out_file(out)  # before any run is read or any figure written
     path = compare(run_dirs, out)
     out_console.print(f"wrote {path}")
