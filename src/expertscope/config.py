@@ -4,6 +4,7 @@ creation and round-trips through plain dicts (what manifests store)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -88,6 +89,11 @@ def _literal_options(tp: Any) -> tuple[Any, ...]:
     return tuple(opts) if any(get_origin(a) is Literal for a in get_args(tp)) else ()
 
 
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not finite: pass a finite number, e.g. {name}=2.0")
+
+
 def _positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -100,10 +106,15 @@ class ProfileConfig(BaseConfig):
     """Settings of :func:`expertscope.profile`."""
 
     batch_size: int = 8
+    """Texts per forward pass (results do not depend on it)."""
     max_length: int | None = 512
+    """Truncate longer texts to this many tokens (counted in the manifest); None: the model's context."""
     keep_sequences: bool = True
+    """Keep per-sequence statistics (needed for CIs and p-values)."""
     sort_by_length: bool = True
+    """Batch texts of similar length together (faster; results unchanged)."""
     limit: int | None = None
+    """At most this many texts per domain (None: all)."""
 
     def validate(self) -> None:
         _positive("batch_size", self.batch_size)
@@ -133,20 +144,34 @@ class DomainExpertConfig(BaseConfig):
     """
 
     rule: Literal["fdr", "z"] = "fdr"
+    """fdr (BH q <= alpha, A > k/E, lift >= min_lift) or z (specificity z-score; capped: at most E/(1+z^2) pass)."""
     z: float = 2.0
+    """rule z: standard deviations above the layer mean."""
     entropy: Literal["bernoulli", "eq1"] = "bernoulli"
+    """bernoulli (default) or eq1 (the paper's literal Eq. 1)."""
     conditional: bool = False
+    """Average H over the tokens that select the expert."""
     test: Literal["auto", "permutation", "normal"] = "auto"
+    """Specificity test: auto (permutation when affordable, else its normal approximation), permutation or normal."""
     n_boot: int = 1000
+    """Bootstrap resamples for the CIs (0: none)."""
     n_perm: int | Literal["auto"] = "auto"
+    """Permutations for domain-expert p-values: auto (20·tests/alpha) or a number (0: none)."""
     perm_stop: int = 50
+    """A column stops permuting once each cell saw this many permuted statistics at least as large."""
     perm_budget: float = 5e10
+    """test=auto: largest permutation work (multiply-adds) before the normal approximation is used."""
     alpha: float = 0.05
+    """FDR level of the Benjamini-Hochberg rules."""
     min_lift: float = 1.5
+    """rule fdr: least activation lift A(D) / mean A(other domains)."""
     ci: float = 0.95
+    """Level of the bootstrap intervals."""
     seed: int = 0
+    """Random seed (resamples, permutations, data sampling)."""
 
     def validate(self) -> None:
+        _finite("z", self.z)
         if self.n_perm != "auto" and (isinstance(self.n_perm, bool) or not isinstance(self.n_perm, int)):
             raise ConfigError(f"n_perm={self.n_perm!r} is not valid: pass 'auto' or a whole number >= 0")
         if self.n_boot < 0 or (self.n_perm != "auto" and int(self.n_perm) < 0):
@@ -176,16 +201,26 @@ class DriverConfig(BaseConfig):
     """
 
     rule: Literal["fdr", "z", "top"] = "fdr"
+    """fdr (paired test vs the layer median, BH q <= alpha, CE >= min_ratio x median, >= ce_floor), z or top."""
     alpha: float = 0.05
+    """FDR level of the Benjamini-Hochberg rules."""
     min_ratio: float = 2.0
+    """rule fdr: least CE as a multiple of the layer's median CE."""
     ce_floor: float = 1e-3
+    """rule fdr: least CE in nats."""
     z: float = 2.0
+    """rule z: standard deviations above the layer mean."""
     top: int = 1
+    """rule top: drivers flagged per layer."""
     n_boot: int = 1000
+    """Bootstrap resamples for the CIs (0: none)."""
     ci: float = 0.95
+    """Level of the bootstrap intervals."""
     seed: int = 0
+    """Random seed (resamples, permutations, data sampling)."""
 
     def validate(self) -> None:
+        _finite("z", self.z)
         if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
             raise ConfigError("alpha and ci must lie in (0, 1): e.g. alpha=0.05, ci=0.95")
         if self.n_boot < 0:
@@ -215,22 +250,53 @@ class CausalConfig(BaseConfig):
     """
 
     method: Literal["exact", "fast", "fisher", "hybrid"] = "exact"
+    """exact (the definition), fast (Fisher sketch), hybrid (fast ranks, top experts exact) or fisher."""
     magnitude: float = 1.0
+    """Added to the expert's router logit (non-zero)."""
     positions: Literal["all", "last"] = "all"
+    """all (every token) or last (the prediction position)."""
     decision: Literal["task", "last"] = "task"
+    """task (where each input's task is decided) or last (the prompt's last token)."""
     target: Literal["vocab", "labels"] = "vocab"
+    """vocab (full-vocabulary KL) or labels (over the answer tokens)."""
     batch_size: int = 8
+    """Texts per forward pass (results do not depend on it)."""
     max_length: int | None = 512
+    """Truncate longer texts to this many tokens (counted in the manifest); None: the model's context."""
     limit: int | None = None
+    """Texts per domain for causal effects (None: all)."""
     chunk_tokens: int = 8192
+    """Memory budget: tokens recomputed in one perturbed run."""
     skip: bool = True
+    """Skip perturbations that provably cannot change the output."""
     prefix_reuse: bool = True
+    """Reuse the clean run's keys/values before the first changed position (values unchanged)."""
     fisher_mass: float = 0.99
+    """Fisher: probability mass of the output tokens covered."""
     fisher_max_outputs: int = 512
+    """Fisher: at most this many output tokens."""
     fisher_route: Literal["auto", "tokens", "hidden"] = "auto"
+    """Fisher: auto (the cheaper exact route), tokens or hidden."""
     hybrid_top: int = 4
+    """hybrid: experts per layer recomputed exactly."""
     fast_outputs: int = 64
+    """fast: most probable output tokens given gradients."""
     fast_probes: int = 8
+    """fast: random-sign backward probes (0: exact)."""
+    layers: tuple[int, ...] | None = None
+    """MoE layers to perturb (comma-separated; None: all)."""
+    experts: tuple[int, ...] | None = None
+    """Experts to perturb in each layer (comma-separated; None: all)."""
+    label_tokens: tuple[str, ...] | None = None
+    """target=labels: the answer token texts (comma-separated)."""
+
+    def __post_init__(self) -> None:
+        # Lists (from JSON manifests or callers) become tuples, so the frozen config stays hashable.
+        for name, kind in (("layers", int), ("experts", int), ("label_tokens", str)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(kind(v) for v in value))
+        super().__post_init__()
 
     def validate(self) -> None:
         if self.magnitude == 0 or self.magnitude != self.magnitude:
@@ -262,23 +328,41 @@ class InterventionConfig(BaseConfig):
     """
 
     scale_up: float = 1.2
+    """Steering factor of the up rows."""
     scale_down: float = 0.8
+    """Steering factor of the down rows."""
     mode: Literal["scale", "bias"] = "scale"
+    """scale (logits x s, the paper's) or bias (logits + ln s)."""
     sweep_scales: tuple[float, ...] = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
+    """Scales of the sweep (comma-separated)."""
     sweep_counts: tuple[int, ...] = (1, 2, 4, 8)
+    """Numbers of strongest targets in the sweep (comma-separated)."""
     batch_size: int = 16
+    """Texts per forward pass (results do not depend on it)."""
     n_boot: int = 1000
+    """Bootstrap resamples for the CIs (0: none)."""
     ci: float = 0.95
+    """Level of the bootstrap intervals."""
     seed: int = 0
+    """Random seed (resamples, permutations, data sampling)."""
     saturation: float = 0.95
+    """Original accuracy at or above which a domain is labelled saturated."""
     finetune: bool = True
+    """Train the router-LoRA row."""
     finetune_layers: str = "last3"
+    """Router LoRA: layers to adapt (e.g. last3, all, 0,2)."""
     finetune_rank: int = 8
+    """Router LoRA: rank."""
     finetune_alpha: int = 16
+    """Router LoRA: alpha."""
     finetune_lr: float = 1e-3
+    """Router LoRA: learning rate."""
     finetune_epochs: int = 1
+    """Router LoRA: epochs."""
     finetune_max_steps: int | None = None
+    """Router LoRA: at most this many steps (None: the epochs')."""
     finetune_batch_size: int = 8
+    """Router LoRA: examples per step."""
 
     def __post_init__(self) -> None:
         # Lists (from JSON manifests or callers) become tuples, so the frozen config stays hashable.
@@ -287,7 +371,12 @@ class InterventionConfig(BaseConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        if self.scale_up <= 0 or self.scale_down <= 0 or any(s <= 0 for s in self.sweep_scales):
+        for name in ("scale_up", "scale_down"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name}={value!r} is not a positive finite factor: e.g. scale_up=1.2, "
+                                  "scale_down=0.8")
+        if any(s <= 0 for s in self.sweep_scales):
             raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
         if any(c <= 0 for c in self.sweep_counts):
             raise ConfigError(f"sweep_counts={self.sweep_counts!r} must be positive counts: e.g. (1, 2, 4)")
@@ -310,3 +399,209 @@ class InterventionConfig(BaseConfig):
         return {"layers": self.finetune_layers, "rank": self.finetune_rank, "alpha": self.finetune_alpha,
                 "lr": self.finetune_lr, "epochs": self.finetune_epochs, "max_steps": self.finetune_max_steps,
                 "batch_size": self.finetune_batch_size, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class EvalConfig(BaseConfig):
+    """Settings of the evaluation stage (``expertscope eval``): :func:`expertscope.evaluate` per domain."""
+
+    batch_size: int = 8
+    """Texts per forward pass (results do not depend on it)."""
+    max_new_tokens: int = 96
+    """Generation limit for math."""
+
+    def validate(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _positive("max_new_tokens", self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class LmEvalConfig(BaseConfig):
+    """Settings of the lm-evaluation-harness stage (``expertscope lm-eval``)."""
+
+    tasks: tuple[str, ...] = ("expertscope_emotion", "expertscope_knowledge", "expertscope_math")
+    """lm-eval tasks (comma-separated); the expertscope_* tasks run offline."""
+    steer: str | None = None
+    """A steering JSON (SteeringSpec.save) to apply."""
+    include_path: str | None = None
+    """Extra lm-eval task YAML directory."""
+    limit: int | None = None
+    """Texts per domain (None: all)."""
+    n: int = 100
+    """Examples generated per synthetic task."""
+    batch_size: int = 8
+    """Texts per forward pass (results do not depend on it)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        _positive("limit", self.limit, allow_none=True)
+        _positive("n", self.n)
+        _positive("batch_size", self.batch_size)
+        if not self.tasks:
+            raise ConfigError("tasks is empty: name at least one lm-eval task, e.g. expertscope_math")
+
+
+#: The synthetic three-domain benchmark: the domains of a study given none.
+DEMO_DOMAINS: tuple[str, ...] = (
+    "emotion=synthetic:emotion@validation",
+    "knowledge=synthetic:knowledge@validation",
+    "math=synthetic:math@validation",
+)
+
+# Flat keywords of the first StudyConfig -> the analysis config fields they set now (kept for one release).
+# A None section means every section holding that field (the one concept shared by all analyses).
+_LEGACY_STUDY_KEYWORDS: dict[str, tuple[str | None, str]] = {
+    "z": (None, "z"), "entropy": ("domain_experts", "entropy"), "n_perm": ("domain_experts", "n_perm"),
+    "n_boot": (None, "n_boot"), "batch_size": (None, "batch_size"), "max_length": (None, "max_length"),
+    "causal_limit": ("causal", "limit"), "causal_method": ("causal", "method"),
+    "steer_mode": ("intervention", "mode"), "scale_up": ("intervention", "scale_up"),
+    "scale_down": ("intervention", "scale_down"),
+}
+
+
+@dataclass(frozen=True, init=False)
+class StudyConfig(BaseConfig):
+    """Settings of :func:`expertscope.run_study`: what to study, and each analysis's own config.
+
+    The run-level fields say which model and data; ``profile``, ``domain_experts``, ``causal``, ``drivers``
+    and ``intervention`` are the configs of the analyses the stages call, unchanged, so ``run_study`` with
+    ``StudyConfig()`` runs every analysis at its API defaults. :meth:`replace_all` sets a setting that
+    several analyses share (``seed``, ``batch_size``, ``n_boot``...) in all of them at once.
+    """
+
+    model: str = "demo"
+    """Local HF model directory, a hub id, 'demo' or 'demo-deepseek' (the bundled demos)."""
+    domains: tuple[str, ...] = ()
+    """NAME=SOURCE[?text=FIELD&label=FIELD&labels=a,b,c...] specs (none: the synthetic benchmark)."""
+    limit: int | None = 300
+    """Texts per domain for profiling, domain experts, tokens and the causal rate (None: all)."""
+    eval_limit: int | None = 300
+    """Test examples per domain in the steering study (None: all)."""
+    train_limit: int | None = 300
+    """Training examples per domain for the router LoRA (None: all)."""
+    dtype: str = "auto"
+    """Model dtype: auto, float32, bfloat16 or float16."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, mps ... (default: where the model loads)."""
+    seed: int = 0
+    """Random seed (resamples, permutations, data sampling)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own code."""
+    allow_pickle: bool = False
+    """Allow pickled (.bin) weights from a trusted source."""
+    executor: Literal["local", "ray"] = "local"
+    """Where profiling batches run: local, or ray (Ray Data actors; pip install 'expertscope[ray]')."""
+    workers: int = 2
+    """Ray actors (each loads the model once)."""
+    gpus_per_worker: float = 0
+    """GPUs per Ray actor (>1: device_map='auto')."""
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+    domain_experts: DomainExpertConfig = dataclasses.field(default_factory=DomainExpertConfig)
+    causal: CausalConfig = dataclasses.field(default_factory=lambda: CausalConfig(limit=120))
+    drivers: DriverConfig = dataclasses.field(default_factory=DriverConfig)
+    intervention: InterventionConfig = dataclasses.field(default_factory=InterventionConfig)
+    evaluation: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    lm_eval: LmEvalConfig = dataclasses.field(default_factory=LmEvalConfig)
+
+    def __init__(self, **kwargs: Any) -> None:
+        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEGACY_STUDY_KEYWORDS}
+        unknown = sorted(set(kwargs) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown StudyConfig field {unknown[0]!r}: use one of "
+                              f"{sorted(f.name for f in fields(self))}")
+        for f in fields(self):
+            if f.name in kwargs:
+                value = kwargs[f.name]
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            cls = self.sections().get(f.name)
+            if cls is not None and isinstance(value, dict):
+                value = cls.from_dict(value)  # a section read back from a manifest
+            if f.name == "domains" and isinstance(value, list):
+                value = tuple(value)
+            object.__setattr__(self, f.name, value)
+        for key, value in legacy.items():
+            section, name = _LEGACY_STUDY_KEYWORDS[key]
+            self._set(name, value, None if section is None else [section])
+        self.__post_init__()
+
+    @classmethod
+    def sections(cls) -> dict[str, type[BaseConfig]]:
+        """The analysis configs the study holds, ``{field name: config class}``, in field order."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls)
+                if isinstance(hints[f.name], type) and issubclass(hints[f.name], BaseConfig)}
+
+    def _set(self, name: str, value: Any, sections: list[str] | None = None) -> None:
+        """Set ``name`` in place (construction only): in the named sections, or everywhere it exists."""
+        names = {f.name for f in fields(self)}
+        hit = False
+        if sections is None and name in names and name not in self.sections():
+            object.__setattr__(self, name, value)
+            hit = True
+        for sec, cls in self.sections().items():
+            if (sections is None or sec in sections) and name in {f.name for f in fields(cls)}:
+                object.__setattr__(self, sec, getattr(self, sec).replace(**{name: value}))
+                hit = True
+        if not hit:
+            raise ConfigError(f"no StudyConfig setting {name!r}: use one of {sorted(names)}")
+
+    def replace_all(self, **changes: Any) -> StudyConfig:
+        """A copy with each ``name=value`` set in the run-level field and every analysis config holding it
+        (``replace_all(seed=3)`` reseeds every analysis; ``replace_all(n_boot=200)`` every bootstrap)."""
+        out = dataclasses.replace(self)
+        for name, value in changes.items():
+            out._set(name, value)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if isinstance(self.domains, str):
+            from .errors import InputTypeError
+
+            raise InputTypeError(f"domains must be a list of NAME=SOURCE specs, got one string {self.domains!r}: "
+                                 "wrap it in a list")
+        for name in ("limit", "eval_limit", "train_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name}={value!r} is not a positive whole number: pass e.g. {name}=100, "
+                                  "or None for all")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers={self.workers!r} is not a positive whole number: pass e.g. workers=2")
+        if not (isinstance(self.gpus_per_worker, int | float) and math.isfinite(self.gpus_per_worker)
+                and self.gpus_per_worker >= 0):
+            raise ConfigError(f"gpus_per_worker={self.gpus_per_worker!r} must be a finite number >= 0: e.g. 0 "
+                              "(CPU) or 1")
+        for sec, cls in self.sections().items():
+            if not isinstance(getattr(self, sec), cls):
+                raise ConfigError(f"{sec} must be a {cls.__name__}, got {type(getattr(self, sec)).__name__}")
+
+    @property
+    def domain_specs(self) -> tuple[str, ...]:
+        """The domain specs studied: ``domains``, or the synthetic benchmark when none are given."""
+        return self.domains or DEMO_DOMAINS
+
+    def split_specs(self, split: str) -> tuple[str, ...]:
+        """The domain specs moved to another split (synthetic sources only; others are kept as given)."""
+        out = []
+        for spec in self.domain_specs:
+            name, _, source = spec.partition("=")
+            if source.startswith("synthetic:"):
+                base, _, query = source.partition("?")
+                source = base.split("@")[0] + f"@{split}" + (f"?{query}" if query else "")
+            out.append(f"{name}={source}")
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        return cls(**d)

@@ -25,24 +25,27 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
+from .fingerprint import (
+    data_fingerprint,
+    file_digest,
+    fingerprint_difference,
+    model_fingerprint,
+    run_fingerprint,
+)
 from .io import make_manifest, write_json
 
 LOCK_NAME = ".expertscope.lock"
 ASIDE_NAME = ".replaced-run"
 MANIFEST = "manifest.json"
-#: Files up to this size are hashed whole; larger ones by size, head, middle and tail (weights can be 100s of GB).
-FULL_HASH_BYTES = 64 << 20
-_SAMPLE = 1 << 20
 
 
 # ----- checks without side effects ------------------------------------------------------------------------
@@ -72,102 +75,6 @@ def check_out_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
         raise OutputError(f"{option} {path} is a directory: pass a file path, e.g. {path / 'report.html'}")
     check_out_dir(path.parent, option)
     return path
-
-
-# ----- fingerprints ---------------------------------------------------------------------------------------
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file; files above :data:`FULL_HASH_BYTES` are hashed by size plus three 1 MiB samples."""
-    path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if size <= FULL_HASH_BYTES:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            h.update(str(size).encode())
-            for offset in (0, size // 2, size - _SAMPLE):
-                fh.seek(offset)
-                h.update(fh.read(_SAMPLE))
-    return h.hexdigest()[:16]
-
-
-def model_fingerprint(model: str, revision: str | None = None) -> dict[str, Any]:
-    """``{"model", "revision", "files"}``: a local directory's files (weights, config, tokenizer) by digest.
-
-    A hub id is fingerprinted by its id and revision only (its files are not fetched here).
-    """
-    from .models.loading import resolve_source
-
-    source, local = resolve_source(model)
-    files: dict[str, str] | None = None
-    if local:
-        files = {p.name: file_digest(p) for p in sorted(Path(source).iterdir())
-                 if p.is_file() and not p.name.startswith(".") and p.suffix not in (".md", ".txt")}
-    return {"model": model, "revision": revision, "files": files}
-
-
-def data_fingerprint(specs: Sequence[str], fields: dict[str, str] | None = None) -> dict[str, Any]:
-    """Each domain (by name, in order) → its source, effective field mapping and the local file's digest.
-
-    ``fields`` is the mapping given for every domain (``--text-field``...); a spec's own ``?text=...`` wins.
-    Two spellings of the same data (``--text-field q`` and ``?text=q``) give the same fingerprint.
-    """
-    from .data.sources import parse_domain_spec
-
-    out: dict[str, Any] = {"order": []}
-    for spec in specs:
-        name, source, parsed = parse_domain_spec(spec)
-        path = Path(source).expanduser()
-        is_file = ":" not in source.split("/")[0] and path.is_file()
-        out["order"].append(name)
-        out[name] = {"source": source, "fields": {**(fields or {}), **parsed},
-                     "sha256": file_digest(path) if is_file else None}
-    return out
-
-
-def run_fingerprint(model: str | None, domains: Sequence[str] = (), settings: dict[str, Any] | None = None,
-                    revision: str | None = None, files: Sequence[str | os.PathLike[str]] = (),
-                    fields: dict[str, str] | None = None) -> dict[str, Any]:
-    """What decides a run's results: model (with weights digest), data (with digests), settings, extra files.
-
-    ``settings`` should not repeat the domain specs or field mapping (they are fingerprinted by meaning in
-    ``data``); keys ``domains`` and ``fields`` are dropped from it.
-    """
-    fp: dict[str, Any] = {}
-    if model is not None:
-        fp["model"] = model_fingerprint(model, revision)
-    if domains:
-        fp["data"] = data_fingerprint(domains, fields)
-    if files:
-        fp["files"] = {str(f): file_digest(f) for f in files}
-    kept = {k: v for k, v in (settings or {}).items() if k not in ("domains", "fields")}
-    fp["settings"] = json.loads(json.dumps(kept, default=str))
-    return fp
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out or {prefix: {}}
-    return {prefix: d}
-
-
-def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """The first difference between two fingerprints as ``"key: old → new"``, or None if they match."""
-    a, b = _flatten(old), _flatten(new)
-    for key in list(b) + [k for k in a if k not in b]:
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            label = key.removeprefix("settings.")
-            return f"{label}: {_short(a.get(key, '<absent>'))} → {_short(b.get(key, '<absent>'))}"
-    return None
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
 
 
 # ----- the run directory ----------------------------------------------------------------------------------
@@ -292,7 +199,8 @@ def open_run_dir(
 ) -> Iterator[RunDir]:
     """Open ``out`` for a run of ``kind``: lock it, check or replace what it holds, write a running manifest.
 
-    ``resumable=False`` for commands without ``--resume`` (their advice names only ``--force``). On a fresh
+    ``resumable=False`` for commands without ``--resume`` (their advice names only ``--force``; their own
+    dead run, still marked running, is replaced since nothing can continue it). On a fresh
     start (or ``--force``) a manifest with ``status="running"`` and the fingerprint is written at once. On
     resume, ``RunDir.previous`` is the old manifest and nothing is rewritten until the caller writes.
     """
@@ -331,7 +239,10 @@ def open_run_dir(
             if old is not None and other != kind:
                 raise OutputError(f"{option} {out} holds another run ({other!r}, not {kind!r}): choose a new "
                                   f"{option}")
-            if force:
+            # A command without --resume whose run here never finished: we hold the lock, so its writer is
+            # dead (SIGKILL, power loss); nothing can continue it, so it is replaced like --force would.
+            dead = not resumable and old is not None and old.get("status") == "running"
+            if force or dead:
                 _move_aside(out)
             elif resume and resumable:
                 assert old is not None
@@ -422,5 +333,5 @@ def _remove_created(created: list[Path]) -> None:
             p.rmdir()
 
 
-__all__ = ["RunDir", "check_out_dir", "check_out_file", "file_digest", "fingerprint_difference", "lock_dir",
-           "model_fingerprint", "open_run_dir", "run_fingerprint"]
+__all__ = ["RunDir", "check_out_dir", "check_out_file", "data_fingerprint", "file_digest", "fingerprint_difference",
+           "lock_dir", "model_fingerprint", "open_run_dir", "run_fingerprint"]

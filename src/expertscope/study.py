@@ -1,253 +1,280 @@
 """The whole study as a resumable pipeline of stages writing into one run directory.
 
-Each stage reads what earlier stages wrote, writes its own outputs atomically and is recorded in the
+Every command that writes a run (``run``, ``profile``, ``domains``, ``drivers``, ``steer-study``) is
+:func:`run_study` with a set of stages. Before the first stage, :func:`prepare` checks everything that can be
+checked without the model: the device, the model's location, every domain spec, every row each chosen stage
+will read (labels, answers, choices), and settings that depend on the data (``n_perm`` against the number of
+tests). Each stage reads what earlier stages wrote, writes its own tables atomically and is recorded in the
 manifest as complete; ``resume=True`` skips completed stages, so an interrupted run continues where it
 stopped and ends with the same tables as an uninterrupted one.
+
+How to add a stage:
+
+1. Write ``_stage_NAME(ctx) -> dict``: call one library function with the settings of ``ctx.config.<section>``
+   (never a literal), write its tables into ``ctx.out``, return a small JSON summary for the manifest.
+2. Register it with ``@stage("NAME", after="...", uses=("section", ...))``; ``uses`` names the
+   :class:`~expertscope.config.StudyConfig` sections it reads. Every command running the stage then offers
+   those sections' fields as options (the CLI generates them: a new config field needs no CLI code).
+   ``in_study=False`` keeps it out of ``expertscope run`` (a command names it explicitly).
+3. What the stage needs of the data goes into ``ROW_CHECKS`` (checked before the model loads).
+4. A new command running a set of stages is one entry in ``cli/commands.py``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from .config import BaseConfig, DomainExpertConfig, InterventionConfig
-from .errors import ConfigError
+from .config import DEMO_DOMAINS, StudyConfig
+from .errors import ConfigError, DataError, OutputError
 from .progress import ProgressCallback
 from .rundir import RunDir, open_run_dir
 
-DEMO_DOMAINS = (
-    "emotion=synthetic:emotion@validation",
-    "knowledge=synthetic:knowledge@validation",
-    "math=synthetic:math@validation",
-)
+__all__ = ["DEMO_DOMAINS", "STAGES", "StudyConfig", "StudyInputs", "prepare", "run_study", "stage",
+           "study_fingerprint"]
 
 
-@dataclass(frozen=True)
-class StudyConfig(BaseConfig):
-    """Settings of :func:`run_study`. With no ``domains`` the synthetic three-domain benchmark is used."""
+@dataclass
+class StudyInputs:
+    """What :func:`prepare` parsed and checked once, before any stage: the model's source, the parsed domain
+    specs, and the domains' rows (with the test and train splits when steering runs)."""
 
-    model: str = "demo"
-    domains: tuple[str, ...] = ()
-    limit: int | None = 300
-    causal_limit: int | None = 120
-    causal_method: Literal["exact", "fast", "hybrid", "fisher"] = "exact"
-    eval_limit: int | None = 300
-    train_limit: int | None = 300
-    steer_mode: Literal["scale", "bias"] = InterventionConfig.mode
-    scale_up: float = InterventionConfig.scale_up
-    scale_down: float = InterventionConfig.scale_down
-    batch_size: int = 16
-    max_length: int = 512
-    dtype: str = "auto"
-    device: str | None = None
-    seed: int = 0
-    z: float = 2.0
-    entropy: Literal["bernoulli", "eq1"] = "bernoulli"
-    n_boot: int = 1000
-    n_perm: int | Literal["auto"] = "auto"
-    trust_remote_code: bool = False
+    model: Any
+    specs: tuple[Any, ...]
+    domains: list[Any]
+    test: list[Any] | None = None
+    train: list[Any] | None = None
 
-    def validate(self) -> None:
-        from .data.checks import check_domain_specs
-        from .validation import check_finite, check_positive, check_positive_finite
-
-        if isinstance(self.domains, str):
-            check_domain_specs(self.domains)  # refuses one string (it would be split into characters)
-
-        for name in ("limit", "causal_limit", "eval_limit", "train_limit"):
-            check_positive(getattr(self, name), name, allow_none=True)
-        for name in ("batch_size", "max_length"):
-            check_positive(getattr(self, name), name)
-        check_positive(self.n_boot, "n_boot", allow_zero=True)
-        if self.n_perm != "auto":
-            check_positive(self.n_perm, "n_perm", allow_zero=True)
-        check_finite(self.z, "z")
-        check_positive_finite(self.scale_up, "scale_up")
-        check_positive_finite(self.scale_down, "scale_down")
-
-    def check_inputs(self, stages: Sequence[str] | None = None) -> None:
-        """Check what can be checked before any expensive stage: device, model location, domain specs, and
-        what the chosen ``stages`` (default: all) need of the domains."""
-        from .data.checks import check_domain_specs, check_stage_inputs
-        from .models.loading import resolve_source
-        from .validation import check_device
-
-        check_device(self.device)
-        resolve_source(self.model)
-        check_domain_specs(self.domain_specs)
-        check_stage_inputs(self.domain_specs, stages if stages is not None else [n for n, _ in STAGES])
-
-    @property
-    def domain_specs(self) -> tuple[str, ...]:
-        return self.domains or DEMO_DOMAINS
-
-    def split_specs(self, split: str) -> tuple[str, ...]:
-        """The domain specs moved to another split (synthetic sources only; others are kept as given)."""
-        out = []
-        for spec in self.domain_specs:
-            name, _, source = spec.partition("=")
-            if source.startswith("synthetic:"):
-                source = source.split("@")[0] + f"@{split}"
-            out.append(f"{name}={source}")
-        return tuple(out)
+    def labels(self) -> dict[str, tuple[str, ...] | None]:
+        """Each classification domain's label set, as read from its data (or its spec's ``?labels=``)."""
+        return {d.name: d.labels for d in self.domains if d.task == "classification"}
 
 
 @dataclass
 class StudyContext:
-    """What stages share: the config, the output directory, and lazily loaded model and domains."""
+    """What stages share: the config, the output directory, the checked inputs and the lazily loaded model.
+
+    ``inputs_dir`` is another run directory whose tables the stages read when ``out`` does not hold them
+    (``expertscope domains RUN_DIR -o OUT``)."""
 
     config: StudyConfig
     out: Path
+    inputs: StudyInputs
+    inputs_dir: Path | None = None
     _model: Any = None
-    _domains: Any = None
     state: dict[str, Any] = field(default_factory=dict)
     progress: ProgressCallback | None = None
 
     @property
     def model(self) -> Any:
         if self._model is None:
+            import torch
+
             from .models.loading import load_model
 
             c = self.config
-            self._model = load_model(c.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code)
+            torch.manual_seed(c.seed)
+            self._model = load_model(self.inputs.model, dtype=c.dtype, device=c.device,
+                                     trust_remote_code=c.trust_remote_code, allow_pickle=c.allow_pickle)
         return self._model
 
     @property
-    def domains(self) -> Any:
-        if self._domains is None:
-            from .data.sources import load_domains
+    def domains(self) -> list[Any]:
+        return self.inputs.domains
 
-            self._domains = load_domains(self.config.domain_specs, limit=self.config.limit, seed=self.config.seed)
-        return self._domains
+    def path(self, name: str) -> Path:
+        """``out/name``, or the input run's file of that name when this run has none."""
+        here = self.out / name
+        if here.exists() or self.inputs_dir is None:
+            return here
+        return self.inputs_dir / name
 
-    def split_domains(self, split: str, limit: int | None) -> Any:
-        """The domains' ``split`` (synthetic) — for real data the given sources are reused."""
-        from .data.sources import load_domains
+    def profile(self) -> Any:
+        from .stats.profile import RoutingProfile
 
-        return load_domains(self.config.split_specs(split), limit=limit, seed=self.config.seed)
+        return RoutingProfile.load(self.path("profile.safetensors").parent)
 
     def drivers(self) -> Any:
         from .causal.drivers import DriverTable
 
-        path = self.out / "drivers.parquet"
+        path = self.path("drivers.parquet")
         return DriverTable.load(path) if path.exists() else None
 
 
 Stage = Callable[[StudyContext], dict[str, Any]]
 
+#: The stages in order; each writes its tables into the run directory.
+STAGES: list[tuple[str, Stage]] = []
+#: The StudyConfig sections each stage reads (its commands offer their fields as options).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {}
+#: Stages that ``expertscope run`` leaves out (a command names them).
+OPTIONAL_STAGES: set[str] = set()
+#: Stages that read only earlier tables: a run of these alone needs neither the model nor the data.
+TABLE_ONLY_STAGES: set[str] = set()
+#: Stages that use the model but not the domains.
+NO_DATA_STAGES: set[str] = {"lm_eval"}
+#: Run-level StudyConfig fields only some stages read (the others are read by every stage using the model).
+RUN_FIELD_STAGES: dict[str, tuple[str, ...]] = {
+    "eval_limit": ("steering",), "train_limit": ("steering",), "executor": ("profile",), "workers": ("profile",),
+    "gpus_per_worker": ("profile",),
+}
 
+
+def stage(name: str, uses: Sequence[str] = (), after: str | None = None, in_study: bool = True,
+          tables_only: bool = False) -> Callable[[Stage], Stage]:
+    """Register a stage function under ``name`` (after the stage ``after``, else last). ``uses``: the
+    StudyConfig sections it reads; ``tables_only``: it reads earlier tables, never the model or data."""
+
+    def register(fn: Stage) -> Stage:
+        names = [n for n, _ in STAGES]
+        at = names.index(after) + 1 if after in names else len(STAGES)
+        STAGES.insert(at, (name, fn))
+        STAGE_SECTIONS[name] = tuple(uses)
+        if not in_study:
+            OPTIONAL_STAGES.add(name)
+        if tables_only:
+            TABLE_ONLY_STAGES.add(name)
+        return fn
+
+    return register
+
+
+def run_fields(stages: Sequence[str]) -> list[str]:
+    """The run-level StudyConfig fields that matter to a run of ``stages``."""
+    from dataclasses import fields
+
+    sections = StudyConfig.sections()
+    if all(n in TABLE_ONLY_STAGES for n in stages):
+        return ["seed"]
+    data = [n for n in stages if n not in NO_DATA_STAGES]
+    uses = {**RUN_FIELD_STAGES, "domains": data, "limit": data}
+    return [f.name for f in fields(StudyConfig) if f.name not in sections
+            and any(n in stages for n in uses.get(f.name, stages))]
+
+
+def study_stages() -> list[str]:
+    """The stages of ``expertscope run``, in order."""
+    return [n for n, _ in STAGES if n not in OPTIONAL_STAGES]
+
+
+@stage("profile", uses=("profile",))
 def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
     from .stats.profile import RoutingProfile, checkpointer, profile
+    from .stats.routing_mi import save_routing_mi
 
     c = ctx.config
     previous = RoutingProfile.load(ctx.out) if (ctx.out / "profile.safetensors").exists() else None
-    prof = profile(ctx.model, ctx.domains, batch_size=c.batch_size, max_length=c.max_length,
-                   resume_from=previous, on_batch=checkpointer(ctx.out), progress=ctx.progress)
+    prof = profile(ctx.model, ctx.domains, c.profile, resume_from=previous, on_batch=checkpointer(ctx.out),
+                   progress=ctx.progress, executor=_executor(c))
     prof.save(ctx.out)
-    from .stats.routing_mi import save_routing_mi
-
     mi = save_routing_mi(prof, ctx.out)
     n, _ = prof.totals()
     return {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated,
             "routing_mi_bits": {int(r.layer): round(float(r.mi_bits), 4) for r in mi.itertuples()}}
 
 
+def _executor(c: StudyConfig) -> Any:
+    from .execution import ModelSpec, make_executor
+
+    if c.executor == "local":
+        return None
+    spec = ModelSpec(c.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code,
+                     allow_pickle=c.allow_pickle)
+    return make_executor(c.executor, spec, workers=c.workers, gpus_per_worker=c.gpus_per_worker)
+
+
+@stage("domain_experts", uses=("domain_experts",), tables_only=True)
 def _stage_domain_experts(ctx: StudyContext) -> dict[str, Any]:
     from .stats.domain_experts import domain_experts
-    from .stats.profile import RoutingProfile
 
-    c = ctx.config
-    cfg = DomainExpertConfig(z=c.z, entropy=c.entropy, n_boot=c.n_boot, n_perm=c.n_perm, seed=c.seed)
-    table = domain_experts(RoutingProfile.load(ctx.out), cfg)
+    drivers = ctx.drivers()
+    table = domain_experts(ctx.profile(), ctx.config.domain_experts, drivers=None if drivers is None else drivers.df)
     table.save(ctx.out / "domain_experts.parquet")
     counts = {d: len(table.experts(d)) for d in table.settings["domains"]}
     return {"domain_experts": counts, "rule": table.settings["rule_text"]}
 
 
+@stage("drivers", uses=("causal", "drivers"))
 def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
     from .causal import causal_effects, driver_experts
     from .stats.domain_experts import domain_experts
-    from .stats.profile import RoutingProfile
 
     c = ctx.config
-    doms = [d.head(c.causal_limit) for d in ctx.domains]
-    effects = causal_effects(ctx.model, doms, method=c.causal_method, batch_size=c.batch_size,
-                             max_length=c.max_length, checkpoint=ctx.out / "ce_checkpoint.npz", resume=True,
+    effects = causal_effects(ctx.model, ctx.domains, c.causal, layers=c.causal.layers, experts=c.causal.experts,
+                             labels=c.causal.label_tokens, checkpoint=ctx.out / "ce_checkpoint.npz", resume=True,
                              progress=ctx.progress)
     effects.save(ctx.out)
-    table = driver_experts(effects, seed=c.seed, n_boot=c.n_boot)
+    table = driver_experts(effects, c.drivers)
     table.save(ctx.out / "drivers.parquet")
     (ctx.out / "ce_checkpoint.npz").unlink(missing_ok=True)
-    # The general experts exclude drivers: refresh the domain-expert table with them.
-    cfg = DomainExpertConfig(z=c.z, entropy=c.entropy, n_boot=c.n_boot, n_perm=c.n_perm, seed=c.seed)
-    domain_experts(RoutingProfile.load(ctx.out), cfg, drivers=table.df).save(ctx.out / "domain_experts.parquet")
+    if (ctx.out / "domain_experts.parquet").exists():
+        # The general experts exclude drivers: refresh this run's domain-expert table with them.
+        domain_experts(ctx.profile(), c.domain_experts, drivers=table.df).save(ctx.out / "domain_experts.parquet")
     counts = {d: int(table.df[(table.df.domain == d) & table.df.is_driver].shape[0]) for d in table.df.domain.unique()}
     return {"drivers": counts, "rule": table.settings["rule_text"], "summary": [r["text"] for r in table.summary()],
-            "timings": effects.settings.get("timings", {}),
-            "skipped": effects.settings.get("skipped", 0)}
+            "timings": effects.settings.get("timings", {}), "skipped": effects.settings.get("skipped", 0)}
 
 
+@stage("causal_rate", uses=("causal",))
 def _stage_causal_rate(ctx: StudyContext) -> dict[str, Any]:
     from .causal import causal_rate
     from .io import write_table
 
-    c = ctx.config
-    rate = causal_rate(ctx.model, ctx.domains, ctx.drivers(), batch_size=c.batch_size, max_length=c.max_length)
-    write_table(ctx.out / "causal_rate.parquet", rate, meta={"table": "causal_rate"})
+    c = ctx.config.causal
+    drivers = ctx.drivers()
+    rate = causal_rate(ctx.model, ctx.domains, drivers, batch_size=c.batch_size, max_length=c.max_length)
+    write_table(ctx.out / "causal_rate.parquet", rate,
+                meta={"table": "causal_rate", "driver_rule": drivers.settings["rule_text"]})
     peak = rate.loc[rate["causal_rate"].idxmax()] if len(rate) else None
     return {"peak": None if peak is None else {"domain": str(peak["domain"]), "layer": int(peak["layer"]),
                                                  "causal_rate": float(peak["causal_rate"])}}
 
 
+@stage("tokens", uses=("profile",))
 def _stage_tokens(ctx: StudyContext) -> dict[str, Any]:
     from .io import write_table
     from .stats.domain_experts import DomainExpertTable
     from .stats.tokens import flagged_experts, position_profile, record_tokens, token_associations
 
-    c = ctx.config
+    c = ctx.config.profile
     record = record_tokens(ctx.model, ctx.domains, batch_size=c.batch_size, max_length=c.max_length)
     drivers = ctx.drivers()
     positions = position_profile(ctx.model, ctx.domains, drivers.df, record=record)
     write_table(ctx.out / "token_positions.parquet", positions, meta={"table": "token_positions"})
-    experts = flagged_experts(DomainExpertTable.load(ctx.out / "domain_experts.parquet").df, drivers.df)
+    experts = flagged_experts(DomainExpertTable.load(ctx.path("domain_experts.parquet")).df, drivers.df)
     assoc = token_associations(ctx.model, ctx.domains, experts, record=record)
     write_table(ctx.out / "token_associations.parquet", assoc, meta={"table": "token_associations"})
     return {"tokens": len(record.token_id) if hasattr(record, "token_id") else None,
             "associations": len(assoc)}
 
 
+@stage("expert_map")
 def _stage_expert_map(ctx: StudyContext) -> dict[str, Any]:
     from .io import write_table
     from .stats.expert_map import expert_map
-    from .stats.profile import RoutingProfile
 
-    c = ctx.config
     written = {}
     for rep in ("router", "output"):
-        df = expert_map(ctx.model, RoutingProfile.load(ctx.out), representation=rep, seed=c.seed,
+        df = expert_map(ctx.model, ctx.profile(), representation=rep, seed=ctx.config.seed,
                         drivers=ctx.drivers().df, domains=ctx.domains if rep == "output" else None)
         write_table(ctx.out / f"expert_map_{rep}.parquet", df, meta={"table": "expert_map", "representation": rep})
         written[rep] = int(df["cluster"].nunique())
     return {"clusters": written}
 
 
+@stage("steering", uses=("intervention",))
 def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
     from .interventions.study import intervention_study
     from .stats.domain_experts import DomainExpertTable
 
-    c = ctx.config
-    test = ctx.split_domains("test", c.eval_limit)
-    train = {d.name: d for d in ctx.split_domains("train", c.train_limit)}
-    result = intervention_study(
-        ctx.model, test, DomainExpertTable.load(ctx.out / "domain_experts.parquet"), ctx.drivers(), train=train,
-        config=InterventionConfig(mode=c.steer_mode, scale_up=c.scale_up, scale_down=c.scale_down,
-                                  sweep_scales=(0.6, 0.8, 1.0, 1.2, 1.4), sweep_counts=(1, 2, 4),
-                                  finetune_epochs=1, finetune_batch_size=8, finetune_lr=5e-3,
-                                  batch_size=c.batch_size, n_boot=c.n_boot, seed=c.seed),
-    )
+    assert ctx.inputs.test is not None and ctx.inputs.train is not None  # prepare() loads them for this stage
+    result = intervention_study(ctx.model, ctx.inputs.test, DomainExpertTable.load(ctx.path("domain_experts.parquet")),
+                                ctx.drivers(), train={d.name: d for d in ctx.inputs.train},
+                                config=ctx.config.intervention)
     result.save(ctx.out)
     t = result.table
     # Not-applicable conditions (no targets) are recorded as null, never as a number.
@@ -255,6 +282,7 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
                          for r in t.itertuples()}}
 
 
+@stage("report", tables_only=True)
 def _stage_report(ctx: StudyContext) -> dict[str, Any]:
     from .report import report
 
@@ -264,66 +292,287 @@ def _stage_report(ctx: StudyContext) -> dict[str, Any]:
     return {"report": path.name}
 
 
-#: The stages in order; each writes its tables into the run directory.
-STAGES: list[tuple[str, Stage]] = [
-    ("profile", _stage_profile),
-    ("domain_experts", _stage_domain_experts),
-    ("drivers", _stage_drivers),
-    ("causal_rate", _stage_causal_rate),
-    ("tokens", _stage_tokens),
-    ("expert_map", _stage_expert_map),
-    ("steering", _stage_steering),
-    ("report", _stage_report),
-]
+@stage("eval", uses=("evaluation",), in_study=False)
+def _stage_eval(ctx: StudyContext) -> dict[str, Any]:
+    import json
+
+    from .evaluation import evaluate
+    from .io import atomic_write, write_json
+
+    c = ctx.config.evaluation
+    results = {}
+    for d in ctx.domains:
+        n = len(d)
+
+        def advance(k: int, name: str = d.name, total: int = n) -> None:
+            done = ctx.state.setdefault("eval_done", {})
+            done[name] = done.get(name, 0) + k
+            if ctx.progress:
+                ctx.progress(f"eval {name}", done[name], total)
+
+        res = evaluate(ctx.model, d.task, d, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
+                       device=ctx.config.device, on_batch=advance)
+        results[d.name] = res
+        if ctx.out is not None:
+            with atomic_write(ctx.out / f"predictions.{d.name}.jsonl") as fh:
+                for rec in res.predictions:
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    summary = {name: {k: v for k, v in r.to_dict().items() if k != "predictions"} for name, r in results.items()}
+    if ctx.out is not None:
+        write_json(ctx.out / "results.json", summary)
+    return {"results": summary}
+
+
+@stage("lm_eval", uses=("lm_eval",), in_study=False)
+def _stage_lm_eval(ctx: StudyContext) -> dict[str, Any]:
+    from .integrations.lm_eval import SYNTHETIC_TASKS, lm_eval_steered, task_manager, write_synthetic_tasks
+    from .interventions.steering import SteeringSpec
+    from .io import write_json
+
+    c = ctx.config.lm_eval
+    spec = SteeringSpec.load(c.steer) if c.steer else None
+    synthetic = [d for d, t in SYNTHETIC_TASKS.items() if t in c.tasks]
+    task_dir = c.include_path
+    if synthetic:
+        task_dir = str(ctx.out / "tasks")
+        write_synthetic_tasks(task_dir, synthetic, n=c.n)
+    manager = task_manager(c.tasks, task_dir)
+    result = lm_eval_steered(ctx.model, c.tasks, steering=spec, include_path=task_dir, limit=c.limit,
+                             batch_size=c.batch_size, manager=manager)
+    scores = {t: {k: v for k, v in r.items() if isinstance(v, int | float)} for t, r in result["results"].items()}
+    write_json(ctx.out / "lm_eval_results.json", {"results": scores})
+    return {"results": scores}
+
+
+def _check_lm_eval(config: StudyConfig) -> None:
+    """lm-eval's task names and steering file, checked before the model loads."""
+    from .integrations.lm_eval import SYNTHETIC_TASKS, task_manager
+    from .interventions.steering import SteeringSpec
+
+    c = config.lm_eval
+    if c.steer:
+        SteeringSpec.load(c.steer)
+    synthetic = [t for t in c.tasks if t in SYNTHETIC_TASKS.values()]
+    others = [t for t in c.tasks if t not in synthetic]
+    if others:
+        task_manager(others, None if synthetic else c.include_path)  # unknown names fail here, fast
+
+
+# ----- checks before the first stage ----------------------------------------------------------------------
+def _check_task_rows(domains: Sequence[Any]) -> None:
+    """Every row of every task domain has what its task needs (label in the domain's label set, answer,
+    choices): the evaluation and the decision positions read them."""
+    from .evaluation import validate_examples
+
+    for d in domains:
+        if d.task is None:
+            continue
+        if d.task == "classification" and (d.labels is not None and len(d.labels) < 2):
+            raise DataError(f"domain {d.name!r} has one label ({d.labels[0]!r}): classification needs two or more; "
+                            "check the label field, or give the set with ?labels=a,b,c")
+        try:
+            validate_examples(d.task, d.examples, d.labels)
+        except DataError as e:
+            raise DataError(f"domain {d.name!r}: {e}") from None
+
+
+def _check_eval_rows(domains: Sequence[Any]) -> None:
+    for d in domains:
+        if d.task is None:
+            raise DataError(f"domain {d.name!r} has no task to evaluate: add ?task=classification|multiple_choice|"
+                            "math to its spec (or --task)")
+    _check_task_rows(domains)
+
+
+#: What each stage needs of the domains' rows, checked before the model loads.
+ROW_CHECKS: dict[str, Callable[[StudyInputs], None]] = {
+    "drivers": lambda inp: _check_task_rows(inp.domains),
+    "eval": lambda inp: _check_eval_rows(inp.domains),
+    "steering": lambda inp: _check_task_rows([*(inp.test or ()), *(inp.train or ())]),
+}
+
+
+def _check_n_perm(config: StudyConfig, inputs: StudyInputs) -> None:
+    """Refuse a permutation count too small for the number of tests D·L·E before the model loads (the
+    smallest p-value 1/(n_perm+1) could never pass Benjamini–Hochberg), when the model's config tells L and E."""
+    cfg = config.domain_experts
+    shape = inputs.model.moe_shape()
+    if cfg.rule != "fdr" or cfg.n_perm == "auto" or cfg.test == "normal" or shape is None or len(inputs.domains) < 2:
+        return
+    n_layers, n_experts = shape
+    m = len(inputs.domains) * n_layers * n_experts
+    if cfg.test == "auto":  # the same choice domain_experts makes: permutation when its work fits the budget
+        work = float(cfg.n_perm) * len(inputs.domains) * sum(len(d) for d in inputs.domains) * (2 * m + 1)
+        if work > cfg.perm_budget:
+            return
+    if int(cfg.n_perm) + 1 < m / cfg.alpha:
+        raise ConfigError(f"n_perm={cfg.n_perm} is too few for {m} tests ({len(inputs.domains)} domains × "
+                          f"{n_layers} MoE layers × {n_experts} experts): the smallest p-value 1/(n_perm+1) cannot "
+                          f"pass BH at alpha={cfg.alpha}; pass --n-perm {math.ceil(m / cfg.alpha)} or more, or 'auto'")
+
+
+def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyInputs:
+    """Parse and check every input once, before any stage or model load: device, model source, domain specs,
+    every row each chosen stage reads, and data-dependent settings. Raises one-line errors naming the fix."""
+    from .data.checks import check_domain_specs, check_stage_inputs
+    from .data.sources import load_domains
+    from .models.loading import ModelSource
+    from .validation import check_device
+
+    chosen = list(stages) if stages is not None else study_stages()
+    if all(n in TABLE_ONLY_STAGES for n in chosen):
+        return StudyInputs(None, (), [])  # earlier tables only: no model, no data
+    check_device(config.device)
+    source = ModelSource.resolve(config.model)
+    if "lm_eval" in chosen:
+        _check_lm_eval(config)
+    if all(n in NO_DATA_STAGES for n in chosen):
+        return StudyInputs(source, (), [])
+    specs = check_domain_specs(config.domain_specs)
+    check_stage_inputs(specs, chosen)
+    inputs = StudyInputs(source, specs, load_domains(specs, limit=config.limit, seed=config.seed))
+    if "steering" in chosen:
+        inputs.test = load_domains(config.split_specs("test"), limit=config.eval_limit, seed=config.seed)
+        inputs.train = load_domains(config.split_specs("train"), limit=config.train_limit, seed=config.seed)
+    for name in chosen:
+        if name in ROW_CHECKS:
+            ROW_CHECKS[name](inputs)
+    if "domain_experts" in chosen:
+        _check_n_perm(config, inputs)
+    return inputs
+
+
+# ----- the pipeline ---------------------------------------------------------------------------------------
+#: Run-level settings that decide how the work is spread, not the results: left out of the fingerprint.
+NOT_RESULTS = ("executor", "workers", "gpus_per_worker")
+
+
+def study_fingerprint(config: StudyConfig, inputs: StudyInputs | None = None,
+                      stages: Sequence[str] | None = None) -> dict[str, Any]:
+    """What decides a run's tables: the model's files, the domain data (with each classification domain's
+    label set), the run-level settings, and the settings of the analyses the chosen stages run."""
+    from .fingerprint import run_fingerprint
+
+    inputs = inputs or prepare(config, stages)
+    names = list(stages or study_stages())
+    used = {s for n in names for s in STAGE_SECTIONS.get(n, ())}
+    sections = StudyConfig.sections()
+    settings = {k: v for k, v in config.to_dict().items()
+                if k not in NOT_RESULTS and (k in used if k in sections else k in run_fields(names))}
+    return run_fingerprint(inputs.model, inputs.specs, settings, labels=inputs.labels())
 
 
 def run_study(
-    config: StudyConfig,
-    out: str | Path,
+    config: StudyConfig | None = None,
+    out: str | Path | None = "runs/study",
     resume: bool = False,
     force: bool = False,
     on_stage: Callable[[str, str], None] | None = None,
     stages: Sequence[str] | None = None,
     kind: str = "study",
     progress: ProgressCallback | None = None,
+    inputs_dir: str | Path | None = None,
+    resumable: bool = True,
 ) -> dict[str, Any]:
-    """Run the stages (all, or the named ones in pipeline order) into ``out``; returns the final manifest.
+    """Run the stages (``expertscope run``'s, or the named ones in pipeline order) into ``out``; returns the
+    final manifest.
 
+    Everything is checked before the first stage (:func:`prepare`); nothing is written when a check fails.
     ``on_stage(name, "start"|"done"|"skip")`` reports the stages, ``progress(task, done, total)`` the batches
-    within them; ``kind`` names the run in its manifest.
+    within them; ``kind`` names the run in its manifest. ``inputs_dir``: another run directory to read earlier
+    stages' tables from; when it is ``out`` itself the stages are added to that run, and a table it already
+    holds is refused (``force`` moves the old one aside). ``out=None`` runs stages that can work without a
+    directory (``eval``) and writes nothing. ``resumable=False``: a command without ``--resume``, whose dead
+    run in ``out`` is replaced on rerun.
     """
-    chosen = [(n, f) for n, f in STAGES if stages is None or n in stages]
-    unknown = sorted(set(stages or ()) - {n for n, _ in STAGES})
+    config = config if config is not None else StudyConfig()
+    if not isinstance(config, StudyConfig):
+        raise ConfigError(f"config must be a StudyConfig, got {type(config).__name__}: pass StudyConfig(...)")
+    known = [n for n, _ in STAGES]
+    unknown = sorted(set(stages or ()) - set(known))
     if unknown:
-        raise ConfigError(f"unknown stage {unknown[0]!r}: choose from {', '.join(n for n, _ in STAGES)}")
-    config.check_inputs([n for n, _ in chosen])
-    fingerprint = study_fingerprint(config)
-    with open_run_dir(out, kind, fingerprint, config.to_dict(), resume=resume, force=force) as rd:
-        return _run_stages(rd, config, chosen, on_stage, progress)
+        raise ConfigError(f"unknown stage {unknown[0]!r}: choose from {', '.join(known)}")
+    names = [n for n in known if n in stages] if stages is not None else study_stages()
+    chosen = [(n, f) for n, f in STAGES if n in names]
+    src = None if inputs_dir is None else Path(inputs_dir)
+    inputs = prepare(config, names)
+    if out is None:
+        ctx = StudyContext(config, None, inputs, progress=progress)  # type: ignore[arg-type]
+        return {"status": "complete", "stages": {name: fn(ctx) for name, fn in chosen}}
+    if src is not None and Path(out).resolve() == src.resolve():
+        return _add_stages(config, src, inputs, chosen, force, on_stage, progress)
+    fingerprint = study_fingerprint(config, inputs, names)
+    if src is not None:
+        fingerprint["inputs"] = _inputs_digest(src)
+    settings = config.to_dict()
+    with open_run_dir(out, kind, fingerprint, settings, resume=resume, force=force, resumable=resumable) as rd:
+        return _run_stages(rd, StudyContext(config, rd.path, inputs, src, progress=progress), chosen, on_stage)
 
 
-def study_fingerprint(config: StudyConfig) -> dict[str, Any]:
-    """What decides a study's tables: the model's files, the domain data, and every setting."""
-    from .rundir import run_fingerprint
+def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: list[tuple[str, Stage]], force: bool,
+                on_stage: Callable[[str, str], None] | None, progress: ProgressCallback | None) -> dict[str, Any]:
+    """Add stages to the run in ``out`` (``expertscope domains RUN_DIR``). A stage that run already holds is
+    refused: its later tables and report were built from it; ``force`` moves the old files aside first."""
+    import os
 
-    return run_fingerprint(config.model, config.domain_specs, config.to_dict())
+    from .io import read_json, write_json
+    from .rundir import lock_dir
+
+    with lock_dir(out, option="-o"):
+        m = read_json(out / "manifest.json", "manifest")
+        done = m.setdefault("stages", {})
+        held = [n for n, _ in chosen if done.get(n, {}).get("status") == "complete" or (out / f"{n}.parquet").exists()]
+        if held and not force:
+            raise OutputError(f"{out} already holds {held[0]}.parquet (from its {m.get('kind', 'earlier')} run; its "
+                              "later tables and report were built from it): write elsewhere with -o NEW_DIR, or pass "
+                              "--force to move the old table aside")
+        aside = out / ".replaced-tables" / time.strftime("%Y%m%dT%H%M%S")
+        for name in held:
+            aside.mkdir(parents=True, exist_ok=True)
+            for p in [out / f for f in done.get(name, {}).get("files", [])] or list(out.glob(f"{name}.*")):
+                if p.exists():
+                    os.replace(p, aside / p.name)
+            m.setdefault("replaced", {})[name] = str(aside.relative_to(out))
+        ctx = StudyContext(config, out, inputs, progress=progress)
+        for name, fn in chosen:
+            if on_stage:
+                on_stage(name, "start")
+            before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+            t = time.perf_counter()
+            result = fn(ctx)
+            files = sorted(p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns)
+            done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), "files": files,
+                          "settings": {s: getattr(config, s).to_dict() for s in STAGE_SECTIONS.get(name, ())},
+                          **result}
+            write_json(out / "manifest.json", m)
+            if on_stage:
+                on_stage(name, "done")
+        return dict(m)
 
 
-def _run_stages(rd: RunDir, config: StudyConfig, chosen: list[tuple[str, Stage]],
-                on_stage: Callable[[str, str], None] | None, progress: ProgressCallback | None = None
-                ) -> dict[str, Any]:
+def _inputs_digest(src: Path) -> dict[str, Any]:
+    from .fingerprint import file_digest
+    from .io import read_json
+
+    m = read_json(src / "manifest.json", "manifest") if (src / "manifest.json").exists() else {}
+    files = {p.name: file_digest(p) for p in sorted(src.glob("*.safetensors"))}
+    return {"dir": str(src), "kind": m.get("kind"), "files": files}
+
+
+def _run_stages(rd: RunDir, ctx: StudyContext, chosen: list[tuple[str, Stage]],
+                on_stage: Callable[[str, str], None] | None) -> dict[str, Any]:
     old = rd.previous
     done: dict[str, Any] = dict(old.get("stages", {}))
-    ctx = StudyContext(config, rd.path, progress=progress)
     t_start = time.perf_counter()
+    labels = {k: list(v) for k, v in ctx.inputs.labels().items() if v is not None}
 
     def save(status: str) -> dict[str, Any]:
         model_info = ctx._model.describe() if ctx._model is not None else old.get("model")
-        return rd.write_manifest(status, seed=config.seed, model=model_info, stages=done)
+        return rd.write_manifest(status, seed=ctx.config.seed, model=model_info, stages=done, labels=labels)
 
     save("running")
     ctx.state["mark_complete"] = lambda: save("complete")
-    for name, stage in chosen:
+    for name, fn in chosen:
         if done.get(name, {}).get("status") == "complete":
             if on_stage:
                 on_stage(name, "skip")
@@ -331,7 +580,7 @@ def _run_stages(rd: RunDir, config: StudyConfig, chosen: list[tuple[str, Stage]]
         if on_stage:
             on_stage(name, "start")
         t = time.perf_counter()
-        result = stage(ctx)
+        result = fn(ctx)
         done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), **result}
         save("running")
         if on_stage:

@@ -66,6 +66,8 @@ def choice_verbalisations(domain: Domain) -> list[str] | None:
     if domain.task == "multiple_choice":
         return list(LETTER_VERBALISATIONS.values())
     if domain.task == "classification":
+        if domain.labels is not None:  # the domain's own label set (from its data or ?labels=)
+            return [verbalise(x) for x in sorted(domain.labels)]
         labels = {str(e.label) for e in domain if e.label is not None}
         if labels and labels <= set(LABELS):
             labels = set(LABELS)  # the standard label set, whatever subset these examples happen to use

@@ -25,13 +25,8 @@ app = typer.Typer(
 
 # Each module registers its commands on `app`; one module per area keeps this file thin.
 _COMMAND_MODULES = (
-    "expertscope.cli.profile_cmds",
+    "expertscope.cli.commands",
     "expertscope.cli.data_cmds",
-    "expertscope.cli.eval_cmds",
-    "expertscope.cli.causal_cmds",
-    "expertscope.cli.steer_cmds",
-    "expertscope.cli.run_cmds",
-    "expertscope.cli.lm_eval_cmds",
     "expertscope.cli.report_cmds",
 )
 

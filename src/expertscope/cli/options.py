@@ -1,59 +1,264 @@
-"""Option definitions shared by several commands, so every command spells them alike."""
+"""Command-line options generated from the config fields, so every setting has one spelling everywhere, its
+help is the field's docstring, its default is the config's, and a new config field is an option by itself.
+
+Naming: a field is ``--field-name``. A name several configs share with the same type is one option that sets
+all of them (``--seed``, ``--batch-size``, ``--n-boot``: one concept); a name shared with different types is
+prefixed by its section (``--domain-rule``, ``--driver-rule``). :data:`RENAMES` gives a few fields a clearer
+name; :data:`ALIASES` keeps old spellings working, hidden, for one release.
+"""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import math
+import textwrap
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
+from rich.markup import escape
 
-from ..config import CausalConfig, InterventionConfig, ProfileConfig
-from ..study import StudyConfig
+from ..config import StudyConfig
+from ..errors import ConfigError
 
-#: The settings every command takes its option defaults from, so the CLI never re-spells a default and a
-#: changed default reaches the command line and the library alike.
-PROFILE = ProfileConfig()
-CAUSAL = CausalConfig()
-INTERVENTION = InterventionConfig()
-STUDY = StudyConfig()
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF model directory, a hub id, 'demo' or "
-                                                         "'demo-deepseek' (the bundled demos).")]
-DomainOpt = Annotated[
-    list[str] | None,
-    typer.Option("--domain", "-d", help="NAME=SOURCE[?text=FIELD&label=FIELD...]; SOURCE is a .jsonl/.csv/.parquet "
-                 "file, hf:ID[:CONFIG][@SPLIT], preset:gsm8k|mmlu|emotion or synthetic:emotion|knowledge|math."),
-]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (one run per directory).")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps ... (default: where the model loads).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Texts per forward pass.")]
-LimitOpt = Annotated[int | None, typer.Option(help="At most this many texts per domain.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed (written to the manifest).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite a finished run in --out.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run the model repository's own code.")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) weights from a trusted source.")]
-TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Column holding the text, for every --domain.")]
-LabelFieldOpt = Annotated[str | None, typer.Option("--label-field", help="Column holding the label, if any.")]
-AnswerFieldOpt = Annotated[str | None, typer.Option("--answer-field", help="Column holding the answer, if any.")]
-ExecutorOpt = Annotated[str, typer.Option(help="local, or ray (Ray Data actors; pip install 'expertscope[ray]').")]
-WorkersOpt = Annotated[int, typer.Option(help="Ray actors (each loads the model once).")]
-GpusOpt = Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per Ray actor (>1: device_map='auto').")]
-
-# Sizes of a study (expertscope run / steer-study).
-StudyLimitOpt = Annotated[int | None, typer.Option("--limit",
-                                                   help="Texts per domain for profiling, tokens, causal rate.")]
-CausalLimitOpt = Annotated[int | None, typer.Option("--causal-limit", help="Texts per domain for causal effects.")]
-EvalLimitOpt = Annotated[int | None, typer.Option("--eval-limit", help="Test examples per domain (steering study).")]
-TrainLimitOpt = Annotated[int | None, typer.Option("--train-limit", help="Training examples per domain (router LoRA).")]
-NBootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the CIs.")]
+#: Clearer names for fields whose own name says too little on a command line.
+RENAMES: dict[tuple[str | None, str], str] = {
+    (None, "domains"): "domain",
+    ("causal", "limit"): "causal-limit",
+    ("causal", "method"): "causal-method",
+    ("intervention", "mode"): "steer-mode",
+    ("domain_experts", "test"): "domain-test",
+}
+#: Section prefix of a field whose name other sections use with another type.
+PREFIXES = {"domain_experts": "domain", "drivers": "driver", "intervention": "steer"}
+SHORT = {"model": "-m", "domain": "-d", "batch-size": "-b"}
+#: Old spellings → the options they mean (the first one the command has), hidden, for one release.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "method": ("causal-method",), "mode": ("steer-mode",), "test": ("domain-test",),
+    "rule": ("driver-rule", "domain-rule"), "label": ("label-tokens",),
+}
 
 
-def field_map(text_field: str, label_field: str | None, answer_field: str | None) -> dict[str, str]:
-    out = {"text": text_field}
-    if label_field:
-        out["label"] = label_field
-    if answer_field:
-        out["answer"] = answer_field
+@dataclass(frozen=True)
+class Setting:
+    """One option: its flag name and the (section, field) pairs it sets (section None: run-level)."""
+
+    name: str
+    targets: tuple[tuple[str | None, str], ...]
+    type: Any
+    help: str
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring line under each field of a dataclass (or a ``#:`` comment above it)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0]
+        lines = source.splitlines()
+        stmts = getattr(body, "body", [])
+        for i, node in enumerate(stmts):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            nxt = stmts[i + 1] if i + 1 < len(stmts) else None
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                out[node.target.id] = " ".join(nxt.value.value.split())
+            elif node.lineno >= 2 and lines[node.lineno - 2].strip().startswith("#:"):
+                out[node.target.id] = lines[node.lineno - 2].strip()[2:].strip()
     return out
+
+
+def _fields(cls: type) -> list[tuple[str, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name]) for f in fields(cls)]
+
+
+@cache
+def all_settings() -> dict[str, Setting]:
+    """Every option of every command, by flag name (without ``--``), from StudyConfig and its sections."""
+    sections = StudyConfig.sections()
+    entries: list[tuple[str | None, str, Any, str]] = []
+    for name, tp in _fields(StudyConfig):
+        if name in sections:
+            for sub, sub_tp in _fields(sections[name]):
+                entries.append((name, sub, sub_tp, field_docs(sections[name]).get(sub, "")))
+        else:
+            entries.append((None, name, tp, field_docs(StudyConfig).get(name, "")))
+    by_field: dict[str, list[tuple[str | None, str, Any, str]]] = {}
+    for e in entries:
+        if (e[0], e[1]) not in RENAMES:
+            by_field.setdefault(e[1], []).append(e)
+    out: dict[str, Setting] = {}
+    for (sec, name), flag in RENAMES.items():
+        e = next(x for x in entries if (x[0], x[1]) == (sec, name))
+        out[flag] = Setting(flag, ((sec, name),), e[2], e[3])
+    for name, group in by_field.items():
+        if len({repr(e[2]) for e in group}) == 1:  # one concept: one option sets it everywhere
+            flag = name.replace("_", "-")
+            out[flag] = Setting(flag, tuple((e[0], e[1]) for e in group), group[0][2], group[0][3])
+        else:
+            for sec, fname, tp, doc in group:
+                flag = f"{PREFIXES.get(sec or '', sec or 'run')}-{fname}".replace("_", "-")
+                out[flag] = Setting(flag, ((sec, fname),), tp, doc)
+    return out
+
+
+def settings_for(sections: Sequence[str], run_fields: Sequence[str]) -> list[Setting]:
+    """The options of a command reading ``sections`` and the run-level ``run_fields``."""
+    keep = []
+    for s in all_settings().values():
+        targets = [t for t in s.targets if (t[0] is None and t[1] in run_fields) or t[0] in sections]
+        if targets:
+            keep.append(Setting(s.name, tuple(targets), s.type, s.help))
+    return keep
+
+
+# ----- values -----------------------------------------------------------------------------------------------
+def _metavar(tp: Any) -> str:
+    opts = [a for a in _flat(tp) if a is not type(None)]
+    lits = [v for a in opts if get_origin(a) is Literal for v in get_args(a)]
+    kinds = [a.__name__.upper() if isinstance(a, type) else "LIST" for a in opts if get_origin(a) is not Literal]
+    return "|".join([*map(str, lits), *kinds])
+
+
+def _flat(tp: Any) -> list[Any]:
+    if get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return [x for a in get_args(tp) for x in _flat(a)]
+    return [tp]
+
+
+def parse_value(text: str, tp: Any, flag: str) -> Any:
+    """A command-line string as a value of the field type ``tp``; one-line ConfigError naming ``flag``."""
+    opts = _flat(tp)
+    s = text.strip()
+    if type(None) in opts and s.lower() in ("none", "all"):
+        return None
+    for a in opts:
+        if get_origin(a) is Literal and s in map(str, get_args(a)):
+            return next(v for v in get_args(a) if str(v) == s)
+    for a in opts:
+        try:
+            if a is int:
+                return int(s)
+            if a is float:
+                v = float(s)
+                if not math.isfinite(v):
+                    raise ValueError
+                return v
+            if a is str:
+                return s
+            if get_origin(a) is tuple:
+                kind = get_args(a)[0]
+                return tuple(kind(x.strip()) for x in s.split(",") if x.strip())
+        except ValueError:
+            continue
+    raise ConfigError(f"--{flag} {text!r} is not valid: pass {_metavar(tp)}")
+
+
+# ----- commands -------------------------------------------------------------------------------------------
+def option_params(settings: Sequence[Setting], base: StudyConfig) -> list[inspect.Parameter]:
+    """typer parameters for ``settings`` (all strings or flags, default None = "not given"), plus hidden
+    old spellings."""
+    params = []
+    names = {s.name for s in settings}
+    for s in settings:
+        default = current(base, s)
+        # Escaped: the CLI renders help as rich markup, where "[...]" would be read as a tag.
+        help_text = escape(f"{s.help} [default: {_show(default)}]".strip())
+        flags = [f"--{s.name}"] + ([SHORT[s.name]] if s.name in SHORT else [])
+        if s.type is bool:
+            flags = [f"--{s.name}/--no-{s.name}"]
+            ann: Any = Annotated[bool | None, typer.Option(*flags, help=help_text, show_default=False)]
+        elif s.name == "domain":
+            ann = Annotated[list[str] | None, typer.Option(*flags, help=help_text, show_default=False)]
+        else:
+            ann = Annotated[str | None, typer.Option(*flags, help=help_text, metavar=_metavar(s.type),
+                                                     show_default=False)]
+        params.append(inspect.Parameter(_pname(s.name), inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
+    for alias, wanted in ALIASES.items():
+        target = next((w for w in wanted if w in names), None)
+        if target is not None and alias not in names:
+            ann = Annotated[str | None, typer.Option(f"--{alias}", hidden=True)]
+            params.append(inspect.Parameter(f"alias__{_pname(alias)}__{_pname(target)}",
+                                            inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
+    return params
+
+
+def _pname(flag: str) -> str:
+    return flag.replace("-", "_")
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return ",".join(map(str, v)) or "none"
+    return "none" if v is None else str(v)
+
+
+def current(config: StudyConfig, s: Setting) -> Any:
+    sec, name = s.targets[0]
+    return getattr(config if sec is None else getattr(config, sec), name)
+
+
+def build_config(base: StudyConfig, settings: Sequence[Setting], given: dict[str, Any]) -> StudyConfig:
+    """``base`` with every option the user gave (``given``: typer's keyword values) applied to its targets."""
+    by_param = {_pname(s.name): s for s in settings}
+    values: dict[str, Any] = {}
+    for key, raw in given.items():
+        if raw is None or raw == []:
+            continue
+        if key.startswith("alias__"):
+            key = key.split("__")[2]
+            if given.get(key) is not None:
+                continue  # the new spelling wins
+        s = by_param.get(key)
+        if s is None:
+            continue
+        if s.name == "domain":
+            values[key] = tuple(raw)
+        else:
+            values[key] = raw if isinstance(raw, bool) else parse_value(raw, s.type, s.name)
+    return with_options(base, {by_param[k].name: v for k, v in values.items()})
+
+
+def with_options(base: StudyConfig, values: dict[str, Any]) -> StudyConfig:
+    """``base`` with ``{flag name: value}`` set in every field the option names."""
+    d = base.to_dict()
+    for flag, value in values.items():
+        for sec, name in all_settings()[flag].targets:
+            (d if sec is None else d[sec])[name] = value
+    return StudyConfig.from_dict(d)
+
+
+def make_command(fn: Callable[..., Any], params: Sequence[inspect.Parameter]) -> Callable[..., Any]:
+    """``fn(**kwargs)`` with the signature typer reads: ``params`` (generated options and the command's own)."""
+
+    def command(**kwargs: Any) -> Any:
+        return fn(**kwargs)
+
+    command.__signature__ = inspect.Signature(list(params))  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = fn.__doc__
+    command.__name__ = fn.__name__
+    return command
+
+
+# Options every writing command has besides its settings.
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (one run per directory).",
+                                             show_default=False)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the run in --out (its files are moved aside "
+                                                         "until the new run finishes).")]
+ShowOpt = Annotated[int, typer.Option("--show", help="Rows to print per domain or layer.")]
+
+__all__ = ["ALIASES", "RENAMES", "Setting", "all_settings", "build_config", "field_docs", "make_command",
+           "option_params", "parse_value", "settings_for"]
+

@@ -9,26 +9,34 @@ from typing import Any
 
 from ..errors import DataError, InputTypeError
 from ..validation import parse_limit
-from .sources import PRESETS, _synthetic_task, parse_domain_spec
+from .sources import PRESETS, _synthetic_task
 from .synthetic import DOMAINS, SPLITS
-from .types import TASKS
+from .types import TASKS, DomainSpec
 
 
-def check_domain_specs(specs: Any, option: str = "--domain") -> None:
-    """Domain specs parse, name unique domains, and point at files that exist / known synthetic domains."""
+def parse_domain_specs(specs: Any) -> tuple[DomainSpec, ...]:
+    """Parse NAME=SOURCE strings once into :class:`DomainSpec` values (a lone string is refused)."""
     if isinstance(specs, str):
         raise InputTypeError(f"domains must be a list of NAME=SOURCE specs, got one string {specs!r}: "
                              "wrap it in a list")
+    return tuple(DomainSpec.parse(s) for s in specs)
+
+
+def check_domain_specs(specs: Any, option: str = "--domain") -> tuple[DomainSpec, ...]:
+    """Domain specs parse, name unique domains, and point at files that exist / known synthetic domains;
+    returns them parsed."""
+    parsed = parse_domain_specs(specs)
     names: list[str] = []
-    for spec in specs:
-        if not isinstance(spec, str):
-            raise InputTypeError(f"domain spec {spec!r} is a {type(spec).__name__}, not a NAME=SOURCE string")
-        name, source, fields = parse_domain_spec(spec)
+    for d in parsed:
+        spec, name, source = str(d), d.name, d.source
         names.append(name)
-        if "limit" in fields:
-            parse_limit(fields["limit"], spec)
-        if "task" in fields and fields["task"] not in TASKS:
-            raise DataError(f"unknown task {fields['task']!r} in {spec!r}: use one of {', '.join(TASKS)}")
+        if d.limit is not None:
+            parse_limit(d.limit, spec)
+        if d.task is not None and d.task not in TASKS:
+            raise DataError(f"unknown task {d.task!r} in {spec!r}: use one of {', '.join(TASKS)}")
+        if d.labels is not None and d.task not in (None, "classification"):
+            raise DataError(f"?labels= in {spec!r} is for classification domains: add ?task=classification or "
+                            "drop labels")
         if source.startswith("synthetic:"):
             kind, _, split = source.split(":", 1)[1].partition("@")
             if kind not in DOMAINS:
@@ -48,13 +56,15 @@ def check_domain_specs(specs: Any, option: str = "--domain") -> None:
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise DataError(f"domain name {dup!r} is used twice: give each {option} its own name")
+    return parsed
 
 
-def spec_task(spec: str) -> str | None:
+def spec_task(spec: str | DomainSpec) -> str | None:
     """The evaluation task a domain spec implies: ``?task=``, else the preset's or synthetic domain's own."""
-    _, source, fields = parse_domain_spec(spec)
-    if "task" in fields:
-        return fields["task"]
+    d = DomainSpec.parse(spec)
+    source = d.source
+    if d.task is not None:
+        return d.task
     if source.startswith("preset:"):
         preset = PRESETS.get(source.split(":", 1)[1])
         return preset.task if preset else None
@@ -63,7 +73,7 @@ def spec_task(spec: str) -> str | None:
     return None
 
 
-def check_stage_inputs(specs: Sequence[str], stages: Sequence[str]) -> None:
+def check_stage_inputs(specs: Sequence[str | DomainSpec], stages: Sequence[str]) -> None:
     """What later stages need, checked before the first: two domains for domain experts, a task to steer."""
     if "domain_experts" in stages and len(specs) < 2:
         raise DataError(f"domain experts compare domains, but {len(specs)} --domain was given: pass at least two")
@@ -73,4 +83,4 @@ def check_stage_inputs(specs: Sequence[str], stages: Sequence[str]) -> None:
                         "preset: or synthetic: sources")
 
 
-__all__ = ["check_domain_specs", "check_stage_inputs", "spec_task"]
+__all__ = ["check_domain_specs", "check_stage_inputs", "parse_domain_specs", "spec_task"]

@@ -10,18 +10,15 @@ A domain spec on the command line is ``NAME=SOURCE`` with an optional field mapp
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import parse_qsl
 
 from ..errors import DataError
 from ..validation import check_positive, check_text, parse_limit
-from .types import Domain, Example, TaskName
+from .types import FIELD_KEYS, Domain, DomainSpec, Example, TaskName
 
-FIELD_KEYS = ("text", "label", "answer", "choices", "solution", "context", "id")
 _LETTERS = "ABCDEFGHIJ"
 
 
@@ -182,22 +179,13 @@ def _load_hub(hub_id: str, config: str | None, split: str) -> list[dict[str, Any
 
 
 def parse_domain_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """``"NAME=SOURCE?field=col&..."`` → ``(name, source, fields)``."""
-    if "=" not in spec:
-        raise DataError(f"domain {spec!r} is not NAME=SOURCE: e.g. --domain math=data/math.jsonl")
-    name, _, rest = spec.partition("=")
-    source, _, query = rest.partition("?")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise DataError(f"domain name {name!r} must be letters, digits, '_', '-' or '.': rename it")
-    fields = dict(parse_qsl(query)) if query else {}
-    bad = sorted(set(fields) - set(FIELD_KEYS) - {"task", "split", "limit"})
-    if bad:
-        raise DataError(f"unknown field key {bad[0]!r} in {spec!r}: use {', '.join(FIELD_KEYS)}, task, split or limit")
-    return name, source, fields
+    """``"NAME=SOURCE?field=col&..."`` → ``(name, source, query)`` (see :meth:`DomainSpec.parse`)."""
+    d = DomainSpec.parse(spec)
+    return d.name, d.source, d.query()
 
 
 def load_domain(
-    spec: str | None = None,
+    spec: str | DomainSpec | None = None,
     *,
     name: str | None = None,
     source: str | None = None,
@@ -214,15 +202,17 @@ def load_domain(
     an evaluation task (presets and synthetic domains set it), which decides the prompt text profiled.
     """
     fields = dict(fields or {})
+    labels: tuple[str, ...] | None = None
+    limit_s = None
     if spec is not None:
-        name, source, parsed = parse_domain_spec(spec)
-        fields.update(parsed)
+        parsed = DomainSpec.parse(spec)
+        name, source = parsed.name, parsed.source
+        fields.update(parsed.field_map)
+        task = cast("TaskName | None", parsed.task or task)  # Domain checks the name is a task
+        split, limit_s, labels = parsed.split or split, parsed.limit, parsed.labels
     if not name or not source:
         raise DataError("a domain needs a name and a source: e.g. --domain math=data/math.jsonl")
-    task = cast("TaskName | None", fields.pop("task", task))  # Domain checks the name is a task
-    split = fields.pop("split", split)
-    limit_s = fields.pop("limit", None)
-    limit = parse_limit(limit_s, spec or f"{name}={source}") if limit_s is not None else limit
+    limit = parse_limit(limit_s, str(spec)) if limit_s is not None else limit
     check_positive(limit, "limit", allow_none=True)  # 0 must not mean "all", nor -1 "all but the last"
     if source.startswith("preset:"):
         key = source.split(":", 1)[1]
@@ -230,14 +220,15 @@ def load_domain(
             raise DataError(f"unknown preset {key!r}: use one of {', '.join(PRESETS)}")
         p = PRESETS[key]
         rows = _load_hub(p.hub_id, p.config, split or p.split)[: limit or None]
-        return Domain(name, [p.convert(r) for r in rows], task or p.task, source)
+        own = _EMOTION_NAMES if key == "emotion" else None
+        return Domain(name, [p.convert(r) for r in rows], task or p.task, source, labels or own)
     if source.startswith("synthetic:"):
         from .synthetic import generate
 
         kind, _, sp = source.split(":", 1)[1].partition("@")
         examples = generate(kind, n=limit or 200, seed=seed, split=sp or split or "test")
         dom = examples if isinstance(examples, Domain) else Domain(name, list(examples), None, source)
-        return Domain(name, dom.examples, task or dom.task or _synthetic_task(kind), source)
+        return Domain(name, dom.examples, task or dom.task or _synthetic_task(kind), source, labels)
     if source.startswith("hf:"):
         ident, _, sp = source[3:].partition("@")
         hub_id, _, config = ident.partition(":")
@@ -247,9 +238,18 @@ def load_domain(
         path = Path(source).expanduser()
         rows = _read_rows(path)
         where = str(path)
+    if task == "classification" and labels is None:
+        labels = data_labels(rows, fields.get("label", "label"))  # the whole file's, whatever the limit
     if limit:
         rows = rows[:limit]
-    return Domain(name, rows_to_examples(rows, fields, where), task, source)
+    return Domain(name, rows_to_examples(rows, fields, where), task, source, labels)
+
+
+def data_labels(rows: Sequence[dict[str, Any]], column: str) -> tuple[str, ...] | None:
+    """A classification domain's label set from its data: the distinct values of ``column``, sorted
+    (None when no row has one)."""
+    found = {str(r[column]) for r in rows if r.get(column) is not None and r.get(column) == r.get(column)}
+    return tuple(sorted(found)) or None
 
 
 def _synthetic_task(kind: str) -> TaskName | None:

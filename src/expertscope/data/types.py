@@ -2,14 +2,93 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 from .prompts import profile_text
 
 TaskName = Literal["classification", "multiple_choice", "math"]
 TASKS: tuple[str, ...] = ("classification", "multiple_choice", "math")
+#: Example fields a domain spec may map to a column (``?text=question``).
+FIELD_KEYS = ("text", "label", "answer", "choices", "solution", "context", "id")
+#: Query keys of a domain spec that are settings, not field mappings.
+SPEC_KEYS = ("task", "split", "limit", "labels")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """One ``NAME=SOURCE[?key=value&...]`` domain spec, parsed once (at the edge) and passed on as a value.
+
+    ``fields`` maps Example fields to columns; ``task``, ``split``, ``limit`` and ``labels`` (a
+    classification domain's own label set, ``?labels=positive,negative,neutral``) are the spec's settings.
+    ``kind`` is ``file``, ``hf``, ``preset`` or ``synthetic``. ``str(spec)`` gives the spec back as written.
+    """
+
+    name: str
+    source: str
+    fields: tuple[tuple[str, str], ...] = ()
+    task: str | None = None
+    split: str | None = None
+    limit: str | None = None
+    labels: tuple[str, ...] | None = None
+    text: str = ""
+
+    @classmethod
+    def parse(cls, spec: str | DomainSpec) -> DomainSpec:
+        """Parse ``"NAME=SOURCE?field=col&task=...&labels=a,b"``; raises DataError naming the fix."""
+        from ..errors import DataError, InputTypeError
+
+        if isinstance(spec, DomainSpec):
+            return spec
+        if not isinstance(spec, str):
+            raise InputTypeError(f"domain spec {spec!r} is a {type(spec).__name__}, not a NAME=SOURCE string")
+        if "=" not in spec:
+            raise DataError(f"domain {spec!r} is not NAME=SOURCE: e.g. --domain math=data/math.jsonl")
+        name, _, rest = spec.partition("=")
+        source, _, query = rest.partition("?")
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise DataError(f"domain name {name!r} must be letters, digits, '_', '-' or '.': rename it")
+        pairs = dict(parse_qsl(query)) if query else {}
+        bad = sorted(set(pairs) - set(FIELD_KEYS) - set(SPEC_KEYS))
+        if bad:
+            raise DataError(f"unknown field key {bad[0]!r} in {spec!r}: use {', '.join(FIELD_KEYS)}, "
+                            f"{', '.join(SPEC_KEYS)}")
+        labels = None
+        if "labels" in pairs:
+            labels = tuple(x.strip() for x in pairs["labels"].split(",") if x.strip())
+            if len(labels) < 2 or len(set(labels)) != len(labels):
+                raise DataError(f"labels={pairs['labels']!r} in {spec!r} must name two or more distinct labels: "
+                                "e.g. ?labels=positive,negative,neutral")
+        return cls(name=name, source=source, fields=tuple((k, v) for k, v in pairs.items() if k in FIELD_KEYS),
+                   task=pairs.get("task"), split=pairs.get("split"), limit=pairs.get("limit"), labels=labels,
+                   text=spec)
+
+    @property
+    def kind(self) -> Literal["file", "hf", "preset", "synthetic"]:
+        for prefix in ("hf", "preset", "synthetic"):
+            if self.source.startswith(prefix + ":"):
+                return prefix  # type: ignore[return-value]
+        return "file"
+
+    @property
+    def field_map(self) -> dict[str, str]:
+        return dict(self.fields)
+
+    def query(self) -> dict[str, str]:
+        """The spec's query as a dict, as the first parser returned it (fields and settings)."""
+        out = dict(self.fields)
+        for key in ("task", "split", "limit"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.labels is not None:
+            out["labels"] = ",".join(self.labels)
+        return out
+
+    def __str__(self) -> str:
+        return self.text or f"{self.name}={self.source}"
 
 
 @dataclass(frozen=True)
@@ -99,6 +178,9 @@ class Domain:
     examples: list[Example]
     task: TaskName | None = None
     source: str | None = None
+    labels: tuple[str, ...] | None = None
+    """A classification domain's label set (from its data, or the spec's ``?labels=``); evaluation scores
+    these labels. None: the task's standard set."""
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -120,7 +202,7 @@ class Domain:
 
     def head(self, n: int | None) -> Domain:
         """The first ``n`` examples (all when ``n`` is None)."""
-        return self if n is None else Domain(self.name, self.examples[:n], self.task, self.source)
+        return self if n is None else Domain(self.name, self.examples[:n], self.task, self.source, self.labels)
 
 
 def as_domains(domains: Domain | Sequence[Domain] | dict[str, Sequence[str]]) -> list[Domain]:

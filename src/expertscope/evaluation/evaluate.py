@@ -236,7 +236,8 @@ def evaluate(
     """Score ``model`` on ``examples`` of ``task`` and return accuracy, its 95 % CI and predictions.
 
     ``model`` is a loaded expertscope model (``.model`` and ``.tokenizer``) or a Hugging Face causal LM
-    with ``tokenizer=``. ``labels`` is the classification label set (default :data:`prompts.LABELS`).
+    with ``tokenizer=``. ``labels`` is the classification label set (default: a Domain's own ``labels``, else
+    :data:`prompts.LABELS`).
     ``max_new_tokens`` bounds math generation (default 96). ``on_batch(k)`` is called with the number
     of examples finished after each batch (for progress bars). Scores do not depend on ``batch_size``.
     """
@@ -245,6 +246,7 @@ def evaluate(
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more")
     if isinstance(examples, Domain):
+        labels = examples.labels if labels is None else labels  # the domain's own label set
         examples = examples.examples
     if isinstance(examples, str | bytes | dict) or not all(isinstance(e, Example) for e in examples):
         from ..errors import InputTypeError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +32,74 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def resolve_source(path_or_id: str) -> tuple[str, bool]:
-    """``(where to load from, is_local)``; ``"demo"`` and ``"demo-deepseek"`` are the bundled demo models."""
-    from ..demo import DEMO_NAMES, demo_model_path
+@dataclass(frozen=True)
+class ModelSource:
+    """A ``--model`` value resolved once: ``name`` as given, ``path`` to load from, ``local`` whether that is a
+    directory here (a bundled demo or a model directory) rather than a hub id."""
 
-    if path_or_id in DEMO_NAMES:
-        path = Path(demo_model_path(path_or_id))
-        if not (path / "config.json").exists():
-            raise ModelError(f"the bundled {path_or_id} model is missing from {path}: reinstall expertscope or run "
-                             f"`expertscope demo train --demo {path_or_id}`")
-        return str(path), True
-    p = Path(path_or_id).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ModelError(f"{p} is a file: pass the model's directory (with config.json)")
-        if not (p / "config.json").exists():
-            raise ModelError(f"{p} has no config.json: pass a Hugging Face model directory")
-        return str(p), True
-    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
-        raise ModelError(f"model directory {path_or_id} does not exist: check the path")
-    return path_or_id, False
+    name: str
+    path: str
+    local: bool
+
+    @classmethod
+    def resolve(cls, path_or_id: str | ModelSource) -> ModelSource:
+        """Resolve ``"demo"``/``"demo-deepseek"`` (the bundled demos), a local directory, or a hub id; raises
+        :class:`ModelError` naming the fix for a missing bundled model, a file, or a directory without config."""
+        from .bundled import DEMO_NAMES, demo_model_path
+
+        if isinstance(path_or_id, ModelSource):
+            return path_or_id
+        if not isinstance(path_or_id, str):
+            from ..errors import InputTypeError
+
+            raise InputTypeError(f"model is a {type(path_or_id).__name__}, not a path or hub id: pass e.g. "
+                                 "'demo' or './my-model'")
+        if path_or_id in DEMO_NAMES:
+            path = demo_model_path(path_or_id)
+            if not (path / "config.json").exists():
+                raise ModelError(f"the bundled {path_or_id} model is missing from {path}: reinstall expertscope or "
+                                 f"run `expertscope demo train --demo {path_or_id}`")
+            return cls(path_or_id, str(path), True)
+        p = Path(path_or_id).expanduser()
+        if p.exists():
+            if not p.is_dir():
+                raise ModelError(f"{p} is a file: pass the model's directory (with config.json)")
+            if not (p / "config.json").exists():
+                raise ModelError(f"{p} has no config.json: pass a Hugging Face model directory")
+            return cls(path_or_id, str(p), True)
+        if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
+            raise ModelError(f"model directory {path_or_id} does not exist: check the path")
+        return cls(path_or_id, path_or_id, False)
+
+    def moe_shape(self) -> tuple[int, int] | None:
+        """``(MoE layers, routed experts per layer)`` read from a local ``config.json`` without loading weights,
+        or None when the config does not say (then checks that need it wait for the model)."""
+        import json
+
+        if not self.local:
+            return None
+        try:
+            cfg = json.loads((Path(self.path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+        experts = next((cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+                        if isinstance(cfg.get(k), int)), None)
+        layers = cfg.get("num_hidden_layers")
+        if not isinstance(experts, int) or not isinstance(layers, int):
+            return None
+        dense = set(cfg.get("mlp_only_layers") or ())
+        step = cfg.get("decoder_sparse_step") or 1
+        first = cfg.get("first_k_dense_replace") or 0
+        freq = cfg.get("moe_layer_freq") or 1  # DeepSeek: every freq-th layer; Qwen2-MoE: decoder_sparse_step
+        moe = [i for i in range(layers) if i >= first and i not in dense and (i + 1) % step == 0 and i % freq == 0]
+        return len(moe), experts
+
+
+def resolve_source(path_or_id: str | ModelSource) -> tuple[str, bool]:
+    """``(where to load from, is_local)`` (see :class:`ModelSource`)."""
+    s = ModelSource.resolve(path_or_id)
+    return s.path, s.local
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> bool:
@@ -126,7 +175,7 @@ def _refuse_bypassing_paths(config: Any, use_kernels: bool) -> None:
 
 
 def load_model(
-    path_or_id: str,
+    path_or_id: str | ModelSource,
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
@@ -149,7 +198,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # expertscope shows its own progress
-    source, local = resolve_source(path_or_id)
+    resolved = ModelSource.resolve(path_or_id)
+    source, local, path_or_id = resolved.path, resolved.local, resolved.name
     torch_dtype = parse_dtype(dtype)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if not local and not _hub_available(source, revision):

@@ -1,0 +1,355 @@
+"""The writing commands: each is :func:`expertscope.run_study` with a set of stages. Their options are
+generated from the configs those stages read (:mod:`.options`); this file says only which stages, where
+the output goes by default, and what to print."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..config import StudyConfig
+from ._common import console, handle_errors, out_console, progress_bars
+from .options import (
+    ForceOpt,
+    OutOpt,
+    ResumeOpt,
+    ShowOpt,
+    build_config,
+    make_command,
+    option_params,
+    settings_for,
+    with_options,
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command = a stage set. ``defaults``: StudyConfig fields whose default differs for this command."""
+
+    name: str
+    stages: tuple[str, ...] | None
+    out: str | None
+    doc: str
+    show: Callable[[Any, dict[str, Any], int], None]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    rows: int = 10
+    own: tuple[tuple[str, Any, Any], ...] = ()
+    """The command's own options: ``(parameter, annotation, default)``, read by ``adjust``."""
+    adjust: Callable[[StudyConfig, dict[str, Any]], StudyConfig] | None = None
+    resumable: bool = True
+
+    @property
+    def kind(self) -> str:
+        return "study" if self.name == "run" else self.name
+
+    def base(self) -> StudyConfig:
+        return with_options(StudyConfig(), self.defaults)
+
+
+# ----- what each command prints ---------------------------------------------------------------------------
+def _show_run(out: Path, manifest: dict[str, Any], rows: int) -> None:
+    for key, what in (("domain_experts", "domain experts"), ("drivers", "driver experts")):
+        counts = manifest["stages"].get(key, {}).get(key)
+        if counts:
+            console.print(f"{what} per domain: {counts}")
+    if (out / "report.html").exists():
+        console.print(f"open {out / 'report.html'} in a browser")
+
+
+def _show_profile(out: Path, manifest: dict[str, Any], rows: int) -> None:
+    st = manifest["stages"]["profile"]
+    console.print(f"profiled {sum(st['tokens'].values())} tokens over {len(st['tokens'])} domains → {out}")
+    console.print("I(domain; selected expert) per layer [bits]: "
+                  + ", ".join(f"{k}: {v:.3f}" for k, v in st["routing_mi_bits"].items()))
+    if any(st["truncated"].values()):
+        console.print(f"[yellow]truncated:[/] {st['truncated']}")
+
+
+def _show_domains(out: Path, manifest: dict[str, Any], rows: int) -> None:
+    from ..io import read_json
+    from ..stats.domain_experts import DomainExpertTable
+    from .profile_cmds import print_domain_experts, print_shared_experts
+
+    table = DomainExpertTable.load(out / "domain_experts.parquet")
+    print_domain_experts(table, rows)
+    source = Path(manifest.get("fingerprint", {}).get("inputs", {}).get("dir") or out)
+    print_shared_experts(manifest.get("model") or (read_json(source / "manifest.json", "manifest").get("model") or {}))
+    if table.settings.get("note"):
+        console.print(f"[yellow]note:[/] {table.settings['note']}")
+    out_console.print(f"wrote {out / 'domain_experts.parquet'} (rule: {table.settings['rule_text']})")
+
+
+def _show_drivers(out: Path, manifest: dict[str, Any], rows: int) -> None:
+    import pandas as pd
+
+    from ..causal.drivers import DriverTable
+    from .causal_cmds import print_drivers
+
+    table = DriverTable.load(out / "drivers.parquet")
+    print_drivers(table, pd.read_parquet(out / "causal_rate.parquet"), top=rows)
+    for r in table.summary():
+        console.print(r["text"])
+
+
+def _show_steering(out: Path, manifest: dict[str, Any], rows: int) -> None:
+    from ..interventions.study import InterventionResult
+    from .steer_cmds import print_steering
+
+    print_steering(InterventionResult.load(out).table)
+
+
+def _show_eval(out: Path | None, manifest: dict[str, Any], rows: int) -> None:
+    from rich.table import Table
+
+    table = Table(title="Evaluation (accuracy with Wilson 95% CI)")
+    for col in ("domain", "task", "n", "accuracy", "95% CI", "weighted F1"):
+        table.add_column(col, justify="left" if col in ("domain", "task") else "right")
+    for name, r in manifest["stages"]["eval"]["results"].items():
+        f1 = "-" if r["weighted_f1"] is None else f"{r['weighted_f1']:.3f}"
+        table.add_row(name, r["task"], str(r["n"]), f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+                      f1)
+    out_console.print(table)
+
+
+def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
+    """``--data FILE`` (task from ``--task`` or its fields) or the synthetic ``--split``, of ``--task``."""
+    import re
+
+    import torch
+
+    from ..data import synthetic
+    from ..data.checks import spec_task
+    from ..data.sources import load_domain
+    from ..data.types import TASKS
+    from ..errors import ConfigError, DataError
+
+    task, data, split, threads = kw.pop("task"), kw.pop("data"), kw.pop("split"), kw.pop("threads")
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if split not in synthetic.SPLITS:
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(synthetic.SPLITS)}")
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads} is not positive: pass 1 or more")
+        torch.set_num_threads(threads)
+    if data is not None:
+        if not Path(data).is_file():
+            raise DataError(f"data file {data} does not exist: check the --data path")
+        spec = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(data).stem)}={data}"
+        if task is None:  # the task the first row's fields imply: choices, answer, label
+            first = load_domain(spec, limit=1).examples[0]
+            task = ("multiple_choice" if first.choices is not None else "math" if first.answer is not None
+                    else "classification" if first.label is not None else None)
+            if task is None:
+                raise DataError(f"{data} has no label, answer or choices: add them, or pass --task")
+        return config.replace(domains=(f"{spec}?task={task}",))
+    specs = [s for s in config.split_specs(split) if task is None or spec_task(s) == task]
+    if config.limit is None:  # the synthetic benchmark's own size when no --limit is given
+        specs = [s if "?" in s else f"{s}?limit=300" for s in specs]
+    return config.replace(domains=tuple(specs))
+
+
+def _show_lm_eval(out: Path, manifest: dict[str, Any], rows: int) -> None:
+    from rich.table import Table
+
+    table = Table(title="lm-eval")
+    for col in ("task", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for t, r in manifest["stages"]["lm_eval"]["results"].items():
+        for k, v in r.items():
+            if k != "sample_len":
+                table.add_row(t, k, f"{v:.4f}")
+    out_console.print(table)
+
+
+COMMANDS = (
+    Command("run", None, "runs/study", """Run the whole study into one directory: profile → domain experts → driver
+    experts → causal rate → tokens → expert map → steering study → report.html.
+
+    With no options it is run_study(StudyConfig()): the bundled demo model, the synthetic emotion / knowledge /
+    math domains, every analysis at its API defaults.
+
+    Examples:
+
+      expertscope run
+
+      expertscope run --resume                      # continue an interrupted run in runs/study
+
+      expertscope run -m ./Mixtral-8x7B --dtype bfloat16 --device cuda -d sa=sa.jsonl?task=classification -o runs/mx
+    """, _show_run),
+    Command("profile", ("profile",), "runs/profile", """Capture the routing of MODEL over each domain and save the
+    profile (profile.safetensors, routing_mi.parquet).
+
+    Examples:
+
+      expertscope profile -m demo -d emotion=synthetic:emotion -d math=synthetic:math -o runs/p
+
+      expertscope profile -m ./Qwen1.5-MoE-A2.7B -d sa=emotion.jsonl -d math=gsm8k.jsonl?text=question -o runs/q
+    """, _show_profile, {"limit": None}),
+    Command("domains", ("domain_experts",), None, """Find the domain experts in a saved profile; print the top ones
+    and write domain_experts.parquet/.csv.
+
+    RUN_DIR is a profile (or study) run. Without -o the table is added to RUN_DIR, unless RUN_DIR already holds
+    one (a study's later tables were built from it): then write elsewhere with -o, or pass --force to move the
+    old table aside.
+
+    Examples:
+
+      expertscope domains runs/p
+
+      expertscope domains runs/study --domain-rule z --z 2 --entropy eq1 -o runs/study-z
+    """, _show_domains),
+    Command("drivers", ("drivers", "causal_rate"), "runs/drivers", """Causal effect of every (layer, expert) on the
+    prediction; driver experts; causal rate.
+
+    Writes ce.parquet, drivers.parquet/.csv, causal_rate.parquet/.csv and manifest.json into --out; checkpoints
+    after every batch (continue with --resume).
+
+    Examples:
+
+      expertscope drivers -m demo -d math=synthetic:math -d sa=synthetic:emotion -o runs/d
+
+      expertscope drivers -m ./my-moe -d qa=qa.jsonl --causal-method hybrid --driver-rule top --top 2 -o runs/d2
+    """, _show_drivers, {"limit": None, "causal-limit": None}),
+    Command("steer-study", ("profile", "domain_experts", "drivers", "steering"), "runs/steer-study", """Steer domain
+    and driver experts up and down, LoRA-tune the last routers, and compare accuracy.
+
+    Finds the domain and driver experts first (on the validation split), then evaluates each domain's test split
+    under every condition, with paired bootstrap CIs of the change against the original model.
+
+    Examples:
+
+      expertscope steer-study --model demo
+
+      expertscope steer-study --steer-mode bias --scale-up 1.5 --scale-down 0.67 -o runs/bias
+    """, _show_steering),
+    Command("eval", ("eval",), None, """Score a model: label log-likelihood (classification, over each domain's own
+    labels), letter scores (multiple choice), greedy math.
+
+    Without --data it scores the synthetic benchmark's three domains (--split, default test; 300 examples each
+    unless --limit). With --out it writes results.json, predictions and a manifest.
+
+    Examples:
+
+      expertscope eval --model demo
+
+      expertscope eval --model ./my-moe --data mmlu.jsonl --task multiple_choice --limit 200
+    """, _show_eval, {"limit": None}, own=(
+        ("task", Annotated[str | None, typer.Option(help="classification, multiple_choice or math (default: "
+                                                         "inferred / all).")], None),
+        ("data", Annotated[Path | None, typer.Option(help="JSONL examples; without it, the synthetic benchmark.")],
+         None),
+        ("split", Annotated[str, typer.Option(help="Synthetic split to score: train, validation or test.")], "test"),
+        ("threads", Annotated[int | None, typer.Option(help="torch CPU threads.")], None)),
+        adjust=_eval_config, resumable=False),
+    Command("lm-eval", ("lm_eval",), "runs/lm-eval", """Evaluate MODEL with lm-evaluation-harness, optionally with
+    experts steered.
+
+    Examples:
+
+      expertscope lm-eval --model demo
+
+      expertscope lm-eval --model demo --steer runs/study/steer_math_driver_up.json --tasks expertscope_math
+    """, _show_lm_eval, resumable=False),
+)
+
+
+def _field_specs(domains: tuple[str, ...], fields: dict[str, str | None]) -> tuple[str, ...]:
+    """Old ``--text-field q`` options as each spec's own ``?text=q`` (a spec's own mapping wins)."""
+    from ..data.types import DomainSpec
+
+    out = []
+    for spec in domains:
+        d = DomainSpec.parse(spec)
+        extra = {k: v for k, v in fields.items() if v and k not in d.field_map}
+        query = "&".join(f"{k}={v}" for k, v in extra.items())
+        out.append(spec if not query else f"{spec}{'&' if '?' in spec else '?'}{query}")
+    return tuple(out)
+
+
+def _build(cmd: Command) -> Callable[..., Any]:
+    from ..study import STAGE_SECTIONS, run_fields, run_study, study_stages
+
+    stages = list(cmd.stages) if cmd.stages is not None else study_stages()
+    sections = [s for n in stages for s in STAGE_SECTIONS.get(n, ())]
+    settings = settings_for(sections, run_fields(stages))
+    base = cmd.base()
+    P = inspect.Parameter
+    own: list[inspect.Parameter] = []
+    if cmd.name == "domains":
+        own.append(P("run_dir", P.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
+            help="A directory written by `expertscope profile` or `expertscope run`.")]))
+    own += [P("out", P.KEYWORD_ONLY, default=None, annotation=OutOpt),
+            P("force", P.KEYWORD_ONLY, default=False, annotation=ForceOpt),
+            P("show", P.KEYWORD_ONLY, default=cmd.rows, annotation=ShowOpt)]
+    if cmd.resumable and cmd.name != "domains":
+        own.append(P("resume", P.KEYWORD_ONLY, default=False, annotation=ResumeOpt))
+    own += [P(name, P.KEYWORD_ONLY, default=default, annotation=ann) for name, ann, default in cmd.own]
+    if "profile" in stages or "drivers" in stages:  # old per-command field options, hidden, for one release
+        own += [P(f"{k}_field", P.KEYWORD_ONLY, default=None,
+                  annotation=Annotated[str | None, typer.Option(f"--{k}-field", hidden=True)])
+                for k in ("text", "label", "answer")]
+    if cmd.name == "domains":  # `domains --top` printed rows: now --show
+        own.append(P("top_rows", P.KEYWORD_ONLY, default=None,
+                     annotation=Annotated[int | None, typer.Option("--top", hidden=True)]))
+
+    def command(**kw: Any) -> None:
+        out, force, show, resume = kw.pop("out"), kw.pop("force"), kw.pop("show"), kw.pop("resume", False)
+        fields = {k: kw.pop(f"{k}_field", None) for k in ("text", "label", "answer")}
+        show = kw.pop("top_rows", None) or show
+        run_dir = kw.pop("run_dir", None)
+        start = base
+        if run_dir is not None:
+            start = _config_of(Path(run_dir), base)
+        if cmd.adjust is not None:
+            start = cmd.adjust(build_config(start, settings, {k: v for k, v in kw.items() if k == "limit"}), kw)
+        config = build_config(start, settings, kw)
+        if any(fields.values()):
+            config = config.replace(domains=_field_specs(config.domain_specs, fields))
+        out = out or run_dir or cmd.out
+        out = None if out is None else Path(out)
+        names = list(cmd.stages) if cmd.stages is not None else study_stages()
+        t0 = time.perf_counter()
+
+        def on_stage(name: str, event: str) -> None:
+            i = names.index(name) + 1 if name in names else 0
+            if event == "start":
+                console.print(f"[bold cyan][{i}/{len(names)}][/] {name} …  ({time.perf_counter() - t0:.0f}s elapsed)")
+            elif event == "skip":
+                console.print(f"[dim][{i}/{len(names)}] {name}: already complete, skipped[/]")
+
+        with progress_bars() as bar:
+            manifest = run_study(config, out, resume=resume, force=force, on_stage=on_stage, stages=cmd.stages,
+                                 kind=cmd.kind, progress=bar, inputs_dir=run_dir, resumable=cmd.resumable)
+        console.print(f"[bold green]{cmd.name} complete[/] in {time.perf_counter() - t0:.0f}s"
+                      + (f" → {out}" if out else ""))
+        cmd.show(out, manifest, show)
+
+    command.__doc__ = cmd.doc
+    command.__name__ = f"{cmd.name.replace('-', '_')}_cmd"
+    return make_command(command, [*own, *option_params(settings, base)])
+
+
+def _config_of(run_dir: Path, base: StudyConfig) -> StudyConfig:
+    """The StudyConfig a run directory was written with (its manifest), for commands that read it."""
+    from ..errors import OutputError
+    from ..io import read_json
+
+    if not (run_dir / "manifest.json").is_file():
+        raise OutputError(f"{run_dir} has no manifest.json: pass the output directory of an expertscope run")
+    saved = read_json(run_dir / "manifest.json", "manifest").get("config") or {}
+    try:
+        return StudyConfig.from_dict(saved)
+    except Exception:  # an older manifest: keep what identifies the data
+        return base.replace(model=str(saved.get("model", base.model)), domains=tuple(saved.get("domains") or ()))
+
+
+def register(app: typer.Typer) -> None:
+    for cmd in COMMANDS:
+        app.command(cmd.name)(handle_errors(_build(cmd)))
