@@ -36,47 +36,140 @@ def test_entry_point_hides_third_party_deprecations_only(monkeypatch: pytest.Mon
     assert len(seen) == 4
 
 
-# Rule options (--rule, --z, --alpha, --n-perm) follow the domain/driver rule configs and are checked there.
-RULE_OPTIONS = {"rule", "z", "alpha", "n_perm"}
+class _Captured(Exception):
+    """Raised by the stand-in run_study: carries what the command would have run."""
+
+    def __init__(self, config: object, kwargs: dict[str, object]) -> None:
+        super().__init__("captured")
+        self.config, self.kwargs = config, kwargs
 
 
-def _command_defaults(name: str) -> dict[str, object]:
-    import typer.main
-
-    group = typer.main.get_command(cli_main.app)
-    cmd = group.commands[name]  # type: ignore[attr-defined]
-    return {p.name: p.default for p in cmd.params}
-
-
-@pytest.mark.parametrize(("command", "configs"), [
-    ("profile", ["ProfileConfig"]),
-    ("drivers", ["CausalConfig"]),
-    ("run", ["StudyConfig"]),
-    ("steer-study", ["InterventionConfig", "StudyConfig"]),
-])
-def test_cli_defaults_are_the_configs_defaults(command: str, configs: list[str]) -> None:
-    import dataclasses
-
-    import expertscope.config as config_mod
+@pytest.fixture()
+def captured(monkeypatch: pytest.MonkeyPatch):
     import expertscope.study as study_mod
 
-    defaults = _command_defaults(command)
+    def fake(config, out=None, **kwargs):
+        raise _Captured(config, {"out": out, **kwargs})
+
+    monkeypatch.setattr(study_mod, "run_study", fake)
+
+    def invoke(*args: str) -> _Captured:
+        from typer.testing import CliRunner
+
+        r = CliRunner().invoke(cli_main.app, list(args))
+        assert isinstance(r.exception, _Captured), r.output
+        return r.exception
+
+    return invoke
+
+
+def _other_value(value: object, tp: object) -> tuple[str, object]:
+    """A command-line spelling of a valid value different from ``value``, and that value."""
+    import types
+    import typing
+
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
+    lits = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+    if isinstance(value, bool):
+        raise AssertionError("flags are tested separately")
+    others = [v for v in lits if v != value]
+    if others:
+        return str(others[0]), others[0]
+    if int in args and not isinstance(value, float):
+        new = 7 if value in (None, "auto") else int(value) + 3  # type: ignore[arg-type]
+        return str(new), new
+    if float in args:
+        new = 0.5 if value is None else (float(value) / 2 if 0 < float(value) < 1 else float(value) + 0.25)  # type: ignore[arg-type]
+        return repr(new), new
+    if any(typing.get_origin(a) is tuple for a in args):
+        return "2,3", (2, 3) if typing.get_args(next(a for a in args if typing.get_origin(a) is tuple))[0] is int \
+            else ("2", "3") if typing.get_args(next(a for a in args if typing.get_origin(a) is tuple))[0] is str \
+            else (2.0, 3.0)
+    return "float32", "float32"  # the remaining free-text settings: a value every one of them accepts
+
+
+COMMAND_NAMES = ["run", "profile", "domains", "drivers", "steer-study", "eval", "lm-eval"]
+
+
+@pytest.mark.parametrize("command", COMMAND_NAMES)
+def test_every_option_reaches_its_config_field(command: str, captured, tmp_path) -> None:
+    """Each generated option, given alone with a non-default value, sets exactly the config fields it names
+    (and the flag spells the field's name), for every writing command."""
+    from expertscope.cli import commands
+    from expertscope.cli.options import RENAMES, current, settings_for
+    from expertscope.study import STAGE_SECTIONS, run_fields, study_stages
+
+    cmd = next(c for c in commands.COMMANDS if c.name == command)
+    stages = list(cmd.stages) if cmd.stages is not None else study_stages()
+    settings = settings_for([s for n in stages for s in STAGE_SECTIONS.get(n, ())], run_fields(stages))
+    assert settings, command
+    (tmp_path / "manifest.json").write_text('{"kind": "profile", "config": {}}')
+    prefix = [command, str(tmp_path)] if command == "domains" else [command]
+    base = cmd.base()
     checked = 0
-    for cls_name in configs:
-        cls = getattr(config_mod, cls_name, None) or getattr(study_mod, cls_name)
-        cfg = cls()
-        for f in dataclasses.fields(cls):
-            name = "mode" if (cls_name, f.name) == ("InterventionConfig", "mode") else f.name
-            if name in RULE_OPTIONS or name not in defaults or name in {"model", "domains"}:
-                continue
-            want = getattr(cfg, f.name)
-            # max_length None (no limit) has no CLI spelling: the option keeps the model-context default.
-            assert defaults[name] == want or (f.name == "max_length" and want is None), (command, name)
-            checked += 1
-    assert checked >= 4  # the command really shares settings with its config
-    # And StudyConfig's steering settings are the intervention study's.
-    assert (study_mod.StudyConfig().scale_up, study_mod.StudyConfig().steer_mode) == (
-        config_mod.InterventionConfig().scale_up, config_mod.InterventionConfig().mode)
+    for s in settings:
+        if s.name == "domain":
+            got = captured(*prefix, "--domain", "a=synthetic:math", "--domain", "b=synthetic:emotion").config
+            assert got.domains[-2:] == ("a=synthetic:math", "b=synthetic:emotion") or command == "eval"
+            continue
+        default = current(base, s)
+        if s.type is bool:
+            args, want = [f"--no-{s.name}" if default else f"--{s.name}"], not default
+        else:
+            text, want = _other_value(default, s.type)
+            args = [f"--{s.name}", text]
+        got = captured(*prefix, *args).config
+        for sec, name in s.targets:
+            spelled = RENAMES.get((sec, name), name.replace("_", "-"))
+            assert s.name == spelled or s.name.endswith(spelled), (s.name, name)
+            value = getattr(got if sec is None else getattr(got, sec), name)
+            assert value == want, (command, s.name, sec, name, value, want)
+        checked += 1
+    assert checked >= 3
+
+
+def test_run_with_no_options_is_run_study_of_the_default_config(captured) -> None:
+    from expertscope.config import StudyConfig
+
+    got = captured("run")
+    assert got.config == StudyConfig()
+    assert got.kwargs["stages"] is None and str(got.kwargs["out"]) == "runs/study"
+
+
+def test_one_spelling_per_concept_and_old_spellings_hidden(captured) -> None:
+    from expertscope.cli.options import all_settings
+
+    names = set(all_settings())
+    # shared concepts: one option sets every analysis holding the field
+    assert {("domain_experts", "n_boot"), ("drivers", "n_boot"), ("intervention", "n_boot")} <= set(
+        all_settings()["n-boot"].targets)
+    assert {"causal-method", "steer-mode", "domain-rule", "driver-rule", "top", "z"} <= names
+    assert not {"method", "mode", "rule"} & names
+    # old spellings still work where they were, and mean what they meant
+    assert captured("drivers", "--method", "fast").config.causal.method == "fast"
+    assert captured("steer-study", "--mode", "bias").config.intervention.mode == "bias"
+    assert captured("drivers", "--rule", "top").config.drivers.rule == "top"
+    # `run --z` reaches both z rules (it used to reach only the domain experts)
+    cfg = captured("run", "--z", "3").config
+    assert (cfg.domain_experts.z, cfg.drivers.z) == (3.0, 3.0)
+
+
+def test_bad_option_value_is_one_line_exit_2() -> None:
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(cli_main.app, ["drivers", "--top", "two"])
+    assert r.exit_code == 2 and "--top 'two' is not valid" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli_main.app, ["run", "--alpha", "1.5"])
+    assert r.exit_code == 2 and "alpha" in r.output
+
+
+def test_help_comes_from_the_field_docstrings() -> None:
+    from expertscope.cli.options import all_settings, field_docs
+    from expertscope.config import DriverConfig
+
+    assert field_docs(DriverConfig)["top"] == "rule top: drivers flagged per layer."
+    assert all_settings()["top"].help == "rule top: drivers flagged per layer."
 
 
 def test_steering_table_prints_not_applicable_and_saturated(capsys: pytest.CaptureFixture[str]) -> None:

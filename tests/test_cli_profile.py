@@ -87,7 +87,7 @@ def test_profile_then_domains(model_dir: Path, data: dict[str, Path], tmp_path: 
         (["x={a}?text=utterance"], "/no/such/model", "does not exist"),
         (["x={a}?text=utterance"], "org/some-moe", "cannot fetch"),
         (["nonsense"], None, "is not NAME=SOURCE"),
-        ([], None, "no --domain"),
+        (["x={a}?text=utterance&task=classification&labels=joy"], None, "two or more distinct labels"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(domain_args, model, message, model_dir, data, tmp_path) -> None:

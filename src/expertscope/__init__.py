@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from . import data  # noqa: F401  (es.data.sources)
 from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts
-from .config import CausalConfig, DomainExpertConfig, DriverConfig, InterventionConfig, ProfileConfig
+from .config import (
+    CausalConfig,
+    DomainExpertConfig,
+    DriverConfig,
+    EvalConfig,
+    InterventionConfig,
+    LmEvalConfig,
+    ProfileConfig,
+    StudyConfig,
+)
 from .data.sources import load_domain, load_domains
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, InputTypeError, ModelError, OutputError
@@ -21,6 +30,7 @@ from .stats.domain_experts import DomainExpertTable, domain_experts
 from .stats.expert_map import expert_map
 from .stats.profile import RoutingProfile, profile
 from .stats.tokens import position_profile, record_tokens, token_associations
+from .study import run_study
 
 __version__ = "0.1.0"
 
@@ -34,11 +44,13 @@ __all__ = [
     "DomainExpertTable",
     "DriverConfig",
     "DriverTable",
+    "EvalConfig",
     "EvalResult",
     "Example",
     "ExpertscopeError",
     "InputTypeError",
     "InterventionConfig",
+    "LmEvalConfig",
     "MoEModel",
     "ModelError",
     "OutputError",
@@ -49,6 +61,7 @@ __all__ = [
     "RoutingProfile",
     "Steering",
     "SteeringSpec",
+    "StudyConfig",
     "__version__",
     "causal_effects",
     "causal_rate",
@@ -64,6 +77,7 @@ __all__ = [
     "profile",
     "record_tokens",
     "report",
+    "run_study",
     "steer",
     "token_associations",
 ]

@@ -274,7 +274,8 @@ def _field_specs(domains: tuple[str, ...], fields: dict[str, str | None]) -> tup
 
 
 def _build(cmd: Command) -> Callable[..., Any]:
-    from ..study import STAGE_SECTIONS, run_fields, run_study, study_stages
+    from .. import study
+    from ..study import STAGE_SECTIONS, run_fields, study_stages
 
     stages = list(cmd.stages) if cmd.stages is not None else study_stages()
     sections = [s for n in stages for s in STAGE_SECTIONS.get(n, ())]
@@ -325,7 +326,7 @@ def _build(cmd: Command) -> Callable[..., Any]:
                 console.print(f"[dim][{i}/{len(names)}] {name}: already complete, skipped[/]")
 
         with progress_bars() as bar:
-            manifest = run_study(config, out, resume=resume, force=force, on_stage=on_stage, stages=cmd.stages,
+            manifest = study.run_study(config, out, resume=resume, force=force, on_stage=on_stage, stages=cmd.stages,
                                  kind=cmd.kind, progress=bar, inputs_dir=run_dir, resumable=cmd.resumable)
         console.print(f"[bold green]{cmd.name} complete[/] in {time.perf_counter() - t0:.0f}s"
                       + (f" → {out}" if out else ""))

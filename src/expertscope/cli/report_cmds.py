@@ -22,7 +22,8 @@ def report_cmd(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the HTML "
                                                                  "(default: RUN_DIR/report.html).")] = None,
 ) -> None:
-    """Rebuild RUN_DIR/report.html and RUN_DIR/figures/ (PNG + SVG) from the tables saved in RUN_DIR.
+    """Rebuild RUN_DIR/report.html and RUN_DIR/figures/ (PNG + SVG) from the tables saved in RUN_DIR; with -o FILE,
+    only FILE and its own assets named after it.
 
     The report is one HTML file with every figure inlined: it opens offline and fetches nothing.
 
@@ -40,7 +41,10 @@ def report_cmd(
     if out is not None:
         check_out_file(out)
     problems: dict[str, str] = {}
-    with lock_dir(run_dir):  # the figures are rewritten inside RUN_DIR
+    if out is None:
+        with lock_dir(run_dir):  # the figures are rewritten inside RUN_DIR
+            path = report(run_dir, problems=problems)
+    else:  # only OUT and its own assets (OUT-stem_figures/, OUT-stem.findings.json) are written
         path = report(run_dir, out=out, problems=problems)
     for name, reason in problems.items():
         console.print(f"[yellow]warning:[/] could not read {escape(name)} ({escape(reason)}); left out of the report",

@@ -557,7 +557,8 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
 
 def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None) -> Path:
     """Build ``run_dir/report.html`` (or ``out``) from the run's saved tables; figures are (re)written to
-    ``run_dir/figures/`` as PNG and SVG. Returns the report's path. Tables that exist but cannot be read are
+    ``run_dir/figures/`` as PNG and SVG (with ``out``: ``<out stem>_figures/`` and ``<out stem>.findings.json``
+    beside it, nothing in the run). Returns the report's path. Tables that exist but cannot be read are
     recorded in ``problems`` (``{file: reason}``) and left out of the report.
 
     Raises :class:`OutputError` if ``run_dir`` lacks ``manifest.json`` or a readable ``domain_experts.parquet``,
@@ -587,10 +588,14 @@ def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[st
     if "domain_experts" not in tables:
         raise OutputError(f"{run_dir} has no domain_experts.parquet: run the study (or `expertscope domains "
                           f"{run_dir}`) before building the report")
-    figures = write_figures(tables, run_dir / FIGURE_DIR)
-    page = build_html(manifest, tables, figures)
     target = Path(out) if out is not None else run_dir / "report.html"
-    write_json(target.with_name("findings.json"), findings_record(tables, manifest))
+    # With ``out`` the report writes only that file and its own assets named after it (never into the run,
+    # never over a neighbour's findings.json).
+    fig_dir = run_dir / FIGURE_DIR if out is None else target.with_name(f"{target.stem}_figures")
+    figures = write_figures(tables, fig_dir)
+    page = build_html(manifest, tables, figures)
+    findings = "findings.json" if out is None else f"{target.stem}.findings.json"
+    write_json(target.with_name(findings), findings_record(tables, manifest))
     with atomic_write(target) as fh:
         fh.write(page)
     return target
