@@ -32,7 +32,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_tables(tmp_path: Path) -> N
     proc = subprocess.Popen([sys.executable, "-m", "expertscope.cli.main", *args, "-o", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (killed / "checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (killed / "ce_checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -51,4 +51,4 @@ def test_sigkill_then_resume_gives_the_uninterrupted_tables(tmp_path: Path) -> N
     for name in ("drivers.parquet", "causal_rate.parquet", "ce.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(killed / name), pd.read_parquet(full / name), obj=name)
     done = json.loads((killed / "manifest.json").read_text())
-    assert done["status"] == "complete" and done["settings"]["resumed_rows"] > 0  # it continued, not restarted
+    assert done["status"] == "complete" and done["stages"]["drivers"]["resumed_rows"] > 0  # it continued, not restarted

@@ -141,7 +141,9 @@ def test_too_few_permutations_for_bh_are_refused() -> None:
 
 
 # ----- bootstrap CIs by direct loops ---------------------------------------------------------------------
-def test_bootstrap_cis_equal_a_direct_loop_over_the_same_draws() -> None:
+def test_bootstrap_cis_match_an_independent_naive_bootstrap() -> None:
+    """The A and lift intervals against a naive bootstrap written here, with its own random draws (not the
+    implementation's): both estimate the same percentiles, so they agree within Monte Carlo error."""
     g = np.random.default_rng(3)
     L, E = 1, 4
     sizes = {"a": 5, "b": 6}
@@ -149,18 +151,16 @@ def test_bootstrap_cis_equal_a_direct_loop_over_the_same_draws() -> None:
     sel = np.stack([g.binomial(int(t), g.uniform(0.1, 0.9, size=L * E)) for t in tok]).astype(np.int64)
     h = sel * g.uniform(0, 1, size=sel.shape)
     labels = ["a"] * 5 + ["b"] * 6
-    n_boot, seed = 300, 11
-    table = es.domain_experts(_profile_from(tok, sel, h, labels, L, E), n_boot=n_boot, n_perm=0, rule="z",
-                              seed=seed)
-    rng = np.random.default_rng(seed)  # domain_experts draws the resamples first, domain by domain
+    n_boot = 4000
+    table = es.domain_experts(_profile_from(tok, sel, h, labels, L, E), n_boot=n_boot, n_perm=0, rule="z", seed=11)
+    rng = np.random.default_rng(12345)  # independent draws
     A_b = {}
     start = 0
     for d, n in sizes.items():
-        counts = rng.multinomial(n, np.full(n, 1 / n), size=n_boot)
         rows = []
-        for b in range(n_boot):
-            # the resample as an explicit list of sequences, each repeated as often as drawn
-            seqs = [start + i for i in range(n) for _ in range(int(counts[b, i]))]
+        for _ in range(n_boot):
+            # a resample: n sequences of the domain drawn with replacement, one by one
+            seqs = [start + int(rng.integers(n)) for _ in range(n)]
             ntok = sum(int(tok[s]) for s in seqs)
             rows.append([sum(int(sel[s, c]) for s in seqs) / ntok for c in range(E)])
         A_b[d] = np.array(rows)
@@ -169,14 +169,21 @@ def test_bootstrap_cis_equal_a_direct_loop_over_the_same_draws() -> None:
     for d in sizes:
         lo, hi = np.percentile(A_b[d], [2.5, 97.5], axis=0)
         for e in range(E):
-            assert df.loc[(d, e), "A_lo"] == pytest.approx(lo[e], abs=1e-12)
-            assert df.loc[(d, e), "A_hi"] == pytest.approx(hi[e], abs=1e-12)
+            tol = 0.08 * (hi[e] - lo[e]) + 1e-9  # Monte Carlo error of a 2.5 % quantile of a lumpy bootstrap
+            assert abs(df.loc[(d, e), "A_lo"] - lo[e]) <= tol
+            assert abs(df.loc[(d, e), "A_hi"] - hi[e]) <= tol
     # lift resamples: the ratio of the two domains' resampled rates
     lift = A_b["a"] / A_b["b"]
     lo, hi = np.percentile(lift, [2.5, 97.5], axis=0)
     for e in range(E):
-        assert df.loc[("a", e), "lift_lo"] == pytest.approx(lo[e], rel=1e-10)
-        assert df.loc[("a", e), "lift_hi"] == pytest.approx(hi[e], rel=1e-10)
+        tol = 0.08 * (hi[e] - lo[e])
+        assert abs(df.loc[("a", e), "lift_lo"] - lo[e]) <= tol
+        assert abs(df.loc[("a", e), "lift_hi"] - hi[e]) <= tol
+    # the tolerance can fail: a 90 % interval instead of the 95 % one lies outside it
+    lo90, hi90 = np.percentile(A_b["a"], [5, 95], axis=0)
+    lo, hi = np.percentile(A_b["a"], [2.5, 97.5], axis=0)
+    assert any(abs(lo90[e] - lo[e]) > 0.08 * (hi[e] - lo[e]) or abs(hi90[e] - hi[e]) > 0.08 * (hi[e] - lo[e])
+               for e in range(E))
 
 
 def test_bootstrap_mean_ci_loop_and_coverage() -> None:

@@ -110,3 +110,156 @@ def test_report_of_a_directory_without_tables_is_refused(tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["report", str(tmp_path / "empty")])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+# ----- every row and setting checked before the first stage ---------------------------------------------------
+SENTIMENT = ["positive", "negative", "neutral"]
+
+
+def _sentiment_file(path: Path, n: int = 14) -> Path:
+    words = {"positive": "great lovely", "negative": "awful bad", "neutral": "plain usual"}
+    rows = [{"text": f"Ann: the day was {words[SENTIMENT[i % 3]]} {i}", "label": SENTIMENT[i % 3]} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _no_model_load(monkeypatch) -> None:
+    import expertscope.models.loading as loading
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+@pytest.mark.slow
+def test_a_sentiment_file_with_its_own_labels_runs_the_whole_study(model_dir: Path, tmp_path: Path) -> None:
+    data = _sentiment_file(tmp_path / "sentiment.jsonl")
+    out = tmp_path / "run"
+    args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--batch-size", "4",
+            "--causal-limit", "3", "--eval-limit", "6", "--train-limit", "6", "--n-boot", "50",
+            "--domain", f"sa={data}?task=classification", "--domain", "knowledge=synthetic:knowledge@validation"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    # the label set is the data's own, in the manifest and in the fingerprint (so --resume sees a change)
+    assert manifest["labels"] == {"sa": sorted(SENTIMENT)}
+    assert manifest["fingerprint"]["data"]["sa"]["labels"] == sorted(SENTIMENT)
+    steering = pd.read_parquet(out / "steering.parquet")
+    orig = steering[(steering.domain == "sa") & (steering.condition == "original")].iloc[0]
+    assert orig.n == 6 and 0 <= orig.accuracy <= 1
+    # the evaluation scores exactly the domain's own labels
+    r = runner.invoke(app, ["eval", "--model", str(model_dir), "--data", str(data), "--limit", "6",
+                            "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    preds = [json.loads(x) for x in (tmp_path / "ev" / "predictions.sentiment.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and all(set(p["scores"]) == set(SENTIMENT) for p in preds)
+    assert all(p["prediction"] == max(p["scores"], key=p["scores"].get) for p in preds)
+
+
+def test_a_label_outside_the_given_label_set_is_refused_before_the_model_loads(model_dir: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    _no_model_load(monkeypatch)
+    data = _sentiment_file(tmp_path / "s.jsonl")
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["run", "--model", str(model_dir), "--out", str(out), "--domain",
+                            f"sa={data}?task=classification&labels=positive,negative", "--domain", DOMAINS[1]])
+    assert r.exit_code == 2 and "'neutral' outside the task's label set" in r.output and "domain 'sa'" in r.output
+    assert not out.exists()
+
+
+def test_math_without_answers_is_refused_before_the_model_loads(model_dir: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    _no_model_load(monkeypatch)
+    data = tmp_path / "m.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"What is {i} + {i}?"}) for i in range(5)))
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["run", "--model", str(model_dir), "--out", str(out), "--domain",
+                            f"m={data}?task=math", "--domain", DOMAINS[0]])
+    assert r.exit_code == 2 and "no 'answer'" in r.output and "Traceback" not in r.output
+    assert not out.exists()  # nothing written
+
+
+def test_too_few_permutations_are_refused_before_the_model_loads(model_dir: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    _no_model_load(monkeypatch)
+    out = tmp_path / "o"
+    r = runner.invoke(app, _args(model_dir, out, "--n-perm", "20"))
+    # 2 domains × 4 MoE layers × 8 experts (the tiny Mixtral's config) = 64 tests: 1/(20+1) can never pass BH
+    assert r.exit_code == 2 and "n_perm=20 is too few for 64 tests" in r.output
+    assert not out.exists()
+
+
+def test_the_n_perm_check_counts_the_tests_the_profile_has(model_dir: Path) -> None:
+    from expertscope.models.loading import ModelSource, load_model
+
+    shape = ModelSource.resolve(str(model_dir)).moe_shape()
+    moe = load_model(str(model_dir))  # independent reference: the loaded model's own routers
+    assert shape == (len(moe.layers), moe.num_experts)
+
+
+# ----- no command replaces another's table --------------------------------------------------------------------
+def test_domains_in_a_study_directory_refuses_and_writes_elsewhere(full_run: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    study_dir = tmp_path / "study"
+    shutil.copytree(full_run, study_dir)
+    digest = hashlib.sha256((study_dir / "domain_experts.parquet").read_bytes()).hexdigest()
+    r = runner.invoke(app, ["domains", str(study_dir), "--domain-rule", "z", "--n-boot", "20"])
+    assert r.exit_code == 2 and "-o NEW_DIR" in r.output and "--force" in r.output
+    assert hashlib.sha256((study_dir / "domain_experts.parquet").read_bytes()).hexdigest() == digest
+    other = tmp_path / "z"
+    r = runner.invoke(app, ["domains", str(study_dir), "--rule", "z", "--n-boot", "20", "-o", str(other)])
+    assert r.exit_code == 0, r.output
+    assert hashlib.sha256((study_dir / "domain_experts.parquet").read_bytes()).hexdigest() == digest
+    table = pd.read_parquet(other / "domain_experts.parquet")
+    assert len(table) and json.loads((other / "manifest.json").read_text())["kind"] == "domains"
+    # --force replaces the study's table, keeping the old one aside
+    r = runner.invoke(app, ["domains", str(study_dir), "--rule", "z", "--n-boot", "20", "--force"])
+    assert r.exit_code == 0, r.output
+    kept = list((study_dir / ".replaced-tables").glob("*/domain_experts.parquet"))
+    assert len(kept) == 1 and hashlib.sha256(kept[0].read_bytes()).hexdigest() == digest
+
+
+def test_report_to_a_file_writes_only_that_file_and_its_own_assets(full_run: Path, tmp_path: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in full_run.rglob("*")}
+    where = tmp_path / "mine"
+    where.mkdir()
+    (where / "findings.json").write_text("the user's own file")
+    r = runner.invoke(app, ["report", str(full_run), "-o", str(where / "r.html")])
+    assert r.exit_code == 0, r.output
+    assert (where / "findings.json").read_text() == "the user's own file"
+    assert {p.name for p in where.iterdir()} == {"findings.json", "r.html", "r.findings.json", "r_figures"}
+    assert {p: p.stat().st_mtime_ns for p in full_run.rglob("*")} == before  # the run is untouched
+
+
+def test_a_dead_eval_run_is_replaced_on_rerun(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    out.mkdir()
+    # what a SIGKILLed `eval --out` leaves: a running manifest and a lock file nobody holds
+    (out / "manifest.json").write_text(json.dumps({"kind": "eval", "status": "running", "fingerprint": {}}))
+    (out / ".expertscope.lock").write_text("999999\n")
+    (out / "predictions.old.jsonl").write_text("{}\n")
+    r = runner.invoke(app, ["eval", "--model", str(model_dir), "--limit", "3", "--task", "multiple_choice",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert not (out / "predictions.old.jsonl").exists() and (out / "predictions.knowledge.jsonl").exists()
+    # a finished run is still refused without --force
+    r = runner.invoke(app, ["eval", "--model", str(model_dir), "--limit", "3", "--task", "multiple_choice",
+                            "--out", str(out)])
+    assert r.exit_code == 2 and "--force" in r.output
+
+
+def test_drivers_rule_top_flags_top_per_layer(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    r = runner.invoke(app, ["drivers", "--model", str(model_dir), "--out", str(out), "--domain", DOMAINS[0],
+                            "--limit", "4", "--batch-size", "4", "--n-boot", "20", "--rule", "top", "--top", "2"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(out / "drivers.parquet")
+    per_layer = df.groupby(["domain", "layer"])["is_driver"].sum()
+    assert (per_layer == 2).all() and len(per_layer) == 4
+    # independent reference: the two flagged experts of each layer are its two largest mean CEs
+    for (_, _), g in df.groupby(["domain", "layer"]):
+        assert set(g[g.is_driver].expert) == set(g.nlargest(2, "ce_mean").expert)

@@ -197,7 +197,20 @@ def test_position_profile_agrees_with_causal_rate(tiny_moe: MoEModel):
                             "is_driver": [True, True, True], "ce_mean": [0.3, 0.2, 0.1]})
     rec = record_tokens(tiny_moe, TEXTS, batch_size=4)
     pos = position_profile(tiny_moe, TEXTS, drivers, record=rec)
-    assert pos.equals(position_bins(rec, drivers))
+    # Independent reference: a token-by-token loop over the record with exact fractions for the bin.
+    drv = {(r.domain, r.layer): set() for r in drivers.itertuples()}
+    for r in drivers.itertuples():
+        drv[(r.domain, r.layer)].add(r.expert)
+    want: dict[tuple[str, str, int], int] = {}
+    for i in range(rec.num_tokens):
+        dom = rec.domains[int(rec.domain[i])]
+        b = min(int(Fraction(int(rec.position[i]), int(rec.length[i])) * 5), 4)
+        hits = [layer for j, layer in enumerate(rec.layers)
+                if drv.get((dom, layer), set()) & {int(e) for e in rec.selected[i, j]}]
+        for layer in [str(x) for x in hits] + (["all"] if hits else []):
+            want[(dom, layer, b)] = want.get((dom, layer, b), 0) + 1
+    got = {(r.domain, r.layer, r.bin_index): r.n_trigger for r in pos.itertuples() if r.n_trigger}
+    assert got == want and sum(want.values()) > 0
     per_layer = pos[pos["layer"] != "all"].groupby(["domain", "layer"])["n_trigger"].sum()
     rate = causal_rate(tiny_moe, TEXTS, drivers, batch_size=3)
     for r in rate.itertuples():

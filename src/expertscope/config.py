@@ -374,8 +374,8 @@ class InterventionConfig(BaseConfig):
         for name in ("scale_up", "scale_down"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name}={value!r} is not a positive finite factor: e.g. scale_up=1.2, "
-                                  "scale_down=0.8")
+                raise ConfigError(f"{name}={value!r} is not positive and finite: pass a factor > 0, e.g. "
+                                  "scale_up=1.2, scale_down=0.8")
         if any(s <= 0 for s in self.sweep_scales):
             raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
         if any(c <= 0 for c in self.sweep_counts):

@@ -174,6 +174,7 @@ def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
     mi = save_routing_mi(prof, ctx.out)
     n, _ = prof.totals()
     return {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated,
+            "max_length_used": prof.config.get("max_length_used"),
             "routing_mi_bits": {int(r.layer): round(float(r.mi_bits), 4) for r in mi.itertuples()}}
 
 
@@ -216,7 +217,8 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
         domain_experts(ctx.profile(), c.domain_experts, drivers=table.df).save(ctx.out / "domain_experts.parquet")
     counts = {d: int(table.df[(table.df.domain == d) & table.df.is_driver].shape[0]) for d in table.df.domain.unique()}
     return {"drivers": counts, "rule": table.settings["rule_text"], "summary": [r["text"] for r in table.summary()],
-            "timings": effects.settings.get("timings", {}), "skipped": effects.settings.get("skipped", 0)}
+            "timings": effects.settings.get("timings", {}), "skipped": effects.settings.get("skipped", 0),
+            "resumed_rows": effects.settings.get("resumed_rows", 0)}
 
 
 @stage("causal_rate", uses=("causal",))
@@ -572,6 +574,9 @@ def _run_stages(rd: RunDir, ctx: StudyContext, chosen: list[tuple[str, Stage]],
 
     save("running")
     ctx.state["mark_complete"] = lambda: save("complete")
+    pending = [n for n, _ in chosen if done.get(n, {}).get("status") != "complete"]
+    if any(n not in TABLE_ONLY_STAGES for n in pending):
+        ctx.model  # noqa: B018  (loaded before the first stage: a model that cannot load fails before any stage)
     for name, fn in chosen:
         if done.get(name, {}).get("status") == "complete":
             if on_stage:

@@ -65,10 +65,10 @@ def _show_run(out: Path, manifest: dict[str, Any], rows: int) -> None:
 def _show_profile(out: Path, manifest: dict[str, Any], rows: int) -> None:
     st = manifest["stages"]["profile"]
     console.print(f"profiled {sum(st['tokens'].values())} tokens over {len(st['tokens'])} domains → {out}")
-    console.print("I(domain; selected expert) per layer [bits]: "
+    console.print("I(domain; selected expert) per layer \\[bits]: "
                   + ", ".join(f"{k}: {v:.3f}" for k, v in st["routing_mi_bits"].items()))
     if any(st["truncated"].values()):
-        console.print(f"[yellow]truncated:[/] {st['truncated']}")
+        console.print(f"[yellow]truncated to {st.get('max_length_used')} tokens:[/] {st['truncated']}")
 
 
 def _show_domains(out: Path, manifest: dict[str, Any], rows: int) -> None:

@@ -152,7 +152,7 @@ def parse_value(text: str, tp: Any, flag: str) -> Any:
             if a is float:
                 v = float(s)
                 if not math.isfinite(v):
-                    raise ValueError
+                    raise ConfigError(f"--{flag} {text} is not finite: pass a finite number, e.g. 2.0")
                 return v
             if a is str:
                 return s
@@ -226,7 +226,20 @@ def build_config(base: StudyConfig, settings: Sequence[Setting], given: dict[str
             values[key] = tuple(raw)
         else:
             values[key] = raw if isinstance(raw, bool) else parse_value(raw, s.type, s.name)
+    for key, value in values.items():  # each option alone first, so an error names the option
+        flag = by_param[key].name
+        try:
+            with_options(base, {flag: value})
+        except ConfigError as e:
+            raise ConfigError(_option_error(flag, given[key], str(e))) from None
     return with_options(base, {by_param[k].name: v for k, v in values.items()})
+
+
+def _option_error(flag: str, raw: Any, message: str) -> str:
+    shown = " ".join(raw) if isinstance(raw, list) else raw
+    if "(0, 1)" in message:
+        return f"--{flag} {shown} is not in (0, 1): pass e.g. 0.05 ({message})"
+    return f"--{flag} {shown} is out of range ({message})"
 
 
 def with_options(base: StudyConfig, values: dict[str, Any]) -> StudyConfig:
