@@ -165,8 +165,8 @@ def test_bad_option_value_is_one_line_exit_2() -> None:
 
 
 def test_help_comes_from_the_field_docstrings() -> None:
-    from expertscope.cli.options import all_settings, field_docs
-    from expertscope.config import DriverConfig
+    from expertscope.cli.options import all_settings
+    from expertscope.config import DriverConfig, field_docs
 
     assert field_docs(DriverConfig)["top"] == "rule top: drivers flagged per layer."
     assert all_settings()["top"].help == "rule top: drivers flagged per layer."

@@ -3,8 +3,12 @@ creation and round-trips through plain dicts (what manifests store)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
+import types
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -605,3 +609,74 @@ class StudyConfig(BaseConfig):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
         return cls(**d)
+
+
+# ----- reading configs as text (command lines, help) ------------------------------------------------------
+_DOCS: dict[type, dict[str, str]] = {}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring line under each field of a dataclass (or a ``#:`` comment above it): CLI help text."""
+    if cls in _DOCS:
+        return _DOCS[cls]
+    out: dict[str, str] = _DOCS.setdefault(cls, {})
+    for klass in reversed(cls.__mro__):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0]
+        lines = source.splitlines()
+        stmts = getattr(body, "body", [])
+        for i, node in enumerate(stmts):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            nxt = stmts[i + 1] if i + 1 < len(stmts) else None
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                out[node.target.id] = " ".join(nxt.value.value.split())
+            elif node.lineno >= 2 and lines[node.lineno - 2].strip().startswith("#:"):
+                out[node.target.id] = lines[node.lineno - 2].strip()[2:].strip()
+    return out
+
+
+def field_metavar(tp: Any) -> str:
+    opts = [a for a in _flat(tp) if a is not type(None)]
+    lits = [v for a in opts if get_origin(a) is Literal for v in get_args(a)]
+    kinds = [a.__name__.upper() if isinstance(a, type) else "LIST" for a in opts if get_origin(a) is not Literal]
+    return "|".join([*map(str, lits), *kinds])
+
+
+def _flat(tp: Any) -> list[Any]:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return [x for a in get_args(tp) for x in _flat(a)]
+    return [tp]
+
+
+def parse_field_value(text: str, tp: Any, name: str) -> Any:
+    """A string (a command-line value) as a value of the field type ``tp``; one-line ConfigError naming ``name``."""
+    opts = _flat(tp)
+    s = text.strip()
+    if type(None) in opts and s.lower() in ("none", "all"):
+        return None
+    for a in opts:
+        if get_origin(a) is Literal and s in map(str, get_args(a)):
+            return next(v for v in get_args(a) if str(v) == s)
+    for a in opts:
+        try:
+            if a is int:
+                return int(s)
+            if a is float:
+                v = float(s)
+                if not math.isfinite(v):
+                    raise ConfigError(f"{name} {text} is not finite: pass a finite number, e.g. 2.0")
+                return v
+            if a is str:
+                return s
+            if get_origin(a) is tuple:
+                kind = get_args(a)[0]
+                return tuple(kind(x.strip()) for x in s.split(",") if x.strip())
+        except ConfigError:
+            raise
+        except ValueError:
+            continue
+    raise ConfigError(f"{name} {text!r} is not valid: pass {field_metavar(tp)}")

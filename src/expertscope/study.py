@@ -346,6 +346,45 @@ def _stage_lm_eval(ctx: StudyContext) -> dict[str, Any]:
     return {"results": scores}
 
 
+def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str | None = None, split: str = "test",
+                 threads: int | None = None) -> StudyConfig:
+    """The config of ``expertscope eval``: the ``data`` file (task from ``task`` or its first row's fields:
+    choices, answer, label), or the synthetic benchmark's ``split`` (its domains of ``task``, 300 each unless
+    ``config.limit``); ``threads`` sets torch's CPU threads."""
+    import re
+
+    from .data import synthetic
+    from .data.checks import spec_task
+    from .data.sources import load_domain
+    from .data.types import TASKS
+
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if split not in synthetic.SPLITS:
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(synthetic.SPLITS)}")
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads} is not positive: pass 1 or more")
+        import torch
+
+        torch.set_num_threads(threads)
+    if data is not None:
+        if not Path(data).is_file():
+            raise DataError(f"data file {data} does not exist: check the --data path")
+        spec = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(data).stem)}={data}"
+        if task is None:
+            first = load_domain(spec, limit=1).examples[0]
+            task = ("multiple_choice" if first.choices is not None else "math" if first.answer is not None
+                    else "classification" if first.label is not None else None)
+            if task is None:
+                raise DataError(f"{data} has no label, answer or choices: add them, or pass --task")
+        return config.replace(domains=(f"{spec}?task={task}",))
+    specs = [s for s in config.split_specs(split) if task is None or spec_task(s) == task]
+    if config.limit is None:  # the synthetic benchmark's own size when no limit is given
+        specs = [s if "?" in s else f"{s}?limit=300" for s in specs]
+    return config.replace(domains=tuple(specs))
+
+
 def _check_lm_eval(config: StudyConfig) -> None:
     """lm-eval's task names and steering file, checked before the model loads."""
     from .integrations.lm_eval import SYNTHETIC_TASKS, task_manager

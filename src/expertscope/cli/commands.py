@@ -118,41 +118,9 @@ def _show_eval(out: Path | None, manifest: dict[str, Any], rows: int) -> None:
 
 
 def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
-    """``--data FILE`` (task from ``--task`` or its fields) or the synthetic ``--split``, of ``--task``."""
-    import re
+    from ..study import eval_domains
 
-    import torch
-
-    from ..data import synthetic
-    from ..data.checks import spec_task
-    from ..data.sources import load_domain
-    from ..data.types import TASKS
-    from ..errors import ConfigError, DataError
-
-    task, data, split, threads = kw.pop("task"), kw.pop("data"), kw.pop("split"), kw.pop("threads")
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-    if split not in synthetic.SPLITS:
-        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(synthetic.SPLITS)}")
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads {threads} is not positive: pass 1 or more")
-        torch.set_num_threads(threads)
-    if data is not None:
-        if not Path(data).is_file():
-            raise DataError(f"data file {data} does not exist: check the --data path")
-        spec = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(data).stem)}={data}"
-        if task is None:  # the task the first row's fields imply: choices, answer, label
-            first = load_domain(spec, limit=1).examples[0]
-            task = ("multiple_choice" if first.choices is not None else "math" if first.answer is not None
-                    else "classification" if first.label is not None else None)
-            if task is None:
-                raise DataError(f"{data} has no label, answer or choices: add them, or pass --task")
-        return config.replace(domains=(f"{spec}?task={task}",))
-    specs = [s for s in config.split_specs(split) if task is None or spec_task(s) == task]
-    if config.limit is None:  # the synthetic benchmark's own size when no --limit is given
-        specs = [s if "?" in s else f"{s}?limit=300" for s in specs]
-    return config.replace(domains=tuple(specs))
+    return eval_domains(config, kw.pop("data"), kw.pop("task"), kw.pop("split"), kw.pop("threads"))
 
 
 def _show_lm_eval(out: Path, manifest: dict[str, Any], rows: int) -> None:

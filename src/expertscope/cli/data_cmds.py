@@ -111,37 +111,18 @@ def demo_train(
 
 def _demo_train(out: Path, seed: int, scale: float, threads: int, evaluate: bool, from_phase1: Path | None,
                 from_phase2: Path | None, demo: str) -> None:
-    import tempfile
+    from ..demo.train import train_demo
 
-    from ..demo.train import DEMO_ARCHITECTURES, TrainConfig, run_phase2, run_phase3, train
-
-    cfg = TrainConfig(seed=seed, threads=threads, architecture=DEMO_ARCHITECTURES[demo])
-    cfg = cfg.scaled(scale) if scale != 1.0 else cfg
-    if from_phase1 is not None or from_phase2 is not None:
-        with console.status("phases 2-3" if from_phase1 is not None else "phase 3 (emotion v2)"):
-            if from_phase1 is not None:
-                with tempfile.TemporaryDirectory(prefix="expertscope-phase2-") as tmp:
-                    run_phase2(from_phase1, tmp, cfg, evaluate_after=False)
-                    manifest = run_phase3(tmp, out, cfg, evaluate_after=evaluate)
-            else:
-                assert from_phase2 is not None
-                manifest = run_phase3(from_phase2, out, cfg, evaluate_after=evaluate)
-        console.print(f"phase 3: {manifest['phase3']['steps']} steps; saved to {out}", highlight=False)
-        for name, acc in manifest.get("test_accuracy", {}).items():
-            out_console.print(f"{name}: test accuracy {acc:.3f}", highlight=False)
-        return
     with progress() as p:
         task = p.add_task("training", total=None)
 
         def on_step(step: int, total: int, loss: float) -> None:
             p.update(task, completed=step, total=total, description=f"training (loss {loss:.3f})")
 
-        manifest = train(out, cfg, evaluate_after=evaluate, on_step=on_step)
-    console.print(
-        f"trained {manifest['steps']} steps in {manifest['train_seconds']:.0f}s; "
-        f"{manifest['parameters'] / 1e6:.2f}M parameters; saved to {out}",
-        highlight=False,
-    )
+        manifest = train_demo(out, demo, seed=seed, scale=scale, threads=threads, evaluate=evaluate,
+                              from_phase1=from_phase1, from_phase2=from_phase2, on_step=on_step)
+    steps = manifest["phase3"]["steps"] if from_phase1 or from_phase2 else manifest["steps"]
+    console.print(f"trained {steps} steps; saved to {out}", highlight=False)
     for name, acc in manifest.get("test_accuracy", {}).items():
         out_console.print(f"{name}: test accuracy {acc:.3f}", highlight=False)
 

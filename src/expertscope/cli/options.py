@@ -9,21 +9,18 @@ name; :data:`ALIASES` keeps old spellings working, hidden, for one release.
 
 from __future__ import annotations
 
-import ast
 import inspect
-import math
-import textwrap
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from ..config import StudyConfig
+from ..config import StudyConfig, field_docs, field_metavar, parse_field_value
 from ..errors import ConfigError
 
 #: Clearer names for fields whose own name says too little on a command line.
@@ -52,29 +49,6 @@ class Setting:
     targets: tuple[tuple[str | None, str], ...]
     type: Any
     help: str
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring line under each field of a dataclass (or a ``#:`` comment above it)."""
-    out: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):
-            continue
-        body = ast.parse(source).body[0]
-        lines = source.splitlines()
-        stmts = getattr(body, "body", [])
-        for i, node in enumerate(stmts):
-            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-                continue
-            nxt = stmts[i + 1] if i + 1 < len(stmts) else None
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                out[node.target.id] = " ".join(nxt.value.value.split())
-            elif node.lineno >= 2 and lines[node.lineno - 2].strip().startswith("#:"):
-                out[node.target.id] = lines[node.lineno - 2].strip()[2:].strip()
-    return out
 
 
 def _fields(cls: type) -> list[tuple[str, Any]]:
@@ -122,48 +96,6 @@ def settings_for(sections: Sequence[str], run_fields: Sequence[str]) -> list[Set
     return keep
 
 
-# ----- values -----------------------------------------------------------------------------------------------
-def _metavar(tp: Any) -> str:
-    opts = [a for a in _flat(tp) if a is not type(None)]
-    lits = [v for a in opts if get_origin(a) is Literal for v in get_args(a)]
-    kinds = [a.__name__.upper() if isinstance(a, type) else "LIST" for a in opts if get_origin(a) is not Literal]
-    return "|".join([*map(str, lits), *kinds])
-
-
-def _flat(tp: Any) -> list[Any]:
-    if get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return [x for a in get_args(tp) for x in _flat(a)]
-    return [tp]
-
-
-def parse_value(text: str, tp: Any, flag: str) -> Any:
-    """A command-line string as a value of the field type ``tp``; one-line ConfigError naming ``flag``."""
-    opts = _flat(tp)
-    s = text.strip()
-    if type(None) in opts and s.lower() in ("none", "all"):
-        return None
-    for a in opts:
-        if get_origin(a) is Literal and s in map(str, get_args(a)):
-            return next(v for v in get_args(a) if str(v) == s)
-    for a in opts:
-        try:
-            if a is int:
-                return int(s)
-            if a is float:
-                v = float(s)
-                if not math.isfinite(v):
-                    raise ConfigError(f"--{flag} {text} is not finite: pass a finite number, e.g. 2.0")
-                return v
-            if a is str:
-                return s
-            if get_origin(a) is tuple:
-                kind = get_args(a)[0]
-                return tuple(kind(x.strip()) for x in s.split(",") if x.strip())
-        except ValueError:
-            continue
-    raise ConfigError(f"--{flag} {text!r} is not valid: pass {_metavar(tp)}")
-
-
 # ----- commands -------------------------------------------------------------------------------------------
 def option_params(settings: Sequence[Setting], base: StudyConfig) -> list[inspect.Parameter]:
     """typer parameters for ``settings`` (all strings or flags, default None = "not given"), plus hidden
@@ -181,7 +113,7 @@ def option_params(settings: Sequence[Setting], base: StudyConfig) -> list[inspec
         elif s.name == "domain":
             ann = Annotated[list[str] | None, typer.Option(*flags, help=help_text, show_default=False)]
         else:
-            ann = Annotated[str | None, typer.Option(*flags, help=help_text, metavar=_metavar(s.type),
+            ann = Annotated[str | None, typer.Option(*flags, help=help_text, metavar=field_metavar(s.type),
                                                      show_default=False)]
         params.append(inspect.Parameter(_pname(s.name), inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
     for alias, wanted in ALIASES.items():
@@ -225,7 +157,7 @@ def build_config(base: StudyConfig, settings: Sequence[Setting], given: dict[str
         if s.name == "domain":
             values[key] = tuple(raw)
         else:
-            values[key] = raw if isinstance(raw, bool) else parse_value(raw, s.type, s.name)
+            values[key] = raw if isinstance(raw, bool) else parse_field_value(raw, s.type, f"--{s.name}")
     for key, value in values.items():  # each option alone first, so an error names the option
         flag = by_param[key].name
         try:
@@ -273,5 +205,5 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the run in --ou
 ShowOpt = Annotated[int, typer.Option("--show", help="Rows to print per domain or layer.")]
 
 __all__ = ["ALIASES", "RENAMES", "Setting", "all_settings", "build_config", "field_docs", "make_command",
-           "option_params", "parse_value", "settings_for"]
+           "option_params", "settings_for"]
 

@@ -257,7 +257,8 @@ def _synthetic_task(kind: str) -> TaskName | None:
     return tasks.get(kind)
 
 
-def load_domains(specs: Sequence[str], limit: int | None = None, seed: int = 0, **defaults: Any) -> list[Domain]:
+def load_domains(specs: Sequence[str | DomainSpec], limit: int | None = None, seed: int = 0,
+                 **defaults: Any) -> list[Domain]:
     """Load several ``NAME=SOURCE`` specs; names must be unique."""
     if isinstance(specs, str):
         from ..errors import InputTypeError

@@ -70,7 +70,7 @@ class DomainSpec:
     def kind(self) -> Literal["file", "hf", "preset", "synthetic"]:
         for prefix in ("hf", "preset", "synthetic"):
             if self.source.startswith(prefix + ":"):
-                return prefix  # type: ignore[return-value]
+                return prefix
         return "file"
 
     @property

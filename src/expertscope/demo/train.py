@@ -771,6 +771,22 @@ def run_phase3(
     return record_test_scores(out, model, tokenizer) if evaluate_after else manifest
 
 
+def train_demo(out: str | Path, demo: str = "demo", seed: int = 0, scale: float = 1.0, threads: int = 2,
+               evaluate: bool = True, from_phase1: str | Path | None = None, from_phase2: str | Path | None = None,
+               on_step: Any = None) -> dict[str, Any]:
+    """Train the bundled ``demo`` into ``out`` (``expertscope demo train``): all phases, or phases 2-3 from a
+    phase-1 model, or phase 3 from a phase-2 model; returns the training manifest."""
+    cfg = TrainConfig(seed=seed, threads=threads, architecture=DEMO_ARCHITECTURES[demo])
+    cfg = cfg.scaled(scale) if scale != 1.0 else cfg
+    if from_phase1 is not None:
+        with tempfile.TemporaryDirectory(prefix="expertscope-phase2-") as tmp:
+            run_phase2(from_phase1, tmp, cfg, evaluate_after=False)
+            return run_phase3(tmp, out, cfg, evaluate_after=evaluate)
+    if from_phase2 is not None:
+        return run_phase3(from_phase2, out, cfg, evaluate_after=evaluate)
+    return train(out, cfg, evaluate_after=evaluate, on_step=on_step)
+
+
 if __name__ == "__main__":  # pragma: no cover
     # `python -m expertscope.demo.train OUT [SCALE] [--architecture deepseek]`, or resume:
     # `... OUT --init-from PHASE1_DIR --phase 2` / `... OUT --init-from PHASE2_DIR --phase 3`
@@ -801,3 +817,4 @@ if __name__ == "__main__":  # pragma: no cover
         print(run_phase3(args.init_from, args.out, config))
     else:
         print(train(args.out, config))
+
