@@ -176,7 +176,7 @@ def test_steering_table_prints_not_applicable_and_saturated(capsys: pytest.Captu
     import pandas as pd
 
     from expertscope.cli._common import out_console
-    from expertscope.cli.steer_cmds import print_steering
+    from expertscope.cli.tables import print_steering
 
     nan = float("nan")
     base = {"domain": "emo", "task": "classification", "n": 20, "weighted_f1": nan, "saturated": True}

@@ -385,6 +385,36 @@ def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str 
     return config.replace(domains=tuple(specs))
 
 
+def write_synthetic_benchmark(out: str | Path, names: Sequence[str], sizes: dict[str, int], seed: int = 0,
+                              force: bool = False) -> dict[str, dict[str, Any]]:
+    """Write the seeded synthetic benchmark into the run directory ``out``: ``<domain>.<split>.jsonl`` of
+    ``sizes[split]`` examples per domain, and a manifest (``expertscope data synth``); returns the files."""
+    import json
+
+    from .data import synthetic
+    from .fingerprint import run_fingerprint
+    from .io import atomic_write
+
+    unknown = [d for d in names if d not in synthetic.DOMAINS]
+    if unknown or not names:
+        raise ConfigError(f"unknown domain(s) {unknown or names}: use a subset of {', '.join(synthetic.DOMAINS)}")
+    if min(sizes.values()) < 0:
+        raise ConfigError("a split size is negative: pass sizes >= 0")
+    settings = {"seed": seed, "sizes": sizes, "domains": list(names)}
+    files: dict[str, dict[str, Any]] = {}
+    with open_run_dir(out, "synthetic-data", run_fingerprint(None, (), settings), settings, force=force,
+                      resumable=False) as rd:
+        for name in names:
+            for split, n in sizes.items():
+                dom = synthetic.generate(name, n, seed=seed, split=split)
+                with atomic_write(rd.path / f"{name}.{split}.jsonl") as fh:
+                    for ex in dom.examples:
+                        fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+                files[f"{name}.{split}.jsonl"] = {"domain": name, "split": split, "task": dom.task, "n": len(dom)}
+        rd.write_manifest("complete", config=settings, files=files)
+    return files
+
+
 def _check_lm_eval(config: StudyConfig) -> None:
     """lm-eval's task names and steering file, checked before the model loads."""
     from .integrations.lm_eval import SYNTHETIC_TASKS, task_manager
@@ -589,6 +619,21 @@ def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: lis
             if on_stage:
                 on_stage(name, "done")
         return dict(m)
+
+
+def config_of_run(run_dir: str | Path, base: StudyConfig | None = None) -> StudyConfig:
+    """The StudyConfig a run directory was written with (its manifest); an older manifest gives ``base`` with
+    its model and domains."""
+    from .io import read_json
+
+    run_dir, base = Path(run_dir), base or StudyConfig()
+    if not (run_dir / "manifest.json").is_file():
+        raise OutputError(f"{run_dir} has no manifest.json: pass the output directory of an expertscope run")
+    saved = read_json(run_dir / "manifest.json", "manifest").get("config") or {}
+    try:
+        return StudyConfig.from_dict(saved)
+    except (ConfigError, TypeError):
+        return base.replace(model=str(saved.get("model", base.model)), domains=tuple(saved.get("domains") or ()))
 
 
 def _inputs_digest(src: Path) -> dict[str, Any]:

@@ -14,18 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from ..config import StudyConfig
-from ._common import console, handle_errors, out_console, progress_bars
-from .options import (
-    ForceOpt,
-    OutOpt,
-    ResumeOpt,
-    ShowOpt,
-    build_config,
-    make_command,
-    option_params,
-    settings_for,
-    with_options,
-)
+from . import tables as T
+from ._common import console, handle_errors, progress_bars
+from .options import ForceOpt, OutOpt, ResumeOpt, ShowOpt, build_config, option_params, settings_for, with_options
 
 
 @dataclass(frozen=True)
@@ -52,88 +43,10 @@ class Command:
         return with_options(StudyConfig(), self.defaults)
 
 
-# ----- what each command prints ---------------------------------------------------------------------------
-def _show_run(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    for key, what in (("domain_experts", "domain experts"), ("drivers", "driver experts")):
-        counts = manifest["stages"].get(key, {}).get(key)
-        if counts:
-            console.print(f"{what} per domain: {counts}")
-    if (out / "report.html").exists():
-        console.print(f"open {out / 'report.html'} in a browser")
-
-
-def _show_profile(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    st = manifest["stages"]["profile"]
-    console.print(f"profiled {sum(st['tokens'].values())} tokens over {len(st['tokens'])} domains → {out}")
-    console.print("I(domain; selected expert) per layer \\[bits]: "
-                  + ", ".join(f"{k}: {v:.3f}" for k, v in st["routing_mi_bits"].items()))
-    if any(st["truncated"].values()):
-        console.print(f"[yellow]truncated to {st.get('max_length_used')} tokens:[/] {st['truncated']}")
-
-
-def _show_domains(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    from ..io import read_json
-    from ..stats.domain_experts import DomainExpertTable
-    from .profile_cmds import print_domain_experts, print_shared_experts
-
-    table = DomainExpertTable.load(out / "domain_experts.parquet")
-    print_domain_experts(table, rows)
-    source = Path(manifest.get("fingerprint", {}).get("inputs", {}).get("dir") or out)
-    print_shared_experts(manifest.get("model") or (read_json(source / "manifest.json", "manifest").get("model") or {}))
-    if table.settings.get("note"):
-        console.print(f"[yellow]note:[/] {table.settings['note']}")
-    out_console.print(f"wrote {out / 'domain_experts.parquet'} (rule: {table.settings['rule_text']})")
-
-
-def _show_drivers(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    import pandas as pd
-
-    from ..causal.drivers import DriverTable
-    from .causal_cmds import print_drivers
-
-    table = DriverTable.load(out / "drivers.parquet")
-    print_drivers(table, pd.read_parquet(out / "causal_rate.parquet"), top=rows)
-    for r in table.summary():
-        console.print(r["text"])
-
-
-def _show_steering(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    from ..interventions.study import InterventionResult
-    from .steer_cmds import print_steering
-
-    print_steering(InterventionResult.load(out).table)
-
-
-def _show_eval(out: Path | None, manifest: dict[str, Any], rows: int) -> None:
-    from rich.table import Table
-
-    table = Table(title="Evaluation (accuracy with Wilson 95% CI)")
-    for col in ("domain", "task", "n", "accuracy", "95% CI", "weighted F1"):
-        table.add_column(col, justify="left" if col in ("domain", "task") else "right")
-    for name, r in manifest["stages"]["eval"]["results"].items():
-        f1 = "-" if r["weighted_f1"] is None else f"{r['weighted_f1']:.3f}"
-        table.add_row(name, r["task"], str(r["n"]), f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
-                      f1)
-    out_console.print(table)
-
-
 def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
     from ..study import eval_domains
 
     return eval_domains(config, kw.pop("data"), kw.pop("task"), kw.pop("split"), kw.pop("threads"))
-
-
-def _show_lm_eval(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    from rich.table import Table
-
-    table = Table(title="lm-eval")
-    for col in ("task", "metric", "value"):
-        table.add_column(col, justify="right" if col == "value" else "left")
-    for t, r in manifest["stages"]["lm_eval"]["results"].items():
-        for k, v in r.items():
-            if k != "sample_len":
-                table.add_row(t, k, f"{v:.4f}")
-    out_console.print(table)
 
 
 COMMANDS = (
@@ -150,7 +63,7 @@ COMMANDS = (
       expertscope run --resume                      # continue an interrupted run in runs/study
 
       expertscope run -m ./Mixtral-8x7B --dtype bfloat16 --device cuda -d sa=sa.jsonl?task=classification -o runs/mx
-    """, _show_run),
+    """, T.show_run),
     Command("profile", ("profile",), "runs/profile", """Capture the routing of MODEL over each domain and save the
     profile (profile.safetensors, routing_mi.parquet).
 
@@ -159,7 +72,7 @@ COMMANDS = (
       expertscope profile -m demo -d emotion=synthetic:emotion -d math=synthetic:math -o runs/p
 
       expertscope profile -m ./Qwen1.5-MoE-A2.7B -d sa=emotion.jsonl -d math=gsm8k.jsonl?text=question -o runs/q
-    """, _show_profile, {"limit": None}),
+    """, T.show_profile, {"limit": None}),
     Command("domains", ("domain_experts",), None, """Find the domain experts in a saved profile; print the top ones
     and write domain_experts.parquet/.csv.
 
@@ -172,7 +85,7 @@ COMMANDS = (
       expertscope domains runs/p
 
       expertscope domains runs/study --domain-rule z --z 2 --entropy eq1 -o runs/study-z
-    """, _show_domains),
+    """, T.show_domains),
     Command("drivers", ("drivers", "causal_rate"), "runs/drivers", """Causal effect of every (layer, expert) on the
     prediction; driver experts; causal rate.
 
@@ -184,7 +97,7 @@ COMMANDS = (
       expertscope drivers -m demo -d math=synthetic:math -d sa=synthetic:emotion -o runs/d
 
       expertscope drivers -m ./my-moe -d qa=qa.jsonl --causal-method hybrid --driver-rule top --top 2 -o runs/d2
-    """, _show_drivers, {"limit": None, "causal-limit": None}),
+    """, T.show_drivers, {"limit": None, "causal-limit": None}),
     Command("steer-study", ("profile", "domain_experts", "drivers", "steering"), "runs/steer-study", """Steer domain
     and driver experts up and down, LoRA-tune the last routers, and compare accuracy.
 
@@ -196,7 +109,7 @@ COMMANDS = (
       expertscope steer-study --model demo
 
       expertscope steer-study --steer-mode bias --scale-up 1.5 --scale-down 0.67 -o runs/bias
-    """, _show_steering),
+    """, T.show_steering),
     Command("eval", ("eval",), None, """Score a model: label log-likelihood (classification, over each domain's own
     labels), letter scores (multiple choice), greedy math.
 
@@ -208,7 +121,7 @@ COMMANDS = (
       expertscope eval --model demo
 
       expertscope eval --model ./my-moe --data mmlu.jsonl --task multiple_choice --limit 200
-    """, _show_eval, {"limit": None}, own=(
+    """, T.show_eval, {"limit": None}, own=(
         ("task", Annotated[str | None, typer.Option(help="classification, multiple_choice or math (default: "
                                                          "inferred / all).")], None),
         ("data", Annotated[Path | None, typer.Option(help="JSONL examples; without it, the synthetic benchmark.")],
@@ -224,25 +137,13 @@ COMMANDS = (
       expertscope lm-eval --model demo
 
       expertscope lm-eval --model demo --steer runs/study/steer_math_driver_up.json --tasks expertscope_math
-    """, _show_lm_eval, resumable=False),
+    """, T.show_lm_eval, resumable=False),
 )
-
-
-def _field_specs(domains: tuple[str, ...], fields: dict[str, str | None]) -> tuple[str, ...]:
-    """Old ``--text-field q`` options as each spec's own ``?text=q`` (a spec's own mapping wins)."""
-    from ..data.types import DomainSpec
-
-    out = []
-    for spec in domains:
-        d = DomainSpec.parse(spec)
-        extra = {k: v for k, v in fields.items() if v and k not in d.field_map}
-        query = "&".join(f"{k}={v}" for k, v in extra.items())
-        out.append(spec if not query else f"{spec}{'&' if '?' in spec else '?'}{query}")
-    return tuple(out)
 
 
 def _build(cmd: Command) -> Callable[..., Any]:
     from .. import study
+    from ..data.types import DomainSpec
     from ..study import STAGE_SECTIONS, run_fields, study_stages
 
     stages = list(cmd.stages) if cmd.stages is not None else study_stages()
@@ -273,14 +174,13 @@ def _build(cmd: Command) -> Callable[..., Any]:
         fields = {k: kw.pop(f"{k}_field", None) for k in ("text", "label", "answer")}
         show = kw.pop("top_rows", None) or show
         run_dir = kw.pop("run_dir", None)
-        start = base
-        if run_dir is not None:
-            start = _config_of(Path(run_dir), base)
+        start = base if run_dir is None else study.config_of_run(run_dir, base)
         if cmd.adjust is not None:
             start = cmd.adjust(build_config(start, settings, {k: v for k, v in kw.items() if k == "limit"}), kw)
         config = build_config(start, settings, kw)
         if any(fields.values()):
-            config = config.replace(domains=_field_specs(config.domain_specs, fields))
+            config = config.replace(domains=tuple(str(DomainSpec.parse(s).with_fields(fields))
+                                                  for s in config.domain_specs))
         out = out or run_dir or cmd.out
         out = None if out is None else Path(out)
         names = list(cmd.stages) if cmd.stages is not None else study_stages()
@@ -300,23 +200,11 @@ def _build(cmd: Command) -> Callable[..., Any]:
                       + (f" → {out}" if out else ""))
         cmd.show(out, manifest, show)
 
-    command.__doc__ = cmd.doc
-    command.__name__ = f"{cmd.name.replace('-', '_')}_cmd"
-    return make_command(command, [*own, *option_params(settings, base)])
-
-
-def _config_of(run_dir: Path, base: StudyConfig) -> StudyConfig:
-    """The StudyConfig a run directory was written with (its manifest), for commands that read it."""
-    from ..errors import OutputError
-    from ..io import read_json
-
-    if not (run_dir / "manifest.json").is_file():
-        raise OutputError(f"{run_dir} has no manifest.json: pass the output directory of an expertscope run")
-    saved = read_json(run_dir / "manifest.json", "manifest").get("config") or {}
-    try:
-        return StudyConfig.from_dict(saved)
-    except Exception:  # an older manifest: keep what identifies the data
-        return base.replace(model=str(saved.get("model", base.model)), domains=tuple(saved.get("domains") or ()))
+    params = [*own, *option_params(settings, base)]  # the signature typer reads: generated options + own
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__, command.__name__ = cmd.doc, f"{cmd.name.replace('-', '_')}_cmd"
+    return command
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -33,35 +32,12 @@ def synth(
 
     Example: expertscope data synth --out data/synth --n-test 500
     """
-    from ..data import synthetic
-    from ..errors import ConfigError
-    from ..io import atomic_write
-    from ..rundir import check_out_dir, open_run_dir, run_fingerprint
+    from ..study import write_synthetic_benchmark
 
-    names = [d.strip() for d in domains.split(",") if d.strip()]
-    unknown = [d for d in names if d not in synthetic.DOMAINS]
-    if unknown or not names:
-        raise ConfigError(f"unknown domain(s) {unknown or names}: use a subset of {', '.join(synthetic.DOMAINS)}")
     sizes = {"train": n_train, "validation": n_validation, "test": n_test}
-    if min(sizes.values()) < 0:
-        raise ConfigError("a split size is negative: pass sizes >= 0")
-    check_out_dir(out)
-    settings = {"seed": seed, "sizes": sizes, "domains": names}
-    files: dict[str, dict[str, object]] = {}
-    with open_run_dir(out, "synthetic-data", run_fingerprint(None, (), settings), settings, force=force,
-                      resumable=False) as rd:
-        for name in names:
-            for split, n in sizes.items():
-                dom = synthetic.generate(name, n, seed=seed, split=split)
-                path = rd.path / f"{name}.{split}.jsonl"
-                with atomic_write(path) as fh:
-                    for ex in dom.examples:
-                        fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-                files[path.name] = {"domain": name, "split": split, "task": dom.task, "n": len(dom)}
-        rd.write_manifest("complete", config=settings, files=files)
-    out_dir = rd.path
+    files = write_synthetic_benchmark(out, [d.strip() for d in domains.split(",") if d.strip()], sizes, seed, force)
     for fname, info in files.items():
-        out_console.print(f"{out_dir / fname}  ({info['task']}, n={info['n']})", highlight=False)
+        out_console.print(f"{out / fname}  ({info['task']}, n={info['n']})", highlight=False)
 
 
 @demo_app.command("train")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
@@ -183,19 +183,6 @@ def with_options(base: StudyConfig, values: dict[str, Any]) -> StudyConfig:
     return StudyConfig.from_dict(d)
 
 
-def make_command(fn: Callable[..., Any], params: Sequence[inspect.Parameter]) -> Callable[..., Any]:
-    """``fn(**kwargs)`` with the signature typer reads: ``params`` (generated options and the command's own)."""
-
-    def command(**kwargs: Any) -> Any:
-        return fn(**kwargs)
-
-    command.__signature__ = inspect.Signature(list(params))  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = fn.__doc__
-    command.__name__ = fn.__name__
-    return command
-
-
 # Options every writing command has besides its settings.
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (one run per directory).",
                                              show_default=False)]
@@ -204,6 +191,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the run in --ou
                                                          "until the new run finishes).")]
 ShowOpt = Annotated[int, typer.Option("--show", help="Rows to print per domain or layer.")]
 
-__all__ = ["ALIASES", "RENAMES", "Setting", "all_settings", "build_config", "field_docs", "make_command",
+__all__ = ["ALIASES", "RENAMES", "Setting", "all_settings", "build_config", "field_docs",
            "option_params", "settings_for"]
 

@@ -87,6 +87,11 @@ class DomainSpec:
             out["labels"] = ",".join(self.labels)
         return out
 
+    def with_fields(self, fields: dict[str, str | None]) -> DomainSpec:
+        """This spec with ``fields`` (Example field -> column) added where it maps none of its own."""
+        extra = "&".join(f"{k}={v}" for k, v in fields.items() if v and k not in self.field_map)
+        return self if not extra else DomainSpec.parse(f"{self}{'&' if '?' in str(self) else '?'}{extra}")
+
     def __str__(self) -> str:
         return self.text or f"{self.name}={self.source}"
 
