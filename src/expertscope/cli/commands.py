@@ -196,7 +196,8 @@ def _build(cmd: Command) -> Callable[..., Any]:
         with progress_bars() as bar:
             manifest = study.run_study(config, out, resume=resume, force=force, on_stage=on_stage, stages=cmd.stages,
                                  kind=cmd.kind, progress=bar, inputs_dir=run_dir, resumable=cmd.resumable)
-        console.print(f"[bold green]{cmd.name} complete[/] in {time.perf_counter() - t0:.0f}s"
+        title = {"run": "study", "steer-study": "steering study"}.get(cmd.name, cmd.name)
+        console.print(f"[bold green]{title} complete[/] in {time.perf_counter() - t0:.0f}s"
                       + (f" → {out}" if out else ""))
         cmd.show(out, manifest, show)
 

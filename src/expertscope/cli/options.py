@@ -163,12 +163,14 @@ def build_config(base: StudyConfig, settings: Sequence[Setting], given: dict[str
         try:
             with_options(base, {flag: value})
         except ConfigError as e:
-            raise ConfigError(_option_error(flag, given[key], str(e))) from None
+            raise ConfigError(_option_error(flag, given[key], value, str(e))) from None
     return with_options(base, {by_param[k].name: v for k, v in values.items()})
 
 
-def _option_error(flag: str, raw: Any, message: str) -> str:
+def _option_error(flag: str, raw: Any, value: Any, message: str) -> str:
     shown = " ".join(raw) if isinstance(raw, list) else raw
+    if "not positive" in message:
+        return f"--{flag} {value} is not positive: pass a number > 0 ({message})"
     if "(0, 1)" in message:
         return f"--{flag} {shown} is not in (0, 1): pass e.g. 0.05 ({message})"
     return f"--{flag} {shown} is out of range ({message})"
