@@ -287,16 +287,16 @@ class CausalConfig(BaseConfig):
     """fast: most probable output tokens given gradients."""
     fast_probes: int = 8
     """fast: random-sign backward probes (0: exact)."""
-    layers: tuple[int, ...] | None = None
+    only_layers: tuple[int, ...] | None = None
     """MoE layers to perturb (comma-separated; None: all)."""
-    experts: tuple[int, ...] | None = None
+    only_experts: tuple[int, ...] | None = None
     """Experts to perturb in each layer (comma-separated; None: all)."""
     label_tokens: tuple[str, ...] | None = None
     """target=labels: the answer token texts (comma-separated)."""
 
     def __post_init__(self) -> None:
         # Lists (from JSON manifests or callers) become tuples, so the frozen config stays hashable.
-        for name, kind in (("layers", int), ("experts", int), ("label_tokens", str)):
+        for name, kind in (("only_layers", int), ("only_experts", int), ("label_tokens", str)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(kind(v) for v in value))

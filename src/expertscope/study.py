@@ -205,9 +205,9 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
     from .stats.domain_experts import domain_experts
 
     c = ctx.config
-    effects = causal_effects(ctx.model, ctx.domains, c.causal, layers=c.causal.layers, experts=c.causal.experts,
-                             labels=c.causal.label_tokens, checkpoint=ctx.out / "ce_checkpoint.npz", resume=True,
-                             progress=ctx.progress)
+    effects = causal_effects(ctx.model, ctx.domains, c.causal, layers=c.causal.only_layers,
+                             experts=c.causal.only_experts, labels=c.causal.label_tokens,
+                             checkpoint=ctx.out / "ce_checkpoint.npz", resume=True, progress=ctx.progress)
     effects.save(ctx.out)
     table = driver_experts(effects, c.drivers)
     table.save(ctx.out / "drivers.parquet")

@@ -37,7 +37,8 @@ SHORT = {"model": "-m", "domain": "-d", "batch-size": "-b"}
 #: Old spellings → the options they mean (the first one the command has), hidden, for one release.
 ALIASES: dict[str, tuple[str, ...]] = {
     "method": ("causal-method",), "mode": ("steer-mode",), "test": ("domain-test",),
-    "rule": ("driver-rule", "domain-rule"), "label": ("label-tokens",),
+    "rule": ("driver-rule", "domain-rule"), "label": ("label-tokens",), "layers": ("only-layers",),
+    "experts": ("only-experts",),
 }
 
 
@@ -144,26 +145,28 @@ def build_config(base: StudyConfig, settings: Sequence[Setting], given: dict[str
     """``base`` with every option the user gave (``given``: typer's keyword values) applied to its targets."""
     by_param = {_pname(s.name): s for s in settings}
     values: dict[str, Any] = {}
+    spelled: dict[str, tuple[str, Any]] = {}  # key -> (flag as the user spelled it, raw value)
     for key, raw in given.items():
         if raw is None or raw == []:
             continue
+        flag = by_param[key].name if key in by_param else ""
         if key.startswith("alias__"):
-            key = key.split("__")[2]
+            flag, key = key.split("__")[1].replace("_", "-"), key.split("__")[2]
             if given.get(key) is not None:
                 continue  # the new spelling wins
         s = by_param.get(key)
         if s is None:
             continue
+        spelled[key] = (flag, raw)
         if s.name == "domain":
             values[key] = tuple(raw)
         else:
-            values[key] = raw if isinstance(raw, bool) else parse_field_value(raw, s.type, f"--{s.name}")
+            values[key] = raw if isinstance(raw, bool) else parse_field_value(raw, s.type, f"--{flag}")
     for key, value in values.items():  # each option alone first, so an error names the option
-        flag = by_param[key].name
         try:
-            with_options(base, {flag: value})
+            with_options(base, {by_param[key].name: value})
         except ConfigError as e:
-            raise ConfigError(_option_error(flag, given[key], value, str(e))) from None
+            raise ConfigError(_option_error(*spelled[key], value, str(e))) from None
     return with_options(base, {by_param[k].name: v for k, v in values.items()})
 
 
