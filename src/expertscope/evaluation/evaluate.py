@@ -255,8 +255,12 @@ def answer_settled(text: str) -> bool:
     if ANSWER_MARKER in head:
         rest = head.split(ANSWER_MARKER, 1)[1]
         m = _STRICT_NUMBER.search(rest)
-        if m is not None and m.end() < len(rest) and rest[m.end()] in _FINAL_ASCII:
-            return True
+        if m is not None:
+            # The character after the number: inside the head, or (the number ends the head) the newline
+            # that starts a stop sequence at P, which the final text either has there or ends before.
+            end = len(head) - len(rest) + m.end()
+            if end < len(text) and text[end] in _FINAL_ASCII:
+                return True
     if q is None:
         return False
     answers = {extract_answer(text[:c]) for c in range(p, min(q + 1, len(text)) + 1)}
@@ -297,7 +301,7 @@ def greedy_generate(
     eos_id: int | None,
     max_new_tokens: int,
     device: torch.device,
-    stop: Callable[[int, int], Any] | None = None,
+    stop: Callable[[int, int | None], Any] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (token ids, EOS excluded) of left-padded prompts, at most ``max_new_tokens``.
 

@@ -95,9 +95,9 @@ def evaluate_reference(
                                                 max_new_tokens or DEFAULT_MAX_NEW_TOKENS, dev)
                 for ex, g in zip(batch, gen, strict=True):
                     text = _cut(tokenizer.decode(g, skip_special_tokens=True))
-                    pred = extract_answer(text)
-                    records.append({"id": ex.id, "gold": normalise_number(str(ex.answer)), "prediction": pred,
-                                    "correct": answers_equal(pred, ex.answer), "generation": text})
+                    answer = extract_answer(text)
+                    records.append({"id": ex.id, "gold": normalise_number(str(ex.answer)), "prediction": answer,
+                                    "correct": answers_equal(answer, ex.answer), "generation": text})
     finally:
         hf.train(was_training)
     return _result(task, records)
