@@ -453,9 +453,10 @@ def test_answer_settled_never_changes_the_extracted_answer() -> None:
      (" 8 = 8\n", False), (" 8 = 8\n\nQuestion:", True), ("####\n\n", True), (" 7\n\n#### 8\n", True)],
 )
 def test_answer_settled_cases(text: str, settled: bool) -> None:
-    from expertscope.evaluation.evaluate import answer_settled
+    from expertscope.evaluation.evaluate import STOP_SEQUENCES, answer_settled
 
     assert answer_settled(text) is settled
+    assert all(s.startswith("\n") for s in STOP_SEQUENCES)  # answer_settled's shortcut relies on it
 
 
 # ----------------------------------------------------------------------------------------- context

@@ -250,6 +250,8 @@ def answer_settled(text: str) -> bool:
     answer it is fixed too. Math generation stops a row here: the extracted answer equals that of running on
     to EOS or the token limit (tested against that on random strings and on generations).
     """
+    if ANSWER_MARKER not in text and "\n" not in text:
+        return False  # no marker and no stop sequence (each starts with a newline): nothing is fixed yet
     p, q = _stop_start(text)
     head = text[:p]
     if ANSWER_MARKER in head:
