@@ -383,8 +383,8 @@ def evaluate(
 
     How (same numbers as scoring each example alone, up to float reduction order):
 
-    * prompts are tokenised once; classification and multiple-choice batches take prompts of similar
-      length together (less padding), math keeps the input order;
+    * prompts are tokenised once; batches take prompts of similar length together (less padding; for math
+      also fewer generation steps, as solution length follows question length);
     * a label of one token is scored from the prompt's own next-token distribution (one forward per
       example for all such labels); longer labels are scored as ``prompt + label`` rows;
     * a math row stops once its extracted answer can no longer change (:func:`answer_settled`).
@@ -415,9 +415,9 @@ def evaluate(
     p_ids = _encode_many(tokenizer, [prompts.prompt(task, ex) for ex in exs], special=True)
     l_ids = [_encode(tokenizer, prompts.verbalise(lab), special=False) for lab in label_set]
     p_ids, cut = _fit_prompts(model, hf, tokenizer, task, exs, p_ids, l_ids, new_tokens)
-    # Math keeps the reference's batches (its generations are then token-identical); scoring batches take
-    # prompts of similar length together, longest first (a stable sort: ties keep the input order).
-    order = list(range(len(exs))) if task == "math" else sorted(range(len(exs)), key=lambda i: -len(p_ids[i]))
+    # Batches take prompts of similar length together, longest first (a stable sort: ties keep the input
+    # order): less padding, and for math fewer steps, as a longer question tends to a longer solution.
+    order = sorted(range(len(exs)), key=lambda i: -len(p_ids[i]))
     name = f"evaluating {task}"
     if progress is not None:
         progress(name, 0, len(exs))
