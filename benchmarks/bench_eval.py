@@ -1,10 +1,11 @@
 """Evaluation speed: the reference code path (``evaluation/reference.py``) against ``evaluate``, in one run.
 
-Run: ``python benchmarks/bench_eval.py [--items 100] [--repeats 3] [--batch-size 16] [--steer]``.
+Run: ``python benchmarks/bench_eval.py [--items 100] [--repeats 3] [--batch-size 16] [--steer] [--model demo]``.
 
-On the bundled demo model, the synthetic test split of each domain (``--items`` examples) is scored by both
-code paths, alternately (the first path alternates between repeats, so drift in the machine's load hits
-both), ``--repeats`` times. Printed per task: min and median seconds of each path, their ratio, and
+On a bundled demo model (``--model demo`` or ``demo-deepseek``), the synthetic test split of each
+domain (``--items`` examples) is scored by both code paths, alternately (the first path alternates
+between repeats, so drift in the machine's load hits both), ``--repeats`` times. Printed per task: min
+and median seconds of each path, their ratio, and
 whether predictions, correctness and accuracy are identical (scores agree to float reduction order).
 ``--steer`` evaluates under a steering of 12 experts (the steering study's situation: hooks on every
 forward) instead of the plain model.
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path per task")
     ap.add_argument("--batch-size", type=int, default=16, help="as in the steering study")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--model", default="demo", help="demo, demo-deepseek or a model directory")
     ap.add_argument("--steer", action="store_true", help="evaluate under a 12-expert steering (scale 0.6)")
     args = ap.parse_args()
 
@@ -47,11 +49,11 @@ def main() -> None:
     from expertscope.interventions.steering import SteeringSpec, steer
 
     torch.set_num_threads(args.threads)
-    model = es.load_model("demo")
+    model = es.load_model(args.model)
     spec = SteeringSpec(targets=tuple((layer, e) for layer in model.layers for e in range(3)), scale=0.6)
     paths = {"reference": evaluate_reference, "evaluate": es.evaluate}
     total = {"reference": 0.0, "evaluate": 0.0}
-    print(f"demo model, {args.items} test items per task, batch {args.batch_size}, {args.threads} thread(s), "
+    print(f"{args.model}, {args.items} test items per task, batch {args.batch_size}, {args.threads} thread(s), "
           f"{'steered (12 experts x0.6)' if args.steer else 'unsteered'}, {args.repeats} paired repeats")
     print(f"{'task':<16} {'reference min/med s':>20} {'evaluate min/med s':>20} {'ratio (med)':>12} "
           f"{'ratio (min)':>12}  identical")
