@@ -244,11 +244,13 @@ def answer_settled(text: str) -> bool:
 
     ``text`` is the decoded generation so far. The final text is cut (:data:`STOP_SEQUENCES`) at or after
     P (see :func:`_stop_start`) and starts with ``text[:P]``; when that prefix holds ``####`` and a number
-    followed by a character no continuation can join to the number, the first number after the first
-    ``####`` is fixed. Once a stop sequence is complete at Q, the final text is ``text[:c]`` for some
-    P ≤ c ≤ Q + 1 (``"\\n\\n"`` then ``"Question:"`` cuts one later); if every such prefix gives the same
-    answer it is fixed too. Math generation stops a row here: the extracted answer equals that of running on
-    to EOS or the token limit (tested against that on random strings and on generations).
+    followed by a character no continuation can join to the number (or the number ends the prefix and the
+    newline of a stop sequence follows), the first number after the first ``####`` is fixed. Once a stop
+    sequence is complete at Q, the final text is ``text[:c]`` for some P ≤ c ≤ Q + 1 (``"\\n\\n"`` then
+    ``"Question:"`` cuts one later; this bound is specific to the present :data:`STOP_SEQUENCES`); if every
+    such prefix gives the same answer it is fixed too. Math generation stops a row here: the extracted
+    answer equals that of running on to EOS or the token limit (tested against that on random strings and
+    on generations).
     """
     if ANSWER_MARKER not in text and "\n" not in text:
         return False  # no marker and no stop sequence (each starts with a newline): nothing is fixed yet
