@@ -361,7 +361,7 @@ def _cells(page: str, svg_domain: str, section: str = "drivers") -> dict[tuple[i
 def test_heatmap_cells_hold_the_tables_values_and_flags(built_report: Path):
     """Every heatmap cell's hover value is the driver table's CE of that (layer, expert), printed as the
     tables print it; exactly the drivers are boxed."""
-    from expertscope.report.findings import _num
+    from expertscope.report.findings import format_number
 
     page = built_report.read_text()
     drv = synthetic_tables()["drivers"]
@@ -370,7 +370,7 @@ def test_heatmap_cells_hold_the_tables_values_and_flags(built_report: Path):
         g = drv[drv["domain"] == d]
         assert len(cells) == len(g) == 4 * 8
         for r in g.itertuples():
-            assert cells[(r.layer, r.expert)] == (_num(r.ce_mean), bool(r.is_driver))
+            assert cells[(r.layer, r.expert)] == (format_number(r.ce_mean), bool(r.is_driver))
 
 
 def test_table_rows_carry_full_precision_sort_keys_and_domains():
@@ -390,8 +390,7 @@ def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
     """Click a sort in a real browser (the mouse, over the DevTools protocol), read the heatmap's hover value,
     filter by typing and pick a domain: each checked against the tables the run saved."""
     from _browser import Browser
-
-    from expertscope.report.findings import _num
+    from expertscope.report.findings import format_number
 
     exe = _require_chromium()
     drv = synthetic_tables()["drivers"]
@@ -426,7 +425,7 @@ def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
         assert m, tip
         layer, expert, value = int(m.group(1)), int(m.group(2)), m.group(3)
         row = drv[(drv["domain"] == "math") & (drv["layer"] == layer) & (drv["expert"] == expert)].iloc[0]
-        assert row["is_driver"] and value == _num(row["ce_mean"])
+        assert row["is_driver"] and value == format_number(row["ce_mean"])
         shown_text = b.eval(f"{visible}.filter(r => r.cells[0].textContent === 'math' && r.cells[1].textContent === "
                             f"'{layer}' && r.cells[2].textContent === '{expert}').map(r => r.cells[3].textContent)")
         assert shown_text == [value]  # the same number in the table as under the mouse

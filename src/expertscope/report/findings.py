@@ -287,7 +287,7 @@ class Sentence(str):
         return s
 
 
-def _num(x: Any, digits: int = 3) -> str:
+def format_number(x: Any, digits: int = 3) -> str:
     """A number as the report's tables print it: ``digits`` decimals without trailing zeros, or ``digits``
     significant figures for very small or large values; ``–`` for a missing value."""
     try:
@@ -300,6 +300,9 @@ def _num(x: Any, digits: int = 3) -> str:
         return f"{v:.{digits}g}"
     text = f"{v:.{digits}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+_num = format_number
 
 
 def _pct(x: float | None) -> str:
@@ -653,7 +656,8 @@ def run_status(manifest: dict[str, Any]) -> RunStatus:
     ``planned_stages``, else (a study) :data:`STUDY_STAGES`; a run of another kind without that list has no
     known missing stages."""
     status = str(manifest.get("status") or "unknown")
-    stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+    raw = manifest.get("stages")
+    stages: dict[str, Any] = raw if isinstance(raw, dict) else {}
     finished = [k for k, v in stages.items()
                 if not k.startswith("_") and isinstance(v, dict) and v.get("status") == "complete"]
     planned = manifest.get("planned_stages")
@@ -683,7 +687,7 @@ def status_sentence(manifest: dict[str, Any], run: str | None = None) -> str | N
 
 
 __all__ = ["CAPTIONS", "COLUMN_HELP", "NO_DRIVERS", "SATURATED", "SCALE_NOTE", "STUDY_STAGES", "DomainFindings",
-           "RunStatus", "Sentence", "expert_types", "findings", "findings_record", "read_associations",
+           "RunStatus", "Sentence", "expert_types", "findings", "findings_record", "format_number", "read_associations",
            "read_causal_rate", "read_domain_experts", "read_drivers", "read_expert_map", "read_expert_types",
            "read_positions", "read_routing_mi", "read_saturated", "read_steering", "read_sweep", "run_status",
            "sentences", "status_sentence", "table_meta"]

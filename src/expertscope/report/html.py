@@ -38,9 +38,9 @@ from .findings import (
     NO_DRIVERS,
     SATURATED,
     SCALE_NOTE,
-    _num,
     findings,
     findings_record,
+    format_number,
     read_associations,
     read_causal_rate,
     read_domain_experts,
@@ -151,7 +151,7 @@ def _cell(v: Any) -> tuple[str, str | None]:
         return str(int(v)), str(int(v))
     if isinstance(v, float | np.floating):
         f = float(v)
-        return _num(f), (None if np.isnan(f) else repr(f))
+        return format_number(f), (None if np.isnan(f) else repr(f))
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "", None
     return _e(v), None
@@ -214,7 +214,7 @@ def reading(lines: Sequence[str]) -> str:
     items = [x for x in lines if x]
     if not items:
         return ""
-    lis = "".join(f"<li data-domain='{_e(x.domain)}'>{_e(x)}</li>" if getattr(x, "domain", None) else
+    lis = "".join(f"<li data-domain='{_e(d)}'>{_e(x)}</li>" if (d := getattr(x, "domain", None)) else
                   f"<li>{_e(x)}</li>" for x in items)
     return f"<div class='reading'><strong>Reading.</strong><ul>{lis}</ul></div>"
 
@@ -278,7 +278,7 @@ def heatmap(df: pd.DataFrame | None, value: str, *, label: str, unit: str = "", 
                 v = vals[i, j]
                 f = " data-f='1'" if fl[i, j] else ""
                 cells.append(f"<rect x='{j * cw:g}' y='{i * ch:g}' width='{cw:g}' height='{ch:g}' "
-                             f"fill='{colours[i * nc + j]}' data-v='{_num(v)}'{f}/>")
+                             f"fill='{colours[i * nc + j]}' data-v='{format_number(v)}'{f}/>")
                 if fl[i, j]:
                     boxes.append(f"<rect x='{j * cw + 1:g}' y='{i * ch + 1:g}' width='{cw - 2:g}' height='{ch - 2:g}' "
                                  "fill='none' stroke='#D55E00' stroke-width='2' pointer-events='none'/>")
@@ -292,8 +292,8 @@ def heatmap(df: pd.DataFrame | None, value: str, *, label: str, unit: str = "", 
         bar_y = mt + nr * ch + 10
         legend = (f"<defs><linearGradient id='{gid}'>{stops}</linearGradient></defs>"
                   f"<rect x='{ml}' y='{bar_y}' width='140' height='8' fill='url(#{gid})'/>"
-                  f"<text x='{ml}' y='{bar_y + 20}'>{_e(_num(lo))}</text>"
-                  f"<text x='{ml + 140}' y='{bar_y + 20}' text-anchor='end'>{_e(_num(hi))} {_e(unit)}</text>"
+                  f"<text x='{ml}' y='{bar_y + 20}'>{_e(format_number(lo))}</text>"
+                  f"<text x='{ml + 140}' y='{bar_y + 20}' text-anchor='end'>{_e(format_number(hi))} {_e(unit)}</text>"
                   f"<text x='{ml + 160}' y='{bar_y + 8}'>{_e(rows)} ↓ · {_e(cols)} →</text>")
         meta = {"rows": "|".join(map(str, row_keys)), "cols": "|".join(map(str, col_keys)), "rname": rows,
                 "cname": cols, "vname": label, "unit": unit, "fname": flag_label, "cw": f"{cw:g}", "ch": f"{ch:g}"}
