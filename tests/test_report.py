@@ -380,7 +380,7 @@ def test_table_rows_carry_full_precision_sort_keys_and_domains():
     html = table_html(df)
     assert "<tr data-domain='a'><td>a</td><td data-v='0.123456789'>0.123</td><td data-v='1'>yes</td>" in html
     assert "<td>–</td>" in html  # NaN: shown as a dash, no sort key (sorted last)
-    assert "data-col='x' data-num='1'" in html and "data-col='flag' data-num='0'" in html
+    assert "data-col='x' data-num='1'" in html and "data-col='domain' data-num='0'" in html
     big = pd.DataFrame({"domain": "a", "x": np.arange(MAX_ROWS + 5, dtype=float)})
     html = table_html(big, source="t.parquet")
     assert html.count("<tr data-domain") == MAX_ROWS and f"first {MAX_ROWS} of {MAX_ROWS + 5} rows" in html

@@ -288,15 +288,17 @@ class Sentence(str):
 
 
 def format_number(x: Any, digits: int = 3) -> str:
-    """A number as the report's tables print it: ``digits`` decimals without trailing zeros, or ``digits``
-    significant figures for very small or large values; ``–`` for a missing value."""
+    """A number as the report prints it: below 1, ``digits`` significant figures (``0.00129``, ``6.6e-05``);
+    from 1 on, ``digits`` decimals without trailing zeros (``11.019``, ``2``); ``–`` for a missing value."""
     try:
         v = float(x)
     except (TypeError, ValueError):
         return str(x)
     if math.isnan(v):
         return "–"
-    if v != 0 and (abs(v) < 10 ** -digits or abs(v) >= 1e5):
+    if v == 0 or math.isinf(v):
+        return str(v) if math.isinf(v) else "0"
+    if abs(v) < 1 or abs(v) >= 1e5:
         return f"{v:.{digits}g}"
     text = f"{v:.{digits}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text

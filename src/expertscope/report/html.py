@@ -167,7 +167,7 @@ def table_html(df: pd.DataFrame | None, columns: list[str] | None = None, rows: 
         return (f"<h3>{_e(title)}</h3>" if title else "") + "<p class='note'>(no rows)</p>"
     cols = [c for c in (columns or list(df.columns)) if c in df.columns]
     shown = df[cols].head(MAX_ROWS)
-    numeric = {c: pd.api.types.is_numeric_dtype(shown[c]) and not pd.api.types.is_bool_dtype(shown[c]) for c in cols}
+    numeric = {c: pd.api.types.is_numeric_dtype(shown[c]) for c in cols}  # flags too: first click puts "yes" first
     head = "".join(
         f"<th data-col='{_e(c)}' data-num='{int(numeric[c])}' aria-sort='none' tabindex='0' "
         f"title='{_e(COLUMN_HELP.get(c, c))} (click to sort)'>{_e(c)}</th>" for c in cols)
@@ -194,8 +194,13 @@ def _figure_html(paths: list[Path] | None, caption: str) -> str:
     png = next((p for p in paths or [] if p.suffix == ".png"), None)
     if png is None:
         return ""
-    data = base64.b64encode(png.read_bytes()).decode("ascii")
-    return (f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{data}'>"
+    raw = png.read_bytes()
+    # Figures are saved at 150 dpi; shown at 100 dpi they have the size they were designed at (fonts match
+    # the text) rather than 1.5 times it. The PNG header holds the width in pixels (bytes 16-19).
+    width = int.from_bytes(raw[16:20], "big") * 2 // 3 if raw[:8] == b"\x89PNG\r\n\x1a\n" else 0
+    style = f" style='width:{width}px'" if width else ""
+    data = base64.b64encode(raw).decode("ascii")
+    return (f"<figure><img alt='{_e(caption)}'{style} src='data:image/png;base64,{data}'>"
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
@@ -375,7 +380,7 @@ def _domain_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
     key = "lift" if "lift" in dom.columns else "specificity"
     flagged = dom[dom["is_domain_expert"].astype(bool)] if "is_domain_expert" in dom.columns else dom
     cols = ["domain", "layer", "expert", "activation_rate", "A_lo", "A_hi", "lift", "lift_lo", "lift_hi",
-            "entropy", "cwas", "specificity", "q_value", "is_domain_expert", "is_general"]
+            "entropy", "cwas", "specificity", "q_value"]
     return (figure(figures, "fig1_cwas") + reading(_safe(read_domain_experts, dom))
             + heatmap(dom, "activation_rate", label="activation rate A", flag="is_domain_expert",
                       flag_label="domain expert", caption=CAPTIONS["activation_heatmap"])
@@ -384,7 +389,8 @@ def _domain_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
             + table_html(flagged.sort_values(["domain", key], ascending=[True, False]), cols, rows=20,
                          title=f"Domain experts (largest {'activation lift' if key == 'lift' else key} first)")
             + details(f"All {len(dom)} rows: every expert at every layer, per domain",
-                      table_html(dom.sort_values(["domain", "layer", "expert"]), cols, rows=20,
+                      table_html(dom.sort_values(["domain", "layer", "expert"]),
+                                 [*cols, "is_domain_expert", "is_general"], rows=20,
                                  source="domain_experts.parquet")))
 
 
