@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import select
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +23,31 @@ from typing import Any
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-default-apps",
          "--disable-quic", "--host-resolver-rules=MAP * ~NOTFOUND")
+
+
+APT_HINT = "apt-get update && apt-get install -y --no-install-recommends chromium"
+REQUIRE_BROWSER = os.environ.get("EXPERTSCOPE_REQUIRE_BROWSER", "") not in ("", "0")
+
+
+def find_chromium() -> str | None:
+    """The headless browser: $EXPERTSCOPE_CHROMIUM, else chromium/chromium-browser on PATH."""
+    explicit = os.environ.get("EXPERTSCOPE_CHROMIUM")
+    if explicit:
+        return explicit if Path(explicit).exists() else None
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def require_chromium() -> str:
+    """Chromium's path; skips the test without it (fails under ``EXPERTSCOPE_REQUIRE_BROWSER=1``, as in CI)."""
+    import pytest
+
+    exe = find_chromium()
+    if exe is None:
+        reason = f"no chromium on PATH: the report's browser tests need it; install it with `{APT_HINT}`"
+        if REQUIRE_BROWSER:
+            pytest.fail(f"{reason} (EXPERTSCOPE_REQUIRE_BROWSER=1 makes this test mandatory)")
+        pytest.skip(reason)
+    return exe
 
 
 class BrowserError(RuntimeError):

@@ -253,6 +253,19 @@ def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path) -> None:
         m = json.loads((run / "manifest.json").read_text())
         m.update(kind="study", status=status, stages={"profile": {"status": "complete"}})
         (run / "manifest.json").write_text(json.dumps(m))
-    page = compare([a, b], tmp_path / "cmp.html").read_text()
+    out = compare([a, b], tmp_path / "cmp.html")
+    page = out.read_text()
     assert page.count("<div class='banner'") == 1 and "Run m-two is not complete" in page
     assert "stages domain_experts, drivers, causal_rate, tokens, expert_map, steering did not finish" in page
+
+    # The same explorable page as the report: sort the summary, read the MI heatmap's hover value.
+    from _browser import Browser, require_chromium
+
+    with Browser(require_chromium(), tmp_path / "profile") as br:
+        br.open(out.as_uri())
+        br.click("#summary th[data-col='domain_experts']")
+        assert br.eval("Array.from(document.querySelectorAll('#summary tbody tr')).map(r => r.cells[0].textContent + "
+                       "'/' + r.cells[6].textContent)") == ["m-one/a", "m-two/a", "m-one/b", "m-two/b"]
+        br.hover("#mi svg.hm rect[data-v][y='0'][x]:not([x='0'])")  # model m-one, layer 1
+        tip = br.eval("document.getElementById('tip').textContent")
+        assert tip == "model m-one · layer 1: I(domain; expert) 0.3 bits"  # _fake_run's mi_bits of layer 1

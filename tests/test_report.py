@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
+from _browser import Browser, require_chromium
 from expertscope.errors import OutputError
 from expertscope.io import make_manifest, write_json, write_table
 from expertscope.report import figures as F
 from expertscope.report.html import build_html, load_tables, report
 
-APT_HINT = "apt-get update && apt-get install -y --no-install-recommends chromium"
 DOMAINS = ("emotion", "knowledge", "math")
 
 def synthetic_tables(L: int = 4, E: int = 8, seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -238,27 +236,9 @@ def test_load_tables_derives_ce_means_without_driver_table(tmp_path: Path):
 
 
 # ----- headless Chromium -------------------------------------------------------------------------------
-# A fresh machine has no browser: the test skips there with its reason. CI (`.ci/run`) installs Chromium and
+# A fresh machine has no browser: the tests skip there with their reason. CI (`.ci/run`) installs Chromium and
 # sets EXPERTSCOPE_REQUIRE_BROWSER=1, which turns the skip into a failure so the report is always rendered.
-REQUIRE_BROWSER = os.environ.get("EXPERTSCOPE_REQUIRE_BROWSER", "") not in ("", "0")
-
-
-def _find_chromium() -> str | None:
-    """The headless browser: $EXPERTSCOPE_CHROMIUM, else chromium/chromium-browser on PATH."""
-    explicit = os.environ.get("EXPERTSCOPE_CHROMIUM")
-    if explicit:
-        return explicit if Path(explicit).exists() else None
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _require_chromium() -> str:
-    exe = _find_chromium()
-    if exe is None:
-        reason = f"no chromium on PATH: the report's browser test needs it; install it with `{APT_HINT}`"
-        if REQUIRE_BROWSER:
-            pytest.fail(f"{reason} (EXPERTSCOPE_REQUIRE_BROWSER=1 makes this test mandatory)")
-        pytest.skip(reason)
-    return exe
+_require_chromium = require_chromium
 
 
 def _chromium(args: list[str], profile: Path, timeout: int = 90) -> subprocess.CompletedProcess:
@@ -389,7 +369,6 @@ def test_table_rows_carry_full_precision_sort_keys_and_domains():
 def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
     """Click a sort in a real browser (the mouse, over the DevTools protocol), read the heatmap's hover value,
     filter by typing and pick a domain: each checked against the tables the run saved."""
-    from _browser import Browser
     from expertscope.report.findings import format_number
 
     exe = _require_chromium()
