@@ -269,3 +269,21 @@ def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path) -> None:
         br.hover("#mi svg.hm rect[data-v][y='0'][x]:not([x='0'])")  # model m-one, layer 1
         tip = br.eval("document.getElementById('tip').textContent")
         assert tip == "model m-one · layer 1: I(domain; expert) 0.3 bits"  # _fake_run's mi_bits of layer 1
+
+
+def test_steering_and_sweep_readings_say_whether_an_interval_excludes_zero() -> None:
+    from expertscope.report.findings import read_steering, read_sweep
+
+    st = _tables()["steering"]
+    a, b = read_steering(st)
+    assert "driver down -0.100 [-0.150, -0.050]; domain up +0.010 [-0.020, +0.040]" in a
+    assert a.endswith("The interval excludes 0 for driver down only.")
+    assert "driver down not applicable (no driver experts)" in b
+    sweep = pd.DataFrame({"domain": "a", "targets": "driver", "sweep": "scale", "scale": [0.8, 1.0, 1.2],
+                          "accuracy": [0.40, 0.60, 0.66], "ci_low": [0.3, 0.5, 0.55], "ci_high": [0.5, 0.7, 0.76]})
+    (text,) = read_sweep(sweep)
+    assert "best accuracy at s = 1.2: 0.66 against 0.6 unsteered (95% CI [0.5, 0.7]); outside it: s = 0.8 " \
+           "(0.4, below)." in text
+    (flat,) = read_sweep(sweep.assign(accuracy=[0.55, 0.6, 0.58]))
+    assert "no scale of the driver experts beats the unsteered accuracy of 0.6" in flat
+    assert "all 3 scales lie inside it, so the sweep shows no effect" in flat

@@ -502,8 +502,15 @@ def _condition(name: Any) -> str:
     return str(name).replace("_", " ")
 
 
+def _signed(x: float, digits: int = 3) -> str:
+    """``+0.013`` / ``-0.004``; zero is ``0.000`` (never ``-0.000``)."""
+    text = f"{x:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
+
+
 def read_steering(df: pd.DataFrame) -> list[Sentence]:
-    """Per domain: the unsteered accuracy and each condition's change with its paired 95% interval."""
+    """Per domain: the unsteered accuracy and each condition's change with its paired 95% interval, saying
+    which intervals exclude zero."""
     out = []
     for d in _domain_names(df):
         g = _of(df, d)
@@ -511,31 +518,54 @@ def read_steering(df: pd.DataFrame) -> list[Sentence]:
         if not len(base):
             continue
         b = base.iloc[0]
-        parts = []
+        parts, moved = [], []
         for r in g[g["condition"] != "original"].to_dict("records"):
+            name = _condition(r["condition"])
             if "applicable" in g.columns and not bool(r["applicable"]):
                 reason = r.get("reason") or r.get("note") or "no targets"
-                parts.append(f"{_condition(r['condition'])} not applicable ({reason})")
+                parts.append(f"{name} not applicable ({reason})")
             elif "delta" in g.columns and not math.isnan(_f(r, "delta")):
-                ci = (f" (95% CI {_f(r, 'delta_lo'):+.2f} to {_f(r, 'delta_hi'):+.2f})"
-                      if "delta_lo" in g.columns else "")
-                parts.append(f"{_condition(r['condition'])} {_f(r, 'delta'):+.2f}{ci}")
+                lo, hi = _f(r, "delta_lo"), _f(r, "delta_hi")
+                ci = "" if math.isnan(lo) else f" [{_signed(lo)}, {_signed(hi)}]"
+                parts.append(f"{name} {_signed(_f(r, 'delta'))}{ci}")
+                if not math.isnan(lo) and (lo > 0 or hi < 0):
+                    moved.append(name)
         n = int(b["n"]) if "n" in g.columns else "?"
+        verdict = ""
+        if parts and "delta_lo" in g.columns:
+            verdict = (f" The interval excludes 0 for {', '.join(moved)} only." if moved else
+                       " Every interval includes 0: no condition changed accuracy beyond what this sample resolves.")
         out.append(Sentence(f"In {d}, accuracy is {_num(b['accuracy'])} unsteered (n = {n})"
-                            + ("; changes: " + "; ".join(parts) if parts else "") + ".", d))
+                            + ("; change under each condition, with its 95% paired-bootstrap interval: "
+                               + "; ".join(parts) if parts else "") + "." + verdict, d))
     return out
 
 
 def read_sweep(df: pd.DataFrame) -> list[Sentence]:
-    """Per domain and target kind: the scale with the best accuracy, beside the unsteered accuracy."""
+    """Per domain and target kind: the scale with the best accuracy, and whether any scale's accuracy lies
+    outside the unsteered (s = 1) accuracy's 95% interval."""
     out = []
     sc = df[df["sweep"] == "scale"] if "sweep" in df.columns else df
     for (d, t), g in sc.groupby(["domain", "targets"], sort=False):
         best = g.loc[g["accuracy"].idxmax()]
         one = g[np.isclose(g["scale"].astype(float), 1.0)]
-        base = f" (unsteered {_num(one['accuracy'].iloc[0])})" if len(one) else ""
-        out.append(Sentence(f"In {d}, scaling the {t} experts gives the best accuracy at s = {_num(best['scale'])}: "
-                            f"{_num(best['accuracy'])}{base}.", str(d)))
+        if len(one) and np.isclose(float(best["scale"]), 1.0):
+            text, after = f"In {d}, no scale of the {t} experts beats the unsteered accuracy of", ""
+        else:
+            text, after = (f"In {d}, scaling the {t} experts gives the best accuracy at s = {_num(best['scale'])}: "
+                           f"{_num(best['accuracy'])} against"), " unsteered"
+        if len(one) and {"ci_low", "ci_high"} <= set(g.columns):
+            u = one.iloc[0]
+            lo, hi = _f(u, "ci_low"), _f(u, "ci_high")
+            outside = g[(g["accuracy"] < lo) | (g["accuracy"] > hi)]
+            where = ("outside it: " + ", ".join(
+                f"s = {_num(r['scale'])} ({_num(r['accuracy'], 4)}, {'below' if r['accuracy'] < lo else 'above'})"
+                for r in outside.to_dict("records")) if len(outside)
+                else f"all {len(g)} scales lie inside it, so the sweep shows no effect this sample can resolve")
+            text += f" {_num(u['accuracy'])}{after} (95% CI [{_num(lo, 4)}, {_num(hi, 4)}]); {where}"
+        elif len(one):
+            text += f" {_num(one['accuracy'].iloc[0])}{after}"
+        out.append(Sentence(text + ".", str(d)))
     return out
 
 

@@ -166,6 +166,8 @@ def table_html(df: pd.DataFrame | None, columns: list[str] | None = None, rows: 
     if df is None or not len(df):
         return (f"<h3>{_e(title)}</h3>" if title else "") + "<p class='note'>(no rows)</p>"
     cols = [c for c in (columns or list(df.columns)) if c in df.columns]
+    # A column with nothing in it (e.g. every steering condition applicable: no status) only takes room.
+    cols = [c for c in cols if not (df[c].isna() | df[c].astype(str).eq("")).all()] or cols
     shown = df[cols].head(MAX_ROWS)
     numeric = {c: pd.api.types.is_numeric_dtype(shown[c]) for c in cols}  # flags too: first click puts "yes" first
     head = "".join(
