@@ -20,7 +20,7 @@ import pandas as pd
 from ..errors import OutputError
 from ..io import atomic_write, write_json
 from .figures import fig_causal_rate, fig_cwas, fig_expert_types, fig_routing_mi
-from .findings import findings, status_sentence
+from .findings import compare_intro, findings, status_sentence
 from .html import STEERING_COLUMNS, _e, _figure_html, _steering_table, heatmap, load_tables, page, table_html
 
 
@@ -100,7 +100,7 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         sections.append(("mi", "Routing and the domain",
                          _figure_html(fig_routing_mi(mi, fig_dir), "I(domain; selected expert) per layer, per model")
                          + heatmap(mi, "mi_bits", label="I(domain; expert)", unit="bits",
-                                   rows="model", cols="layer", by=None, caption="Hover a cell for its value.")
+                                   rows="model", cols="layer", by=None)
                          + table_html(mi, rows=30)))
     steer = []
     for label, _m, t in runs:
@@ -109,11 +109,9 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             steer.append(table_html(_steering_table(st), [c for c in STEERING_COLUMNS if c not in ("mode", "scale")],
                                     rows=20, title=label))
     sections.append(("steering", "Steering (Tables 1–2)", "".join(steer)))
-    names = ", ".join(label for label, _, _ in runs)
     banners = [b for label, m, _ in runs if (b := status_sentence(m, run=label))]
     domains = list(dict.fromkeys(summary["domain"].astype(str))) if "domain" in summary.columns else []
-    text = page("expertscope comparison", f"{_e(names)}. Self-contained, works offline: click a column header to "
-                "sort, type in a table's box to filter, hover a heatmap cell for its value.", sections, domains,
+    text = page("expertscope comparison", _e(compare_intro([label for label, _, _ in runs])), sections, domains,
                 banners)
     with atomic_write(out) as fh:
         fh.write(text)

@@ -591,6 +591,22 @@ def read_saturated(domains: list[str]) -> list[Sentence]:
                      "about the experts.")]
 
 
+#: How to use the explorable page, said once at its top (report and comparison).
+HOW_TO_READ = ("This file is self-contained and works offline: click a column header to sort, type in a table's "
+               "box to filter, hover a heatmap cell for its value, and pick a domain at the top to show only its "
+               "results.")
+
+
+def report_intro(model: str, created: str) -> str:
+    """The report's opening line."""
+    return f"What gets activated: domain and driver experts of {model}. Generated {created}. {HOW_TO_READ}"
+
+
+def compare_intro(models: list[str]) -> str:
+    """The comparison's opening line."""
+    return f"{', '.join(models)}, side by side. {HOW_TO_READ}"
+
+
 #: What the report says of a whole section that has nothing to show.
 NO_DRIVERS = "No expert passes the driver rule in any domain; see the findings above."
 #: Steering in scale mode multiplies logits: the sign matters (docs/methods.md §5).
@@ -718,8 +734,36 @@ def status_sentence(manifest: dict[str, Any], run: str | None = None) -> str | N
             "started it and --resume, then rebuild the report.")
 
 
-__all__ = ["CAPTIONS", "COLUMN_HELP", "NO_DRIVERS", "SATURATED", "SCALE_NOTE", "STUDY_STAGES", "DomainFindings",
-           "RunStatus", "Sentence", "expert_types", "findings", "findings_record", "format_number", "read_associations",
-           "read_causal_rate", "read_domain_experts", "read_drivers", "read_expert_map", "read_expert_types",
-           "read_positions", "read_routing_mi", "read_saturated", "read_steering", "read_sweep", "run_status",
-           "sentences", "status_sentence", "table_meta"]
+__all__ = [
+    "CAPTIONS",
+    "COLUMN_HELP",
+    "HOW_TO_READ",
+    "NO_DRIVERS",
+    "SATURATED",
+    "SCALE_NOTE",
+    "STUDY_STAGES",
+    "DomainFindings",
+    "RunStatus",
+    "Sentence",
+    "compare_intro",
+    "expert_types",
+    "findings",
+    "findings_record",
+    "format_number",
+    "read_associations",
+    "read_causal_rate",
+    "read_domain_experts",
+    "read_drivers",
+    "read_expert_map",
+    "read_expert_types",
+    "read_positions",
+    "read_routing_mi",
+    "read_saturated",
+    "read_steering",
+    "read_sweep",
+    "report_intro",
+    "run_status",
+    "sentences",
+    "status_sentence",
+    "table_meta",
+]

@@ -52,6 +52,7 @@ from .findings import (
     read_saturated,
     read_steering,
     read_sweep,
+    report_intro,
     sentences,
     status_sentence,
     table_meta,
@@ -548,10 +549,7 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
     sections.append(("settings", "Run settings", _settings_html(manifest)))
     model = manifest.get("model")
     source = model.get("source", "the model") if isinstance(model, dict) else "the model"
-    intro = (f"What gets activated: domain and driver experts of {_e(source)}. Generated "
-             f"{_e(manifest.get('created', ''))}. This file is self-contained and works offline: click a column "
-             "header to sort, type in a table's box to filter, hover a heatmap cell for its value, and pick a "
-             "domain at the top to show only its results.")
+    intro = _e(report_intro(str(source), str(manifest.get("created", ""))))
     banner = status_sentence(manifest)
     return page(title, intro, sections, _domains(tables), [banner] if banner else [])
 
