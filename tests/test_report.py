@@ -424,5 +424,11 @@ def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
         assert b.eval("Array.from(document.querySelectorAll('[data-domain]')).filter(e => e.tagName !== 'TR' && "
                       "!e.hidden).every(e => e.dataset.domain === 'knowledge')")
         assert b.eval("document.querySelectorAll(\"figure[data-domain='knowledge']:not([hidden])\").length") == 2
+        # ... and what is shown is on screen: the page itself, the table's rows and that domain's heatmaps.
+        on_screen = "(function(q){{return Array.from(document.querySelectorAll(q)).filter(e => " \
+                    "e.getClientRects().length > 0).length;}})({!r})"
+        shown_rows = b.eval(f"{visible}.filter(r => r.getClientRects().length > 0).length")
+        assert shown_rows == int((drivers["domain"] == "knowledge").sum())
+        assert b.eval(on_screen.format("svg.hm")) == 2 and b.eval(on_screen.format("#findings h3")) == 1
         b.screenshot(tmp_path / "explored.png")
     assert (tmp_path / "explored.png").read_bytes()[:4] == b"\x89PNG"

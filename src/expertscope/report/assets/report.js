@@ -115,7 +115,7 @@
   function applyDomain() {
     each(D.querySelectorAll("[data-domain]"), function (el) { if (el.tagName !== "TR") el.hidden = !inDomain(el); });
     each(D.querySelectorAll("div.xt"), refresh);
-    D.body.setAttribute("data-domain", domain());
+    D.body.setAttribute("data-selected-domain", domain());
   }
 
   // Heatmap hover: row, column and the cell's value as the tables print it.
