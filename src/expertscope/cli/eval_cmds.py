@@ -1,4 +1,4 @@
-"""``expertscope eval``: task accuracy with 95 % intervals (SPEC §7)."""
+"""``expertscope eval``: task accuracy with 95 % intervals (docs/methods.md §7)."""
 
 from __future__ import annotations
 

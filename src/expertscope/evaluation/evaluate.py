@@ -1,4 +1,4 @@
-"""Score a causal LM on a task: classification, multiple choice or math (SPEC §7, paper §3.1.2).
+"""Score a causal LM on a task: classification, multiple choice or math (docs/methods.md §7, paper §3.1.2).
 
 * classification: every label's verbalisation (:func:`prompts.verbalise`) is scored by its summed
   log-likelihood after the prompt; the best label is the prediction; accuracy and weighted F1.
