@@ -322,7 +322,7 @@ def _stage_eval(ctx: StudyContext) -> dict[str, Any]:
     summary = {name: {k: v for k, v in r.to_dict().items() if k != "predictions"} for name, r in results.items()}
     if ctx.out is not None:
         write_json(ctx.out / "results.json", summary)
-    return {"results": summary}
+    return {"results": summary, "context_length": getattr(ctx.model, "context_length", None)}
 
 
 @stage("lm_eval", uses=("lm_eval",), in_study=False)
@@ -654,7 +654,8 @@ def _run_stages(rd: RunDir, ctx: StudyContext, chosen: list[tuple[str, Stage]],
 
     def save(status: str) -> dict[str, Any]:
         model_info = ctx._model.describe() if ctx._model is not None else old.get("model")
-        return rd.write_manifest(status, seed=ctx.config.seed, model=model_info, stages=done, labels=labels)
+        return rd.write_manifest(status, seed=ctx.config.seed, model=model_info, stages=done, labels=labels,
+                                 planned_stages=[n for n, _ in chosen])  # the report's banner names what is missing
 
     save("running")
     ctx.state["mark_complete"] = lambda: save("complete")

@@ -136,12 +136,18 @@ def show_steering(out: Path, manifest: dict[str, Any], rows: int) -> None:
 
 
 def show_eval(out: Path | None, manifest: dict[str, Any], rows: int) -> None:
+    st = manifest["stages"]["eval"]
     t = table_of("Evaluation (accuracy with Wilson 95% CI)", ("domain", "task", "n", "accuracy", "95% CI",
-                                                              "weighted F1"), left=("domain", "task"))
-    for name, r in manifest["stages"]["eval"]["results"].items():
+                                                              "weighted F1", "truncated"), left=("domain", "task"))
+    for name, r in st["results"].items():
         f1 = "-" if r["weighted_f1"] is None else f"{r['weighted_f1']:.3f}"
-        t.add_row(name, r["task"], str(r["n"]), f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", f1)
+        t.add_row(name, r["task"], str(r["n"]), f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", f1,
+                  str(r.get("n_truncated", 0)))
     out_console.print(t)
+    cut = {name: r["n_truncated"] for name, r in st["results"].items() if r.get("n_truncated")}
+    if cut:
+        out_console.print(f"[yellow]prompts cut from the left to fit the {st.get('context_length')}-token "
+                          f"context:[/] {cut}")
 
 
 def show_lm_eval(out: Path, manifest: dict[str, Any], rows: int) -> None:
