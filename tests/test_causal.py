@@ -79,6 +79,7 @@ def _flat(texts: dict[str, list[str]]) -> list[str]:
 
 
 # ----- exact equals the definition -----------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("positions", ["all", "last"])
 def test_exact_matches_naive_loop(make_tiny: Any, family: str, positions: str) -> None:
@@ -93,6 +94,7 @@ def test_exact_matches_naive_loop(make_tiny: Any, family: str, positions: str) -
         assert res.settings["skipped"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("magnitude", [1.0, -1.0])
 def test_skipped_perturbations_are_zero_in_the_naive_loop(make_tiny: Any, magnitude: float) -> None:
     moe = _moe(make_tiny, "mixtral", num_local_experts=8)
@@ -105,6 +107,7 @@ def test_skipped_perturbations_are_zero_in_the_naive_loop(make_tiny: Any, magnit
     np.testing.assert_allclose(res.ce, ref, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_batch_size_or_engine(make_tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     moe = _moe(make_tiny, "qwen2_moe")
     a = C.causal_effects(moe, TEXTS, batch_size=1)
@@ -207,6 +210,7 @@ def test_without_a_key_value_store_the_engine_says_so_once(monkeypatch: pytest.M
     np.testing.assert_allclose(a.ce, naive_ce(moe, _flat(SHORT), positions="last"), rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_a_model_whose_restart_does_not_reproduce_it_falls_back() -> None:
     """A layer that behaves differently when called outside its model's forward (state set by the parent):
     restarting there does not reproduce the model, the check sees it, and full forward passes give the
@@ -230,6 +234,7 @@ def test_a_model_whose_restart_does_not_reproduce_it_falls_back() -> None:
 
 
 # ----- fisher and hybrid ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fisher_is_the_second_order_term(make_tiny: Any) -> None:
     moe = _moe(make_tiny, "qwen2_moe")
     m = 1e-2
@@ -244,6 +249,7 @@ def test_fisher_is_the_second_order_term(make_tiny: Any) -> None:
     np.testing.assert_allclose(tok.ce, fi.ce, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_hybrid_recomputes_top_candidates_exactly(make_tiny: Any) -> None:
     moe = _moe(make_tiny, "mixtral")
     ex = C.causal_effects(moe, SHORT, batch_size=4)
@@ -284,6 +290,7 @@ def test_causal_rate_from_selections_by_hand() -> None:
 
 
 # ----- checkpoints, persistence --------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["exact", "hybrid"])
 def test_interrupted_run_resumes_bit_identically(make_tiny: Any, tmp_path: Any, method: str) -> None:
     moe = _moe(make_tiny, "mixtral")
@@ -467,6 +474,7 @@ def test_decision_positions_by_hand() -> None:
     assert cut.truncated == 2 and cut.lost == 2 and cut.decisions[0] == [11]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("positions", ["all", "last"])
 def test_exact_at_decision_positions_matches_naive_loop(make_tiny: Any, family: str, positions: str) -> None:
@@ -480,6 +488,7 @@ def test_exact_at_decision_positions_matches_naive_loop(make_tiny: Any, family: 
     assert (res.ce >= 0).all()
 
 
+@pytest.mark.slow
 def test_decision_last_keeps_the_old_rule_and_labels_target(make_tiny: Any) -> None:
     moe = _moe(make_tiny, "mixtral")
     doms = _task_domains()
@@ -496,6 +505,7 @@ def test_decision_last_keeps_the_old_rule_and_labels_target(make_tiny: Any) -> N
     np.testing.assert_allclose(res.ce, ref, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_fisher_at_decision_positions_is_the_second_order_term(make_tiny: Any) -> None:
     moe = _moe(make_tiny, "qwen2_moe")
     doms = _task_domains()[1:3]
@@ -506,6 +516,7 @@ def test_fisher_at_decision_positions_is_the_second_order_term(make_tiny: Any) -
     assert np.median(np.abs(fi.ce[big] / ex.ce[big] - 1)) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_prefix_reuse_changes_no_value_and_recomputes_less(make_tiny: Any, family: str) -> None:
     moe = _moe(make_tiny, family)
@@ -552,6 +563,7 @@ def test_sweep_items_use_the_decision_positions(make_tiny: Any) -> None:
 
 
 # ----- fast --------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_fast_local_part_is_exact(make_tiny: Any, family: str) -> None:
     """For a small perturbation (no top-k change) with every output token, fast is the Fisher quadratic form
@@ -570,6 +582,7 @@ def test_fast_local_part_is_exact(make_tiny: Any, family: str) -> None:
     np.testing.assert_allclose(small.ce, fa.ce, rtol=2e-3, atol=1e-4 * fa.ce.max())  # fp32 rounding of differences
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "cfg"), [("mixtral", {"num_local_experts": 8}), ("qwen2_moe", {}),
                                              ("deepseek_v3", {})])
 def test_fast_ranks_like_exact(make_tiny: Any, family: str, cfg: dict) -> None:
