@@ -124,6 +124,7 @@ def test_results_do_not_depend_on_batch_size_or_engine(make_tiny: Any, monkeypat
     np.testing.assert_allclose(a.ce, c.ce, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_restart_check_passes_and_labels_target(make_tiny: Any) -> None:
     moe = _moe(make_tiny, "mixtral")
     labels = ["a", "b", "c", "d"]
@@ -361,6 +362,7 @@ def test_skip_rule_is_only_used_where_safe(make_tiny: Any) -> None:
 
 
 # ----- CLI -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_drivers_writes_tables_and_fails_in_one_line(tmp_path: Any) -> None:
     from typer.testing import CliRunner
 
@@ -539,6 +541,7 @@ def test_prefix_reuse_changes_no_value_and_recomputes_less(make_tiny: Any, famil
     assert tiny.settings["exact_stats"]["perturbed_runs"] == tiny.settings["exact_stats"]["computed"]
 
 
+@pytest.mark.slow
 def test_renormalising_router_restarts_where_the_expert_can_enter(make_tiny: Any) -> None:
     moe = _moe(make_tiny, "mixtral", num_local_experts=8)
     on = C.causal_effects(moe, SHORT, batch_size=4)
@@ -550,6 +553,7 @@ def test_renormalising_router_restarts_where_the_expert_can_enter(make_tiny: Any
     assert n_on < n_off
 
 
+@pytest.mark.slow
 def test_sweep_items_use_the_decision_positions(make_tiny: Any) -> None:
     from expertscope.causal.sweep import causal_sweep
 
