@@ -599,3 +599,18 @@ def test_fast_ranks_like_exact(make_tiny: Any, family: str, cfg: dict) -> None:
     fa = C.causal_effects(moe, doms, method="fast", batch_size=4)
     assert C.spearman_by_layer(fa, ex).spearman.median() >= 0.75
     assert fa.settings["exact_stats"] is None and fa.settings["fast_stats"]["backward_products"] > 0
+
+
+def test_sweep_takes_the_causal_config(make_tiny: Any) -> None:
+    """One settings object for both entry points: the sweep's defaults are CausalConfig's (chunk_tokens was
+    4096 in the sweep, 8192 in the config), and what the sweep cannot do is one line."""
+    from expertscope.causal.sweep import causal_sweep
+    from expertscope.config import CausalConfig
+
+    moe = _moe(make_tiny, "mixtral")
+    with pytest.raises(ConfigError, match="method='exact'"):
+        causal_sweep(moe, ["x"], method="fast")
+    with pytest.raises(ConfigError):
+        causal_sweep(moe, ["x"], CausalConfig(magnitude=2.0), magnitude=3.0)  # a keyword contradicting config
+    res = causal_sweep(moe, ["x"], limit=1)
+    assert res.settings["chunk_tokens"] == CausalConfig().chunk_tokens and res.settings["method"] == "exact"
