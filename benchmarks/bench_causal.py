@@ -1,6 +1,9 @@
 """Causal effects at paper-like shapes: the naive loop versus ``exact`` (all / last), ``fast`` and ``hybrid``.
 
-Run: ``python benchmarks/bench_causal.py [--inputs 6] [--tokens 128] [--demo] [--threads 1]``.
+Run: ``python benchmarks/bench_causal.py [--inputs 6] [--tokens 128] [--plain] [--demo] [--threads 1]``, or at
+a real model's depth: ``--preset deepseek-moe-16b`` (also ``mixtral-8x7b``, ``qwen1.5-moe``, ``olmoe``, ``all``)
+or ``--layers 28 --experts 64 --top-k 6 [--shared 2 --dense-first]``; the deep shapes skip the naive loop
+(counted in forward-equivalents instead) and compare ``fast`` with ``exact`` per layer.
 
 Three random models shaped like the paper's (hidden 256, 4 layers; the character tokenizer of the tests):
 
@@ -130,6 +133,44 @@ def _deepseek(tokens: int) -> Any:
     return model
 
 
+def deep_model(family: str, layers: int, experts: int, top_k: int, shared: int, dense_first: bool, hidden: int,
+               tokens: int) -> Any:
+    """A random model with a real model's routing shape (depth, experts, top-k, shared experts) and a tiny
+    hidden size, so the depth the method lives at fits a CPU."""
+    import transformers as tf
+
+    from expertscope.testing import _MLP, DeepseekMoE, _reinit, _ShimConfig
+
+    common = dict(_common(tokens), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2)
+    if family == "qwen":
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+            **common, intermediate_size=2 * hidden, num_experts=experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=hidden // 2, shared_expert_intermediate_size=max(1, shared) * 2 * hidden,
+            norm_topk_prob=False))
+    if family == "olmoe":
+        return tf.OlmoeForCausalLM(tf.OlmoeConfig(**common, intermediate_size=hidden // 2, num_experts=experts,
+                                                  num_experts_per_tok=top_k))
+    cfg = tf.MixtralConfig(**common, intermediate_size=2 * hidden, num_local_experts=experts,
+                           num_experts_per_tok=top_k)
+    model = tf.MixtralForCausalLM(cfg)
+    if family == "deepseek":  # softmax top-k, not renormalised, shared experts, optionally a dense first layer
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp = _MLP(hidden, 2 * hidden) if (dense_first and i == 0) else \
+                DeepseekMoE(_ShimConfig(shared), hidden, hidden // 2, experts, top_k, shared)
+        _reinit(model, cfg.initializer_range)
+    return model
+
+
+#: Real models' routing shapes: (family, layers, experts, top-k, shared experts, first layer dense).
+PRESETS: dict[str, tuple[str, int, int, int, int, bool]] = {
+    "mixtral-8x7b": ("mixtral", 32, 8, 2, 0, False),
+    "qwen1.5-moe": ("qwen", 24, 60, 4, 1, False),
+    "deepseek-moe-16b": ("deepseek", 28, 64, 6, 2, True),
+    "olmoe": ("olmoe", 16, 64, 8, 0, False),
+}
+
+
 SHAPES: dict[str, Callable[[int], Any]] = {
     "Mixtral 8e top-2": _mixtral,
     "DeepSeek-MoE 64e top-6 +2 shared": _deepseek,
@@ -192,6 +233,68 @@ def _spearman(ce: np.ndarray, ref: np.ndarray, dom: np.ndarray) -> float:
     return float(np.median(rhos)) if rhos else float("nan")
 
 
+def run_deep(name: str, moe: MoEModel, domains: list[Domain], args: argparse.Namespace) -> dict[str, Any]:
+    """At real depth the naive loop (1 + layers x experts forwards per input) is too slow to run: its cost is
+    counted in forward-equivalents (the time of one clean forward of each input, measured), and ``fast`` is
+    compared with ``exact``."""
+    common = dict(magnitude=1.0, batch_size=args.batch_size, max_length=args.tokens)
+    prep, _, _ = prepare_inputs(moe.tokenizer, domains, None, "task", args.tokens)
+    n_in, lens = len(prep.token_ids), np.array([len(t) for t in prep.token_ids])
+    n_dec = len(moe.model.model.layers)
+    E = {s.layer: s.num_experts for s in moe.sites}
+    naive_fwd = 1 + sum(E.values())
+    tail = np.mean([(len(t) - d[0]) / len(t) for t, d in zip(prep.token_ids, prep.decisions, strict=True)])
+    bound = {"all": 1 + sum(e * (n_dec - layer) / n_dec for layer, e in E.items()),
+             "last": 1 + tail * sum(e * (n_dec - layer) / n_dec for layer, e in E.items())}
+    t0 = time.perf_counter()
+    C.causal_effects(moe, {"warm": ["warm up the allocator"]}, **common)  # also verifies the engine, once
+    t_verify = time.perf_counter() - t0
+    with torch.no_grad():  # one clean forward per input, unpadded: the unit of cost
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for ids in prep.token_ids:
+                moe.model(input_ids=torch.tensor([ids]))
+            times.append(time.perf_counter() - t)
+    per_input_fwd = float(np.median(times)) / n_in
+    print(f"\n== {name}: {n_dec} decoder layers, MoE layers {len(E)} x {max(E.values())} experts, "
+          f"{n_in} inputs of {lens.min()}-{lens.max()} tokens, {np.mean([len(d) for d in prep.decisions]):.1f} "
+          f"decision positions per input; naive = {naive_fwd} forward-equivalents per input; one forward "
+          f"{1e3 * per_input_fwd:.1f} ms; first call (engine verification + warm-up) {t_verify:.2f} s")
+    res: dict[str, Any] = {}
+    rows = []
+    for label, kw in (("fast", dict(method="fast")), ("exact (all)", dict(method="exact")),
+                      ("exact (last)", dict(method="exact", positions="last"))):
+        out, dt, _ = _timed(lambda kw=kw: C.causal_effects(moe, domains, **common, **kw))
+        print(f"  {label}: {dt:.2f} s", flush=True)
+        res[label] = out
+        fwd = dt / per_input_fwd / n_in
+        row = {"method": label, "s": dt, "fwd": fwd, "vs_naive": naive_fwd / fwd}
+        st = out.settings.get("exact_stats")
+        if st:
+            row["counted"] = st["recomputed_token_layers"] / (lens.sum() * n_dec) + 1
+            row["bound"] = bound["last" if "last" in label else "all"]
+            row["token_layers"] = st["recomputed_token_layers"]
+            row["notes"] = "; ".join(out.settings.get("engine_notes", [])) or "restart + prefix reuse"
+        rows.append(row)
+    rho = C.spearman_by_layer(res["fast"], res["exact (all)"]).spearman.to_numpy()
+    ok = rho[~np.isnan(rho)]
+    print(f"{'method':<14}{'time s':>9}{'fwd-eq/input':>14}{'vs naive':>10}{'counted':>9}{'bound':>8}"
+          f"{'token-layers':>14}  engine")
+    for r in rows:
+        print(f"{r['method']:<14}{r['s']:>9.2f}{r['fwd']:>14.1f}{r['vs_naive']:>9.1f}x"
+              f"{r.get('counted', float('nan')):>9.1f}{r.get('bound', float('nan')):>8.1f}"
+              f"{r.get('token_layers', 0):>14d}  {r.get('notes', '')}")
+    fast = rows[0]
+    print(f"fast vs exact, per-layer Spearman over {len(ok)} (domain, layer) cells: median {np.median(ok):.3f}, "
+          f"worst {ok.min():.3f}, below 0.7: {int((ok < 0.7).sum())}; fast {fast['fwd']:.1f} forward-equivalents "
+          f"per input (targets: <= 20, median >= 0.9, none below 0.7)")
+    worst = np.argsort(rho)[:3]
+    print("worst layers (layer: Spearman): " + ", ".join(
+        f"{int(C.spearman_by_layer(res['fast'], res['exact (all)']).layer.iloc[i])}: {rho[i]:.2f}" for i in worst))
+    return {"rows": rows, "rho_median": float(np.median(ok)), "rho_worst": float(ok.min())}
+
+
 def run_shape(name: str, moe: MoEModel, domains: list[Domain], args: argparse.Namespace) -> list[dict[str, Any]]:
     common = dict(magnitude=1.0, batch_size=args.batch_size, max_length=args.tokens)
     prep, dom_of, _ = prepare_inputs(moe.tokenizer, domains, None, "task", args.tokens)
@@ -209,7 +312,9 @@ def run_shape(name: str, moe: MoEModel, domains: list[Domain], args: argparse.Na
     print(f"\n== {name}: {moe.describe()['architecture']}, MoE layers {moe.layers}, {n_in} inputs of "
           f"{lens.min()}-{lens.max()} tokens, {np.mean([len(d) for d in prep.decisions]):.1f} decision positions "
           f"per input ({prep.kind_counts()})")
-    C.causal_effects(moe, {"warm": ["warm up the allocator"]}, **common)
+    t0 = time.perf_counter()
+    C.causal_effects(moe, {"warm": ["warm up the allocator"]}, **common)  # also verifies the engine, once
+    print(f"first call (engine verification + warm-up): {time.perf_counter() - t0:.2f} s")
     ref = {}
     rows: list[dict[str, Any]] = []
     for pos in ("all", "last"):
@@ -251,6 +356,21 @@ def run_shape(name: str, moe: MoEModel, domains: list[Domain], args: argparse.Na
     return rows
 
 
+def _domains(args: argparse.Namespace) -> list[Domain]:
+    """Synthetic emotion / knowledge / math inputs (CE at their decision positions), or with ``--plain`` the
+    same texts as plain text cut to ``--tokens`` (CE at the last token)."""
+    from expertscope.data import synthetic
+    from expertscope.data.types import Example
+
+    per = max(1, args.inputs // 3) if not args.plain else args.inputs
+    if not args.plain:
+        return [synthetic.generate(d, per, seed=0, split="test") for d in ("emotion", "knowledge", "math")]
+    texts = [e.text + " " + (e.solution or "") for d in ("emotion", "knowledge", "math")
+             for e in synthetic.generate(d, per, seed=0, split="test").examples]
+    long = [(t * (1 + args.tokens // max(1, len(t))))[: args.tokens] for t in texts]
+    return [Domain("plain", [Example(text=t) for t in long[: args.inputs]])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=6, help="inputs per shape (split over the three domains)")
@@ -260,13 +380,36 @@ def main() -> None:
     ap.add_argument("--demo", action="store_true", help="also run the bundled demo model")
     ap.add_argument("--only", default=None, help="run only shapes whose name contains this")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared)")
+    ap.add_argument("--plain", action="store_true", help="plain-text inputs of --tokens tokens (CE at the last token)")
+    ap.add_argument("--preset", action="append", choices=[*PRESETS, "all"],
+                    help="a real model's routing shape at full depth (repeatable; 'all': every preset)")
+    ap.add_argument("--layers", type=int, help="decoder layers of a custom deep shape (with --experts, --top-k)")
+    ap.add_argument("--experts", type=int)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--shared", type=int, default=0, help="shared experts of the custom shape (DeepSeek-style)")
+    ap.add_argument("--dense-first", action="store_true", help="the custom shape's first layer is dense")
+    ap.add_argument("--hidden", type=int, default=64, help="hidden size of the deep shapes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from expertscope.data import synthetic
     from expertscope.testing import tiny_tokenizer
 
-    per = max(1, args.inputs // 3)
-    domains = [synthetic.generate(d, per, seed=0, split="test") for d in ("emotion", "knowledge", "math")]
+    domains = _domains(args)
+    deep: list[tuple[str, tuple[str, int, int, int, int, bool]]] = []
+    for p in args.preset or []:
+        deep += list(PRESETS.items()) if p == "all" else [(p, PRESETS[p])]
+    if args.layers:
+        if not (args.experts and args.top_k):
+            ap.error("--layers needs --experts and --top-k")
+        fam = "deepseek" if args.shared or args.dense_first else "mixtral"
+        deep.append((f"custom {args.layers}x{args.experts} top-{args.top_k}",
+                     (fam, args.layers, args.experts, args.top_k, args.shared, args.dense_first)))
+    if deep:
+        for name, (fam, n_layers, n_exp, k, shared, dense) in deep:
+            torch.manual_seed(0)
+            model = deep_model(fam, n_layers, n_exp, k, shared, dense, args.hidden, args.tokens).eval()
+            run_deep(f"{name} ({n_layers} x {n_exp}, top-{k}, {shared} shared{', dense first' if dense else ''})",
+                     MoEModel.from_model(model, tokenizer=tiny_tokenizer(), source=name), domains, args)
+        return
     for name, make in SHAPES.items():
         if args.only and args.only.lower() not in name.lower():
             continue

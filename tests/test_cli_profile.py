@@ -40,6 +40,7 @@ def _run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_profile_then_domains(model_dir: Path, data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     r = _run("profile", "--model", model_dir, "--domain", f"chat={data['a']}", "--domain", f"sums={data['b']}",

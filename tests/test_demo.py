@@ -119,6 +119,7 @@ def test_cli_eval_demo_same_scores_at_batch_1_and_8(tmp_path: Path) -> None:
                 assert a["generation"] == b["generation"]
 
 
+@pytest.mark.slow
 def test_training_pipeline_smoke(tmp_path: Path) -> None:
     """A minute-scale run of the shipped training script writes a loadable Hugging Face directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -121,6 +121,7 @@ def test_bad_targets_and_scales(targets, scale, message, make_tiny) -> None:
         steer(moe, targets, scale=scale)
 
 
+@pytest.mark.slow
 def test_router_lora_trains_only_router_adapters_and_reloads(tmp_path) -> None:
     model = tiny_model("mixtral", num_hidden_layers=4, initializer_range=0.3)
     moe = MoEModel.from_model(model, tokenizer=tiny_tokenizer())
@@ -180,6 +181,7 @@ def test_paired_bootstrap_against_hand_computation() -> None:
     assert (d0, lo0, hi0) == (0.0, 0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
     import pandas as pd
 
@@ -214,6 +216,7 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
     assert res.settings["finetune_max_steps"] == 2 and res.settings["sweep_scales"] == [0.5, 1.0, 2.0]
 
 
+@pytest.mark.slow
 def test_intervention_conditions_without_targets_are_not_applicable(make_tiny) -> None:
     import pandas as pd
 
@@ -253,6 +256,7 @@ def test_intervention_conditions_without_targets_are_not_applicable(make_tiny) -
     assert bt["applicable"].sum() == 1 and bare.sweep.empty
 
 
+@pytest.mark.slow
 def test_intervention_study_labels_saturated_tasks(make_tiny) -> None:
     from expertscope.data.sources import load_domain
     from expertscope.interventions.study import intervention_study
@@ -282,6 +286,7 @@ def test_intervention_config_rule_and_validation() -> None:
     assert c.sweep_counts == (1, 3) and c.finetune_kwargs()["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_steer_study_command_and_bad_scale(tmp_path) -> None:
     from typer.testing import CliRunner
 
@@ -305,6 +310,7 @@ def test_steer_study_command_and_bad_scale(tmp_path) -> None:
     assert r.exit_code == 2 and "--scale-down 0.0 is not positive" in r.output
 
 
+@pytest.mark.slow
 def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) -> None:
     """A sweep point equal to an up/down row (same targets, same scale) is not evaluated again, and its
     numbers equal an independent steered evaluation."""

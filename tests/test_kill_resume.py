@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from expertscope.cli.main import app
@@ -20,6 +21,7 @@ from expertscope.testing import tiny_model, tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_tables(tmp_path: Path) -> None:
     model = tmp_path / "model"
     tiny_model("mixtral", num_local_experts=4).save_pretrained(model)

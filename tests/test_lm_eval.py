@@ -22,6 +22,7 @@ def setup(tmp_path_factory):
     return moe, d, names
 
 
+@pytest.mark.slow
 def test_unit_scale_identical_and_steering_changes_scores(setup) -> None:
     moe, d, names = setup
     tasks = list(names.values())

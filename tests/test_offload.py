@@ -12,6 +12,7 @@ import expertscope as es
 from expertscope.testing import tiny_model, tiny_tokenizer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
 def test_disk_offload_gives_the_same_numbers(family: str, tmp_path) -> None:
     d = tmp_path / "m"

@@ -266,6 +266,7 @@ def profile_only(monkeypatch) -> None:
     monkeypatch.setattr(study, "STAGES", [study.STAGES[0]])
 
 
+@pytest.mark.slow
 def test_forced_run_that_fails_keeps_the_finished_run(inputs, tmp_path: Path, profile_only) -> None:
     out = tmp_path / "run"
     assert runner.invoke(app, _run_args(inputs, out)).exit_code == 0
@@ -277,6 +278,7 @@ def test_forced_run_that_fails_keeps_the_finished_run(inputs, tmp_path: Path, pr
     assert json.loads(after["manifest.json"])["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_forced_run_reuses_nothing_stale(inputs, tmp_path: Path, profile_only) -> None:
     out, fresh = tmp_path / "run", tmp_path / "fresh"
     assert runner.invoke(app, _run_args(inputs, out)).exit_code == 0
@@ -288,6 +290,7 @@ def test_forced_run_reuses_nothing_stale(inputs, tmp_path: Path, profile_only) -
     assert not (out / ".replaced-run").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_naming_the_difference(inputs, tmp_path: Path,
                                                                       profile_only) -> None:
     out = tmp_path / "run"
@@ -344,6 +347,7 @@ def test_synth_advice_names_only_its_own_options(tmp_path: Path) -> None:
     assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 1
 
 
+@pytest.mark.slow
 def test_two_writers_in_one_directory(inputs, tmp_path: Path) -> None:
     """A second process writing into a locked --out is refused with one line; the first one's files stay."""
     out = tmp_path / "p"

@@ -34,6 +34,7 @@ def model_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_two_actor_profile_equals_in_process_exactly(cluster, model_dir) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the actors are pinned to one thread too: same kernels, same bits
@@ -54,6 +55,7 @@ def test_two_actor_profile_equals_in_process_exactly(cluster, model_dir) -> None
     assert np.array_equal(local.seq_stats("h_bern"), sharded.seq_stats("h_bern"))
 
 
+@pytest.mark.slow
 def test_gpu_request_without_gpus_is_refused(cluster, model_dir) -> None:
     with pytest.raises(es.ConfigError, match="needs 2 GPUs but the Ray cluster has 0"):
         RayExecutor(ModelSpec(str(model_dir)), workers=2, gpus_per_worker=1)
@@ -95,6 +97,7 @@ class _KillAfter:
                 self.killed = True
 
 
+@pytest.mark.slow
 def test_causal_sweep_on_ray_equals_local_and_resumes_after_a_killed_worker(cluster, model_dir, tmp_path) -> None:
     from expertscope.causal.sweep import causal_sweep
 

@@ -259,6 +259,7 @@ def _page_requests(net_log: Path) -> list[str]:
             and e["params"].get("initiator") != "not an origin"]
 
 
+@pytest.mark.slow
 def test_report_renders_offline_in_chromium(built_report: Path, tmp_path: Path):
     _require_chromium()  # skip (or fail under EXPERTSCOPE_REQUIRE_BROWSER=1) before building anything
     # Control: a page with remote resources must show up in the net-log check, or the check proves nothing.

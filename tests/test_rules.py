@@ -255,6 +255,7 @@ def _bh(p: list[float]) -> list[float]:
     return q
 
 
+@pytest.mark.slow
 def test_driver_rule_and_causal_rate_match_naive_loops() -> None:
     from scipy.stats import wilcoxon
 

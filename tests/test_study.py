@@ -45,6 +45,7 @@ def full_run(model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_full_run_writes_manifest_tables_and_report(full_run: Path) -> None:
     manifest = json.loads((full_run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["seed"] == 0 and manifest["schema_version"] == 1
@@ -75,6 +76,7 @@ def test_interrupt_exits_130_and_leaves_a_resumable_run(model_dir: Path, tmp_pat
     assert r.exit_code == 2 and "--resume" in r.output  # refuses to mix runs without --resume
 
 
+@pytest.mark.slow
 def test_resume_recomputes_only_unfinished_stages_to_the_same_tables(full_run: Path, model_dir: Path,
                                                                       tmp_path: Path) -> None:
     # A run stopped after the causal rate: later stages' outputs gone and unrecorded.

@@ -7,11 +7,13 @@ Shapes: ``B`` inputs of a batch, ``T`` padded length, ``H`` hidden size, ``V`` v
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -120,6 +122,18 @@ def make_batch(
     return Batch(list(index), ids.to(device), mask.to(device), dec, pmask.to(device))
 
 
+class Estimator(Protocol):
+    """One way of computing CE for a batch (``exact``, ``fast``, ``fisher``), built from ``(moe, stack,
+    config, label_ids)``; ``stats`` holds its counters (``to_dict()`` for the result's settings)."""
+
+    name: str
+    stats: Any
+
+    def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]]) -> np.ndarray:
+        """CE ``(B, L, E_max)`` float64 for ``batch``, layers in ``experts``' order, NaN where not asked."""
+        ...
+
+
 # ----- the model's decoder stack -------------------------------------------------------------------
 @dataclass
 class Stack:
@@ -130,6 +144,7 @@ class Stack:
     norm: nn.Module
     head: nn.Module
     logits_scaling: float = 1.0
+    cache_kw: str | None = None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM-head logits from post-norm hidden states ``(R, H)`` → ``(R, V)``."""
@@ -168,7 +183,37 @@ def find_stack(moe: MoEModel) -> Stack | None:
     if getattr(config, "final_logit_softcapping", None):
         return None  # a non-linear head: the generic full-forward path handles it
     scaling = float(getattr(config, "logits_scaling", 1.0) or 1.0)
-    return Stack(layers=container, base=base, norm=norm, head=head, logits_scaling=scaling)
+    return Stack(layers=container, base=base, norm=norm, head=head, logits_scaling=scaling,
+                 cache_kw=cache_keyword(container[0]))
+
+
+#: The names under which decoder layers take their key/value store: ``cache`` (transformers >= 5.24, where
+#: ``past_key_values`` is deprecated and ignored when ``cache`` is also passed) and ``past_key_values``.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(layer: nn.Module, passed: Mapping[str, Any] | None = None) -> str | None:
+    """The keyword under which ``layer`` takes its key/value store, read from its ``forward`` signature (not
+    from the transformers version); else the one the model passed it (``passed``: a call's kwargs); None
+    when it takes neither (then no prefix reuse)."""
+    try:
+        params = inspect.signature(layer.forward).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    for name in CACHE_KEYWORDS:
+        if name in params:
+            return name
+    for name in CACHE_KEYWORDS:
+        if passed is not None and name in passed:
+            return name
+    return None
+
+
+def _with_store(kwargs: dict[str, Any], name: str, store: Any) -> dict[str, Any]:
+    """``kwargs`` with ``store`` under ``name`` and no other cache keyword (two would make the layer warn)."""
+    out = {k: v for k, v in kwargs.items() if k not in CACHE_KEYWORDS}
+    out[name] = store
+    return out
 
 
 def _select_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
@@ -202,8 +247,8 @@ class CleanRun:
 
 
 class _KVRecorder:
-    """Passed as ``past_key_values`` to the clean run's decoder layers: keeps each attention's keys and values
-    ``(B, heads, T, d)`` (after rotary embedding) and hands them back unchanged."""
+    """Passed as the key/value store (``cache`` or ``past_key_values``) to the clean run's decoder layers: keeps
+    each attention's keys and values ``(B, heads, T, d)`` (after rotary embedding), hands them back unchanged."""
 
     def __init__(self, store: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.store = store
@@ -215,7 +260,7 @@ class _KVRecorder:
 
 
 class _PrefixKV:
-    """``past_key_values`` of a suffix restart: the clean keys/values of positions ``< start`` of the
+    """The key/value store of a suffix restart: the clean keys/values of positions ``< start`` of the
     restarted rows, joined in front of the suffix's own."""
 
     def __init__(self, clean: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, start: int) -> None:
@@ -242,24 +287,34 @@ def clean_run(
         for i in range(capture_from, len(stack.layers)):
             def pre(_m: nn.Module, args: tuple, kwargs: dict, i: int = i) -> tuple[tuple, dict] | None:
                 inputs[i] = (args, dict(kwargs))
-                if keep_kv:
-                    return args, {**kwargs, "past_key_values": _KVRecorder(kv)}
+                if keep_kv and stack is not None and stack.cache_kw is not None:
+                    return args, _with_store(kwargs, stack.cache_kw, _KVRecorder(kv))
                 return None
 
             handles.append(stack.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with RouterHooks(moe, record=list(record)) as hooks, torch.no_grad():
-            if stack is not None:
-                out = stack.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                h = out[0] if isinstance(out, tuple) else out.last_hidden_state
-                logits = stack.logits(h[batch.all.row, batch.all.pos])
-            else:
-                logits = full_logits(moe, batch.input_ids, batch.attention_mask, batch.all)
+            logits, _ = decision_logits(moe, stack, batch)
     finally:
         for hd in handles:
             hd.remove()
     router = {layer: hooks.calls[layer][0].logits for layer in record}
     return CleanRun(logits=logits, inputs=inputs, router_logits=router, kv=kv)
+
+
+def decision_logits(moe: MoEModel, stack: Stack | None, batch: Batch, picks: Picks | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's logits at the decision positions ``picks`` (default: every input's, ``batch.all``) →
+    ``(P, V)``, and the final (post-norm) hidden states there ``(P, H)`` when the decoder stack is known
+    (None on the generic full-forward path). Grad mode and router hooks are the caller's: the clean run,
+    ``fast`` and ``fisher`` all read their decision logits here."""
+    picks = batch.all if picks is None else picks
+    if stack is None:
+        return full_logits(moe, batch.input_ids, batch.attention_mask, picks), None
+    out = stack.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    hs = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    h = hs[picks.row, picks.pos]
+    return stack.logits(h), h
 
 
 def full_logits(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, picks: Picks) -> torch.Tensor:
@@ -296,7 +351,9 @@ def restart(
         if start or end < T:
             kw = _suffix_kwargs(kw, T, start, end, h.device)
         if start:
-            kw["past_key_values"] = _PrefixKV(clean.kv, rows, start)
+            if stack.cache_kw is None:
+                raise ValueError("the decoder layers take no key/value store (neither cache nor past_key_values)")
+            kw = _with_store(kw, stack.cache_kw, _PrefixKV(clean.kv, rows, start))
         out = stack.layers[i](h, *[_select_rows(v, rows, B) for v in a[1:]], **kw)
         h = out[0] if isinstance(out, tuple) else out
     return stack.logits(stack.norm(h[picks.row, picks.pos - start]))
@@ -348,12 +405,19 @@ def perturb_transform(
 
 
 # ----- KL and the skip rule ------------------------------------------------------------------------
-def log_probs(logits: torch.Tensor, label_ids: torch.Tensor | None) -> torch.Tensor:
-    """float64 log-probabilities ``(R, V)`` (or over the label tokens ``(R, K)``, renormalised)."""
-    x = logits.double()
+def log_probs(logits: torch.Tensor, label_ids: torch.Tensor | None, dtype: torch.dtype = torch.float64
+              ) -> torch.Tensor:
+    """Log-probabilities ``(R, V)`` in ``dtype`` (or over the label tokens ``(R, K)``, renormalised)."""
+    x = logits.to(dtype)
     if label_ids is not None:
         x = x.index_select(1, label_ids)
     return torch.log_softmax(x, dim=-1)
+
+
+def output_distribution(logits: torch.Tensor, label_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prelude of the gradient estimators (``fast``, ``fisher``): differentiable fp32 log-probabilities
+    ``(P, V')`` and detached fp64 probabilities ``(P, V')``, over the vocabulary or the label tokens."""
+    return log_probs(logits, label_ids, torch.float32), log_probs(logits.detach(), label_ids).exp()
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,11 @@ from ..io import atomic_write, read_table, write_table
 from ..models.model import MoEModel
 from ..progress import ProgressCallback
 from ..routing import DomainInput, as_domain_list, effective_max_length
-from ._engine import Batch, Stack, find_stack, make_batch
+from ._engine import Estimator, Stack, find_stack, make_batch
 from .decision import Prepared, common_prefix, prepare_inputs
-from .exact import ExactStats, check_prefix, check_restart, exact_batch
-from .fast import FastStats, fast_batch
-from .fisher import FisherStats, fisher_batch
+from .exact import ExactEstimator, ExactStats
+from .fast import FastEstimator, FastStats
+from .fisher import FisherEstimator, FisherStats
 
 TABLE_VERSION = 1
 CHECKPOINT_VERSION = 1
@@ -276,6 +276,7 @@ def causal_effects(
         "fast_stats": run.fast_stats.to_dict() if cfg.method in ("fast", "hybrid") else None,
         "skipped": run.exact_stats.skipped, "timings": run.timings(time.perf_counter() - t_start),
         "resumed_rows": resumed, "model": model.describe(),
+        "engine_notes": run.engine_notes(),
     }
     if cfg.method == "hybrid":
         settings["hybrid_exact"] = {str(layer): list(map(int, v)) for layer, v in top.items()}
@@ -349,10 +350,15 @@ class _Run:
         self.exact_stats, self.fisher_stats, self.fast_stats = ExactStats(), FisherStats(), FastStats()
         if self.stack is None:
             self.exact_stats.engine, self.exact_stats.note = "full-forward", "decoder stack not found"
+        lab = self.lab_t
+        self.estimators: dict[str, Estimator] = {
+            "exact": ExactEstimator(model, self.stack, cfg, lab, self.exact_stats),
+            "fast": FastEstimator(model, self.stack, cfg, lab, self.fast_stats),
+            "fisher": FisherEstimator(model, self.stack, cfg, lab, self.fisher_stats),
+        }
         self.phases: dict[str, dict[int, np.ndarray]] = {}
         self.ck_path: Path | None = None
         self.fingerprint = ""
-        self.verified = [False]
         self.done, self.total = 0, 0
         self.progress: ProgressCallback | None = None
         self.on_batch: Callable[[int, int], None] | None = None
@@ -383,7 +389,8 @@ class _Run:
         self.progress = None
 
     def phase(self, name: str, which: Mapping[int, Sequence[int]]) -> None:
-        """Compute phase ``name`` (``"exact"`` or ``"fisher"``) for the (layer, experts) in ``which``."""
+        """Compute phase ``name`` (an estimator: ``"exact"``, ``"fast"`` or ``"fisher"``) for the (layer,
+        experts) in ``which``."""
         cfg, model, prep = self.cfg, self.model, self.prep
         rows = self.phases.setdefault(name, {})
         for ids in self.plan:
@@ -391,17 +398,7 @@ class _Run:
                 continue
             batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions, model.device,
                                [prep.decisions[i] for i in ids])
-            if name == "fast":
-                vals = fast_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fast_outputs,
-                                  cfg.chunk_tokens, self.fast_stats, cfg.fast_probes)
-            elif name == "fisher":
-                vals = fisher_batch(model, self.stack, batch, which, cfg.magnitude, self.lab_t, cfg.fisher_mass,
-                                    cfg.fisher_max_outputs, self.fisher_stats, cfg.fisher_route)
-            else:
-                engine = _verify_once(model, self.stack, batch, self.lays, self.exact_stats, self.verified,
-                                      cfg.prefix_reuse)
-                vals = exact_batch(model, engine, batch, which, cfg.magnitude, self.lab_t, cfg.chunk_tokens,
-                                   cfg.skip, self.exact_stats, prefix=self.exact_stats.prefix)
+            vals = self.estimators[name].estimate(batch, which)
             for j, i in enumerate(ids):
                 rows[i] = _full_row(vals[j], self.lays, which, self.E_max)
             self.done += 1
@@ -411,6 +408,18 @@ class _Run:
             self._report()
             if self.on_batch is not None:
                 self.on_batch(self.done, self.total)
+
+    def engine_notes(self) -> list[str]:
+        """One sentence per way the exact engine ran below its best (full forwards, no prefix reuse); empty
+        when it restarted with prefix reuse (or was not used)."""
+        ex = self.exact_stats
+        if self.cfg.method not in ("exact", "hybrid"):
+            return []
+        if ex.engine != "restart":
+            return [f"exact causal effects used full forward passes: {ex.note}"]
+        if self.cfg.prefix_reuse and not ex.prefix and ex.prefix_note:
+            return [f"exact causal effects recomputed rows without prefix reuse: {ex.prefix_note}"]
+        return []
 
     def assemble(self, name: str) -> np.ndarray:
         return _assemble(self.phases[name], len(self.prep.token_ids))
@@ -437,45 +446,6 @@ def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Se
             exact_mask[li, list(top[layer])] = True
         ce[:, exact_mask] = ex_ce[:, exact_mask]
     return ce, exact_mask
-
-
-def _verify_once(model: MoEModel, stack: Stack | None, batch: Batch, layers: list[int], stats: ExactStats,
-                 verified: list[bool], prefix: bool) -> Stack | None:
-    """Check the restart path (and the suffix restart, with ``prefix``) once per call; fall back to full
-    forward passes, or to full-length restarts, with a note, if a check fails."""
-    if stack is None or stats.engine != "restart":
-        return None
-    if not verified[0]:
-        batch = _probe_batch(batch)
-        problem = check_restart(model, stack, batch, layers)
-        verified[0] = True
-        if problem:
-            stats.engine, stats.note = "full-forward", problem
-            warnings.warn(f"exact causal effects fall back to full forward passes: {problem}", stacklevel=3)
-            return None
-        stats.note = "verified"
-        if prefix:
-            problem = check_prefix(model, stack, batch, layers)
-            stats.prefix = not problem
-            stats.prefix_note = problem or "verified"
-            if problem:
-                warnings.warn(f"exact causal effects recompute full rows (no prefix reuse): {problem}",
-                              stacklevel=3)
-    return stack
-
-
-def _probe_batch(batch: Batch) -> Batch:
-    """The longest and the shortest input of ``batch`` (padding and row mapping covered), for the checks."""
-    if batch.size <= 2:
-        return batch
-    keep = [0, batch.size - 1]
-    lens = batch.attention_mask.sum(1).tolist()
-    ids = [batch.input_ids[b, : int(lens[b])].tolist() for b in keep]
-    pad = int(batch.input_ids[keep[1], -1]) if lens[keep[1]] < batch.input_ids.shape[1] else 0
-    pmask = batch.pmask
-    positions = "all" if bool((pmask == batch.attention_mask.float()).all()) else "last"
-    return make_batch([batch.index[b] for b in keep], ids, pad, positions, batch.device,
-                      [batch.decisions[b] for b in keep])
 
 
 def _plan(order: list[int], lengths: list[int], batch_size: int, min_fill: float = 0.75) -> list[list[int]]:

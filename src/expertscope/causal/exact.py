@@ -3,18 +3,24 @@
 Per batch: one clean run caches every decoder layer's inputs; for each MoE layer ``l`` the (input, expert)
 pairs that are not provably zero are packed into rows of a few perturbed runs that restart at decoder
 layer ``l``; only the prediction position of each row reaches the final norm and the LM head. Where the
-restart cannot reproduce the model (checked once per call), full forward passes are used instead.
+restart cannot reproduce the model (checked once per model, dtype and device, on two short rows), full
+forward passes are used instead; where a suffix restart cannot (no key/value store the engine can hand
+the layers), every row is recomputed from its first perturbed position.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..config import CausalConfig
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
 from ._engine import (
@@ -28,6 +34,7 @@ from ._engine import (
     full_logits,
     kl,
     log_probs,
+    make_batch,
     perturb_transform,
     restart,
 )
@@ -86,6 +93,8 @@ def check_restart(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[in
 def check_prefix(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[int]) -> str:
     """Check that a suffix restart (clean keys/values before each row's first decision position) reproduces
     the model's own logits at every one of ``layers``; "" if it does, else why not."""
+    if stack.cache_kw is None:
+        return "the decoder layers take no key/value store (neither `cache` nor `past_key_values`)"
     with torch.no_grad():
         ref = full_logits(moe, batch.input_ids, batch.attention_mask, batch.all).float()
         try:
@@ -93,7 +102,8 @@ def check_prefix(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[int
         except Exception as exc:  # a layer that does not accept our key/value store
             return f"the clean run cannot keep keys and values ({type(exc).__name__}: {exc})"
         if not clean.kv:
-            return "the attention layers do not hand their keys and values to past_key_values"
+            return (f"the attention layers do not hand their keys and values to the store passed as "
+                    f"`{stack.cache_kw}`")
         scale = float(ref.abs().max()) + 1.0
         tol = (1e-4 if ref.dtype == torch.float32 and moe.dtype == torch.float32 else 3e-2) * scale
         order = list(range(batch.size - 1, -1, -1))
@@ -109,6 +119,82 @@ def check_prefix(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[int
             if not err <= tol:
                 return f"a suffix restart at decoder layer {layer} does not reproduce the model (max error {err:.3g})"
     return ""
+
+
+# ----- verification, once per model ---------------------------------------------------------------
+@dataclass
+class Verification:
+    """What the engine may do on one model: ``restart`` "" (verified) or why restarts are not used;
+    ``prefix`` "" (verified), why suffix restarts are not used, or None (not checked yet)."""
+
+    restart: str
+    prefix: str | None = None
+
+
+#: Verifications per model module, keyed by (router family, dtype, device): a model is checked once, not on
+#: every call (a check costs a few full forwards and a restart at every layer).
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, str], Verification]] = \
+    weakref.WeakKeyDictionary()
+
+
+def probe_batch(moe: MoEModel, stack: Stack | None) -> Batch:
+    """Two short rows (12 and 7 tokens) for the checks: padding, row mapping in reverse order, two decision
+    positions in one row and a suffix start inside the shorter row."""
+    vocab = int(getattr(getattr(moe.model, "config", None), "vocab_size", 0) or 0)
+    weight = getattr(stack.head, "weight", None) if stack is not None else None
+    if isinstance(weight, torch.Tensor):
+        vocab = int(weight.shape[0])
+    vocab = max(vocab, 2)
+    tok = moe.tokenizer
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    if pad is None:
+        pad = getattr(tok, "eos_token_id", None) if tok is not None else None
+    rows = [[(7 * i + 3) % vocab for i in range(12)], [(5 * i + 11) % vocab for i in range(7)]]
+    return make_batch([0, 1], rows, int(pad or 0), "last", moe.device, [[8, 11], [6]])
+
+
+def verify(moe: MoEModel, stack: Stack, prefix: bool) -> Verification:
+    """The cached :class:`Verification` of ``moe`` (checked now on :func:`probe_batch` if not yet; the suffix
+    restart only when ``prefix`` is asked for). Warns once per model when a check fails."""
+    key = (moe.sites[0].family, str(moe.dtype), str(moe.device))
+    per = _VERIFIED.setdefault(moe.model, {})
+    v = per.get(key)
+    batch = None
+    if v is None:
+        batch = probe_batch(moe, stack)
+        v = per[key] = Verification(check_restart(moe, stack, batch, moe.layers))
+        if v.restart:
+            warnings.warn(f"exact causal effects fall back to full forward passes: {v.restart}", stacklevel=4)
+    if prefix and not v.restart and v.prefix is None:
+        v.prefix = check_prefix(moe, stack, batch or probe_batch(moe, stack), moe.layers)
+        if v.prefix:
+            warnings.warn(f"exact causal effects recompute rows from their first perturbed position (no prefix "
+                          f"reuse): {v.prefix}", stacklevel=4)
+    return v
+
+
+def forget_verification(model: nn.Module) -> None:
+    """Drop the cached verification of ``model`` (after changing it in place: new hooks, patched layers)."""
+    _VERIFIED.pop(model, None)
+
+
+def resolve_engine(moe: MoEModel, stack: Stack | None, prefix: bool, stats: ExactStats) -> Stack | None:
+    """The stack to restart on (None: full forward passes), from the model's cached verification; records the
+    engine, prefix reuse and why not in ``stats``."""
+    if stack is None:
+        if stats.engine == "restart":
+            stats.engine, stats.note = "full-forward", "decoder stack not found"
+        stats.prefix, stats.prefix_note = False, "no decoder stack"
+        return None
+    v = verify(moe, stack, prefix)
+    if v.restart:
+        stats.engine, stats.note = "full-forward", v.restart
+        stats.prefix, stats.prefix_note = False, "the restart path is not used"
+        return None
+    stats.engine, stats.note = "restart", "verified"
+    stats.prefix = bool(prefix and not v.prefix)
+    stats.prefix_note = "off (prefix_reuse=False)" if not prefix else (v.prefix or "verified")
+    return stack
 
 
 def exact_batch(
@@ -197,6 +283,26 @@ def exact_batch(
             stats.token_rows += len(chunk) * (end - start) * (len(stack.layers) - layer if stack is not None else 1)
     stats.perturbed_s += time.perf_counter() - t1
     return out.cpu().numpy()
+
+
+class ExactEstimator:
+    """The :class:`~._engine.Estimator` of ``method="exact"``: the engine is resolved (restart, prefix reuse or
+    full forwards) from the model's cached verification at the first batch."""
+
+    name = "exact"
+
+    def __init__(self, moe: MoEModel, stack: Stack | None, cfg: CausalConfig, label_ids: torch.Tensor | None,
+                 stats: ExactStats | None = None) -> None:
+        self.moe, self.stack, self.cfg, self.label_ids = moe, stack, cfg, label_ids
+        self.stats = stats if stats is not None else ExactStats()
+        self._engine: tuple[Stack | None] | None = None
+
+    def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]]) -> np.ndarray:
+        if self._engine is None:
+            self._engine = (resolve_engine(self.moe, self.stack, self.cfg.prefix_reuse, self.stats),)
+        cfg = self.cfg
+        return exact_batch(self.moe, self._engine[0], batch, experts, cfg.magnitude, self.label_ids,
+                           cfg.chunk_tokens, cfg.skip, self.stats, prefix=self.stats.prefix)
 
 
 def _runs(pairs: list[tuple[int, int, int]], lens: list[int], chunk_tokens: int, waste: float = 0.25

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import CausalConfig
 from ..errors import ConfigError
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
-from ._engine import Batch, Stack, can_skip, full_logits, unchanged_tokens
+from ._engine import Batch, Stack, can_skip, decision_logits, output_distribution, unchanged_tokens
 
 _CHUNK = 16  # backward products per batched backward pass (bounds memory)
 
@@ -106,12 +107,7 @@ def fast_batch(
     t0 = time.perf_counter()
     try:
         with torch.enable_grad():
-            if stack is not None:
-                o = stack.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                hs = o[0] if isinstance(o, tuple) else o.last_hidden_state
-                logits = stack.logits(hs[picks.row, picks.pos])
-            else:
-                logits = full_logits(moe, batch.input_ids, batch.attention_mask, picks)
+            logits, _ = decision_logits(moe, stack, batch)
     finally:
         for hd in handles:
             hd.remove()
@@ -149,9 +145,7 @@ def fast_batch(
     stats.local_s += time.perf_counter() - t2
     # ----- gradients of log p(y) for the most probable outputs, every layer at once, contracted with delta
     t1 = time.perf_counter()
-    x = logits.float() if label_ids is None else logits.float().index_select(1, label_ids)
-    logp = torch.log_softmax(x, dim=-1)  # (P, V')
-    p = torch.softmax(x.detach().double(), dim=-1)
+    logp, p = output_distribution(logits, label_ids)  # (P, V') each
     V = p.shape[1]
     K = min(n_outputs, V)
     w, idx = torch.topk(p, K, dim=-1)  # (P, K)
@@ -191,3 +185,19 @@ def fast_batch(
         out[:, li, torch.tensor(list(experts[layer]), device=dev)] = 0.5 * F[li]
     stats.backward_s += time.perf_counter() - t1
     return out.cpu().numpy()
+
+
+class FastEstimator:
+    """The :class:`~._engine.Estimator` of ``method="fast"``."""
+
+    name = "fast"
+
+    def __init__(self, moe: MoEModel, stack: Stack | None, cfg: CausalConfig, label_ids: torch.Tensor | None,
+                 stats: FastStats | None = None) -> None:
+        self.moe, self.stack, self.cfg, self.label_ids = moe, stack, cfg, label_ids
+        self.stats = stats if stats is not None else FastStats()
+
+    def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]]) -> np.ndarray:
+        cfg = self.cfg
+        return fast_batch(self.moe, self.stack, batch, experts, cfg.magnitude, self.label_ids, cfg.fast_outputs,
+                          cfg.chunk_tokens, self.stats, cfg.fast_probes)

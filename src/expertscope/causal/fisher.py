@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..config import CausalConfig
 from ..errors import ConfigError
 from ..models.adapters.base import RouterSite
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
-from ._engine import Batch, Stack, full_logits
+from ._engine import Batch, Stack, decision_logits, output_distribution
 
 _VJP_CHUNK = 32  # vector-Jacobian products per batched backward pass (bounds memory)
 
@@ -108,19 +109,10 @@ def fisher_batch(
     transforms = {layer: _delta_transform(d, batch.pmask) for layer, d in zip(layers, deltas, strict=True)}
     t0 = time.perf_counter()
     with torch.enable_grad(), RouterHooks(moe, transforms=transforms):
-        if stack is not None:
-            o = stack.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            hs = o[0] if isinstance(o, tuple) else o.last_hidden_state
-            h = hs[picks.row, picks.pos]  # (P, H) post-norm
-            logits = stack.logits(h)
-        else:
-            h = None
-            logits = full_logits(moe, batch.input_ids, batch.attention_mask, picks)
+        logits, h = decision_logits(moe, stack, batch)  # (P, V), (P, H) post-norm or None
     stats.forward_s += time.perf_counter() - t0
     t1 = time.perf_counter()
-    x = logits.float() if label_ids is None else logits.float().index_select(1, label_ids)
-    logp = torch.log_softmax(x, dim=-1)  # (P, V') differentiable
-    p = torch.softmax(x.detach().double(), dim=-1)  # (P, V')
+    logp, p = output_distribution(logits, label_ids)  # (P, V'): differentiable fp32, detached fp64
     P, V = p.shape
     if label_ids is not None:
         K, w, idx = V, p, torch.arange(V, device=dev).expand(P, V)
@@ -199,3 +191,19 @@ def fisher_batch(
         keep[list(experts[layer])] = True
         out[:, li, ~keep] = np.nan
     return out
+
+
+class FisherEstimator:
+    """The :class:`~._engine.Estimator` of ``method="fisher"``."""
+
+    name = "fisher"
+
+    def __init__(self, moe: MoEModel, stack: Stack | None, cfg: CausalConfig, label_ids: torch.Tensor | None,
+                 stats: FisherStats | None = None) -> None:
+        self.moe, self.stack, self.cfg, self.label_ids = moe, stack, cfg, label_ids
+        self.stats = stats if stats is not None else FisherStats()
+
+    def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]]) -> np.ndarray:
+        cfg = self.cfg
+        return fisher_batch(self.moe, self.stack, batch, experts, cfg.magnitude, self.label_ids, cfg.fisher_mass,
+                            cfg.fisher_max_outputs, self.stats, cfg.fisher_route)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import CausalConfig, resolve_config
 from ..errors import ConfigError, DataError
 from ..execution import Executor, LocalExecutor
 from ..models.model import MoEModel
@@ -27,28 +27,7 @@ from ..routing import DomainInput, as_domain_list, effective_max_length
 from ._engine import find_stack, make_batch
 from .decision import prepare_inputs
 from .effects import CausalEffects
-from .exact import ExactStats, check_prefix, check_restart, exact_batch
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """What every worker needs to compute an item the same way."""
-
-    magnitude: float = 1.0
-    positions: str = "all"
-    skip: bool = True
-    chunk_tokens: int = 4096
-    decision: str = "task"
-    prefix_reuse: bool = True
-
-    def validate(self) -> None:
-        if self.magnitude == 0:
-            raise ConfigError("magnitude must be non-zero: the paper uses 1.0")
-        if self.positions not in ("all", "last"):
-            raise ConfigError(f"positions={self.positions!r} is not valid: use 'all' or 'last'")
-        if self.decision not in ("task", "last"):
-            raise ConfigError(f"decision={self.decision!r} is not valid: use 'task' or 'last'")
-
+from .exact import ExactEstimator
 
 #: One sweep work item: ``(MoE layer, input)``; the input is its token ids (measured at the last token) or
 #: ``{"ids": [...], "decisions": [...]}`` (measured at those decision positions, averaged).
@@ -62,14 +41,12 @@ class CausalItemWorker:
     so the model is loaded once per worker.
     """
 
-    def __init__(self, model: MoEModel, settings: SweepSettings) -> None:
+    def __init__(self, model: MoEModel, settings: CausalConfig) -> None:
         self.model = model
         self.settings = settings
         tok = model.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.stack = find_stack(model)
-        self._checked = False
-        self._prefix = False
+        self.estimator = ExactEstimator(model, find_stack(model), settings, None)
 
     def __call__(self, work: CausalItem) -> np.ndarray:
         with torch.no_grad():
@@ -82,20 +59,12 @@ class CausalItemWorker:
         else:
             ids, dec = [int(x) for x in item], None
         batch = make_batch([0], [ids], self.pad_id, s.positions, self.model.device, dec)
-        if not self._checked:
-            if self.stack is not None and check_restart(self.model, self.stack, batch, self.model.layers):
-                self.stack = None  # the restart does not reproduce this model: full forward passes
-            self._prefix = bool(s.prefix_reuse and self.stack is not None
-                                and not check_prefix(self.model, self.stack, batch, self.model.layers))
-            self._checked = True
         E = self.model.site(layer).num_experts
-        out = exact_batch(self.model, self.stack, batch, {layer: list(range(E))}, s.magnitude, None,
-                          s.chunk_tokens, s.skip, ExactStats(), prefix=self._prefix)
-        return out[0, 0, :E]
+        return self.estimator.estimate(batch, {layer: list(range(E))})[0, 0, :E]
 
 
-def _fingerprint(texts: list[str], settings: SweepSettings, model_info: dict[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps([texts, settings.__dict__, model_info], sort_keys=True, default=str).encode())
+def _fingerprint(texts: list[str], settings: CausalConfig, model_info: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps([texts, settings.to_dict(), model_info], sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -138,31 +107,33 @@ class SweepCheckpoint:
 def causal_sweep(
     model: MoEModel,
     domain_or_texts: DomainInput,
+    config: CausalConfig | None = None,
+    *,
     executor: Executor | None = None,
-    magnitude: float = 1.0,
-    positions: str = "all",
-    max_length: int | None = 512,
-    limit: int | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
-    skip: bool = True,
-    decision: str = "task",
+    **overrides: Any,
 ) -> CausalEffects:
     """Exact CE for every (input, layer, expert), computed as (input, layer) items by ``executor``.
 
-    ``decision``: where CE is measured, as in :func:`~expertscope.causal.causal_effects` (``"task"``:
-    each input's decision positions; ``"last"``: its last token).
+    Settings: ``config`` (a :class:`~expertscope.config.CausalConfig`) and/or its fields as keywords, as in
+    :func:`~expertscope.causal.causal_effects` (``magnitude``, ``positions``, ``decision``, ``max_length``,
+    ``limit``, ``skip``, ``chunk_tokens``, ``prefix_reuse``); the sweep computes ``method="exact"`` over the
+    whole vocabulary (``target="vocab"``), one input per item (``batch_size`` does not apply).
 
     ``executor`` is an :class:`~expertscope.execution.Executor` (None: in process). With
     ``checkpoint`` (a file), finished items survive a failure; ``resume=True`` computes only the rest.
     """
-    settings = SweepSettings(magnitude=magnitude, positions=positions, skip=skip, decision=decision)
-    settings.validate()
+    settings = resolve_config(CausalConfig, config, overrides)
+    if settings.method != "exact" or settings.target != "vocab":
+        raise ConfigError(f"causal_sweep computes method='exact', target='vocab' only (got method="
+                          f"{settings.method!r}, target={settings.target!r}): use causal_effects for the others")
+    limit, decision = settings.limit, settings.decision
     doms = as_domain_list(domain_or_texts)
     for d in doms:
         if not d.head(limit).examples:
             raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
-    max_len = effective_max_length(model, max_length)
+    max_len = effective_max_length(model, settings.max_length)
     prep, dom_of, tix = prepare_inputs(model.tokenizer, doms, limit, decision, max_len)
     texts = [json.dumps([t, d]) for t, d in zip(prep.token_ids, prep.decisions, strict=True)]
     items = [{"ids": t, "decisions": d} for t, d in zip(prep.token_ids, prep.decisions, strict=True)]
@@ -187,7 +158,7 @@ def causal_sweep(
     out = np.full((len(texts), len(layers), E_max), np.nan)
     for (i, layer), ce in done.items():
         out[i, layers.index(layer), : len(ce)] = ce
-    result_settings = {**settings.__dict__, "method": "exact", "work_items": "input x layer",
+    result_settings = {**settings.to_dict(), "work_items": "input x layer",
                        "executor": getattr(runner, "name", "local"), "computed_items": computed,
                        "resumed_items": len(done) - computed, "n_inputs": len(texts), "domains": [d.name for d in doms],
                        "max_length_used": max_len, "model": model.describe()}
