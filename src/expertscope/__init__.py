@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from . import data  # noqa: F401  (es.data.sources)
-from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts
+from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts, replicate_drivers
 from .config import CausalConfig, DomainExpertConfig, DriverConfig, InterventionConfig, ProfileConfig
 from .data.sources import load_domain, load_domains
 from .data.types import Domain, Example
@@ -20,6 +20,7 @@ from .report import report
 from .stats.domain_experts import DomainExpertTable, domain_experts
 from .stats.expert_map import expert_map
 from .stats.profile import RoutingProfile, profile
+from .stats.replication import Replication, replicate_domain_experts
 from .stats.tokens import position_profile, record_tokens, token_associations
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "ModelError",
     "OutputError",
     "ProfileConfig",
+    "Replication",
     "RouterCall",
     "RouterFinetune",
     "RouterHooks",
@@ -63,6 +65,8 @@ __all__ = [
     "position_profile",
     "profile",
     "record_tokens",
+    "replicate_domain_experts",
+    "replicate_drivers",
     "report",
     "steer",
     "token_associations",

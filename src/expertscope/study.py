@@ -190,6 +190,27 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
             "skipped": effects.settings.get("skipped", 0)}
 
 
+def _stage_replication(ctx: StudyContext) -> dict[str, Any]:
+    from .causal import CausalEffects, replicate_drivers
+    from .config import DriverConfig
+    from .stats.domain_experts import DomainExpertTable
+    from .stats.profile import RoutingProfile
+    from .stats.replication import Replication, replicate_domain_experts
+
+    # The halves get exactly the rules (configs) the saved tables were made with.
+    dom = DomainExpertTable.load(ctx.out / "domain_experts.parquet")
+    drv = ctx.drivers()
+    parts = [replicate_domain_experts(RoutingProfile.load(ctx.out), ctx.domains, seed=ctx.config.seed, full=dom.df,
+                                      config=DomainExpertConfig.from_dict(dom.settings["config"]))]
+    if drv is not None:
+        parts.append(replicate_drivers(CausalEffects.load(ctx.out), ctx.domains, seed=ctx.config.seed, full=drv.df,
+                                       config=DriverConfig.from_dict(drv.settings["config"])))
+    rep = Replication.concat(parts)
+    rep.save(ctx.out / "replication.parquet")
+    return {"jaccard": {f"{r.kind}/{r.domain}": None if r.jaccard != r.jaccard else round(float(r.jaccard), 3)
+                        for r in rep.summary.itertuples()}}
+
+
 def _stage_causal_rate(ctx: StudyContext) -> dict[str, Any]:
     from .causal import causal_rate
     from .io import write_table
@@ -269,6 +290,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("profile", _stage_profile),
     ("domain_experts", _stage_domain_experts),
     ("drivers", _stage_drivers),
+    ("replication", _stage_replication),
     ("causal_rate", _stage_causal_rate),
     ("tokens", _stage_tokens),
     ("expert_map", _stage_expert_map),

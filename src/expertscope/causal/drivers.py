@@ -24,6 +24,7 @@ from ..config import DriverConfig, resolve_config
 from ..io import read_table, write_table
 from ..models.model import MoEModel
 from ..routing import DomainInput, domain_texts, routing_pass
+from ..stats.replication import Replication, compare_sets, flagged_sets, half_sizes, halves_by_domain
 from ..stats.rules import bh_qvalues, bh_text, bootstrap_ci, passes, rule_text, z_rule_text
 from .effects import CausalEffects
 
@@ -160,6 +161,14 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     for d in effects.domains:
         x = effects.ce[effects.domain == d]  # (N_D, L, E)
         g = df[df["domain"] == d].copy()  # rows in (layer, expert) order, as mean_by_domain builds them
+        if cfg.ce_decimals is not None:
+            # Decide on CE rounded to a stated precision: differences far below it (the torch thread count
+            # changes CE by < 1e-12 nats) then cannot reorder ranks or cross a bar.
+            x = np.round(x, cfg.ce_decimals)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: experts not asked for
+                g["ce_mean"] = np.nanmean(x, axis=0).ravel()
+                g["ce_sd"] = np.nanstd(x, axis=0).ravel()
         vals = g["ce_mean"].to_numpy().reshape(L, E)
         ok = ~np.isnan(vals)
         with warnings.catch_warnings():
@@ -217,6 +226,39 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     table = DriverTable(out[cols_out], settings)
     table.settings["summary"] = [{k: v for k, v in r.items() if k != "strongest"} for r in table.summary()]
     return table
+
+
+# ----- replication ---------------------------------------------------------------------------------
+def subset_effects(effects: CausalEffects, keep: np.ndarray) -> CausalEffects:
+    """The inputs of ``effects`` where ``keep`` ``(N,)`` is True (layers, exact mask and settings kept)."""
+    return CausalEffects(ce=effects.ce[keep], domain=effects.domain[keep], text_index=effects.text_index[keep],
+                         layers=list(effects.layers), exact=effects.exact, settings=dict(effects.settings))
+
+
+def replicate_drivers(
+    effects: CausalEffects, texts: Any = None, config: DriverConfig | None = None, seed: int = 0,
+    full: pd.DataFrame | None = None, **overrides: Any,
+) -> Replication:
+    """Driver experts (:func:`driver_experts`, same ``config``/overrides) on all inputs of ``effects`` and on
+    two disjoint halves of each domain's inputs, split by a seeded hash of their texts
+    (:func:`expertscope.stats.replication.split_halves`).
+
+    ``texts``: ``{domain: texts}`` or the perturbed domains, indexed like ``effects.text_index`` (without
+    them the split hashes the input index). ``full``: the driver table of all inputs already computed (rows
+    with ``domain, layer, expert, is_driver``); computed when None. Returns a
+    :class:`~expertscope.stats.replication.Replication` of kind ``"driver"``: each expert flagged on all
+    inputs or on either half with its status in the halves (both / one / neither), and per domain the
+    halves' Jaccard.
+    """
+    half = halves_by_domain(effects.domain, effects.text_index, texts, seed)
+    tables = [driver_experts(subset_effects(effects, half == h), config, **overrides) for h in (0, 1)]
+    full_df = driver_experts(effects, config, **overrides).df if full is None else full
+    df, summary = compare_sets("driver", flagged_sets(full_df, "is_driver"),
+                               [flagged_sets(t.df, "is_driver") for t in tables], half_sizes(effects.domain, half))
+    settings = {"driver": {"split_seed": seed, "rule_text": tables[0].settings.get("rule_text", ""),
+                           "config": tables[0].settings.get("config", {}),
+                           "hashed": "index" if texts is None else "text"}}
+    return Replication(df, summary, settings)
 
 
 # ----- causal rate ---------------------------------------------------------------------------------
@@ -289,4 +331,5 @@ def spearman_by_layer(a: CausalEffects, b: CausalEffects) -> pd.DataFrame:
 
 
 __all__: Sequence[str] = ("DriverTable", "bootstrap_mean_ci", "causal_rate", "causal_rate_from_selections",
-                          "driver_experts", "paired_median_test", "spearman_by_layer")
+                          "driver_experts", "paired_median_test", "replicate_drivers", "spearman_by_layer",
+                          "subset_effects")

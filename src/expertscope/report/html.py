@@ -35,6 +35,7 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "steering": ("steering.parquet",),
     "steering_sweep": ("steering_sweep.parquet",),
     "routing_mi": ("routing_mi.parquet",),
+    "replication": ("replication.parquet",),
 }
 FIGURE_DIR = "figures"
 
@@ -209,11 +210,13 @@ def read_expert_types(df: pd.DataFrame, drivers: pd.DataFrame | None) -> list[st
         share = {t: float(g.loc[g["type"] == t, "activation_rate"].sum()) / tot for t in
                  ("general", "domain", "driver", "both")}
         n = g[g["type"] != "below uniform"].groupby("type").size()
+        # Each expert in one type: one both domain and driver expert counts once, as "both".
         out.append(
             f"In {d}, general experts take {_pct(share['general'])} of routed selections, domain experts "
-            f"{_pct(share['domain'] + share['both'])} and driver experts {_pct(share['driver'] + share['both'])} "
-            f"({int(n.get('general', 0))} general, {int(n.get('domain', 0) + n.get('both', 0))} domain and "
-            f"{int(n.get('driver', 0) + n.get('both', 0))} driver experts among those activated above uniform)."
+            f"{_pct(share['domain'])}, driver experts {_pct(share['driver'])} and experts that are both "
+            f"{_pct(share['both'])} ({int(n.get('general', 0))} general, {int(n.get('domain', 0))} domain, "
+            f"{int(n.get('driver', 0))} driver and {int(n.get('both', 0))} both, among those activated above "
+            "uniform; no expert is counted twice)."
         )
     return out
 
@@ -433,6 +436,26 @@ def _driver_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
     return body
 
 
+def _replication_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    """Replication: per rule and domain, the halves' sets and Jaccard; the sentences come from the findings."""
+    from .findings import findings, replication_sentences
+
+    rep = tables.get("replication")
+    if rep is None:
+        return ""
+    summary = pd.DataFrame(table_meta(rep).get("summary") or [])
+    lines = [x for f in findings(tables) for x in replication_sentences(f)]
+    body = _reading(lines)
+    if len(summary):
+        body += "<h3>Replication on disjoint halves (per rule and domain)</h3>" + table_html(
+            summary, ["kind", "domain", "n_inputs_a", "n_inputs_b", "n_full", "n_half_a", "n_half_b", "n_both",
+                      "jaccard", "n_full_replicated"], rows=60)
+    if len(rep):
+        body += "<h3>Each expert flagged on all inputs or on a half</h3>" + table_html(
+            rep, ["kind", "domain", "layer", "expert", "in_full", "in_half_a", "in_half_b", "status"], rows=80)
+    return body
+
+
 def _token_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
     pos = tables.get("positions")
@@ -519,6 +542,7 @@ def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
 SECTIONS: list[tuple[str, str, Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]]] = [
     ("domain", "Domain experts", _domain_section),
     ("drivers", "Driver experts", _driver_section),
+    ("replication", "Replication", _replication_section),
     ("routing", "Routing and the domain", _routing_section),
     ("tokens", "Tokens", _token_section),
     ("map", "Expert map", _map_section),
