@@ -262,7 +262,7 @@ def test_driver_rule_and_causal_rate_match_naive_loops() -> None:
         # The rule by hand, on the CE just checked against the naive loop (the engine's values, so that
         # rounding noise in near-zero CEs cannot reorder Wilcoxon ranks): per input, each expert against its
         # layer's median; Wilcoxon; BH over the domain's cells; ratio and floor.
-        ce = res.ce[res.domain == d]
+        ce = np.round(res.ce[res.domain == d], 9)  # the rule decides on CE rounded to 1e-9 nats (ce_decimals)
         pvals, cells = [], []
         for li, layer in enumerate(LAYERS):
             for e in range(E):
@@ -456,3 +456,28 @@ def test_passes_jaccard_and_z_cap() -> None:
     assert math.isnan(jaccard(set(), set())) and jaccard({(0, 0)}, set()) == 0.0
     assert z_cap(8, 2.0) == pytest.approx(1.6)
     assert "8/(1+2.0^2) = 1.60" in z_rule_text("CE(D)", 8, 2.0)
+
+
+def test_driver_decisions_ignore_differences_far_below_the_stated_precision() -> None:
+    """CE on a 1e-4 grid (many tied differences) plus jitter of 1e-13 nats, the size of the change the torch
+    thread count makes: with the default ce_decimals = 9 every p, q and flag is identical; deciding on the
+    raw values (ce_decimals=None), the jitter breaks ties and moves p-values."""
+    g = np.random.default_rng(0)
+    ce = g.integers(0, 6, size=(30, 2, 8)) * 1e-4
+    ce[:, 0, 3] += 3e-3
+    ce[:, 1, 5] += 1e-3 * (g.uniform(size=30) < 0.8)
+    jitter = ce + g.uniform(-1e-13, 1e-13, size=ce.shape)
+
+    def table(x: np.ndarray, **kw: Any) -> Any:
+        eff = C.CausalEffects(ce=np.abs(x), domain=np.array(["d"] * 30, dtype=object), text_index=np.arange(30),
+                              layers=[0, 1], exact=np.ones((2, 8), bool))
+        return C.driver_experts(eff, n_boot=100, **kw).df
+
+    a, b = table(ce), table(jitter)
+    for col in ("p_value", "q_value", "ce_mean", "ce_lo", "ce_hi", "is_driver"):
+        assert a[col].tolist() == b[col].tolist(), col
+    assert a["is_driver"].sum() >= 1
+    raw_a, raw_b = table(ce, ce_decimals=None), table(jitter, ce_decimals=None)
+    assert not np.array_equal(raw_a["p_value"].to_numpy(), raw_b["p_value"].to_numpy())
+    with pytest.raises(ConfigError, match="ce_decimals"):
+        DriverConfig(ce_decimals=20)
