@@ -256,7 +256,8 @@ def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path) -> None:
     out = compare([a, b], tmp_path / "cmp.html")
     page = out.read_text()
     assert page.count("<div class='banner'") == 1 and "Run m-two is not complete" in page
-    assert "stages domain_experts, drivers, replication, causal_rate, tokens, expert_map, steering did not finish" in page
+    assert ("stages domain_experts, drivers, replication, causal_rate, tokens, expert_map, steering did not finish"
+            in page)
 
     # The same explorable page as the report: sort the summary, read the MI heatmap's hover value.
     from _browser import Browser, require_chromium
