@@ -209,7 +209,7 @@ def test_study_stages_match_the_pipeline() -> None:
     from expertscope import study
     from expertscope.report.findings import STUDY_STAGES
 
-    assert list(STUDY_STAGES) == [n for n, _ in study.STAGES]
+    assert list(STUDY_STAGES) == study.study_stages()
 
 
 def test_status_sentence_names_the_missing_stages() -> None:
@@ -220,10 +220,10 @@ def test_status_sentence_names_the_missing_stages() -> None:
                "stages": {"profile": done, "domain_experts": done, "_total_seconds": {"status": "info"}}}
     st = run_status(running)
     assert not st.complete and st.finished == ["profile", "domain_experts"]
-    assert st.missing == ["drivers", "causal_rate", "tokens", "expert_map", "steering"]  # not "report"
+    assert st.missing == ["drivers", "replication", "causal_rate", "tokens", "expert_map", "steering"]  # not "report"
     text = status_sentence(running)
     assert text is not None and "status “running”" in text
-    assert "stages drivers, causal_rate, tokens, expert_map, steering did not finish" in text
+    assert "stages drivers, replication, causal_rate, tokens, expert_map, steering did not finish" in text
     # The stages the run planned, where its manifest lists them.
     planned = {**running, "planned_stages": ["profile", "domain_experts", "drivers", "report"]}
     assert "stage drivers did not finish, so its section is missing" in (status_sentence(planned) or "")
@@ -256,7 +256,8 @@ def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path) -> None:
     out = compare([a, b], tmp_path / "cmp.html")
     page = out.read_text()
     assert page.count("<div class='banner'") == 1 and "Run m-two is not complete" in page
-    assert "stages domain_experts, drivers, causal_rate, tokens, expert_map, steering did not finish" in page
+    assert ("stages domain_experts, drivers, replication, causal_rate, tokens, expert_map, steering did not finish"
+            in page)
 
     # The same explorable page as the report: sort the summary, read the MI heatmap's hover value.
     from _browser import Browser, require_chromium

@@ -270,7 +270,7 @@ def test_driver_rule_and_causal_rate_match_naive_loops() -> None:
         # The rule by hand, on the CE just checked against the naive loop (the engine's values, so that
         # rounding noise in near-zero CEs cannot reorder Wilcoxon ranks): per input, each expert against its
         # layer's median; Wilcoxon; BH over the domain's cells; ratio and floor.
-        ce = res.ce[res.domain == d]
+        ce = np.round(res.ce[res.domain == d], 9)  # the rule decides on CE rounded to 1e-9 nats (ce_decimals)
         pvals, cells = [], []
         for li, layer in enumerate(LAYERS):
             for e in range(E):
@@ -379,3 +379,113 @@ def test_equal_gate_expert_has_zero_cwas_but_stays_visible_by_lift() -> None:
     assert row.activation_rate == 1.0 and row.cwas == 0.0 and row.lift == np.inf
     assert not row.pass_test and not row.is_domain_expert  # the CWAS specificity test: not significant
     assert row.activation_q <= 0.05 and row.pass_lift and row.pass_uniform  # but plainly visible
+
+
+# ----- stats/rules.py: BH, bootstrap, paired differences, pass flags --------------------------------------
+def test_bh_qvalues_by_hand_and_against_a_naive_loop() -> None:
+    from expertscope.stats.rules import bh_qvalues
+
+    # by hand: m = 4, sorted p 0.01, 0.02, 0.03, 0.5 → p·m/rank = 0.04, 0.04, 0.04, 0.5 (monotone from the top)
+    q = bh_qvalues([0.03, 0.5, 0.01, 0.02, float("nan")])
+    np.testing.assert_allclose(q[:4], [0.04, 0.5, 0.04, 0.04])
+    assert np.isnan(q[4])
+    # a step-up case: 0.04·2/1 = 0.08 > 0.045·2/2 = 0.045, so the smaller p gets q = 0.045 too
+    np.testing.assert_allclose(bh_qvalues([0.04, 0.045]), [0.045, 0.045])
+    g = np.random.default_rng(4)
+    p = g.uniform(size=(3, 7)) ** 3
+    p[0, 0] = p[1, 1]  # a tie
+    np.testing.assert_allclose(bh_qvalues(p), np.array(_bh(p.ravel().tolist())).reshape(3, 7), rtol=1e-12)
+    # passing cells are exactly the BH step-up set: reject the k smallest, k = max{i: p_(i) <= i·alpha/m}
+    alpha, flat = 0.1, np.sort(p.ravel())
+    k = max([i for i in range(1, flat.size + 1) if flat[i - 1] <= i * alpha / flat.size], default=0)
+    assert int((bh_qvalues(p) <= alpha).sum()) == k
+
+
+def _exact_bootstrap_quantiles(x: np.ndarray, probs: list[float]) -> list[float]:
+    """Quantiles of the exact bootstrap distribution of the mean: every multiset of n draws, with its
+    multinomial probability (an enumeration, not a sample)."""
+    n = len(x)
+    atoms: dict[float, float] = {}
+    for counts in itertools.product(range(n + 1), repeat=n):
+        if sum(counts) != n:
+            continue
+        prob = math.factorial(n) / math.prod(math.factorial(c) for c in counts) / n**n
+        m = round(sum(c * v for c, v in zip(counts, x, strict=True)) / n, 12)
+        atoms[m] = atoms.get(m, 0.0) + prob
+    values = sorted(atoms)
+    cdf = np.cumsum([atoms[v] for v in values])
+    return [values[int(np.searchsorted(cdf, pr))] for pr in probs]
+
+
+def test_bootstrap_ci_against_the_exact_bootstrap_distribution() -> None:
+    from expertscope.stats.rules import bootstrap_ci
+
+    x = np.array([0.0, 1.0, 3.0, 7.0, 20.0])  # skewed: the percentile interval is not symmetric
+    lo, hi = bootstrap_ci(x, n_boot=40000, ci=0.95, rng=1)
+    lo_a, lo_b, hi_a, hi_b = _exact_bootstrap_quantiles(x, [0.02, 0.03, 0.97, 0.98])
+    assert lo_a <= float(lo) <= lo_b and hi_a <= float(hi) <= hi_b
+    # columns share one draw of items; a NaN column gives NaN; n_boot = 0 gives NaN
+    two = np.stack([x, 2 * x, np.r_[x[:4], np.nan]], axis=1)
+    lo2, hi2 = bootstrap_ci(two, n_boot=40000, ci=0.95, rng=1)
+    np.testing.assert_allclose(lo2[:2], [lo, 2 * lo], rtol=1e-12)
+    assert np.isnan(lo2[2]) and np.isnan(hi2[2])
+    assert np.isnan(bootstrap_ci(x, n_boot=0)[0])
+
+
+def test_paired_bootstrap_diff_resamples_items_jointly() -> None:
+    from expertscope.stats.rules import bootstrap_ci, paired_bootstrap_diff
+
+    g = np.random.default_rng(0)
+    shared = g.normal(size=60) * 5  # a large per-item effect common to both: pairing removes it
+    a = shared + g.normal(size=60) * 0.1
+    b = shared + 0.3 + g.normal(size=60) * 0.1
+    est, lo, hi = paired_bootstrap_diff(a, b, n_boot=4000, rng=2)
+    assert est == pytest.approx(float(np.mean(b - a)))
+    assert lo < 0.3 < hi and hi - lo < 0.15  # unpaired, the interval would be ~100x wider
+    # the same items resampled for a and b: the interval is that of the per-item differences
+    lo_d, hi_d = bootstrap_ci(b - a, n_boot=4000, rng=2)
+    assert (lo, hi) == (float(lo_d), float(hi_d))
+    # the exact bootstrap quantiles of the differences bracket it (a tiny case, enumerated)
+    a5, b5 = np.array([1.0, 0, 1, 1, 0]), np.array([1.0, 1, 1, 0, 1])
+    _, lo5, hi5 = paired_bootstrap_diff(a5, b5, n_boot=40000, rng=3)
+    q = _exact_bootstrap_quantiles(b5 - a5, [0.02, 0.03, 0.97, 0.98])
+    assert q[0] <= lo5 <= q[1] and q[2] <= hi5 <= q[3]
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap_diff(a5, b5[:4])
+
+
+def test_passes_jaccard_and_z_cap() -> None:
+    from expertscope.stats.rules import jaccard, passes, z_cap, z_rule_text
+
+    flags = {"a": np.array([True, True, False, True]), "b": np.array([True, False, False, True]),
+             "c": np.array([False, True, True, True])}
+    assert passes(flags).tolist() == [False, False, False, True]
+    assert jaccard({(0, 1), (1, 2), (3, 4)}, [(1, 2), (3, 4), (2, 2)]) == pytest.approx(2 / 4)
+    assert math.isnan(jaccard(set(), set())) and jaccard({(0, 0)}, set()) == 0.0
+    assert z_cap(8, 2.0) == pytest.approx(1.6)
+    assert "8/(1+2.0^2) = 1.60" in z_rule_text("CE(D)", 8, 2.0)
+
+
+def test_driver_decisions_ignore_differences_far_below_the_stated_precision() -> None:
+    """CE on a 1e-4 grid (many tied differences) plus jitter of 1e-13 nats, the size of the change the torch
+    thread count makes: with the default ce_decimals = 9 every p, q and flag is identical; deciding on the
+    raw values (ce_decimals=None), the jitter breaks ties and moves p-values."""
+    g = np.random.default_rng(0)
+    ce = g.integers(0, 6, size=(30, 2, 8)) * 1e-4
+    ce[:, 0, 3] += 3e-3
+    ce[:, 1, 5] += 1e-3 * (g.uniform(size=30) < 0.8)
+    jitter = ce + g.uniform(-1e-13, 1e-13, size=ce.shape)
+
+    def table(x: np.ndarray, **kw: Any) -> Any:
+        eff = C.CausalEffects(ce=np.abs(x), domain=np.array(["d"] * 30, dtype=object), text_index=np.arange(30),
+                              layers=[0, 1], exact=np.ones((2, 8), bool))
+        return C.driver_experts(eff, n_boot=100, **kw).df
+
+    a, b = table(ce), table(jitter)
+    for col in ("p_value", "q_value", "ce_mean", "ce_lo", "ce_hi", "is_driver"):
+        assert a[col].tolist() == b[col].tolist(), col
+    assert a["is_driver"].sum() >= 1
+    raw_a, raw_b = table(ce, ce_decimals=None), table(jitter, ce_decimals=None)
+    assert not np.array_equal(raw_a["p_value"].to_numpy(), raw_b["p_value"].to_numpy())
+    with pytest.raises(ConfigError, match="ce_decimals"):
+        DriverConfig(ce_decimals=20)

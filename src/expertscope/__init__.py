@@ -6,7 +6,14 @@
 from __future__ import annotations
 
 from . import data  # noqa: F401  (es.data.sources)
-from .causal import CausalEffects, DriverTable, causal_effects, causal_rate, driver_experts
+from .causal import (
+    CausalEffects,
+    DriverTable,
+    causal_effects,
+    causal_rate,
+    driver_experts,
+    replicate_drivers,
+)
 from .config import (
     CausalConfig,
     DomainExpertConfig,
@@ -29,6 +36,7 @@ from .report import report
 from .stats.domain_experts import DomainExpertTable, domain_experts
 from .stats.expert_map import expert_map
 from .stats.profile import RoutingProfile, profile
+from .stats.replication import Replication, replicate_domain_experts
 from .stats.tokens import position_profile, record_tokens, token_associations
 from .study import run_study
 
@@ -55,6 +63,7 @@ __all__ = [
     "ModelError",
     "OutputError",
     "ProfileConfig",
+    "Replication",
     "RouterCall",
     "RouterFinetune",
     "RouterHooks",
@@ -76,6 +85,8 @@ __all__ = [
     "position_profile",
     "profile",
     "record_tokens",
+    "replicate_domain_experts",
+    "replicate_drivers",
     "report",
     "run_study",
     "steer",

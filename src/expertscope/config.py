@@ -202,6 +202,9 @@ class DriverConfig(BaseConfig):
     cap: among E values the largest z is sqrt(E-1) and at most E/(1+z²) values can reach z (E = 8, z = 2:
     at most one driver per layer, none when two are equally strong). ``rule="top"``: the ``top`` largest.
     ``n_boot`` bootstrap resamples of the inputs give the ``ci`` interval of each mean CE.
+    ``ce_decimals``: every per-input CE is rounded to this many decimals (nats) before the rule, so that
+    differences far below ``10**-ce_decimals`` (the torch thread count moves CE by < 1e-12 nats) cannot
+    change a decision; ``None`` decides on the unrounded values.
     """
 
     rule: Literal["fdr", "z", "top"] = "fdr"
@@ -222,11 +225,15 @@ class DriverConfig(BaseConfig):
     """Level of the bootstrap intervals."""
     seed: int = 0
     """Random seed (resamples, permutations, data sampling)."""
+    ce_decimals: int | None = 9
+    """CE rounded to this many decimals before the rule (decisions independent of thread count); None: exact."""
 
     def validate(self) -> None:
         _finite("z", self.z)
         if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
             raise ConfigError("alpha and ci must lie in (0, 1): e.g. alpha=0.05, ci=0.95")
+        if self.ce_decimals is not None and not 0 <= self.ce_decimals <= 15:
+            raise ConfigError(f"ce_decimals={self.ce_decimals!r} is outside 0..15: e.g. 9 (1e-9 nats), or None")
         if self.n_boot < 0:
             raise ConfigError(f"n_boot={self.n_boot} is negative: pass 0 to skip bootstraps")
         if self.ce_floor < 0 or self.min_ratio < 0:

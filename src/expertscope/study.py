@@ -221,6 +221,29 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
             "resumed_rows": effects.settings.get("resumed_rows", 0)}
 
 
+@stage("replication", after="drivers")
+def _stage_replication(ctx: StudyContext) -> dict[str, Any]:
+    from .causal import CausalEffects, replicate_drivers
+    from .config import DomainExpertConfig, DriverConfig
+    from .stats.domain_experts import DomainExpertTable
+    from .stats.replication import Replication, replicate_domain_experts
+
+    # The halves get exactly the rules (configs) the saved tables were made with.
+    parts = []
+    if ctx.path("domain_experts.parquet").exists():
+        dom = DomainExpertTable.load(ctx.path("domain_experts.parquet"))
+        parts.append(replicate_domain_experts(ctx.profile(), ctx.domains, seed=ctx.config.seed, full=dom.df,
+                                              config=DomainExpertConfig.from_dict(dom.settings["config"])))
+    drv = ctx.drivers()
+    if drv is not None and (ctx.out / "ce.parquet").exists():
+        parts.append(replicate_drivers(CausalEffects.load(ctx.out), ctx.domains, seed=ctx.config.seed, full=drv.df,
+                                       config=DriverConfig.from_dict(drv.settings["config"])))
+    rep = Replication.concat(parts)
+    rep.save(ctx.out / "replication.parquet")
+    return {"jaccard": {f"{r.kind}/{r.domain}": None if r.jaccard != r.jaccard else round(float(r.jaccard), 3)
+                        for r in rep.summary.itertuples()}}
+
+
 @stage("causal_rate", uses=("causal",))
 def _stage_causal_rate(ctx: StudyContext) -> dict[str, Any]:
     from .causal import causal_rate

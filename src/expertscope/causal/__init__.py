@@ -1,6 +1,13 @@
 """Driver experts (docs/methods.md §3): causal effects of experts on the prediction, driver rules, the causal rate."""
 
-from .drivers import DriverTable, causal_rate, causal_rate_from_selections, driver_experts, spearman_by_layer
+from .drivers import (
+    DriverTable,
+    causal_rate,
+    causal_rate_from_selections,
+    driver_experts,
+    replicate_drivers,
+    spearman_by_layer,
+)
 from .effects import CausalEffects, causal_effects
 
 __all__ = [
@@ -10,5 +17,6 @@ __all__ = [
     "causal_rate",
     "causal_rate_from_selections",
     "driver_experts",
+    "replicate_drivers",
     "spearman_by_layer",
 ]

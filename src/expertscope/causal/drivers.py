@@ -24,7 +24,8 @@ from ..config import DriverConfig, resolve_config
 from ..io import read_table, write_table
 from ..models.model import MoEModel
 from ..routing import DomainInput, domain_texts, routing_pass
-from ..stats.domain_experts import bh_qvalues
+from ..stats.replication import Replication, compare_sets, flagged_sets, half_sizes, halves_by_domain
+from ..stats.rules import bh_qvalues, bh_text, bootstrap_ci, passes, rule_text, z_rule_text
 from .effects import CausalEffects
 
 TABLE_VERSION = 2
@@ -134,19 +135,9 @@ def paired_median_test(ce: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_mean_ci(x: np.ndarray, n_boot: int, ci: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap CI of the mean over axis 0 (inputs resampled with replacement).
-
-    ``x`` ``(N, C)``; columns with NaN give NaN. Draws ``rng.multinomial(N, [1/N]*N, size=n_boot)``: the
-    counts of each input in each resample. Returns ``lo``, ``hi`` ``(C,)``.
-    """
-    N, C = x.shape
-    if n_boot == 0 or N == 0:
-        return np.full(C, np.nan), np.full(C, np.nan)
-    W = rng.multinomial(N, np.full(N, 1 / N), size=n_boot).astype(np.float64)
-    bad = np.isnan(x).any(axis=0)
-    means = W @ np.where(np.isnan(x), 0.0, x) / N
-    lo, hi = np.percentile(means, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2], axis=0)
-    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
+    """Percentile bootstrap CI of the mean over axis 0: :func:`expertscope.stats.rules.bootstrap_ci` (kept
+    under this name for callers of the first version)."""
+    return bootstrap_ci(x, n_boot, ci, rng)
 
 
 def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, **overrides: Any) -> DriverTable:
@@ -170,6 +161,14 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     for d in effects.domains:
         x = effects.ce[effects.domain == d]  # (N_D, L, E)
         g = df[df["domain"] == d].copy()  # rows in (layer, expert) order, as mean_by_domain builds them
+        if cfg.ce_decimals is not None:
+            # Decide on CE rounded to a stated precision: differences far below it (the torch thread count
+            # changes CE by < 1e-12 nats) then cannot reorder ranks or cross a bar.
+            x = np.round(x, cfg.ce_decimals)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: experts not asked for
+                g["ce_mean"] = np.nanmean(x, axis=0).ravel()
+                g["ce_sd"] = np.nanstd(x, axis=0).ravel()
         vals = g["ce_mean"].to_numpy().reshape(L, E)
         ok = ~np.isnan(vals)
         with warnings.catch_warnings():
@@ -178,13 +177,13 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
             sd = np.nanstd(vals, axis=1, keepdims=True)
             med = np.nanmedian(vals, axis=1, keepdims=True)
         p = paired_median_test(x)
-        q = bh_qvalues(p.ravel()).reshape(L, E)
+        q = bh_qvalues(p)
         pass_test = q <= cfg.alpha
         pass_ratio = ok & (vals >= cfg.min_ratio * med)
         pass_floor = ok & (vals >= cfg.ce_floor)
         if cfg.rule == "fdr":
             thr = np.maximum(cfg.min_ratio * med, cfg.ce_floor)
-            is_drv = pass_test & pass_ratio & pass_floor
+            is_drv = passes({"test": pass_test, "ratio": pass_ratio, "floor": pass_floor})
         elif cfg.rule == "z":
             thr = mu + cfg.z * sd
             is_drv = ok & (vals >= thr) & (sd > 0)
@@ -192,7 +191,7 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
             srt = -np.sort(-np.where(ok, vals, -np.inf), axis=1)
             thr = srt[:, min(cfg.top, E) - 1 : min(cfg.top, E)]
             is_drv = ok & (vals >= thr) & (vals > 0)
-        lo, hi = bootstrap_mean_ci(x.reshape(len(x), L * E), cfg.n_boot, cfg.ci, rng)
+        lo, hi = bootstrap_ci(x.reshape(len(x), L * E), cfg.n_boot, cfg.ci, rng)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.where(med > 0, vals / np.where(med > 0, med, 1.0), np.where(vals > 0, np.inf, np.nan))
         cols = {
@@ -211,22 +210,55 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
                 "layer_mean", "layer_sd", "ratio", "p_value", "q_value", "threshold", "pass_test", "pass_ratio",
                 "pass_floor", "is_driver", "rank", "exact"]
     if cfg.rule == "fdr":
-        rule_text = (f"one-sided Wilcoxon signed-rank test of CE against the layer's median CE on the same input, "
-                     f"BH q <= {cfg.alpha} over the domain's {L * E} cells; CE(D) >= {cfg.min_ratio} x the layer's "
-                     f"median CE(D); CE(D) >= {cfg.ce_floor:g} nats")
+        text = rule_text(
+            bh_text(cfg.alpha, L * E, "a one-sided Wilcoxon signed-rank test of CE against the layer's median CE "
+                    "on the same input (per domain)"),
+            f"CE(D) >= {cfg.min_ratio} x the layer's median CE(D)", f"CE(D) >= {cfg.ce_floor:g} nats")
     elif cfg.rule == "z":
-        rule_text = (f"CE(D) >= layer mean + {cfg.z} sd (ddof=0) of the layer's experts (cap: at most "
-                     f"{E}/(1+{cfg.z}^2) = {E / (1 + cfg.z**2):.2f} experts per layer can reach z)")
+        text = z_rule_text("CE(D)", E, cfg.z)
     else:
-        rule_text = f"the {cfg.top} largest CE(D) of each layer"
+        text = f"the {cfg.top} largest CE(D) of each layer"
     settings = {
         "rule": cfg.rule, "config": cfg.to_dict(), "z": cfg.z if cfg.rule == "z" else None,
-        "top": cfg.top if cfg.rule == "top" else None, "rule_text": rule_text,
+        "top": cfg.top if cfg.rule == "top" else None, "rule_text": text,
         "causal_effects": effects.settings,
     }
     table = DriverTable(out[cols_out], settings)
     table.settings["summary"] = [{k: v for k, v in r.items() if k != "strongest"} for r in table.summary()]
     return table
+
+
+# ----- replication ---------------------------------------------------------------------------------
+def subset_effects(effects: CausalEffects, keep: np.ndarray) -> CausalEffects:
+    """The inputs of ``effects`` where ``keep`` ``(N,)`` is True (layers, exact mask and settings kept)."""
+    return CausalEffects(ce=effects.ce[keep], domain=effects.domain[keep], text_index=effects.text_index[keep],
+                         layers=list(effects.layers), exact=effects.exact, settings=dict(effects.settings))
+
+
+def replicate_drivers(
+    effects: CausalEffects, texts: Any = None, config: DriverConfig | None = None, seed: int = 0,
+    full: pd.DataFrame | None = None, **overrides: Any,
+) -> Replication:
+    """Driver experts (:func:`driver_experts`, same ``config``/overrides) on all inputs of ``effects`` and on
+    two disjoint halves of each domain's inputs, split by a seeded hash of their texts
+    (:func:`expertscope.stats.replication.split_halves`).
+
+    ``texts``: ``{domain: texts}`` or the perturbed domains, indexed like ``effects.text_index`` (without
+    them the split hashes the input index). ``full``: the driver table of all inputs already computed (rows
+    with ``domain, layer, expert, is_driver``); computed when None. Returns a
+    :class:`~expertscope.stats.replication.Replication` of kind ``"driver"``: each expert flagged on all
+    inputs or on either half with its status in the halves (both / one / neither), and per domain the
+    halves' Jaccard.
+    """
+    half = halves_by_domain(effects.domain, effects.text_index, texts, seed)
+    tables = [driver_experts(subset_effects(effects, half == h), config, **overrides) for h in (0, 1)]
+    full_df = driver_experts(effects, config, **overrides).df if full is None else full
+    df, summary = compare_sets("driver", flagged_sets(full_df, "is_driver"),
+                               [flagged_sets(t.df, "is_driver") for t in tables], half_sizes(effects.domain, half))
+    settings = {"driver": {"split_seed": seed, "rule_text": tables[0].settings.get("rule_text", ""),
+                           "config": tables[0].settings.get("config", {}),
+                           "hashed": "index" if texts is None else "text"}}
+    return Replication(df, summary, settings)
 
 
 # ----- causal rate ---------------------------------------------------------------------------------
@@ -299,4 +331,5 @@ def spearman_by_layer(a: CausalEffects, b: CausalEffects) -> pd.DataFrame:
 
 
 __all__: Sequence[str] = ("DriverTable", "bootstrap_mean_ci", "causal_rate", "causal_rate_from_selections",
-                          "driver_experts", "paired_median_test", "spearman_by_layer")
+                          "driver_experts", "paired_median_test", "replicate_drivers", "spearman_by_layer",
+                          "subset_effects")

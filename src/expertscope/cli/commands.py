@@ -51,7 +51,7 @@ def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
 
 COMMANDS = (
     Command("run", None, "runs/study", """Run the whole study into one directory: profile → domain experts → driver
-    experts → causal rate → tokens → expert map → steering study → report.html.
+    experts → replication → causal rate → tokens → expert map → steering study → report.html.
 
     With no options it is run_study(StudyConfig()): the bundled demo model, the synthetic emotion / knowledge /
     math domains, every analysis at its API defaults.
@@ -86,10 +86,11 @@ COMMANDS = (
 
       expertscope domains runs/study --domain-rule z --z 2 --entropy eq1 -o runs/study-z
     """, T.show_domains),
-    Command("drivers", ("drivers", "causal_rate"), "runs/drivers", """Causal effect of every (layer, expert) on the
+    Command("drivers", ("drivers", "replication", "causal_rate"), "runs/drivers", """Causal effect of every (layer, expert) on the
     prediction; driver experts; causal rate.
 
-    Writes ce.parquet, drivers.parquet/.csv, causal_rate.parquet/.csv and manifest.json into --out; checkpoints
+    Writes ce.parquet, drivers.parquet/.csv, replication.parquet (drivers on disjoint halves),
+    causal_rate.parquet/.csv and manifest.json into --out; checkpoints
     after every batch (continue with --resume).
 
     Examples:

@@ -47,12 +47,15 @@ class DomainFindings:
     largest_ce: float | None = None
     ce_floor: float | None = None
     detectable_ce: float | None = None
+    detectable_ce_by_layer: dict[int, float] = field(default_factory=dict)
     causal_rate_peak: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
     saturated: bool = False
     steering_changes: list[dict[str, Any]] = field(default_factory=list)
     steering_null: list[str] = field(default_factory=list)
     not_applicable: list[dict[str, str]] = field(default_factory=list)
+    domain_replication: dict[str, Any] | None = None
+    driver_replication: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -89,7 +92,7 @@ def _flag(df: pd.DataFrame, column: str) -> pd.Series:
     return df[column].fillna(False).astype(bool) if column in df.columns else pd.Series(False, index=df.index)
 
 
-def _domain_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: int) -> None:
+def _domain_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: int | None) -> None:
     f.domain_rule = str(meta.get("rule_text", ""))
     if "n_sequences" in g.columns and len(g):
         f.n_sequences = int(g["n_sequences"].iloc[0])
@@ -98,7 +101,7 @@ def _domain_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: 
     flagged = g[_flag(g, "is_domain_expert")]
     f.n_domain_experts = len(flagged)
     key = "lift" if "lift" in g.columns else "specificity"
-    for r in flagged.sort_values(key, ascending=False).head(top).to_dict("records"):
+    for r in flagged.sort_values(key, ascending=False).head(top).to_dict("records"):  # top None: all
         f.domain_experts.append({
             "layer": int(r["layer"]), "expert": int(r["expert"]), "activation_rate": _f(r, "activation_rate"),
             "lift": _f(r, "lift"), "lift_lo": _f(r, "lift_lo"), "lift_hi": _f(r, "lift_hi"),
@@ -109,7 +112,7 @@ def _domain_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: 
         f.activation_halfwidth = float(half.median()) if len(half) else None
 
 
-def _driver_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: int) -> None:
+def _driver_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: int | None) -> None:
     f.driver_rule = str(meta.get("rule_text", ""))
     g = g.dropna(subset=["ce_mean"])
     if not len(g):
@@ -126,8 +129,13 @@ def _driver_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: 
     medians = (g.groupby("layer")["layer_median"].first() if "layer_median" in g.columns
                else g.groupby("layer")["ce_mean"].median())
     if len(medians) and not math.isnan(ratio):
-        detect = float(medians.min()) * ratio
-        f.detectable_ce = max(detect, f.ce_floor or 0.0)
+        # The bar each layer sets: max(min_ratio × the layer's median CE, floor) (the table's own threshold
+        # where it has one); the smallest of them is the least a driver anywhere could have.
+        bars = {int(layer): max(float(m) * ratio, f.ce_floor or 0.0) for layer, m in medians.items()}
+        if "threshold" in g.columns and (meta.get("config") or {}).get("rule", "fdr") == "fdr":
+            bars = {int(layer): float(t) for layer, t in g.groupby("layer")["threshold"].first().items()}
+        f.detectable_ce_by_layer = bars
+        f.detectable_ce = min(bars.values())
     for r in flagged.sort_values("ce_mean", ascending=False).head(top).to_dict("records"):
         med = float(medians.get(r["layer"], float("nan")))
         ratio_to_median = _f(r, "ce_mean") / med if med > 0 else float("nan")
@@ -177,8 +185,9 @@ def _steering_part(f: DomainFindings, g: pd.DataFrame) -> None:
             f.steering_null.append(str(r["condition"]))
 
 
-def findings(tables: dict[str, pd.DataFrame], top: int = 3) -> list[DomainFindings]:
-    """One :class:`DomainFindings` per domain of the run's tables (domain-expert table order)."""
+def findings(tables: dict[str, pd.DataFrame], top: int | None = None) -> list[DomainFindings]:
+    """One :class:`DomainFindings` per domain of the run's tables (domain-expert table order). The expert
+    lists hold every flagged expert, strongest first (``top``: keep only that many, e.g. for a preview)."""
     dom = tables.get("domain_experts")
     drv = tables.get("drivers")
     rate = tables.get("causal_rate")
@@ -199,6 +208,7 @@ def findings(tables: dict[str, pd.DataFrame], top: int = 3) -> list[DomainFindin
             _rate_part(f, rate[rate["domain"].astype(str) == d])
         if st is not None and len(st) and "condition" in st.columns:
             _steering_part(f, st[st["domain"].astype(str) == d])
+        replication_part(f, tables.get("replication"))
         out.append(f)
     return out
 
@@ -227,8 +237,8 @@ def sentences(f: DomainFindings) -> list[str]:
     if f.n_domain_experts:
         best = "; ".join(
             f"layer {e['layer']} expert {e['expert']}: lift {_n(e['lift'], 2)}{_ci(e['lift_lo'], e['lift_hi'], 2)}, "
-            f"activation {_n(e['activation_rate'])}, q = {_n(e['q_value'], 2)}" for e in f.domain_experts)
-        out.append(f"{f.n_domain_experts} domain expert(s). Strongest: {best}.")
+            f"activation {_n(e['activation_rate'])}, q = {_n(e['q_value'], 2)}" for e in f.domain_experts[:SHOWN])
+        out.append(f"{f.n_domain_experts} domain expert(s). {_strongest(len(f.domain_experts))}: {best}.")
     elif f.n_domain_experts == 0:
         hw = (f" Activation rates are known to ±{_n(f.activation_halfwidth, 2)} (median 95% CI half-width), so "
               "differences smaller than that, or lifts below the rule's minimum, could not be flagged."
@@ -237,11 +247,14 @@ def sentences(f: DomainFindings) -> list[str]:
     if f.n_drivers:
         best = "; ".join(
             f"layer {e['layer']} expert {e['expert']}: CE {_n(e['ce'])}{_ci(e['ce_lo'], e['ce_hi'])} nats "
-            f"({_n(e['ratio_to_median'], 2)}× its layer's median)" for e in f.drivers)
-        out.append(f"{f.n_drivers} driver expert(s). Strongest: {best}.")
+            f"({_n(e['ratio_to_median'], 2)}× its layer's median)" for e in f.drivers[:SHOWN])
+        out.append(f"{f.n_drivers} driver expert(s). {_strongest(len(f.drivers))}: {best}.")
     elif f.n_drivers == 0:
         floor = f"; the floor is {_n(f.ce_floor)} nats" if f.ce_floor is not None else ""
-        det = (f"; with this sample the smallest mean CE the rule could flag is about {_n(f.detectable_ce)} nats"
+        bars = ", ".join(f"layer {layer}: {_n(b)}" for layer, b in sorted(f.detectable_ce_by_layer.items()))
+        det = (f"; a driver needs a mean CE of at least {_n(f.detectable_ce)} nats in some layer (the rule's bar per "
+               f"layer, max(min_ratio × the layer's median, floor): {bars})" if f.detectable_ce is not None and bars
+               else f"; with this sample the smallest mean CE the rule could flag is about {_n(f.detectable_ce)} nats"
                if f.detectable_ce is not None else "")
         out.append(f"No driver experts (largest mean CE {_n(f.largest_ce)} nats{floor}{det}). Nothing was steered "
                    "as this domain's drivers.")
@@ -260,6 +273,7 @@ def sentences(f: DomainFindings) -> list[str]:
                    + ".")
     for c in f.not_applicable:
         out.append(f"{c['condition'].replace('_', ' ')}: not applicable ({c['reason']}).")
+    out += replication_sentences(f)
     return out
 
 
@@ -273,6 +287,72 @@ def findings_record(tables: dict[str, pd.DataFrame], manifest: dict[str, Any] | 
     }
 
 
+# ----- replication -----------------------------------------------------------------------------------------
+#: The Jaccard of the halves' sets at or above which a domain's experts are said to replicate (docs/methods.md).
+REPLICATES = 0.6
+
+
+def replication_part(f: DomainFindings, rep: pd.DataFrame | None) -> None:
+    """Each listed expert's status in the two halves (``halves``: both / one / neither, or None when the run
+    has no replication table) and, per rule, the halves' Jaccard and the experts found in both."""
+    if rep is None or "kind" not in rep.columns:
+        return
+    summary = pd.DataFrame(table_meta(rep).get("summary") or [])
+    for kind, listed, attr in (("domain", f.domain_experts, "domain_replication"),
+                               ("driver", f.drivers, "driver_replication")):
+        g = rep[(rep["kind"] == kind) & (rep["domain"].astype(str) == f.domain)]
+        s = summary[(summary["kind"] == kind) & (summary["domain"].astype(str) == f.domain)] if len(summary) \
+            else summary
+        if not len(s):
+            continue
+        row = s.iloc[0]
+        status = {(int(r.layer), int(r.expert)): str(r.status) for r in g.itertuples()}
+        for e in listed:
+            e["halves"] = status.get((e["layer"], e["expert"]), "neither")
+        full = g[g["in_full"].astype(bool)]
+        setattr(f, attr, {
+            "jaccard": _f(row, "jaccard"), "n_inputs_a": int(row["n_inputs_a"]), "n_inputs_b": int(row["n_inputs_b"]),
+            "n_half_a": int(row["n_half_a"]), "n_half_b": int(row["n_half_b"]), "n_both": int(row["n_both"]),
+            "replicated": [{"layer": int(r.layer), "expert": int(r.expert)} for r in full.itertuples()
+                           if r.status == "both"],
+            "not_replicated": [{"layer": int(r.layer), "expert": int(r.expert), "halves": str(r.status)}
+                               for r in full.itertuples() if r.status != "both"],
+        })
+
+
+def _names(experts: list[dict[str, Any]]) -> str:
+    return ", ".join(f"L{e['layer']}E{e['expert']}" for e in experts)
+
+
+def replication_sentences(f: DomainFindings) -> list[Sentence]:
+    """One sentence per rule: the halves' sizes and Jaccard, which flagged experts were found in both halves,
+    and, below :data:`REPLICATES`, that the set does not replicate."""
+    out = []
+    for label, r in (("Domain experts", f.domain_replication), ("Drivers", f.driver_replication)):
+        if r is None:
+            continue
+        j = r["jaccard"]
+        head = (f"{label} on two disjoint halves ({r['n_inputs_a']} and {r['n_inputs_b']} inputs, split by a hash of "
+                f"the text): {r['n_half_a']} and {r['n_half_b']} found, {r['n_both']} in both")
+        if j is None or (isinstance(j, float) and math.isnan(j)):
+            out.append(Sentence(head + "; none in either half, so nothing to replicate.", f.domain))
+            continue
+        verdict = "replicates" if j >= REPLICATES else f"does not replicate (below {REPLICATES})"
+        parts = [f"{head}; Jaccard {j:.2f}: the set {verdict}."]
+        if r["replicated"]:
+            parts.append(f"Found in both halves: {_names(r['replicated'])}.")
+        if r["not_replicated"]:
+            parts.append(f"Not in both: {_names(r['not_replicated'])}.")
+        out.append(Sentence(" ".join(parts), f.domain))
+    return out
+
+
+def _strongest(n: int) -> str:
+    return "Strongest" if n <= SHOWN else f"Strongest {SHOWN} of {n} (all in findings.json)"
+
+
+#: How many experts a sentence names; the record lists them all.
+SHOWN = 3
 
 # ----- section readings: every sentence of the report's sections ----------------------------------------
 class Sentence(str):
@@ -379,11 +459,13 @@ def read_expert_types(df: pd.DataFrame, drivers: pd.DataFrame | None = None) -> 
         share = {t: float(g.loc[g["type"] == t, "activation_rate"].sum()) / tot for t in
                  ("general", "domain", "driver", "both")}
         n = g[g["type"] != "below uniform"].groupby("type").size()
+        # Each expert in one type: one that is both a domain and a driver expert counts once, as "both".
         out.append(Sentence(
             f"In {d}, general experts take {_pct(share['general'])} of routed selections, domain experts "
-            f"{_pct(share['domain'] + share['both'])} and driver experts {_pct(share['driver'] + share['both'])} "
-            f"({int(n.get('general', 0))} general, {int(n.get('domain', 0) + n.get('both', 0))} domain and "
-            f"{int(n.get('driver', 0) + n.get('both', 0))} driver experts among those activated above uniform).", d))
+            f"{_pct(share['domain'])}, driver experts {_pct(share['driver'])} and experts that are both "
+            f"{_pct(share['both'])} ({int(n.get('general', 0))} general, {int(n.get('domain', 0))} domain, "
+            f"{int(n.get('driver', 0))} driver and {int(n.get('both', 0))} both, among those activated above "
+            "uniform; no expert is counted twice).", d))
     return out
 
 
@@ -685,7 +767,8 @@ COLUMN_HELP: dict[str, str] = {
 # ----- run status: the banner of a run that did not finish ------------------------------------------------
 #: The stages of ``expertscope run`` in order (``study.STAGES``; a test keeps the two equal). Used for
 #: manifests that do not list their ``planned_stages``.
-STUDY_STAGES = ("profile", "domain_experts", "drivers", "causal_rate", "tokens", "expert_map", "steering", "report")
+STUDY_STAGES = ("profile", "domain_experts", "drivers", "replication", "causal_rate", "tokens", "expert_map",
+                "steering", "report")
 
 
 @dataclass
@@ -739,8 +822,10 @@ __all__ = [
     "COLUMN_HELP",
     "HOW_TO_READ",
     "NO_DRIVERS",
+    "REPLICATES",
     "SATURATED",
     "SCALE_NOTE",
+    "SHOWN",
     "STUDY_STAGES",
     "DomainFindings",
     "RunStatus",
@@ -761,6 +846,8 @@ __all__ = [
     "read_saturated",
     "read_steering",
     "read_sweep",
+    "replication_part",
+    "replication_sentences",
     "report_intro",
     "run_status",
     "sentences",

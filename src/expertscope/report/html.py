@@ -69,6 +69,7 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "steering": ("steering.parquet",),
     "steering_sweep": ("steering_sweep.parquet",),
     "routing_mi": ("routing_mi.parquet",),
+    "replication": ("replication.parquet",),
 }
 FIGURE_DIR = "figures"
 #: Rows a table embeds at most (the page shows ``rows`` of them at a time); the full table is the file.
@@ -420,6 +421,26 @@ def _driver_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
                                      source="drivers.parquet"))
 
 
+def _replication_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    """Replication: per rule and domain, the halves' sets and Jaccard; the sentences come from the findings."""
+    from .findings import findings, replication_sentences
+
+    rep = tables.get("replication")
+    if rep is None:
+        return ""
+    summary = pd.DataFrame(table_meta(rep).get("summary") or [])
+    body = reading(_safe(lambda: [x for f in findings(tables) for x in replication_sentences(f)]))
+    if len(summary):
+        body += table_html(summary, ["kind", "domain", "n_inputs_a", "n_inputs_b", "n_full", "n_half_a", "n_half_b",
+                                     "n_both", "jaccard", "n_full_replicated"], rows=20,
+                           title="Replication on disjoint halves (per rule and domain)")
+    if len(rep):
+        body += table_html(rep, ["kind", "domain", "layer", "expert", "in_full", "in_half_a", "in_half_b", "status"],
+                           rows=20, title="Each expert flagged on all inputs or on a half",
+                           source="replication.parquet")
+    return body
+
+
 def _token_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
     pos = tables.get("positions")
@@ -501,6 +522,7 @@ Section = Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]
 SECTIONS: list[tuple[str, str, Section]] = [
     ("domain", "Domain experts", _domain_section),
     ("drivers", "Driver experts", _driver_section),
+    ("replication", "Replication", _replication_section),
     ("routing", "Routing and the domain", _routing_section),
     ("tokens", "Tokens", _token_section),
     ("map", "Expert map", _map_section),

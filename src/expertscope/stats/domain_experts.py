@@ -15,6 +15,7 @@ from ..config import DomainExpertConfig, resolve_config
 from ..errors import ConfigError
 from ..io import read_table, write_table
 from .profile import RoutingProfile
+from .rules import bh_qvalues, bh_text, bootstrap_weights, passes, percentile_bounds, rule_text, z_rule_text
 
 TABLE_VERSION = 2
 
@@ -62,24 +63,6 @@ def _specificity(S: np.ndarray) -> np.ndarray:
     """``S(D_j) - mean_{k≠j} S(D_k)`` along axis -3 (domains), shape preserved."""
     D = S.shape[-3]
     return S - (S.sum(axis=-3, keepdims=True) - S) / (D - 1)
-
-
-def bh_qvalues(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values) of a flat array; NaNs stay NaN."""
-    p = np.asarray(p, dtype=float)
-    q = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    m = int(ok.sum())
-    if m == 0:
-        return q
-    pv = p[ok]
-    order = np.argsort(pv)
-    ranked = pv[order] * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(ranked, 1.0)
-    q[ok] = out
-    return q
 
 
 def activation_lift(A: np.ndarray) -> np.ndarray:
@@ -275,12 +258,12 @@ def domain_experts(
         hs = profile.seq_stats(hname).reshape(-1, L * E)
         dom = profile.seq_domain.astype(np.int64)
         if cfg.n_boot > 0:
-            lo_q, hi_q = 100 * (1 - cfg.ci) / 2, 100 * (1 + cfg.ci) / 2
+            lo_q, hi_q = percentile_bounds(cfg.ci)
             boot = {k: np.empty((cfg.n_boot, D, L * E)) for k in ("A", "H", "S")}
             for d in range(D):
                 # Stratified: each domain's sequences resampled with replacement, as multinomial weights.
                 idx = np.flatnonzero(dom == d)
-                W = rng.multinomial(len(idx), np.full(len(idx), 1 / len(idx)), size=cfg.n_boot).astype(np.float64)
+                W = bootstrap_weights(len(idx), cfg.n_boot, rng)
                 boot["A"][:, d], boot["H"][:, d], boot["S"][:, d] = _rates(
                     (W @ tok[idx])[:, None], W @ sel[idx], W @ hs[idx], cfg.conditional)
             if comparable:
@@ -298,12 +281,15 @@ def domain_experts(
             ps, pa, nd = permutation_pvalues(tok, sel, hs, dom, D, cfg.conditional, n_perm, rng, test,
                                              cfg.perm_stop)
             pvals, act_p, n_done = ps.reshape(D, L, E), pa.reshape(D, L, E), nd.reshape(L, E)
-    qvals = bh_qvalues(pvals.ravel()).reshape(D, L, E)
-    act_q = bh_qvalues(act_p.ravel()).reshape(D, L, E)
+    qvals = bh_qvalues(pvals)
+    act_q = bh_qvalues(act_p)
 
     pass_test = (spec >= threshold) & (sd > 0) if cfg.rule == "z" else qvals <= cfg.alpha
     pass_lift = lift >= cfg.min_lift
-    is_dom = pass_test & above_uniform & (pass_lift if cfg.rule == "fdr" else True) & comparable
+    criteria = {"test": pass_test, "uniform": above_uniform}
+    if cfg.rule == "fdr":
+        criteria["lift"] = pass_lift
+    is_dom = passes(criteria) & comparable
     is_driver = np.zeros((D, L, E), bool)
     if drivers is not None and len(drivers):
         d_index = {d: i for i, d in enumerate(profile.domains)}
@@ -347,14 +333,13 @@ def domain_experts(
                  if test == "permutation" else
                  f"normal approximation of the permutation null of specificity ({n_perm} permutations)")
     if cfg.rule == "z":
-        rule_text = (f"specificity >= mean + {cfg.z} sd (ddof=0) of the layer's experts, and A > k/E "
-                     f"(cap: at most {E}/(1+{cfg.z}^2) = {E / (1 + cfg.z**2):.2f} experts per layer can reach z)")
+        text = rule_text(z_rule_text("specificity", E, cfg.z), "A > k/E")
     else:
-        rule_text = (f"BH q <= {cfg.alpha} over {m} cells on a {test_text}; A > k/E; "
-                     f"lift A(D)/mean A(others) >= {cfg.min_lift}")
+        text = rule_text(bh_text(cfg.alpha, m, f"a {test_text}"), "A > k/E",
+                         f"lift A(D)/mean A(others) >= {cfg.min_lift}")
     settings = {
         "config": cfg.to_dict(),
-        "rule_text": rule_text,
+        "rule_text": text,
         "test": test if (cfg.rule == "fdr" or n_perm > 0) and comparable else None,
         "n_perm": n_perm,
         "n_tests": m,
