@@ -251,21 +251,41 @@ class CausalConfig(BaseConfig):
 
 @dataclass(frozen=True)
 class InterventionConfig(BaseConfig):
-    """Settings of :func:`expertscope.interventions.study.intervention_study` (the paper's Tables 1–2).
+    """Settings of :func:`expertscope.interventions.study.intervention_study` (the paper's Tables 1–2 with
+    controls, a dose–response and a selectivity matrix; definitions in ``docs/methods.md``).
 
     ``scale_up``/``scale_down`` steer each domain's targets in the ↑/↓ rows (``mode="scale"``: logits × s;
-    ``"bias"``: logits + ln s); ``sweep_scales``/``sweep_counts`` are the sweeps over the scale and the number
-    of strongest targets. ``finetune`` trains the router LoRA row (for domains given a training split) with
-    the ``finetune_*`` settings of :func:`expertscope.finetune_router`. Deltas against the original model
-    come with ``ci`` paired-bootstrap intervals (``n_boot`` resamples). A domain whose original accuracy is at
-    least ``saturation`` is labelled saturated: there is little room for steering to improve it.
+    ``"bias"``: logits + ln s). The dose–response steers each kind of target at: ablation (``dose_mask``),
+    every factor of ``dose_scales`` (scale mode) and of ``dose_biases`` (bias mode: + ln s); the ↑/↓ rows
+    are always among its points. Every targeted point is paired with ``n_controls`` matched random control
+    draws (as many non-target experts in the same layers, seeded) and, with ``busiest``, the most active
+    non-target experts of those layers (activation rates from the domain-expert table). ``selectivity``
+    ablates each domain's experts and evaluates every domain. ``limit``: items per domain evaluated under
+    every condition. Deltas come with ``ci`` paired-bootstrap intervals (``n_boot`` resamples of the items).
+    ``finetune`` trains the router-LoRA row (for domains given a training split) with the ``finetune_*``
+    settings of :func:`expertscope.finetune_router`. A domain whose original accuracy is at least
+    ``saturation`` is labelled saturated.
+
+    Budget (why the defaults): the study runs, per domain, 1 + K·S·(1 + n_controls + 1) + K·(D − 1) + 1
+    evaluations (K = 2 kinds with targets, S strengths, D domains): with the defaults (S = 7: mask, ×0.5, ×0.8,
+    ×1.2, ×2, +ln 0.5, +ln 2; 5 draws + busiest) that is 104 evaluations per domain of the demo. On the
+    project's 2-core machine an evaluation of the demo costs about 0.06 s of one core per item summed over
+    its three domains (classification, which scores 7 labels, and generation dominate), so 104 × 0.06 s ×
+    ``limit`` must stay within the few minutes `expertscope run` can spend: ``limit=60`` gives ≈ 6 min at
+    today's evaluation speed. More items narrow the intervals (≈ ±0.1 at 60 items when a fifth of the items
+    flip); raise ``limit`` when time allows, lower ``n_controls`` or the strengths when it does not.
     """
 
     scale_up: float = 1.2
     scale_down: float = 0.8
     mode: Literal["scale", "bias"] = "scale"
-    sweep_scales: tuple[float, ...] = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
-    sweep_counts: tuple[int, ...] = (1, 2, 4, 8)
+    limit: int | None = 60
+    n_controls: int = 5
+    busiest: bool = True
+    dose_mask: bool = True
+    dose_scales: tuple[float, ...] = (0.5, 0.8, 1.2, 2.0)
+    dose_biases: tuple[float, ...] = (0.5, 2.0)
+    selectivity: bool = True
     batch_size: int = 16
     n_boot: int = 1000
     ci: float = 0.95
@@ -282,18 +302,22 @@ class InterventionConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         # Lists (from JSON manifests or callers) become tuples, so the frozen config stays hashable.
-        object.__setattr__(self, "sweep_scales", tuple(float(s) for s in self.sweep_scales))
-        object.__setattr__(self, "sweep_counts", tuple(int(c) for c in self.sweep_counts))
+        object.__setattr__(self, "dose_scales", tuple(float(s) for s in self.dose_scales))
+        object.__setattr__(self, "dose_biases", tuple(float(s) for s in self.dose_biases))
         super().__post_init__()
 
     def validate(self) -> None:
-        if self.scale_up <= 0 or self.scale_down <= 0 or any(s <= 0 for s in self.sweep_scales):
-            raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
-        if any(c <= 0 for c in self.sweep_counts):
-            raise ConfigError(f"sweep_counts={self.sweep_counts!r} must be positive counts: e.g. (1, 2, 4)")
-        if not isinstance(self.finetune, bool):
-            raise ConfigError(f"finetune={self.finetune!r} must be True or False: set the LoRA through "
-                              "finetune_epochs, finetune_lr, finetune_max_steps, finetune_batch_size, ...")
+        scales = (self.scale_up, self.scale_down, *self.dose_scales, *self.dose_biases)
+        if any(not (s > 0 and s == s and s != float("inf")) for s in scales):
+            raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8, dose_scales=(0.5, 2.0)")
+        for name in ("finetune", "busiest", "dose_mask", "selectivity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False" + (
+                    ": set the LoRA through finetune_epochs, finetune_lr, finetune_max_steps, finetune_batch_size, ..."
+                    if name == "finetune" else ""))
+        if isinstance(self.n_controls, bool) or not isinstance(self.n_controls, int) or self.n_controls < 0:
+            raise ConfigError(f"n_controls={self.n_controls!r} must be a whole number >= 0: e.g. 5")
+        _positive("limit", self.limit, allow_none=True)
         _positive("batch_size", self.batch_size)
         _positive("finetune_batch_size", self.finetune_batch_size)
         _positive("finetune_rank", self.finetune_rank)

@@ -244,9 +244,9 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
     result = intervention_study(
         ctx.model, test, DomainExpertTable.load(ctx.out / "domain_experts.parquet"), ctx.drivers(), train=train,
         config=InterventionConfig(mode=c.steer_mode, scale_up=c.scale_up, scale_down=c.scale_down,
-                                  sweep_scales=(0.6, 0.8, 1.0, 1.2, 1.4), sweep_counts=(1, 2, 4),
                                   finetune_epochs=1, finetune_batch_size=8, finetune_lr=5e-3,
                                   batch_size=c.batch_size, n_boot=c.n_boot, seed=c.seed),
+        progress=ctx.progress,
     )
     result.save(ctx.out)
     t = result.table
