@@ -34,6 +34,8 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "associations": ("token_associations.parquet",),
     "steering": ("steering.parquet",),
     "steering_sweep": ("steering_sweep.parquet",),
+    "steering_dose": ("steering_dose.parquet",),
+    "steering_selectivity": ("steering_selectivity.parquet",),
     "routing_mi": ("routing_mi.parquet",),
 }
 FIGURE_DIR = "figures"
@@ -318,14 +320,15 @@ def read_steering(df: pd.DataFrame) -> list[str]:
 
 
 def read_sweep(df: pd.DataFrame) -> list[str]:
+    """An old run's scale sweep, described without naming a "best" scale: its points have no interval
+    against controls (newer runs replace it by the dose–response with controls)."""
     out = []
     sc = df[df["sweep"] == "scale"] if "sweep" in df.columns else df
     for (d, t), g in sc.groupby(["domain", "targets"], sort=False):
-        best = g.loc[g["accuracy"].idxmax()]
-        one = g[np.isclose(g["scale"].astype(float), 1.0)]
-        base = f" (unsteered {_num(one['accuracy'].iloc[0])})" if len(one) else ""
-        out.append(f"In {d}, scaling the {t} experts gives the best accuracy at s = {_num(best.scale)}: "
-                   f"{_num(best.accuracy)}{base}.")
+        lo, hi = g.loc[g["accuracy"].idxmin()], g.loc[g["accuracy"].idxmax()]
+        out.append(f"In {d}, scaling the {t} experts gives accuracy from {_num(lo.accuracy)} (s = {_num(lo.scale)}) "
+                   f"to {_num(hi.accuracy)} (s = {_num(hi.scale)}); these points have no controls, so no scale is "
+                   "named best.")
     return out
 
 
@@ -515,6 +518,42 @@ def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
     return body
 
 
+def _controls_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    """Do the named experts matter beyond matched controls: the dose–response per domain, the selectivity
+    matrix, and the rows behind them (sentences come from :func:`.findings.control_sentences`)."""
+    from .findings import control_sentences
+
+    dose, sel = tables.get("steering_dose"), tables.get("steering_selectivity")
+    if dose is None or not len(dose):
+        return ""
+    body = ("<p class='note'>Every targeted condition is paired with matched random controls (as many "
+            "non-target experts in the same layers, several seeded draws) and the busiest non-target experts of "
+            "those layers. Δ(target) − mean Δ(control) has a bootstrap interval over items (resampled jointly); "
+            "a condition is <strong>specific</strong> only when that interval excludes 0. The exact test is a "
+            "sign test on the items whose value changed (McNemar for Δ against the unsteered model).</p>")
+    for f in findings(tables):
+        lines = control_sentences(f)
+        if lines:
+            body += f"<h3>{_e(f.domain)}</h3>" + _reading(lines)
+    paths = figures.get("fig_dose") or []
+    for png in [p for p in paths if p.suffix == ".png"]:
+        body += _figure_html([png], f"Dose–response ({png.stem.removeprefix('fig_dose_')}): Δ accuracy of the "
+                             "targets (95% CI) beside random controls (mean and range over draws) and the busiest "
+                             "non-target experts; * marks strengths where Δ(target) − Δ(control) excludes 0.")
+    cols = ["domain", "kind", "strength", "n_targets", "n", "delta", "delta_lo", "delta_hi", "p_exact",
+            "negative_share", "control_delta", "control_delta_min", "control_delta_max", "busiest_delta", "diff",
+            "diff_lo", "diff_hi", "p_vs_control", "q_vs_control", "specific", "changed_selections",
+            "routed_tokens"]
+    shown = dose[dose["applicable"].fillna(False).astype(bool)] if "applicable" in dose.columns else dose
+    body += "<h3>Dose–response with controls</h3>" + table_html(shown, [c for c in cols if c in dose.columns],
+                                                                 rows=200)
+    if sel is not None and len(sel):
+        body += _figure_html(figures.get("fig_selectivity"), "Selectivity: Δ accuracy of each evaluated domain "
+                             "(columns) when a domain's experts are masked (rows), with 95% CIs.")
+        body += "<h3>Selectivity matrix</h3>" + table_html(sel, list(sel.columns), rows=100)
+    return body
+
+
 #: The report's sections in order: findings first, settings last.
 SECTIONS: list[tuple[str, str, Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]]] = [
     ("domain", "Domain experts", _domain_section),
@@ -523,6 +562,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, pd.DataFrame], dict[str, list
     ("tokens", "Tokens", _token_section),
     ("map", "Expert map", _map_section),
     ("steering", "Steering", _steering_section),
+    ("controls", "Beyond controls: dose–response and selectivity", _controls_section),
 ]
 
 
