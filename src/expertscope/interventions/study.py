@@ -506,7 +506,7 @@ def _not_applicable(dom: Domain, condition: str, kind: str, s: Strength | None, 
     row.update(domain=dom.name, task=dom.task, condition=condition, kind=kind, applicable=False, reason=reason,
                strength=s.label if s is not None else "", mode=s.mode if s is not None else "lora",
                scale=s.scale if s is not None and s.mode != "mask" else float("nan"), specific=np.nan,
-               control_reason="")
+               control_reason="", n_targets=0 if s is not None else float("nan"))
     return row
 
 
