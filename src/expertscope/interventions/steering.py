@@ -1,4 +1,5 @@
-"""Steering experts at inference (SPEC §4): scale, bias or mask chosen experts' router logits before routing.
+"""Steering experts at inference (docs/methods.md §5): scale, bias or mask chosen experts' router logits before
+routing.
 
 ``mode="scale"`` (the paper's): ``z_i ← s·z_i``; ``mode="bias"``: ``z_i ← z_i + ln s`` (multiplies expert i's
 pre-normalisation probability by ``s``); ``mode="mask"`` (ablation): expert i can never be selected

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,7 @@ from .controls import (
 from .paired import bh, bootstrap_indices, mcnemar_exact, mean_ci, paired_bootstrap, sign_test
 from .steering import SteeringSpec, steer
 
-KINDS: tuple[str, ...] = ("domain", "driver")
+KINDS: tuple[Literal["domain", "driver"], ...] = ("domain", "driver")
 CONDITIONS = ("original", "domain_up", "domain_down", "domain_mask", "driver_up", "driver_down", "driver_mask",
               "finetune_router")
 TABLE_VERSION = 3
@@ -131,8 +131,9 @@ class InterventionResult:
     selectivity: pd.DataFrame = field(default_factory=pd.DataFrame)
     settings: dict[str, Any] = field(default_factory=dict)
 
-    FILES = {"table": "steering.parquet", "dose": "steering_dose.parquet", "arms": "steering_arms.parquet",
-             "selectivity": "steering_selectivity.parquet"}
+    FILES: ClassVar[dict[str, str]] = {"table": "steering.parquet", "dose": "steering_dose.parquet",
+                                       "arms": "steering_arms.parquet",
+                                       "selectivity": "steering_selectivity.parquet"}
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
@@ -408,7 +409,7 @@ def _paper_points(cfg: InterventionConfig, kind: str) -> list[tuple[str, Strengt
     return out + ([(f"{kind}_mask", Strength("mask"))] if cfg.dose_mask else [])
 
 
-def _plan_size(tasked: list[Domain], arms: dict[str, dict[str, _Arms]], points: list[Strength],
+def _plan_size(tasked: list[Domain], arms: dict[str, dict[Any, _Arms]], points: list[Strength],
                cfg: InterventionConfig, train: dict[str, Domain] | None) -> int:
     """How many distinct evaluations the study will run (for progress)."""
     keys: set[Key] = set()
@@ -463,8 +464,8 @@ def _controlled(runner: _Runner, dom: Domain, kind: str, s: Strength, a: _Arms, 
     rand = [runner.evaluate(dom, c, s, f"{label} control {i + 1}/{len(a.random)}") for i, c in enumerate(a.random)]
     busy = runner.evaluate(dom, a.busiest, s, f"{label} busiest control") if a.busiest else None
     # One resampling of the items for every comparison of this condition (target and controls jointly).
-    idx = bootstrap_indices(len(base.correct), cfg.n_boot, control_seed(cfg.seed, dom.name, kind, s.key)
-                            .integers(2**31))
+    idx = bootstrap_indices(len(base.correct), cfg.n_boot, int(control_seed(cfg.seed, dom.name, kind, s.key)
+                            .integers(2**31)))
     row = _stats_row(dom, f"{kind}_{s.key}", kind, s, len(a.target), tgt, base, cfg, idx,
                      ref.negative_share(a.target))
     nan = float("nan")
@@ -525,7 +526,7 @@ def _finetune_row(runner: _Runner, dom: Domain, base: _Measured, train: Domain |
             "n_targets": nan, "n_parameters": n_params, "specific": np.nan, "control_reason": "no controls for LoRA"}
 
 
-def _selectivity(runner: _Runner, tasked: list[Domain], targets: dict[str, dict[str, _Targets]],
+def _selectivity(runner: _Runner, tasked: list[Domain], targets: dict[str, dict[Any, _Targets]],
                  cfg: InterventionConfig) -> pd.DataFrame:
     """Ablate each domain's experts of each kind, evaluate every domain: Δ with intervals, and for each
     off-diagonal cell the gap ``Δ(i, j) − Δ(i, i)`` with an interval (items of the two domains resampled
@@ -543,8 +544,8 @@ def _selectivity(runner: _Runner, tasked: list[Domain], targets: dict[str, dict[
                 base = runner.evaluate(j, [], None, "original")
                 m = runner.evaluate(j, experts, mask, f"{kind} mask of {i.name}")
                 d = m.correct - base.correct
-                idx = bootstrap_indices(len(d), cfg.n_boot, control_seed(cfg.seed, "selectivity", kind, i.name,
-                                                                        j.name).integers(2**31))
+                idx = bootstrap_indices(len(d), cfg.n_boot, int(control_seed(cfg.seed, "selectivity", kind, i.name,
+                                                                        j.name).integers(2**31)))
                 delta, lo, hi = mean_ci(d, idx, cfg.ci)
                 boots = d[idx].mean(axis=1)
                 cells.append((j, delta, lo, hi, boots, mcnemar_exact(base.correct, m.correct)[0], m))

@@ -1,7 +1,7 @@
 """Routing profiles: mergeable sufficient statistics of router decisions per (domain, layer, expert).
 
 A :class:`RoutingProfile` keeps, for every profiled sequence, its real-token count and per (layer, expert):
-selections, sums of ``h(p̃)`` in both entropy forms (SPEC §2) and gate-weight sums. Domain totals are
+selections, sums of ``h(p̃)`` in both entropy forms (docs/methods.md §2) and gate-weight sums. Domain totals are
 derived from those rows in a canonical order (by domain, then sequence id), so a profile assembled from
 shards (``merge``) equals, bit for bit, the profile of the same batches added in one process. With
 ``keep_sequences=False`` only running totals are kept: memory is then constant in the number of texts,
