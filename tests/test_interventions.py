@@ -189,15 +189,16 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
     from expertscope.evaluation import evaluate
     from expertscope.interventions.study import CONDITIONS, intervention_study
 
-    moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3), tokenizer=tiny_tokenizer())
+    moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3, num_local_experts=8),
+                              tokenizer=tiny_tokenizer())
     dom = load_domain("emo=synthetic:emotion@test", limit=12)
     table = pd.DataFrame({"domain": ["emo"] * 2, "layer": [0, 2], "expert": [1, 3],
                           "is_domain_expert": [True, True], "specificity": [0.2, 0.5]})
     drivers = pd.DataFrame({"domain": ["emo"], "layer": [1], "expert": [0], "is_driver": [True], "ce_mean": [0.1]})
     train = {"emo": load_domain("emo=synthetic:emotion@train", limit=8)}
-    res = intervention_study(moe, [dom], table, drivers, train=train, scale_up=3.0, scale_down=0.3,
-                             sweep_scales=(0.5, 1.0, 2.0), sweep_counts=(1, 2), n_boot=200,
-                             finetune_max_steps=2, finetune_batch_size=4, batch_size=4)
+    res = intervention_study(moe, [dom], table, drivers, train=train, scale_up=3.0, scale_down=0.3, n_boot=200,
+                             n_controls=2, dose_scales=(), dose_biases=(), finetune_max_steps=2,
+                             finetune_batch_size=4, batch_size=4, selectivity=False)
     t = res.table.set_index("condition")
     assert list(t.index) == list(CONDITIONS) and t["applicable"].all() and (t["reason"] == "").all()
     base = evaluate(moe, "classification", dom, batch_size=4)
@@ -208,12 +209,26 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
         assert t.loc[cond, "delta_lo"] <= t.loc[cond, "delta"] + 1e-12 <= t.loc[cond, "delta_hi"] + 2e-12
     # steering with these scales changes routing; the router LoRA was removed afterwards
     assert t.loc["domain_up", "changed_selections"] > 0
+    assert t.loc["domain_mask", "mode"] == "mask"
     assert evaluate(moe, "classification", dom, batch_size=4).accuracy == base.accuracy
-    sweep = res.sweep
-    assert set(sweep["sweep"]) == {"scale", "count"}
-    one = sweep[(sweep.targets == "domain") & (sweep.sweep == "scale") & (sweep.scale == 1.0)]
-    assert float(one.accuracy.iloc[0]) == base.accuracy
-    assert res.settings["finetune_max_steps"] == 2 and res.settings["sweep_scales"] == [0.5, 1.0, 2.0]
+    # The router-LoRA row has its own mode and a parameter count (not a number of targets).
+    lora = t.loc["finetune_router"]
+    assert lora["mode"] == "lora" and np.isnan(lora["n_targets"]) and lora["n_parameters"] == 3 * (8 * 32 + 8 * 8)
+    # Each steered row's control numbers come from the arms table: the mean over draws and Δ(target) − it.
+    arms = res.arms
+    for cond in ("domain_up", "driver_mask"):
+        kind, strength = t.loc[cond, "kind"], t.loc[cond, "strength"]
+        a = arms[(arms.kind == kind) & (arms.strength == strength)]
+        rand = a[a.arm == "random"]
+        assert len(rand) == 2 and t.loc[cond, "control_draws"] == 2
+        assert t.loc[cond, "control_delta"] == pytest.approx(rand["delta"].mean())
+        assert t.loc[cond, "control_delta_min"] == pytest.approx(rand["delta"].min())
+        tgt = a[a.arm == "target"].iloc[0]
+        assert t.loc[cond, "diff"] == pytest.approx(tgt["delta"] - rand["delta"].mean())
+        assert t.loc[cond, "diff_lo"] <= t.loc[cond, "diff"] + 1e-12 <= t.loc[cond, "diff_hi"] + 1e-12
+        assert t.loc[cond, "specific"] == (t.loc[cond, "diff_lo"] > 0 or t.loc[cond, "diff_hi"] < 0)
+        # per-item correctness in the arms table gives the same accuracy
+        assert np.mean([int(c) for c in tgt["correct"]]) == pytest.approx(tgt["accuracy"])
 
 
 @pytest.mark.slow
@@ -234,26 +249,29 @@ def test_intervention_conditions_without_targets_are_not_applicable(make_tiny) -
                             "ce_mean": [2e-4, 7e-4]})
     seen: list[str] = []
     res = intervention_study(moe, [dom], table, drivers, config=InterventionConfig(
-        sweep_scales=(1.0, 2.0), sweep_counts=(1,), n_boot=50, batch_size=5), on_eval=seen.append)
+        dose_scales=(2.0,), dose_biases=(), n_controls=1, n_boot=50, batch_size=5), on_eval=seen.append)
     t = res.table.set_index("condition")
     assert list(t.index) == list(CONDITIONS)
     na = t[~t["applicable"]]
-    assert list(na.index) == ["driver_up", "driver_down", "finetune_router"]
+    assert list(na.index) == ["driver_up", "driver_down", "driver_mask", "finetune_router"]
     assert na.loc["driver_up", "reason"] == "no driver experts (largest mean CE 0.0007 nats)"
     assert na.loc["finetune_router", "reason"] == "no training split given"
     measured = ["n", "accuracy", "ci_low", "ci_high", "delta", "delta_lo", "delta_hi", "changed_selections"]
     assert na[measured].isna().all().all()  # no numbers at all, never 0.000 [0, 0]
-    assert (na["n_targets"] == 0).all()
+    assert (na.drop(index="finetune_router")["n_targets"] == 0).all()
+    assert np.isnan(na.loc["finetune_router", "n_targets"]) and na.loc["finetune_router", "mode"] == "lora"
     assert not any("driver" in label for label in seen)  # nothing evaluated for a condition with no targets
     base = evaluate(moe, "classification", dom, batch_size=5)
     assert t.loc["domain_up", "n"] == base.n and t.loc["original", "accuracy"] == base.accuracy
-    assert set(res.sweep["targets"]) == {"domain"}
+    assert set(res.dose[res.dose["applicable"]]["kind"]) == {"domain"}
+    # The table has no activation rates: the busiest control says so, the random ones are there.
+    assert "no activation rates" in t.loc["domain_up", "control_reason"]
     # No tables at all: every steered condition says which table is missing.
-    bare = intervention_study(moe, [dom], n_boot=20, batch_size=5, sweep_counts=(1,), finetune=False)
+    bare = intervention_study(moe, [dom], n_boot=20, batch_size=5, finetune=False)
     bt = bare.table.set_index("condition")
     assert bt.loc["domain_down", "reason"] == "no domain-expert table given"
     assert bt.loc["finetune_router", "reason"] == "router LoRA switched off (finetune=False)"
-    assert bt["applicable"].sum() == 1 and bare.sweep.empty
+    assert bt["applicable"].sum() == 1 and not bare.arms.shape[0]
 
 
 @pytest.mark.slow
@@ -278,12 +296,14 @@ def test_intervention_config_rule_and_validation() -> None:
 
     with pytest.raises(es.ConfigError, match=r"contradicts config\.scale_up"):
         intervention_study(None, [], config=InterventionConfig(scale_up=1.5), scale_up=2.0)  # type: ignore[arg-type]
-    with pytest.raises(es.ConfigError, match="scales must be positive"):
-        InterventionConfig(sweep_scales=(1.0, 0.0))
+    with pytest.raises(es.ConfigError, match="dose scales must be positive"):
+        InterventionConfig(dose_scales=(1.0, 0.0))
     with pytest.raises(es.ConfigError, match="must be True or False"):
         InterventionConfig(finetune={"epochs": 1})  # type: ignore[arg-type]
-    c = InterventionConfig.from_dict(InterventionConfig(sweep_counts=(1, 3)).to_dict())
-    assert c.sweep_counts == (1, 3) and c.finetune_kwargs()["epochs"] == 1
+    with pytest.raises(es.ConfigError, match="n_controls"):
+        InterventionConfig(n_controls=-1)
+    c = InterventionConfig.from_dict(InterventionConfig(dose_biases=(0.5, 3)).to_dict())
+    assert c.dose_biases == (0.5, 3.0) and c.finetune_kwargs()["epochs"] == 1
 
 
 @pytest.mark.slow
@@ -304,7 +324,9 @@ def test_steer_study_command_and_bad_scale(tmp_path) -> None:
     import pandas as pd
 
     t = pd.read_parquet(tmp_path / "o" / "steering.parquet")
-    assert set(t["mode"]) == {"bias"} and t[t.condition == "domain_up"]["scale"].iloc[0] == 2.0
+    updown = t[t.condition.isin(["domain_up", "domain_down"])]
+    assert set(updown["mode"]) == {"bias"} and t[t.condition == "domain_up"]["scale"].iloc[0] == 2.0
+    assert set(t[t.condition == "domain_mask"]["mode"]) == {"mask"}
     assert "finetune_router" in set(t["condition"]) and "steering study complete" in r.output
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "p"), "--scale-down", "0"])
     assert r.exit_code == 2 and "--scale-down 0.0 is not positive" in r.output
@@ -312,8 +334,8 @@ def test_steer_study_command_and_bad_scale(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) -> None:
-    """A sweep point equal to an up/down row (same targets, same scale) is not evaluated again, and its
-    numbers equal an independent steered evaluation."""
+    """An arm met twice (the ↑ row and the same dose point; a selectivity diagonal and the mask point) is
+    evaluated once, and its numbers equal an independent steered evaluation."""
     import pandas as pd
 
     from expertscope.data.sources import load_domain
@@ -325,13 +347,17 @@ def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) ->
     table = pd.DataFrame({"domain": ["emo"] * 2, "layer": [0, 2], "expert": [1, 3],
                           "is_domain_expert": [True, True], "specificity": [0.2, 0.5]})
     labels: list[str] = []
-    res = intervention_study(moe, [dom], table, None, scale_up=3.0, scale_down=0.3, sweep_scales=(0.3, 1.0, 3.0),
-                             sweep_counts=(1, 2), n_boot=20, batch_size=5, finetune=False, on_eval=labels.append)
-    # original, domain up, domain down, top-1 at 3.0: every other sweep point repeats one of these
-    assert len(labels) == 4, labels
-    sweep = res.sweep.set_index(["sweep", "scale", "n_targets"])["accuracy"]
-    t = res.table.set_index("condition")["accuracy"]
-    assert sweep[("scale", 3.0, 2)] == t["domain_up"] and sweep[("count", 3.0, 2)] == t["domain_up"]
-    assert sweep[("scale", 0.3, 2)] == t["domain_down"] and sweep[("scale", 1.0, 2)] == t["original"]
+    progress: list[tuple[str, int, int]] = []
+    res = intervention_study(moe, [dom], table, None, scale_up=3.0, scale_down=0.3, dose_scales=(0.3, 3.0),
+                             dose_biases=(), n_controls=1, n_boot=20, batch_size=5, finetune=False,
+                             on_eval=labels.append, progress=lambda *a: progress.append(a))
+    # original + 3 strengths (mask, ×0.3, ×3) × (target + 1 control); the ↑/↓ rows and the selectivity
+    # diagonal repeat dose points
+    assert len(labels) == 7, labels
+    assert progress[0] == ("steering", 0, 7) and progress[-1] == ("steering", 7, 7)
+    t = res.table.set_index("condition")
+    d = res.dose.set_index("condition")
+    assert d.loc["domain_x3", "accuracy"] == t.loc["domain_up", "accuracy"]
+    assert res.selectivity.iloc[0]["delta"] == pytest.approx(t.loc["domain_mask", "delta"])
     with es.steer(moe, [(0, 1), (2, 3)], scale=3.0):
-        assert evaluate(moe, "classification", dom, batch_size=5).accuracy == t["domain_up"]
+        assert evaluate(moe, "classification", dom, batch_size=5).accuracy == t.loc["domain_up", "accuracy"]

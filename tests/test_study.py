@@ -18,7 +18,8 @@ runner = CliRunner()
 # No math domain here: greedy generation is the slow part and the steering tests cover it.
 DOMAINS = ["emotion=synthetic:emotion@validation", "knowledge=synthetic:knowledge@validation"]
 TABLES = ["domain_experts.parquet", "drivers.parquet", "causal_rate.parquet", "token_positions.parquet",
-          "token_associations.parquet", "steering.parquet", "steering_sweep.parquet"]
+          "token_associations.parquet", "steering.parquet", "steering_dose.parquet",
+          "steering_arms.parquet", "steering_selectivity.parquet"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_resume_recomputes_only_unfinished_stages_to_the_same_tables(full_run: P
     manifest["status"] = "running"
     (part / "manifest.json").write_text(json.dumps(manifest))
     for f in ["token_positions.parquet", "token_associations.parquet", "steering.parquet",
-              "steering_sweep.parquet", "report.html"]:
+              "steering_dose.parquet", "report.html"]:
         (part / f).unlink()
     r = runner.invoke(app, _args(model_dir, part, "--resume"))
     assert r.exit_code == 0, r.output

@@ -328,14 +328,29 @@ class CausalConfig(BaseConfig):
 
 @dataclass(frozen=True)
 class InterventionConfig(BaseConfig):
-    """Settings of :func:`expertscope.interventions.study.intervention_study` (the paper's Tables 1–2).
+    """Settings of :func:`expertscope.interventions.study.intervention_study` (the paper's Tables 1–2 with
+    controls, a dose–response and a selectivity matrix; definitions in ``docs/methods.md``).
 
     ``scale_up``/``scale_down`` steer each domain's targets in the ↑/↓ rows (``mode="scale"``: logits × s;
-    ``"bias"``: logits + ln s); ``sweep_scales``/``sweep_counts`` are the sweeps over the scale and the number
-    of strongest targets. ``finetune`` trains the router LoRA row (for domains given a training split) with
-    the ``finetune_*`` settings of :func:`expertscope.finetune_router`. Deltas against the original model
-    come with ``ci`` paired-bootstrap intervals (``n_boot`` resamples). A domain whose original accuracy is at
-    least ``saturation`` is labelled saturated: there is little room for steering to improve it.
+    ``"bias"``: logits + ln s). The dose–response steers each kind of target at: ablation (``dose_mask``),
+    every factor of ``dose_scales`` (scale mode) and of ``dose_biases`` (bias mode: + ln s); the ↑/↓ rows
+    are always among its points. Every targeted point is paired with ``n_controls`` matched random control
+    draws (as many non-target experts in the same layers, seeded) and, with ``busiest``, the most active
+    non-target experts of those layers (activation rates from the domain-expert table). ``selectivity``
+    ablates each domain's experts and evaluates every domain. ``limit``: items per domain evaluated under
+    every condition. Deltas come with ``ci`` paired-bootstrap intervals (``n_boot`` resamples of the items).
+    ``finetune`` trains the router-LoRA row (for domains given a training split) with the ``finetune_*``
+    settings of :func:`expertscope.finetune_router`. A domain whose original accuracy is at least
+    ``saturation`` is labelled saturated.
+
+    Budget (why the defaults): the study runs, per domain, 1 + K·S·(1 + n_controls + 1) + K·(D − 1) + 1
+    evaluations (K = 2 kinds with targets, S strengths, D domains): with the defaults (S = 7: mask, ×0.5, ×0.8,
+    ×1.2, ×2, +ln 0.5, +ln 2; 5 draws + busiest) that is 104 evaluations per domain of the demo. On the
+    project's 2-core machine an evaluation of the demo costs about 0.06 s of one core per item summed over
+    its three domains (classification, which scores 7 labels, and generation dominate), so 104 × 0.06 s ×
+    ``limit`` must stay within the few minutes `expertscope run` can spend: ``limit=60`` gives ≈ 6 min at
+    today's evaluation speed. More items narrow the intervals (≈ ±0.1 at 60 items when a fifth of the items
+    flip); raise ``limit`` when time allows, lower ``n_controls`` or the strengths when it does not.
     """
 
     scale_up: float = 1.2
@@ -344,10 +359,20 @@ class InterventionConfig(BaseConfig):
     """Steering factor of the down rows."""
     mode: Literal["scale", "bias"] = "scale"
     """scale (logits x s, the paper's) or bias (logits + ln s)."""
-    sweep_scales: tuple[float, ...] = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
-    """Scales of the sweep (comma-separated)."""
-    sweep_counts: tuple[int, ...] = (1, 2, 4, 8)
-    """Numbers of strongest targets in the sweep (comma-separated)."""
+    limit: int | None = 60
+    """Test items per domain evaluated under every condition (None: all; the budget above)."""
+    n_controls: int = 5
+    """Matched random control draws per targeted condition (0: none, and no claim of specificity)."""
+    busiest: bool = True
+    """Also steer the busiest non-target experts of the same layers (a second control)."""
+    dose_mask: bool = True
+    """Dose-response: include ablation (the targets can never be selected)."""
+    dose_scales: tuple[float, ...] = (0.5, 0.8, 1.2, 2.0)
+    """Dose-response factors in scale mode, logits x s (comma-separated)."""
+    dose_biases: tuple[float, ...] = (0.5, 2.0)
+    """Dose-response factors in bias mode, logits + ln s (comma-separated)."""
+    selectivity: bool = True
+    """Ablate each domain's experts and evaluate every domain (the selectivity matrix)."""
     batch_size: int = 16
     """Texts per forward pass (results do not depend on it)."""
     n_boot: int = 1000
@@ -377,8 +402,8 @@ class InterventionConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         # Lists (from JSON manifests or callers) become tuples, so the frozen config stays hashable.
-        object.__setattr__(self, "sweep_scales", tuple(float(s) for s in self.sweep_scales))
-        object.__setattr__(self, "sweep_counts", tuple(int(c) for c in self.sweep_counts))
+        object.__setattr__(self, "dose_scales", tuple(float(s) for s in self.dose_scales))
+        object.__setattr__(self, "dose_biases", tuple(float(s) for s in self.dose_biases))
         super().__post_init__()
 
     def validate(self) -> None:
@@ -387,13 +412,17 @@ class InterventionConfig(BaseConfig):
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name}={value!r} is not positive and finite: pass a factor > 0, e.g. "
                                   "scale_up=1.2, scale_down=0.8")
-        if any(s <= 0 for s in self.sweep_scales):
-            raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
-        if any(c <= 0 for c in self.sweep_counts):
-            raise ConfigError(f"sweep_counts={self.sweep_counts!r} must be positive counts: e.g. (1, 2, 4)")
-        if not isinstance(self.finetune, bool):
-            raise ConfigError(f"finetune={self.finetune!r} must be True or False: set the LoRA through "
-                              "finetune_epochs, finetune_lr, finetune_max_steps, finetune_batch_size, ...")
+        if any(not (s > 0 and math.isfinite(s)) for s in (*self.dose_scales, *self.dose_biases)):
+            raise ConfigError(f"dose scales must be positive and finite, got {self.dose_scales + self.dose_biases}: "
+                              "e.g. dose_scales=(0.5, 2.0)")
+        for name in ("finetune", "busiest", "dose_mask", "selectivity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False" + (
+                    ": set the LoRA through finetune_epochs, finetune_lr, finetune_max_steps, finetune_batch_size, ..."
+                    if name == "finetune" else ""))
+        if isinstance(self.n_controls, bool) or not isinstance(self.n_controls, int) or self.n_controls < 0:
+            raise ConfigError(f"n_controls={self.n_controls!r} must be a whole number >= 0: e.g. 5")
+        _positive("limit", self.limit, allow_none=True)
         _positive("batch_size", self.batch_size)
         _positive("finetune_batch_size", self.finetune_batch_size)
         _positive("finetune_rank", self.finetune_rank)
@@ -491,8 +520,6 @@ class StudyConfig(BaseConfig):
     """NAME=SOURCE[?text=FIELD&label=FIELD&labels=a,b,c...] specs (none: the synthetic benchmark)."""
     limit: int | None = 300
     """Texts per domain for profiling, domain experts, tokens and the causal rate (None: all)."""
-    eval_limit: int | None = 300
-    """Test examples per domain in the steering study (None: all)."""
     train_limit: int | None = 300
     """Training examples per domain for the router LoRA (None: all)."""
     dtype: str = "auto"
@@ -579,7 +606,7 @@ class StudyConfig(BaseConfig):
 
             raise InputTypeError(f"domains must be a list of NAME=SOURCE specs, got one string {self.domains!r}: "
                                  "wrap it in a list")
-        for name in ("limit", "eval_limit", "train_limit"):
+        for name in ("limit", "train_limit"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name}={value!r} is not a positive whole number: pass e.g. {name}=100, "

@@ -119,7 +119,7 @@ TABLE_ONLY_STAGES: set[str] = set()
 NO_DATA_STAGES: set[str] = {"lm_eval"}
 #: Run-level StudyConfig fields only some stages read (the others are read by every stage using the model).
 RUN_FIELD_STAGES: dict[str, tuple[str, ...]] = {
-    "eval_limit": ("steering",), "train_limit": ("steering",), "executor": ("profile",), "workers": ("profile",),
+    "train_limit": ("steering",), "executor": ("profile",), "workers": ("profile",),
     "gpus_per_worker": ("profile",),
 }
 
@@ -299,7 +299,7 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
     assert ctx.inputs.test is not None and ctx.inputs.train is not None  # prepare() loads them for this stage
     result = intervention_study(ctx.model, ctx.inputs.test, DomainExpertTable.load(ctx.path("domain_experts.parquet")),
                                 ctx.drivers(), train={d.name: d for d in ctx.inputs.train},
-                                config=ctx.config.intervention)
+                                config=ctx.config.intervention, progress=ctx.progress)
     result.save(ctx.out)
     t = result.table
     # Not-applicable conditions (no targets) are recorded as null, never as a number.
@@ -526,7 +526,7 @@ def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyIn
     check_stage_inputs(specs, chosen)
     inputs = StudyInputs(source, specs, load_domains(specs, limit=config.limit, seed=config.seed))
     if "steering" in chosen:
-        inputs.test = load_domains(config.split_specs("test"), limit=config.eval_limit, seed=config.seed)
+        inputs.test = load_domains(config.split_specs("test"), limit=config.intervention.limit, seed=config.seed)
         inputs.train = load_domains(config.split_specs("train"), limit=config.train_limit, seed=config.seed)
     for name in chosen:
         if name in ROW_CHECKS:

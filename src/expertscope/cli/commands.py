@@ -86,8 +86,8 @@ COMMANDS = (
 
       expertscope domains runs/study --domain-rule z --z 2 --entropy eq1 -o runs/study-z
     """, T.show_domains),
-    Command("drivers", ("drivers", "replication", "causal_rate"), "runs/drivers", """Causal effect of every (layer, expert) on the
-    prediction; driver experts; causal rate.
+    Command("drivers", ("drivers", "replication", "causal_rate"), "runs/drivers", """Causal effect of every
+    (layer, expert) on the prediction; driver experts; their replication; causal rate.
 
     Writes ce.parquet, drivers.parquet/.csv, replication.parquet (drivers on disjoint halves),
     causal_rate.parquet/.csv and manifest.json into --out; checkpoints

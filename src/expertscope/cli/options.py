@@ -29,6 +29,7 @@ RENAMES: dict[tuple[str | None, str], str] = {
     ("causal", "limit"): "causal-limit",
     ("causal", "method"): "causal-method",
     ("intervention", "mode"): "steer-mode",
+    ("intervention", "limit"): "eval-limit",
     ("domain_experts", "test"): "domain-test",
 }
 #: Section prefix of a field whose name other sections use with another type.

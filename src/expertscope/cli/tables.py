@@ -73,16 +73,23 @@ def print_steering(table: Any) -> None:
             if not getattr(r, "applicable", True):
                 reasons.setdefault(str(r.reason), []).append(str(r.condition))
         caption = "; ".join(f"{', '.join(c)}: not applicable: {why}" for why, c in reasons.items()) or None
-        t = table_of(title, ("condition", "targets", "accuracy", "Δ acc [95% CI]", "weighted F1",
-                             "changed selections"), left=("condition",), caption=caption)
+        t = table_of(title, ("condition", "targets", "accuracy", "Δ acc [95% CI]", "Δ − random control [95% CI]",
+                             "weighted F1", "changed selections"), left=("condition",), caption=caption)
         for r in rows.itertuples():
             if not getattr(r, "applicable", True):
-                t.add_row(r.condition, "0", "n/a", "—", "—", "—")
+                t.add_row(r.condition, "0", "n/a", "—", "—", "—", "—")
                 continue
             delta = "—" if r.condition == "original" else f"{r.delta:+.3f} [{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
+            diff = getattr(r, "diff", float("nan"))
+            vs = "—" if diff != diff else (f"{diff:+.3f} [{r.diff_lo:+.3f}, {r.diff_hi:+.3f}]"
+                                           + (" specific" if getattr(r, "specific", False) is True else ""))
             f1 = "—" if r.weighted_f1 != r.weighted_f1 else f"{r.weighted_f1:.3f}"
-            changed = "—" if r.changed_selections < 0 else str(int(r.changed_selections))
-            t.add_row(r.condition, str(int(r.n_targets)), f"{r.accuracy:.3f}", delta, f1, changed)
+            changed = r.changed_selections
+            changed_s = "—" if changed != changed or changed < 0 else str(int(changed))
+            n_par = getattr(r, "n_parameters", float("nan"))
+            targets = (f"LoRA, {int(n_par):,} params" if n_par == n_par
+                       else "—" if r.n_targets != r.n_targets else str(int(r.n_targets)))
+            t.add_row(r.condition, targets, f"{r.accuracy:.3f}", delta, vs, f1, changed_s)
         out_console.print(t)
 
 

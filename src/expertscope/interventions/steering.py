@@ -1,8 +1,12 @@
-"""Steering experts at inference (docs/methods.md §5): scale or bias chosen experts' router logits before routing.
+"""Steering experts at inference (docs/methods.md §5): scale, bias or mask chosen experts' router logits before
+routing.
 
 ``mode="scale"`` (the paper's): ``z_i ← s·z_i``; ``mode="bias"``: ``z_i ← z_i + ln s`` (multiplies expert i's
-pre-normalisation probability by ``s``). Scaling a negative logit moves it the other way: ``s > 1`` makes
-a negative logit more negative. Applies to every token, prompt and generated; ``s = 1`` is bit-identical.
+pre-normalisation probability by ``s``); ``mode="mask"`` (ablation): expert i can never be selected
+(``z_i ← -inf``, or the family's equivalent before its own grouping, bias correction and top-k: DeepSeek-V3's
+choice score), so each token goes to its next choice; ``scale`` is ignored. Scaling a negative logit moves it
+the other way: ``s > 1`` makes a negative logit more negative. Applies to every token, prompt and generated;
+``s = 1`` is bit-identical.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ Target = tuple[int, int]
 
 @dataclass(frozen=True)
 class SteeringSpec(BaseConfig):
-    """What to steer: ``targets`` ``((layer, expert), ...)``, the factor ``scale`` and the ``mode``."""
+    """What to steer: ``targets`` ``((layer, expert), ...)``, the factor ``scale`` and the ``mode``
+    (``"mask"`` ignores ``scale``)."""
 
     targets: tuple[Target, ...] = ()
     scale: float = 1.2
-    mode: Literal["scale", "bias"] = "scale"
+    mode: Literal["scale", "bias", "mask"] = "scale"
 
     def validate(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
@@ -67,7 +72,7 @@ class SteeringSpec(BaseConfig):
             raise ConfigError(f"{where}: scale {scale!r} is not a number: write e.g. \"scale\": 1.2")
         mode = d.get("mode", "scale")
         if not isinstance(mode, str):
-            raise ConfigError(f"{where}: mode {mode!r} is not a string: use \"scale\" or \"bias\"")
+            raise ConfigError(f"{where}: mode {mode!r} is not a string: use \"scale\", \"bias\" or \"mask\"")
         return cls(targets=tuple((a, b) for a, b in targets), scale=float(scale), mode=mode)  # type: ignore[arg-type]
 
     def save(self, path: str | Path) -> None:
@@ -123,8 +128,11 @@ def _pairs(items: Any) -> list[Target]:
 class Steering:
     """A context manager (or ``attach``/``detach``) applying a :class:`SteeringSpec` to a model's routers.
 
-    ``changed`` counts, per layer, the tokens whose selected set differs from what the same router input
-    would have selected without steering (the direct effect at that layer); ``seen`` counts routed tokens.
+    ``changed`` counts, per targeted layer, the router rows whose selected set (the router's own output)
+    differs from what the same router input selects without steering (the direct effect at that layer);
+    ``seen`` counts router rows. Both count router passes as the model makes them, padding and repeated
+    prompts included, so they depend on batching: per-token counts independent of batch size come from
+    :func:`expertscope.interventions.controls.routing_changes`.
     """
 
     model: MoEModel
@@ -133,6 +141,7 @@ class Steering:
     changed: dict[int, int] = field(default_factory=dict)
     seen: dict[int, int] = field(default_factory=dict)
     _hooks: RouterHooks | None = None
+    _pre: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         layers = {s.layer: s for s in self.model.sites}
@@ -150,23 +159,28 @@ class Steering:
         vec_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
         def transform(site: RouterSite, z: torch.Tensor) -> torch.Tensor:
+            if self.count_changes:
+                self._pre[site.layer] = z.detach()
+            if self.spec.mode == "mask":  # the hooks' masks do it (and reach DeepSeek-V3's choice scores)
+                return z
             key = (z.dtype, z.device)
             if key not in vec_cache:
                 base = 1.0 if self.spec.mode == "scale" else 0.0
                 v = torch.full((z.shape[-1],), base, dtype=z.dtype, device=z.device)
                 v[experts] = s if self.spec.mode == "scale" else math.log(s)
                 vec_cache[key] = v
-            new = z * vec_cache[key] if self.spec.mode == "scale" else z + vec_cache[key]
-            if self.count_changes:
-                self._count(site, z, new)
-            return new
+            return z * vec_cache[key] if self.spec.mode == "scale" else z + vec_cache[key]
 
         return transform
 
-    def _count(self, site: RouterSite, old: torch.Tensor, new: torch.Tensor) -> None:
+    def _count(self, site: RouterSite, call: Any) -> None:
+        """Compare the router's own selection with what its unsteered logits select."""
+        old = self._pre.pop(site.layer, None)
+        if old is None:
+            return
         with torch.no_grad():
             a, _ = site.adapter.site_route(site, old.reshape(-1, site.num_experts))
-            b, _ = site.adapter.site_route(site, new.reshape(-1, site.num_experts))
+            b = call.indices
             diff = (a.sort(-1).values != b.sort(-1).values).any(-1)
             self.changed[site.layer] = self.changed.get(site.layer, 0) + int(diff.sum())
             self.seen[site.layer] = self.seen.get(site.layer, 0) + int(diff.numel())
@@ -179,7 +193,11 @@ class Steering:
         for layer, expert in self.spec.targets:
             by_layer.setdefault(layer, []).append(expert)
         transforms = {layer: self._transform(self.model.site(layer), experts) for layer, experts in by_layer.items()}
-        self._hooks = RouterHooks(self.model, transforms=transforms)
+        masks = by_layer if self.spec.mode == "mask" else None
+        self._pre = {}
+        self._hooks = RouterHooks(self.model, transforms=transforms, masks=masks,
+                                  record=list(by_layer) if self.count_changes else False,
+                                  on_call=self._count)
         self._hooks.__enter__()
         return self
 
@@ -203,14 +221,17 @@ def steer(
     model: MoEModel,
     targets: Iterable[Target] | Any = (),
     scale: float = 1.2,
-    mode: Literal["scale", "bias"] = "scale",
+    mode: Literal["scale", "bias", "mask"] = "scale",
     domain: str | None = None,
     spec: SteeringSpec | None = None,
+    count_changes: bool = True,
 ) -> Steering:
-    """Steer ``targets`` (pairs, a domain-expert or driver table, with ``domain``) by ``scale`` in ``mode``.
+    """Steer ``targets`` (pairs, a domain-expert or driver table, with ``domain``) by ``scale`` in ``mode``
+    (``"mask"``: the targets can never be selected; ``scale`` is ignored).
 
     Use as ``with es.steer(model, targets, 1.2): ...`` or ``s = es.steer(...).attach(); ...; s.detach()``.
+    ``count_changes=False`` skips the per-router-pass counts (``changed``/``seen``), which cost a re-route.
     """
     if spec is None:
         spec = SteeringSpec(targets=tuple(targets_from(targets, domain)), scale=scale, mode=mode)
-    return Steering(model, spec)
+    return Steering(model, spec, count_changes=count_changes)

@@ -1,45 +1,107 @@
-"""The paper's Tables 1–2 on any model: evaluate each domain's task with domain or driver experts steered
-up and down, and with a router-only LoRA; plus sweeps over the scale and the number of targeted experts."""
+"""The paper's Tables 1–2 on any model, with controls (docs/methods.md): do the experts a run names matter more
+than any others?
+
+For every domain with a task, each kind of target (its domain experts, its drivers) is steered at every
+strength of a dose–response (ablation by ``mask``, scale factors, bias shifts). Each targeted condition is
+paired with matched random controls (``n_controls`` draws of as many non-target experts in the same layers)
+and a "busiest" control (the most active non-target experts of those layers in that domain). All arms are
+evaluated on the same items, so effects are paired: ``Δ(target)``, ``Δ(control)`` (mean and range over
+draws) and ``Δ(target) − mean Δ(control)`` with a bootstrap interval over items (resampled jointly for the
+target and every control) and an exact sign test; a condition is *specific* only when that interval
+excludes 0. A selectivity matrix ablates each domain's experts and evaluates every domain. The router-LoRA
+row is trained and evaluated like the paper's.
+
+Outputs (:class:`InterventionResult`): ``table`` (Tables 1–2: original, ↑/↓ and mask rows per kind, router
+LoRA), ``dose`` (every kind × strength), ``arms`` (every evaluated arm, with per-item correctness) and
+``selectivity`` (the D×D matrix per kind).
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 
 from ..config import InterventionConfig, resolve_config
 from ..data.types import Domain
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ModelError
 from ..io import read_table, write_table
 from ..models.model import MoEModel
+from ..progress import ProgressCallback
+from .controls import (
+    RoutingRecord,
+    activation_rates,
+    busiest_control,
+    control_seed,
+    random_controls,
+    record_routing,
+    routing_changes,
+)
+from .paired import bh, bootstrap_indices, mcnemar_exact, mean_ci, paired_bootstrap, sign_test
 from .steering import SteeringSpec, steer
 
-CONDITIONS = ("original", "domain_up", "domain_down", "driver_up", "driver_down", "finetune_router")
-TABLE_VERSION = 2
+KINDS: tuple[Literal["domain", "driver"], ...] = ("domain", "driver")
+CONDITIONS = ("original", "domain_up", "domain_down", "domain_mask", "driver_up", "driver_down", "driver_mask",
+              "finetune_router")
+TABLE_VERSION = 3
 
-#: The columns of the steering table, in order.
-ROW_COLUMNS = ("domain", "task", "condition", "applicable", "reason", "mode", "scale", "n_targets", "n",
-               "accuracy", "ci_low", "ci_high", "weighted_f1", "delta", "delta_lo", "delta_hi", "delta_f1",
-               "changed_selections", "routed_tokens", "saturated")
+#: The columns of the steering table (and of the dose table, which adds ``kind``/``strength``), in order.
+ROW_COLUMNS = ("domain", "task", "condition", "kind", "strength", "applicable", "reason", "mode", "scale",
+               "n_targets", "n_parameters", "n", "accuracy", "ci_low", "ci_high", "weighted_f1", "delta",
+               "delta_lo", "delta_hi", "delta_f1", "p_exact", "items_gained", "items_lost", "negative_share",
+               "changed_selections", "routed_tokens", "control_draws", "control_delta", "control_delta_min",
+               "control_delta_max", "control_changed", "busiest_delta", "busiest_delta_lo", "busiest_delta_hi",
+               "diff", "diff_lo", "diff_hi", "p_vs_control", "q_vs_control", "diff_busiest", "diff_busiest_lo",
+               "diff_busiest_hi", "p_vs_busiest", "specific", "control_reason", "saturated")
+
+__all__ = ["CONDITIONS", "KINDS", "InterventionResult", "Strength", "intervention_study", "paired_bootstrap",
+           "ranked_targets", "strengths"]
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
-                     ) -> tuple[float, float, float]:
-    """Mean of ``b - a`` over paired examples and its percentile bootstrap CI (examples resampled)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    d = b - a
-    if len(d) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-    boots = d[idx].mean(axis=1)
-    lo, hi = np.percentile(boots, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
-    return float(d.mean()), float(lo), float(hi)
+@dataclass(frozen=True)
+class Strength:
+    """One point of the dose–response: ``mode`` ``"mask"``, ``"scale"`` (logits × s) or ``"bias"`` (+ ln s)."""
+
+    mode: Literal["mask", "scale", "bias"]
+    scale: float = float("nan")
+
+    @property
+    def label(self) -> str:
+        if self.mode == "mask":
+            return "mask"
+        return f"×{self.scale:g}" if self.mode == "scale" else f"+ln {self.scale:g}"
+
+    @property
+    def key(self) -> str:
+        """The condition suffix: ``mask``, ``x0.5``, ``bias2``."""
+        if self.mode == "mask":
+            return "mask"
+        return f"x{self.scale:g}" if self.mode == "scale" else f"bias{self.scale:g}"
+
+    @property
+    def identity(self) -> bool:
+        return self.mode != "mask" and self.scale == 1.0
+
+    def spec(self, targets: Sequence[tuple[int, int]]) -> SteeringSpec:
+        return SteeringSpec(targets=tuple(targets), scale=1.0 if self.mode == "mask" else self.scale,
+                            mode=self.mode)
+
+
+def strengths(cfg: InterventionConfig) -> list[Strength]:
+    """The dose–response points in order: mask, scale factors ascending, bias factors ascending. The paper's
+    ↑/↓ rows (``scale_up``/``scale_down`` in ``mode``) are always among them."""
+    scales = set(cfg.dose_scales) | ({cfg.scale_up, cfg.scale_down} if cfg.mode == "scale" else set())
+    biases = set(cfg.dose_biases) | ({cfg.scale_up, cfg.scale_down} if cfg.mode == "bias" else set())
+    out: list[Strength] = [Strength("mask")] if cfg.dose_mask else []
+    out += [Strength("scale", s) for s in sorted(scales) if s != 1.0]
+    out += [Strength("bias", s) for s in sorted(biases) if s != 1.0]
+    return out
 
 
 def ranked_targets(table: Any, domain: str, kind: Literal["domain", "driver"]) -> list[tuple[int, int]]:
@@ -51,7 +113,7 @@ def ranked_targets(table: Any, domain: str, kind: Literal["domain", "driver"]) -
     flag, key = ("is_domain_expert", "specificity") if kind == "domain" else ("is_driver", "ce_mean")
     if flag not in rows.columns:
         raise ConfigError(f"the {kind} table has no {flag!r} column: pass a table made by expertscope")
-    rows = rows[rows[flag].astype(bool)]
+    rows = rows[rows[flag].fillna(False).astype(bool)]
     if key in rows.columns:
         rows = rows.sort_values(key, ascending=False, kind="stable")
     return [(int(r.layer), int(r.expert)) for r in rows.itertuples()]
@@ -59,76 +121,157 @@ def ranked_targets(table: Any, domain: str, kind: Literal["domain", "driver"]) -
 
 @dataclass
 class InterventionResult:
-    """``table``: one row per (domain, condition); ``sweep``: accuracy per (domain, targets, scale, count)."""
+    """``table``: Tables 1–2 (one row per domain × condition); ``dose``: one row per domain × kind × strength;
+    ``arms``: every evaluated arm (target, random draws, busiest) with per-item correctness;
+    ``selectivity``: Δ of each evaluated domain when another domain's experts are ablated."""
 
     table: pd.DataFrame
-    sweep: pd.DataFrame
+    dose: pd.DataFrame = field(default_factory=pd.DataFrame)
+    arms: pd.DataFrame = field(default_factory=pd.DataFrame)
+    selectivity: pd.DataFrame = field(default_factory=pd.DataFrame)
     settings: dict[str, Any] = field(default_factory=dict)
+
+    FILES: ClassVar[dict[str, str]] = {"table": "steering.parquet", "dose": "steering_dose.parquet",
+                                       "arms": "steering_arms.parquet",
+                                       "selectivity": "steering_selectivity.parquet"}
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
-        write_table(d / "steering.parquet", self.table, meta={"table": "steering", "version": TABLE_VERSION,
+        for attr, name in self.FILES.items():
+            version = {"version": TABLE_VERSION} if attr == "table" else {}
+            write_table(d / name, getattr(self, attr), meta={"table": name.removesuffix(".parquet"), **version,
                                                              **self.settings})
-        write_table(d / "steering_sweep.parquet", self.sweep, meta={"table": "steering_sweep", **self.settings})
 
     @classmethod
     def load(cls, directory: str | Path) -> InterventionResult:
-        table, meta = read_table(Path(directory) / "steering.parquet")
-        sweep, _ = read_table(Path(directory) / "steering_sweep.parquet")
-        return cls(table, sweep, meta)
+        d = Path(directory)
+        table, meta = read_table(d / cls.FILES["table"])
+        rest = {attr: read_table(d / name)[0] if (d / name).exists() else pd.DataFrame()
+                for attr, name in cls.FILES.items() if attr != "table"}
+        return cls(table, rest["dose"], rest["arms"], rest["selectivity"], meta)
 
 
-def intervention_study(
-    model: MoEModel,
-    domains: Sequence[Domain],
-    domain_table: Any = None,
-    driver_table: Any = None,
-    train: dict[str, Domain] | None = None,
-    config: InterventionConfig | None = None,
-    *,
-    on_eval: Callable[[str], None] | None = None,
-    **overrides: Any,
-) -> InterventionResult:
-    """Evaluate every domain (with a ``task``) under each condition of :data:`CONDITIONS`.
-
-    Settings come from ``config`` (an :class:`~expertscope.config.InterventionConfig`) and/or keyword
-    overrides of its fields; a keyword contradicting an explicit ``config`` raises ConfigError.
-    ``domain_table``/``driver_table`` give each domain's targets; ``train`` maps a domain to its training
-    split for the router LoRA. Deltas against ``original`` come with paired bootstrap CIs over examples;
-    ``changed_selections`` counts tokens whose selected set the steering changed (summed over layers; -1
-    where not counted: the router-LoRA row, whose ``n_targets`` is its trainable parameter count).
-
-    A condition with nothing to measure (a domain with no domain or driver experts, no training split for
-    the LoRA) is one row with ``applicable=False``, the ``reason`` in words, and NaN in every measured column:
-    never an accuracy equal to the original with a CI of [0, 0]. ``saturated`` marks domains whose original
-    accuracy is at least ``config.saturation``. ``on_eval(label)`` reports progress.
-    """
-    cfg = resolve_config(InterventionConfig, config, overrides)
-    tasked = [d for d in domains if d.task is not None]
-    if not tasked:
-        raise DataError("no domain has an evaluation task: use presets, synthetic domains or ?task=... in the spec")
-    t0 = time.perf_counter()
-    runner = _Runner(model, cfg, on_eval)
-    rows: list[dict[str, Any]] = []
-    sweep_rows: list[dict[str, Any]] = []
-    for dom in tasked:
-        targets = {"domain": _domain_targets(domain_table, dom.name, "domain"),
-                   "driver": _domain_targets(driver_table, dom.name, "driver")}
-        base = runner.evaluate(dom, [], 1.0, "original")
-        saturated = bool(base.accuracy >= cfg.saturation)
-        dom_rows = [_row(dom, "original", cfg, base, base, 0, 1.0, 0, 0)]
-        dom_rows += _steering_rows(runner, dom, base, targets, cfg)
-        dom_rows.append(_finetune_row(runner, dom, base, (train or {}).get(dom.name), cfg))
-        rows += [{**r, "saturated": saturated} for r in dom_rows]
-        sweep_rows += _sweep_rows(runner, dom, base, targets, cfg)
-    settings = {**cfg.to_dict(), "sweep_scales": list(cfg.sweep_scales), "sweep_counts": list(cfg.sweep_counts),
-                "seconds": round(time.perf_counter() - t0, 3),
-                "note": ("scale mode multiplies logits: a negative logit scaled by s > 1 moves down"
-                         if cfg.mode == "scale" else "bias mode adds ln(s) to the targeted logits")}
-    return InterventionResult(pd.DataFrame(rows, columns=ROW_COLUMNS), pd.DataFrame(sweep_rows), settings)
+# ----- evaluation with caching ----------------------------------------------------------------------------
+Key = tuple[str, tuple[tuple[int, int], ...], str, float]
 
 
+@dataclass
+class _Measured:
+    """One evaluated arm: the task's EvalResult, per-item correctness and routing changes per real token."""
 
+    result: Any
+    correct: np.ndarray
+    changed: int
+    routed: int
+
+
+class _Runner:
+    """Evaluates a domain's task with targets steered, once per distinct (domain, targets, strength)."""
+
+    def __init__(self, model: MoEModel, cfg: InterventionConfig, on_eval: Callable[[str], None] | None,
+                 progress: ProgressCallback | None) -> None:
+        self.model, self.cfg, self.on_eval, self.progress = model, cfg, on_eval, progress
+        self.done: dict[Key, _Measured] = {}
+        self.reference: dict[str, tuple[list[list[int]], RoutingRecord]] = {}
+        self.evaluations = 0
+        self.total = 0
+        self.finished = 0
+
+    @staticmethod
+    def key(dom: Domain, targets: Sequence[tuple[int, int]], s: Strength | None) -> Key:
+        if s is None or not targets or s.identity:
+            return (dom.name, (), "none", 1.0)
+        return (dom.name, tuple(sorted(targets)), s.mode, 1.0 if s.mode == "mask" else s.scale)
+
+    def _tick(self, label: str) -> None:
+        if self.on_eval:
+            self.on_eval(label)
+
+    def _step(self) -> None:
+        self.finished += 1
+        if self.progress is not None:
+            self.progress("steering", self.finished, max(self.total, self.finished))
+
+    def _sequences(self, dom: Domain, base: Any) -> list[list[int]]:
+        """Each item's tokens for counting routing changes: its prompt, and for generation the unsteered
+        model's continuation (the tokens it generates from)."""
+        from ..data import prompts
+
+        tok = self.model.tokenizer
+        seqs = []
+        for ex, pred in zip(dom.examples, base.predictions, strict=True):
+            ids = list(tok(prompts.prompt(str(dom.task), ex), add_special_tokens=True)["input_ids"])
+            if dom.task == "math" and pred.get("generation"):
+                ids += list(tok(str(pred["generation"]), add_special_tokens=False)["input_ids"])
+            seqs.append(ids)
+        return seqs
+
+    def evaluate(self, dom: Domain, targets: Sequence[tuple[int, int]], s: Strength | None, label: str
+                 ) -> _Measured:
+        from ..evaluation import evaluate
+
+        key = self.key(dom, targets, s)
+        if key in self.done:
+            return self.done[key]
+        self._tick(f"{dom.name}: {label}")
+        self.evaluations += 1
+        cfg = self.cfg
+        if key[2] == "none":
+            res = evaluate(self.model, dom.task, dom, batch_size=cfg.batch_size)
+            seqs = self._sequences(dom, res)
+            self.reference[dom.name] = (seqs, record_routing(self.model, seqs, cfg.batch_size))
+            m = _Measured(res, _correct(res), 0, self.reference[dom.name][1].n_tokens * len(self.model.layers))
+        else:
+            assert s is not None
+            spec = s.spec(targets)
+            with steer(self.model, spec=spec, count_changes=False):
+                res = evaluate(self.model, dom.task, dom, batch_size=cfg.batch_size)
+            seqs, ref = self._reference(dom)
+            rec = record_routing(self.model, seqs, cfg.batch_size, steering=steer(self.model, spec=spec,
+                                                                                   count_changes=False))
+            if s.mode == "mask":
+                _check_masked(rec, spec.targets)
+            changed, routed = routing_changes(ref, rec)
+            m = _Measured(res, _correct(res), changed, routed)
+        self.done[key] = m
+        self._step()
+        return m
+
+    def _reference(self, dom: Domain) -> tuple[list[list[int]], RoutingRecord]:
+        if dom.name not in self.reference:
+            self.evaluate(dom, [], None, "original")
+        return self.reference[dom.name]
+
+    def finetune(self, dom: Domain, train: Domain) -> tuple[_Measured, int]:
+        """Train the router LoRA on ``train``, evaluate ``dom`` and count its routing changes, unload."""
+        from ..evaluation import evaluate
+        from .router_lora import finetune_router
+
+        self._tick(f"{dom.name}: finetune_router (training)")
+        seqs, ref = self._reference(dom)
+        ft = finetune_router(self.model, train, task=dom.task, **self.cfg.finetune_kwargs())
+        try:
+            res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
+            changed, routed = routing_changes(ref, record_routing(self.model, seqs, self.cfg.batch_size))
+        finally:
+            ft.unload()
+        self._step()
+        return _Measured(res, _correct(res), changed, routed), int(ft.trainable_parameters)
+
+
+def _check_masked(rec: RoutingRecord, targets: Sequence[tuple[int, int]]) -> None:
+    """A masked expert selected anywhere means the mask did not reach this router's choice: stop."""
+    for layer, expert in targets:
+        if any(bool((t == expert).any()) for t in rec.selections[layer]):
+            raise ModelError(f"mask of expert {expert} at layer {layer} did not remove it from the router's "
+                             "selection: mode='mask' is not supported for this router; please report the model")
+
+
+def _correct(res: Any) -> np.ndarray:
+    return np.array([bool(p["correct"]) for p in res.predictions], dtype=float)
+
+
+# ----- the study ------------------------------------------------------------------------------------------
 @dataclass
 class _Targets:
     """One kind of a domain's targets, strongest first; ``missing`` says in words why there are none."""
@@ -153,126 +296,276 @@ def _domain_targets(table: Any, domain: str, kind: Literal["domain", "driver"]) 
     return _Targets([], f"no {kind} experts")
 
 
-class _Runner:
-    """Evaluates a domain's task, steering given targets; counts routing changes."""
+@dataclass
+class _Arms:
+    """The arms of one (domain, kind): targets, random control draws and the busiest control."""
 
-    def __init__(self, model: MoEModel, cfg: InterventionConfig, on_eval: Callable[[str], None] | None) -> None:
-        self.model, self.cfg, self.on_eval = model, cfg, on_eval
-        self.changed = self.seen = 0
-        # Steering is deterministic, so a condition met twice (a sweep point equal to an up/down row, s = 1
-        # equal to the original) is evaluated once: same numbers, less time.
-        self._done: dict[tuple[str, tuple[tuple[int, int], ...], float], tuple[Any, int, int]] = {}
-        self.evaluations = 0
-
-    def evaluate(self, dom: Domain, targets: Sequence[tuple[int, int]], scale: float, label: str) -> Any:
-        """The task's EvalResult with ``targets`` steered by ``scale``; routing counts in ``changed/seen``."""
-        from ..evaluation import evaluate
-
-        key = (dom.name, tuple(sorted(targets)) if scale != 1.0 else (), scale if targets else 1.0)
-        if key in self._done:
-            res, self.changed, self.seen = self._done[key]
-            return res
-        if self.on_eval:
-            self.on_eval(f"{dom.name}: {label}")
-        self.changed = self.seen = 0
-        self.evaluations += 1
-        if not targets or scale == 1.0:
-            res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
-        else:
-            spec = SteeringSpec(targets=tuple(targets), scale=scale, mode=self.cfg.mode)
-            with steer(self.model, spec=spec) as s:
-                res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
-            self.changed, self.seen = s.total_changed, sum(s.seen.values())
-        self._done[key] = (res, self.changed, self.seen)
-        return res
+    target: tuple[tuple[int, int], ...]
+    random: list[tuple[tuple[int, int], ...]]
+    busiest: tuple[tuple[int, int], ...]
+    reason: str = ""
+    busiest_reason: str = ""
 
 
-def _correct(res: Any) -> np.ndarray:
-    return np.array([bool(p["correct"]) for p in res.predictions])
+def _arms(model: MoEModel, cfg: InterventionConfig, dom: str, kind: str, targets: list[tuple[int, int]],
+          activation: dict[tuple[int, int], float]) -> _Arms:
+    num = {s.layer: s.num_experts for s in model.sites}
+    rng = control_seed(cfg.seed, dom, kind)
+    draws, reason = random_controls(targets, num, cfg.n_controls, rng) if cfg.n_controls else ([], "n_controls=0")
+    busiest, breason = ((), "busiest control switched off") if not cfg.busiest else (
+        busiest_control(targets, activation, num) if activation else ((), "no activation rates (domain table)"))
+    return _Arms(tuple(sorted(targets)), draws, busiest, reason, breason)
 
 
-def _row(dom: Domain, condition: str, cfg: InterventionConfig, res: Any, base: Any, n_targets: int,
-         scale: float, changed: int, seen: int) -> dict[str, Any]:
-    """One measured row: accuracy with its CI, and the paired-bootstrap change against ``base``."""
-    delta, lo, hi = paired_bootstrap(_correct(base), _correct(res), cfg.n_boot, cfg.seed, cfg.ci)
-    f1, f1_base = res.weighted_f1, base.weighted_f1
-    return {
-        "domain": dom.name, "task": dom.task, "condition": condition, "applicable": True, "reason": "",
-        "mode": cfg.mode, "scale": scale, "n_targets": n_targets, "n": res.n, "accuracy": res.accuracy,
-        "ci_low": res.ci_low, "ci_high": res.ci_high, "weighted_f1": f1 if f1 is not None else np.nan,
-        "delta": delta, "delta_lo": lo, "delta_hi": hi,
-        "delta_f1": (f1 - f1_base) if f1 is not None and f1_base is not None else np.nan,
-        "changed_selections": changed, "routed_tokens": seen,
-    }
+def intervention_study(
+    model: MoEModel,
+    domains: Sequence[Domain],
+    domain_table: Any = None,
+    driver_table: Any = None,
+    train: dict[str, Domain] | None = None,
+    config: InterventionConfig | None = None,
+    *,
+    on_eval: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
+    **overrides: Any,
+) -> InterventionResult:
+    """Evaluate every domain (with a ``task``) under each targeted condition with its controls.
+
+    Settings come from ``config`` (an :class:`~expertscope.config.InterventionConfig`) and/or keyword
+    overrides of its fields; a keyword contradicting an explicit ``config`` raises ConfigError. Each domain's
+    first ``config.limit`` items are evaluated under every condition. ``domain_table``/``driver_table`` give
+    each domain's targets (the domain table's ``activation_rate`` also picks the busiest control);
+    ``train`` maps a domain to its training split for the router LoRA.
+
+    A condition with nothing to measure (no domain or driver experts, no training split) is a row with
+    ``applicable=False``, the ``reason`` in words and NaN in every measured column. ``changed_selections``
+    counts (real token, MoE layer) selections that differ from the unsteered run over each item's own
+    tokens (prompt, plus the unsteered continuation for generation), out of ``routed_tokens``: independent
+    of batch size. ``negative_share``: the share of the targets' logits (unsteered, over the same tokens)
+    that are negative: scale mode moves those the other way. ``on_eval(label)`` names each evaluation;
+    ``progress("steering", done, total)`` counts them.
+    """
+    cfg = resolve_config(InterventionConfig, config, overrides)
+    tasked = [d.head(cfg.limit) for d in domains if d.task is not None]
+    if not tasked:
+        raise DataError("no domain has an evaluation task: use presets, synthetic domains or ?task=... in the spec")
+    t0 = time.perf_counter()
+    runner = _Runner(model, cfg, on_eval, progress)
+    points = strengths(cfg)
+    targets = {d.name: {k: _domain_targets(domain_table if k == "domain" else driver_table, d.name, k)
+                        for k in KINDS} for d in tasked}
+    arms = {d.name: {k: _arms(model, cfg, d.name, k, targets[d.name][k].experts, activation_rates(domain_table,
+                                                                                                   d.name))
+                     for k in KINDS if targets[d.name][k].experts} for d in tasked}
+    runner.total = _plan_size(tasked, arms, points, cfg, train)
+    if progress is not None:
+        progress("steering", 0, runner.total)
+
+    rows: list[dict[str, Any]] = []
+    dose_rows: list[dict[str, Any]] = []
+    arm_rows: list[dict[str, Any]] = []
+    for dom in tasked:
+        base = runner.evaluate(dom, [], None, "original")
+        saturated = bool(base.result.accuracy >= cfg.saturation)
+        dom_rows = [_original_row(dom, cfg, base)]
+        for kind in KINDS:
+            t = targets[dom.name][kind]
+            for s in points:
+                if not t.experts:
+                    dose_rows.append(_not_applicable(dom, f"{kind}_{s.key}", kind, s, t.missing))
+                    continue
+                a = arms[dom.name][kind]
+                row, arm_detail = _controlled(runner, dom, kind, s, a, base, cfg)
+                dose_rows.append(row)
+                arm_rows += arm_detail
+        dose_rows = [{**r, "saturated": saturated} for r in dose_rows]
+        for kind in KINDS:
+            for cond, s in _paper_points(cfg, kind):
+                match = [r for r in dose_rows if r["domain"] == dom.name and r["kind"] == kind
+                         and r["strength"] == s.label]
+                dom_rows.append({**match[0], "condition": cond})
+        dom_rows.append(_finetune_row(runner, dom, base, (train or {}).get(dom.name), cfg))
+        rows += [{**r, "saturated": saturated} for r in dom_rows]
+    selectivity = _selectivity(runner, tasked, targets, cfg) if cfg.selectivity else pd.DataFrame()
+
+    dose = pd.DataFrame(dose_rows, columns=ROW_COLUMNS)
+    dose["q_vs_control"] = bh(dose["p_vs_control"].to_numpy(float))
+    table = pd.DataFrame(rows, columns=ROW_COLUMNS)
+    q = dict(zip(zip(dose["domain"], dose["kind"], dose["strength"], strict=True), dose["q_vs_control"],
+                 strict=True))
+    table["q_vs_control"] = [q.get((d, k, s), float("nan"))
+                             for d, k, s in zip(table["domain"], table["kind"], table["strength"], strict=True)]
+    settings = {**cfg.to_dict(), "dose_scales": list(cfg.dose_scales), "dose_biases": list(cfg.dose_biases),
+                "strengths": [s.label for s in points], "evaluations": runner.evaluations,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "note": ("scale mode multiplies logits: a negative logit scaled by s > 1 moves down; bias mode adds "
+                         "ln s; mask removes the expert from selection (the token goes to its next choice)")}
+    return InterventionResult(table, dose, pd.DataFrame(arm_rows), selectivity, settings)
 
 
-def _not_applicable(dom: Domain, condition: str, cfg: InterventionConfig, scale: float, reason: str
-                    ) -> dict[str, Any]:
-    """A condition with nothing to measure: the reason, and NaN wherever a number would be measured."""
+def _paper_points(cfg: InterventionConfig, kind: str) -> list[tuple[str, Strength]]:
+    mode: Literal["scale", "bias"] = cfg.mode
+    out = [(f"{kind}_up", Strength(mode, cfg.scale_up)), (f"{kind}_down", Strength(mode, cfg.scale_down))]
+    return out + ([(f"{kind}_mask", Strength("mask"))] if cfg.dose_mask else [])
+
+
+def _plan_size(tasked: list[Domain], arms: dict[str, dict[Any, _Arms]], points: list[Strength],
+               cfg: InterventionConfig, train: dict[str, Domain] | None) -> int:
+    """How many distinct evaluations the study will run (for progress)."""
+    keys: set[Key] = set()
+    for dom in tasked:
+        keys.add(_Runner.key(dom, [], None))
+        for a in arms[dom.name].values():
+            for s in points:
+                for experts in (a.target, *a.random, a.busiest):
+                    if experts:
+                        keys.add(_Runner.key(dom, experts, s))
+    if cfg.selectivity:
+        for i in tasked:
+            for a in arms[i.name].values():
+                for j in tasked:
+                    keys.add(_Runner.key(j, a.target, Strength("mask")))
+    n_lora = sum(1 for d in tasked if cfg.finetune and (train or {}).get(d.name) is not None)
+    return len(keys) + n_lora
+
+
+def _stats_row(dom: Domain, condition: str, kind: str, s: Strength, n_targets: int, m: _Measured, base: _Measured,
+               cfg: InterventionConfig, idx: np.ndarray, negative_share: float) -> dict[str, Any]:
+    """A measured row: accuracy, its change against ``base`` with interval and exact test."""
+    res = m.result
+    delta, lo, hi = mean_ci(m.correct - base.correct, idx, cfg.ci)
+    p, gained, lost = mcnemar_exact(base.correct, m.correct)
+    f1, f1_base = res.weighted_f1, base.result.weighted_f1
     nan = float("nan")
     return {
-        "domain": dom.name, "task": dom.task, "condition": condition, "applicable": False, "reason": reason,
-        "mode": cfg.mode, "scale": scale, "n_targets": 0, "n": nan, "accuracy": nan, "ci_low": nan,
-        "ci_high": nan, "weighted_f1": nan, "delta": nan, "delta_lo": nan, "delta_hi": nan, "delta_f1": nan,
-        "changed_selections": nan, "routed_tokens": nan,
+        "domain": dom.name, "task": dom.task, "condition": condition, "kind": kind, "strength": s.label,
+        "applicable": True, "reason": "", "mode": s.mode, "scale": s.scale if s.mode != "mask" else nan,
+        "n_targets": n_targets, "n_parameters": nan, "n": res.n, "accuracy": res.accuracy,
+        "ci_low": res.ci_low, "ci_high": res.ci_high, "weighted_f1": f1 if f1 is not None else nan,
+        "delta": delta, "delta_lo": lo, "delta_hi": hi,
+        "delta_f1": (f1 - f1_base) if f1 is not None and f1_base is not None else nan,
+        "p_exact": p, "items_gained": gained, "items_lost": lost, "negative_share": negative_share,
+        "changed_selections": m.changed, "routed_tokens": m.routed,
     }
 
 
-def _steering_rows(runner: _Runner, dom: Domain, base: Any, targets: dict[str, _Targets],
-                   cfg: InterventionConfig) -> list[dict[str, Any]]:
-    """The ↑/↓ rows for domain and driver experts."""
-    rows = []
-    for kind in ("domain", "driver"):
-        t = targets[kind]
-        for direction, scale in (("up", cfg.scale_up), ("down", cfg.scale_down)):
-            condition = f"{kind}_{direction}"
-            if not t.experts:
-                rows.append(_not_applicable(dom, condition, cfg, scale, t.missing))
-                continue
-            res = runner.evaluate(dom, t.experts, scale, condition)
-            rows.append(_row(dom, condition, cfg, res, base, len(t.experts), scale, runner.changed, runner.seen))
-    return rows
+def _original_row(dom: Domain, cfg: InterventionConfig, base: _Measured) -> dict[str, Any]:
+    idx = bootstrap_indices(len(base.correct), cfg.n_boot, cfg.seed)
+    row = _stats_row(dom, "original", "", Strength("scale", 1.0), 0, base, base, cfg, idx, float("nan"))
+    return {**row, "strength": "", "mode": "none", "p_exact": float("nan"), "specific": np.nan}
 
 
-def _finetune_row(runner: _Runner, dom: Domain, base: Any, train: Domain | None,
+def _controlled(runner: _Runner, dom: Domain, kind: str, s: Strength, a: _Arms, base: _Measured,
+                cfg: InterventionConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The target arm at strength ``s`` beside its controls: one dose row and one row per arm."""
+    _, ref = runner._reference(dom)
+    label = f"{kind} {s.label}"
+    tgt = runner.evaluate(dom, a.target, s, label)
+    rand = [runner.evaluate(dom, c, s, f"{label} control {i + 1}/{len(a.random)}") for i, c in enumerate(a.random)]
+    busy = runner.evaluate(dom, a.busiest, s, f"{label} busiest control") if a.busiest else None
+    # One resampling of the items for every comparison of this condition (target and controls jointly).
+    idx = bootstrap_indices(len(base.correct), cfg.n_boot, int(control_seed(cfg.seed, dom.name, kind, s.key)
+                            .integers(2**31)))
+    row = _stats_row(dom, f"{kind}_{s.key}", kind, s, len(a.target), tgt, base, cfg, idx,
+                     ref.negative_share(a.target))
+    nan = float("nan")
+    row.update(control_draws=len(rand), control_delta=nan, control_delta_min=nan, control_delta_max=nan,
+               control_changed=nan, busiest_delta=nan, busiest_delta_lo=nan, busiest_delta_hi=nan, diff=nan,
+               diff_lo=nan, diff_hi=nan, p_vs_control=nan, diff_busiest=nan, diff_busiest_lo=nan,
+               diff_busiest_hi=nan, p_vs_busiest=nan, specific=np.nan,
+               control_reason="; ".join(r for r in (a.reason, a.busiest_reason) if r))
+    if rand:
+        deltas = [float((c.correct - base.correct).mean()) for c in rand]
+        ctrl = np.mean([c.correct for c in rand], axis=0)  # per item: mean correctness over the draws
+        d = tgt.correct - ctrl
+        diff, lo, hi = mean_ci(d, idx, cfg.ci)
+        row.update(control_delta=float(np.mean(deltas)), control_delta_min=min(deltas), control_delta_max=max(deltas),
+                   control_changed=float(np.mean([c.changed for c in rand])), diff=diff, diff_lo=lo, diff_hi=hi,
+                   p_vs_control=sign_test(d)[0], specific=bool(lo > 0 or hi < 0))
+    if busy is not None:
+        bd, blo, bhi = mean_ci(busy.correct - base.correct, idx, cfg.ci)
+        dd, dlo, dhi = mean_ci(tgt.correct - busy.correct, idx, cfg.ci)
+        row.update(busiest_delta=bd, busiest_delta_lo=blo, busiest_delta_hi=bhi, diff_busiest=dd,
+                   diff_busiest_lo=dlo, diff_busiest_hi=dhi, p_vs_busiest=sign_test(tgt.correct - busy.correct)[0])
+    arms = [("target", -1, a.target, tgt)] + [("random", i, c, m) for i, (c, m) in
+                                               enumerate(zip(a.random, rand, strict=True))]
+    if busy is not None:
+        arms.append(("busiest", -1, a.busiest, busy))
+    detail = [{"domain": dom.name, "kind": kind, "strength": s.label, "mode": s.mode,
+               "scale": s.scale if s.mode != "mask" else nan, "arm": arm, "draw": draw,
+               "experts": ";".join(f"{layer}:{e}" for layer, e in experts), "n": m.result.n,
+               "accuracy": m.result.accuracy, "delta": float((m.correct - base.correct).mean()),
+               "negative_share": ref.negative_share(experts), "changed_selections": m.changed,
+               "routed_tokens": m.routed, "correct": "".join(str(int(c)) for c in m.correct)}
+              for arm, draw, experts, m in arms]
+    return row, detail
+
+
+def _not_applicable(dom: Domain, condition: str, kind: str, s: Strength | None, reason: str) -> dict[str, Any]:
+    """A condition with nothing to measure: the reason, and NaN wherever a number would be measured."""
+    row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS, float("nan"))
+    row.update(domain=dom.name, task=dom.task, condition=condition, kind=kind, applicable=False, reason=reason,
+               strength=s.label if s is not None else "", mode=s.mode if s is not None else "lora",
+               scale=s.scale if s is not None and s.mode != "mask" else float("nan"), specific=np.nan,
+               control_reason="", n_targets=0 if s is not None else float("nan"))
+    return row
+
+
+def _finetune_row(runner: _Runner, dom: Domain, base: _Measured, train: Domain | None,
                   cfg: InterventionConfig) -> dict[str, Any]:
-    """The router-LoRA row: train on ``train``, evaluate, unload (``n_targets``: trainable parameters)."""
-    from ..evaluation import evaluate
-    from .router_lora import finetune_router
-
+    """The router-LoRA row (mode ``lora``): its trainable parameter count in ``n_parameters``."""
     if not cfg.finetune:
-        return _not_applicable(dom, "finetune_router", cfg, float("nan"), "router LoRA switched off (finetune=False)")
+        return _not_applicable(dom, "finetune_router", "", None, "router LoRA switched off (finetune=False)")
     if train is None:
-        return _not_applicable(dom, "finetune_router", cfg, float("nan"), "no training split given")
-    if runner.on_eval:
-        runner.on_eval(f"{dom.name}: finetune_router (training)")
-    ft = finetune_router(runner.model, train, task=dom.task, **cfg.finetune_kwargs())
-    try:
-        res = evaluate(runner.model, dom.task, dom, batch_size=cfg.batch_size)
-    finally:
-        ft.unload()
-    # Routing changes are not counted for the LoRA: -1.
-    return _row(dom, "finetune_router", cfg, res, base, ft.trainable_parameters, float("nan"), -1, -1)
+        return _not_applicable(dom, "finetune_router", "", None, "no training split given")
+    m, n_params = runner.finetune(dom, train)
+    idx = bootstrap_indices(len(base.correct), cfg.n_boot, cfg.seed)
+    row = _stats_row(dom, "finetune_router", "", Strength("scale", 1.0), 0, m, base, cfg, idx, float("nan"))
+    nan = float("nan")
+    return {**{c: nan for c in ROW_COLUMNS}, **row, "strength": "", "mode": "lora", "scale": nan,
+            "n_targets": nan, "n_parameters": n_params, "specific": np.nan, "control_reason": "no controls for LoRA"}
 
 
-def _sweep_rows(runner: _Runner, dom: Domain, base: Any, targets: dict[str, _Targets],
-                cfg: InterventionConfig) -> list[dict[str, Any]]:
-    """Accuracy over the scale sweep and over the number of strongest targets (kinds with targets only)."""
-    rows = []
-    for kind in ("domain", "driver"):
-        experts = targets[kind].experts
-        if not experts:
-            continue
-        for scale in cfg.sweep_scales:
-            res = base if scale == 1.0 else runner.evaluate(dom, experts, scale, f"sweep {kind} ×{scale}")
-            rows.append({"domain": dom.name, "targets": kind, "sweep": "scale", "scale": scale,
-                         "n_targets": len(experts), "accuracy": res.accuracy, "ci_low": res.ci_low,
-                         "ci_high": res.ci_high})
-        for count in cfg.sweep_counts:
-            if count > len(experts):
+def _selectivity(runner: _Runner, tasked: list[Domain], targets: dict[str, dict[Any, _Targets]],
+                 cfg: InterventionConfig) -> pd.DataFrame:
+    """Ablate each domain's experts of each kind, evaluate every domain: Δ with intervals, and for each
+    off-diagonal cell the gap ``Δ(i, j) − Δ(i, i)`` with an interval (items of the two domains resampled
+    independently: they are different items)."""
+    mask = Strength("mask")
+    rows: list[dict[str, Any]] = []
+    for kind in KINDS:
+        for i in tasked:
+            experts = targets[i.name][kind].experts
+            if not experts:
                 continue
-            res = runner.evaluate(dom, experts[:count], cfg.scale_up, f"sweep {kind} top-{count}")
-            rows.append({"domain": dom.name, "targets": kind, "sweep": "count", "scale": cfg.scale_up,
-                         "n_targets": count, "accuracy": res.accuracy, "ci_low": res.ci_low,
-                         "ci_high": res.ci_high})
-    return rows
+            diag = None
+            cells = []
+            for j in tasked:
+                base = runner.evaluate(j, [], None, "original")
+                m = runner.evaluate(j, experts, mask, f"{kind} mask of {i.name}")
+                d = m.correct - base.correct
+                idx = bootstrap_indices(len(d), cfg.n_boot, int(control_seed(cfg.seed, "selectivity", kind, i.name,
+                                                                        j.name).integers(2**31)))
+                delta, lo, hi = mean_ci(d, idx, cfg.ci)
+                boots = d[idx].mean(axis=1)
+                cells.append((j, delta, lo, hi, boots, mcnemar_exact(base.correct, m.correct)[0], m))
+                if j.name == i.name:
+                    diag = boots
+            for j, delta, lo, hi, boots, p, m in cells:
+                gap = glo = ghi = float("nan")
+                if diag is not None and j.name != i.name:
+                    g = boots - diag  # independent resamples of two domains' items
+                    gap = delta - _diag_delta(cells, i.name)
+                    glo, ghi = (float(x) for x in np.percentile(g, [100 * (1 - cfg.ci) / 2, 100 * (1 + cfg.ci) / 2]))
+                rows.append({"kind": kind, "ablated": i.name, "evaluated": j.name, "n_targets": len(experts),
+                             "n": m.result.n, "delta": delta, "delta_lo": lo, "delta_hi": hi, "p_exact": p,
+                             "changed_selections": m.changed, "routed_tokens": m.routed,
+                             "gap": gap, "gap_lo": glo, "gap_hi": ghi,
+                             "selective": bool(glo > 0) if not math.isnan(glo) else np.nan})
+    return pd.DataFrame(rows, columns=["kind", "ablated", "evaluated", "n_targets", "n", "delta", "delta_lo",
+                                       "delta_hi", "p_exact", "changed_selections", "routed_tokens", "gap",
+                                       "gap_lo", "gap_hi", "selective"])
+
+
+def _diag_delta(cells: list[Any], name: str) -> float:
+    return next(float(c[1]) for c in cells if c[0].name == name)

@@ -43,19 +43,28 @@ class RouterCall:
     weights: torch.Tensor
 
 
-class _LogitsMode(TorchFunctionMode):
-    """Applies ``handler`` to the result of the first ``F.linear`` call made while the mode is active."""
+#: ``after(func, args, out) -> out``: sees every torch call the router makes after its logits (masking).
+AfterLogits = Callable[[Any, tuple, Any], Any]
 
-    def __init__(self, handler: Callable[[torch.Tensor], torch.Tensor]) -> None:
+
+class _LogitsMode(TorchFunctionMode):
+    """Applies ``handler`` to the result of the first ``F.linear`` call made while the mode is active, and
+    ``after`` (if given) to every later call's result (a mask reaching a family's choice scores)."""
+
+    def __init__(self, handler: Callable[[torch.Tensor], torch.Tensor], after: AfterLogits | None = None) -> None:
         super().__init__()
         self.handler = handler
+        self.after = after
         self.logits: torch.Tensor | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if self.logits is None and func is F.linear:
-            out = self.handler(out)
-            self.logits = out
+        if self.logits is None:
+            if func is F.linear:
+                out = self.handler(out)
+                self.logits = out
+        elif self.after is not None:
+            out = self.after(func, args, out)
         return out
 
 
@@ -76,6 +85,7 @@ class _Interceptor:
         self.clients: list[RouterHooks] = []
         self.handles: list[Any] = []
         self.modes: list[_LogitsMode] = []
+        self.choice_seen = True
 
     def add(self, client: RouterHooks) -> None:
         if not self.clients:
@@ -97,15 +107,37 @@ class _Interceptor:
                 self.modes.pop().__exit__(None, None, None)
             _INTERCEPTORS.pop(self.site.module, None)
 
+    def _masked(self) -> list[int]:
+        """The experts some active client masks at this layer (never selectable), sorted."""
+        out: set[int] = set()
+        for client in self.clients:
+            out.update(client.masks.get(self.site.layer, ()))
+        return sorted(out)
+
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         for client in self.clients:
             fn = client.transforms.get(self.site.layer)
             if fn is not None:
                 logits = fn(self.site, logits)
+        masked = self._masked()
+        if masked:
+            # -inf before the family's own softmax/sigmoid, grouping and top-k: the token goes to its next choice.
+            logits = self.site.adapter.mask_logits(self.site, logits, masked)
         return logits
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
-        mode = _LogitsMode(self._transform)
+        masked = self._masked()
+        after = None
+        if masked and self.site.adapter.masks_choice:
+            # Families that add a correction after the logits (DeepSeek-V3's bias) need the mask there too.
+            self.choice_seen = False
+
+            def after(func: Any, fargs: tuple, out: Any) -> Any:
+                new = self.site.adapter.mask_choice(self.site, func, fargs, out, masked)
+                if new is not out:
+                    self.choice_seen = True
+                return new
+        mode = _LogitsMode(self._transform, after)
         mode.__enter__()
         self.modes.append(mode)
 
@@ -122,6 +154,11 @@ class _Interceptor:
                 f"router at {site.path} computed its logits without F.linear: this router is not "
                 "supported by the installed expertscope; please report the model and transformers version"
             )
+        if mode.after is not None and not self.choice_seen:
+            raise ModelError(
+                f"router at {site.path}: the mask could not reach its choice scores (the {site.family} code "
+                "changed); mode='mask' is not supported for this router: please report the transformers version"
+            )
         recorders = [c for c in self.clients if site.layer in c.record_layers]
         if not recorders:
             return
@@ -130,7 +167,10 @@ class _Interceptor:
         call = RouterCall(logits.float(), idx, w.float())
         detached = RouterCall(call.logits.detach(), call.indices.detach(), call.weights.detach())
         for c in recorders:
-            c.calls[site.layer].append(detached if c.detach else call)
+            if c.on_call is not None:
+                c.on_call(site, detached if c.detach else call)
+            else:
+                c.calls[site.layer].append(detached if c.detach else call)
 
 
 _INTERCEPTORS: weakref.WeakKeyDictionary[torch.nn.Module, _Interceptor] = weakref.WeakKeyDictionary()
@@ -139,10 +179,13 @@ _INTERCEPTORS: weakref.WeakKeyDictionary[torch.nn.Module, _Interceptor] = weakre
 class RouterHooks:
     """Context manager recording router decisions and/or transforming router logits.
 
-    ``transforms`` maps MoE layer index → :data:`LogitTransform`; ``record`` is ``True`` (all layers),
-    ``False``, or the layers to record. Recorded calls accumulate in ``calls[layer]`` (one
-    :class:`RouterCall` per router forward, e.g. one per generation step). Several RouterHooks may be active
-    at once on the same model; their transforms compose in the order they were entered.
+    ``transforms`` maps MoE layer index → :data:`LogitTransform`; ``masks`` maps a layer to experts that can
+    never be selected there (their logits set to ``-inf``, or the family's equivalent, before its own
+    softmax/sigmoid, grouping, bias correction and top-k: the token goes to its next choice); ``record`` is
+    ``True`` (all layers), ``False``, or the layers to record. Recorded calls accumulate in ``calls[layer]``
+    (one :class:`RouterCall` per router forward, e.g. one per generation step), or go to
+    ``on_call(site, call)`` instead when given (nothing is kept). Several RouterHooks may be active at once
+    on the same model; their transforms compose in the order they were entered, masks apply after them.
     """
 
     def __init__(
@@ -151,10 +194,25 @@ class RouterHooks:
         transforms: Mapping[int, LogitTransform] | None = None,
         record: bool | Iterable[int] = False,
         detach: bool = True,
+        masks: Mapping[int, Iterable[int]] | None = None,
+        on_call: Callable[[RouterSite, RouterCall], None] | None = None,
     ) -> None:
         self.sites = _resolve_sites(target)
         by_layer = {s.layer: s for s in self.sites}
         self.transforms = dict(transforms or {})
+        self.masks = {int(layer): sorted({int(e) for e in experts}) for layer, experts in (masks or {}).items()}
+        self.on_call = on_call
+        for layer, experts in self.masks.items():
+            site = by_layer.get(layer)
+            if site is None:
+                raise ConfigError(f"no MoE layer {layer} to mask: choose from MoE layers {sorted(by_layer)}")
+            bad = [e for e in experts if not 0 <= e < site.num_experts]
+            if bad:
+                raise ConfigError(f"expert {bad[0]} does not exist at layer {layer}: choose 0..{site.num_experts - 1}")
+            if site.num_experts - len(experts) < site.top_k:
+                raise ConfigError(
+                    f"masking {len(experts)} of {site.num_experts} experts at layer {layer} leaves fewer than its "
+                    f"top-{site.top_k}: mask at most {site.num_experts - site.top_k}")
         unknown = sorted(set(self.transforms) - set(by_layer))
         if unknown:
             raise ConfigError(
@@ -171,7 +229,8 @@ class RouterHooks:
                 raise ConfigError(f"no MoE layer {bad[0]} to record: choose from MoE layers {sorted(by_layer)}")
         self.detach = detach
         self.calls: dict[int, list[RouterCall]] = {layer: [] for layer in sorted(self.record_layers)}
-        self._active = [s for s in self.sites if s.layer in self.transforms or s.layer in self.record_layers]
+        self._active = [s for s in self.sites
+                        if s.layer in self.transforms or s.layer in self.record_layers or self.masks.get(s.layer)]
         self._entered: list[_Interceptor] = []
 
     def __enter__(self) -> RouterHooks:

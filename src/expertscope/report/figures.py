@@ -455,6 +455,103 @@ def fig_steering_sweep(sweep: pd.DataFrame | None, out_dir: str | Path, name: st
     return _styled(build)
 
 
+# ----- controls: dose-response and selectivity --------------------------------------------------------------
+def fig_dose(dose: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_dose") -> list[Path]:
+    """One figure per domain (``<name>_<domain>``): Δ accuracy against steering strength (mask, scale
+    factors, bias shifts) for its domain experts and drivers: the targets with their 95% interval beside
+    the matched random controls (mean, bar = range over draws) and the busiest control; a star marks a
+    point where Δ(target) − mean Δ(control) excludes 0. Returns every written path."""
+    if _empty(dose, "domain", "kind", "strength", "delta"):
+        return []
+    assert dose is not None
+    df = dose[dose["applicable"].fillna(False).astype(bool)] if "applicable" in dose.columns else dose
+    paths: list[Path] = []
+    for d in _domains(dose):
+        g = df[df["domain"].astype(str) == d]
+        kinds = [k for k in ("domain", "driver") if (g["kind"] == k).any()]
+        if not kinds:
+            continue
+
+        def build(g: pd.DataFrame = g, kinds: list[str] = kinds, d: str = d) -> Any:
+            fig, axes = _figure(len(kinds), ncols=2, panel=(5.0, 3.3))
+            for ax, kind in zip(axes, kinds, strict=True):
+                r = g[g["kind"] == kind]
+                labels = list(r["strength"].astype(str))
+                x = np.arange(len(labels))
+                t = r["delta"].to_numpy(float)
+                err = np.vstack([t - r["delta_lo"].to_numpy(float), r["delta_hi"].to_numpy(float) - t])
+                ax.errorbar(x - 0.12, t, yerr=np.maximum(np.nan_to_num(err), 0), fmt="o", color=TYPE_COLOURS[kind],
+                            capsize=2, label=f"{kind} experts (95% CI)")
+                if "control_delta" in r.columns:
+                    c = r["control_delta"].to_numpy(float)
+                    cerr = np.vstack([c - r["control_delta_min"].to_numpy(float),
+                                      r["control_delta_max"].to_numpy(float) - c])
+                    ax.errorbar(x + 0.12, c, yerr=np.maximum(np.nan_to_num(cerr), 0), fmt="s", color="0.45",
+                                capsize=2, label="random controls (mean, range)")
+                if "busiest_delta" in r.columns:
+                    ax.plot(x + 0.24, r["busiest_delta"].to_numpy(float), "v", color=OKABE_ITO[1],
+                            label="busiest non-target")
+                if "specific" in r.columns:
+                    spec = r["specific"].fillna(False).astype(bool).to_numpy()
+                    top = np.nanmax(np.r_[r["delta_hi"].to_numpy(float), 0.0]) + 0.03
+                    for xi in x[spec]:
+                        ax.text(xi, top, "*", ha="center", va="bottom", fontsize=13)
+                ax.axhline(0, color="grey", lw=0.8)
+                ax.set_xticks(x, labels, rotation=30)
+                ax.set_ylabel("Δ accuracy vs unsteered")
+                ax.set_title(f"{d}: {kind} experts (n = {int(r['n'].max()) if r['n'].notna().any() else '?'})")
+            handles: dict[str, Any] = {}
+            for ax in axes:
+                for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                    handles.setdefault(lab, h)
+            fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, frameon=False)
+            fig.suptitle(f"{d}: dose–response, targets beside controls (* Δ − control interval excludes 0)")
+            return _save(fig, out_dir, f"{name}_{_slug(d)}")
+
+        paths += _styled(build)
+    return paths
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
+
+
+def fig_selectivity(sel: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_selectivity") -> list[Path]:
+    """The selectivity matrix per kind: rows = the domain whose experts are ablated, columns = the domain
+    evaluated; colour and text = Δ accuracy with its 95% interval. A selective domain has its most negative
+    cell on the diagonal."""
+    if _empty(sel, "kind", "ablated", "evaluated", "delta"):
+        return []
+    assert sel is not None
+    kinds = [k for k in ("domain", "driver") if (sel["kind"] == k).any()]
+    doms = list(dict.fromkeys(list(sel["evaluated"].astype(str))))
+
+    def build() -> Any:
+        fig, axes = _figure(len(kinds), ncols=2, panel=(1.6 * len(doms) + 1.8, 1.2 * len(doms) + 1.2))
+        lim = max(0.05, float(np.nanmax(np.abs(sel["delta"].to_numpy(float)))))
+        im = None
+        for ax, kind in zip(axes, kinds, strict=True):
+            g = sel[sel["kind"] == kind]
+            rows = list(dict.fromkeys(g["ablated"].astype(str)))
+            m = np.full((len(rows), len(doms)), np.nan)
+            for r in g.itertuples():
+                i, j = rows.index(str(r.ablated)), doms.index(str(r.evaluated))
+                m[i, j] = r.delta
+                ax.text(j, i, f"{r.delta:+.2f}\n[{r.delta_lo:+.2f}, {r.delta_hi:+.2f}]", ha="center", va="center",
+                        fontsize=7.5)
+            im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
+            ax.set_xticks(range(len(doms)), doms)
+            ax.set_yticks(range(len(rows)), rows)
+            ax.set_xlabel("evaluated domain")
+            ax.set_ylabel(f"{kind} experts ablated")
+            ax.set_title(f"Δ accuracy, {kind} experts masked")
+        if im is not None:
+            fig.colorbar(im, ax=axes, shrink=0.8, label="Δ accuracy")
+        return _save(fig, out_dir, name)
+
+    return _styled(build)
+
+
 # ----- all -----------------------------------------------------------------------------------------------
 def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -> dict[str, list[Path]]:
     """Every figure whose tables are present. ``tables`` keys: ``domain_experts``, ``drivers``,
@@ -471,6 +568,8 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -
         ("fig_steering", lambda: fig_steering(t.get("steering"), out_dir)),
         ("fig_routing_mi", lambda: fig_routing_mi(t.get("routing_mi"), out_dir)),
         ("fig_steering_sweep", lambda: fig_steering_sweep(t.get("steering_sweep"), out_dir)),
+        ("fig_dose", lambda: fig_dose(t.get("steering_dose"), out_dir)),
+        ("fig_selectivity", lambda: fig_selectivity(t.get("steering_selectivity"), out_dir)),
     ]
     for key in sorted(k for k in t if k == "expert_map" or k.startswith("expert_map:")):
         fname = "fig5_expert_map" + ("" if key == "expert_map" else "_" + key.split(":", 1)[1])
@@ -484,5 +583,5 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -
 
 
 __all__ = ["OKABE_ITO", "expert_types", "fig_causal_heatmap", "fig_causal_layers", "fig_causal_rate", "fig_cwas",
-           "fig_expert_map", "fig_expert_types", "fig_positions", "fig_routing_mi", "fig_steering",
-           "fig_steering_sweep", "write_figures"]
+           "fig_dose", "fig_expert_map", "fig_expert_types", "fig_positions", "fig_routing_mi", "fig_selectivity",
+           "fig_steering", "fig_steering_sweep", "write_figures"]

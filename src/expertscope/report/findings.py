@@ -56,6 +56,9 @@ class DomainFindings:
     not_applicable: list[dict[str, str]] = field(default_factory=list)
     domain_replication: dict[str, Any] | None = None
     driver_replication: dict[str, Any] | None = None
+    controls: list[dict[str, Any]] = field(default_factory=list)
+    up_lowers: list[dict[str, Any]] = field(default_factory=list)
+    selectivity: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -193,7 +196,7 @@ def findings(tables: dict[str, pd.DataFrame], top: int | None = None) -> list[Do
     rate = tables.get("causal_rate")
     st = tables.get("steering")
     seen: dict[str, None] = {}
-    for df in (dom, drv, st):
+    for df in (dom, drv, st, tables.get("steering_dose")):
         if df is not None and "domain" in df.columns:
             seen.update(dict.fromkeys(df["domain"].astype(str)))
     names = list(seen)
@@ -209,6 +212,7 @@ def findings(tables: dict[str, pd.DataFrame], top: int | None = None) -> list[Do
         if st is not None and len(st) and "condition" in st.columns:
             _steering_part(f, st[st["domain"].astype(str) == d])
         replication_part(f, tables.get("replication"))
+        controls_part(f, tables.get("steering_dose"), tables.get("steering_selectivity"))
         out.append(f)
     return out
 
@@ -274,6 +278,142 @@ def sentences(f: DomainFindings) -> list[str]:
     for c in f.not_applicable:
         out.append(f"{c['condition'].replace('_', ' ')}: not applicable ({c['reason']}).")
     out += replication_sentences(f)
+    return out + control_sentences(f)
+
+
+# ----- controls, dose-response, selectivity (issue #18) ------------------------------------------------------
+_KIND_NAME = {"domain": "domain experts", "driver": "drivers"}
+
+
+def _primary(rows: pd.DataFrame) -> pd.Series | None:
+    """The row a kind's verdict rests on: ablation (mask) when measured, else the ↓ strength nearest 1."""
+    ok = rows[rows["applicable"].fillna(False).astype(bool)] if "applicable" in rows.columns else rows
+    if not len(ok):
+        return None
+    mask = ok[ok["mode"] == "mask"]
+    return mask.iloc[0] if len(mask) else ok.iloc[0]
+
+
+def controls_part(f: DomainFindings, dose: pd.DataFrame | None, sel: pd.DataFrame | None) -> None:
+    """Fill ``f.controls`` (per kind: the primary condition's Δ(target), controls and Δ − control with
+    interval, and which strengths are specific), ``f.up_lowers`` (scale-up rows where most targeted logits
+    are negative) and ``f.selectivity`` (the domain's row of the selectivity matrix) from the study's
+    dose and selectivity tables."""
+    if dose is not None and len(dose) and {"kind", "diff_lo"} <= set(dose.columns):
+        g = dose[dose["domain"].astype(str) == f.domain]
+        for kind in ("domain", "driver"):
+            rows = g[g["kind"] == kind]
+            if not len(rows):
+                continue
+            p = _primary(rows)
+            if p is None:
+                reason = str(rows["reason"].iloc[0]) if "reason" in rows.columns else "no targets"
+                f.controls.append({"kind": kind, "applicable": False, "reason": reason})
+                continue
+            measured = rows[rows["applicable"].fillna(False).astype(bool)]
+            spec = measured[measured["specific"].fillna(False).astype(bool)]
+            f.controls.append({
+                "kind": kind, "applicable": True, "strength": str(p["strength"]), "n": int(p["n"]),
+                "n_targets": int(p["n_targets"]), "delta": _f(p, "delta"), "delta_lo": _f(p, "delta_lo"),
+                "delta_hi": _f(p, "delta_hi"), "p_exact": _f(p, "p_exact"),
+                "control_draws": int(p["control_draws"]) if p["control_draws"] == p["control_draws"] else 0,
+                "control_delta": _f(p, "control_delta"), "control_delta_min": _f(p, "control_delta_min"),
+                "control_delta_max": _f(p, "control_delta_max"), "busiest_delta": _f(p, "busiest_delta"),
+                "diff": _f(p, "diff"), "diff_lo": _f(p, "diff_lo"), "diff_hi": _f(p, "diff_hi"),
+                "p_vs_control": _f(p, "p_vs_control"), "q_vs_control": _f(p, "q_vs_control"),
+                "specific": bool(p["specific"]) if p["specific"] == p["specific"] else None,
+                "control_reason": str(p.get("control_reason", "") or ""),
+                "specific_at": [{"strength": str(r["strength"]), "diff": _f(r, "diff"), "diff_lo": _f(r, "diff_lo"),
+                                 "diff_hi": _f(r, "diff_hi")} for r in spec.to_dict("records")],
+                "strengths": [str(x) for x in measured["strength"]],
+            })
+            up = measured[(measured["mode"] == "scale") & (measured["scale"] > 1)]
+            for r in up.to_dict("records"):
+                if _f(r, "negative_share") > 0.5:
+                    f.up_lowers.append({"kind": kind, "strength": str(r["strength"]),
+                                        "negative_share": _f(r, "negative_share")})
+    if sel is not None and len(sel) and "ablated" in sel.columns:
+        for kind in ("domain", "driver"):
+            g = sel[(sel["kind"] == kind) & (sel["ablated"].astype(str) == f.domain)]
+            if not len(g):
+                continue
+            cells: list[dict[str, Any]] = [
+                {"evaluated": str(r["evaluated"]), "delta": _f(r, "delta"), "delta_lo": _f(r, "delta_lo"),
+                      "delta_hi": _f(r, "delta_hi"), "gap": _f(r, "gap"), "gap_lo": _f(r, "gap_lo"),
+                      "gap_hi": _f(r, "gap_hi")} for r in g.to_dict("records")]
+            off = [c for c in cells if c["evaluated"] != f.domain]
+            # Selective: own domain hurt more than every other, each gap's interval above 0.
+            selective = bool(off) and all(c["gap_lo"] > 0 for c in off)
+            dissociated = []
+            for c in off:  # double dissociation: the other domain's experts hurt it more than they hurt this one
+                back = sel[(sel["kind"] == kind) & (sel["ablated"].astype(str) == c["evaluated"])
+                           & (sel["evaluated"].astype(str) == f.domain)]
+                if c["gap_lo"] > 0 and len(back) and _f(back.iloc[0], "gap_lo") > 0:
+                    dissociated.append(c["evaluated"])
+            f.selectivity.append({"kind": kind, "cells": cells, "selective": selective,
+                                  "double_dissociation": dissociated})
+
+
+def _sgn(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:+.3f}"
+
+
+def _sci(lo: float, hi: float) -> str:
+    return "" if math.isnan(lo) or math.isnan(hi) else f" [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _pv(p: float) -> str:
+    return "–" if math.isnan(p) else (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}")
+
+
+def control_sentences(f: DomainFindings) -> list[str]:
+    """The control findings of one domain as sentences: for each kind, whether its experts matter beyond
+    matched controls (with intervals and exact tests), where "up" lowered most targeted logits, and the
+    domain's row of the selectivity matrix."""
+    out: list[str] = []
+    for c in f.controls:
+        name = _KIND_NAME[c["kind"]]
+        if not c["applicable"]:
+            out.append(f"Controls for its {name}: not applicable ({c['reason']}).")
+            continue
+        what = "Ablating (mask)" if c["strength"] == "mask" else f"Steering ({c['strength']})"
+        s = (f"{what} its {c['n_targets']} {name} changes accuracy by {_sgn(c['delta'])}"
+             f"{_sci(c['delta_lo'], c['delta_hi'])} (n = {c['n']}, McNemar p = {_pv(c['p_exact'])})")
+        if c["control_draws"]:
+            s += (f"; {c['control_draws']} matched random controls: mean {_sgn(c['control_delta'])} (range "
+                  f"{_sgn(c['control_delta_min'])} to {_sgn(c['control_delta_max'])})")
+        if not math.isnan(c["busiest_delta"]):
+            s += f"; the busiest non-target experts: {_sgn(c['busiest_delta'])}"
+        if c["specific"] is None:
+            s += f". No controls, so no claim of specificity ({c['control_reason'] or 'none drawn'})."
+        else:
+            verdict = ("specific: the interval excludes 0" if c["specific"]
+                       else "not specific: the interval includes 0, so these experts matter no more than random ones "
+                            "at this sample size")
+            s += (f". Beyond the random controls: {_sgn(c['diff'])}{_sci(c['diff_lo'], c['diff_hi'])}, sign test "
+                  f"p = {_pv(c['p_vs_control'])} (BH q = {_pv(c['q_vs_control'])} over all the run's strengths): "
+                  f"{verdict}.")
+        out.append(s)
+        if c["specific_at"]:
+            pts = "; ".join(f"{x['strength']} {_sgn(x['diff'])}{_sci(x['diff_lo'], x['diff_hi'])}"
+                            for x in c["specific_at"])
+            out.append(f"Dose–response of its {name} ({', '.join(c['strengths'])}): specific beyond controls at "
+                       f"{pts}; at the other strengths the interval includes 0.")
+        elif c["specific"] is not None:
+            out.append(f"Dose–response of its {name} ({', '.join(c['strengths'])}): at no strength does "
+                       "Δ(target) − Δ(control) exclude 0.")
+    for u in f.up_lowers:
+        out.append(f"\"Up\" ({u['strength']}) lowered most of the {_KIND_NAME[u['kind']]}' logits: "
+                   f"{100 * u['negative_share']:.0f}% of their logits on this domain are negative, and scaling a "
+                   "negative logit by s > 1 moves it down.")
+    for sv in f.selectivity:
+        cells = "; ".join(f"{c['evaluated']} {_sgn(c['delta'])}{_sci(c['delta_lo'], c['delta_hi'])}"
+                          for c in sv["cells"])
+        verdict = ("selective: its own domain loses more than every other (each gap's interval above 0)"
+                   if sv["selective"] else "not selective: some other domain loses as much, within the intervals")
+        dd = (f"; double dissociation with {', '.join(sv['double_dissociation'])}" if sv["double_dissociation"]
+              else "")
+        out.append(f"Ablating its {_KIND_NAME[sv['kind']]}, Δ accuracy per evaluated domain: {cells}: {verdict}{dd}.")
     return out
 
 
@@ -831,6 +971,8 @@ __all__ = [
     "RunStatus",
     "Sentence",
     "compare_intro",
+    "control_sentences",
+    "controls_part",
     "expert_types",
     "findings",
     "findings_record",

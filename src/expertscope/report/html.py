@@ -68,6 +68,8 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "associations": ("token_associations.parquet",),
     "steering": ("steering.parquet",),
     "steering_sweep": ("steering_sweep.parquet",),
+    "steering_dose": ("steering_dose.parquet",),
+    "steering_selectivity": ("steering_selectivity.parquet",),
     "routing_mi": ("routing_mi.parquet",),
     "replication": ("replication.parquet",),
 }
@@ -515,6 +517,42 @@ def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
     return body
 
 
+def _controls_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    """Do the named experts matter beyond matched controls: the dose–response per domain, the selectivity
+    matrix, and the rows behind them (sentences come from :func:`.findings.control_sentences`)."""
+    from .findings import Sentence, control_sentences
+
+    dose, sel = tables.get("steering_dose"), tables.get("steering_selectivity")
+    if dose is None or not len(dose):
+        return ""
+    body = ("<p class='note'>Every targeted condition is paired with matched random controls (as many "
+            "non-target experts in the same layers, several seeded draws) and the busiest non-target experts of "
+            "those layers. Δ(target) − mean Δ(control) has a bootstrap interval over items (resampled jointly); "
+            "a condition is <strong>specific</strong> only when that interval excludes 0. The exact test is a "
+            "sign test on the items whose value changed (McNemar for Δ against the unsteered model).</p>")
+    for f in findings(tables):
+        lines = [Sentence(x, f.domain) for x in control_sentences(f)]
+        if lines:
+            body += f"<h3>{_e(f.domain)}</h3>" + reading(lines)
+    paths = figures.get("fig_dose") or []
+    for png in [p for p in paths if p.suffix == ".png"]:
+        body += _figure_html([png], f"Dose–response ({png.stem.removeprefix('fig_dose_')}): Δ accuracy of the "
+                             "targets (95% CI) beside random controls (mean and range over draws) and the busiest "
+                             "non-target experts; * marks strengths where Δ(target) − Δ(control) excludes 0.")
+    cols = ["domain", "kind", "strength", "n_targets", "n", "delta", "delta_lo", "delta_hi", "p_exact",
+            "negative_share", "control_delta", "control_delta_min", "control_delta_max", "busiest_delta", "diff",
+            "diff_lo", "diff_hi", "p_vs_control", "q_vs_control", "specific", "changed_selections",
+            "routed_tokens"]
+    shown = dose[dose["applicable"].fillna(False).astype(bool)] if "applicable" in dose.columns else dose
+    body += "<h3>Dose–response with controls</h3>" + table_html(shown, [c for c in cols if c in dose.columns],
+                                                                 rows=200)
+    if sel is not None and len(sel):
+        body += _figure_html(figures.get("fig_selectivity"), "Selectivity: Δ accuracy of each evaluated domain "
+                             "(columns) when a domain's experts are masked (rows), with 95% CIs.")
+        body += "<h3>Selectivity matrix</h3>" + table_html(sel, list(sel.columns), rows=100)
+    return body
+
+
 _OPTION = re.compile(r"(--[a-z][a-z-]*)")  # a command-line option in a banner: kept on one line
 Section = Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]
 
@@ -527,6 +565,7 @@ SECTIONS: list[tuple[str, str, Section]] = [
     ("tokens", "Tokens", _token_section),
     ("map", "Expert map", _map_section),
     ("steering", "Steering", _steering_section),
+    ("controls", "Beyond controls: dose–response and selectivity", _controls_section),
 ]
 
 

@@ -158,6 +158,22 @@ class RouterAdapter(ABC):
         """``route`` with the site's own settings (grouping, bias, scaling) where the family has them."""
         return self.route(logits, site.top_k)
 
+    # ----- ablation (mode="mask") ----------------------------------------------------------------
+    #: Whether the family corrects its scores after the logits (DeepSeek-V3's ``e_score_correction_bias``),
+    #: so that a mask must also reach those choice scores (:meth:`mask_choice`).
+    masks_choice: ClassVar[bool] = False
+
+    def mask_logits(self, site: RouterSite, logits: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """``logits`` (..., E) with ``experts`` at ``-inf``: every softmax/sigmoid-then-top-k family then never
+        selects them and gives them zero weight (a new tensor; the router's own is untouched)."""
+        idx = torch.as_tensor(experts, dtype=torch.long, device=logits.device)
+        return logits.index_fill(-1, idx, float("-inf"))
+
+    def mask_choice(self, site: RouterSite, func: Any, args: tuple, out: Any, experts: list[int]) -> Any:
+        """For :attr:`masks_choice` families: ``out`` of one torch call made after the logits, with the masked
+        experts' choice scores at ``-inf`` where that call computes them; return ``out`` itself otherwise."""
+        return out
+
     def probe(self, site: RouterSite, hidden: torch.Tensor) -> Any:
         """Run the router on ``hidden`` ``(N, H)`` the way its block does."""
         return site.module(hidden)

@@ -63,10 +63,22 @@ class DeepseekV3Adapter(RouterAdapter):
         f"{_TM}.dots1.modeling_dots1:Dots1TopkRouter",
     )
 
+    #: A -inf logit gives sigmoid 0, but the correction bias is added after it for the choice: the mask
+    #: must set the choice score (``sigmoid + e_score_correction_bias``) itself to -inf, before grouping.
+    masks_choice = True
+
     def route(self, logits: torch.Tensor, top_k: int) -> RouteOutput:
         scores = logits.float().sigmoid()
         w, idx = torch.topk(scores, top_k, dim=-1)
         return idx, w
+
+    def mask_choice(self, site: RouterSite, func: Any, args: tuple, out: Any, experts: list[int]) -> Any:
+        bias = getattr(site.module, "e_score_correction_bias", None)
+        if (bias is None or not isinstance(out, torch.Tensor) or out.shape[-1] != site.num_experts
+                or not any(a is bias for a in args)):
+            return out
+        idx = torch.as_tensor(experts, dtype=torch.long, device=out.device)
+        return out.index_fill(-1, idx, float("-inf"))
 
     def site_route(self, site: RouterSite, logits: torch.Tensor) -> RouteOutput:
         m: Any = site.module  # routing settings are plain attributes (nn.Module types them Tensor | Module)
