@@ -104,11 +104,18 @@ class ProfileConfig(BaseConfig):
     keep_sequences: bool = True
     sort_by_length: bool = True
     limit: int | None = None
+    #: compute the output-aware importance ``mean w·‖f_i(x)‖₂`` in the routing pass (≈ the MoE layers' cost again)
+    importance: bool = True
+    #: keep every real token's selected experts per sequence (``routes.safetensors``; overlap between runs)
+    keep_routes: bool = True
+    #: consecutive MoE layers per expert path in the co-activation counts
+    path_length: int = 3
 
     def validate(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("max_length", self.max_length, allow_none=True)
         _positive("limit", self.limit, allow_none=True)
+        _positive("path_length", self.path_length)
 
 
 @dataclass(frozen=True)
