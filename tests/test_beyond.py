@@ -295,3 +295,37 @@ def test_recorded_routes_bad_input_is_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="assumes k = 8"):
         es.load_routes(tmp_path / "d.pt")
     assert es.load_routes(tmp_path / "d.pt", top_k=2).shape == (3, 2)
+
+
+# ----- routing overlap -------------------------------------------------------------------------------------
+def test_routing_overlap_equals_naive_intersections_under_steering(make_tiny, tmp_path, one_torch_thread) -> None:
+    moe = _moe(make_tiny)
+    layer = moe.layers[-1]
+    spec = es.SteeringSpec(targets=((layer, 0), (layer, 1)), scale=20.0, mode="bias")
+    table = es.routing_overlap(moe, (moe, es.steer(moe, spec=spec)), TEXTS, batch_size=3, n_boot=200)
+    k = moe.top_k
+    for dom, texts in TEXTS.items():
+        inter = {la: [] for la in moe.layers}
+        for text in texts:
+            _, base = _router_calls(moe, text)
+            with es.steer(moe, spec=spec):
+                _, steered = _router_calls(moe, text)
+            for la in moe.layers:
+                for s1, s2 in zip(base[la][0], steered[la][0], strict=True):
+                    inter[la].append(len(set(s1.tolist()) & set(s2.tolist())) / k)
+        for row in table[table.domain == dom].itertuples():
+            assert row.overlap == pytest.approx(np.mean(inter[row.layer]), abs=1e-12)
+            assert row.n_unmatched == 0
+    last = table[(table.domain == "all") & (table.layer == layer)].iloc[0]
+    assert last.overlap < 1.0 and last.ci_low <= last.overlap <= last.ci_high
+    # saved runs of the same texts: identical routing is overlap 1; a text routed differently is unmatched
+    es.profile(moe, TEXTS, batch_size=2, importance=False).save(tmp_path / "a")
+    es.profile(moe, TEXTS, batch_size=5, importance=False).save(tmp_path / "b")
+    same = es.routing_overlap(tmp_path / "a", tmp_path / "b")
+    assert (same.overlap == 1.0).all() and (same.changed == 0.0).all()
+    other = {"alpha": ["something else", *TEXTS["alpha"][1:]], "beta": TEXTS["beta"]}
+    es.profile(moe, other, importance=False).save(tmp_path / "c")
+    part = es.routing_overlap(tmp_path / "a", tmp_path / "c")
+    assert part[part.domain == "alpha"].n_unmatched.iloc[0] == 1
+    with pytest.raises(DataError, match="no common texts"):
+        es.routing_overlap(tmp_path / "a", es.profile(moe, {"gamma": ["x"]}, importance=False))
