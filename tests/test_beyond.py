@@ -329,3 +329,36 @@ def test_routing_overlap_equals_naive_intersections_under_steering(make_tiny, tm
     assert part[part.domain == "alpha"].n_unmatched.iloc[0] == 1
     with pytest.raises(DataError, match="no common texts"):
         es.routing_overlap(tmp_path / "a", es.profile(moe, {"gamma": ["x"]}, importance=False))
+
+
+def test_cli_profile_routes_writes_tables_and_refuses_mismatch(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from expertscope.cli.main import app
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):  # ten sequences of eight tokens, 3 MoE layers, k = 2 of 8 experts
+        seqs = [np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(3)]) for _ in range(8)])
+                for _ in range(10)]
+        np.savez(tmp_path / f"{name}.npz", *[x.astype(np.int16) for x in seqs])
+    np.save(tmp_path / "bad.npy", np.zeros((5, 3, 4), np.int16))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["profile", "--routes", f"a={tmp_path / 'a.npz'}", "--routes", f"b={tmp_path / 'b.npz'}",
+                              "--num-experts", "8", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    for f in ("profile.safetensors", "routes.safetensors", "coactivation.parquet", "paths.parquet",
+              "routing_consistency.parquet", "routing_mi.parquet", "manifest.json"):
+        assert (out / f).exists(), f
+    res = runner.invoke(app, ["domains", str(out)])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    de = pd.read_parquet(out / "domain_experts.parquet")
+    assert de["entropy"].isna().all() and de["cwas"].isna().all() and de["activation_rate"].notna().all()
+    res = runner.invoke(app, ["profile", "--routes", f"a={tmp_path / 'a.npz'}", "--routes", f"b={tmp_path / 'bad.npy'}",
+                              "--num-experts", "8", "-o", str(tmp_path / "run2")])
+    assert res.exit_code == 2
+    assert "k=4" in res.output and not (tmp_path / "run2" / "profile.safetensors").exists()
+    res = runner.invoke(app, ["profile", "--routes", f"a={tmp_path / 'a.npz'}", "-o", str(tmp_path / "run3")])
+    assert res.exit_code == 2 and "--num-experts" in res.output

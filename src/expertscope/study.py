@@ -155,6 +155,13 @@ def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
             "routing_mi_bits": {int(r.layer): round(float(r.mi_bits), 4) for r in mi.itertuples()}}
 
 
+def _stage_coactivation(ctx: StudyContext) -> dict[str, Any]:
+    from .stats.coactivation import save_coactivation_tables
+    from .stats.profile import RoutingProfile
+
+    return save_coactivation_tables(RoutingProfile.load(ctx.out), ctx.out)
+
+
 def _stage_domain_experts(ctx: StudyContext) -> dict[str, Any]:
     from .stats.domain_experts import domain_experts
     from .stats.profile import RoutingProfile
@@ -247,12 +254,28 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
                                   sweep_scales=(0.6, 0.8, 1.0, 1.2, 1.4), sweep_counts=(1, 2, 4),
                                   finetune_epochs=1, finetune_batch_size=8, finetune_lr=5e-3,
                                   batch_size=c.batch_size, n_boot=c.n_boot, seed=c.seed),
+        adapter_dir=ctx.out / "router_lora",
     )
     result.save(ctx.out)
     t = result.table
     # Not-applicable conditions (no targets) are recorded as null, never as a number.
     return {"accuracy": {f"{r.domain}/{r.condition}": round(float(r.accuracy), 4) if r.applicable else None
                          for r in t.itertuples()}}
+
+
+def _stage_routing_overlap(ctx: StudyContext) -> dict[str, Any]:
+    from .interventions.routing_change import routing_changes
+    from .io import write_table
+    from .stats.domain_experts import DomainExpertTable
+
+    c = ctx.config
+    table = routing_changes(
+        ctx.model, ctx.split_domains("test", c.eval_limit), DomainExpertTable.load(ctx.out / "domain_experts.parquet"),
+        ctx.drivers(), adapter_dir=ctx.out / "router_lora", batch_size=c.batch_size, max_length=c.max_length,
+        config=InterventionConfig(mode=c.steer_mode, scale_up=c.scale_up, n_boot=c.n_boot, seed=c.seed))
+    write_table(ctx.out / "routing_overlap.parquet", table, meta={"table": "routing_overlap"})
+    ok = table[table.applicable]
+    return {"overlap": {f"{d}/{k}": round(float(g.overlap.mean()), 4) for (d, k), g in ok.groupby(["domain", "condition"])}}
 
 
 def _stage_report(ctx: StudyContext) -> dict[str, Any]:
@@ -267,12 +290,14 @@ def _stage_report(ctx: StudyContext) -> dict[str, Any]:
 #: The stages in order; each writes its tables into the run directory.
 STAGES: list[tuple[str, Stage]] = [
     ("profile", _stage_profile),
+    ("coactivation", _stage_coactivation),
     ("domain_experts", _stage_domain_experts),
     ("drivers", _stage_drivers),
     ("causal_rate", _stage_causal_rate),
     ("tokens", _stage_tokens),
     ("expert_map", _stage_expert_map),
     ("steering", _stage_steering),
+    ("routing_overlap", _stage_routing_overlap),
     ("report", _stage_report),
 ]
 

@@ -67,15 +67,27 @@ def profile_cmd(
     executor: ExecutorOpt = "local",
     workers: WorkersOpt = 2,
     gpus_per_worker: GpusOpt = 0,
+    routes: Annotated[list[str] | None, typer.Option(
+        "--routes", help="NAME=FILE: expert indices recorded by vLLM, SGLang or Megatron (repeatable; no model is "
+        "loaded). Needs --num-experts.")] = None,
+    num_experts: Annotated[int | None, typer.Option(help="--routes: routed experts per MoE layer.")] = None,
+    moe_layers: Annotated[int | None, typer.Option(help="--routes: MoE layers (SGLang routed_experts).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="--routes: experts per token (SGLang; a dump of k < 8).")] = None,
+    routes_format: Annotated[str, typer.Option(help="--routes: auto, vllm, sglang, sglang-dump or megatron.")] = "auto",
 ) -> None:
-    """Capture the routing of MODEL over each domain and save the profile.
+    """Capture the routing of MODEL over each domain and save the profile (or read recorded --routes).
 
     Examples:
 
       expertscope profile --model demo --domain emotion=synthetic:emotion --domain math=synthetic:math -o runs/p
 
       expertscope profile -m ./Qwen1.5-MoE-A2.7B --domain sa=emotion.jsonl --domain math=gsm8k.jsonl?text=question
+
+      expertscope profile --routes code=code.vllm.jsonl --routes math=math.vllm.jsonl --num-experts 128 -o runs/r
     """
+    if routes:
+        _profile_routes(routes, num_experts, out, moe_layers, top_k, routes_format, resume, force)
+        return
     from ..data.checks import check_domain_specs
     from ..data.sources import load_domains
     from ..errors import DataError
@@ -135,6 +147,69 @@ def profile_cmd(
     if prof.truncated:
         cap = prof.config.get("max_length_used", max_length)
         console.print(f"[yellow]truncated to {cap} tokens:[/] {prof.truncated}")
+
+
+def _profile_routes(specs: list[str], num_experts: int | None, out: Path, moe_layers: int | None,
+                    top_k: int | None, fmt: str, resume: bool, force: bool) -> None:
+    """``profile --routes``: a profile from recorded expert indices (A, lift, routing MI, co-activation, paths)."""
+    from ..errors import ConfigError, DataError
+    from ..integrations.routes import FORMATS, profile_routes
+    from ..rundir import check_out_dir, open_run_dir, run_fingerprint
+    from ..stats.coactivation import save_coactivation_tables
+    from ..stats.routing_mi import save_routing_mi
+    from ..validation import check_choice, check_positive
+
+    if num_experts is None:
+        raise ConfigError("--routes needs --num-experts E (the model's routed experts per layer), e.g. --num-experts 64")
+    check_positive(num_experts, "--num-experts")
+    check_positive(moe_layers, "--moe-layers", allow_none=True)
+    check_positive(top_k, "--top-k", allow_none=True)
+    check_choice(fmt, "--routes-format", ("auto", *FORMATS))
+    by_domain: dict[str, list[Path]] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise DataError(f"--routes {spec!r} is not NAME=FILE: e.g. --routes math=math.vllm.jsonl")
+        if not Path(file).exists():
+            raise DataError(f"--routes {spec}: no file {file}: check the path")
+        by_domain.setdefault(name, []).append(Path(file))
+    check_out_dir(out)
+    settings = {"num_experts": num_experts, "moe_layers": moe_layers, "top_k": top_k, "format": fmt}
+    files = [f for fs in by_domain.values() for f in fs if f.is_file()]
+    config = {"routes": specs, **settings}
+    with open_run_dir(out, "profile-routes", run_fingerprint(None, (), config, files=files), config,
+                      resume=resume, force=force) as rd:
+        from ..integrations.routes import load_routes
+
+        loaded = {name: [load_routes(f, fmt, num_layers=moe_layers, top_k=top_k) for f in fs]  # type: ignore[arg-type]
+                  for name, fs in by_domain.items()}
+        merged = {name: _merge_recorded(parts) for name, parts in loaded.items()}
+        prof = profile_routes(merged, num_experts, top_k=top_k)
+        prof.save(out)
+        mi = save_routing_mi(prof, out)
+        summary = save_coactivation_tables(prof, out)
+        n, _ = prof.totals()
+        rd.write_manifest("complete", model=prof.model_info, tokens={d: int(x) for d, x in zip(prof.domains, n,
+                                                                                               strict=True)},
+                          recorded=prof.config["recorded"], coactivation=summary)
+    console.print(f"profiled {sum(int(x) for x in n)} recorded tokens over {len(prof.domains)} domains → {out}")
+    for name, rec in prof.config["recorded"].items():
+        for note in rec["notes"]:
+            console.print(f"[yellow]{name}:[/] {note}")
+    console.print("I(domain; selected expert) per layer [bits]: "
+                  + ", ".join(f"{int(r.layer)}: {r.mi_bits:.3f}" for r in mi.itertuples()))
+    console.print("not applicable from indices alone: entropy, CWAS, gate weights, importance, CE (no logits "
+                  f"or model); next: expertscope domains {out}")
+
+
+def _merge_recorded(parts: list) -> object:  # list[RecordedRoutes] -> RecordedRoutes
+    from ..integrations.routes import RecordedRoutes
+
+    if len(parts) == 1:
+        return parts[0]
+    return RecordedRoutes([s for p in parts for s in p.sequences], "+".join(sorted({p.format for p in parts})),
+                          ", ".join(p.source for p in parts), sum(p.prefix_cached for p in parts),
+                          [n for p in parts for n in p.notes])
 
 
 @handle_errors

@@ -399,6 +399,11 @@ def profile_routes(
 
 
 def _common_shape(loaded: Mapping[str, RecordedRoutes]) -> tuple[int, int]:
+    for name, rr in loaded.items():
+        inner = sorted({s.shape[1:] for s in rr.sequences})
+        if len(inner) > 1:
+            raise DataError(f"domain {name!r} mixes routes with (layers, k) {inner} ({rr.source}): every file must "
+                            "come from the same model")
     shapes = {name: rr.shape for name, rr in loaded.items() if rr.sequences}
     if not shapes:
         raise DataError("no routed tokens in any domain: check the files")

@@ -87,6 +87,7 @@ def intervention_study(
     config: InterventionConfig | None = None,
     *,
     on_eval: Callable[[str], None] | None = None,
+    adapter_dir: str | Path | None = None,
     **overrides: Any,
 ) -> InterventionResult:
     """Evaluate every domain (with a ``task``) under each condition of :data:`CONDITIONS`.
@@ -101,7 +102,8 @@ def intervention_study(
     A condition with nothing to measure (a domain with no domain or driver experts, no training split for
     the LoRA) is one row with ``applicable=False``, the ``reason`` in words, and NaN in every measured column:
     never an accuracy equal to the original with a CI of [0, 0]. ``saturated`` marks domains whose original
-    accuracy is at least ``config.saturation``. ``on_eval(label)`` reports progress.
+    accuracy is at least ``config.saturation``. ``on_eval(label)`` reports progress. ``adapter_dir``: save
+    each domain's router adapter in ``adapter_dir/<domain>`` (for the routing-overlap stage).
     """
     cfg = resolve_config(InterventionConfig, config, overrides)
     tasked = [d for d in domains if d.task is not None]
@@ -109,6 +111,7 @@ def intervention_study(
         raise DataError("no domain has an evaluation task: use presets, synthetic domains or ?task=... in the spec")
     t0 = time.perf_counter()
     runner = _Runner(model, cfg, on_eval)
+    runner.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     rows: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []
     for dom in tasked:
@@ -163,6 +166,7 @@ class _Runner:
         # equal to the original) is evaluated once: same numbers, less time.
         self._done: dict[tuple[str, tuple[tuple[int, int], ...], float], tuple[Any, int, int]] = {}
         self.evaluations = 0
+        self.adapter_dir: Path | None = None
 
     def evaluate(self, dom: Domain, targets: Sequence[tuple[int, int]], scale: float, label: str) -> Any:
         """The task's EvalResult with ``targets`` steered by ``scale``; routing counts in ``changed/seen``."""
@@ -247,6 +251,8 @@ def _finetune_row(runner: _Runner, dom: Domain, base: Any, train: Domain | None,
     if runner.on_eval:
         runner.on_eval(f"{dom.name}: finetune_router (training)")
     ft = finetune_router(runner.model, train, task=dom.task, **cfg.finetune_kwargs())
+    if runner.adapter_dir is not None:
+        ft.save(runner.adapter_dir / dom.name)
     try:
         res = evaluate(runner.model, dom.task, dom, batch_size=cfg.batch_size)
     finally:

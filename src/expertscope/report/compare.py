@@ -64,6 +64,33 @@ def summary_frame(runs: Sequence[tuple[str, dict[str, Any], dict[str, pd.DataFra
     return pd.DataFrame(rows)
 
 
+def overlap_section(dirs: Sequence[Path], labels: Sequence[str]) -> str:
+    """Routing overlap of the first run with each other run that kept per-token routes of the same texts
+    (``|S1 ∩ S2| / k`` per layer, pooled over domains); a pair on different texts or models says so."""
+    from ..errors import ExpertscopeError
+    from ..stats.overlap import routing_overlap
+
+    first = dirs[0] / "routes.safetensors"
+    if not first.exists():
+        return ""
+    parts = []
+    for d, label in zip(dirs[1:], labels[1:], strict=True):
+        if not (d / "routes.safetensors").exists():
+            continue
+        try:
+            t = routing_overlap(first, d / "routes.safetensors", n_boot=200)
+        except ExpertscopeError as e:
+            parts.append(f"<p class='note'>{_e(labels[0])} vs {_e(label)}: not compared ({_e(str(e))}).</p>")
+            continue
+        parts.append(f"<h3>{_e(labels[0])} vs {_e(label)}</h3>" + table_html(
+            t, ["domain", "layer", "n_sequences", "n_tokens", "overlap", "ci_low", "ci_high", "changed",
+                "n_unmatched"], rows=80))
+    if not parts:
+        return ""
+    return ("<section id='overlap'><h2>Routing overlap on the same texts</h2><p class='note'>Mean share of each "
+            "token's selected experts that both runs chose (|S1 ∩ S2| / k).</p>" + "".join(parts) + "</section>")
+
+
 def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """Write ``out`` (an HTML file) comparing the runs in ``run_dirs`` (at least two); returns its path."""
     dirs = [Path(d) for d in run_dirs]
@@ -107,6 +134,7 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
                                       "ci_high", "delta", "delta_lo", "delta_hi", "saturated"], rows=40))
     if steer:
         body.append("<section id='steering'><h2>Steering (Tables 1–2)</h2>" + "".join(steer) + "</section>")
+    body.append(overlap_section(dirs, [label for label, _, _ in runs]))
     names = ", ".join(label for label, _, _ in runs)
     page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\"><title>expertscope comparison</title>"
@@ -119,4 +147,4 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     return out
 
 
-__all__ = ["compare", "summary_frame"]
+__all__ = ["compare", "overlap_section", "summary_frame"]

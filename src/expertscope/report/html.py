@@ -35,6 +35,12 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "steering": ("steering.parquet",),
     "steering_sweep": ("steering_sweep.parquet",),
     "routing_mi": ("routing_mi.parquet",),
+    "coactivation": ("coactivation.parquet",),
+    "transitions": ("transitions.parquet",),
+    "paths": ("paths.parquet",),
+    "routing_consistency": ("routing_consistency.parquet",),
+    "importance": ("importance.parquet",),
+    "routing_overlap": ("routing_overlap.parquet",),
 }
 FIGURE_DIR = "figures"
 
@@ -515,6 +521,47 @@ def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
     return body
 
 
+def _beyond_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    """Co-activation, paths, routing consistency, output-aware importance and routing overlap (SPEC §9)."""
+    from .findings import MIN_PAIR_COUNT, beyond_findings, beyond_sentences
+
+    lines = beyond_sentences(beyond_findings(tables))
+    body = ""
+    co = tables.get("coactivation")
+    if co is not None and len(co):
+        body += "<h3>Co-activation</h3>" + _figure_html(figures.get("fig_coactivation"), (
+            "Co-activation lift P(b|a)/P(b) per layer, all domains pooled: red pairs are selected together more "
+            "often than independence predicts, blue less."))
+        body += _reading(lines.get("coactivation", []))
+        top = co[co["n_a"] >= MIN_PAIR_COUNT].sort_values("lift", ascending=False)
+        body += table_html(top, ["domain", "layer", "expert_a", "expert_b", "count", "n_a", "p_b_given_a", "p_b",
+                                 "lift"], rows=12)
+    pa = tables.get("paths")
+    if pa is not None and len(pa):
+        body += "<h3>Expert paths</h3>" + _figure_html(figures.get("fig_paths"), (
+            "The most frequent top-1 expert paths through consecutive MoE layers, line width by share of tokens."))
+        body += _reading(lines.get("paths", []))
+        body += table_html(pa[pa["rank"] <= 3], ["domain", "layers", "rank", "path", "count", "share"], rows=24)
+    cs = tables.get("routing_consistency")
+    if cs is not None and len(cs):
+        body += "<h3>Routing consistency</h3>" + _reading(lines.get("consistency", []))
+        body += table_html(cs, list(cs.columns), rows=40)
+    im = tables.get("importance")
+    if im is not None and len(im):
+        body += "<h3>Output-aware importance</h3>" + _reading(lines.get("importance", []))
+        if im["importance"].notna().any():
+            body += table_html(im.sort_values("importance", ascending=False), list(im.columns), rows=12)
+    ov = tables.get("routing_overlap")
+    if ov is not None and len(ov):
+        body += "<h3>How far the interventions moved the routing</h3>" + _figure_html(
+            figures.get("fig_routing_overlap"), "Share of each token's selected experts unchanged by the "
+            "intervention (|S1 ∩ S2| / k) per layer, with 95% intervals over texts.")
+        body += _reading(lines.get("routing_overlap", []))
+        body += table_html(ov, ["domain", "condition", "reason", "layer", "n_tokens", "overlap", "ci_low", "ci_high",
+                                "changed"], rows=40)
+    return body
+
+
 #: The report's sections in order: findings first, settings last.
 SECTIONS: list[tuple[str, str, Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]]] = [
     ("domain", "Domain experts", _domain_section),
@@ -523,6 +570,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, pd.DataFrame], dict[str, list
     ("tokens", "Tokens", _token_section),
     ("map", "Expert map", _map_section),
     ("steering", "Steering", _steering_section),
+    ("beyond", "Co-activation, paths and routing changes", _beyond_section),
 ]
 
 

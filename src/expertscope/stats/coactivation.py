@@ -181,7 +181,7 @@ class CoactivationStats:
     # ----- tables --------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
         """One row per (domain, layer, expert_a, expert_b ≠ a): ``count`` (tokens selecting both), ``n_a``,
-        ``p_b_given_a`` (NaN when ``a`` is never selected), ``p_b`` and ``lift = p_b_given_a / p_b``."""
+        ``n_tokens`` (the domain's tokens), ``p_b_given_a`` (NaN when ``a`` is never selected), ``p_b`` and ``lift = p_b_given_a / p_b``."""
         frames = []
         E = self.num_experts
         a, b = np.meshgrid(np.arange(E), np.arange(E), indexing="ij")
@@ -197,11 +197,11 @@ class CoactivationStats:
                     lift = p_ba / p_b[None, :]
                 frames.append(pd.DataFrame({
                     "domain": d, "layer": layer, "expert_a": a[off], "expert_b": b[off],
-                    "count": C[off], "n_a": n[a[off]].astype(np.int64), "p_b_given_a": p_ba[off],
+                    "count": C[off], "n_a": n[a[off]].astype(np.int64), "n_tokens": N, "p_b_given_a": p_ba[off],
                     "p_b": p_b[b[off]], "lift": lift[off],
                 }))
-        return _concat(frames, ["domain", "layer", "expert_a", "expert_b", "count", "n_a", "p_b_given_a", "p_b",
-                                "lift"])
+        return _concat(frames, ["domain", "layer", "expert_a", "expert_b", "count", "n_a", "n_tokens", "p_b_given_a",
+                                "p_b", "lift"])
 
     def transitions_frame(self) -> pd.DataFrame:
         """One row per (domain, layer → next_layer, expert_a, expert_b): ``count`` (tokens with ``a`` at the
@@ -314,4 +314,34 @@ def coactivation(
     return routes.coactivation(path_length=path_length)
 
 
-__all__ = ["CoactivationStats", "coactivation", "one_hot_routes", "pair_mutual_information"]
+
+
+
+def save_coactivation_tables(profile: Any, out: str | Path, top_paths: int = 10) -> dict[str, Any]:
+    """Write the co-activation tables of a profile into ``out``: ``coactivation.parquet``,
+    ``transitions.parquet``, ``paths.parquet`` (``top_paths`` per domain and start layer),
+    ``routing_consistency.parquet`` and ``importance.parquet`` (A beside ``w·‖f‖``); returns a summary."""
+    from ..io import write_table
+
+    co = profile.coactivation
+    if co is None:
+        co = coactivation(profile, path_length=int(profile.config.get("path_length", 3)))
+    out = Path(out)
+    meta = {"top_k": co.top_k, "num_experts": co.num_experts, "path_length": co.window}
+    write_table(out / "coactivation.parquet", co.to_frame(), meta={"table": "coactivation", **meta})
+    write_table(out / "transitions.parquet", co.transitions_frame(), meta={"table": "transitions", **meta})
+    paths = co.paths_frame(top=top_paths)
+    write_table(out / "paths.parquet", paths, meta={"table": "paths", **meta})
+    cons = co.consistency_frame()
+    write_table(out / "routing_consistency.parquet", cons, meta={"table": "routing_consistency", **meta})
+    frame = profile.to_frame(shared=False)
+    imp = frame[["domain", "layer", "expert", "activation_rate", "gate_mean", "importance"]]
+    write_table(out / "importance.parquet", imp, meta={"table": "importance",
+                                                       "not_applicable": profile.model_info.get("not_applicable")})
+    top = paths[paths["rank"] == 1]
+    return {"tokens": {d: int(n) for d, n in co.n_tokens.items()},
+            "consistency_bits": {f"{r.domain}/{r.layer}>{r.next_layer}": round(float(r.mi_bits), 4)
+                                 for r in cons.itertuples()},
+            "top_paths": {f"{r.domain}/{r.layers}": f"{r.path} ({r.share:.1%})" for r in top.itertuples()}}
+
+__all__ = ["CoactivationStats", "coactivation", "one_hot_routes", "pair_mutual_information", "save_coactivation_tables"]
