@@ -275,7 +275,8 @@ def _stage_routing_overlap(ctx: StudyContext) -> dict[str, Any]:
         config=InterventionConfig(mode=c.steer_mode, scale_up=c.scale_up, n_boot=c.n_boot, seed=c.seed))
     write_table(ctx.out / "routing_overlap.parquet", table, meta={"table": "routing_overlap"})
     ok = table[table.applicable]
-    return {"overlap": {f"{d}/{k}": round(float(g.overlap.mean()), 4) for (d, k), g in ok.groupby(["domain", "condition"])}}
+    means = ok.groupby(["domain", "condition"])["overlap"].mean()
+    return {"overlap": {f"{d}/{k}": round(float(v), 4) for (d, k), v in means.items()}}
 
 
 def _stage_report(ctx: StudyContext) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from .options import (
 )
 
 if TYPE_CHECKING:
+    from ..integrations.routes import RecordedRoutes
     from ..stats.domain_experts import DomainExpertTable
 
 
@@ -160,7 +161,7 @@ def _profile_routes(specs: list[str], num_experts: int | None, out: Path, moe_la
     from ..validation import check_choice, check_positive
 
     if num_experts is None:
-        raise ConfigError("--routes needs --num-experts E (the model's routed experts per layer), e.g. --num-experts 64")
+        raise ConfigError("--routes needs --num-experts E (routed experts per layer): e.g. --num-experts 64")
     check_positive(num_experts, "--num-experts")
     check_positive(moe_layers, "--moe-layers", allow_none=True)
     check_positive(top_k, "--top-k", allow_none=True)
@@ -202,7 +203,7 @@ def _profile_routes(specs: list[str], num_experts: int | None, out: Path, moe_la
                   f"or model); next: expertscope domains {out}")
 
 
-def _merge_recorded(parts: list) -> object:  # list[RecordedRoutes] -> RecordedRoutes
+def _merge_recorded(parts: list[RecordedRoutes]) -> RecordedRoutes:
     from ..integrations.routes import RecordedRoutes
 
     if len(parts) == 1:

@@ -617,7 +617,21 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -
     return out
 
 
-__all__ = ["OKABE_ITO", "expert_types", "fig_causal_heatmap", "fig_causal_layers", "fig_causal_rate", "fig_cwas",
-           "fig_coactivation", "fig_expert_map", "fig_expert_types", "fig_paths", "fig_positions", "fig_routing_mi",
-           "fig_routing_overlap", "fig_steering",
-           "fig_steering_sweep", "write_figures"]
+__all__ = [
+    "OKABE_ITO",
+    "expert_types",
+    "fig_causal_heatmap",
+    "fig_causal_layers",
+    "fig_causal_rate",
+    "fig_coactivation",
+    "fig_cwas",
+    "fig_expert_map",
+    "fig_expert_types",
+    "fig_paths",
+    "fig_positions",
+    "fig_routing_mi",
+    "fig_routing_overlap",
+    "fig_steering",
+    "fig_steering_sweep",
+    "write_figures",
+]

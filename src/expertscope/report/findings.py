@@ -346,17 +346,17 @@ def beyond_findings(tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
             "importance", "not computed in this run")}
     ov = tables.get("routing_overlap")
     if ov is not None and len(ov):
-        rows = {}
+        moved: dict[str, dict[str, Any]] = {}
         for (d, c), g in ov.groupby(["domain", "condition"], sort=False):
             if not bool(g["applicable"].iloc[0]):
-                rows[f"{d}/{c}"] = {"applicable": False, "reason": str(g["reason"].iloc[0])}
+                moved[f"{d}/{c}"] = {"applicable": False, "reason": str(g["reason"].iloc[0])}
                 continue
             low = g.loc[g["overlap"].idxmin()]
-            rows[f"{d}/{c}"] = {"applicable": True, "mean_overlap": float(g["overlap"].mean()),
+            moved[f"{d}/{c}"] = {"applicable": True, "mean_overlap": float(g["overlap"].mean()),
                                 "lowest_layer": int(low["layer"]), "lowest": float(low["overlap"]),
                                 "ci_low": float(low["ci_low"]), "ci_high": float(low["ci_high"]),
                                 "n_tokens": int(low["n_tokens"])}
-        out["routing_overlap"] = rows
+        out["routing_overlap"] = moved
     return _clean(out)
 
 
@@ -424,4 +424,5 @@ def beyond_sentences(rec: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-__all__ = ["SATURATED", "DomainFindings", "beyond_findings", "beyond_sentences", "findings", "findings_record", "sentences", "table_meta"]
+__all__ = ["SATURATED", "DomainFindings", "beyond_findings", "beyond_sentences", "findings", "findings_record",
+           "sentences", "table_meta"]

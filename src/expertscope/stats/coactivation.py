@@ -181,7 +181,8 @@ class CoactivationStats:
     # ----- tables --------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
         """One row per (domain, layer, expert_a, expert_b ≠ a): ``count`` (tokens selecting both), ``n_a``,
-        ``n_tokens`` (the domain's tokens), ``p_b_given_a`` (NaN when ``a`` is never selected), ``p_b`` and ``lift = p_b_given_a / p_b``."""
+        ``n_tokens`` (the domain's tokens), ``p_b_given_a`` (NaN when ``a`` is never selected), ``p_b`` and
+        ``lift = p_b_given_a / p_b``."""
         frames = []
         E = self.num_experts
         a, b = np.meshgrid(np.arange(E), np.arange(E), indexing="ij")

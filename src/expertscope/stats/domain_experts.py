@@ -371,5 +371,5 @@ def domain_experts(
     if not_applicable:  # recorded routes: no logits, so H is unknown and the test runs on A (CWAS taken as A)
         df.loc[:, [c for c in df.columns if c.split("_")[0] in ("entropy", "cwas", "H", "S", "gate")]] = np.nan
         settings["not_applicable"] = not_applicable
-        settings["rule_text"] += " (routes only: the specificity is that of the activation rate A)"
+        settings["rule_text"] = f"{rule_text} (routes only: the specificity is that of the activation rate A)"
     return DomainExpertTable(df, settings)
