@@ -362,3 +362,55 @@ def test_cli_profile_routes_writes_tables_and_refuses_mismatch(tmp_path) -> None
     assert "k=4" in res.output and not (tmp_path / "run2" / "profile.safetensors").exists()
     res = runner.invoke(app, ["profile", "--routes", f"a={tmp_path / 'a.npz'}", "-o", str(tmp_path / "run3")])
     assert res.exit_code == 2 and "--num-experts" in res.output
+
+
+# ----- report: findings and figures ------------------------------------------------------------------------
+def test_beyond_findings_read_the_tables(make_tiny, tmp_path, one_torch_thread) -> None:
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    from expertscope.report.figures import fig_coactivation, fig_paths, fig_routing_overlap, pooled_lift
+    from expertscope.report.findings import beyond_findings, beyond_sentences
+    from expertscope.report.html import load_tables
+    from expertscope.stats.coactivation import save_coactivation_tables
+
+    moe = _moe(make_tiny)
+    texts = {d: ts * 6 for d, ts in TEXTS.items()}  # enough tokens for pairs to be read out
+    prof = es.profile(moe, texts, batch_size=8)
+    save_coactivation_tables(prof, tmp_path)
+    tables = load_tables(tmp_path)
+    imp = tables["importance"]
+    ce = imp[["domain", "layer", "expert"]].assign(ce_mean=np.arange(len(imp), dtype=float) % 7)
+    tables["drivers"] = ce
+    ov = pd.DataFrame({"domain": ["alpha"] * 2 + ["beta"], "condition": ["domain_up"] * 2 + ["driver_up"],
+                       "applicable": [True, True, False], "reason": ["", "", "no driver experts"],
+                       "layer": [0, 1, -1], "n_tokens": [50, 50, 0], "overlap": [0.9, 0.6, np.nan],
+                       "ci_low": [0.85, 0.5, np.nan], "ci_high": [0.95, 0.7, np.nan], "changed": [0.2, 0.7, np.nan]})
+    tables["routing_overlap"] = ov
+    rec = beyond_findings(tables)
+    a = imp[imp.domain == "alpha"]
+    ok = a.importance.notna()
+    want = spearmanr(a.importance[ok], a.activation_rate[ok]).statistic
+    assert rec["importance"]["alpha"]["vs_A"]["rho"] == pytest.approx(want)
+    j = a.merge(ce[ce.domain == "alpha"], on=["domain", "layer", "expert"])
+    okj = j.importance.notna()
+    assert rec["importance"]["alpha"]["vs_CE"]["rho"] == pytest.approx(spearmanr(j.importance[okj],
+                                                                                 j.ce_mean[okj]).statistic)
+    assert rec["routing_overlap"]["alpha/domain_up"]["mean_overlap"] == pytest.approx(0.75)
+    assert rec["routing_overlap"]["alpha/domain_up"]["lowest_layer"] == 1
+    assert rec["routing_overlap"]["beta/driver_up"] == {"applicable": False, "reason": "no driver experts"}
+    co = tables["coactivation"]
+    strongest = co[co.n_a >= 20].sort_values("lift").iloc[-1]
+    s = rec["coactivation"]["strongest"][str(strongest.domain)]
+    assert s["lift"] == pytest.approx(strongest.lift)
+    text = beyond_sentences(rec)
+    assert any("not applicable (no driver experts)" in x for x in text["routing_overlap"])
+    assert any("75.0%" in x for x in text["routing_overlap"])
+    # the pooled lift drawn in the heatmap, by hand from the routes
+    layer = moe.layers[0]
+    r = np.concatenate([prof.routes.domain_routes(d) for d in prof.routes.domains])[:, 0]
+    n = np.array([(r == e).any(1).sum() for e in range(moe.num_experts)], float)
+    both = ((r == 0).any(1) & (r == 1).any(1)).sum()
+    assert pooled_lift(co, layer, moe.num_experts)[0, 1] == pytest.approx((both / n[0]) / (n[1] / len(r)))
+    for fn, t in ((fig_coactivation, co), (fig_paths, tables["paths"]), (fig_routing_overlap, ov)):
+        assert [p.suffix for p in fn(t, tmp_path / "fig")] == [".png", ".svg"]
