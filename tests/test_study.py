@@ -18,7 +18,8 @@ runner = CliRunner()
 # No math domain here: greedy generation is the slow part and the steering tests cover it.
 DOMAINS = ["emotion=synthetic:emotion@validation", "knowledge=synthetic:knowledge@validation"]
 TABLES = ["domain_experts.parquet", "drivers.parquet", "causal_rate.parquet", "token_positions.parquet",
-          "token_associations.parquet", "steering.parquet", "steering_sweep.parquet"]
+          "token_associations.parquet", "steering.parquet", "steering_sweep.parquet", "coactivation.parquet",
+          "paths.parquet", "routing_consistency.parquet", "importance.parquet", "routing_overlap.parquet"]
 
 
 @pytest.fixture(scope="module")

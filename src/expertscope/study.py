@@ -264,13 +264,14 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
 
 
 def _stage_routing_overlap(ctx: StudyContext) -> dict[str, Any]:
+    """How far steering and the router LoRA moved the routing, on the first ``causal_limit`` test texts."""
     from .interventions.routing_change import routing_changes
     from .io import write_table
     from .stats.domain_experts import DomainExpertTable
 
     c = ctx.config
     table = routing_changes(
-        ctx.model, ctx.split_domains("test", c.eval_limit), DomainExpertTable.load(ctx.out / "domain_experts.parquet"),
+        ctx.model, ctx.split_domains("test", c.causal_limit), DomainExpertTable.load(ctx.out / "domain_experts.parquet"),
         ctx.drivers(), adapter_dir=ctx.out / "router_lora", batch_size=c.batch_size, max_length=c.max_length,
         config=InterventionConfig(mode=c.steer_mode, scale_up=c.scale_up, n_boot=c.n_boot, seed=c.seed))
     write_table(ctx.out / "routing_overlap.parquet", table, meta={"table": "routing_overlap"})

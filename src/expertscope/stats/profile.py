@@ -91,6 +91,8 @@ class RoutingProfile:
         if dup is not None:
             raise DataError(f"sequence {dup[1]} of domain {dup[0]!r} was already profiled: profile each text once")
         self._keys.update(keys)
+        if "onorm" not in stats:  # callers from before output norms existed: not computed
+            stats = {**stats, "onorm": np.full(np.shape(stats["sel"]), np.nan)}
         if routes is not None:
             self._add_routes(domain, seq_ids, routes)
         if self.keep_sequences:
