@@ -372,7 +372,7 @@ def test_beyond_findings_read_the_tables(make_tiny, tmp_path, one_torch_thread) 
     from expertscope.report.figures import fig_coactivation, fig_paths, fig_routing_overlap, pooled_lift
     from expertscope.report.findings import beyond_findings, beyond_sentences
     from expertscope.report.html import load_tables
-    from expertscope.stats.coactivation import save_coactivation_tables
+    from expertscope.stats.structure import save_coactivation_tables
 
     moe = _moe(make_tiny)
     texts = {d: ts * 6 for d, ts in TEXTS.items()}  # enough tokens for pairs to be read out

@@ -18,12 +18,13 @@ from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
 from .models.model import MoEModel
 from .report import report
-from .stats.coactivation import CoactivationStats, coactivation
+from .stats.coactivation import CoactivationStats
 from .stats.domain_experts import DomainExpertTable, domain_experts
 from .stats.expert_map import expert_map
 from .stats.overlap import routing_overlap
 from .stats.profile import RoutingProfile, profile
 from .stats.routes import SequenceRoutes
+from .stats.structure import coactivation
 from .stats.tokens import position_profile, record_tokens, token_associations
 
 __version__ = "0.1.0"

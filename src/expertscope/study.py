@@ -156,8 +156,8 @@ def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
 
 
 def _stage_coactivation(ctx: StudyContext) -> dict[str, Any]:
-    from .stats.coactivation import save_coactivation_tables
     from .stats.profile import RoutingProfile
+    from .stats.structure import save_coactivation_tables
 
     return save_coactivation_tables(RoutingProfile.load(ctx.out), ctx.out)
 
@@ -271,8 +271,9 @@ def _stage_routing_overlap(ctx: StudyContext) -> dict[str, Any]:
 
     c = ctx.config
     table = routing_changes(
-        ctx.model, ctx.split_domains("test", c.causal_limit), DomainExpertTable.load(ctx.out / "domain_experts.parquet"),
-        ctx.drivers(), adapter_dir=ctx.out / "router_lora", batch_size=c.batch_size, max_length=c.max_length,
+        ctx.model, ctx.split_domains("test", c.causal_limit),
+        DomainExpertTable.load(ctx.out / "domain_experts.parquet"), ctx.drivers(), adapter_dir=ctx.out / "router_lora",
+        batch_size=c.batch_size, max_length=c.max_length,
         config=InterventionConfig(mode=c.steer_mode, scale_up=c.scale_up, n_boot=c.n_boot, seed=c.seed))
     write_table(ctx.out / "routing_overlap.parquet", table, meta={"table": "routing_overlap"})
     ok = table[table.applicable]

@@ -156,8 +156,8 @@ def _profile_routes(specs: list[str], num_experts: int | None, out: Path, moe_la
     from ..errors import ConfigError, DataError
     from ..integrations.routes import FORMATS, profile_routes
     from ..rundir import check_out_dir, open_run_dir, run_fingerprint
-    from ..stats.coactivation import save_coactivation_tables
     from ..stats.routing_mi import save_routing_mi
+    from ..stats.structure import save_coactivation_tables
     from ..validation import check_choice, check_positive
 
     if num_experts is None:

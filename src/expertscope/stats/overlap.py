@@ -8,13 +8,14 @@ Sequences are matched by (domain, sequence id) and compared only when both runs 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DataError
-from .routes import SequenceRoutes, as_sequence_routes, record_routes
+from .routes import SequenceRoutes, record_routes
 
 COLUMNS = ["domain", "layer", "n_sequences", "n_tokens", "overlap", "ci_low", "ci_high", "changed", "n_unmatched"]
 
@@ -106,4 +107,20 @@ def overlap_by_domain(table: pd.DataFrame) -> pd.DataFrame:
     return table.groupby("domain", sort=False)["overlap"].mean().rename("overlap").reset_index()
 
 
-__all__ = ["overlap_by_domain", "routing_overlap", "selection_intersections"]
+def as_sequence_routes(obj: Any) -> SequenceRoutes:
+    """A :class:`SequenceRoutes` from routes, a profile holding routes, or a run directory / routes file."""
+    from .profile import RoutingProfile
+
+    if isinstance(obj, SequenceRoutes):
+        return obj
+    if isinstance(obj, RoutingProfile):
+        if obj.routes is None:
+            raise DataError("this profile kept no per-token routes: profile again (keep_routes=True)")
+        return obj.routes
+    if isinstance(obj, str | Path):
+        p = Path(obj)
+        return SequenceRoutes.load(p / "routes.safetensors" if p.is_dir() else p)
+    raise ConfigError(f"cannot read routes from a {type(obj).__name__}: pass a run directory, a "
+                      "routes.safetensors file, a RoutingProfile or SequenceRoutes")
+
+__all__ = ["as_sequence_routes", "overlap_by_domain", "routing_overlap", "selection_intersections"]

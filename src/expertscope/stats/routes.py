@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -173,22 +173,5 @@ def record_routes(model: MoEModel, domains: DomainInput, batch_size: int = 8, ma
     return out
 
 
-def as_sequence_routes(obj: Any, domains: Mapping[str, Any] | None = None) -> SequenceRoutes:
-    """A :class:`SequenceRoutes` from routes, a profile holding routes, or a run directory / routes file."""
-    from .profile import RoutingProfile
-
-    if isinstance(obj, SequenceRoutes):
-        return obj
-    if isinstance(obj, RoutingProfile):
-        if obj.routes is None:
-            raise DataError("this profile kept no per-token routes: profile again (keep_routes=True)")
-        return obj.routes
-    if isinstance(obj, str | Path):
-        p = Path(obj)
-        return SequenceRoutes.load(p / "routes.safetensors" if p.is_dir() else p)
-    raise ConfigError(f"cannot read routes from a {type(obj).__name__}: pass a run directory, a "
-                      "routes.safetensors file, a RoutingProfile or SequenceRoutes")
-
-
-__all__ = ["SequenceRoutes", "as_sequence_routes", "batch_routes", "ordered_selection", "record_routes",
+__all__ = ["SequenceRoutes", "batch_routes", "ordered_selection", "record_routes",
            "route_dtype", "token_hash"]
