@@ -400,7 +400,7 @@ def test_beyond_findings_read_the_tables(make_tiny, tmp_path, one_torch_thread) 
     assert rec["routing_overlap"]["alpha/domain_up"]["lowest_layer"] == 1
     assert rec["routing_overlap"]["beta/driver_up"] == {"applicable": False, "reason": "no driver experts"}
     co = tables["coactivation"]
-    strongest = co[co.n_a >= 20].sort_values("lift").iloc[-1]
+    strongest = co[co["count"] >= 20].sort_values("lift").iloc[-1]
     s = rec["coactivation"]["strongest"][str(strongest.domain)]
     assert s["lift"] == pytest.approx(strongest.lift)
     text = beyond_sentences(rec)

@@ -269,7 +269,7 @@ def findings_record(tables: dict[str, pd.DataFrame], manifest: dict[str, Any] | 
 
 
 # ----- beyond the paper: co-activation, paths, consistency, importance, routing overlap ---------------------
-#: Pairs (a, b) need at least this many tokens selecting ``a`` before their P(b | a) is read out.
+#: A pair (a, b) is read out only when at least this many tokens select both (lift from a handful is noise).
 MIN_PAIR_COUNT = 20
 
 
@@ -299,13 +299,13 @@ def beyond_findings(tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     co = tables.get("coactivation")
     if co is not None and len(co):
-        strong = co[(co["n_a"] >= MIN_PAIR_COUNT) & np.isfinite(co["lift"])]
+        strong = co[(co["count"] >= MIN_PAIR_COUNT) & np.isfinite(co["lift"])]
         pairs = {}
         for d, g in strong.groupby("domain", sort=False):
             r = g.loc[g["lift"].idxmax()]
             pairs[str(d)] = {"layer": int(r["layer"]), "a": int(r["expert_a"]), "b": int(r["expert_b"]),
                              "p_b_given_a": float(r["p_b_given_a"]), "p_b": float(r["p_b"]),
-                             "lift": float(r["lift"]), "n_a": int(r["n_a"])}
+                             "lift": float(r["lift"]), "n_a": int(r["n_a"]), "count": int(r["count"])}
         out["coactivation"] = {"min_count": MIN_PAIR_COUNT, "strongest": pairs}
     paths = tables.get("paths")
     if paths is not None and len(paths):
@@ -371,9 +371,11 @@ def beyond_sentences(rec: dict[str, Any]) -> dict[str, list[str]]:
     if co:
         lines = [f"{d}: experts {p['a']} and {p['b']} at layer {p['layer']} co-activate most above chance: "
                  f"P({p['b']}|{p['a']}) = {_n(p['p_b_given_a'])} against P({p['b']}) = {_n(p['p_b'])} "
-                 f"(lift {_n(p['lift'], 2)}, {p['n_a']} tokens select {p['a']})." for d, p in co["strongest"].items()]
+                 f"(lift {_n(p['lift'], 2)}; {p['count']} of the {p['n_a']} tokens selecting {p['a']} also "
+                 f"select {p['b']})." for d, p in co["strongest"].items()]
         if not co["strongest"]:
-            lines.append(f"No expert is selected by {co['min_count']} tokens or more: too few to read co-activation.")
+            lines.append(f"No pair of experts is selected together by {co['min_count']} tokens or more: too few to "
+                         "read co-activation.")
         lines.append("Lift 1 is independence; within a layer a token's k experts are distinct, so P(a|a) is not shown.")
         out["coactivation"] = lines
     pa = rec.get("paths")

@@ -533,7 +533,7 @@ def _beyond_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
             "Co-activation lift P(b|a)/P(b) per layer, all domains pooled: red pairs are selected together more "
             "often than independence predicts, blue less."))
         body += _reading(lines.get("coactivation", []))
-        top = co[co["n_a"] >= MIN_PAIR_COUNT].sort_values("lift", ascending=False)
+        top = co[co["count"] >= MIN_PAIR_COUNT].sort_values("lift", ascending=False)
         body += table_html(top, ["domain", "layer", "expert_a", "expert_b", "count", "n_a", "p_b_given_a", "p_b",
                                  "lift"], rows=12)
     pa = tables.get("paths")
