@@ -420,7 +420,7 @@ def beyond_sentences(rec: dict[str, Any]) -> dict[str, list[str]]:
                 lines.append(f"{d}, {c.replace('_', ' ')}: not applicable ({v['reason']}).")
                 continue
             lines.append(f"{d}, {c.replace('_', ' ')}: on average {v['mean_overlap']:.1%} of each token's selected "
-                         f"experts stay the same; least at layer {v['lowest_layer']} ({v['lowest']:.1%} "
+                         f"experts stay the same; least at layer {v['lowest_layer']} ({v['lowest']:.1%}"
                          f"{_ci_opt(v['ci_low'], v['ci_high'], 3)}, {v['n_tokens']} tokens).")
         out["routing_overlap"] = lines
     return out
