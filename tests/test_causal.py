@@ -1,7 +1,7 @@
 """Causal effects, driver experts and the causal rate against independent naive references.
 
 Tolerance: exact CE values (KL divergences, here up to ~2 nats) must equal the naive loop to an absolute
-1e-5 in fp32 (SPEC §3).
+1e-5 in fp32 (docs/methods.md §3).
 """
 
 from __future__ import annotations

@@ -343,3 +343,211 @@ def test_cli_eval_data_file(tiny_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     res = json.loads((tmp_path / "o" / "results.json").read_text())["mc"]
     assert res["task"] == "multiple_choice" and res["n"] == 5
+
+
+# ----------------------------------------------------------------------- fast path against the reference
+
+
+def _same(fast, ref, math_task: bool = False) -> None:
+    """Equal predictions, correctness, accuracy, CI and F1; scores equal up to float reduction order."""
+    assert [r["prediction"] for r in fast.predictions] == [r["prediction"] for r in ref.predictions]
+    assert [r["correct"] for r in fast.predictions] == [r["correct"] for r in ref.predictions]
+    assert (fast.n, fast.accuracy, fast.ci_low, fast.ci_high, fast.weighted_f1) == (
+        ref.n, ref.accuracy, ref.ci_low, ref.ci_high, ref.weighted_f1)
+    for a, b in zip(fast.predictions, ref.predictions, strict=True):
+        if "scores" in b:
+            assert list(a["scores"]) == list(b["scores"])
+            for key in b["scores"]:
+                assert a["scores"][key] == pytest.approx(b["scores"][key], abs=2e-5)
+        if math_task:  # a row stopped once its answer was settled: a prefix of the run to EOS
+            assert b["generation"].startswith(a["generation"])
+
+
+def _relabelled(exs: list[Example], labels: tuple[str, ...], seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    return [Example(text=e.text, context=e.context, label=rng.choice(labels), id=e.id) for e in exs]
+
+
+@pytest.mark.parametrize("labels", [None, ("A", "B", "C", "D"), ("A", "joy", "B", "neutral", "sadness")])
+def test_classification_fast_path_equals_reference(tiny, tokenizer, labels) -> None:
+    """All-multi-token labels (the 7 emotions here), all one-token labels, and a mix."""
+    from expertscope.evaluation.reference import evaluate_reference
+
+    exs = _examples("emotion", 21)
+    if labels is not None:
+        exs = _relabelled(exs, labels)
+        n_single = sum(len(tokenizer(" " + x, add_special_tokens=False)["input_ids"]) == 1 for x in labels)
+        assert n_single >= 2  # the one-token path is exercised
+    for bs in (1, 5, 16):
+        fast = evaluate(tiny, "classification", exs, tokenizer=tokenizer, batch_size=bs, labels=labels)
+        ref = evaluate_reference(tiny, "classification", exs, tokenizer=tokenizer, batch_size=bs, labels=labels)
+        _same(fast, ref)
+        assert fast.n_truncated == 0 and not any("truncated" in r for r in fast.predictions)
+
+
+@pytest.mark.parametrize("vocab_size", [600, 300])
+def test_multiple_choice_fast_path_equals_reference(pair, vocab_size: int) -> None:
+    from expertscope.evaluation.reference import evaluate_reference
+
+    tiny, tokenizer = pair if vocab_size == 600 else _build_pair(vocab_size)
+    exs = _examples("knowledge", 13)
+    fast = evaluate(tiny, "multiple_choice", exs, tokenizer=tokenizer, batch_size=4)
+    _same(fast, evaluate_reference(tiny, "multiple_choice", exs, tokenizer=tokenizer, batch_size=4))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3"])
+def test_fast_path_equals_reference_other_families(make_tiny, family: str) -> None:
+    """Character-level tokenizer: every label and letter is several tokens (the ``prompt + label`` rows)."""
+    from expertscope.evaluation.reference import evaluate_reference
+    from expertscope.testing import tiny_tokenizer
+
+    model, tok = make_tiny(family), tiny_tokenizer()
+    short = [e for e in synthetic.generate("emotion", 60, seed=1, split="test").examples
+             if len(prompt("classification", e)) < 150][:6]
+    cases = [("classification", short), ("multiple_choice", _examples("knowledge", 6)),
+             ("math", _examples("math", 4))]
+    for task, exs in cases:
+        fast = evaluate(model, task, exs, tokenizer=tok, batch_size=4, max_new_tokens=10)
+        ref = evaluate_reference(model, task, exs, tokenizer=tok, batch_size=4, max_new_tokens=10)
+        assert fast.n_truncated == 0
+        _same(fast, ref, math_task=task == "math")
+
+
+def test_math_fast_path_equals_reference(tiny, tokenizer) -> None:
+    from expertscope.evaluation.reference import evaluate_reference
+
+    exs = _examples("math", 10)
+    fast = evaluate(tiny, "math", exs, tokenizer=tokenizer, batch_size=4, max_new_tokens=20)
+    ref = evaluate_reference(tiny, "math", exs, tokenizer=tokenizer, batch_size=4, max_new_tokens=20)
+    _same(fast, ref, math_task=True)
+
+
+# ----------------------------------------------------------------------------------- answer_settled
+
+
+def test_answer_settled_never_changes_the_extracted_answer() -> None:
+    """On random texts, wherever a prefix is called settled, the final text's answer equals the prefix's:
+    the independent check of the early stop (extract_answer on the cut text, as evaluate does)."""
+    from expertscope.evaluation.evaluate import _cut, answer_settled
+
+    pieces = ["####", "#", "###", " ", "\n", "\n\n", "1", "2", "0", ",", ".", "-", "12", ",000", ".5", "Question:",
+              "Dialogue:", "\nQuest", "ion:", "a", "x", "é", "٣", "=", "$", "\ufffd"]
+    rng = random.Random(0)
+    settled = 0
+    for _ in range(4000):
+        parts = [rng.choice(pieces) for _ in range(rng.randint(1, 14))]
+        full = "".join(parts)
+        final = extract_answer(_cut(full))
+        for k in range(1, len(parts) + 1):
+            text = "".join(parts[:k])
+            if answer_settled(text):
+                settled += 1
+                assert extract_answer(_cut(text)) == final, (text, full)
+    assert settled > 1000  # the check is not vacuous
+
+
+@pytest.mark.parametrize(
+    ("text", "settled"),
+    [(" 5 + 3 = 8. #### 8", False), (" 5 + 3 = 8. #### 8\n", True), (" #### 8.", False), (" #### 8,", False),
+     (" #### 8 apples", False), (" #### 8a", True), ("#### 1,000\n", True), (" 8 = 8\n\n", True),
+     (" 8 = 8\n", False), (" 8 = 8\n\nQuestion:", True), ("####\n\n", True), (" 7\n\n#### 8\n", True)],
+)
+def test_answer_settled_cases(text: str, settled: bool) -> None:
+    from expertscope.evaluation.evaluate import STOP_SEQUENCES, answer_settled
+
+    assert answer_settled(text) is settled
+    assert all(s.startswith("\n") for s in STOP_SEQUENCES)  # answer_settled's shortcut relies on it
+
+
+# ----------------------------------------------------------------------------------------- context
+
+
+@pytest.fixture(scope="module")
+def short_context(tokenizer):
+    """The tiny Mixtral's weights with a 40-token context (the rotary model reads any position, so only
+    the evaluation's own guard keeps prompts inside it)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=40, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def _positions_seen(model) -> tuple[list[int], object]:
+    """A hook on the rotary embedding recording the largest position id of every forward."""
+    seen: list[int] = []
+
+    def hook(_mod, args, kwargs):
+        pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        seen.append(int(pos.max()))
+
+    return seen, model.model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize(("domain", "task"), [("emotion", "classification"), ("knowledge", "multiple_choice"),
+                                              ("math", "math")])
+def test_prompts_are_cut_from_the_left_to_fit_the_context(short_context, tokenizer, domain, task) -> None:
+    exs = _examples(domain, 8)
+    new = 12
+    seen, handle = _positions_seen(short_context)
+    try:
+        res = evaluate(short_context, task, exs, tokenizer=tokenizer, batch_size=3, max_new_tokens=new)
+    finally:
+        handle.remove()
+    lens = [len(tokenizer(prompt(task, e))["input_ids"]) for e in exs]
+    labels = [len(tokenizer(" " + x, add_special_tokens=False)["input_ids"]) for x in LABELS]
+    room = {"classification": max(labels), "multiple_choice": 1, "math": new}[task]
+    expected = [n > 40 - room for n in lens]
+    assert any(expected) and res.n_truncated == sum(expected)
+    assert [bool(r.get("truncated")) for r in res.predictions] == expected
+    assert seen and max(seen) <= 39  # no forward ever used a position past the 40-token context
+    # Independent check: the score of a cut prompt is the naive log-likelihood of BOS + its last tokens.
+    if task != "math":
+        for ex, rec, cut in zip(exs, res.predictions, expected, strict=True):
+            p = tokenizer(prompt(task, ex))["input_ids"]
+            if cut:
+                p = p[:1] + p[len(p) - (40 - room - 1):]
+                assert p[0] == tokenizer.bos_token_id and len(p) == 40 - room
+            for key, score in rec["scores"].items():
+                cont = tokenizer((" " + key), add_special_tokens=False)["input_ids"]
+                assert score == pytest.approx(_naive_logprob(short_context, p + cont, len(p)), abs=1e-4)
+
+
+def test_no_room_for_the_prompt_is_one_line(short_context, tokenizer) -> None:
+    with pytest.raises(ConfigError, match="max-new-tokens") as info:
+        evaluate(short_context, "math", _examples("math", 2), tokenizer=tokenizer, max_new_tokens=40)
+    assert "\n" not in str(info.value)
+
+
+def test_fit_to_context_keeps_bos() -> None:
+    from expertscope.evaluation.evaluate import fit_to_context
+
+    out, cut = fit_to_context([[1, 5, 6, 7, 8], [1, 5], [5, 6, 7, 8, 9]], 3, keep=[1])
+    assert out == [[1, 7, 8], [1, 5], [7, 8, 9]] and cut == [True, False, True]
+    assert fit_to_context([[1, 2, 3]], None) == ([[1, 2, 3]], [False])
+
+
+def test_progress_callback(tiny, tokenizer) -> None:
+    calls: list[tuple[str, int, int]] = []
+    batches: list[int] = []
+    evaluate(tiny, "multiple_choice", _examples("knowledge", 7), tokenizer=tokenizer, batch_size=3,
+             progress=lambda *a: calls.append(a), on_batch=batches.append)
+    assert calls == [("evaluating multiple_choice", d, 7) for d in (0, 3, 6, 7)]
+    assert batches == [3, 3, 1]
+
+
+def test_cli_eval_reports_truncation(short_context, tokenizer, tmp_path: Path) -> None:
+    model_dir = tmp_path / "short"
+    short_context.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--limit", "6", "--max-new-tokens", "8",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "cut from the left" in result.output and "40-token context" in result.output
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert res["emotion"]["n_truncated"] > 0
+    assert json.dumps(manifest).count("n_truncated") >= 3

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from expertscope.report.findings import findings, sentences
 from expertscope.report.html import build_html
@@ -151,3 +152,138 @@ def test_compare_command_bad_input_is_one_line_and_writes_nothing(tmp_path: Path
     assert not list(tmp_path.glob("*.html")) and not list(tmp_path.glob("*_figures"))
     r = runner.invoke(app, ["compare", str(a), str(b), "-o", str(tmp_path / "ok.html")])
     assert r.exit_code == 0 and (tmp_path / "ok.html").exists(), r.output
+
+
+# ----- the section readings come from the tables' own columns -------------------------------------------
+def test_read_drivers_names_the_strongest_driver_not_the_largest_ce() -> None:
+    """The expert with the largest mean CE fails the rule (its test is not significant): the reading names the
+    flagged driver with the largest CE, with the table's own interval, ratio and q, and the layer medians
+    from ``layer_median``."""
+    from expertscope.report.findings import read_drivers
+
+    drv = pd.DataFrame({
+        "domain": "m", "layer": [0, 0, 0, 1, 1, 1], "expert": [0, 1, 2, 0, 1, 2],
+        "ce_mean": [0.50, 0.20, 0.01, 0.30, 0.02, 0.01], "ce_lo": [0.0, 0.15, 0, 0.25, 0, 0],
+        "ce_hi": [1.0, 0.25, 0.02, 0.35, 0.03, 0.02], "layer_median": [0.04] * 3 + [0.015] * 3,
+        "ratio": [12.5, 5.0, 0.25, 20.0, 1.33, 0.67], "q_value": [0.2, 0.01, 0.9, 0.02, 0.8, 0.9],
+        "is_driver": [False, True, False, True, False, False]})
+    (text,) = read_drivers(drv)
+    assert text.domain == "m"
+    assert "2 of 6 experts pass the driver rule, at layer(s) 0 (1), 1 (1)" in text
+    assert "The strongest driver is expert 0 at layer 1: CE 0.3 [0.25, 0.35] nats, 20× its layer's median, " \
+           "q = 0.02." in text
+    assert "highest at layer 0 (0.04 nats) and lowest at layer 1 (0.015 nats)" in text
+    assert "expert 0 at layer 0" not in text  # the larger CE that is not a driver
+    (none,) = read_drivers(drv.assign(is_driver=False))
+    assert "no expert passes the driver rule. The largest mean CE, 0.5 nats (expert 0 at layer 0, 12.5× its " \
+           "layer's median), is not a driver." in none
+
+
+def test_every_sentence_lives_in_findings() -> None:
+    """html.py lays out: no reading generator is defined there (they live in findings.py)."""
+    import inspect
+
+    from expertscope.report import findings as fnd
+    from expertscope.report import html as html_mod
+
+    own = [n for n, f in inspect.getmembers(html_mod, inspect.isfunction) if f.__module__ == html_mod.__name__]
+    assert not [n for n in own if n.startswith("read_")]
+    assert {"read_domain_experts", "read_drivers", "read_steering", "read_routing_mi"} <= set(dir(fnd))
+
+
+def test_no_reference_to_a_spec_file_the_repository_lacks() -> None:
+    """docs/methods.md is the reference: no file cites sections of a specification the repository lacks."""
+    root = Path(__file__).resolve().parents[1]
+    needle = "SPEC" + " §"
+    hits = [f"{p.relative_to(root)}:{i}" for base in ("src", "tests", "docs", "benchmarks", "scripts")
+            for p in sorted((root / base).rglob("*")) if p.is_file() and p.suffix in (".py", ".md", ".sh", ".toml")
+            for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+            if needle in line]
+    hits += [f"README.md:{i}" for i, line in enumerate((root / "README.md").read_text().splitlines(), 1)
+             if needle in line]
+    assert hits == []
+
+
+# ----- incomplete runs ---------------------------------------------------------------------------------
+def test_study_stages_match_the_pipeline() -> None:
+    from expertscope import study
+    from expertscope.report.findings import STUDY_STAGES
+
+    assert list(STUDY_STAGES) == [n for n, _ in study.STAGES]
+
+
+def test_status_sentence_names_the_missing_stages() -> None:
+    from expertscope.report.findings import run_status, status_sentence
+
+    done = {"status": "complete", "seconds": 1.0}
+    running = {"kind": "study", "status": "running",
+               "stages": {"profile": done, "domain_experts": done, "_total_seconds": {"status": "info"}}}
+    st = run_status(running)
+    assert not st.complete and st.finished == ["profile", "domain_experts"]
+    assert st.missing == ["drivers", "causal_rate", "tokens", "expert_map", "steering"]  # not "report"
+    text = status_sentence(running)
+    assert text is not None and "status “running”" in text
+    assert "stages drivers, causal_rate, tokens, expert_map, steering did not finish" in text
+    # The stages the run planned, where its manifest lists them.
+    planned = {**running, "planned_stages": ["profile", "domain_experts", "drivers", "report"]}
+    assert "stage drivers did not finish, so its section is missing" in (status_sentence(planned) or "")
+    assert status_sentence({**running, "status": "complete"}) is None
+    assert "no stage is recorded as finished" in (status_sentence({"kind": "eval", "status": "running"}) or "")
+
+
+def test_report_puts_a_banner_on_an_incomplete_run() -> None:
+    done = {"status": "complete", "seconds": 1.0}
+    manifest = {"kind": "study", "model": {"source": "tiny"},
+                "stages": {s: done for s in ("profile", "domain_experts", "drivers")}}
+    assert "Incomplete run" not in build_html({**manifest, "status": "complete"}, _tables(), {})
+    page = build_html({**manifest, "status": "running"}, _tables(), {})
+    banner = page.split("<div class='banner' role='alert'>")[1].split("</div>")[0]
+    assert "causal_rate, tokens, expert_map, steering did not finish" in banner and "“running”" in banner
+    assert page.index("class='banner'") < page.index("id='findings'")  # above everything else
+
+
+@pytest.mark.slow
+def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path) -> None:
+    import json
+
+    from expertscope.report.compare import compare
+
+    a, b = _fake_run(tmp_path, "m-one", 8), _fake_run(tmp_path, "m-two", 8)
+    for run, status in ((a, "complete"), (b, "running")):
+        m = json.loads((run / "manifest.json").read_text())
+        m.update(kind="study", status=status, stages={"profile": {"status": "complete"}})
+        (run / "manifest.json").write_text(json.dumps(m))
+    out = compare([a, b], tmp_path / "cmp.html")
+    page = out.read_text()
+    assert page.count("<div class='banner'") == 1 and "Run m-two is not complete" in page
+    assert "stages domain_experts, drivers, causal_rate, tokens, expert_map, steering did not finish" in page
+
+    # The same explorable page as the report: sort the summary, read the MI heatmap's hover value.
+    from _browser import Browser, require_chromium
+
+    with Browser(require_chromium(), tmp_path / "profile") as br:
+        br.open(out.as_uri())
+        br.click("#summary th[data-col='domain_experts']")
+        assert br.eval("Array.from(document.querySelectorAll('#summary tbody tr')).map(r => r.cells[0].textContent + "
+                       "'/' + r.cells[6].textContent)") == ["m-one/a", "m-two/a", "m-one/b", "m-two/b"]
+        br.hover("#mi svg.hm rect[data-v][y='0'][x]:not([x='0'])")  # model m-one, layer 1
+        tip = br.eval("document.getElementById('tip').textContent")
+        assert tip == "model m-one · layer 1: I(domain; expert) 0.3 bits"  # _fake_run's mi_bits of layer 1
+
+
+def test_steering_and_sweep_readings_say_whether_an_interval_excludes_zero() -> None:
+    from expertscope.report.findings import read_steering, read_sweep
+
+    st = _tables()["steering"]
+    a, b = read_steering(st)
+    assert "driver down -0.100 [-0.150, -0.050]; domain up +0.010 [-0.020, +0.040]" in a
+    assert a.endswith("The interval excludes 0 for driver down only.")
+    assert "driver down not applicable (no driver experts)" in b
+    sweep = pd.DataFrame({"domain": "a", "targets": "driver", "sweep": "scale", "scale": [0.8, 1.0, 1.2],
+                          "accuracy": [0.40, 0.60, 0.66], "ci_low": [0.3, 0.5, 0.55], "ci_high": [0.5, 0.7, 0.76]})
+    (text,) = read_sweep(sweep)
+    assert "best accuracy at s = 1.2: 0.66 against 0.6 unsteered (95% CI [0.5, 0.7]); outside it: s = 0.8 " \
+           "(0.4, below)." in text
+    (flat,) = read_sweep(sweep.assign(accuracy=[0.55, 0.6, 0.58]))
+    assert "no scale of the driver experts beats the unsteered accuracy of 0.6" in flat
+    assert "all 3 scales lie inside it, so the sweep shows no effect" in flat

@@ -59,7 +59,7 @@ def test_up_raises_and_down_lowers_activation(family: str, mode: str, make_tiny)
     positive = call.logits.mean(0) > 0
     candidates = [e for e in range(E) if 0 < chosen[e] < 1 and (positive[e] or mode == "bias")]
     expert = candidates[0] if candidates else int(call.logits.mean(0).argmax())
-    # Scaling moves a negative logit the other way (SPEC §4), so in scale mode compare on the tokens
+    # Scaling moves a negative logit the other way (docs/methods.md §5), so in scale mode compare on the tokens
     # where the expert's logit is positive; a bias moves every token the same way.
     tokens = call.logits[:, expert] > 0 if mode == "scale" else None
     base = _rate(moe, layer, expert, ids, tokens)

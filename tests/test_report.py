@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
+from _browser import Browser, require_chromium
 from expertscope.errors import OutputError
 from expertscope.io import make_manifest, write_json, write_table
 from expertscope.report import figures as F
 from expertscope.report.html import build_html, load_tables, report
 
-APT_HINT = "apt-get update && apt-get install -y --no-install-recommends chromium"
 DOMAINS = ("emotion", "knowledge", "math")
 
 def synthetic_tables(L: int = 4, E: int = 8, seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -85,6 +83,7 @@ FILES = {"domain_experts": "domain_experts.parquet", "drivers": "driver_experts.
          "steering": "steering.parquet", "steering_sweep": "steering_sweep.parquet"}
 ALL_FIGURES = {"fig1_cwas", "fig2_expert_types", "fig3_causal_rate", "fig4_positions", "fig5_expert_map",
                "fig6_causal_layers", "fig7_causal_heatmap", "fig_steering", "fig_steering_sweep"}
+PAGE_FIGURES = ALL_FIGURES - {"fig7_causal_heatmap"}  # the page shows that one as an explorable heatmap
 
 
 def write_run(run_dir: Path, tables: dict[str, pd.DataFrame], keys: tuple[str, ...] | None = None) -> Path:
@@ -92,6 +91,7 @@ def write_run(run_dir: Path, tables: dict[str, pd.DataFrame], keys: tuple[str, .
     for key in keys or tuple(FILES):
         write_table(run_dir / FILES[key], tables[key])
     write_json(run_dir / "manifest.json", make_manifest("study", {"model": "demo", "seed": 0}, seed=0,
+                                                        status="complete",
                                                         model={"source": "demo", "moe_layers": [0, 1, 2, 3]}))
     return run_dir
 
@@ -172,8 +172,12 @@ def test_report_is_self_contained(built_report: Path):
     assert not re.search(r"@import|url\(\s*['\"]?(?:https?:)?//|<link\b|<script\s[^>]*src", page, re.I)
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
     imgs = re.findall(r"<img\b[^>]*>", page)
-    assert len(imgs) == len(ALL_FIGURES)
+    assert len(imgs) == len(PAGE_FIGURES)
     assert all("src='data:image/png;base64," in i for i in imgs)
+    # The causal heatmap is inline SVG (one per domain) with hover values; its PNG and SVG are still written.
+    assert page.count("<svg class='hm'") == 2 * len(DOMAINS)  # activation rate and CE, per domain
+    assert (built_report.parent / "figures" / "fig7_causal_heatmap.png").exists()
+    assert "Incomplete run" not in page
     # Plain-language readings come from the numbers; table cells are escaped.
     assert "domain experts; layer" in page and "specificity +" in page
     assert "driver-triggering tokens sit in the first fifth" in page
@@ -228,31 +232,13 @@ def test_load_tables_derives_ce_means_without_driver_table(tmp_path: Path):
     tables = load_tables(run)
     np.testing.assert_allclose(tables["drivers"].sort_values("expert")["ce_mean"], [0.2, 0.4])
     page = build_html({"kind": "study"}, tables, {})
-    assert "strongest single expert is expert 1 at layer 0" in page
+    assert "no driver rule was applied (no driver table); the largest mean CE is expert 1 at layer 0" in page
 
 
 # ----- headless Chromium -------------------------------------------------------------------------------
-# A fresh machine has no browser: the test skips there with its reason. CI (`.ci/run`) installs Chromium and
+# A fresh machine has no browser: the tests skip there with their reason. CI (`.ci/run`) installs Chromium and
 # sets EXPERTSCOPE_REQUIRE_BROWSER=1, which turns the skip into a failure so the report is always rendered.
-REQUIRE_BROWSER = os.environ.get("EXPERTSCOPE_REQUIRE_BROWSER", "") not in ("", "0")
-
-
-def _find_chromium() -> str | None:
-    """The headless browser: $EXPERTSCOPE_CHROMIUM, else chromium/chromium-browser on PATH."""
-    explicit = os.environ.get("EXPERTSCOPE_CHROMIUM")
-    if explicit:
-        return explicit if Path(explicit).exists() else None
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _require_chromium() -> str:
-    exe = _find_chromium()
-    if exe is None:
-        reason = f"no chromium on PATH: the report's browser test needs it; install it with `{APT_HINT}`"
-        if REQUIRE_BROWSER:
-            pytest.fail(f"{reason} (EXPERTSCOPE_REQUIRE_BROWSER=1 makes this test mandatory)")
-        pytest.skip(reason)
-    return exe
+_require_chromium = require_chromium
 
 
 def _chromium(args: list[str], profile: Path, timeout: int = 90) -> subprocess.CompletedProcess:
@@ -288,7 +274,7 @@ def test_report_renders_offline_in_chromium(built_report: Path, tmp_path: Path):
                      "--virtual-time-budget=5000", "--dump-dom", built_report.as_uri()], tmp_path / "p1")
     assert res.returncode == 0, res.stderr[-2000:]
     dom = res.stdout
-    n = len(ALL_FIGURES)
+    n = len(PAGE_FIGURES)
     assert f'data-images-ok="{n}/{n}"' in dom, dom[-500:]
     assert dom.count('data-loaded="1"') == n and 'data-loaded="0"' not in dom
     assert [u for u in _page_requests(net) if not u.startswith(("file:", "data:"))] == []
@@ -336,3 +322,113 @@ def test_expert_map_representations(make_tiny):
     pd.testing.assert_frame_equal(again, expert_map(moe, representation="router", k=3))  # seeded
     per_layer = expert_map(moe, representation="router", scope="layer", perplexity=50)
     assert all(e["perplexity"] < 4 for e in per_layer.attrs["embeddings"])
+
+
+# ----- the explorable page: tables, heatmaps, domain selector ------------------------------------------
+def _cells(page: str, svg_domain: str, section: str = "drivers") -> dict[tuple[int, int], tuple[str, bool]]:
+    """``{(layer, expert): (data-v, boxed)}`` of one domain's heatmap in ``section``, parsed from the page."""
+    sec = page.split(f"<section id='{section}'>")[1].split("</section>")[0]
+    fig = sec.split(f"<figure data-domain='{svg_domain}'>")[1].split("</figure>")[0]
+    rows = re.search(r"data-rows='([^']*)'", fig).group(1).split("|")
+    cols = re.search(r"data-cols='([^']*)'", fig).group(1).split("|")
+    cw, ch = (float(re.search(rf"data-{k}='([^']*)'", fig).group(1)) for k in ("cw", "ch"))
+    out = {}
+    for x, y, v, f in re.findall(r"<rect x='([\d.]+)' y='([\d.]+)' [^>]*data-v='([^']*)'( data-f='1')?", fig):
+        out[(int(rows[round(float(y) / ch)]), int(cols[round(float(x) / cw)]))] = (v, bool(f))
+    return out
+
+
+def test_heatmap_cells_hold_the_tables_values_and_flags(built_report: Path):
+    """Every heatmap cell's hover value is the driver table's CE of that (layer, expert), printed as the
+    tables print it; exactly the drivers are boxed."""
+    from expertscope.report.findings import format_number
+
+    page = built_report.read_text()
+    drv = synthetic_tables()["drivers"]
+    for d in DOMAINS:
+        cells = _cells(page, d)
+        g = drv[drv["domain"] == d]
+        assert len(cells) == len(g) == 4 * 8
+        for r in g.itertuples():
+            assert cells[(r.layer, r.expert)] == (format_number(r.ce_mean), bool(r.is_driver))
+
+
+def test_table_rows_carry_full_precision_sort_keys_and_domains():
+    from expertscope.report.html import MAX_ROWS, table_html
+
+    df = pd.DataFrame({"domain": ["a", "b"], "x": [0.123456789, float("nan")], "flag": [True, False], "n": [3, 4]})
+    html = table_html(df)
+    assert "<tr data-domain='a'><td>a</td><td data-v='0.123456789'>0.123</td><td data-v='1'>yes</td>" in html
+    assert "<td>–</td>" in html  # NaN: shown as a dash, no sort key (sorted last)
+    assert "data-col='x' data-num='1'" in html and "data-col='domain' data-num='0'" in html
+    big = pd.DataFrame({"domain": "a", "x": np.arange(MAX_ROWS + 5, dtype=float)})
+    html = table_html(big, source="t.parquet")
+    assert html.count("<tr data-domain") == MAX_ROWS and f"first {MAX_ROWS} of {MAX_ROWS + 5} rows" in html
+
+
+def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
+    """Click a sort in a real browser (the mouse, over the DevTools protocol), read the heatmap's hover value,
+    filter by typing and pick a domain: each checked against the tables the run saved."""
+    from expertscope.report.findings import format_number
+
+    exe = _require_chromium()
+    drv = synthetic_tables()["drivers"]
+    drivers = drv[drv["is_driver"]]
+    with Browser(exe, tmp_path / "profile") as b:
+        b.open(built_report.as_uri())
+        assert b.eval("document.body.getAttribute('data-js')") == "ready"
+        table = "#drivers div.xt"  # the driver table: flagged rows only
+        visible = (f"Array.from(document.querySelector('{table}').querySelectorAll('tbody tr'))"
+                   ".filter(r => !r.hidden)")
+        col = "Array.from(document.querySelectorAll('{t} thead th')).findIndex(h => h.dataset.col === '{c}')"
+
+        def column(name: str) -> list[str]:
+            i = b.eval(col.format(t=table, c=name))
+            return b.eval(f"{visible}.map(r => r.cells[{i}].getAttribute('data-v'))")
+
+        # Sorting: the first click on a numeric header sorts largest first, the second smallest first.
+        b.click(f"{table} th[data-col='ce_mean']")
+        assert b.eval(f"document.querySelector(\"{table} th[data-col='ce_mean']\").getAttribute('aria-sort')") \
+            == "descending"
+        shown = [float(v) for v in column("ce_mean")]
+        want = sorted(drivers["ce_mean"], reverse=True)
+        assert shown == want[:len(shown)] and len(shown) == min(20, len(drivers))
+        b.click(f"{table} th[data-col='ce_mean']")
+        assert [float(v) for v in column("ce_mean")] == sorted(drivers["ce_mean"])[:len(shown)]
+
+        # Hover: the tooltip of a boxed heatmap cell names its layer and expert and prints the table's CE.
+        cell = "#drivers figure[data-domain='math'] svg.hm rect[data-f]"
+        b.hover(cell)
+        tip = b.eval("document.getElementById('tip').hidden ? null : document.getElementById('tip').textContent")
+        m = re.fullmatch(r"layer (\d+) · expert (\d+): CE (\S+) nats \(driver\)", tip or "")
+        assert m, tip
+        layer, expert, value = int(m.group(1)), int(m.group(2)), m.group(3)
+        row = drv[(drv["domain"] == "math") & (drv["layer"] == layer) & (drv["expert"] == expert)].iloc[0]
+        assert row["is_driver"] and value == format_number(row["ce_mean"])
+        shown_text = b.eval(f"{visible}.filter(r => r.cells[0].textContent === 'math' && r.cells[1].textContent === "
+                            f"'{layer}' && r.cells[2].textContent === '{expert}').map(r => r.cells[3].textContent)")
+        assert shown_text == [value]  # the same number in the table as under the mouse
+
+        # Filtering by typing: column=value terms.
+        b.click(f"{table} input.xt-q")
+        b.send("Input.insertText", {"text": "layer=1"})
+        assert set(b.eval(f"{visible}.map(r => r.cells[1].textContent)")) == {"1"}
+        assert len(column("ce_mean")) == int((drivers["layer"] == 1).sum())
+        b.eval(f"(function(){{var q=document.querySelector('{table} input.xt-q');q.value='';"
+               "q.dispatchEvent(new Event('input'));})()")
+
+        # The domain selector: one domain's rows, heatmaps and findings only.
+        b.eval("(function(){var s=document.getElementById('domain-select');s.value='knowledge';"
+               "s.dispatchEvent(new Event('change'));})()")
+        assert set(b.eval(f"{visible}.map(r => r.cells[0].textContent)")) == {"knowledge"}
+        assert b.eval("Array.from(document.querySelectorAll('[data-domain]')).filter(e => e.tagName !== 'TR' && "
+                      "!e.hidden).every(e => e.dataset.domain === 'knowledge')")
+        assert b.eval("document.querySelectorAll(\"figure[data-domain='knowledge']:not([hidden])\").length") == 2
+        # ... and what is shown is on screen: the page itself, the table's rows and that domain's heatmaps.
+        on_screen = "(function(q){{return Array.from(document.querySelectorAll(q)).filter(e => " \
+                    "e.getClientRects().length > 0).length;}})({!r})"
+        shown_rows = b.eval(f"{visible}.filter(r => r.getClientRects().length > 0).length")
+        assert shown_rows == int((drivers["domain"] == "knowledge").sum())
+        assert b.eval(on_screen.format("svg.hm")) == 2 and b.eval(on_screen.format("#findings h3")) == 1
+        b.screenshot(tmp_path / "explored.png")
+    assert (tmp_path / "explored.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,5 +1,5 @@
-"""Tokens (SPEC §5): relative-position bins and token–expert associations against hand-computed cases, and the
-recording pass on a tiny model."""
+"""Tokens (docs/methods.md §6): relative-position bins and token–expert associations against hand-computed
+cases, and the recording pass on a tiny model."""
 
 from __future__ import annotations
 

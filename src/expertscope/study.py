@@ -347,7 +347,8 @@ def _run_stages(rd: RunDir, config: StudyConfig, chosen: list[tuple[str, Stage]]
 
     def save(status: str) -> dict[str, Any]:
         model_info = ctx._model.describe() if ctx._model is not None else old.get("model")
-        return rd.write_manifest(status, seed=config.seed, model=model_info, stages=done)
+        return rd.write_manifest(status, seed=config.seed, model=model_info, stages=done,
+                                 planned_stages=[n for n, _ in chosen])  # the report's banner names what is missing
 
     save("running")
     ctx.state["mark_complete"] = lambda: save("complete")

@@ -1,4 +1,4 @@
-"""Driver experts (SPEC §3): causal effects of experts on the prediction, driver rules, the causal rate."""
+"""Driver experts (docs/methods.md §3): causal effects of experts on the prediction, driver rules, the causal rate."""
 
 from .drivers import DriverTable, causal_rate, causal_rate_from_selections, driver_experts, spearman_by_layer
 from .effects import CausalEffects, causal_effects

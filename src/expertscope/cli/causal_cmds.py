@@ -1,4 +1,4 @@
-"""``expertscope drivers``: causal effects, driver experts and the causal rate (SPEC §3)."""
+"""``expertscope drivers``: causal effects, driver experts and the causal rate (docs/methods.md §3)."""
 
 from __future__ import annotations
 

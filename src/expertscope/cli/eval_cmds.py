@@ -1,4 +1,4 @@
-"""``expertscope eval``: task accuracy with 95 % intervals (SPEC §7)."""
+"""``expertscope eval``: task accuracy with 95 % intervals (docs/methods.md §7)."""
 
 from __future__ import annotations
 
@@ -67,11 +67,12 @@ def _table(rows: list[tuple[str, EvalResult]]) -> Any:
     from rich.table import Table
 
     table = Table(title="Evaluation (accuracy with Wilson 95% CI)")
-    for col in ("domain", "task", "n", "accuracy", "95% CI", "weighted F1"):
+    for col in ("domain", "task", "n", "accuracy", "95% CI", "weighted F1", "truncated"):
         table.add_column(col, justify="left" if col in ("domain", "task") else "right")
     for name, r in rows:
         f1 = "-" if r.weighted_f1 is None else f"{r.weighted_f1:.3f}"
-        table.add_row(name, r.task, str(r.n), f"{r.accuracy:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]", f1)
+        table.add_row(name, r.task, str(r.n), f"{r.accuracy:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]", f1,
+                      str(r.n_truncated))
     return table
 
 
@@ -124,6 +125,10 @@ def eval_command(
         moe = load_model(model, dtype=dtype, device=device)
         results = _run_jobs(moe, jobs, batch_size, max_new_tokens, device)
         out_console.print(_table(results))
+        cut = {name: r.n_truncated for name, r in results if r.n_truncated}
+        if cut:
+            cap = getattr(moe, "context_length", None)
+            out_console.print(f"[yellow]prompts cut from the left to fit the {cap}-token context:[/] {cut}")
         if rd is not None:
             _write(rd, results)
 

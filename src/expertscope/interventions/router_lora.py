@@ -1,4 +1,4 @@
-"""Router-only LoRA (paper "Finetuning Router", SPEC §4): LoRA on the router projection of the last MoE
+"""Router-only LoRA (paper "Finetuning Router", docs/methods.md §5): LoRA on the router projection of the last MoE
 layers, through PEFT ``target_parameters``; everything else frozen; loss on the answer tokens only."""
 
 from __future__ import annotations

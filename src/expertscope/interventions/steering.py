@@ -1,4 +1,4 @@
-"""Steering experts at inference (SPEC §4): scale or bias chosen experts' router logits before routing.
+"""Steering experts at inference (docs/methods.md §5): scale or bias chosen experts' router logits before routing.
 
 ``mode="scale"`` (the paper's): ``z_i ← s·z_i``; ``mode="bias"``: ``z_i ← z_i + ln s`` (multiplies expert i's
 pre-normalisation probability by ``s``). Scaling a negative logit moves it the other way: ``s > 1`` makes

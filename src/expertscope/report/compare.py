@@ -4,6 +4,8 @@ For each run: its architecture (experts per layer, top-k, shared experts), the d
 counts per domain, the unsteered accuracies, then the paper's comparisons — Figure 1 (CWAS per expert),
 Figure 2 (expert types), Figure 3 (causal rate per layer), the routing mutual information per layer, and
 Tables 1–2 (steering) with one block per model. Figures are written per run into ``<out>_figures/``.
+The page is laid out like the report (:func:`~expertscope.report.html.page`): sortable, filterable tables, a
+domain selector, hover values on the routing-MI heatmap, and a banner for each run that did not finish.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import pandas as pd
 from ..errors import OutputError
 from ..io import atomic_write, write_json
 from .figures import fig_causal_rate, fig_cwas, fig_expert_types, fig_routing_mi
-from .findings import findings
-from .html import _CSP, _CSS, _SCRIPT, _e, _figure_html, _steering_table, load_tables, table_html
+from .findings import compare_intro, findings, status_sentence
+from .html import STEERING_COLUMNS, _e, _figure_html, _steering_table, heatmap, load_tables, page, table_html
 
 
 def _label(manifest: dict[str, Any], run_dir: Path) -> str:
@@ -87,8 +89,8 @@ def overlap_section(dirs: Sequence[Path], labels: Sequence[str]) -> str:
                 "n_unmatched"], rows=80))
     if not parts:
         return ""
-    return ("<section id='overlap'><h2>Routing overlap on the same texts</h2><p class='note'>Mean share of each "
-            "token's selected experts that both runs chose (|S1 ∩ S2| / k).</p>" + "".join(parts) + "</section>")
+    return ("<p class='note'>Mean share of each token's selected experts that both runs chose (|S1 ∩ S2| / k).</p>"
+            + "".join(parts))
 
 
 def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
@@ -116,32 +118,33 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         if t.get("routing_mi") is not None:
             mi_frames.append(t["routing_mi"].assign(model=label))
     summary = summary_frame(runs)
-    body = ["<section id='summary'><h2>Summary</h2>", table_html(summary, rows=60), "</section>"]
+    sections = [("summary", "Summary", table_html(summary, rows=30))]
     for key, heading in (("cwas", "Domain experts (Figure 1)"), ("types", "Expert types (Figure 2)"),
                          ("rate", "Causal rate (Figure 3)")):
-        body.append(f"<section id='{key}'><h2>{_e(heading)}</h2>{''.join(panels[key])}</section>")
+        sections.append((key, heading, "".join(panels[key])))
     if mi_frames:
         mi = pd.concat(mi_frames, ignore_index=True)
-        body.append("<section id='mi'><h2>Routing and the domain</h2>"
-                    + _figure_html(fig_routing_mi(mi, fig_dir), "I(domain; selected expert) per layer, per model")
-                    + table_html(mi, rows=80) + "</section>")
+        sections.append(("mi", "Routing and the domain",
+                         _figure_html(fig_routing_mi(mi, fig_dir), "I(domain; selected expert) per layer, per model")
+                         + heatmap(mi, "mi_bits", label="I(domain; expert)", unit="bits",
+                                   rows="model", cols="layer", by=None)
+                         + table_html(mi, rows=30)))
     steer = []
     for label, _m, t in runs:
         st = t.get("steering")
         if st is not None and len(st):
-            steer.append(f"<h3>{_e(label)}</h3>" + table_html(
-                _steering_table(st), ["domain", "condition", "status", "n_targets", "n", "accuracy", "ci_low",
-                                      "ci_high", "delta", "delta_lo", "delta_hi", "saturated"], rows=40))
-    if steer:
-        body.append("<section id='steering'><h2>Steering (Tables 1–2)</h2>" + "".join(steer) + "</section>")
-    body.append(overlap_section(dirs, [label for label, _, _ in runs]))
-    names = ", ".join(label for label, _, _ in runs)
-    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\"><title>expertscope comparison</title>"
-            f"<style>{_CSS}</style></head><body><h1>expertscope comparison</h1><p class='note'>{_e(names)}; "
-            "self-contained, works offline.</p>" + "".join(body) + f"<script>{_SCRIPT}</script></body></html>\n")
+            steer.append(table_html(_steering_table(st), [c for c in STEERING_COLUMNS if c not in ("mode", "scale")],
+                                    rows=20, title=label))
+    sections.append(("steering", "Steering (Tables 1–2)", "".join(steer)))
+    overlap = overlap_section(dirs, [label for label, _, _ in runs])
+    if overlap:
+        sections.append(("overlap", "Routing overlap on the same texts", overlap))
+    banners = [b for label, m, _ in runs if (b := status_sentence(m, run=label))]
+    domains = list(dict.fromkeys(summary["domain"].astype(str))) if "domain" in summary.columns else []
+    text = page("expertscope comparison", _e(compare_intro([label for label, _, _ in runs])), sections, domains,
+                banners)
     with atomic_write(out) as fh:
-        fh.write(page)
+        fh.write(text)
     write_json(out.with_suffix(".json"), {"version": 1, "runs": [str(d) for d in dirs],
                                           "summary": json.loads(summary.to_json(orient="records"))})
     return out

@@ -5,6 +5,12 @@ returns one :class:`DomainFindings` per domain: the domain and driver experts th
 strongest of each with its interval, the causal-rate peak and the steering changes whose interval excludes
 zero. Where nothing passes, it says so with the sample size and the smallest effect the rules could have
 flagged, so a null is a statement, not an empty table. :func:`sentences` turns a record into plain lines.
+
+Every sentence of the report lives here; :mod:`.html` only lays them out. Besides the findings record:
+``read_<section>(table)`` gives a section's reading as :class:`Sentence` values (each names the domain it is
+about, so the report's domain selector can show or hide it), :data:`CAPTIONS` the figure captions and
+:func:`run_status` / :func:`status_sentence` the banner of a run that did not finish. Definitions:
+docs/methods.md.
 """
 
 from __future__ import annotations
@@ -426,5 +432,498 @@ def beyond_sentences(rec: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-__all__ = ["SATURATED", "DomainFindings", "beyond_findings", "beyond_sentences", "findings", "findings_record",
-           "sentences", "table_meta"]
+# ----- section readings: every sentence of the report's sections ----------------------------------------
+class Sentence(str):
+    """A sentence of the report. ``domain`` names the domain it is about (``None``: the whole run), so the
+    report's domain selector can show or hide it; otherwise it is a plain ``str``."""
+
+    domain: str | None
+
+    def __new__(cls, text: str, domain: str | None = None) -> Sentence:
+        s = super().__new__(cls, text)
+        s.domain = domain
+        return s
+
+
+def format_number(x: Any, digits: int = 3) -> str:
+    """A number as the report prints it: below 1, ``digits`` significant figures (``0.00129``, ``6.6e-05``);
+    from 1 on, ``digits`` decimals without trailing zeros (``11.019``, ``2``); ``–`` for a missing value."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(v):
+        return "–"
+    if v == 0 or math.isinf(v):
+        return str(v) if math.isinf(v) else "0"
+    if abs(v) < 1 or abs(v) >= 1e5:
+        return f"{v:.{digits}g}"
+    text = f"{v:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+_num = format_number
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def _domain_names(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df["domain"].astype(str)))
+
+
+def _of(df: pd.DataFrame, d: str) -> pd.DataFrame:
+    return df[df["domain"].astype(str) == d]
+
+
+def read_domain_experts(df: pd.DataFrame) -> list[Sentence]:
+    """Per domain: how many domain experts, the layer holding most, and the one with the largest lift (the
+    order of the table below it)."""
+    out = []
+    E = int(df["expert"].max()) + 1
+    L = df["layer"].nunique()
+    key = "lift" if "lift" in df.columns else "specificity"
+    for d in _domain_names(df):
+        g = _of(df, d)
+        flag = g[_flag(g, "is_domain_expert")]
+        if not len(flag):
+            out.append(Sentence(f"In {d}, no expert passes the domain-expert rule at any of the {L} MoE layers.", d))
+            continue
+        per_layer = flag.groupby("layer").size()
+        best = flag.sort_values(key, ascending=False).iloc[0]
+        name = "activation lift" if key == "lift" else "specificity"
+        size = f"{name} {_num(best['lift'], 2)}" if key == "lift" else f"{name} {float(best[key]):+.2f}"
+        uniform = f" against a uniform {_pct(_f(best, 'uniform_rate'))}" if "uniform_rate" in g.columns else ""
+        out.append(Sentence(
+            f"In {d}, {len(flag)} of {E * L} experts ({E} per layer × {L} layers) are domain experts; layer "
+            f"{int(per_layer.idxmax())} has the most ({int(per_layer.max())} of {E}). The largest {name} "
+            f"is expert {int(best['expert'])} at layer {int(best['layer'])} ({size}, CWAS {_num(best.get('cwas'))}, "
+            f"activation rate {_pct(_f(best, 'activation_rate'))}{uniform}).", d))
+    return out
+
+
+def expert_types(domain_experts: pd.DataFrame, drivers: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each (domain, layer, expert) row of the domain-expert table with a ``type``.
+
+    ``both``/``domain``/``driver``: flagged for this domain (driver flags from ``drivers`` when given, else
+    the table's ``is_driver``); ``general``: the table's ``is_general``; ``other``: activated above uniform
+    here but flagged for another domain; ``below uniform``: not activated above ``k/E`` in this domain.
+    """
+    df = domain_experts.copy()
+    if drivers is not None and len(drivers) and {"domain", "layer", "expert", "is_driver"} <= set(drivers.columns):
+        key = drivers[["domain", "layer", "expert", "is_driver"]].rename(columns={"is_driver": "_drv"})
+        df = df.merge(key, on=["domain", "layer", "expert"], how="left")
+        df["_drv"] = df["_drv"].fillna(False).astype(bool)
+    else:
+        df["_drv"] = df["is_driver"].astype(bool) if "is_driver" in df.columns else False
+    dom = df["is_domain_expert"].astype(bool) if "is_domain_expert" in df.columns else pd.Series(False, df.index)
+    gen = df["is_general"].astype(bool) if "is_general" in df.columns else pd.Series(False, df.index)
+    uniform = df["uniform_rate"] if "uniform_rate" in df.columns else 0.0
+    active = df["activation_rate"] > uniform
+    df["type"] = np.select(
+        [dom & df["_drv"], dom, df["_drv"], ~active, gen],
+        ["both", "domain", "driver", "below uniform", "general"], default="other")
+    return df.drop(columns="_drv")
+
+
+def read_expert_types(df: pd.DataFrame, drivers: pd.DataFrame | None = None) -> list[Sentence]:
+    """Per domain: the share of routed selections going to general, domain and driver experts."""
+    typed = expert_types(df, drivers)
+    out = []
+    for d in _domain_names(typed):
+        g = _of(typed, d)
+        tot = float(g["activation_rate"].sum()) or float("nan")
+        share = {t: float(g.loc[g["type"] == t, "activation_rate"].sum()) / tot for t in
+                 ("general", "domain", "driver", "both")}
+        n = g[g["type"] != "below uniform"].groupby("type").size()
+        out.append(Sentence(
+            f"In {d}, general experts take {_pct(share['general'])} of routed selections, domain experts "
+            f"{_pct(share['domain'] + share['both'])} and driver experts {_pct(share['driver'] + share['both'])} "
+            f"({int(n.get('general', 0))} general, {int(n.get('domain', 0) + n.get('both', 0))} domain and "
+            f"{int(n.get('driver', 0) + n.get('both', 0))} driver experts among those activated above uniform).", d))
+    return out
+
+
+def read_causal_rate(df: pd.DataFrame) -> list[Sentence]:
+    """Per domain: the layer where the causal rate peaks, and its mean over layers."""
+    out = []
+    for d in _domain_names(df):
+        g = _of(df, d).dropna(subset=["causal_rate"])
+        if not len(g):
+            continue
+        top = g.loc[g["causal_rate"].idxmax()]
+        if float(top["causal_rate"]) == 0:
+            out.append(Sentence(f"In {d}, no token selects a driver expert at any layer (causal rate 0).", d))
+            continue
+        out.append(Sentence(
+            f"In {d}, the causal rate peaks at layer {int(top['layer'])}: {_pct(float(top['causal_rate']))} of its "
+            f"tokens are routed to at least one of that layer's driver experts (mean over layers "
+            f"{_pct(float(g['causal_rate'].mean()))}).", d))
+    return out
+
+
+def read_drivers(df: pd.DataFrame) -> list[Sentence]:
+    """Per domain, from the driver table's own columns: how many experts pass the driver rule (``is_driver``)
+    and at which layers, the strongest of them with its interval and its ratio to the layer's median (the
+    table's ``ratio``), and the layers with the highest and lowest median CE (``layer_median``). Where no
+    expert passes, the largest CE is named as what it is: not a driver."""
+    out = []
+    for d in _domain_names(df):
+        g = _of(df, d).dropna(subset=["ce_mean"])
+        if not len(g):
+            continue
+        medians = (g.groupby("layer")["layer_median"].first() if "layer_median" in g.columns
+                   else g.groupby("layer")["ce_mean"].median())
+        spread = (f" The median CE of a layer's experts is highest at layer {int(medians.idxmax())} "
+                  f"({_num(medians.max())} nats) and lowest at layer {int(medians.idxmin())} "
+                  f"({_num(medians.min())} nats).") if len(medians) > 1 else ""
+        if "is_driver" not in g.columns:
+            top = g.loc[g["ce_mean"].idxmax()]
+            out.append(Sentence(
+                f"In {d}, no driver rule was applied (no driver table); the largest mean CE is expert "
+                f"{int(top['expert'])} at layer {int(top['layer'])} ({_num(top['ce_mean'])} nats).{spread}", d))
+            continue
+        flagged = g[_flag(g, "is_driver")]
+        if not len(flagged):
+            top = g.loc[g["ce_mean"].idxmax()]
+            ratio = f", {_num(top['ratio'], 2)}× its layer's median" if "ratio" in g.columns else ""
+            out.append(Sentence(
+                f"In {d}, no expert passes the driver rule. The largest mean CE, {_num(top['ce_mean'])} nats (expert "
+                f"{int(top['expert'])} at layer {int(top['layer'])}{ratio}), is not a driver.{spread}", d))
+            continue
+        best = flagged.loc[flagged["ce_mean"].idxmax()]
+        ci = (f" [{_num(best['ce_lo'])}, {_num(best['ce_hi'])}]"
+              if {"ce_lo", "ce_hi"} <= set(g.columns) and not math.isnan(_f(best, "ce_lo")) else "")
+        ratio = f", {_num(best['ratio'], 2)}× its layer's median" if "ratio" in g.columns else ""
+        q = (f", q = {_num(best['q_value'], 2)}" if "q_value" in g.columns and not math.isnan(_f(best, "q_value"))
+             else "")
+        per_layer = flagged.groupby("layer").size()
+        where = ", ".join(f"{int(k)} ({int(v)})" for k, v in per_layer.items())
+        out.append(Sentence(
+            f"In {d}, {len(flagged)} of {len(g)} experts pass the driver rule, at layer(s) {where}. The strongest "
+            f"driver is expert {int(best['expert'])} at layer {int(best['layer'])}: CE {_num(best['ce_mean'])}{ci} "
+            f"nats{ratio}{q}.{spread}", d))
+    return out
+
+
+def read_positions(df: pd.DataFrame) -> list[Sentence]:
+    """Per domain: where in their sequences the driver-triggering tokens sit, against all tokens."""
+    out = []
+    g_all = df[df["layer"].astype(str) == "all"]
+    for d in _domain_names(g_all):
+        g = _of(g_all, d).sort_values("bin_index" if "bin_index" in g_all.columns else "bin")
+        n = int(g["n_trigger_total"].iloc[0]) if "n_trigger_total" in g.columns else 0
+        if n == 0 or g["trigger_share"].isna().all():
+            out.append(Sentence(f"In {d}, no token selected a driver expert, so there is no position profile.", d))
+            continue
+        ratio = g["trigger_share"] / g["token_share"].replace(0, np.nan)
+        hi = g.loc[ratio.idxmax()]
+        first = g.iloc[0]
+        out.append(Sentence(
+            f"In {d}, {_pct(float(first['trigger_share']))} of the {n} driver-triggering tokens sit in the first "
+            f"fifth of their sequence against {_pct(float(first['token_share']))} of all tokens; the most "
+            f"over-represented bin is {hi['bin']} ({_pct(float(hi['trigger_share']))} vs "
+            f"{_pct(float(hi['token_share']))}, ×{float(ratio.max()):.2f}).", d))
+    return out
+
+
+def read_associations(df: pd.DataFrame) -> list[Sentence]:
+    """Per domain and kind of expert: the tokens with the largest lift, and the top token–expert pair."""
+    out = []
+    for (d, kind), g in df.groupby(["domain", "kind"], sort=False):
+        ranked = g.sort_values("lift", ascending=False)
+        best = ranked.iloc[0]
+        toks = ", ".join(f"“{t}”" for t in ranked["token"].drop_duplicates()[:5])
+        out.append(Sentence(
+            f"In {d}, {kind} experts respond most to {toks}; the top pair is “{best['token']}” with expert "
+            f"{int(best['expert'])} at layer {int(best['layer'])} (lift {float(best['lift']):.2f}: selected for "
+            f"{_pct(float(best['p_expert_given_token']))} of its {int(best['count'])} occurrences against "
+            f"{_pct(float(best['p_expert']))} of all tokens).", str(d)))
+    return out
+
+
+def read_expert_map(df: pd.DataFrame) -> list[Sentence]:
+    """How many clusters, and how the driver experts fall into them."""
+    lines = [Sentence(f"{len(df)} experts in {df['cluster'].nunique()} KMeans clusters.")]
+    if "is_driver" in df.columns and df["is_driver"].astype(bool).any():
+        drv = df[df["is_driver"].astype(bool)]
+        counts = drv["cluster"].value_counts()
+        c = int(counts.index[0])
+        lines.append(Sentence(
+            f"{int(counts.iloc[0])} of the {len(drv)} driver experts fall in cluster {c}, which holds "
+            f"{_pct(float((df['cluster'] == c).mean()))} of all experts; the drivers span {len(counts)} cluster(s)."))
+    return lines
+
+
+def _condition(name: Any) -> str:
+    return str(name).replace("_", " ")
+
+
+def _signed(x: float, digits: int = 3) -> str:
+    """``+0.013`` / ``-0.004``; zero is ``0.000`` (never ``-0.000``)."""
+    text = f"{x:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
+
+
+def read_steering(df: pd.DataFrame) -> list[Sentence]:
+    """Per domain: the unsteered accuracy and each condition's change with its paired 95% interval, saying
+    which intervals exclude zero."""
+    out = []
+    for d in _domain_names(df):
+        g = _of(df, d)
+        base = g[g["condition"] == "original"]
+        if not len(base):
+            continue
+        b = base.iloc[0]
+        parts, moved = [], []
+        for r in g[g["condition"] != "original"].to_dict("records"):
+            name = _condition(r["condition"])
+            if "applicable" in g.columns and not bool(r["applicable"]):
+                reason = r.get("reason") or r.get("note") or "no targets"
+                parts.append(f"{name} not applicable ({reason})")
+            elif "delta" in g.columns and not math.isnan(_f(r, "delta")):
+                lo, hi = _f(r, "delta_lo"), _f(r, "delta_hi")
+                ci = "" if math.isnan(lo) else f" [{_signed(lo)}, {_signed(hi)}]"
+                parts.append(f"{name} {_signed(_f(r, 'delta'))}{ci}")
+                if not math.isnan(lo) and (lo > 0 or hi < 0):
+                    moved.append(name)
+        n = int(b["n"]) if "n" in g.columns else "?"
+        verdict = ""
+        if parts and "delta_lo" in g.columns:
+            verdict = (f" The interval excludes 0 for {', '.join(moved)} only." if moved else
+                       " Every interval includes 0: no condition changed accuracy beyond what this sample resolves.")
+        out.append(Sentence(f"In {d}, accuracy is {_num(b['accuracy'])} unsteered (n = {n})"
+                            + ("; change under each condition, with its 95% paired-bootstrap interval: "
+                               + "; ".join(parts) if parts else "") + "." + verdict, d))
+    return out
+
+
+def read_sweep(df: pd.DataFrame) -> list[Sentence]:
+    """Per domain and target kind: the scale with the best accuracy, and whether any scale's accuracy lies
+    outside the unsteered (s = 1) accuracy's 95% interval."""
+    out = []
+    sc = df[df["sweep"] == "scale"] if "sweep" in df.columns else df
+    for (d, t), g in sc.groupby(["domain", "targets"], sort=False):
+        best = g.loc[g["accuracy"].idxmax()]
+        one = g[np.isclose(g["scale"].astype(float), 1.0)]
+        if len(one) and np.isclose(float(best["scale"]), 1.0):
+            text, after = f"In {d}, no scale of the {t} experts beats the unsteered accuracy of", ""
+        else:
+            text, after = (f"In {d}, scaling the {t} experts gives the best accuracy at s = {_num(best['scale'])}: "
+                           f"{_num(best['accuracy'])} against"), " unsteered"
+        if len(one) and {"ci_low", "ci_high"} <= set(g.columns):
+            u = one.iloc[0]
+            lo, hi = _f(u, "ci_low"), _f(u, "ci_high")
+            outside = g[(g["accuracy"] < lo) | (g["accuracy"] > hi)]
+            where = ("outside it: " + ", ".join(
+                f"s = {_num(r['scale'])} ({_num(r['accuracy'], 4)}, {'below' if r['accuracy'] < lo else 'above'})"
+                for r in outside.to_dict("records")) if len(outside)
+                else f"all {len(g)} scales lie inside it, so the sweep shows no effect this sample can resolve")
+            text += f" {_num(u['accuracy'])}{after} (95% CI [{_num(lo, 4)}, {_num(hi, 4)}]); {where}"
+        elif len(one):
+            text += f" {_num(one['accuracy'].iloc[0])}{after}"
+        out.append(Sentence(text + ".", str(d)))
+    return out
+
+
+def read_routing_mi(df: pd.DataFrame) -> list[Sentence]:
+    """The layer where routing depends most on the domain, with the estimate's bias where the table has it."""
+    if not len(df) or "mi_bits" not in df.columns:
+        return []
+    top = df.loc[df["mi_bits"].idxmax()]
+    bias = ""
+    if "mi_bias_bits" in df.columns and not math.isnan(_f(top, "mi_bias_bits")):
+        below = int((df["mi_bits"] <= df["mi_bias_bits"]).sum())
+        bias = (f" The plug-in estimate's upward bias is about {_num(top['mi_bias_bits'])} bits"
+                + (f"; {below} layer(s) do not exceed it, so their MI cannot be told from none." if below else "."))
+    return [Sentence(f"Routing depends on the domain most at layer {int(top['layer'])}: I(domain; selected expert) = "
+                     f"{_num(top['mi_bits'])} bits (mean over layers {_num(df['mi_bits'].mean())}).{bias}")]
+
+
+def read_saturated(domains: list[str]) -> list[Sentence]:
+    """The note under the steering table naming saturated tasks."""
+    if not domains:
+        return []
+    return [Sentence(f"Saturated: {', '.join(domains)} (unsteered accuracy ≥ {SATURATED}); a null there says little "
+                     "about the experts.")]
+
+
+#: How to use the explorable page, said once at its top (report and comparison).
+HOW_TO_READ = ("This file is self-contained and works offline: click a column header to sort, type in a table's "
+               "box to filter, hover a heatmap cell for its value, and pick a domain at the top to show only its "
+               "results.")
+
+
+def report_intro(model: str, created: str) -> str:
+    """The report's opening line."""
+    return f"What gets activated: domain and driver experts of {model}. Generated {created}. {HOW_TO_READ}"
+
+
+def compare_intro(models: list[str]) -> str:
+    """The comparison's opening line."""
+    return f"{', '.join(models)}, side by side. {HOW_TO_READ}"
+
+
+#: What the report says of a whole section that has nothing to show.
+NO_DRIVERS = "No expert passes the driver rule in any domain; see the findings above."
+#: Steering in scale mode multiplies logits: the sign matters (docs/methods.md §5).
+SCALE_NOTE = "Scale mode multiplies router logits by s: a negative logit scaled by s > 1 moves down, not up."
+
+#: Figure captions, by figure name (the names :func:`~expertscope.report.figures.write_figures` returns).
+CAPTIONS: dict[str, str] = {
+    "fig1_cwas": "Figure 1. CWAS = (1 − H)·A of every expert, per layer and domain; stars mark domain experts, "
+                 "the dotted line the uniform rate k/E.",
+    "fig2_expert_types": "Figure 2. (a) Share of routed selections by expert type; (b) number of activated "
+                         "experts of each type.",
+    "fig3_causal_rate": "Figure 3. Causal rate per layer: the share of a domain's tokens whose selected experts "
+                        "include a driver expert of that layer.",
+    "fig4_positions": "Figure 4. Relative position t/T of tokens that select a driver expert at any layer, "
+                      "against all tokens (baseline).",
+    "fig5_expert_map": "Figure 5. t-SNE of expert representations ({rep}), KMeans clusters by colour, driver "
+                       "experts as stars.",
+    "fig6_causal_layers": "Figure 6. Causal effect (KL of the clean to the perturbed next-token distribution at "
+                          "the decision positions) per layer: mean and largest over the experts.",
+    "fig7_causal_heatmap": "Figures 7–9. Causal effect of every expert at every layer; darker is stronger, driver "
+                           "experts boxed. Hover a cell for its value; the PNG and SVG for papers are in figures/.",
+    "activation_heatmap": "Activation rate A of every expert at every layer; darker is more often selected, "
+                          "domain experts boxed. Hover a cell for its value.",
+    "fig_routing_mi": "Mutual information between the domain and the selected expert, per layer (bits; the "
+                      "expert drawn uniformly from each token's selected set).",
+    "fig_steering": "Accuracy under each steering condition (95% CIs); conditions without targets are not "
+                    "applicable and not drawn.",
+    "fig_steering_sweep": "Accuracy against the steering scale (and the number of targeted experts), shaded 95% "
+                          "CIs.",
+}
+
+
+#: What a table column holds, shown when the reader points at its header (definitions: docs/methods.md).
+COLUMN_HELP: dict[str, str] = {
+    "domain": "the domain (data set) the row is about",
+    "layer": "MoE layer index",
+    "expert": "expert index within the layer",
+    "activation_rate": "A: share of the domain's tokens that select the expert",
+    "A_lo": "lower end of A's 95% bootstrap interval",
+    "A_hi": "upper end of A's 95% bootstrap interval",
+    "lift": "activation lift: A in this domain over its mean A in the other domains",
+    "lift_lo": "lower end of the lift's 95% bootstrap interval",
+    "lift_hi": "upper end of the lift's 95% bootstrap interval",
+    "entropy": "H: routing entropy, the mean over the domain's tokens of h(p̃), bits",
+    "cwas": "CWAS = (1 − H)·A",
+    "specificity": "CWAS in this domain minus its mean in the other domains",
+    "q_value": "Benjamini–Hochberg adjusted p-value of the rule's test",
+    "is_domain_expert": "passes the domain-expert rule",
+    "is_general": "activated above uniform in some domain, and neither a domain nor a driver expert",
+    "is_driver": "passes the driver rule",
+    "ce_mean": "causal effect CE: mean over inputs of KL(P‖Q) at the decision positions, Q with the expert's "
+               "router logit raised, nats",
+    "ce_lo": "lower end of the CE's 95% bootstrap interval",
+    "ce_hi": "upper end of the CE's 95% bootstrap interval",
+    "layer_median": "median CE of the layer's experts",
+    "ratio": "CE over the layer's median CE",
+    "n_inputs": "inputs perturbed",
+    "causal_rate": "share of the domain's tokens that select a driver expert of the layer",
+    "mi_bits": "I(domain; selected expert), bits",
+    "accuracy": "accuracy on the domain's test items",
+    "ci_low": "lower end of the 95% interval",
+    "ci_high": "upper end of the 95% interval",
+    "delta": "change in accuracy against the unsteered model",
+    "delta_lo": "lower end of the change's 95% paired-bootstrap interval",
+    "delta_hi": "upper end of the change's 95% paired-bootstrap interval",
+    "saturated": f"unsteered accuracy at or above the saturation threshold ({SATURATED} by default)",
+    "n_targets": "experts steered",
+    "n": "test items",
+    "trigger_share": "share of the driver-triggering tokens in this position bin",
+    "token_share": "share of all tokens in this position bin",
+    "p_expert_given_token": "P(expert | token)",
+    "p_expert": "P(expert) over all tokens",
+}
+
+
+# ----- run status: the banner of a run that did not finish ------------------------------------------------
+#: The stages of ``expertscope run`` in order (``study.STAGES``; a test keeps the two equal). Used for
+#: manifests that do not list their ``planned_stages``.
+STUDY_STAGES = ("profile", "domain_experts", "drivers", "causal_rate", "tokens", "expert_map", "steering", "report")
+
+
+@dataclass
+class RunStatus:
+    """A run's manifest status: ``finished`` stages (recorded complete) and ``missing`` ones (planned, not
+    finished; the report stage itself left out). ``complete`` is the manifest's ``status == "complete"``."""
+
+    status: str
+    complete: bool
+    finished: list[str]
+    missing: list[str]
+
+
+def run_status(manifest: dict[str, Any]) -> RunStatus:
+    """What :func:`status_sentence` needs from a manifest. Planned stages come from the manifest's
+    ``planned_stages``, else (a study) :data:`STUDY_STAGES`; a run of another kind without that list has no
+    known missing stages."""
+    status = str(manifest.get("status") or "unknown")
+    raw = manifest.get("stages")
+    stages: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    finished = [k for k, v in stages.items()
+                if not k.startswith("_") and isinstance(v, dict) and v.get("status") == "complete"]
+    planned = manifest.get("planned_stages")
+    if not isinstance(planned, list):
+        planned = list(STUDY_STAGES) if manifest.get("kind", "study") == "study" else []
+    missing = [str(s) for s in planned if s not in finished and s != "report"]
+    return RunStatus(status, status == "complete", finished, missing)
+
+
+def status_sentence(manifest: dict[str, Any], run: str | None = None) -> str | None:
+    """The banner of a run whose manifest is not ``complete``: its status and the stages it did not finish;
+    ``None`` for a complete run."""
+    st = run_status(manifest)
+    if st.complete:
+        return None
+    who = f"Run {run}" if run else "This run"
+    if st.missing:
+        what = (f"stage{'s' if len(st.missing) > 1 else ''} {', '.join(st.missing)} did not finish, so "
+                f"{'their sections are' if len(st.missing) > 1 else 'its section is'} missing and the findings "
+                "are partial")
+    elif st.finished:
+        what = f"only {', '.join(st.finished)} finished; the findings may be partial"
+    else:
+        what = "no stage is recorded as finished; the findings may be partial"
+    return (f"{who} is not complete (manifest status “{st.status}”): {what}. Finish it with the command that "
+            "started it and --resume, then rebuild the report.")
+
+
+__all__ = [
+    "CAPTIONS",
+    "COLUMN_HELP",
+    "HOW_TO_READ",
+    "NO_DRIVERS",
+    "SATURATED",
+    "SCALE_NOTE",
+    "STUDY_STAGES",
+    "DomainFindings",
+    "RunStatus",
+    "Sentence",
+    "beyond_findings",
+    "beyond_sentences",
+    "compare_intro",
+    "expert_types",
+    "findings",
+    "findings_record",
+    "format_number",
+    "read_associations",
+    "read_causal_rate",
+    "read_domain_experts",
+    "read_drivers",
+    "read_expert_map",
+    "read_expert_types",
+    "read_positions",
+    "read_routing_mi",
+    "read_saturated",
+    "read_steering",
+    "read_sweep",
+    "report_intro",
+    "run_status",
+    "sentences",
+    "status_sentence",
+    "table_meta",
+]

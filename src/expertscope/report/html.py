@@ -1,18 +1,28 @@
-"""``report.html``: one self-contained file with a run's settings, tables, figures and a plain reading.
+"""``report.html``: one self-contained, explorable file with a run's findings, figures, tables and settings.
 
-Figures are inlined as base64 PNG, styles are inline and a Content-Security-Policy forbids every fetch
-except ``data:`` images, so the file opens offline and cannot reach the network. One short inline script
-marks each image that decoded (``data-loaded="1"``) and the body with ``data-images-ok="n/N"``, so a
-headless browser can check the page rendered.
+Adding a section (the layout gives it the nav entry, domain selector, sorting, filtering and hover values):
+  1. its sentences: ``read_<name>(table) -> list[Sentence]`` in findings.py (all prose lives there);
+  2. its paper figure: ``fig_<name>`` in figures.py, listed in ``write_figures`` (PNG + SVG files);
+  3. here: ``_<name>_section(tables, figures) -> str`` joining ``figure()``, ``reading()``, ``heatmap()``,
+     ``table_html()`` and ``note()`` blocks; 4. add ``("anchor", "Title", _<name>_section)`` to ``SECTIONS``.
+
+Offline by construction: figures are inlined as base64 PNG, heatmaps as inline SVG, styles and one short
+script are inline, and a Content-Security-Policy forbids every fetch except ``data:`` images. The script
+(plain JS, no library) sorts a table when its header is clicked, filters rows (free text, ``column=value``,
+``column>x``), shows the value of a heatmap cell under the mouse, and shows one domain or all from the
+selector at the top. Without JavaScript every row and heatmap is still there. The script also marks each
+image that decoded (``data-loaded="1"``) and the body with ``data-images-ok="n/N"`` and ``data-js="ready"``,
+so a headless browser can check the page rendered.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
-import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +31,32 @@ import pandas as pd
 
 from ..errors import OutputError
 from ..io import atomic_write, read_table, write_json
-from .figures import expert_types, write_figures
-from .findings import SATURATED, findings, findings_record, sentences, table_meta
+from .figures import write_figures
+from .findings import (
+    CAPTIONS,
+    COLUMN_HELP,
+    NO_DRIVERS,
+    SATURATED,
+    SCALE_NOTE,
+    findings,
+    findings_record,
+    format_number,
+    read_associations,
+    read_causal_rate,
+    read_domain_experts,
+    read_drivers,
+    read_expert_map,
+    read_expert_types,
+    read_positions,
+    read_routing_mi,
+    read_saturated,
+    read_steering,
+    read_sweep,
+    report_intro,
+    sentences,
+    status_sentence,
+    table_meta,
+)
 
 #: Table key -> file names it may be saved under (searched in the run directory, then one level down).
 TABLE_FILES: dict[str, tuple[str, ...]] = {
@@ -43,29 +77,23 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "routing_overlap": ("routing_overlap.parquet",),
 }
 FIGURE_DIR = "figures"
+#: Rows a table embeds at most (the page shows ``rows`` of them at a time); the full table is the file.
+MAX_ROWS = 3000
 
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;
-padding:0 1.2em;color:#1a1a1a;line-height:1.45;background:#fff}
-h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:2px solid #0072B2;padding-bottom:.2em}
-h3{margin-top:1.4em}figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #ddd}
-figcaption{font-size:.92em;color:#333;margin-top:.3em}
-.reading{background:#f3f7fb;border-left:4px solid #0072B2;padding:.5em .9em;margin:.6em 0}
-.reading li{margin:.15em 0}table.tbl{border-collapse:collapse;font-size:.86em;margin:.5em 0 1em}
-table.tbl th,table.tbl td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
-table.tbl th{background:#eef2f6}table.tbl td:first-child,table.tbl th:first-child{text-align:left}
-.note{color:#555;font-size:.9em}dl.settings{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em}
-dl.settings dt{font-weight:600}dl.settings dd{margin:0;font-family:ui-monospace,monospace;font-size:.9em}
-nav a{margin-right:1em}
-@media print{body{max-width:none}figure{break-inside:avoid}}
-"""
-_SCRIPT = (
-    "window.addEventListener('load',function(){var im=document.images,ok=0;"
-    "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0){ok++;im[i].setAttribute('data-loaded','1');}"
-    "else{im[i].setAttribute('data-loaded','0');}}"
-    "document.body.setAttribute('data-images-ok',ok+'/'+im.length);});"
-)
+
+
+def _asset(name: str) -> str:
+    """A file of ``report/assets`` (package data), to inline into the page."""
+    from importlib.resources import files
+
+    return (files(__package__) / "assets" / name).read_text(encoding="utf-8")
+
+
+#: The page's style sheet and script (plain JS: sorting, filtering, paging, the domain selector, heatmap hover
+#: values), inlined so the page needs nothing else.
+_CSS = _asset("report.css")
+_SCRIPT = _asset("report.js")
 
 
 # ----- loading -------------------------------------------------------------------------------------------
@@ -117,225 +145,186 @@ def load_tables(run_dir: str | Path, problems: dict[str, str] | None = None) -> 
     return out
 
 
-# ----- formatting ----------------------------------------------------------------------------------------
+# ----- blocks: what a section is made of -----------------------------------------------------------------
 def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _num(x: Any, digits: int = 3) -> str:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if math.isnan(v):
-        return "–"
-    if v != 0 and (abs(v) < 10 ** -digits or abs(v) >= 1e5):
-        return f"{v:.{digits}g}"
-    return f"{v:.{digits}f}".rstrip("0").rstrip(".") if "." in f"{v:.{digits}f}" else f"{v:.{digits}f}"
+def _cell(v: Any) -> tuple[str, str | None]:
+    """A table cell's text and its sort key (``data-v``: the full-precision number; ``None`` for text)."""
+    if isinstance(v, bool | np.bool_):
+        return ("yes" if v else ""), ("1" if v else "0")
+    if isinstance(v, int | np.integer):
+        return str(int(v)), str(int(v))
+    if isinstance(v, float | np.floating):
+        f = float(v)
+        return format_number(f), (None if np.isnan(f) else repr(f))
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "", None
+    return _e(v), None
 
 
-def _signed(x: float, digits: int = 2) -> str:
-    return f"{x:+.{digits}f}"
-
-
-def _pct(x: float) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
-
-
-def table_html(df: pd.DataFrame | None, columns: list[str] | None = None, rows: int = 15) -> str:
-    """The first ``rows`` rows of ``df`` (only ``columns`` that exist) as an escaped HTML table."""
+def table_html(df: pd.DataFrame | None, columns: list[str] | None = None, rows: int = 15,
+               title: str | None = None, source: str | None = None) -> str:
+    """``df`` (only ``columns`` that exist, in that order) as an explorable table: click a header to sort,
+    type in the box to filter, ``rows`` rows shown at a time. Each row carries its ``domain`` for the domain
+    selector; numbers keep their full precision in ``data-v`` for sorting. At most :data:`MAX_ROWS` rows are
+    embedded (``source`` names the file holding all of them). Cells are escaped."""
     if df is None or not len(df):
-        return "<p class='note'>(no rows)</p>"
+        return (f"<h3>{_e(title)}</h3>" if title else "") + "<p class='note'>(no rows)</p>"
     cols = [c for c in (columns or list(df.columns)) if c in df.columns]
-    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    # A column with nothing in it (e.g. every steering condition applicable: no status) only takes room.
+    cols = [c for c in cols if not (df[c].isna() | df[c].astype(str).eq("")).all()] or cols
+    shown = df[cols].head(MAX_ROWS)
+    numeric = {c: pd.api.types.is_numeric_dtype(shown[c]) for c in cols}  # flags too: first click puts "yes" first
+    head = "".join(
+        f"<th data-col='{_e(c)}' data-num='{int(numeric[c])}' aria-sort='none' tabindex='0' "
+        f"title='{_e(COLUMN_HELP.get(c, c))} (click to sort)'>{_e(c)}</th>" for c in cols)
+    domains = df["domain"].astype(str).head(MAX_ROWS).tolist() if "domain" in df.columns else None
     body = []
-    for r in df[cols].head(rows).itertuples(index=False):
+    for i, r in enumerate(shown.itertuples(index=False)):
         cells = []
         for v in r:
-            if isinstance(v, bool | np.bool_):
-                cells.append("yes" if v else "")
-            elif isinstance(v, float | np.floating):
-                cells.append(_num(v))
-            else:
-                cells.append(_e(v))
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    more = f"<p class='note'>first {rows} of {len(df)} rows</p>" if len(df) > rows else ""
-    return f"<table class='tbl'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+            text, key = _cell(v)
+            cells.append(f"<td data-v='{key}'>{text}</td>" if key is not None else f"<td>{text}</td>")
+        attr = f" data-domain='{_e(domains[i])}'" if domains is not None else ""
+        body.append(f"<tr{attr}>{''.join(cells)}</tr>")
+    cut = (f"<p class='note'>The first {MAX_ROWS} of {len(df)} rows; "
+           f"{_e(source) if source else 'the table file'} holds all of them.</p>") if len(df) > MAX_ROWS else ""
+    bar = ("<div class='xt-bar'><input type='search' class='xt-q' aria-label='filter rows' "
+           "placeholder='filter: words, column=value or column&gt;number'>"
+           "<span class='xt-n'></span><button type='button' class='xt-more' hidden>show all</button></div>")
+    return ((f"<h3>{_e(title)}</h3>" if title else "") +
+            f"<div class='xt' data-page='{int(rows)}'>{bar}<div class='xt-scroll'><table class='tbl'><thead><tr>"
+            f"{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>{cut}</div>")
 
 
 def _figure_html(paths: list[Path] | None, caption: str) -> str:
     png = next((p for p in paths or [] if p.suffix == ".png"), None)
     if png is None:
         return ""
-    data = base64.b64encode(png.read_bytes()).decode("ascii")
-    return (f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{data}' "
-            f"onload=\"this.setAttribute('data-loaded','1')\"><figcaption>{_e(caption)}</figcaption></figure>")
+    raw = png.read_bytes()
+    # Figures are saved at 150 dpi; shown at 100 dpi they have the size they were designed at (fonts match
+    # the text) rather than 1.5 times it. The PNG header holds the width in pixels (bytes 16-19).
+    width = int.from_bytes(raw[16:20], "big") * 2 // 3 if raw[:8] == b"\x89PNG\r\n\x1a\n" else 0
+    style = f" style='width:{width}px'" if width else ""
+    data = base64.b64encode(raw).decode("ascii")
+    return (f"<figure><img alt='{_e(caption)}'{style} src='data:image/png;base64,{data}'>"
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-def _reading(lines: list[str]) -> str:
-    lines = [x for x in lines if x]
-    if not lines:
+def figure(figures: dict[str, list[Path]], name: str, **fill: str) -> str:
+    """The figure ``name`` (as written by :func:`write_figures`) inlined as PNG, captioned from
+    :data:`~.findings.CAPTIONS` (the longest caption key ``name`` starts with; ``fill`` fills its
+    ``{placeholders}``); ``""`` if the figure was not drawn."""
+    key = max((k for k in CAPTIONS if name.startswith(k)), key=len, default=None)
+    caption = CAPTIONS[key].format(**fill) if key else ""
+    return _figure_html(figures.get(name), caption)
+
+
+def reading(lines: Sequence[str]) -> str:
+    """A section's plain-language reading: sentences from :mod:`.findings` (a :class:`Sentence` about one
+    domain is shown only when that domain, or all, is selected)."""
+    items = [x for x in lines if x]
+    if not items:
         return ""
-    return "<div class='reading'><strong>Reading.</strong><ul>" + "".join(f"<li>{_e(x)}</li>" for x in lines) + \
-        "</ul></div>"
+    lis = "".join(f"<li data-domain='{_e(d)}'>{_e(x)}</li>" if (d := getattr(x, "domain", None)) else
+                  f"<li>{_e(x)}</li>" for x in items)
+    return f"<div class='reading'><strong>Reading.</strong><ul>{lis}</ul></div>"
 
 
-# ----- readings (plain language from the numbers) --------------------------------------------------------
-def read_domain_experts(df: pd.DataFrame) -> list[str]:
-    """Per domain: how many domain experts, where they concentrate, and the strongest one."""
+_reading = reading  # the name sections used before; kept for sections written against it
+
+
+def note(text: str) -> str:
+    """A short note under a figure or table (text from :mod:`.findings`)."""
+    return f"<p class='note'>{_e(text)}</p>" if text else ""
+
+
+def details(summary: str, body: str) -> str:
+    """``body`` folded away under ``summary`` (long tables a reader opens on demand)."""
+    return f"<details><summary>{_e(summary)}</summary>{body}</details>" if body else ""
+
+
+def _colours(values: np.ndarray, cmap: str) -> tuple[list[str], float, float]:
+    """Hex colours of ``values`` on ``cmap`` scaled to their finite range; grey for NaN."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    cm = colormaps[cmap]
+    return [to_hex(cm((v - lo) / span)) if np.isfinite(v) else "#e6e6e6" for v in values], lo, hi
+
+
+def heatmap(df: pd.DataFrame | None, value: str, *, label: str, unit: str = "", flag: str | None = None,
+            flag_label: str = "", rows: str = "layer", cols: str = "expert", by: str | None = "domain",
+            cmap: str = "cividis_r", caption: str = "") -> str:
+    """One inline-SVG heatmap of ``value`` (``rows`` × ``cols``) per ``by`` value, each with its own colour
+    scale (darker = larger with the default map) and cells where ``flag`` is true boxed; ``by=None``: one
+    heatmap of all rows. Hovering a cell shows ``rows``, ``cols`` and the value as the tables print it
+    (``data-v``); a heatmap per domain carries ``data-domain`` for the domain selector. ``""`` when ``df``
+    lacks the columns."""
+    if df is None or not len(df) or not {value, rows, cols, by or rows} <= set(df.columns):
+        return ""
+    row_keys = sorted(df[rows].unique())
+    col_keys = sorted(df[cols].unique())
+    nr, nc = len(row_keys), len(col_keys)
+    cw = float(max(3, min(22, 640 // max(nc, 1))))
+    ch = float(max(4, min(20, 360 // max(nr, 1))))
+    ml, mt, mb = min(200, max(44, 7 * max(len(str(r)) for r in row_keys) + 10)), 18, 40  # room for row labels
+    width, height = max(ml + nc * cw + 12, ml + 330), mt + nr * ch + mb
+    rstep, cstep = max(1, -(-nr // 32)), max(1, -(-nc // 24))
     out = []
-    E = int(df["expert"].max()) + 1
-    L = df["layer"].nunique()
-    for d in dict.fromkeys(df["domain"].astype(str)):
-        g = df[df["domain"].astype(str) == d]
-        flag = g[g["is_domain_expert"].astype(bool)] if "is_domain_expert" in g.columns else g.iloc[:0]
-        if not len(flag):
-            out.append(f"In {d}, no expert passes the domain-expert rule at any of the {L} MoE layers.")
-            continue
-        per_layer = flag.groupby("layer").size()
-        busiest = int(per_layer.idxmax())
-        best = flag.sort_values("specificity", ascending=False).iloc[0]
+    groups = [(str(d), g) for d, g in df.groupby(df[by].astype(str), sort=False)] if by else [("", df)]
+    for k, (d, g) in enumerate(groups):
+        grid = g.pivot_table(index=rows, columns=cols, values=value, aggfunc="mean").reindex(
+            index=row_keys, columns=col_keys)
+        vals = grid.to_numpy(dtype=float)
+        fl = (g.pivot_table(index=rows, columns=cols, values=flag, aggfunc="max").reindex(
+            index=row_keys, columns=col_keys).fillna(False).to_numpy(dtype=bool)
+            if flag and flag in g.columns else np.zeros_like(vals, dtype=bool))
+        colours, lo, hi = _colours(vals.ravel(), cmap)
+        cells, boxes = [], []
+        for i in range(nr):
+            for j in range(nc):
+                v = vals[i, j]
+                f = " data-f='1'" if fl[i, j] else ""
+                cells.append(f"<rect x='{j * cw:g}' y='{i * ch:g}' width='{cw:g}' height='{ch:g}' "
+                             f"fill='{colours[i * nc + j]}' data-v='{format_number(v)}'{f}/>")
+                if fl[i, j]:
+                    boxes.append(f"<rect x='{j * cw + 1:g}' y='{i * ch + 1:g}' width='{cw - 2:g}' height='{ch - 2:g}' "
+                                 "fill='none' stroke='#D55E00' stroke-width='2' pointer-events='none'/>")
+        rlab = "".join(f"<text x='{ml - 4}' y='{mt + (i + 0.5) * ch:g}' text-anchor='end' dominant-baseline='middle'>"
+                       f"{_e(row_keys[i])}</text>" for i in range(0, nr, rstep))
+        clab = "".join(f"<text x='{ml + (j + 0.5) * cw:g}' y='{mt - 5}' text-anchor='middle'>{_e(col_keys[j])}</text>"
+                       for j in range(0, nc, cstep))
+        gid = "hm" + hashlib.sha1(f"{value}|{rows}|{cols}|{label}|{d}|{k}".encode()).hexdigest()[:10]
+        stops = "".join(f"<stop offset='{t:g}' stop-color='{c}'/>" for t, c in
+                        zip(np.linspace(0, 1, 9), _colours(np.linspace(0, 1, 9), cmap)[0], strict=True))
+        bar_y = mt + nr * ch + 10
+        legend = (f"<defs><linearGradient id='{gid}'>{stops}</linearGradient></defs>"
+                  f"<rect x='{ml}' y='{bar_y}' width='140' height='8' fill='url(#{gid})'/>"
+                  f"<text x='{ml}' y='{bar_y + 20}'>{_e(format_number(lo))}</text>"
+                  f"<text x='{ml + 140}' y='{bar_y + 20}' text-anchor='end'>{_e(format_number(hi))} {_e(unit)}</text>"
+                  f"<text x='{ml + 160}' y='{bar_y + 8}'>{_e(rows)} ↓ · {_e(cols)} →</text>")
+        meta = {"rows": "|".join(map(str, row_keys)), "cols": "|".join(map(str, col_keys)), "rname": rows,
+                "cname": cols, "vname": label, "unit": unit, "fname": flag_label, "cw": f"{cw:g}", "ch": f"{ch:g}"}
+        attrs = " ".join(f"data-{a}='{_e(b)}'" for a, b in meta.items())
+        head = (f"<figure data-domain='{_e(d)}'><figcaption><strong>{_e(d)}</strong></figcaption>" if by
+                else "<figure>")
         out.append(
-            f"In {d}, {len(flag)} of {E * L} experts ({E} per layer × {L} layers) are domain experts; layer "
-            f"{busiest} has the most ({int(per_layer.max())} of {E}). The strongest is expert {int(best.expert)} "
-            f"at layer {int(best.layer)} (specificity {_signed(float(best.specificity))}, CWAS "
-            f"{_num(best.cwas)}, activation rate {_pct(float(best.activation_rate))} against a uniform "
-            f"{_pct(float(best.get('uniform_rate', float('nan'))))})."
-        )
-    return out
+            head + f"<svg class='hm' xmlns='http://www.w3.org/2000/svg' width='{width:g}' height='{height:g}' "
+            f"viewBox='0 0 {width:g} {height:g}' font-size='10' font-family='sans-serif' role='img' "
+            f"aria-label='{_e(label)} per {_e(rows)} and {_e(cols)}, {_e(d)}' {attrs}>"
+            f"{rlab}{clab}<g transform='translate({ml},{mt})'>{''.join(cells)}{''.join(boxes)}</g>{legend}</svg>"
+            "</figure>")
+    cap = f"<p class='note'>{_e(caption)}</p>" if caption else ""
+    return f"<div class='hms'>{''.join(out)}</div>{cap}"
 
 
-def read_expert_types(df: pd.DataFrame, drivers: pd.DataFrame | None) -> list[str]:
-    """Per domain: the share of routed selections going to general, domain and driver experts."""
-    typed = expert_types(df, drivers)
-    out = []
-    for d in dict.fromkeys(typed["domain"].astype(str)):
-        g = typed[typed["domain"].astype(str) == d]
-        tot = float(g["activation_rate"].sum()) or float("nan")
-        share = {t: float(g.loc[g["type"] == t, "activation_rate"].sum()) / tot for t in
-                 ("general", "domain", "driver", "both")}
-        n = g[g["type"] != "below uniform"].groupby("type").size()
-        out.append(
-            f"In {d}, general experts take {_pct(share['general'])} of routed selections, domain experts "
-            f"{_pct(share['domain'] + share['both'])} and driver experts {_pct(share['driver'] + share['both'])} "
-            f"({int(n.get('general', 0))} general, {int(n.get('domain', 0) + n.get('both', 0))} domain and "
-            f"{int(n.get('driver', 0) + n.get('both', 0))} driver experts among those activated above uniform)."
-        )
-    return out
-
-
-def read_causal_rate(df: pd.DataFrame) -> list[str]:
-    out = []
-    for d in dict.fromkeys(df["domain"].astype(str)):
-        g = df[df["domain"].astype(str) == d].dropna(subset=["causal_rate"])
-        if not len(g):
-            continue
-        top = g.loc[g["causal_rate"].idxmax()]
-        out.append(f"In {d}, the causal rate peaks at layer {int(top.layer)}: {_pct(float(top.causal_rate))} of "
-                   f"its tokens are routed to at least one of that layer's driver experts (mean over layers "
-                   f"{_pct(float(g['causal_rate'].mean()))}).")
-    return out
-
-
-def read_drivers(df: pd.DataFrame) -> list[str]:
-    out = []
-    for d in dict.fromkeys(df["domain"].astype(str)):
-        g = df[df["domain"].astype(str) == d].dropna(subset=["ce_mean"])
-        if not len(g):
-            continue
-        n_drv = int(g["is_driver"].astype(bool).sum()) if "is_driver" in g.columns else None
-        top = g.loc[g["ce_mean"].idxmax()]
-        lm = g.groupby("layer")["ce_mean"].mean()
-        z = ""
-        if {"layer_mean", "layer_sd"} <= set(g.columns) and float(top.layer_sd) > 0:
-            z = f", {(float(top.ce_mean) - float(top.layer_mean)) / float(top.layer_sd):.1f} sd above its layer's mean"
-        drv = f"{n_drv} driver experts; " if n_drv is not None else ""
-        out.append(f"In {d}: {drv}the strongest single expert is expert {int(top.expert)} at layer "
-                   f"{int(top.layer)} (CE {_num(top.ce_mean)} nats{z}); the mean CE per layer is highest at layer "
-                   f"{int(lm.idxmax())} ({_num(lm.max())} nats) and lowest at layer {int(lm.idxmin())}.")
-    return out
-
-
-def read_positions(df: pd.DataFrame) -> list[str]:
-    out = []
-    g_all = df[df["layer"].astype(str) == "all"]
-    for d in dict.fromkeys(g_all["domain"].astype(str)):
-        g = g_all[g_all["domain"].astype(str) == d].sort_values("bin_index")
-        n = int(g["n_trigger_total"].iloc[0]) if "n_trigger_total" in g.columns else 0
-        if n == 0 or g["trigger_share"].isna().all():
-            out.append(f"In {d}, no token selected a driver expert, so there is no position profile.")
-            continue
-        ratio = g["trigger_share"] / g["token_share"].replace(0, np.nan)
-        hi = g.loc[ratio.idxmax()]
-        first = g.iloc[0]
-        out.append(
-            f"In {d}, {_pct(float(first.trigger_share))} of the {n} driver-triggering tokens sit in the first fifth "
-            f"of their sequence against {_pct(float(first.token_share))} of all tokens; the most over-represented "
-            f"bin is {hi.bin} ({_pct(float(hi.trigger_share))} vs {_pct(float(hi.token_share))}, "
-            f"×{float(ratio.max()):.2f})."
-        )
-    return out
-
-
-def read_associations(df: pd.DataFrame) -> list[str]:
-    out = []
-    for (d, kind), g in df.groupby(["domain", "kind"], sort=False):
-        best = g.sort_values("lift", ascending=False).iloc[0]
-        toks = ", ".join(f"“{t}”" for t in g.sort_values("lift", ascending=False)["token"].drop_duplicates()[:5])
-        out.append(f"In {d}, {kind} experts respond most to {toks}; the top pair is “{best.token}” with expert "
-                   f"{int(best.expert)} at layer {int(best.layer)} (lift {float(best.lift):.2f}: selected for "
-                   f"{_pct(float(best.p_expert_given_token))} of its {int(best['count'])} occurrences against "
-                   f"{_pct(float(best.p_expert))} of all tokens).")
-    return out
-
-
-def read_expert_map(df: pd.DataFrame) -> list[str]:
-    n_cl = df["cluster"].nunique()
-    lines = [f"{len(df)} experts in {n_cl} KMeans clusters."]
-    if "is_driver" in df.columns and df["is_driver"].astype(bool).any():
-        drv = df[df["is_driver"].astype(bool)]
-        counts = drv["cluster"].value_counts()
-        c = int(counts.index[0])
-        share_all = float((df["cluster"] == c).mean())
-        lines.append(f"{int(counts.iloc[0])} of the {len(drv)} driver experts fall in cluster {c}, which holds "
-                     f"{_pct(share_all)} of all experts; the drivers span {len(counts)} cluster(s).")
-    return lines
-
-
-def read_steering(df: pd.DataFrame) -> list[str]:
-    out = []
-    for d in dict.fromkeys(df["domain"].astype(str)):
-        g = df[df["domain"].astype(str) == d]
-        base = g[g["condition"] == "original"]
-        if not len(base):
-            continue
-        b = base.iloc[0]
-        parts = []
-        for r in g[g["condition"] != "original"].itertuples():
-            if "applicable" in g.columns and not bool(r.applicable):
-                parts.append(f"{str(r.condition).replace('_', ' ')} not applicable ({getattr(r, 'reason', '')})")
-            elif "delta" in g.columns and not math.isnan(float(r.delta)):
-                ci = (f" (95% CI {_signed(float(r.delta_lo))} to {_signed(float(r.delta_hi))})"
-                      if "delta_lo" in g.columns else "")
-                parts.append(f"{str(r.condition).replace('_', ' ')} {_signed(float(r.delta))}{ci}")
-        out.append(f"In {d}, accuracy is {_num(b.accuracy)} unsteered (n = {int(b.n) if 'n' in g.columns else '?'})"
-                   + ("; changes: " + "; ".join(parts) if parts else "") + ".")
-    return out
-
-
-def read_sweep(df: pd.DataFrame) -> list[str]:
-    out = []
-    sc = df[df["sweep"] == "scale"] if "sweep" in df.columns else df
-    for (d, t), g in sc.groupby(["domain", "targets"], sort=False):
-        best = g.loc[g["accuracy"].idxmax()]
-        one = g[np.isclose(g["scale"].astype(float), 1.0)]
-        base = f" (unsteered {_num(one['accuracy'].iloc[0])})" if len(one) else ""
-        out.append(f"In {d}, scaling the {t} experts gives the best accuracy at s = {_num(best.scale)}: "
-                   f"{_num(best.accuracy)}{base}.")
-    return out
-
-
-def _safe(fn: Callable[..., list[str]], *args: Any) -> list[str]:
+def _safe(fn: Callable[..., list[Any]], *args: Any) -> list[Any]:
     try:
         return fn(*args)
     except Exception as e:  # a reading is a courtesy: never lose the report over one
@@ -371,7 +360,7 @@ def _association_summary(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (d, kind), g in df.groupby(["domain", "kind"], sort=False):
         toks = g.sort_values("lift", ascending=False)["token"].drop_duplicates().head(8)
-        rows.append({"domain": d, "expert": kind, "tokens": ", ".join(toks)})
+        rows.append({"domain": d, "expert": kind, "tokens": ", ".join(map(str, toks))})
     return pd.DataFrame(rows)
 
 
@@ -380,81 +369,79 @@ def _findings_html(tables: dict[str, pd.DataFrame]) -> str:
     parts = []
     for f in findings(tables):
         items = "".join(f"<li>{_e(x)}</li>" for x in sentences(f))
-        parts.append(f"<h3>{_e(f.domain)}</h3><ul class='findings'>{items}</ul>")
+        parts.append(f"<div class='domain-findings' data-domain='{_e(f.domain)}'><h3>{_e(f.domain)}</h3>"
+                     f"<ul class='findings'>{items}</ul></div>")
     mi = tables.get("routing_mi")
-    if mi is not None and len(mi) and "mi_bits" in mi.columns:
-        top = mi.loc[mi["mi_bits"].idxmax()]
-        parts.append(f"<p>Routing depends on the domain most at layer {int(top['layer'])}: I(domain; selected "
-                     f"expert) = {_num(top['mi_bits'])} bits (mean over layers {_num(mi['mi_bits'].mean())}).</p>")
+    if mi is not None:
+        parts.extend(f"<p>{_e(x)}</p>" for x in _safe(read_routing_mi, mi))
     return "".join(parts)
+
+
+def _rule(df: pd.DataFrame) -> str:
+    rule = table_meta(df).get("rule_text")
+    return note(f"Rule: {rule}") if rule else ""
 
 
 def _domain_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     dom, drv = tables.get("domain_experts"), tables.get("drivers")
     if dom is None or not len(dom):
         return ""
-    body = _figure_html(figures.get("fig1_cwas"), "Figure 1. CWAS = (1 − H)·A of every expert, per layer and "
-                        "domain; stars mark domain experts, the dotted line the uniform rate k/E.")
-    body += _reading(_safe(read_domain_experts, dom))
-    body += _figure_html(figures.get("fig2_expert_types"), "Figure 2. (a) Share of routed selections by expert "
-                         "type; (b) number of activated experts of each type.")
-    body += _reading(_safe(read_expert_types, dom, drv))
-    top = dom[dom["is_domain_expert"].astype(bool)] if "is_domain_expert" in dom.columns else dom
-    key = "lift" if "lift" in top.columns else "specificity"
-    top = top.sort_values(["domain", key], ascending=[True, False])
-    rule = table_meta(dom).get("rule_text")
-    if rule:
-        body += f"<p class='note'>Rule: {_e(rule)}</p>"
-    body += "<h3>Domain experts (largest activation lift first)</h3>" + table_html(
-        top, ["domain", "layer", "expert", "activation_rate", "A_lo", "A_hi", "lift", "lift_lo", "lift_hi",
-              "entropy", "cwas", "specificity", "q_value", "is_driver"], rows=30)
-    return body
+    key = "lift" if "lift" in dom.columns else "specificity"
+    flagged = dom[dom["is_domain_expert"].astype(bool)] if "is_domain_expert" in dom.columns else dom
+    cols = ["domain", "layer", "expert", "activation_rate", "A_lo", "A_hi", "lift", "lift_lo", "lift_hi",
+            "entropy", "cwas", "specificity", "q_value"]
+    return (figure(figures, "fig1_cwas") + reading(_safe(read_domain_experts, dom))
+            + heatmap(dom, "activation_rate", label="activation rate A", flag="is_domain_expert",
+                      flag_label="domain expert", caption=CAPTIONS["activation_heatmap"])
+            + figure(figures, "fig2_expert_types") + reading(_safe(read_expert_types, dom, drv))
+            + _rule(dom)
+            + table_html(flagged.sort_values(["domain", key], ascending=[True, False]), cols, rows=20,
+                         title=f"Domain experts (largest {'activation lift' if key == 'lift' else key} first)")
+            + details(f"All {len(dom)} rows: every expert at every layer, per domain",
+                      table_html(dom.sort_values(["domain", "layer", "expert"]),
+                                 [*cols, "is_domain_expert", "is_general"], rows=20,
+                                 source="domain_experts.parquet")))
 
 
 def _driver_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
     rate, drv = tables.get("causal_rate"), tables.get("drivers")
     if rate is not None:
-        body += _figure_html(figures.get("fig3_causal_rate"), "Figure 3. Causal rate per layer: the share of a "
-                             "domain's tokens whose selected experts include a driver expert of that layer.")
-        body += _reading(_safe(read_causal_rate, rate))
+        body += figure(figures, "fig3_causal_rate") + reading(_safe(read_causal_rate, rate))
     if drv is None or not len(drv):
         return body
-    body += _figure_html(figures.get("fig6_causal_layers"), "Figure 6. Causal effect (KL of the clean to the "
-                         "perturbed next-token distribution at the decision positions) per layer: mean and largest "
-                         "over the experts.")
-    body += _figure_html(figures.get("fig7_causal_heatmap"), "Figures 7–9. Causal effect of every expert at "
-                         "every layer; darker is stronger, driver experts boxed.")
-    body += _reading(_safe(read_drivers, drv))
-    rule = table_meta(drv).get("rule_text")
-    if rule:
-        body += f"<p class='note'>Rule: {_e(rule)}</p>"
+    cols = ["domain", "layer", "expert", "ce_mean", "ce_lo", "ce_hi", "layer_median", "ratio", "q_value",
+            "n_inputs", "is_driver"]
+    body += (figure(figures, "fig6_causal_layers")
+             + heatmap(drv, "ce_mean", label="CE", unit="nats", flag="is_driver", flag_label="driver",
+                       caption=CAPTIONS["fig7_causal_heatmap"])
+             + reading(_safe(read_drivers, drv)) + _rule(drv))
     if "is_driver" in drv.columns:
         rows = drv[drv["is_driver"].fillna(False).astype(bool)].sort_values(["domain", "ce_mean"],
                                                                            ascending=[True, False])
-        body += "<h3>Driver experts (largest CE first)</h3>"
-        body += table_html(rows, ["domain", "layer", "expert", "ce_mean", "ce_lo", "ce_hi", "layer_median",
-                                  "ratio", "q_value", "n_inputs"], rows=30) if len(rows) else \
-            "<p class='note'>No expert passes the driver rule in any domain; see the findings above.</p>"
-    return body
+        body += (table_html(rows, cols, rows=20, title="Driver experts (largest CE first)") if len(rows)
+                 else note(NO_DRIVERS))
+    return body + details(f"All {len(drv)} rows: the causal effect of every expert at every layer, per domain",
+                          table_html(drv.sort_values(["domain", "ce_mean"], ascending=[True, False]), cols, rows=20,
+                                     source="drivers.parquet"))
 
 
 def _token_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
     pos = tables.get("positions")
     if pos is not None and len(pos):
-        body += _figure_html(figures.get("fig4_positions"), "Figure 4. Relative position t/T of tokens that select "
-                             "a driver expert at any layer, against all tokens (baseline).")
-        body += _reading(_safe(read_positions, pos))
-        body += table_html(pos[pos["layer"].astype(str) == "all"],
-                           ["domain", "bin", "n_trigger", "trigger_share", "n_tokens", "token_share", "ratio"], 30)
+        body += (figure(figures, "fig4_positions") + reading(_safe(read_positions, pos))
+                 + table_html(pos[pos["layer"].astype(str) == "all"],
+                              ["domain", "bin", "n_trigger", "trigger_share", "n_tokens", "token_share", "ratio"],
+                              rows=20, title="Relative positions of driver-triggering tokens (any layer)"))
     assoc = tables.get("associations")
     if assoc is not None and len(assoc):
-        body += "<h3>Tokens associated with domain and driver experts (Table 3)</h3>"
-        body += table_html(_association_summary(assoc), rows=40)
-        body += _reading(_safe(read_associations, assoc))
-        body += table_html(assoc, ["domain", "kind", "layer", "expert", "rank", "token_id", "token", "count",
-                                   "p_expert_given_token", "p_expert", "lift"], rows=30)
+        body += (table_html(_association_summary(assoc), rows=20,
+                            title="Tokens associated with domain and driver experts (Table 3)")
+                 + reading(_safe(read_associations, assoc))
+                 + table_html(assoc, ["domain", "kind", "layer", "expert", "rank", "token_id", "token", "count",
+                                      "p_expert_given_token", "p_expert", "lift"], rows=20,
+                              title="Token–expert pairs", source="token_associations.parquet"))
     return body
 
 
@@ -464,9 +451,7 @@ def _map_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]
         fname = "fig5_expert_map" + ("" if key == "expert_map" else "_" + key.split(":", 1)[1])
         t = tables[key]
         rep = str(t["representation"].iloc[0]) if "representation" in t.columns and len(t) else "?"
-        body += _figure_html(figures.get(fname), f"Figure 5. t-SNE of expert representations ({rep}), KMeans "
-                             "clusters by colour, driver experts as stars.")
-        body += _reading(_safe(read_expert_map, t))
+        body += figure(figures, fname, rep=rep) + reading(_safe(read_expert_map, t))
     return body
 
 
@@ -474,9 +459,7 @@ def _routing_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pa
     mi = tables.get("routing_mi")
     if mi is None or not len(mi):
         return ""
-    body = _figure_html(figures.get("fig_routing_mi"), "Mutual information between the domain and the selected "
-                        "expert, per layer (bits; the expert drawn uniformly from each token's selected set).")
-    return body + table_html(mi, list(mi.columns), rows=64)
+    return figure(figures, "fig_routing_mi") + table_html(mi, list(mi.columns), rows=20)
 
 
 def _steering_table(st: pd.DataFrame) -> pd.DataFrame:
@@ -495,29 +478,25 @@ def _steering_table(st: pd.DataFrame) -> pd.DataFrame:
     return st
 
 
+STEERING_COLUMNS = ["domain", "condition", "status", "mode", "scale", "n_targets", "n", "accuracy", "ci_low",
+                    "ci_high", "weighted_f1", "delta", "delta_lo", "delta_hi", "saturated"]
+
+
 def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
     st = tables.get("steering")
     if st is not None and len(st):
         shown = _steering_table(st)
-        body += _figure_html(figures.get("fig_steering"), "Accuracy under each steering condition (95% CIs); "
-                             "conditions without targets are not applicable and not drawn.")
-        body += _reading(_safe(read_steering, st))
+        body += figure(figures, "fig_steering") + reading(_safe(read_steering, st))
         if "saturated" in shown.columns and shown["saturated"].any():
-            names = ", ".join(dict.fromkeys(shown.loc[shown["saturated"], "domain"].astype(str)))
-            body += (f"<p class='note'><strong>Saturated:</strong> {_e(names)} (unsteered accuracy ≥ "
-                     f"{SATURATED}); a null there says little about the experts.</p>")
-        body += table_html(shown, ["domain", "condition", "status", "mode", "scale", "n_targets", "n", "accuracy",
-                                   "ci_low", "ci_high", "weighted_f1", "delta", "delta_lo", "delta_hi", "saturated"],
-                           rows=40)
+            body += note(" ".join(read_saturated(list(dict.fromkeys(shown.loc[shown["saturated"], "domain"]
+                                                                    .astype(str))))))
+        body += table_html(shown, STEERING_COLUMNS, rows=20)
         if "mode" in st.columns and (st["mode"] == "scale").any():
-            body += ("<p class='note'>Scale mode multiplies router logits by s: a negative logit scaled by s &gt; 1 "
-                     "moves down, not up.</p>")
+            body += note(SCALE_NOTE)
     sw = tables.get("steering_sweep")
     if sw is not None and len(sw):
-        body += _figure_html(figures.get("fig_steering_sweep"), "Accuracy against the steering scale (and the "
-                             "number of targeted experts), shaded 95% CIs.")
-        body += _reading(_safe(read_sweep, sw))
+        body += figure(figures, "fig_steering_sweep") + reading(_safe(read_sweep, sw))
     return body
 
 
@@ -532,7 +511,7 @@ def _beyond_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
         body += "<h3>Co-activation</h3>" + _figure_html(figures.get("fig_coactivation"), (
             "Co-activation lift P(b|a)/P(b) per layer, all domains pooled: red pairs are selected together more "
             "often than independence predicts, blue less."))
-        body += _reading(lines.get("coactivation", []))
+        body += reading(lines.get("coactivation", []))
         top = co[co["count"] >= MIN_PAIR_COUNT].sort_values("lift", ascending=False)
         body += table_html(top, ["domain", "layer", "expert_a", "expert_b", "count", "n_a", "p_b_given_a", "p_b",
                                  "lift"], rows=12)
@@ -540,15 +519,15 @@ def _beyond_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
     if pa is not None and len(pa):
         body += "<h3>Expert paths</h3>" + _figure_html(figures.get("fig_paths"), (
             "The most frequent top-1 expert paths through consecutive MoE layers, line width by share of tokens."))
-        body += _reading(lines.get("paths", []))
+        body += reading(lines.get("paths", []))
         body += table_html(pa[pa["rank"] <= 3], ["domain", "layers", "rank", "path", "count", "share"], rows=24)
     cs = tables.get("routing_consistency")
     if cs is not None and len(cs):
-        body += "<h3>Routing consistency</h3>" + _reading(lines.get("consistency", []))
+        body += "<h3>Routing consistency</h3>" + reading(lines.get("consistency", []))
         body += table_html(cs, list(cs.columns), rows=40)
     im = tables.get("importance")
     if im is not None and len(im):
-        body += "<h3>Output-aware importance</h3>" + _reading(lines.get("importance", []))
+        body += "<h3>Output-aware importance</h3>" + reading(lines.get("importance", []))
         if im["importance"].notna().any():
             body += table_html(im.sort_values("importance", ascending=False), list(im.columns), rows=12)
     ov = tables.get("routing_overlap")
@@ -556,14 +535,17 @@ def _beyond_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
         body += "<h3>How far the interventions moved the routing</h3>" + _figure_html(
             figures.get("fig_routing_overlap"), "Share of each token's selected experts unchanged by the "
             "intervention (|S1 ∩ S2| / k) per layer, with 95% intervals over texts.")
-        body += _reading(lines.get("routing_overlap", []))
+        body += reading(lines.get("routing_overlap", []))
         body += table_html(ov, ["domain", "condition", "reason", "layer", "n_tokens", "overlap", "ci_low", "ci_high",
                                 "changed"], rows=40)
     return body
 
 
-#: The report's sections in order: findings first, settings last.
-SECTIONS: list[tuple[str, str, Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]]] = [
+_OPTION = re.compile(r"(--[a-z][a-z-]*)")  # a command-line option in a banner: kept on one line
+Section = Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]
+
+#: The report's sections in order (after the findings; settings last): anchor, title, builder.
+SECTIONS: list[tuple[str, str, Section]] = [
     ("domain", "Domain experts", _domain_section),
     ("drivers", "Driver experts", _driver_section),
     ("routing", "Routing and the domain", _routing_section),
@@ -574,39 +556,57 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, pd.DataFrame], dict[str, list
 ]
 
 
-def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]],
-               title: str = "expertscope report") -> str:
-    """The report page as a string (pure: no I/O beyond reading the figure files)."""
-    sec: list[str] = []
-    nav: list[str] = []
-
-    def section(anchor: str, heading: str, body: str) -> None:
-        if body.strip():
-            nav.append(f"<a href='#{anchor}'>{_e(heading)}</a>")
-            sec.append(f"<section id='{anchor}'><h2>{_e(heading)}</h2>{body}</section>")
-
-    section("findings", "Findings", _findings_html(tables))
-    for anchor, heading, build in SECTIONS:
-        section(anchor, heading, build(tables, figures))
-    section("settings", "Run settings", _settings_html(manifest))
-    model = manifest.get("model")
-    source = model.get("source", "the model") if isinstance(model, dict) else "the model"
+def page(title: str, intro: str, sections: Sequence[tuple[str, str, str]], domains: Sequence[str] = (),
+         banners: Sequence[str] = ()) -> str:
+    """The whole page: ``title``, an ``intro`` line, a ``banner`` per warning (e.g. an incomplete run), a
+    sticky bar with the nav and the domain selector, and each non-empty ``(anchor, heading, body)`` section.
+    Shared by the report and :mod:`.compare`."""
+    shown = [(a, h, b) for a, h, b in sections if b.strip()]
+    nav = "".join(f"<a href='#{_e(a)}'>{_e(h)}</a>" for a, h, _ in shown)
+    select = ""
+    if len(domains) > 1:
+        opts = "".join(f"<option value='{_e(d)}'>{_e(d)}</option>" for d in domains)
+        select = (f"<label>Domain <select id='domain-select'><option value=''>all domains</option>{opts}</select>"
+                  "</label>")
+    warn = "".join("<div class='banner' role='alert'><strong>Incomplete run.</strong> "
+                   + _OPTION.sub(r"<code>\1</code>", _e(b)) + "</div>" for b in banners)
+    body = "".join(f"<section id='{_e(a)}'><h2>{_e(h)}</h2>{b}</section>" for a, h, b in shown)
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><p class='note'>What gets activated: domain and driver experts of "
-        f"{_e(source)}"
-        f". Generated {_e(manifest.get('created', ''))}; this file is self-contained and works offline.</p>"
-        f"<nav>{''.join(nav)}</nav>{''.join(sec)}<script>{_SCRIPT}</script></body></html>\n"
+        f"<h1>{_e(title)}</h1><p class='note'>{intro}</p>{warn}"
+        f"<header class='top'><nav>{nav}</nav>{select}</header>{body}<script>{_SCRIPT}</script></body></html>\n"
     )
+
+
+def _domains(tables: dict[str, pd.DataFrame]) -> list[str]:
+    seen: dict[str, None] = {}
+    for df in tables.values():
+        if df is not None and "domain" in df.columns:
+            seen.update(dict.fromkeys(df["domain"].astype(str)))
+    return list(seen)
+
+
+def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]],
+               title: str = "expertscope report") -> str:
+    """The report page as a string (pure: no I/O beyond reading the figure files)."""
+    sections = [("findings", "Findings", _findings_html(tables))]
+    sections += [(anchor, heading, build(tables, figures)) for anchor, heading, build in SECTIONS]
+    sections.append(("settings", "Run settings", _settings_html(manifest)))
+    model = manifest.get("model")
+    source = model.get("source", "the model") if isinstance(model, dict) else "the model"
+    intro = _e(report_intro(str(source), str(manifest.get("created", ""))))
+    banner = status_sentence(manifest)
+    return page(title, intro, sections, _domains(tables), [banner] if banner else [])
 
 
 def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None) -> Path:
     """Build ``run_dir/report.html`` (or ``out``) from the run's saved tables; figures are (re)written to
     ``run_dir/figures/`` as PNG and SVG. Returns the report's path. Tables that exist but cannot be read are
-    recorded in ``problems`` (``{file: reason}``) and left out of the report.
+    recorded in ``problems`` (``{file: reason}``) and left out of the report. A run whose manifest is not
+    ``complete`` gets a banner naming the stages that did not finish.
 
     Raises :class:`OutputError` if ``run_dir`` lacks ``manifest.json`` or a readable ``domain_experts.parquet``,
     or if ``out`` is a directory.
@@ -636,12 +636,13 @@ def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[st
         raise OutputError(f"{run_dir} has no domain_experts.parquet: run the study (or `expertscope domains "
                           f"{run_dir}`) before building the report")
     figures = write_figures(tables, run_dir / FIGURE_DIR)
-    page = build_html(manifest, tables, figures)
+    text = build_html(manifest, tables, figures)
     target = Path(out) if out is not None else run_dir / "report.html"
     write_json(target.with_name("findings.json"), findings_record(tables, manifest))
     with atomic_write(target) as fh:
-        fh.write(page)
+        fh.write(text)
     return target
 
 
-__all__ = ["TABLE_FILES", "build_html", "load_tables", "report", "table_html"]
+__all__ = ["MAX_ROWS", "SECTIONS", "TABLE_FILES", "build_html", "details", "figure", "heatmap", "load_tables", "note",
+           "page", "reading", "report", "table_html"]

@@ -1,4 +1,4 @@
-"""Per-token routing quantities of SPEC §1–2."""
+"""Per-token routing quantities of docs/methods.md §1–2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Expert representations in 2-D (SPEC §6, paper App. B / Fig. 5): t-SNE of each expert's router row, mean
+"""Expert representations in 2-D (docs/methods.md §6, paper App. B / Fig. 5): t-SNE of each expert's router row, mean
 output or flattened weights, with KMeans clusters and driver experts marked.
 
 Mean outputs run each expert's own MLP on a sample of real router inputs (the hidden states the router

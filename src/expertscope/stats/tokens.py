@@ -1,4 +1,4 @@
-"""Which tokens trigger which experts (SPEC §5, paper §3.3): relative-position bins and token–expert lift.
+"""Which tokens trigger which experts (docs/methods.md §6, paper §3.3): relative-position bins and token–expert lift.
 
 One routing pass, :func:`record_tokens`, keeps a compact :class:`TokenRecord` of every real token: its
 domain, sequence, position ``t``, sequence length ``T``, token id and the experts it selected at each MoE
@@ -19,7 +19,7 @@ import torch
 from ..errors import ConfigError
 from ..routing import DomainInput, domain_texts, routing_pass
 
-#: Five equal relative-position bins; the last is closed (SPEC §5).
+#: Five equal relative-position bins; the last is closed (docs/methods.md §6).
 N_BINS = 5
 BIN_LABELS = ("[0.0, 0.2)", "[0.2, 0.4)", "[0.4, 0.6)", "[0.6, 0.8)", "[0.8, 1.0]")
 
@@ -83,7 +83,7 @@ def position_bin(position: np.ndarray, length: np.ndarray) -> np.ndarray:
     """Bin index ``0..4`` of relative position ``r = t / T``: ``floor(5 t / T)`` in exact integer arithmetic.
 
     With ``t`` 0-based and ``T`` real tokens, ``t <= T - 1`` so ``r <= (T-1)/T < 1``: ``r = 1.0`` cannot
-    occur, and the closed upper end of the last bin ``[0.8, 1.0]`` (SPEC) never changes a bin. Integer
+    occur, and the closed upper end of the last bin ``[0.8, 1.0]`` (docs/methods.md §6) never changes a bin. Integer
     division avoids float rounding at the bin edges (e.g. ``t/T = 3/5`` lands in bin 3, exactly).
     """
     position = np.asarray(position, dtype=np.int64)
@@ -156,7 +156,7 @@ def _driver_sets(drivers: Any) -> dict[str, dict[int, set[int]]]:
 
 
 def position_bins(record: TokenRecord, drivers: Any) -> pd.DataFrame:
-    """Driver-triggering tokens by relative position, beside all tokens (SPEC §5; paper Fig. 4).
+    """Driver-triggering tokens by relative position, beside all tokens (docs/methods.md §6; paper Fig. 4).
 
     A token triggers at layer ``l`` when its selected set at ``l`` holds a driver expert of its domain at
     ``l``; for ``layer == "all"`` it triggers when it does so at any layer (the paper's "tokens that activate
