@@ -501,7 +501,7 @@ def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
 
 
 def _beyond_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
-    """Co-activation, paths, routing consistency, output-aware importance and routing overlap (SPEC §9)."""
+    """Co-activation, paths, routing consistency, output-aware importance and routing overlap (docs/methods.md §9)."""
     from .findings import MIN_PAIR_COUNT, beyond_findings, beyond_sentences
 
     lines = beyond_sentences(beyond_findings(tables))

@@ -1,4 +1,4 @@
-"""Co-activation and expert paths (SPEC §9): which experts a token selects together, within a layer and
+"""Co-activation and expert paths (docs/methods.md §9): which experts a token selects together, within a layer and
 across consecutive layers, as mergeable counts from expert indices alone.
 
 Per domain, from each real token's selections ``S_l[t]`` (``routes`` ``(N, L, k)``, column 0 the top-1):

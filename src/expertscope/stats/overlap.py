@@ -1,4 +1,4 @@
-"""Routing overlap of two runs on the same texts (SPEC §9): per layer, the mean over tokens of
+"""Routing overlap of two runs on the same texts (docs/methods.md §9): per layer, the mean over tokens of
 ``|S₁[t] ∩ S₂[t]| / k``, e.g. before and after router LoRA, steered and not, or two checkpoints.
 
 Sequences are matched by (domain, sequence id) and compared only when both runs routed the same token ids

@@ -2,7 +2,7 @@
 
 A :class:`RoutingProfile` keeps, for every profiled sequence, its real-token count and per (layer, expert):
 selections, sums of ``h(p̃)`` in both entropy forms (docs/methods.md §2), gate-weight sums and sums of
-``w·‖f_i(x)‖₂`` (output-aware importance, SPEC §9; NaN where not computed). Domain totals are
+``w·‖f_i(x)‖₂`` (output-aware importance, docs/methods.md §9; NaN where not computed). Domain totals are
 derived from those rows in a canonical order (by domain, then sequence id), so a profile assembled from
 shards (``merge``) equals, bit for bit, the profile of the same batches added in one process. With
 ``keep_sequences=False`` only running totals are kept: memory is then constant in the number of texts,

@@ -1,4 +1,4 @@
-"""Entry points for co-activation and paths (SPEC §9): from a model, a profile or stored routes, and the
+"""Entry points for co-activation and paths (docs/methods.md §9): from a model, a profile or stored routes, and the
 study's tables. The counts themselves live in :mod:`expertscope.stats.coactivation`."""
 
 from __future__ import annotations
