@@ -220,10 +220,12 @@ def test_status_sentence_names_the_missing_stages() -> None:
                "stages": {"profile": done, "domain_experts": done, "_total_seconds": {"status": "info"}}}
     st = run_status(running)
     assert not st.complete and st.finished == ["profile", "domain_experts"]
-    assert st.missing == ["drivers", "replication", "causal_rate", "tokens", "expert_map", "steering"]  # not "report"
+    assert st.missing == ["coactivation", "drivers", "replication", "causal_rate", "tokens", "expert_map", "steering",
+                          "routing_overlap"]  # not "report"
     text = status_sentence(running)
     assert text is not None and "status “running”" in text
-    assert "stages drivers, replication, causal_rate, tokens, expert_map, steering did not finish" in text
+    assert ("stages coactivation, drivers, replication, causal_rate, tokens, expert_map, steering, routing_overlap "
+            "did not finish") in text
     # The stages the run planned, where its manifest lists them.
     planned = {**running, "planned_stages": ["profile", "domain_experts", "drivers", "report"]}
     assert "stage drivers did not finish, so its section is missing" in (status_sentence(planned) or "")
@@ -234,11 +236,12 @@ def test_status_sentence_names_the_missing_stages() -> None:
 def test_report_puts_a_banner_on_an_incomplete_run() -> None:
     done = {"status": "complete", "seconds": 1.0}
     manifest = {"kind": "study", "model": {"source": "tiny"},
-                "stages": {s: done for s in ("profile", "domain_experts", "drivers")}}
+                "stages": {s: done for s in ("profile", "coactivation", "domain_experts", "drivers")}}
     assert "Incomplete run" not in build_html({**manifest, "status": "complete"}, _tables(), {})
     page = build_html({**manifest, "status": "running"}, _tables(), {})
     banner = page.split("<div class='banner' role='alert'>")[1].split("</div>")[0]
-    assert "causal_rate, tokens, expert_map, steering did not finish" in banner and "“running”" in banner
+    assert "causal_rate, tokens, expert_map, steering, routing_overlap did not finish" in banner
+    assert "“running”" in banner
     assert page.index("class='banner'") < page.index("id='findings'")  # above everything else
 
 
@@ -256,8 +259,8 @@ def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path) -> None:
     out = compare([a, b], tmp_path / "cmp.html")
     page = out.read_text()
     assert page.count("<div class='banner'") == 1 and "Run m-two is not complete" in page
-    assert ("stages domain_experts, drivers, replication, causal_rate, tokens, expert_map, steering did not finish"
-            in page)
+    assert ("stages coactivation, domain_experts, drivers, replication, causal_rate, tokens, expert_map, steering, "
+            "routing_overlap did not finish") in page
 
     # The same explorable page as the report: sort the summary, read the MI heatmap's hover value.
     from _browser import Browser, require_chromium

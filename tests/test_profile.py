@@ -105,7 +105,7 @@ def test_merge_equals_union_exactly_and_roundtrips(make_tiny, tmp_path) -> None:
     rows = full._compact()
     for i in range(len(rows["seq_id"])):
         args = (full.domains[rows["seq_domain"][i]], [int(rows["seq_id"][i])], rows["seq_tokens"][i:i + 1],
-                {k: rows[k][i:i + 1] for k in ("sel", "h_bern", "h_eq1", "gate")})
+                {k: rows[k][i:i + 1] for k in ("sel", "h_bern", "h_eq1", "gate", "onorm")})
         whole.add(*args)
         (shard_a if i % 2 else shard_b).add(*args)
     merged = shard_a.merge(shard_b)

@@ -19,7 +19,8 @@ runner = CliRunner()
 DOMAINS = ["emotion=synthetic:emotion@validation", "knowledge=synthetic:knowledge@validation"]
 TABLES = ["domain_experts.parquet", "drivers.parquet", "causal_rate.parquet", "token_positions.parquet",
           "token_associations.parquet", "steering.parquet", "steering_dose.parquet",
-          "steering_arms.parquet", "steering_selectivity.parquet"]
+          "steering_arms.parquet", "steering_selectivity.parquet", "coactivation.parquet",
+          "paths.parquet", "routing_consistency.parquet", "importance.parquet", "routing_overlap.parquet"]
 
 
 @pytest.fixture(scope="module")

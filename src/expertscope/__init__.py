@@ -28,15 +28,20 @@ from .data.sources import load_domain, load_domains
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, InputTypeError, ModelError, OutputError
 from .evaluation import EvalResult, evaluate
+from .integrations.routes import load_routes, profile_routes
 from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
 from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
 from .models.model import MoEModel
 from .report import report
+from .stats.coactivation import CoactivationStats
 from .stats.domain_experts import DomainExpertTable, domain_experts
 from .stats.expert_map import expert_map
+from .stats.overlap import routing_overlap
 from .stats.profile import RoutingProfile, profile
 from .stats.replication import Replication, replicate_domain_experts
+from .stats.routes import SequenceRoutes
+from .stats.structure import coactivation
 from .stats.tokens import position_profile, record_tokens, token_associations
 from .study import run_study
 
@@ -45,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CausalConfig",
     "CausalEffects",
+    "CoactivationStats",
     "ConfigError",
     "DataError",
     "Domain",
@@ -68,12 +74,14 @@ __all__ = [
     "RouterFinetune",
     "RouterHooks",
     "RoutingProfile",
+    "SequenceRoutes",
     "Steering",
     "SteeringSpec",
     "StudyConfig",
     "__version__",
     "causal_effects",
     "causal_rate",
+    "coactivation",
     "domain_experts",
     "driver_experts",
     "evaluate",
@@ -82,13 +90,16 @@ __all__ = [
     "load_domain",
     "load_domains",
     "load_model",
+    "load_routes",
     "position_profile",
     "profile",
+    "profile_routes",
     "record_tokens",
     "replicate_domain_experts",
     "replicate_drivers",
     "report",
     "run_study",
+    "routing_overlap",
     "steer",
     "token_associations",
 ]

@@ -119,11 +119,18 @@ class ProfileConfig(BaseConfig):
     """Batch texts of similar length together (faster; results unchanged)."""
     limit: int | None = None
     """At most this many texts per domain (None: all)."""
+    importance: bool = True
+    """Compute the output-aware importance mean w·‖f_i(x)‖₂ in the routing pass (≈ the MoE layers' cost again)."""
+    keep_routes: bool = True
+    """Keep every real token's selected experts per sequence (routes.safetensors; overlap between runs)."""
+    path_length: int = 3
+    """Consecutive MoE layers per expert path in the co-activation counts."""
 
     def validate(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("max_length", self.max_length, allow_none=True)
         _positive("limit", self.limit, allow_none=True)
+        _positive("path_length", self.path_length)
 
 
 @dataclass(frozen=True)

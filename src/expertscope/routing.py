@@ -16,7 +16,7 @@ It also holds the shared helpers that turn the accepted domain inputs into texts
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -185,33 +185,81 @@ class RoutedBatch:
     mask: torch.Tensor
     calls: dict[int, RouterCall]
     truncated: np.ndarray
+    #: ``norms[layer]`` ``(B*T, k)`` fp32: ``‖f_i(x_t)‖₂`` of each selected expert, same order as the call's
+    #: indices (only when routed with ``expert_norms=True``).
+    norms: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def real(self) -> torch.Tensor:
         """``(B*T,)`` bool on the model's device: which rows of a call are real tokens."""
         return self.mask.reshape(-1)
 
 
+class ExpertNorms:
+    """Context manager: while active (inside a recording :class:`RouterHooks`), each router's input is kept
+    for the length of its call, and once the router has chosen, the norms ``‖f_i(x)‖₂`` of its selected
+    experts' outputs are computed through the adapter (:meth:`RouterAdapter.expert_outputs`) and stored in
+    ``norms[layer]`` ``(N, k)`` fp32. Hooks are removed on exit."""
+
+    def __init__(self, model: MoEModel, hooks: RouterHooks) -> None:
+        self.model, self.hooks = model, hooks
+        self.norms: dict[int, torch.Tensor] = {}
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ExpertNorms:
+        for site in self.model.sites:
+            if site.layer not in self.hooks.record_layers:
+                continue
+            self._handles.append(site.module.register_forward_pre_hook(
+                lambda m, args, layer=site.layer: self._inputs.__setitem__(layer, args[0])))
+            self._handles.append(site.module.register_forward_hook(
+                lambda m, args, out, s=site: self._compute(s), always_call=True))
+        return self
+
+    def _compute(self, site: Any) -> None:
+        hidden = self._inputs.pop(site.layer, None)
+        calls = self.hooks.calls.get(site.layer)
+        if hidden is None or not calls:  # the router raised: nothing to compute
+            return
+        idx = calls[-1].indices
+        outputs = site.adapter.expert_outputs(site, hidden.reshape(idx.shape[0], -1), idx)
+        self.norms[site.layer] = outputs.float().norm(dim=-1)
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        self._inputs.clear()
+
+
 def route_batch(
     model: MoEModel, texts: Sequence[str], max_length: int | None, record: bool = True,
-    domain: str = "", ids: Sequence[int] | None = None,
+    domain: str = "", ids: Sequence[int] | None = None, expert_norms: bool = False,
 ) -> RoutedBatch:
     """One forward pass (no gradients, no KV cache) over ``texts``, recording every MoE layer's router call.
 
     ``max_length`` is used as given (pass :func:`effective_max_length`'s value). With ``record=False`` no
-    router hook is installed (for callers that hook the model themselves).
+    router hook is installed (for callers that hook the model themselves). With ``expert_norms`` the norm of
+    every selected expert's output is computed in the same pass (``RoutedBatch.norms``; about the cost of
+    the MoE layers once more).
     """
     enc, truncated = tokenize_batch(model.tokenizer, texts, max_length)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     calls: dict[int, RouterCall] = {}
+    norms: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         if record:
             with RouterHooks(model, record=True) as hooks:
-                model.model(**enc, use_cache=False)
+                if expert_norms:
+                    with ExpertNorms(model, hooks) as en:
+                        model.model(**enc, use_cache=False)
+                    norms = en.norms
+                else:
+                    model.model(**enc, use_cache=False)
             calls = {layer: hooks.calls[layer][0] for layer in model.layers}
         else:
             model.model(**enc, use_cache=False)
     return RoutedBatch(domain, list(ids) if ids is not None else list(range(len(texts))), enc["input_ids"],
-                       enc["attention_mask"].bool(), calls, truncated)
+                       enc["attention_mask"].bool(), calls, truncated, norms)
 
 
 def routing_pass(
@@ -239,6 +287,7 @@ def routing_pass(
 
 __all__ = [
     "DomainInput",
+    "ExpertNorms",
     "PlannedBatch",
     "RoutedBatch",
     "as_domain_list",

@@ -188,6 +188,13 @@ def _executor(c: StudyConfig) -> Any:
     return make_executor(c.executor, spec, workers=c.workers, gpus_per_worker=c.gpus_per_worker)
 
 
+@stage("coactivation", after="profile", tables_only=True)
+def _stage_coactivation(ctx: StudyContext) -> dict[str, Any]:
+    from .stats.structure import save_coactivation_tables
+
+    return save_coactivation_tables(ctx.profile(), ctx.out)
+
+
 @stage("domain_experts", uses=("domain_experts",), tables_only=True)
 def _stage_domain_experts(ctx: StudyContext) -> dict[str, Any]:
     from .stats.domain_experts import domain_experts
@@ -299,12 +306,33 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
     assert ctx.inputs.test is not None and ctx.inputs.train is not None  # prepare() loads them for this stage
     result = intervention_study(ctx.model, ctx.inputs.test, DomainExpertTable.load(ctx.path("domain_experts.parquet")),
                                 ctx.drivers(), train={d.name: d for d in ctx.inputs.train},
-                                config=ctx.config.intervention, progress=ctx.progress)
+                                config=ctx.config.intervention, progress=ctx.progress,
+                                adapter_dir=ctx.out / "router_lora")
     result.save(ctx.out)
     t = result.table
     # Not-applicable conditions (no targets) are recorded as null, never as a number.
     return {"accuracy": {f"{r.domain}/{r.condition}": round(float(r.accuracy), 4) if r.applicable else None
                          for r in t.itertuples()}}
+
+
+@stage("routing_overlap", uses=("intervention", "causal"))
+def _stage_routing_overlap(ctx: StudyContext) -> dict[str, Any]:
+    """How far steering and the router LoRA moved the routing, on the first ``causal.limit`` test texts."""
+    from .interventions.routing_change import routing_changes
+    from .io import write_table
+    from .stats.domain_experts import DomainExpertTable
+
+    assert ctx.inputs.test is not None  # prepare() loads them for this stage
+    c = ctx.config
+    table = routing_changes(
+        ctx.model, [d.head(c.causal.limit) for d in ctx.inputs.test],
+        DomainExpertTable.load(ctx.path("domain_experts.parquet")), ctx.drivers(),
+        adapter_dir=ctx.path("router_lora"), batch_size=c.causal.batch_size, max_length=c.causal.max_length,
+        config=c.intervention)
+    write_table(ctx.out / "routing_overlap.parquet", table, meta={"table": "routing_overlap"})
+    ok = table[table.applicable]
+    means = ok.groupby(["domain", "condition"])["overlap"].mean()
+    return {"overlap": {f"{d}/{k}": round(float(v), 4) for (d, k), v in means.items()}}
 
 
 @stage("report", tables_only=True)
@@ -406,6 +434,59 @@ def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str 
     if config.limit is None:  # the synthetic benchmark's own size when no limit is given
         specs = [s if "?" in s else f"{s}?limit=300" for s in specs]
     return config.replace(domains=tuple(specs))
+
+
+def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts: int | None, *,
+                            moe_layers: int | None = None, top_k: int | None = None, format: str = "auto",
+                            resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """``expertscope profile --routes``: a routing profile of expert indices recorded by a serving engine
+    (vLLM, SGLang, Megatron; ``routes`` = ``NAME=FILE`` specs, several files per name are concatenated),
+    written into the run directory ``out`` with its routing MI and co-activation tables; no model is loaded.
+    Returns the manifest's summary: ``tokens`` per domain, ``mi_bits`` per layer, ``notes`` per domain."""
+    from .errors import DataError
+    from .fingerprint import run_fingerprint
+    from .integrations.routes import FORMATS, RecordedRoutes, load_routes, profile_routes
+    from .stats.routing_mi import save_routing_mi
+    from .stats.structure import save_coactivation_tables
+    from .validation import check_choice, check_positive
+
+    if num_experts is None:
+        raise ConfigError("--routes needs --num-experts E (routed experts per layer): e.g. --num-experts 64")
+    check_positive(num_experts, "--num-experts")
+    check_positive(moe_layers, "--moe-layers", allow_none=True)
+    check_positive(top_k, "--top-k", allow_none=True)
+    check_choice(format, "--routes-format", ("auto", *FORMATS))
+    by_domain: dict[str, list[Path]] = {}
+    for spec in routes:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise DataError(f"--routes {spec!r} is not NAME=FILE: e.g. --routes math=math.vllm.jsonl")
+        if not Path(file).is_file():
+            raise DataError(f"--routes {spec}: no file {file}: check the path")
+        by_domain.setdefault(name, []).append(Path(file))
+    settings = {"routes": list(routes), "num_experts": num_experts, "moe_layers": moe_layers, "top_k": top_k,
+                "format": format}
+    files = [f for fs in by_domain.values() for f in fs]
+    with open_run_dir(out, "profile-routes", run_fingerprint(None, (), settings, files=files), settings,
+                      resume=resume, force=force) as rd:
+        merged = {}
+        for name, fs in by_domain.items():
+            parts = [load_routes(f, format, num_layers=moe_layers, top_k=top_k) for f in fs]  # type: ignore[arg-type]
+            merged[name] = parts[0] if len(parts) == 1 else RecordedRoutes(
+                [s for p in parts for s in p.sequences], "+".join(sorted({p.format for p in parts})),
+                ", ".join(p.source for p in parts), sum(p.prefix_cached for p in parts),
+                [n for p in parts for n in p.notes])
+        prof = profile_routes(merged, num_experts, top_k=top_k)
+        prof.save(rd.path)
+        mi = save_routing_mi(prof, rd.path)
+        coactivation = save_coactivation_tables(prof, rd.path)
+        n, _ = prof.totals()
+        summary = {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)},
+                   "mi_bits": {int(r.layer): float(r.mi_bits) for r in mi.itertuples()},
+                   "notes": {name: list(rec["notes"]) for name, rec in prof.config["recorded"].items()}}
+        rd.write_manifest("complete", model=prof.model_info, recorded=prof.config["recorded"],
+                          coactivation=coactivation, **{k: v for k, v in summary.items() if k != "notes"})
+    return summary
 
 
 def write_synthetic_benchmark(out: str | Path, names: Sequence[str], sizes: dict[str, int], seed: int = 0,
@@ -525,7 +606,7 @@ def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyIn
     specs = check_domain_specs(config.domain_specs)
     check_stage_inputs(specs, chosen)
     inputs = StudyInputs(source, specs, load_domains(specs, limit=config.limit, seed=config.seed))
-    if "steering" in chosen:
+    if "steering" in chosen or "routing_overlap" in chosen:
         inputs.test = load_domains(config.split_specs("test"), limit=config.intervention.limit, seed=config.seed)
         inputs.train = load_domains(config.split_specs("train"), limit=config.train_limit, seed=config.seed)
     for name in chosen:

@@ -34,6 +34,9 @@ class Command:
     """The command's own options: ``(parameter, annotation, default)``, read by ``adjust``."""
     adjust: Callable[[StudyConfig, dict[str, Any]], StudyConfig] | None = None
     resumable: bool = True
+    intercept: Callable[[dict[str, Any], Path, bool, bool], bool] | None = None
+    """Pops the command's own options; runs another job instead of the stages and returns True when they ask
+    for one (``profile --routes``). Called with (options, out, resume, force)."""
 
     @property
     def kind(self) -> str:
@@ -41,6 +44,34 @@ class Command:
 
     def base(self) -> StudyConfig:
         return with_options(StudyConfig(), self.defaults)
+
+
+def _recorded_routes(kw: dict[str, Any], out: Path, resume: bool, force: bool) -> bool:
+    from ..study import profile_recorded_routes
+
+    routes = kw.pop("routes")
+    opts = {k: kw.pop(k) for k in ("num_experts", "moe_layers", "top_k", "routes_format")}
+    if not routes:
+        if any(v is not None for k, v in opts.items() if k != "routes_format"):
+            raise typer.BadParameter("--num-experts, --moe-layers and --top-k go with --routes NAME=FILE")
+        return False
+    summary = profile_recorded_routes(out, routes, opts["num_experts"], moe_layers=opts["moe_layers"],
+                                      top_k=opts["top_k"], format=opts["routes_format"], resume=resume, force=force)
+    T.show_recorded_routes(out, summary)
+    return True
+
+
+_ROUTES_OPTIONS = (
+    ("routes", Annotated[list[str] | None, typer.Option(
+        "--routes", help="NAME=FILE: expert indices recorded by vLLM, SGLang or Megatron (repeatable; no model is "
+        "loaded). Needs --num-experts.")], None),
+    ("num_experts", Annotated[int | None, typer.Option(help="--routes: routed experts per MoE layer.")], None),
+    ("moe_layers", Annotated[int | None, typer.Option(help="--routes: MoE layers (SGLang routed_experts).")], None),
+    ("top_k", Annotated[int | None, typer.Option(help="--routes: experts per token (SGLang; a dump of k < 8).")],
+     None),
+    ("routes_format", Annotated[str, typer.Option(help="--routes: auto, vllm, sglang, sglang-dump or megatron.")],
+     "auto"),
+)
 
 
 def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
@@ -65,14 +96,16 @@ COMMANDS = (
       expertscope run -m ./Mixtral-8x7B --dtype bfloat16 --device cuda -d sa=sa.jsonl?task=classification -o runs/mx
     """, T.show_run),
     Command("profile", ("profile",), "runs/profile", """Capture the routing of MODEL over each domain and save the
-    profile (profile.safetensors, routing_mi.parquet).
+    profile (profile.safetensors, routing_mi.parquet), or read routes a serving engine recorded (--routes).
 
     Examples:
 
       expertscope profile -m demo -d emotion=synthetic:emotion -d math=synthetic:math -o runs/p
 
       expertscope profile -m ./Qwen1.5-MoE-A2.7B -d sa=emotion.jsonl -d math=gsm8k.jsonl?text=question -o runs/q
-    """, T.show_profile, {"limit": None}),
+
+      expertscope profile --routes code=code.vllm.jsonl --routes math=math.vllm.jsonl --num-experts 128 -o runs/r
+    """, T.show_profile, {"limit": None}, own=_ROUTES_OPTIONS, intercept=_recorded_routes),
     Command("domains", ("domain_experts",), None, """Find the domain experts in a saved profile; print the top ones
     and write domain_experts.parquet/.csv.
 
@@ -175,6 +208,8 @@ def _build(cmd: Command) -> Callable[..., Any]:
         fields = {k: kw.pop(f"{k}_field", None) for k in ("text", "label", "answer")}
         show = kw.pop("top_rows", None) or show
         run_dir = kw.pop("run_dir", None)
+        if cmd.intercept is not None and cmd.intercept(kw, Path(out or run_dir or cmd.out or "."), resume, force):
+            return
         start = base if run_dir is None else study.config_of_run(run_dir, base)
         if cmd.adjust is not None:
             start = cmd.adjust(build_config(start, settings, {k: v for k, v in kw.items() if k == "limit"}), kw)

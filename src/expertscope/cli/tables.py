@@ -164,3 +164,16 @@ def show_lm_eval(out: Path, manifest: dict[str, Any], rows: int) -> None:
             if k != "sample_len":
                 t.add_row(task, k, f"{v:.4f}")
     out_console.print(t)
+
+
+def show_recorded_routes(out: Path, summary: dict[str, Any]) -> None:
+    """What ``profile --routes`` prints: tokens, notes per domain, routing MI per layer, what is not applicable."""
+    tokens = summary["tokens"]
+    console.print(f"profiled {sum(tokens.values())} recorded tokens over {len(tokens)} domains → {out}")
+    for name, notes in summary["notes"].items():
+        for note in notes:
+            console.print(f"[yellow]{name}:[/] {note}")
+    console.print("I(domain; selected expert) per layer [bits]: "
+                  + ", ".join(f"{layer}: {bits:.3f}" for layer, bits in summary["mi_bits"].items()))
+    console.print("not applicable from indices alone: entropy, CWAS, gate weights, importance, CE (no logits "
+                  f"or model); next: expertscope domains {out}")

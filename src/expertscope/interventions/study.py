@@ -176,6 +176,7 @@ class _Runner:
         self.evaluations = 0
         self.total = 0
         self.finished = 0
+        self.adapter_dir: Path | None = None
 
     @staticmethod
     def key(dom: Domain, targets: Sequence[tuple[int, int]], s: Strength | None) -> Key:
@@ -250,6 +251,8 @@ class _Runner:
         self._tick(f"{dom.name}: finetune_router (training)")
         seqs, ref = self._reference(dom)
         ft = finetune_router(self.model, train, task=dom.task, **self.cfg.finetune_kwargs())
+        if self.adapter_dir is not None:
+            ft.save(self.adapter_dir / dom.name)
         try:
             res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
             changed, routed = routing_changes(ref, record_routing(self.model, seqs, self.cfg.batch_size))
@@ -327,6 +330,7 @@ def intervention_study(
     *,
     on_eval: Callable[[str], None] | None = None,
     progress: ProgressCallback | None = None,
+    adapter_dir: str | Path | None = None,
     **overrides: Any,
 ) -> InterventionResult:
     """Evaluate every domain (with a ``task``) under each targeted condition with its controls.
@@ -343,7 +347,8 @@ def intervention_study(
     tokens (prompt, plus the unsteered continuation for generation), out of ``routed_tokens``: independent
     of batch size. ``negative_share``: the share of the targets' logits (unsteered, over the same tokens)
     that are negative: scale mode moves those the other way. ``on_eval(label)`` names each evaluation;
-    ``progress("steering", done, total)`` counts them.
+    ``progress("steering", done, total)`` counts them. ``adapter_dir``: save each domain's router adapter in
+    ``adapter_dir/<domain>`` (read by the routing-overlap stage).
     """
     cfg = resolve_config(InterventionConfig, config, overrides)
     tasked = [d.head(cfg.limit) for d in domains if d.task is not None]
@@ -351,6 +356,7 @@ def intervention_study(
         raise DataError("no domain has an evaluation task: use presets, synthetic domains or ?task=... in the spec")
     t0 = time.perf_counter()
     runner = _Runner(model, cfg, on_eval, progress)
+    runner.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     points = strengths(cfg)
     targets = {d.name: {k: _domain_targets(domain_table if k == "domain" else driver_table, d.name, k)
                         for k in KINDS} for d in tasked}

@@ -66,6 +66,33 @@ def summary_frame(runs: Sequence[tuple[str, dict[str, Any], dict[str, pd.DataFra
     return pd.DataFrame(rows)
 
 
+def overlap_section(dirs: Sequence[Path], labels: Sequence[str]) -> str:
+    """Routing overlap of the first run with each other run that kept per-token routes of the same texts
+    (``|S1 ∩ S2| / k`` per layer, pooled over domains); a pair on different texts or models says so."""
+    from ..errors import ExpertscopeError
+    from ..stats.overlap import routing_overlap
+
+    first = dirs[0] / "routes.safetensors"
+    if not first.exists():
+        return ""
+    parts = []
+    for d, label in zip(dirs[1:], labels[1:], strict=True):
+        if not (d / "routes.safetensors").exists():
+            continue
+        try:
+            t = routing_overlap(first, d / "routes.safetensors", n_boot=200)
+        except ExpertscopeError as e:
+            parts.append(f"<p class='note'>{_e(labels[0])} vs {_e(label)}: not compared ({_e(str(e))}).</p>")
+            continue
+        parts.append(f"<h3>{_e(labels[0])} vs {_e(label)}</h3>" + table_html(
+            t, ["domain", "layer", "n_sequences", "n_tokens", "overlap", "ci_low", "ci_high", "changed",
+                "n_unmatched"], rows=80))
+    if not parts:
+        return ""
+    return ("<p class='note'>Mean share of each token's selected experts that both runs chose (|S1 ∩ S2| / k).</p>"
+            + "".join(parts))
+
+
 def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """Write ``out`` (an HTML file) comparing the runs in ``run_dirs`` (at least two); returns its path."""
     dirs = [Path(d) for d in run_dirs]
@@ -109,6 +136,9 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             steer.append(table_html(_steering_table(st), [c for c in STEERING_COLUMNS if c not in ("mode", "scale")],
                                     rows=20, title=label))
     sections.append(("steering", "Steering (Tables 1–2)", "".join(steer)))
+    overlap = overlap_section(dirs, [label for label, _, _ in runs])
+    if overlap:
+        sections.append(("overlap", "Routing overlap on the same texts", overlap))
     banners = [b for label, m, _ in runs if (b := status_sentence(m, run=label))]
     domains = list(dict.fromkeys(summary["domain"].astype(str))) if "domain" in summary.columns else []
     text = page("expertscope comparison", _e(compare_intro([label for label, _, _ in runs])), sections, domains,
@@ -120,4 +150,4 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     return out
 
 
-__all__ = ["compare", "summary_frame"]
+__all__ = ["compare", "overlap_section", "summary_frame"]

@@ -552,6 +552,114 @@ def fig_selectivity(sel: pd.DataFrame | None, out_dir: str | Path, name: str = "
     return _styled(build)
 
 
+# ----- beyond the paper: co-activation, paths, routing overlap ---------------------------------------------
+def pooled_lift(coactivation: pd.DataFrame, layer: Any, num_experts: int) -> np.ndarray:
+    """``(E, E)`` lift ``P(b | a) / P(b)`` at ``layer`` with every domain's tokens pooled (NaN on the diagonal
+    and where ``a`` is never selected)."""
+    g = coactivation[coactivation["layer"] == layer]
+    E = num_experts
+    C = np.zeros((E, E))
+    np.add.at(C, (g["expert_a"].to_numpy(int), g["expert_b"].to_numpy(int)), g["count"].to_numpy(float))
+    first = g.drop_duplicates(["domain", "expert_a"])
+    n = np.zeros(E)
+    np.add.at(n, first["expert_a"].to_numpy(int), first["n_a"].to_numpy(float))
+    N = float(g.drop_duplicates("domain")["n_tokens"].sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lift = (C / n[:, None]) / (n / N)[None, :]
+    np.fill_diagonal(lift, np.nan)
+    return lift
+
+
+def fig_coactivation(coactivation: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_coactivation"
+                     ) -> list[Path]:
+    """Co-activation lift ``P(b | a) / P(b)`` per layer (domains pooled), log2 colour scale centred on
+    independence (lift 1, white); the diagonal is blank."""
+    if _empty(coactivation, "layer", "expert_a", "expert_b", "count", "n_a", "n_tokens"):
+        return []
+    assert coactivation is not None
+    layers, cut = _pick(sorted(coactivation["layer"].unique()))
+    E = int(max(coactivation["expert_a"].max(), coactivation["expert_b"].max())) + 1
+
+    def build() -> Any:
+        fig, axes = _figure(len(layers), ncols=min(4, len(layers)), panel=(3.3, 3.0))
+        im = None
+        for ax, layer in zip(axes, layers, strict=True):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                grid = np.log2(pooled_lift(coactivation, layer, E))
+            im = ax.imshow(np.clip(grid, -3, 3), cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest")
+            ax.set_title(f"layer {layer}")
+            ax.set_xlabel("expert b")
+            ax.set_ylabel("expert a")
+        if im is not None:
+            fig.colorbar(im, ax=axes, label="log2 lift of P(b|a) over P(b)", shrink=0.8)
+        fig.suptitle("Which experts a token selects together" + (" (first layers shown)" if cut else ""))
+        return _save(fig, out_dir, name)
+
+    return _styled(build)
+
+
+def fig_paths(paths: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_paths", top: int = 5
+              ) -> list[Path]:
+    """Path diagram: per domain, the ``top`` most frequent top-1 expert paths from the first start layer,
+    drawn through (layer, expert) with line width proportional to the share of tokens taking them."""
+    if _empty(paths, "domain", "start_layer", "layers", "path", "share"):
+        return []
+    assert paths is not None
+    domains, _ = _pick(_domains(paths))
+
+    def build() -> Any:
+        fig, axes = _figure(len(domains), ncols=min(3, len(domains)), panel=(4.0, 3.2))
+        for ax, d in zip(axes, domains, strict=True):
+            g = paths[paths["domain"].astype(str) == d]
+            g = g[g["start_layer"] == g["start_layer"].min()].sort_values("share", ascending=False).head(top)
+            wmax = float(g["share"].max()) if len(g) else 1.0
+            for i, r in enumerate(g.itertuples()):
+                xs = [int(x) for x in str(r.layers).split(">")]
+                ys = [int(x) for x in str(r.path).split(">")]
+                ax.plot(xs, ys, marker="o", color=_colour(i), lw=1 + 7 * float(r.share) / max(wmax, 1e-12),
+                        alpha=0.8, label=f"{r.path}  {float(r.share):.1%}")
+            ax.set_title(d)
+            ax.set_xlabel("MoE layer")
+            ax.set_ylabel("top-1 expert")
+            ax.legend(frameon=False, fontsize=7, loc="best")
+        fig.suptitle("Most frequent expert paths (top-1 expert per layer)")
+        return _save(fig, out_dir, name)
+
+    return _styled(build)
+
+
+def fig_routing_overlap(overlap: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_routing_overlap"
+                        ) -> list[Path]:
+    """Routing overlap ``|S1 ∩ S2| / k`` with the unsteered model per layer, one line per intervention, one
+    panel per domain, 95% intervals shaded."""
+    if _empty(overlap, "domain", "condition", "layer", "overlap"):
+        return []
+    assert overlap is not None
+    ok = overlap[overlap["applicable"].astype(bool)] if "applicable" in overlap.columns else overlap
+    if not len(ok):
+        return []
+    domains, _ = _pick(_domains(ok))
+
+    def build() -> Any:
+        fig, axes = _figure(len(domains), ncols=min(3, len(domains)), panel=(4.0, 3.0))
+        for ax, d in zip(axes, domains, strict=True):
+            g = ok[ok["domain"].astype(str) == d]
+            for i, (cond, h) in enumerate(g.groupby("condition", sort=False)):
+                h = h.sort_values("layer")
+                ax.plot(h["layer"], h["overlap"], marker="o", color=_colour(i), label=str(cond))
+                if {"ci_low", "ci_high"} <= set(h.columns):
+                    ax.fill_between(h["layer"], h["ci_low"], h["ci_high"], color=_colour(i), alpha=0.2, lw=0)
+            ax.set_ylim(0, 1.02)
+            ax.set_title(d)
+            ax.set_xlabel("MoE layer")
+            ax.set_ylabel("overlap with unsteered")
+            ax.legend(frameon=False, fontsize=8)
+        fig.suptitle("How far the interventions moved the routing")
+        return _save(fig, out_dir, name)
+
+    return _styled(build)
+
+
 # ----- all -----------------------------------------------------------------------------------------------
 def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -> dict[str, list[Path]]:
     """Every figure whose tables are present. ``tables`` keys: ``domain_experts``, ``drivers``,
@@ -570,6 +678,9 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -
         ("fig_steering_sweep", lambda: fig_steering_sweep(t.get("steering_sweep"), out_dir)),
         ("fig_dose", lambda: fig_dose(t.get("steering_dose"), out_dir)),
         ("fig_selectivity", lambda: fig_selectivity(t.get("steering_selectivity"), out_dir)),
+        ("fig_coactivation", lambda: fig_coactivation(t.get("coactivation"), out_dir)),
+        ("fig_paths", lambda: fig_paths(t.get("paths"), out_dir)),
+        ("fig_routing_overlap", lambda: fig_routing_overlap(t.get("routing_overlap"), out_dir)),
     ]
     for key in sorted(k for k in t if k == "expert_map" or k.startswith("expert_map:")):
         fname = "fig5_expert_map" + ("" if key == "expert_map" else "_" + key.split(":", 1)[1])
@@ -582,6 +693,23 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -
     return out
 
 
-__all__ = ["OKABE_ITO", "expert_types", "fig_causal_heatmap", "fig_causal_layers", "fig_causal_rate", "fig_cwas",
-           "fig_dose", "fig_expert_map", "fig_expert_types", "fig_positions", "fig_routing_mi", "fig_selectivity",
-           "fig_steering", "fig_steering_sweep", "write_figures"]
+__all__ = [
+    "OKABE_ITO",
+    "expert_types",
+    "fig_causal_heatmap",
+    "fig_causal_layers",
+    "fig_causal_rate",
+    "fig_coactivation",
+    "fig_cwas",
+    "fig_dose",
+    "fig_expert_map",
+    "fig_expert_types",
+    "fig_paths",
+    "fig_positions",
+    "fig_routing_mi",
+    "fig_routing_overlap",
+    "fig_selectivity",
+    "fig_steering",
+    "fig_steering_sweep",
+    "write_figures",
+]

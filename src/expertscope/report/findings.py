@@ -424,6 +424,7 @@ def findings_record(tables: dict[str, pd.DataFrame], manifest: dict[str, Any] | 
         "version": FINDINGS_VERSION,
         "model": model.get("source") if isinstance(model, dict) else None,
         "domains": [f.to_dict() for f in findings(tables)],
+        "beyond": beyond_findings(tables),
     }
 
 
@@ -493,6 +494,165 @@ def _strongest(n: int) -> str:
 
 #: How many experts a sentence names; the record lists them all.
 SHOWN = 3
+
+
+# ----- beyond the paper: co-activation, paths, consistency, importance, routing overlap ---------------------
+#: A pair (a, b) is read out only when at least this many tokens select both (lift from a handful is noise).
+MIN_PAIR_COUNT = 20
+
+
+def _spearman_ci(x: np.ndarray, y: np.ndarray, n_boot: int = 500, seed: int = 0) -> tuple[float, float, float, int]:
+    """Spearman's rho of ``x`` and ``y`` (finite pairs), a 95% bootstrap interval over cells, and n."""
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = int(ok.sum())
+    if n < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan"), float("nan"), n
+    rho = float(spearmanr(x, y).statistic)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, n, n)
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            boots.append(float(spearmanr(x[i], y[i]).statistic))
+    lo, hi = (np.percentile(boots, [2.5, 97.5]) if boots else (float("nan"), float("nan")))
+    return rho, float(lo), float(hi), n
+
+
+def beyond_findings(tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """The co-activation, path, consistency, importance and routing-overlap findings as data (per domain
+    where it applies); parts whose tables are missing are left out."""
+    out: dict[str, Any] = {}
+    co = tables.get("coactivation")
+    if co is not None and len(co):
+        strong = co[(co["count"] >= MIN_PAIR_COUNT) & np.isfinite(co["lift"])]
+        pairs = {}
+        for d, g in strong.groupby("domain", sort=False):
+            r = g.loc[g["lift"].idxmax()]
+            pairs[str(d)] = {"layer": int(r["layer"]), "a": int(r["expert_a"]), "b": int(r["expert_b"]),
+                             "p_b_given_a": float(r["p_b_given_a"]), "p_b": float(r["p_b"]),
+                             "lift": float(r["lift"]), "n_a": int(r["n_a"]), "count": int(r["count"])}
+        out["coactivation"] = {"min_count": MIN_PAIR_COUNT, "strongest": pairs}
+    paths = tables.get("paths")
+    if paths is not None and len(paths):
+        meta = table_meta(paths)
+        E = meta.get("num_experts")
+        m = meta.get("path_length")
+        top = paths[paths["rank"] == 1]
+        out["paths"] = {"uniform_share": (float(E) ** -float(m)) if E and m else None,
+                        "top": {str(r.domain) + "/" + str(r.layers): {"path": r.path, "share": float(r.share),
+                                                                       "count": int(r.count)}
+                                for r in top.itertuples()}}
+    cons = tables.get("routing_consistency")
+    if cons is not None and len(cons):
+        E = table_meta(cons).get("num_experts") or table_meta(tables.get("paths")).get("num_experts")
+        rows = {}
+        for r in cons.itertuples():
+            floor = ((E - 1) ** 2 / (2 * r.n_tokens * math.log(2))) if E and r.n_tokens else float("nan")
+            rows[f"{r.domain}/{r.layer}>{r.next_layer}"] = {"mi_bits": float(r.mi_bits), "mi_norm": float(r.mi_norm),
+                                                             "bias_floor_bits": float(floor)}
+        out["consistency"] = rows
+    imp = tables.get("importance")
+    if imp is not None and len(imp) and imp["importance"].notna().any():
+        drivers = tables.get("drivers")
+        per: dict[str, Any] = {}
+        for d, g in imp.groupby("domain", sort=False):
+            x = g["importance"].to_numpy(float)
+            rec: dict[str, Any] = {}
+            rho, lo, hi, n = _spearman_ci(x, g["activation_rate"].to_numpy(float))
+            rec["vs_A"] = {"rho": rho, "ci_low": lo, "ci_high": hi, "n": n}
+            if drivers is not None and {"ce_mean", "domain", "layer", "expert"} <= set(drivers.columns):
+                j = g.merge(drivers[drivers["domain"] == d][["layer", "expert", "ce_mean"]], on=["layer", "expert"])
+                rho, lo, hi, n = _spearman_ci(j["importance"].to_numpy(float), j["ce_mean"].to_numpy(float))
+                rec["vs_CE"] = {"rho": rho, "ci_low": lo, "ci_high": hi, "n": n}
+            per[str(d)] = rec
+        out["importance"] = per
+    elif imp is not None and len(imp):
+        out["importance"] = {"not_applicable": (table_meta(imp).get("not_applicable") or {}).get(
+            "importance", "not computed in this run")}
+    ov = tables.get("routing_overlap")
+    if ov is not None and len(ov):
+        moved: dict[str, dict[str, Any]] = {}
+        for (d, c), g in ov.groupby(["domain", "condition"], sort=False):
+            if not bool(g["applicable"].iloc[0]):
+                moved[f"{d}/{c}"] = {"applicable": False, "reason": str(g["reason"].iloc[0])}
+                continue
+            low = g.loc[g["overlap"].idxmin()]
+            moved[f"{d}/{c}"] = {"applicable": True, "mean_overlap": float(g["overlap"].mean()),
+                                "lowest_layer": int(low["layer"]), "lowest": float(low["overlap"]),
+                                "ci_low": float(low["ci_low"]), "ci_high": float(low["ci_high"]),
+                                "n_tokens": int(low["n_tokens"])}
+        out["routing_overlap"] = moved
+    return _clean(out)
+
+
+def _ci_opt(lo: float | None, hi: float | None, digits: int = 3) -> str:
+    return "" if lo is None or hi is None else _ci(lo, hi, digits)
+
+
+def beyond_sentences(rec: dict[str, Any]) -> dict[str, list[str]]:
+    """Plain lines per part (``coactivation``, ``paths``, ``consistency``, ``importance``, ``routing_overlap``)."""
+    out: dict[str, list[str]] = {}
+    co = rec.get("coactivation")
+    if co:
+        lines = [f"{d}: experts {p['a']} and {p['b']} at layer {p['layer']} co-activate most above chance: "
+                 f"P({p['b']}|{p['a']}) = {_n(p['p_b_given_a'])} against P({p['b']}) = {_n(p['p_b'])} "
+                 f"(lift {_n(p['lift'], 2)}; {p['count']} of the {p['n_a']} tokens selecting {p['a']} also "
+                 f"select {p['b']})." for d, p in co["strongest"].items()]
+        if not co["strongest"]:
+            lines.append(f"No pair of experts is selected together by {co['min_count']} tokens or more: too few to "
+                         "read co-activation.")
+        lines.append("Lift 1 is independence; within a layer a token's k experts are distinct, so P(a|a) is not shown.")
+        out["coactivation"] = lines
+    pa = rec.get("paths")
+    if pa:
+        u = pa.get("uniform_share")
+        base = f" (uniform routing would give {_n(u, 2)} per path)" if u else ""
+        out["paths"] = [f"{k}: the most frequent top-1 path is {v['path']}, taken by {v['share']:.1%} of tokens "
+                        f"({v['count']}){base}." for k, v in pa["top"].items()]
+    cs = rec.get("consistency")
+    if cs:
+        out["consistency"] = [
+            f"{k}: I(S_l; S_l+1) = {_n(v['mi_bits'])} bits ({_n(v['mi_norm'], 2)} of the smaller entropy); "
+            f"plug-in bias floor about {_n(v['bias_floor_bits'], 2)} bits"
+            + (" — within the floor: no evidence of consistent routing."
+               if v["mi_bits"] is not None and v["bias_floor_bits"] is not None
+               and v["mi_bits"] <= v["bias_floor_bits"] else ".") for k, v in cs.items()]
+    im = rec.get("importance")
+    if im:
+        if "not_applicable" in im:
+            out["importance"] = [f"Output-aware importance: not applicable ({im['not_applicable']})."]
+        else:
+            lines = []
+            for d, v in im.items():
+                for key, label in (("vs_CE", "causal effect CE"), ("vs_A", "activation rate A")):
+                    s = v.get(key)
+                    if not s:
+                        continue
+                    if s["rho"] is None:
+                        lines.append(f"{d}: rank correlation of w·‖f‖ with {label}: not measurable ({s['n']} cells).")
+                        continue
+                    null = s["ci_low"] is not None and s["ci_low"] <= 0 <= s["ci_high"]
+                    lines.append(f"{d}: Spearman rank correlation of w·‖f‖ with {label}: {_n(s['rho'], 2)} "
+                                 f"{_ci_opt(s['ci_low'], s['ci_high'], 2)} over {s['n']} experts"
+                                 + (" — the interval includes 0: no association shown." if null else "."))
+            out["importance"] = lines
+    ov = rec.get("routing_overlap")
+    if ov:
+        lines = []
+        for k, v in ov.items():
+            d, c = k.split("/", 1)
+            if not v["applicable"]:
+                lines.append(f"{d}, {c.replace('_', ' ')}: not applicable ({v['reason']}).")
+                continue
+            lines.append(f"{d}, {c.replace('_', ' ')}: on average {v['mean_overlap']:.1%} of each token's selected "
+                         f"experts stay the same; least at layer {v['lowest_layer']} ({v['lowest']:.1%}"
+                         f"{_ci_opt(v['ci_low'], v['ci_high'], 3)}, {v['n_tokens']} tokens).")
+        out["routing_overlap"] = lines
+    return out
+
 
 # ----- section readings: every sentence of the report's sections ----------------------------------------
 class Sentence(str):
@@ -907,8 +1067,8 @@ COLUMN_HELP: dict[str, str] = {
 # ----- run status: the banner of a run that did not finish ------------------------------------------------
 #: The stages of ``expertscope run`` in order (``study.STAGES``; a test keeps the two equal). Used for
 #: manifests that do not list their ``planned_stages``.
-STUDY_STAGES = ("profile", "domain_experts", "drivers", "replication", "causal_rate", "tokens", "expert_map",
-                "steering", "report")
+STUDY_STAGES = ("profile", "coactivation", "domain_experts", "drivers", "replication", "causal_rate", "tokens",
+                "expert_map", "steering", "routing_overlap", "report")
 
 
 @dataclass
@@ -970,6 +1130,8 @@ __all__ = [
     "DomainFindings",
     "RunStatus",
     "Sentence",
+    "beyond_findings",
+    "beyond_sentences",
     "compare_intro",
     "control_sentences",
     "controls_part",

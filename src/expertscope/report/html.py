@@ -72,6 +72,12 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "steering_selectivity": ("steering_selectivity.parquet",),
     "routing_mi": ("routing_mi.parquet",),
     "replication": ("replication.parquet",),
+    "coactivation": ("coactivation.parquet",),
+    "transitions": ("transitions.parquet",),
+    "paths": ("paths.parquet",),
+    "routing_consistency": ("routing_consistency.parquet",),
+    "importance": ("importance.parquet",),
+    "routing_overlap": ("routing_overlap.parquet",),
 }
 FIGURE_DIR = "figures"
 #: Rows a table embeds at most (the page shows ``rows`` of them at a time); the full table is the file.
@@ -553,6 +559,47 @@ def _controls_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
     return body
 
 
+def _beyond_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    """Co-activation, paths, routing consistency, output-aware importance and routing overlap (docs/methods.md §9)."""
+    from .findings import MIN_PAIR_COUNT, beyond_findings, beyond_sentences
+
+    lines = beyond_sentences(beyond_findings(tables))
+    body = ""
+    co = tables.get("coactivation")
+    if co is not None and len(co):
+        body += "<h3>Co-activation</h3>" + _figure_html(figures.get("fig_coactivation"), (
+            "Co-activation lift P(b|a)/P(b) per layer, all domains pooled: red pairs are selected together more "
+            "often than independence predicts, blue less."))
+        body += reading(lines.get("coactivation", []))
+        top = co[co["count"] >= MIN_PAIR_COUNT].sort_values("lift", ascending=False)
+        body += table_html(top, ["domain", "layer", "expert_a", "expert_b", "count", "n_a", "p_b_given_a", "p_b",
+                                 "lift"], rows=12)
+    pa = tables.get("paths")
+    if pa is not None and len(pa):
+        body += "<h3>Expert paths</h3>" + _figure_html(figures.get("fig_paths"), (
+            "The most frequent top-1 expert paths through consecutive MoE layers, line width by share of tokens."))
+        body += reading(lines.get("paths", []))
+        body += table_html(pa[pa["rank"] <= 3], ["domain", "layers", "rank", "path", "count", "share"], rows=24)
+    cs = tables.get("routing_consistency")
+    if cs is not None and len(cs):
+        body += "<h3>Routing consistency</h3>" + reading(lines.get("consistency", []))
+        body += table_html(cs, list(cs.columns), rows=40)
+    im = tables.get("importance")
+    if im is not None and len(im):
+        body += "<h3>Output-aware importance</h3>" + reading(lines.get("importance", []))
+        if im["importance"].notna().any():
+            body += table_html(im.sort_values("importance", ascending=False), list(im.columns), rows=12)
+    ov = tables.get("routing_overlap")
+    if ov is not None and len(ov):
+        body += "<h3>How far the interventions moved the routing</h3>" + _figure_html(
+            figures.get("fig_routing_overlap"), "Share of each token's selected experts unchanged by the "
+            "intervention (|S1 ∩ S2| / k) per layer, with 95% intervals over texts.")
+        body += reading(lines.get("routing_overlap", []))
+        body += table_html(ov, ["domain", "condition", "reason", "layer", "n_tokens", "overlap", "ci_low", "ci_high",
+                                "changed"], rows=40)
+    return body
+
+
 _OPTION = re.compile(r"(--[a-z][a-z-]*)")  # a command-line option in a banner: kept on one line
 Section = Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]
 
@@ -566,6 +613,7 @@ SECTIONS: list[tuple[str, str, Section]] = [
     ("map", "Expert map", _map_section),
     ("steering", "Steering", _steering_section),
     ("controls", "Beyond controls: dose–response and selectivity", _controls_section),
+    ("beyond", "Co-activation, paths and routing changes", _beyond_section),
 ]
 
 

@@ -352,4 +352,9 @@ def domain_experts(
     if not comparable:
         settings["note"] = ("one domain only: specificity, lift and domain experts need at least 2 domains; "
                             "the table holds A, H, CWAS and gate weights")
+    not_applicable = profile.model_info.get("not_applicable")
+    if not_applicable:  # recorded routes: no logits, so H is unknown and the test runs on A (CWAS taken as A)
+        df.loc[:, [c for c in df.columns if c.split("_")[0] in ("entropy", "cwas", "H", "S", "gate")]] = np.nan
+        settings["not_applicable"] = not_applicable
+        settings["rule_text"] = f"{rule_text} (routes only: the specificity is that of the activation rate A)"
     return DomainExpertTable(df, settings)

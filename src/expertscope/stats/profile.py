@@ -1,7 +1,8 @@
 """Routing profiles: mergeable sufficient statistics of router decisions per (domain, layer, expert).
 
 A :class:`RoutingProfile` keeps, for every profiled sequence, its real-token count and per (layer, expert):
-selections, sums of ``h(p̃)`` in both entropy forms (docs/methods.md §2) and gate-weight sums. Domain totals are
+selections, sums of ``h(p̃)`` in both entropy forms (docs/methods.md §2), gate-weight sums and sums of
+``w·‖f_i(x)‖₂`` (output-aware importance, docs/methods.md §9; NaN where not computed). Domain totals are
 derived from those rows in a canonical order (by domain, then sequence id), so a profile assembled from
 shards (``merge``) equals, bit for bit, the profile of the same batches added in one process. With
 ``keep_sequences=False`` only running totals are kept: memory is then constant in the number of texts,
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,12 @@ from ..progress import ProgressCallback
 from ..routing import DomainInput, domain_texts, effective_max_length, ensure_pad, plan_batches, route_batch
 from .entropy import bernoulli_entropy, eq1_entropy, topk_renormalised
 
+if TYPE_CHECKING:
+    from .coactivation import CoactivationStats
+    from .routes import SequenceRoutes
+
 PROFILE_FORMAT_VERSION = 1
-STAT_NAMES = ("sel", "h_bern", "h_eq1", "gate")
+STAT_NAMES = ("sel", "h_bern", "h_eq1", "gate", "onorm")
 
 
 @dataclass
@@ -48,8 +53,9 @@ class RoutingProfile:
 
     Arrays (``S`` sequences, ``L`` MoE layers, ``E`` experts): ``seq_domain`` ``(S,)`` index into
     ``domains``; ``seq_id`` ``(S,)`` the sequence's index in its domain; ``seq_tokens`` ``(S,)`` real tokens;
-    ``seq_stats[name]`` ``(S, L, E)``: ``sel`` (int64 selection counts), ``h_bern``, ``h_eq1``, ``gate``
-    (float64 sums over the sequence's tokens).
+    ``seq_stats[name]`` ``(S, L, E)``: ``sel`` (int64 selection counts), ``h_bern``, ``h_eq1``, ``gate``,
+    ``onorm`` (float64 sums over the sequence's tokens). ``routes`` (per-token selections, when kept) and
+    ``coactivation`` (co-activation and path counts) are filled in the same pass.
     """
 
     layers: list[int]
@@ -63,6 +69,8 @@ class RoutingProfile:
     _rows: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
     _totals: dict[str, _Totals] = field(default_factory=dict, repr=False)
     _keys: set[tuple[str, int]] = field(default_factory=set, repr=False)
+    routes: SequenceRoutes | None = field(default=None, repr=False)
+    coactivation: CoactivationStats | None = field(default=None, repr=False)
 
     # ----- building ------------------------------------------------------------------------------
     def _domain_index(self, name: str) -> int:
@@ -71,15 +79,22 @@ class RoutingProfile:
         return self.domains.index(name)
 
     def add(
-        self, domain: str, seq_ids: Sequence[int], n_tokens: np.ndarray, stats: dict[str, np.ndarray]
+        self, domain: str, seq_ids: Sequence[int], n_tokens: np.ndarray, stats: dict[str, np.ndarray],
+        routes: Sequence[tuple[np.ndarray, int]] | None = None,
     ) -> None:
-        """Add sequences of one domain: ``n_tokens`` ``(B,)``, each ``stats[name]`` ``(B, L, E)``."""
+        """Add sequences of one domain: ``n_tokens`` ``(B,)``, each ``stats[name]`` ``(B, L, E)``; ``routes``
+        (optional) each sequence's per-token selections ``(T_i, L, k)`` (top-1 first) and token hash, which
+        feed ``coactivation`` and, when kept, ``routes``."""
         d = self._domain_index(domain)
         keys = [(domain, int(i)) for i in seq_ids]
         dup = next((k for k in keys if k in self._keys), None)
         if dup is not None:
             raise DataError(f"sequence {dup[1]} of domain {dup[0]!r} was already profiled: profile each text once")
         self._keys.update(keys)
+        if "onorm" not in stats:  # callers from before output norms existed: not computed
+            stats = {**stats, "onorm": np.full(np.shape(stats["sel"]), np.nan)}
+        if routes is not None:
+            self._add_routes(domain, seq_ids, routes)
         if self.keep_sequences:
             self._rows.append({
                 "seq_domain": np.full(len(keys), d, dtype=np.int32),
@@ -97,6 +112,22 @@ class RoutingProfile:
             t.n_tokens += int(np.sum(n_tokens))
             for name in STAT_NAMES:
                 t.stats[name] += stats[name].sum(axis=0)
+
+    def _add_routes(self, domain: str, seq_ids: Sequence[int], routes: Sequence[tuple[np.ndarray, int]]) -> None:
+        from .coactivation import CoactivationStats
+        from .routes import SequenceRoutes
+
+        if self.coactivation is None:
+            self.coactivation = CoactivationStats(list(self.layers), self.num_experts, self.top_k,
+                                                  int(self.config.get("path_length", 3)))
+        L, k = len(self.layers), self.top_k
+        batch = [r for r, _ in routes]
+        self.coactivation.add(domain, np.concatenate(batch) if batch else np.zeros((0, L, k), np.int64))
+        if self.config.get("keep_routes", True) and self.keep_sequences:
+            if self.routes is None:
+                self.routes = SequenceRoutes(list(self.layers), self.num_experts, self.top_k)
+            for i, (r, h) in zip(seq_ids, routes, strict=True):
+                self.routes.add(domain, int(i), r, h)
 
     def has(self, domain: str, seq_id: int) -> bool:
         return (domain, int(seq_id)) in self._keys
@@ -175,7 +206,9 @@ class RoutingProfile:
         entropy ``H`` (``entropy``: mean ``h(p̃)`` per token, or per selecting token with ``conditional``),
         ``cwas`` = ``(1 - H)·A``, ``gate_mean`` (mean gate weight when selected; NaN if never selected) and
         ``lift`` = ``A / mean of A over the other domains`` (NaN with a single domain or when all are 0,
-        inf when only this domain selects the expert). Works for any number of domains, one included.
+        inf when only this domain selects the expert), ``importance`` = mean ``w·‖f_i(x)‖₂`` over the tokens
+        that select the expert (output-aware importance; NaN when never selected or not computed, e.g. for
+        recorded routes). Works for any number of domains, one included.
 
         ``entropy`` is ``"bernoulli"`` (base 2) or ``"eq1"`` (``-p ln p``). With ``shared`` (default), the
         model's always-on shared experts are added as rows marked ``shared=True`` (see
@@ -195,6 +228,7 @@ class RoutingProfile:
             H = (np.where(sel > 0, hsum / np.maximum(sel, 1), np.nan) if conditional
                  else np.where(nn > 0, hsum / np.maximum(nn, 1), np.nan))
             gate_mean = np.where(sel > 0, tot["gate"] / np.maximum(sel, 1), np.nan)
+            importance = np.where(sel > 0, tot["onorm"] / np.maximum(sel, 1), np.nan)
             others = (A.sum(axis=0, keepdims=True) - A) / (D - 1) if D > 1 else np.full_like(A, np.nan)
             lift = np.where((A == 0) & (others == 0), np.nan, A / others)
         dd, ll, ee = np.meshgrid(np.arange(D), np.arange(L), np.arange(E), indexing="ij")
@@ -208,6 +242,7 @@ class RoutingProfile:
             "cwas": ((1.0 - H) * A).ravel(),
             "gate_mean": gate_mean.ravel(),
             "lift": lift.ravel(),
+            "importance": importance.ravel(),
         })
         return with_shared_rows(df, self.model_info, E) if shared else df.assign(shared=False)
 
@@ -254,6 +289,9 @@ class RoutingProfile:
                         for k in STAT_NAMES:
                             mine.stats[k] = mine.stats[k] + t.stats[k]
             out._keys |= p._keys
+        for name in ("routes", "coactivation"):
+            a, b = getattr(self, name), getattr(other, name)
+            setattr(out, name, a.merge(b) if a is not None and b is not None else (a if b is None else b))
         return out
 
     # ----- persistence ---------------------------------------------------------------------------
@@ -282,6 +320,10 @@ class RoutingProfile:
         with atomic_path(directory / "profile.safetensors") as tmp:
             save_file(arrays, str(tmp), metadata={"expertscope": json.dumps(meta, default=str)})
         write_json(directory / "profile.json", {k: v for k, v in meta.items() if k != "keys"})
+        if self.routes is not None:
+            self.routes.save(directory / "routes.safetensors")
+        if self.coactivation is not None:
+            self.coactivation.save(directory / "coactivation.safetensors")
         return directory
 
     @classmethod
@@ -302,6 +344,7 @@ class RoutingProfile:
                 "upgrade expertscope"
             )
         arrays = load_file(str(path))
+        _fill_missing_stats(arrays, meta)
         p = cls(
             layers=list(meta["layers"]), num_experts=int(meta["num_experts"]), top_k=int(meta["top_k"]),
             domains=list(meta["domains"]), keep_sequences=bool(meta["keep_sequences"]),
@@ -319,18 +362,40 @@ class RoutingProfile:
                     p._totals[d] = _Totals(int(arrays[f"total_tokens.{i}"][0]),
                                            {k: arrays[f"total_{k}.{i}"] for k in STAT_NAMES})
             p._keys = {(d, int(i)) for d, i in meta.get("keys") or []}
+        from .coactivation import CoactivationStats
+        from .routes import SequenceRoutes
+
+        if (directory / "routes.safetensors").exists():
+            p.routes = SequenceRoutes.load(directory / "routes.safetensors")
+        if (directory / "coactivation.safetensors").exists():
+            p.coactivation = CoactivationStats.load(directory / "coactivation.safetensors")
         return p
+
+
+def _fill_missing_stats(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Statistics a profile written before they existed lacks (``onorm``) become NaN arrays."""
+    L, E = len(meta["layers"]), int(meta["num_experts"])
+    if meta.get("keep_sequences", True):
+        if "seq_id" in arrays and "onorm" not in arrays:
+            arrays["onorm"] = np.full((len(arrays["seq_id"]), L, E), np.nan)
+        return
+    for i in range(len(meta["domains"])):
+        if f"total_tokens.{i}" in arrays and f"total_onorm.{i}" not in arrays:
+            arrays[f"total_onorm.{i}"] = np.full((L, E), np.nan)
 
 
 # ----- computing ---------------------------------------------------------------------------------
 def batch_statistics(
-    calls: dict[int, Any], layers: Sequence[int], num_experts: int, mask: torch.Tensor
+    calls: dict[int, Any], layers: Sequence[int], num_experts: int, mask: torch.Tensor,
+    norms: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-sequence routing sums for one batch.
 
     ``calls[layer]`` is a :class:`~expertscope.models.hooks.RouterCall` over the batch's ``B*T`` tokens
-    (batch-major); ``mask`` ``(B, T)`` marks real tokens. Returns each stat as ``(B, L, E)``: selections
-    (int64) and float64 sums of ``h_bern(p̃)``, ``-p̃ ln p̃`` and the gate weight, padding excluded.
+    (batch-major); ``mask`` ``(B, T)`` marks real tokens; ``norms[layer]`` ``(B*T, k)`` (optional) the norms
+    ``‖f_i(x)‖₂`` of the selected experts' outputs. Returns each stat as ``(B, L, E)``: selections (int64)
+    and float64 sums of ``h_bern(p̃)``, ``-p̃ ln p̃``, the gate weight and ``w·‖f_i(x)‖₂`` (NaN without
+    ``norms``), padding excluded.
     """
     B, T = mask.shape
     m = mask.reshape(-1, 1, 1).to(torch.float64)
@@ -339,12 +404,16 @@ def batch_statistics(
         call = calls[layer]
         idx = call.indices
         p = topk_renormalised(call.logits, idx).double()
-        # (N, k, 4): selection, h_bern(p~), -p~ ln p~, gate weight — scattered to (N, E, 4) in one op.
-        values = torch.stack([torch.ones_like(p), bernoulli_entropy(p), eq1_entropy(p), call.weights.double()], -1)
-        dense = torch.zeros(idx.shape[0], num_experts, 4, dtype=torch.float64, device=idx.device)
-        dense.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, 4), values)
-        per_layer.append((dense * m).reshape(B, T, num_experts, 4).sum(dim=1))
-    stacked = torch.stack(per_layer, dim=1).cpu().numpy()  # (B, L, E, 4)
+        w = call.weights.double()
+        onorm = w * norms[layer].double() if norms and layer in norms else torch.zeros_like(w)
+        # (N, k, 5): selection, h_bern(p~), -p~ ln p~, gate weight, w·‖f‖ — scattered to (N, E, 5) in one op.
+        values = torch.stack([torch.ones_like(p), bernoulli_entropy(p), eq1_entropy(p), w, onorm], -1)
+        dense = torch.zeros(idx.shape[0], num_experts, 5, dtype=torch.float64, device=idx.device)
+        dense.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, 5), values)
+        per_layer.append((dense * m).reshape(B, T, num_experts, 5).sum(dim=1))
+    stacked = torch.stack(per_layer, dim=1).cpu().numpy()  # (B, L, E, 5)
+    if not norms:
+        stacked[..., 4] = np.nan
     out = {name: np.ascontiguousarray(stacked[..., i]) for i, name in enumerate(STAT_NAMES)}
     out["sel"] = np.rint(out["sel"]).astype(np.int64)
     return out
@@ -359,6 +428,8 @@ class BatchResult:
     n_tokens: np.ndarray
     stats: dict[str, np.ndarray]
     n_truncated: int
+    #: per sequence: its real tokens' selections ``(T_i, L, k)`` (top-1 first) and token-id hash
+    routes: list[tuple[np.ndarray, int]] | None = None
 
 
 #: One profiling work item: ``(domain, sequence ids, their texts)``.
@@ -373,17 +444,21 @@ class BatchProfiler:
     the same wherever it runs.
     """
 
-    def __init__(self, model: MoEModel, max_length: int | None) -> None:
+    def __init__(self, model: MoEModel, max_length: int | None, importance: bool = False) -> None:
         ensure_pad(model.tokenizer)
         self.model = model
         self.max_length = max_length
+        self.importance = importance
 
     def __call__(self, item: ProfileItem) -> BatchResult:
+        from .routes import batch_routes
+
         domain, ids, texts = item
         model = self.model
-        routed = route_batch(model, texts, self.max_length, domain=domain, ids=ids)
-        stats = batch_statistics(routed.calls, model.layers, model.num_experts, routed.mask)
-        return BatchResult(domain, list(ids), routed.mask.sum(1).cpu().numpy(), stats, int(routed.truncated.sum()))
+        routed = route_batch(model, texts, self.max_length, domain=domain, ids=ids, expert_norms=self.importance)
+        stats = batch_statistics(routed.calls, model.layers, model.num_experts, routed.mask, routed.norms)
+        return BatchResult(domain, list(ids), routed.mask.sum(1).cpu().numpy(), stats, int(routed.truncated.sum()),
+                           batch_routes(routed, model.layers))
 
 
 def profile(
@@ -426,8 +501,9 @@ def profile(
     items: list[ProfileItem] = [(name, ids, [texts_by_domain[name][i] for i in ids]) for name, ids in plan]
     if progress is not None:
         progress("profiling", 0, len(items))
-    for step, res in enumerate(runner.run_items(model, items, partial(BatchProfiler, max_length=max_len))):
-        prof.add(res.domain, res.ids, res.n_tokens, res.stats)
+    worker = partial(BatchProfiler, max_length=max_len, importance=cfg.importance)
+    for step, res in enumerate(runner.run_items(model, items, worker)):
+        prof.add(res.domain, res.ids, res.n_tokens, res.stats, res.routes)
         if res.n_truncated:
             prof.truncated[res.domain] = prof.truncated.get(res.domain, 0) + res.n_truncated
         if on_batch is not None:

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ...errors import ModelError
+
 RouteOutput = tuple[torch.Tensor, torch.Tensor]  # (indices (N, k) int64, weights (N, k) float32)
 
 
@@ -181,6 +183,23 @@ class RouterAdapter(ABC):
     def hidden_size(self, site: RouterSite) -> int:
         return int(module_attr(site.module, "weight").shape[1])
 
+    def expert_outputs(self, site: RouterSite, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Each selected expert's own output ``f_i(x)`` (before its gate weight): ``(N, k, H)`` for router
+        inputs ``hidden`` ``(N, H)`` and selections ``indices`` ``(N, k)``.
+
+        transformers 5.x (every family): the block's fused ``experts`` module (``gate_up_proj``/``down_proj``
+        tensors; layout, activation and biases are the family's own) is called once per slot with that
+        slot's expert and a gate weight of 1, so the model's own code computes the output.
+        """
+        experts = getattr(site.block, "experts", None)
+        if experts is None:
+            raise ModelError(f"the MoE block at {site.path} has no experts module: output norms are not "
+                             "available for this model")
+        if isinstance(experts, nn.ModuleList):
+            return module_list_outputs(experts, hidden, indices)
+        ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+        return torch.stack([experts(hidden, indices[:, j:j + 1], ones) for j in range(indices.shape[1])], dim=1)
+
 
 _REGISTRY: list[type[RouterAdapter]] = []
 
@@ -205,6 +224,15 @@ def find_adapter(module: nn.Module, parent: nn.Module | None) -> RouterAdapter |
 
 def supported_families() -> list[str]:
     return [cls.family for cls in _REGISTRY]
+
+
+def module_list_outputs(experts: nn.ModuleList, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``(N, k, H)``: ``experts[indices[t, j]](hidden[t])`` for per-expert modules (4.x blocks, remote code)."""
+    out = hidden.new_zeros(*indices.shape, hidden.shape[-1])
+    for e in torch.unique(indices).tolist():
+        tok, slot = torch.where(indices == e)
+        out[tok, slot] = experts[e](hidden[tok]).to(out.dtype)
+    return out
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalise: bool) -> RouteOutput:

@@ -1,0 +1,427 @@
+"""Routes recorded by a serving or training engine: statistics from expert indices alone, no model in memory.
+
+Formats (checked against the engines' own source; see README "Routes from vLLM, SGLang and Megatron"):
+
+- ``"vllm"`` — ``--enable-return-routed-experts``: ``prompt_routed_experts`` (request level) and
+  ``routed_experts`` (per choice / ``CompletionOutput``), int16 ``[tokens, moe_layers, k]``; over HTTP as
+  nested JSON lists or a base64 ``.npy``. Files: ``.npy`` (one sequence), ``.npz`` (one array per
+  sequence), or ``.json``/``.jsonl`` response records. Prefix-cached positions are ``-1``: they are counted
+  (``prefix_cached``) and left out.
+- ``"sglang"`` — ``--enable-return-routed-experts``: ``meta_info["routed_experts"]``, base64 int32,
+  ``reshape(-1, L, k)``; a flat array, so ``num_layers`` and ``top_k`` must be given.
+- ``"sglang-dump"`` — ``--expert-distribution-recorder-mode per_token``: a ``torch.save`` file whose
+  ``records`` hold ``input_ids``, ``positions``, ``forward_mode`` and ``topk_ids_of_layer [L, tokens, 8]``.
+  The recorder assumes k = 8 (``_TOP_K_NUM = 8``): a model with a smaller k fills the other columns with -1
+  (give ``top_k``); layers it never recorded (dense layers) are all -1 and are dropped;
+  ``last_physical_to_logical_map`` (EPLB), when present, maps physical expert slots to experts. Extend
+  (prefill) forwards are split into sequences where ``positions`` restarts at 0.
+- ``"megatron"`` — ``--moe-routing-trace-path DIR``: ``router_trace_rank{r}.jsonl``, one record per
+  (step, router) with ``step``, ``block``, ``layer``, ``rank``, ``num_tokens``, ``topk``, ``top_indices``.
+  A step's decoder routers form one group of tokens ``[num_tokens, L, k]``; MTP routers are left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+
+RouteFormat = Literal["auto", "vllm", "sglang", "sglang-dump", "megatron"]
+FORMATS = ("vllm", "sglang", "sglang-dump", "megatron")
+
+#: What cannot be computed from expert indices alone, and why.
+NOT_APPLICABLE = {
+    "entropy": "needs the router logits (recorded routes hold expert indices only)",
+    "cwas": "needs the routing entropy, hence the router logits",
+    "gate_mean": "needs the gate weights (recorded routes hold expert indices only)",
+    "importance": "needs the expert outputs (no model in memory)",
+    "ce": "needs the model: causal effects perturb its logits",
+}
+
+
+@dataclass
+class RecordedRoutes:
+    """Sequences of recorded routes: each ``(T_i, L, k)`` int64, column 0 as the engine listed it.
+
+    ``prefix_cached``: positions marked -1 (vLLM prefix cache hits) that were left out; ``notes``: the
+    quirks met while reading, in words.
+    """
+
+    sequences: list[np.ndarray]
+    format: str
+    source: str = ""
+    prefix_cached: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(L, k)`` shared by every sequence."""
+        return (self.sequences[0].shape[1], self.sequences[0].shape[2]) if self.sequences else (0, 0)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+
+# ----- decoding ------------------------------------------------------------------------------------------
+def _decode_npy_b64(text: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+    except Exception as exc:
+        raise DataError(f"a routed_experts string is not a base64 .npy array ({exc}): check the format") from exc
+
+
+def _vllm_array(value: Any, where: str) -> np.ndarray | None:
+    """A vLLM routed-experts value (array, nested lists or base64 .npy) as ``(T, L, k)`` int64."""
+    if value is None:
+        return None
+    arr = _decode_npy_b64(value) if isinstance(value, str) else np.asarray(value)
+    if arr.size == 0:
+        return None
+    if arr.ndim != 3:
+        raise DataError(f"{where}: routed experts of shape {arr.shape}, expected [tokens, moe_layers, k]")
+    return arr.astype(np.int64)
+
+
+def _vllm_record(rec: Mapping[str, Any], where: str) -> list[np.ndarray]:
+    """One vLLM response (HTTP JSON or an offline ``RequestOutput`` as a dict): prompt routes followed by
+    each choice's routes, one sequence per choice."""
+    prompt = _vllm_array(rec.get("prompt_routed_experts"), where)
+    choices = rec.get("choices") or rec.get("outputs") or []
+    outs = [_vllm_array(c.get("routed_experts"), where) for c in choices if isinstance(c, Mapping)]
+    if rec.get("routed_experts") is not None:
+        outs.append(_vllm_array(rec.get("routed_experts"), where))
+    parts = [o for o in outs if o is not None]
+    if not parts:
+        return [prompt] if prompt is not None else []
+    return [np.concatenate([prompt, o]) if prompt is not None else o for o in parts]
+
+
+def _sglang_record(rec: Mapping[str, Any], where: str, num_layers: int | None, top_k: int | None
+                   ) -> np.ndarray | None:
+    meta = rec.get("meta_info", rec)
+    value = meta.get("routed_experts") if isinstance(meta, Mapping) else None
+    if value is None:
+        return None
+    if num_layers is None or top_k is None:
+        raise ConfigError(f"{where}: SGLang's routed_experts is a flat int32 array: pass the number of MoE "
+                          "layers and top_k (--moe-layers L --top-k K) to reshape it")
+    flat = np.frombuffer(base64.b64decode(value), dtype=np.int32) if isinstance(value, str) \
+        else np.asarray(value, dtype=np.int64).ravel()
+    if flat.size % (num_layers * top_k):
+        raise DataError(f"{where}: {flat.size} expert ids do not split into tokens x {num_layers} layers x "
+                        f"k={top_k}: check --moe-layers and --top-k")
+    return flat.reshape(-1, num_layers, top_k).astype(np.int64)
+
+
+def _json_records(path: Path) -> list[Any]:
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n} is not JSON ({exc.msg}): pass a JSON or JSONL file") from exc
+    return out
+
+
+def _megatron(records: Iterable[Mapping[str, Any]], where: str, notes: list[str]) -> list[np.ndarray]:
+    groups: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    skipped = 0
+    for rec in records:
+        if rec.get("block", "decoder") != "decoder":
+            skipped += 1
+            continue
+        idx = np.asarray(rec["top_indices"], dtype=np.int64).reshape(int(rec["num_tokens"]), int(rec["topk"]))
+        key = (int(rec.get("rank", 0)), int(rec["step"]))
+        layers = groups.setdefault(key, {})
+        if int(rec["layer"]) in layers:
+            raise DataError(f"{where}: layer {rec['layer']} appears twice in step {rec['step']} of rank "
+                            f"{key[0]}: pass one trace per run")
+        layers[int(rec["layer"])] = idx
+    if skipped:
+        notes.append(f"{skipped} MTP router records left out (only decoder layers are profiled)")
+    if len({r for r, _ in groups}) > 1:
+        notes.append("several ranks read: with tensor parallelism ranks repeat the same tokens, so pass one "
+                     "rank's file unless ranks saw different data")
+    out = []
+    for key in sorted(groups):
+        layers = groups[key]
+        counts = {v.shape[0] for v in layers.values()}
+        if len(counts) != 1:
+            raise DataError(f"{where}: step {key[1]} of rank {key[0]} has layers with different token counts")
+        out.append(np.stack([layers[la] for la in sorted(layers)], axis=1))
+    return out
+
+
+def _sglang_dump(obj: Any, where: str, top_k: int | None, notes: list[str]) -> list[np.ndarray]:
+    records = obj.get("records", []) if isinstance(obj, Mapping) else list(obj)
+    mapping = obj.get("last_physical_to_logical_map") if isinstance(obj, Mapping) else None
+    if mapping is not None:
+        mapping = np.asarray(mapping, dtype=np.int64)
+        notes.append("physical expert slots mapped to experts with last_physical_to_logical_map")
+    k = 8 if top_k is None else top_k
+    out: list[np.ndarray] = []
+    dropped_layers: set[int] = set()
+    for n, rec in enumerate(records):
+        ids = np.asarray(_to_numpy(rec["topk_ids_of_layer"]), dtype=np.int64)  # [L, T, 8]
+        T = len(rec.get("input_ids", ids[0]))
+        ids = ids[:, :T]
+        if ids.shape[2] < k:
+            raise DataError(f"{where}: record {n} holds {ids.shape[2]} experts per token, fewer than top_k={k}")
+        recorded = ids[(ids[:, :, 0] >= 0)]  # (tokens x recorded layers, 8)
+        if top_k is None and recorded.size and (recorded == -1).all(axis=0).any():
+            raise ConfigError(f"{where}: SGLang's per-token dump assumes k = 8 but these records use fewer "
+                              "columns: pass the model's top_k (--top-k K)")
+        ids = ids[:, :, :k]
+        if mapping is not None:
+            flat = np.take_along_axis(mapping, np.maximum(ids, 0).reshape(ids.shape[0], -1), axis=1)
+            ids = np.where(ids >= 0, flat.reshape(ids.shape), -1)
+        unrecorded = [la for la in range(ids.shape[0]) if T and (ids[la] == -1).all()]
+        dropped_layers.update(unrecorded)
+        keep = [la for la in range(ids.shape[0]) if la not in dropped_layers]
+        routes = ids[keep].transpose(1, 0, 2)  # [T, L, k]
+        positions = np.asarray(_to_numpy(rec.get("positions", np.arange(T))), dtype=np.int64)[:T]
+        starts = [i for i in range(T) if positions[i] == 0]
+        if not starts or starts[0] != 0:
+            starts = [0, *starts]
+        out.extend(routes[a:b] for a, b in zip(starts, [*starts[1:], T], strict=True) if b > a)
+    if top_k is not None and top_k < 8:
+        notes.append(f"SGLang's per-token dump assumes k = 8: the first {top_k} columns are used")
+    if dropped_layers:
+        notes.append(f"dump layers {sorted(dropped_layers)} were never recorded (dense layers): left out")
+        L = min(s.shape[1] for s in out) if out else 0
+        out = [s[:, -L:] if s.shape[1] != L else s for s in out]
+    return out
+
+
+def _to_numpy(x: Any) -> Any:
+    return x.numpy() if hasattr(x, "numpy") else x
+
+
+def _detect(path: Path) -> str:
+    if path.is_dir():
+        if any(path.glob("router_trace_rank*.jsonl")):
+            return "megatron"
+        raise DataError(f"{path} is a directory without router_trace_rank*.jsonl: pass a routes file")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        return "sglang-dump"
+    if suffix in (".npy", ".npz"):
+        return "vllm"
+    if suffix in (".json", ".jsonl"):
+        first = next((r for r in _json_records(path) if isinstance(r, Mapping)), {})
+        if "top_indices" in first:
+            return "megatron"
+        if "meta_info" in first:
+            return "sglang"
+        return "vllm"
+    raise DataError(f"cannot tell the format of {path.name}: pass format= one of {', '.join(FORMATS)}")
+
+
+def load_routes(path: str | Path, format: RouteFormat = "auto", *, num_layers: int | None = None,
+                top_k: int | None = None) -> RecordedRoutes:
+    """Read one file (or a Megatron trace directory) of recorded routes (formats: module docstring).
+
+    ``num_layers``/``top_k`` are needed for SGLang's flat ``routed_experts`` and ``top_k`` for a per-token
+    dump of a model with k < 8. vLLM's -1 positions (prefix-cache hits) are left out and counted.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"no routes file {p}: check the path")
+    fmt = _detect(p) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={format!r} is not one of auto, {', '.join(FORMATS)}")
+    notes: list[str] = []
+    where = p.name
+    seqs: list[np.ndarray]
+    if fmt == "megatron":
+        files = sorted(p.glob("router_trace_rank*.jsonl")) if p.is_dir() else [p]
+        seqs = _megatron((r for f in files for r in _json_records(f)), where, notes)
+    elif fmt == "sglang-dump":
+        import torch
+
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataError(f"{where} is not a torch.save dump ({type(exc).__name__}): pass the file that "
+                            "/dump_expert_distribution_record wrote") from exc
+        seqs = _sglang_dump(obj, where, top_k, notes)
+    elif fmt == "sglang":
+        found = [_sglang_record(r, where, num_layers, top_k) for r in _json_records(p) if isinstance(r, Mapping)]
+        seqs = [s for s in found if s is not None]
+    elif p.suffix.lower() == ".npy":
+        seqs = [a for a in [_vllm_array(np.load(p, allow_pickle=False), where)] if a is not None]
+    elif p.suffix.lower() == ".npz":
+        with np.load(p, allow_pickle=False) as z:
+            seqs = [a for a in (_vllm_array(z[n], where) for n in z.files) if a is not None]
+    else:
+        seqs = [s for r in _json_records(p) if isinstance(r, Mapping) for s in _vllm_record(r, where)]
+    return _clean(RecordedRoutes(seqs, fmt, str(p), notes=notes), where)
+
+
+def _clean(rr: RecordedRoutes, where: str) -> RecordedRoutes:
+    """Check one shape for all sequences; leave out positions marked -1 (vLLM prefix cache), counting them."""
+    if not rr.sequences:
+        raise DataError(f"{where}: no routed experts found: was the server started with "
+                        "--enable-return-routed-experts and the request made with routed experts on?")
+    shapes = {s.shape[1:] for s in rr.sequences}
+    if len(shapes) > 1:
+        raise DataError(f"{where}: sequences have different (layers, k) {sorted(shapes)}: one model per file")
+    kept = []
+    for s in rr.sequences:
+        cached = (s < 0).any(axis=(1, 2))
+        rr.prefix_cached += int(cached.sum())
+        if (~cached).any():
+            kept.append(s[~cached])
+    if rr.prefix_cached:
+        rr.notes.append(f"{rr.prefix_cached} positions marked -1 (vLLM prefix-cache hits, routed in an earlier "
+                        "request) left out")
+    rr.sequences = kept
+    return rr
+
+
+# ----- profiling -----------------------------------------------------------------------------------------
+RouteInput = str | Path | np.ndarray | RecordedRoutes | Mapping[str, Any] | Sequence[Any]
+
+
+def _as_recorded(value: RouteInput, name: str, num_layers: int | None, top_k: int | None) -> RecordedRoutes:
+    if isinstance(value, RecordedRoutes):
+        return value
+    if isinstance(value, str | Path):
+        return load_routes(value, num_layers=num_layers, top_k=top_k)
+    if isinstance(value, np.ndarray):
+        return _clean(RecordedRoutes([_checked_array(value, name)], "array"), name)
+    if isinstance(value, Mapping):  # one request record
+        return _clean(RecordedRoutes(_records([value], name, num_layers, top_k), "records"), name)
+    items = list(value)
+    if all(isinstance(x, Mapping) for x in items):
+        return _clean(RecordedRoutes(_records(items, name, num_layers, top_k), "records"), name)
+    if all(isinstance(x, str | Path) for x in items):
+        parts = [load_routes(x, num_layers=num_layers, top_k=top_k) for x in items]
+        shapes = {p.shape for p in parts}
+        if len(shapes) > 1:
+            raise DataError(f"domain {name!r}: its files have different (layers, k) {sorted(shapes)}")
+        return RecordedRoutes([s for p in parts for s in p.sequences], "+".join(sorted({p.format for p in parts})),
+                              ", ".join(p.source for p in parts), sum(p.prefix_cached for p in parts),
+                              [n for p in parts for n in p.notes])
+    return _clean(RecordedRoutes([_checked_array(np.asarray(x), name) for x in items], "arrays"), name)
+
+
+def _checked_array(a: np.ndarray, name: str) -> np.ndarray:
+    if a.ndim != 3:
+        raise DataError(f"domain {name!r}: routes of shape {a.shape}, expected [tokens, moe_layers, k]")
+    return a.astype(np.int64)
+
+
+def _records(items: Sequence[Mapping[str, Any]], name: str, num_layers: int | None, top_k: int | None
+             ) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    for rec in items:
+        meta = rec.get("meta_info")
+        if isinstance(meta, Mapping) and "routed_experts" in meta:
+            s = _sglang_record(rec, f"domain {name!r}", num_layers, top_k)
+            out += [s] if s is not None else []
+        else:
+            out += _vllm_record(rec, f"domain {name!r}")
+    return out
+
+
+def profile_routes(
+    routes: Mapping[str, RouteInput],
+    num_experts: int,
+    *,
+    layers: Sequence[int] | None = None,
+    num_layers: int | None = None,
+    top_k: int | None = None,
+    path_length: int = 3,
+) -> Any:
+    """A :class:`~expertscope.stats.profile.RoutingProfile` from recorded routes, per domain.
+
+    ``routes[name]``: arrays ``[tokens, L, k]`` (one per sequence, or a list of them), a file or list of
+    files (:func:`load_routes`), or request records (vLLM / SGLang response dicts). ``num_experts`` is the
+    model's routed-expert count; ``layers`` names the L MoE layers (default ``0..L-1``). Its ``to_frame()``
+    has the same ``A``/lift columns as a hook profile; entropy, CWAS, gate weights and importance are NaN
+    (``model_info["not_applicable"]`` says why), and co-activation, paths and per-token routes are filled.
+    A file whose layer count or k differs from the others, or an expert id ≥ ``num_experts``, is a one-line
+    DataError.
+    """
+    from ..stats.profile import STAT_NAMES, RoutingProfile
+
+    if not routes:
+        raise DataError("no routes given: pass {domain: routes}")
+    if num_experts is None or int(num_experts) < 1:
+        raise ConfigError("num_experts must be a positive integer: pass the model's routed-expert count")
+    E = int(num_experts)
+    loaded = {name: _as_recorded(v, name, num_layers, top_k) for name, v in routes.items()}
+    shape = _common_shape(loaded)
+    L, k = shape
+    if top_k is not None and k != top_k:
+        raise DataError(f"the routes hold k={k} experts per token but top_k={top_k} was given: check --top-k")
+    layer_ids = list(layers) if layers is not None else list(range(L))
+    if len(layer_ids) != L:
+        raise DataError(f"{len(layer_ids)} layer names for routes with {L} MoE layers: pass {L} layers")
+    recorded = {name: {"format": rr.format, "source": rr.source, "sequences": len(rr.sequences),
+                       "tokens": rr.n_tokens, "prefix_cached": rr.prefix_cached, "notes": rr.notes}
+                for name, rr in loaded.items()}
+    prof = RoutingProfile(
+        layers=layer_ids, num_experts=E, top_k=k,
+        model_info={"source": "recorded routes", "num_experts": E, "top_k": k, "num_shared_experts": {},
+                    "not_applicable": NOT_APPLICABLE},
+        config={"keep_routes": True, "path_length": path_length, "recorded": recorded},
+    )
+    for name, rr in loaded.items():
+        bad = next((s for s in rr.sequences if s.size and s.max() >= E), None)
+        if bad is not None:
+            raise DataError(f"domain {name!r}: expert id {int(bad.max())} but --num-experts {E}: pass the "
+                            "model's routed-expert count")
+        if not rr.sequences:
+            raise DataError(f"domain {name!r} has no routed tokens left (all {rr.prefix_cached} were prefix-cached)")
+        n_tokens = np.array([len(s) for s in rr.sequences], np.int64)
+        sel = np.stack([_selection_counts(s, E) for s in rr.sequences])
+        stats = {"sel": sel, **{n: np.full(sel.shape, np.nan) for n in STAT_NAMES if n != "sel"}}
+        prof.add(name, list(range(len(rr.sequences))), n_tokens, stats, [(s, -1) for s in rr.sequences])
+    return prof
+
+
+def _common_shape(loaded: Mapping[str, RecordedRoutes]) -> tuple[int, int]:
+    for name, rr in loaded.items():
+        inner = sorted({s.shape[1:] for s in rr.sequences})
+        if len(inner) > 1:
+            raise DataError(f"domain {name!r} mixes routes with (layers, k) {inner} ({rr.source}): every file must "
+                            "come from the same model")
+    shapes = {name: rr.shape for name, rr in loaded.items() if rr.sequences}
+    if not shapes:
+        raise DataError("no routed tokens in any domain: check the files")
+    first_name, first = next(iter(shapes.items()))
+    for name, s in shapes.items():
+        if s != first:
+            raise DataError(f"domain {name!r} has routes with {s[0]} layers and k={s[1]} but {first_name!r} has "
+                            f"{first[0]} layers and k={first[1]}: profile routes of one model together")
+    return first
+
+
+def _selection_counts(routes: np.ndarray, num_experts: int) -> np.ndarray:
+    """``(L, E)`` int64: how many tokens selected each expert at each layer."""
+    L = routes.shape[1]
+    out = np.zeros((L, num_experts), np.int64)
+    for la in range(L):
+        out[la] = np.bincount(routes[:, la].ravel(), minlength=num_experts)
+    return out
+
+
+__all__ = ["FORMATS", "NOT_APPLICABLE", "RecordedRoutes", "load_routes", "profile_routes"]
