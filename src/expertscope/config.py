@@ -4,11 +4,13 @@ creation and round-trips through plain dicts (what manifests store)."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from .errors import ConfigError
+from .errors import ConfigError, InputTypeError
 
 C = TypeVar("C", bound="BaseConfig")
 
@@ -20,6 +22,7 @@ class BaseConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
+            _check_field_type(f.name, getattr(self, f.name), hints.get(f.name))
             options = _literal_options(hints.get(f.name))
             value = getattr(self, f.name)
             if options and value not in options:
@@ -91,8 +94,30 @@ def _literal_options(tp: Any) -> tuple[Any, ...]:
 def _positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value is None or value <= 0:
+    if value is None or not value > 0 or not math.isfinite(value):  # NaN and inf are not sizes or rates
         raise ConfigError(f"{name} must be positive, got {value!r}: pass a value > 0")
+
+
+_SCALAR_TYPES: dict[Any, tuple[type, ...]] = {int: (numbers.Integral,), float: (numbers.Real,), bool: (bool,),
+                                              str: (str,)}
+
+
+def _check_field_type(name: str, value: Any, tp: Any) -> None:
+    """A field annotated ``int``/``float``/``bool``/``str`` (or ``X | None``) holds that type: a string for a
+    number is :class:`InputTypeError` naming the field, not a comparison error deep inside ``validate``."""
+    import types
+
+    args = get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if not args or any(a not in _SCALAR_TYPES and a is not type(None) for a in args):
+        return  # Literal, tuple, dict, ...: checked elsewhere
+    if value is None and type(None) in args:
+        return
+    ok = any(isinstance(value, _SCALAR_TYPES[a]) and (a is bool or not isinstance(value, bool))
+             for a in args if a is not type(None))
+    if not ok:
+        want = " or ".join("None" if a is type(None) else a.__name__ for a in args)
+        raise InputTypeError(f"{name}={value!r} is a {type(value).__name__}, not {want}: e.g. "
+                             f"{name}={'8' if int in args else '1.0' if float in args else repr('...')}")
 
 
 @dataclass(frozen=True)
@@ -235,6 +260,10 @@ class CausalConfig(BaseConfig):
     def validate(self) -> None:
         if self.magnitude == 0 or self.magnitude != self.magnitude:
             raise ConfigError(f"magnitude={self.magnitude!r} perturbs nothing: pass a non-zero value, e.g. 1.0")
+        from .validation import check_finite, check_positive_finite
+
+        check_finite(self.magnitude, "magnitude", "1.0")
+        check_positive_finite(abs(self.magnitude), "magnitude")  # inf or 1e308 added to a logit is no perturbation
         _positive("batch_size", self.batch_size)
         _positive("max_length", self.max_length, allow_none=True)
         _positive("limit", self.limit, allow_none=True)
@@ -289,6 +318,12 @@ class InterventionConfig(BaseConfig):
     def validate(self) -> None:
         if self.scale_up <= 0 or self.scale_down <= 0 or any(s <= 0 for s in self.sweep_scales):
             raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
+        from .validation import check_positive_finite  # NaN, inf and beyond-float32 scales too
+
+        for key in ("scale_up", "scale_down"):
+            check_positive_finite(getattr(self, key), key)
+        for s in self.sweep_scales:
+            check_positive_finite(s, "sweep_scales")
         if any(c <= 0 for c in self.sweep_counts):
             raise ConfigError(f"sweep_counts={self.sweep_counts!r} must be positive counts: e.g. (1, 2, 4)")
         if not isinstance(self.finetune, bool):

@@ -131,6 +131,9 @@ def domain_texts(domains: DomainInput, limit: int | None = None) -> dict[str, li
         texts = d.head(limit).texts
         if not texts:
             raise DataError(f"domain {d.name!r} has no texts: check its source and field names")
+        blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
+        if blank is not None:  # no token to route (the data loaders refuse such rows too)
+            raise DataError(f"domain {d.name!r} text {blank} is empty: remove it or fill it in")
         out[d.name] = texts
     return out
 

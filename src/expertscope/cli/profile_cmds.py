@@ -82,7 +82,7 @@ def profile_cmd(
     from ..models.loading import load_model, resolve_source
     from ..rundir import check_out_dir, open_run_dir, run_fingerprint
     from ..stats.profile import RoutingProfile, checkpointer, profile
-    from ..validation import check_choice, check_device, check_positive
+    from ..validation import check_choice, check_device, check_nonnegative, check_positive
 
     # Every check before anything is created or loaded.
     if not domain:
@@ -91,6 +91,7 @@ def profile_cmd(
     check_positive(max_length, "--max-length")
     check_positive(limit, "--limit", allow_none=True)
     check_positive(workers, "--workers")
+    check_nonnegative(gpus_per_worker, "--gpus-per-worker")
     check_choice(executor, "--executor", ("local", "ray"))
     check_device(device)
     check_domain_specs(domain)

@@ -264,6 +264,11 @@ def load_domains(specs: Sequence[str], limit: int | None = None, seed: int = 0, 
 
         raise InputTypeError(f"specs must be a list of NAME=SOURCE strings, got one string {specs!r}: wrap it in a "
                              "list")
+    if not isinstance(specs, Sequence) or isinstance(specs, bytes):
+        from ..errors import InputTypeError
+
+        raise InputTypeError(f"specs is a {type(specs).__name__}, not a list of NAME=SOURCE strings: e.g. "
+                             "['math=math.jsonl', 'sa=sa.jsonl']")
     doms = [load_domain(s, limit=limit, seed=seed, **defaults) for s in specs]
     names = [d.name for d in doms]
     dup = next((n for n in names if names.count(n) > 1), None)
