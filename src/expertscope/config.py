@@ -98,8 +98,8 @@ def _positive(name: str, value: float | int | None, allow_none: bool = False) ->
         raise ConfigError(f"{name} must be positive, got {value!r}: pass a value > 0")
 
 
-_SCALAR_TYPES: dict[Any, tuple[type, ...]] = {int: (numbers.Integral,), float: (numbers.Real,), bool: (bool,),
-                                              str: (str,)}
+# bool fields are left to each config's validate, which names what the flag does.
+_SCALAR_TYPES: dict[Any, tuple[type, ...]] = {int: (numbers.Integral,), float: (numbers.Real,), str: (str,)}
 
 
 def _check_field_type(name: str, value: Any, tp: Any) -> None:
@@ -117,7 +117,7 @@ def _check_field_type(name: str, value: Any, tp: Any) -> None:
     if not ok:
         want = " or ".join("None" if a is type(None) else a.__name__ for a in args)
         raise InputTypeError(f"{name}={value!r} is a {type(value).__name__}, not {want}: e.g. "
-                             f"{name}={'8' if int in args else '1.0' if float in args else repr('...')}")
+                             f"{name}={'8' if int in args else '1.0' if float in args else repr('text')}")
 
 
 @dataclass(frozen=True)

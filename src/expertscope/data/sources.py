@@ -153,7 +153,7 @@ def rows_to_examples(rows: Sequence[dict[str, Any]], fields: dict[str, str], whe
                 raise DataError(f"{where} row {i}: choices {values['choices'][:30]!r} is not a JSON list: "
                                 'write e.g. ["a", "b"]') from None
         values.setdefault("id", str(i))
-        out.append(Example.from_dict(values))
+        out.append(Example.from_dict(values, where=f"{where} row {i}"))
     return out
 
 

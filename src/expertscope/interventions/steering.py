@@ -69,7 +69,12 @@ class SteeringSpec(BaseConfig):
         mode = d.get("mode", "scale")
         if not isinstance(mode, str):
             raise ConfigError(f"{where}: mode {mode!r} is not a string: use \"scale\" or \"bias\"")
-        return cls(targets=tuple((a, b) for a, b in targets), scale=float(scale), mode=mode)  # type: ignore[arg-type]
+        from ..errors import ExpertscopeError
+
+        try:
+            return cls(targets=tuple((a, b) for a, b in targets), scale=float(scale), mode=mode)  # type: ignore[arg-type]
+        except ExpertscopeError as e:  # name the file: "steering file x.json: scale=nan is not finite ..."
+            raise type(e)(f"{where}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         write_json(path, json.loads(self.to_json()))
