@@ -98,6 +98,22 @@ def _positive(name: str, value: float | int | None, allow_none: bool = False) ->
         raise ConfigError(f"{name} must be positive, got {value!r}: pass a value > 0")
 
 
+# Router logits are at most float32 (bf16 shares its range); validation.FLOAT32_MAX is the same number (config
+# is a leaf module and imports nothing of the package but errors).
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite_factor(name: str, value: float, example: str = "1.2", signed: bool = False) -> None:
+    """A finite number within float32 (> 0 unless ``signed``): steering scales and logit perturbations."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not finite: pass a finite number, e.g. {example}")
+    if not signed and value <= 0:
+        raise ConfigError(f"{name}={value!r} is not positive: pass a finite number > 0, e.g. {example}")
+    if abs(value) > _FLOAT32_MAX:
+        raise ConfigError(f"{name}={value!r} overflows float32, the router logits' precision (largest 3.4e+38): "
+                          f"pass e.g. {example}")
+
+
 # bool fields are left to each config's validate, which names what the flag does.
 _SCALAR_TYPES: dict[Any, tuple[type, ...]] = {int: (numbers.Integral,), float: (numbers.Real,), str: (str,)}
 
@@ -260,10 +276,7 @@ class CausalConfig(BaseConfig):
     def validate(self) -> None:
         if self.magnitude == 0 or self.magnitude != self.magnitude:
             raise ConfigError(f"magnitude={self.magnitude!r} perturbs nothing: pass a non-zero value, e.g. 1.0")
-        from .validation import check_finite, check_positive_finite
-
-        check_finite(self.magnitude, "magnitude", "1.0")
-        check_positive_finite(abs(self.magnitude), "magnitude")  # inf or 1e308 added to a logit is no perturbation
+        _finite_factor("magnitude", self.magnitude, "1.0", signed=True)  # inf or 1e308 on a logit: no perturbation
         _positive("batch_size", self.batch_size)
         _positive("max_length", self.max_length, allow_none=True)
         _positive("limit", self.limit, allow_none=True)
@@ -318,12 +331,10 @@ class InterventionConfig(BaseConfig):
     def validate(self) -> None:
         if self.scale_up <= 0 or self.scale_down <= 0 or any(s <= 0 for s in self.sweep_scales):
             raise ConfigError("scales must be positive: e.g. --scale-up 1.2 --scale-down 0.8")
-        from .validation import check_positive_finite  # NaN, inf and beyond-float32 scales too
-
-        for key in ("scale_up", "scale_down"):
-            check_positive_finite(getattr(self, key), key)
+        for key in ("scale_up", "scale_down"):  # NaN, inf and beyond-float32 scales too
+            _finite_factor(key, getattr(self, key))
         for s in self.sweep_scales:
-            check_positive_finite(s, "sweep_scales")
+            _finite_factor("sweep_scales", s)
         if any(c <= 0 for c in self.sweep_counts):
             raise ConfigError(f"sweep_counts={self.sweep_counts!r} must be positive counts: e.g. (1, 2, 4)")
         if not isinstance(self.finetune, bool):
