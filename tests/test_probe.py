@@ -19,6 +19,7 @@ import expertscope as es
 from expertscope import study
 from expertscope.cli.main import app
 from expertscope.errors import ExpertscopeError, InputTypeError, OutputError
+from expertscope.execution import make_executor
 from expertscope.testing import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
@@ -81,6 +82,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         files[name].write_text(json.dumps(obj))
     files["steer_bad"] = d / "steer_bad.json"
     files["steer_bad"].write_text("{targets: [[0, 1]]")
+    files.update(_corrupt_inputs(d, model, weights))
     files["bad_table_run"] = d / "bad_table_run"
     files["bad_table_run"].mkdir()
     (files["bad_table_run"] / "manifest.json").write_text(json.dumps({"kind": "study", "status": "complete"}))
@@ -88,8 +90,81 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+def _corrupt_inputs(d: Path, model: Path, weights: bytes) -> dict[str, Path]:
+    """Corrupt and absurd inputs of issue 22 (#4) and the probe's own: surrogates, broken profiles and models,
+    odd steering files, odd data files."""
+    from safetensors.numpy import load_file, save_file
+
+    files: dict[str, Path] = {}
+
+    def write(name: str, text: str | bytes) -> Path:
+        files[name] = d / name
+        if isinstance(text, bytes):
+            files[name].write_bytes(text)
+        else:
+            files[name].write_text(text, encoding="utf-8")
+        return files[name]
+
+    # A lone surrogate: JSON's "\ud800" escape without its pair (json.dumps writes it so).
+    write("surrogate.jsonl", json.dumps({"text": "hello \ud800 world", "label": "joy"}) + "\n")
+    write("surrogate_label.jsonl", json.dumps({"text": "hello", "label": "jo\udfffy"}) + "\n")
+    write("label_list.jsonl", json.dumps({"text": "x", "label": ["joy"]}) + "\n")
+    write("answer_dict.jsonl", json.dumps({"text": "x", "answer": {"n": 4}}) + "\n")
+    write("empty.jsonl", "")
+    write("blank_lines.jsonl", "\n  \n\n")
+    write("blank_text.jsonl", json.dumps({"text": "   "}) + "\n")
+    files["dangling.jsonl"] = d / "dangling.jsonl"
+    files["dangling.jsonl"].symlink_to(d / "no-such-target.jsonl")
+    for name, body in (("st_huge.json", '{"targets": [[0, 1]], "scale": 1e308}'),
+                       ("st_nan.json", '{"targets": [[0, 1]], "scale": NaN}'),
+                       ("st_inf.json", '{"targets": [[0, 1]], "scale": 1e999}'),
+                       ("st_bool.json", '{"targets": [[0, 1]], "scale": true}'),
+                       ("st_dict.json", '{"targets": {"0": 1}}'),
+                       ("st_triple.json", '{"targets": [[0, 1, 2]]}'),
+                       ("st_negative.json", '{"targets": [[0, -1]]}'),
+                       ("st_empty.json", "")):
+        write(name, body)
+    # A model whose config asks for 8 experts where the weights hold 4, and one whose lm_head is gone.
+    for name in ("mismatch", "missing", "extra"):
+        m = d / name
+        m.mkdir()
+        for f in model.iterdir():
+            if f.suffix != ".safetensors":
+                (m / f.name).write_bytes(f.read_bytes())
+        files[name] = m
+    tiny_model("mixtral", num_local_experts=8).config.save_pretrained(files["mismatch"])
+    (files["mismatch"] / "model.safetensors").write_bytes(weights)
+    arrays = load_file(str(next(model.glob("*.safetensors"))))
+    save_file({k: v for k, v in arrays.items() if k != "lm_head.weight"}, str(files["missing"] / "model.safetensors"),
+              metadata={"format": "pt"})
+    save_file({**arrays, "extra.weight": arrays["lm_head.weight"]}, str(files["extra"] / "model.safetensors"),
+              metadata={"format": "pt"})
+    # A finished profile run, and copies whose profile.safetensors is truncated, garbage, foreign or a directory.
+    run = d / "profile_run"
+    texts = "\n".join(json.dumps({"text": f"text number {i}"}) for i in range(4)) + "\n"
+    write("texts.jsonl", texts)
+    r = runner.invoke(app, ["profile", "-m", str(model), "-d", f"a={files['texts.jsonl']}", "-d",
+                            "b=synthetic:math?limit=4", "-o", str(run)])
+    assert r.exit_code == 0, r.output
+    files["profile_run"] = run
+    good = (run / "profile.safetensors").read_bytes()
+    for name, body in (("trunc_run", good[: len(good) // 2]), ("garbage_run", b"\x00garbage" * 9),
+                       ("foreign_run", weights), ("dir_run", None)):
+        files[name] = d / name
+        files[name].mkdir()
+        for f in run.iterdir():
+            if f.is_file():
+                (files[name] / f.name).write_bytes(f.read_bytes())
+        (files[name] / "profile.safetensors").unlink()
+        if body is None:
+            (files[name] / "profile.safetensors").mkdir()
+        else:
+            (files[name] / "profile.safetensors").write_bytes(body)
+    return {k.removesuffix(".jsonl").removesuffix(".json"): v for k, v in files.items()}
+
+
 def _tree(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
+    return {str(p.relative_to(root)): p.lstat().st_size for p in sorted(root.rglob("*"))}
 
 
 def _profile(*extra: str) -> list[str]:
@@ -163,6 +238,51 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("synth-domain", ["data", "synth", "--out", "{out}", "--domains", "poetry"], "unknown domain"),
     ("demo-scale-nan", ["demo", "train", "--out", "{out}", "--scale", "nan"], "--scale nan"),
     ("demo-threads-0", ["demo", "train", "--out", "{out}", "--threads", "0"], "--threads 0"),
+    # ----- issue 22 #4: corrupt and absurd inputs
+    ("surrogate-profile", ["profile", "-m", M, "-d", "a={surrogate}", "-o", "{out}"], "lone surrogate \\ud800"),
+    ("surrogate-drivers", ["drivers", "-m", M, "-d", "a={surrogate}", "-o", "{out}"], "lone surrogate"),
+    ("surrogate-eval", ["eval", "--model", M, "--data", "{surrogate}", "--out", "{out}"], "lone surrogate"),
+    ("surrogate-label", ["profile", "-m", M, "-d", "a={surrogate_label}", "-o", "{out}"],
+     "field 'label' holds a lone surrogate \\udfff"),
+    ("truncated-profile", ["domains", "{trunc_run}"], "corrupt or truncated"),
+    ("garbage-profile", ["domains", "{garbage_run}"], "corrupt or truncated"),
+    ("foreign-profile", ["domains", "{foreign_run}"], "not an expertscope profile"),
+    ("profile-is-directory", ["domains", "{dir_run}"], "is a directory"),
+    ("gpus-negative", _profile("--gpus-per-worker", "-1", "-o", "{out}"), "--gpus-per-worker -1.0 is negative"),
+    ("gpus-negative-ray", _profile("--executor", "ray", "--gpus-per-worker", "-1", "-o", "{out}"),
+     "--gpus-per-worker -1.0 is negative"),
+    ("gpus-nan", _profile("--gpus-per-worker", "nan", "-o", "{out}"), "--gpus-per-worker nan is not finite"),
+    ("steer-up-1e308", ["steer-study", "-m", M, "--scale-up", "1e308", "-o", "{out}"], "overflows float32"),
+    ("steer-down-1e39", ["steer-study", "-m", M, "--scale-down", "1e39", "-o", "{out}"], "overflows float32"),
+    ("drivers-magnitude-1e308", ["drivers", "-m", M, "-d", "a={good}", "--magnitude", "1e308", "-o", "{out}"],
+     "overflows float32"),
+    ("lm-eval-steer-1e308", ["lm-eval", "-m", M, "--steer", "{st_huge}", "-o", "{out}"], "overflows float32"),
+    ("lm-eval-steer-nan", ["lm-eval", "-m", M, "--steer", "{st_nan}", "-o", "{out}"], "scale=nan is not finite"),
+    ("lm-eval-steer-inf", ["lm-eval", "-m", M, "--steer", "{st_inf}", "-o", "{out}"], "scale=inf is not finite"),
+    ("lm-eval-steer-bool", ["lm-eval", "-m", M, "--steer", "{st_bool}", "-o", "{out}"], "True is not a number"),
+    ("lm-eval-steer-dict", ["lm-eval", "-m", M, "--steer", "{st_dict}", "-o", "{out}"], "[layer, expert]"),
+    ("lm-eval-steer-triple", ["lm-eval", "-m", M, "--steer", "{st_triple}", "-o", "{out}"], "[layer, expert]"),
+    ("lm-eval-steer-negative", ["lm-eval", "-m", M, "--steer", "{st_negative}", "-o", "{out}"], ">= 0"),
+    ("lm-eval-steer-empty", ["lm-eval", "-m", M, "--steer", "{st_empty}", "-o", "{out}"], "not valid JSON"),
+    ("lm-eval-steer-dir", ["lm-eval", "-m", M, "--steer", "{inputs}", "-o", "{out}"], "is a directory"),
+    ("weights-mismatch-config", _profile("-o", "{out}", "--model", "{mismatch}"),
+     "is [4, 32, 48] in the checkpoint but [8, 32, 48] by the config"),
+    ("weights-missing-tensor", _profile("-o", "{out}", "--model", "{missing}"), "lm_head.weight"),
+    # ----- the probe's own: odd data files and specs
+    ("empty-file", ["profile", "-m", M, "-d", "a={empty}", "-o", "{out}"], "has no rows"),
+    ("blank-lines", ["profile", "-m", M, "-d", "a={blank_lines}", "-o", "{out}"], "has no rows"),
+    ("blank-text", ["profile", "-m", M, "-d", "a={blank_text}", "-o", "{out}"], "empty 'text'"),
+    ("label-list", ["profile", "-m", M, "-d", "a={label_list}", "-o", "{out}"], "field 'label' is a list"),
+    ("answer-dict", ["profile", "-m", M, "-d", "a={answer_dict}", "-o", "{out}"], "field 'answer' is a dict"),
+    ("eval-empty", ["eval", "--model", M, "--data", "{empty}", "--out", "{out}"], "holds no examples"),
+    ("eval-label-list", ["eval", "--model", M, "--data", "{label_list}", "--out", "{out}"], "is a list"),
+    ("eval-data-dir", ["eval", "--model", M, "--data", "{inputs}", "--out", "{out}"], "is a directory"),
+    ("dangling-symlink", ["profile", "-m", M, "-d", "a={dangling}", "-o", "{out}"], "not found"),
+    ("domain-name-slash", ["profile", "-m", M, "-d", "a/b={good}", "-o", "{out}"], "must be letters"),
+    ("domain-name-empty", ["profile", "-m", M, "-d", "={good}", "-o", "{out}"], "must be letters"),
+    ("query-unknown-key", ["profile", "-m", M, "-d", "a={good}?foo=1", "-o", "{out}"], "unknown field key 'foo'"),
+    ("model-is-data-file", _profile("-o", "{out}", "--model", "{good}"), "is a file"),
+    ("model-dir-without-config", _profile("-o", "{out}", "--model", "{trunc_run}"), "has no config.json"),
 ]
 
 
@@ -224,14 +344,79 @@ API_CASES: list[tuple[str, Any, type[Exception], str]] = [
     ("study-domains-str", lambda m, i: study.StudyConfig(domains="a=synthetic:math"), TypeError, "wrap it in a list"),
     ("example-text-int", lambda m, i: es.Example(text=5), TypeError, "not a string"),
     ("steer-targets-short", lambda m, i: es.steer(m, targets=[(1,)]), TypeError, "(layer, expert) pairs"),
+    # ----- issue 22 #4: the library's own errors, naming the expected type
+    ("load-model-int", lambda m, i: es.load_model(123), TypeError, "path_or_id is a int, not a string"),
+    ("load-model-none", lambda m, i: es.load_model(None), TypeError, "not a string"),
+    ("driver-experts-str", lambda m, i: es.driver_experts("nope"), TypeError, "not CausalEffects"),
+    ("router-hooks-str", lambda m, i: es.RouterHooks("nope"), TypeError, "not an MoEModel"),
+    ("router-hooks-int", lambda m, i: es.RouterHooks(123), TypeError, "not an MoEModel"),
+    ("lora-last99", lambda m, i: es.finetune_router(m, _train(), layers="last99", max_steps=1), ValueError,
+     "asks for the last 99 MoE layers but the model has 3"),
+    ("lora-last0", lambda m, i: es.finetune_router(m, _train(), layers="last0", max_steps=1), ValueError,
+     "'last1' to 'last3'"),
+    ("lora-no-layers", lambda m, i: es.finetune_router(m, _train(), layers=[], max_steps=1), ValueError,
+     "adapts nothing"),
+    ("lora-lr-nan", lambda m, i: es.finetune_router(m, _train(), lr=math.nan), ValueError, "lr=nan is not finite"),
+    ("lora-model-str", lambda m, i: es.finetune_router("m", _train()), TypeError, "not an MoEModel"),
+    ("lora-examples-str", lambda m, i: es.finetune_router(m, "x"), TypeError, "not a Domain or a list"),
+    ("profile-empty-text", lambda m, i: es.profile(m, {"a": ["", "x y"]}), ValueError, "text 0 is empty"),
+    ("profile-blank-text", lambda m, i: es.profile(m, {"a": ["x y", "  \n"]}), ValueError, "text 1 is empty"),
+    ("profile-surrogate", lambda m, i: es.profile(m, {"a": ["x \ud800"]}), ValueError, "lone surrogate"),
+    ("example-surrogate", lambda m, i: es.Example(text="a\udc80b"), ValueError, "lone surrogate \\udc80"),
+    ("example-label-list", lambda m, i: es.Example.from_dict({"text": "x", "label": ["a"]}), ValueError, "is a list"),
+    ("steer-scale-1e308", lambda m, i: es.steer(m, targets=[(0, 1)], scale=1e308), ValueError, "overflows float32"),
+    ("steer-scale-inf", lambda m, i: es.steer(m, targets=[(0, 1)], scale=math.inf), ValueError, "not finite"),
+    ("steer-scale-str", lambda m, i: es.steer(m, targets=[(0, 1)], scale="1.2"), TypeError, "scale='1.2' is a str"),
+    ("study-scale-1e308", lambda m, i: study.StudyConfig(scale_down=1e308), ValueError, "scale_down=1e+308 overflows"),
+    ("steer-model-str", lambda m, i: es.steer("m", targets=[(0, 1)]), TypeError, "not an MoEModel"),
+    ("steer-spec-str", lambda m, i: es.steer(m, spec="x"), TypeError, "not a SteeringSpec"),
+    ("steering-json-nan", lambda m, i: es.SteeringSpec.from_json('{"targets": [[0, 1]], "scale": NaN}'), ValueError,
+     "steering JSON: scale=nan"),
+    ("config-int-as-str", lambda m, i: es.ProfileConfig(batch_size="8"), TypeError, "batch_size='8' is a str"),
+    ("config-limit-float", lambda m, i: es.ProfileConfig(limit=2.5), TypeError, "limit=2.5 is a float"),
+    ("config-alpha-str", lambda m, i: es.DomainExpertConfig(alpha="0.05"), TypeError, "alpha='0.05' is a str"),
+    ("config-scale-nan", lambda m, i: es.InterventionConfig(scale_up=math.nan), ValueError, "scale_up=nan"),
+    ("config-sweep-huge", lambda m, i: es.InterventionConfig(sweep_scales=(1.0, 1e308)), ValueError,
+     "overflows float32"),
+    ("config-magnitude-inf", lambda m, i: es.CausalConfig(magnitude=-math.inf), ValueError, "magnitude=-inf"),
+    ("config-lr-nan", lambda m, i: es.InterventionConfig(finetune_lr=math.nan), ValueError, "finetune_lr"),
+    ("domain-examples-str", lambda m, i: es.Domain("a", "text"), TypeError, "not a list of Example"),
+    ("domain-examples-texts", lambda m, i: es.Domain("a", ["text"]), TypeError, "not an Example"),
+    ("domain-name-int", lambda m, i: es.Domain(5, []), TypeError, "domain name 5 is a int"),
+    ("domain-name-empty", lambda m, i: es.Domain(" ", []), ValueError, "domain name is empty"),
+    ("profile-load-int", lambda m, i: es.RoutingProfile.load(123), TypeError, "not a path"),
+    ("profile-load-truncated", lambda m, i: es.RoutingProfile.load(i["trunc_run"]), ValueError,
+     "corrupt or truncated"),
+    ("profile-load-foreign", lambda m, i: es.RoutingProfile.load(i["foreign_run"]), ValueError,
+     "not an expertscope profile"),
+    ("table-load-garbage", lambda m, i: es.DomainExpertTable.load(i["bad_table_run"] / "domain_experts.parquet"),
+     ValueError, "cannot be read"),
+    ("table-load-missing", lambda m, i: es.DomainExpertTable.load(i["inputs"] / "nope.parquet"), ValueError,
+     "not found"),
+    ("table-load-dir", lambda m, i: es.DriverTable.load(i["inputs"]), ValueError, "is a directory"),
+    ("report-int", lambda m, i: es.report(123), TypeError, "run_dir is a int"),
+    ("load-domains-none", lambda m, i: es.load_domains(None), TypeError, "not a list of NAME=SOURCE"),
+    ("record-tokens-model-str", lambda m, i: es.record_tokens("m", {"a": ["x"]}), TypeError, "not an MoEModel"),
+    ("causal-effects-model-str", lambda m, i: es.causal_effects("m", ["x"]), TypeError, "not an MoEModel"),
+    ("causal-effects-empty", lambda m, i: es.causal_effects(m, ["x", ""]), ValueError, "is empty"),
+    ("causal-rate-drivers-str", lambda m, i: es.causal_rate(m, {"a": ["x"]}, "nope"), TypeError, "not a DriverTable"),
+    ("position-profile-str", lambda m, i: es.position_profile(m, {"a": ["x"]}, "nope"), TypeError, "drivers is a str"),
+    ("executor-gpus-negative", lambda m, i: make_executor("local", gpus_per_worker=-1), ValueError,
+     "gpus_per_worker=-1 is negative"),
+    ("load-model-mismatch", lambda m, i: es.load_model(str(i["mismatch"])), ValueError, "do not fit its config.json"),
+    ("load-model-missing", lambda m, i: es.load_model(str(i["missing"])), ValueError, "lack lm_head.weight"),
 ]
+
+
+def _train() -> es.Domain:
+    return es.load_domain("t=synthetic:math?limit=4")
 
 
 @pytest.mark.parametrize(("call", "exc", "needle"), [(c, e, n) for _, c, e, n in API_CASES],
                          ids=[i for i, _, _, _ in API_CASES])
 def test_api_misuse_raises_a_typed_one_line_error(call, exc, needle, moe, inputs) -> None:
     with pytest.raises(exc) as info:
-        call(moe, inputs)
+        call(moe, {**inputs, "inputs": inputs["model"].parent})
     assert isinstance(info.value, ExpertscopeError), repr(info.value)
     assert needle in str(info.value) and "\n" not in str(info.value)
 
@@ -500,3 +685,124 @@ def test_a_force_killed_while_moving_aside_loses_nothing(tmp_path: Path) -> None
     with pytest.raises(RuntimeError), open_run_dir(out, "profile", {"settings": {"a": 2}}, force=True):
         raise RuntimeError("model failed to load")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ----- issue 22 #4: corrupt input, API misuse and third-party noise, beyond one-line cases ----------------
+def test_a_second_router_finetune_without_unload_is_refused(moe) -> None:
+    """PEFT would fail with "please open an issue"; the library says what to do instead."""
+    first = es.finetune_router(moe, _train(), max_steps=1, batch_size=2)
+    try:
+        with pytest.raises(es.ConfigError, match=r"already carries a router LoRA adapter: call \.unload\(\)"):
+            es.finetune_router(moe, _train(), max_steps=1, batch_size=2)
+    finally:
+        first.unload()
+    again = es.finetune_router(moe, _train(), max_steps=1, batch_size=2)  # after unload() it works again
+    again.unload()
+    assert again.settings["layers"] == "last3" and len(again.adapted) == 3  # what was asked is what was adapted
+
+
+def test_a_steering_product_that_overflows_is_refused(inputs) -> None:
+    """A scale float32 can hold (1e37) times router logits of ~1e2 overflows to inf: refused at the first
+    forward, not routed on NaN. The same scale on the unscaled model's small logits is fine."""
+    import torch
+
+    m = es.load_model(str(inputs["model"]))
+    batch = m.tokenizer(["hello world"], return_tensors="pt")
+    with es.steer(m, targets=[(0, 1)], scale=1e37):
+        assert torch.isfinite(m.model(**batch).logits).all()
+    with torch.no_grad():
+        m.site(0).module.weight.mul_(1e4)  # router logits of layer 0 become ~1e2..1e3
+    with pytest.raises(es.ConfigError, match=r"overflows torch\.float32"), es.steer(m, targets=[(0, 1)], scale=1e37):
+        m.model(**batch)
+
+
+def test_float16_routers_refuse_a_scale_they_cannot_hold(inputs) -> None:
+    import torch
+
+    m = es.load_model(str(inputs["model"]), dtype="float16")
+    batch = m.tokenizer(["hello world"], return_tensors="pt")
+    with pytest.raises(es.ConfigError, match=r"does not fit the torch.float16 router logits.*65504"), \
+            es.steer(m, targets=[(0, 1)], scale=1e5):
+        m.model(**batch)
+    with es.steer(m, targets=[(0, 1)], scale=1.2):
+        assert torch.isfinite(m.model(**batch).logits.float()).all()
+
+
+def test_resume_over_a_truncated_profile_is_one_line(inputs, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in inputs["trunc_run"].iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    damaged = (run / "profile.safetensors").read_bytes()
+    r = runner.invoke(app, ["profile", "-m", str(inputs["model"]), "-d", f"a={inputs['texts']}", "-d",
+                            "b=synthetic:math?limit=4", "-o", str(run), "--resume"])
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "corrupt or truncated" in lines[0], r.output
+    assert "--force" in lines[0] and (run / "profile.safetensors").read_bytes() == damaged
+
+
+def test_load_reports_stay_off_stderr(inputs, capfd) -> None:
+    """transformers prints a 20-line LOAD REPORT for weights that do not fit the config; the library keeps it
+    off stderr and raises (or, for unused tensors, warns) in one line naming the tensor."""
+    with pytest.raises(es.ModelError):
+        es.load_model(str(inputs["mismatch"]))
+    with pytest.raises(es.ModelError):
+        es.load_model(str(inputs["missing"]))
+    with pytest.warns(UserWarning, match=r"holds extra\.weight, which its config\.json does not use"):
+        m = es.load_model(str(inputs["extra"]))
+    assert m.num_experts == 4
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "MISMATCH" not in err and "UNEXPECTED" not in err, err
+
+
+def test_lm_eval_git_noise_stays_off_stderr(tmp_path: Path, monkeypatch, capfd) -> None:
+    """lm-eval runs `git describe` in the working directory; outside a repository git says `fatal: ...`."""
+    import shutil
+
+    from lm_eval import evaluator
+
+    from expertscope.integrations.lm_eval import _quiet_git
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    if shutil.which("git"):
+        evaluator.get_git_commit_hash()
+        assert "not a git repository" in capfd.readouterr().err  # the noise this test is about
+    with _quiet_git():
+        assert evaluator.get_git_commit_hash() is None
+    assert capfd.readouterr().err == ""
+    assert evaluator.get_git_commit_hash is not None and evaluator.get_git_commit_hash.__module__.startswith("lm_eval")
+
+
+def test_lm_eval_checks_steering_targets_before_lm_eval_starts(moe, monkeypatch) -> None:
+    """An expert out of range fails before HFLM is built (whose two warnings used to precede the error)."""
+    import lm_eval.models.huggingface as hf
+
+    from expertscope.integrations.lm_eval import lm_eval_steered
+
+    def no_hflm(*a: Any, **k: Any) -> None:
+        raise AssertionError("HFLM built before the steering targets were checked")
+
+    monkeypatch.setattr(hf, "HFLM", no_hflm)
+    spec = es.SteeringSpec(targets=((0, 99),), scale=1.2)
+    with pytest.raises(es.ConfigError, match=r"expert 99 does not exist at layer 0: choose 0\.\.3"):
+        lm_eval_steered(moe, ["t"], steering=spec, manager=object())
+
+
+def test_cli_warnings_are_one_line() -> None:
+    import warnings
+
+    from expertscope.cli.main import one_line_warning
+
+    assert one_line_warning(UserWarning("a\n  b"), UserWarning, "f.py", 3) == "warning: a b\n"
+    assert one_line_warning(RuntimeWarning("x"), RuntimeWarning, "f.py", 3) == "warning (RuntimeWarning): x\n"
+    assert warnings.formatwarning is not one_line_warning  # only the console entry point installs it
+
+
+def test_valid_unicode_and_bom_steering_files_are_accepted(moe, tmp_path: Path) -> None:
+    """The surrogate check must not refuse real characters outside the BMP, and a BOM is not an error."""
+    prof = es.profile(moe, {"a": ["café 😀 naïve", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 text"], "b": ["plain words here"]})
+    assert prof.num_sequences == {"a": 2, "b": 1}
+    path = tmp_path / "s.json"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"targets": [[0, 1]], "scale": 1.5}')
+    assert es.SteeringSpec.load(path).scale == 1.5

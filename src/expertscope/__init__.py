@@ -98,8 +98,8 @@ __all__ = [
     "replicate_domain_experts",
     "replicate_drivers",
     "report",
-    "run_study",
     "routing_overlap",
+    "run_study",
     "steer",
     "token_associations",
 ]

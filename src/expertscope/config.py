@@ -7,13 +7,14 @@ import ast
 import dataclasses
 import inspect
 import math
+import numbers
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from .errors import ConfigError
+from .errors import ConfigError, InputTypeError
 
 C = TypeVar("C", bound="BaseConfig")
 
@@ -25,6 +26,7 @@ class BaseConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
+            _check_field_type(f.name, getattr(self, f.name), hints.get(f.name))
             options = _literal_options(hints.get(f.name))
             value = getattr(self, f.name)
             if options and value not in options:
@@ -101,8 +103,46 @@ def _finite(name: str, value: float) -> None:
 def _positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value is None or value <= 0:
+    if value is None or not value > 0 or not math.isfinite(value):  # NaN and inf are not sizes or rates
         raise ConfigError(f"{name} must be positive, got {value!r}: pass a value > 0")
+
+
+# Router logits are at most float32 (bf16 shares its range); validation.FLOAT32_MAX is the same number (config
+# is a leaf module and imports nothing of the package but errors).
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite_factor(name: str, value: float, example: str = "1.2", signed: bool = False) -> None:
+    """A finite number within float32 (> 0 unless ``signed``): steering scales and logit perturbations."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not finite: pass a finite number, e.g. {example}")
+    if not signed and value <= 0:
+        raise ConfigError(f"{name}={value!r} is not positive: pass a finite number > 0, e.g. {example}")
+    if abs(value) > _FLOAT32_MAX:
+        raise ConfigError(f"{name}={value!r} overflows float32, the router logits' precision (largest 3.4e+38): "
+                          f"pass e.g. {example}")
+
+
+# bool fields are left to each config's validate, which names what the flag does.
+_SCALAR_TYPES: dict[Any, tuple[type, ...]] = {int: (numbers.Integral,), float: (numbers.Real,), str: (str,)}
+
+
+def _check_field_type(name: str, value: Any, tp: Any) -> None:
+    """A field annotated ``int``/``float``/``bool``/``str`` (or ``X | None``) holds that type: a string for a
+    number is :class:`InputTypeError` naming the field, not a comparison error deep inside ``validate``."""
+    import types
+
+    args = get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if not args or any(a not in _SCALAR_TYPES and a is not type(None) for a in args):
+        return  # Literal, tuple, dict, ...: checked elsewhere
+    if value is None and type(None) in args:
+        return
+    ok = any(isinstance(value, _SCALAR_TYPES[a]) and (a is bool or not isinstance(value, bool))
+             for a in args if a is not type(None))
+    if not ok:
+        want = " or ".join("None" if a is type(None) else a.__name__ for a in args)
+        raise InputTypeError(f"{name}={value!r} is a {type(value).__name__}, not {want}: e.g. "
+                             f"{name}={'8' if int in args else '1.0' if float in args else repr('text')}")
 
 
 @dataclass(frozen=True)
@@ -319,6 +359,7 @@ class CausalConfig(BaseConfig):
     def validate(self) -> None:
         if self.magnitude == 0 or self.magnitude != self.magnitude:
             raise ConfigError(f"magnitude={self.magnitude!r} perturbs nothing: pass a non-zero value, e.g. 1.0")
+        _finite_factor("magnitude", self.magnitude, "1.0", signed=True)  # inf or 1e308 on a logit: no perturbation
         _positive("batch_size", self.batch_size)
         _positive("max_length", self.max_length, allow_none=True)
         _positive("limit", self.limit, allow_none=True)
@@ -422,6 +463,10 @@ class InterventionConfig(BaseConfig):
         if any(not (s > 0 and math.isfinite(s)) for s in (*self.dose_scales, *self.dose_biases)):
             raise ConfigError(f"dose scales must be positive and finite, got {self.dose_scales + self.dose_biases}: "
                               "e.g. dose_scales=(0.5, 2.0)")
+        for key in ("scale_up", "scale_down"):  # beyond-float32 factors too
+            _finite_factor(key, getattr(self, key))
+        for s in (*self.dose_scales, *self.dose_biases):
+            _finite_factor("dose_scales", s)
         for name in ("finetune", "busiest", "dose_mask", "selectivity"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False" + (

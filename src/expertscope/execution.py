@@ -186,6 +186,10 @@ def make_executor(
     cpus_per_worker: float | None = None,
 ) -> LocalExecutor | RayExecutor:
     """The executor named by ``--executor``."""
+    from .validation import check_nonnegative, check_positive
+
+    check_positive(workers, "workers")
+    check_nonnegative(gpus_per_worker, "gpus_per_worker")
     if kind == "local":
         return LocalExecutor()
     if kind == "ray":

@@ -139,11 +139,57 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
 
 
 def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a table written by :func:`write_table`; returns ``(df, meta)``."""
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(b"expertscope")
-    meta = json.loads(raw) if raw else {}
-    return table.to_pandas(), meta
+    """Read a table written by :func:`write_table`; returns ``(df, meta)``.
+
+    A missing, truncated or foreign file raises :class:`OutputError` naming it (one line), never pyarrow's
+    own exception.
+    """
+    path = Path(path)
+    _check_readable(path, "table")
+    try:
+        table = pq.read_table(path)
+        raw = (table.schema.metadata or {}).get(b"expertscope")
+        meta = json.loads(raw) if raw else {}
+        if not isinstance(meta, dict):
+            raise ValueError("its expertscope metadata is not an object")
+        return table.to_pandas(), meta
+    except (pa.ArrowException, ValueError, OSError) as e:  # ArrowInvalid is a ValueError; JSON errors too
+        raise OutputError(f"table {path} cannot be read ({_first_line(e)}): it is corrupt, truncated or not "
+                          "an expertscope table; rerun the command that wrote it (with --force)") from None
+
+
+def read_safetensors(path: str | os.PathLike[str], what: str = "file") -> tuple[dict[str, Any], dict[str, str]]:
+    """The numpy arrays and the header metadata of a safetensors file.
+
+    A missing, truncated or corrupt file raises :class:`OutputError` naming it (one line), never
+    safetensors' own ``SafetensorError``.
+    """
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    _check_readable(path, what)
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            meta = dict(fh.metadata() or {})
+        return dict(load_file(str(path))), meta
+    except Exception as e:  # SafetensorError (corrupt header, short file) has no public base class to name
+        if not isinstance(e, OSError | ValueError) and type(e).__name__ != "SafetensorError":
+            raise
+        raise OutputError(f"{what} {path} cannot be read ({_first_line(e)}): it is corrupt or truncated; rerun "
+                          "the command that wrote it (with --force)") from None
+
+
+def _check_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise OutputError(f"{what} {path} not found: check the path, or run the command that writes it")
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a directory: pass the file")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def package_versions() -> dict[str, str]:

@@ -114,6 +114,10 @@ def as_domain_list(domains: DomainInput) -> list[Domain]:
             doms = [d for d in items if isinstance(d, Domain)]
     if not doms:
         raise DataError("no domain given: pass at least one domain (or a list of texts)")
+    for d in doms:
+        blank = next((i for i, ex in enumerate(d.examples) if not ex.text.strip()), None)
+        if blank is not None:  # no token to route (the data loaders refuse such rows too)
+            raise DataError(f"domain {d.name!r} text {blank} is empty: remove it or fill it in")
     return doms
 
 

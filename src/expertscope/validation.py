@@ -42,11 +42,25 @@ def check_finite(value: Any, name: str, example: str = "2.0") -> None:
         raise ConfigError(f"{_show(name, value)} is not finite: pass a finite number, e.g. {example}")
 
 
-def check_positive_finite(value: Any, name: str) -> None:
-    """A finite number > 0 (steering scales, magnitudes)."""
-    check_finite(value, name, "1.2")
+# Router logits are at most float32 (bf16 shares its range): a factor beyond it overflows to inf.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_positive_finite(value: Any, name: str, example: str = "1.2") -> None:
+    """A finite number > 0 (steering scales, magnitudes) that float32, the widest router dtype, can hold."""
+    check_finite(value, name, example)
     if value <= 0:
-        raise ConfigError(f"{_show(name, value)} is not positive: pass a finite number > 0, e.g. 1.2")
+        raise ConfigError(f"{_show(name, value)} is not positive: pass a finite number > 0, e.g. {example}")
+    if value > FLOAT32_MAX:
+        raise ConfigError(f"{_show(name, value)} overflows float32, the router logits' precision (largest "
+                          f"3.4e+38): pass e.g. {example}")
+
+
+def check_nonnegative(value: Any, name: str, example: str = "1") -> None:
+    """A finite number ≥ 0 (GPU counts per worker, which Ray allows to be fractional)."""
+    check_finite(value, name, example)
+    if value < 0:
+        raise ConfigError(f"{_show(name, value)} is negative: pass 0 or more, e.g. {example}")
 
 
 def check_open_unit(value: Any, name: str) -> None:
@@ -98,11 +112,26 @@ def parse_limit(value: str, where: str) -> int:
 
 
 def check_text(value: Any, where: str, field: str = "text") -> str:
-    """A text field's value as a string; anything else (a number, list, dict, None) is refused, not repr'd."""
+    """A text field's value as a string; anything else (a number, list, dict, None) is refused, not repr'd,
+    and so is a string that is not valid Unicode (see :func:`check_unicode`)."""
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} is a {type(value).__name__} ({_preview(value)}), not text: "
                         "make it a string")
+    check_unicode(value, where, field)
     return value
+
+
+def check_unicode(value: str, where: str, field: str = "text") -> None:
+    """``value`` encodes as UTF-8: no lone surrogate (``"\\ud800"`` in JSON without its pair, or bytes
+    decoded with ``errors="surrogateescape"``), which tokenizers cannot take."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        raise DataError(f"{where}: field {field!r} holds a lone surrogate \\u{ord(bad):04x} at character {e.start} "
+                        "(half of a UTF-16 pair, not a character): remove it or write the whole character") from None
 
 
 def _preview(value: Any) -> str:
@@ -118,6 +147,6 @@ def check_type(value: Any, types: type | tuple[type, ...], name: str, expected: 
         raise InputTypeError(f"{name} is a {type(value).__name__}, not {expected}")
 
 
-__all__ = ["check_choice", "check_device", "check_finite", "check_open_unit",
-           "check_positive", "check_positive_finite", "check_text", "check_type",
+__all__ = ["FLOAT32_MAX", "check_choice", "check_device", "check_finite", "check_nonnegative", "check_open_unit",
+           "check_positive", "check_positive_finite", "check_text", "check_type", "check_unicode",
            "parse_limit"]

@@ -153,6 +153,9 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     Every row carries a bootstrap CI of its mean CE; :meth:`DriverTable.summary` says per domain what was
     found or that nothing was.
     """
+    from ..validation import check_type
+
+    check_type(effects, CausalEffects, "effects", "CausalEffects (es.causal_effects(...) or CausalEffects.load)")
     cfg = resolve_config(DriverConfig, config, overrides)
     df = effects.mean_by_domain()
     rng = np.random.default_rng(cfg.seed)
@@ -292,6 +295,10 @@ def causal_rate(
     Returns ``domain, layer, n_tokens, n_driver_tokens, causal_rate, n_drivers, drivers``; a domain's drivers
     are those of ``drivers`` with the same domain name (a layer without drivers has rate 0).
     """
+    from ..validation import check_type
+
+    check_type(model, MoEModel, "model", "an MoEModel (es.load_model(...))")
+    check_type(getattr(drivers, "df", drivers), pd.DataFrame, "drivers", "a DriverTable (es.driver_experts(...))")
     table = drivers if isinstance(drivers, DriverTable) else DriverTable(drivers)
     texts_by_domain = domain_texts(domains, limit)
     known = set(table.df["domain"])

@@ -235,6 +235,9 @@ def causal_effects(
     ``resume=True``, continued from (bit-identical to an uninterrupted run). ``on_batch(done, total)`` runs
     after each batch's checkpoint; ``progress(task, done, total)`` reports the same counts to a front end.
     """
+    from ..validation import check_type
+
+    check_type(model, MoEModel, "model", "an MoEModel (es.load_model(...))")
     t_start = time.perf_counter()
     cfg = resolve_config(CausalConfig, config, overrides)
     if model.tokenizer is None:

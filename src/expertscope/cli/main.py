@@ -55,9 +55,17 @@ def quiet_third_party_warnings() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(?!expertscope(\.|$))")
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    """A warning as one line on stderr (``warning: ...``), without the source line Python shows beneath it."""
+    text = " ".join(str(message).split())
+    return f"warning: {text}\n" if category is UserWarning else f"warning ({category.__name__}): {text}\n"
+
+
 def main() -> None:
-    """Console-script entry point (the library itself never changes warning filters)."""
+    """Console-script entry point (the library itself never changes warning filters or their format)."""
     quiet_third_party_warnings()
+    warnings.formatwarning = one_line_warning
     app()
 
 

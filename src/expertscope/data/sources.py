@@ -150,7 +150,7 @@ def rows_to_examples(rows: Sequence[dict[str, Any]], fields: dict[str, str], whe
                 raise DataError(f"{where} row {i}: choices {values['choices'][:30]!r} is not a JSON list: "
                                 'write e.g. ["a", "b"]') from None
         values.setdefault("id", str(i))
-        out.append(Example.from_dict(values))
+        out.append(Example.from_dict(values, where=f"{where} row {i}"))
     return out
 
 
@@ -265,6 +265,11 @@ def load_domains(specs: Sequence[str | DomainSpec], limit: int | None = None, se
 
         raise InputTypeError(f"specs must be a list of NAME=SOURCE strings, got one string {specs!r}: wrap it in a "
                              "list")
+    if not isinstance(specs, Sequence) or isinstance(specs, bytes):
+        from ..errors import InputTypeError
+
+        raise InputTypeError(f"specs is a {type(specs).__name__}, not a list of NAME=SOURCE strings: e.g. "
+                             "['math=math.jsonl', 'sa=sa.jsonl']")
     doms = [load_domain(s, limit=limit, seed=seed, **defaults) for s in specs]
     names = [d.name for d in doms]
     dup = next((n for n in names if names.count(n) > 1), None)

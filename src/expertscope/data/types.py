@@ -121,6 +121,15 @@ class Example:
 
             raise InputTypeError(f"Example text is a {type(self.text).__name__}, not a string: pass text=str(...) "
                                  "only if that is really the text")
+        from ..validation import check_unicode
+
+        for key in ("text", "label", "answer", "solution", "id"):  # tokenizers refuse lone surrogates
+            if isinstance(getattr(self, key), str):
+                check_unicode(getattr(self, key), "example", key)
+        for key in ("choices", "context"):
+            for v in getattr(self, key) or ():
+                if isinstance(v, str):
+                    check_unicode(v, "example", key)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the empty fields left out."""
@@ -157,8 +166,17 @@ class Example:
         for c in d.get("context") or ():
             check_text(c, where, "context")
         for c in d.get("choices") or ():
-            if not isinstance(c, str | int | float) or isinstance(c, bool):
+            if not isinstance(c, int | float) or isinstance(c, bool):  # a string, or no number: must be text
                 check_text(c, where, "choices")
+        for key in ("label", "answer", "id"):  # numbers are fine (str() of them is exact); lists and dicts are not
+            v = d.get(key)
+            if v is not None and (not isinstance(v, str | int | float) or isinstance(v, bool)):
+                from ..errors import DataError
+
+                raise DataError(f"{where}: field {key!r} is a {type(v).__name__} ({str(v)[:30]}), not a string or "
+                                "number: write one value")
+            if isinstance(v, str):
+                check_text(v, where, key)
         return cls(
             text=d["text"],
             label=None if d.get("label") is None else str(d["label"]),
@@ -188,6 +206,20 @@ class Domain:
     these labels. None: the task's standard set."""
 
     def __post_init__(self) -> None:
+        from ..errors import DataError, InputTypeError
+
+        if not isinstance(self.name, str):
+            raise InputTypeError(f"domain name {self.name!r} is a {type(self.name).__name__}, not a string: "
+                                 "name it, e.g. Domain('math', examples)")
+        if not self.name.strip():
+            raise DataError("a domain name is empty: name it, e.g. Domain('math', examples)")
+        if isinstance(self.examples, str | bytes | dict) or not isinstance(self.examples, Sequence):
+            raise InputTypeError(f"domain {self.name!r}: examples is a {type(self.examples).__name__}, not a list "
+                                 "of Example: e.g. [Example('a text'), ...]")
+        bad = next((e for e in self.examples if not isinstance(e, Example)), None)
+        if bad is not None:
+            raise InputTypeError(f"domain {self.name!r}: examples holds a {type(bad).__name__} ({str(bad)[:30]!r}), "
+                                 "not an Example: wrap each text, e.g. Example('a text')")
         if self.task is not None and self.task not in TASKS:
             from ..errors import ConfigError
 

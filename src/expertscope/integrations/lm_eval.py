@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,12 +173,60 @@ def lm_eval_steered(
         raise ConfigError("lm-evaluation-harness is not installed: pip install lm_eval") from None
     from ..interventions.steering import steer
 
-    lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size, device=str(model.device))
+    # Targets are checked against the model before lm-eval starts (an expert out of range is one line).
     ctx = steer(model, spec=steering) if steering is not None else contextlib.nullcontext()
-    with ctx:
+    with _quiet_lm_eval():
+        lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size,
+                  device=str(model.device))
+    with ctx, _quiet_git():
         out = simple_evaluate(lm, tasks=list(tasks), task_manager=manager, limit=limit, bootstrap_iters=0,
                               log_samples=log_samples, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                               fewshot_random_seed=0)
     if out is None:
         raise ConfigError("lm-eval returned no results: check the task names")
     return out
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Hide HFLM's two warnings about being handed a loaded model: that is how expertscope runs it, on purpose."""
+    import logging
+
+    log = logging.getLogger("lm_eval.models.huggingface")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_git() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the working directory; outside a repository git prints
+    ``fatal: not a git repository`` on stderr. Run the same command with git's stderr discarded."""
+    import subprocess
+
+    try:
+        from lm_eval import evaluator
+        from lm_eval.loggers import utils as lm_utils
+    except ImportError:
+        yield
+        return
+
+    def git_commit_hash() -> str | None:
+        try:
+            out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)
+            return out.strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            return lm_utils.get_commit_from_path(os.getcwd())  # lm-eval's own fallback: read .git directly
+
+    real = getattr(evaluator, "get_git_commit_hash", None)
+    if real is None:  # another lm-eval layout: leave it alone
+        yield
+        return
+    evaluator.get_git_commit_hash = git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = real

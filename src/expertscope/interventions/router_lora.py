@@ -25,11 +25,22 @@ def router_parameter_names(model: MoEModel, layers: str | Sequence[int] = "last3
         if layers == "all":
             chosen = model.layers
         elif layers.startswith("last") and layers[4:].isdigit():
-            chosen = model.layers[-int(layers[4:]):]
+            n = int(layers[4:])
+            if not 1 <= n <= len(model.layers):  # never adapt other layers than the ones recorded
+                raise ConfigError(f"layers={layers!r} asks for the last {n} MoE layers but the model has "
+                                  f"{len(model.layers)}: pass 'last1' to 'last{len(model.layers)}', or 'all'")
+            chosen = model.layers[-n:]
         else:
             raise ConfigError(f"layers={layers!r} is not 'all', 'lastN' or a list of MoE layers: e.g. 'last3'")
     else:
-        chosen = list(layers)
+        if not hasattr(layers, "__iter__") or any(not isinstance(x, int) or isinstance(x, bool) for x in layers):
+            from ..errors import InputTypeError
+
+            raise InputTypeError(f"layers={layers!r} is not 'all', 'lastN' or a list of MoE layer indices: "
+                                 "e.g. 'last3' or [2, 3]")
+        chosen = sorted(set(layers))
+        if not chosen:
+            raise ConfigError("layers=[] adapts nothing: pass MoE layer indices, 'lastN' or 'all'")
         bad = sorted(set(chosen) - set(model.layers))
         if bad:
             raise ConfigError(f"layer {bad[0]} is not an MoE layer: choose from {model.layers}")
@@ -110,6 +121,22 @@ def finetune_router(
     """
     from peft import LoraConfig, get_peft_model
 
+    from ..validation import check_positive, check_positive_finite, check_type
+
+    check_type(model, MoEModel, "model", "an MoEModel (es.load_model(...))")
+    if any("lora_" in n for n, _ in model.model.named_parameters()):  # PEFT would fail with its own message
+        raise ConfigError("the model already carries a router LoRA adapter: call .unload() on the earlier "
+                          "finetune_router result first, or load the model again")
+    for key, value in (("rank", rank), ("epochs", epochs), ("batch_size", batch_size)):
+        check_positive(value, key)
+    check_positive(max_steps, "max_steps", allow_none=True)
+    check_positive_finite(lr, "lr", "1e-3")
+    check_positive_finite(alpha, "alpha", "16")
+    if isinstance(train_examples, str | bytes) or not isinstance(train_examples, Domain | Sequence):
+        from ..errors import InputTypeError
+
+        raise InputTypeError(f"train_examples is a {type(train_examples).__name__}, not a Domain or a list of "
+                             "Example: e.g. es.load_domain('math=train.jsonl')")
     if isinstance(train_examples, Domain):
         task = task or train_examples.task
         train_examples = train_examples.examples

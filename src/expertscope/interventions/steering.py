@@ -40,8 +40,9 @@ class SteeringSpec(BaseConfig):
     mode: Literal["scale", "bias", "mask"] = "scale"
 
     def validate(self) -> None:
-        if not (self.scale > 0 and math.isfinite(self.scale)):
-            raise ConfigError(f"scale must be a positive number, got {self.scale}: e.g. 1.2 to up-weight, 0.8 down")
+        from ..validation import check_positive_finite
+
+        check_positive_finite(self.scale, "scale")  # a number, > 0, finite, and within float32 (1e308 is not)
         object.__setattr__(self, "targets", tuple(sorted(set(_pairs(self.targets)))))
 
     def to_json(self) -> str:
@@ -73,7 +74,12 @@ class SteeringSpec(BaseConfig):
         mode = d.get("mode", "scale")
         if not isinstance(mode, str):
             raise ConfigError(f"{where}: mode {mode!r} is not a string: use \"scale\", \"bias\" or \"mask\"")
-        return cls(targets=tuple((a, b) for a, b in targets), scale=float(scale), mode=mode)  # type: ignore[arg-type]
+        from ..errors import ExpertscopeError
+
+        try:
+            return cls(targets=tuple((a, b) for a, b in targets), scale=float(scale), mode=mode)  # type: ignore[arg-type]
+        except ExpertscopeError as e:  # name the file: "steering file x.json: scale=nan is not finite ..."
+            raise type(e)(f"{where}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         write_json(path, json.loads(self.to_json()))
@@ -144,6 +150,10 @@ class Steering:
     _pre: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from ..validation import check_type
+
+        check_type(self.model, MoEModel, "model", "an MoEModel (es.load_model(...))")
+        check_type(self.spec, SteeringSpec, "spec", "a SteeringSpec (SteeringSpec(targets=..., scale=1.2))")
         layers = {s.layer: s for s in self.model.sites}
         for layer, expert in self.spec.targets:
             if layer not in layers:
@@ -165,11 +175,14 @@ class Steering:
                 return z
             key = (z.dtype, z.device)
             if key not in vec_cache:
+                _check_fits(z.dtype, s if self.spec.mode == "scale" else abs(math.log(s)), site)
                 base = 1.0 if self.spec.mode == "scale" else 0.0
                 v = torch.full((z.shape[-1],), base, dtype=z.dtype, device=z.device)
                 v[experts] = s if self.spec.mode == "scale" else math.log(s)
                 vec_cache[key] = v
-            return z * vec_cache[key] if self.spec.mode == "scale" else z + vec_cache[key]
+            new = z * vec_cache[key] if self.spec.mode == "scale" else z + vec_cache[key]
+            _check_no_overflow(site, z, new, s)
+            return new
 
         return transform
 
@@ -235,3 +248,17 @@ def steer(
     if spec is None:
         spec = SteeringSpec(targets=tuple(targets_from(targets, domain)), scale=scale, mode=mode)
     return Steering(model, spec, count_changes=count_changes)
+
+
+def _check_fits(dtype: torch.dtype, value: float, site: RouterSite) -> None:
+    """The steering factor (or its log) is representable in the router's dtype (float16 tops out at 65504)."""
+    if dtype.is_floating_point and value > torch.finfo(dtype).max:
+        raise ConfigError(f"steering scale {value:g} does not fit the {dtype} router logits at layer {site.layer} "
+                          f"(largest {torch.finfo(dtype).max:g}): pass a factor near 1, e.g. 1.2")
+
+
+def _check_no_overflow(site: RouterSite, z: torch.Tensor, new: torch.Tensor, scale: float) -> None:
+    """Steered logits that overflow to ±inf (a huge scale times a large logit) would route on NaN: refuse."""
+    if not bool(torch.isfinite(new).all()) and bool(torch.isfinite(z).all()):
+        raise ConfigError(f"steering scale {scale:g} times the router logits at layer {site.layer} overflows "
+                          f"{z.dtype}: pass a factor near 1, e.g. 1.2")

@@ -69,7 +69,17 @@ class _LogitsMode(TorchFunctionMode):
 
 
 def _resolve_sites(target: MoEModel | Iterable[RouterSite]) -> list[RouterSite]:
-    return list(cast("Iterable[RouterSite]", getattr(target, "sites", target)))
+    from ..errors import InputTypeError
+
+    sites = getattr(target, "sites", target)
+    expected = "an MoEModel (es.load_model(...)) or a list of its RouterSites (model.sites)"
+    if isinstance(sites, str | bytes) or not hasattr(sites, "__iter__"):
+        raise InputTypeError(f"target is a {type(target).__name__}, not {expected}")
+    out = list(cast("Iterable[RouterSite]", sites))
+    bad = next((s for s in out if not isinstance(s, RouterSite)), None)
+    if bad is not None:
+        raise InputTypeError(f"target holds a {type(bad).__name__}, not a RouterSite: pass {expected}")
+    return out
 
 
 class _Interceptor:

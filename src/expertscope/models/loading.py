@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,13 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if isinstance(path_or_id, os.PathLike):
+        path_or_id = os.fspath(path_or_id)
+    if not isinstance(path_or_id, str):
+        from ..errors import InputTypeError
+
+        raise InputTypeError(f"path_or_id is a {type(path_or_id).__name__}, not a string: pass a model directory, "
+                             "a hub id or 'demo', e.g. es.load_model('demo')")
     hf_logging.disable_progress_bar()  # expertscope shows its own progress
     resolved = ModelSource.resolve(path_or_id)
     source, local, path_or_id = resolved.path, resolved.local, resolved.name
@@ -232,14 +240,22 @@ def load_model(
         from ..validation import check_device
 
         check_device(str(device))
+    # Mismatched shapes are loaded as reported (not raised) so the error below can name the tensor; the
+    # load report transformers prints (20+ lines) is kept off stderr and summed up in one line.
+    load_kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     try:
-        with _quiet_hub():
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, **load_kwargs)
+        with _quiet_hub(), _captured_load_report() as reports:
+            loaded: Any = AutoModelForCausalLM.from_pretrained(source, config=config, **load_kwargs)
+        model, loading_info = loaded  # (model, info) with output_loading_info
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt or truncated files
         if not isinstance(e, OSError | ValueError | RuntimeError) and type(e).__name__ != "SafetensorError":
             raise
+        if reports:  # transformers reported the problem in its load report: the weights do not fit the config
+            raise ModelError(f"the weights of {path_or_id} do not fit its config.json ({_report_summary(reports)}): "
+                             "use the config.json saved with these weights") from None
         raise ModelError(f"cannot load the weights of {path_or_id} ({_first_line(e)}): the files may be corrupt "
                          "or truncated; download or save them again") from None
+    _check_loading_info(path_or_id, loading_info)
     if local and not _has_tokenizer(Path(source)):
         raise ModelError(f"{source} has no tokenizer (no tokenizer.json, tokenizer_config.json or tokenizer.model): "
                          "save the model's tokenizer into that directory (tokenizer.save_pretrained(dir))")
@@ -251,7 +267,70 @@ def load_model(
                          "tokenizer into its directory") from None
     if device is not None and device_map is None:
         # transformers wraps PreTrainedModel.to in a decorator whose stub loses the bound self
-        model = model.to(device)  # type: ignore[arg-type]
+        model = model.to(device)
     moe = MoEModel.from_model(model, tokenizer=tokenizer, source=path_or_id, verify=verify)
     moe.revision = revision or getattr(config, "_commit_hash", None)
     return moe
+
+
+@contextlib.contextmanager
+def _captured_load_report() -> Iterator[list[str]]:
+    """Keep transformers' multi-line ``LOAD REPORT`` warning off stderr; yield the reports' text."""
+    import logging
+
+    captured: list[str] = []
+
+    class _Keep(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            msg = record.getMessage()
+            if "LOAD REPORT" in msg:
+                captured.append(msg)
+                return False
+            return True
+
+    keep = _Keep()
+    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+    for log in loggers:
+        log.addFilter(keep)
+    try:
+        yield captured
+    finally:
+        for log in loggers:
+            log.removeFilter(keep)
+
+
+def _report_summary(reports: list[str]) -> str:
+    """The first problem row of a transformers load report: ``key STATUS``."""
+    import re
+
+    for line in "\n".join(reports).splitlines():
+        cells = [re.sub(r"\x1b\[[0-9;]*m", "", c).strip() for c in line.split("|")]
+        if len(cells) >= 2 and cells[1] in ("MISMATCH", "MISSING", "CONVERSION", "UNEXPECTED"):
+            what = {"MISMATCH": "has another shape", "MISSING": "is missing from the checkpoint",
+                    "CONVERSION": "cannot be converted", "UNEXPECTED": "is not used by the config"}[cells[1]]
+            return f"{cells[0]} {what}"
+    return "see transformers' load report"
+
+
+def _check_loading_info(path_or_id: str, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors do not fit the config (their stand-ins would be random); name one
+    unused tensor in a single warning line."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        key, ckpt, want = mismatched[0]
+        more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
+        raise ModelError(f"the weights of {path_or_id} do not fit its config.json: {key} is {list(ckpt)} in the "
+                         f"checkpoint but {list(want)} by the config{more}: use the config.json saved with these "
+                         "weights")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelError(f"the weights of {path_or_id} lack {missing[0]}{more}, which its config.json needs (they "
+                         "would be random): use the complete checkpoint, or the config.json saved with it")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        import warnings
+
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        warnings.warn(f"{path_or_id} holds {unexpected[0]}{more}, which its config.json does not use: ignored",
+                      stacklevel=3)

@@ -21,6 +21,8 @@ import base64
 import hashlib
 import html
 import json
+import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -673,6 +675,11 @@ def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[st
     Raises :class:`OutputError` if ``run_dir`` lacks ``manifest.json`` or a readable ``domain_experts.parquet``,
     or if ``out`` is a directory.
     """
+    from ..validation import check_type
+
+    check_type(run_dir, (str, os.PathLike), "run_dir", "a path (the output directory of `expertscope run`)")
+    if out is not None:
+        check_type(out, (str, os.PathLike), "out", "a path (e.g. 'report.html')")
     problems = {} if problems is None else problems
     if out is not None and Path(out).is_dir():
         raise OutputError(f"--out {out} is a directory: pass a file path, e.g. {Path(out) / 'report.html'}")

@@ -12,6 +12,7 @@ and bootstraps/permutations are unavailable.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from ..config import ProfileConfig, resolve_config
-from ..errors import ConfigError, DataError, OutputError
+from ..errors import ConfigError, DataError, InputTypeError, OutputError
 from ..execution import Executor, LocalExecutor
 from ..io import atomic_path, write_json
 from ..models.model import MoEModel
@@ -329,22 +330,36 @@ class RoutingProfile:
     @classmethod
     def load(cls, directory: str | Path) -> RoutingProfile:
         """Read a profile written by :meth:`save`."""
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
+        from ..io import read_safetensors
 
+        if not isinstance(directory, str | os.PathLike):
+            raise InputTypeError(f"directory is a {type(directory).__name__}, not a path: pass the run directory")
         directory = Path(directory)
         path = directory / "profile.safetensors"
         if not path.exists():
             raise OutputError(f"no profile in {directory}: run `expertscope profile --out {directory}` first")
-        with safe_open(str(path), framework="np") as fh:
-            meta = json.loads((fh.metadata() or {}).get("expertscope", "{}"))
-        if meta.get("format") != "expertscope.profile" or meta.get("version", 0) > PROFILE_FORMAT_VERSION:
+        arrays, header = read_safetensors(path, "profile")
+        try:
+            meta = json.loads(header.get("expertscope", "{}"))
+        except json.JSONDecodeError:
+            meta = {}
+        if not isinstance(meta, dict) or meta.get("format") != "expertscope.profile":
+            raise OutputError(f"{path} is not an expertscope profile (no profile header): rerun `expertscope "
+                              "profile` (with --force) to write one")
+        if meta.get("version", 0) > PROFILE_FORMAT_VERSION:
             raise OutputError(
                 f"{path} is not a profile this expertscope can read (version {meta.get('version')}): "
                 "upgrade expertscope"
             )
-        arrays = load_file(str(path))
-        _fill_missing_stats(arrays, meta)
+        try:
+            _fill_missing_stats(arrays, meta)
+            return cls._from_arrays(meta, arrays, directory)
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # a header that does not match its arrays
+            raise OutputError(f"{path} is an incomplete profile ({type(e).__name__}: {str(e)[:80]}): rerun "
+                              "`expertscope profile` (with --force)") from None
+
+    @classmethod
+    def _from_arrays(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], directory: Path) -> RoutingProfile:
         p = cls(
             layers=list(meta["layers"]), num_experts=int(meta["num_experts"]), top_k=int(meta["top_k"]),
             domains=list(meta["domains"]), keep_sequences=bool(meta["keep_sequences"]),

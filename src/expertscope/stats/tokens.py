@@ -104,6 +104,10 @@ def record_tokens(
     Texts are tokenised like :func:`~expertscope.stats.profile.profile` (special tokens added, right-padded,
     truncated to ``max_length`` or the model's context). Memory: ``N * L * k`` int32 for ``N`` tokens.
     """
+    from ..models.model import MoEModel
+    from ..validation import check_type
+
+    check_type(model, MoEModel, "model", "an MoEModel (es.load_model(...))")
     tok = model.tokenizer
     texts_by_domain = domain_texts(domains, limit)
     d_index = {name: j for j, name in enumerate(texts_by_domain)}
@@ -211,8 +215,22 @@ def position_profile(
 
     ``drivers``: a driver table (``DriverTable`` or DataFrame with ``domain, layer, expert, is_driver``).
     """
+    _check_table(drivers, "drivers", "is_driver")
     rec = record if record is not None else record_tokens(model, domains, batch_size, max_length, limit)
     return position_bins(rec, drivers)
+
+
+def _check_table(table: Any, name: str, flag: str) -> None:
+    """``table`` is a results table (an object with ``.df``, or a DataFrame) with a ``flag`` column."""
+    from ..validation import check_type
+
+    df = getattr(table, "df", table)
+    check_type(df, pd.DataFrame, name, f"a table with a {flag!r} column (es.driver_experts(...) or a DataFrame)")
+    missing = sorted({"domain", "layer", "expert"} - set(df.columns))
+    if missing:
+        from ..errors import DataError
+
+        raise DataError(f"{name} has no {missing[0]!r} column: pass a driver or domain-expert table")
 
 
 # ----- associations --------------------------------------------------------------------------------------
@@ -307,6 +325,7 @@ def token_associations(
     record: TokenRecord | None = None,
 ) -> pd.DataFrame:
     """:func:`associations_from_record` of a fresh :func:`record_tokens` pass (or of ``record``)."""
+    _check_table(experts, "experts", "kind")
     rec = record if record is not None else record_tokens(model, domains, batch_size, max_length, limit)
     return associations_from_record(rec, experts, min_count=min_count, top=top)
 
