@@ -21,7 +21,6 @@ import base64
 import hashlib
 import html
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
