@@ -321,9 +321,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     [
         ([{"text": "Ann: hi", "label": "joy"}], ["--task", "sentiment"], "unknown task"),
         ([{"text": "Ann: hi"}], ["--task", "classification"], "no 'label'"),
-        ([{"text": "Ann: hi", "label": "happy"}], ["--task", "classification"], "label set"),
+        ([{"text": "Ann: hi", "label": "happy"}], ["--task", "classification"], "has one label"),
         ([{"text": "2+2?"}], ["--task", "math"], "no 'answer'"),
-        ([{"nottext": 1}], [], "no 'text'"),
+        ([{"nottext": 1}], [], "has no field 'text'"),
     ],
 )
 def test_cli_eval_bad_input_exit_2(tiny_dir: Path, tmp_path: Path, rows, extra, message) -> None:

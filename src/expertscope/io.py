@@ -180,6 +180,27 @@ def read_safetensors(path: str | os.PathLike[str], what: str = "file") -> tuple[
                           "the command that wrote it (with --force)") from None
 
 
+def check_output_file(path: str | os.PathLike[str], what: str = "file") -> None:
+    """A written output is still whole: it exists and, for Parquet and safetensors, its header parses
+    (cheap: no data is read). One-line :class:`OutputError` otherwise (used before a resumed run skips the
+    stage that wrote it)."""
+    path = Path(path)
+    _check_readable(path, what)
+    try:
+        if path.suffix == ".parquet":
+            pq.read_metadata(path)
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as fh:
+                fh.metadata()
+    except Exception as e:  # pyarrow's and safetensors' own errors: both kinds of damage read the same here
+        if not isinstance(e, OSError | ValueError) and type(e).__name__ not in ("SafetensorError", "ArrowInvalid"):
+            raise
+        raise OutputError(f"{what} {path} cannot be read ({_first_line(e)}): it is corrupt or truncated; rerun "
+                          "the command that wrote it (with --force)") from None
+
+
 def _check_readable(path: Path, what: str) -> None:
     if not path.exists():
         raise OutputError(f"{what} {path} not found: check the path, or run the command that writes it")

@@ -48,6 +48,8 @@ class StudyInputs:
     domains: list[Any]
     test: list[Any] | None = None
     train: list[Any] | None = None
+    profile: Any = None
+    """The input run's profile, read once before any stage (a run over another run's tables)."""
 
     def labels(self) -> dict[str, tuple[str, ...] | None]:
         """Each classification domain's label set, as read from its data (or its spec's ``?labels=``)."""
@@ -96,6 +98,8 @@ class StudyContext:
     def profile(self) -> Any:
         from .stats.profile import RoutingProfile
 
+        if self.inputs.profile is not None:
+            return self.inputs.profile
         return RoutingProfile.load(self.path("profile.safetensors").parent)
 
     def drivers(self) -> Any:
@@ -225,7 +229,8 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
     counts = {d: int(table.df[(table.df.domain == d) & table.df.is_driver].shape[0]) for d in table.df.domain.unique()}
     return {"drivers": counts, "rule": table.settings["rule_text"], "summary": [r["text"] for r in table.summary()],
             "timings": effects.settings.get("timings", {}), "skipped": effects.settings.get("skipped", 0),
-            "resumed_rows": effects.settings.get("resumed_rows", 0)}
+            "resumed_rows": effects.settings.get("resumed_rows", 0),
+            "engine_notes": effects.settings.get("engine_notes", [])}
 
 
 @stage("replication", after="drivers")
@@ -420,6 +425,8 @@ def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str 
 
         torch.set_num_threads(threads)
     if data is not None:
+        if Path(data).is_dir():
+            raise DataError(f"data file {data} is a directory: pass a .jsonl, .json, .csv or .parquet file")
         if not Path(data).is_file():
             raise DataError(f"data file {data} does not exist: check the --data path")
         spec = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(data).stem)}={data}"
@@ -481,11 +488,11 @@ def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts:
         mi = save_routing_mi(prof, rd.path)
         coactivation = save_coactivation_tables(prof, rd.path)
         n, _ = prof.totals()
-        summary = {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)},
+        summary: dict[str, Any] = {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)},
                    "mi_bits": {int(r.layer): float(r.mi_bits) for r in mi.itertuples()},
                    "notes": {name: list(rec["notes"]) for name, rec in prof.config["recorded"].items()}}
         rd.write_manifest("complete", model=prof.model_info, recorded=prof.config["recorded"],
-                          coactivation=coactivation, **{k: v for k, v in summary.items() if k != "notes"})
+                          coactivation=coactivation, tokens=summary["tokens"], mi_bits=summary["mi_bits"])
     return summary
 
 
@@ -671,6 +678,10 @@ def run_study(
     chosen = [(n, f) for n, f in STAGES if n in names]
     src = None if inputs_dir is None else Path(inputs_dir)
     inputs = prepare(config, names)
+    if src is not None and (src / "profile.safetensors").exists():
+        from .stats.profile import RoutingProfile
+
+        inputs.profile = RoutingProfile.load(src)  # a damaged input fails here, before any stage starts
     if out is None:
         ctx = StudyContext(config, None, inputs, progress=progress)  # type: ignore[arg-type]
         return {"status": "complete", "stages": {name: fn(ctx) for name, fn in chosen}}
@@ -766,6 +777,12 @@ def _run_stages(rd: RunDir, ctx: StudyContext, chosen: list[tuple[str, Stage]],
     pending = [n for n, _ in chosen if done.get(n, {}).get("status") != "complete"]
     if any(n not in TABLE_ONLY_STAGES for n in pending):
         ctx.model  # noqa: B018  (loaded before the first stage: a model that cannot load fails before any stage)
+    from .io import check_output_file
+
+    for name, _ in chosen:  # a resumed run skips complete stages: their files must still be whole
+        if done.get(name, {}).get("status") == "complete":
+            for f in done[name].get("files", []):
+                check_output_file(rd.path / f, f"{f} (from the complete stage {name})")
     for name, fn in chosen:
         if done.get(name, {}).get("status") == "complete":
             if on_stage:
@@ -774,8 +791,11 @@ def _run_stages(rd: RunDir, ctx: StudyContext, chosen: list[tuple[str, Stage]],
         if on_stage:
             on_stage(name, "start")
         t = time.perf_counter()
+        before = {p.name: p.stat().st_mtime_ns for p in rd.path.iterdir()}
         result = fn(ctx)
-        done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), **result}
+        files = sorted(p.name for p in rd.path.iterdir()
+                       if p.is_file() and before.get(p.name) != p.stat().st_mtime_ns and p.name != "manifest.json")
+        done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), "files": files, **result}
         save("running")
         if on_stage:
             on_stage(name, "done")

@@ -134,6 +134,8 @@ def show_drivers(out: Path, manifest: dict[str, Any], rows: int) -> None:
     print_drivers(table, pd.read_parquet(out / "causal_rate.parquet"), top=rows)
     for r in table.summary():
         console.print(r["text"])
+    for note in manifest["stages"].get("drivers", {}).get("engine_notes", []):
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def show_steering(out: Path, manifest: dict[str, Any], rows: int) -> None:

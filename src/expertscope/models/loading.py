@@ -200,7 +200,7 @@ def load_model(
 
     if isinstance(path_or_id, os.PathLike):
         path_or_id = os.fspath(path_or_id)
-    if not isinstance(path_or_id, str):
+    if not isinstance(path_or_id, str | ModelSource):
         from ..errors import InputTypeError
 
         raise InputTypeError(f"path_or_id is a {type(path_or_id).__name__}, not a string: pass a model directory, "
