@@ -551,3 +551,23 @@ def test_cli_eval_reports_truncation(short_context, tokenizer, tmp_path: Path) -
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert res["emotion"]["n_truncated"] > 0
     assert json.dumps(manifest).count("n_truncated") >= 3
+
+
+def test_steering_rows_count_truncated_items(short_context, tokenizer) -> None:
+    """The intervention study carries each evaluation's left-truncation count (40-token context, long
+    emotion dialogues): equal to what evaluate() counts for the same items, and not 0."""
+    import pandas as pd
+
+    from expertscope.data.sources import load_domain
+    from expertscope.interventions.study import intervention_study
+    from expertscope.models.model import MoEModel
+
+    moe = MoEModel.from_model(short_context, tokenizer=tokenizer)
+    dom = load_domain("emo=synthetic:emotion@test", limit=6)
+    table = pd.DataFrame({"domain": ["emo"], "layer": [0], "expert": [1], "is_domain_expert": [True],
+                          "specificity": [0.2]})
+    res = intervention_study(moe, [dom], table, None, n_boot=50, n_controls=1, dose_scales=(), dose_biases=(),
+                             finetune=False, selectivity=False, batch_size=3)
+    want = evaluate(moe, "classification", dom, batch_size=3).n_truncated
+    t = res.table[res.table["applicable"].astype(bool)]
+    assert want > 0 and set(t["n_truncated"]) == {want}

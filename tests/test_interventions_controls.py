@@ -17,8 +17,9 @@ from expertscope.interventions.controls import (
     record_routing,
     routing_changes,
 )
-from expertscope.interventions.paired import bh, mcnemar_exact, mean_ci, sign_test
 from expertscope.models.model import MoEModel
+from expertscope.stats.rules import bh_qvalues as bh
+from expertscope.stats.rules import mcnemar_exact, mean_ci, sign_test
 from expertscope.testing import tiny_tokenizer
 
 
@@ -98,8 +99,9 @@ def test_sign_and_mcnemar_tests_against_hand_computation() -> None:
 
 def test_mean_ci_and_bh_by_hand() -> None:
     d = np.array([1.0, 0.0, -1.0, 1.0])
-    idx = np.array([[0, 0, 0, 0], [2, 2, 2, 2], [0, 1, 2, 3]])
-    m, lo, hi = mean_ci(d, idx, ci=0.5)
+    idx = np.array([[0, 0, 0, 0], [2, 2, 2, 2], [0, 1, 2, 3]])  # three resamples, as item indices
+    counts = np.stack([np.bincount(r, minlength=4) for r in idx])  # ... and as the counts mean_ci takes
+    m, lo, hi = mean_ci(d, counts, ci=0.5)
     assert m == 0.25 and lo == pytest.approx(np.percentile([1.0, -1.0, 0.25], 25))
     assert hi == pytest.approx(np.percentile([1.0, -1.0, 0.25], 75))
     q = bh([0.01, 0.04, float("nan"), 0.03])

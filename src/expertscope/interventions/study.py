@@ -34,6 +34,7 @@ from ..errors import ConfigError, DataError, ModelError
 from ..io import read_table, write_table
 from ..models.model import MoEModel
 from ..progress import ProgressCallback
+from ..stats.rules import bh_qvalues, bootstrap_weights, mcnemar_exact, mean_ci, paired_bootstrap_diff, sign_test
 from .controls import (
     RoutingRecord,
     activation_rates,
@@ -43,7 +44,6 @@ from .controls import (
     record_routing,
     routing_changes,
 )
-from .paired import bh, bootstrap_indices, mcnemar_exact, mean_ci, paired_bootstrap, sign_test
 from .steering import SteeringSpec, steer
 
 KINDS: tuple[Literal["domain", "driver"], ...] = ("domain", "driver")
@@ -53,7 +53,7 @@ TABLE_VERSION = 3
 
 #: The columns of the steering table (and of the dose table, which adds ``kind``/``strength``), in order.
 ROW_COLUMNS = ("domain", "task", "condition", "kind", "strength", "applicable", "reason", "mode", "scale",
-               "n_targets", "n_parameters", "n", "accuracy", "ci_low", "ci_high", "weighted_f1", "delta",
+               "n_targets", "n_parameters", "n", "n_truncated", "accuracy", "ci_low", "ci_high", "weighted_f1", "delta",
                "delta_lo", "delta_hi", "delta_f1", "p_exact", "items_gained", "items_lost", "negative_share",
                "changed_selections", "routed_tokens", "control_draws", "control_delta", "control_delta_min",
                "control_delta_max", "control_changed", "busiest_delta", "busiest_delta_lo", "busiest_delta_hi",
@@ -62,6 +62,18 @@ ROW_COLUMNS = ("domain", "task", "condition", "kind", "strength", "applicable", 
 
 __all__ = ["CONDITIONS", "KINDS", "InterventionResult", "Strength", "intervention_study", "paired_bootstrap",
            "ranked_targets", "strengths"]
+
+
+def _resampling(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``(n_boot, n)`` bootstrap counts of ``n`` items (seeded): one resampling shared by every arm of a
+    comparison, so their intervals are joint."""
+    return bootstrap_weights(n, n_boot, np.random.default_rng(seed)) if n else np.zeros((n_boot, 0))
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+                     ) -> tuple[float, float, float]:
+    """Mean of ``b - a`` over paired examples and its percentile bootstrap CI (examples resampled jointly)."""
+    return tuple(paired_bootstrap_diff(a, b, n_boot, ci, rng=seed))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -395,7 +407,7 @@ def intervention_study(
     selectivity = _selectivity(runner, tasked, targets, cfg) if cfg.selectivity else pd.DataFrame()
 
     dose = pd.DataFrame(dose_rows, columns=ROW_COLUMNS)
-    dose["q_vs_control"] = bh(dose["p_vs_control"].to_numpy(float))
+    dose["q_vs_control"] = bh_qvalues(dose["p_vs_control"].to_numpy(float))
     table = pd.DataFrame(rows, columns=ROW_COLUMNS)
     q = dict(zip(zip(dose["domain"], dose["kind"], dose["strength"], strict=True), dose["q_vs_control"],
                  strict=True))
@@ -446,7 +458,8 @@ def _stats_row(dom: Domain, condition: str, kind: str, s: Strength, n_targets: i
     return {
         "domain": dom.name, "task": dom.task, "condition": condition, "kind": kind, "strength": s.label,
         "applicable": True, "reason": "", "mode": s.mode, "scale": s.scale if s.mode != "mask" else nan,
-        "n_targets": n_targets, "n_parameters": nan, "n": res.n, "accuracy": res.accuracy,
+        "n_targets": n_targets, "n_parameters": nan, "n": res.n, "n_truncated": res.n_truncated,
+        "accuracy": res.accuracy,
         "ci_low": res.ci_low, "ci_high": res.ci_high, "weighted_f1": f1 if f1 is not None else nan,
         "delta": delta, "delta_lo": lo, "delta_hi": hi,
         "delta_f1": (f1 - f1_base) if f1 is not None and f1_base is not None else nan,
@@ -456,7 +469,7 @@ def _stats_row(dom: Domain, condition: str, kind: str, s: Strength, n_targets: i
 
 
 def _original_row(dom: Domain, cfg: InterventionConfig, base: _Measured) -> dict[str, Any]:
-    idx = bootstrap_indices(len(base.correct), cfg.n_boot, cfg.seed)
+    idx = _resampling(len(base.correct), cfg.n_boot, cfg.seed)
     row = _stats_row(dom, "original", "", Strength("scale", 1.0), 0, base, base, cfg, idx, float("nan"))
     return {**row, "strength": "", "mode": "none", "p_exact": float("nan"), "specific": np.nan}
 
@@ -470,7 +483,7 @@ def _controlled(runner: _Runner, dom: Domain, kind: str, s: Strength, a: _Arms, 
     rand = [runner.evaluate(dom, c, s, f"{label} control {i + 1}/{len(a.random)}") for i, c in enumerate(a.random)]
     busy = runner.evaluate(dom, a.busiest, s, f"{label} busiest control") if a.busiest else None
     # One resampling of the items for every comparison of this condition (target and controls jointly).
-    idx = bootstrap_indices(len(base.correct), cfg.n_boot, int(control_seed(cfg.seed, dom.name, kind, s.key)
+    idx = _resampling(len(base.correct), cfg.n_boot, int(control_seed(cfg.seed, dom.name, kind, s.key)
                             .integers(2**31)))
     row = _stats_row(dom, f"{kind}_{s.key}", kind, s, len(a.target), tgt, base, cfg, idx,
                      ref.negative_share(a.target))
@@ -525,7 +538,7 @@ def _finetune_row(runner: _Runner, dom: Domain, base: _Measured, train: Domain |
     if train is None:
         return _not_applicable(dom, "finetune_router", "", None, "no training split given")
     m, n_params = runner.finetune(dom, train)
-    idx = bootstrap_indices(len(base.correct), cfg.n_boot, cfg.seed)
+    idx = _resampling(len(base.correct), cfg.n_boot, cfg.seed)
     row = _stats_row(dom, "finetune_router", "", Strength("scale", 1.0), 0, m, base, cfg, idx, float("nan"))
     nan = float("nan")
     return {**{c: nan for c in ROW_COLUMNS}, **row, "strength": "", "mode": "lora", "scale": nan,
@@ -550,10 +563,10 @@ def _selectivity(runner: _Runner, tasked: list[Domain], targets: dict[str, dict[
                 base = runner.evaluate(j, [], None, "original")
                 m = runner.evaluate(j, experts, mask, f"{kind} mask of {i.name}")
                 d = m.correct - base.correct
-                idx = bootstrap_indices(len(d), cfg.n_boot, int(control_seed(cfg.seed, "selectivity", kind, i.name,
+                idx = _resampling(len(d), cfg.n_boot, int(control_seed(cfg.seed, "selectivity", kind, i.name,
                                                                         j.name).integers(2**31)))
                 delta, lo, hi = mean_ci(d, idx, cfg.ci)
-                boots = d[idx].mean(axis=1)
+                boots = idx @ d / len(d)  # the resampled means
                 cells.append((j, delta, lo, hi, boots, mcnemar_exact(base.correct, m.correct)[0], m))
                 if j.name == i.name:
                     diag = boots

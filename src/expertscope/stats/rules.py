@@ -12,6 +12,7 @@ with a statistic of their own (ratios, stratified resamples) resample the same w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -66,14 +67,16 @@ def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
 
 
 def bootstrap_ci(
-    x: np.ndarray, n_boot: int = 1000, ci: float = 0.95, rng: np.random.Generator | int | None = 0
+    x: np.ndarray, n_boot: int = 1000, ci: float = 0.95, rng: np.random.Generator | int | None = 0,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap interval of the mean over axis 0 (items resampled with replacement).
 
     ``x`` ``(N,)`` or ``(N, C)``: N items, C columns resampled together (one draw of items serves every
     column). Returns ``lo``, ``hi`` of shape ``x.shape[1:]``; a column holding NaN gives NaN, and so does
     ``n_boot == 0`` or ``N == 0``. ``rng``: a generator (advanced by one :func:`bootstrap_weights` draw) or
-    a seed.
+    a seed. ``weights``: a ``(n_boot, N)`` draw of :func:`bootstrap_weights` to reuse instead (one resampling
+    of the items shared by several comparisons, so their intervals are joint).
     """
     x = np.asarray(x, dtype=float)
     N = x.shape[0]
@@ -82,7 +85,7 @@ def bootstrap_ci(
     if n_boot == 0 or N == 0:
         nan = np.full(tail, np.nan)
         return nan, nan.copy()
-    W = bootstrap_weights(N, n_boot, _rng(rng))
+    W = bootstrap_weights(N, n_boot, _rng(rng)) if weights is None else np.asarray(weights, dtype=float)
     bad = np.isnan(flat).any(axis=0)
     means = W @ np.where(np.isnan(flat), 0.0, flat) / N
     lo, hi = np.percentile(means, percentile_bounds(ci), axis=0)
@@ -114,6 +117,38 @@ def paired_bootstrap_diff(
     if d.ndim == 1:
         return Interval(float(est), float(lo), float(hi))
     return Interval(est, lo, hi)
+
+
+def mean_ci(d: np.ndarray, weights: np.ndarray, ci: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the per-item values ``d`` ``(N,)`` and its percentile bootstrap interval over the resampling
+    ``weights`` ``(n_boot, N)`` (:func:`bootstrap_weights`); NaNs for no items."""
+    d = np.asarray(d, dtype=float)
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    lo, hi = bootstrap_ci(d, ci=ci, weights=weights)
+    return float(d.mean()), float(lo), float(hi)
+
+
+# ----- exact paired tests ---------------------------------------------------------------------------------
+def sign_test(d: Sequence[float] | np.ndarray) -> tuple[float, int, int]:
+    """Exact two-sided sign test of per-item differences ``d``: items with ``d = 0`` are dropped; under the
+    null each remaining item is positive with probability ½. Returns ``(p, n_positive, n_negative)``;
+    ``p = min(1, 2·P(X ≤ min(pos, neg)))`` for ``X ~ Binomial(pos + neg, ½)``, and 1 when nothing changed.
+    On 0/1 correctness (``d = b - a``) this is McNemar's exact test."""
+    d = np.asarray(d, float)
+    pos, neg = int((d > 0).sum()), int((d < 0).sum())
+    n = pos + neg
+    if n == 0:
+        return 1.0, 0, 0
+    k = min(pos, neg)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail), pos, neg
+
+
+def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> tuple[float, int, int]:
+    """McNemar's exact test for paired 0/1 outcomes: ``(p, gained, lost)``, where ``gained`` counts items
+    wrong before and right after, ``lost`` the reverse (the discordant pairs)."""
+    return sign_test(np.asarray(after, float) - np.asarray(before, float))
 
 
 # ----- rules: pass flags and text -------------------------------------------------------------------------
@@ -157,5 +192,6 @@ def jaccard(a: set[tuple[int, int]] | Sequence[tuple[int, int]], b: set[tuple[in
     return len(sa & sb) / len(union) if union else float("nan")
 
 
-__all__ = ["Interval", "bh_qvalues", "bh_text", "bootstrap_ci", "bootstrap_weights", "jaccard",
-           "paired_bootstrap_diff", "passes", "percentile_bounds", "rule_text", "z_cap", "z_rule_text"]
+__all__ = ["Interval", "bh_qvalues", "bh_text", "bootstrap_ci", "bootstrap_weights", "jaccard", "mcnemar_exact",
+           "mean_ci", "paired_bootstrap_diff", "passes", "percentile_bounds", "rule_text", "sign_test", "z_cap",
+           "z_rule_text"]
