@@ -267,3 +267,24 @@ def test_drivers_rule_top_flags_top_per_layer(model_dir: Path, tmp_path: Path) -
     # independent reference: the two flagged experts of each layer are its two largest mean CEs
     for (_, _), g in df.groupby(["domain", "layer"]):
         assert set(g[g.is_driver].expert) == set(g.nlargest(2, "ce_mean").expert)
+
+
+@pytest.mark.slow
+def test_readme_results_table_is_read_from_the_run(full_run: Path, capsys) -> None:
+    """scripts/demo_results.py (which writes the README's results table) reads its cells from the run's
+    findings and manifest: the counts it prints are the run's own."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_results", Path(__file__).parents[1] / "scripts" /
+                                                  "demo_results.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(full_run)]) == 0
+    out = capsys.readouterr().out
+    f = json.loads((full_run / "findings.json").read_text())
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1].strip(" |") for line in out.splitlines()[2:]}
+    assert rows["domain experts"] == " / ".join(str(d["n_domain_experts"]) for d in f["domains"])
+    assert rows["driver experts"] == " / ".join(str(d["n_drivers"]) for d in f["domains"])
+    assert rows["domains"] == " / ".join(d["domain"] for d in f["domains"])
+    assert mod.main([str(full_run.parent / "nothing")]) == 2

@@ -410,7 +410,8 @@ def control_sentences(f: DomainFindings) -> list[str]:
         cells = "; ".join(f"{c['evaluated']} {_sgn(c['delta'])}{_sci(c['delta_lo'], c['delta_hi'])}"
                           for c in sv["cells"])
         verdict = ("selective: its own domain loses more than every other (each gap's interval above 0)"
-                   if sv["selective"] else "not selective: some other domain loses as much, within the intervals")
+                   if sv["selective"] else "not selective: another domain loses as much or more (a gap's interval "
+                                           "reaches 0 or below)")
         dd = (f"; double dissociation with {', '.join(sv['double_dissociation'])}" if sv["double_dissociation"]
               else "")
         out.append(f"Ablating its {_KIND_NAME[sv['kind']]}, Δ accuracy per evaluated domain: {cells}: {verdict}{dd}.")
