@@ -2,8 +2,9 @@
 .PHONY: setup run test lint bench
 setup:
 	bash scripts/setup.sh
+# One torch thread: the bundled demo's matrices are too small for two (two threads made the run slower here).
 run: setup
-	.venv/bin/expertscope run $(ARGS)
+	.venv/bin/expertscope run --threads 1 $(ARGS)
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 lint: setup

@@ -590,6 +590,8 @@ class StudyConfig(BaseConfig):
     """Ray actors (each loads the model once)."""
     gpus_per_worker: float = 0
     """GPUs per Ray actor (>1: device_map='auto')."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default; 1 is fastest for the small bundled demos)."""
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
     domain_experts: DomainExpertConfig = dataclasses.field(default_factory=DomainExpertConfig)
     causal: CausalConfig = dataclasses.field(default_factory=lambda: CausalConfig(limit=120))
@@ -658,7 +660,7 @@ class StudyConfig(BaseConfig):
 
             raise InputTypeError(f"domains must be a list of NAME=SOURCE specs, got one string {self.domains!r}: "
                                  "wrap it in a list")
-        for name in ("limit", "train_limit"):
+        for name in ("limit", "train_limit", "threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name}={value!r} is not a positive whole number: pass e.g. {name}=100, "

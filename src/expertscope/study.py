@@ -402,11 +402,11 @@ def _stage_lm_eval(ctx: StudyContext) -> dict[str, Any]:
     return {"results": scores}
 
 
-def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str | None = None, split: str = "test",
-                 threads: int | None = None) -> StudyConfig:
+def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str | None = None, split: str = "test"
+                 ) -> StudyConfig:
     """The config of ``expertscope eval``: the ``data`` file (task from ``task`` or its first row's fields:
     choices, answer, label), or the synthetic benchmark's ``split`` (its domains of ``task``, 300 each unless
-    ``config.limit``); ``threads`` sets torch's CPU threads."""
+    ``config.limit``)."""
     import re
 
     from .data import synthetic
@@ -418,12 +418,6 @@ def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str 
         raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     if split not in synthetic.SPLITS:
         raise ConfigError(f"unknown split {split!r}: use one of {', '.join(synthetic.SPLITS)}")
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads {threads} is not positive: pass 1 or more")
-        import torch
-
-        torch.set_num_threads(threads)
     if data is not None:
         if Path(data).is_dir():
             raise DataError(f"data file {data} is a directory: pass a .jsonl, .json, .csv or .parquet file")
@@ -626,7 +620,7 @@ def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyIn
 
 # ----- the pipeline ---------------------------------------------------------------------------------------
 #: Run-level settings that decide how the work is spread, not the results: left out of the fingerprint.
-NOT_RESULTS = ("executor", "workers", "gpus_per_worker")
+NOT_RESULTS = ("executor", "workers", "gpus_per_worker", "threads")
 
 
 def study_fingerprint(config: StudyConfig, inputs: StudyInputs | None = None,
@@ -678,6 +672,10 @@ def run_study(
     chosen = [(n, f) for n, f in STAGES if n in names]
     src = None if inputs_dir is None else Path(inputs_dir)
     inputs = prepare(config, names)
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)
     if src is not None and (src / "profile.safetensors").exists():
         from .stats.profile import RoutingProfile
 

@@ -77,7 +77,7 @@ _ROUTES_OPTIONS = (
 def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
     from ..study import eval_domains
 
-    return eval_domains(config, kw.pop("data"), kw.pop("task"), kw.pop("split"), kw.pop("threads"))
+    return eval_domains(config, kw.pop("data"), kw.pop("task"), kw.pop("split"))
 
 
 COMMANDS = (
@@ -160,8 +160,7 @@ COMMANDS = (
                                                          "inferred / all).")], None),
         ("data", Annotated[Path | None, typer.Option(help="JSONL examples; without it, the synthetic benchmark.")],
          None),
-        ("split", Annotated[str, typer.Option(help="Synthetic split to score: train, validation or test.")], "test"),
-        ("threads", Annotated[int | None, typer.Option(help="torch CPU threads.")], None)),
+        ("split", Annotated[str, typer.Option(help="Synthetic split to score: train, validation or test.")], "test")),
         adjust=_eval_config, resumable=False),
     Command("lm-eval", ("lm_eval",), "runs/lm-eval", """Evaluate MODEL with lm-evaluation-harness, optionally with
     experts steered.
