@@ -34,7 +34,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_tables(tmp_path: Path) -> N
     proc = subprocess.Popen([sys.executable, "-m", "expertscope.cli.main", *args, "-o", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (killed / "ce_checkpoint.npz").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (killed / "ce_checkpoint.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

@@ -218,11 +218,11 @@ def _stage_drivers(ctx: StudyContext) -> dict[str, Any]:
     c = ctx.config
     effects = causal_effects(ctx.model, ctx.domains, c.causal, layers=c.causal.only_layers,
                              experts=c.causal.only_experts, labels=c.causal.label_tokens,
-                             checkpoint=ctx.out / "ce_checkpoint.npz", resume=True, progress=ctx.progress)
+                             checkpoint=ctx.out / "ce_checkpoint.jsonl", resume=True, progress=ctx.progress)
     effects.save(ctx.out)
     table = driver_experts(effects, c.drivers)
     table.save(ctx.out / "drivers.parquet")
-    (ctx.out / "ce_checkpoint.npz").unlink(missing_ok=True)
+    (ctx.out / "ce_checkpoint.jsonl").unlink(missing_ok=True)
     if (ctx.out / "domain_experts.parquet").exists():
         # The general experts exclude drivers: refresh this run's domain-expert table with them.
         domain_experts(ctx.profile(), c.domain_experts, drivers=table.df).save(ctx.out / "domain_experts.parquet")

@@ -12,23 +12,23 @@ exactly). Long runs checkpoint after every batch and resume to the same result.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..checkpoint import RowCheckpoint
 from ..config import CausalConfig, resolve_config
 from ..data.types import Domain
 from ..errors import ConfigError, DataError, OutputError
-from ..io import atomic_write, read_table, write_table
+from ..io import read_table, write_table
 from ..models.model import MoEModel
 from ..progress import ProgressCallback
 from ..routing import DomainInput, as_domain_list, effective_max_length
@@ -39,7 +39,6 @@ from .fast import FastEstimator, FastStats
 from .fisher import FisherEstimator, FisherStats
 
 TABLE_VERSION = 1
-CHECKPOINT_VERSION = 1
 
 
 
@@ -175,37 +174,6 @@ def _fingerprint(token_ids: list[list[int]], decisions: list[list[int]], domains
     return h.hexdigest()
 
 
-# ----- checkpoints ---------------------------------------------------------------------------------
-def _save_checkpoint(path: Path, fingerprint: str, phases: dict[str, dict[int, np.ndarray]],
-                     stats: dict[str, Any], extra: dict[str, Any]) -> None:
-    arrays: dict[str, np.ndarray] = {}
-    for name, rows in phases.items():
-        idx = np.array(sorted(rows), dtype=np.int64)
-        arrays[f"{name}_index"] = idx
-        arrays[f"{name}_ce"] = np.stack([rows[i] for i in idx]) if len(idx) else np.zeros((0,))
-    meta = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "stats": stats, **extra}
-    arrays["meta"] = np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **cast(dict[str, Any], arrays))  # numpy's stub reserves the keyword allow_pickle: bool
-    with atomic_write(path, "wb") as fh:
-        fh.write(buf.getvalue())
-
-
-def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, Any]]:
-    with np.load(path) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        if meta.get("version") != CHECKPOINT_VERSION or meta.get("fingerprint") != fingerprint:
-            raise ConfigError(f"the checkpoint {path} was made with other inputs or settings: rerun without "
-                              "--resume (or with the original settings), or choose a new --out")
-        phases: dict[str, dict[int, np.ndarray]] = {}
-        for key in z.files:
-            if key.endswith("_index"):
-                name = key[: -len("_index")]
-                ce = z[f"{name}_ce"]
-                phases[name] = {int(i): ce[j] for j, i in enumerate(z[key])}
-    return phases, meta
-
-
 # ----- the entry point -----------------------------------------------------------------------------
 def causal_effects(
     model: MoEModel,
@@ -266,6 +234,8 @@ def causal_effects(
             run.phase("exact", top)
     finally:
         run.stop_progress()
+        if run.checkpoint is not None:
+            run.checkpoint.close()
     ce, exact_mask = _combine(run, cfg.method, lays, per_layer, top, E_max)
     settings = {
         **cfg.to_dict(), "layers_asked": lays, "experts_asked": settings_key["experts"], "label_ids": label_ids,
@@ -360,21 +330,21 @@ class _Run:
             "fisher": FisherEstimator(model, self.stack, cfg, lab, self.fisher_stats),
         }
         self.phases: dict[str, dict[int, np.ndarray]] = {}
-        self.ck_path: Path | None = None
-        self.fingerprint = ""
+        self.checkpoint: RowCheckpoint | None = None
         self.done, self.total = 0, 0
         self.progress: ProgressCallback | None = None
         self.on_batch: Callable[[int, int], None] | None = None
 
     def open_checkpoint(self, checkpoint: str | Path | None, resume: bool, fingerprint: str) -> int:
-        """Remember where to checkpoint; with ``resume`` load finished rows. Returns the rows resumed."""
-        self.ck_path = Path(checkpoint) if checkpoint is not None else None
-        self.fingerprint = fingerprint
-        if self.ck_path is not None and resume and self.ck_path.exists():
-            self.phases, meta = _load_checkpoint(self.ck_path, fingerprint)
-            _restore_stats(self.exact_stats, self.fisher_stats, meta.get("stats", {}))
-            return sum(len(v) for v in self.phases.values())
-        return 0
+        """Checkpoint finished rows into ``checkpoint`` (:class:`~expertscope.checkpoint.RowCheckpoint`);
+        with ``resume`` load the rows a run with the same ``fingerprint`` finished. Returns the rows resumed."""
+        if checkpoint is None:
+            return 0
+        self.checkpoint = RowCheckpoint(checkpoint, fingerprint, resume)
+        for (name, i), row in self.checkpoint.done.items():
+            self.phases.setdefault(str(name), {})[int(i)] = row
+        _restore_stats(self.exact_stats, self.fisher_stats, self.checkpoint.meta.get("stats", {}))
+        return len(self.checkpoint.done)
 
     def start_progress(self, n_phases: int, progress: ProgressCallback | None,
                        on_batch: Callable[[int, int], None] | None) -> None:
@@ -405,9 +375,10 @@ class _Run:
             for j, i in enumerate(ids):
                 rows[i] = _full_row(vals[j], self.lays, which, self.E_max)
             self.done += 1
-            if self.ck_path is not None:
-                _save_checkpoint(self.ck_path, self.fingerprint, self.phases,
-                                 _dump_stats(self.exact_stats, self.fisher_stats), {})
+            if self.checkpoint is not None:
+                for i in ids:
+                    self.checkpoint.add((name, i), rows[i])
+                self.checkpoint.set_meta({"stats": _dump_stats(self.exact_stats, self.fisher_stats)})
             self._report()
             if self.on_batch is not None:
                 self.on_batch(self.done, self.total)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import RowCheckpoint
 from ..config import CausalConfig, resolve_config
 from ..errors import ConfigError, DataError
 from ..execution import Executor, LocalExecutor
@@ -68,42 +68,6 @@ def _fingerprint(texts: list[str], settings: CausalConfig, model_info: dict[str,
     return h.hexdigest()[:16]
 
 
-class SweepCheckpoint:
-    """Append-only JSON lines ``{"i", "layer", "ce"}`` behind a header; a torn last line is ignored.
-
-    Floats are written with ``repr`` precision, so values read back are bit-identical.
-    """
-
-    def __init__(self, path: str | Path, fingerprint: str, resume: bool) -> None:
-        self.path = Path(path)
-        self.done: dict[tuple[int, int], np.ndarray] = {}
-        if self.path.exists() and resume:
-            lines = self.path.read_text().splitlines()
-            header = json.loads(lines[0]) if lines else {}
-            if header.get("fingerprint") != fingerprint:
-                raise ConfigError(f"{self.path} belongs to a sweep with other inputs or settings: use a new --out")
-            for line in lines[1:]:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the process died while writing this line
-                self.done[(int(row["i"]), int(row["layer"]))] = np.asarray(row["ce"], dtype=np.float64)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
-
-    def add(self, i: int, layer: int, ce: np.ndarray) -> None:
-        self.done[(i, layer)] = ce
-        self._fh.write(json.dumps({"i": i, "layer": layer, "ce": [float(x) for x in ce]}) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
-
-
 def causal_sweep(
     model: MoEModel,
     domain_or_texts: DomainInput,
@@ -139,8 +103,9 @@ def causal_sweep(
     items = [{"ids": t, "decisions": d} for t, d in zip(prep.token_ids, prep.decisions, strict=True)]
     layers = model.layers
     E_max = model.num_experts
-    ck = SweepCheckpoint(checkpoint, _fingerprint(texts, settings, model.describe()), resume) if checkpoint else None
-    done: dict[tuple[int, int], np.ndarray] = dict(ck.done) if ck else {}
+    ck = RowCheckpoint(checkpoint, _fingerprint(texts, settings, model.describe()), resume) if checkpoint else None
+    done: dict[tuple[int, int], np.ndarray] = {(int(i), int(layer)): v for (i, layer), v in ck.done.items()} \
+        if ck else {}
     todo = [(i, layer) for i in range(len(texts)) for layer in layers if (i, layer) not in done]
     work: list[CausalItem] = [(layer, items[i]) for i, layer in todo]
     runner = executor if executor is not None else LocalExecutor()
@@ -151,7 +116,7 @@ def causal_sweep(
             done[(i, layer)] = ce
             computed += 1
             if ck is not None:
-                ck.add(i, layer, ce)
+                ck.add((i, layer), ce)
     finally:
         if ck is not None:
             ck.close()
