@@ -34,8 +34,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_tables(tmp_path: Path) -> N
     proc = subprocess.Popen([sys.executable, "-m", "expertscope.cli.main", *args, "-o", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (killed / "ce_checkpoint.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    ck = killed / "ce_checkpoint.jsonl"
+
+    def rows_done() -> int:  # the checkpoint's header is written first: kill once a row is in it
+        return max(0, len(ck.read_text().splitlines()) - 1) if ck.exists() else 0
+
+    while rows_done() < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
