@@ -21,6 +21,7 @@ def test_entry_point_hides_third_party_deprecations_only(monkeypatch: pytest.Mon
         _warn_from("expertscope.stats.profile", FutureWarning)  # our own: kept
 
     monkeypatch.setattr(cli_main, "app", fake_app)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() installs its own: undo it
     monkeypatch.setattr(cli_main.sys, "warnoptions", [])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

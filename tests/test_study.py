@@ -33,7 +33,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "10", "--batch-size", "4",
-            "--causal-limit", "3", "--eval-limit", "5", "--train-limit", "8", "--n-boot", "50", "--n-perm", "auto"]
+            "--causal-limit", "3", "--eval-limit", "5", "--train-limit", "8", "--n-boot", "50", "--n-perm", "auto",
+            # a small dose-response (mask, ×0.8, ×1.2, ×2, +ln 2) with one control draw: every part runs, quickly
+            "--n-controls", "1", "--dose-scales", "2", "--dose-biases", "2"]
     for d in DOMAINS:
         args += ["--domain", d]
     return args + list(extra)
@@ -141,7 +143,8 @@ def test_a_sentiment_file_with_its_own_labels_runs_the_whole_study(model_dir: Pa
     data = _sentiment_file(tmp_path / "sentiment.jsonl")
     out = tmp_path / "run"
     args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--batch-size", "4",
-            "--causal-limit", "3", "--eval-limit", "6", "--train-limit", "6", "--n-boot", "50",
+            "--causal-limit", "3", "--eval-limit", "6", "--train-limit", "6", "--n-boot", "50", "--n-controls", "1",
+            "--dose-scales", "2", "--dose-biases", "2",
             "--domain", f"sa={data}?task=classification", "--domain", "knowledge=synthetic:knowledge@validation"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
