@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -156,6 +157,19 @@ def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, An
     except (pa.ArrowException, ValueError, OSError) as e:  # ArrowInvalid is a ValueError; JSON errors too
         raise OutputError(f"table {path} cannot be read ({_first_line(e)}): it is corrupt, truncated or not "
                           "an expertscope table; rerun the command that wrote it (with --force)") from None
+
+
+def write_safetensors(path: str | os.PathLike[str], arrays: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write numpy ``arrays`` into a safetensors file (atomically), ``meta`` as JSON under the header key
+    ``expertscope``; :func:`read_safetensors` reads it back."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
+                  metadata={"expertscope": json.dumps(meta)})
+    return path
 
 
 def read_safetensors(path: str | os.PathLike[str], what: str = "file") -> tuple[dict[str, Any], dict[str, str]]:

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..io import atomic_write
 from ..models.model import MoEModel
+from ..progress import quiet_logger
 
 SYNTHETIC_TASKS = {"emotion": "expertscope_emotion", "knowledge": "expertscope_knowledge", "math": "expertscope_math"}
 
@@ -175,7 +176,7 @@ def lm_eval_steered(
 
     # Targets are checked against the model before lm-eval starts (an expert out of range is one line).
     ctx = steer(model, spec=steering) if steering is not None else contextlib.nullcontext()
-    with _quiet_lm_eval():
+    with quiet_logger("lm_eval.models.huggingface"):  # HFLM warns that it was handed a loaded model: on purpose
         lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size,
                   device=str(model.device))
     with ctx, _quiet_git():
@@ -185,20 +186,6 @@ def lm_eval_steered(
     if out is None:
         raise ConfigError("lm-eval returned no results: check the task names")
     return out
-
-
-@contextlib.contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
-    """Hide HFLM's two warnings about being handed a loaded model: that is how expertscope runs it, on purpose."""
-    import logging
-
-    log = logging.getLogger("lm_eval.models.huggingface")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 @contextlib.contextmanager

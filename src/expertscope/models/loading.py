@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..progress import quiet_logger
 from .model import MoEModel
 
 DTYPES: dict[str, torch.dtype] = {
@@ -140,20 +141,6 @@ def _hub_available(repo_id: str, revision: str | None) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _quiet_hub() -> Iterator[None]:
-    """Silence huggingface_hub's per-retry warnings; the failure is reported once, as a ModelError."""
-    import logging
-
-    log = logging.getLogger("huggingface_hub")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def _first_line(e: BaseException) -> str:
     """An exception's first non-empty line, whole (messages must not be cut mid-sentence)."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
@@ -216,7 +203,7 @@ def load_model(
             "cache: download it and pass its local directory, e.g. --model ./my-model"
         )
     try:
-        with _quiet_hub():
+        with quiet_logger("huggingface_hub"):
             config = AutoConfig.from_pretrained(source, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
@@ -244,7 +231,7 @@ def load_model(
     # load report transformers prints (20+ lines) is kept off stderr and summed up in one line.
     load_kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     try:
-        with _quiet_hub(), _captured_load_report() as reports:
+        with quiet_logger("huggingface_hub"), _captured_load_report() as reports:
             loaded: Any = AutoModelForCausalLM.from_pretrained(source, config=config, **load_kwargs)
         model, loading_info = loaded  # (model, info) with output_loading_info
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt or truncated files
@@ -260,7 +247,7 @@ def load_model(
         raise ModelError(f"{source} has no tokenizer (no tokenizer.json, tokenizer_config.json or tokenizer.model): "
                          "save the model's tokenizer into that directory (tokenizer.save_pretrained(dir))")
     try:
-        with _quiet_hub():
+        with quiet_logger("huggingface_hub"):
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer of {path_or_id} ({_first_line(e)}): save the model's "

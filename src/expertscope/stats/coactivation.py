@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DataError, OutputError
-from ..io import atomic_path
+from ..io import read_safetensors, write_safetensors
 
 COACTIVATION_FORMAT_VERSION = 1
 
@@ -155,28 +155,19 @@ class CoactivationStats:
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file (arrays, metadata in its header), written atomically."""
-        from safetensors.numpy import save_file
-
         arrays, meta = self.state_dict()
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
-                      metadata={"expertscope": json.dumps(meta)})
-        return path
+        return write_safetensors(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> CoactivationStats:
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
-
         path = Path(path)
         if not path.exists():
             raise OutputError(f"no co-activation counts at {path}: profile first (expertscope profile)")
-        with safe_open(str(path), framework="np") as fh:
-            meta = json.loads((fh.metadata() or {}).get("expertscope", "{}"))
+        arrays, header = read_safetensors(path, "co-activation counts")
+        meta = json.loads(header.get("expertscope", "{}"))
         if meta.get("format") != "expertscope.coactivation":
             raise OutputError(f"{path} is not a co-activation file written by expertscope")
-        return cls.from_state_dict(load_file(str(path)), meta)
+        return cls.from_state_dict(arrays, meta)
 
     # ----- tables --------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:

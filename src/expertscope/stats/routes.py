@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, OutputError
-from ..io import atomic_path
+from ..io import read_safetensors, write_safetensors
 
 if TYPE_CHECKING:
     from ..models.model import MoEModel
@@ -99,8 +99,6 @@ class SequenceRoutes:
     def save(self, path: str | Path) -> Path:
         """One safetensors file: ``routes`` ``(all tokens, L, k)``, and per sequence its domain index, id,
         length and token hash; written atomically."""
-        from safetensors.numpy import save_file
-
         domains = self.domains
         seqs = list(self.sequences())
         L, k = len(self.layers), self.top_k
@@ -114,26 +112,17 @@ class SequenceRoutes:
         }
         meta = {"format": "expertscope.routes", "version": ROUTES_FORMAT_VERSION, "layers": self.layers,
                 "num_experts": self.num_experts, "top_k": self.top_k, "domains": domains}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({n: np.ascontiguousarray(a) for n, a in arrays.items()}, str(tmp),
-                      metadata={"expertscope": json.dumps(meta)})
-        return path
+        return write_safetensors(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> SequenceRoutes:
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
-
         path = Path(path)
         if not path.exists():
             raise OutputError(f"no per-token routes at {path}: profile with keep_routes=True (the default)")
-        with safe_open(str(path), framework="np") as fh:
-            meta = json.loads((fh.metadata() or {}).get("expertscope", "{}"))
+        a, header = read_safetensors(path, "routes")
+        meta = json.loads(header.get("expertscope", "{}"))
         if meta.get("format") != "expertscope.routes" or meta.get("version", 0) > ROUTES_FORMAT_VERSION:
             raise OutputError(f"{path} is not a routes file this expertscope can read: upgrade expertscope")
-        a = load_file(str(path))
         out = cls(list(meta["layers"]), int(meta["num_experts"]), int(meta["top_k"]))
         ends = np.cumsum(a["seq_len"])
         starts = ends - a["seq_len"]
