@@ -5,8 +5,9 @@ setup:
 # One torch thread: the bundled demo's matrices are too small for two (two threads made the run slower here).
 run: setup
 	.venv/bin/expertscope run --threads 1 $(ARGS)
+# One torch thread per test process unless the caller says otherwise: the tests' tiny models run slower on two.
 test: setup
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest $(PYTEST_ARGS)
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/mypy

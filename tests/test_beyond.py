@@ -365,6 +365,7 @@ def test_cli_profile_routes_writes_tables_and_refuses_mismatch(tmp_path) -> None
 
 
 # ----- report: findings and figures ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_beyond_findings_read_the_tables(make_tiny, tmp_path, one_torch_thread) -> None:
     import pandas as pd
     from scipy.stats import spearmanr

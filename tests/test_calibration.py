@@ -17,7 +17,7 @@ from expertscope.stats.profile import profile
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize(("E", "k"), [(8, 2), (60, 4)])
+@pytest.mark.parametrize(("E", "k"), [(8, 2), pytest.param(60, 4, marks=pytest.mark.slow)])
 def test_every_planted_expert_is_found(E: int, k: int) -> None:
     for n in (1, 2, 3):
         planted = list(range(n))
@@ -37,6 +37,7 @@ def test_every_planted_expert_is_found(E: int, k: int) -> None:
                 assert len(z["found"]) < n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("E", "k"), [(8, 2), (60, 4)])
 def test_null_splits_flag_at_most_five_percent(E: int, k: int) -> None:
     prof = profile(planted_model(E, k, [], strength=0.0), {"all": null_texts(120)}, batch_size=32)

@@ -93,7 +93,8 @@ def _other_value(value: object, tp: object) -> tuple[str, object]:
 COMMAND_NAMES = ["run", "profile", "domains", "drivers", "steer-study", "eval", "lm-eval"]
 
 
-@pytest.mark.parametrize("command", COMMAND_NAMES)
+@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.slow) if c in ("run", "steer-study", "drivers")
+                                     else c for c in COMMAND_NAMES])
 def test_every_option_reaches_its_config_field(command: str, captured, tmp_path) -> None:
     """Each generated option, given alone with a non-default value, sets exactly the config fields it names
     (and the flag spells the field's name), for every writing command."""

@@ -96,6 +96,7 @@ def test_demo_is_clearly_above_chance(demo, name: str) -> None:
 
 
 @needs_demo
+@pytest.mark.slow
 def test_cli_eval_demo_same_scores_at_batch_1_and_8(tmp_path: Path) -> None:
     outs = {}
     for bs in (1, 8):

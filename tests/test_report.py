@@ -102,6 +102,7 @@ def built_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ----- figures -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_figures_written_png_and_svg(tmp_path: Path):
     out = F.write_figures(synthetic_tables(), tmp_path)
     assert set(out) == ALL_FIGURES

@@ -207,6 +207,7 @@ def test_the_n_perm_check_counts_the_tests_the_profile_has(model_dir: Path) -> N
 
 
 # ----- no command replaces another's table --------------------------------------------------------------------
+@pytest.mark.slow
 def test_domains_in_a_study_directory_refuses_and_writes_elsewhere(full_run: Path, tmp_path: Path) -> None:
     import hashlib
 
@@ -229,6 +230,7 @@ def test_domains_in_a_study_directory_refuses_and_writes_elsewhere(full_run: Pat
     assert len(kept) == 1 and hashlib.sha256(kept[0].read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.slow
 def test_report_to_a_file_writes_only_that_file_and_its_own_assets(full_run: Path, tmp_path: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in full_run.rglob("*")}
     where = tmp_path / "mine"
