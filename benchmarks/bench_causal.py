@@ -233,19 +233,28 @@ def _spearman(ce: np.ndarray, ref: np.ndarray, dom: np.ndarray) -> float:
     return float(np.median(rhos)) if rhos else float("nan")
 
 
+def _inputs_and_bound(moe: MoEModel, domains: list[Domain], tokens: int) -> tuple[Any, ...]:
+    """The prepared inputs and the shape's counts: ``(prep, domain of each input, n inputs, their lengths,
+    decoder layers, experts per MoE layer, naive forwards per input, restart bound per positions mode)``.
+
+    Analytic lower bound of the restart: a perturbation of layer l recomputes layers l.. from its first
+    perturbed position (all: 0; last: the first decision position) onward; plus one clean pass."""
+    prep, dom_of, _ = prepare_inputs(moe.tokenizer, domains, None, "task", tokens)
+    lens = np.array([len(t) for t in prep.token_ids])
+    n_dec = len(moe.model.model.layers)
+    E = {s.layer: s.num_experts for s in moe.sites}
+    tail = np.mean([(len(t) - d[0]) / len(t) for t, d in zip(prep.token_ids, prep.decisions, strict=True)])
+    per_pass = sum(e * (n_dec - layer) / n_dec for layer, e in E.items())
+    bound = {"all": 1 + per_pass, "last": 1 + tail * per_pass}
+    return prep, dom_of, len(prep.token_ids), lens, n_dec, E, 1 + sum(E.values()), bound
+
+
 def run_deep(name: str, moe: MoEModel, domains: list[Domain], args: argparse.Namespace) -> dict[str, Any]:
     """At real depth the naive loop (1 + layers x experts forwards per input) is too slow to run: its cost is
     counted in forward-equivalents (the time of one clean forward of each input, measured), and ``fast`` is
     compared with ``exact``."""
     common = dict(magnitude=1.0, batch_size=args.batch_size, max_length=args.tokens)
-    prep, _, _ = prepare_inputs(moe.tokenizer, domains, None, "task", args.tokens)
-    n_in, lens = len(prep.token_ids), np.array([len(t) for t in prep.token_ids])
-    n_dec = len(moe.model.model.layers)
-    E = {s.layer: s.num_experts for s in moe.sites}
-    naive_fwd = 1 + sum(E.values())
-    tail = np.mean([(len(t) - d[0]) / len(t) for t, d in zip(prep.token_ids, prep.decisions, strict=True)])
-    bound = {"all": 1 + sum(e * (n_dec - layer) / n_dec for layer, e in E.items()),
-             "last": 1 + tail * sum(e * (n_dec - layer) / n_dec for layer, e in E.items())}
+    prep, _, n_in, lens, n_dec, E, naive_fwd, bound = _inputs_and_bound(moe, domains, args.tokens)
     t0 = time.perf_counter()
     C.causal_effects(moe, {"warm": ["warm up the allocator"]}, **common)  # also verifies the engine, once
     t_verify = time.perf_counter() - t0
@@ -297,18 +306,8 @@ def run_deep(name: str, moe: MoEModel, domains: list[Domain], args: argparse.Nam
 
 def run_shape(name: str, moe: MoEModel, domains: list[Domain], args: argparse.Namespace) -> list[dict[str, Any]]:
     common = dict(magnitude=1.0, batch_size=args.batch_size, max_length=args.tokens)
-    prep, dom_of, _ = prepare_inputs(moe.tokenizer, domains, None, "task", args.tokens)
+    prep, dom_of, n_in, lens, n_dec, _E, naive_fwd, bound = _inputs_and_bound(moe, domains, args.tokens)
     dom = np.asarray(dom_of, dtype=object)
-    n_in = len(prep.token_ids)
-    lens = np.array([len(t) for t in prep.token_ids])
-    n_dec = len(moe.model.model.layers)
-    E = {s.layer: s.num_experts for s in moe.sites}
-    naive_fwd = 1 + sum(E.values())
-    # Analytic lower bound of the restart: a perturbation of layer l recomputes layers l.. from its first
-    # perturbed position (all: 0; last: the first decision position) onward; plus one clean pass.
-    tail = np.mean([(len(t) - d[0]) / len(t) for t, d in zip(prep.token_ids, prep.decisions, strict=True)])
-    bound = {"all": 1 + sum(e * (n_dec - layer) / n_dec for layer, e in E.items()),
-             "last": 1 + tail * sum(e * (n_dec - layer) / n_dec for layer, e in E.items())}
     print(f"\n== {name}: {moe.describe()['architecture']}, MoE layers {moe.layers}, {n_in} inputs of "
           f"{lens.min()}-{lens.max()} tokens, {np.mean([len(d) for d in prep.decisions]):.1f} decision positions "
           f"per input ({prep.kind_counts()})")
