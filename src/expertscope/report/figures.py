@@ -408,6 +408,17 @@ def fig_steering(steering: pd.DataFrame | None, out_dir: str | Path, name: str =
     return _styled(build)
 
 
+def _shared_legend(fig: Any, axes: Sequence[Any], ncols: int) -> None:
+    """One legend below the panels with each label once (the first panel's handle), none when no panel
+    has a labelled artist."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, frameon=False)
+
+
 def fig_steering_sweep(sweep: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_steering_sweep"
                        ) -> list[Path]:
     """Accuracy against the steering scale (and, if swept, the number of targeted experts), per domain;
@@ -443,12 +454,7 @@ def fig_steering_sweep(sweep: pd.DataFrame | None, out_dir: str | Path, name: st
                 ax.set_xlabel("scale s" if kind == "scale" else "targeted experts (strongest first)")
                 ax.set_ylabel("accuracy")
                 ax.set_title(f"{d}: {'scale' if kind == 'scale' else 'number of experts'} sweep")
-        handles: dict[str, Any] = {}
-        for ax in axes:
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                handles.setdefault(lab, h)
-        if handles:
-            fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=2, frameon=False)
+        _shared_legend(fig, axes, ncols=2)
         fig.suptitle("Accuracy against steering strength")
         return _save(fig, out_dir, name)
 
@@ -500,11 +506,7 @@ def fig_dose(dose: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_do
                 ax.set_xticks(x, labels, rotation=30)
                 ax.set_ylabel("Δ accuracy vs unsteered")
                 ax.set_title(f"{d}: {kind} experts (n = {int(r['n'].max()) if r['n'].notna().any() else '?'})")
-            handles: dict[str, Any] = {}
-            for ax in axes:
-                for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                    handles.setdefault(lab, h)
-            fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, frameon=False)
+            _shared_legend(fig, axes, ncols=3)
             fig.suptitle(f"{d}: dose–response, targets beside controls (* Δ − control interval excludes 0)")
             return _save(fig, out_dir, f"{name}_{_slug(d)}")
 
