@@ -361,3 +361,40 @@ def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) ->
     assert res.selectivity.iloc[0]["delta"] == pytest.approx(t.loc["domain_mask", "delta"])
     with es.steer(moe, [(0, 1), (2, 3)], scale=3.0):
         assert evaluate(moe, "classification", dom, batch_size=5).accuracy == t.loc["domain_up", "accuracy"]
+
+
+@pytest.mark.slow
+def test_intervention_study_in_worker_processes_equals_in_process(tmp_path) -> None:
+    """Two spawned worker processes (each loading the saved model itself, one thread) give the same tables, bit
+    for bit, as evaluating every arm here; a worker's error reaches the caller."""
+    import pandas as pd
+
+    from expertscope.data.sources import load_domain
+    from expertscope.execution import ModelSpec, ProcessExecutor
+    from expertscope.interventions.study import intervention_study
+
+    tiny_model("mixtral", initializer_range=0.3, num_local_experts=8).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        moe = es.load_model(str(tmp_path / "m"), dtype="float32")
+        doms = [load_domain("emo=synthetic:emotion@test", limit=8), load_domain("math=synthetic:math@test", limit=2)]
+        table = pd.DataFrame({"domain": ["emo", "emo", "math"], "layer": [0, 2, 1], "expert": [1, 3, 2],
+                              "is_domain_expert": [True] * 3, "specificity": [0.2, 0.5, 0.3]})
+        kw = dict(n_boot=50, n_controls=1, dose_scales=(), dose_biases=(), finetune=False, batch_size=4)
+        local = intervention_study(moe, doms, table, None, **kw)
+        ex = ProcessExecutor(ModelSpec(str(tmp_path / "m"), dtype="float32", threads=1), workers=2)
+        seen: list[tuple[int, int]] = []
+        spread = intervention_study(moe, doms, table, None, executor=ex, progress=lambda t, d, n: seen.append((d, n)),
+                                    **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert local.settings["evaluations"] == spread.settings["evaluations"] > 10
+    for attr in ("table", "dose", "arms", "selectivity"):
+        pd.testing.assert_frame_equal(getattr(local, attr), getattr(spread, attr))
+    assert seen[-1][0] == seen[-1][1] == local.settings["evaluations"]
+    # an arm that fails in a worker (a target beyond the router) fails the study with the library's own error
+    bad = table.assign(expert=[1, 3, 99])
+    with pytest.raises(es.ConfigError, match="expert 99 does not exist at layer 1"):
+        intervention_study(moe, doms, bad, None, executor=ex, **{**kw, "n_controls": 0, "selectivity": False})

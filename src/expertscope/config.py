@@ -584,10 +584,11 @@ class StudyConfig(BaseConfig):
     """Run the model repository's own code."""
     allow_pickle: bool = False
     """Allow pickled (.bin) weights from a trusted source."""
-    executor: Literal["local", "ray"] = "local"
-    """Where profiling batches run: local, or ray (Ray Data actors; pip install 'expertscope[ray]')."""
+    executor: Literal["local", "process", "ray"] = "local"
+    """Where profiling batches and steering evaluations run: local (this process), process (worker processes on
+    this machine) or ray (Ray Data actors; pip install 'expertscope[ray]'). Results do not depend on it."""
     workers: int = 2
-    """Ray actors (each loads the model once)."""
+    """Worker processes or Ray actors (each loads the model once)."""
     gpus_per_worker: float = 0
     """GPUs per Ray actor (>1: device_map='auto')."""
     threads: int | None = None

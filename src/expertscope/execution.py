@@ -1,4 +1,5 @@
-"""Where work runs: in this process (``local``) or on a Ray cluster (``ray``), behind one :class:`Executor` protocol.
+"""Where work runs: in this process (``local``), in worker processes on this machine (``process``) or on a Ray
+cluster (``ray``), behind one :class:`Executor` protocol.
 
 A job (profiling batches, causal-sweep items) is a list of picklable work items plus a *worker factory*:
 ``factory(model)`` builds a worker once per process, ``worker(item)`` computes one item's result. An
@@ -6,9 +7,9 @@ executor runs the worker over the items and yields the results in item order, wh
 in. Jobs define their workers beside themselves (:class:`expertscope.stats.profile.BatchProfiler`,
 :class:`expertscope.causal.sweep.CausalItemWorker`); this module imports no job.
 
-Ray actors load the model themselves from a :class:`ModelSpec` (models are never shipped in a closure), so a
-Ray run equals the in-process run exactly when the workers compute alike (same device, dtype and thread
-count: pin ``threads``).
+Worker processes and Ray actors load the model themselves from a :class:`ModelSpec` (models are never shipped
+in a closure), so such a run equals the in-process run exactly when the workers compute alike (same device,
+dtype and thread count: pin ``threads``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,64 @@ class LocalExecutor:
         worker = factory(model)
         for item in items:
             yield worker(item)
+
+
+_PROCESS_WORKER: Callable[[Any], Any] | None = None
+
+
+def _process_init(spec: dict[str, Any], factory: Callable[[Any], Callable[[Any], Any]]) -> None:
+    """Runs once in each worker process: load the model, build the worker."""
+    global _PROCESS_WORKER
+    _PROCESS_WORKER = factory(ModelSpec(**spec).load())
+
+
+def _process_item(item: Any) -> Any:
+    assert _PROCESS_WORKER is not None  # set by _process_init
+    return _PROCESS_WORKER(item)
+
+
+class ProcessExecutor:
+    """Runs items in ``workers`` processes on this machine (started fresh, ``spawn``), one model per process.
+
+    The lever on a CPU with several cores when one torch thread per process is fastest (small models: two
+    threads on one model spin rather than help). Each process loads the model from ``spec`` with
+    ``spec.threads`` torch threads (default: the cores divided among the workers).
+    """
+
+    name = "process"
+
+    def __init__(self, spec: ModelSpec, workers: int = 2) -> None:
+        import os
+
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}: pass --workers N")
+        if spec.threads is None:
+            spec = ModelSpec(**{**asdict(spec), "threads": max(1, (os.cpu_count() or 1) // workers)})
+        self.spec, self.workers = spec, workers
+
+    def run_items(
+        self, model: MoEModel, items: Sequence[ItemT], factory: Callable[[MoEModel], Callable[[ItemT], ResultT]]
+    ) -> Iterator[ResultT]:
+        """Results in item order. ``model`` is not used (each process loads its own). A worker process that
+        dies becomes one :class:`ExpertscopeError`; errors the worker raises reach the caller unchanged."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        if not items:
+            return
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(items)),
+                                   mp_context=multiprocessing.get_context("spawn"), initializer=_process_init,
+                                   initargs=(asdict(self.spec), factory))
+        try:
+            futures = [pool.submit(_process_item, item) for item in items]
+            for f in futures:
+                yield f.result()
+        except BrokenProcessPool:
+            raise ExpertscopeError("a worker process died (out of memory?): the results finished so far are kept; "
+                                   "rerun with --resume, or with fewer --workers") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _RayWorkerActor:
@@ -182,9 +241,9 @@ class RayExecutor:
 
 
 def make_executor(
-    kind: Literal["local", "ray"], spec: ModelSpec | None = None, workers: int = 2, gpus_per_worker: float = 0,
-    cpus_per_worker: float | None = None,
-) -> LocalExecutor | RayExecutor:
+    kind: Literal["local", "process", "ray"], spec: ModelSpec | None = None, workers: int = 2,
+    gpus_per_worker: float = 0, cpus_per_worker: float | None = None,
+) -> LocalExecutor | ProcessExecutor | RayExecutor:
     """The executor named by ``--executor``."""
     from .validation import check_nonnegative, check_positive
 
@@ -192,11 +251,15 @@ def make_executor(
     check_nonnegative(gpus_per_worker, "gpus_per_worker")
     if kind == "local":
         return LocalExecutor()
+    if kind == "process":
+        if spec is None:
+            raise ConfigError("the process executor needs the model's source: pass --model NAME_OR_PATH")
+        return ProcessExecutor(spec, workers=workers)
     if kind == "ray":
         if spec is None:
             raise ConfigError("the ray executor needs the model's source path: pass --model PATH")
         return RayExecutor(spec, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
-    raise ConfigError(f"unknown executor {kind!r}: use local or ray")
+    raise ConfigError(f"unknown executor {kind!r}: use local, process or ray")
 
 
-__all__ = ["Executor", "LocalExecutor", "ModelSpec", "RayExecutor", "WorkerFactory", "make_executor"]
+__all__ = ["Executor", "LocalExecutor", "ModelSpec", "ProcessExecutor", "RayExecutor", "WorkerFactory", "make_executor"]

@@ -123,8 +123,8 @@ TABLE_ONLY_STAGES: set[str] = set()
 NO_DATA_STAGES: set[str] = {"lm_eval"}
 #: Run-level StudyConfig fields only some stages read (the others are read by every stage using the model).
 RUN_FIELD_STAGES: dict[str, tuple[str, ...]] = {
-    "train_limit": ("steering",), "executor": ("profile",), "workers": ("profile",),
-    "gpus_per_worker": ("profile",),
+    "train_limit": ("steering",), "executor": ("profile", "steering"), "workers": ("profile", "steering"),
+    "gpus_per_worker": ("profile", "steering"),
 }
 
 
@@ -188,7 +188,7 @@ def _executor(c: StudyConfig) -> Any:
     if c.executor == "local":
         return None
     spec = ModelSpec(c.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code,
-                     allow_pickle=c.allow_pickle)
+                     allow_pickle=c.allow_pickle, threads=c.threads)
     return make_executor(c.executor, spec, workers=c.workers, gpus_per_worker=c.gpus_per_worker)
 
 
@@ -312,7 +312,7 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
     result = intervention_study(ctx.model, ctx.inputs.test, DomainExpertTable.load(ctx.path("domain_experts.parquet")),
                                 ctx.drivers(), train={d.name: d for d in ctx.inputs.train},
                                 config=ctx.config.intervention, progress=ctx.progress,
-                                adapter_dir=ctx.out / "router_lora")
+                                adapter_dir=ctx.out / "router_lora", executor=_executor(ctx.config))
     result.save(ctx.out)
     t = result.table
     # Not-applicable conditions (no targets) are recorded as null, never as a number.

@@ -18,6 +18,7 @@ LoRA), ``dose`` (every kind × strength), ``arms`` (every evaluated arm, with pe
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ import pandas as pd
 from ..config import InterventionConfig, resolve_config
 from ..data.types import Domain
 from ..errors import ConfigError, DataError, ModelError
+from ..execution import Executor, LocalExecutor
 from ..io import read_table, write_table
 from ..models.model import MoEModel
 from ..progress import ProgressCallback
@@ -205,20 +207,6 @@ class _Runner:
         if self.progress is not None:
             self.progress("steering", self.finished, max(self.total, self.finished))
 
-    def _sequences(self, dom: Domain, base: Any) -> list[list[int]]:
-        """Each item's tokens for counting routing changes: its prompt, and for generation the unsteered
-        model's continuation (the tokens it generates from)."""
-        from ..data import prompts
-
-        tok = self.model.tokenizer
-        seqs = []
-        for ex, pred in zip(dom.examples, base.predictions, strict=True):
-            ids = list(tok(prompts.prompt(str(dom.task), ex), add_special_tokens=True)["input_ids"])
-            if dom.task == "math" and pred.get("generation"):
-                ids += list(tok(str(pred["generation"]), add_special_tokens=False)["input_ids"])
-            seqs.append(ids)
-        return seqs
-
     def evaluate(self, dom: Domain, targets: Sequence[tuple[int, int]], s: Strength | None, label: str
                  ) -> _Measured:
         from ..evaluation import evaluate
@@ -228,27 +216,40 @@ class _Runner:
             return self.done[key]
         self._tick(f"{dom.name}: {label}")
         self.evaluations += 1
-        cfg = self.cfg
         if key[2] == "none":
-            res = evaluate(self.model, dom.task, dom, batch_size=cfg.batch_size)
-            seqs = self._sequences(dom, res)
-            self.reference[dom.name] = (seqs, record_routing(self.model, seqs, cfg.batch_size))
+            res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
+            seqs = _sequences(self.model, dom, res)
+            self.reference[dom.name] = (seqs, record_routing(self.model, seqs, self.cfg.batch_size))
             m = _Measured(res, _correct(res), 0, self.reference[dom.name][1].n_tokens * len(self.model.layers))
         else:
             assert s is not None
-            spec = s.spec(targets)
-            with steer(self.model, spec=spec, count_changes=False):
-                res = evaluate(self.model, dom.task, dom, batch_size=cfg.batch_size)
-            seqs, ref = self._reference(dom)
-            rec = record_routing(self.model, seqs, cfg.batch_size, steering=steer(self.model, spec=spec,
-                                                                                   count_changes=False))
-            if s.mode == "mask":
-                _check_masked(rec, spec.targets)
-            changed, routed = routing_changes(ref, rec)
-            m = _Measured(res, _correct(res), changed, routed)
+            m = _measure(self.model, dom, s.spec(targets), self.cfg.batch_size, *self._reference(dom))
         self.done[key] = m
         self._step()
         return m
+
+    def prefetch(self, plan: Sequence[tuple[Domain, tuple[tuple[int, int], ...], Strength, str]],
+                 executor: Executor | None) -> None:
+        """Evaluate every planned steered arm not yet done, through ``executor`` (None: in this process), in
+        plan order; the domains' unsteered runs first, here (the arms count routing changes against them)."""
+        todo: dict[Key, tuple[Domain, tuple[tuple[int, int], ...], Strength, str]] = {}
+        for dom, targets, s, label in plan:
+            self._reference(dom)
+            key = self.key(dom, targets, s)
+            if key not in self.done and key[2] != "none":
+                todo.setdefault(key, (dom, targets, s, label))
+        if not todo:
+            return
+        runner = executor if executor is not None else LocalExecutor()
+        factory = functools.partial(_ArmWorker, domains={d.name: d for d, *_ in todo.values()},
+                                    references=self.reference, batch_size=self.cfg.batch_size)
+        items = [(dom.name, targets, s) for dom, targets, s, _ in todo.values()]
+        for (key, (dom, _, _, label)), m in zip(todo.items(), runner.run_items(self.model, items, factory),
+                                                strict=True):
+            self._tick(f"{dom.name}: {label}")
+            self.evaluations += 1
+            self.done[key] = m
+            self._step()
 
     def _reference(self, dom: Domain) -> tuple[list[list[int]], RoutingRecord]:
         if dom.name not in self.reference:
@@ -272,6 +273,49 @@ class _Runner:
             ft.unload()
         self._step()
         return _Measured(res, _correct(res), changed, routed), int(ft.trainable_parameters)
+
+
+def _sequences(model: MoEModel, dom: Domain, base: Any) -> list[list[int]]:
+    """Each item's tokens for counting routing changes: its prompt, and for generation the unsteered model's
+    continuation (the tokens it generates from)."""
+    from ..data import prompts
+
+    tok = model.tokenizer
+    seqs = []
+    for ex, pred in zip(dom.examples, base.predictions, strict=True):
+        ids = list(tok(prompts.prompt(str(dom.task), ex), add_special_tokens=True)["input_ids"])
+        if dom.task == "math" and pred.get("generation"):
+            ids += list(tok(str(pred["generation"]), add_special_tokens=False)["input_ids"])
+        seqs.append(ids)
+    return seqs
+
+
+def _measure(model: MoEModel, dom: Domain, spec: SteeringSpec, batch_size: int, seqs: list[list[int]],
+             ref: RoutingRecord) -> _Measured:
+    """One steered arm: ``dom``'s task evaluated under ``spec``, and its routing changes over ``seqs`` against
+    the unsteered record ``ref``."""
+    from ..evaluation import evaluate
+
+    with steer(model, spec=spec, count_changes=False):
+        res = evaluate(model, dom.task, dom, batch_size=batch_size)
+    rec = record_routing(model, seqs, batch_size, steering=steer(model, spec=spec, count_changes=False))
+    if spec.mode == "mask":
+        _check_masked(rec, spec.targets)
+    changed, routed = routing_changes(ref, rec)
+    return _Measured(res, _correct(res), changed, routed)
+
+
+class _ArmWorker:
+    """An executor worker (see :mod:`expertscope.execution`): evaluates steered arms
+    ``(domain name, targets, strength)`` on ``model``; picklable, so worker processes build their own."""
+
+    def __init__(self, model: MoEModel, domains: dict[str, Domain],
+                 references: dict[str, tuple[list[list[int]], RoutingRecord]], batch_size: int) -> None:
+        self.model, self.domains, self.references, self.batch_size = model, domains, references, batch_size
+
+    def __call__(self, item: tuple[str, tuple[tuple[int, int], ...], Strength]) -> _Measured:
+        name, targets, s = item
+        return _measure(self.model, self.domains[name], s.spec(targets), self.batch_size, *self.references[name])
 
 
 def _check_masked(rec: RoutingRecord, targets: Sequence[tuple[int, int]]) -> None:
@@ -343,6 +387,7 @@ def intervention_study(
     on_eval: Callable[[str], None] | None = None,
     progress: ProgressCallback | None = None,
     adapter_dir: str | Path | None = None,
+    executor: Executor | None = None,
     **overrides: Any,
 ) -> InterventionResult:
     """Evaluate every domain (with a ``task``) under each targeted condition with its controls.
@@ -360,7 +405,9 @@ def intervention_study(
     of batch size. ``negative_share``: the share of the targets' logits (unsteered, over the same tokens)
     that are negative: scale mode moves those the other way. ``on_eval(label)`` names each evaluation;
     ``progress("steering", done, total)`` counts them. ``adapter_dir``: save each domain's router adapter in
-    ``adapter_dir/<domain>`` (read by the routing-overlap stage).
+    ``adapter_dir/<domain>`` (read by the routing-overlap stage). ``executor`` (an
+    :class:`~expertscope.execution.Executor`; None: this process) evaluates the steered arms, e.g. in worker
+    processes; the results equal the in-process ones when the workers compute alike (pin the threads).
     """
     cfg = resolve_config(InterventionConfig, config, overrides)
     tasked = [d.head(cfg.limit) for d in domains if d.task is not None]
@@ -375,9 +422,12 @@ def intervention_study(
     arms = {d.name: {k: _arms(model, cfg, d.name, k, targets[d.name][k].experts, activation_rates(domain_table,
                                                                                                    d.name))
                      for k in KINDS if targets[d.name][k].experts} for d in tasked}
-    runner.total = _plan_size(tasked, arms, points, cfg, train)
+    plan = _plan(tasked, arms, points, cfg)
+    keys = {runner.key(d, [], None) for d in tasked} | {runner.key(d, t, s) for d, t, s, _ in plan}
+    runner.total = len(keys) + sum(1 for d in tasked if cfg.finetune and (train or {}).get(d.name) is not None)
     if progress is not None:
         progress("steering", 0, runner.total)
+    runner.prefetch(plan, executor)
 
     rows: list[dict[str, Any]] = []
     dose_rows: list[dict[str, Any]] = []
@@ -427,24 +477,25 @@ def _paper_points(cfg: InterventionConfig, kind: str) -> list[tuple[str, Strengt
     return out + ([(f"{kind}_mask", Strength("mask"))] if cfg.dose_mask else [])
 
 
-def _plan_size(tasked: list[Domain], arms: dict[str, dict[Any, _Arms]], points: list[Strength],
-               cfg: InterventionConfig, train: dict[str, Domain] | None) -> int:
-    """How many distinct evaluations the study will run (for progress)."""
-    keys: set[Key] = set()
+def _plan(tasked: list[Domain], arms: dict[str, dict[Any, _Arms]], points: list[Strength], cfg: InterventionConfig
+          ) -> list[tuple[Domain, tuple[tuple[int, int], ...], Strength, str]]:
+    """Every steered arm the study evaluates, in the order it reads them: ``(domain, targets, strength, label)``."""
+    plan = []
     for dom in tasked:
-        keys.add(_Runner.key(dom, [], None))
-        for a in arms[dom.name].values():
+        for kind, a in arms[dom.name].items():
             for s in points:
-                for experts in (a.target, *a.random, a.busiest):
-                    if experts:
-                        keys.add(_Runner.key(dom, experts, s))
+                label = f"{kind} {s.label}"
+                plan.append((dom, a.target, s, label))
+                plan += [(dom, c, s, f"{label} control {i + 1}/{len(a.random)}") for i, c in enumerate(a.random)]
+                if a.busiest:
+                    plan.append((dom, a.busiest, s, f"{label} busiest control"))
     if cfg.selectivity:
-        for i in tasked:
-            for a in arms[i.name].values():
-                for j in tasked:
-                    keys.add(_Runner.key(j, a.target, Strength("mask")))
-    n_lora = sum(1 for d in tasked if cfg.finetune and (train or {}).get(d.name) is not None)
-    return len(keys) + n_lora
+        for kind in KINDS:
+            for i in tasked:
+                if kind in arms[i.name]:
+                    plan += [(j, arms[i.name][kind].target, Strength("mask"), f"{kind} mask of {i.name}")
+                             for j in tasked]
+    return plan
 
 
 def _stats_row(dom: Domain, condition: str, kind: str, s: Strength, n_targets: int, m: _Measured, base: _Measured,
