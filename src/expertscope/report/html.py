@@ -37,7 +37,6 @@ from .findings import (
     CAPTIONS,
     COLUMN_HELP,
     NO_DRIVERS,
-    SATURATED,
     SCALE_NOTE,
     findings,
     findings_record,
@@ -58,6 +57,7 @@ from .findings import (
     status_sentence,
     table_meta,
 )
+from .views import steering_rows
 
 #: Table key -> file names it may be saved under (searched in the run directory, then one level down).
 TABLE_FILES: dict[str, tuple[str, ...]] = {
@@ -486,22 +486,6 @@ def _routing_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pa
     return figure(figures, "fig_routing_mi") + table_html(mi, list(mi.columns), rows=20)
 
 
-def _steering_table(st: pd.DataFrame) -> pd.DataFrame:
-    """The steering table as shown: not-applicable rows keep their reason and show no numbers."""
-    st = st.copy()
-    if "applicable" in st.columns:
-        na = ~st["applicable"].fillna(True).astype(bool)
-        col = "reason" if "reason" in st.columns else "note"
-        reason = st[col] if col in st.columns else pd.Series("no targets", index=st.index)
-        st["status"] = np.where(na, "not applicable: " + reason.fillna("no targets").astype(str), "")
-    if "accuracy" in st.columns and "condition" in st.columns:
-        if "saturated" not in st.columns:
-            base = st[st["condition"] == "original"].set_index("domain")["accuracy"]
-            st["saturated"] = (st["domain"].map(base) >= SATURATED).fillna(False)
-        st["saturated"] = st["saturated"].fillna(False).astype(bool)
-    return st
-
-
 STEERING_COLUMNS = ["domain", "condition", "status", "mode", "scale", "n_targets", "n", "accuracy", "ci_low",
                     "ci_high", "weighted_f1", "delta", "delta_lo", "delta_hi", "saturated"]
 
@@ -510,7 +494,7 @@ def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
     body = ""
     st = tables.get("steering")
     if st is not None and len(st):
-        shown = _steering_table(st)
+        shown = steering_rows(st)
         body += figure(figures, "fig_steering") + reading(_safe(read_steering, st))
         if "saturated" in shown.columns and shown["saturated"].any():
             body += note(" ".join(read_saturated(list(dict.fromkeys(shown.loc[shown["saturated"], "domain"]
