@@ -648,24 +648,30 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
     return page(title, intro, sections, _domains(tables), [banner] if banner else [])
 
 
-def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None) -> Path:
+def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None, *,
+           lock: bool = False) -> Path:
     """Build ``run_dir/report.html`` (or ``out``) from the run's saved tables; figures are (re)written to
     ``run_dir/figures/`` as PNG and SVG (with ``out``: ``<out stem>_figures/`` and ``<out stem>.findings.json``
     beside it, nothing in the run). Returns the report's path. Tables that exist but cannot be read are
     recorded in ``problems`` (``{file: reason}``) and left out of the report. A run whose manifest is not
-    ``complete`` gets a banner naming the stages that did not finish.
+    ``complete`` gets a banner naming the stages that did not finish. ``lock=True`` (``expertscope report``)
+    holds the run's writer lock while writing into it, so a run another process is writing is refused (a
+    study writing its own report holds the lock already); with ``out`` nothing is written into the run.
 
     Raises :class:`OutputError` if ``run_dir`` lacks ``manifest.json`` or a readable ``domain_experts.parquet``,
-    or if ``out`` is a directory.
+    if ``out`` is a directory or cannot be written, or if the run is locked by another process.
     """
+    from ..rundir import check_out_file, lock_dir
     from ..validation import check_type
 
     check_type(run_dir, (str, os.PathLike), "run_dir", "a path (the output directory of `expertscope run`)")
     if out is not None:
         check_type(out, (str, os.PathLike), "out", "a path (e.g. 'report.html')")
+        check_out_file(out)
+    elif lock:
+        with lock_dir(run_dir):
+            return report(run_dir, problems=problems)
     problems = {} if problems is None else problems
-    if out is not None and Path(out).is_dir():
-        raise OutputError(f"--out {out} is a directory: pass a file path, e.g. {Path(out) / 'report.html'}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise OutputError(f"{run_dir} is not a directory: pass the output directory of `expertscope run`")
