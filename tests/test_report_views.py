@@ -41,7 +41,7 @@ def test_domain_expert_views_show_the_tables_numbers() -> None:
                              "lift": rng.uniform(0.5, 3), "A_lo": rng.uniform(0, 0.4), "A_hi": rng.uniform(0.5, 1),
                              "q_value": rng.uniform(0, 0.1), "is_domain_expert": e < 3 if d == "emo" else e == 0})
     df = pd.DataFrame(rows)
-    df.loc[(df.domain == "math") & (df.layer == 1), ["A_lo", "q_value"]] = NAN  # not measured: a dash
+    df.loc[(df.domain == "math") & (df.layer == 1), ["A_lo", "q_value", "entropy", "cwas"]] = NAN  # a dash
     table = DomainExpertTable(df, {"domains": ["emo", "math"]})
     emo, math = V.domain_expert_views(table, top=4)
     assert emo.title == "domain experts of 'emo' (6 found)" and len(emo.rows) == 4  # top 4 of 6
@@ -52,17 +52,19 @@ def test_domain_expert_views_show_the_tables_numbers() -> None:
         assert list(want["specificity"]) == sorted(want["specificity"], reverse=True)
         for (_, shown), (_, r) in zip(view.rows.iterrows(), want.iterrows(), strict=True):
             assert (int(shown["layer"]), int(shown["expert"])) == (r.layer, r.expert)
-            for col, field in (("A", "activation_rate"), ("H", "entropy"), ("CWAS", "cwas"),
-                               ("specificity", "specificity")):
-                _close(shown[col], r[field], 3)
             assert shown["specificity"][0] in "+-"
+            _close(shown["specificity"], r["specificity"], 3)
+            _close(shown["A"], r["activation_rate"], 3)
             _close(shown["lift"], r["lift"], 2)
-            if np.isnan(r["A_lo"]):
-                assert shown["A 95% CI"] == "–" and shown["q"] == "–"
-            else:
-                lo, hi = map(float, _CI.match(shown["A 95% CI"]).groups())  # type: ignore[union-attr]
-                assert lo == pytest.approx(r["A_lo"], abs=5e-4) and hi == pytest.approx(r["A_hi"], abs=5e-4)
-                assert float(shown["q"]) == pytest.approx(r["q_value"], rel=5e-3)
+            if np.isnan(r["A_lo"]):  # not measured: a dash, never "nan"
+                assert [shown[c] for c in ("H", "CWAS", "A 95% CI", "q")] == ["–"] * 4
+                continue
+            _close(shown["H"], r["entropy"], 3)
+            _close(shown["CWAS"], r["cwas"], 3)
+            lo, hi = map(float, _CI.match(shown["A 95% CI"]).groups())  # type: ignore[union-attr]
+            assert lo == pytest.approx(r["A_lo"], abs=5e-4) and hi == pytest.approx(r["A_hi"], abs=5e-4)
+            assert float(shown["q"]) == pytest.approx(r["q_value"], rel=5e-3)
+    assert (math.rows["layer"] == "1").any()  # the row without measurements is among those shown
 
 
 def test_driver_view_ranks_experts_and_names_drivers() -> None:

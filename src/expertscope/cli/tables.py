@@ -98,7 +98,7 @@ def show_recorded_routes(out: Path, summary: dict[str, Any]) -> None:
     for name, notes in summary["notes"].items():
         for note in notes:
             console.print(f"[yellow]{name}:[/] {note}")
-    console.print("I(domain; selected expert) per layer [bits]: "
+    console.print("I(domain; selected expert) per layer \\[bits]: "
                   + ", ".join(f"{layer}: {bits:.3f}" for layer, bits in summary["mi_bits"].items()))
     console.print("not applicable from indices alone: entropy, CWAS, gate weights, importance, CE (no logits "
                   f"or model); next: expertscope domains {out}")

@@ -63,13 +63,15 @@ def _view(title: str, rows: Sequence[tuple[str, ...]], columns: tuple[str, ...],
 # ----- domain and driver experts ----------------------------------------------------------------------------
 def domain_expert_views(table: DomainExpertTable, top: int = 10) -> list[TableView]:
     """Per domain of ``table``, its ``top`` domain experts (most specific first): activation rate A, entropy H,
-    CWAS, specificity, activation lift, A's 95% CI and the q-value; the title gives how many were found."""
+    CWAS, specificity, activation lift, A's 95% CI and the q-value; the title gives how many were found.
+    What a run did not measure (entropy and CWAS of recorded routes: no gate weights) shows "–"."""
     columns = ("layer", "expert", "A", "H", "CWAS", "specificity", "lift", "A 95% CI", "q")
+    numbers = (("activation_rate", ".3f"), ("entropy", ".3f"), ("cwas", ".3f"), ("specificity", "+.3f"),
+               ("lift", ".2f"))
     views = []
     for dom in table.settings["domains"]:
         experts = table.experts(dom)
-        rows = [(str(r.layer), str(r.expert), f"{r.activation_rate:.3f}", f"{r.entropy:.3f}", f"{r.cwas:.3f}",
-                 f"{r.specificity:+.3f}", f"{getattr(r, 'lift', float('nan')):.2f}",
+        rows = [(str(r.layer), str(r.expert), *(num(getattr(r, c, None), spec, "–") for c, spec in numbers),
                  interval(r.A_lo, r.A_hi, missing="–"), num(r.q_value, ".3g", missing="–"))
                 for r in experts.head(top).itertuples()]
         views.append(_view(f"domain experts of {dom!r} ({len(experts)} found)", rows, columns))
