@@ -3,8 +3,8 @@
 one place. ``expertscope`` prints these views as they are; the HTML report shares :func:`steering_rows`
 (which conditions were not applicable and why, which domains are saturated).
 
-Missing values print as a dash, never ``nan``: "–" in the domain-expert table, "—" in the steering table,
-"-" in the driver and evaluation tables (the spellings the command line has always printed).
+What a run did not measure shows as a dash, not ``nan``: "–" in the domain-expert table, "—" in the steering
+table, "-" in the driver and evaluation tables (the spellings the command line has always printed).
 """
 
 from __future__ import annotations
