@@ -350,8 +350,10 @@ def test_cli_profile_routes_writes_tables_and_refuses_mismatch(tmp_path) -> None
     for f in ("profile.safetensors", "routes.safetensors", "coactivation.parquet", "paths.parquet",
               "routing_consistency.parquet", "routing_mi.parquet", "manifest.json"):
         assert (out / f).exists(), f
+    assert "per layer [bits]: 0: " in res.output
     res = runner.invoke(app, ["domains", str(out)])
     assert res.exit_code == 0, res.output
+    assert "nan" not in res.output.lower()  # entropy and CWAS were not measured: a dash, not "nan"
     import pandas as pd
 
     de = pd.read_parquet(out / "domain_experts.parquet")

@@ -178,7 +178,8 @@ def test_steering_table_prints_not_applicable_and_saturated(capsys: pytest.Captu
     import pandas as pd
 
     from expertscope.cli._common import out_console
-    from expertscope.cli.tables import print_steering
+    from expertscope.cli.tables import print_views
+    from expertscope.report.views import steering_views
 
     nan = float("nan")
     base = {"domain": "emo", "task": "classification", "n": 20, "weighted_f1": nan, "saturated": True}
@@ -191,7 +192,7 @@ def test_steering_table_prints_not_applicable_and_saturated(capsys: pytest.Captu
     width = out_console.width
     out_console.width = 200
     try:
-        print_steering(table)
+        print_views(*steering_views(table))
     finally:
         out_console.width = width
     out = capsys.readouterr().out

@@ -280,3 +280,24 @@ def test_demo_train_rejects_unknown_demo_and_bad_phase2_dir(tmp_path: Path) -> N
     )
     assert both.exit_code == 2 and "exclude each other" in both.output
     assert not out.exists()
+
+
+def test_train_demo_checks_its_arguments_and_locks_out(tmp_path: Path) -> None:
+    """The library entry refuses what the command refuses, before writing anything, and never trains into a
+    directory another process is writing to."""
+    from expertscope.demo.train import train_demo
+    from expertscope.errors import ConfigError, OutputError
+    from expertscope.rundir import lock_dir
+
+    out = tmp_path / "out"
+    for kwargs, message in (({"demo": "demo-nope"}, "unknown demo 'demo-nope'"), ({"scale": 0.0}, "--scale"),
+                            ({"threads": 0}, "--threads"),
+                            ({"from_phase1": tmp_path, "from_phase2": tmp_path}, "exclude each other")):
+        with pytest.raises(ConfigError, match=message):
+            train_demo(out, **kwargs)
+        assert not out.exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        train_demo(tmp_path / "file" / "out")
+    with lock_dir(out, require_manifest=False, create=True), pytest.raises(OutputError, match="another expertscope"):
+        train_demo(out, from_phase2=tmp_path)

@@ -221,6 +221,15 @@ def test_report_cli_exit_codes(tmp_path: Path):
     ok = runner.invoke(app, ["report", str(run), "-o", str(tmp_path / "r.html")])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "r.html").exists() and not (run / "report.html").exists()
+    # Rewriting the run's own report takes its writer lock: a run another process is writing is refused.
+    from expertscope.rundir import lock_dir
+
+    with lock_dir(run):
+        busy = runner.invoke(app, ["report", str(run)])
+        assert busy.exit_code == 2 and "another expertscope process" in busy.output
+        assert report(run, out=tmp_path / "r2.html", lock=True).exists()  # -o writes nothing into the run
+    assert not (run / "report.html").exists()
+    assert runner.invoke(app, ["report", str(run)]).exit_code == 0 and (run / "report.html").exists()
 
 
 def test_load_tables_derives_ce_means_without_driver_table(tmp_path: Path):

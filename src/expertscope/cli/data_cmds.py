@@ -69,26 +69,9 @@ def demo_train(
 
     Example: expertscope demo train --out runs/demo --scale 0.05
     """
-    from ..demo import DEMO_NAMES
-    from ..errors import ConfigError
-    from ..rundir import check_out_dir, lock_dir
-    from ..validation import check_positive, check_positive_finite
+    from ..demo.train import check_demo_training, train_demo
 
-    check_positive_finite(scale, "--scale")
-    check_positive(threads, "--threads")
-    if demo not in DEMO_NAMES:
-        raise ConfigError(f"unknown demo {demo!r}: pass --demo {' or --demo '.join(DEMO_NAMES)}")
-    if from_phase1 is not None and from_phase2 is not None:
-        raise ConfigError("--from-phase1 and --from-phase2 exclude each other: pass one")
-    check_out_dir(out)
-    with lock_dir(out, require_manifest=False, create=True, option="--out"):
-        _demo_train(out, seed, scale, threads, evaluate, from_phase1, from_phase2, demo)
-
-
-def _demo_train(out: Path, seed: int, scale: float, threads: int, evaluate: bool, from_phase1: Path | None,
-                from_phase2: Path | None, demo: str) -> None:
-    from ..demo.train import train_demo
-
+    check_demo_training(out, demo, scale, threads, from_phase1, from_phase2)  # before the bar is drawn
     with progress() as p:
         task = p.add_task("training", total=None)
 

@@ -36,16 +36,9 @@ def report_cmd(
     from rich.markup import escape
 
     from ..report.html import report
-    from ..rundir import check_out_file, lock_dir
 
-    if out is not None:
-        check_out_file(out)
     problems: dict[str, str] = {}
-    if out is None:
-        with lock_dir(run_dir):  # the figures are rewritten inside RUN_DIR
-            path = report(run_dir, problems=problems)
-    else:  # only OUT and its own assets (OUT-stem_figures/, OUT-stem.findings.json) are written
-        path = report(run_dir, out=out, problems=problems)
+    path = report(run_dir, out=out, problems=problems, lock=True)  # with -o: OUT and its own assets only
     for name, reason in problems.items():
         console.print(f"[yellow]warning:[/] could not read {escape(name)} ({escape(reason)}); left out of the report",
                       highlight=False, soft_wrap=True)

@@ -771,20 +771,47 @@ def run_phase3(
     return record_test_scores(out, model, tokenizer) if evaluate_after else manifest
 
 
+def check_demo_training(out: str | Path, demo: str = "demo", scale: float = 1.0, threads: int = 2,
+                        from_phase1: str | Path | None = None, from_phase2: str | Path | None = None) -> None:
+    """Check the arguments of :func:`train_demo` before anything is generated or written.
+
+    Raises :class:`~expertscope.errors.ConfigError` for an unknown ``demo``, a ``scale`` that is not a finite
+    number > 0, ``threads`` < 1 or both ``from_phase1`` and ``from_phase2``; :class:`OutputError` when ``out``
+    cannot be a writable directory.
+    """
+    from ..errors import ConfigError
+    from ..rundir import check_out_dir
+    from ..validation import check_positive, check_positive_finite
+
+    check_positive_finite(scale, "--scale")
+    check_positive(threads, "--threads")
+    if demo not in DEMO_ARCHITECTURES:
+        raise ConfigError(f"unknown demo {demo!r}: pass --demo {' or --demo '.join(DEMO_ARCHITECTURES)}")
+    if from_phase1 is not None and from_phase2 is not None:
+        raise ConfigError("--from-phase1 and --from-phase2 exclude each other: pass one")
+    check_out_dir(out)
+
+
 def train_demo(out: str | Path, demo: str = "demo", seed: int = 0, scale: float = 1.0, threads: int = 2,
                evaluate: bool = True, from_phase1: str | Path | None = None, from_phase2: str | Path | None = None,
                on_step: Any = None) -> dict[str, Any]:
     """Train the bundled ``demo`` into ``out`` (``expertscope demo train``): all phases, or phases 2-3 from a
-    phase-1 model, or phase 3 from a phase-2 model; returns the training manifest."""
+    phase-1 model, or phase 3 from a phase-2 model; returns the training manifest. The arguments are checked
+    first (:func:`check_demo_training`); ``out`` is created if needed and locked while training (removed again
+    if training fails before writing into it; :class:`OutputError` if another process is writing to it)."""
+    from ..rundir import lock_dir
+
+    check_demo_training(out, demo, scale, threads, from_phase1, from_phase2)
     cfg = TrainConfig(seed=seed, threads=threads, architecture=DEMO_ARCHITECTURES[demo])
     cfg = cfg.scaled(scale) if scale != 1.0 else cfg
-    if from_phase1 is not None:
-        with tempfile.TemporaryDirectory(prefix="expertscope-phase2-") as tmp:
-            run_phase2(from_phase1, tmp, cfg, evaluate_after=False)
-            return run_phase3(tmp, out, cfg, evaluate_after=evaluate)
-    if from_phase2 is not None:
-        return run_phase3(from_phase2, out, cfg, evaluate_after=evaluate)
-    return train(out, cfg, evaluate_after=evaluate, on_step=on_step)
+    with lock_dir(out, require_manifest=False, create=True, option="--out"):
+        if from_phase1 is not None:
+            with tempfile.TemporaryDirectory(prefix="expertscope-phase2-") as tmp:
+                run_phase2(from_phase1, tmp, cfg, evaluate_after=False)
+                return run_phase3(tmp, out, cfg, evaluate_after=evaluate)
+        if from_phase2 is not None:
+            return run_phase3(from_phase2, out, cfg, evaluate_after=evaluate)
+        return train(out, cfg, evaluate_after=evaluate, on_step=on_step)
 
 
 if __name__ == "__main__":  # pragma: no cover

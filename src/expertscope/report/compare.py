@@ -21,7 +21,8 @@ from ..errors import OutputError
 from ..io import atomic_write, write_json
 from .figures import fig_causal_rate, fig_cwas, fig_expert_types, fig_routing_mi
 from .findings import compare_intro, findings, status_sentence
-from .html import STEERING_COLUMNS, _e, _figure_html, _steering_table, heatmap, load_tables, page, table_html
+from .html import STEERING_COLUMNS, _e, _figure_html, heatmap, load_tables, page, table_html
+from .views import steering_rows
 
 
 def _label(manifest: dict[str, Any], run_dir: Path) -> str:
@@ -133,7 +134,7 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     for label, _m, t in runs:
         st = t.get("steering")
         if st is not None and len(st):
-            steer.append(table_html(_steering_table(st), [c for c in STEERING_COLUMNS if c not in ("mode", "scale")],
+            steer.append(table_html(steering_rows(st), [c for c in STEERING_COLUMNS if c not in ("mode", "scale")],
                                     rows=20, title=label))
     sections.append(("steering", "Steering (Tables 1–2)", "".join(steer)))
     overlap = overlap_section(dirs, [label for label, _, _ in runs])

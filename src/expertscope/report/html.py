@@ -37,7 +37,6 @@ from .findings import (
     CAPTIONS,
     COLUMN_HELP,
     NO_DRIVERS,
-    SATURATED,
     SCALE_NOTE,
     findings,
     findings_record,
@@ -58,6 +57,7 @@ from .findings import (
     status_sentence,
     table_meta,
 )
+from .views import steering_rows
 
 #: Table key -> file names it may be saved under (searched in the run directory, then one level down).
 TABLE_FILES: dict[str, tuple[str, ...]] = {
@@ -486,22 +486,6 @@ def _routing_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pa
     return figure(figures, "fig_routing_mi") + table_html(mi, list(mi.columns), rows=20)
 
 
-def _steering_table(st: pd.DataFrame) -> pd.DataFrame:
-    """The steering table as shown: not-applicable rows keep their reason and show no numbers."""
-    st = st.copy()
-    if "applicable" in st.columns:
-        na = ~st["applicable"].fillna(True).astype(bool)
-        col = "reason" if "reason" in st.columns else "note"
-        reason = st[col] if col in st.columns else pd.Series("no targets", index=st.index)
-        st["status"] = np.where(na, "not applicable: " + reason.fillna("no targets").astype(str), "")
-    if "accuracy" in st.columns and "condition" in st.columns:
-        if "saturated" not in st.columns:
-            base = st[st["condition"] == "original"].set_index("domain")["accuracy"]
-            st["saturated"] = (st["domain"].map(base) >= SATURATED).fillna(False)
-        st["saturated"] = st["saturated"].fillna(False).astype(bool)
-    return st
-
-
 STEERING_COLUMNS = ["domain", "condition", "status", "mode", "scale", "n_targets", "n", "accuracy", "ci_low",
                     "ci_high", "weighted_f1", "delta", "delta_lo", "delta_hi", "saturated"]
 
@@ -510,7 +494,7 @@ def _steering_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
     body = ""
     st = tables.get("steering")
     if st is not None and len(st):
-        shown = _steering_table(st)
+        shown = steering_rows(st)
         body += figure(figures, "fig_steering") + reading(_safe(read_steering, st))
         if "saturated" in shown.columns and shown["saturated"].any():
             body += note(" ".join(read_saturated(list(dict.fromkeys(shown.loc[shown["saturated"], "domain"]
@@ -664,24 +648,30 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
     return page(title, intro, sections, _domains(tables), [banner] if banner else [])
 
 
-def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None) -> Path:
+def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None, *,
+           lock: bool = False) -> Path:
     """Build ``run_dir/report.html`` (or ``out``) from the run's saved tables; figures are (re)written to
     ``run_dir/figures/`` as PNG and SVG (with ``out``: ``<out stem>_figures/`` and ``<out stem>.findings.json``
     beside it, nothing in the run). Returns the report's path. Tables that exist but cannot be read are
     recorded in ``problems`` (``{file: reason}``) and left out of the report. A run whose manifest is not
-    ``complete`` gets a banner naming the stages that did not finish.
+    ``complete`` gets a banner naming the stages that did not finish. ``lock=True`` (``expertscope report``)
+    holds the run's writer lock while writing into it, so a run another process is writing is refused (a
+    study writing its own report holds the lock already); with ``out`` nothing is written into the run.
 
     Raises :class:`OutputError` if ``run_dir`` lacks ``manifest.json`` or a readable ``domain_experts.parquet``,
-    or if ``out`` is a directory.
+    if ``out`` is a directory or cannot be written, or if the run is locked by another process.
     """
+    from ..rundir import check_out_file, lock_dir
     from ..validation import check_type
 
     check_type(run_dir, (str, os.PathLike), "run_dir", "a path (the output directory of `expertscope run`)")
     if out is not None:
         check_type(out, (str, os.PathLike), "out", "a path (e.g. 'report.html')")
+        check_out_file(out)
+    elif lock:
+        with lock_dir(run_dir):
+            return report(run_dir, problems=problems)
     problems = {} if problems is None else problems
-    if out is not None and Path(out).is_dir():
-        raise OutputError(f"--out {out} is a directory: pass a file path, e.g. {Path(out) / 'report.html'}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise OutputError(f"{run_dir} is not a directory: pass the output directory of `expertscope run`")
