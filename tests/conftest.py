@@ -9,7 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(int(os.environ.get("EXPERTSCOPE_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# One torch thread unless told otherwise: the tiny models gain nothing from a second one, and with several test
+# processes on a few cores extra OpenMP threads only spin.
+torch.set_num_threads(int(os.environ.get("EXPERTSCOPE_TEST_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))))
 
 from expertscope.testing import TINY_BUILDERS, tiny_model  # noqa: E402
 

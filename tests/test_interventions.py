@@ -318,7 +318,8 @@ def test_steer_study_command_and_bad_scale(tmp_path) -> None:
     runner = CliRunner()
     base = ["steer-study", "--model", str(d), "-d", "emotion=synthetic:emotion@validation",
             "-d", "knowledge=synthetic:knowledge@validation", "--limit", "8", "--causal-limit", "2",
-            "--eval-limit", "5", "--train-limit", "4", "--n-boot", "20", "-b", "4"]
+            "--eval-limit", "5", "--train-limit", "4", "--n-boot", "20", "-b", "4",
+            "--n-controls", "1", "--dose-scales", "0.5", "--dose-biases", "4"]  # controls: tested in their own file
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "o"), "--mode", "bias", "--scale-up", "2.0"])
     assert r.exit_code == 0, r.output
     import pandas as pd
@@ -366,7 +367,7 @@ def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) ->
 @pytest.mark.slow
 def test_intervention_study_in_worker_processes_equals_in_process(tmp_path) -> None:
     """Two spawned worker processes (each loading the saved model itself, one thread) give the same tables, bit
-    for bit, as evaluating every arm here; a worker's error reaches the caller."""
+    for bit, as evaluating every arm and training the router LoRA here; a worker's error reaches the caller."""
     import pandas as pd
 
     from expertscope.data.sources import load_domain
@@ -382,7 +383,8 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path) -> N
         doms = [load_domain("emo=synthetic:emotion@test", limit=8), load_domain("math=synthetic:math@test", limit=2)]
         table = pd.DataFrame({"domain": ["emo", "emo", "math"], "layer": [0, 2, 1], "expert": [1, 3, 2],
                               "is_domain_expert": [True] * 3, "specificity": [0.2, 0.5, 0.3]})
-        kw = dict(n_boot=50, n_controls=1, dose_scales=(), dose_biases=(), finetune=False, batch_size=4)
+        kw = dict(n_boot=50, n_controls=1, dose_scales=(), dose_biases=(), finetune_max_steps=2, finetune_batch_size=4,
+                  batch_size=4, train={"emo": load_domain("emo=synthetic:emotion@train", limit=8)})
         local = intervention_study(moe, doms, table, None, **kw)
         ex = ProcessExecutor(ModelSpec(str(tmp_path / "m"), dtype="float32", threads=1), workers=2)
         seen: list[tuple[int, int]] = []
@@ -393,7 +395,8 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path) -> N
     assert local.settings["evaluations"] == spread.settings["evaluations"] > 10
     for attr in ("table", "dose", "arms", "selectivity"):
         pd.testing.assert_frame_equal(getattr(local, attr), getattr(spread, attr))
-    assert seen[-1][0] == seen[-1][1] == local.settings["evaluations"]
+    assert seen[-1][0] == seen[-1][1] == local.settings["evaluations"] + 1  # + the router LoRA
+    assert local.table.set_index(["domain", "condition"]).loc[("emo", "finetune_router"), "n_parameters"] > 0
     # an arm that fails in a worker (a target beyond the router) fails the study with the library's own error
     bad = table.assign(expert=[1, 3, 99])
     with pytest.raises(es.ConfigError, match="expert 99 does not exist at layer 1"):

@@ -27,7 +27,7 @@ from expertscope.routing import (
     routing_pass,
 )
 from expertscope.stats.expert_map import router_inputs
-from expertscope.testing import tiny_tokenizer
+from expertscope.testing import tiny_model, tiny_tokenizer
 
 TEXTS = {
     "a": ["hello there, friend", "hi", "a somewhat longer sentence of text", "x y"],
@@ -126,6 +126,35 @@ def test_local_executor_yields_in_item_order_from_one_worker() -> None:
 
     assert list(LocalExecutor().run_items("m", [3, 1, 2], factory)) == [30, 10, 20]
     assert built == ["m"]  # one worker for all items
+
+
+@pytest.mark.slow
+def test_process_executor_profile_equals_in_process_exactly(tmp_path) -> None:
+    """Two spawned processes, each loading the saved model with one thread, give the in-process profile."""
+    from expertscope.execution import ModelSpec, ProcessExecutor
+
+    tiny_model("qwen2_moe").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = es.load_model(str(tmp_path), dtype="float32")
+        texts = {"a": ["hello there", "a longer sentence of text", "x"], "b": ["1 + 2 = 3", "four five six"]}
+        local = es.profile(model, texts, batch_size=2)
+        ex = make_executor("process", ModelSpec(str(tmp_path), dtype="float32", threads=1), workers=2)
+        assert isinstance(ex, ProcessExecutor)
+        spread = es.profile(model, texts, batch_size=2, executor=ex)
+    finally:
+        torch.set_num_threads(threads)
+    assert local.domains == spread.domains
+    n_l, t_l = local.totals()
+    n_s, t_s = spread.totals()
+    assert np.array_equal(n_l, n_s) and n_l.sum() > 0
+    for k in t_l:
+        assert np.array_equal(t_l[k], t_s[k], equal_nan=True), k
+    assert np.array_equal(local.seq_stats("h_bern"), spread.seq_stats("h_bern"))
+    with pytest.raises(es.ConfigError, match="needs the model's source"):
+        make_executor("process")
 
 
 def test_plan_batches_longest_first_skipping_done() -> None:

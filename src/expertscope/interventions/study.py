@@ -187,6 +187,7 @@ class _Runner:
         self.model, self.cfg, self.on_eval, self.progress = model, cfg, on_eval, progress
         self.done: dict[Key, _Measured] = {}
         self.reference: dict[str, tuple[list[list[int]], RoutingRecord]] = {}
+        self.lora: dict[tuple[str, str], tuple[_Measured, int]] = {}
         self.evaluations = 0
         self.total = 0
         self.finished = 0
@@ -229,26 +230,37 @@ class _Runner:
         return m
 
     def prefetch(self, plan: Sequence[tuple[Domain, tuple[tuple[int, int], ...], Strength, str]],
-                 executor: Executor | None) -> None:
-        """Evaluate every planned steered arm not yet done, through ``executor`` (None: in this process), in
-        plan order; the domains' unsteered runs first, here (the arms count routing changes against them)."""
-        todo: dict[Key, tuple[Domain, tuple[tuple[int, int], ...], Strength, str]] = {}
-        for dom, targets, s, label in plan:
-            self._reference(dom)
-            key = self.key(dom, targets, s)
+                 lora: Sequence[tuple[Domain, Domain]], executor: Executor | None) -> None:
+        """Run every planned steered arm and router LoRA (``(domain, its training split)``) not yet done
+        through ``executor`` (None: in this process); the domains' unsteered runs first, here (the others count
+        routing changes against them). The LoRA trainings go first and math (generation) before the other
+        tasks, so that with several workers the longest items do not finish last; no result depends on the
+        order."""
+        todo: dict[Any, tuple[Domain, str, tuple[Any, ...]]] = {}
+        for dom, train in lora:
+            if ("lora", dom.name) not in self.lora:
+                todo[("lora", dom.name)] = (dom, "finetune_router (training)", ("lora", dom.name, train))
+        for dom, targets, st, label in sorted(plan, key=lambda p: p[0].task != "math"):
+            key = self.key(dom, targets, st)
             if key not in self.done and key[2] != "none":
-                todo.setdefault(key, (dom, targets, s, label))
+                todo.setdefault(key, (dom, label, ("arm", dom.name, targets, st)))
+        for dom, *_ in plan:
+            self._reference(dom)
+        for dom, _ in lora:
+            self._reference(dom)
         if not todo:
             return
-        runner = executor if executor is not None else LocalExecutor()
         factory = functools.partial(_ArmWorker, domains={d.name: d for d, *_ in todo.values()},
-                                    references=self.reference, batch_size=self.cfg.batch_size)
-        items = [(dom.name, targets, s) for dom, targets, s, _ in todo.values()]
-        for (key, (dom, _, _, label)), m in zip(todo.items(), runner.run_items(self.model, items, factory),
-                                                strict=True):
+                                    references=self.reference, cfg=self.cfg, adapter_dir=self.adapter_dir)
+        items = [item for *_, item in todo.values()]
+        results = (executor or LocalExecutor()).run_items(self.model, items, factory)
+        for (key, (dom, label, _)), m in zip(todo.items(), results, strict=True):
             self._tick(f"{dom.name}: {label}")
-            self.evaluations += 1
-            self.done[key] = m
+            if key[0] == "lora":
+                self.lora[key] = m
+            else:
+                self.evaluations += 1
+                self.done[key] = m
             self._step()
 
     def _reference(self, dom: Domain) -> tuple[list[list[int]], RoutingRecord]:
@@ -257,22 +269,10 @@ class _Runner:
         return self.reference[dom.name]
 
     def finetune(self, dom: Domain, train: Domain) -> tuple[_Measured, int]:
-        """Train the router LoRA on ``train``, evaluate ``dom`` and count its routing changes, unload."""
-        from ..evaluation import evaluate
-        from .router_lora import finetune_router
-
-        self._tick(f"{dom.name}: finetune_router (training)")
-        seqs, ref = self._reference(dom)
-        ft = finetune_router(self.model, train, task=dom.task, **self.cfg.finetune_kwargs())
-        if self.adapter_dir is not None:
-            ft.save(self.adapter_dir / dom.name)
-        try:
-            res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
-            changed, routed = routing_changes(ref, record_routing(self.model, seqs, self.cfg.batch_size))
-        finally:
-            ft.unload()
-        self._step()
-        return _Measured(res, _correct(res), changed, routed), int(ft.trainable_parameters)
+        """The router-LoRA arm of ``dom`` (trained on ``train``): its measurement and trainable parameters."""
+        if ("lora", dom.name) not in self.lora:
+            self.prefetch([], [(dom, train)], None)
+        return self.lora[("lora", dom.name)]
 
 
 def _sequences(model: MoEModel, dom: Domain, base: Any) -> list[list[int]]:
@@ -305,17 +305,40 @@ def _measure(model: MoEModel, dom: Domain, spec: SteeringSpec, batch_size: int, 
     return _Measured(res, _correct(res), changed, routed)
 
 
+def _finetune(model: MoEModel, dom: Domain, train: Domain, cfg: InterventionConfig, seqs: list[list[int]],
+              ref: RoutingRecord, adapter_dir: Path | None) -> tuple[_Measured, int]:
+    """Train the router LoRA on ``train`` (saved in ``adapter_dir/<domain>``), evaluate ``dom`` and count its
+    routing changes, unload: ``(measurement, trainable parameters)``."""
+    from ..evaluation import evaluate
+    from .router_lora import finetune_router
+
+    ft = finetune_router(model, train, task=dom.task, **cfg.finetune_kwargs())
+    if adapter_dir is not None:
+        ft.save(adapter_dir / dom.name)
+    try:
+        res = evaluate(model, dom.task, dom, batch_size=cfg.batch_size)
+        changed, routed = routing_changes(ref, record_routing(model, seqs, cfg.batch_size))
+    finally:
+        ft.unload()
+    return _Measured(res, _correct(res), changed, routed), int(ft.trainable_parameters)
+
+
 class _ArmWorker:
-    """An executor worker (see :mod:`expertscope.execution`): evaluates steered arms
-    ``(domain name, targets, strength)`` on ``model``; picklable, so worker processes build their own."""
+    """An executor worker (see :mod:`expertscope.execution`) on ``model``: ``("arm", domain, targets,
+    strength)`` evaluates a steered arm, ``("lora", domain, training split)`` the router LoRA. Picklable, so
+    worker processes build their own."""
 
     def __init__(self, model: MoEModel, domains: dict[str, Domain],
-                 references: dict[str, tuple[list[list[int]], RoutingRecord]], batch_size: int) -> None:
-        self.model, self.domains, self.references, self.batch_size = model, domains, references, batch_size
+                 references: dict[str, tuple[list[list[int]], RoutingRecord]], cfg: InterventionConfig,
+                 adapter_dir: Path | None) -> None:
+        self.model, self.domains, self.references, self.cfg, self.adapter_dir = (model, domains, references, cfg,
+                                                                                 adapter_dir)
 
-    def __call__(self, item: tuple[str, tuple[tuple[int, int], ...], Strength]) -> _Measured:
-        name, targets, s = item
-        return _measure(self.model, self.domains[name], s.spec(targets), self.batch_size, *self.references[name])
+    def __call__(self, item: tuple[Any, ...]) -> Any:
+        dom = self.domains[item[1]]
+        if item[0] == "lora":
+            return _finetune(self.model, dom, item[2], self.cfg, *self.references[dom.name], self.adapter_dir)
+        return _measure(self.model, dom, item[3].spec(item[2]), self.cfg.batch_size, *self.references[dom.name])
 
 
 def _check_masked(rec: RoutingRecord, targets: Sequence[tuple[int, int]]) -> None:
@@ -427,7 +450,8 @@ def intervention_study(
     runner.total = len(keys) + sum(1 for d in tasked if cfg.finetune and (train or {}).get(d.name) is not None)
     if progress is not None:
         progress("steering", 0, runner.total)
-    runner.prefetch(plan, executor)
+    runner.prefetch(plan, [(d, (train or {})[d.name]) for d in tasked if cfg.finetune and (train or {}).get(d.name)
+                           is not None], executor)
 
     rows: list[dict[str, Any]] = []
     dose_rows: list[dict[str, Any]] = []
