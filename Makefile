@@ -2,9 +2,10 @@
 .PHONY: setup run test lint bench
 setup:
 	bash scripts/setup.sh
-# One torch thread: the bundled demo's matrices are too small for two (two threads made the run slower here).
+# One torch thread per process, and the steering stage's evaluations spread over two worker processes: the
+# bundled demo's matrices are too small for two threads (they made the run slower), not for two processes.
 run: setup
-	.venv/bin/expertscope run --threads 1 $(ARGS)
+	.venv/bin/expertscope run --threads 1 --executor process --workers 2 $(ARGS)
 # One torch thread per test process unless the caller says otherwise: the tests' tiny models run slower on two.
 test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest $(PYTEST_ARGS)
