@@ -417,3 +417,26 @@ def test_beyond_findings_read_the_tables(make_tiny, tmp_path, one_torch_thread) 
     assert pooled_lift(co, layer, moe.num_experts)[0, 1] == pytest.approx((both / n[0]) / (n[1] / len(r)))
     for fn, t in ((fig_coactivation, co), (fig_paths, tables["paths"]), (fig_routing_overlap, ov)):
         assert [p.suffix for p in fn(t, tmp_path / "fig")] == [".png", ".svg"]
+
+
+@pytest.mark.parametrize("n", [8, 40])
+def test_spearman_interval_equals_one_resample_at_a_time(n: int) -> None:
+    """The vectorised bootstrap of Spearman's rho (ranked all at once) against scipy on each resample in turn."""
+    from scipy.stats import spearmanr
+
+    from expertscope.report.findings import _spearman_ci
+
+    r = np.random.default_rng(n)
+    x = r.integers(0, 4, n).astype(float)  # ties on purpose
+    y = x + r.normal(size=n)
+    y[0] = np.nan
+    rho, lo, hi, m = _spearman_ci(x, y, n_boot=300, seed=2)
+    ok = np.isfinite(y)
+    rng, boots = np.random.default_rng(2), []
+    for _ in range(300):
+        i = rng.integers(0, m, m)
+        xs, ys = x[ok][i], y[ok][i]
+        if np.ptp(xs) > 0 and np.ptp(ys) > 0:
+            boots.append(spearmanr(xs, ys).statistic)
+    assert m == n - 1 and rho == pytest.approx(spearmanr(x[ok], y[ok]).statistic)
+    np.testing.assert_allclose([lo, hi], np.percentile(boots, [2.5, 97.5]), atol=1e-12)
