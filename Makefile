@@ -6,9 +6,11 @@ setup:
 # bundled demo's matrices are too small for two threads (they made the run slower), not for two processes.
 run: setup
 	.venv/bin/expertscope run --threads 1 --executor process --workers 2 $(ARGS)
-# One torch thread per test process unless the caller says otherwise: the tests' tiny models run slower on two.
+# One torch thread per test process unless the caller says otherwise (the tests' tiny models run slower on two),
+# and one test process per core, at most 4 (each holds torch and a few tiny models): PYTEST_WORKERS=0 for one.
+PYTEST_WORKERS ?= $(shell python3 -c "import os; print(min(4, os.cpu_count() or 1))")
 test: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/mypy

@@ -100,6 +100,7 @@ def _fake_run(tmp_path: Path, name: str, n_experts: int) -> Path:
     return run
 
 
+@pytest.mark.slow  # renders a whole report (matplotlib figures)
 def test_compare_two_runs(tmp_path: Path) -> None:
     import pytest
 
@@ -136,6 +137,7 @@ def test_findings_use_the_tables_own_medians_ratios_and_saturation() -> None:
     assert fa.saturated and not fb.saturated
 
 
+@pytest.mark.slow  # renders a whole report (matplotlib figures)
 def test_compare_command_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

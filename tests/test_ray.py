@@ -11,6 +11,8 @@ from expertscope.execution import ModelSpec, RayExecutor, make_executor
 from expertscope.testing import tiny_model, tiny_tokenizer
 
 ray = pytest.importorskip("ray", reason="ray is part of the dev install; see pyproject [dev]")
+# One test process runs this module (make test: --dist loadgroup): one local Ray cluster, not one per worker.
+pytestmark = pytest.mark.xdist_group("ray")
 
 TEXTS = {
     "emotion": [f"I feel number {i} " * (i % 4 + 1) for i in range(14)],

@@ -166,6 +166,7 @@ def test_expert_types_classification():
 
 
 # ----- report ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # renders a whole report (matplotlib figures)
 def test_report_is_self_contained(built_report: Path):
     page = built_report.read_text()
     assert built_report.name == "report.html"
@@ -200,6 +201,7 @@ def test_report_partial_and_missing_tables(tmp_path: Path):
         report(nothing)
 
 
+@pytest.mark.slow  # renders a whole report (matplotlib figures)
 def test_report_cli_exit_codes(tmp_path: Path):
     import typer
     from typer.testing import CliRunner
@@ -349,6 +351,7 @@ def _cells(page: str, svg_domain: str, section: str = "drivers") -> dict[tuple[i
     return out
 
 
+@pytest.mark.slow  # renders a whole report (matplotlib figures)
 def test_heatmap_cells_hold_the_tables_values_and_flags(built_report: Path):
     """Every heatmap cell's hover value is the driver table's CE of that (layer, expert), printed as the
     tables print it; exactly the drivers are boxed."""
@@ -377,6 +380,7 @@ def test_table_rows_carry_full_precision_sort_keys_and_domains():
     assert html.count("<tr data-domain") == MAX_ROWS and f"first {MAX_ROWS} of {MAX_ROWS + 5} rows" in html
 
 
+@pytest.mark.slow  # renders a whole report (matplotlib figures)
 def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
     """Click a sort in a real browser (the mouse, over the DevTools protocol), read the heatmap's hover value,
     filter by typing and pick a domain: each checked against the tables the run saved."""
