@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -365,7 +366,7 @@ def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) ->
 
 
 @pytest.mark.slow
-def test_intervention_study_in_worker_processes_equals_in_process(tmp_path) -> None:
+def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capfd) -> None:
     """Two spawned worker processes (each loading the saved model itself, one thread) give the same tables, bit
     for bit, as evaluating every arm and training the router LoRA here; a worker's error reaches the caller."""
     import pandas as pd
@@ -388,8 +389,12 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path) -> N
         local = intervention_study(moe, doms, table, None, **kw)
         ex = ProcessExecutor(ModelSpec(str(tmp_path / "m"), dtype="float32", threads=1), workers=2)
         seen: list[tuple[int, int]] = []
-        spread = intervention_study(moe, doms, table, None, executor=ex, progress=lambda t, d, n: seen.append((d, n)),
-                                    **kw)
+        capfd.readouterr()
+        with warnings.catch_warnings():  # as the CLI does: third-party FutureWarnings hidden, in the workers too
+            warnings.simplefilter("ignore", FutureWarning)
+            spread = intervention_study(moe, doms, table, None, executor=ex,
+                                        progress=lambda t, d, n: seen.append((d, n)), **kw)
+        assert "FutureWarning" not in capfd.readouterr().err
     finally:
         torch.set_num_threads(threads)
     assert local.settings["evaluations"] == spread.settings["evaluations"] > 10

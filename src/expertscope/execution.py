@@ -82,9 +82,15 @@ class LocalExecutor:
 _PROCESS_WORKER: Callable[[Any], Any] | None = None
 
 
-def _process_init(spec: dict[str, Any], factory: Callable[[Any], Callable[[Any], Any]]) -> None:
-    """Runs once in each worker process: load the model, build the worker."""
+def _process_init(spec: dict[str, Any], factory: Callable[[Any], Callable[[Any], Any]], filters: list[Any],
+                  formatwarning: Any) -> None:
+    """Runs once in each worker process: the caller's warning filters and format (a spawned process starts
+    without them), then load the model and build the worker."""
+    import warnings
+
     global _PROCESS_WORKER
+    warnings.filters[:] = filters  # type: ignore[index]  # typeshed calls it a Sequence; it is a list
+    warnings.formatwarning = formatwarning
     _PROCESS_WORKER = factory(ModelSpec(**spec).load())
 
 
@@ -118,6 +124,7 @@ class ProcessExecutor:
         """Results in item order. ``model`` is not used (each process loads its own). A worker process that
         dies becomes one :class:`ExpertscopeError`; errors the worker raises reach the caller unchanged."""
         import multiprocessing
+        import warnings
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
@@ -125,7 +132,8 @@ class ProcessExecutor:
             return
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(items)),
                                    mp_context=multiprocessing.get_context("spawn"), initializer=_process_init,
-                                   initargs=(asdict(self.spec), factory))
+                                   initargs=(asdict(self.spec), factory, list(warnings.filters),
+                                             warnings.formatwarning))
         try:
             futures = [pool.submit(_process_item, item) for item in items]
             for f in futures:
