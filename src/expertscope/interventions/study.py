@@ -244,9 +244,7 @@ class _Runner:
             key = self.key(dom, targets, st)
             if key not in self.done and key[2] != "none":
                 todo.setdefault(key, (dom, label, ("arm", dom.name, targets, st)))
-        for dom, *_ in plan:
-            self._reference(dom)
-        for dom, _ in lora:
+        for dom in [p[0] for p in plan] + [d for d, _ in lora]:
             self._reference(dom)
         if not todo:
             return
@@ -446,12 +444,12 @@ def intervention_study(
                                                                                                    d.name))
                      for k in KINDS if targets[d.name][k].experts} for d in tasked}
     plan = _plan(tasked, arms, points, cfg)
+    lora = [(d, (train or {})[d.name]) for d in tasked if cfg.finetune and (train or {}).get(d.name) is not None]
     keys = {runner.key(d, [], None) for d in tasked} | {runner.key(d, t, s) for d, t, s, _ in plan}
-    runner.total = len(keys) + sum(1 for d in tasked if cfg.finetune and (train or {}).get(d.name) is not None)
+    runner.total = len(keys) + len(lora)
     if progress is not None:
         progress("steering", 0, runner.total)
-    runner.prefetch(plan, [(d, (train or {})[d.name]) for d in tasked if cfg.finetune and (train or {}).get(d.name)
-                           is not None], executor)
+    runner.prefetch(plan, lora, executor)
 
     rows: list[dict[str, Any]] = []
     dose_rows: list[dict[str, Any]] = []
