@@ -9,8 +9,10 @@ run: setup
 # One torch thread per test process unless the caller says otherwise (the tests' tiny models run slower on two),
 # and one test process per core, at most 4 (each holds torch and a few tiny models): PYTEST_WORKERS=0 for one.
 PYTEST_WORKERS ?= $(shell python3 -c "import os; print(min(4, os.cpu_count() or 1))")
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set (into git-ignored __pycache__ folders): every test
+# process and every worker process the tests spawn would otherwise compile the package and the tests again.
 test: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/mypy

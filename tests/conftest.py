@@ -43,3 +43,34 @@ def make_tiny(tiny_cache: dict):
         return tiny_cache[key]
 
     return make
+
+
+#: Module-scoped fixtures that take seconds to build (a whole study run, a whole report, a Ray cluster). pytest-xdist
+#: builds a module fixture once in every test process that runs a test using it; `make test`'s --dist loadgroup
+#: sends all the tests using one of these to the same process, so each is built once.
+SHARED_FIXTURES = ("full_run", "built_report", "cluster")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if shared and not any(item.iter_markers("xdist_group")):  # a module's own group stands
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))
+
+
+def pytest_configure(config) -> None:
+    """`make test` groups tests with --dist loadgroup. pytest 9.2 keeps node ids where pytest-xdist 3.8 no longer
+    writes a test's group (pytest-dev/pytest-xdist#1386): the groups would be silently ignored (a Ray cluster
+    in each test process, the whole-study fixture built twice). Stop with the fix instead."""
+    import importlib.metadata as md
+
+    from packaging.version import Version
+
+    if config.getoption("dist", default=None) != "loadgroup" or hasattr(config, "workerinput"):
+        return
+    pytest_v, xdist_v = md.version("pytest"), md.version("pytest-xdist")
+    if Version(pytest_v) >= Version("9.2.0.dev0") and Version(xdist_v) <= Version("3.8.0"):
+        raise pytest.UsageError(f"pytest {pytest_v} with pytest-xdist {xdist_v} ignores --dist loadgroup's groups "
+                                "(pytest-dev/pytest-xdist#1386): install the versions in constraints.txt (make setup "
+                                "does), or run without -n")

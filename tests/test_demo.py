@@ -160,6 +160,7 @@ def test_training_pipeline_smoke(tmp_path: Path) -> None:
     ds = run_phase3(tmp_path / "p2", tmp_path / "ds", ds_cfg, evaluate_after=True)
     assert ds["architecture"] == "deepseek" and ds["phase3"]["steps"] == cfg.phase3_steps
     assert set(ds["test_accuracy"]) == set(synthetic.DOMAINS) and "emotion" in ds["test_label_margins"]
+    assert cfg.eval_n == 8 and all(r["n"] == 8 for r in ds["test_results"].values())  # scaled like the data
     moe = load_model(str(tmp_path / "ds"), dtype="float32")
     assert moe.num_experts == 2 * cfg.num_experts and moe.top_k == 2 * cfg.top_k
     assert set(moe.describe()["num_shared_experts"].values()) == {1}

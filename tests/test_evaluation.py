@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from typer.testing import CliRunner
 
 from expertscope.cli.main import app
@@ -37,6 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("seed", range(6))
 def test_metrics_match_sklearn(seed: int) -> None:
+    from sklearn.metrics import accuracy_score, f1_score  # here, not at collection: it costs every test process 1.7 s
+
     rng = random.Random(seed)
     n = rng.randint(1, 60)
     gold_labels = LABELS[: rng.randint(2, 7)]
@@ -153,6 +154,8 @@ def _naive_logprob(model, ids: list[int], start: int) -> float:
 
 
 def test_classification_scores_match_naive_loop(tiny, tokenizer) -> None:
+    from sklearn.metrics import accuracy_score, f1_score
+
     exs = _examples("emotion", 10)
     res = evaluate(tiny, "classification", exs, tokenizer=tokenizer, batch_size=4)
     assert res.n == 10 and res.task == "classification"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 
 import numpy as np
@@ -366,9 +367,10 @@ def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) ->
 
 
 @pytest.mark.slow
-def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capfd) -> None:
-    """Two spawned worker processes (each loading the saved model itself, one thread) give the same tables, bit
-    for bit, as evaluating every arm and training the router LoRA here; a worker's error reaches the caller."""
+def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capfd, monkeypatch) -> None:
+    """Two spawned worker processes (each loading the saved model itself, one thread) give the same profile and
+    the same steering tables, bit for bit, as profiling, evaluating every arm and training the router LoRA
+    here; the processes serve one job after another; a worker's error reaches the caller."""
     import pandas as pd
 
     from expertscope.data.sources import load_domain
@@ -387,7 +389,15 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capf
         kw = dict(n_boot=50, n_controls=1, dose_scales=(), dose_biases=(), finetune_max_steps=2, finetune_batch_size=4,
                   batch_size=4, train={"emo": load_domain("emo=synthetic:emotion@train", limit=8)})
         local = intervention_study(moe, doms, table, None, **kw)
+        jobs = tmp_path / "tmp"
+        jobs.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(jobs))  # where the job files go
         ex = ProcessExecutor(ModelSpec(str(tmp_path / "m"), dtype="float32", threads=1), workers=2)
+        # first a profiling job (as a study's profile stage), then the steering job on the same processes
+        texts = {"a": ["hello there", "a longer sentence of text", "x"], "b": ["1 + 2 = 3", "four five six"]}
+        local_prof, spread_prof = es.profile(moe, texts, batch_size=2), es.profile(moe, texts, batch_size=2,
+                                                                                    executor=ex)
+        pids = set(ex._pool._processes)
         seen: list[tuple[int, int]] = []
         capfd.readouterr()
         with warnings.catch_warnings():  # as the CLI does: third-party FutureWarnings hidden, in the workers too
@@ -402,7 +412,19 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capf
         pd.testing.assert_frame_equal(getattr(local, attr), getattr(spread, attr))
     assert seen[-1][0] == seen[-1][1] == local.settings["evaluations"] + 1  # + the router LoRA
     assert local.table.set_index(["domain", "condition"]).loc[("emo", "finetune_router"), "n_parameters"] > 0
-    # an arm that fails in a worker (a target beyond the router) fails the study with the library's own error
+    assert local_prof.domains == spread_prof.domains
+    (n_l, t_l), (n_s, t_s) = local_prof.totals(), spread_prof.totals()
+    assert np.array_equal(n_l, n_s) and n_l.sum() > 0
+    for k in t_l:
+        assert np.array_equal(t_l[k], t_s[k], equal_nan=True), k
+    assert np.array_equal(local_prof.seq_stats("h_bern"), spread_prof.seq_stats("h_bern"))
+    # an arm that fails in a worker (a target beyond the router) fails the study with the library's own error;
+    # the same two processes served the profile and both studies, and close() stops them
     bad = table.assign(expert=[1, 3, 99])
     with pytest.raises(es.ConfigError, match="expert 99 does not exist at layer 1"):
         intervention_study(moe, doms, bad, None, executor=ex, **{**kw, "n_controls": 0, "selectivity": False})
+    assert set(ex._pool._processes) == pids and len(pids) == 2
+    procs = list(ex._pool._processes.values())
+    ex.close()
+    assert ex._pool is None and not any(p.is_alive() for p in procs)
+    assert not list(jobs.iterdir())  # each job's factory file removed

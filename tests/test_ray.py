@@ -63,17 +63,17 @@ def test_gpu_request_without_gpus_is_refused(cluster, model_dir) -> None:
         RayExecutor(ModelSpec(str(model_dir)), workers=2, gpus_per_worker=1)
 
 
-def test_unknown_executor(model_dir) -> None:
+def test_unknown_executor(tmp_path) -> None:
     with pytest.raises(es.ConfigError, match="unknown executor"):
-        make_executor("dask", ModelSpec(str(model_dir)))  # type: ignore[arg-type]
+        make_executor("dask", ModelSpec(str(tmp_path)))  # type: ignore[arg-type]
 
 
-def test_ray_missing_is_a_clear_error(monkeypatch, model_dir) -> None:
+def test_ray_missing_is_a_clear_error(monkeypatch, tmp_path) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(es.ConfigError, match=r"Ray is not installed: pip install 'expertscope\[ray\]'"):
-        RayExecutor(ModelSpec(str(model_dir)))
+        RayExecutor(ModelSpec(str(tmp_path)))
 
 
 class _KillAfter:
@@ -111,13 +111,14 @@ def test_causal_sweep_on_ray_equals_local_and_resumes_after_a_killed_worker(clus
         local = causal_sweep(model, texts)
         spec = ModelSpec(str(model_dir), dtype="float32", threads=1)
         ck = tmp_path / "sweep.jsonl"
-        killer = _KillAfter(RayExecutor(spec, workers=2, cpus_per_worker=0.5), n=3)
+        # one actor each time (the two-actor sharding is the profile test's): killing it fails the job mid-way
+        killer = _KillAfter(RayExecutor(spec, workers=1, cpus_per_worker=0.5), n=3)
         with pytest.raises(es.ExpertscopeError, match="rerun with --resume"):
             causal_sweep(model, texts, executor=killer, checkpoint=ck)
         assert killer.killed
         kept = len(ck.read_text().splitlines()) - 1
         assert kept >= 3
-        resumed = causal_sweep(model, texts, executor=RayExecutor(spec, workers=2, cpus_per_worker=0.5),
+        resumed = causal_sweep(model, texts, executor=RayExecutor(spec, workers=1, cpus_per_worker=0.5),
                                checkpoint=ck, resume=True)
     finally:
         torch.set_num_threads(threads)

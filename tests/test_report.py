@@ -103,16 +103,44 @@ def built_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ----- figures -----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_figures_written_png_and_svg(tmp_path: Path):
-    out = F.write_figures(synthetic_tables(), tmp_path)
+def test_figures_written_png_and_svg(built_report: Path):
+    fig_dir = built_report.parent / "figures"  # drawn by the report
+    out = F.write_figures(synthetic_tables(), fig_dir)  # the same tables: every figure kept, none drawn twice
     assert set(out) == ALL_FIGURES
     for paths in out.values():
-        assert [p.suffix for p in paths] == [".png", ".svg"]
+        assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.parent == fig_dir for p in paths)
         png, svg = paths
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         text = svg.read_text()
         assert "<svg" in text and not re.search(r"""(?:href|src)\s*=\s*["']https?:""", text)
-    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+    assert not list(fig_dir.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_figures_are_drawn_only_when_their_tables_or_files_changed(tmp_path: Path, monkeypatch):
+    t = {k: v for k, v in synthetic_tables().items() if k in ("causal_rate", "steering")}
+    drawn: list[str] = []
+    save = F._save
+    monkeypatch.setattr(F, "_save", lambda fig, out, name: drawn.append(name) or save(fig, out, name))
+    first = F.write_figures(t, tmp_path / "a")
+    assert sorted(drawn) == sorted(first) == ["fig3_causal_rate", "fig_steering"]
+    digest = {p: p.read_bytes() for ps in first.values() for p in ps}
+    drawn.clear()
+    assert F.write_figures(t, tmp_path / "a") == first and drawn == []  # nothing changed: nothing drawn
+    assert {p: p.read_bytes() for ps in first.values() for p in ps} == digest
+    # one table changed: only the figure drawn from it; a file changed by hand: drawn again
+    changed = {**t, "steering": t["steering"].assign(accuracy=t["steering"]["accuracy"] * 0.9)}
+    first["fig3_causal_rate"][0].write_bytes(b"not the figure")
+    assert set(F.write_figures(changed, tmp_path / "a")) == set(first)
+    assert sorted(drawn) == ["fig3_causal_rate", "fig_steering"]
+    # another directory takes the intact, matching files of reuse_from, byte for byte, and draws the rest
+    drawn.clear()
+    other = F.write_figures(t, tmp_path / "b", reuse_from=tmp_path / "a")
+    assert drawn == ["fig_steering"]  # "a" holds the changed steering's figure now
+    assert all(p.read_bytes() == digest[q] for n in other for p, q in zip(other[n], first[n], strict=True))
+    # and what is kept equals a fresh drawing
+    monkeypatch.setattr(F, "_save", save)
+    fresh = F.write_figures(t, tmp_path / "c")
+    assert all(p.read_bytes() == q.read_bytes() for n in fresh for p, q in zip(fresh[n], other[n], strict=True))
 
 
 def test_saved_figures_hold_legends_wider_than_the_panels(tmp_path: Path):
@@ -220,9 +248,7 @@ def test_report_cli_exit_codes(tmp_path: Path):
     assert bad.exit_code == 2
     assert "no manifest.json" in bad.output and len(bad.output.strip().splitlines()) <= 2
     run = write_run(tmp_path / "run", synthetic_tables(), keys=("domain_experts", "drivers"))
-    ok = runner.invoke(app, ["report", str(run), "-o", str(tmp_path / "r.html")])
-    assert ok.exit_code == 0, ok.output
-    assert (tmp_path / "r.html").exists() and not (run / "report.html").exists()
+    written = sorted(run.iterdir())
     # Rewriting the run's own report takes its writer lock: a run another process is writing is refused.
     from expertscope.rundir import lock_dir
 
@@ -230,8 +256,12 @@ def test_report_cli_exit_codes(tmp_path: Path):
         busy = runner.invoke(app, ["report", str(run)])
         assert busy.exit_code == 2 and "another expertscope process" in busy.output
         assert report(run, out=tmp_path / "r2.html", lock=True).exists()  # -o writes nothing into the run
-    assert not (run / "report.html").exists()
+    assert sorted(run.iterdir()) == written
     assert runner.invoke(app, ["report", str(run)]).exit_code == 0 and (run / "report.html").exists()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    ok = runner.invoke(app, ["report", str(run), "-o", str(tmp_path / "r.html")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "r.html").exists() and {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
 def test_load_tables_derives_ce_means_without_driver_table(tmp_path: Path):

@@ -27,7 +27,7 @@ from expertscope.routing import (
     routing_pass,
 )
 from expertscope.stats.expert_map import router_inputs
-from expertscope.testing import tiny_model, tiny_tokenizer
+from expertscope.testing import tiny_tokenizer
 
 TEXTS = {
     "a": ["hello there, friend", "hi", "a somewhat longer sentence of text", "x y"],
@@ -128,31 +128,13 @@ def test_local_executor_yields_in_item_order_from_one_worker() -> None:
     assert built == ["m"]  # one worker for all items
 
 
-@pytest.mark.slow
-def test_process_executor_profile_equals_in_process_exactly(tmp_path) -> None:
-    """Two spawned processes, each loading the saved model with one thread, give the in-process profile."""
+def test_process_executor_needs_the_model_source(tmp_path) -> None:
+    """The process executor is made from --executor process with the model's source (its profile equals the
+    in-process one exactly: tests/test_interventions.py, which runs it in real worker processes)."""
     from expertscope.execution import ModelSpec, ProcessExecutor
 
-    tiny_model("qwen2_moe").save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = es.load_model(str(tmp_path), dtype="float32")
-        texts = {"a": ["hello there", "a longer sentence of text", "x"], "b": ["1 + 2 = 3", "four five six"]}
-        local = es.profile(model, texts, batch_size=2)
-        ex = make_executor("process", ModelSpec(str(tmp_path), dtype="float32", threads=1), workers=2)
-        assert isinstance(ex, ProcessExecutor)
-        spread = es.profile(model, texts, batch_size=2, executor=ex)
-    finally:
-        torch.set_num_threads(threads)
-    assert local.domains == spread.domains
-    n_l, t_l = local.totals()
-    n_s, t_s = spread.totals()
-    assert np.array_equal(n_l, n_s) and n_l.sum() > 0
-    for k in t_l:
-        assert np.array_equal(t_l[k], t_s[k], equal_nan=True), k
-    assert np.array_equal(local.seq_stats("h_bern"), spread.seq_stats("h_bern"))
+    ex = make_executor("process", ModelSpec(str(tmp_path), dtype="float32", threads=1), workers=2)
+    assert isinstance(ex, ProcessExecutor) and ex.workers == 2 and ex._pool is None  # no process until a job
     with pytest.raises(es.ConfigError, match="needs the model's source"):
         make_executor("process")
 

@@ -17,6 +17,7 @@ from expertscope.testing import tiny_model, tiny_tokenizer
 runner = CliRunner()
 # No math domain here: greedy generation is the slow part and the steering tests cover it.
 DOMAINS = ["emotion=synthetic:emotion@validation", "knowledge=synthetic:knowledge@validation"]
+SENTIMENT = ["positive", "negative", "neutral"]
 TABLES = ["domain_experts.parquet", "drivers.parquet", "causal_rate.parquet", "token_positions.parquet",
           "token_associations.parquet", "steering.parquet", "steering_dose.parquet",
           "steering_arms.parquet", "steering_selectivity.parquet", "coactivation.parquet",
@@ -31,20 +32,34 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
+def _sentiment_file(path: Path, n: int = 14) -> Path:
+    words = {"positive": "great lovely", "negative": "awful bad", "neutral": "plain usual"}
+    rows = [{"text": f"Ann: the day was {words[SENTIMENT[i % 3]]} {i}", "label": SENTIMENT[i % 3]} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory) -> list[str]:
+    """The study's domains: a user's sentiment file with its own three labels, and synthetic knowledge."""
+    data = _sentiment_file(tmp_path_factory.mktemp("data") / "sentiment.jsonl")
+    return [f"sa={data}?task=classification", DOMAINS[1]]
+
+
+def _args(model_dir: Path, domains: list[str], out: Path, *extra: str) -> list[str]:
     args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "10", "--batch-size", "4",
             "--causal-limit", "3", "--eval-limit", "5", "--train-limit", "8", "--n-boot", "50", "--n-perm", "auto",
             # a small dose-response (mask, ×0.8, ×1.2, ×2, +ln 2) with one control draw: every part runs, quickly
             "--n-controls", "1", "--dose-scales", "2", "--dose-biases", "2"]
-    for d in DOMAINS:
+    for d in domains:
         args += ["--domain", d]
     return args + list(extra)
 
 
 @pytest.fixture(scope="module")
-def full_run(model_dir, tmp_path_factory) -> Path:
+def full_run(model_dir, domains, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
-    r = runner.invoke(app, _args(model_dir, out))
+    r = runner.invoke(app, _args(model_dir, domains, out))
     assert r.exit_code == 0, r.output
     return out
 
@@ -60,29 +75,30 @@ def test_full_run_writes_manifest_tables_and_report(full_run: Path) -> None:
     html = (full_run / "report.html").read_text()
     assert "<img" in html and "http://" not in html.replace("http://www.w3.org", "")
     steering = pd.read_parquet(full_run / "steering.parquet")
-    assert set(steering["domain"]) == {"emotion", "knowledge"}
+    assert set(steering["domain"]) == {"sa", "knowledge"}
     assert "finetune_router" in set(steering["condition"])
 
 
-def test_interrupt_exits_130_and_leaves_a_resumable_run(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_interrupt_exits_130_and_leaves_a_resumable_run(model_dir: Path, domains: list[str], tmp_path: Path,
+                                                        monkeypatch) -> None:
     part = tmp_path / "part"
 
     def interrupted(ctx):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(study, "STAGES", [study.STAGES[0], ("domain_experts", interrupted)])
-    r = runner.invoke(app, _args(model_dir, part))
+    r = runner.invoke(app, _args(model_dir, domains, part))
     assert r.exit_code == 130 and "--resume" in r.output
     manifest = json.loads((part / "manifest.json").read_text())
     assert manifest["status"] == "running" and manifest["stages"]["profile"]["status"] == "complete"
     assert "domain_experts" not in manifest["stages"]
-    r = runner.invoke(app, _args(model_dir, part))
+    r = runner.invoke(app, _args(model_dir, domains, part))
     assert r.exit_code == 2 and "--resume" in r.output  # refuses to mix runs without --resume
 
 
 @pytest.mark.slow
 def test_resume_recomputes_only_unfinished_stages_to_the_same_tables(full_run: Path, model_dir: Path,
-                                                                      tmp_path: Path) -> None:
+                                                                      domains: list[str], tmp_path: Path) -> None:
     # A run stopped after the causal rate: later stages' outputs gone and unrecorded.
     part = tmp_path / "part"
     shutil.copytree(full_run, part)
@@ -95,7 +111,7 @@ def test_resume_recomputes_only_unfinished_stages_to_the_same_tables(full_run: P
     for f in ["token_positions.parquet", "token_associations.parquet", "steering.parquet",
               "steering_dose.parquet", "report.html"]:
         (part / f).unlink()
-    r = runner.invoke(app, _args(model_dir, part, "--resume"))
+    r = runner.invoke(app, _args(model_dir, domains, part, "--resume"))
     assert r.exit_code == 0, r.output
     assert "profile: already complete" in r.output and "causal_rate: already complete" in r.output
     assert "tokens: already complete" not in r.output
@@ -104,11 +120,12 @@ def test_resume_recomputes_only_unfinished_stages_to_the_same_tables(full_run: P
     assert (part / "report.html").exists()
 
 
-def test_resume_with_other_settings_is_refused(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_with_other_settings_is_refused(model_dir: Path, domains: list[str], tmp_path: Path,
+                                               monkeypatch) -> None:
     monkeypatch.setattr(study, "STAGES", [study.STAGES[0]])
     out = tmp_path / "o"
-    assert runner.invoke(app, _args(model_dir, out)).exit_code == 0
-    r = runner.invoke(app, _args(model_dir, out, "--resume", "--seed", "3"))
+    assert runner.invoke(app, _args(model_dir, domains, out)).exit_code == 0
+    r = runner.invoke(app, _args(model_dir, domains, out, "--resume", "--seed", "3"))
     assert r.exit_code == 2 and "other settings" in r.output
 
 
@@ -119,16 +136,6 @@ def test_report_of_a_directory_without_tables_is_refused(tmp_path: Path) -> None
 
 
 # ----- every row and setting checked before the first stage ---------------------------------------------------
-SENTIMENT = ["positive", "negative", "neutral"]
-
-
-def _sentiment_file(path: Path, n: int = 14) -> Path:
-    words = {"positive": "great lovely", "negative": "awful bad", "neutral": "plain usual"}
-    rows = [{"text": f"Ann: the day was {words[SENTIMENT[i % 3]]} {i}", "label": SENTIMENT[i % 3]} for i in range(n)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
 def _no_model_load(monkeypatch) -> None:
     import expertscope.models.loading as loading
 
@@ -139,25 +146,19 @@ def _no_model_load(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_a_sentiment_file_with_its_own_labels_runs_the_whole_study(model_dir: Path, tmp_path: Path) -> None:
-    data = _sentiment_file(tmp_path / "sentiment.jsonl")
-    out = tmp_path / "run"
-    args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "8", "--batch-size", "4",
-            "--causal-limit", "3", "--eval-limit", "6", "--train-limit", "6", "--n-boot", "50", "--n-controls", "1",
-            "--dose-scales", "2", "--dose-biases", "2",
-            "--domain", f"sa={data}?task=classification", "--domain", "knowledge=synthetic:knowledge@validation"]
-    r = runner.invoke(app, args)
-    assert r.exit_code == 0, r.output
-    manifest = json.loads((out / "manifest.json").read_text())
+def test_a_sentiment_file_with_its_own_labels_runs_the_whole_study(full_run: Path, model_dir: Path,
+                                                                   domains: list[str], tmp_path: Path) -> None:
+    manifest = json.loads((full_run / "manifest.json").read_text())  # the full run's first domain is the file
     assert manifest["status"] == "complete"
     # the label set is the data's own, in the manifest and in the fingerprint (so --resume sees a change)
     assert manifest["labels"] == {"sa": sorted(SENTIMENT)}
     assert manifest["fingerprint"]["data"]["sa"]["labels"] == sorted(SENTIMENT)
-    steering = pd.read_parquet(out / "steering.parquet")
+    steering = pd.read_parquet(full_run / "steering.parquet")
     orig = steering[(steering.domain == "sa") & (steering.condition == "original")].iloc[0]
-    assert orig.n == 6 and 0 <= orig.accuracy <= 1
+    assert orig.n == 5 and 0 <= orig.accuracy <= 1  # --eval-limit 5
     # the evaluation scores exactly the domain's own labels
-    r = runner.invoke(app, ["eval", "--model", str(model_dir), "--data", str(data), "--limit", "6",
+    data = domains[0].split("=", 1)[1].split("?")[0]
+    r = runner.invoke(app, ["eval", "--model", str(model_dir), "--data", data, "--limit", "6",
                             "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     preds = [json.loads(x) for x in (tmp_path / "ev" / "predictions.sentiment.jsonl").read_text().splitlines()]
@@ -188,11 +189,11 @@ def test_math_without_answers_is_refused_before_the_model_loads(model_dir: Path,
     assert not out.exists()  # nothing written
 
 
-def test_too_few_permutations_are_refused_before_the_model_loads(model_dir: Path, tmp_path: Path,
-                                                                  monkeypatch) -> None:
+def test_too_few_permutations_are_refused_before_the_model_loads(model_dir: Path, domains: list[str],
+                                                                  tmp_path: Path, monkeypatch) -> None:
     _no_model_load(monkeypatch)
     out = tmp_path / "o"
-    r = runner.invoke(app, _args(model_dir, out, "--n-perm", "20"))
+    r = runner.invoke(app, _args(model_dir, domains, out, "--n-perm", "20"))
     # 2 domains × 3 MoE layers × 8 experts (the tiny Mixtral's config) = 48 tests: 1/(20+1) can never pass BH
     assert r.exit_code == 2 and "n_perm=20 is too few for 48 tests" in r.output
     assert not out.exists()

@@ -18,15 +18,18 @@ from expertscope.evaluation.extract import extract_answer
 
 @pytest.mark.parametrize("domain", synthetic.DOMAINS)
 def test_generate_is_deterministic_and_prefix_stable(domain: str) -> None:
+    synthetic._stream.cache_clear()
+    short = synthetic.generate(domain, 20, seed=3, split="test")  # first: the 60 below continue its kept stream
     a = synthetic.generate(domain, 60, seed=3, split="test")
-    b = synthetic.generate(domain, 60, seed=3, split="test")
-    assert [e.to_dict() for e in a] == [e.to_dict() for e in b]
-    short = synthetic.generate(domain, 20, seed=3, split="test")
+    fresh = synthetic._Stream(domain, "test", 3).take(60)  # the same 60 drawn in one go from a new RNG
+    assert [e.to_dict() for e in a] == [e.to_dict() for e in fresh]
     assert [e.to_dict() for e in short] == [e.to_dict() for e in a][:20]
+    a.examples.clear()  # a caller's list is its own: the kept stream is untouched
+    assert [e.to_dict() for e in synthetic.generate(domain, 60, seed=3, split="test")] == [e.to_dict() for e in fresh]
     other = synthetic.generate(domain, 60, seed=4, split="test")
-    assert [e.to_dict() for e in other] != [e.to_dict() for e in a]
+    assert [e.to_dict() for e in other] != [e.to_dict() for e in fresh]
     assert a.task == synthetic.DOMAIN_TASKS[domain] and a.name == domain
-    assert len({e.id for e in a}) == 60  # ids are unique
+    assert len({e.id for e in fresh}) == 60  # ids are unique
 
 
 @pytest.mark.parametrize("domain", synthetic.DOMAINS)

@@ -19,12 +19,23 @@ from .errors import ConfigError, InputTypeError
 C = TypeVar("C", bound="BaseConfig")
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, once per class: the annotations are strings (``from __future__ import
+    annotations``) and evaluating them on every config made was most of a CLI command's set-up time."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
 @dataclass(frozen=True)
 class BaseConfig:
     """Validates ``Literal`` fields against their options on creation; ``to_dict``/``from_dict``."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = type_hints(type(self))
         for f in fields(self):
             _check_field_type(f.name, getattr(self, f.name), hints.get(f.name))
             options = _literal_options(hints.get(f.name))
@@ -628,9 +639,11 @@ class StudyConfig(BaseConfig):
     @classmethod
     def sections(cls) -> dict[str, type[BaseConfig]]:
         """The analysis configs the study holds, ``{field name: config class}``, in field order."""
-        hints = typing.get_type_hints(cls)
-        return {f.name: hints[f.name] for f in fields(cls)
-                if isinstance(hints[f.name], type) and issubclass(hints[f.name], BaseConfig)}
+        if cls not in _SECTIONS:
+            hints = type_hints(cls)
+            _SECTIONS[cls] = {f.name: hints[f.name] for f in fields(cls)
+                              if isinstance(hints[f.name], type) and issubclass(hints[f.name], BaseConfig)}
+        return dict(_SECTIONS[cls])
 
     def _set(self, name: str, value: Any, sections: list[str] | None = None) -> None:
         """Set ``name`` in place (construction only): in the named sections, or everywhere it exists."""
@@ -698,6 +711,9 @@ class StudyConfig(BaseConfig):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
         return cls(**d)
+
+
+_SECTIONS: dict[type, dict[str, type[BaseConfig]]] = {}
 
 
 # ----- reading configs as text (command lines, help) ------------------------------------------------------

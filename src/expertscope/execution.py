@@ -79,24 +79,35 @@ class LocalExecutor:
             yield worker(item)
 
 
-_PROCESS_WORKER: Callable[[Any], Any] | None = None
+# A worker process's model (loaded once, when the process starts) and its current job's worker.
+_PROCESS_MODEL: Any = None
+_PROCESS_JOB: tuple[str, Callable[[Any], Any]] | None = None
 
 
-def _process_init(spec: dict[str, Any], factory: Callable[[Any], Callable[[Any], Any]], filters: list[Any],
-                  formatwarning: Any) -> None:
+def _process_init(spec: dict[str, Any], filters: list[Any], formatwarning: Any) -> None:
     """Runs once in each worker process: the caller's warning filters and format (a spawned process starts
-    without them), then load the model and build the worker."""
+    without them), then load the model."""
     import warnings
 
-    global _PROCESS_WORKER
+    global _PROCESS_MODEL
     warnings.filters[:] = filters  # type: ignore[index]  # typeshed calls it a Sequence; it is a list
     warnings.formatwarning = formatwarning
-    _PROCESS_WORKER = factory(ModelSpec(**spec).load())
+    _PROCESS_MODEL = ModelSpec(**spec).load()
 
 
-def _process_item(item: Any) -> Any:
-    assert _PROCESS_WORKER is not None  # set by _process_init
-    return _PROCESS_WORKER(item)
+def _process_item(job: str, path: str, item: Any) -> Any:
+    """One item of job ``job``: the job's worker is built from the factory pickled at ``path`` the first time
+    this process meets the job (with the warning filters of the call that started it)."""
+    import warnings
+
+    global _PROCESS_JOB
+    if _PROCESS_JOB is None or _PROCESS_JOB[0] != job:
+        with open(path, "rb") as fh:
+            factory, filters, formatwarning = pickle.load(fh)
+        warnings.filters[:] = filters  # type: ignore[index]
+        warnings.formatwarning = formatwarning
+        _PROCESS_JOB = (job, factory(_PROCESS_MODEL))
+    return _PROCESS_JOB[1](item)
 
 
 class ProcessExecutor:
@@ -104,7 +115,10 @@ class ProcessExecutor:
 
     The lever on a CPU with several cores when one torch thread per process is fastest (small models: two
     threads on one model spin rather than help). Each process loads the model from ``spec`` with
-    ``spec.threads`` torch threads (default: the cores divided among the workers).
+    ``spec.threads`` torch threads (default: the cores divided among the workers). The processes are started
+    by the first job and serve every later one (a study's profiling and steering share them): starting a
+    process and loading the model is paid once. :meth:`close` (or leaving a ``with`` block) stops them; so
+    does the interpreter's exit.
     """
 
     name = "process"
@@ -117,32 +131,70 @@ class ProcessExecutor:
         if spec.threads is None:
             spec = ModelSpec(**{**asdict(spec), "threads": max(1, (os.cpu_count() or 1) // workers)})
         self.spec, self.workers = spec, workers
+        self._pool: Any = None
+
+    def __enter__(self) -> ProcessExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (a later job starts new ones)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _started(self) -> Any:
+        import multiprocessing
+        import warnings
+        import weakref
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_process_init,
+                initargs=(asdict(self.spec), list(warnings.filters), warnings.formatwarning))
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
 
     def run_items(
         self, model: MoEModel, items: Sequence[ItemT], factory: Callable[[MoEModel], Callable[[ItemT], ResultT]]
     ) -> Iterator[ResultT]:
         """Results in item order. ``model`` is not used (each process loads its own). A worker process that
-        dies becomes one :class:`ExpertscopeError`; errors the worker raises reach the caller unchanged."""
-        import multiprocessing
+        dies becomes one :class:`ExpertscopeError` (and the processes are replaced at the next job); errors
+        the worker raises reach the caller unchanged."""
+        import contextlib
+        import os
+        import tempfile
+        import uuid
         import warnings
-        from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
         if not items:
             return
-        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(items)),
-                                   mp_context=multiprocessing.get_context("spawn"), initializer=_process_init,
-                                   initargs=(asdict(self.spec), factory, list(warnings.filters),
-                                             warnings.formatwarning))
+        # The factory travels once per job, through a file each process reads once, not with every item.
+        fd, path = tempfile.mkstemp(prefix="expertscope-job-", suffix=".pkl")
+        futures: list[Any] = []
         try:
-            futures = [pool.submit(_process_item, item) for item in items]
+            with os.fdopen(fd, "wb") as fh:
+                pickle.dump((factory, list(warnings.filters), warnings.formatwarning), fh)
+            pool, job = self._started(), uuid.uuid4().hex
+            futures = [pool.submit(_process_item, job, path, item) for item in items]
             for f in futures:
                 yield f.result()
         except BrokenProcessPool:
+            self.close()
             raise ExpertscopeError("a worker process died (out of memory?): the results finished so far are kept; "
                                    "rerun with --resume, or with fewer --workers") from None
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for f in futures:
+                f.cancel()
+            for f in futures:  # the processes may still read the file until their running items finish
+                if not f.cancelled():
+                    with contextlib.suppress(Exception):  # the caller has its error already
+                        f.exception()
+            os.unlink(path)
 
 
 class _RayWorkerActor:

@@ -70,6 +70,21 @@ class StudyContext:
     _model: Any = None
     state: dict[str, Any] = field(default_factory=dict)
     progress: ProgressCallback | None = None
+    _exec: Any = None
+
+    @property
+    def executor(self) -> Any:
+        """Where the profile and steering stages run their items (None: in this process): made once, so worker
+        processes started by one stage serve the next; :meth:`close` stops them."""
+        if self._exec is None:
+            self._exec = _executor(self.config)
+        return self._exec
+
+    def close(self) -> None:
+        """Stop the run's worker processes, if any."""
+        ex, self._exec = self._exec, None
+        if ex is not None and hasattr(ex, "close"):
+            ex.close()
 
     @property
     def model(self) -> Any:
@@ -173,7 +188,7 @@ def _stage_profile(ctx: StudyContext) -> dict[str, Any]:
     c = ctx.config
     previous = RoutingProfile.load(ctx.out) if (ctx.out / "profile.safetensors").exists() else None
     prof = profile(ctx.model, ctx.domains, c.profile, resume_from=previous, on_batch=checkpointer(ctx.out),
-                   progress=ctx.progress, executor=_executor(c))
+                   progress=ctx.progress, executor=ctx.executor)
     prof.save(ctx.out)
     mi = save_routing_mi(prof, ctx.out)
     n, _ = prof.totals()
@@ -312,7 +327,7 @@ def _stage_steering(ctx: StudyContext) -> dict[str, Any]:
     result = intervention_study(ctx.model, ctx.inputs.test, DomainExpertTable.load(ctx.path("domain_experts.parquet")),
                                 ctx.drivers(), train={d.name: d for d in ctx.inputs.train},
                                 config=ctx.config.intervention, progress=ctx.progress,
-                                adapter_dir=ctx.out / "router_lora", executor=_executor(ctx.config))
+                                adapter_dir=ctx.out / "router_lora", executor=ctx.executor)
     result.save(ctx.out)
     t = result.table
     # Not-applicable conditions (no targets) are recorded as null, never as a number.
@@ -682,7 +697,10 @@ def run_study(
         inputs.profile = RoutingProfile.load(src)  # a damaged input fails here, before any stage starts
     if out is None:
         ctx = StudyContext(config, None, inputs, progress=progress)  # type: ignore[arg-type]
-        return {"status": "complete", "stages": {name: fn(ctx) for name, fn in chosen}}
+        try:
+            return {"status": "complete", "stages": {name: fn(ctx) for name, fn in chosen}}
+        finally:
+            ctx.close()
     if src is not None and Path(out).resolve() == src.resolve():
         return _add_stages(config, src, inputs, chosen, force, on_stage, progress)
     fingerprint = study_fingerprint(config, inputs, names)
@@ -690,7 +708,11 @@ def run_study(
         fingerprint["inputs"] = _inputs_digest(src)
     settings = config.to_dict()
     with open_run_dir(out, kind, fingerprint, settings, resume=resume, force=force, resumable=resumable) as rd:
-        return _run_stages(rd, StudyContext(config, rd.path, inputs, src, progress=progress), chosen, on_stage)
+        ctx = StudyContext(config, rd.path, inputs, src, progress=progress)
+        try:
+            return _run_stages(rd, ctx, chosen, on_stage)
+        finally:
+            ctx.close()
 
 
 def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: list[tuple[str, Stage]], force: bool,
@@ -699,7 +721,7 @@ def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: lis
     refused: its later tables and report were built from it; ``force`` moves the old files aside first."""
     import os
 
-    from .io import read_json, write_json
+    from .io import read_json
     from .rundir import lock_dir
 
     with lock_dir(out, option="-o"):
@@ -718,20 +740,32 @@ def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: lis
                     os.replace(p, aside / p.name)
             m.setdefault("replaced", {})[name] = str(aside.relative_to(out))
         ctx = StudyContext(config, out, inputs, progress=progress)
-        for name, fn in chosen:
-            if on_stage:
-                on_stage(name, "start")
-            before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-            t = time.perf_counter()
-            result = fn(ctx)
-            files = sorted(p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns)
-            done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), "files": files,
-                          "settings": {s: getattr(config, s).to_dict() for s in STAGE_SECTIONS.get(name, ())},
-                          **result}
-            write_json(out / "manifest.json", m)
-            if on_stage:
-                on_stage(name, "done")
-        return dict(m)
+        try:
+            return _add_chosen(ctx, out, m, chosen, on_stage)
+        finally:
+            ctx.close()
+
+
+def _add_chosen(ctx: StudyContext, out: Path, m: dict[str, Any], chosen: list[tuple[str, Stage]],
+                on_stage: Callable[[str, str], None] | None) -> dict[str, Any]:
+    """Run ``chosen`` into ``out``, recording each in its manifest ``m``."""
+    from .io import write_json
+
+    done, config = m["stages"], ctx.config
+    for name, fn in chosen:
+        if on_stage:
+            on_stage(name, "start")
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        t = time.perf_counter()
+        result = fn(ctx)
+        files = sorted(p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns)
+        done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), "files": files,
+                      "settings": {s: getattr(config, s).to_dict() for s in STAGE_SECTIONS.get(name, ())},
+                      **result}
+        write_json(out / "manifest.json", m)
+        if on_stage:
+            on_stage(name, "done")
+    return dict(m)
 
 
 def config_of_run(run_dir: str | Path, base: StudyConfig | None = None) -> StudyConfig:

@@ -10,7 +10,6 @@ name; :data:`ALIASES` keeps old spellings working, hidden, for one release.
 from __future__ import annotations
 
 import inspect
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import cache
@@ -20,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ..config import StudyConfig, field_docs, field_metavar, parse_field_value
+from ..config import StudyConfig, field_docs, field_metavar, parse_field_value, type_hints
 from ..errors import ConfigError
 
 #: Clearer names for fields whose own name says too little on a command line.
@@ -54,7 +53,7 @@ class Setting:
 
 
 def _fields(cls: type) -> list[tuple[str, Any]]:
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     return [(f.name, hints[f.name]) for f in fields(cls)]
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -717,48 +718,59 @@ def _sampler(domain: str) -> Callable[[random.Random], tuple[str, str, Example]]
 _LEGACY_NAMES = {"emotion_v1": "emotion"}
 
 
+class _Stream:
+    """The examples of one ``(domain, split, seed)`` in order, drawn on demand and kept: a later, larger request
+    continues the same RNG instead of starting over (a study asks for the same split several times)."""
+
+    def __init__(self, domain: str, split: str, seed: int) -> None:
+        self.domain, self.split = domain, split
+        self.sample = _sampler(domain)
+        # emotion_v1 (the first demo's emotion data, kept to reproduce its training) hashes as "emotion".
+        self.name = _LEGACY_NAMES.get(domain, domain)
+        self.rng = random.Random(f"expertscope-synth|{self.name}|{split}|{seed}")
+        self.seen: set[str] = set()
+        self.examples: list[Example] = []
+        self.tries = 0
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> list[Example]:
+        with self.lock:
+            while len(self.examples) < n:
+                self.tries += 1
+                if self.tries > _MAX_TRIES_PER_ITEM * max(n, 1) + 10_000:
+                    raise DataError(f"only {len(self.examples)} distinct {self.domain} {self.split} items found: "
+                                    "ask for fewer examples")
+                split_key, unique_key, ex = self.sample(self.rng)
+                if split_of(f"{self.name}|{split_key}") != self.split or unique_key in self.seen:
+                    continue
+                self.seen.add(unique_key)
+                ex_id = f"{self.name}-{self.split}-{_short_hash(unique_key)}"
+                self.examples.append(Example(text=ex.text, label=ex.label, answer=ex.answer, choices=ex.choices,
+                                             solution=ex.solution, context=ex.context, id=ex_id,
+                                             meta={**ex.meta, "split": self.split, "key": split_key}))
+            return self.examples[:n]
+
+
+@lru_cache(maxsize=32)
+def _stream(domain: str, split: str, seed: int) -> _Stream:
+    return _Stream(domain, split, seed)
+
+
 def generate(domain: str, n: int, seed: int = 0, split: str = "train") -> Domain:
     """``n`` distinct examples of ``domain`` from ``split``, deterministic in (domain, n, seed, split).
 
     Candidates are sampled from a RNG seeded by ``(domain, split, seed)`` and kept only when their content
     key hashes into ``split`` (see the module docstring), so two splits never share an item whatever the
-    seeds. The first ``k`` examples of ``generate(d, n, s)`` equal ``generate(d, k, s)``.
+    seeds. The first ``k`` examples of ``generate(d, n, s)`` equal ``generate(d, k, s)``: the examples drawn
+    so far are kept per ``(domain, split, seed)`` (the 32 most recent) and a larger ``n`` draws on from there.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if n < 0:
         raise ConfigError(f"negative example count {n}: pass n >= 0")
-    sample = _sampler(domain)
-    # emotion_v1 (the first demo's emotion data, kept to reproduce its training) hashes as "emotion".
-    name = _LEGACY_NAMES.get(domain, domain)
-    rng = random.Random(f"expertscope-synth|{name}|{split}|{seed}")
-    seen: set[str] = set()
-    examples: list[Example] = []
-    tries = 0
-    while len(examples) < n:
-        tries += 1
-        if tries > _MAX_TRIES_PER_ITEM * max(n, 1) + 10_000:
-            raise DataError(
-                f"only {len(examples)} distinct {domain} {split} items found: ask for fewer examples"
-            )
-        split_key, unique_key, ex = sample(rng)
-        if split_of(f"{name}|{split_key}") != split or unique_key in seen:
-            continue
-        seen.add(unique_key)
-        ex_id = f"{name}-{split}-{_short_hash(unique_key)}"
-        examples.append(
-            Example(
-                text=ex.text,
-                label=ex.label,
-                answer=ex.answer,
-                choices=ex.choices,
-                solution=ex.solution,
-                context=ex.context,
-                id=ex_id,
-                meta={**ex.meta, "split": split, "key": split_key},
-            )
-        )
-    return Domain(name, examples, DOMAIN_TASKS[name], f"synthetic:{domain}:{split}:seed={seed}")
+    _sampler(domain)  # an unknown domain fails here, before it takes a cache slot
+    stream = _stream(domain, split, seed)
+    return Domain(stream.name, stream.take(n), DOMAIN_TASKS[stream.name], f"synthetic:{domain}:{split}:seed={seed}")
 
 
 DEFAULT_SIZES: dict[str, int] = {"train": 2000, "validation": 300, "test": 300}

@@ -137,7 +137,8 @@ class TrainConfig:
         self.phase3_mix = tuple(self.phase3_mix)  # type: ignore[assignment]
 
     def scaled(self, scale: float) -> TrainConfig:
-        """A copy with every data size multiplied by ``scale`` (for quick smoke runs)."""
+        """A copy with every data size (training sets, steps, validation and test items) multiplied by ``scale``
+        (for quick smoke runs); each stays at least 1 (steps) or 8 (items)."""
         out = TrainConfig(**asdict(self))
         for name in ("n_emotion", "n_knowledge", "n_open_questions", "n_math"):
             setattr(out, name, max(8, int(getattr(self, name) * scale)))
@@ -151,6 +152,7 @@ class TrainConfig:
         out.phase3_warmup_steps = max(1, int(self.phase3_warmup_steps * min(1.0, scale)))
         out.phase3_eval_every = max(1, int(self.phase3_eval_every * min(1.0, scale)))
         out.phase3_eval_n = max(8, int(self.phase3_eval_n * min(1.0, scale)))
+        out.eval_n = max(8, int(self.eval_n * min(1.0, scale)))  # the recorded test scores: a data size too
         return out
 
 

@@ -60,13 +60,17 @@ def _save(fig: Any, out_dir: str | Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with mpl.rc_context(_RC):
+        # One layout and one bounding box for both files (savefig would redo both per format). The box is
+        # the tight one: it grows the saved area to hold every artist, so a figure legend wider than its
+        # panels (the t-SNE map's clusters + "driver expert") is never clipped.
+        fig.set_dpi(150)
+        fig.draw_without_rendering()
+        bbox = fig.get_tightbbox(fig._get_renderer()).padded(0.05)
+        fig.set_layout_engine("none")
         for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
             path = out / f"{name}.{fmt}"
             with atomic_path(path) as tmp:
-                # bbox_inches="tight" grows the saved area to hold every artist: a figure legend wider
-                # than its panels (the t-SNE map's clusters + "driver expert") is never clipped.
-                fig.savefig(tmp, format=fmt, dpi=150, metadata=meta, facecolor="white", bbox_inches="tight",
-                            pad_inches=0.05)
+                fig.savefig(tmp, format=fmt, dpi=150, metadata=meta, facecolor="white", bbox_inches=bbox)
             paths.append(path)
     return paths
 
@@ -663,39 +667,141 @@ def fig_routing_overlap(overlap: pd.DataFrame | None, out_dir: str | Path, name:
 
 
 # ----- all -----------------------------------------------------------------------------------------------
-def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path) -> dict[str, list[Path]]:
+#: The figures of a report: ``(name, draw(tables, out_dir), the tables it draws)``.
+_FIGURES: list[tuple[str, Any, tuple[str, ...]]] = [
+    ("fig1_cwas", lambda t, o: fig_cwas(t[0], o), ("domain_experts",)),
+    ("fig2_expert_types", lambda t, o: fig_expert_types(t[0], o, drivers=t[1]), ("domain_experts", "drivers")),
+    ("fig3_causal_rate", lambda t, o: fig_causal_rate(t[0], o), ("causal_rate",)),
+    ("fig4_positions", lambda t, o: fig_positions(t[0], o), ("positions",)),
+    ("fig6_causal_layers", lambda t, o: fig_causal_layers(t[0], o), ("drivers",)),
+    ("fig7_causal_heatmap", lambda t, o: fig_causal_heatmap(t[0], o), ("drivers",)),
+    ("fig_steering", lambda t, o: fig_steering(t[0], o), ("steering",)),
+    ("fig_routing_mi", lambda t, o: fig_routing_mi(t[0], o), ("routing_mi",)),
+    ("fig_steering_sweep", lambda t, o: fig_steering_sweep(t[0], o), ("steering_sweep",)),
+    ("fig_dose", lambda t, o: fig_dose(t[0], o), ("steering_dose",)),
+    ("fig_selectivity", lambda t, o: fig_selectivity(t[0], o), ("steering_selectivity",)),
+    ("fig_coactivation", lambda t, o: fig_coactivation(t[0], o), ("coactivation",)),
+    ("fig_paths", lambda t, o: fig_paths(t[0], o), ("paths",)),
+    ("fig_routing_overlap", lambda t, o: fig_routing_overlap(t[0], o), ("routing_overlap",)),
+]
+
+#: Where a figure directory records what each figure was drawn from (see :func:`write_figures`).
+FIGURE_INDEX = ".figures.json"
+
+
+def _source_digest() -> str:
+    """What the drawing depends on besides the tables: this module and the findings it classifies with (their
+    source), and the versions of matplotlib, numpy and pandas."""
+    import hashlib
+
+    import matplotlib as mpl
+
+    from . import findings
+
+    h = hashlib.sha256(f"{mpl.__version__}|{np.__version__}|{pd.__version__}".encode())
+    for mod_file in (__file__, findings.__file__):
+        h.update(Path(mod_file).read_bytes())
+    return h.hexdigest()
+
+
+def _table_digest(df: pd.DataFrame | None) -> str:
+    """A content hash of a table: columns, dtypes, index and every value (None for a missing table)."""
+    import hashlib
+
+    if df is None:
+        return "none"
+    h = hashlib.sha256(repr([(str(c), str(t)) for c, t in df.dtypes.items()]).encode())
+    h.update(repr(len(df)).encode())
+    try:
+        h.update(pd.util.hash_pandas_object(df, index=True).to_numpy().tobytes())
+    except TypeError:  # a cell pandas cannot hash (a list): its text stands in
+        h.update(df.to_csv().encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_index(fig_dir: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        index = json.loads((fig_dir / FIGURE_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _kept(fig_dir: Path, index: dict[str, Any], name: str, key: str) -> list[Path] | None:
+    """The files of figure ``name`` in ``fig_dir`` if they were drawn from ``key`` and are unchanged since."""
+    entry = index.get(name)
+    if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("files"), dict):
+        return None
+    paths = [fig_dir / f for f in entry["files"]]
+    ok = all(p.is_file() and _file_digest(p) == d for p, d in zip(paths, entry["files"].values(), strict=True))
+    return paths if ok and paths else None
+
+
+def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path,
+                  reuse_from: str | Path | None = None) -> dict[str, list[Path]]:
     """Every figure whose tables are present. ``tables`` keys: ``domain_experts``, ``drivers``,
     ``causal_rate``, ``positions``, ``expert_map`` (or ``expert_map:<name>`` for several), ``steering``,
-    ``steering_sweep``. Returns ``{figure name: written paths}`` for the figures written."""
-    t = tables
-    jobs: list[tuple[str, Any]] = [
-        ("fig1_cwas", lambda: fig_cwas(t.get("domain_experts"), out_dir)),
-        ("fig2_expert_types", lambda: fig_expert_types(t.get("domain_experts"), out_dir, drivers=t.get("drivers"))),
-        ("fig3_causal_rate", lambda: fig_causal_rate(t.get("causal_rate"), out_dir)),
-        ("fig4_positions", lambda: fig_positions(t.get("positions"), out_dir)),
-        ("fig6_causal_layers", lambda: fig_causal_layers(t.get("drivers"), out_dir)),
-        ("fig7_causal_heatmap", lambda: fig_causal_heatmap(t.get("drivers"), out_dir)),
-        ("fig_steering", lambda: fig_steering(t.get("steering"), out_dir)),
-        ("fig_routing_mi", lambda: fig_routing_mi(t.get("routing_mi"), out_dir)),
-        ("fig_steering_sweep", lambda: fig_steering_sweep(t.get("steering_sweep"), out_dir)),
-        ("fig_dose", lambda: fig_dose(t.get("steering_dose"), out_dir)),
-        ("fig_selectivity", lambda: fig_selectivity(t.get("steering_selectivity"), out_dir)),
-        ("fig_coactivation", lambda: fig_coactivation(t.get("coactivation"), out_dir)),
-        ("fig_paths", lambda: fig_paths(t.get("paths"), out_dir)),
-        ("fig_routing_overlap", lambda: fig_routing_overlap(t.get("routing_overlap"), out_dir)),
-    ]
-    for key in sorted(k for k in t if k == "expert_map" or k.startswith("expert_map:")):
+    ``steering_sweep``, ... Returns ``{figure name: written paths}`` for the figures written.
+
+    Nothing is drawn twice: ``out_dir/.figures.json`` records, per figure, a hash of the tables it was drawn
+    from (and of the drawing code and versions) and of the files written. A figure whose inputs are unchanged
+    and whose files are intact is kept as it is; one found so in ``reuse_from`` (another figure directory,
+    e.g. the run's own) is copied. Everything else is drawn.
+    """
+    import shutil
+
+    from ..io import write_json
+
+    out = Path(out_dir)
+    jobs = list(_FIGURES)
+    for key in sorted(k for k in tables if k == "expert_map" or k.startswith("expert_map:")):
         fname = "fig5_expert_map" + ("" if key == "expert_map" else "_" + key.split(":", 1)[1])
-        jobs.append((fname, lambda key=key, fname=fname: fig_expert_map(t.get(key), out_dir, name=fname)))
-    out: dict[str, list[Path]] = {}
-    for fname, job in jobs:
-        paths = job()
+        jobs.append((fname, lambda t, o, fname=fname: fig_expert_map(t[0], o, name=fname), (key,)))
+    source = _source_digest()
+    here = _read_index(out)
+    there = _read_index(Path(reuse_from)) if reuse_from is not None and Path(reuse_from) != out else {}
+    index: dict[str, Any] = {}
+    result: dict[str, list[Path]] = {}
+    for fname, draw, inputs in jobs:
+        dfs = [tables.get(k) for k in inputs]
+        if all(df is None for df in dfs):
+            continue
+        key = _source_digest_key(source, fname, [_table_digest(df) for df in dfs])
+        paths = _kept(out, here, fname, key)
+        if paths is None and there:
+            found = _kept(Path(str(reuse_from)), there, fname, key)
+            if found is not None:
+                paths = []
+                for src in found:
+                    with atomic_path(out / src.name) as tmp:
+                        shutil.copyfile(src, tmp)
+                    paths.append(out / src.name)
+        if paths is None:
+            paths = draw(dfs, out)
         if paths:
-            out[fname] = paths
-    return out
+            result[fname] = paths
+            index[fname] = {"key": key, "files": {p.name: _file_digest(p) for p in paths}}
+    if index or here:
+        write_json(out / FIGURE_INDEX, index)
+    return result
+
+
+def _source_digest_key(source: str, name: str, digests: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join([source, name, *digests]).encode()).hexdigest()
 
 
 __all__ = [
+    "FIGURE_INDEX",
     "OKABE_ITO",
     "expert_types",
     "fig_causal_heatmap",

@@ -650,9 +650,11 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
 
 def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None, *,
            lock: bool = False) -> Path:
-    """Build ``run_dir/report.html`` (or ``out``) from the run's saved tables; figures are (re)written to
+    """Build ``run_dir/report.html`` (or ``out``) from the run's saved tables; figures are written to
     ``run_dir/figures/`` as PNG and SVG (with ``out``: ``<out stem>_figures/`` and ``<out stem>.findings.json``
-    beside it, nothing in the run). Returns the report's path. Tables that exist but cannot be read are
+    beside it, nothing in the run), drawing only those whose tables changed (see
+    :func:`~expertscope.report.figures.write_figures`; with ``out`` the run's own unchanged figures are copied).
+    Returns the report's path. Tables that exist but cannot be read are
     recorded in ``problems`` (``{file: reason}``) and left out of the report. A run whose manifest is not
     ``complete`` gets a banner naming the stages that did not finish. ``lock=True`` (``expertscope report``)
     holds the run's writer lock while writing into it, so a run another process is writing is refused (a
@@ -697,7 +699,7 @@ def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[st
     # With ``out`` the report writes only that file and its own assets named after it (never into the run,
     # never over a neighbour's findings.json).
     fig_dir = run_dir / FIGURE_DIR if out is None else target.with_name(f"{target.stem}_figures")
-    figures = write_figures(tables, fig_dir)
+    figures = write_figures(tables, fig_dir, reuse_from=run_dir / FIGURE_DIR)
     text = build_html(manifest, tables, figures)
     findings = "findings.json" if out is None else f"{target.stem}.findings.json"
     write_json(target.with_name(findings), findings_record(tables, manifest))

@@ -93,10 +93,7 @@ def group_statistics(
 
 def _onehot(labels: np.ndarray, D: int) -> np.ndarray:
     """``(B, N)`` integer labels → ``(B, D, N)`` float indicators."""
-    B, N = labels.shape
-    out = np.zeros((B, D, N))
-    out[np.arange(B)[:, None], labels, np.arange(N)[None, :]] = 1.0
-    return out
+    return (labels[:, None, :] == np.arange(D)[None, :, None]).astype(np.float64)
 
 
 def parse_n_perm(text: str | int) -> int | Literal["auto"]:
