@@ -57,6 +57,15 @@ def pytest_collection_modifyitems(config, items) -> None:
         shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
         if shared and not any(item.iter_markers("xdist_group")):  # a module's own group stands
             item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))
+    # Longest first: modules holding a group, then by their number of slow tests. pytest-xdist hands out work
+    # in collection order, so the long groups start early instead of leaving one process busy at the end.
+    # Each module's tests stay together (their module fixtures are built once) and in their own order.
+    weight: dict[str, tuple[int, int]] = {}
+    for item in items:
+        grouped, slow = weight.get(item.nodeid.split("::")[0], (0, 0))
+        weight[item.nodeid.split("::")[0]] = (grouped or any(True for _ in item.iter_markers("xdist_group")),
+                                              slow + (item.get_closest_marker("slow") is not None))
+    items.sort(key=lambda i: (-int(weight[i.nodeid.split("::")[0]][0]), -weight[i.nodeid.split("::")[0]][1]))
 
 
 def pytest_configure(config) -> None:

@@ -705,13 +705,14 @@ def _source_digest() -> str:
 
 
 def _table_digest(df: pd.DataFrame | None) -> str:
-    """A content hash of a table: columns, dtypes, index and every value (None for a missing table)."""
+    """A content hash of a table: columns, dtypes, index, every value and its metadata (``attrs``: a rule's
+    settings read back from the file); ``"none"`` for a missing table."""
     import hashlib
 
     if df is None:
         return "none"
     h = hashlib.sha256(repr([(str(c), str(t)) for c, t in df.dtypes.items()]).encode())
-    h.update(repr(len(df)).encode())
+    h.update(repr((len(df), sorted(df.attrs.items(), key=lambda kv: str(kv[0])))).encode())
     try:
         h.update(pd.util.hash_pandas_object(df, index=True).to_numpy().tobytes())
     except TypeError:  # a cell pandas cannot hash (a list): its text stands in
