@@ -60,12 +60,13 @@ def pytest_collection_modifyitems(config, items) -> None:
     # Longest first: modules holding a group, then by their number of slow tests. pytest-xdist hands out work
     # in collection order, so the long groups start early instead of leaving one process busy at the end.
     # Each module's tests stay together (their module fixtures are built once) and in their own order.
-    weight: dict[str, tuple[int, int]] = {}
+    grouped: set[object] = set()
+    slow: dict[object, int] = {}
     for item in items:
-        grouped, slow = weight.get(item.nodeid.split("::")[0], (0, 0))
-        weight[item.nodeid.split("::")[0]] = (grouped or any(True for _ in item.iter_markers("xdist_group")),
-                                              slow + (item.get_closest_marker("slow") is not None))
-    items.sort(key=lambda i: (-int(weight[i.nodeid.split("::")[0]][0]), -weight[i.nodeid.split("::")[0]][1]))
+        if item.get_closest_marker("xdist_group") is not None:
+            grouped.add(item.path)
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda i: (i.path not in grouped, -slow[i.path]))
 
 
 def pytest_configure(config) -> None:

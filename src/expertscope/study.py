@@ -86,6 +86,12 @@ class StudyContext:
         if ex is not None and hasattr(ex, "close"):
             ex.close()
 
+    def __enter__(self) -> StudyContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def model(self) -> Any:
         if self._model is None:
@@ -696,23 +702,17 @@ def run_study(
 
         inputs.profile = RoutingProfile.load(src)  # a damaged input fails here, before any stage starts
     if out is None:
-        ctx = StudyContext(config, None, inputs, progress=progress)  # type: ignore[arg-type]
-        try:
+        with StudyContext(config, None, inputs, progress=progress) as ctx:  # type: ignore[arg-type]
             return {"status": "complete", "stages": {name: fn(ctx) for name, fn in chosen}}
-        finally:
-            ctx.close()
     if src is not None and Path(out).resolve() == src.resolve():
         return _add_stages(config, src, inputs, chosen, force, on_stage, progress)
     fingerprint = study_fingerprint(config, inputs, names)
     if src is not None:
         fingerprint["inputs"] = _inputs_digest(src)
     settings = config.to_dict()
-    with open_run_dir(out, kind, fingerprint, settings, resume=resume, force=force, resumable=resumable) as rd:
-        ctx = StudyContext(config, rd.path, inputs, src, progress=progress)
-        try:
-            return _run_stages(rd, ctx, chosen, on_stage)
-        finally:
-            ctx.close()
+    with (open_run_dir(out, kind, fingerprint, settings, resume=resume, force=force, resumable=resumable) as rd,
+          StudyContext(config, rd.path, inputs, src, progress=progress) as ctx):
+        return _run_stages(rd, ctx, chosen, on_stage)
 
 
 def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: list[tuple[str, Stage]], force: bool,
@@ -721,7 +721,7 @@ def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: lis
     refused: its later tables and report were built from it; ``force`` moves the old files aside first."""
     import os
 
-    from .io import read_json
+    from .io import read_json, write_json
     from .rundir import lock_dir
 
     with lock_dir(out, option="-o"):
@@ -739,33 +739,21 @@ def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: lis
                 if p.exists():
                     os.replace(p, aside / p.name)
             m.setdefault("replaced", {})[name] = str(aside.relative_to(out))
-        ctx = StudyContext(config, out, inputs, progress=progress)
-        try:
-            return _add_chosen(ctx, out, m, chosen, on_stage)
-        finally:
-            ctx.close()
-
-
-def _add_chosen(ctx: StudyContext, out: Path, m: dict[str, Any], chosen: list[tuple[str, Stage]],
-                on_stage: Callable[[str, str], None] | None) -> dict[str, Any]:
-    """Run ``chosen`` into ``out``, recording each in its manifest ``m``."""
-    from .io import write_json
-
-    done, config = m["stages"], ctx.config
-    for name, fn in chosen:
-        if on_stage:
-            on_stage(name, "start")
-        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-        t = time.perf_counter()
-        result = fn(ctx)
-        files = sorted(p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns)
-        done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), "files": files,
-                      "settings": {s: getattr(config, s).to_dict() for s in STAGE_SECTIONS.get(name, ())},
-                      **result}
-        write_json(out / "manifest.json", m)
-        if on_stage:
-            on_stage(name, "done")
-    return dict(m)
+        with StudyContext(config, out, inputs, progress=progress) as ctx:
+            for name, fn in chosen:
+                if on_stage:
+                    on_stage(name, "start")
+                before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+                t = time.perf_counter()
+                result = fn(ctx)
+                files = sorted(p.name for p in out.iterdir() if before.get(p.name) != p.stat().st_mtime_ns)
+                done[name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), "files": files,
+                              "settings": {s: getattr(config, s).to_dict() for s in STAGE_SECTIONS.get(name, ())},
+                              **result}
+                write_json(out / "manifest.json", m)
+                if on_stage:
+                    on_stage(name, "done")
+        return dict(m)
 
 
 def config_of_run(run_dir: str | Path, base: StudyConfig | None = None) -> StudyConfig:

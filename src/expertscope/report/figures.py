@@ -9,6 +9,7 @@ magnitudes, both readable with colour-vision deficiencies and in greyscale print
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -667,22 +668,22 @@ def fig_routing_overlap(overlap: pd.DataFrame | None, out_dir: str | Path, name:
 
 
 # ----- all -----------------------------------------------------------------------------------------------
-#: The figures of a report: ``(name, draw(tables, out_dir), the tables it draws)``.
+#: The figures of a report: ``(name, draw, the tables it draws)``; ``draw(first table, out_dir, *the others)``.
 _FIGURES: list[tuple[str, Any, tuple[str, ...]]] = [
-    ("fig1_cwas", lambda t, o: fig_cwas(t[0], o), ("domain_experts",)),
-    ("fig2_expert_types", lambda t, o: fig_expert_types(t[0], o, drivers=t[1]), ("domain_experts", "drivers")),
-    ("fig3_causal_rate", lambda t, o: fig_causal_rate(t[0], o), ("causal_rate",)),
-    ("fig4_positions", lambda t, o: fig_positions(t[0], o), ("positions",)),
-    ("fig6_causal_layers", lambda t, o: fig_causal_layers(t[0], o), ("drivers",)),
-    ("fig7_causal_heatmap", lambda t, o: fig_causal_heatmap(t[0], o), ("drivers",)),
-    ("fig_steering", lambda t, o: fig_steering(t[0], o), ("steering",)),
-    ("fig_routing_mi", lambda t, o: fig_routing_mi(t[0], o), ("routing_mi",)),
-    ("fig_steering_sweep", lambda t, o: fig_steering_sweep(t[0], o), ("steering_sweep",)),
-    ("fig_dose", lambda t, o: fig_dose(t[0], o), ("steering_dose",)),
-    ("fig_selectivity", lambda t, o: fig_selectivity(t[0], o), ("steering_selectivity",)),
-    ("fig_coactivation", lambda t, o: fig_coactivation(t[0], o), ("coactivation",)),
-    ("fig_paths", lambda t, o: fig_paths(t[0], o), ("paths",)),
-    ("fig_routing_overlap", lambda t, o: fig_routing_overlap(t[0], o), ("routing_overlap",)),
+    ("fig1_cwas", fig_cwas, ("domain_experts",)),
+    ("fig2_expert_types", fig_expert_types, ("domain_experts", "drivers")),
+    ("fig3_causal_rate", fig_causal_rate, ("causal_rate",)),
+    ("fig4_positions", fig_positions, ("positions",)),
+    ("fig6_causal_layers", fig_causal_layers, ("drivers",)),
+    ("fig7_causal_heatmap", fig_causal_heatmap, ("drivers",)),
+    ("fig_steering", fig_steering, ("steering",)),
+    ("fig_routing_mi", fig_routing_mi, ("routing_mi",)),
+    ("fig_steering_sweep", fig_steering_sweep, ("steering_sweep",)),
+    ("fig_dose", fig_dose, ("steering_dose",)),
+    ("fig_selectivity", fig_selectivity, ("steering_selectivity",)),
+    ("fig_coactivation", fig_coactivation, ("coactivation",)),
+    ("fig_paths", fig_paths, ("paths",)),
+    ("fig_routing_overlap", fig_routing_overlap, ("routing_overlap",)),
 ]
 
 #: Where a figure directory records what each figure was drawn from (see :func:`write_figures`).
@@ -720,12 +721,6 @@ def _table_digest(df: pd.DataFrame | None) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _read_index(fig_dir: Path) -> dict[str, Any]:
     import json
 
@@ -736,14 +731,23 @@ def _read_index(fig_dir: Path) -> dict[str, Any]:
     return index if isinstance(index, dict) else {}
 
 
-def _kept(fig_dir: Path, index: dict[str, Any], name: str, key: str) -> list[Path] | None:
-    """The files of figure ``name`` in ``fig_dir`` if they were drawn from ``key`` and are unchanged since."""
+def _kept(fig_dir: Path, index: dict[str, Any], name: str, key: str) -> dict[str, str] | None:
+    """``{file name: digest}`` of figure ``name`` in ``fig_dir`` if it was drawn from ``key`` and its files are
+    unchanged since."""
+    from ..fingerprint import file_digest
+
     entry = index.get(name)
     if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("files"), dict):
         return None
-    paths = [fig_dir / f for f in entry["files"]]
-    ok = all(p.is_file() and _file_digest(p) == d for p, d in zip(paths, entry["files"].values(), strict=True))
-    return paths if ok and paths else None
+    files: dict[str, str] = entry["files"]
+    ok = all((fig_dir / f).is_file() and file_digest(fig_dir / f) == d for f, d in files.items())
+    return files if ok and files else None
+
+
+def _figure_key(source: str, name: str, digests: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join([source, name, *digests]).encode()).hexdigest()
 
 
 def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path,
@@ -759,46 +763,39 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path,
     """
     import shutil
 
+    from ..fingerprint import file_digest
     from ..io import write_json
 
     out = Path(out_dir)
     jobs = list(_FIGURES)
     for key in sorted(k for k in tables if k == "expert_map" or k.startswith("expert_map:")):
         fname = "fig5_expert_map" + ("" if key == "expert_map" else "_" + key.split(":", 1)[1])
-        jobs.append((fname, lambda t, o, fname=fname: fig_expert_map(t[0], o, name=fname), (key,)))
+        jobs.append((fname, functools.partial(fig_expert_map, name=fname), (key,)))
     source = _source_digest()
     here = _read_index(out)
-    there = _read_index(Path(reuse_from)) if reuse_from is not None and Path(reuse_from) != out else {}
+    other = Path(reuse_from) if reuse_from is not None and Path(reuse_from) != out else None
+    there = _read_index(other) if other is not None else {}
     index: dict[str, Any] = {}
     result: dict[str, list[Path]] = {}
     for fname, draw, inputs in jobs:
         dfs = [tables.get(k) for k in inputs]
         if all(df is None for df in dfs):
             continue
-        key = _source_digest_key(source, fname, [_table_digest(df) for df in dfs])
-        paths = _kept(out, here, fname, key)
-        if paths is None and there:
-            found = _kept(Path(str(reuse_from)), there, fname, key)
-            if found is not None:
-                paths = []
-                for src in found:
-                    with atomic_path(out / src.name) as tmp:
-                        shutil.copyfile(src, tmp)
-                    paths.append(out / src.name)
-        if paths is None:
-            paths = draw(dfs, out)
-        if paths:
-            result[fname] = paths
-            index[fname] = {"key": key, "files": {p.name: _file_digest(p) for p in paths}}
+        key = _figure_key(source, fname, [_table_digest(df) for df in dfs])
+        files = _kept(out, here, fname, key)
+        if files is None and other is not None:
+            files = _kept(other, there, fname, key)
+            for f in files or {}:
+                with atomic_path(out / f) as tmp:
+                    shutil.copyfile(other / f, tmp)
+        if files is None:
+            files = {p.name: file_digest(p) for p in draw(dfs[0], out, *dfs[1:])}
+        if files:
+            result[fname] = [out / f for f in files]
+            index[fname] = {"key": key, "files": files}
     if index or here:
         write_json(out / FIGURE_INDEX, index)
     return result
-
-
-def _source_digest_key(source: str, name: str, digests: list[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("|".join([source, name, *digests]).encode()).hexdigest()
 
 
 __all__ = [
