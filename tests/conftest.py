@@ -18,6 +18,31 @@ from expertscope.testing import TINY_BUILDERS, tiny_model  # noqa: E402
 FAMILIES = sorted(TINY_BUILDERS)
 
 
+def _cache_cli_commands() -> None:
+    """typer's CliRunner rebuilds the whole click command tree from the app on every invoke (about 40 ms of
+    option parsing set-up per call, hundreds of calls in the suite; a real CLI process builds it once). Build it
+    once per app and per set of registered commands: what a command does is still looked up when it runs, so
+    tests that monkeypatch the library see their patches."""
+    import weakref
+
+    import typer.testing
+
+    build = typer.testing._get_command
+    built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def cached(app):
+        key = (len(app.registered_commands), len(app.registered_groups), app.registered_callback)
+        hit = built.get(app)
+        if hit is None or hit[0] != key:
+            built[app] = hit = (key, build(app))
+        return hit[1]
+
+    typer.testing._get_command = cached
+
+
+_cache_cli_commands()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Pin torch to one thread for a module: with the CPU shared, two OpenMP threads spin-wait (~50x slower)."""

@@ -374,7 +374,7 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capf
     import pandas as pd
 
     from expertscope.data.sources import load_domain
-    from expertscope.execution import ModelSpec, ProcessExecutor
+    from expertscope.execution import ModelSpec, ProcessExecutor, _worker_context
     from expertscope.interventions.study import intervention_study
 
     tiny_model("mixtral", initializer_range=0.3, num_local_experts=8).save_pretrained(tmp_path / "m")
@@ -391,8 +391,10 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capf
         local = intervention_study(moe, doms, table, None, **kw)
         jobs = tmp_path / "tmp"
         jobs.mkdir()
+        spec = ModelSpec(str(tmp_path / "m"), dtype="float32", threads=1)
+        _worker_context(spec)  # the process server starts here, its socket not among the job files below
         monkeypatch.setattr(tempfile, "tempdir", str(jobs))  # where the job files go
-        ex = ProcessExecutor(ModelSpec(str(tmp_path / "m"), dtype="float32", threads=1), workers=2)
+        ex = ProcessExecutor(spec, workers=2)
         # first a profiling job (as a study's profile stage), then the steering job on the same processes
         texts = {"a": ["hello there", "a longer sentence of text", "x"], "b": ["1 + 2 = 3", "four five six"]}
         local_prof, spread_prof = es.profile(moe, texts, batch_size=2), es.profile(moe, texts, batch_size=2,

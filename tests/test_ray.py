@@ -36,17 +36,29 @@ def model_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def executor(cluster, model_dir):
+    """Two actors, kept across this module's jobs (as a study keeps them across its stages)."""
+    with RayExecutor(ModelSpec(str(model_dir), dtype="float32", threads=1), workers=2, cpus_per_worker=0.5) as ex:
+        yield ex
+    assert ex.pids() == []  # closed
+
+
 @pytest.mark.slow
-def test_two_actor_profile_equals_in_process_exactly(cluster, model_dir) -> None:
+def test_two_actor_profile_equals_in_process_exactly(executor, model_dir) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the actors are pinned to one thread too: same kernels, same bits
     try:
         model = es.load_model(str(model_dir), dtype="float32")
         local = es.profile(model, TEXTS, batch_size=4)
-        ex = RayExecutor(ModelSpec(str(model_dir), dtype="float32", threads=1), workers=2, cpus_per_worker=0.5)
-        sharded = es.profile(model, TEXTS, batch_size=4, executor=ex)
+        sharded = es.profile(model, TEXTS, batch_size=4, executor=executor)
+        pids = executor.pids()
+        assert len(set(pids)) == 2
+        again = es.profile(model, TEXTS, batch_size=4, executor=executor)  # the same actors serve the next job
+        assert executor.pids() == pids
     finally:
         torch.set_num_threads(threads)
+    assert np.array_equal(sharded.seq_stats("h_bern"), again.seq_stats("h_bern"))
     assert sorted(local.domains) == sorted(sharded.domains)
     order = [sharded.domains.index(d) for d in local.domains]
     n_l, t_l = local.totals()
@@ -77,30 +89,26 @@ def test_ray_missing_is_a_clear_error(monkeypatch, tmp_path) -> None:
 
 
 class _KillAfter:
-    """Wraps a RayExecutor: after ``n`` results arrive, SIGKILLs one live actor process."""
+    """Wraps a RayExecutor: after ``n`` results arrive, SIGKILLs one of its actors."""
 
     def __init__(self, inner: RayExecutor, n: int) -> None:
-        self.inner, self.n, self.killed = inner, n, False
+        self.inner, self.n, self.killed, self.pids = inner, n, 0, []
         self.name = inner.name
 
     def run_items(self, model, items, settings):
         import os
         import signal
 
-        import psutil
-
         for k, item in enumerate(self.inner.run_items(model, items, settings)):
             yield item
             if k + 1 == self.n and not self.killed:
-                pids = [p.pid for p in psutil.process_iter(["cmdline"])
-                        if "CausalItemWorker" in " ".join(p.info["cmdline"] or [])]
-                assert pids, "no Ray actor to kill"
-                os.kill(pids[0], signal.SIGKILL)
-                self.killed = True
+                self.pids = self.inner.pids()
+                self.killed = self.pids[0]
+                os.kill(self.killed, signal.SIGKILL)
 
 
 @pytest.mark.slow
-def test_causal_sweep_on_ray_equals_local_and_resumes_after_a_killed_worker(cluster, model_dir, tmp_path) -> None:
+def test_causal_sweep_on_ray_equals_local_and_resumes_after_a_killed_worker(executor, model_dir, tmp_path) -> None:
     from expertscope.causal.sweep import causal_sweep
 
     texts = {"a": ["hello there", "a longer sentence here"], "b": ["1 + 2 = 3", "x"]}
@@ -109,19 +117,21 @@ def test_causal_sweep_on_ray_equals_local_and_resumes_after_a_killed_worker(clus
     try:
         model = es.load_model(str(model_dir), dtype="float32")
         local = causal_sweep(model, texts)
-        spec = ModelSpec(str(model_dir), dtype="float32", threads=1)
         ck = tmp_path / "sweep.jsonl"
-        # one actor each time (the two-actor sharding is the profile test's): killing it fails the job mid-way
-        killer = _KillAfter(RayExecutor(spec, workers=1, cpus_per_worker=0.5), n=3)
+        # killing one of the two actors fails the job mid-way (its item is lost); the other actor lives on
+        killer = _KillAfter(executor, n=3)
         with pytest.raises(es.ExpertscopeError, match="rerun with --resume"):
             causal_sweep(model, texts, executor=killer, checkpoint=ck)
         assert killer.killed
         kept = len(ck.read_text().splitlines()) - 1
         assert kept >= 3
-        resumed = causal_sweep(model, texts, executor=RayExecutor(spec, workers=1, cpus_per_worker=0.5),
-                               checkpoint=ck, resume=True)
+        survivor = [p for p in killer.pids if p != killer.killed]
+        # the next job replaces the dead actor alone
+        resumed = causal_sweep(model, texts, executor=executor, checkpoint=ck, resume=True)
+        pids = executor.pids()
     finally:
         torch.set_num_threads(threads)
+    assert len(pids) == 2 and killer.killed not in pids and set(survivor) < set(pids)
     total = 4 * len(model.layers)
     assert resumed.settings["resumed_items"] == kept and resumed.settings["computed_items"] == total - kept
     assert np.array_equal(local.ce, resumed.ce)  # bit-identical to the single-process sweep

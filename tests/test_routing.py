@@ -139,6 +139,31 @@ def test_process_executor_needs_the_model_source(tmp_path) -> None:
         make_executor("process")
 
 
+def test_worker_processes_fork_from_a_preloaded_server_or_else_spawn(tmp_path, monkeypatch) -> None:
+    """Workers are forked from a server that imported the libraries and the model's family module; where that
+    server cannot start (its socket path too long for AF_UNIX under a long TMPDIR) they are spawned."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    from expertscope.execution import ModelSpec, _worker_context
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no forkserver on this platform: workers are always spawned")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_moe"}')
+    started: list[list[str]] = []  # the modules the server would import
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: started.append(list(server._preload_modules)))
+    assert _worker_context(ModelSpec(str(tmp_path))).get_start_method() == "forkserver"
+    assert started == [["__main__", "expertscope", "transformers.modeling_utils",
+                        "transformers.models.qwen2_moe.modeling_qwen2_moe"]]
+
+    def fail() -> None:
+        raise OSError("AF_UNIX path too long")
+
+    monkeypatch.setattr(forkserver, "ensure_running", fail)
+    assert _worker_context(ModelSpec(str(tmp_path))).get_start_method() == "spawn"
+
+
 def test_plan_batches_longest_first_skipping_done() -> None:
     texts = {"a": ["xx", "xxxx", "x", "xxxx"], "b": ["y"]}
     plan = plan_batches(texts, 2, done=lambda d, i: (d, i) == ("a", 2))

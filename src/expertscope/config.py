@@ -597,7 +597,8 @@ class StudyConfig(BaseConfig):
     """Allow pickled (.bin) weights from a trusted source."""
     executor: Literal["local", "process", "ray"] = "local"
     """Where profiling batches and steering evaluations run: local (this process), process (worker processes on
-    this machine) or ray (Ray Data actors; pip install 'expertscope[ray]'). Results do not depend on it."""
+    this machine) or ray (Ray actors, kept for the whole run; pip install 'expertscope[ray]'). Results do not
+    depend on it."""
     workers: int = 2
     """Worker processes or Ray actors (each loads the model once)."""
     gpus_per_worker: float = 0

@@ -19,8 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-import numpy as np
-
 from .errors import ConfigError, ExpertscopeError
 
 if TYPE_CHECKING:
@@ -85,7 +83,7 @@ _PROCESS_JOB: tuple[str, Callable[[Any], Any]] | None = None
 
 
 def _process_init(spec: dict[str, Any], filters: list[Any], formatwarning: Any) -> None:
-    """Runs once in each worker process: the caller's warning filters and format (a spawned process starts
+    """Runs once in each worker process: the caller's warning filters and format (a new process starts
     without them), then load the model."""
     import warnings
 
@@ -110,15 +108,47 @@ def _process_item(job: str, path: str, item: Any) -> Any:
     return _PROCESS_JOB[1](item)
 
 
+def _worker_context(spec: ModelSpec) -> Any:
+    """The multiprocessing context worker processes start from: ``forkserver`` where the platform has it (one
+    server process imports torch, transformers, expertscope and the model's family module once, and each
+    worker is forked from it: a spawned worker imports them itself, about 5 s of CPU each), ``spawn`` elsewhere.
+    Never a fork of the caller (its threads and CUDA state must not be copied)."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    preload = ["__main__", "expertscope", "transformers.modeling_utils"]
+    try:  # a local checkpoint names its family: import its modeling module in the server too
+        import json
+        from pathlib import Path
+
+        kind = json.loads((Path(spec.source) / "config.json").read_text())["model_type"]
+        preload.append(f"transformers.models.{kind}.modeling_{kind}")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    # Only read when the server starts (the first pool of this process); a module that fails to import is
+    # skipped there and imported by the worker that needs it.
+    ctx.set_forkserver_preload(preload)
+    try:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    except OSError:  # e.g. its socket's path under a long TMPDIR exceeds AF_UNIX's limit
+        return multiprocessing.get_context("spawn")
+    return ctx
+
+
 class ProcessExecutor:
-    """Runs items in ``workers`` processes on this machine (started fresh, ``spawn``), one model per process.
+    """Runs items in ``workers`` processes on this machine, one model per process.
 
     The lever on a CPU with several cores when one torch thread per process is fastest (small models: two
     threads on one model spin rather than help). Each process loads the model from ``spec`` with
     ``spec.threads`` torch threads (default: the cores divided among the workers). The processes are started
     by the first job and serve every later one (a study's profiling and steering share them): starting a
-    process and loading the model is paid once. :meth:`close` (or leaving a ``with`` block) stops them; so
-    does the interpreter's exit.
+    process and loading the model is paid once. They are forked from a server process that has imported the
+    libraries once (``forkserver``; ``spawn`` where the platform has no forkserver). :meth:`close` (or leaving
+    a ``with`` block) stops them; so does the interpreter's exit.
     """
 
     name = "process"
@@ -146,14 +176,13 @@ class ProcessExecutor:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _started(self) -> Any:
-        import multiprocessing
         import warnings
         import weakref
         from concurrent.futures import ProcessPoolExecutor
 
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_process_init,
+                max_workers=self.workers, mp_context=_worker_context(self.spec), initializer=_process_init,
                 initargs=(asdict(self.spec), list(warnings.filters), warnings.formatwarning))
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
@@ -197,39 +226,40 @@ class ProcessExecutor:
             os.unlink(path)
 
 
-class _RayWorkerActor:
-    """Ray Data callable class: builds the worker once in ``__init__`` (loading the model), one item per call.
+class _RayActor:
+    """A Ray actor holding one loaded model; it serves the items of every job sent to it, building each job's
+    worker from the job's factory the first time it meets the job."""
 
-    Items and results travel pickled (exact for numpy arrays and floats).
-    """
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.model = ModelSpec(**spec).load()
+        self.job: tuple[str, Callable[[Any], Any]] | None = None
 
-    def __init__(self, spec: dict[str, Any], factory: Callable[[Any], Callable[[Any], Any]]) -> None:
-        self.worker = factory(ModelSpec(**spec).load())
+    def pid(self) -> int:
+        """This actor's process id (a cheap call: it also tells the driver the actor is alive)."""
+        import os
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        index, payload = [], []
-        for i, item in zip(batch["i"], batch["item"], strict=True):
-            index.append(int(i))
-            payload.append(pickle.dumps(self.worker(pickle.loads(item))))
-        return {"i": np.asarray(index), "payload": np.asarray(payload, dtype=object)}
+        return os.getpid()
 
+    def run(self, job: str, factory: list[Any], item: Any) -> Any:
+        """``factory`` is ``[ObjectRef]`` (a nested reference Ray does not resolve per call): fetched once per
+        job."""
+        import ray
 
-def _worker_name(factory: Any) -> str:
-    fn = getattr(factory, "func", factory)  # functools.partial
-    return str(getattr(fn, "__name__", type(fn).__name__))
-
-
-def _actor_class(factory: Any) -> type:
-    """A subclass of :class:`_RayWorkerActor` named after the worker, so Ray's process titles say which job runs."""
-    name = f"RayWorker_{_worker_name(factory)}"
-    return type(name, (_RayWorkerActor,), {"__qualname__": name})
+        if self.job is None or self.job[0] != job:
+            self.job = (job, ray.get(factory[0])(self.model))
+        return self.job[1](item)
 
 
 class RayExecutor:
-    """Runs items on Ray Data actors (``ActorPoolStrategy(size=workers)``), one model per actor.
+    """Runs items on ``workers`` Ray actors, one model per actor.
 
+    The actors are started by the first job and serve every later one (a study's profiling and steering
+    share them): starting an actor and loading its model is paid once. Items go to whichever actor is free;
+    results come back in item order. An actor that dies fails its job (the results yielded so far stay
+    valid) and is replaced, alone, at the next job. :meth:`close` (or leaving a ``with`` block) stops them.
     ``gpus_per_worker`` > 1 loads each actor's model with ``device_map="auto"`` over its GPUs;
     ``cpus_per_worker`` may be fractional (two full-CPU actors on a 2-core machine would deadlock the driver).
+    ``max_restarts`` > 0 lets Ray restart a dead actor (reloading its model) and retry its item instead.
     """
 
     name = "ray"
@@ -263,37 +293,100 @@ class RayExecutor:
         self.gpus_per_worker = gpus_per_worker
         self.cpus_per_worker = cpus_per_worker if cpus_per_worker is not None else max(
             0.25, (available.get("CPU", 1) - 0.5) / max(workers, 1))
+        self._actors: list[Any] = []
+        self._check = False  # a job failed: find dead actors before the next one
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the actors (a later job starts new ones)."""
+        import ray
+
+        actors, self._actors = self._actors, []
+        for a in actors:
+            ray.kill(a)
+
+    def pids(self) -> list[int]:
+        """Process ids of the running actors (none before the first job)."""
+        import ray
+
+        return [int(p) for p in ray.get([a.pid.remote() for a in self._actors])]
+
+    def _new_actor(self) -> Any:
+        import ray
+
+        cls = ray.remote(_RayActor).options(
+            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None,
+            max_restarts=self.max_restarts, max_task_retries=self.max_restarts)
+        return cls.remote(asdict(self.spec))
+
+    def _started(self) -> list[Any]:
+        import ray
+
+        if self._check:
+            alive = []
+            for a in self._actors:
+                try:
+                    ray.get(a.pid.remote())
+                    alive.append(a)
+                except ray.exceptions.RayError:
+                    ray.kill(a)
+            self._actors, self._check = alive, False
+        while len(self._actors) < self.workers:
+            self._actors.append(self._new_actor())
+        return self._actors
 
     def run_items(
         self, model: MoEModel, items: Sequence[ItemT], factory: Callable[[MoEModel], Callable[[ItemT], ResultT]]
     ) -> Iterator[ResultT]:
         """Results in item order, each yielded as soon as it and every earlier one have arrived.
 
-        ``model`` is not used (each actor loads its own from the spec). Any Ray failure (a dead worker, a
-        task error) becomes one :class:`ExpertscopeError`; results yielded before it stay valid.
+        ``model`` is not used (each actor loads its own from the spec). A dead actor becomes one
+        :class:`ExpertscopeError`; an :class:`ExpertscopeError` the worker raises reaches the caller as it is,
+        any other error inside a worker as one :class:`ExpertscopeError` naming it. Results yielded before
+        either stay valid.
         """
+        import uuid
+
         import ray
-        from ray.data import ActorPoolStrategy
 
         if not items:
             return
-        rows = [{"i": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
-        out = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            _actor_class(factory), fn_constructor_kwargs={"spec": asdict(self.spec), "factory": factory},
-            batch_size=1, compute=ActorPoolStrategy(size=self.workers), num_cpus=self.cpus_per_worker,
-            num_gpus=self.gpus_per_worker or None, max_restarts=self.max_restarts,
-        )
+        job, fref = uuid.uuid4().hex, [ray.put(factory)]
+        todo = iter(enumerate(items))
+        running: dict[Any, tuple[int, Any]] = {}  # task -> (item index, actor)
+
+        def give(actor: Any) -> None:  # the next item to a free actor
+            nxt = next(todo, None)
+            if nxt is not None:
+                running[actor.run.remote(job, fref, nxt[1])] = (nxt[0], actor)
+
         pending: dict[int, ResultT] = {}
         following = 0
         try:
-            for row in out.iter_rows():
-                pending[int(row["i"])] = pickle.loads(row["payload"])
+            for actor in self._started():
+                give(actor)
+            while running:
+                [ready], _ = ray.wait(list(running), num_returns=1)
+                i, actor = running.pop(ready)
+                pending[i] = ray.get(ready)
+                give(actor)
                 while following in pending:
                     yield pending.pop(following)
                     following += 1
-        except ExpertscopeError:
-            raise
-        except Exception as e:  # Ray wraps worker deaths and task errors in its own exception types
+        except ray.exceptions.RayTaskError as e:
+            self._check = True
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, ExpertscopeError):
+                raise cause from None
+            raise ExpertscopeError(f"a Ray worker raised {type(cause).__name__}: {str(cause).splitlines()[0][:200]}"
+                                   if cause is not None else f"a Ray task failed: {e}") from None
+        except ray.exceptions.RayError as e:  # a dead actor, a lost node
+            self._check = True
             raise ExpertscopeError(
                 f"a Ray worker failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the results finished "
                 "so far are kept; rerun with --resume"
