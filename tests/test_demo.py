@@ -127,7 +127,7 @@ def test_training_pipeline_smoke(tmp_path: Path) -> None:
 
     from expertscope.demo.train import TrainConfig, train
 
-    cfg = TrainConfig(hidden_size=32, intermediate_size=32, vocab_size=400, batch_size=16, threads=1).scaled(0.0015)
+    cfg = TrainConfig(hidden_size=32, intermediate_size=32, vocab_size=400, batch_size=16, threads=1).scaled(0.0005)
     manifest = train(tmp_path / "m", cfg, evaluate_after=False)
     assert manifest["steps"] > 0 and manifest["parameters"] > 0
     assert manifest["phase2"]["steps"] == cfg.phase2_steps > 0

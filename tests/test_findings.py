@@ -101,15 +101,29 @@ def _fake_run(tmp_path: Path, name: str, n_experts: int) -> Path:
 
 
 @pytest.mark.slow  # renders a whole report (matplotlib figures)
-def test_compare_two_runs(tmp_path: Path) -> None:
+def test_compare_two_runs(tmp_path: Path, monkeypatch) -> None:
     import pytest
 
     from expertscope.errors import OutputError
+    from expertscope.report import figures as F
     from expertscope.report.compare import compare
 
     a, b = _fake_run(tmp_path, "m-one", 8), _fake_run(tmp_path, "m-two", 32)
+    drawn: list[str] = []
+    save = F._save
+    monkeypatch.setattr(F, "_save", lambda fig, out, name: drawn.append(name) or save(fig, out, name))
     page = compare([a, b], tmp_path / "cmp.html").read_text()
     assert "m-one" in page and "m-two" in page and "Tables 1–2" in page
+    # the two runs' tables are the same: the second run's figures are copies of the first's
+    assert sorted(drawn) == ["fig1_cwas", "fig2_expert_types", "fig_routing_mi"]
+    assert [p.read_bytes() for p in sorted((tmp_path / "cmp_figures" / "run1").glob("*.png"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "cmp_figures" / "run0").glob("*.png"))]
+    # a run whose own report drew them: copied from there too
+    (tmp_path / "cmp_figures").rename(tmp_path / "old")
+    (tmp_path / "old" / "run0").rename(a / "figures")
+    drawn.clear()
+    assert compare([a, b], tmp_path / "cmp.html").read_text().count("<img") == page.count("<img")
+    assert drawn == ["fig_routing_mi"]
     import json
 
     rec = json.loads((tmp_path / "cmp.json").read_text())

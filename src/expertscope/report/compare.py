@@ -3,7 +3,8 @@
 For each run: its architecture (experts per layer, top-k, shared experts), the domain- and driver-expert
 counts per domain, the unsteered accuracies, then the paper's comparisons — Figure 1 (CWAS per expert),
 Figure 2 (expert types), Figure 3 (causal rate per layer), the routing mutual information per layer, and
-Tables 1–2 (steering) with one block per model. Figures are written per run into ``<out>_figures/``.
+Tables 1–2 (steering) with one block per model. Figures are written per run into ``<out>_figures/``;
+one the run's own report drew from the same tables (or an earlier run of the comparison did) is copied.
 The page is laid out like the report (:func:`~expertscope.report.html.page`): sortable, filterable tables, a
 domain selector, hover values on the routing-MI heatmap, and a banner for each run that did not finish.
 """
@@ -19,10 +20,13 @@ import pandas as pd
 
 from ..errors import OutputError
 from ..io import atomic_write, write_json
-from .figures import fig_causal_rate, fig_cwas, fig_expert_types, fig_routing_mi
+from .figures import fig_routing_mi, write_figures
 from .findings import compare_intro, findings, status_sentence
-from .html import STEERING_COLUMNS, _e, _figure_html, heatmap, load_tables, page, table_html
+from .html import FIGURE_DIR, STEERING_COLUMNS, _e, _figure_html, heatmap, load_tables, page, table_html
 from .views import steering_rows
+
+#: The per-run figures of a comparison (Figures 1–3 of each run's report).
+_COMPARED = ("fig1_cwas", "fig2_expert_types", "fig3_causal_rate")
 
 
 def _label(manifest: dict[str, Any], run_dir: Path) -> str:
@@ -109,13 +113,16 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     fig_dir = out.with_name(out.stem + "_figures")
     mi_frames = []
     panels: dict[str, list[str]] = {"cwas": [], "types": [], "rate": []}
+    subs: list[Path] = []
     for i, (label, _m, t) in enumerate(runs):
         sub = fig_dir / f"run{i}"
-        panels["cwas"].append(_figure_html(fig_cwas(t.get("domain_experts"), sub), f"Figure 1 — {label}: CWAS"))
-        panels["types"].append(_figure_html(fig_expert_types(t.get("domain_experts"), sub, drivers=t.get("drivers")),
-                                            f"Figure 2 — {label}: expert types"))
-        panels["rate"].append(_figure_html(fig_causal_rate(t.get("causal_rate"), sub),
-                                           f"Figure 3 — {label}: causal rate per layer"))
+        # A figure the run's report drew from the same tables (or an earlier run here did) is copied, not drawn.
+        figs = write_figures({k: t.get(k) for k in ("domain_experts", "drivers", "causal_rate")}, sub,
+                             reuse_from=[dirs[i] / FIGURE_DIR, *subs], names=_COMPARED)
+        subs.append(sub)
+        panels["cwas"].append(_figure_html(figs.get("fig1_cwas"), f"Figure 1 — {label}: CWAS"))
+        panels["types"].append(_figure_html(figs.get("fig2_expert_types"), f"Figure 2 — {label}: expert types"))
+        panels["rate"].append(_figure_html(figs.get("fig3_causal_rate"), f"Figure 3 — {label}: causal rate per layer"))
         if t.get("routing_mi") is not None:
             mi_frames.append(t["routing_mi"].assign(model=label))
     summary = summary_frame(runs)

@@ -751,15 +751,17 @@ def _figure_key(source: str, name: str, digests: list[str]) -> str:
 
 
 def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path,
-                  reuse_from: str | Path | None = None) -> dict[str, list[Path]]:
-    """Every figure whose tables are present. ``tables`` keys: ``domain_experts``, ``drivers``,
-    ``causal_rate``, ``positions``, ``expert_map`` (or ``expert_map:<name>`` for several), ``steering``,
-    ``steering_sweep``, ... Returns ``{figure name: written paths}`` for the figures written.
+                  reuse_from: str | Path | Sequence[str | Path] | None = None,
+                  names: Sequence[str] | None = None) -> dict[str, list[Path]]:
+    """Every figure whose tables are present (of ``names`` only, if given). ``tables`` keys:
+    ``domain_experts``, ``drivers``, ``causal_rate``, ``positions``, ``expert_map`` (or ``expert_map:<name>``
+    for several), ``steering``, ``steering_sweep``, ... Returns ``{figure name: written paths}`` for the
+    figures written.
 
     Nothing is drawn twice: ``out_dir/.figures.json`` records, per figure, a hash of the tables it was drawn
     from (and of the drawing code and versions) and of the files written. A figure whose inputs are unchanged
-    and whose files are intact is kept as it is; one found so in ``reuse_from`` (another figure directory,
-    e.g. the run's own) is copied. Everything else is drawn.
+    and whose files are intact is kept as it is; one found so in a ``reuse_from`` directory (another figure
+    directory, e.g. the run's own; the first that has it) is copied. Everything else is drawn.
     """
     import shutil
 
@@ -771,10 +773,12 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path,
     for key in sorted(k for k in tables if k == "expert_map" or k.startswith("expert_map:")):
         fname = "fig5_expert_map" + ("" if key == "expert_map" else "_" + key.split(":", 1)[1])
         jobs.append((fname, functools.partial(fig_expert_map, name=fname), (key,)))
+    if names is not None:
+        jobs = [job for job in jobs if job[0] in names]
     source = _source_digest()
     here = _read_index(out)
-    other = Path(reuse_from) if reuse_from is not None and Path(reuse_from) != out else None
-    there = _read_index(other) if other is not None else {}
+    sources = [reuse_from] if isinstance(reuse_from, (str, Path)) else list(reuse_from or [])
+    others = [(d, _read_index(d)) for d in map(Path, sources) if d != out]
     index: dict[str, Any] = {}
     result: dict[str, list[Path]] = {}
     for fname, draw, inputs in jobs:
@@ -783,7 +787,9 @@ def write_figures(tables: dict[str, pd.DataFrame | None], out_dir: str | Path,
             continue
         key = _figure_key(source, fname, [_table_digest(df) for df in dfs])
         files = _kept(out, here, fname, key)
-        if files is None and other is not None:
+        for other, there in others:
+            if files is not None:
+                break
             files = _kept(other, there, fname, key)
             for f in files or {}:
                 with atomic_path(out / f) as tmp:
