@@ -70,6 +70,30 @@ def test_two_actor_profile_equals_in_process_exactly(executor, model_dir) -> Non
 
 
 @pytest.mark.slow
+def test_a_dead_actor_fails_its_job_and_is_replaced_alone(executor, model_dir) -> None:
+    import os
+    import signal
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = es.load_model(str(model_dir), dtype="float32")
+        local = es.profile(model, TEXTS, batch_size=4)
+        es.profile(model, TEXTS, batch_size=4, executor=executor)  # the actors are up
+        dead, survivor = executor.pids()
+        os.kill(dead, signal.SIGKILL)
+        # a job hands its first items to every actor at once: the dead actor's item never comes back
+        with pytest.raises(es.ExpertscopeError, match="rerun with --resume"):
+            es.profile(model, TEXTS, batch_size=4, executor=executor)
+        again = es.profile(model, TEXTS, batch_size=4, executor=executor)
+        pids = executor.pids()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(pids) == 2 and survivor in pids and dead not in pids  # the living actor and its model are kept
+    assert np.array_equal(local.seq_stats("h_bern"), again.seq_stats("h_bern"))
+
+
+@pytest.mark.slow
 def test_gpu_request_without_gpus_is_refused(cluster, model_dir) -> None:
     with pytest.raises(es.ConfigError, match="needs 2 GPUs but the Ray cluster has 0"):
         RayExecutor(ModelSpec(str(model_dir)), workers=2, gpus_per_worker=1)
