@@ -117,8 +117,7 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     for i, (label, _m, t) in enumerate(runs):
         sub = fig_dir / f"run{i}"
         # A figure the run's report drew from the same tables (or an earlier run here did) is copied, not drawn.
-        figs = write_figures({k: t.get(k) for k in ("domain_experts", "drivers", "causal_rate")}, sub,
-                             reuse_from=[dirs[i] / FIGURE_DIR, *subs], names=_COMPARED)
+        figs = write_figures(t, sub, reuse_from=[dirs[i] / FIGURE_DIR, *subs], names=_COMPARED)
         subs.append(sub)
         panels["cwas"].append(_figure_html(figs.get("fig1_cwas"), f"Figure 1 — {label}: CWAS"))
         panels["types"].append(_figure_html(figs.get("fig2_expert_types"), f"Figure 2 — {label}: expert types"))

@@ -50,19 +50,23 @@ class DomainExpertTable:
 def _rates(
     n: np.ndarray, sel: np.ndarray, hsum: np.ndarray, conditional: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A, H and CWAS from sums over leading axes ``(..., L, E)``; ``n`` broadcasts against them."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        A = sel / n
-        H = np.where(sel > 0, hsum / sel, 0.0) if conditional else hsum / n
-    A = np.nan_to_num(A)
-    H = np.nan_to_num(H)
+    """A, H and CWAS from sums over leading axes ``(..., L, E)``; ``n`` broadcasts against them. A quotient is 0
+    where its denominator is, and H is 0 where the entropy sums are NaN (recorded routes carry none)."""
+    shape = np.broadcast_shapes(np.shape(n), np.shape(sel))
+    A = np.divide(sel, n, out=np.zeros(shape), where=n > 0)
+    den = sel if conditional else n
+    H = np.divide(hsum, den, out=np.zeros(shape), where=den > 0)
+    np.nan_to_num(H, copy=False)
     return A, H, (1.0 - H) * A
 
 
-def _specificity(S: np.ndarray) -> np.ndarray:
-    """``S(D_j) - mean_{k≠j} S(D_k)`` along axis -3 (domains), shape preserved."""
-    D = S.shape[-3]
-    return S - (S.sum(axis=-3, keepdims=True) - S) / (D - 1)
+def _specificity(S: np.ndarray, axis: int = -3, out: np.ndarray | None = None) -> np.ndarray:
+    """``S(D_j) - mean_{k≠j} S(D_k)`` along ``axis`` (domains), shape preserved; into ``out`` if given (``S``
+    itself may be it)."""
+    D = S.shape[axis]
+    others = S.sum(axis=axis, keepdims=True) - S
+    others /= D - 1
+    return np.subtract(S, others, out=others if out is None else out)
 
 
 def activation_lift(A: np.ndarray) -> np.ndarray:
@@ -89,24 +93,8 @@ def group_statistics(
     # one matmul row per labeling fewer (half the work at two domains).
     top = (_onehot(labels, D - 1).reshape(B * (D - 1), N) @ X).reshape(B, D - 1, -1)
     G = np.concatenate([top, (X.sum(0) - top.sum(1))[:, None]], axis=1)
-    n, s_sel, s_h = G[..., :1], G[..., 1:1 + C], G[..., 1 + C:]
-    # _rates' values, with fewer passes: a quotient is 0 where its denominator is; H of entropy sums that
-    # are NaN (recorded routes carry none) is 0, as there. A has no NaN to clean (n > 0 where sel > 0).
-    A = np.divide(s_sel, n, out=np.zeros((B, D, C)), where=n > 0)
-    den = s_sel if conditional else n
-    S = np.divide(s_h, den, out=np.zeros((B, D, C)), where=den > 0)
-    np.nan_to_num(S, copy=False)
-    np.subtract(1.0, S, out=S)
-    S *= A
-    return _specificity_inplace(S), _specificity_inplace(A)
-
-
-def _specificity_inplace(S: np.ndarray) -> np.ndarray:
-    """:func:`_specificity` along axis 1 of ``(B, D, C)``, the same operations, overwriting ``S``."""
-    D = S.shape[1]
-    others = S.sum(axis=1, keepdims=True) - S
-    others /= D - 1
-    return np.subtract(S, others, out=S)
+    A, _, S = _rates(G[..., :1], G[..., 1:1 + C], G[..., 1 + C:], conditional)
+    return _specificity(S, axis=1, out=S), _specificity(A, axis=1, out=A)
 
 
 def _onehot(labels: np.ndarray, D: int) -> np.ndarray:
