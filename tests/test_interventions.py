@@ -368,14 +368,16 @@ def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) ->
 
 @pytest.mark.slow
 def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capfd, monkeypatch) -> None:
-    """Two spawned worker processes (each loading the saved model itself, one thread) give the same profile and
-    the same steering tables, bit for bit, as profiling, evaluating every arm and training the router LoRA
-    here; the processes serve one job after another; a worker's error reaches the caller."""
+    """Two worker processes (each loading the saved model itself, one thread) give the same profile and the
+    same steering tables, bit for bit, as profiling, evaluating every arm and training the router LoRA here;
+    the processes serve one job after another; a worker's error reaches the caller; a worker's death fails its
+    job and the next job starts new processes."""
     import pandas as pd
 
     from expertscope.data.sources import load_domain
     from expertscope.execution import ModelSpec, ProcessExecutor, _worker_context
     from expertscope.interventions.study import intervention_study
+    from expertscope.testing import DieOnItem
 
     tiny_model("mixtral", initializer_range=0.3, num_local_experts=8).save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
@@ -386,8 +388,9 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capf
         doms = [load_domain("emo=synthetic:emotion@test", limit=8), load_domain("math=synthetic:math@test", limit=2)]
         table = pd.DataFrame({"domain": ["emo", "emo", "math"], "layer": [0, 2, 1], "expert": [1, 3, 2],
                               "is_domain_expert": [True] * 3, "specificity": [0.2, 0.5, 0.3]})
+        # 16 new tokens: a tiny random model never settles an answer, so each math evaluation generates to the cap
         kw = dict(n_boot=50, n_controls=1, dose_scales=(), dose_biases=(), finetune_max_steps=2, finetune_batch_size=4,
-                  batch_size=4, train={"emo": load_domain("emo=synthetic:emotion@train", limit=8)})
+                  batch_size=4, max_new_tokens=16, train={"emo": load_domain("emo=synthetic:emotion@train", limit=8)})
         local = intervention_study(moe, doms, table, None, **kw)
         jobs = tmp_path / "tmp"
         jobs.mkdir()
@@ -426,6 +429,12 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capf
     with pytest.raises(es.ConfigError, match="expert 99 does not exist at layer 1"):
         intervention_study(moe, doms, bad, None, executor=ex, **{**kw, "n_controls": 0, "selectivity": False})
     assert set(ex._pool._processes) == pids and len(pids) == 2
+    # a worker process that dies (SIGKILL) fails its job in one line; the next job starts new processes
+    with pytest.raises(es.ExpertscopeError, match="a worker process died"):
+        es.profile(moe, texts, batch_size=2, executor=DieOnItem(ex, 1))
+    again = es.profile(moe, texts, batch_size=2, executor=ex)
+    assert len(ex._pool._processes) == 2 and not set(ex._pool._processes) & pids
+    assert np.array_equal(local_prof.seq_stats("h_bern"), again.seq_stats("h_bern"))
     procs = list(ex._pool._processes.values())
     ex.close()
     assert ex._pool is None and not any(p.is_alive() for p in procs)

@@ -121,6 +121,8 @@ def test_figures_written_png_and_svg(built_report: Path, monkeypatch):
 
 def test_figures_are_drawn_only_when_their_tables_or_files_changed(tmp_path: Path, monkeypatch):
     t = {k: v for k, v in synthetic_tables().items() if k in ("causal_rate", "steering")}
+    t["steering"] = t["steering"].copy()
+    t["steering"].attrs = {"seed": 0, "seconds": 1.0, "stats": {"total_s": 2.0, "computed": 3}}  # as read back
     drawn: list[str] = []
     save = F._save
     monkeypatch.setattr(F, "_save", lambda fig, out, name: drawn.append(name) or save(fig, out, name))
@@ -130,6 +132,15 @@ def test_figures_are_drawn_only_when_their_tables_or_files_changed(tmp_path: Pat
     drawn.clear()
     assert F.write_figures(t, tmp_path / "a") == first and drawn == []  # nothing changed: nothing drawn
     assert {p: p.read_bytes() for ps in first.values() for p in ps} == digest
+    # a stage rerun to the same values (only the wall times in its metadata differ) keeps them; its settings
+    # are part of what a figure is drawn from
+    steering = t["steering"].copy()
+    steering.attrs = {"seed": 0, "seconds": 7.5, "stats": {"total_s": 9.0, "computed": 3}}
+    assert F.write_figures({**t, "steering": steering}, tmp_path / "a") == first and drawn == []
+    steering.attrs = {"seed": 1, "seconds": 1.0, "stats": {"total_s": 2.0, "computed": 3}}
+    F.write_figures({**t, "steering": steering}, tmp_path / "a")
+    assert drawn == ["fig_steering"]
+    drawn.clear()
     # one table changed: only the figure drawn from it; a file changed by hand: drawn again
     changed = {**t, "steering": t["steering"].assign(accuracy=t["steering"]["accuracy"] * 0.9)}
     first["fig3_causal_rate"][0].write_bytes(b"not the figure")
@@ -250,7 +261,8 @@ def test_report_cli_exit_codes(tmp_path: Path):
     bad = runner.invoke(app, ["report", str(tmp_path)])
     assert bad.exit_code == 2
     assert "no manifest.json" in bad.output and len(bad.output.strip().splitlines()) <= 2
-    run = write_run(tmp_path / "run", synthetic_tables(), keys=("domain_experts", "drivers"))
+    # the one table a report needs (what is drawn from each table is tested above)
+    run = write_run(tmp_path / "run", synthetic_tables(), keys=("domain_experts",))
     assert runner.invoke(app, ["report", str(run)]).exit_code == 0 and (run / "report.html").exists()
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     # Rewriting the run's own report takes its writer lock: a run another process is writing is refused.

@@ -245,3 +245,39 @@ def tiny_tokenizer(vocab_size: int = 128) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+class DieOnItem:
+    """An executor that fails the way a worker dies for real, for failure tests: it runs ``inner`` (a process
+    or Ray executor), but the worker process that receives item ``index`` of a job kills itself with SIGKILL
+    (as the kernel's out-of-memory killer would) instead of computing it. Which item dies is fixed, whatever
+    the timing of the others; where the death is seen first depends on the executor."""
+
+    def __init__(self, inner: Any, index: int) -> None:
+        self.inner, self.index = inner, index
+        self.name = inner.name
+
+    def run_items(self, model: Any, items: Any, factory: Callable[[Any], Callable[[Any], Any]]) -> Any:
+        import functools
+        import os
+
+        dying = functools.partial(_dying_worker, factory=factory, index=self.index, caller=os.getpid())
+        return self.inner.run_items(model, list(enumerate(items)), dying)
+
+
+def _dying_worker(model: Any, factory: Callable[[Any], Callable[[Any], Any]], index: int, caller: int
+                  ) -> Callable[[tuple[int, Any]], Any]:
+    import os
+    import signal
+
+    if os.getpid() == caller:
+        raise RuntimeError("DieOnItem would kill the calling process: wrap a process or Ray executor")
+    worker = factory(model)
+
+    def run(numbered: tuple[int, Any]) -> Any:
+        i, item = numbered
+        if i == index:
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        return worker(item)
+
+    return run

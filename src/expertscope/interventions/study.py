@@ -218,13 +218,14 @@ class _Runner:
         self._tick(f"{dom.name}: {label}")
         self.evaluations += 1
         if key[2] == "none":
-            res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size)
+            res = evaluate(self.model, dom.task, dom, batch_size=self.cfg.batch_size,
+                           max_new_tokens=self.cfg.max_new_tokens)
             seqs = _sequences(self.model, dom, res)
             self.reference[dom.name] = (seqs, record_routing(self.model, seqs, self.cfg.batch_size))
             m = _Measured(res, _correct(res), 0, self.reference[dom.name][1].n_tokens * len(self.model.layers))
         else:
             assert s is not None
-            m = _measure(self.model, dom, s.spec(targets), self.cfg.batch_size, *self._reference(dom))
+            m = _measure(self.model, dom, s.spec(targets), self.cfg, *self._reference(dom))
         self.done[key] = m
         self._step()
         return m
@@ -288,15 +289,15 @@ def _sequences(model: MoEModel, dom: Domain, base: Any) -> list[list[int]]:
     return seqs
 
 
-def _measure(model: MoEModel, dom: Domain, spec: SteeringSpec, batch_size: int, seqs: list[list[int]],
+def _measure(model: MoEModel, dom: Domain, spec: SteeringSpec, cfg: InterventionConfig, seqs: list[list[int]],
              ref: RoutingRecord) -> _Measured:
     """One steered arm: ``dom``'s task evaluated under ``spec``, and its routing changes over ``seqs`` against
     the unsteered record ``ref``."""
     from ..evaluation import evaluate
 
     with steer(model, spec=spec, count_changes=False):
-        res = evaluate(model, dom.task, dom, batch_size=batch_size)
-    rec = record_routing(model, seqs, batch_size, steering=steer(model, spec=spec, count_changes=False))
+        res = evaluate(model, dom.task, dom, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    rec = record_routing(model, seqs, cfg.batch_size, steering=steer(model, spec=spec, count_changes=False))
     if spec.mode == "mask":
         _check_masked(rec, spec.targets)
     changed, routed = routing_changes(ref, rec)
@@ -314,7 +315,7 @@ def _finetune(model: MoEModel, dom: Domain, train: Domain, cfg: InterventionConf
     if adapter_dir is not None:
         ft.save(adapter_dir / dom.name)
     try:
-        res = evaluate(model, dom.task, dom, batch_size=cfg.batch_size)
+        res = evaluate(model, dom.task, dom, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
         changed, routed = routing_changes(ref, record_routing(model, seqs, cfg.batch_size))
     finally:
         ft.unload()
@@ -336,7 +337,7 @@ class _ArmWorker:
         dom = self.domains[item[1]]
         if item[0] == "lora":
             return _finetune(self.model, dom, item[2], self.cfg, *self.references[dom.name], self.adapter_dir)
-        return _measure(self.model, dom, item[3].spec(item[2]), self.cfg.batch_size, *self.references[dom.name])
+        return _measure(self.model, dom, item[3].spec(item[2]), self.cfg, *self.references[dom.name])
 
 
 def _check_masked(rec: RoutingRecord, targets: Sequence[tuple[int, int]]) -> None:

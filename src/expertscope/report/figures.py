@@ -705,15 +705,27 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
+def _timeless(meta: Any) -> Any:
+    """``meta`` without what says when or how long rather than what: wall times (``seconds``, ``*_s``,
+    ``*_seconds``) and timestamps (``created``), at any depth."""
+    if isinstance(meta, dict):
+        return {k: _timeless(v) for k, v in meta.items() if not (
+            k in ("seconds", "created") or str(k).endswith(("_s", "_seconds")))}
+    if isinstance(meta, (list, tuple)):
+        return [_timeless(v) for v in meta]
+    return meta
+
+
 def _table_digest(df: pd.DataFrame | None) -> str:
     """A content hash of a table: columns, dtypes, index, every value and its metadata (``attrs``: a rule's
-    settings read back from the file); ``"none"`` for a missing table."""
+    settings read back from the file, less its wall times: a stage rerun to the same values keeps its
+    figures); ``"none"`` for a missing table."""
     import hashlib
 
     if df is None:
         return "none"
     h = hashlib.sha256(repr([(str(c), str(t)) for c, t in df.dtypes.items()]).encode())
-    h.update(repr((len(df), sorted(df.attrs.items(), key=lambda kv: str(kv[0])))).encode())
+    h.update(repr((len(df), sorted(_timeless(df.attrs).items(), key=lambda kv: str(kv[0])))).encode())
     try:
         h.update(pd.util.hash_pandas_object(df, index=True).to_numpy().tobytes())
     except TypeError:  # a cell pandas cannot hash (a list): its text stands in
