@@ -52,6 +52,17 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def no_figures(monkeypatch) -> list[str]:
+    """Figures are built but not rendered or saved, for tests about something else (rendering is tested in
+    test_report.py); returns the names of the figures that would have been saved."""
+    from expertscope.report import figures
+
+    names: list[str] = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: names.append(name) or [])
+    return names
+
+
 @pytest.fixture(scope="session")
 def tiny_cache() -> dict:
     return {}

@@ -152,7 +152,7 @@ def test_findings_use_the_tables_own_medians_ratios_and_saturation() -> None:
 
 
 @pytest.mark.slow  # renders a whole report (matplotlib figures)
-def test_compare_command_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+def test_compare_command_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, no_figures: list[str]) -> None:
     from typer.testing import CliRunner
 
     from expertscope.cli.main import app
@@ -168,6 +168,7 @@ def test_compare_command_bad_input_is_one_line_and_writes_nothing(tmp_path: Path
     assert not list(tmp_path.glob("*.html")) and not list(tmp_path.glob("*_figures"))
     r = runner.invoke(app, ["compare", str(a), str(b), "-o", str(tmp_path / "ok.html")])
     assert r.exit_code == 0 and (tmp_path / "ok.html").exists(), r.output
+    assert "fig1_cwas" in no_figures  # only the good command got as far as the figures
 
 
 # ----- the section readings come from the tables' own columns -------------------------------------------
@@ -262,7 +263,7 @@ def test_report_puts_a_banner_on_an_incomplete_run() -> None:
 
 
 @pytest.mark.slow
-def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path) -> None:
+def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path, no_figures: list[str]) -> None:
     import json
 
     from expertscope.report.compare import compare

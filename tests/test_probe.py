@@ -559,7 +559,7 @@ def test_two_writers_in_one_directory(inputs, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
 
 
-def test_report_names_unreadable_optional_tables(moe, tmp_path: Path) -> None:
+def test_report_names_unreadable_optional_tables(moe, tmp_path: Path, no_figures: list[str]) -> None:
     """An unreadable optional table is named on stderr; the report is still written (exit 0)."""
     from expertscope.data.sources import load_domains
     from expertscope.report.html import load_tables
