@@ -4,6 +4,8 @@ config classes. For tests, examples and benchmarks: they need no download.
 Also two stand-ins for router styles that the installed transformers does not ship: the remote-code
 DeepSeek-MoE-16B ``MoEGate`` block and the transformers-4.x ``nn.Linear`` gate block. Both are faithful
 copies of those blocks' routing, placed into a tiny Mixtral host.
+
+And :class:`DieOnItem`, an executor wrapper whose worker process dies on a chosen item (failure tests).
 """
 
 from __future__ import annotations
