@@ -52,15 +52,28 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def _record_saves(monkeypatch, render: bool) -> list[str]:
+    """The names of the figures saved from now on, in order (``render=False``: built, never rendered)."""
+    from expertscope.report import figures
+
+    names: list[str] = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save",
+                        lambda fig, out, name: names.append(name) or (save(fig, out, name) if render else []))
+    return names
+
+
 @pytest.fixture
 def no_figures(monkeypatch) -> list[str]:
     """Figures are built but not rendered or saved, for tests about something else (rendering is tested in
     test_report.py); returns the names of the figures that would have been saved."""
-    from expertscope.report import figures
+    return _record_saves(monkeypatch, render=False)
 
-    names: list[str] = []
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: names.append(name) or [])
-    return names
+
+@pytest.fixture
+def drawn_figures(monkeypatch) -> list[str]:
+    """The names of the figures drawn (rendered and saved as usual), in order."""
+    return _record_saves(monkeypatch, render=True)
 
 
 @pytest.fixture(scope="session")

@@ -101,17 +101,14 @@ def _fake_run(tmp_path: Path, name: str, n_experts: int) -> Path:
 
 
 @pytest.mark.slow  # renders a whole report (matplotlib figures)
-def test_compare_two_runs(tmp_path: Path, monkeypatch) -> None:
+def test_compare_two_runs(tmp_path: Path, drawn_figures: list[str]) -> None:
     import pytest
 
     from expertscope.errors import OutputError
-    from expertscope.report import figures as F
     from expertscope.report.compare import compare
 
     a, b = _fake_run(tmp_path, "m-one", 8), _fake_run(tmp_path, "m-two", 32)
-    drawn: list[str] = []
-    save = F._save
-    monkeypatch.setattr(F, "_save", lambda fig, out, name: drawn.append(name) or save(fig, out, name))
+    drawn = drawn_figures
     page = compare([a, b], tmp_path / "cmp.html").read_text()
     assert "m-one" in page and "m-two" in page and "Tables 1–2" in page
     # the two runs' tables are the same: the second run's figures are copies of the first's

@@ -103,13 +103,11 @@ def built_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ----- figures -----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_figures_written_png_and_svg(built_report: Path, monkeypatch):
+def test_figures_written_png_and_svg(built_report: Path, no_figures: list[str]):
     fig_dir = built_report.parent / "figures"  # drawn by the report
-    drawn: list[str] = []
-    monkeypatch.setattr(F, "_save", lambda fig, out, name: drawn.append(name))
     # the tables the report read: every figure kept, none drawn twice
     out = F.write_figures(load_tables(built_report.parent), fig_dir)
-    assert drawn == [] and set(out) == ALL_FIGURES
+    assert no_figures == [] and set(out) == ALL_FIGURES
     for paths in out.values():
         assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.parent == fig_dir for p in paths)
         png, svg = paths
@@ -119,13 +117,11 @@ def test_figures_written_png_and_svg(built_report: Path, monkeypatch):
     assert not list(fig_dir.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
-def test_figures_are_drawn_only_when_their_tables_or_files_changed(tmp_path: Path, monkeypatch):
+def test_figures_are_drawn_only_when_their_tables_or_files_changed(tmp_path: Path, drawn_figures: list[str]):
     t = {k: v for k, v in synthetic_tables().items() if k in ("causal_rate", "steering")}
     t["steering"] = t["steering"].copy()
     t["steering"].attrs = {"seed": 0, "seconds": 1.0, "stats": {"total_s": 2.0, "computed": 3}}  # as read back
-    drawn: list[str] = []
-    save = F._save
-    monkeypatch.setattr(F, "_save", lambda fig, out, name: drawn.append(name) or save(fig, out, name))
+    drawn = drawn_figures
     first = F.write_figures(t, tmp_path / "a")
     assert sorted(drawn) == sorted(first) == ["fig3_causal_rate", "fig_steering"]
     digest = {p: p.read_bytes() for ps in first.values() for p in ps}
@@ -152,7 +148,6 @@ def test_figures_are_drawn_only_when_their_tables_or_files_changed(tmp_path: Pat
     assert drawn == ["fig_steering"]  # "a" holds the changed steering's figure now
     assert all(p.read_bytes() == digest[q] for n in other for p, q in zip(other[n], first[n], strict=True))
     # and what is kept equals a fresh drawing
-    monkeypatch.setattr(F, "_save", save)
     fresh = F.write_figures(t, tmp_path / "c")
     assert all(p.read_bytes() == q.read_bytes() for n in fresh for p, q in zip(fresh[n], other[n], strict=True))
 

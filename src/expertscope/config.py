@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -746,26 +747,24 @@ def field_docs(cls: type) -> dict[str, str]:
     return out
 
 
-_MODULE_CLASSES: dict[str, tuple[dict[str, ast.ClassDef], list[str]]] = {}
+@functools.cache
+def _module_classes(module: str) -> tuple[dict[str, ast.ClassDef], list[str]]:
+    """The top-level class definitions of ``module`` by name and its source lines, parsed once."""
+    import sys
+
+    try:
+        text = inspect.getsource(sys.modules[module])
+    except (KeyError, OSError, TypeError):
+        return {}, []
+    return {n.name: n for n in ast.parse(text).body if isinstance(n, ast.ClassDef)}, text.splitlines()
 
 
 def _class_source(klass: type) -> tuple[ast.AST, list[str]] | None:
     """``klass``'s definition node and the source lines its line numbers count in. A module-level class is
     found in its module's tree, parsed once per module (``inspect.getsource`` of a class parses the whole
     module for every class: 0.7 s of every command line's start); any other class from its own source."""
-    import sys
-
-    module = sys.modules.get(klass.__module__)
-    if module is not None and "." not in klass.__qualname__:
-        if klass.__module__ not in _MODULE_CLASSES:
-            try:
-                text = inspect.getsource(module)
-            except (OSError, TypeError):
-                text = ""
-            tree = ast.parse(text) if text else ast.Module(body=[], type_ignores=[])
-            _MODULE_CLASSES[klass.__module__] = (
-                {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}, text.splitlines())
-        classes, lines = _MODULE_CLASSES[klass.__module__]
+    if "." not in klass.__qualname__:
+        classes, lines = _module_classes(klass.__module__)
         if klass.__name__ in classes:
             return classes[klass.__name__], lines
     try:
