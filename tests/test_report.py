@@ -171,6 +171,21 @@ def test_saved_figures_hold_legends_wider_than_the_panels(tmp_path: Path):
     assert "driver expert" in svg.read_text()
 
 
+def test_a_figure_is_laid_out_once_and_drawn_once_per_file(tmp_path: Path, monkeypatch):
+    """Layout once, then one draw per format: savefig must not redo the (already fixed) layout per file."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.0, 2.0), layout="constrained")
+    fig.subplots().plot([0, 1], [0, 1])
+    draws: list[str] = []
+    draw = Figure.draw
+    monkeypatch.setattr(Figure, "draw", lambda self, renderer: draws.append(type(renderer).__name__)
+                        or draw(self, renderer))
+    F._save(fig, tmp_path, "once")
+    assert len(draws) == 3, draws  # draw_without_rendering, then the PNG (Agg) and the SVG renderer
+    assert fig.get_layout_engine() is None
+
+
 def test_steering_figure_marks_not_applicable_conditions(tmp_path: Path):
     nan = float("nan")
     st = pd.DataFrame({"domain": ["a"] * 3, "condition": ["original", "domain_up", "driver_up"],

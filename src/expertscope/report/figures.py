@@ -32,6 +32,8 @@ _RC: dict[Any, Any] = {  # rc names; matplotlib's stub spells every key as a Lit
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
     "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False,
     "svg.hashsalt": "expertscope", "svg.fonttype": "none", "figure.dpi": 100,
+    # layouts are always named per figure; these two make set_layout_engine(None) mean "no engine" in _save
+    "figure.autolayout": False, "figure.constrained_layout.use": False,
 }
 
 
@@ -67,7 +69,9 @@ def _save(fig: Any, out_dir: str | Path, name: str) -> list[Path]:
         fig.set_dpi(150)
         fig.draw_without_rendering()
         bbox = fig.get_tightbbox(fig._get_renderer()).padded(0.05)
-        fig.set_layout_engine("none")
+        # No engine at all, not "none" (a placeholder engine): with any engine set, savefig draws the whole
+        # figure once more before it renders, per format, to settle a layout that is already fixed.
+        fig.set_layout_engine(None)
         for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
             path = out / f"{name}.{fmt}"
             with atomic_path(path) as tmp:
