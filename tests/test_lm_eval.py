@@ -23,9 +23,17 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_unit_scale_identical_and_steering_changes_scores(setup) -> None:
+def test_unit_scale_identical_and_steering_changes_scores(setup, monkeypatch) -> None:
+    import torch.utils.collect_env as collect_env
+
+    from expertscope.integrations import lm_eval as integration
+
     moe, d, names = setup
     tasks = list(names.values())
+    monkeypatch.setattr(integration, "_ENV_INFO", {})
+    collected: list[str] = []
+    real = collect_env.get_pretty_env_info
+    monkeypatch.setattr(collect_env, "get_pretty_env_info", lambda: collected.append("env") or real())
     clean = lm_eval_steered(moe, tasks, include_path=d, log_samples=True, batch_size=4)
     unit = lm_eval_steered(moe, tasks, include_path=d, log_samples=True, batch_size=4,
                            steering=es.SteeringSpec(targets=((1, 0), (2, 1)), scale=1.0))
@@ -38,6 +46,11 @@ def test_unit_scale_identical_and_steering_changes_scores(setup) -> None:
     # The steering was removed after the run.
     again = lm_eval_steered(moe, tasks, include_path=d, log_samples=True, batch_size=4)
     assert all(_loglik(again, t) == _loglik(clean, t) for t in tasks)
+    # Every result records the environment; it was collected (pip list and more) for the first one only.
+    assert collected == ["env"]
+    assert "PyTorch version" in clean["pretty_env_info"]
+    assert all(r["pretty_env_info"] == clean["pretty_env_info"] for r in (unit, steered, again))
+    assert all(r["lm_eval_version"] == clean["lm_eval_version"] for r in (unit, steered, again))
 
 
 def test_task_files_are_local_json(setup) -> None:

@@ -179,13 +179,50 @@ def lm_eval_steered(
     with quiet_logger("lm_eval.models.huggingface"):  # HFLM warns that it was handed a loaded model: on purpose
         lm = HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size,
                   device=str(model.device))
-    with ctx, _quiet_git():
+    with ctx, _quiet_git(), _env_info_once():
         out = simple_evaluate(lm, tasks=list(tasks), task_manager=manager, limit=limit, bootstrap_iters=0,
                               log_samples=log_samples, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                               fewshot_random_seed=0)
     if out is None:
         raise ConfigError("lm-eval returned no results: check the task names")
     return out
+
+
+#: What lm-eval's ``add_env_info`` added to a result, per working directory (the record names the git commit of
+#: the directory above it), collected once per process.
+_ENV_INFO: dict[str, dict[str, Any]] = {}
+
+
+@contextlib.contextmanager
+def _env_info_once() -> Iterator[None]:
+    """lm-eval adds the environment to every result: torch's ``collect_env`` (``pip list`` and a few other
+    subprocesses, about 1 s) and the versions. None of it changes while a process runs, so it is collected for
+    the first result and the same fields are copied into every later one (a study evaluates many arms)."""
+    import copy
+
+    try:
+        from lm_eval import evaluator
+    except ImportError:
+        yield
+        return
+    real = getattr(evaluator, "add_env_info", None)
+    if real is None:  # another lm-eval layout: leave it alone
+        yield
+        return
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        key = os.getcwd()
+        if key not in _ENV_INFO:
+            added: dict[str, Any] = {}
+            real(added)
+            _ENV_INFO[key] = added
+        storage.update(copy.deepcopy(_ENV_INFO[key]))
+
+    evaluator.add_env_info = add_env_info
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = real
 
 
 @contextlib.contextmanager
