@@ -196,7 +196,7 @@ _ENV_INFO: dict[str, dict[str, Any]] = {}
 @contextlib.contextmanager
 def _env_info_once() -> Iterator[None]:
     """lm-eval adds the environment to every result: torch's ``collect_env`` (``pip list`` and a few other
-    subprocesses, about 1 s) and the versions. None of it changes while a process runs, so it is collected for
+    subprocesses, about 0.75 s) and the versions. None of it changes while a process runs, so it is collected for
     the first result and the same fields are copied into every later one (a study evaluates many arms)."""
     import copy
 
