@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,69 +188,63 @@ def lm_eval_steered(
     return out
 
 
+@contextlib.contextmanager
+def _evaluator_patch(name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Inside the block, ``lm_eval.evaluator.<name>`` is ``make(<the original>)``; restored on exit. Without
+    lm-eval, or on an lm-eval whose evaluator has no such name, nothing is replaced."""
+    try:
+        from lm_eval import evaluator
+    except ImportError:
+        yield
+        return
+    real = getattr(evaluator, name, None)
+    if real is None:  # another lm-eval layout: leave it alone
+        yield
+        return
+    setattr(evaluator, name, make(real))
+    try:
+        yield
+    finally:
+        setattr(evaluator, name, real)
+
+
 #: What lm-eval's ``add_env_info`` added to a result, per working directory (the record names the git commit of
 #: the directory above it), collected once per process.
 _ENV_INFO: dict[str, dict[str, Any]] = {}
 
 
-@contextlib.contextmanager
-def _env_info_once() -> Iterator[None]:
+def _env_info_once() -> contextlib.AbstractContextManager[None]:
     """lm-eval adds the environment to every result: torch's ``collect_env`` (``pip list`` and a few other
     subprocesses, about 0.75 s) and the versions. None of it changes while a process runs, so it is collected for
     the first result and the same fields are copied into every later one (a study evaluates many arms)."""
     import copy
 
-    try:
-        from lm_eval import evaluator
-    except ImportError:
-        yield
-        return
-    real = getattr(evaluator, "add_env_info", None)
-    if real is None:  # another lm-eval layout: leave it alone
-        yield
-        return
+    def make(real: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        def add_env_info(storage: dict[str, Any]) -> None:
+            key = os.getcwd()
+            if key not in _ENV_INFO:
+                added: dict[str, Any] = {}
+                real(added)
+                _ENV_INFO[key] = added
+            storage.update(copy.deepcopy(_ENV_INFO[key]))
 
-    def add_env_info(storage: dict[str, Any]) -> None:
-        key = os.getcwd()
-        if key not in _ENV_INFO:
-            added: dict[str, Any] = {}
-            real(added)
-            _ENV_INFO[key] = added
-        storage.update(copy.deepcopy(_ENV_INFO[key]))
+        return add_env_info
 
-    evaluator.add_env_info = add_env_info
-    try:
-        yield
-    finally:
-        evaluator.add_env_info = real
+    return _evaluator_patch("add_env_info", make)
 
 
-@contextlib.contextmanager
-def _quiet_git() -> Iterator[None]:
+def _quiet_git() -> contextlib.AbstractContextManager[None]:
     """lm-eval records ``git describe`` of the working directory; outside a repository git prints
     ``fatal: not a git repository`` on stderr. Run the same command with git's stderr discarded."""
     import subprocess
 
-    try:
-        from lm_eval import evaluator
-        from lm_eval.loggers import utils as lm_utils
-    except ImportError:
-        yield
-        return
-
     def git_commit_hash() -> str | None:
+        from lm_eval.loggers import utils as lm_utils
+
         try:
             out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)
             return out.strip().decode()
         except (subprocess.CalledProcessError, OSError):
             return lm_utils.get_commit_from_path(os.getcwd())  # lm-eval's own fallback: read .git directly
 
-    real = getattr(evaluator, "get_git_commit_hash", None)
-    if real is None:  # another lm-eval layout: leave it alone
-        yield
-        return
-    evaluator.get_git_commit_hash = git_commit_hash
-    try:
-        yield
-    finally:
-        evaluator.get_git_commit_hash = real
+    return _evaluator_patch("get_git_commit_hash", lambda real: git_commit_hash)
