@@ -88,6 +88,7 @@ def test_exact_matches_naive_loop(make_tiny: Any, family: str, positions: str) -
     ref = naive_ce(moe, _flat(SHORT), positions=positions)
     assert res.ce.shape == ref.shape
     assert res.settings["exact_stats"]["engine"] == "restart"
+    assert res.settings["exact_stats"]["last_layer_block"] == "decisions"  # the shortcut ran, and changed nothing
     assert ref.max() > 1e-2  # the effects are measurable
     np.testing.assert_allclose(res.ce, ref, rtol=0, atol=ATOL)
     if family != "mixtral":  # never skip for non-renormalising or sigmoid/grouped routers
@@ -232,6 +233,57 @@ def test_a_model_whose_restart_does_not_reproduce_it_falls_back() -> None:
     np.testing.assert_allclose(got.ce, ref.ce, rtol=1e-4, atol=ATOL)
     again = C.causal_effects(odd, SHORT, batch_size=5)  # the cached verdict: still the fallback
     assert again.settings["exact_stats"]["engine"] == "full-forward"
+
+
+def test_the_last_block_runs_at_the_given_positions_only() -> None:
+    """``tail_only_at``: the block sees the picked tokens only (its router too), their outputs are the block's
+    own at those tokens, and every other position is zero."""
+    from expertscope.models.hooks import RouterHooks
+
+    moe = _fresh("qwen2_moe")
+    stack = _engine.find_stack(moe)
+    last = len(stack.layers) - 1
+    assert stack.tail is moe.site(last).block
+    torch.manual_seed(1)
+    x = torch.randn(3, 6, moe.model.config.hidden_size)
+    row, pos = torch.tensor([0, 0, 2]), torch.tensor([1, 5, 3])
+    with torch.no_grad():
+        full = stack.tail(x)
+        with _engine.tail_only_at(stack.tail, row, pos), RouterHooks(moe, record=[last]) as hooks:
+            got = stack.tail(x)
+    assert got.shape == x.shape
+    assert hooks.calls[last][0].logits.shape[0] == 3  # the router saw 3 tokens, not 18
+    torch.testing.assert_close(got[row, pos], full[row, pos], rtol=1e-5, atol=1e-6)
+    keep = torch.zeros(3, 6, dtype=torch.bool)
+    keep[row, pos] = True
+    assert got[~keep].abs().max() == 0
+    assert not stack.tail._forward_hooks and not stack.tail._forward_pre_hooks  # removed on exit
+
+
+@pytest.mark.slow
+def test_a_dense_last_layer_runs_whole() -> None:
+    """No router in the last decoder layer: no shortcut (said in the stats), the definition all the same."""
+    moe = _fresh("qwen2_moe", mlp_only_layers=[2])
+    assert moe.layers == [0, 1] and _engine.find_stack(moe).tail is None
+    res = C.causal_effects(moe, SHORT, batch_size=3)
+    assert res.settings["exact_stats"]["last_layer_block"] == "absent" and res.settings["engine_notes"] == []
+    np.testing.assert_allclose(res.ce, naive_ce(moe, _flat(SHORT)), rtol=0, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_a_last_block_shortcut_that_does_not_reproduce_the_model_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If running the last layer's block at the decision positions only does not reproduce the model (here:
+    a broken gather), the once-per-model check sees it; restarts run that block at every position, say so,
+    and still give the definition."""
+    real = _engine.tail_only_at
+    monkeypatch.setattr(_engine, "tail_only_at", lambda block, row, pos: real(block, row, pos.flip(0)))
+    moe = _fresh()
+    res = C.causal_effects(moe, SHORT, batch_size=3)
+    st = res.settings["exact_stats"]
+    assert st["engine"] == "restart" and st["last_layer_block"] == "failed"
+    assert "restarting at decoder layer" in st["last_layer_note"]
+    assert any("last layer's MoE block at every position" in n for n in res.settings["engine_notes"])
+    np.testing.assert_allclose(res.ce, naive_ce(moe, _flat(SHORT)), rtol=0, atol=ATOL)
 
 
 # ----- fisher and hybrid ---------------------------------------------------------------------------

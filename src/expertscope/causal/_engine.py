@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -145,6 +146,9 @@ class Stack:
     head: nn.Module
     logits_scaling: float = 1.0
     cache_kw: str | None = None
+    #: The MoE block of the last decoder layer (None: that layer has no router we know of). Nothing after it
+    #: mixes positions, so in a restart it runs at the decision positions only (:func:`tail_only_at`).
+    tail: nn.Module | None = None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM-head logits from post-norm hidden states ``(R, H)`` → ``(R, V)``."""
@@ -183,8 +187,12 @@ def find_stack(moe: MoEModel) -> Stack | None:
     if getattr(config, "final_logit_softcapping", None):
         return None  # a non-linear head: the generic full-forward path handles it
     scaling = float(getattr(config, "logits_scaling", 1.0) or 1.0)
+    last = len(container) - 1
+    block = next((s.block for s in moe.sites if s.layer == last and s.block is not None), None)
+    if block is not None and not any(m is block for m in container[last].modules()):
+        block = None
     return Stack(layers=container, base=base, norm=norm, head=head, logits_scaling=scaling,
-                 cache_kw=cache_keyword(container[0]))
+                 cache_kw=cache_keyword(container[0]), tail=block)
 
 
 #: The names under which decoder layers take their key/value store: ``cache`` (transformers >= 5.24, where
@@ -324,12 +332,46 @@ def full_logits(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Te
     return out.logits[picks.row, where]
 
 
+@contextmanager
+def tail_only_at(block: nn.Module, row: torch.Tensor, pos: torch.Tensor) -> Iterator[None]:
+    """While active, ``block`` (a per-token MoE block) runs on the tokens ``(row[p], pos[p])`` only, as one
+    sequence ``(1, P, H)``; its output is scattered back into zeros of the input's shape ``(R, T, H)``
+    (a tuple output keeps its other members). Exact for the positions ``pos`` when nothing after the block
+    mixes positions; its router sees logits ``(P, E)`` in ``(row, pos)`` order."""
+    shape: list[torch.Size] = []
+
+    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            x = args[0]
+            shape.append(x.shape)
+            return (x[row, pos].unsqueeze(0), *args[1:]), kwargs
+        x = kwargs["hidden_states"]
+        shape.append(x.shape)
+        return args, {**kwargs, "hidden_states": x[row, pos].unsqueeze(0)}
+
+    def post(_m: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
+        first = output[0] if isinstance(output, tuple) else output
+        full = first.new_zeros(shape.pop())
+        full[row, pos] = first.reshape(-1, first.shape[-1])
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    handles = [block.register_forward_pre_hook(pre, with_kwargs=True),
+               block.register_forward_hook(post, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def restart(
     stack: Stack, clean: CleanRun, batch: Batch, layer: int, rows: torch.Tensor, picks: Picks, start: int = 0,
     end: int | None = None,
 ) -> torch.Tensor:
     """Re-run decoder layers ``layer..`` on the cached input of ``layer`` for batch rows ``rows`` ``(R,)``;
     only the decision positions ``picks`` (of these rows) reach the final norm and the LM head → ``(P, V)``.
+    The last layer's MoE block (``stack.tail``) runs at the decision positions only; every other position of
+    that layer's output is left unfinished, and nothing reads it.
 
     ``start > 0`` recomputes positions ``start..`` only (causal attention: earlier positions cannot change),
     attending to the clean run's keys and values of the earlier ones (``clean_run(keep_kv=True)``); every
@@ -354,7 +396,10 @@ def restart(
             if stack.cache_kw is None:
                 raise ValueError("the decoder layers take no key/value store (neither cache nor past_key_values)")
             kw = _with_store(kw, stack.cache_kw, _PrefixKV(clean.kv, rows, start))
-        out = stack.layers[i](h, *[_select_rows(v, rows, B) for v in a[1:]], **kw)
+        tail = tail_only_at(stack.tail, picks.row, picks.pos - start) \
+            if stack.tail is not None and i == len(stack.layers) - 1 else nullcontext()
+        with tail:
+            out = stack.layers[i](h, *[_select_rows(v, rows, B) for v in a[1:]], **kw)
         h = out[0] if isinstance(out, tuple) else out
     return stack.logits(stack.norm(h[picks.row, picks.pos - start]))
 
@@ -389,16 +434,22 @@ def _suffix_kwargs(kw: dict[str, Any], T: int, start: int, end: int, device: tor
 
 def perturb_transform(
     batch: Batch, rows: torch.Tensor, experts: torch.Tensor, magnitude: float, start: int = 0,
-    end: int | None = None,
+    end: int | None = None, picks: Picks | None = None,
 ) -> Callable[[RouterSite, torch.Tensor], torch.Tensor]:
     """A router transform adding ``magnitude`` to expert ``experts[r]``'s logit in row ``r`` at the
-    perturbed positions of input ``rows[r]``; the router sees logits ``(R*(end-start), E)``."""
-    pm = batch.pmask.index_select(0, rows)[:, start:end]  # (R, end - start)
+    perturbed positions of input ``rows[r]``; the router sees logits ``(R*(end-start), E)``, or with
+    ``picks`` (the last layer's block under :func:`tail_only_at`) those of the decision positions ``(P, E)``."""
+    if picks is None:
+        pm = batch.pmask.index_select(0, rows)[:, start:end]  # (R, end - start)
+        scale = pm.reshape(-1)
+        which = experts.repeat_interleave(pm.shape[1])
+    else:
+        scale = batch.pmask[rows.index_select(0, picks.row), picks.pos]  # (P,)
+        which = experts.index_select(0, picks.row)
 
     def transform(site: RouterSite, logits: torch.Tensor) -> torch.Tensor:
-        R, T = pm.shape
-        delta = torch.zeros((R, T, site.num_experts), dtype=logits.dtype, device=logits.device)
-        delta.scatter_(2, experts.view(R, 1, 1).expand(R, T, 1), (magnitude * pm).to(logits.dtype).unsqueeze(-1))
+        delta = torch.zeros((scale.shape[0], site.num_experts), dtype=logits.dtype, device=logits.device)
+        delta.scatter_(1, which.view(-1, 1), (magnitude * scale).to(logits.dtype).unsqueeze(-1))
         return logits + delta.view(logits.shape)
 
     return transform

@@ -384,16 +384,21 @@ class _Run:
                 self.on_batch(self.done, self.total)
 
     def engine_notes(self) -> list[str]:
-        """One sentence per way the exact engine ran below its best (full forwards, no prefix reuse); empty
-        when it restarted with prefix reuse (or was not used)."""
+        """One sentence per way the exact engine ran below its best (full forwards, no prefix reuse, the last
+        layer's block at every position after its check failed); empty when it ran at its best (or was not
+        used)."""
         ex = self.exact_stats
         if self.cfg.method not in ("exact", "hybrid"):
             return []
         if ex.engine != "restart":
             return [f"exact causal effects used full forward passes: {ex.note}"]
+        notes = []
         if self.cfg.prefix_reuse and not ex.prefix and ex.prefix_note:
-            return [f"exact causal effects recomputed rows without prefix reuse: {ex.prefix_note}"]
-        return []
+            notes.append(f"exact causal effects recomputed rows without prefix reuse: {ex.prefix_note}")
+        if ex.tail == "failed":
+            notes.append(f"exact causal effects ran the last layer's MoE block at every position, not at the "
+                         f"decision positions only: {ex.tail_note}")
+        return notes
 
     def assemble(self, name: str) -> np.ndarray:
         return _assemble(self.phases[name], len(self.prep.token_ids))
@@ -463,6 +468,7 @@ def _dump_stats(ex: ExactStats, fi: FisherStats) -> dict[str, Any]:
     return {"exact": {"skipped": ex.skipped, "computed": ex.computed, "runs": ex.runs, "clean_s": ex.clean_s,
                       "perturbed_s": ex.perturbed_s, "engine": ex.engine, "note": ex.note,
                       "token_rows": ex.token_rows, "prefix": ex.prefix, "prefix_note": ex.prefix_note,
+                      "tail": ex.tail, "tail_note": ex.tail_note,
                       "per_layer_skipped": {str(k): v for k, v in ex.per_layer_skipped.items()}},
             "fisher": {"backward_products": fi.backward_products, "routes": fi.routes, "min_mass": fi.min_mass,
                        "forward_s": fi.forward_s, "backward_s": fi.backward_s}}
@@ -475,6 +481,9 @@ def _restore_stats(ex: ExactStats, fi: FisherStats, d: dict[str, Any]) -> None:
     ex.per_layer_skipped = {int(k): int(v) for k, v in e.get("per_layer_skipped", {}).items()}
     ex.token_rows, ex.prefix = int(e.get("token_rows", 0)), bool(e.get("prefix", False))
     ex.prefix_note = str(e.get("prefix_note", ""))
+    tail = e.get("tail", "off")
+    ex.tail = tail if tail in ("decisions", "absent", "failed", "off") else "off"
+    ex.tail_note = str(e.get("tail_note", ""))
     if e.get("engine") == "full-forward":
         ex.engine, ex.note = "full-forward", str(e.get("note", ""))
     fi.backward_products, fi.routes = int(f.get("backward_products", 0)), dict(f.get("routes", {}))

@@ -14,7 +14,8 @@ import time
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -55,13 +56,19 @@ class ExactStats:
     token_rows: int = 0  # positions x decoder layers recomputed by perturbed runs (restart engine)
     prefix: bool = False
     prefix_note: str = ""
+    #: How restarts ran the last decoder layer's MoE block: at the decision positions only ("decisions"), or at
+    #: every position because the model has none we know ("absent"), the shortcut failed its check ("failed",
+    #: why in ``tail_note``) or no restarts ran ("off").
+    tail: Literal["decisions", "absent", "failed", "off"] = "off"
+    tail_note: str = ""
 
     def to_dict(self) -> dict:
         return {
             "skipped": self.skipped, "computed": self.computed, "perturbed_runs": self.runs,
             "clean_s": round(self.clean_s, 4), "perturbed_s": round(self.perturbed_s, 4),
             "engine": self.engine, "engine_note": self.note, "recomputed_token_layers": self.token_rows,
-            "prefix_reuse": self.prefix, "prefix_note": self.prefix_note,
+            "prefix_reuse": self.prefix, "prefix_note": self.prefix_note, "last_layer_block": self.tail,
+            "last_layer_note": self.tail_note,
             "skipped_per_layer": {str(k): v for k, v in self.per_layer_skipped.items()},
         }
 
@@ -125,9 +132,12 @@ def check_prefix(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[int
 @dataclass
 class Verification:
     """What the engine may do on one model: ``restart`` "" (verified) or why restarts are not used;
-    ``prefix`` "" (verified), why suffix restarts are not used, or None (not checked yet)."""
+    ``tail`` "" (the last layer's MoE block at the decision positions only: verified, or the model has no such
+    block) or why that block runs at every position; ``prefix`` "" (verified), why suffix restarts are not
+    used, or None (not checked yet)."""
 
     restart: str
+    tail: str = ""
     prefix: str | None = None
 
 
@@ -162,15 +172,24 @@ def verify(moe: MoEModel, stack: Stack, prefix: bool) -> Verification:
     batch = None
     if v is None:
         batch = probe_batch(moe, stack)
-        v = per[key] = Verification(check_restart(moe, stack, batch, moe.layers))
+        v = Verification(check_restart(moe, stack, batch, moe.layers))
+        if v.restart and stack.tail is not None:  # try again with the last layer's block at every position
+            v = Verification(check_restart(moe, replace(stack, tail=None), batch, moe.layers), tail=v.restart)
+        per[key] = v
         if v.restart:
             warnings.warn(f"exact causal effects fall back to full forward passes: {v.restart}", stacklevel=4)
     if prefix and not v.restart and v.prefix is None:
-        v.prefix = check_prefix(moe, stack, batch or probe_batch(moe, stack), moe.layers)
+        v.prefix = check_prefix(moe, _verified(stack, v), batch or probe_batch(moe, stack), moe.layers)
         if v.prefix:
             warnings.warn(f"exact causal effects recompute rows from their first perturbed position (no prefix "
                           f"reuse): {v.prefix}", stacklevel=4)
     return v
+
+
+def _verified(stack: Stack, v: Verification) -> Stack:
+    """``stack`` as the verification allows it to run (its last layer's block at every position if that
+    shortcut failed)."""
+    return replace(stack, tail=None) if v.tail and stack.tail is not None else stack
 
 
 def forget_verification(model: nn.Module) -> None:
@@ -185,15 +204,20 @@ def resolve_engine(moe: MoEModel, stack: Stack | None, prefix: bool, stats: Exac
         if stats.engine == "restart":
             stats.engine, stats.note = "full-forward", "decoder stack not found"
         stats.prefix, stats.prefix_note = False, "no decoder stack"
+        stats.tail, stats.tail_note = "off", ""
         return None
     v = verify(moe, stack, prefix)
     if v.restart:
         stats.engine, stats.note = "full-forward", v.restart
         stats.prefix, stats.prefix_note = False, "the restart path is not used"
+        stats.tail, stats.tail_note = "off", ""
         return None
     stats.engine, stats.note = "restart", "verified"
     stats.prefix = bool(prefix and not v.prefix)
     stats.prefix_note = "off (prefix_reuse=False)" if not prefix else (v.prefix or "verified")
+    stack = _verified(stack, v)
+    stats.tail = "decisions" if stack.tail is not None else "failed" if v.tail else "absent"
+    stats.tail_note = v.tail
     return stack
 
 
@@ -259,8 +283,11 @@ def exact_batch(
         if n_sk:
             b_sk, j_sk = np.nonzero(sk)
             out[torch.as_tensor(b_sk, device=dev), li, torch.as_tensor(np.asarray(ex)[j_sk], device=dev)] = 0.0
+        # The last decoder layer's block runs at the decision positions only (``stack.tail``): there a change
+        # before the first decision position reaches nothing that is read, so its rows restart at that position.
+        tail = stack is not None and stack.tail is not None and layer == len(stack.layers) - 1
         # Rows: (input b, expert e) pairs, ordered by restart position so a run restarts late for all its rows.
-        pairs = sorted(((int(min(st[b, j], fd[b])) if prefix else 0, e, b)
+        pairs = sorted(((int(fd[b] if tail else min(st[b, j], fd[b])) if prefix else 0, e, b)
                         for j, e in enumerate(ex) for b in range(B) if not sk[b, j]))
         for chunk in _runs(pairs, lens if prefix else [T] * B, chunk_tokens):
             start = chunk[0][0]
@@ -269,7 +296,7 @@ def exact_batch(
             rows = torch.tensor(bs, device=dev)
             exps = torch.tensor([e for _, e, _ in chunk], device=dev)
             picks = batch.picks(bs)
-            tf = perturb_transform(batch, rows, exps, magnitude, start, end)
+            tf = perturb_transform(batch, rows, exps, magnitude, start, end, picks if tail else None)
             with RouterHooks(moe, transforms={layer: tf}), torch.no_grad():
                 if stack is not None:
                     q = restart(stack, clean, batch, layer, rows, picks, start, end)
