@@ -18,7 +18,7 @@ import expertscope.causal as C
 from expertscope.causal import _engine
 from expertscope.errors import ConfigError, DataError
 from expertscope.models.model import MoEModel
-from expertscope.testing import tiny_model, tiny_tokenizer
+from expertscope.testing import TINY_BUILDERS, tiny_model, tiny_tokenizer
 
 TEXTS = {
     "alpha": ["the cat sat on the mat", "hello", "a dog ran far away", "x"],
@@ -93,6 +93,18 @@ def test_exact_matches_naive_loop(make_tiny: Any, family: str, positions: str) -
     np.testing.assert_allclose(res.ce, ref, rtol=0, atol=ATOL)
     if family != "mixtral":  # never skip for non-renormalising or sigmoid/grouped routers
         assert res.settings["skipped"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(set(TINY_BUILDERS) - {"mixtral", "qwen2_moe", "deepseek_v3"}))
+def test_exact_matches_naive_loop_on_every_other_family(make_tiny: Any, family: str) -> None:
+    """Every router family: the restart (with its last-layer shortcut, which runs each family's own MoE block
+    on a gathered sequence) gives the definition."""
+    moe = _moe(make_tiny, family)
+    res = C.causal_effects(moe, SHORT, batch_size=3)
+    assert res.settings["exact_stats"]["engine"] == "restart"
+    assert res.settings["exact_stats"]["last_layer_block"] == "decisions"
+    np.testing.assert_allclose(res.ce, naive_ce(moe, _flat(SHORT)), rtol=0, atol=ATOL)
 
 
 @pytest.mark.slow
