@@ -372,6 +372,11 @@ def test_interrupted_run_resumes_bit_identically(make_tiny: Any, tmp_path: Any, 
     assert resumed.settings["resumed_rows"] > 0
     assert resumed.ce.tobytes() == full.ce.tobytes()
     assert resumed.settings["skipped"] == full.settings["skipped"]
+    # Every row is done now: a resume runs no batch, and the engine's record comes from the checkpoint.
+    again = C.causal_effects(moe, SHORT, method=method, batch_size=2, hybrid_top=2, checkpoint=ck, resume=True)
+    assert again.ce.tobytes() == full.ce.tobytes()
+    for key in ("engine", "prefix_reuse", "last_layer_block", "last_layer_note"):
+        assert again.settings["exact_stats"][key] == full.settings["exact_stats"][key], key
     with pytest.raises(ConfigError, match="other inputs or settings"):
         C.causal_effects(moe, SHORT, method=method, batch_size=2, magnitude=2.0, checkpoint=ck, resume=True)
 

@@ -150,6 +150,10 @@ class Stack:
     #: mixes positions, so in a restart it runs at the decision positions only (:func:`tail_only_at`).
     tail: nn.Module | None = None
 
+    def runs_tail(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` is the last one and its MoE block runs at the decision positions only."""
+        return self.tail is not None and layer == len(self.layers) - 1
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM-head logits from post-norm hidden states ``(R, H)`` → ``(R, V)``."""
         out = self.head(h)
@@ -397,7 +401,7 @@ def restart(
                 raise ValueError("the decoder layers take no key/value store (neither cache nor past_key_values)")
             kw = _with_store(kw, stack.cache_kw, _PrefixKV(clean.kv, rows, start))
         tail = tail_only_at(stack.tail, picks.row, picks.pos - start) \
-            if stack.tail is not None and i == len(stack.layers) - 1 else nullcontext()
+            if stack.tail is not None and stack.runs_tail(i) else nullcontext()
         with tail:
             out = stack.layers[i](h, *[_select_rows(v, rows, B) for v in a[1:]], **kw)
         h = out[0] if isinstance(out, tuple) else out

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -34,7 +34,7 @@ from ..progress import ProgressCallback
 from ..routing import DomainInput, as_domain_list, effective_max_length
 from ._engine import Estimator, Stack, find_stack, make_batch
 from .decision import Prepared, common_prefix, prepare_inputs
-from .exact import ExactEstimator, ExactStats
+from .exact import ExactEstimator, ExactStats, TailMode
 from .fast import FastEstimator, FastStats
 from .fisher import FisherEstimator, FisherStats
 
@@ -482,7 +482,7 @@ def _restore_stats(ex: ExactStats, fi: FisherStats, d: dict[str, Any]) -> None:
     ex.token_rows, ex.prefix = int(e.get("token_rows", 0)), bool(e.get("prefix", False))
     ex.prefix_note = str(e.get("prefix_note", ""))
     tail = e.get("tail", "off")
-    ex.tail = tail if tail in ("decisions", "absent", "failed", "off") else "off"
+    ex.tail = tail if tail in get_args(TailMode) else "off"
     ex.tail_note = str(e.get("tail_note", ""))
     if e.get("engine") == "full-forward":
         ex.engine, ex.note = "full-forward", str(e.get("note", ""))

@@ -40,6 +40,9 @@ from ._engine import (
     restart,
 )
 
+#: How restarts ran the last decoder layer's MoE block (see :attr:`ExactStats.tail`).
+TailMode = Literal["decisions", "absent", "failed", "off"]
+
 
 @dataclass
 class ExactStats:
@@ -59,7 +62,7 @@ class ExactStats:
     #: How restarts ran the last decoder layer's MoE block: at the decision positions only ("decisions"), or at
     #: every position because the model has none we know ("absent"), the shortcut failed its check ("failed",
     #: why in ``tail_note``) or no restarts ran ("off").
-    tail: Literal["decisions", "absent", "failed", "off"] = "off"
+    tail: TailMode = "off"
     tail_note: str = ""
 
     def to_dict(self) -> dict:
@@ -285,7 +288,7 @@ def exact_batch(
             out[torch.as_tensor(b_sk, device=dev), li, torch.as_tensor(np.asarray(ex)[j_sk], device=dev)] = 0.0
         # The last decoder layer's block runs at the decision positions only (``stack.tail``): there a change
         # before the first decision position reaches nothing that is read, so its rows restart at that position.
-        tail = stack is not None and stack.tail is not None and layer == len(stack.layers) - 1
+        tail = stack is not None and stack.runs_tail(layer)
         # Rows: (input b, expert e) pairs, ordered by restart position so a run restarts late for all its rows.
         pairs = sorted(((int(fd[b] if tail else min(st[b, j], fd[b])) if prefix else 0, e, b)
                         for j, e in enumerate(ex) for b in range(B) if not sk[b, j]))
