@@ -23,14 +23,23 @@ def _per_domain(doms: list[dict[str, Any]], cell: Any) -> str:
 
 
 def _control(d: dict[str, Any], kind: str) -> str:
-    """The primary (mask) control finding of one kind: Δ(target) − Δ(control) [CI], and whether specific."""
+    """The primary (mask) control finding of one kind: Δ(target) − mean Δ(controls) [CI], its q-value over the
+    run's tests, and whether the calibrated verdict calls it specific."""
     c = next((c for c in d.get("controls", []) if c["kind"] == kind), None)
     if c is None or not c.get("applicable"):
         return "n/a"
     if c.get("specific") is None:
-        return "no controls"
+        return "no verdict"
     diff = f"{_num(c['diff'], '+.2f')} [{_num(c['diff_lo'], '+.2f')}, {_num(c['diff_hi'], '+.2f')}]"
-    return diff + (" **specific**" if c["specific"] else "")
+    q = c.get("q_vs_control")
+    return diff + (f" q {_num(q, '.2g')}" if q is not None else "") + (" **specific**" if c["specific"] else "")
+
+
+def _selective(d: dict[str, Any], kind: str) -> str:
+    s = next((s for s in d.get("selectivity", []) if s["kind"] == kind), None)
+    if s is None or s.get("selective") is None:
+        return "–"
+    return "**selective**" if s["selective"] else "no"
 
 
 def _jaccard(r: dict[str, Any] | None) -> str:
@@ -76,8 +85,12 @@ def column(run: Path) -> dict[str, str]:
             f"{d['causal_rate_peak']['layer']}: {_num(d['causal_rate_peak']['causal_rate'], '.2f')}"),
         "unsteered accuracy (steering items)": _per_domain(
             doms, lambda d: "–" if not d.get("accuracy") else _num(d["accuracy"]["accuracy"], ".2f")),
-        "domain experts masked, Δ beyond random controls [95% CI]": _per_domain(doms, lambda d: _control(d, "domain")),
-        "drivers masked, Δ beyond random controls [95% CI]": _per_domain(doms, lambda d: _control(d, "driver")),
+        "domain experts masked, Δ beyond equally busy controls [95% CI], BH q": _per_domain(
+            doms, lambda d: _control(d, "domain")),
+        "drivers masked, Δ beyond equally busy controls [95% CI], BH q": _per_domain(
+            doms, lambda d: _control(d, "driver")),
+        "selective (domain experts / drivers)": _per_domain(
+            doms, lambda d: f"{_selective(d, 'domain')}, {_selective(d, 'driver')}"),
         "`expertscope run` wall time (steering stage)": (
             f"{_minutes(st['_total_seconds']['seconds'])} ({_minutes(st['steering']['seconds'])})"
             if "steering" in st and "_total_seconds" in st else "–"),

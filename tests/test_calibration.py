@@ -46,3 +46,35 @@ def test_null_splits_flag_at_most_five_percent(E: int, k: int) -> None:
     assert res.false_flag_rate <= 0.05, res.flags
     # the normal approximation (what test="auto" runs on real-model-sized profiles) meets the same target
     assert null_splits(prof, 100, test="normal").false_flag_rate <= 0.05
+
+
+@pytest.mark.parametrize("tokens", [350, 1750])
+def test_planted_routes_give_the_planted_experts_and_no_unlabelled_extra(tokens: int, tmp_path) -> None:
+    """vLLM-format route files (64 experts, 4 layers, top-6, two domains, five planted cells): every planted
+    expert is a domain expert and no other is; experts that pass the significance, uniform and lift criteria
+    only because the other domain's planted experts took their slots are labelled displaced, with the
+    layer's median lift beside theirs."""
+    import json
+
+    import expertscope as es
+    from expertscope.calibration import PLANTED_ROUTES, planted_routes
+
+    planted = {(d, layer, e) for d, cells in PLANTED_ROUTES.items() for layer, e in cells}
+    displaced_seen = 0
+    for seed in range(3):
+        files = {}
+        for dom, seqs in planted_routes(tokens, seed=seed).items():
+            path = tmp_path / f"{dom}-{seed}.vllm.jsonl"
+            path.write_text("".join(json.dumps({"prompt_routed_experts": s.tolist()}) + "\n" for s in seqs))
+            files[dom] = str(path)
+        table = es.domain_experts(es.profile_routes(files, num_experts=64), seed=seed).df
+        found = {(r.domain, r.layer, r.expert) for r in table[table.is_domain_expert].itertuples()}
+        assert found == planted
+        disp = table[table.is_displaced]
+        displaced_seen += len(disp)
+        # a displaced expert passes the three criteria; only preference fails
+        assert (disp.pass_test & disp.pass_uniform & disp.pass_lift & ~disp.pass_preferred).all()
+        assert (disp.activation_rate < 1.5 * disp.uniform_rate).all()
+        assert (disp.lift < 1.5 * disp.layer_median_lift).all()
+    if tokens == 1750:
+        assert displaced_seen >= 1  # the case the label exists for (seeds 0 and 1 have such experts)

@@ -9,8 +9,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy.stats import binomtest
+from scipy.stats import t as student_t
 
 import expertscope as es
+from _reference import bh_reference
 from expertscope.data.types import Example
 from expertscope.interventions import SteeringSpec, finetune_router, load_router_adapter, steer
 from expertscope.models.model import MoEModel
@@ -199,7 +202,7 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
     drivers = pd.DataFrame({"domain": ["emo"], "layer": [1], "expert": [0], "is_driver": [True], "ce_mean": [0.1]})
     train = {"emo": load_domain("emo=synthetic:emotion@train", limit=8)}
     res = intervention_study(moe, [dom], table, drivers, train=train, scale_up=3.0, scale_down=0.3, n_boot=200,
-                             n_controls=2, dose_scales=(), dose_biases=(), finetune_max_steps=2,
+                             n_controls=4, n_reference=1, dose_scales=(), dose_biases=(), finetune_max_steps=2,
                              finetune_batch_size=4, batch_size=4, selectivity=False)
     t = res.table.set_index("condition")
     assert list(t.index) == list(CONDITIONS) and t["applicable"].all() and (t["reason"] == "").all()
@@ -216,21 +219,41 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
     # The router-LoRA row has its own mode and a parameter count (not a number of targets).
     lora = t.loc["finetune_router"]
     assert lora["mode"] == "lora" and np.isnan(lora["n_targets"]) and lora["n_parameters"] == 3 * (8 * 32 + 8 * 8)
-    # Each steered row's control numbers come from the arms table: the mean over draws and Δ(target) − it.
+    # Each steered row's control numbers come from the arms table: the mean over draws and Δ(target) − it. The
+    # table has no activation rates, so the verdict falls back to random controls of the layer, and says so.
     arms = res.arms
+    assert (res.dose["control"] == "random").all() and res.dose["control_reason"].str.contains("random").all()
+    assert (res.dose["n_tests"] == len(res.dose)).all() and res.settings["n_tests"] == len(res.dose)
+    p_all = []
     for cond in ("domain_up", "driver_mask"):
         kind, strength = t.loc[cond, "kind"], t.loc[cond, "strength"]
         a = arms[(arms.kind == kind) & (arms.strength == strength)]
-        rand = a[a.arm == "random"]
-        assert len(rand) == 2 and t.loc[cond, "control_draws"] == 2
+        rand = a[a.role == "verdict"]
+        assert len(rand) == 4 and t.loc[cond, "control_draws"] == 4 and (rand.arm == "random").all()
+        assert rand["changed_selections"].isna().all()  # verdict draws do not record routing changes
         assert t.loc[cond, "control_delta"] == pytest.approx(rand["delta"].mean())
         assert t.loc[cond, "control_delta_min"] == pytest.approx(rand["delta"].min())
         tgt = a[a.arm == "target"].iloc[0]
         assert t.loc[cond, "diff"] == pytest.approx(tgt["delta"] - rand["delta"].mean())
         assert t.loc[cond, "diff_lo"] <= t.loc[cond, "diff"] + 1e-12 <= t.loc[cond, "diff_hi"] + 1e-12
-        assert t.loc[cond, "specific"] == (t.loc[cond, "diff_lo"] > 0 or t.loc[cond, "diff_hi"] < 0)
+        # The verdict's p-value by hand: a t prediction test over the draws' Δ (floored at 1/n) and a sign test.
+        n, deltas = len(tgt["correct"]), rand["delta"].to_numpy(float)
+        sd = max(float(np.std(deltas, ddof=1)), 1 / n) * np.sqrt(1 + 1 / 4)
+        p_set = 2 * student_t.sf(abs(tgt["delta"] - deltas.mean()) / sd, 3)
+        per_item = (np.array([int(c) for c in tgt["correct"]])
+                    - np.mean([[int(c) for c in r] for r in rand["correct"]], axis=0))
+        nz = per_item[per_item != 0]
+        p_item = binomtest(int((nz > 0).sum()), len(nz)).pvalue if len(nz) else 1.0
+        assert t.loc[cond, "p_vs_control"] == pytest.approx(max(p_set, p_item))
+        p_all.append(t.loc[cond, "p_vs_control"])
         # per-item correctness in the arms table gives the same accuracy
         assert np.mean([int(c) for c in tgt["correct"]]) == pytest.approx(tgt["accuracy"])
+    # BH over the run's tested conditions (here 6: 2 kinds × 3 strengths), then the interval clear of 0.
+    q = bh_reference(res.dose["p_vs_control"].to_numpy(float))
+    for r, qq in zip(res.dose.itertuples(), q, strict=True):
+        assert r.q_vs_control == pytest.approx(qq)
+        tol = 0.5 / (r.n * r.control_draws)
+        assert r.specific == (qq <= 0.05 and (r.diff_lo > tol or r.diff_hi < -tol))
 
 
 @pytest.mark.slow

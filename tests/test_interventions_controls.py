@@ -13,6 +13,7 @@ from expertscope.interventions.controls import (
     activation_rates,
     busiest_control,
     control_seed,
+    matched_controls,
     random_controls,
     record_routing,
     routing_changes,
@@ -21,6 +22,39 @@ from expertscope.models.model import MoEModel
 from expertscope.stats.rules import bh_qvalues as bh
 from expertscope.stats.rules import mcnemar_exact, mean_ci, sign_test
 from expertscope.testing import tiny_tokenizer
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_matched_controls_are_equally_busy_distinct_and_never_targets(seed: int) -> None:
+    """Each partner is among the quarter (at least 3) of its layer's non-target experts nearest to its target in
+    log activation, checked by sorting the candidates here; draws are distinct; a matched set is busier than a
+    uniform one on average when the targets are the layer's busiest."""
+    rng = np.random.default_rng(seed)
+    num = {0: 8, 1: 16}
+    act = {(lay, e): float(rng.uniform(0.01, 0.9)) for lay in num for e in range(num[lay])}
+    busiest = {lay: sorted(range(num[lay]), key=lambda e: -act[(lay, e)])[:2] for lay in num}
+    targets = [(lay, e) for lay in num for e in busiest[lay]]
+    draws, reason = matched_controls(targets, act, num, 8, control_seed(seed, "d", "domain"))
+    assert len(draws) == len(set(draws)) and (len(draws) == 8 or "distinct" in reason)
+    for d in draws:
+        assert not set(d) & set(targets) and sorted(lay for lay, _ in d) == sorted(lay for lay, _ in targets)
+        for lay in num:
+            others = [e for e in range(num[lay]) if e not in busiest[lay]]
+            width = max(3, math.ceil(0.25 * len(others)))
+            near = set()
+            for t in busiest[lay]:
+                key = math.log(act[(lay, t)] + 1e-4)
+                ranked = sorted(others, key=lambda e: abs(math.log(act[(lay, e)] + 1e-4) - key))
+                near |= set(ranked[:width])
+            assert {e for la, e in d if la == lay} <= near
+    uniform, _ = random_controls(targets, num, 8, control_seed(seed, "d", "domain"))
+    mean = lambda sets: np.mean([act[x] for s in sets for x in s])  # noqa: E731
+    assert mean(draws) > mean(uniform)
+
+
+def test_matched_controls_need_activation_rates() -> None:
+    draws, reason = matched_controls([(0, 1)], {}, {0: 8}, 4, control_seed(0, "d"))
+    assert draws == [] and "no activation rates" in reason
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -126,13 +126,13 @@ def test_steering_views_show_changes_with_their_intervals() -> None:
             continue
         _close(shown["accuracy"], r.accuracy, 3)
         if r.condition == "original":
-            assert shown["Δ acc [95% CI]"] == "—" and shown["Δ − random control [95% CI]"] == "—"
+            assert shown["Δ acc [95% CI]"] == "—" and shown["Δ − controls [95% CI]"] == "—"
         else:
             m = _EFFECT.match(shown["Δ acc [95% CI]"])
             assert m is not None and [float(x) for x in m.groups()[:3]] == pytest.approx(
                 [r.delta, r.delta_lo, r.delta_hi], abs=5e-4)
         if r.condition.startswith("domain"):
-            m = _EFFECT.match(shown["Δ − random control [95% CI]"])
+            m = _EFFECT.match(shown["Δ − controls [95% CI]"])
             assert m is not None and [float(x) for x in m.groups()[:3]] == pytest.approx(
                 [r.diff, r.diff_lo, r.diff_hi], abs=5e-4)
             assert bool(m.group(4)) is (r.specific is True)

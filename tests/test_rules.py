@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import expertscope as es
 import expertscope.causal as C
+from _reference import bh_reference
 from expertscope.causal.drivers import bootstrap_mean_ci
 from expertscope.config import DriverConfig
 from expertscope.errors import ConfigError
@@ -243,18 +244,6 @@ def _naive_ce(moe: MoEModel, text: str) -> np.ndarray:
     return out
 
 
-def _bh(p: list[float]) -> list[float]:
-    m = len(p)
-    order = sorted(range(m), key=lambda i: p[i])
-    q = [0.0] * m
-    running = 1.0
-    for rank in range(m, 0, -1):
-        i = order[rank - 1]
-        running = min(running, p[i] * m / rank)
-        q[i] = running
-    return q
-
-
 @pytest.mark.slow
 def test_driver_rule_and_causal_rate_match_naive_loops() -> None:
     from scipy.stats import wilcoxon
@@ -277,7 +266,7 @@ def test_driver_rule_and_causal_rate_match_naive_loops() -> None:
                 diffs = [ce[x, li, e] - float(np.median(ce[x, li])) for x in range(len(ce))]
                 pvals.append(float(wilcoxon(diffs, alternative="greater").pvalue) if any(diffs) else 1.0)
                 cells.append((layer, e))
-        q = dict(zip(cells, _bh(pvals), strict=True))
+        q = dict(zip(cells, bh_reference(pvals), strict=True))
         p = dict(zip(cells, pvals, strict=True))
         got = table.df[table.df.domain == d].set_index(["layer", "expert"])
         mean = ce.mean(axis=0)
@@ -394,7 +383,7 @@ def test_bh_qvalues_by_hand_and_against_a_naive_loop() -> None:
     g = np.random.default_rng(4)
     p = g.uniform(size=(3, 7)) ** 3
     p[0, 0] = p[1, 1]  # a tie
-    np.testing.assert_allclose(bh_qvalues(p), np.array(_bh(p.ravel().tolist())).reshape(3, 7), rtol=1e-12)
+    np.testing.assert_allclose(bh_qvalues(p), np.array(bh_reference(p.ravel().tolist())).reshape(3, 7), rtol=1e-12)
     # passing cells are exactly the BH step-up set: reject the k smallest, k = max{i: p_(i) <= i·alpha/m}
     alpha, flat = 0.1, np.sort(p.ravel())
     k = max([i for i in range(1, flat.size + 1) if flat[i - 1] <= i * alpha / flat.size], default=0)

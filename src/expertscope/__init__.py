@@ -30,6 +30,7 @@ from .errors import ConfigError, DataError, ExpertscopeError, InputTypeError, Mo
 from .evaluation import EvalResult, evaluate
 from .integrations.routes import load_routes, profile_routes
 from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
+from .interventions.study import InterventionResult, intervention_study
 from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
 from .models.model import MoEModel
@@ -64,6 +65,7 @@ __all__ = [
     "ExpertscopeError",
     "InputTypeError",
     "InterventionConfig",
+    "InterventionResult",
     "LmEvalConfig",
     "MoEModel",
     "ModelError",
@@ -87,6 +89,7 @@ __all__ = [
     "evaluate",
     "expert_map",
     "finetune_router",
+    "intervention_study",
     "load_domain",
     "load_domains",
     "load_model",

@@ -163,3 +163,131 @@ def planted_result(prof: RoutingProfile, planted: Sequence[int], layer: int = 1,
         "other_flags_B_same_layer": int(((others.domain == "B") & (others.layer == layer)).sum()),
         "table": table,
     }
+
+
+#: The planted-routes case (docs/methods.md, "Preferred, not displaced"): 64 experts, 4 layers, top-6, two
+#: domains, five planted (domain, layer, expert) cells.
+PLANTED_ROUTES = {"a": [(1, 5), (1, 17), (2, 40)], "b": [(2, 8), (3, 33)]}
+
+
+def planted_routes(tokens_per_domain: int = 1750, num_experts: int = 64, num_layers: int = 4, top_k: int = 6,
+                   planted: dict[str, list[tuple[int, int]]] | None = None, strength: float = 2.5,
+                   popularity: float = 0.5, seq_len: int = 50, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """Routes as a serving engine records them (``[tokens, layers, k]`` int arrays, one per sequence) for
+    domains with planted experts.
+
+    Each layer's experts have a fixed popularity (logits ``~ N(0, popularity²)``, shared by the domains); each
+    token draws its top-k without replacement from the softmax of popularity + Gumbel noise; a planted
+    expert's logit rises by ``strength`` on its domain's tokens. A planted expert takes slots from the
+    others, so an expert naturally above the uniform rate ``k/E`` is used less in the planted domain and
+    looks "specific" to the other one (displaced, not preferred).
+    """
+    planted = PLANTED_ROUTES if planted is None else planted
+    g = np.random.default_rng(seed)
+    base = g.normal(0.0, popularity, size=(num_layers, num_experts))
+    out: dict[str, list[np.ndarray]] = {}
+    for dom, cells in planted.items():
+        logits = np.broadcast_to(base, (seq_len, num_layers, num_experts)).copy()
+        for layer, e in cells:
+            logits[:, layer, e] += strength
+        seqs = []
+        for _ in range(max(1, tokens_per_domain // seq_len)):
+            noisy = logits + g.gumbel(size=logits.shape)
+            seqs.append(np.argsort(-noisy, axis=-1)[..., :top_k].astype(np.int64))
+        out[dom] = seqs
+    return out
+
+
+# ----- the positive control of the intervention verdicts ---------------------------------------------------
+#: The carrier model's domains, and the experts of its one MoE layer that carry each (docs/methods.md).
+CARRIERS = {"alpha": (0, 1), "beta": (2, 3), "gamma": (4, 5)}
+#: Experts no domain's cue reaches first: every token's next choice once its carriers are masked.
+IDLE_EXPERTS = (6, 7)
+
+
+def carrier_model(n_cues: int = 12, carried: float = 1.0, seed: int = 0) -> MoEModel:
+    """A one-layer Mixtral (8 experts, top-2) built by hand in which a known expert set carries each domain.
+
+    Each domain has ``n_cues`` cue words; the tokenizer reads a prompt's last line with its ``\\nEmotion:`` as
+    one token, so the last position's embedding names the cue (one-hot embeddings, attention off). The router
+    sends a domain's cue tokens to its two carrier experts (:data:`CARRIERS`, logit 8) and every other token
+    to the idle experts (logit 4 for cue tokens, so they are each cue's next choice). A carrier expert maps
+    each cue of its domain to its label's direction, which the LM head reads: with the carriers selected the
+    model answers from the cue; with them masked, the cue goes to the idle experts, which output nothing, and
+    the labels tie. ``carried``: the share of each domain's cues its carriers know (the rest are known by the
+    idle experts too, so masking the carriers does not hurt them). The weights depend on nothing random;
+    ``seed`` only picks which cues are carried.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+    from .data.prompts import LABELS, verbalise
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "Dialogue:\n"]
+    cues = {d: [f"{d[0]}{j}" for j in range(n_cues)] for d in CARRIERS}
+    words = specials + [f"{c}\nEmotion:" for cs in cues.values() for c in cs] + [verbalise(x) for x in LABELS]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("Dialogue:\n|[^\n]+\nEmotion:| [a-z]+"), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    H = len(words)
+    inter = n_cues * len(CARRIERS)
+    cfg = MixtralConfig(vocab_size=H, hidden_size=H, intermediate_size=inter, num_hidden_layers=1,
+                        num_attention_heads=1, num_key_value_heads=1, head_dim=8, num_local_experts=8,
+                        num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, tie_word_embeddings=False, router_jitter_noise=0.0)
+    model = MixtralForCausalLM(cfg).eval()
+    rng = np.random.default_rng(seed)
+    layer: Any = model.model.layers[0]
+    experts = layer.mlp.experts
+    if not hasattr(experts, "gate_up_proj"):
+        raise NotImplementedError("carrier_model needs transformers' fused Mixtral experts (gate_up_proj)")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(H))
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, model.model.norm):
+            norm.weight.fill_(1.0)
+        gate = layer.mlp.gate.weight  # (E, H); inputs are √H·one-hot after the RMS norm
+        scale = 1.0 / H**0.5
+        for w in specials:
+            gate[list(IDLE_EXPERTS), vocab[w]] = 4.0 * scale
+        slot = 0
+        for d, carriers in CARRIERS.items():
+            known = set(rng.permutation(n_cues)[: round(carried * n_cues)].tolist())
+            for j, cue in enumerate(cues[d]):
+                t = vocab[f"{cue}\nEmotion:"]
+                gate[list(carriers), t] = 8.0 * scale
+                gate[list(IDLE_EXPERTS), t] = 4.0 * scale
+                label = vocab[verbalise(LABELS[(3 * j + len(d)) % len(LABELS)])]
+                holders = list(carriers) + ([] if j in known else list(IDLE_EXPERTS))
+                for e in holders:  # intermediate unit `slot` fires on this cue only and writes its label
+                    experts.gate_up_proj[e, slot, t] = 4.0 * scale
+                    experts.gate_up_proj[e, inter + slot, t] = scale
+                    experts.down_proj[e, label, slot] = 8.0
+                slot += 1
+        for x in LABELS:
+            model.lm_head.weight[vocab[verbalise(x)], vocab[verbalise(x)]] = 4.0
+    return MoEModel.from_model(model, tokenizer=tokenizer)
+
+
+def carrier_domains(n_items: int = 60, n_cues: int = 12, noise: float = 0.15, seed: int = 0) -> list[Any]:
+    """The carrier model's three classification domains, ``n_items`` each: a random cue per item, labelled
+    with the cue's label, except a ``noise`` share relabelled at random (so accuracy is about ``1 − noise``)."""
+    from .data.prompts import LABELS
+    from .data.types import Domain, Example
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for d in CARRIERS:
+        items = []
+        for i in range(n_items):
+            j = int(rng.integers(n_cues))
+            label = LABELS[(3 * j + len(d)) % len(LABELS)]
+            if rng.random() < noise:
+                label = LABELS[int(rng.integers(len(LABELS)))]
+            items.append(Example(f"{d[0]}{j}", label=label, id=f"{d}-{i}"))
+        out.append(Domain(d, items, task="classification", labels=tuple(LABELS)))
+    return out

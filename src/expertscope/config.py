@@ -394,23 +394,27 @@ class InterventionConfig(BaseConfig):
     ``scale_up``/``scale_down`` steer each domain's targets in the ↑/↓ rows (``mode="scale"``: logits × s;
     ``"bias"``: logits + ln s). The dose–response steers each kind of target at: ablation (``dose_mask``),
     every factor of ``dose_scales`` (scale mode) and of ``dose_biases`` (bias mode: + ln s); the ↑/↓ rows
-    are always among its points. Every targeted point is paired with ``n_controls`` matched random control
-    draws (as many non-target experts in the same layers, seeded) and, with ``busiest``, the most active
-    non-target experts of those layers (activation rates from the domain-expert table). ``selectivity``
-    ablates each domain's experts and evaluates every domain. ``limit``: items per domain evaluated under
-    every condition. Deltas come with ``ci`` paired-bootstrap intervals (``n_boot`` resamples of the items).
-    ``finetune`` trains the router-LoRA row (for domains given a training split) with the ``finetune_*``
-    settings of :func:`expertscope.finetune_router`. A domain whose original accuracy is at least
-    ``saturation`` is labelled saturated.
+    are always among its points. Every targeted point is paired with ``n_controls`` control draws of the kind
+    ``control`` names (``matched``: non-target experts of the same layers about as busy in the domain as the
+    targets; ``random``: uniform in those layers), which carry the verdict, with ``n_reference`` draws of the
+    other kind and, with ``busiest``, the most active non-target experts of those layers as references.
+    A condition is *specific* when the target's Δ lies outside the control draws' distribution (a
+    prediction test over sets, ``n_controls − 1`` df) and beyond them item by item (sign test), with
+    Benjamini–Hochberg over every condition of the run at ``alpha``. ``selectivity`` ablates each domain's
+    experts and evaluates every domain; a set is selective when it is specific on its own domain and no other
+    domain's control-normalised loss exceeds ``max_off_target`` × its own. ``limit``: items per domain
+    evaluated under every condition. Deltas come with ``ci`` paired-bootstrap intervals (``n_boot``
+    resamples of the items). ``finetune`` trains the router-LoRA row (for domains given a training split)
+    with the ``finetune_*`` settings of :func:`expertscope.finetune_router`. A domain whose original accuracy
+    is at least ``saturation`` is labelled saturated.
 
-    Budget (why the defaults): the study runs, per domain, 1 + K·S·(1 + n_controls + 1) + K·(D − 1) + 1
-    evaluations (K = 2 kinds with targets, S strengths, D domains): with the defaults (S = 7: mask, ×0.5, ×0.8,
-    ×1.2, ×2, +ln 0.5, +ln 2; 5 draws + busiest) that is 104 evaluations per domain of the demo. On the
-    project's 2-core machine an evaluation of the demo costs about 0.06 s of one core per item summed over
-    its three domains (classification, which scores 7 labels, and generation dominate), so 104 × 0.06 s ×
-    ``limit`` must stay within the few minutes `expertscope run` can spend: ``limit=60`` gives ≈ 6 min at
-    today's evaluation speed. More items narrow the intervals (≈ ±0.1 at 60 items when a fifth of the items
-    flip); raise ``limit`` when time allows, lower ``n_controls`` or the strengths when it does not.
+    Budget (why the defaults): per domain, 1 + K·S·(2 + n_controls + n_reference) + K·(D − 1)·(1 +
+    selectivity_controls) + 1 evaluations (K = 2 kinds with targets, S strengths, D domains); the verdict's
+    control draws do not record routing changes (only the target and reference arms do), which makes them
+    about a third cheaper. With the defaults (S = 7; 8 matched draws, 2 random references, busiest, 4 draws
+    off-target) the demo's steering stage takes about 1.4–1.5× what 5 unverdicted draws took
+    (docs/methods.md, "Budget"). Eight draws give the prediction test 7 degrees of freedom; fewer than 3
+    distinct draws give no verdict.
     """
 
     scale_up: float = 1.2
@@ -421,10 +425,22 @@ class InterventionConfig(BaseConfig):
     """scale (logits x s, the paper's) or bias (logits + ln s)."""
     limit: int | None = 60
     """Test items per domain evaluated under every condition (None: all; the budget above)."""
-    n_controls: int = 5
-    """Matched random control draws per targeted condition (0: none, and no claim of specificity)."""
+    n_controls: int = 8
+    """Control draws per targeted condition that carry the verdict (at least 3; 0: none, and no verdict)."""
+    control: Literal["matched", "random"] = "matched"
+    """Verdict controls: matched (equally busy experts of the same layers) or random (uniform in those layers)."""
+    n_reference: int = 2
+    """Draws of the other control kind, evaluated as a reference (no verdict)."""
+    match_pool: float = 0.25
+    """Matched controls: share of a layer's non-target experts (at least 3) nearest in activation to a target."""
     busiest: bool = True
-    """Also steer the busiest non-target experts of the same layers (a second control)."""
+    """Also steer the busiest non-target experts of the same layers (a reference control)."""
+    alpha: float = 0.05
+    """FDR level of the verdicts (Benjamini-Hochberg over every tested condition of the run)."""
+    max_off_target: float = 1 / 3
+    """Selective: another domain's control-normalised loss is at most this share of the set's own."""
+    selectivity_controls: int = 4
+    """Selectivity: verdict control draws also ablated on the other domains (their mean normalises a cell)."""
     dose_mask: bool = True
     """Dose-response: include ablation (the targets can never be selected)."""
     dose_scales: tuple[float, ...] = (0.5, 0.8, 1.2, 2.0)
@@ -486,8 +502,15 @@ class InterventionConfig(BaseConfig):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False" + (
                     ": set the LoRA through finetune_epochs, finetune_lr, finetune_max_steps, finetune_batch_size, ..."
                     if name == "finetune" else ""))
-        if isinstance(self.n_controls, bool) or not isinstance(self.n_controls, int) or self.n_controls < 0:
-            raise ConfigError(f"n_controls={self.n_controls!r} must be a whole number >= 0: e.g. 5")
+        for name in ("n_controls", "n_reference", "selectivity_controls"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a whole number >= 0: e.g. {name}=8")
+        if not 0 < self.match_pool <= 1:
+            raise ConfigError(f"match_pool={self.match_pool!r} must lie in (0, 1]: e.g. match_pool=0.25")
+        if not 0 < self.alpha < 1 or not 0 <= self.max_off_target < 1:
+            raise ConfigError("alpha must lie in (0, 1) and max_off_target in [0, 1): e.g. alpha=0.05, "
+                              "max_off_target=0.33")
         _positive("limit", self.limit, allow_none=True)
         _positive("batch_size", self.batch_size)
         _positive("max_new_tokens", self.max_new_tokens)

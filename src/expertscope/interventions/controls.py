@@ -1,8 +1,12 @@
 """Controls for interventions (docs/methods.md) and routing changes counted per real token.
 
-* :func:`random_controls`: matched random control sets: for each draw, one non-target routed expert per
-  target, in the target's layer (so a draw has the targets' layer counts), seeded; draws are distinct
-  sets where the layer sizes allow.
+* :func:`random_controls`: random control sets of the targets' layers: for each draw, one non-target routed
+  expert per target, drawn uniformly in the target's layer (so a draw has the targets' layer counts), seeded;
+  draws are distinct sets where the layer sizes allow.
+* :func:`matched_controls`: "equally busy" control sets: each target's partner is drawn from the non-target
+  experts of its layer nearest to it in activation rate in the domain (the ``pool`` share of them, at least
+  3; log scale), so a control set is about as busy as the targets and "beyond controls" does not merely
+  measure activation frequency.
 * :func:`busiest_control`: the most active non-target routed experts of the targets' layers in a domain
   (activation rate from the profile's domain-expert table), the same number per layer.
 * :func:`record_routing` / :func:`routing_changes`: each item's own tokens (its prompt, and for generation
@@ -17,8 +21,9 @@ number shared experts ``E, E+1, ...``).
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +50,7 @@ def _by_layer(targets: Sequence[Target]) -> dict[int, list[int]]:
 
 def random_controls(targets: Sequence[Target], num_experts: Mapping[int, int], n_draws: int,
                     rng: np.random.Generator) -> tuple[list[tuple[Target, ...]], str]:
-    """``n_draws`` matched random control sets for ``targets``, and a reason when there are none.
+    """``n_draws`` random control sets for ``targets`` (uniform in their layers), and a reason when there are none.
 
     Each set holds, for every target ``(l, i)``, one routed expert of layer ``l`` that is not a target
     (distinct within the set). Sets are distinct from each other while unused sets remain (then repeat).
@@ -56,24 +61,82 @@ def random_controls(targets: Sequence[Target], num_experts: Mapping[int, int], n
         if pool < len(experts):
             return [], (f"layer {layer} has {pool} non-target experts for {len(experts)} targets: no matched "
                         "control")
+    def one() -> list[Target]:
+        pick: list[Target] = []
+        for layer in sorted(layers):
+            pool_l = [e for e in range(num_experts[layer]) if e not in set(layers[layer])]
+            pick += [(layer, int(e)) for e in rng.choice(pool_l, size=len(layers[layer]), replace=False)]
+        return pick
+
+    draws = _distinct_draws(n_draws, one)
+    distinct = len(draws)
+    while len(draws) < n_draws:  # fewer distinct sets exist than draws: repeat (same numbers, stated)
+        draws.append(draws[len(draws) % max(distinct, 1)])
+    return draws, ""
+
+
+def _distinct_draws(n_draws: int, one: Callable[[], list[Target]]) -> list[tuple[Target, ...]]:
+    """Up to ``n_draws`` distinct sets from ``one()`` (each sorted), giving up after 50 tries per draw."""
     draws: list[tuple[Target, ...]] = []
     seen: set[tuple[Target, ...]] = set()
     for _ in range(50 * max(n_draws, 1)):
         if len(draws) == n_draws:
             break
+        drawn = tuple(sorted(one()))
+        if drawn not in seen:
+            seen.add(drawn)
+            draws.append(drawn)
+    return draws
+
+
+def matched_controls(targets: Sequence[Target], activation: Mapping[Target, float], num_experts: Mapping[int, int],
+                     n_draws: int, rng: np.random.Generator, pool: float = 0.25
+                     ) -> tuple[list[tuple[Target, ...]], str]:
+    """``n_draws`` distinct control sets matched to ``targets`` in activation rate, and a reason when fewer.
+
+    For each target ``(l, i)`` (busiest first), its partner is drawn uniformly from the ``max(3, ⌈pool·P⌉)``
+    non-target routed experts of layer ``l`` (``P`` of them) whose rate in ``activation`` is nearest to the
+    target's on a log scale (``log(a + 1e-4)``; experts tied with the last of them are in too), skipping
+    experts already in the set. Only distinct sets are
+    kept: when fewer exist than ``n_draws`` the list is shorter and the reason says so (a repeated set would
+    understate the spread between sets).
+    """
+    layers = _by_layer(targets)
+    pools: dict[Target, list[int]] = {}
+    for layer, experts in layers.items():
+        others = [e for e in range(num_experts[layer]) if e not in set(experts)]
+        if len(others) < len(experts):
+            return [], (f"layer {layer} has {len(others)} non-target experts for {len(experts)} targets: no "
+                        "matched control")
+        if any((layer, e) not in activation for e in (*experts, *others)):
+            return [], f"no activation rates for layer {layer}: no matched control"
+        width = min(len(others), max(3, math.ceil(pool * len(others))))
+        for e in experts:
+            key = math.log(activation[(layer, e)] + 1e-4)
+            dist = {c: abs(math.log(activation[(layer, c)] + 1e-4) - key) for c in others}
+            edge = sorted(dist.values())[width - 1]
+            pools[(layer, e)] = sorted(c for c in others if dist[c] <= edge + 1e-12)  # ties at the edge all in
+    order = sorted(pools, key=lambda t: (t[0], -activation[t], t[1]))
+
+    def one() -> list[Target]:
         pick: list[Target] = []
-        for layer in sorted(layers):
-            pool_l = [e for e in range(num_experts[layer]) if e not in set(layers[layer])]
-            chosen = rng.choice(pool_l, size=len(layers[layer]), replace=False)
-            pick += [(layer, int(e)) for e in chosen]
-        key = tuple(sorted(pick))
-        if key in seen:
-            continue
-        seen.add(key)
-        draws.append(key)
-    while len(draws) < n_draws:  # fewer distinct sets exist than draws: repeat (same numbers, stated)
-        draws.append(draws[len(draws) % max(len(seen), 1)])
-    return draws, ""
+        for layer, e in order:
+            free = [c for c in pools[(layer, e)] if (layer, c) not in pick]
+            if not free:  # the pool is used up by earlier targets of the layer: widen to the layer's rest
+                free = [c for c in range(num_experts[layer]) if c not in set(layers[layer]) and (layer, c) not in pick]
+            pick.append((layer, int(rng.choice(free))))
+        return pick
+
+    draws = _distinct_draws(n_draws, one)
+    reason = "" if len(draws) == n_draws else (f"only {len(draws)} distinct equally busy control sets exist for "
+                                               f"{n_draws} draws")
+    return draws, reason
+
+
+def set_activation(experts: Sequence[Target], activation: Mapping[Target, float]) -> float:
+    """Mean activation rate of ``experts`` (NaN when any rate is unknown or the set is empty)."""
+    rates = [activation.get((int(layer), int(e)), float("nan")) for layer, e in experts]
+    return float(np.mean(rates)) if rates else float("nan")
 
 
 def busiest_control(targets: Sequence[Target], activation: Mapping[Target, float], num_experts: Mapping[int, int]
@@ -169,5 +232,5 @@ def routing_changes(reference: RoutingRecord, steered: RoutingRecord) -> tuple[i
     return changed, routed
 
 
-__all__ = ["RoutingRecord", "activation_rates", "busiest_control", "control_seed", "random_controls",
-           "record_routing", "routing_changes"]
+__all__ = ["RoutingRecord", "activation_rates", "busiest_control", "control_seed", "matched_controls",
+           "random_controls", "record_routing", "routing_changes", "set_activation"]

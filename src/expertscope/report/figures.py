@@ -474,8 +474,8 @@ def fig_steering_sweep(sweep: pd.DataFrame | None, out_dir: str | Path, name: st
 def fig_dose(dose: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_dose") -> list[Path]:
     """One figure per domain (``<name>_<domain>``): Δ accuracy against steering strength (mask, scale
     factors, bias shifts) for its domain experts and drivers: the targets with their 95% interval beside
-    the matched random controls (mean, bar = range over draws) and the busiest control; a star marks a
-    point where Δ(target) − mean Δ(control) excludes 0. Returns every written path."""
+    the verdict's control sets (mean, bar = range over draws; equally busy by default) and the busiest
+    control; a star marks a point the run's calibrated verdict calls specific. Returns every written path."""
     if _empty(dose, "domain", "kind", "strength", "delta"):
         return []
     assert dose is not None
@@ -501,13 +501,15 @@ def fig_dose(dose: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_do
                     c = r["control_delta"].to_numpy(float)
                     cerr = np.vstack([c - r["control_delta_min"].to_numpy(float),
                                       r["control_delta_max"].to_numpy(float) - c])
+                    which = str(r["control"].iloc[0]) if "control" in r.columns and len(r) else "random"
                     ax.errorbar(x + 0.12, c, yerr=np.maximum(np.nan_to_num(cerr), 0), fmt="s", color="0.45",
-                                capsize=2, label="random controls (mean, range)")
+                                capsize=2, label=f"{'equally busy' if which == 'matched' else which} controls "
+                                                 "(mean, range)")
                 if "busiest_delta" in r.columns:
                     ax.plot(x + 0.24, r["busiest_delta"].to_numpy(float), "v", color=OKABE_ITO[1],
                             label="busiest non-target")
                 if "specific" in r.columns:
-                    spec = r["specific"].fillna(False).astype(bool).to_numpy()
+                    spec = (r["specific"] == True).to_numpy(bool)  # noqa: E712  (True/False/NaN objects)
                     top = np.nanmax(np.r_[r["delta_hi"].to_numpy(float), 0.0]) + 0.03
                     for xi in x[spec]:
                         ax.text(xi, top, "*", ha="center", va="bottom", fontsize=13)
@@ -516,7 +518,7 @@ def fig_dose(dose: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_do
                 ax.set_ylabel("Δ accuracy vs unsteered")
                 ax.set_title(f"{d}: {kind} experts (n = {int(r['n'].max()) if r['n'].notna().any() else '?'})")
             _shared_legend(fig, axes, ncols=3)
-            fig.suptitle(f"{d}: dose–response, targets beside controls (* Δ − control interval excludes 0)")
+            fig.suptitle(f"{d}: dose–response, targets beside controls (* specific: the run's corrected verdict)")
             return _save(fig, out_dir, f"{name}_{_slug(d)}")
 
         paths += _styled(build)

@@ -22,7 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-FINDINGS_VERSION = 1
+from ..interventions.study import CONTROL_NAMES
+
+#: 2: calibrated verdicts (the control a verdict beat, set and item tests, the run's number of tests), the
+#: domain's fragility, displaced experts and the selectivity verdict with its reason.
+FINDINGS_VERSION = 2
 
 #: Accuracy at or above this on the unsteered model marks a task as saturated: steering can hardly move it.
 SATURATED = 0.95
@@ -57,8 +61,10 @@ class DomainFindings:
     domain_replication: dict[str, Any] | None = None
     driver_replication: dict[str, Any] | None = None
     controls: list[dict[str, Any]] = field(default_factory=list)
+    fragility: list[dict[str, Any]] = field(default_factory=list)
     up_lowers: list[dict[str, Any]] = field(default_factory=list)
     selectivity: list[dict[str, Any]] = field(default_factory=list)
+    displaced: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -110,6 +116,10 @@ def _domain_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: 
             "lift": _f(r, "lift"), "lift_lo": _f(r, "lift_lo"), "lift_hi": _f(r, "lift_hi"),
             "q_value": _f(r, "q_value"), "cwas": _f(r, "cwas"),
         })
+    for r in g[_flag(g, "is_displaced")].to_dict("records"):
+        f.displaced.append({"layer": int(r["layer"]), "expert": int(r["expert"]),
+                            "activation_rate": _f(r, "activation_rate"), "uniform_rate": _f(r, "uniform_rate"),
+                            "lift": _f(r, "lift"), "layer_median_lift": _f(r, "layer_median_lift")})
     if {"A_lo", "A_hi"} <= set(g.columns):
         half = ((g["A_hi"] - g["A_lo"]) / 2).dropna()
         f.activation_halfwidth = float(half.median()) if len(half) else None
@@ -248,6 +258,13 @@ def sentences(f: DomainFindings) -> list[str]:
               "differences smaller than that, or lifts below the rule's minimum, could not be flagged."
               if f.activation_halfwidth is not None else "")
         out.append(f"No domain experts: no expert passes the rule ({f.domain_rule or 'see settings'}).{hw}")
+    if f.displaced:
+        which = "; ".join(f"layer {e['layer']} expert {e['expert']} (A {_n(e['activation_rate'])} against a uniform "
+                          f"{_n(e['uniform_rate'])}, lift {_n(e['lift'], 2)} against the layer's median "
+                          f"{_n(e['layer_median_lift'], 2)})" for e in f.displaced)
+        out.append(f"Displaced, not preferred: {which}. Each passes the significance, uniform and lift criteria, "
+                   "but its lift comes from the other domains' own experts taking its slots, not from use in "
+                   "this domain, so it is not counted as a domain expert.")
     if f.n_drivers:
         best = "; ".join(
             f"layer {e['layer']} expert {e['expert']}: CE {_n(e['ce'])}{_ci(e['ce_lo'], e['ce_hi'])} nats "
@@ -295,10 +312,12 @@ def _primary(rows: pd.DataFrame) -> pd.Series | None:
 
 
 def controls_part(f: DomainFindings, dose: pd.DataFrame | None, sel: pd.DataFrame | None) -> None:
-    """Fill ``f.controls`` (per kind: the primary condition's Δ(target), controls and Δ − control with
-    interval, and which strengths are specific), ``f.up_lowers`` (scale-up rows where most targeted logits
-    are negative) and ``f.selectivity`` (the domain's row of the selectivity matrix) from the study's
-    dose and selectivity tables."""
+    """Fill ``f.controls`` (per kind: the primary condition's Δ(target), its verdict controls, the reference
+    controls, ``Δ − controls`` with interval, the tests and the calibrated verdict, and which strengths are
+    specific), ``f.fragility`` (what steering control sets of those layers costs, per kind at the primary
+    strength), ``f.up_lowers`` (scale-up rows where most targeted logits are negative) and ``f.selectivity``
+    (the domain's row of the selectivity matrix with its verdict) from the study's dose and selectivity
+    tables."""
     if dose is not None and len(dose) and {"kind", "diff_lo"} <= set(dose.columns):
         g = dose[dose["domain"].astype(str) == f.domain]
         for kind in ("domain", "driver"):
@@ -311,22 +330,37 @@ def controls_part(f: DomainFindings, dose: pd.DataFrame | None, sel: pd.DataFram
                 f.controls.append({"kind": kind, "applicable": False, "reason": reason})
                 continue
             measured = rows[rows["applicable"].fillna(False).astype(bool)]
-            spec = measured[measured["specific"].fillna(False).astype(bool)]
+            spec = measured[measured["specific"] == True]  # noqa: E712  (object column: True/False/NaN)
+            control = str(p.get("control", "") or "")
             f.controls.append({
                 "kind": kind, "applicable": True, "strength": str(p["strength"]), "n": int(p["n"]),
                 "n_targets": int(p["n_targets"]), "delta": _f(p, "delta"), "delta_lo": _f(p, "delta_lo"),
-                "delta_hi": _f(p, "delta_hi"), "p_exact": _f(p, "p_exact"),
-                "control_draws": int(p["control_draws"]) if p["control_draws"] == p["control_draws"] else 0,
-                "control_delta": _f(p, "control_delta"), "control_delta_min": _f(p, "control_delta_min"),
-                "control_delta_max": _f(p, "control_delta_max"), "busiest_delta": _f(p, "busiest_delta"),
+                "delta_hi": _f(p, "delta_hi"), "p_exact": _f(p, "p_exact"), "control": control,
+                "control_draws": _int(p, "control_draws"), "control_delta": _f(p, "control_delta"),
+                "control_delta_min": _f(p, "control_delta_min"), "control_delta_max": _f(p, "control_delta_max"),
+                "control_sd": _f(p, "control_sd"), "control_rank": _f(p, "control_rank"),
+                "target_activation": _f(p, "target_activation"), "control_activation": _f(p, "control_activation"),
+                "reference": str(p.get("reference", "") or ""), "reference_draws": _int(p, "reference_draws"),
+                "reference_delta": _f(p, "reference_delta"), "busiest_delta": _f(p, "busiest_delta"),
                 "diff": _f(p, "diff"), "diff_lo": _f(p, "diff_lo"), "diff_hi": _f(p, "diff_hi"),
+                "t_vs_control": _f(p, "t_vs_control"), "p_set": _f(p, "p_set"), "p_item": _f(p, "p_item"),
                 "p_vs_control": _f(p, "p_vs_control"), "q_vs_control": _f(p, "q_vs_control"),
+                "n_tests": _int(p, "n_tests"),
                 "specific": bool(p["specific"]) if p["specific"] == p["specific"] else None,
                 "control_reason": str(p.get("control_reason", "") or ""),
-                "specific_at": [{"strength": str(r["strength"]), "diff": _f(r, "diff"), "diff_lo": _f(r, "diff_lo"),
-                                 "diff_hi": _f(r, "diff_hi")} for r in spec.to_dict("records")],
+                "specific_at": [{"strength": str(r["strength"]), "delta": _f(r, "delta"), "diff": _f(r, "diff"),
+                                 "diff_lo": _f(r, "diff_lo"), "diff_hi": _f(r, "diff_hi"),
+                                 "q_vs_control": _f(r, "q_vs_control")} for r in spec.to_dict("records")],
                 "strengths": [str(x) for x in measured["strength"]],
             })
+            f.fragility.append({"kind": kind, "strength": str(p["strength"]), "n_targets": int(p["n_targets"]),
+                                "control": control, "control_draws": _int(p, "control_draws"),
+                                "control_delta": _f(p, "control_delta"),
+                                "control_delta_min": _f(p, "control_delta_min"),
+                                "control_delta_max": _f(p, "control_delta_max"),
+                                "reference": str(p.get("reference", "") or ""),
+                                "reference_draws": _int(p, "reference_draws"),
+                                "reference_delta": _f(p, "reference_delta")})
             up = measured[(measured["mode"] == "scale") & (measured["scale"] > 1)]
             for r in up.to_dict("records"):
                 if _f(r, "negative_share") > 0.5:
@@ -339,19 +373,24 @@ def controls_part(f: DomainFindings, dose: pd.DataFrame | None, sel: pd.DataFram
                 continue
             cells: list[dict[str, Any]] = [
                 {"evaluated": str(r["evaluated"]), "delta": _f(r, "delta"), "delta_lo": _f(r, "delta_lo"),
-                      "delta_hi": _f(r, "delta_hi"), "gap": _f(r, "gap"), "gap_lo": _f(r, "gap_lo"),
-                      "gap_hi": _f(r, "gap_hi")} for r in g.to_dict("records")]
-            off = [c for c in cells if c["evaluated"] != f.domain]
-            # Selective: own domain hurt more than every other, each gap's interval above 0.
-            selective = bool(off) and all(c["gap_lo"] > 0 for c in off)
+                 "delta_hi": _f(r, "delta_hi"), "norm_delta": _f(r, "norm_delta"), "norm_lo": _f(r, "norm_lo"),
+                 "norm_hi": _f(r, "norm_hi"), "gap": _f(r, "gap"), "gap_lo": _f(r, "gap_lo"),
+                 "gap_hi": _f(r, "gap_hi")} for r in g.to_dict("records")]
+            verdict = g["selective"].iloc[0] if "selective" in g.columns else None
+            selective = None if verdict is None or verdict != verdict else bool(verdict)
             dissociated = []
-            for c in off:  # double dissociation: the other domain's experts hurt it more than they hurt this one
-                back = sel[(sel["kind"] == kind) & (sel["ablated"].astype(str) == c["evaluated"])
-                           & (sel["evaluated"].astype(str) == f.domain)]
-                if c["gap_lo"] > 0 and len(back) and _f(back.iloc[0], "gap_lo") > 0:
+            for c in cells:  # double dissociation: both sets selective for their own domains
+                back = sel[(sel["kind"] == kind) & (sel["ablated"].astype(str) == c["evaluated"])]
+                if selective and c["evaluated"] != f.domain and len(back) and back["selective"].iloc[0] == True:  # noqa: E712
                     dissociated.append(c["evaluated"])
             f.selectivity.append({"kind": kind, "cells": cells, "selective": selective,
-                                  "double_dissociation": dissociated})
+                                  "reason": str(g["selective_reason"].iloc[0]) if "selective_reason" in g.columns
+                                  else "", "double_dissociation": dissociated})
+
+
+def _int(row: Any, name: str) -> int:
+    v = _f(row, name)
+    return 0 if math.isnan(v) else int(v)
 
 
 def _sgn(x: float) -> str:
@@ -366,11 +405,38 @@ def _pv(p: float) -> str:
     return "–" if math.isnan(p) else (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}")
 
 
+def _position(c: dict[str, Any]) -> str:
+    """Where the target's Δ lies among the control draws' Δ, in words."""
+    m, r = c["control_draws"], c["control_rank"]
+    if not m or math.isnan(r):
+        return ""
+    below = round((1 - r) * m)
+    if r == 0:
+        return f"below all {m} control sets"
+    if below == 0:
+        return f"at or above all {m} control sets"
+    return f"below {below} of {m} control sets"
+
+
 def control_sentences(f: DomainFindings) -> list[str]:
-    """The control findings of one domain as sentences: for each kind, whether its experts matter beyond
-    matched controls (with intervals and exact tests), where "up" lowered most targeted logits, and the
-    domain's row of the selectivity matrix."""
+    """The control findings of one domain as sentences: the domain's fragility, for each kind whether its
+    experts matter beyond the verdict controls (with intervals, tests, the corrected verdict and the control it
+    names), where "up" lowered most targeted logits, and the selectivity verdict."""
     out: list[str] = []
+    for fr in f.fragility:
+        if not fr["control_draws"] and not fr["reference_draws"]:
+            continue
+        what = "masking" if fr["strength"] == "mask" else f"steering ({fr['strength']})"
+        parts = []
+        if fr["control_draws"]:
+            parts.append(f"{_sgn(fr['control_delta'])} on average over {fr['control_draws']} sets of "
+                         f"{CONTROL_NAMES.get(fr['control'], fr['control'])} (from {_sgn(fr['control_delta_min'])} "
+                         f"to {_sgn(fr['control_delta_max'])})")
+        if fr["reference_draws"]:
+            parts.append(f"{_sgn(fr['reference_delta'])} over {fr['reference_draws']} sets of "
+                         f"{CONTROL_NAMES.get(fr['reference'], fr['reference'])}")
+        out.append(f"Fragility: {what} {fr['n_targets']} other experts of the layers of its "
+                   f"{_KIND_NAME[fr['kind']]} changes {f.domain}'s accuracy by " + ", and by ".join(parts) + ".")
     for c in f.controls:
         name = _KIND_NAME[c["kind"]]
         if not c["applicable"]:
@@ -379,42 +445,39 @@ def control_sentences(f: DomainFindings) -> list[str]:
         what = "Ablating (mask)" if c["strength"] == "mask" else f"Steering ({c['strength']})"
         s = (f"{what} its {c['n_targets']} {name} changes accuracy by {_sgn(c['delta'])}"
              f"{_sci(c['delta_lo'], c['delta_hi'])} (n = {c['n']}, McNemar p = {_pv(c['p_exact'])})")
-        if c["control_draws"]:
-            s += (f"; {c['control_draws']} matched random controls: mean {_sgn(c['control_delta'])} (range "
-                  f"{_sgn(c['control_delta_min'])} to {_sgn(c['control_delta_max'])})")
-        if not math.isnan(c["busiest_delta"]):
-            s += f"; the busiest non-target experts: {_sgn(c['busiest_delta'])}"
+        words = CONTROL_NAMES.get(c["control"], c["control"])
         if c["specific"] is None:
-            s += f". No controls, so no claim of specificity ({c['control_reason'] or 'none drawn'})."
+            s += f". No calibrated verdict ({c['control_reason'] or 'no control sets drawn'})."
         else:
-            verdict = ("specific: the interval excludes 0" if c["specific"]
-                       else "not specific: the interval includes 0, so these experts matter no more than random ones "
-                            "at this sample size")
-            s += (f". Beyond the random controls: {_sgn(c['diff'])}{_sci(c['diff_lo'], c['diff_hi'])}, sign test "
-                  f"p = {_pv(c['p_vs_control'])} (BH q = {_pv(c['q_vs_control'])} over all the run's strengths): "
-                  f"{verdict}.")
+            pos = _position(c)
+            verdict = (f"specific beyond {words}" if c["specific"] else
+                       f"not specific beyond {words} after the run's correction")
+            s += (f"; beyond {words} (mean activation {_n(c['control_activation'], 2)} against the targets' "
+                  f"{_n(c['target_activation'], 2)}): {_sgn(c['diff'])}{_sci(c['diff_lo'], c['diff_hi'])}, "
+                  f"{pos} (set test p = {_pv(c['p_set'])}, item sign test p = {_pv(c['p_item'])}; BH q = "
+                  f"{_pv(c['q_vs_control'])} over the run's {c['n_tests']} tests): {verdict}.")
         out.append(s)
         if c["specific_at"]:
-            pts = "; ".join(f"{x['strength']} {_sgn(x['diff'])}{_sci(x['diff_lo'], x['diff_hi'])}"
+            pts = "; ".join(f"{x['strength']} Δ {_sgn(x['delta'])}, beyond controls {_sgn(x['diff'])}"
+                            f"{_sci(x['diff_lo'], x['diff_hi'])} (q = {_pv(x['q_vs_control'])})"
                             for x in c["specific_at"])
-            out.append(f"Dose–response of its {name} ({', '.join(c['strengths'])}): specific beyond controls at "
-                       f"{pts}; at the other strengths the interval includes 0.")
+            out.append(f"Dose–response of its {name} ({', '.join(c['strengths'])}): specific beyond {words} at "
+                       f"{pts}; not at the other strengths.")
         elif c["specific"] is not None:
-            out.append(f"Dose–response of its {name} ({', '.join(c['strengths'])}): at no strength does "
-                       "Δ(target) − Δ(control) exclude 0.")
+            out.append(f"Dose–response of its {name} ({', '.join(c['strengths'])}): specific beyond {words} at no "
+                       "strength after the run's correction.")
     for u in f.up_lowers:
         out.append(f"\"Up\" ({u['strength']}) lowered most of the {_KIND_NAME[u['kind']]}' logits: "
                    f"{100 * u['negative_share']:.0f}% of their logits on this domain are negative, and scaling a "
                    "negative logit by s > 1 moves it down.")
     for sv in f.selectivity:
-        cells = "; ".join(f"{c['evaluated']} {_sgn(c['delta'])}{_sci(c['delta_lo'], c['delta_hi'])}"
-                          for c in sv["cells"])
-        verdict = ("selective: its own domain loses more than every other (each gap's interval above 0)"
-                   if sv["selective"] else "not selective: another domain loses as much or more (a gap's interval "
-                                           "reaches 0 or below)")
+        cells = "; ".join(f"{c['evaluated']} {_sgn(c['delta'])}{_sci(c['delta_lo'], c['delta_hi'])} (beyond "
+                          f"controls {_sgn(c['norm_delta'])})" for c in sv["cells"])
+        verdict = ("no verdict" if sv["selective"] is None else "selective" if sv["selective"] else "not selective")
         dd = (f"; double dissociation with {', '.join(sv['double_dissociation'])}" if sv["double_dissociation"]
               else "")
-        out.append(f"Ablating its {_KIND_NAME[sv['kind']]}, Δ accuracy per evaluated domain: {cells}: {verdict}{dd}.")
+        out.append(f"Ablating its {_KIND_NAME[sv['kind']]}, Δ accuracy per evaluated domain: {cells}: {verdict} "
+                   f"({sv['reason']}){dd}.")
     return out
 
 

@@ -516,11 +516,20 @@ def _controls_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
     dose, sel = tables.get("steering_dose"), tables.get("steering_selectivity")
     if dose is None or not len(dose):
         return ""
-    body = ("<p class='note'>Every targeted condition is paired with matched random controls (as many "
-            "non-target experts in the same layers, several seeded draws) and the busiest non-target experts of "
-            "those layers. Δ(target) − mean Δ(control) has a bootstrap interval over items (resampled jointly); "
-            "a condition is <strong>specific</strong> only when that interval excludes 0. The exact test is a "
-            "sign test on the items whose value changed (McNemar for Δ against the unsteered model).</p>")
+    meta = (dose.attrs.get("meta") or {}) if hasattr(dose, "attrs") else {}
+    n_tests = int(dose["n_tests"].dropna().iloc[0]) if "n_tests" in dose.columns and dose["n_tests"].notna().any() \
+        else None
+    body = ("<p class='note'>Every targeted condition is paired with control sets of the same layers and size: "
+            "by default <em>equally busy</em> ones (non-target experts whose activation rate in the domain is close "
+            "to the targets'), several seeded draws, which carry the verdict; random sets of those layers and the "
+            "busiest non-target experts are shown as references. A condition is <strong>specific</strong> only when "
+            "the target's Δ lies outside the control draws' spread (a prediction test over sets) and beyond them "
+            "item by item (a sign test), corrected by Benjamini–Hochberg over every condition the run tests"
+            + (f" ({n_tests} here)" if n_tests else "") + ", and the interval of Δ(target) − mean Δ(controls) "
+            "excludes 0 beyond the data's resolution. A set is <strong>selective</strong> when it is specific on "
+            "its own domain and no other domain loses more than "
+            f"{float(meta.get('max_off_target') or 1 / 3):.2g} × as much beyond the same controls. The false "
+            "rates of both words on random sets are measured (docs/methods.md, \"Verdicts\").</p>")
     for f in findings(tables):
         lines = [Sentence(x, f.domain) for x in control_sentences(f)]
         if lines:
@@ -528,18 +537,20 @@ def _controls_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[P
     paths = figures.get("fig_dose") or []
     for png in [p for p in paths if p.suffix == ".png"]:
         body += _figure_html([png], f"Dose–response ({png.stem.removeprefix('fig_dose_')}): Δ accuracy of the "
-                             "targets (95% CI) beside random controls (mean and range over draws) and the busiest "
-                             "non-target experts; * marks strengths where Δ(target) − Δ(control) excludes 0.")
+                             "targets (95% CI) beside the verdict's control sets (mean and range over draws) and the "
+                             "busiest non-target experts; * marks strengths called specific (the run's corrected "
+                             "verdict).")
     cols = ["domain", "kind", "strength", "n_targets", "n", "delta", "delta_lo", "delta_hi", "p_exact",
-            "negative_share", "control_delta", "control_delta_min", "control_delta_max", "busiest_delta", "diff",
-            "diff_lo", "diff_hi", "p_vs_control", "q_vs_control", "specific", "changed_selections",
-            "routed_tokens"]
+            "negative_share", "control", "control_draws", "control_delta", "control_delta_min", "control_delta_max",
+            "reference_delta", "busiest_delta", "diff", "diff_lo", "diff_hi", "control_rank", "p_set", "p_item",
+            "q_vs_control", "specific", "changed_selections", "routed_tokens"]
     shown = dose[dose["applicable"].fillna(False).astype(bool)] if "applicable" in dose.columns else dose
     body += "<h3>Dose–response with controls</h3>" + table_html(shown, [c for c in cols if c in dose.columns],
                                                                  rows=200)
     if sel is not None and len(sel):
         body += _figure_html(figures.get("fig_selectivity"), "Selectivity: Δ accuracy of each evaluated domain "
-                             "(columns) when a domain's experts are masked (rows), with 95% CIs.")
+                             "(columns) when a domain's experts are masked (rows), with 95% CIs; the verdict reads "
+                             "the same cells beyond the controls (norm_delta in the table).")
         body += "<h3>Selectivity matrix</h3>" + table_html(sel, list(sel.columns), rows=100)
     return body
 

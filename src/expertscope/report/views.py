@@ -133,12 +133,13 @@ def _targets(r: Any) -> str:
 
 def steering_views(table: pd.DataFrame) -> list[TableView]:
     """Per domain, the steering conditions (Tables 1–2): targets (LoRA: its trained parameters), accuracy,
-    the change against the original model and against matched random controls with their paired-bootstrap
-    95% CIs ("specific" when that interval excludes 0), weighted F1 and the changed expert selections. A
+    the change against the original model and against the verdict's control sets with their paired-bootstrap
+    95% CIs ("specific" when the run's calibrated verdict says so), weighted F1 and the changed expert
+    selections. A
     condition with nothing to measure shows "n/a", its reason once in the caption; a saturated domain says
     so in its title."""
     st = steering_rows(table)
-    columns = ("condition", "targets", "accuracy", "Δ acc [95% CI]", "Δ − random control [95% CI]", "weighted F1",
+    columns = ("condition", "targets", "accuracy", "Δ acc [95% CI]", "Δ − controls [95% CI]", "weighted F1",
                "changed selections")
     views = []
     for dom in st["domain"].unique():
@@ -157,7 +158,7 @@ def steering_views(table: pd.DataFrame) -> list[TableView]:
             if why:
                 rows.append((r.condition, "0", "n/a", "—", "—", "—", "—"))
                 continue
-            specific = " specific" if getattr(r, "specific", False) is True else ""
+            specific = " specific" if getattr(r, "specific", False) == True else ""  # noqa: E712
             changed = r.changed_selections
             rows.append((r.condition, _targets(r), f"{r.accuracy:.3f}",
                          "—" if r.condition == "original" else effect(r.delta, r.delta_lo, r.delta_hi),

@@ -77,6 +77,25 @@ def activation_lift(A: np.ndarray) -> np.ndarray:
         return np.where(others > 0, A / np.where(others > 0, others, 1.0), np.where(A > 0, np.inf, np.nan))
 
 
+def _preference(A: np.ndarray, lift: np.ndarray, uniform: float, min_lift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which cells are *preferred* in their domain rather than displaced from the others, and each (domain,
+    layer)'s median lift (broadcast to ``(D, L, E)``).
+
+    A lift ``A(D)/mean A(others)`` can come from D using the expert or from the other domains' own experts
+    taking its slots there; the second lifts every expert of the layer alike. Preferred: D uses it at least
+    ``min_lift`` × the uniform rate ``k/E``, or its lift is at least ``min_lift`` × the median lift of the
+    layer's experts in D (it stands out from the layer's common shift).
+    """
+    finite = np.where(np.isnan(lift), np.nan, lift)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a layer of NaN lifts (one domain) has no median
+        med = np.nanmedian(finite, axis=2, keepdims=True)
+    med = np.broadcast_to(med, lift.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stands_out = np.where(med > 0, lift >= min_lift * med, lift > 0)
+    return med, (min_lift * uniform <= A) | stands_out
+
+
 def group_statistics(
     tok: np.ndarray, sel: np.ndarray, h: np.ndarray, labels: np.ndarray, D: int, conditional: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -197,8 +216,12 @@ def domain_experts(
 
     ``rule="fdr"`` (default): a domain expert passes all three (columns ``pass_test``, ``pass_uniform``,
     ``pass_lift``): BH ``q_value <= alpha`` over all D·L·E cells on the specificity test (``test``:
-    permutation of domain labels across sequences, or its normal approximation), ``A > k/E``, and
-    ``lift >= min_lift``. ``activation_q`` is the same test on ``A`` itself, so an expert whose equal gate
+    permutation of domain labels across sequences, or its normal approximation), ``A > k/E`` (the lower
+    bound of A's bootstrap interval, when there is one), and ``lift >= min_lift``; and it is *preferred*
+    (``pass_preferred``): ``A >= min_lift·k/E``, or a lift at least ``min_lift`` × the median lift of the
+    layer's experts (``layer_median_lift``). One that passes the three but is not preferred is labelled
+    ``is_displaced``: its lift comes from the other domains' experts taking its slots, not from use in D.
+    ``activation_q`` is the same test on ``A`` itself, so an expert whose equal gate
     weights make its CWAS 0 by definition (``p̃ = ½`` gives ``h = 1``) still shows as domain-specific.
     ``rule="z"``: specificity >= mean + z·sd (ddof=0) of the layer's experts, and ``A > k/E``. Its cap:
     among E values the largest z is sqrt(E-1) and at most E/(1+z²) experts can reach z, so with E = 8 and
@@ -291,10 +314,15 @@ def domain_experts(
 
     pass_test = (spec >= threshold) & (sd > 0) if cfg.rule == "z" else qvals <= cfg.alpha
     pass_lift = lift >= cfg.min_lift
+    if cfg.rule == "fdr" and cfg.n_boot > 0 and resamplable:  # above uniform with 95% confidence
+        above_uniform = ci["A_lo"] > uniform
     criteria = {"test": pass_test, "uniform": above_uniform}
     if cfg.rule == "fdr":
         criteria["lift"] = pass_lift
-    is_dom = passes(criteria) & comparable
+    candidate = passes(criteria) & comparable
+    layer_lift, preferred = _preference(A, lift, uniform, cfg.min_lift)
+    displaced = candidate & ~preferred if cfg.rule == "fdr" else np.zeros_like(candidate)
+    is_dom = candidate & ~displaced
     is_driver = np.zeros((D, L, E), bool)
     if drivers is not None and len(drivers):
         d_index = {d: i for i, d in enumerate(profile.domains)}
@@ -303,7 +331,7 @@ def domain_experts(
             if r.domain in d_index and r.layer in l_index:
                 is_driver[d_index[r.domain], l_index[r.layer], r.expert] = True
     # General: an expert (l, e) activated above uniform somewhere, neither domain nor driver anywhere.
-    general = above_uniform.any(0) & ~is_dom.any(0) & ~is_driver.any(0)
+    general = (uniform < A).any(0) & ~is_dom.any(0) & ~is_driver.any(0)
 
     dd, ll, ee = np.meshgrid(np.arange(D), np.arange(L), np.arange(E), indexing="ij")
     df = pd.DataFrame({
@@ -318,6 +346,7 @@ def domain_experts(
         "specificity": spec.ravel(),
         "spec_threshold": threshold.ravel(),
         "lift": lift.ravel(),
+        "layer_median_lift": layer_lift.ravel(),
         "uniform_rate": uniform,
         "gate_mean": gate_mean.ravel(),
         **{k: v.ravel() for k, v in ci.items()},
@@ -329,7 +358,9 @@ def domain_experts(
         "pass_test": pass_test.ravel() & comparable,
         "pass_uniform": above_uniform.ravel(),
         "pass_lift": pass_lift.ravel(),
+        "pass_preferred": preferred.ravel() & comparable,
         "is_domain_expert": is_dom.ravel(),
+        "is_displaced": displaced.ravel(),
         "is_driver": is_driver.ravel(),
         "is_general": np.broadcast_to(general, (D, L, E)).ravel(),
     })
@@ -340,8 +371,11 @@ def domain_experts(
     if cfg.rule == "z":
         text = rule_text(z_rule_text("specificity", E, cfg.z), "A > k/E")
     else:
-        text = rule_text(bh_text(cfg.alpha, m, f"a {test_text}"), "A > k/E",
-                         f"lift A(D)/mean A(others) >= {cfg.min_lift}")
+        text = rule_text(bh_text(cfg.alpha, m, f"a {test_text}"),
+                         "A > k/E (the 95% interval's lower bound)" if cfg.n_boot > 0 else "A > k/E",
+                         f"lift A(D)/mean A(others) >= {cfg.min_lift}",
+                         f"preferred, not displaced: A >= {cfg.min_lift}·k/E or lift >= {cfg.min_lift} × the "
+                         "layer's median lift (else labelled displaced)")
     settings = {
         "config": cfg.to_dict(),
         "rule_text": text,
@@ -361,5 +395,6 @@ def domain_experts(
     if not_applicable:  # recorded routes: no logits, so H is unknown and the test runs on A (CWAS taken as A)
         df.loc[:, [c for c in df.columns if c.split("_")[0] in ("entropy", "cwas", "H", "S", "gate")]] = np.nan
         settings["not_applicable"] = not_applicable
-        settings["rule_text"] = f"{rule_text} (routes only: the specificity is that of the activation rate A)"
+        settings["rule_text"] = (f"{settings['rule_text']} (routes only: the specificity is that of the activation "
+                                 "rate A)")
     return DomainExpertTable(df, settings)
