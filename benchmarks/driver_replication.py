@@ -22,9 +22,9 @@ import numpy as np
 import expertscope as es
 from expertscope.causal.drivers import driver_experts, subset_effects
 from expertscope.causal.effects import CausalEffects
+from expertscope.config import DEMO_DOMAINS
 from expertscope.data.sources import load_domains
 from expertscope.stats.replication import halves_by_domain
-from expertscope.study import DEMO_DOMAINS
 
 
 def first(eff: CausalEffects, skip: int, n: int) -> CausalEffects:

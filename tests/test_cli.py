@@ -47,12 +47,12 @@ class _Captured(Exception):
 
 @pytest.fixture()
 def captured(monkeypatch: pytest.MonkeyPatch):
-    import expertscope.study as study_mod
+    import expertscope.pipeline as pipeline_mod
 
     def fake(config, out=None, **kwargs):
         raise _Captured(config, {"out": out, **kwargs})
 
-    monkeypatch.setattr(study_mod, "run_study", fake)
+    monkeypatch.setattr(pipeline_mod, "run_study", fake)
 
     def invoke(*args: str) -> _Captured:
         from typer.testing import CliRunner
@@ -100,11 +100,11 @@ def test_every_option_reaches_its_config_field(command: str, captured, tmp_path)
     (and the flag spells the field's name), for every writing command."""
     from expertscope.cli import commands
     from expertscope.cli.options import RENAMES, current, settings_for
-    from expertscope.study import STAGE_SECTIONS, run_fields, study_stages
+    from expertscope.pipeline import PIPELINE
 
     cmd = next(c for c in commands.COMMANDS if c.name == command)
-    stages = list(cmd.stages) if cmd.stages is not None else study_stages()
-    settings = settings_for([s for n in stages for s in STAGE_SECTIONS.get(n, ())], run_fields(stages))
+    stages = list(cmd.stages) if cmd.stages is not None else PIPELINE.study()
+    settings = settings_for(PIPELINE.sections(stages), PIPELINE.run_fields(stages))
     assert settings, command
     (tmp_path / "manifest.json").write_text('{"kind": "profile", "config": {}}')
     prefix = [command, str(tmp_path)] if command == "domains" else [command]

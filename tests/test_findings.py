@@ -220,10 +220,10 @@ def test_no_reference_to_a_spec_file_the_repository_lacks() -> None:
 
 # ----- incomplete runs ---------------------------------------------------------------------------------
 def test_study_stages_match_the_pipeline() -> None:
-    from expertscope import study
+    from expertscope.pipeline import PIPELINE
     from expertscope.report.findings import STUDY_STAGES
 
-    assert list(STUDY_STAGES) == study.study_stages()
+    assert list(STUDY_STAGES) == PIPELINE.study()
 
 
 def test_status_sentence_names_the_missing_stages() -> None:
@@ -273,7 +273,7 @@ def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path, no_figures
     out = compare([a, b], tmp_path / "cmp.html")
     page = out.read_text()
     assert page.count("<div class='banner'") == 1 and "Run m-two is not complete" in page
-    assert ("stages coactivation, domain_experts, drivers, replication, causal_rate, tokens, expert_map, steering, "
+    assert ("stages coactivation, drivers, domain_experts, replication, causal_rate, tokens, expert_map, steering, "
             "routing_overlap did not finish") in page
 
     # The same explorable page as the report: sort the summary, read the MI heatmap's hover value.

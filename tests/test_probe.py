@@ -16,10 +16,11 @@ import pytest
 from typer.testing import CliRunner
 
 import expertscope as es
-from expertscope import study
 from expertscope.cli.main import app
+from expertscope.config import StudyConfig
 from expertscope.errors import ExpertscopeError, InputTypeError, OutputError
 from expertscope.execution import make_executor
+from expertscope.pipeline import PIPELINE
 from expertscope.testing import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
@@ -332,16 +333,16 @@ API_CASES: list[tuple[str, Any, type[Exception], str]] = [
     ("example-row-list", lambda m, i: es.Example.from_dict([1, 2]), ValueError, "not an object"),
     ("steering-json", lambda m, i: es.SteeringSpec.from_json('{"targets": 3}'), ValueError, "[layer, expert]"),
     ("steering-scale-nan", lambda m, i: es.SteeringSpec(targets=((0, 1),), scale=math.nan), ValueError, "scale"),
-    ("study-z-inf", lambda m, i: study.StudyConfig(z=math.inf), ValueError, "z=inf is not finite"),
-    ("study-scale-0", lambda m, i: study.StudyConfig(scale_up=0.0), ValueError, "scale_up=0.0"),
-    ("study-limit-0", lambda m, i: study.StudyConfig(limit=0), ValueError, "limit=0"),
+    ("study-z-inf", lambda m, i: StudyConfig(z=math.inf), ValueError, "z=inf is not finite"),
+    ("study-scale-0", lambda m, i: StudyConfig(scale_up=0.0), ValueError, "scale_up=0.0"),
+    ("study-limit-0", lambda m, i: StudyConfig(limit=0), ValueError, "limit=0"),
     ("device", lambda m, i: es.load_model(str(i["model"]), device="potato"), ValueError, "unknown device"),
     ("corrupt-weights", lambda m, i: es.load_model(str(i["truncated"])), ValueError, "corrupt or truncated"),
     ("profile-model-str", lambda m, i: es.profile("nope", {"a": ["x"]}), TypeError, "not an MoEModel"),
     ("domain-experts-str", lambda m, i: es.domain_experts("nope"), TypeError, "not a RoutingProfile"),
     ("evaluate-str", lambda m, i: es.evaluate(m, "classification", "nope"), TypeError, "list of Example"),
     ("steer-targets-str", lambda m, i: es.steer(m, targets="x"), TypeError, "(layer, expert) pairs"),
-    ("study-domains-str", lambda m, i: study.StudyConfig(domains="a=synthetic:math"), TypeError, "wrap it in a list"),
+    ("study-domains-str", lambda m, i: StudyConfig(domains="a=synthetic:math"), TypeError, "wrap it in a list"),
     ("example-text-int", lambda m, i: es.Example(text=5), TypeError, "not a string"),
     ("steer-targets-short", lambda m, i: es.steer(m, targets=[(1,)]), TypeError, "(layer, expert) pairs"),
     # ----- issue 22 #4: the library's own errors, naming the expected type
@@ -367,7 +368,7 @@ API_CASES: list[tuple[str, Any, type[Exception], str]] = [
     ("steer-scale-1e308", lambda m, i: es.steer(m, targets=[(0, 1)], scale=1e308), ValueError, "overflows float32"),
     ("steer-scale-inf", lambda m, i: es.steer(m, targets=[(0, 1)], scale=math.inf), ValueError, "not finite"),
     ("steer-scale-str", lambda m, i: es.steer(m, targets=[(0, 1)], scale="1.2"), TypeError, "scale='1.2' is a str"),
-    ("study-scale-1e308", lambda m, i: study.StudyConfig(scale_down=1e308), ValueError, "scale_down=1e+308 overflows"),
+    ("study-scale-1e308", lambda m, i: StudyConfig(scale_down=1e308), ValueError, "scale_down=1e+308 overflows"),
     ("steer-model-str", lambda m, i: es.steer("m", targets=[(0, 1)]), TypeError, "not an MoEModel"),
     ("steer-spec-str", lambda m, i: es.steer(m, spec="x"), TypeError, "not a SteeringSpec"),
     ("steering-json-nan", lambda m, i: es.SteeringSpec.from_json('{"targets": [[0, 1]], "scale": NaN}'), ValueError,
@@ -448,7 +449,7 @@ def _run_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def profile_only(monkeypatch) -> None:
     """`run` with only its profile stage, so a finished run takes a second."""
-    monkeypatch.setattr(study, "STAGES", [study.STAGES[0]])
+    monkeypatch.setattr(PIPELINE, "stages", (PIPELINE.get("profile"),))
 
 
 @pytest.mark.slow

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from expertscope import study
 from expertscope.cli.main import app
+from expertscope.pipeline import PIPELINE, stages
 from expertscope.testing import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
@@ -22,6 +25,22 @@ TABLES = ["domain_experts.parquet", "drivers.parquet", "causal_rate.parquet", "t
           "token_associations.parquet", "steering.parquet", "steering_dose.parquet",
           "steering_arms.parquet", "steering_selectivity.parquet", "coactivation.parquet",
           "paths.parquet", "routing_consistency.parquet", "importance.parquet", "routing_overlap.parquet"]
+
+
+@contextlib.contextmanager
+def counting_loads() -> Iterator[Counter[str]]:
+    """Count how often the run context reads each shared table from disk."""
+    from expertscope.pipeline import context
+
+    counts: Counter[str] = Counter()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, (file, load) in list(context._LOADERS.items()):
+            def counted(path: Path, _load=load, _name=name):
+                counts[_name] += 1
+                return _load(path)
+
+            mp.setitem(context._LOADERS, name, (file, counted))
+        yield counts
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +75,16 @@ def _args(model_dir: Path, domains: list[str], out: Path, *extra: str) -> list[s
     return args + list(extra)
 
 
+FULL_RUN_LOADS: Counter[str] = Counter()
+
+
 @pytest.fixture(scope="module")
 def full_run(model_dir, domains, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
-    r = runner.invoke(app, _args(model_dir, domains, out))
+    with counting_loads() as loads:
+        r = runner.invoke(app, _args(model_dir, domains, out))
     assert r.exit_code == 0, r.output
+    FULL_RUN_LOADS.update(loads)
     return out
 
 
@@ -68,8 +92,12 @@ def full_run(model_dir, domains, tmp_path_factory) -> Path:
 def test_full_run_writes_manifest_tables_and_report(full_run: Path) -> None:
     manifest = json.loads((full_run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["seed"] == 0 and manifest["schema_version"] == 1
-    assert study.study_stages() == [k for k in manifest["stages"] if not k.startswith("_")]
-    assert all(manifest["stages"][n]["status"] == "complete" for n in study.study_stages())
+    assert PIPELINE.study() == [k for k in manifest["stages"] if not k.startswith("_")]
+    assert all(manifest["stages"][n]["status"] == "complete" for n in PIPELINE.study())
+    # every shared table is handed from the stage that wrote it to the later ones: none is read back from disk
+    assert not FULL_RUN_LOADS, FULL_RUN_LOADS
+    # each stage records the settings of the config sections it read
+    assert manifest["stages"]["steering"]["settings"]["intervention"]["n_controls"] == 1  # as --n-controls said
     for name in TABLES:
         assert (full_run / name).exists(), name
     html = (full_run / "report.html").read_text()
@@ -86,7 +114,8 @@ def test_interrupt_exits_130_and_leaves_a_resumable_run(model_dir: Path, domains
     def interrupted(ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study, "STAGES", [study.STAGES[0], ("domain_experts", interrupted)])
+    monkeypatch.setattr(PIPELINE, "stages", (PIPELINE.get("profile"), PIPELINE.get("domain_experts")))
+    monkeypatch.setattr(stages, "domain_experts_stage", interrupted)
     r = runner.invoke(app, _args(model_dir, domains, part))
     assert r.exit_code == 130 and "--resume" in r.output
     manifest = json.loads((part / "manifest.json").read_text())
@@ -112,8 +141,11 @@ def test_resume_recomputes_only_unfinished_stages_to_the_same_tables(full_run: P
     for f in ["token_positions.parquet", "token_associations.parquet", "steering.parquet",
               "steering_dose.parquet", "report.html"]:
         (part / f).unlink()
-    r = runner.invoke(app, _args(model_dir, domains, part, "--resume"))
+    with counting_loads() as loads:
+        r = runner.invoke(app, _args(model_dir, domains, part, "--resume"))
     assert r.exit_code == 0, r.output
+    # tokens, expert_map, steering, routing_overlap read the earlier tables: each from disk once, not per stage
+    assert loads == Counter({"drivers": 1, "domain_experts": 1, "profile": 1}), loads
     assert "profile: already complete" in r.output and "causal_rate: already complete" in r.output
     assert "tokens: already complete" not in r.output
     for name in TABLES:
@@ -124,7 +156,7 @@ def test_resume_recomputes_only_unfinished_stages_to_the_same_tables(full_run: P
 
 def test_resume_with_other_settings_is_refused(model_dir: Path, domains: list[str], tmp_path: Path,
                                                monkeypatch) -> None:
-    monkeypatch.setattr(study, "STAGES", [study.STAGES[0]])
+    monkeypatch.setattr(PIPELINE, "stages", (PIPELINE.get("profile"),))
     out = tmp_path / "o"
     assert runner.invoke(app, _args(model_dir, domains, out)).exit_code == 0
     r = runner.invoke(app, _args(model_dir, domains, out, "--resume", "--seed", "3"))

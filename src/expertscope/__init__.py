@@ -34,6 +34,7 @@ from .interventions.study import InterventionResult, intervention_study
 from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
 from .models.model import MoEModel
+from .pipeline import run_study
 from .report import report
 from .stats.coactivation import CoactivationStats
 from .stats.domain_experts import DomainExpertTable, domain_experts
@@ -44,7 +45,6 @@ from .stats.replication import Replication, replicate_domain_experts
 from .stats.routes import SequenceRoutes
 from .stats.structure import coactivation
 from .stats.tokens import position_profile, record_tokens, token_associations
-from .study import run_study
 
 __version__ = "0.1.0"
 

@@ -47,7 +47,7 @@ class Command:
 
 
 def _recorded_routes(kw: dict[str, Any], out: Path, resume: bool, force: bool) -> bool:
-    from ..study import profile_recorded_routes
+    from ..pipeline.jobs import profile_recorded_routes
 
     routes = kw.pop("routes")
     opts = {k: kw.pop(k) for k in ("num_experts", "moe_layers", "top_k", "routes_format")}
@@ -75,7 +75,7 @@ _ROUTES_OPTIONS = (
 
 
 def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
-    from ..study import eval_domains
+    from ..pipeline.jobs import eval_domains
 
     return eval_domains(config, kw.pop("data"), kw.pop("task"), kw.pop("split"))
 
@@ -175,13 +175,12 @@ COMMANDS = (
 
 
 def _build(cmd: Command) -> Callable[..., Any]:
-    from .. import study
+    from .. import pipeline
     from ..data.types import DomainSpec
-    from ..study import STAGE_SECTIONS, run_fields, study_stages
+    from ..pipeline.registry import PIPELINE
 
-    stages = list(cmd.stages) if cmd.stages is not None else study_stages()
-    sections = [s for n in stages for s in STAGE_SECTIONS.get(n, ())]
-    settings = settings_for(sections, run_fields(stages))
+    stages = list(cmd.stages) if cmd.stages is not None else PIPELINE.study()
+    settings = settings_for(PIPELINE.sections(stages), PIPELINE.run_fields(stages))
     base = cmd.base()
     P = inspect.Parameter
     own: list[inspect.Parameter] = []
@@ -209,7 +208,7 @@ def _build(cmd: Command) -> Callable[..., Any]:
         run_dir = kw.pop("run_dir", None)
         if cmd.intercept is not None and cmd.intercept(kw, Path(out or run_dir or cmd.out or "."), resume, force):
             return
-        start = base if run_dir is None else study.config_of_run(run_dir, base)
+        start = base if run_dir is None else pipeline.config_of_run(run_dir, base)
         if cmd.adjust is not None:
             start = cmd.adjust(build_config(start, settings, {k: v for k, v in kw.items() if k == "limit"}), kw)
         config = build_config(start, settings, kw)
@@ -218,7 +217,7 @@ def _build(cmd: Command) -> Callable[..., Any]:
                                                   for s in config.domain_specs))
         out = out or run_dir or cmd.out
         out = None if out is None else Path(out)
-        names = list(cmd.stages) if cmd.stages is not None else study_stages()
+        names = list(cmd.stages) if cmd.stages is not None else PIPELINE.study()
         t0 = time.perf_counter()
 
         def on_stage(name: str, event: str) -> None:
@@ -229,7 +228,7 @@ def _build(cmd: Command) -> Callable[..., Any]:
                 console.print(f"[dim][{i}/{len(names)}] {name}: already complete, skipped[/]")
 
         with progress_bars() as bar:
-            manifest = study.run_study(config, out, resume=resume, force=force, on_stage=on_stage, stages=cmd.stages,
+            manifest = pipeline.run_study(config, out, resume=resume, force=force, on_stage=on_stage, stages=cmd.stages,
                                  kind=cmd.kind, progress=bar, inputs_dir=run_dir, resumable=cmd.resumable)
         title = {"run": "study", "steer-study": "steering study"}.get(cmd.name, cmd.name)
         console.print(f"[bold green]{title} complete[/] in {time.perf_counter() - t0:.0f}s"

@@ -32,7 +32,7 @@ def synth(
 
     Example: expertscope data synth --out data/synth --n-test 500
     """
-    from ..study import write_synthetic_benchmark
+    from ..pipeline.jobs import write_synthetic_benchmark
 
     sizes = {"train": n_train, "validation": n_validation, "test": n_test}
     files = write_synthetic_benchmark(out, [d.strip() for d in domains.split(",") if d.strip()], sizes, seed, force)

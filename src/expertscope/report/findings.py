@@ -1133,9 +1133,9 @@ COLUMN_HELP: dict[str, str] = {
 
 
 # ----- run status: the banner of a run that did not finish ------------------------------------------------
-#: The stages of ``expertscope run`` in order (``study.STAGES``; a test keeps the two equal). Used for
-#: manifests that do not list their ``planned_stages``.
-STUDY_STAGES = ("profile", "coactivation", "domain_experts", "drivers", "replication", "causal_rate", "tokens",
+#: The stages of ``expertscope run`` in order (``pipeline.PIPELINE.study()``; a test keeps the two equal). Used
+#: for manifests that do not list their ``planned_stages``.
+STUDY_STAGES = ("profile", "coactivation", "drivers", "domain_experts", "replication", "causal_rate", "tokens",
                 "expert_map", "steering", "routing_overlap", "report")
 
 

@@ -1,0 +1,113 @@
+"""Everything checked before the first stage, without the model: the device, the model's location, every
+domain spec, every row each chosen stage will read (labels, answers, choices: each stage's ``row_check``),
+and settings that depend on the data (``n_perm`` against the number of tests). A failed check is one line
+naming the fix, and nothing is written."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import StudyConfig
+from ..data.checks import check_domain_specs, check_stage_inputs
+from ..data.sources import load_domains
+from ..errors import ConfigError, DataError
+from ..evaluation import validate_examples
+from ..integrations.lm_eval import SYNTHETIC_TASKS, task_manager
+from ..interventions.steering import SteeringSpec
+from ..models.loading import ModelSource
+from ..validation import check_device
+from .context import StudyInputs
+from .registry import PIPELINE
+
+__all__ = ["eval_rows", "prepare", "split_rows", "task_rows"]
+
+
+def _task_rows(domains: Sequence[Any]) -> None:
+    """Every row of every task domain has what its task needs (label in the domain's label set, answer,
+    choices): the evaluation and the decision positions read them."""
+    for d in domains:
+        if d.task is None:
+            continue
+        if d.task == "classification" and (d.labels is not None and len(d.labels) < 2):
+            raise DataError(f"domain {d.name!r} has one label ({d.labels[0]!r}): classification needs two or more; "
+                            "check the label field, or give the set with ?labels=a,b,c")
+        try:
+            validate_examples(d.task, d.examples, d.labels)
+        except DataError as e:
+            raise DataError(f"domain {d.name!r}: {e}") from None
+
+
+def task_rows(inputs: StudyInputs) -> None:
+    """The drivers stage's rows: the domains' own."""
+    _task_rows(inputs.domains)
+
+
+def split_rows(inputs: StudyInputs) -> None:
+    """The steering stage's rows: the test and train splits."""
+    _task_rows([*(inputs.test or ()), *(inputs.train or ())])
+
+
+def eval_rows(inputs: StudyInputs) -> None:
+    """The eval stage's rows: every domain needs a task."""
+    for d in inputs.domains:
+        if d.task is None:
+            raise DataError(f"domain {d.name!r} has no task to evaluate: add ?task=classification|multiple_choice|"
+                            "math to its spec (or --task)")
+    _task_rows(inputs.domains)
+
+
+def _check_lm_eval(config: StudyConfig) -> None:
+    """lm-eval's task names and steering file, checked before the model loads."""
+    c = config.lm_eval
+    if c.steer:
+        SteeringSpec.load(c.steer)
+    synthetic = [t for t in c.tasks if t in SYNTHETIC_TASKS.values()]
+    others = [t for t in c.tasks if t not in synthetic]
+    if others:
+        task_manager(others, None if synthetic else c.include_path)  # unknown names fail here, fast
+
+
+def _check_n_perm(config: StudyConfig, inputs: StudyInputs) -> None:
+    """Refuse a permutation count too small for the number of tests D·L·E before the model loads (the
+    smallest p-value 1/(n_perm+1) could never pass Benjamini–Hochberg), when the model's config tells L and E."""
+    cfg = config.domain_experts
+    shape = inputs.model.moe_shape()
+    if cfg.rule != "fdr" or cfg.n_perm == "auto" or cfg.test == "normal" or shape is None or len(inputs.domains) < 2:
+        return
+    n_layers, n_experts = shape
+    m = len(inputs.domains) * n_layers * n_experts
+    if cfg.test == "auto":  # the same choice domain_experts makes: permutation when its work fits the budget
+        work = float(cfg.n_perm) * len(inputs.domains) * sum(len(d) for d in inputs.domains) * (2 * m + 1)
+        if work > cfg.perm_budget:
+            return
+    if int(cfg.n_perm) + 1 < m / cfg.alpha:
+        raise ConfigError(f"n_perm={cfg.n_perm} is too few for {m} tests ({len(inputs.domains)} domains × "
+                          f"{n_layers} MoE layers × {n_experts} experts): the smallest p-value 1/(n_perm+1) cannot "
+                          f"pass BH at alpha={cfg.alpha}; pass --n-perm {math.ceil(m / cfg.alpha)} or more, or 'auto'")
+
+
+def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyInputs:
+    """Parse and check every input once, before any stage or model load: device, model source, domain specs,
+    every row each chosen stage reads, and data-dependent settings. Raises one-line errors naming the fix."""
+    chosen = [s.name for s in PIPELINE.chosen(stages)]
+    if PIPELINE.tables_only(chosen):
+        return StudyInputs(None, (), [])  # earlier tables only: no model, no data
+    check_device(config.device)
+    source = ModelSource.resolve(config.model)
+    if "lm_eval" in chosen:
+        _check_lm_eval(config)
+    if PIPELINE.data_free(chosen):
+        return StudyInputs(source, (), [])
+    specs = check_domain_specs(config.domain_specs)
+    check_stage_inputs(specs, chosen)
+    inputs = StudyInputs(source, specs, load_domains(specs, limit=config.limit, seed=config.seed))
+    if "steering" in chosen or "routing_overlap" in chosen:
+        inputs.test = load_domains(config.split_specs("test"), limit=config.intervention.limit, seed=config.seed)
+        inputs.train = load_domains(config.split_specs("train"), limit=config.train_limit, seed=config.seed)
+    for name in chosen:
+        PIPELINE.get(name).check_rows(inputs)
+    if "domain_experts" in chosen:
+        _check_n_perm(config, inputs)
+    return inputs
