@@ -54,11 +54,11 @@ def one_torch_thread():
 
 def _record_saves(monkeypatch, render: bool) -> list[str]:
     """The names of the figures saved from now on, in order (``render=False``: built, never rendered)."""
-    from expertscope.report import figures
+    from expertscope.report import figure_style
 
     names: list[str] = []
-    save = figures._save
-    monkeypatch.setattr(figures, "_save",
+    save = figure_style.save_figure
+    monkeypatch.setattr(figure_style, "save_figure",
                         lambda fig, out, name: names.append(name) or (save(fig, out, name) if render else []))
     return names
 

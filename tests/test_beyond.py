@@ -373,8 +373,9 @@ def test_beyond_findings_read_the_tables(make_tiny, tmp_path, one_torch_thread) 
     from scipy.stats import spearmanr
 
     from expertscope.report.figures import fig_coactivation, fig_paths, fig_routing_overlap, pooled_lift
-    from expertscope.report.findings import beyond_findings, beyond_sentences
     from expertscope.report.html import load_tables
+    from expertscope.report.record import beyond_findings
+    from expertscope.report.sentences import beyond_sentences
     from expertscope.stats.structure import save_coactivation_tables
 
     moe = _moe(make_tiny)
@@ -424,7 +425,7 @@ def test_spearman_interval_equals_one_resample_at_a_time(n: int) -> None:
     """The vectorised bootstrap of Spearman's rho (ranked all at once) against scipy on each resample in turn."""
     from scipy.stats import spearmanr
 
-    from expertscope.report.findings import _spearman_ci
+    from expertscope.stats.rules import spearman_ci as _spearman_ci
 
     r = np.random.default_rng(n)
     x = r.integers(0, 4, n).astype(float)  # ties on purpose

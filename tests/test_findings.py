@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from expertscope.report.findings import findings, sentences
 from expertscope.report.html import build_html
+from expertscope.report.record import findings
+from expertscope.report.sentences import sentences
 
 
 def _tables() -> dict[str, pd.DataFrame]:
@@ -173,7 +174,7 @@ def test_read_drivers_names_the_strongest_driver_not_the_largest_ce() -> None:
     """The expert with the largest mean CE fails the rule (its test is not significant): the reading names the
     flagged driver with the largest CE, with the table's own interval, ratio and q, and the layer medians
     from ``layer_median``."""
-    from expertscope.report.findings import read_drivers
+    from expertscope.report.sentences import read_drivers
 
     drv = pd.DataFrame({
         "domain": "m", "layer": [0, 0, 0, 1, 1, 1], "expert": [0, 1, 2, 0, 1, 2],
@@ -193,12 +194,12 @@ def test_read_drivers_names_the_strongest_driver_not_the_largest_ce() -> None:
            "layer's median), is not a driver." in none
 
 
-def test_every_sentence_lives_in_findings() -> None:
-    """html.py lays out: no reading generator is defined there (they live in findings.py)."""
+def test_every_sentence_lives_in_sentences() -> None:
+    """html.py lays out: no reading generator is defined there (they live in sentences.py)."""
     import inspect
 
-    from expertscope.report import findings as fnd
     from expertscope.report import html as html_mod
+    from expertscope.report import sentences as fnd
 
     own = [n for n, f in inspect.getmembers(html_mod, inspect.isfunction) if f.__module__ == html_mod.__name__]
     assert not [n for n in own if n.startswith("read_")]
@@ -221,13 +222,13 @@ def test_no_reference_to_a_spec_file_the_repository_lacks() -> None:
 # ----- incomplete runs ---------------------------------------------------------------------------------
 def test_study_stages_match_the_pipeline() -> None:
     from expertscope.pipeline import PIPELINE
-    from expertscope.report.findings import STUDY_STAGES
+    from expertscope.report.status import STUDY_STAGES
 
     assert list(STUDY_STAGES) == PIPELINE.study()
 
 
 def test_status_sentence_names_the_missing_stages() -> None:
-    from expertscope.report.findings import run_status, status_sentence
+    from expertscope.report.status import run_status, status_sentence
 
     done = {"status": "complete", "seconds": 1.0}
     running = {"kind": "study", "status": "running",
@@ -290,7 +291,7 @@ def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path, no_figures
 
 
 def test_steering_and_sweep_readings_say_whether_an_interval_excludes_zero() -> None:
-    from expertscope.report.findings import read_steering, read_sweep
+    from expertscope.report.sentences import read_steering, read_sweep
 
     st = _tables()["steering"]
     a, b = read_steering(st)

@@ -11,8 +11,9 @@ import pytest
 
 import expertscope as es
 import expertscope.causal as C
-from expertscope.report.findings import findings, sentences
 from expertscope.report.html import load_tables, read_expert_types
+from expertscope.report.record import findings
+from expertscope.report.sentences import sentences
 
 DRIVERS = {"a": [(0, 1), (0, 5), (1, 2), (1, 6), (1, 7)], "b": [(1, 3)]}
 

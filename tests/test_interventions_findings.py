@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from expertscope.report.findings import control_sentences, findings
+from expertscope.report.record import findings
+from expertscope.report.sentences import control_sentences
 
 
 def _dose() -> pd.DataFrame:

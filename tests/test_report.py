@@ -15,8 +15,10 @@ import torch
 from _browser import Browser, require_chromium
 from expertscope.errors import OutputError
 from expertscope.io import make_manifest, write_json, write_table
+from expertscope.report import figure_style as S
 from expertscope.report import figures as F
 from expertscope.report.html import build_html, load_tables, report
+from expertscope.stats.expert_types import expert_types
 
 DOMAINS = ("emotion", "knowledge", "math")
 
@@ -165,7 +167,7 @@ def test_saved_figures_hold_legends_wider_than_the_panels(tmp_path: Path):
     fig.canvas.draw()
     legend_in = legend.get_window_extent().width / fig.dpi
     assert legend_in > 3.0  # the case that was clipped ("driver ex")
-    png, svg = F._save(fig, tmp_path, "wide_legend")
+    png, svg = S.save_figure(fig, tmp_path, "wide_legend")
     width_in = mpimg.imread(png).shape[1] / 150
     assert width_in >= legend_in, (width_in, legend_in)
     assert "driver expert" in svg.read_text()
@@ -181,7 +183,7 @@ def test_a_figure_is_laid_out_once_and_drawn_once_per_file(tmp_path: Path, monke
     draw = Figure.draw
     monkeypatch.setattr(Figure, "draw", lambda self, renderer: draws.append(type(renderer).__name__)
                         or draw(self, renderer))
-    F._save(fig, tmp_path, "once")
+    S.save_figure(fig, tmp_path, "once")
     assert len(draws) == 3, draws  # draw_without_rendering, then the PNG (Agg) and the SVG renderer
     assert fig.get_layout_engine() is None
 
@@ -209,7 +211,7 @@ def test_figures_skip_empty_inputs(tmp_path: Path):
 
 def test_expert_types_classification():
     t = synthetic_tables()
-    typed = F.expert_types(t["domain_experts"], t["drivers"])
+    typed = expert_types(t["domain_experts"], t["drivers"])
     assert set(typed["type"]) <= {"general", "domain", "driver", "both", "other", "below uniform"}
     flagged = typed[typed["is_domain_expert"]]
     assert flagged["type"].isin(["domain", "both"]).all()
@@ -409,7 +411,7 @@ def _cells(page: str, svg_domain: str, section: str = "drivers") -> dict[tuple[i
 def test_heatmap_cells_hold_the_tables_values_and_flags(built_report: Path):
     """Every heatmap cell's hover value is the driver table's CE of that (layer, expert), printed as the
     tables print it; exactly the drivers are boxed."""
-    from expertscope.report.findings import format_number
+    from expertscope.report.sentences import format_number
 
     page = built_report.read_text()
     drv = synthetic_tables()["drivers"]
@@ -422,7 +424,7 @@ def test_heatmap_cells_hold_the_tables_values_and_flags(built_report: Path):
 
 
 def test_table_rows_carry_full_precision_sort_keys_and_domains():
-    from expertscope.report.html import MAX_ROWS, table_html
+    from expertscope.report.blocks import MAX_ROWS, table_html
 
     df = pd.DataFrame({"domain": ["a", "b"], "x": [0.123456789, float("nan")], "flag": [True, False], "n": [3, 4]})
     html = table_html(df)
@@ -438,7 +440,7 @@ def test_table_rows_carry_full_precision_sort_keys_and_domains():
 def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
     """Click a sort in a real browser (the mouse, over the DevTools protocol), read the heatmap's hover value,
     filter by typing and pick a domain: each checked against the tables the run saved."""
-    from expertscope.report.findings import format_number
+    from expertscope.report.sentences import format_number
 
     exe = _require_chromium()
     drv = synthetic_tables()["drivers"]

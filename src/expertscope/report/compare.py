@@ -20,9 +20,12 @@ import pandas as pd
 
 from ..errors import OutputError
 from ..io import atomic_write, write_json
+from .blocks import _e, _figure_html, heatmap, table_html
+from .copy import compare_intro
 from .figures import fig_routing_mi, write_figures
-from .findings import compare_intro, findings, status_sentence
-from .html import FIGURE_DIR, STEERING_COLUMNS, _e, _figure_html, heatmap, load_tables, page, table_html
+from .html import FIGURE_DIR, STEERING_COLUMNS, load_tables, page
+from .record import findings
+from .status import status_sentence
 from .views import steering_rows
 
 #: The per-run figures of a comparison (Figures 1–3 of each run's report).

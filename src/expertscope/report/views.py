@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .findings import SATURATED
+from .record import SATURATED
 
 if TYPE_CHECKING:
     from ..causal.drivers import DriverTable
