@@ -1,4 +1,4 @@
-"""Evaluation speed: the reference code path (``evaluation/reference.py``) against ``evaluate``, in one run.
+"""Evaluation speed: the reference code path (``tests/oracles/evaluation.py``) against ``evaluate``, in one run.
 
 Run: ``python benchmarks/bench_eval.py [--items 100] [--repeats 3] [--batch-size 16] [--steer] [--model demo]``.
 
@@ -17,6 +17,11 @@ within one run, not seconds across runs.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracles
 
 import argparse
 import contextlib
@@ -45,8 +50,8 @@ def main() -> None:
 
     import expertscope as es
     from expertscope.data import synthetic
-    from expertscope.evaluation.reference import evaluate_reference
     from expertscope.interventions.steering import SteeringSpec, steer
+    from oracles.evaluation import evaluate_reference
 
     torch.set_num_threads(args.threads)
     model = es.load_model(args.model)

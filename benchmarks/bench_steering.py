@@ -1,6 +1,6 @@
 """The steering stage of ``expertscope run``, timed whole: as it runs by default (every arm evaluated in this
 process), with its steered arms spread over worker processes (``--executor process``), and with the
-evaluation code path of the time issue #21 was filed (``evaluation/reference.py``) in this process; the
+evaluation code path of the time issue #21 was filed (``tests/oracles/evaluation.py``) in this process; the
 tables of every variant must be identical.
 
 Run: ``python benchmarks/bench_steering.py [--run runs/study] [--workers 2] [--limit 60] [--no-reference]``.
@@ -13,6 +13,11 @@ thread per process, and reports the stage's own seconds from the manifest and th
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracles
 
 import argparse
 import contextlib
@@ -28,7 +33,7 @@ def reference_evaluation() -> Iterator[None]:
     """Every ``expertscope.evaluation.evaluate`` call (the study imports it at call time) goes through the earlier
     code path."""
     import expertscope.evaluation as ev
-    from expertscope.evaluation.reference import evaluate_reference
+    from oracles.evaluation import evaluate_reference
 
     saved = ev.evaluate
     ev.evaluate = evaluate_reference  # type: ignore[assignment]

@@ -12,7 +12,7 @@ Run: ``python benchmarks/calibrate_controls.py [--run runs/study] [--random-runs
    domain, of the same layers and size as its domain experts, passed as that domain's targets to
    ``intervention_study`` (with its controls, its correction and its selectivity), ``--random-runs`` times
    with different seeds.
-3. **Positive control**: the hand-built carrier model (``expertscope.calibration.carrier_model``), whose
+3. **Positive control**: the hand-built carrier model (``expertscope.testing.calibration.carrier_model``), whose
    carrier experts carry their domain: profile → domain experts → intervention study over seeds; the share of
    seeds in which every domain's carriers are found, specific and selective (power), at full and at half
    carriage.
@@ -148,8 +148,8 @@ def random_targets(run: Path, runs: int, workers: int, limit: int) -> list[tuple
 def positive_control(seeds: int, carried: float) -> tuple[int, int]:
     """Seeds in which every domain's carriers are found, specific under mask and selective."""
     import expertscope as es
-    from expertscope.calibration import CARRIERS, carrier_domains, carrier_model
     from expertscope.interventions.study import intervention_study
+    from expertscope.testing.calibration import CARRIERS, carrier_domains, carrier_model
 
     hits = 0
     for seed in range(seeds):

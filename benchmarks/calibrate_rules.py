@@ -7,7 +7,7 @@ Prints the numbers measured in this run (the ones quoted in docs/methods.md):
 
 1. Power: tiny Mixtral models (real top-k routing) with 1, 2 or 3 experts planted in one layer of 8 (top-2)
    and of 60 (top-4), at several plant strengths (the planted logits rise by ``strength`` on domain A's
-   tokens and fall by as much on B's; see ``expertscope.calibration``); 60 texts per domain. For each: the
+   tokens and fall by as much on B's; see ``expertscope.testing.calibration``); 60 texts per domain. For each: the
    planted experts found by the default rule (and by the old z rule), their activation rates, q-values,
    and the other flags (experts displaced by the plant, genuinely more active in B).
 2. Null: random half-splits of the same texts, on an unplanted tiny model (E = 8 and E = 60) and on the
@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 
-from expertscope.calibration import null_splits, null_texts, planted_model, planted_profile, planted_result
 from expertscope.stats.domain_experts import domain_experts
 from expertscope.stats.profile import RoutingProfile, profile
+from expertscope.testing.calibration import null_splits, null_texts, planted_model, planted_profile, planted_result
 
 
 def power(strengths: tuple[float, ...]) -> None:

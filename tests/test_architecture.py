@@ -148,6 +148,14 @@ def test_the_library_never_imports_the_cli() -> None:
     assert bad == []
 
 
+def test_the_library_never_imports_its_test_helpers() -> None:
+    """``expertscope.testing`` (tiny models, planted and carrier models, failure injection) is for tests and
+    benchmarks: no library module imports it."""
+    bad = sorted(f"{m} imports {t}" for m, ts in GRAPH.items() for t in ts
+                 if not m.startswith(f"{PKG}.testing") and (t == f"{PKG}.testing" or t.startswith(f"{PKG}.testing.")))
+    assert bad == []
+
+
 def test_private_names_stay_in_their_package() -> None:
     bad = []
     for module, edges in EDGES.items():

@@ -4,15 +4,15 @@ printed by benchmarks/calibrate_rules.py):
 - power: 1, 2 and 3 experts planted in one layer of 8 (top-2) and of 60 (top-4) are all found;
 - null: on random half-splits of the same texts, at most 5% of splits flag any expert.
 
-The plants are real top-k routing in tiny models (see ``expertscope.calibration``), 60 texts per domain.
+The plants are real top-k routing in tiny models (see ``expertscope.testing.calibration``), 60 texts per domain.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from expertscope.calibration import null_splits, null_texts, planted_model, planted_profile, planted_result
 from expertscope.stats.profile import profile
+from expertscope.testing.calibration import null_splits, null_texts, planted_model, planted_profile, planted_result
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,7 +57,7 @@ def test_planted_routes_give_the_planted_experts_and_no_unlabelled_extra(tokens:
     import json
 
     import expertscope as es
-    from expertscope.calibration import PLANTED_ROUTES, planted_routes
+    from expertscope.testing.calibration import PLANTED_ROUTES, planted_routes
 
     planted = {(d, layer, e) for d, cells in PLANTED_ROUTES.items() for layer, e in cells}
     displaced_seen = 0

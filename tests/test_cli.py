@@ -167,8 +167,9 @@ def test_bad_option_value_is_one_line_exit_2() -> None:
 
 
 def test_help_comes_from_the_field_docstrings() -> None:
+    from expertscope.cli.fields import field_docs
     from expertscope.cli.options import all_settings
-    from expertscope.config import DriverConfig, field_docs
+    from expertscope.config import DriverConfig
 
     assert field_docs(DriverConfig)["top"] == "rule top: drivers flagged per layer."
     assert all_settings()["top"].help == "rule top: drivers flagged per layer."

@@ -374,7 +374,7 @@ def _relabelled(exs: list[Example], labels: tuple[str, ...], seed: int = 0) -> l
 @pytest.mark.parametrize("labels", [None, ("A", "B", "C", "D"), ("A", "joy", "B", "neutral", "sadness")])
 def test_classification_fast_path_equals_reference(tiny, tokenizer, labels) -> None:
     """All-multi-token labels (the 7 emotions here), all one-token labels, and a mix."""
-    from expertscope.evaluation.reference import evaluate_reference
+    from oracles.evaluation import evaluate_reference
 
     exs = _examples("emotion", 21)
     if labels is not None:
@@ -390,7 +390,7 @@ def test_classification_fast_path_equals_reference(tiny, tokenizer, labels) -> N
 
 @pytest.mark.parametrize("vocab_size", [600, 300])
 def test_multiple_choice_fast_path_equals_reference(pair, vocab_size: int) -> None:
-    from expertscope.evaluation.reference import evaluate_reference
+    from oracles.evaluation import evaluate_reference
 
     tiny, tokenizer = pair if vocab_size == 600 else _build_pair(vocab_size)
     exs = _examples("knowledge", 13)
@@ -401,8 +401,8 @@ def test_multiple_choice_fast_path_equals_reference(pair, vocab_size: int) -> No
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3"])
 def test_fast_path_equals_reference_other_families(make_tiny, family: str) -> None:
     """Character-level tokenizer: every label and letter is several tokens (the ``prompt + label`` rows)."""
-    from expertscope.evaluation.reference import evaluate_reference
     from expertscope.testing import tiny_tokenizer
+    from oracles.evaluation import evaluate_reference
 
     model, tok = make_tiny(family), tiny_tokenizer()
     short = [e for e in synthetic.generate("emotion", 60, seed=1, split="test").examples
@@ -417,7 +417,7 @@ def test_fast_path_equals_reference_other_families(make_tiny, family: str) -> No
 
 
 def test_math_fast_path_equals_reference(tiny, tokenizer) -> None:
-    from expertscope.evaluation.reference import evaluate_reference
+    from oracles.evaluation import evaluate_reference
 
     exs = _examples("math", 10)
     fast = evaluate(tiny, "math", exs, tokenizer=tokenizer, batch_size=4, max_new_tokens=20)

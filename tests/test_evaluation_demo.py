@@ -8,7 +8,7 @@ import pytest
 from expertscope.data import synthetic
 from expertscope.demo import demo_model_path
 from expertscope.evaluation import evaluate
-from expertscope.evaluation.reference import evaluate_reference
+from oracles.evaluation import evaluate_reference
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 DEMOS = [n for n in ("demo", "demo-deepseek") if (demo_model_path(n) / "model.safetensors").exists()]

@@ -13,11 +13,11 @@ from scipy.stats import binomtest
 from scipy.stats import t as student_t
 
 import expertscope as es
-from _reference import bh_reference
 from expertscope.data.types import Example
 from expertscope.interventions import SteeringSpec, finetune_router, load_router_adapter, steer
 from expertscope.models.model import MoEModel
 from expertscope.testing import TINY_BUILDERS, tiny_model, tiny_tokenizer
+from oracles.stats import bh_reference
 
 FAMILIES = sorted(TINY_BUILDERS)
 

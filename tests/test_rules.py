@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 import expertscope as es
 import expertscope.causal as C
-from _reference import bh_reference
 from expertscope.causal.drivers import bootstrap_mean_ci
 from expertscope.config import DriverConfig
 from expertscope.errors import ConfigError
@@ -23,6 +22,7 @@ from expertscope.models.hooks import RouterHooks
 from expertscope.models.model import MoEModel
 from expertscope.stats.domain_experts import group_statistics, permutation_pvalues
 from expertscope.testing import tiny_model, tiny_tokenizer
+from oracles.stats import bh_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

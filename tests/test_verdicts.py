@@ -156,8 +156,8 @@ def test_power_on_a_simulated_planted_effect() -> None:
 # ----- the positive control: a model whose carriers are known ----------------------------------------------
 def _study(seed: int, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     import expertscope as es
-    from expertscope.calibration import carrier_domains, carrier_model
     from expertscope.interventions.study import intervention_study
+    from expertscope.testing.calibration import carrier_domains, carrier_model
 
     moe = carrier_model(seed=seed)
     discover = carrier_domains(n_items=40, seed=1000 + seed)
@@ -171,7 +171,7 @@ def _study(seed: int, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, 
 
 @pytest.mark.slow
 def test_planted_carriers_are_found_specific_and_selective_over_seeds() -> None:
-    from expertscope.calibration import CARRIERS
+    from expertscope.testing.calibration import CARRIERS
 
     hits = []
     for seed in range(5):
@@ -190,7 +190,7 @@ def test_planted_carriers_are_found_specific_and_selective_over_seeds() -> None:
 def test_random_sets_on_the_carrier_model_are_neither_specific_nor_selective() -> None:
     """Non-carrier sets of the same size as targets: masking them costs their domain nothing beyond
     controls, so no verdict is "specific" or "selective"."""
-    from expertscope.calibration import CARRIERS
+    from expertscope.testing.calibration import CARRIERS
 
     rng = np.random.default_rng(0)
     calls = sel_calls = tested = 0

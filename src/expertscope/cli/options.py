@@ -19,8 +19,9 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from ..config import StudyConfig, field_docs, field_metavar, parse_field_value, type_hints
+from ..config import StudyConfig, type_hints
 from ..errors import ConfigError
+from .fields import field_docs, field_metavar, parse_field_value
 
 #: Clearer names for fields whose own name says too little on a command line.
 RENAMES: dict[tuple[str | None, str], str] = {

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..data import prompts
-from ..data.types import Domain, Example
-from .evaluate import (
+from expertscope.data import prompts
+from expertscope.data.types import Domain, Example
+from expertscope.evaluation.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     EvalResult,
     _cut,
@@ -30,7 +30,7 @@ from .evaluate import (
     sequence_logprobs,
     validate_examples,
 )
-from .extract import answers_equal, extract_answer, normalise_number
+from expertscope.evaluation.extract import answers_equal, extract_answer, normalise_number
 
 
 @torch.inference_mode()
@@ -38,7 +38,7 @@ def greedy_generate_reference(
     model: Any, seqs: list[list[int]], pad_id: int, eos_id: int | None, max_new_tokens: int, device: torch.device
 ) -> list[list[int]]:
     """Greedy continuations (token ids, EOS excluded) of left-padded prompts, at most ``max_new_tokens``."""
-    from ..routing import pad_ids
+    from expertscope.routing import pad_ids
 
     ids, mask = pad_ids(seqs, pad_id, True)
     out = model.generate(

@@ -224,7 +224,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     ``config`` overrides the config fields (e.g. ``initializer_range=0.3`` for measurable effects).
     """
     if family not in TINY_BUILDERS:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"unknown tiny family {family!r}: choose from {sorted(TINY_BUILDERS)}")
     torch.manual_seed(seed)

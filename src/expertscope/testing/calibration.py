@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models.model import MoEModel
-from .stats.profile import RoutingProfile
+from ..models.model import MoEModel
+from ..stats.profile import RoutingProfile
 
 
 def planted_model(
@@ -34,7 +34,7 @@ def planted_model(
 ) -> MoEModel:
     """A tiny Mixtral whose ``planted`` experts at ``layer`` are raised by ``strength`` on domain A's tokens
     (lowercase letters) and lowered as much on B's (uppercase); see the module docstring."""
-    from .testing import tiny_model, tiny_tokenizer
+    from . import tiny_model, tiny_tokenizer
 
     model = tiny_model("mixtral", seed=seed, num_local_experts=num_experts, num_experts_per_tok=top_k,
                        num_hidden_layers=num_layers, hidden_size=hidden)
@@ -118,7 +118,7 @@ class SplitResult:
 def null_splits(profile: RoutingProfile, n_splits: int = 20, seed: int = 0, **rule: Any) -> SplitResult:
     """Random half-splits of the profile's sequences (two pseudo-domains of the same texts); the domain-expert
     rule (defaults, or ``rule`` overrides) on each; returns how many experts it flagged per split."""
-    from .stats.domain_experts import domain_experts
+    from ..stats.domain_experts import domain_experts
 
     n = len(profile.seq_id)
     g = np.random.default_rng(seed)
@@ -135,7 +135,7 @@ def planted_profile(
     n_per_domain: int = 60, seed: int = 0,
 ) -> RoutingProfile:
     """The routing profile of domains A and B (``n_per_domain`` texts each) on a :func:`planted_model`."""
-    from .stats.profile import profile
+    from ..stats.profile import profile
 
     moe = planted_model(num_experts, top_k, planted, layer=layer, strength=strength, seed=seed)
     return profile(moe, planted_texts(n_per_domain, seed=seed), batch_size=32)
@@ -144,7 +144,7 @@ def planted_profile(
 def planted_result(prof: RoutingProfile, planted: Sequence[int], layer: int = 1, **rule: Any) -> dict[str, Any]:
     """Run the domain-expert rule (defaults, or ``rule`` overrides) on a :func:`planted_profile`: which planted
     experts were found, their activation rates in A and B, lifts, q-values, and the other flags."""
-    from .stats.domain_experts import domain_experts
+    from ..stats.domain_experts import domain_experts
 
     table = domain_experts(prof, **{"n_boot": 200, **rule})
     df = table.df
@@ -221,7 +221,7 @@ def carrier_model(n_cues: int = 12, carried: float = 1.0, seed: int = 0) -> MoEM
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
-    from .data.prompts import LABELS, verbalise
+    from ..data.prompts import LABELS, verbalise
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "Dialogue:\n"]
     cues = {d: [f"{d[0]}{j}" for j in range(n_cues)] for d in CARRIERS}
@@ -276,8 +276,8 @@ def carrier_model(n_cues: int = 12, carried: float = 1.0, seed: int = 0) -> MoEM
 def carrier_domains(n_items: int = 60, n_cues: int = 12, noise: float = 0.15, seed: int = 0) -> list[Any]:
     """The carrier model's three classification domains, ``n_items`` each: a random cue per item, labelled
     with the cue's label, except a ``noise`` share relabelled at random (so accuracy is about ``1 − noise``)."""
-    from .data.prompts import LABELS
-    from .data.types import Domain, Example
+    from ..data.prompts import LABELS
+    from ..data.types import Domain, Example
 
     rng = np.random.default_rng(seed)
     out = []
