@@ -249,30 +249,13 @@ def domain_experts(
     comparable = D >= 2
     A, H, S = _rates(n[:, None, None], tot["sel"], tot[hname], cfg.conditional)
     nan = np.full((D, L, E), np.nan)
-    spec = _specificity(S) if comparable else nan.copy()
-    lift = activation_lift(A) if comparable else nan.copy()
-    mu = spec.mean(axis=2, keepdims=True)
-    sd = spec.std(axis=2, keepdims=True)
-    threshold = np.broadcast_to(mu + cfg.z * sd, spec.shape)
-    uniform = profile.top_k / E
-    above_uniform = uniform < A
-    gate_mean = np.where(tot["sel"] > 0, tot["gate"] / np.maximum(tot["sel"], 1), 0.0)
-
-    names = ("A", "H", "S", "lift")
-    ci = {f"{k}_{e}": nan.copy() for k in names for e in ("lo", "hi")}
-    pvals, act_p, n_done = nan.copy(), nan.copy(), np.zeros((L, E), np.int64)
+    stats = {"A": A, "H": H, "S": S, "spec": _specificity(S) if comparable else nan.copy(),
+             "lift": activation_lift(A) if comparable else nan.copy(),
+             "gate_mean": np.where(tot["sel"] > 0, tot["gate"] / np.maximum(tot["sel"], 1), 0.0)}
     m = D * L * E
-    n_seq = profile.num_sequences
-    test = cfg.test
-    if test == "auto":
-        # Worst case: every column runs all permutations (group sums of 2·L·E + 1 columns per labeling).
-        n_full = auto_n_perm(m, cfg.alpha) if cfg.n_perm == "auto" else int(cfg.n_perm)
-        work = float(n_full) * D * sum(n_seq.values()) * (2 * L * E + 1)
-        test = "permutation" if work <= cfg.perm_budget else "normal"
-    n_perm = (auto_n_perm(m, cfg.alpha) if test == "permutation" else 1000) if cfg.n_perm == "auto" \
-        else int(cfg.n_perm)
+    test, n_perm = _choose_test(cfg, m, D, L, E, profile.num_sequences)
     rng = np.random.default_rng(cfg.seed)
-    resamplable = profile.keep_sequences and min(n_seq.values(), default=0) > 1
+    resamplable = profile.keep_sequences and min(profile.num_sequences.values(), default=0) > 1
     if cfg.rule == "fdr" and comparable:
         if not resamplable:
             raise ConfigError("rule='fdr' needs per-sequence statistics from more than one sequence per domain: "
@@ -280,109 +263,31 @@ def domain_experts(
         if test == "permutation" and n_perm + 1 < m / cfg.alpha:
             raise ConfigError(f"n_perm={n_perm} is too few for {m} tests: the smallest p-value 1/(n_perm+1) can "
                               f"never pass BH at alpha={cfg.alpha}; use n_perm='auto' ({auto_n_perm(m, cfg.alpha)})")
+    ci = {f"{k}_{e}": nan.copy() for k in ("A", "H", "S", "lift") for e in ("lo", "hi")}
+    tests = {"p": nan.copy(), "act_p": nan.copy(), "n_done": np.zeros((L, E), np.int64)}
     if resamplable:
-        tok = profile.seq_tokens.astype(np.float64)
-        sel = profile.seq_stats("sel").reshape(-1, L * E).astype(np.float64)
-        hs = profile.seq_stats(hname).reshape(-1, L * E)
-        dom = profile.seq_domain.astype(np.int64)
-        if cfg.n_boot > 0:
-            lo_q, hi_q = percentile_bounds(cfg.ci)
-            boot = {k: np.empty((cfg.n_boot, D, L * E)) for k in ("A", "H", "S")}
-            for d in range(D):
-                # Stratified: each domain's sequences resampled with replacement, as multinomial weights.
-                idx = np.flatnonzero(dom == d)
-                W = bootstrap_weights(len(idx), cfg.n_boot, rng)
-                boot["A"][:, d], boot["H"][:, d], boot["S"][:, d] = _rates(
-                    (W @ tok[idx])[:, None], W @ sel[idx], W @ hs[idx], cfg.conditional)
-            if comparable:
-                boot["lift"] = activation_lift(boot["A"][:, :, None, :])[:, :, 0]
-            for name, arr in boot.items():
-                if name == "lift":  # inf (others never select) sorts above every finite lift
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", RuntimeWarning)
-                        lo, hi = np.nanpercentile(np.where(np.isnan(arr), -np.inf, arr), [lo_q, hi_q], axis=0)
-                    lo, hi = np.where(np.isneginf(lo), np.nan, lo), np.where(np.isneginf(hi), np.nan, hi)
-                else:
-                    lo, hi = np.percentile(arr, [lo_q, hi_q], axis=0)
-                ci[f"{name}_lo"], ci[f"{name}_hi"] = lo.reshape(D, L, E), hi.reshape(D, L, E)
+        per_seq = (profile.seq_tokens.astype(np.float64),
+                   profile.seq_stats("sel").reshape(-1, L * E).astype(np.float64),
+                   profile.seq_stats(hname).reshape(-1, L * E), profile.seq_domain.astype(np.int64))
+        if cfg.n_boot > 0:  # drawn first: the permutations follow on the same generator
+            ci.update(_bootstrap_intervals(per_seq, D, L, E, cfg, rng, comparable))
         if n_perm > 0 and comparable:
-            ps, pa, nd = permutation_pvalues(tok, sel, hs, dom, D, cfg.conditional, n_perm, rng, test,
+            ps, pa, nd = permutation_pvalues(*per_seq[:3], per_seq[3], D, cfg.conditional, n_perm, rng, test,
                                              cfg.perm_stop)
-            pvals, act_p, n_done = ps.reshape(D, L, E), pa.reshape(D, L, E), nd.reshape(L, E)
-    qvals = bh_qvalues(pvals)
-    act_q = bh_qvalues(act_p)
-
-    pass_test = (spec >= threshold) & (sd > 0) if cfg.rule == "z" else qvals <= cfg.alpha
-    pass_lift = lift >= cfg.min_lift
-    if cfg.rule == "fdr" and cfg.n_boot > 0 and resamplable:  # above uniform with 95% confidence
-        above_uniform = ci["A_lo"] > uniform
-    criteria = {"test": pass_test, "uniform": above_uniform}
-    if cfg.rule == "fdr":
-        criteria["lift"] = pass_lift
-    candidate = passes(criteria) & comparable
-    layer_lift, preferred = _preference(A, lift, uniform, cfg.min_lift)
-    displaced = candidate & ~preferred if cfg.rule == "fdr" else np.zeros_like(candidate)
-    is_dom = candidate & ~displaced
-    is_driver = np.zeros((D, L, E), bool)
-    if drivers is not None and len(drivers):
-        d_index = {d: i for i, d in enumerate(profile.domains)}
-        l_index = {layer: i for i, layer in enumerate(profile.layers)}
-        for r in drivers[drivers["is_driver"]].itertuples():
-            if r.domain in d_index and r.layer in l_index:
-                is_driver[d_index[r.domain], l_index[r.layer], r.expert] = True
+            tests = {"p": ps.reshape(D, L, E), "act_p": pa.reshape(D, L, E), "n_done": nd.reshape(L, E)}
+    flags = _criteria(stats, ci, tests, profile.top_k / E, cfg, comparable, resamplable)
+    flags["is_driver"] = _driver_flags(profile, drivers, (D, L, E))
     # General: an expert (l, e) activated above uniform somewhere, neither domain nor driver anywhere.
-    general = (uniform < A).any(0) & ~is_dom.any(0) & ~is_driver.any(0)
-
-    dd, ll, ee = np.meshgrid(np.arange(D), np.arange(L), np.arange(E), indexing="ij")
-    df = pd.DataFrame({
-        "domain": np.asarray(profile.domains, dtype=object)[dd.ravel()],
-        "layer": np.asarray(profile.layers)[ll.ravel()],
-        "expert": ee.ravel(),
-        "n_tokens": n[dd.ravel()],
-        "n_sequences": [n_seq.get(profile.domains[d], 0) for d in dd.ravel()],
-        "activation_rate": A.ravel(),
-        "entropy": H.ravel(),
-        "cwas": S.ravel(),
-        "specificity": spec.ravel(),
-        "spec_threshold": threshold.ravel(),
-        "lift": lift.ravel(),
-        "layer_median_lift": layer_lift.ravel(),
-        "uniform_rate": uniform,
-        "gate_mean": gate_mean.ravel(),
-        **{k: v.ravel() for k, v in ci.items()},
-        "p_value": pvals.ravel(),
-        "q_value": qvals.ravel(),
-        "activation_p": act_p.ravel(),
-        "activation_q": act_q.ravel(),
-        "n_perm_used": np.broadcast_to(n_done, (D, L, E)).ravel(),
-        "pass_test": pass_test.ravel() & comparable,
-        "pass_uniform": above_uniform.ravel(),
-        "pass_lift": pass_lift.ravel(),
-        "pass_preferred": preferred.ravel() & comparable,
-        "is_domain_expert": is_dom.ravel(),
-        "is_displaced": displaced.ravel(),
-        "is_driver": is_driver.ravel(),
-        "is_general": np.broadcast_to(general, (D, L, E)).ravel(),
-    })
-    test_text = (f"one-sided permutation test of specificity (domain labels shuffled across sequences; up to "
-                 f"{n_perm} permutations, sequential stop at {cfg.perm_stop} exceedances)"
-                 if test == "permutation" else
-                 f"normal approximation of the permutation null of specificity ({n_perm} permutations)")
-    if cfg.rule == "z":
-        text = rule_text(z_rule_text("specificity", E, cfg.z), "A > k/E")
-    else:
-        text = rule_text(bh_text(cfg.alpha, m, f"a {test_text}"),
-                         "A > k/E (the 95% interval's lower bound)" if cfg.n_boot > 0 else "A > k/E",
-                         f"lift A(D)/mean A(others) >= {cfg.min_lift}",
-                         f"preferred, not displaced: A >= {cfg.min_lift}·k/E or lift >= {cfg.min_lift} × the "
-                         "layer's median lift (else labelled displaced)")
+    flags["is_general"] = np.broadcast_to(
+        (profile.top_k / E < A).any(0) & ~flags["is_domain_expert"].any(0) & ~flags["is_driver"].any(0), (D, L, E))
+    df = _frame(profile, n, stats, ci, tests, flags, profile.top_k / E)
     settings = {
         "config": cfg.to_dict(),
-        "rule_text": text,
+        "rule_text": _rule_text(cfg, E, m, test, n_perm),
         "test": test if (cfg.rule == "fdr" or n_perm > 0) and comparable else None,
         "n_perm": n_perm,
         "n_tests": m,
-        "uniform_rate": uniform,
+        "uniform_rate": profile.top_k / E,
         "domains": profile.domains,
         "layers": profile.layers,
         "resampled": bool(resamplable),
@@ -398,3 +303,129 @@ def domain_experts(
         settings["rule_text"] = (f"{settings['rule_text']} (routes only: the specificity is that of the activation "
                                  "rate A)")
     return DomainExpertTable(df, settings)
+
+
+def _choose_test(cfg: DomainExpertConfig, m: int, D: int, L: int, E: int, n_seq: dict[str, int]
+                 ) -> tuple[str, int]:
+    """``(test, n_perm)``: ``test="auto"`` runs the permutation test when its worst-case work (every column
+    running all permutations: group sums of 2·L·E + 1 columns per labeling) fits ``perm_budget``, else its
+    normal approximation; ``n_perm="auto"`` is ``20·m/alpha`` for the permutation test, 1000 for the normal."""
+    test = cfg.test
+    if test == "auto":
+        n_full = auto_n_perm(m, cfg.alpha) if cfg.n_perm == "auto" else int(cfg.n_perm)
+        work = float(n_full) * D * sum(n_seq.values()) * (2 * L * E + 1)
+        test = "permutation" if work <= cfg.perm_budget else "normal"
+    n_perm = (auto_n_perm(m, cfg.alpha) if test == "permutation" else 1000) if cfg.n_perm == "auto" \
+        else int(cfg.n_perm)
+    return test, n_perm
+
+
+def _bootstrap_intervals(per_seq: tuple[np.ndarray, ...], D: int, L: int, E: int, cfg: DomainExpertConfig,
+                         rng: np.random.Generator, comparable: bool) -> dict[str, np.ndarray]:
+    """Percentile intervals of A, H, CWAS and the lift, ``(D, L, E)`` each (``<name>_lo``/``_hi``), from
+    ``n_boot`` stratified resamples: each domain's sequences with replacement, as multinomial weights.
+    ``per_seq``: tokens ``(N,)``, selections and entropy sums ``(N, L·E)``, domain index ``(N,)``."""
+    tok, sel, hs, dom = per_seq
+    lo_q, hi_q = percentile_bounds(cfg.ci)
+    boot = {k: np.empty((cfg.n_boot, D, L * E)) for k in ("A", "H", "S")}
+    for d in range(D):
+        idx = np.flatnonzero(dom == d)
+        W = bootstrap_weights(len(idx), cfg.n_boot, rng)
+        boot["A"][:, d], boot["H"][:, d], boot["S"][:, d] = _rates(
+            (W @ tok[idx])[:, None], W @ sel[idx], W @ hs[idx], cfg.conditional)
+    if comparable:
+        boot["lift"] = activation_lift(boot["A"][:, :, None, :])[:, :, 0]
+    out = {}
+    for name, arr in boot.items():
+        if name == "lift":  # inf (others never select) sorts above every finite lift
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, hi = np.nanpercentile(np.where(np.isnan(arr), -np.inf, arr), [lo_q, hi_q], axis=0)
+            lo, hi = np.where(np.isneginf(lo), np.nan, lo), np.where(np.isneginf(hi), np.nan, hi)
+        else:
+            lo, hi = np.percentile(arr, [lo_q, hi_q], axis=0)
+        out[f"{name}_lo"], out[f"{name}_hi"] = lo.reshape(D, L, E), hi.reshape(D, L, E)
+    return out
+
+
+def _criteria(stats: dict[str, np.ndarray], ci: dict[str, np.ndarray], tests: dict[str, np.ndarray], uniform: float,
+              cfg: DomainExpertConfig, comparable: bool, resamplable: bool) -> dict[str, np.ndarray]:
+    """The rule's pass flags and q-values, ``(D, L, E)`` each: significance, above uniform, lift, preferred;
+    the domain experts, and the displaced (the first three without the fourth)."""
+    spec, lift, A = stats["spec"], stats["lift"], stats["A"]
+    mu, sd = spec.mean(axis=2, keepdims=True), spec.std(axis=2, keepdims=True)
+    threshold = np.broadcast_to(mu + cfg.z * sd, spec.shape)
+    q, act_q = bh_qvalues(tests["p"]), bh_qvalues(tests["act_p"])
+    pass_test = (spec >= threshold) & (sd > 0) if cfg.rule == "z" else q <= cfg.alpha
+    pass_lift = lift >= cfg.min_lift
+    above_uniform = uniform < A
+    if cfg.rule == "fdr" and cfg.n_boot > 0 and resamplable:  # above uniform with 95% confidence
+        above_uniform = ci["A_lo"] > uniform
+    criteria = {"test": pass_test, "uniform": above_uniform}
+    if cfg.rule == "fdr":
+        criteria["lift"] = pass_lift
+    candidate = passes(criteria) & comparable
+    layer_lift, preferred = _preference(A, lift, uniform, cfg.min_lift)
+    displaced = candidate & ~preferred if cfg.rule == "fdr" else np.zeros_like(candidate)
+    return {"threshold": threshold, "q": q, "act_q": act_q, "pass_test": pass_test & comparable,
+            "pass_uniform": above_uniform, "pass_lift": pass_lift, "pass_preferred": preferred & comparable,
+            "layer_lift": layer_lift, "is_domain_expert": candidate & ~displaced, "is_displaced": displaced}
+
+
+def _driver_flags(profile: RoutingProfile, drivers: pd.DataFrame | None, shape: tuple[int, int, int]) -> np.ndarray:
+    """``(D, L, E)``: True where ``drivers`` (rows with ``domain, layer, expert, is_driver``) flags a driver."""
+    out = np.zeros(shape, bool)
+    if drivers is not None and len(drivers):
+        d_index = {d: i for i, d in enumerate(profile.domains)}
+        l_index = {layer: i for i, layer in enumerate(profile.layers)}
+        for r in drivers[drivers["is_driver"]].itertuples():
+            if r.domain in d_index and r.layer in l_index:
+                out[d_index[r.domain], l_index[r.layer], r.expert] = True
+    return out
+
+
+def _frame(profile: RoutingProfile, n: np.ndarray, stats: dict[str, np.ndarray], ci: dict[str, np.ndarray],
+           tests: dict[str, np.ndarray], flags: dict[str, np.ndarray], uniform: float) -> pd.DataFrame:
+    """One row per (domain, layer, expert), in that order."""
+    D, L, E = stats["A"].shape
+    n_seq = profile.num_sequences
+    dd, ll, ee = np.meshgrid(np.arange(D), np.arange(L), np.arange(E), indexing="ij")
+    return pd.DataFrame({
+        "domain": np.asarray(profile.domains, dtype=object)[dd.ravel()],
+        "layer": np.asarray(profile.layers)[ll.ravel()],
+        "expert": ee.ravel(),
+        "n_tokens": n[dd.ravel()],
+        "n_sequences": [n_seq.get(profile.domains[d], 0) for d in dd.ravel()],
+        "activation_rate": stats["A"].ravel(),
+        "entropy": stats["H"].ravel(),
+        "cwas": stats["S"].ravel(),
+        "specificity": stats["spec"].ravel(),
+        "spec_threshold": flags["threshold"].ravel(),
+        "lift": stats["lift"].ravel(),
+        "layer_median_lift": flags["layer_lift"].ravel(),
+        "uniform_rate": uniform,
+        "gate_mean": stats["gate_mean"].ravel(),
+        **{k: v.ravel() for k, v in ci.items()},
+        "p_value": tests["p"].ravel(),
+        "q_value": flags["q"].ravel(),
+        "activation_p": tests["act_p"].ravel(),
+        "activation_q": flags["act_q"].ravel(),
+        "n_perm_used": np.broadcast_to(tests["n_done"], (D, L, E)).ravel(),
+        **{k: np.asarray(flags[k]).ravel() for k in ("pass_test", "pass_uniform", "pass_lift", "pass_preferred",
+                                                     "is_domain_expert", "is_displaced", "is_driver", "is_general")},
+    })
+
+
+def _rule_text(cfg: DomainExpertConfig, E: int, m: int, test: str, n_perm: int) -> str:
+    """The rule in words, as the table's settings and the report state it."""
+    if cfg.rule == "z":
+        return rule_text(z_rule_text("specificity", E, cfg.z), "A > k/E")
+    test_text = (f"one-sided permutation test of specificity (domain labels shuffled across sequences; up to "
+                 f"{n_perm} permutations, sequential stop at {cfg.perm_stop} exceedances)"
+                 if test == "permutation" else
+                 f"normal approximation of the permutation null of specificity ({n_perm} permutations)")
+    return rule_text(bh_text(cfg.alpha, m, f"a {test_text}"),
+                     "A > k/E (the 95% interval's lower bound)" if cfg.n_boot > 0 else "A > k/E",
+                     f"lift A(D)/mean A(others) >= {cfg.min_lift}",
+                     f"preferred, not displaced: A >= {cfg.min_lift}·k/E or lift >= {cfg.min_lift} × the "
+                     "layer's median lift (else labelled displaced)")
