@@ -59,7 +59,7 @@ def stage(run: Path, out: Path, limit: int, executor: str, workers: int) -> tupl
 def tables(out: Path) -> dict[str, Any]:
     import pandas as pd
 
-    from expertscope.interventions.study import InterventionResult
+    from expertscope.interventions.steering_study import InterventionResult
 
     return {name: pd.read_parquet(out / name) for name in InterventionResult.FILES.values() if (out / name).exists()}
 

@@ -107,7 +107,7 @@ def random_targets(run: Path, runs: int, workers: int, limit: int) -> list[tuple
     import expertscope as es
     from expertscope.config import InterventionConfig
     from expertscope.execution import ModelSpec, make_executor
-    from expertscope.interventions.study import intervention_study
+    from expertscope.interventions.steering_study import intervention_study
 
     torch.set_num_threads(1)
     table = pd.read_parquet(run / "domain_experts.parquet")
@@ -148,7 +148,7 @@ def random_targets(run: Path, runs: int, workers: int, limit: int) -> list[tuple
 def positive_control(seeds: int, carried: float) -> tuple[int, int]:
     """Seeds in which every domain's carriers are found, specific under mask and selective."""
     import expertscope as es
-    from expertscope.interventions.study import intervention_study
+    from expertscope.interventions.steering_study import intervention_study
     from expertscope.testing.calibration import CARRIERS, carrier_domains, carrier_model
 
     hits = 0

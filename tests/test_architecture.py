@@ -129,7 +129,7 @@ def test_the_scanner_sees_the_package() -> None:
     assert len(MODULES) > 30 and "expertscope.routing" in MODULES
     assert "expertscope.models.hooks" in GRAPH["expertscope.routing"]
     # lazy imports inside functions count: the intervention study imports the evaluation inside a function
-    assert "expertscope.evaluation.evaluate" in GRAPH["expertscope.interventions.study"]
+    assert "expertscope.evaluation.evaluate" in GRAPH["expertscope.interventions.steering_study"]
 
 
 def test_cycle_detection_finds_a_planted_cycle() -> None:

@@ -562,7 +562,7 @@ def test_steering_rows_count_truncated_items(short_context, tokenizer) -> None:
     import pandas as pd
 
     from expertscope.data.sources import load_domain
-    from expertscope.interventions.study import intervention_study
+    from expertscope.interventions.steering_study import intervention_study
     from expertscope.models.model import MoEModel
 
     moe = MoEModel.from_model(short_context, tokenizer=tokenizer)

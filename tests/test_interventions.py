@@ -175,7 +175,7 @@ def test_router_lora_bad_input(make_tiny) -> None:
 
 
 def test_paired_bootstrap_against_hand_computation() -> None:
-    from expertscope.interventions.study import paired_bootstrap
+    from expertscope.interventions.steering_study import paired_bootstrap
 
     a = np.array([1, 0, 1, 1, 0, 0, 1, 0])
     b = np.array([1, 1, 1, 0, 1, 0, 1, 1])
@@ -192,7 +192,7 @@ def test_intervention_study_rows_and_deltas_are_consistent(make_tiny) -> None:
 
     from expertscope.data.sources import load_domain
     from expertscope.evaluation import evaluate
-    from expertscope.interventions.study import CONDITIONS, intervention_study
+    from expertscope.interventions.steering_study import CONDITIONS, intervention_study
 
     moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3, num_local_experts=8),
                               tokenizer=tiny_tokenizer())
@@ -263,7 +263,7 @@ def test_intervention_conditions_without_targets_are_not_applicable(make_tiny) -
     from expertscope.config import InterventionConfig
     from expertscope.data.sources import load_domain
     from expertscope.evaluation import evaluate
-    from expertscope.interventions.study import CONDITIONS, intervention_study
+    from expertscope.interventions.steering_study import CONDITIONS, intervention_study
 
     moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3), tokenizer=tiny_tokenizer())
     dom = load_domain("emo=synthetic:emotion@test", limit=10)
@@ -302,7 +302,7 @@ def test_intervention_conditions_without_targets_are_not_applicable(make_tiny) -
 @pytest.mark.slow
 def test_intervention_study_labels_saturated_tasks(make_tiny) -> None:
     from expertscope.data.sources import load_domain
-    from expertscope.interventions.study import intervention_study
+    from expertscope.interventions.steering_study import intervention_study
 
     moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3), tokenizer=tiny_tokenizer())
     dom = load_domain("emo=synthetic:emotion@test", limit=10)
@@ -317,7 +317,7 @@ def test_intervention_study_labels_saturated_tasks(make_tiny) -> None:
 
 def test_intervention_config_rule_and_validation() -> None:
     from expertscope.config import InterventionConfig
-    from expertscope.interventions.study import intervention_study
+    from expertscope.interventions.steering_study import intervention_study
 
     with pytest.raises(es.ConfigError, match=r"contradicts config\.scale_up"):
         intervention_study(None, [], config=InterventionConfig(scale_up=1.5), scale_up=2.0)  # type: ignore[arg-type]
@@ -366,7 +366,7 @@ def test_intervention_study_evaluates_each_distinct_condition_once(make_tiny) ->
 
     from expertscope.data.sources import load_domain
     from expertscope.evaluation import evaluate
-    from expertscope.interventions.study import intervention_study
+    from expertscope.interventions.steering_study import intervention_study
 
     moe = MoEModel.from_model(make_tiny("mixtral", initializer_range=0.3), tokenizer=tiny_tokenizer())
     dom = load_domain("emo=synthetic:emotion@test", limit=10)
@@ -399,7 +399,7 @@ def test_intervention_study_in_worker_processes_equals_in_process(tmp_path, capf
 
     from expertscope.data.sources import load_domain
     from expertscope.execution import ModelSpec, ProcessExecutor, _worker_context
-    from expertscope.interventions.study import intervention_study
+    from expertscope.interventions.steering_study import intervention_study
     from expertscope.testing import DieOnItem
 
     tiny_model("mixtral", initializer_range=0.3, num_local_experts=8).save_pretrained(tmp_path / "m")

@@ -156,7 +156,7 @@ def test_power_on_a_simulated_planted_effect() -> None:
 # ----- the positive control: a model whose carriers are known ----------------------------------------------
 def _study(seed: int, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     import expertscope as es
-    from expertscope.interventions.study import intervention_study
+    from expertscope.interventions.steering_study import intervention_study
     from expertscope.testing.calibration import carrier_domains, carrier_model
 
     moe = carrier_model(seed=seed)

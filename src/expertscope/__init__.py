@@ -28,9 +28,9 @@ from .data.sources import load_domain, load_domains
 from .data.types import Domain, Example
 from .errors import ConfigError, DataError, ExpertscopeError, InputTypeError, ModelError, OutputError
 from .evaluation import EvalResult, evaluate
-from .integrations.routes import load_routes, profile_routes
+from .integrations.engine_routes import load_routes, profile_routes
 from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
-from .interventions.study import InterventionResult, intervention_study
+from .interventions.steering_study import InterventionResult, intervention_study
 from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
 from .models.model import MoEModel
@@ -42,8 +42,8 @@ from .stats.expert_map import expert_map
 from .stats.overlap import routing_overlap
 from .stats.profile import RoutingProfile, profile
 from .stats.replication import Replication, replicate_domain_experts
-from .stats.routes import SequenceRoutes
 from .stats.structure import coactivation
+from .stats.token_selections import SequenceRoutes
 from .stats.tokens import position_profile, record_tokens, token_associations
 
 __version__ = "0.1.0"

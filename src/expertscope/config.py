@@ -383,7 +383,7 @@ class CausalConfig(BaseConfig):
 
 @dataclass(frozen=True)
 class InterventionConfig(BaseConfig):
-    """Settings of :func:`expertscope.interventions.study.intervention_study` (the paper's Tables 1–2 with
+    """Settings of :func:`expertscope.interventions.steering_study.intervention_study` (the paper's Tables 1–2 with
     controls, a dose–response and a selectivity matrix; definitions in ``docs/methods.md``).
 
     ``scale_up``/``scale_down`` steer each domain's targets in the ↑/↓ rows (``mode="scale"``: logits × s;

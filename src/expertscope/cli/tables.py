@@ -73,7 +73,7 @@ def show_drivers(out: Path, manifest: dict[str, Any], rows: int) -> None:
 
 
 def show_steering(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    from ..interventions.study import InterventionResult
+    from ..interventions.steering_study import InterventionResult
 
     print_views(*views.steering_views(InterventionResult.load(out).table))
 

@@ -17,7 +17,7 @@ from ..data.sources import load_domain
 from ..data.types import TASKS
 from ..errors import ConfigError, DataError
 from ..fingerprint import run_fingerprint
-from ..integrations.routes import FORMATS, RecordedRoutes, load_routes, profile_routes
+from ..integrations.engine_routes import FORMATS, RecordedRoutes, load_routes, profile_routes
 from ..io import atomic_write
 from ..rundir import open_run_dir
 from ..stats.routing_mi import save_routing_mi

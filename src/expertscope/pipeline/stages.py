@@ -11,9 +11,9 @@ from ..causal import CausalEffects, causal_effects, causal_rate, driver_experts,
 from ..config import DomainExpertConfig, DriverConfig
 from ..evaluation import evaluate
 from ..integrations.lm_eval import SYNTHETIC_TASKS, lm_eval_steered, task_manager, write_synthetic_tasks
-from ..interventions.routing_change import routing_changes
+from ..interventions.overlap import routing_changes
 from ..interventions.steering import SteeringSpec
-from ..interventions.study import intervention_study
+from ..interventions.steering_study import intervention_study
 from ..io import atomic_write, write_json, write_table
 from ..report import report as write_report
 from ..stats.domain_experts import domain_experts

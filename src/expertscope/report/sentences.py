@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..interventions.study import CONTROL_NAMES
+from ..interventions.steering_study import CONTROL_NAMES
 from ..stats.expert_types import expert_types
 from .record import REPLICATES, SATURATED, DomainFindings, _f, _flag
 

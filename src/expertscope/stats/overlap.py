@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DataError
-from .routes import SequenceRoutes, record_routes
+from .token_selections import SequenceRoutes, record_routes
 
 COLUMNS = ["domain", "layer", "n_sequences", "n_tokens", "overlap", "ci_low", "ci_high", "changed", "n_unmatched"]
 

@@ -34,7 +34,7 @@ from .entropy import bernoulli_entropy, eq1_entropy, topk_renormalised
 
 if TYPE_CHECKING:
     from .coactivation import CoactivationStats
-    from .routes import SequenceRoutes
+    from .token_selections import SequenceRoutes
 
 PROFILE_FORMAT_VERSION = 1
 STAT_NAMES = ("sel", "h_bern", "h_eq1", "gate", "onorm")
@@ -116,7 +116,7 @@ class RoutingProfile:
 
     def _add_routes(self, domain: str, seq_ids: Sequence[int], routes: Sequence[tuple[np.ndarray, int]]) -> None:
         from .coactivation import CoactivationStats
-        from .routes import SequenceRoutes
+        from .token_selections import SequenceRoutes
 
         if self.coactivation is None:
             self.coactivation = CoactivationStats(list(self.layers), self.num_experts, self.top_k,
@@ -378,7 +378,7 @@ class RoutingProfile:
                                            {k: arrays[f"total_{k}.{i}"] for k in STAT_NAMES})
             p._keys = {(d, int(i)) for d, i in meta.get("keys") or []}
         from .coactivation import CoactivationStats
-        from .routes import SequenceRoutes
+        from .token_selections import SequenceRoutes
 
         if (directory / "routes.safetensors").exists():
             p.routes = SequenceRoutes.load(directory / "routes.safetensors")
@@ -466,7 +466,7 @@ class BatchProfiler:
         self.importance = importance
 
     def __call__(self, item: ProfileItem) -> BatchResult:
-        from .routes import batch_routes
+        from .token_selections import batch_routes
 
         domain, ids, texts = item
         model = self.model

@@ -23,11 +23,11 @@ def coactivation(
 
     ``model_or_profile``: an :class:`~expertscope.models.model.MoEModel` (then ``domains`` are routed in one
     pass), a :class:`~expertscope.stats.profile.RoutingProfile` holding per-token routes (a hook profile, or
-    one from :func:`expertscope.profile_routes`), or a :class:`~expertscope.stats.routes.SequenceRoutes`.
+    one from :func:`expertscope.profile_routes`), or a :class:`~expertscope.stats.token_selections.SequenceRoutes`.
     """
     from ..models.model import MoEModel
     from .profile import RoutingProfile
-    from .routes import SequenceRoutes, record_routes
+    from .token_selections import SequenceRoutes, record_routes
 
     if isinstance(model_or_profile, MoEModel):
         if domains is None:

@@ -17,9 +17,9 @@ from ..config import InterventionConfig
 from ..data.types import Domain
 from ..models.model import MoEModel
 from ..stats.overlap import routing_overlap
-from ..stats.routes import record_routes
+from ..stats.token_selections import record_routes
 from .steering import SteeringSpec, steer
-from .study import ranked_targets
+from .steering_study import ranked_targets
 
 COLUMNS = ["domain", "condition", "applicable", "reason", "layer", "n_tokens", "overlap", "ci_low", "ci_high",
            "changed"]
