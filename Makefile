@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
-.PHONY: setup run test lint bench
+.PHONY: setup run test test-fast lint bench
 setup:
 	bash scripts/setup.sh
 # One torch thread per process, and the steering stage's evaluations spread over two worker processes: the
@@ -13,6 +13,9 @@ PYTEST_WORKERS ?= $(shell python3 -c "import os; print(min(4, os.cpu_count() or 
 # process and every worker process the tests spawn would otherwise compile the package and the tests again.
 test: setup
 	PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+# The fast subset while working: unit and integration tiers, less the tests marked slow.
+test-fast: setup
+	PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests/unit tests/integration -m "not slow" $(PYTEST_ARGS)
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/mypy

@@ -1,6 +1,6 @@
 """Calibration of the domain-expert rule: planted experts (power) and random half-splits (false flags).
 
-Used by ``tests/test_calibration.py`` and ``benchmarks/calibrate_rules.py``; the numbers are in
+Used by ``tests/unit/stats/test_calibration.py`` and ``benchmarks/calibrate_rules.py``; the numbers are in
 ``docs/methods.md``.
 
 The planted models are real (tiny, random) Mixtral models, routed by the model's own top-k, not synthetic

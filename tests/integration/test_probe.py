@@ -24,7 +24,7 @@ from expertscope.pipeline import PIPELINE
 from expertscope.testing import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

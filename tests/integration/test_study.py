@@ -315,7 +315,7 @@ def test_readme_results_table_is_read_from_the_run(full_run: Path, capsys) -> No
     findings and manifest: the counts it prints are the run's own."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("demo_results", Path(__file__).parents[1] / "scripts" /
+    spec = importlib.util.spec_from_file_location("demo_results", Path(__file__).parents[2] / "scripts" /
                                                   "demo_results.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

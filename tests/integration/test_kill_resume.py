@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from expertscope.cli.main import app
 from expertscope.testing import tiny_model, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
