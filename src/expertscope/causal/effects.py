@@ -198,7 +198,8 @@ def causal_effects(
     ``"hybrid"``; ``positions``: ``"all"`` | ``"last"``; ``target``: ``"vocab"`` | ``"labels"``; ``decision``:
     ``"task"`` | ``"last"``; ``batch_size``, ``max_length``, ``limit``, ``chunk_tokens``, ...); a keyword that
     contradicts ``config`` raises. ``layers``/``experts`` restrict the (layer, expert) pairs computed
-    (others are NaN). ``labels``: the answer tokens of ``target="labels"`` (default: from the task).
+    (others are NaN); ``labels``: the answer tokens of ``target="labels"`` (default: from the task). Each of
+    the three defaults to its config field (``only_layers``, ``only_experts``, ``label_tokens``).
     ``checkpoint``: a file path; the partial result is saved atomically after every batch and, with
     ``resume=True``, continued from (bit-identical to an uninterrupted run). ``on_batch(done, total)`` runs
     after each batch's checkpoint; ``progress(task, done, total)`` reports the same counts to a front end.
@@ -208,6 +209,9 @@ def causal_effects(
     check_type(model, MoEModel, "model", "an MoEModel (es.load_model(...))")
     t_start = time.perf_counter()
     cfg = resolve_config(CausalConfig, config, overrides)
+    layers = cfg.only_layers if layers is None else layers
+    experts = cfg.only_experts if experts is None else experts
+    labels = cfg.label_tokens if labels is None else labels
     if model.tokenizer is None:
         raise ConfigError("the model has no tokenizer: load it with expertscope.load_model or pass one")
     lays, per_layer, E_max = _targets(model, layers, experts)

@@ -50,9 +50,8 @@ def coactivation(ctx: StudyContext) -> dict[str, Any]:
 
 def drivers(ctx: StudyContext) -> dict[str, Any]:
     c = ctx.config
-    effects = causal_effects(ctx.model, ctx.domains, c.causal, layers=c.causal.only_layers,
-                             experts=c.causal.only_experts, labels=c.causal.label_tokens,
-                             checkpoint=ctx.out / "ce_checkpoint.jsonl", resume=True, progress=ctx.progress)
+    effects = causal_effects(ctx.model, ctx.domains, c.causal, checkpoint=ctx.out / "ce_checkpoint.jsonl",
+                             resume=True, progress=ctx.progress)
     effects.save(ctx.out)
     table = driver_experts(effects, c.drivers)
     table.save(ctx.out / "drivers.parquet")

@@ -686,3 +686,21 @@ def test_sweep_takes_the_causal_config(make_tiny: Any) -> None:
         causal_sweep(moe, ["x"], CausalConfig(magnitude=2.0), magnitude=3.0)  # a keyword contradicting config
     res = causal_sweep(moe, ["x"], limit=1)
     assert res.settings["chunk_tokens"] == CausalConfig().chunk_tokens and res.settings["method"] == "exact"
+
+
+def test_config_restrictions_are_read_from_the_config() -> None:
+    """``CausalConfig(only_layers=..., only_experts=...)`` restricts the pairs computed exactly as the keyword
+    arguments do (it was ignored outside the study's stage); the restricted values equal the full run's."""
+    from expertscope.config import CausalConfig
+
+    moe = MoEModel.from_model(tiny_model("mixtral", seed=0, initializer_range=0.3), tokenizer=tiny_tokenizer())
+    full = C.causal_effects(moe, SHORT, method="exact").to_frame()
+    cfg = C.causal_effects(moe, SHORT, config=CausalConfig(method="exact", only_layers=(1,), only_experts=(0, 2)))
+    kw = C.causal_effects(moe, SHORT, method="exact", layers=[1], experts=[0, 2])
+    a, b = cfg.to_frame(), kw.to_frame()
+    assert a.equals(b)
+    done = a.dropna(subset=["ce"])
+    assert set(zip(done.layer, done.expert, strict=True)) == {(1, 0), (1, 2)}
+    ref = full.set_index(["domain", "input", "layer", "expert"])["ce"]
+    got = done.set_index(["domain", "input", "layer", "expert"])["ce"]
+    np.testing.assert_allclose(got.to_numpy(), ref.loc[got.index].to_numpy(), atol=ATOL)
