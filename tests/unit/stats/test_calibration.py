@@ -67,7 +67,10 @@ def test_planted_routes_give_the_planted_experts_and_no_unlabelled_extra(tokens:
             path = tmp_path / f"{dom}-{seed}.vllm.jsonl"
             path.write_text("".join(json.dumps({"prompt_routed_experts": s.tolist()}) + "\n" for s in seqs))
             files[dom] = str(path)
-        table = es.domain_experts(es.profile_routes(files, num_experts=64), seed=seed).df
+        result = es.domain_experts(es.profile_routes(files, num_experts=64), seed=seed)
+        # the rule in words (a function's repr was written here before), with the routes-only note
+        assert "<function" not in result.settings["rule_text"] and "routes only" in result.settings["rule_text"]
+        table = result.df
         found = {(r.domain, r.layer, r.expert) for r in table[table.is_domain_expert].itertuples()}
         assert found == planted
         disp = table[table.is_displaced]
