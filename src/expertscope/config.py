@@ -603,6 +603,10 @@ class StudyConfig(BaseConfig):
     """Local HF model directory, a hub id, 'demo' or 'demo-deepseek' (the bundled demos)."""
     domains: tuple[str, ...] = ()
     """NAME=SOURCE[?text=FIELD&label=FIELD&labels=a,b,c...] specs (none: the synthetic benchmark)."""
+    parts: tuple[float, ...] = (0.6, 0.2, 0.2)
+    """Discovery, training and confirmation shares of each non-synthetic source (by a seeded hash of each text)."""
+    allow_overlap: bool = False
+    """Let confirmation or training items overlap the discovery items (every affected verdict then says so)."""
     limit: int | None = 300
     """Texts per domain for profiling, domain experts, tokens and the causal rate (None: all)."""
     train_limit: int | None = 300
@@ -651,8 +655,8 @@ class StudyConfig(BaseConfig):
             cls = self.sections().get(f.name)
             if cls is not None and isinstance(value, dict):
                 value = cls.from_dict(value)  # a section read back from a manifest
-            if f.name == "domains" and isinstance(value, list):
-                value = tuple(value)
+            if f.name in ("domains", "parts") and isinstance(value, list):
+                value = tuple(value)  # from a manifest (JSON lists)
             object.__setattr__(self, f.name, value)
         for key, value in legacy.items():
             section, name = _LEGACY_STUDY_KEYWORDS[key]
@@ -702,6 +706,11 @@ class StudyConfig(BaseConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{name}={value!r} is not a positive whole number: pass e.g. {name}=100, "
                                   "or None for all")
+        parts = tuple(self.parts)
+        if len(parts) != 3 or any(not (isinstance(x, int | float) and 0 <= x <= 1) for x in parts) \
+                or abs(sum(parts) - 1) > 1e-9 or min(parts) == 0:
+            raise ConfigError(f"parts={self.parts!r} must be three shares > 0 of discovery, training and "
+                              "confirmation summing to 1: e.g. parts=0.6,0.2,0.2")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"workers={self.workers!r} is not a positive whole number: pass e.g. workers=2")
         if not (isinstance(self.gpus_per_worker, int | float) and math.isfinite(self.gpus_per_worker)

@@ -83,6 +83,8 @@ def _other_value(value: object, tp: object) -> tuple[str, object]:
     if float in args:
         new = 0.5 if value is None else (float(value) / 2 if 0 < float(value) < 1 else float(value) + 0.25)  # type: ignore[arg-type]
         return repr(new), new
+    if value == (0.6, 0.2, 0.2):  # shares that must sum to 1
+        return "0.5,0.25,0.25", (0.5, 0.25, 0.25)
     if any(typing.get_origin(a) is tuple for a in args):
         return "2,3", (2, 3) if typing.get_args(next(a for a in args if typing.get_origin(a) is tuple))[0] is int \
             else ("2", "3") if typing.get_args(next(a for a in args if typing.get_origin(a) is tuple))[0] is str \

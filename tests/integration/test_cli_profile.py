@@ -50,10 +50,14 @@ def test_profile_then_domains(model_dir: Path, data: dict[str, Path], tmp_path: 
     assert manifest["status"] == "complete" and manifest["schema_version"] == 1
     assert manifest["config"]["seed"] == 0 and manifest["model"]["moe_layers"] == [0, 1, 2]
     prof = es.RoutingProfile.load(out)
-    # The CLI's profile equals the library's on the same data.
+    # The CLI's profile equals the library's on the same data: each file's discovery part (its confirmation
+    # and training parts are kept for the steering study).
     moe = es.load_model(str(model_dir), dtype="float32")
-    ref = es.profile(moe, es.data.sources.load_domains(
-        [f"chat={data['a']}?text=utterance", f"sums={data['b']}?text=utterance"]), batch_size=4)
+    doms = es.data.sources.load_domains([f"chat={data['a']}?text=utterance", f"sums={data['b']}?text=utterance"],
+                                        part="discovery")
+    ref = es.profile(moe, doms, batch_size=4)
+    whole = es.data.sources.load_domain(f"chat={data['a']}?text=utterance")
+    assert manifest["stages"]["profile"]["items"]["discovery"]["chat"]["n"] == len(doms[0]) < len(whole)
     assert np.array_equal(prof.totals()[1]["sel"], ref.totals()[1]["sel"])
     # The routing mutual information is part of the profile's outputs, equal to the library's.
     from expertscope.io import read_table

@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _sentiment_file(path: Path, n: int = 14) -> Path:
+def _sentiment_file(path: Path, n: int = 40) -> Path:
     words = {"positive": "great lovely", "negative": "awful bad", "neutral": "plain usual"}
     rows = [{"text": f"Ann: the day was {words[SENTIMENT[i % 3]]} {i}", "label": SENTIMENT[i % 3]} for i in range(n)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
@@ -190,8 +190,24 @@ def test_a_sentiment_file_with_its_own_labels_runs_the_whole_study(full_run: Pat
     steering = pd.read_parquet(full_run / "steering.parquet")
     orig = steering[(steering.domain == "sa") & (steering.condition == "original")].iloc[0]
     assert orig.n == 5 and 0 <= orig.accuracy <= 1  # --eval-limit 5
-    # the evaluation scores exactly the domain's own labels
+    # The file's items: the manifest records what each stage read; the steering stage evaluated only items of
+    # the confirmation part, none of which the profile (discovery) read.
+    from expertscope.data.parts import digest, item_hash
+    from expertscope.data.sources import load_domain
+
     data = domains[0].split("=", 1)[1].split("?")[0]
+    parts = {p: load_domain(f"sa={data}", part=p).examples for p in ("discovery", "train", "confirm")}
+    items = {n: manifest["stages"][n]["items"] for n in ("profile", "steering")}
+    assert items["profile"]["discovery"]["sa"] == digest(parts["discovery"][:10])  # --limit 10
+    assert items["steering"]["confirm"]["sa"] == digest(parts["confirm"][:5])  # --eval-limit 5
+    assert items["steering"]["train"]["sa"] == digest(parts["train"][:8])  # --train-limit 8
+    assert not {item_hash(e) for e in parts["discovery"]} & {item_hash(e) for e in parts["confirm"]}
+    # `expertscope run` prints the three parts and their sizes
+    from expertscope.cli.tables import parts_line
+
+    sizes = (min(10, len(parts["discovery"])), min(8, len(parts["train"])), min(5, len(parts["confirm"])))
+    assert "sa {} / {} / {}".format(*sizes) in (parts_line(manifest) or "")
+    # the evaluation scores exactly the domain's own labels
     r = runner.invoke(app, ["eval", "--model", str(model_dir), "--data", data, "--limit", "6",
                             "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
@@ -215,7 +231,7 @@ def test_math_without_answers_is_refused_before_the_model_loads(model_dir: Path,
                                                                  monkeypatch) -> None:
     _no_model_load(monkeypatch)
     data = tmp_path / "m.jsonl"
-    data.write_text("\n".join(json.dumps({"text": f"What is {i} + {i}?"}) for i in range(5)))
+    data.write_text("\n".join(json.dumps({"text": f"What is {i} + {i}?"}) for i in range(30)))
     out = tmp_path / "o"
     r = runner.invoke(app, ["run", "--model", str(model_dir), "--out", str(out), "--domain",
                             f"m={data}?task=math", "--domain", DOMAINS[0]])

@@ -25,7 +25,24 @@ def print_views(*tables: TableView) -> None:
 
 
 # ----- per command: what it prints when done (out, manifest, rows) -------------------------------------------
+def parts_line(manifest: dict[str, Any]) -> str | None:
+    """The items each part of each domain held, from the stages' records: ``a 180 / 60 / 60``."""
+    seen: dict[str, dict[str, int]] = {}
+    for st in manifest.get("stages", {}).values():
+        for part, doms in (st.get("items") or {}).items() if isinstance(st, dict) else ():
+            for name, rec in doms.items():
+                seen.setdefault(name, {})[part] = max(seen.get(name, {}).get(part, 0), int(rec["n"]))
+    if not seen or not any({"confirm", "train"} & set(v) for v in seen.values()):
+        return None
+    cells = ", ".join(f"{d} {v.get('discovery', 0)} / {v.get('train', 0)} / {v.get('confirm', 0)}"
+                      for d, v in seen.items())
+    return f"items read (discovery / training / confirmation, disjoint): {cells}"
+
+
 def show_run(out: Path, manifest: dict[str, Any], rows: int) -> None:
+    line = parts_line(manifest)
+    if line:
+        console.print(line)
     for key, what in (("domain_experts", "domain experts"), ("drivers", "driver experts")):
         counts = manifest["stages"].get(key, {}).get(key)
         if counts:

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from ..errors import DataError
 from ..validation import check_positive, check_text, parse_limit
+from .parts import Part, select_part
 from .types import FIELD_KEYS, Domain, DomainSpec, Example, TaskName
 
 _LETTERS = "ABCDEFGHIJ"
@@ -194,12 +195,17 @@ def load_domain(
     split: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    part: Part | None = None,
+    part_seed: int = 0,
+    part_fractions: Sequence[float] = (0.6, 0.2, 0.2),
 ) -> Domain:
     """Load one domain from ``spec`` (``NAME=SOURCE?...``) or from ``name`` + ``source``.
 
     Sources: a local JSONL/JSON/CSV/Parquet file; ``hf:ID[:CONFIG][@SPLIT]``; ``preset:NAME``; or
     ``synthetic:DOMAIN[@SPLIT]``. ``fields`` maps Example fields to column names; ``task`` ties the domain to
     an evaluation task (presets and synthetic domains set it), which decides the prompt text profiled.
+    ``part``: keep only that part of a non-synthetic source (:mod:`.parts`: a hash of each item's text with
+    ``part_seed``, cut at ``part_fractions``), before ``limit``; a synthetic source's part is its split.
     """
     fields = dict(fields or {})
     labels: tuple[str, ...] | None = None
@@ -219,15 +225,18 @@ def load_domain(
         if key not in PRESETS:
             raise DataError(f"unknown preset {key!r}: use one of {', '.join(PRESETS)}")
         p = PRESETS[key]
-        rows = _load_hub(p.hub_id, p.config, split or p.split)[: limit or None]
+        rows = _load_hub(p.hub_id, p.config, split or p.split)
         own = _EMOTION_NAMES if key == "emotion" else None
-        return Domain(name, [p.convert(r) for r in rows], task or p.task, source, labels or own)
+        examples = [p.convert(r) for r in (rows if part else rows[: limit or None])]
+        if part:
+            examples = _of_part(name, examples, part, part_seed, part_fractions)[: limit or None]
+        return Domain(name, examples, task or p.task, source, labels or own)
     if source.startswith("synthetic:"):
         from .synthetic import generate
 
         kind, _, sp = source.split(":", 1)[1].partition("@")
-        examples = generate(kind, n=limit or 200, seed=seed, split=sp or split or "test")
-        dom = examples if isinstance(examples, Domain) else Domain(name, list(examples), None, source)
+        generated = generate(kind, n=limit or 200, seed=seed, split=sp or split or "test")
+        dom = generated if isinstance(generated, Domain) else Domain(name, list(generated), None, source)
         return Domain(name, dom.examples, task or dom.task or _synthetic_task(kind), source, labels)
     if source.startswith("hf:"):
         ident, _, sp = source[3:].partition("@")
@@ -240,9 +249,22 @@ def load_domain(
         where = str(path)
     if task == "classification" and labels is None:
         labels = data_labels(rows, fields.get("label", "label"))  # the whole file's, whatever the limit
+    if part:
+        examples = _of_part(name, rows_to_examples(rows, fields, where), part, part_seed, part_fractions)
+        return Domain(name, examples[: limit or None], task, source, labels)
     if limit:
         rows = rows[:limit]
     return Domain(name, rows_to_examples(rows, fields, where), task, source, labels)
+
+
+def _of_part(name: str, examples: list[Example], part: Part, seed: int, fractions: Sequence[float]) -> list[Example]:
+    """The examples of ``part``; a DataError naming the fix when the part is empty."""
+    chosen = select_part(examples, part, seed, fractions)
+    if not chosen and examples:
+        shares = ",".join(f"{x:g}" for x in fractions)
+        raise DataError(f"domain {name!r} has no {part} items: its {len(examples)} item(s) all fell in the other "
+                        f"parts (--parts {shares}): give the domain more items")
+    return chosen
 
 
 def data_labels(rows: Sequence[dict[str, Any]], column: str) -> tuple[str, ...] | None:

@@ -13,6 +13,7 @@ import torch
 
 from ..causal.drivers import DriverTable
 from ..config import StudyConfig
+from ..data.parts import digest
 from ..execution import ModelSpec, make_executor
 from ..models.loading import load_model
 from ..progress import ProgressCallback
@@ -35,6 +36,18 @@ class StudyInputs:
     train: list[Any] | None = None
     profile: Any = None
     """The input run's profile, read once before any stage (a run over another run's tables)."""
+    overlap: dict[str, int] = field(default_factory=dict)
+    """Per domain, confirmation or training items that are also discovery items (allowed with allow_overlap)."""
+
+    def part(self, name: str) -> list[Any]:
+        """The domains of part ``name`` (``discovery`` or ``all``: the domains; ``confirm``: the test split;
+        ``train``: the training split); empty when this run did not load it."""
+        return {"confirm": self.test, "train": self.train}.get(name, self.domains) or []
+
+    def items(self, parts: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """What a stage reading ``parts`` read, per part and domain: the item count and a digest of the items'
+        hashes (the manifest records it, so that overlaps between parts can be checked afterwards)."""
+        return {p: {d.name: digest(d.examples) for d in self.part(p)} for p in parts if self.part(p)}
 
     def labels(self) -> dict[str, tuple[str, ...] | None]:
         """Each classification domain's label set, as read from its data (or its spec's ``?labels=``)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import StudyConfig
 from ..data.checks import check_domain_specs, check_stage_inputs
+from ..data.parts import item_hash
 from ..data.sources import load_domains
 from ..errors import ConfigError, DataError
 from ..evaluation import validate_examples
@@ -88,6 +89,24 @@ def _check_n_perm(config: StudyConfig, inputs: StudyInputs) -> None:
                           f"pass BH at alpha={cfg.alpha}; pass --n-perm {math.ceil(m / cfg.alpha)} or more, or 'auto'")
 
 
+def _check_overlap(inputs: StudyInputs, allowed: bool) -> dict[str, int]:
+    """Per domain, how many confirmation or training items are also discovery items; refused unless
+    ``allowed`` (the parts of one source never overlap; a second corpus or a hand-given split might)."""
+    found: dict[str, int] = {}
+    for d in inputs.domains:
+        seen = {item_hash(e) for e in d.examples}
+        later = [e for p in (inputs.test or [], inputs.train or []) for x in p if x.name == d.name for e in x.examples]
+        n = sum(item_hash(e) in seen for e in later)
+        if n:
+            found[d.name] = n
+    if found and not allowed:
+        name, n = next(iter(found.items()))
+        raise DataError(f"domain {name!r}: {n} confirmation or training item(s) are also discovery items, so the "
+                        "same items would find the experts and test them: give disjoint sources, or pass "
+                        "--allow-overlap (every affected verdict then says so)")
+    return found
+
+
 def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyInputs:
     """Parse and check every input once, before any stage or model load: device, model source, domain specs,
     every row each chosen stage reads, and data-dependent settings. Raises one-line errors naming the fix."""
@@ -102,10 +121,17 @@ def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyIn
         return StudyInputs(source, (), [])
     specs = check_domain_specs(config.domain_specs)
     check_stage_inputs(specs, chosen)
-    inputs = StudyInputs(source, specs, load_domains(specs, limit=config.limit, seed=config.seed))
-    if "steering" in chosen or "routing_overlap" in chosen:
-        inputs.test = load_domains(config.split_specs("test"), limit=config.intervention.limit, seed=config.seed)
-        inputs.train = load_domains(config.split_specs("train"), limit=config.train_limit, seed=config.seed)
+    parts = {p for n in chosen if PIPELINE.get(n).needs_data for p in PIPELINE.get(n).parts}
+    split = {"part_seed": config.seed, "part_fractions": config.parts}
+    discovery = "discovery" if parts - {"all"} else None  # eval alone reads every item
+    inputs = StudyInputs(source, specs, load_domains(specs, limit=config.limit, seed=config.seed, part=discovery,
+                                                     **split))
+    if "confirm" in parts or "train" in parts:
+        inputs.test = load_domains(config.split_specs("test"), limit=config.intervention.limit, seed=config.seed,
+                                   part="confirm", **split)
+        inputs.train = load_domains(config.split_specs("train"), limit=config.train_limit, seed=config.seed,
+                                    part="train", **split)
+        inputs.overlap = _check_overlap(inputs, config.allow_overlap)
     for name in chosen:
         PIPELINE.get(name).check_rows(inputs)
     if "domain_experts" in chosen:

@@ -39,7 +39,8 @@ class Stage:
     the executor's); ``reads``/``writes``: the tables (file stems) it reads and writes; ``needs_model`` /
     ``needs_data``: False when it reads only earlier tables (or needs no domains); ``in_study``: part of
     ``expertscope run``; ``row_check``: the name of a check in :mod:`expertscope.pipeline.prepare` of the rows
-    it will read (run before the model loads).
+    it will read (run before the model loads); ``parts``: which parts of the data it reads (``discovery``;
+    ``confirm`` and ``train`` for the steering study; ``all`` for ``eval``, which is no part of a study).
     """
 
     name: str
@@ -52,6 +53,7 @@ class Stage:
     needs_data: bool = True
     in_study: bool = True
     row_check: str | None = None
+    parts: tuple[str, ...] = ("discovery",)
 
     @property
     def tables_only(self) -> bool:
@@ -156,12 +158,12 @@ PIPELINE = Pipeline([
     Stage("steering", "steering", sections=("intervention",), run_fields=("train_limit", *_EXECUTOR),
           reads=("domain_experts", "drivers"), writes=("steering", "steering_dose", "steering_arms",
                                                        "steering_selectivity", "router_lora"),
-          row_check="split_rows"),
+          row_check="split_rows", parts=("confirm", "train")),
     Stage("routing_overlap", "routing_overlap", sections=("intervention", "causal"),
-          reads=("domain_experts", "drivers", "router_lora"), writes=("routing_overlap",)),
+          reads=("domain_experts", "drivers", "router_lora"), writes=("routing_overlap",), parts=("confirm",)),
     Stage("report", "report", needs_model=False, needs_data=False, writes=("report",)),
     Stage("eval", "evaluation", sections=("evaluation",), in_study=False, writes=("results",),
-          row_check="eval_rows"),
+          row_check="eval_rows", parts=("all",)),
     Stage("lm_eval", "lm_eval", sections=("lm_eval",), needs_data=False, in_study=False,
           writes=("lm_eval_results",)),
 ])

@@ -168,7 +168,8 @@ def _run_stages(ctx: StudyContext, chosen: list[Stage], done: dict[str, Any],
         files = sorted(p.name for p in out.iterdir()
                        if p.is_file() and before.get(p.name) != p.stat().st_mtime_ns and p.name != "manifest.json")
         done[s.name] = {"status": "complete", "seconds": round(time.perf_counter() - t, 3), "files": files,
-                        "settings": {sec: getattr(ctx.config, sec).to_dict() for sec in s.sections}, **result}
+                        "settings": {sec: getattr(ctx.config, sec).to_dict() for sec in s.sections},
+                        **({"items": ctx.inputs.items(s.parts)} if s.needs_data else {}), **result}
         save("running", done)
         if on_stage:
             on_stage(s.name, "done")

@@ -440,8 +440,8 @@ def test_cli_drivers_writes_tables_and_fails_in_one_line(tmp_path: Any) -> None:
     model_dir = tmp_path / "m"
     tiny_model("mixtral", seed=0, initializer_range=0.3).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    for name, texts in SHORT.items():
-        (tmp_path / f"{name}.jsonl").write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
+    for name, texts in SHORT.items():  # each file's discovery part is what the drivers command reads
+        (tmp_path / f"{name}.jsonl").write_text("".join(f'{{"text": "{t} {i}"}}\n' for i in range(4) for t in texts))
     args = ["drivers", "--model", str(model_dir), "--domain", f"alpha={tmp_path / 'alpha.jsonl'}",
             "--domain", f"beta={tmp_path / 'beta.jsonl'}", "-b", "2"]
     runner = CliRunner()
@@ -451,7 +451,10 @@ def test_cli_drivers_writes_tables_and_fails_in_one_line(tmp_path: Any) -> None:
         assert (tmp_path / "run" / f).exists()
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
     back = C.CausalEffects.load(tmp_path / "run")
-    assert back.ce.shape == (5, 3, 4)
+    from expertscope.data.sources import load_domain
+
+    n = sum(len(load_domain(f"{d}={tmp_path / f'{d}.jsonl'}", part="discovery")) for d in SHORT)
+    assert back.ce.shape == (n, 3, 4) and 0 < n < 20
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--positions", "first"])
     assert bad.exit_code == 2 and "positions" in bad.output
 
