@@ -500,7 +500,7 @@ def intervention_study(
     row with ``applicable=False``, the ``reason`` in words and NaN in every measured column.
     ``changed_selections`` counts (real token, MoE layer) selections that differ from the unsteered run over
     each item's own tokens (prompt, plus the unsteered continuation for generation), out of
-    ``routed_tokens``: independent of batch size (recorded for target, reference and busiest arms).
+    ``routed_tokens``: independent of batch size (recorded for the target and reference arms).
     ``negative_share``: the share of the targets' logits (unsteered, over the same tokens) that are negative:
     scale mode moves those the other way. ``on_eval(label)`` names each evaluation; ``progress("steering",
     done, total)`` counts them. ``adapter_dir``: save each domain's router adapter in ``adapter_dir/<domain>``
@@ -594,7 +594,8 @@ def _paper_points(cfg: InterventionConfig, kind: str) -> list[tuple[str, Strengt
 def _plan(tasked: list[Domain], arms: dict[str, dict[Any, _Arms]], points: list[Strength], cfg: InterventionConfig
           ) -> list[_PlanItem]:
     """Every steered arm the study evaluates, in the order it reads them: ``(domain, targets, strength, label,
-    record)``; the verdict's control draws do not record routing changes."""
+    record)``; only the target and reference arms record routing changes (the verdict draws and the busiest
+    control only score the task)."""
     plan: list[_PlanItem] = []
     for dom in tasked:
         for kind, a in arms[dom.name].items():
@@ -606,7 +607,7 @@ def _plan(tasked: list[Domain], arms: dict[str, dict[Any, _Arms]], points: list[
                 plan += [(dom, c, s, f"{label} {a.reference_kind} reference {i + 1}/{len(a.reference)}", True)
                          for i, c in enumerate(a.reference)]
                 if a.busiest:
-                    plan.append((dom, a.busiest, s, f"{label} busiest control", True))
+                    plan.append((dom, a.busiest, s, f"{label} busiest control", False))
     if cfg.selectivity:
         mask = Strength("mask")
         for kind in KINDS:
@@ -664,7 +665,7 @@ def _controlled(runner: _Runner, dom: Domain, kind: str, s: Strength, a: _Arms, 
             for i, c in enumerate(a.controls)]
     refs = [runner.evaluate(dom, c, s, f"{label} {a.reference_kind} reference {i + 1}/{len(a.reference)}")
             for i, c in enumerate(a.reference)]
-    busy = runner.evaluate(dom, a.busiest, s, f"{label} busiest control") if a.busiest else None
+    busy = runner.evaluate(dom, a.busiest, s, f"{label} busiest control", record=False) if a.busiest else None
     idx = _condition_resampling(cfg, len(base.correct), dom.name, kind, s.key)
     row = _stats_row(dom, f"{kind}_{s.key}", kind, s, len(a.target), tgt, base, cfg, idx,
                      ref.negative_share(a.target))
