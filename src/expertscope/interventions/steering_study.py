@@ -49,7 +49,7 @@ from .controls import (
     set_activation,
 )
 from .steering import SteeringSpec, steer
-from .verdicts import MIN_DRAWS, beyond_controls, selectivity_verdict, specific_verdicts
+from .verdicts import MIN_DRAWS, beyond_controls, resolution, selectivity_verdict, specific_verdicts
 
 KINDS: tuple[Literal["domain", "driver"], ...] = ("domain", "driver")
 CONDITIONS = ("original", "domain_up", "domain_down", "domain_mask", "driver_up", "driver_down", "driver_mask",
@@ -577,9 +577,10 @@ def intervention_study(
 
 def _verdicts(dose: pd.DataFrame, cfg: InterventionConfig) -> None:
     """Fill ``q_vs_control``, ``n_tests`` and ``specific`` of every tested dose row at once (in place)."""
-    tol = 0.5 / (dose["n"].astype(float) * dose["control_draws"].astype(float).clip(lower=1))
+    tol = [resolution(int(n), int(m)) if n == n and m == m else float("nan")  # NaN: not applicable
+           for n, m in zip(dose["n"], dose["control_draws"], strict=True)]
     q, specific = specific_verdicts(dose["p_vs_control"].to_numpy(float), dose["diff_lo"].to_numpy(float),
-                                    dose["diff_hi"].to_numpy(float), tol.to_numpy(float), cfg.alpha)
+                                    dose["diff_hi"].to_numpy(float), np.asarray(tol, float), cfg.alpha)
     dose["q_vs_control"] = q
     dose["specific"] = specific
     dose["n_tests"] = int(dose["p_vs_control"].notna().sum())

@@ -91,22 +91,22 @@ def beyond_controls(target: np.ndarray, controls: np.ndarray, base: np.ndarray, 
     m, n = controls.shape
     d_t = float((target - base).mean()) if n else float("nan")
     d_c = (controls - base).mean(axis=1) if n else np.zeros(m)
-    per_item = target - controls.mean(axis=0) if m else np.full(n, np.nan)
-    diff, lo, hi = mean_ci(per_item, weights, ci) if m else (float("nan"),) * 3
     nan = float("nan")
+    per_item = target - controls.mean(axis=0) if m else np.full(n, np.nan)
+    diff, lo, hi = mean_ci(per_item, weights, ci) if m else (nan,) * 3
+    mean, low, high, rank = ((float(d_c.mean()), float(d_c.min()), float(d_c.max()),
+                              float((d_c <= d_t + 1e-12).mean())) if m else (nan,) * 4)
     if m < MIN_DRAWS or n == 0:
-        return BeyondControls(m, float(d_c.mean()) if m else nan, float(d_c.min()) if m else nan,
-                              float(d_c.max()) if m else nan, nan, diff, lo, hi, nan, nan, nan, nan,
-                              float((d_c <= d_t + 1e-12).mean()) if m else nan, resolution(n, m))
+        return BeyondControls(m, mean, low, high, nan, diff, lo, hi, nan, nan, nan, nan, rank, resolution(n, m))
     from scipy.stats import t as student_t
 
     sd = float(d_c.std(ddof=1))
     spread = max(sd, 1.0 / n) * math.sqrt(1.0 + 1.0 / m)  # floor: one item's worth
-    t = (d_t - float(d_c.mean())) / spread
+    t = (d_t - mean) / spread
     p_set = float(min(1.0, 2.0 * student_t.sf(abs(t), m - 1)))
     p_item = sign_test(per_item)[0]
-    return BeyondControls(m, float(d_c.mean()), float(d_c.min()), float(d_c.max()), sd, diff, lo, hi, float(t),
-                          p_set, p_item, max(p_set, p_item), float((d_c <= d_t + 1e-12).mean()), resolution(n, m))
+    return BeyondControls(m, mean, low, high, sd, diff, lo, hi, float(t), p_set, p_item, max(p_set, p_item), rank,
+                          resolution(n, m))
 
 
 def specific_verdicts(p: np.ndarray, lo: np.ndarray, hi: np.ndarray, tol: np.ndarray, alpha: float
