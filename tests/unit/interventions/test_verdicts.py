@@ -155,6 +155,9 @@ def test_power_on_a_simulated_planted_effect() -> None:
 
 # ----- the positive control: a model whose carriers are known ----------------------------------------------
 def _study(seed: int, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Profile → domain experts (unless ``table`` is given) → intervention study on the carrier model:
+    ``(domain-expert table, dose table, selectivity table)``; the selectivity's control-normalised effects are
+    checked against the arms table's per-item correctness on the way."""
     import expertscope as es
     from expertscope.interventions.steering_study import intervention_study
     from expertscope.testing.calibration import carrier_domains, carrier_model
@@ -166,7 +169,22 @@ def _study(seed: int, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, 
         table = es.domain_experts(es.profile(moe, discover, batch_size=32), seed=seed).df
     res = intervention_study(moe, confirm, table, None, seed=seed, finetune=False, n_boot=300, batch_size=32,
                              dose_scales=(0.5,), dose_biases=())
+    _check_normalised(res.selectivity, res.arms)
     return table, res.dose, res.selectivity
+
+
+def _check_normalised(sel: pd.DataFrame, arms: pd.DataFrame) -> None:
+    """Each cell's ``norm_delta`` is the target arm's accuracy minus the mean accuracy of the verdict draws
+    ablated on that domain, recomputed here from the arms' per-item correctness strings."""
+    def acc(rows: pd.DataFrame) -> list[float]:
+        return [float(np.mean([int(c) for c in r])) for r in rows["correct"]]
+
+    for r in sel.itertuples():
+        a = arms[(arms["kind"] == r.kind) & (arms["ablated"] == r.ablated) & (arms["domain"] == r.evaluated)
+                 & (arms["strength"] == "mask")]
+        target, draws = a[a["arm"] == "target"], a[a["role"] == "verdict"]
+        assert len(target) == 1 and len(draws) == r.control_draws
+        assert r.norm_delta == pytest.approx(acc(target)[0] - np.mean(acc(draws)))
 
 
 @pytest.mark.slow
