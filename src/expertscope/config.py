@@ -259,6 +259,9 @@ class DriverConfig(BaseConfig):
     ``ce_decimals``: every per-input CE is rounded to this many decimals (nats) before the rule, so that
     differences far below ``10**-ce_decimals`` (the torch thread count moves CE by < 1e-12 nats) cannot
     change a decision; ``None`` decides on the unrounded values.
+    ``stability_pairs`` > 0 (rule fdr): the rule runs on that many complementary pairs of half-samples of
+    the inputs and a driver is an expert flagged in at least ``min_frequency`` of them (stability
+    selection, :mod:`expertscope.causal.stability`); 0 decides once on all inputs.
     """
 
     rule: Literal["fdr", "z", "top"] = "fdr"
@@ -281,9 +284,17 @@ class DriverConfig(BaseConfig):
     """Random seed (resamples, permutations, data sampling)."""
     ce_decimals: int | None = 9
     """CE rounded to this many decimals before the rule (decisions independent of thread count); None: exact."""
+    stability_pairs: int = 50
+    """rule fdr: complementary pairs of half-samples the rule runs on (stability selection); 0: one pass."""
+    min_frequency: float = 0.6
+    """rule fdr with stability: least share of half-samples that must flag a driver (in (0.5, 1])."""
 
     def validate(self) -> None:
         _finite("z", self.z)
+        if self.stability_pairs < 0:
+            raise ConfigError(f"stability_pairs={self.stability_pairs} is negative: e.g. 50, or 0 for one pass")
+        if not 0.5 < self.min_frequency <= 1:
+            raise ConfigError(f"min_frequency={self.min_frequency!r} must lie in (0.5, 1]: e.g. 0.6")
         if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
             raise ConfigError("alpha and ci must lie in (0, 1): e.g. alpha=0.05, ci=0.95")
         if self.ce_decimals is not None and not 0 <= self.ce_decimals <= 15:

@@ -80,6 +80,8 @@ def _other_value(value: object, tp: object) -> tuple[str, object]:
     if int in args and not isinstance(value, float):
         new = 7 if value in (None, "auto") else int(value) + 3  # type: ignore[arg-type]
         return str(new), new
+    if value == 0.6 and float in args:  # a share that must stay above one half (min_frequency)
+        return "0.8", 0.8
     if float in args:
         new = 0.5 if value is None else (float(value) / 2 if 0 < float(value) < 1 else float(value) + 0.25)  # type: ignore[arg-type]
         return repr(new), new

@@ -27,6 +27,7 @@ from ..routing import DomainInput, domain_texts, routing_pass
 from ..stats.replication import Replication, compare_sets, flagged_sets, half_sizes, halves_by_domain
 from ..stats.rules import bh_qvalues, bh_text, bootstrap_ci, passes, rule_text, z_rule_text
 from .effects import CausalEffects
+from .stability import Stability, domain_seed, inputs_for_stability, selection_frequency, signed_rank_greater
 
 TABLE_VERSION = 2
 
@@ -66,7 +67,9 @@ class DriverTable:
     def summary(self, top: int = 3) -> list[dict[str, Any]]:
         """Per domain: ``domain, n_drivers, n_inputs, largest_ce`` (the largest mean CE of any expert, nats),
         ``ce_floor``, ``strongest`` (up to ``top`` drivers as ``{layer, expert, ce_mean, ce_lo, ce_hi, q_value}``)
-        and ``text``, one sentence saying what was found — or "no driver experts (largest mean CE x nats)".
+        and ``text``, one sentence saying what was found — or "no driver experts (largest mean CE x nats)";
+        with stability selection, ``stability`` (a sentence: is the set stable at this sample size, and how
+        many inputs would make it so), ``inputs_needed`` and ``expected_jaccard``.
         """
         cfg = self.settings.get("config", {})
         floor = cfg.get("ce_floor") if cfg.get("rule", "fdr") == "fdr" else None  # only the default rule has one
@@ -92,8 +95,11 @@ class DriverTable:
             else:
                 text = f"{d}: no driver experts (largest mean CE {largest:.3g} nats over {n_in} inputs"
                 text += f"; floor {floor:g} nats)" if floor is not None else ")"
+            stab = self.settings.get("stability", {}).get(d, {})
             out.append({"domain": d, "n_drivers": len(drv), "n_inputs": n_in, "largest_ce": largest,
-                        "ce_floor": floor, "strongest": strongest, "text": text})
+                        "ce_floor": floor, "strongest": strongest, "text": text,
+                        "stability": stab.get("text"), "inputs_needed": stab.get("inputs_needed"),
+                        "expected_jaccard": stab.get("expected_jaccard")})
         return out
 
     def save(self, path: str | Path) -> None:
@@ -109,29 +115,16 @@ def paired_median_test(ce: np.ndarray) -> np.ndarray:
     """One-sided Wilcoxon signed-rank p-values that an expert's CE exceeds its layer's median, per input.
 
     ``ce`` ``(N, L, E)`` CE per input (NaN: not computed). For each (l, i), the differences
-    ``CE_{l,i}(X) - median_j CE_{l,j}(X)`` over the N inputs are tested for a positive location (zeros
-    dropped, exact distribution for small samples without ties, normal approximation otherwise).
-    Returns ``(L, E)``: 1 where every difference is 0, NaN where the expert was not computed.
+    ``CE_{l,i}(X) - median_j CE_{l,j}(X)`` over the N inputs are tested for a positive location
+    (:func:`expertscope.causal.stability.signed_rank_greater`: zero differences ranked and split half to each
+    side, mid-ranks for ties, tie-corrected normal approximation). Returns ``(L, E)``: 1 where every
+    difference is 0, NaN where the expert was not computed.
     """
-    from scipy.stats import wilcoxon
-
     N, L, E = ce.shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(ce, axis=2, keepdims=True)
-    diff = (ce - med).reshape(N, L * E)
-    computed = ~np.isnan(diff).any(axis=0)
-    # A cell whose CE equals its layer's median on every input plainly does not exceed it: p = 1, and it
-    # still counts as one of the L·E tests.
-    p = np.where(computed, 1.0, np.nan)
-    ok = computed & (np.abs(diff) > 0).any(axis=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns about ties/zeros and small samples
-        # One call per cell: scipy picks the exact or the normal method per call, so a cell with ties
-        # must not switch its neighbours to the approximation.
-        for c in np.flatnonzero(ok):
-            p[c] = float(wilcoxon(diff[:, c], alternative="greater", zero_method="wilcox").pvalue)
-    return p.reshape(L, E)
+    return signed_rank_greater((ce - med).reshape(N, L * E)).reshape(L, E)
 
 
 def bootstrap_mean_ci(x: np.ndarray, n_boot: int, ci: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +154,7 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     rng = np.random.default_rng(cfg.seed)
     L, E = len(effects.layers), effects.num_experts
     parts = []
+    stability: dict[str, dict[str, Any]] = {}
     for d in effects.domains:
         x = effects.ce[effects.domain == d]  # (N_D, L, E)
         g = df[df["domain"] == d].copy()  # rows in (layer, expert) order, as mean_by_domain builds them
@@ -184,9 +178,13 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
         pass_test = q <= cfg.alpha
         pass_ratio = ok & (vals >= cfg.min_ratio * med)
         pass_floor = ok & (vals >= cfg.ce_floor)
+        freq = np.full((L, E), np.nan)
         if cfg.rule == "fdr":
             thr = np.maximum(cfg.min_ratio * med, cfg.ce_floor)
             is_drv = passes({"test": pass_test, "ratio": pass_ratio, "floor": pass_floor})
+            if cfg.stability_pairs > 0:
+                freq, stability[d] = _stability(x, cfg, d)
+                is_drv = ok & (np.nan_to_num(freq) >= cfg.min_frequency)
         elif cfg.rule == "z":
             thr = mu + cfg.z * sd
             is_drv = ok & (vals >= thr) & (sd > 0)
@@ -202,7 +200,7 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
             "layer_sd": np.broadcast_to(sd, (L, E)),
             "layer_median": np.broadcast_to(med, (L, E)), "ratio": ratio, "p_value": p, "q_value": q,
             "threshold": np.broadcast_to(thr, (L, E)), "pass_test": pass_test, "pass_ratio": pass_ratio,
-            "pass_floor": pass_floor, "is_driver": is_drv,
+            "pass_floor": pass_floor, "frequency": freq, "is_driver": is_drv,
         }
         for k, v in cols.items():
             g[k] = np.asarray(v).ravel()
@@ -211,12 +209,15 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     out = pd.concat(parts, ignore_index=True)
     cols_out = ["domain", "layer", "expert", "ce_mean", "ce_lo", "ce_hi", "ce_sd", "n_inputs", "layer_median",
                 "layer_mean", "layer_sd", "ratio", "p_value", "q_value", "threshold", "pass_test", "pass_ratio",
-                "pass_floor", "is_driver", "rank", "exact"]
+                "pass_floor", "frequency", "is_driver", "rank", "exact"]
     if cfg.rule == "fdr":
         text = rule_text(
             bh_text(cfg.alpha, L * E, "a one-sided Wilcoxon signed-rank test of CE against the layer's median CE "
                     "on the same input (per domain)"),
             f"CE(D) >= {cfg.min_ratio} x the layer's median CE(D)", f"CE(D) >= {cfg.ce_floor:g} nats")
+        if cfg.stability_pairs > 0:
+            text = (f"flagged in >= {cfg.min_frequency:.0%} of {2 * cfg.stability_pairs} half-samples of the inputs "
+                    f"(stability selection) by: {text}")
     elif cfg.rule == "z":
         text = z_rule_text("CE(D)", E, cfg.z)
     else:
@@ -224,11 +225,53 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     settings = {
         "rule": cfg.rule, "config": cfg.to_dict(), "z": cfg.z if cfg.rule == "z" else None,
         "top": cfg.top if cfg.rule == "top" else None, "rule_text": text,
-        "causal_effects": effects.settings,
+        "causal_effects": effects.settings, "stability": stability,
     }
     table = DriverTable(out[cols_out], settings)
     table.settings["summary"] = [{k: v for k, v in r.items() if k != "strongest"} for r in table.summary()]
     return table
+
+
+def _stability(x: np.ndarray, cfg: DriverConfig, domain: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Selection frequencies ``(L, E)`` of one domain's CE ``x`` ``(N, L, E)`` and what the findings say of
+    them: the false-driver bound, the expected Jaccard of two half-samples, and its curve over smaller samples
+    (half-samples of N/8, N/4, N/2) with the inputs it suggests would make the set stable."""
+    rng = np.random.default_rng(domain_seed(cfg.seed, domain))
+    args = (cfg.stability_pairs, cfg.alpha, cfg.min_ratio, cfg.ce_floor)
+    main: Stability = selection_frequency(x, *args, rng=rng)
+    curve = []
+    for size in (len(x) // 8, len(x) // 4):
+        if size >= 4:
+            curve.append((size, selection_frequency(x, *args, rng=rng, size=size).expected_jaccard()))
+    curve.append((main.half_size, main.expected_jaccard()))
+    needed = inputs_for_stability(curve)
+    info = {"n_inputs": len(x), "half_size": main.half_size, "n_samples": main.n_samples,
+            "mean_selected": main.mean_selected, "n_cells": main.n_cells,
+            "false_bound": main.false_bound(cfg.min_frequency), "expected_jaccard": main.expected_jaccard(),
+            "curve": [[int(m), float(j)] for m, j in curve], "inputs_needed": needed}
+    info["text"] = stability_text(domain, info)
+    return main.frequency, info
+
+
+def stability_text(domain: str, info: Mapping[str, Any]) -> str:
+    """One sentence: is ``domain``'s driver set stable at its sample size, and roughly how many inputs would
+    make it so (from the expected Jaccard of the rule on two half-samples, ``info`` of :func:`_stability`)."""
+    n, m, j = info["n_inputs"], info["half_size"], info["expected_jaccard"]
+    bound = f"; at most {info['false_bound']:.2g} false drivers expected (Meinshausen-Buhlmann bound)"
+    if not np.isfinite(j):
+        return f"{domain}: no expert is flagged in any half-sample of {m} of its {n} inputs"
+    head = f"two half-samples of {m} inputs flag sets with Jaccard {j:.2f} expected"
+    if j >= 0.6:
+        return f"{domain}: the driver set is stable at {n} inputs ({head}){bound}"
+    need = info.get("inputs_needed")
+    sizes = ", ".join(str(int(s)) for s, _ in info["curve"])
+    if need is None:
+        tail = f"the expected Jaccard does not rise over half-samples of {sizes}: more inputs alone may not settle it"
+    elif not np.isfinite(need):
+        tail = f"the trend over half-samples of {sizes} suggests more than {16 * n} inputs"
+    else:
+        tail = f"the trend over half-samples of {sizes} suggests about {int(need)} inputs"
+    return f"{domain}: the driver set is not yet stable at {n} inputs ({head}); {tail}{bound}"
 
 
 # ----- replication ---------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ class DomainFindings:
     ce_floor: float | None = None
     detectable_ce: float | None = None
     detectable_ce_by_layer: dict[int, float] = field(default_factory=dict)
+    driver_stability: str | None = None
+    driver_inputs_needed: float | None = None
     causal_rate_peak: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
     saturated: bool = False
@@ -145,7 +147,12 @@ def _driver_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: 
             "layer": int(r["layer"]), "expert": int(r["expert"]), "ce": _f(r, "ce_mean"),
             "ce_lo": _f(r, "ce_lo"), "ce_hi": _f(r, "ce_hi"), "q_value": _f(r, "q_value"),
             "ratio_to_median": _f(r, "ratio") if "ratio" in r else ratio_to_median,
+            "frequency": _f(r, "frequency") if "frequency" in r else None,
         })
+    stab = (meta.get("stability") or {}).get(f.domain) or {}
+    f.driver_stability = stab.get("text")
+    need = stab.get("inputs_needed")
+    f.driver_inputs_needed = None if need is None or not math.isfinite(float(need)) else float(need)
 
 def _rate_part(f: DomainFindings, g: pd.DataFrame) -> None:
     g = g.dropna(subset=["causal_rate"])

@@ -67,6 +67,8 @@ def sentences(f: DomainFindings) -> list[str]:
                if f.detectable_ce is not None else "")
         out.append(f"No driver experts (largest mean CE {_n(f.largest_ce)} nats{floor}{det}). Nothing was steered "
                    "as this domain's drivers.")
+    if f.driver_stability:
+        out.append(f"Stability: {f.driver_stability.split(': ', 1)[-1]}.")
     if f.causal_rate_peak is not None and f.n_drivers:
         out.append(f"Causal rate peaks at layer {f.causal_rate_peak['layer']}: "
                    f"{100 * f.causal_rate_peak['causal_rate']:.0f}% of tokens select a driver expert there.")

@@ -40,7 +40,7 @@ def test_split_halves_by_hash_disjoint_balanced_and_order_free() -> None:
     assert not {t for t, x in zip(dup, h, strict=True) if x == 0} & {t for t, x in zip(dup, h, strict=True) if x == 1}
 
 
-def _effects(seed: int = 0, n: int = 24, split_seed: int = 1) -> C.CausalEffects:
+def _effects(seed: int = 0, n: int = 48, split_seed: int = 1) -> C.CausalEffects:
     """Two domains, 2 layers × 6 experts: 'a' has a driver (0, 1) on every input and one, (1, 4), on the
     inputs of the first half of texts ``a0, a1, ...`` only; 'b' has a driver (1, 2)."""
     g = np.random.default_rng(seed)
@@ -57,7 +57,7 @@ def _effects(seed: int = 0, n: int = 24, split_seed: int = 1) -> C.CausalEffects
 @pytest.mark.slow
 def test_replicate_drivers_equals_the_rule_rerun_on_hand_built_halves() -> None:
     eff = _effects()
-    texts = {"a": [f"a{i}" for i in range(24)], "b": [f"b{i}" for i in range(24)]}
+    texts = {"a": [f"a{i}" for i in range(48)], "b": [f"b{i}" for i in range(48)]}
     rep = replicate_drivers(eff, texts, seed=1, n_boot=0)
     full = C.driver_experts(eff, n_boot=0)
     for d in ("a", "b"):
@@ -94,7 +94,7 @@ def test_replication_round_trip_and_without_texts(tmp_path) -> None:  # type: ig
     eff = _effects(seed=2)
     rep = replicate_drivers(eff, seed=0, n_boot=0)  # no texts: the input index is hashed
     assert rep.settings["driver"]["hashed"] == "index"
-    idx_half = split_halves([f"#{i}" for i in range(24)], 0)
+    idx_half = split_halves([f"#{i}" for i in range(48)], 0)
     assert rep.summary.iloc[0].n_inputs_a == int((idx_half == 0).sum())
     rep.save(tmp_path / "replication.parquet")
     back = Replication.load(tmp_path / "replication.parquet")

@@ -253,7 +253,7 @@ def test_driver_rule_and_causal_rate_match_naive_loops() -> None:
     for d, texts in TEXTS.items():  # the engine against one full forward per (layer, expert), 4 texts each
         naive = np.stack([_naive_ce(moe, t) for t in texts[:4]])
         np.testing.assert_allclose(res.ce[res.domain == d][:4], naive, rtol=1e-4, atol=1e-6)
-    table = C.driver_experts(res, n_boot=200)
+    table = C.driver_experts(res, n_boot=200, stability_pairs=0)  # the one-pass rule, checked by hand
     E = moe.num_experts
     for d in TEXTS:
         # The rule by hand, on the CE just checked against the naive loop (the engine's values, so that
@@ -263,8 +263,12 @@ def test_driver_rule_and_causal_rate_match_naive_loops() -> None:
         pvals, cells = [], []
         for li, layer in enumerate(LAYERS):
             for e in range(E):
-                diffs = [ce[x, li, e] - float(np.median(ce[x, li])) for x in range(len(ce))]
-                pvals.append(float(wilcoxon(diffs, alternative="greater").pvalue) if any(diffs) else 1.0)
+                diffs = np.array([ce[x, li, e] - float(np.median(ce[x, li])) for x in range(len(ce))])
+                # exact without zeros or ties, else zeros split and the tie-corrected normal approximation
+                clean = len(diffs) <= 50 and (diffs != 0).all() and len(np.unique(np.abs(diffs))) == len(diffs)
+                method = {"method": "exact"} if clean else {"method": "approx", "correction": False}
+                pvals.append(float(wilcoxon(diffs, alternative="greater", zero_method="zsplit", **method).pvalue)
+                             if diffs.any() else 1.0)
                 cells.append((layer, e))
         q = dict(zip(cells, bh_reference(pvals), strict=True))
         p = dict(zip(cells, pvals, strict=True))
@@ -302,6 +306,8 @@ def test_driver_rule_and_causal_rate_match_naive_loops() -> None:
 
 
 def test_no_drivers_is_said_in_words_and_steers_nothing() -> None:
+    from scipy.stats import wilcoxon
+
     ce = np.full((6, 2, 4), 1e-5)
     ce[:, 1, 2] = 5e-4  # clearly the largest, yet below the 1e-3 floor
     eff = C.CausalEffects(ce=ce, domain=np.array(["math"] * 6, dtype=object), text_index=np.arange(6),
@@ -313,10 +319,16 @@ def test_no_drivers_is_said_in_words_and_steers_nothing() -> None:
     (s,) = table.summary()
     assert s["n_drivers"] == 0 and s["largest_ce"] == pytest.approx(5e-4)
     assert "no driver experts (largest mean CE 0.0005 nats" in s["text"]
-    above = C.driver_experts(eff, ce_floor=1e-4)  # with a lower floor it passes all three... but n=6:
-    # Wilcoxon's smallest one-sided p with 6 inputs is 1/64, above BH's alpha/8 for 8 cells: still none
-    assert above.df.loc[(above.df.layer == 1) & (above.df.expert == 2), "p_value"].iloc[0] == pytest.approx(1 / 64)
+    above = C.driver_experts(eff, ce_floor=1e-4, stability_pairs=0)  # a lower floor passes all three... but n=6:
+    # six tied positive differences: the tie-corrected normal approximation (scipy's zsplit/approx), above
+    # BH's alpha/8 for 8 cells: still none
+    ref = wilcoxon(ce[:, 1, 2] - np.median(ce[:, 1], axis=1), zero_method="zsplit", method="approx",
+                   correction=False, alternative="greater").pvalue
+    assert above.df.loc[(above.df.layer == 1) & (above.df.expert == 2), "p_value"].iloc[0] == pytest.approx(ref)
+    assert 0.05 / 8 < ref < 0.05
     assert above.targets("math") == []
+    # with stability selection, half-samples of 3 inputs can never pass the test: no driver either
+    assert C.driver_experts(eff, ce_floor=1e-4).targets("math") == []
     with pytest.raises(ConfigError, match="contradicts"):
         C.driver_experts(eff, DriverConfig(rule="z"), rule="fdr")
     with pytest.raises(ConfigError, match="not a valid option"):
