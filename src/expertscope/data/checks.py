@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import DataError, InputTypeError
 from ..validation import parse_limit
 from .sources import PRESETS, _synthetic_task
-from .synthetic import DOMAINS, SPLITS
+from .synthetic import CORPORA, DOMAINS
 from .types import TASKS, DomainSpec
 
 
@@ -41,8 +41,8 @@ def check_domain_specs(specs: Any, option: str = "--domain") -> tuple[DomainSpec
             kind, _, split = source.split(":", 1)[1].partition("@")
             if kind not in DOMAINS:
                 raise DataError(f"unknown synthetic domain {kind!r} in {spec!r}: use one of {', '.join(DOMAINS)}")
-            if split and split not in SPLITS:
-                raise DataError(f"unknown split {split!r} in {spec!r}: use one of {', '.join(SPLITS)}")
+            if split and split not in CORPORA:
+                raise DataError(f"unknown split {split!r} in {spec!r}: use one of {', '.join(CORPORA)}")
         elif source.startswith("preset:"):
             if source.split(":", 1)[1] not in PRESETS:
                 raise DataError(f"unknown preset {source.split(':', 1)[1]!r} in {spec!r}: use one of "

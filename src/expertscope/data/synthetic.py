@@ -24,6 +24,11 @@ construction for every seed. What this means per domain:
 * math: the key is (start number, operations, operands), so a test problem is new arithmetic.
 
 The knowledge base is the same for every seed (the world is fixed); the seed only changes sampling.
+
+The ``shifted`` corpus (``synthetic:math@shifted``) is a second confirmation corpus that is not the
+discovery distribution: items whose content keys fall in the *test* bucket (so never a training or
+validation item), drawn from their own seeded stream and reworded (:func:`shift`): other speakers, people,
+objects and verbs, new lead-ins for events, and each knowledge question framed as a quiz item.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ DOMAIN_TASKS: dict[str, TaskName] = {
     "math": "math",
 }
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+#: Corpora beyond the splits: ``shifted`` rewords test-bucket items (a second confirmation corpus).
+CORPORA: tuple[str, ...] = (*SPLITS, "shifted")
 Split = Literal["train", "validation", "test"]
 # Cumulative percentage bounds of the hash buckets: [0, 70) train, [70, 85) validation, [85, 100) test.
 _SPLIT_BOUNDS: dict[str, tuple[int, int]] = {"train": (0, 70), "validation": (70, 85), "test": (85, 100)}
@@ -683,6 +690,49 @@ def _gen_math(rng: random.Random) -> tuple[str, Example]:
     )
 
 
+# -------------------------------------------------------------------------------------- shifted corpus
+
+_SHIFT_WORDS: dict[str, dict[str, str]] = {
+    "emotion": {
+        **dict(zip(_V2_SPEAKERS, ("Aria", "Bruno", "Celia", "Dario", "Elsa", "Fabio", "Greta", "Hugo", "Iris",
+                                  "Jonas", "Karla", "Lukas", "Marta", "Nico"), strict=True)),
+        "Guess what,": "Listen,", "So ": "Well, ", "I just found out": "I have just heard",
+        "You won't believe it,": "Get this,", "really": "truly", "very": "extremely",
+    },
+    "knowledge": {"What is": "Name", "Which": "What", "Where": "In which place"},
+    "math": {
+        **dict(zip(_PEOPLE, ("Zara", "Ali", "Bea", "Cyrus", "Dina", "Emil", "Femi", "Gia", "Hal", "Ines"),
+                   strict=True)),
+        **dict(zip(_OBJECTS, ("pears", "buttons", "cards", "crayons", "muffins", "tokens", "comics", "pebbles"),
+                   strict=True)),
+        "buys": "purchases", "finds": "picks up", "gives": "hands", "loses": "misplaces", "sells": "trades away",
+        "splits": "divides", "shares": "divides", "ends up with": "finishes with",
+        "becomes": "turns into", "How many": "What number of", "have now?": "hold at the end?",
+    },
+}
+
+
+def _replace_words(text: str, words: dict[str, str]) -> str:
+    import re
+
+    if not words:
+        return text
+    pattern = re.compile("|".join(rf"(?<!\w){re.escape(k)}(?!\w)" if k[-1].isalnum() else
+                                  rf"(?<!\w){re.escape(k)}" for k in sorted(words, key=len, reverse=True)))
+    return pattern.sub(lambda m: words[m.group(0)], text)
+
+
+def shift(domain: str, ex: Example) -> Example:
+    """``ex`` reworded for the shifted corpus: the same content (label, answer, worked numbers), other words."""
+    words = _SHIFT_WORDS.get(_LEGACY_NAMES.get(domain, domain), {})
+    text = _replace_words(ex.text, words)
+    if domain == "knowledge":
+        text = f"Quiz item: {text}"
+    context = tuple(_replace_words(c, words) for c in ex.context) if ex.context else ex.context
+    return Example(text=text, label=ex.label, answer=ex.answer, choices=ex.choices, solution=ex.solution,
+                   context=context, id=ex.id, meta=ex.meta)
+
+
 # -------------------------------------------------------------------------------------------- the API
 
 
@@ -741,13 +791,15 @@ class _Stream:
                     raise DataError(f"only {len(self.examples)} distinct {self.domain} {self.split} items found: "
                                     "ask for fewer examples")
                 split_key, unique_key, ex = self.sample(self.rng)
-                if split_of(f"{self.name}|{split_key}") != self.split or unique_key in self.seen:
+                bucket = "test" if self.split == "shifted" else self.split
+                if split_of(f"{self.name}|{split_key}") != bucket or unique_key in self.seen:
                     continue
                 self.seen.add(unique_key)
                 ex_id = f"{self.name}-{self.split}-{_short_hash(unique_key)}"
-                self.examples.append(Example(text=ex.text, label=ex.label, answer=ex.answer, choices=ex.choices,
-                                             solution=ex.solution, context=ex.context, id=ex_id,
-                                             meta={**ex.meta, "split": self.split, "key": split_key}))
+                ex = Example(text=ex.text, label=ex.label, answer=ex.answer, choices=ex.choices,
+                             solution=ex.solution, context=ex.context, id=ex_id,
+                             meta={**ex.meta, "split": self.split, "key": split_key})
+                self.examples.append(shift(self.domain, ex) if self.split == "shifted" else ex)
             return self.examples[:n]
 
 
@@ -764,8 +816,8 @@ def generate(domain: str, n: int, seed: int = 0, split: str = "train") -> Domain
     seeds. The first ``k`` examples of ``generate(d, n, s)`` equal ``generate(d, k, s)``: the examples drawn
     so far are kept per ``(domain, split, seed)`` (the 32 most recent) and a larger ``n`` draws on from there.
     """
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if split not in CORPORA:
+        raise ConfigError(f"unknown split {split!r}: use one of {', '.join(CORPORA)}")
     if n < 0:
         raise ConfigError(f"negative example count {n}: pass n >= 0")
     _sampler(domain)  # an unknown domain fails here, before it takes a cache slot
