@@ -30,6 +30,7 @@ from .errors import ConfigError, DataError, ExpertscopeError, InputTypeError, Mo
 from .evaluation import EvalResult, evaluate
 from .integrations.engine_routes import load_routes, profile_routes
 from .interventions import RouterFinetune, Steering, SteeringSpec, finetune_router, steer
+from .interventions.hypotheses import Confirmation, Hypotheses, confirm
 from .interventions.steering_study import InterventionResult, intervention_study
 from .models.hooks import RouterCall, RouterHooks
 from .models.loading import load_model
@@ -53,6 +54,7 @@ __all__ = [
     "CausalEffects",
     "CoactivationStats",
     "ConfigError",
+    "Confirmation",
     "DataError",
     "Domain",
     "DomainExpertConfig",
@@ -63,6 +65,7 @@ __all__ = [
     "EvalResult",
     "Example",
     "ExpertscopeError",
+    "Hypotheses",
     "InputTypeError",
     "InterventionConfig",
     "InterventionResult",
@@ -84,6 +87,7 @@ __all__ = [
     "causal_effects",
     "causal_rate",
     "coactivation",
+    "confirm",
     "domain_experts",
     "driver_experts",
     "evaluate",

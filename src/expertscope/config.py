@@ -589,6 +589,13 @@ DEMO_DOMAINS: tuple[str, ...] = (
     "math=synthetic:math@validation",
 )
 
+#: The second confirmation corpora of the synthetic benchmark: its test-bucket items, reworded.
+DEMO_CONFIRM: tuple[str, ...] = (
+    "emotion=synthetic:emotion@shifted",
+    "knowledge=synthetic:knowledge@shifted",
+    "math=synthetic:math@shifted",
+)
+
 # Flat keywords of the first StudyConfig -> the analysis config fields they set now (kept for one release).
 # A None section means every section holding that field (the one concept shared by all analyses).
 _LEGACY_STUDY_KEYWORDS: dict[str, tuple[str | None, str]] = {
@@ -618,6 +625,11 @@ class StudyConfig(BaseConfig):
     """Discovery, training and confirmation shares of each non-synthetic source (by a seeded hash of each text)."""
     allow_overlap: bool = False
     """Let confirmation or training items overlap the discovery items (every affected verdict then says so)."""
+    confirm: tuple[str, ...] = ()
+    """NAME=SOURCE: a second, independent corpus the pre-registered hypotheses are tested on (repeatable; default:
+    the synthetic benchmark's shifted corpora when no domains are given; 'none': no second corpus)."""
+    hypotheses: str | None = None
+    """expertscope confirm: the hypotheses.json (written by a study) to test."""
     limit: int | None = 300
     """Texts per domain for profiling, domain experts, tokens and the causal rate (None: all)."""
     train_limit: int | None = 300
@@ -666,7 +678,7 @@ class StudyConfig(BaseConfig):
             cls = self.sections().get(f.name)
             if cls is not None and isinstance(value, dict):
                 value = cls.from_dict(value)  # a section read back from a manifest
-            if f.name in ("domains", "parts") and isinstance(value, list):
+            if f.name in ("domains", "parts", "confirm") and isinstance(value, list):
                 value = tuple(value)  # from a manifest (JSON lists)
             object.__setattr__(self, f.name, value)
         for key, value in legacy.items():
@@ -722,6 +734,13 @@ class StudyConfig(BaseConfig):
                 or abs(sum(parts) - 1) > 1e-9 or min(parts) == 0:
             raise ConfigError(f"parts={self.parts!r} must be three shares > 0 of discovery, training and "
                               "confirmation summing to 1: e.g. parts=0.6,0.2,0.2")
+        if isinstance(self.confirm, str):
+            from .errors import InputTypeError
+
+            raise InputTypeError(f"confirm must be a list of NAME=SOURCE specs, got one string {self.confirm!r}: "
+                                 "wrap it in a list")
+        if "none" in tuple(self.confirm) and len(self.confirm) > 1:
+            raise ConfigError("confirm='none' turns the second corpus off: give it alone, or give NAME=SOURCE specs")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"workers={self.workers!r} is not a positive whole number: pass e.g. workers=2")
         if not (isinstance(self.gpus_per_worker, int | float) and math.isfinite(self.gpus_per_worker)
@@ -736,6 +755,14 @@ class StudyConfig(BaseConfig):
     def domain_specs(self) -> tuple[str, ...]:
         """The domain specs studied: ``domains``, or the synthetic benchmark when none are given."""
         return self.domains or DEMO_DOMAINS
+
+    @property
+    def confirm_specs(self) -> tuple[str, ...]:
+        """The second confirmation corpora: ``confirm``, or the synthetic benchmark's shifted corpora when no
+        domains are given (``confirm=("none",)``: none)."""
+        if tuple(self.confirm) == ("none",):
+            return ()
+        return tuple(self.confirm) or (() if self.domains else DEMO_CONFIRM)
 
     def split_specs(self, split: str) -> tuple[str, ...]:
         """The domain specs moved to another split (synthetic sources only; others are kept as given)."""

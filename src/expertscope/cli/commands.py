@@ -74,6 +74,22 @@ _ROUTES_OPTIONS = (
 )
 
 
+def _confirm_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
+    """``confirm HYPOTHESES -d NAME=SOURCE``: the file to test, its model unless -m says otherwise, and the -d
+    corpora as the second corpora (the hypotheses' discovery data is not read again)."""
+    from ..interventions.hypotheses import Hypotheses
+
+    path = kw.pop("hypotheses_file")
+    hyp = Hypotheses.load(path)  # a changed or foreign file fails here, before anything loads
+    config = config.replace(hypotheses=str(path))
+    if kw.get("model") is None:
+        config = config.replace(model=str(hyp.model["source"]))
+    given = tuple(kw.pop("domain", None) or ())
+    if given:
+        config = config.replace(confirm=(*config.confirm, *given))
+    return config
+
+
 def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
     from ..pipeline.jobs import eval_domains
 
@@ -162,6 +178,22 @@ COMMANDS = (
          None),
         ("split", Annotated[str, typer.Option(help="Synthetic split to score: train, validation or test.")], "test")),
         adjust=_eval_config, resumable=False),
+    Command("confirm", ("confirmation", "report"), "runs/confirm", """Test the hypotheses a study pre-registered
+    (RUN_DIR/hypotheses.json) on new data, or on another checkpoint of the same architecture.
+
+    Each hypothesis names a domain's exact expert set and predicts the change in accuracy when it is masked,
+    down- or up-weighted, beyond equally busy control experts, and that masking it costs its own domain most.
+    The data given with -d (names as in the hypotheses) must share no item with the discovery data. Writes
+    confirmation.parquet/.csv (predicted beside observed), the steering tables and report.html.
+
+    Examples:
+
+      expertscope confirm runs/study/hypotheses.json                 # the demo's shifted corpora
+
+      expertscope confirm runs/study/hypotheses.json -d math=gsm8k_new.jsonl?task=math -o runs/confirm-gsm8k
+
+      expertscope confirm runs/study/hypotheses.json -m ./demo-finetuned -o runs/confirm-ft
+    """, T.show_confirmation, adjust=_confirm_config),
     Command("lm-eval", ("lm_eval",), "runs/lm-eval", """Evaluate MODEL with lm-evaluation-harness, optionally with
     experts steered.
 
@@ -187,6 +219,9 @@ def _build(cmd: Command) -> Callable[..., Any]:
     if cmd.name == "domains":
         own.append(P("run_dir", P.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
             help="A directory written by `expertscope profile` or `expertscope run`.")]))
+    if cmd.name == "confirm":
+        own.append(P("hypotheses_file", P.POSITIONAL_OR_KEYWORD, annotation=Annotated[Path, typer.Argument(
+            help="The hypotheses.json a study wrote (RUN_DIR/hypotheses.json).")]))
     own += [P("out", P.KEYWORD_ONLY, default=None, annotation=OutOpt),
             P("force", P.KEYWORD_ONLY, default=False, annotation=ForceOpt),
             P("show", P.KEYWORD_ONLY, default=cmd.rows, annotation=ShowOpt)]

@@ -35,6 +35,10 @@ RENAMES: dict[tuple[str | None, str], str] = {
 #: Section prefix of a field whose name other sections use with another type.
 PREFIXES = {"domain_experts": "domain", "drivers": "driver", "intervention": "steer"}
 SHORT = {"model": "-m", "domain": "-d", "batch-size": "-b"}
+#: Options given once per value (``-d a=X -d b=Y``).
+REPEATED = ("domain", "confirm")
+#: Fields no command offers as an option (``confirm``'s positional argument sets ``hypotheses``).
+NOT_OPTIONS = ("hypotheses",)
 #: Old spellings → the options they mean (the first one the command has), hidden, for one release.
 ALIASES: dict[str, tuple[str, ...]] = {
     "method": ("causal-method",), "mode": ("steer-mode",), "test": ("domain-test",),
@@ -92,6 +96,8 @@ def settings_for(sections: Sequence[str], run_fields: Sequence[str]) -> list[Set
     """The options of a command reading ``sections`` and the run-level ``run_fields``."""
     keep = []
     for s in all_settings().values():
+        if s.name in NOT_OPTIONS:
+            continue
         targets = [t for t in s.targets if (t[0] is None and t[1] in run_fields) or t[0] in sections]
         if targets:
             keep.append(Setting(s.name, tuple(targets), s.type, s.help))
@@ -112,7 +118,7 @@ def option_params(settings: Sequence[Setting], base: StudyConfig) -> list[inspec
         if s.type is bool:
             flags = [f"--{s.name}/--no-{s.name}"]
             ann: Any = Annotated[bool | None, typer.Option(*flags, help=help_text, show_default=False)]
-        elif s.name == "domain":
+        elif s.name in REPEATED:
             ann = Annotated[list[str] | None, typer.Option(*flags, help=help_text, show_default=False)]
         else:
             ann = Annotated[str | None, typer.Option(*flags, help=help_text, metavar=field_metavar(s.type),
@@ -159,7 +165,7 @@ def build_config(base: StudyConfig, settings: Sequence[Setting], given: dict[str
         if s is None:
             continue
         spelled[key] = (flag, raw)
-        if s.name == "domain":
+        if s.name in REPEATED:
             values[key] = tuple(raw)
         else:
             values[key] = raw if isinstance(raw, bool) else parse_field_value(raw, s.type, f"--{flag}")

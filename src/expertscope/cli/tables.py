@@ -47,6 +47,24 @@ def show_run(out: Path, manifest: dict[str, Any], rows: int) -> None:
         counts = manifest["stages"].get(key, {}).get(key)
         if counts:
             console.print(f"{what} per domain: {counts}")
+    if (out / "confirmation.parquet").exists():
+        from ..io import read_table
+        from ..report.sentences import confirmation_sentences
+
+        for sentence in confirmation_sentences(read_table(out / "confirmation.parquet")[0])[:6]:
+            console.print(sentence)
+    if (out / "report.html").exists():
+        console.print(f"open {out / 'report.html'} in a browser")
+
+
+def show_confirmation(out: Path, manifest: dict[str, Any], rows: int) -> None:
+    """What ``confirm`` prints: each corpus's count of confirmed predictions and the confirmed ones in words."""
+    from ..io import read_table
+    from ..report.sentences import confirmation_sentences
+
+    table, _ = read_table(out / "confirmation.parquet")
+    for line in confirmation_sentences(table):
+        out_console.print(line)
     if (out / "report.html").exists():
         console.print(f"open {out / 'report.html'} in a browser")
 

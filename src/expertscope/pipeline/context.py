@@ -36,13 +36,16 @@ class StudyInputs:
     train: list[Any] | None = None
     profile: Any = None
     """The input run's profile, read once before any stage (a run over another run's tables)."""
+    second: list[Any] | None = None
+    """The second, independent confirmation corpora (``StudyConfig.confirm_specs``), when a stage reads them."""
     overlap: dict[str, int] = field(default_factory=dict)
     """Per domain, confirmation or training items that are also discovery items (allowed with allow_overlap)."""
 
     def part(self, name: str) -> list[Any]:
         """The domains of part ``name`` (``discovery`` or ``all``: the domains; ``confirm``: the test split;
-        ``train``: the training split); empty when this run did not load it."""
-        return {"confirm": self.test, "train": self.train}.get(name, self.domains) or []
+        ``train``: the training split; ``second``: the second confirmation corpora); empty when this run did not
+        load it."""
+        return {"confirm": self.test, "train": self.train, "second": self.second}.get(name, self.domains) or []
 
     def items(self, parts: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         """What a stage reading ``parts`` read, per part and domain: the item count and a digest of the items'

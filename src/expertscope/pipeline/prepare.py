@@ -22,7 +22,7 @@ from ..validation import check_device
 from .context import StudyInputs
 from .registry import PIPELINE
 
-__all__ = ["eval_rows", "prepare", "split_rows", "task_rows"]
+__all__ = ["eval_rows", "prepare", "second_rows", "split_rows", "task_rows"]
 
 
 def _task_rows(domains: Sequence[Any]) -> None:
@@ -48,6 +48,11 @@ def task_rows(inputs: StudyInputs) -> None:
 def split_rows(inputs: StudyInputs) -> None:
     """The steering stage's rows: the test and train splits."""
     _task_rows([*(inputs.test or ()), *(inputs.train or ())])
+
+
+def second_rows(inputs: StudyInputs) -> None:
+    """The confirmation stage's rows: the second corpora's."""
+    _task_rows(inputs.second or ())
 
 
 def eval_rows(inputs: StudyInputs) -> None:
@@ -95,7 +100,8 @@ def _check_overlap(inputs: StudyInputs, allowed: bool) -> dict[str, int]:
     found: dict[str, int] = {}
     for d in inputs.domains:
         seen = {item_hash(e) for e in d.examples}
-        later = [e for p in (inputs.test or [], inputs.train or []) for x in p if x.name == d.name for e in x.examples]
+        later = [e for p in (inputs.test or [], inputs.train or [], inputs.second or []) for x in p if x.name == d.name
+                 for e in x.examples]
         n = sum(item_hash(e) in seen for e in later)
         if n:
             found[d.name] = n
@@ -105,6 +111,25 @@ def _check_overlap(inputs: StudyInputs, allowed: bool) -> dict[str, int]:
                         "same items would find the experts and test them: give disjoint sources, or pass "
                         "--allow-overlap (every affected verdict then says so)")
     return found
+
+
+def _check_hypotheses(config: StudyConfig, second: Sequence[Any]) -> dict[str, int]:
+    """`expertscope confirm`, before the model loads: the file is intact, some corpus is named like a hypothesis'
+    domain, and no item of the corpora found the hypotheses (unless allowed)."""
+    from ..interventions.hypotheses import Hypotheses, check_items
+
+    hyp = Hypotheses.load(config.hypotheses or "")
+    shape = ModelSource.resolve(config.model).moe_shape()
+    want = (len(hyp.model["layers"]), int(hyp.model["num_experts"]))
+    if shape is not None and shape != want:
+        raise ConfigError(f"{config.model} has {shape[0]} MoE layers of {shape[1]} experts, but the hypotheses were "
+                          f"registered on {hyp.model['source']} with {want[0]} of {want[1]}: confirm on a checkpoint "
+                          "of the same architecture")
+    named = {h.domain for h in hyp.hypotheses}
+    if not any(d.name in named and d.task is not None for d in second):
+        raise DataError(f"no domain given is named like a hypothesis' domain with a task ({', '.join(sorted(named))}"
+                        "): name the confirmation data alike, e.g. -d math=FILE?task=math")
+    return check_items(hyp, second, config.allow_overlap)
 
 
 def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyInputs:
@@ -119,19 +144,31 @@ def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyIn
         _check_lm_eval(config)
     if PIPELINE.data_free(chosen):
         return StudyInputs(source, (), [])
-    specs = check_domain_specs(config.domain_specs)
-    check_stage_inputs(specs, chosen)
     parts = {p for n in chosen if PIPELINE.get(n).needs_data for p in PIPELINE.get(n).parts}
     split = {"part_seed": config.seed, "part_fractions": config.parts}
-    discovery = "discovery" if parts - {"all"} else None  # eval alone reads every item
-    inputs = StudyInputs(source, specs, load_domains(specs, limit=config.limit, seed=config.seed, part=discovery,
-                                                     **split))
+    if config.hypotheses is not None and parts <= {"confirm", "second"}:
+        # `expertscope confirm`: the new corpora only, checked against the hypotheses' own discovery items
+        parts = {"second"}
+        inputs = StudyInputs(source, (), [])
+    else:
+        specs = check_domain_specs(config.domain_specs)
+        check_stage_inputs(specs, chosen)
+        discovery = "discovery" if parts - {"all"} else None  # eval alone reads every item
+        inputs = StudyInputs(source, specs, load_domains(specs, limit=config.limit, seed=config.seed,
+                                                         part=discovery, **split))
     if "confirm" in parts or "train" in parts:
         inputs.test = load_domains(config.split_specs("test"), limit=config.intervention.limit, seed=config.seed,
                                    part="confirm", **split)
         inputs.train = load_domains(config.split_specs("train"), limit=config.train_limit, seed=config.seed,
                                     part="train", **split)
+    if "second" in parts and config.confirm_specs:
+        # A second corpus is independent by construction: every item of it (up to the evaluation limit).
+        specs_2 = check_domain_specs(config.confirm_specs, "--confirm")
+        inputs.second = load_domains(specs_2, limit=config.intervention.limit, seed=config.seed)
+    if inputs.test is not None or inputs.second is not None:
         inputs.overlap = _check_overlap(inputs, config.allow_overlap)
+    if config.hypotheses is not None and inputs.second is not None:
+        inputs.overlap.update(_check_hypotheses(config, inputs.second))
     for name in chosen:
         PIPELINE.get(name).check_rows(inputs)
     if "domain_experts" in chosen:

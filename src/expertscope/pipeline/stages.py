@@ -11,9 +11,10 @@ from ..causal import CausalEffects, causal_effects, causal_rate, driver_experts,
 from ..config import DomainExpertConfig, DriverConfig
 from ..evaluation import evaluate
 from ..integrations.lm_eval import SYNTHETIC_TASKS, lm_eval_steered, task_manager, write_synthetic_tasks
+from ..interventions.hypotheses import Confirmation, Hypotheses, compare, confirm, pre_register
 from ..interventions.overlap import routing_changes
 from ..interventions.steering import SteeringSpec
-from ..interventions.steering_study import intervention_study
+from ..interventions.steering_study import InterventionResult, intervention_study
 from ..io import atomic_write, write_json, write_table
 from ..report import report as write_report
 from ..stats.domain_experts import domain_experts
@@ -124,11 +125,53 @@ def expert_map_stage(ctx: StudyContext) -> dict[str, Any]:
     return {"clusters": written}
 
 
+def hypotheses_stage(ctx: StudyContext) -> dict[str, Any]:
+    """Pre-register what discovery found, before any confirmation item is evaluated (hypotheses.json)."""
+    prof, dom, drv = ctx.profile(), ctx.domain_experts(), ctx.drivers()
+    rules = {"domain": dom.settings.get("rule_text", "") if dom is not None else "",
+             "driver": drv.settings.get("rule_text", "") if drv is not None else ""}
+    hyp = pre_register(dom, drv, ctx.config.intervention, model_source=str(ctx.config.model), layers=prof.layers,
+                       num_experts=prof.num_experts, discovery=ctx.domains, rules=rules, seed=ctx.config.seed)
+    hyp.save(ctx.out / "hypotheses.json")
+    return {"hypotheses": len(hyp.hypotheses), "hash": hyp.hash}
+
+
+def confirmation(ctx: StudyContext) -> dict[str, Any]:
+    """Pre-registered against observed: on the study's confirmation part (its steering tables, when present) and on
+    each second corpus (a steering study of exactly the registered sets), in confirmation.parquet."""
+    c = ctx.config
+    hyp = Hypotheses.load(c.hypotheses or ctx.path("hypotheses.json"))
+    parts, results = [], {}
+    if c.hypotheses is None and ctx.path("steering_dose.parquet").exists():
+        sources = {d.name: d.source or d.name for d in ctx.inputs.test or []}
+        parts.append(compare(hyp, InterventionResult.load(ctx.out), "the confirmation part", sources,
+                             ctx.inputs.overlap))
+    if ctx.inputs.second:
+        done = confirm(hyp, ctx.model, ctx.inputs.second, config=hyp.config().replace(limit=c.intervention.limit),
+                       allow_overlap=c.allow_overlap, corpus="the second corpus", executor=ctx.executor,
+                       progress=ctx.progress)
+        second = ctx.out / "confirmation" if c.hypotheses is None else ctx.out
+        assert done.result is not None
+        done.result.save(second)
+        parts.append(done.table)
+        results = {d.name: d.source for d in ctx.inputs.second}
+    import pandas as pd
+
+    table = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else \
+        pd.DataFrame(columns=list(parts[0].columns) if parts else [])
+    Confirmation(table, None, {"hypotheses_hash": hyp.hash, "second": results,
+                               "overlap": dict(ctx.inputs.overlap)}).save(ctx.out)
+    counts = table["outcome"].value_counts().to_dict() if len(table) else {}
+    return {"hypotheses_hash": hyp.hash, "outcomes": {str(k): int(v) for k, v in counts.items()},
+            "corpora": sorted(set(table["corpus"])) if len(table) else []}
+
+
 def steering(ctx: StudyContext) -> dict[str, Any]:
     assert ctx.inputs.test is not None and ctx.inputs.train is not None  # prepare() loads them for this stage
     result = intervention_study(ctx.model, ctx.inputs.test, ctx.domain_experts(), ctx.drivers(),
                                 train={d.name: d for d in ctx.inputs.train}, config=ctx.config.intervention,
                                 progress=ctx.progress, adapter_dir=ctx.out / "router_lora", executor=ctx.executor)
+    result.settings["overlap"] = dict(ctx.inputs.overlap)  # the report says so on every affected verdict
     result.save(ctx.out)
     # Not-applicable conditions (no targets) are recorded as null, never as a number.
     return {"accuracy": {f"{r.domain}/{r.condition}": round(float(r.accuracy), 4) if r.applicable else None

@@ -35,6 +35,7 @@ from .record import MIN_PAIR_COUNT, beyond_findings, findings, findings_record, 
 from .sentences import (
     Sentence,
     beyond_sentences,
+    confirmation_sentences,
     control_sentences,
     read_associations,
     read_causal_rate,
@@ -73,6 +74,7 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "routing_consistency": ("routing_consistency.parquet",),
     "importance": ("importance.parquet",),
     "routing_overlap": ("routing_overlap.parquet",),
+    "confirmation": ("confirmation.parquet",),
 }
 FIGURE_DIR = "figures"
 
@@ -402,6 +404,27 @@ def _beyond_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
     return body
 
 
+def _confirmation_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    """Pre-registered against observed: hypotheses.json's predictions beside what each confirmation corpus showed."""
+    conf = tables.get("confirmation")
+    if conf is None or not len(conf):
+        return ""
+    sealed = str(table_meta(conf).get("hypotheses_hash") or "")
+    body = ("<p>Before any confirmation item was evaluated, the run wrote <code>hypotheses.json</code>"
+            + (f" (SHA-256 {_e(sealed[:12])}…)" if sealed else "") + ": per domain and kind, the exact expert set "
+            "found on the discovery items, the predicted change in accuracy at each strength (masking and "
+            "down-weighting lower it, up-weighting raises it) and the predicted selectivity. Each prediction is "
+            "tested on items that never found it, with the calibrated verdict: <strong>confirmed</strong> when the "
+            "effect is specific beyond equally busy control experts in the predicted direction, "
+            "<strong>opposite</strong> when specific the other way, <strong>not confirmed</strong> when no effect "
+            "beyond the controls. <code>expertscope confirm</code> tests the same file on new data or another "
+            "checkpoint.</p>")
+    body += reading([Sentence(x) for x in confirmation_sentences(conf)])
+    cols = ["corpus", "domain", "kind", "strength", "n_targets", "predicted", "observed", "outcome", "n", "delta",
+            "delta_lo", "delta_hi", "diff", "diff_lo", "diff_hi", "q_vs_control", "control", "note"]
+    return body + table_html(conf, [c for c in cols if c in conf.columns], rows=200)
+
+
 _OPTION = re.compile(r"(--[a-z][a-z-]*)")  # a command-line option in a banner: kept on one line
 Section = Callable[[dict[str, pd.DataFrame], dict[str, list[Path]]], str]
 
@@ -415,6 +438,7 @@ SECTIONS: list[tuple[str, str, Section]] = [
     ("map", "Expert map", _map_section),
     ("steering", "Steering", _steering_section),
     ("controls", "Beyond controls: dose–response and selectivity", _controls_section),
+    ("confirmation", "Confirmation: pre-registered against observed", _confirmation_section),
     ("beyond", "Co-activation, paths and routing changes", _beyond_section),
 ]
 
@@ -465,6 +489,22 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
     return page(title, intro, sections, _domains(tables), [banner] if banner else [])
 
 
+def confirmation_page(manifest: dict[str, Any], tables: dict[str, pd.DataFrame]) -> str:
+    """The page of an ``expertscope confirm`` run: the confirmation, the steering rows behind it, the settings."""
+    dose = tables.get("steering_dose")
+    cols = ["domain", "kind", "strength", "n_targets", "n", "delta", "delta_lo", "delta_hi", "control",
+            "control_draws", "control_delta", "diff", "diff_lo", "diff_hi", "p_set", "p_item", "q_vs_control",
+            "specific"]
+    sections = [("confirmation", "Confirmation: pre-registered against observed", _confirmation_section(tables, {})),
+                ("controls", "Steering with controls", "" if dose is None else
+                 table_html(dose, [c for c in cols if c in dose.columns], rows=200)),
+                ("settings", "Run settings", _settings_html(manifest))]
+    model = manifest.get("model")
+    source = model.get("source", "the model") if isinstance(model, dict) else "the model"
+    return page("expertscope confirmation", _e(report_intro(str(source), str(manifest.get("created", "")))),
+                sections, _domains(tables))
+
+
 def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[str, str] | None = None, *,
            lock: bool = False) -> Path:
     """Build ``run_dir/report.html`` (or ``out``) from the run's saved tables; figures are written to
@@ -509,10 +549,16 @@ def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[st
     if "domain_experts" not in tables and bad is not None:
         raise OutputError(f"{run_dir / bad} cannot be read ({problems[bad]}): rerun the domain-expert stage "
                           f"(`expertscope run --resume` or `expertscope domains {run_dir}`)")
+    target = Path(out) if out is not None else run_dir / "report.html"
+    if "domain_experts" not in tables and "confirmation" in tables:  # `expertscope confirm`: its own page
+        findings_name = "findings.json" if out is None else f"{target.stem}.findings.json"
+        write_json(target.with_name(findings_name), findings_record(tables, manifest))
+        with atomic_write(target) as fh:
+            fh.write(confirmation_page(manifest, tables))
+        return target
     if "domain_experts" not in tables:
         raise OutputError(f"{run_dir} has no domain_experts.parquet: run the study (or `expertscope domains "
                           f"{run_dir}`) before building the report")
-    target = Path(out) if out is not None else run_dir / "report.html"
     # With ``out`` the report writes only that file and its own assets named after it (never into the run,
     # never over a neighbour's findings.json).
     fig_dir = run_dir / FIGURE_DIR if out is None else target.with_name(f"{target.stem}_figures")

@@ -62,6 +62,8 @@ class DomainFindings:
     up_lowers: list[dict[str, Any]] = field(default_factory=list)
     selectivity: list[dict[str, Any]] = field(default_factory=list)
     displaced: list[dict[str, Any]] = field(default_factory=list)
+    overlap: int = 0
+    """Confirmation or training items that were also discovery items (a run with --allow-overlap)."""
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -234,6 +236,7 @@ def controls_part(f: DomainFindings, dose: pd.DataFrame | None, sel: pd.DataFram
     (the domain's row of the selectivity matrix with its verdict) from the study's dose and selectivity
     tables."""
     if dose is not None and len(dose) and {"kind", "diff_lo"} <= set(dose.columns):
+        f.overlap = int((table_meta(dose).get("overlap") or {}).get(f.domain, 0))
         g = dose[dose["domain"].astype(str) == f.domain]
         for kind in ("domain", "driver"):
             rows = g[g["kind"] == kind]
@@ -314,7 +317,19 @@ def findings_record(tables: dict[str, pd.DataFrame], manifest: dict[str, Any] | 
         "model": model.get("source") if isinstance(model, dict) else None,
         "domains": [f.to_dict() for f in findings(tables)],
         "beyond": beyond_findings(tables),
+        "confirmation": confirmation_findings(tables.get("confirmation")),
     }
+
+
+def confirmation_findings(conf: pd.DataFrame | None) -> dict[str, Any] | None:
+    """The confirmation table in the findings: the hypotheses' hash, the outcome counts per corpus, and every row
+    (pre-registered against observed); None when the run has none."""
+    if conf is None:
+        return None
+    counts = {str(c): {str(k): int(v) for k, v in g["outcome"].value_counts().items()}
+              for c, g in conf.groupby("corpus", sort=False)}
+    return {"hypotheses_hash": table_meta(conf).get("hypotheses_hash"), "outcomes": counts,
+            "rows": _clean(conf.to_dict("records"))}
 
 # ----- replication -----------------------------------------------------------------------------------------
 #: The Jaccard of the halves' sets at or above which a domain's experts are said to replicate (docs/methods.md).

@@ -171,6 +171,11 @@ def control_sentences(f: DomainFindings) -> list[str]:
               else "")
         out.append(f"Ablating its {_KIND_NAME[sv['kind']]}, Δ accuracy per evaluated domain: {cells}: {verdict} "
                    f"({sv['reason']}){dd}.")
+    if f.overlap:  # every verdict of the domain says it was not tested on independent items
+        caution = (f" Not an independent test: {f.overlap} of {f.domain}'s confirmation or training items were also "
+                   "discovery items (--allow-overlap).")
+        out = [x + caution if ("specific" in x or "selective" in x) and not x.startswith("Fragility") else x
+               for x in out]
     return out
 
 def _names(experts: list[dict[str, Any]]) -> str:
@@ -545,7 +550,35 @@ def read_saturated(domains: list[str]) -> list[Sentence]:
                      "about the experts.")]
 
 
-__all__ = ["SHOWN", "Sentence", "beyond_sentences", "control_sentences", "format_number", "read_associations",
+__all__ = ["SHOWN", "Sentence", "beyond_sentences", "confirmation_sentences", "control_sentences", "format_number",
+           "read_associations",
            "read_causal_rate", "read_domain_experts", "read_drivers", "read_expert_map",
            "read_expert_types", "read_positions", "read_routing_mi", "read_saturated", "read_steering",
            "read_sweep", "replication_sentences", "sentences"]
+
+# ----- confirmation (pre-registered against observed) --------------------------------------------------------
+def confirmation_sentences(table: pd.DataFrame) -> list[str]:
+    """In words, per corpus: how many predictions were confirmed, went the other way, or were not confirmed,
+    and each confirmed or opposite one with its effect beyond the controls."""
+    out = []
+    if table is None or not len(table):
+        return out
+    for corpus, g in table.groupby("corpus", sort=False):
+        counts = g["outcome"].value_counts()
+        tested = int(len(g) - counts.get("not measured", 0))
+        per = ", ".join(f"{d} {int((h['outcome'] == 'confirmed').sum())}/{int((h['outcome'] != 'not measured').sum())}"
+                        for d, h in g.groupby("domain", sort=False))
+        out.append(f"On {corpus}: {counts.get('confirmed', 0)} of {tested} pre-registered predictions confirmed "
+                   f"({per}), {counts.get('opposite', 0)} opposite, {counts.get('not confirmed', 0)} not confirmed "
+                   "(no effect beyond the controls)"
+                   + (f", {counts.get('not measured', 0)} not measured" if counts.get("not measured", 0) else "")
+                   + ".")
+        for r in g[g["outcome"].isin(["confirmed", "opposite"])].itertuples():
+            what = f"{r.domain} {'domain experts' if r.kind == 'domain' else 'drivers'} ({r.n_targets})"
+            if r.strength == "selectivity":
+                out.append(f"{what}: predicted {r.predicted}, observed {r.observed}: {r.outcome}.")
+            else:
+                out.append(f"{what} at {r.strength}: predicted {r.predicted}, observed {float(r.diff):+.3f} "
+                           f"[{float(r.diff_lo):+.3f}, {float(r.diff_hi):+.3f}] beyond {r.control} "
+                           f"(q {float(r.q_vs_control):.2g}): {r.outcome}.")
+    return out

@@ -9,7 +9,7 @@ from typing import Any
 #: The stages of ``expertscope run`` in order (``pipeline.PIPELINE.study()``; a test keeps the two equal). Used
 #: for manifests that do not list their ``planned_stages``.
 STUDY_STAGES = ("profile", "coactivation", "drivers", "domain_experts", "replication", "causal_rate", "tokens",
-                "expert_map", "steering", "routing_overlap", "report")
+                "expert_map", "hypotheses", "steering", "routing_overlap", "confirmation", "report")
 
 @dataclass
 class RunStatus:
