@@ -94,7 +94,22 @@ def _other_value(value: object, tp: object) -> tuple[str, object]:
     return "float32", "float32"  # the remaining free-text settings: a value every one of them accepts
 
 
-COMMAND_NAMES = ["run", "profile", "domains", "drivers", "steer-study", "eval", "lm-eval"]
+COMMAND_NAMES = ["run", "profile", "domains", "drivers", "steer-study", "eval", "lm-eval", "confirm"]
+
+
+def _hypotheses_file(path) -> str:  # type: ignore[no-untyped-def]
+    """A valid hypotheses file (nothing in it is run: the stand-in run_study captures the config)."""
+    import pandas as pd
+
+    from expertscope.config import InterventionConfig
+    from expertscope.data.types import Domain, Example
+    from expertscope.interventions.hypotheses import pre_register
+
+    dom = pd.DataFrame([{"domain": "math", "layer": 0, "expert": 1, "activation_rate": 0.2, "is_domain_expert": True,
+                         "specificity": 1.0}])
+    hyp = pre_register(dom, None, InterventionConfig(), model_source="demo", layers=[0], num_experts=8,
+                       discovery=[Domain("math", [Example(text="x", answer="1")], "math")])
+    return str(hyp.save(path / "hypotheses.json"))
 
 
 @pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.slow) if c in ("run", "steer-study", "drivers")
@@ -112,12 +127,16 @@ def test_every_option_reaches_its_config_field(command: str, captured, tmp_path)
     assert settings, command
     (tmp_path / "manifest.json").write_text('{"kind": "profile", "config": {}}')
     prefix = [command, str(tmp_path)] if command == "domains" else [command]
+    if command == "confirm":
+        prefix = [command, _hypotheses_file(tmp_path)]
     base = cmd.base()
     checked = 0
     for s in settings:
-        if s.name == "domain":
-            got = captured(*prefix, "--domain", "a=synthetic:math", "--domain", "b=synthetic:emotion").config
-            assert got.domains[-2:] == ("a=synthetic:math", "b=synthetic:emotion") or command == "eval"
+        if s.name in ("domain", "confirm"):  # repeated options: one value each
+            got = captured(*prefix, f"--{s.name}", "a=synthetic:math", f"--{s.name}", "b=synthetic:emotion").config
+            # confirm's -d names its corpora: the second corpora
+            field = "confirm" if s.name == "confirm" or command == "confirm" else "domains"
+            assert getattr(got, field)[-2:] == ("a=synthetic:math", "b=synthetic:emotion") or command == "eval"
             continue
         default = current(base, s)
         if s.type is bool:
@@ -203,3 +222,19 @@ def test_steering_table_prints_not_applicable_and_saturated(capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "not applicable: no driver experts" in out and "saturated" in out
     assert "nan" not in out.lower().replace("not applicable", "")
+
+
+def test_confirm_takes_the_hypotheses_model_unless_told_and_the_demo_shifted_corpora_by_default(captured,
+                                                                                               tmp_path) -> None:
+    from expertscope.config import DEMO_CONFIRM
+
+    path = _hypotheses_file(tmp_path)
+    got = captured("confirm", path)
+    assert got.config.hypotheses == path and got.config.model == "demo"
+    assert got.config.confirm == () and got.config.confirm_specs == DEMO_CONFIRM
+    assert got.kwargs["stages"] == ("confirmation", "report") and str(got.kwargs["out"]) == "runs/confirm"
+    got = captured("confirm", path, "-m", "demo-deepseek", "-d", "math=synthetic:math@shifted")
+    assert got.config.model == "demo-deepseek" and got.config.confirm_specs == ("math=synthetic:math@shifted",)
+    with pytest.raises(AssertionError, match="not a hypotheses file"):
+        (tmp_path / "other.json").write_text("{}")
+        captured("confirm", str(tmp_path / "other.json"))

@@ -344,3 +344,67 @@ def test_readme_results_table_is_read_from_the_run(full_run: Path, capsys) -> No
     assert rows["driver experts"] == " / ".join(str(d["n_drivers"]) for d in f["domains"])
     assert rows["domains"] == " / ".join(d["domain"] for d in f["domains"])
     assert mod.main([str(full_run.parent / "nothing")]) == 2
+
+
+@pytest.mark.slow
+def test_hypotheses_are_registered_and_confirmed_on_new_data(full_run: Path, domains: list[str],
+                                                             tmp_path: Path) -> None:
+    """The run pre-registers what discovery found (before steering), compares it with its confirmation part, and
+    `expertscope confirm` tests the same file on a new corpus; discovery items and edited files are refused."""
+    import math
+
+    from expertscope.data.parts import digest
+    from expertscope.data.sources import load_domain
+    from expertscope.interventions.hypotheses import Hypotheses
+
+    manifest = json.loads((full_run / "manifest.json").read_text())
+    order = [k for k in manifest["stages"] if not k.startswith("_")]
+    assert order.index("hypotheses") < order.index("steering") < order.index("confirmation")
+    hyp = Hypotheses.load(full_run / "hypotheses.json")
+    assert hyp.discovery["sa"]["digest"] == manifest["stages"]["profile"]["items"]["discovery"]["sa"]["digest"]
+    dom = pd.read_parquet(full_run / "domain_experts.parquet")
+    for h in hyp.hypotheses:
+        if h.kind == "domain":
+            flagged = dom[(dom.domain == h.domain) & dom.is_domain_expert.fillna(False).astype(bool)]
+            assert set(h.experts) == {(int(r.layer), int(r.expert)) for r in flagged.itertuples()}
+    # the study's own confirmation part: each outcome recomputed by hand from the steering dose table
+    conf = pd.read_parquet(full_run / "confirmation.parquet")
+    dose = pd.read_parquet(full_run / "steering_dose.parquet")
+    assert set(conf["corpus"]) == {"the confirmation part"} and len(conf) == 4 * len(hyp.hypotheses)
+    for r in conf[conf.strength != "selectivity"].itertuples():
+        d = dose[(dose.domain == r.domain) & (dose.kind == r.kind) & (dose.strength == r.strength)].iloc[0]
+        if d.specific is None or (isinstance(d.specific, float) and math.isnan(d.specific)):
+            want = "not measured"
+        elif not d.specific:
+            want = "not confirmed"
+        else:
+            went = "lower" if d.diff_hi < 0 else "higher"
+            want = "confirmed" if went == r.predicted else "opposite"
+        assert r.outcome == want, (r.domain, r.kind, r.strength)
+    # a new corpus for sa: other texts, the same labels
+    new = tmp_path / "new.jsonl"
+    words = {"positive": "wonderful", "negative": "dreadful", "neutral": "ordinary"}
+    new.write_text("\n".join(json.dumps({"text": f"Bo: it felt {words[SENTIMENT[i % 3]]} #{i}",
+                                         "label": SENTIMENT[i % 3]}) for i in range(30)))
+    out = tmp_path / "confirm"
+    r = runner.invoke(app, ["confirm", str(full_run / "hypotheses.json"), "-d", f"sa={new}?task=classification",
+                            "--eval-limit", "5", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    got = pd.read_parquet(out / "confirmation.parquet")
+    assert set(got["domain"]) == {"sa"} and set(got["corpus"]) == {"the second corpus"}
+    assert len(got) == 4 * sum(h.domain == "sa" for h in hyp.hypotheses)
+    cm = json.loads((out / "manifest.json").read_text())
+    assert cm["stages"]["confirmation"]["items"]["second"]["sa"] == digest(
+        load_domain(f"sa={new}?task=classification").examples[:5])
+    assert cm["stages"]["confirmation"]["hypotheses_hash"] == hyp.hash
+    assert (out / "report.html").exists() and "pre-registered against observed" in (out / "report.html").read_text()
+    # the discovery file itself: its items found the hypotheses, so they cannot confirm them
+    data = domains[0].split("=", 1)[1].split("?")[0]
+    r = runner.invoke(app, ["confirm", str(full_run / "hypotheses.json"), "-d", f"sa={data}?task=classification",
+                            "--eval-limit", "40", "-o", str(tmp_path / "again")])
+    assert r.exit_code == 2 and "found the hypotheses" in r.output and not (tmp_path / "again").exists()
+    # an edited hypotheses file
+    edited = tmp_path / "edited.json"
+    edited.write_text((full_run / "hypotheses.json").read_text().replace('"lower"', '"higher"'))
+    r = runner.invoke(app, ["confirm", str(edited), "-d", f"sa={new}?task=classification", "-o", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "changed after it was written" in r.output and not (tmp_path / "e").exists()

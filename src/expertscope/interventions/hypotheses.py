@@ -159,7 +159,8 @@ def pre_register(domain_table: Any, driver_table: Any, config: InterventionConfi
             for d in discovery}
     act = {d.name: [[layer, expert, round(rate, 9)] for (layer, expert), rate
                     in sorted(activation_rates(domain_table, d.name).items())] for d in discovery}
-    settings = {"intervention": config.to_dict(), "rules": dict(rules or {}), "seed": seed}
+    # JSON-normal (lists, not tuples), so the object equals what its file reads back
+    settings = json.loads(json.dumps({"intervention": config.to_dict(), "rules": dict(rules or {}), "seed": seed}))
     return Hypotheses(hyps, {"source": model_source, "layers": [int(x) for x in layers],
                              "num_experts": int(num_experts)}, disc, settings, act,
                       datetime.now(UTC).isoformat(timespec="seconds"))

@@ -185,3 +185,34 @@ def test_cli_data_synth_writes_jsonl_and_manifest(tmp_path) -> None:
     assert manifest["kind"] == "synthetic-data" and len(manifest["files"]) == 9
     again = CliRunner().invoke(app, ["data", "synth", "--out", str(out)])
     assert again.exit_code == 2  # refuses to overwrite without --force
+
+
+@pytest.mark.parametrize("domain", synthetic.DOMAINS)
+def test_the_shifted_corpus_is_test_bucket_content_in_new_words(domain: str) -> None:
+    """``@shifted``: items whose content keys are in the test bucket (checked by an independent blake2b), so never
+    a validation or training item, reworded so that no text equals any validation, training or test text, with
+    labels and answers that still hold."""
+    import hashlib
+
+    shifted = synthetic.generate(domain, 80, seed=0, split="shifted")
+    assert len(shifted) == 80 and all(e.meta["split"] == "shifted" for e in shifted)
+    for ex in shifted:
+        bucket = int.from_bytes(hashlib.blake2b(f"{domain}|{ex.meta['key']}".encode(), digest_size=8).digest(), "big")
+        assert 85 <= bucket % 100 < 100
+    texts = {(e.text, e.context) for s in ("train", "validation", "test")
+             for e in synthetic.generate(domain, 300 if s != "train" else 2000, seed=0, split=s)}
+    assert not texts & {(e.text, e.context) for e in shifted}
+    words = " ".join(e.text + " " + " ".join(e.context or ()) for e in shifted)
+    if domain == "math":
+        assert not any(re.search(rf"\b{w}\b", words) for w in (*synthetic._PEOPLE, *synthetic._OBJECTS))
+        for ex in shifted:  # the worked solution still computes the answer, from the numbers the text states
+            assert ex.solution.endswith(f"#### {ex.answer}") and extract_answer(ex.solution) == ex.answer
+            start = re.match(r"\w+ has (\d+) ", ex.text)
+            assert start is not None and ex.solution.startswith(start.group(1))
+    elif domain == "emotion":
+        assert not any(re.search(rf"\b{w}:", words) for w in synthetic._V2_SPEAKERS)
+        assert {e.label for e in shifted} <= set(synthetic.EMOTION_LABELS)
+    else:
+        assert all(e.text.startswith("Quiz item: ") and e.label in "ABCD" for e in shifted)
+    with pytest.raises(ConfigError, match="unknown split"):
+        synthetic.generate(domain, 3, split="heldout")

@@ -235,12 +235,12 @@ def test_status_sentence_names_the_missing_stages() -> None:
                "stages": {"profile": done, "domain_experts": done, "_total_seconds": {"status": "info"}}}
     st = run_status(running)
     assert not st.complete and st.finished == ["profile", "domain_experts"]
-    assert st.missing == ["coactivation", "drivers", "replication", "causal_rate", "tokens", "expert_map", "steering",
-                          "routing_overlap"]  # not "report"
+    assert st.missing == ["coactivation", "drivers", "replication", "causal_rate", "tokens", "expert_map",
+                          "hypotheses", "steering", "routing_overlap", "confirmation"]  # not "report"
     text = status_sentence(running)
     assert text is not None and "status “running”" in text
-    assert ("stages coactivation, drivers, replication, causal_rate, tokens, expert_map, steering, routing_overlap "
-            "did not finish") in text
+    assert ("stages coactivation, drivers, replication, causal_rate, tokens, expert_map, hypotheses, steering, "
+            "routing_overlap, confirmation did not finish") in text
     # The stages the run planned, where its manifest lists them.
     planned = {**running, "planned_stages": ["profile", "domain_experts", "drivers", "report"]}
     assert "stage drivers did not finish, so its section is missing" in (status_sentence(planned) or "")
@@ -255,7 +255,7 @@ def test_report_puts_a_banner_on_an_incomplete_run() -> None:
     assert "Incomplete run" not in build_html({**manifest, "status": "complete"}, _tables(), {})
     page = build_html({**manifest, "status": "running"}, _tables(), {})
     banner = page.split("<div class='banner' role='alert'>")[1].split("</div>")[0]
-    assert "causal_rate, tokens, expert_map, steering, routing_overlap did not finish" in banner
+    assert "causal_rate, tokens, expert_map, hypotheses, steering, routing_overlap, confirmation did not finish" in banner
     assert "“running”" in banner
     assert page.index("class='banner'") < page.index("id='findings'")  # above everything else
 
