@@ -42,6 +42,17 @@ def _selective(d: dict[str, Any], kind: str) -> str:
     return "**selective**" if s["selective"] else "no"
 
 
+def _confirmed(c: dict[str, Any] | None) -> str:
+    """``confirmed of tested`` per corpus, in the run's order."""
+    if not c:
+        return "–"
+    cells = []
+    for counts in c["outcomes"].values():
+        tested = sum(v for k, v in counts.items() if k != "not measured")
+        cells.append(f"{counts.get('confirmed', 0)} of {tested}")
+    return "; ".join(cells)
+
+
 def _jaccard(r: dict[str, Any] | None) -> str:
     j = None if r is None else r.get("jaccard")
     return "–" if j is None or (isinstance(j, float) and math.isnan(j)) else f"{j:.2f}"
@@ -91,6 +102,10 @@ def column(run: Path) -> dict[str, str]:
             doms, lambda d: _control(d, "driver")),
         "selective (domain experts / drivers)": _per_domain(
             doms, lambda d: f"{_selective(d, 'domain')}, {_selective(d, 'driver')}"),
+        "drivers stable at this sample size? (inputs the power estimate asks for)": _per_domain(
+            doms, lambda d: "–" if not d.get("driver_stability") else "yes" if "is stable" in d["driver_stability"]
+            else f"no ({_num(d.get('driver_inputs_needed'), '.0f')})"),
+        "pre-registered predictions confirmed (confirmation part; second corpus)": _confirmed(f.get("confirmation")),
         "`expertscope run` wall time (steering stage)": (
             f"{_minutes(st['_total_seconds']['seconds'])} ({_minutes(st['steering']['seconds'])})"
             if "steering" in st and "_total_seconds" in st else "–"),

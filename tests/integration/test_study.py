@@ -343,6 +343,10 @@ def test_readme_results_table_is_read_from_the_run(full_run: Path, capsys) -> No
     assert rows["domain experts"] == " / ".join(str(d["n_domain_experts"]) for d in f["domains"])
     assert rows["driver experts"] == " / ".join(str(d["n_drivers"]) for d in f["domains"])
     assert rows["domains"] == " / ".join(d["domain"] for d in f["domains"])
+    conf = pd.read_parquet(full_run / "confirmation.parquet")
+    tested = conf[conf.outcome != "not measured"]
+    assert rows["pre-registered predictions confirmed (confirmation part; second corpus)"] == \
+        f"{int((tested.outcome == 'confirmed').sum())} of {len(tested)}"
     assert mod.main([str(full_run.parent / "nothing")]) == 2
 
 

@@ -10,13 +10,13 @@ on ``--limit`` (the limit takes the first items *of the part*), and duplicated t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 Part = Literal["discovery", "train", "confirm"]
 PARTS: tuple[Part, ...] = ("discovery", "train", "confirm")
 
-__all__ = ["PARTS", "Part", "digest", "item_hash", "part_of", "select_part"]
+__all__ = ["PARTS", "Part", "digest", "item_hash", "part_of", "refuse_shared", "select_part", "shared_items"]
 
 
 def item_hash(example: Any) -> str:
@@ -47,3 +47,27 @@ def digest(examples: Iterable[Any]) -> dict[str, Any]:
     """How many items a stage read and a digest of their hashes (order-free): what the manifest records."""
     hashes = sorted(item_hash(e) for e in examples)
     return {"n": len(hashes), "digest": hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]}
+
+
+def shared_items(seen: Mapping[str, Collection[str]], domains: Iterable[Any], digits: int = 64) -> dict[str, int]:
+    """Per domain of ``domains`` (``.name``, ``.examples``), how many of its items' hashes (their first
+    ``digits`` hex digits) are among ``seen[name]``; domains with none are left out."""
+    found = {}
+    for d in domains:
+        known = seen.get(d.name, ())
+        n = sum(item_hash(e)[:digits] in known for e in d.examples)
+        if n:
+            found[d.name] = n
+    return found
+
+
+def refuse_shared(found: Mapping[str, int], allowed: bool, what: str) -> dict[str, int]:
+    """``found`` (from :func:`shared_items`) when ``allowed`` or empty; else a one-line DataError naming the first
+    domain and its count: ``domain 'x': N <what>: ... --allow-overlap``."""
+    if found and not allowed:
+        from ..errors import DataError
+
+        name, n = next(iter(found.items()))
+        raise DataError(f"domain {name!r}: {n} {what}: give new data or disjoint sources, or pass --allow-overlap "
+                        "(every affected verdict then says so)")
+    return dict(found)

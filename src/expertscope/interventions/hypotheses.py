@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from ..config import InterventionConfig
-from ..data.parts import digest, item_hash
+from ..data.parts import digest, item_hash, refuse_shared, shared_items
 from ..data.types import Domain
 from ..errors import ConfigError, DataError
 from ..execution import Executor
@@ -299,18 +299,10 @@ def check_architecture(hyp: Hypotheses, model: Any) -> None:
 def check_items(hyp: Hypotheses, domains: Sequence[Domain], allow_overlap: bool = False) -> dict[str, int]:
     """Per domain, how many of ``domains``' items were discovery items (from the short hashes in the file);
     refused unless ``allow_overlap``."""
-    found = {}
-    for d in domains:
-        seen = hyp.discovery_hashes(d.name)
-        n = sum(item_hash(e)[:ITEM_HASH_DIGITS] in seen for e in d.examples)
-        if n:
-            found[d.name] = n
-    if found and not allow_overlap:
-        name, n = next(iter(found.items()))
-        raise DataError(f"domain {name!r}: {n} item(s) of the confirmation data found the hypotheses (discovery "
-                        "items), so they cannot confirm them: give new data, or pass --allow-overlap (every "
-                        "affected verdict then says so)")
-    return found
+    seen = {d.name: hyp.discovery_hashes(d.name) for d in domains}
+    return refuse_shared(shared_items(seen, domains, ITEM_HASH_DIGITS), allow_overlap,
+                         "item(s) of the confirmation data found the hypotheses (discovery items), so they cannot "
+                         "confirm them")
 
 
 def confirm(hypotheses: Hypotheses | str | Path, model: Any, domains: Sequence[Domain], *,

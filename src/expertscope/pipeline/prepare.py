@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import StudyConfig
 from ..data.checks import check_domain_specs, check_stage_inputs
-from ..data.parts import item_hash
+from ..data.parts import item_hash, refuse_shared, shared_items
 from ..data.sources import load_domains
 from ..errors import ConfigError, DataError
 from ..evaluation import validate_examples
@@ -97,20 +97,13 @@ def _check_n_perm(config: StudyConfig, inputs: StudyInputs) -> None:
 def _check_overlap(inputs: StudyInputs, allowed: bool) -> dict[str, int]:
     """Per domain, how many confirmation or training items are also discovery items; refused unless
     ``allowed`` (the parts of one source never overlap; a second corpus or a hand-given split might)."""
+    seen = {d.name: {item_hash(e) for e in d.examples} for d in inputs.domains}
+    later = [x for p in (inputs.test or [], inputs.train or [], inputs.second or []) for x in p]
     found: dict[str, int] = {}
-    for d in inputs.domains:
-        seen = {item_hash(e) for e in d.examples}
-        later = [e for p in (inputs.test or [], inputs.train or [], inputs.second or []) for x in p if x.name == d.name
-                 for e in x.examples]
-        n = sum(item_hash(e) in seen for e in later)
-        if n:
-            found[d.name] = n
-    if found and not allowed:
-        name, n = next(iter(found.items()))
-        raise DataError(f"domain {name!r}: {n} confirmation or training item(s) are also discovery items, so the "
-                        "same items would find the experts and test them: give disjoint sources, or pass "
-                        "--allow-overlap (every affected verdict then says so)")
-    return found
+    for name, n in ((k, v) for x in later for k, v in shared_items(seen, [x]).items()):
+        found[name] = found.get(name, 0) + n
+    return refuse_shared(found, allowed, "confirmation or training item(s) are also discovery items, so the same "
+                         "items would find the experts and test them")
 
 
 def _check_hypotheses(config: StudyConfig, second: Sequence[Any]) -> dict[str, int]:
