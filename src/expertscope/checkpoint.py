@@ -22,6 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from .errors import ConfigError, OutputError
+from .io import check_inside, make_dirs
 
 FORMAT = "expertscope.checkpoint"
 VERSION = 1
@@ -44,7 +45,8 @@ class RowCheckpoint:
         if resume and self.path.exists():
             self._read()
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
+            check_inside(self.path)
             header = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint}
             with open(self.path, "w", encoding="utf-8") as fh:
                 fh.write(json.dumps(header) + "\n")

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from .errors import ConfigError, InputTypeError
 
 C = TypeVar("C", bound="BaseConfig")
+#: The largest seed: torch seeds with at most 64 bits, numpy with any; 2**63 - 1 fits both everywhere.
+MAX_SEED = 2**63 - 1
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -41,10 +43,21 @@ class BaseConfig:
                 raise ConfigError(
                     f"{f.name}={value!r} is not a valid option: use one of {', '.join(map(repr, options))}"
                 )
+        self._check_seed()
         self.validate()
 
     def validate(self) -> None:
         """Range checks beyond the Literal options (subclasses)."""
+
+    def _check_seed(self) -> None:
+        """A ``seed`` field, where the config has one: a whole number torch and numpy can both seed with."""
+        seed = getattr(self, "seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            from .errors import InputTypeError
+
+            raise InputTypeError(f"seed={seed!r} is a {type(seed).__name__}, not an integer: pass e.g. seed=0")
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed={seed} is out of range: pass 0 to {MAX_SEED} (2**63 - 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,14 +183,14 @@ class ProfileConfig(BaseConfig):
     """Compute the output-aware importance mean w·‖f_i(x)‖₂ in the routing pass (≈ the MoE layers' cost again)."""
     keep_routes: bool = True
     """Keep every real token's selected experts per sequence (routes.safetensors; overlap between runs)."""
-    path_length: int = 3
-    """Consecutive MoE layers per expert path in the co-activation counts."""
+    path_length: int | None = None
+    """Consecutive MoE layers per expert path in the co-activation counts (None: 3, or all when fewer)."""
 
     def validate(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("max_length", self.max_length, allow_none=True)
         _positive("limit", self.limit, allow_none=True)
-        _positive("path_length", self.path_length)
+        _positive("path_length", self.path_length, allow_none=True)
 
 
 @dataclass(frozen=True)

@@ -82,15 +82,59 @@ _PROCESS_MODEL: Any = None
 _PROCESS_JOB: tuple[str, Callable[[Any], Any]] | None = None
 
 
-def _process_init(spec: dict[str, Any], filters: list[Any], formatwarning: Any) -> None:
-    """Runs once in each worker process: the caller's warning filters and format (a new process starts
-    without them), then load the model."""
+def _process_init(spec: dict[str, Any], filters: list[Any], formatwarning: Any, parent: int | None = None) -> None:
+    """Runs once in each worker process: watch the process that started the pool (``parent``), take the
+    caller's warning filters and format (a new process starts without them), then load the model."""
     import warnings
 
     global _PROCESS_MODEL
+    if parent is not None:
+        watch_parent(parent)
     warnings.filters[:] = filters  # type: ignore[index]  # typeshed calls it a Sequence; it is a list
     warnings.formatwarning = formatwarning
     _PROCESS_MODEL = ModelSpec(**spec).load()
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` is running (an exited process waiting to be reaped, a zombie, counts as gone)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return True  # no /proc (macOS): kill(0) said it exists
+
+
+def watch_parent(pid: int, poll: float = 1.0) -> None:
+    """End this process (exit code 0, no traceback) as soon as process ``pid`` is gone, even when it was
+    SIGKILLed and could stop nothing: a pool's workers are children of the forkserver, which outlives the
+    caller while its workers live (they hold its pipe), and the resource tracker lives while any of them do.
+    Waits on a pidfd where Linux has one, else polls every ``poll`` seconds."""
+    import os
+    import select
+    import threading
+    import time
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while _alive(pid):
+                time.sleep(poll)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="expertscope-parent-watch", daemon=True).start()
 
 
 def _process_item(job: str, path: str, item: Any) -> Any:
@@ -108,6 +152,27 @@ def _process_item(job: str, path: str, item: Any) -> Any:
     return _PROCESS_JOB[1](item)
 
 
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (once) with its stderr on /dev/null: when a worker or the
+    caller is killed, it prints warnings about leaked semaphores and tracebacks of its own bookkeeping
+    (``KeyError``) that say nothing to a user; the caller reports a dead worker in one line instead."""
+    import os
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    if getattr(tracker, "_fd", None) is not None:
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        resource_tracker.ensure_running()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _worker_context(spec: ModelSpec) -> Any:
     """The multiprocessing context worker processes start from: ``forkserver`` where the platform has it (one
     server process imports torch, transformers, expertscope and the model's family module once, and each
@@ -118,6 +183,7 @@ def _worker_context(spec: ModelSpec) -> Any:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
+    _quiet_resource_tracker()
     preload = ["__main__", "expertscope", "transformers.modeling_utils"]
     try:  # a local checkpoint names its family: import its modeling module in the server too
         import json
@@ -176,6 +242,7 @@ class ProcessExecutor:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _started(self) -> Any:
+        import os
         import warnings
         import weakref
         from concurrent.futures import ProcessPoolExecutor
@@ -183,7 +250,7 @@ class ProcessExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=_worker_context(self.spec), initializer=_process_init,
-                initargs=(asdict(self.spec), list(warnings.filters), warnings.formatwarning))
+                initargs=(asdict(self.spec), list(warnings.filters), warnings.formatwarning, os.getpid()))
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 

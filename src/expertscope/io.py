@@ -7,6 +7,7 @@ half-written file behind: data goes to a temporary file in the same directory an
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import errno
 import json
@@ -27,11 +28,56 @@ from .errors import DataError, OutputError
 
 MANIFEST_SCHEMA_VERSION = 1
 
+# The output directory a command is writing (set while it holds the directory's lock): every write below it
+# is checked by :func:`check_inside`. Unset (plain API calls writing where the caller says), nothing is checked.
+_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("expertscope_write_root", default=None)
+
+
+@contextlib.contextmanager
+def write_root(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """While the block runs, every file expertscope writes must lie inside ``path`` and reach it through no
+    symbolic link below ``path`` (:func:`check_inside`); ``path`` itself may be reached through links."""
+    token = _ROOT.set(Path(os.path.abspath(path)))
+    try:
+        yield Path(path)
+    finally:
+        _ROOT.reset(token)
+
+
+def check_inside(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """``path`` when it may be written: inside ``root`` (default: the directory of :func:`write_root`, if
+    any), with no symbolic link among its components below ``root`` (the file itself included). Raises a
+    one-line :class:`OutputError` naming the link or the outside path."""
+    base = _ROOT.get() if root is None else Path(os.path.abspath(root))
+    target = Path(os.path.abspath(path))
+    if base is None:
+        return Path(path)
+    try:
+        rel = target.relative_to(base)
+    except ValueError:
+        raise OutputError(f"{target} is outside the output directory {base}: expertscope writes only inside it "
+                          "(check the domain names and paths given)") from None
+    p = base
+    for part in rel.parts:
+        p = p / part
+        if p.is_symlink():
+            raise OutputError(f"{p} is a symbolic link (to {os.readlink(p)}): expertscope never writes through links "
+                              f"inside {base}; remove the link, or choose another output directory")
+    return Path(path)
+
+
+def make_dirs(path: str | os.PathLike[str]) -> Path:
+    """``mkdir -p path``, each directory checked by :func:`check_inside` first."""
+    check_inside(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds. Inside a
+    :func:`write_root`, ``path`` is checked by :func:`check_inside` first."""
+    path = check_inside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -41,7 +41,7 @@ from .fingerprint import (
     model_fingerprint,
     run_fingerprint,
 )
-from .io import make_manifest, write_json
+from .io import make_manifest, write_json, write_root
 
 LOCK_NAME = ".expertscope.lock"
 ASIDE_NAME = ".replaced-run"
@@ -69,12 +69,30 @@ def check_out_dir(out: str | os.PathLike[str], option: str = "--out") -> Path:
 
 
 def check_out_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
-    """Check that ``path`` can be written as a file: not a directory, and its directory writable."""
+    """Check that ``path`` can be written as a file: not a directory, its directory writable, and not (with
+    the assets a report or comparison writes beside it: ``<stem>_figures/``, ``<stem>.findings.json``) an
+    entry of a run directory that it would replace: the manifest, or a file the run wrote."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{option} {path} is a directory: pass a file path, e.g. {path / 'report.html'}")
     check_out_dir(path.parent, option)
+    for target in (path, path.with_name(f"{path.stem}_figures"), path.with_name(f"{path.stem}.findings.json")):
+        _not_a_run_file(target, option, path)
     return path
+
+
+def _not_a_run_file(target: Path, option: str, given: Path) -> None:
+    manifest = target.parent / MANIFEST
+    if not manifest.is_file():
+        return
+    old = _read_manifest(manifest) or {}
+    listed = _old_outputs(target.parent, old)
+    ours = {MANIFEST, LOCK_NAME, ASIDE_NAME} | (
+        {p.name for p in _artifacts(target.parent)} if listed is None else listed)
+    if target.name in ours or target.is_symlink():
+        what = "its manifest" if target.name == MANIFEST else f"its {target.name}"
+        raise OutputError(f"{option} {given} would replace {what} in the {old.get('kind', 'expertscope')} run "
+                          f"{target.parent}: write the file outside the run or under another name")
 
 
 # ----- the run directory ----------------------------------------------------------------------------------
@@ -87,15 +105,22 @@ class RunDir:
     fingerprint: dict[str, Any]
     config: dict[str, Any]
     previous: dict[str, Any] = field(default_factory=dict)
+    foreign: set[str] = field(default_factory=set)
+    """Entries of the directory that are not this run's (a user's files left in place by ``--force``)."""
 
     @property
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
+    def outputs(self) -> list[str]:
+        """The directory's entries this run wrote (what a later ``--force`` may move aside)."""
+        return sorted(p.name for p in _artifacts(self.path) if p.name not in self.foreign)
+
     def write_manifest(self, status: str, config: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-        """Write ``manifest.json`` (atomically) with the run's fingerprint; returns it."""
+        """Write ``manifest.json`` (atomically) with the run's fingerprint and ``outputs`` (the entries it wrote);
+        returns it."""
         m = make_manifest(self.kind, self.config if config is None else config, status=status,
-                          fingerprint=self.fingerprint, **extra)
+                          fingerprint=self.fingerprint, outputs=self.outputs(), **extra)
         write_json(self.manifest_path, m)
         return m
 
@@ -115,22 +140,51 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return m if isinstance(m, dict) else None
 
 
-def _move_aside(out: Path) -> None:
-    aside = out / ASIDE_NAME
+def _no_link(p: Path) -> Path:
+    """``p`` when it is not a symbolic link; else the one-line error naming it."""
+    if p.is_symlink():
+        raise OutputError(f"{p} is a symbolic link (to {os.readlink(p)}): expertscope never writes through links "
+                          f"inside its output directory; remove the link, or choose another output directory")
+    return p
+
+
+def _old_outputs(out: Path, old: dict[str, Any] | None) -> set[str] | None:
+    """The entries the old run in ``out`` wrote, from its manifest's ``outputs`` (None: a manifest from before
+    that list, whose entries all count as the run's)."""
+    listed = (old or {}).get("outputs")
+    return None if not isinstance(listed, list) else {str(x) for x in listed}
+
+
+def _move_aside(out: Path, old: dict[str, Any] | None = None) -> set[str]:
+    """Move the old run's entries into ``OUT/.replaced-run``; returns the names of the entries left in place
+    (a user's own files, which the old run's manifest does not list)."""
+    aside = _no_link(out / ASIDE_NAME)
     if (aside / MANIFEST).exists():
         shutil.rmtree(aside)  # a run replaced earlier, whose replacement is now replaced in turn
     # Without a manifest inside, the aside is a move killed half-way: keep it and finish the move.
     aside.mkdir(exist_ok=True)
+    own = _old_outputs(out, old)
+    entries = _artifacts(out)
+    moved = [p for p in entries if own is None or p.name in own]
     # The manifest goes last: until then the directory still reads as the old run.
-    for p in [*_artifacts(out), out / MANIFEST]:
-        if p.exists():
+    for p in [*moved, out / MANIFEST]:
+        if p.exists() or p.is_symlink():
             os.replace(p, aside / p.name)
+    return {p.name for p in entries if p not in moved}
 
 
-def _restore_aside(out: Path) -> None:
-    aside = out / ASIDE_NAME
+def _remove(p: Path) -> None:
+    """Remove one entry (a link itself, never what it points to)."""
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _restore_aside(out: Path, keep: set[str] | None = None) -> None:
+    """Put the moved-aside run back; the new run's entries go, except ``keep`` (entries that were never the
+    old run's: a user's files left in place)."""
+    aside = _no_link(out / ASIDE_NAME)
     for p in _artifacts(out):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.name not in (keep or set()):
+            _remove(p)
     (out / MANIFEST).unlink(missing_ok=True)
     for p in aside.iterdir():
         os.replace(p, out / p.name)
@@ -138,10 +192,14 @@ def _restore_aside(out: Path) -> None:
 
 
 def _lock(out: Path, option: str | None = "--out") -> int:
-    path = out / LOCK_NAME
+    path = _no_link(out / LOCK_NAME)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a link put there after the check is refused too, never written through
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{path} is a symbolic link: expertscope never writes through links inside its "
+                              "output directory; remove it") from None
         fix = f"choose a writable {option}" if option else "check the directory's permissions"
         raise OutputError(f"cannot create {path} ({e.strerror}): {fix}") from None
     try:
@@ -225,9 +283,11 @@ def open_run_dir(
     fresh = True
     started = False
     try:
-        manifest = out / MANIFEST
-        if not manifest.exists() and (out / ASIDE_NAME).exists():
-            _restore_aside(out)  # an earlier --force was killed before its new run wrote anything
+        manifest = _no_link(out / MANIFEST)
+        if not manifest.exists() and _no_link(out / ASIDE_NAME).exists():
+            # An earlier --force was killed before its new run wrote anything (its manifest comes first): what
+            # is here besides the moved-aside run is a user's, left in place.
+            _restore_aside(out, keep={p.name for p in _artifacts(out)})
         if _artifacts(out) or manifest.exists():
             old = _read_manifest(manifest) if manifest.exists() else None
             if not manifest.exists():
@@ -243,7 +303,7 @@ def open_run_dir(
             # dead (SIGKILL, power loss); nothing can continue it, so it is replaced like --force would.
             dead = not resumable and old is not None and old.get("status") == "running"
             if force or dead:
-                _move_aside(out)
+                rd.foreign = _move_aside(out, old)
             elif resume and resumable:
                 assert old is not None
                 if "fingerprint" not in old:
@@ -254,6 +314,8 @@ def open_run_dir(
                     raise OutputError(f"{out} holds a {kind} run with other settings ({diff}): resume with the "
                                       "same options, or pass --force to start over")
                 rd.previous = old
+                listed = _old_outputs(out, old)
+                rd.foreign = set() if listed is None else {p.name for p in _artifacts(out)} - listed
                 fresh = False
             else:
                 status = old.get("status", "unknown") if old else "unknown"
@@ -262,20 +324,23 @@ def open_run_dir(
                 raise OutputError(f"{option} {out} already holds a {kind} run ({status}): {advice}, or choose a "
                                   f"new {option}")
         started = True
-        if fresh:
-            rd.write_manifest("running")
-        yield rd
+        with write_root(out):
+            if fresh:
+                rd.write_manifest("running")
+            yield rd
     except BaseException:
+        own = [p for p in _artifacts(out) if p.name not in rd.foreign]
         if started and not resumable:
-            # A command that cannot resume keeps nothing of a failed run (only it wrote here: the directory
-            # was empty, or the old run was moved aside).
-            for p in _artifacts(out):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if started and not rd.previous and not _artifacts(out):
+            # A command that cannot resume keeps nothing of a failed run (only it wrote its entries: the
+            # directory was empty, or the old run was moved aside; a user's files stay).
+            for p in own:
+                _remove(p)
+            own = []
+        if started and not rd.previous and not own:
             # The run wrote nothing of its own: put the directory back as it was.
             (out / MANIFEST).unlink(missing_ok=True)
             if (out / ASIDE_NAME).exists():
-                _restore_aside(out)
+                _restore_aside(out, rd.foreign)
             lock.release()
             _remove_created(created)
         elif not started:
@@ -283,7 +348,7 @@ def open_run_dir(
             _remove_created(created)
         raise
     else:
-        if (out / ASIDE_NAME).exists():
+        if (out / ASIDE_NAME).exists() and not (out / ASIDE_NAME).is_symlink():
             shutil.rmtree(out / ASIDE_NAME, ignore_errors=True)
     finally:
         lock.release()
@@ -316,7 +381,8 @@ def lock_dir(path: str | os.PathLike[str], require_manifest: bool = True, create
         _remove_created(created)
         raise
     try:
-        yield path
+        with write_root(path):
+            yield path
     except BaseException:
         if created and not _artifacts(path) and not (path / MANIFEST).exists():
             lock.release()

@@ -76,6 +76,11 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     files["eval_rows"].write_text(json.dumps({"text": "q", "label": "joy"}) + "\n42\n")
     files["afile"] = d / "a-file"
     files["afile"].write_text("x")
+    import numpy as np
+
+    np.save(d / "routes_npy.npy", np.zeros((5, 2, 2), dtype=np.int64))
+    np.save(d / "routes_bool.npy", np.zeros((5, 2, 2), dtype=bool))
+    files["routes_npy"], files["routes_bool"] = d / "routes_npy.npy", d / "routes_bool.npy"
     for name, obj in (("steer_list", [[0, 1]]), ("steer_shape", {"targets": [[1]], "scale": 1.2}),
                       ("steer_scale", {"targets": [[0, 1]], "scale": "big"}),
                       ("steer_key", {"targets": [[0, 1]], "scales": 2})):
@@ -280,9 +285,12 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("eval-data-dir", ["eval", "--model", M, "--data", "{inputs}", "--out", "{out}"], "is a directory"),
     ("dangling-symlink", ["profile", "-m", M, "-d", "a={dangling}", "-o", "{out}"], "not found"),
     ("domain-name-slash", ["profile", "-m", M, "-d", "a/b={good}", "-o", "{out}"], "must be letters"),
-    ("domain-name-empty", ["profile", "-m", M, "-d", "={good}", "-o", "{out}"], "must be letters"),
+    ("domain-name-empty", ["profile", "-m", M, "-d", "={good}", "-o", "{out}"], "domain name is empty"),
     ("query-unknown-key", ["profile", "-m", M, "-d", "a={good}?foo=1", "-o", "{out}"], "unknown field key 'foo'"),
     ("model-is-data-file", _profile("-o", "{out}", "--model", "{good}"), "is a file"),
+    ("path-length-99", _profile("--path-length", "99", "-o", "{out}"), "--path-length 99 is longer than the"),
+    ("routes-domain-dotdot", ["profile", "--routes", "..={good}", "--num-experts", "4", "-o", "{out}"],
+     "must be letters"),
     ("model-dir-without-config", _profile("-o", "{out}", "--model", "{trunc_run}"), "has no config.json"),
 ]
 
@@ -406,7 +414,66 @@ API_CASES: list[tuple[str, Any, type[Exception], str]] = [
      "gpus_per_worker=-1 is negative"),
     ("load-model-mismatch", lambda m, i: es.load_model(str(i["mismatch"])), ValueError, "do not fit its config.json"),
     ("load-model-missing", lambda m, i: es.load_model(str(i["missing"])), ValueError, "lack lm_head.weight"),
+    # ----- issue 34 #5: every argument checked, nothing truncated or clamped
+    ("load-routes-int", lambda m, i: es.load_routes(123), TypeError, "path is a int"),
+    ("load-routes-none", lambda m, i: es.load_routes(None), TypeError, "path is a NoneType"),
+    ("load-routes-top-k-0", lambda m, i: es.load_routes(i["routes_npy"], top_k=0), ValueError, "top_k=0"),
+    ("load-routes-top-k-str", lambda m, i: es.load_routes(i["routes_npy"], top_k="2"), TypeError, "top_k='2'"),
+    ("load-routes-layers-neg", lambda m, i: es.load_routes(i["routes_npy"], num_layers=-1), ValueError,
+     "num_layers=-1"),
+    ("load-routes-bool", lambda m, i: es.load_routes(i["routes_bool"]), ValueError, "not integer expert ids"),
+    ("profile-routes-list", lambda m, i: es.profile_routes([1, 2], 8), TypeError, "routes is a list"),
+    ("profile-routes-int-value", lambda m, i: es.profile_routes({"a": 5}, 8), TypeError, "its routes is a int"),
+    ("profile-routes-e-nan", lambda m, i: es.profile_routes({"a": _routes()}, math.nan), TypeError,
+     "num_experts=nan is not an integer"),
+    ("profile-routes-e-inf", lambda m, i: es.profile_routes({"a": _routes()}, math.inf), TypeError,
+     "num_experts=inf"),
+    ("profile-routes-e-str", lambda m, i: es.profile_routes({"a": _routes()}, "8"), TypeError, "num_experts='8'"),
+    ("profile-routes-e-float", lambda m, i: es.profile_routes({"a": _routes()}, 8.9), TypeError, "num_experts=8.9"),
+    ("profile-routes-name-int", lambda m, i: es.profile_routes({1: _routes()}, 8), TypeError, "domain name 1"),
+    ("profile-routes-name-empty", lambda m, i: es.profile_routes({"": _routes()}, 8), ValueError,
+     "domain name is empty"),
+    ("profile-routes-layers-repeat", lambda m, i: es.profile_routes({"a": _routes()}, 8, layers=[0, 0]), ValueError,
+     "distinct layer numbers"),
+    ("profile-routes-bool", lambda m, i: es.profile_routes({"a": _routes().astype(bool)}, 8), ValueError,
+     "not integer expert ids"),
+    ("coactivation-path-str", lambda m, i: es.coactivation(_profile_of_routes(), path_length="3"), TypeError,
+     "path_length='3'"),
+    ("coactivation-path-99", lambda m, i: es.coactivation(_profile_of_routes(), path_length=99), ValueError,
+     "longer than the 2 MoE layers"),
+    ("coactivation-max-length-neg", lambda m, i: es.coactivation(m, {"a": ["x y"]}, max_length=-1), ValueError,
+     "max_length=-1"),
+    ("paths-top-nan", lambda m, i: es.coactivation(_profile_of_routes()).paths_frame(top=math.nan), TypeError,
+     "top=nan"),
+    ("paths-top-neg", lambda m, i: es.coactivation(_profile_of_routes()).paths_frame(top=-1), ValueError, "top=-1"),
+    ("overlap-n-boot-neg", lambda m, i: es.routing_overlap(_profile_of_routes(), _profile_of_routes(), n_boot=-1),
+     ValueError, "n_boot=-1"),
+    ("overlap-n-boot-nan", lambda m, i: es.routing_overlap(_profile_of_routes(), _profile_of_routes(),
+                                                           n_boot=math.nan), TypeError, "n_boot=nan"),
+    ("study-seed-huge", lambda m, i: StudyConfig(seed=2**70), ValueError, "seed=1180591620717411303424 is out of range"),
+    ("study-seed-float", lambda m, i: es.ProfileConfig() if False else es.DriverConfig(seed=1.5), TypeError,
+     "seed=1.5"),
+    ("run-study-out-int", lambda m, i: es.run_study(StudyConfig(), out=123), TypeError, "out is a int"),
+    ("run-study-no-stages", lambda m, i: es.run_study(StudyConfig(), out=None, stages=[]), ValueError,
+     "stages=[] runs nothing"),
+    ("domain-name-dotdot", lambda m, i: es.Domain("..", []), ValueError, "must be letters"),
+    ("domain-name-slash", lambda m, i: es.Domain("a/b", []), ValueError, "must be letters"),
+    ("domain-name-blank", lambda m, i: es.Domain("", []), ValueError, "domain name is empty"),
+    ("domain-names-case", lambda m, i: es.load_domains(["m=synthetic:math?limit=2", "M=synthetic:math?limit=2"]),
+     ValueError, "differ only in case"),
 ]
+
+
+def _routes() -> Any:
+    """Recorded routes of 2 sequences: [tokens, 2 MoE layers, k = 2], experts < 8."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    return np.stack([g.choice(8, size=2, replace=False) for _ in range(12)]).reshape(6, 2, 2)
+
+
+def _profile_of_routes() -> Any:
+    return es.profile_routes({"a": [_routes(), _routes()]}, 8)
 
 
 def _train() -> es.Domain:
@@ -807,3 +874,129 @@ def test_valid_unicode_and_bom_steering_files_are_accepted(moe, tmp_path: Path) 
     path = tmp_path / "s.json"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"targets": [[0, 1]], "scale": 1.5}')
     assert es.SteeringSpec.load(path).scale == 1.5
+
+
+# ----- issue 34: nothing written outside the output directory, nothing of the user's lost --------------------
+def _run_copy(inputs: dict[str, Path], tmp_path: Path, name: str = "run") -> Path:
+    """A fresh copy of the finished profile run (its manifest lists what it wrote)."""
+    import shutil
+
+    return Path(shutil.copytree(inputs["profile_run"], tmp_path / name))
+
+
+def _profile_into(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["profile", "-m", str(inputs["model"]), "-d", f"a={inputs['texts']}", "-d", "b=synthetic:math?limit=4",
+            "-o", str(out), *extra]
+
+
+def _one_line_exit_2(r: Any, needle: str) -> None:
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.output
+
+
+@pytest.mark.parametrize("command", ["profile --force", "report"])
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(inputs, tmp_path: Path,
+                                                                      command: str) -> None:
+    run = _run_copy(inputs, tmp_path)
+    victim = tmp_path / "users_file.txt"
+    victim.write_text("precious\n")
+    (run / ".expertscope.lock").symlink_to(victim)
+    before = _tree(run)
+    argv = _profile_into(inputs, run, "--force") if command == "profile --force" else ["report", str(run)]
+    r = runner.invoke(app, argv)
+    _one_line_exit_2(r, ".expertscope.lock is a symbolic link")
+    assert victim.read_text() == "precious\n" and _tree(run) == before
+
+
+def test_force_never_moves_a_run_into_a_linked_aside(inputs, tmp_path: Path) -> None:
+    run = _run_copy(inputs, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / ".replaced-run").symlink_to(elsewhere, target_is_directory=True)
+    before = _tree(run)
+    r = runner.invoke(app, _profile_into(inputs, run, "--force"))
+    _one_line_exit_2(r, ".replaced-run is a symbolic link")
+    assert not list(elsewhere.iterdir()) and _tree(run) == before
+
+
+def test_report_never_writes_through_a_linked_figures_directory(inputs, tmp_path: Path) -> None:
+    run = _run_copy(inputs, tmp_path)
+    assert runner.invoke(app, ["domains", str(run)]).exit_code == 0  # a run the report can read
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    import shutil
+
+    shutil.rmtree(run / "figures", ignore_errors=True)
+    (run / "figures").symlink_to(elsewhere, target_is_directory=True)
+    r = runner.invoke(app, ["report", str(run)])
+    _one_line_exit_2(r, "figures is a symbolic link")
+    assert not list(elsewhere.iterdir()) and not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("target", ["manifest.json", "profile.safetensors", "routing_mi.parquet"])
+def test_report_and_compare_refuse_an_out_file_that_would_replace_a_run_file(inputs, tmp_path: Path,
+                                                                            target: str) -> None:
+    run = _run_copy(inputs, tmp_path)
+    assert runner.invoke(app, ["domains", str(run)]).exit_code == 0
+    other = _run_copy(inputs, tmp_path, "other")
+    assert runner.invoke(app, ["domains", str(other)]).exit_code == 0
+    before = _tree(run)
+    r = runner.invoke(app, ["report", str(other), "-o", str(run / target)])
+    _one_line_exit_2(r, f"would replace its {'manifest' if target == 'manifest.json' else target}")
+    r = runner.invoke(app, ["compare", str(run), str(other), "-o", str(run / target)])
+    _one_line_exit_2(r, "would replace")
+    assert _tree(run) == before
+    # a file of its own beside the run's is fine, twice (the second time it replaces only itself)
+    for _ in range(2):
+        assert runner.invoke(app, ["report", str(other), "-o", str(run / "other-report.html")]).exit_code == 0
+    assert {k: v for k, v in _tree(run).items() if k in before} == before
+
+
+def test_force_leaves_a_users_own_file_in_place(inputs, tmp_path: Path) -> None:
+    run = _run_copy(inputs, tmp_path)
+    (run / "my_notes.txt").write_text("notes on this run\n")
+    r = runner.invoke(app, _profile_into(inputs, run, "--force"))
+    assert r.exit_code == 0, r.output
+    assert (run / "my_notes.txt").read_text() == "notes on this run\n"
+    assert not (run / ".replaced-run").exists()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "my_notes.txt" not in manifest["outputs"] and "profile.safetensors" in manifest["outputs"]
+    # and a forced run that fails puts the old run back, the user's file still in place
+    r = runner.invoke(app, _profile_into(inputs, run, "--force", "-m", "someorg/some-moe"))
+    assert r.exit_code == 2 and (run / "my_notes.txt").read_text() == "notes on this run\n"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("..={texts}", "must be letters"), (".={texts}", "must be letters"), ("-x={texts}", "must be letters"),
+    ("a\tb={texts}", "must be letters"), ("x" * 65 + "={texts}", "must be letters"),
+])
+def test_domain_names_are_safe_identifiers_on_the_command_line(inputs, tmp_path: Path, spec: str,
+                                                               needle: str) -> None:
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["profile", "-m", str(inputs["model"]), "-d", spec.format(texts=inputs["texts"]),
+                            "-o", str(out)])
+    _one_line_exit_2(r, needle)
+    assert not out.exists()
+
+
+def test_domain_names_differing_only_in_case_are_refused(inputs, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["profile", "-m", str(inputs["model"]), "-d", f"Math={inputs['texts']}", "-d",
+                            "math=synthetic:math?limit=4", "-o", str(tmp_path / "out")])
+    _one_line_exit_2(r, "differ only in case")
+    r = runner.invoke(app, ["profile", "--routes", f"../x={inputs['texts']}", "--num-experts", "4", "-o",
+                            str(tmp_path / "out2")])
+    _one_line_exit_2(r, "must be letters")
+
+
+def test_a_domain_named_like_a_path_cannot_write_outside_the_adapter_directory(moe, tmp_path: Path) -> None:
+    with pytest.raises(es.DataError, match="must be letters"):
+        es.Domain("../../x", [es.Example(text="a", answer="1")], "math")
+    # and a write below an open run directory that would leave it is refused, naming the path
+    from expertscope.io import atomic_write, write_root
+
+    with write_root(tmp_path / "run"), pytest.raises(OutputError, match="outside the output directory"), \
+            atomic_write(tmp_path / "run" / ".." / "escaped.txt") as fh:
+        fh.write("x")
+    assert not (tmp_path / "escaped.txt").exists()

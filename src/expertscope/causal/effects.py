@@ -28,7 +28,7 @@ from ..checkpoint import RowCheckpoint
 from ..config import CausalConfig, resolve_config
 from ..data.types import Domain
 from ..errors import ConfigError, DataError, OutputError
-from ..io import read_table, write_table
+from ..io import make_dirs, read_table, write_table
 from ..models.model import MoEModel
 from ..progress import ProgressCallback
 from ..routing import DomainInput, as_domain_list, effective_max_length
@@ -96,8 +96,7 @@ class CausalEffects:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``ce.parquet`` (long form; settings in the Parquet metadata) into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_dirs(directory)
         meta = {"table": "causal_effects", "version": TABLE_VERSION, "layers": self.layers,
                 "num_experts": self.num_experts, **self.settings}
         write_table(directory / "ce.parquet", self.to_frame(), meta=meta, csv=False)

@@ -11,7 +11,7 @@ from ..errors import DataError, InputTypeError
 from ..validation import parse_limit
 from .sources import PRESETS, _synthetic_task
 from .synthetic import CORPORA, DOMAINS
-from .types import TASKS, DomainSpec
+from .types import TASKS, DomainSpec, check_unique_names
 
 
 def parse_domain_specs(specs: Any) -> tuple[DomainSpec, ...]:
@@ -53,9 +53,7 @@ def check_domain_specs(specs: Any, option: str = "--domain") -> tuple[DomainSpec
                 raise DataError(f"data file {path} not found (in {option} {spec}): check the path")
             if path.is_dir():
                 raise DataError(f"{path} is a directory (in {option} {spec}): pass a .jsonl, .csv or .parquet file")
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise DataError(f"domain name {dup!r} is used twice: give each {option} its own name")
+    check_unique_names(names, option)
     return parsed
 
 

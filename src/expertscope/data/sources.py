@@ -18,7 +18,7 @@ from typing import Any, cast
 from ..errors import DataError
 from ..validation import check_positive, check_text, parse_limit
 from .parts import Part, select_part
-from .types import FIELD_KEYS, Domain, DomainSpec, Example, TaskName
+from .types import FIELD_KEYS, Domain, DomainSpec, Example, TaskName, check_unique_names
 
 _LETTERS = "ABCDEFGHIJ"
 
@@ -293,8 +293,5 @@ def load_domains(specs: Sequence[str | DomainSpec], limit: int | None = None, se
         raise InputTypeError(f"specs is a {type(specs).__name__}, not a list of NAME=SOURCE strings: e.g. "
                              "['math=math.jsonl', 'sa=sa.jsonl']")
     doms = [load_domain(s, limit=limit, seed=seed, **defaults) for s in specs]
-    names = [d.name for d in doms]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise DataError(f"domain name {dup!r} is used twice: give each --domain its own name")
+    check_unique_names([d.name for d in doms])
     return doms

@@ -18,6 +18,40 @@ FIELD_KEYS = ("text", "label", "answer", "choices", "solution", "context", "id")
 SPEC_KEYS = ("task", "split", "limit", "labels")
 
 
+#: A domain name: it names files and directories of a run (adapters, predictions), so it is a safe identifier:
+#: letters, digits, '_', '-' or '.', starting with a letter, digit or '_' (never '.' or '..'), at most 64.
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
+
+
+def check_domain_name(name: Any) -> str:
+    """``name`` when it is a valid domain name (:data:`DOMAIN_NAME`); else a one-line error naming the rule.
+    The one rule for every domain name: ``Domain``, ``-d``, ``--confirm``, ``--routes``."""
+    from ..errors import DataError, InputTypeError
+
+    if not isinstance(name, str):
+        raise InputTypeError(f"domain name {name!r} is a {type(name).__name__}, not a string: name it, e.g. "
+                             "Domain('math', examples)")
+    if not name.strip():
+        raise DataError("a domain name is empty: name it, e.g. Domain('math', examples) or -d math=FILE")
+    if not DOMAIN_NAME.fullmatch(name):
+        raise DataError(f"domain name {name!r} must be letters, digits, '_', '-' or '.' (1 to 64, starting with a "
+                        "letter, digit or '_'): rename it")
+    return name
+
+
+def check_unique_names(names: Any, option: str = "--domain") -> None:
+    """No two domain names equal, or equal but for case (their files would collide on a case-insensitive disk)."""
+    from ..errors import DataError
+
+    seen: dict[str, str] = {}
+    for n in names:
+        key = str(n).casefold()
+        if key in seen:
+            what = "is used twice" if seen[key] == n else f"and {seen[key]!r} differ only in case"
+            raise DataError(f"domain name {n!r} {what}: give each {option} its own name")
+        seen[key] = str(n)
+
+
 @dataclass(frozen=True)
 class DomainSpec:
     """One ``NAME=SOURCE[?key=value&...]`` domain spec, parsed once (at the edge) and passed on as a value.
@@ -49,8 +83,7 @@ class DomainSpec:
             raise DataError(f"domain {spec!r} is not NAME=SOURCE: e.g. --domain math=data/math.jsonl")
         name, _, rest = spec.partition("=")
         source, _, query = rest.partition("?")
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-            raise DataError(f"domain name {name!r} must be letters, digits, '_', '-' or '.': rename it")
+        check_domain_name(name)
         pairs = dict(parse_qsl(query)) if query else {}
         bad = sorted(set(pairs) - set(FIELD_KEYS) - set(SPEC_KEYS))
         if bad:
@@ -206,13 +239,9 @@ class Domain:
     these labels. None: the task's standard set."""
 
     def __post_init__(self) -> None:
-        from ..errors import DataError, InputTypeError
+        from ..errors import InputTypeError
 
-        if not isinstance(self.name, str):
-            raise InputTypeError(f"domain name {self.name!r} is a {type(self.name).__name__}, not a string: "
-                                 "name it, e.g. Domain('math', examples)")
-        if not self.name.strip():
-            raise DataError("a domain name is empty: name it, e.g. Domain('math', examples)")
+        check_domain_name(self.name)
         if isinstance(self.examples, str | bytes | dict) or not isinstance(self.examples, Sequence):
             raise InputTypeError(f"domain {self.name!r}: examples is a {type(self.examples).__name__}, not a list "
                                  "of Example: e.g. [Example('a text'), ...]")

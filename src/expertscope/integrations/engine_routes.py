@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ def _vllm_array(value: Any, where: str) -> np.ndarray | None:
         return None
     if arr.ndim != 3:
         raise DataError(f"{where}: routed experts of shape {arr.shape}, expected [tokens, moe_layers, k]")
+    if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        raise DataError(f"{where}: routed experts are {arr.dtype}, not integer expert ids: pass the engine's expert "
+                        "indices")
     return arr.astype(np.int64)
 
 
@@ -240,6 +244,11 @@ def load_routes(path: str | Path, format: RouteFormat = "auto", *, num_layers: i
     ``num_layers``/``top_k`` are needed for SGLang's flat ``routed_experts`` and ``top_k`` for a per-token
     dump of a model with k < 8. vLLM's -1 positions (prefix-cache hits) are left out and counted.
     """
+    from ..validation import check_positive, check_type
+
+    check_type(path, (str, os.PathLike), "path", "a path to a routes file (str or Path)")
+    check_positive(num_layers, "num_layers", allow_none=True)
+    check_positive(top_k, "top_k", allow_none=True)
     p = Path(path)
     if not p.exists():
         raise DataError(f"no routes file {p}: check the path")
@@ -325,6 +334,9 @@ def _as_recorded(value: RouteInput, name: str, num_layers: int | None, top_k: in
 def _checked_array(a: np.ndarray, name: str) -> np.ndarray:
     if a.ndim != 3:
         raise DataError(f"domain {name!r}: routes of shape {a.shape}, expected [tokens, moe_layers, k]")
+    if not np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
+        raise DataError(f"domain {name!r}: routes are {a.dtype}, not integer expert ids: pass the engine's expert "
+                        "indices")
     return a.astype(np.int64)
 
 
@@ -348,7 +360,7 @@ def profile_routes(
     layers: Sequence[int] | None = None,
     num_layers: int | None = None,
     top_k: int | None = None,
-    path_length: int = 3,
+    path_length: int | None = None,
 ) -> Any:
     """A :class:`~expertscope.stats.profile.RoutingProfile` from recorded routes, per domain.
 
@@ -360,12 +372,23 @@ def profile_routes(
     A file whose layer count or k differs from the others, or an expert id ≥ ``num_experts``, is a one-line
     DataError.
     """
+    from ..data.types import check_domain_name, check_unique_names
+    from ..stats.coactivation import resolve_path_length
     from ..stats.profile import STAT_NAMES, RoutingProfile
+    from ..validation import check_positive, check_type
 
+    check_type(routes, Mapping, "routes", "a mapping {domain: routes} (arrays, files or request records)")
     if not routes:
         raise DataError("no routes given: pass {domain: routes}")
-    if num_experts is None or int(num_experts) < 1:
-        raise ConfigError("num_experts must be a positive integer: pass the model's routed-expert count")
+    for name, value in routes.items():
+        check_domain_name(name)
+        check_type(value, (RecordedRoutes, str, os.PathLike, np.ndarray, Mapping, list, tuple), f"domain {name!r}: "
+                   "its routes", "an array [tokens, layers, k], a file, or request records")
+    check_unique_names(list(routes), "--routes")
+    check_positive(num_experts, "num_experts")  # the model's routed-expert count: a whole number, never rounded
+    check_positive(num_layers, "num_layers", allow_none=True)
+    check_positive(top_k, "top_k", allow_none=True)
+    check_positive(path_length, "path_length", allow_none=True)
     E = int(num_experts)
     loaded = {name: _as_recorded(v, name, num_layers, top_k) for name, v in routes.items()}
     shape = _common_shape(loaded)
@@ -375,6 +398,9 @@ def profile_routes(
     layer_ids = list(layers) if layers is not None else list(range(L))
     if len(layer_ids) != L:
         raise DataError(f"{len(layer_ids)} layer names for routes with {L} MoE layers: pass {L} layers")
+    if any(isinstance(x, bool) or not isinstance(x, int | np.integer) or x < 0 for x in layer_ids) \
+            or len(set(layer_ids)) != L:
+        raise ConfigError(f"layers={layer_ids} must be {L} distinct layer numbers >= 0: e.g. layers={list(range(L))}")
     recorded = {name: {"format": rr.format, "source": rr.source, "sequences": len(rr.sequences),
                        "tokens": rr.n_tokens, "prefix_cached": rr.prefix_cached, "notes": rr.notes}
                 for name, rr in loaded.items()}
@@ -382,7 +408,7 @@ def profile_routes(
         layers=layer_ids, num_experts=E, top_k=k,
         model_info={"source": "recorded routes", "num_experts": E, "top_k": k, "num_shared_experts": {},
                     "not_applicable": NOT_APPLICABLE},
-        config={"keep_routes": True, "path_length": path_length, "recorded": recorded},
+        config={"keep_routes": True, "path_length": resolve_path_length(path_length, L), "recorded": recorded},
     )
     for name, rr in loaded.items():
         bad = next((s for s in rr.sequences if s.size and s.max() >= E), None)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..io import atomic_write
+from ..io import atomic_write, make_dirs
 from ..models.model import MoEModel
 from ..progress import quiet_logger
 
@@ -90,8 +90,7 @@ def write_synthetic_tasks(
     from ..data import prompts
     from ..data.synthetic import generate
 
-    d = Path(directory).resolve()
-    d.mkdir(parents=True, exist_ok=True)
+    d = make_dirs(directory).resolve()
     names = {}
     for dom in domains:
         if dom not in SYNTHETIC_TASKS:

@@ -172,7 +172,7 @@ def _direction(lo: float, hi: float) -> str:
 
 
 def compare(hyp: Hypotheses, result: InterventionResult, corpus: str, sources: Mapping[str, str] | None = None,
-            overlap: Mapping[str, int] | None = None) -> pd.DataFrame:
+            overlap: Mapping[str, int] | None = None, saturation: float = 0.95) -> pd.DataFrame:
     """Predicted beside observed (:data:`COLUMNS`): one row per hypothesis and predicted strength, and one for
     its predicted selectivity, read from ``result``'s dose and selectivity tables.
 
@@ -180,25 +180,44 @@ def compare(hyp: Hypotheses, result: InterventionResult, corpus: str, sources: M
     (specific, the other way), ``not confirmed`` (no effect beyond the controls) or ``not measured`` (the
     domain was not evaluated, or the row has no verdict; ``note`` says why). ``corpus`` names the data
     (``"confirmation part"``, ``"second corpus"``), ``sources`` each domain's source; ``overlap``: per domain,
-    confirmation items that were also discovery items (said in ``note``).
+    confirmation items that were also discovery items (said in ``note``). A prediction the data cannot show is
+    ``not measured``, said in ``note``: a loss where the unsteered accuracy is at the floor (``<= 1 -
+    saturation``), a gain where it is saturated (``>= saturation``).
     """
     dose, sel = result.dose, result.selectivity
+    table = result.table
+    base = ({str(r.domain): float(r.accuracy) for r in table[table["condition"] == "original"].itertuples()}
+            if len(table) and "condition" in table.columns else {})
     rows = []
     for h in hyp.hypotheses:
         shared = (overlap or {}).get(h.domain, 0)
         note = f"{shared} item(s) also in discovery (--allow-overlap)" if shared else ""
-        base = {"corpus": corpus, "source": (sources or {}).get(h.domain, ""), "domain": h.domain, "kind": h.kind,
-                "n_targets": len(h.experts)}
+        acc = base.get(h.domain, float("nan"))
+        cannot = {"lower": f"floor: unsteered accuracy {acc:.3f} on this corpus, so a loss cannot show"
+                  if acc <= 1 - saturation else "",
+                  "higher": f"saturated: unsteered accuracy {acc:.3f} on this corpus, so a gain cannot show"
+                  if acc >= saturation else ""}
+        fixed = {"corpus": corpus, "source": (sources or {}).get(h.domain, ""), "domain": h.domain, "kind": h.kind,
+                 "n_targets": len(h.experts)}
         for strength, predicted in h.predictions.items():
             m = dose[(dose["domain"] == h.domain) & (dose["kind"] == h.kind) & (dose["strength"] == strength)] \
                 if len(dose) else dose
-            rows.append({**base, "strength": strength, "predicted": predicted,
-                         **_observed(m.iloc[0].to_dict() if len(m) else None, predicted, len(h.experts), note)})
+            got = _observed(m.iloc[0].to_dict() if len(m) else None, predicted, len(h.experts), note)
+            rows.append({**fixed, "strength": strength, "predicted": predicted, **_untestable(got, cannot[predicted])})
         s = sel[(sel["kind"] == h.kind) & (sel["ablated"] == h.domain) & (sel["evaluated"] == h.domain)] \
             if len(sel) else sel
-        rows.append({**base, "strength": "selectivity", "predicted": "selective" if h.selective else "not selective",
-                     **_selective(s.iloc[0].to_dict() if len(s) else None, h.selective, note)})
+        got = _selective(s.iloc[0].to_dict() if len(s) else None, h.selective, note)
+        rows.append({**fixed, "strength": "selectivity", "predicted": "selective" if h.selective else "not selective",
+                     **_untestable(got, cannot["lower"])})
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _untestable(got: dict[str, Any], why: str) -> dict[str, Any]:
+    """``got`` (a measured row), or ``not measured`` with ``why`` first in its note when the data cannot show the
+    predicted change (the measured numbers are kept)."""
+    if not why or got["outcome"] == "not measured":
+        return got
+    return {**got, "outcome": "not measured", "note": "; ".join(x for x in (why, got["note"]) if x)}
 
 
 def _missing(v: Any) -> bool:
@@ -332,7 +351,7 @@ def confirm(hypotheses: Hypotheses | str | Path, model: Any, domains: Sequence[D
     cfg = config or hyp.config()
     dom_table, drv_table = _tables(hyp)
     result = intervention_study(model, used, dom_table, drv_table, config=cfg, executor=executor, progress=progress)
-    table = compare(hyp, result, corpus, {d.name: d.source or d.name for d in used}, overlap)
+    table = compare(hyp, result, corpus, {d.name: d.source or d.name for d in used}, overlap, cfg.saturation)
     table = table[table["domain"].isin([d.name for d in used])].reset_index(drop=True)
     return Confirmation(table, result, {"hypotheses_hash": hyp.hash, "overlap": overlap,
                                         "model": str(getattr(model, "source", ""))})

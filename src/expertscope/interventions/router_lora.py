@@ -15,6 +15,7 @@ import torch
 
 from ..data.types import Domain, Example
 from ..errors import ConfigError, DataError
+from ..io import make_dirs
 from ..models.model import MoEModel
 from ..routing import pad_ids
 
@@ -66,6 +67,7 @@ class RouterFinetune:
 
     def save(self, directory: str | Path) -> Path:
         """Save the adapter (safetensors) with PEFT's own format."""
+        make_dirs(directory)  # inside a run: never through a link, never outside it
         self.peft_model.save_pretrained(str(directory), safe_serialization=True)
         return Path(directory)
 

@@ -14,7 +14,7 @@ from ..config import StudyConfig
 from ..data import synthetic
 from ..data.checks import spec_task
 from ..data.sources import load_domain
-from ..data.types import TASKS
+from ..data.types import TASKS, check_domain_name
 from ..errors import ConfigError, DataError
 from ..fingerprint import run_fingerprint
 from ..integrations.engine_routes import FORMATS, RecordedRoutes, load_routes, profile_routes
@@ -73,6 +73,7 @@ def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts:
         name, sep, file = spec.partition("=")
         if not sep or not name or not file:
             raise DataError(f"--routes {spec!r} is not NAME=FILE: e.g. --routes math=math.vllm.jsonl")
+        check_domain_name(name)
         if not Path(file).is_file():
             raise DataError(f"--routes {spec}: no file {file}: check the path")
         by_domain.setdefault(name, []).append(Path(file))

@@ -166,4 +166,9 @@ def prepare(config: StudyConfig, stages: Sequence[str] | None = None) -> StudyIn
         PIPELINE.get(name).check_rows(inputs)
     if "domain_experts" in chosen:
         _check_n_perm(config, inputs)
+    shape = inputs.model.moe_shape() if inputs.model is not None else None
+    if "profile" in chosen and shape is not None:  # a path longer than the model is refused before it loads
+        from ..stats.coactivation import resolve_path_length
+
+        resolve_path_length(config.profile.path_length, shape[0], "--path-length")
     return inputs

@@ -22,7 +22,7 @@ import torch
 from ..config import StudyConfig
 from ..errors import ConfigError, OutputError
 from ..fingerprint import file_digest, run_fingerprint
-from ..io import check_output_file, read_json, write_json
+from ..io import check_output_file, make_dirs, read_json, write_json
 from ..progress import ProgressCallback
 from ..rundir import lock_dir, open_run_dir
 from ..stats.profile import RoutingProfile
@@ -73,9 +73,19 @@ def run_study(
     without a directory (``eval``) and writes nothing. ``resumable=False``: a command without ``--resume``,
     whose dead run in ``out`` is replaced on rerun.
     """
+    from ..validation import check_type
+
     config = config if config is not None else StudyConfig()
     if not isinstance(config, StudyConfig):
         raise ConfigError(f"config must be a StudyConfig, got {type(config).__name__}: pass StudyConfig(...)")
+    if out is not None:
+        check_type(out, (str, os.PathLike), "out", "a directory path (str or Path), or None to write nothing")
+    if inputs_dir is not None:
+        check_type(inputs_dir, (str, os.PathLike), "inputs_dir", "a run directory path (str or Path)")
+    if stages is not None:
+        check_type(stages, (list, tuple), "stages", f"a list of stage names ({', '.join(PIPELINE.names())})")
+        if not stages:
+            raise ConfigError("stages=[] runs nothing: name the stages to run, or pass None for the whole study")
     unknown = sorted(set(stages or ()) - set(PIPELINE.names()))
     if unknown:
         raise ConfigError(f"unknown stage {unknown[0]!r}: choose from {', '.join(PIPELINE.names())}")
@@ -122,15 +132,20 @@ def _add_stages(config: StudyConfig, out: Path, inputs: StudyInputs, chosen: lis
             raise OutputError(f"{out} already holds {held[0]}.parquet (from its {m.get('kind', 'earlier')} run; its "
                               "later tables and report were built from it): write elsewhere with -o NEW_DIR, or pass "
                               "--force to move the old table aside")
+        listed = m.get("outputs")
+        before = {p.name for p in out.iterdir()}
         aside = out / ".replaced-tables" / time.strftime("%Y%m%dT%H%M%S")
         for name in held:
-            aside.mkdir(parents=True, exist_ok=True)
+            make_dirs(aside)
             for p in [out / f for f in done.pop(name, {}).get("files", [])] or list(out.glob(f"{name}.*")):
                 if p.exists():
                     os.replace(p, aside / p.name)
             m.setdefault("replaced", {})[name] = str(aside.relative_to(out))
 
         def save(status: str, stages: dict[str, Any]) -> dict[str, Any]:
+            if isinstance(listed, list):  # the entries this command adds are the run's too (a --force moves them)
+                new = {p.name for p in out.iterdir()} - before - {"manifest.json", ".expertscope.lock"}
+                m["outputs"] = sorted(set(listed) | new | {".replaced-tables"} & {p.name for p in out.iterdir()})
             write_json(out / "manifest.json", m)  # an added-to run keeps its own status
             return dict(m)
 

@@ -145,7 +145,7 @@ def confirmation(ctx: StudyContext) -> dict[str, Any]:
     if c.hypotheses is None and ctx.path("steering_dose.parquet").exists():
         sources = {d.name: d.source or d.name for d in ctx.inputs.test or []}
         parts.append(compare(hyp, InterventionResult.load(ctx.out), "the confirmation part", sources,
-                             ctx.inputs.overlap))
+                             ctx.inputs.overlap, hyp.config().saturation))
     if ctx.inputs.second:
         done = confirm(hyp, ctx.model, ctx.inputs.second, config=hyp.config().replace(limit=c.intervention.limit),
                        allow_overlap=c.allow_overlap, corpus="the second corpus", executor=ctx.executor,

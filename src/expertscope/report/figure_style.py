@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_path
+from ..io import atomic_path, make_dirs
 
 #: Okabe & Ito (2008) colour-blind-safe palette (black last, yellow late: it prints faintly).
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
@@ -55,8 +55,7 @@ def save_figure(fig: Any, out_dir: str | Path, name: str) -> list[Path]:
     included); no timestamps, so reruns give equal files."""
     import matplotlib as mpl
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(out_dir)
     paths = []
     with mpl.rc_context(_RC):
         # One layout and one bounding box for both files (savefig would redo both per format). The box is

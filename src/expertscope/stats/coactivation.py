@@ -45,6 +45,25 @@ def one_hot_routes(routes: np.ndarray, num_experts: int) -> np.ndarray:
     return M
 
 
+#: Layers per expert path when none is asked for (fewer when the model has fewer MoE layers).
+DEFAULT_PATH_LENGTH = 3
+
+
+def resolve_path_length(path_length: int | None, n_layers: int, option: str = "path_length") -> int:
+    """The path length to use: ``path_length``, or :data:`DEFAULT_PATH_LENGTH` capped at ``n_layers`` when None.
+    A length longer than the model's ``n_layers`` MoE layers is refused (it would be cut silently)."""
+    from ..validation import check_positive
+
+    if path_length is None:
+        return max(1, min(DEFAULT_PATH_LENGTH, n_layers))
+    check_positive(path_length, option)
+    if path_length > n_layers:
+        shown = f"{option} {path_length}" if option.startswith("--") else f"{option}={path_length}"
+        raise ConfigError(f"{shown} is longer than the {n_layers} MoE layers: pass 1 to {n_layers}, or leave it "
+                          f"out for {max(1, min(DEFAULT_PATH_LENGTH, n_layers))}")
+    return path_length
+
+
 @dataclass
 class CoactivationStats:
     """Mergeable co-activation, transition and path counts per domain (``L`` MoE layers, ``E`` experts).
@@ -235,6 +254,9 @@ class CoactivationStats:
     def paths_frame(self, top: int = 10) -> pd.DataFrame:
         """The ``top`` most frequent top-1 paths per (domain, start layer): ``path`` (``"3>5>1"``, expert per
         layer), ``layers`` (``"0>1>2"``), ``count`` and ``share`` of the domain's tokens. Ties by path order."""
+        from ..validation import check_positive
+
+        check_positive(top, "top")
         rows = []
         m = self.window
         for d in self.domains:

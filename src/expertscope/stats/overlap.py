@@ -63,6 +63,12 @@ def routing_overlap(
     (``ci_low``/``ci_high``), ``changed`` (share of tokens whose selected set differs) and ``n_unmatched``
     (sequences left out: missing in one run or routed over different tokens).
     """
+    from ..validation import check_positive
+
+    check_positive(n_boot, "n_boot", allow_zero=True)
+    check_positive(batch_size, "batch_size")
+    check_positive(max_length, "max_length", allow_none=True)
+    check_positive(seed, "seed", allow_zero=True)
     ra = _routes(a, domains, batch_size, max_length)
     rb = _routes(b, domains, batch_size, max_length)
     if ra.top_k != rb.top_k or len(ra.layers) != len(rb.layers):

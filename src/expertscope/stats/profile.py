@@ -26,10 +26,11 @@ import torch
 from ..config import ProfileConfig, resolve_config
 from ..errors import ConfigError, DataError, InputTypeError, OutputError
 from ..execution import Executor, LocalExecutor
-from ..io import atomic_path, write_json
+from ..io import atomic_path, make_dirs, write_json
 from ..models.model import MoEModel
 from ..progress import ProgressCallback
 from ..routing import DomainInput, domain_texts, effective_max_length, ensure_pad, plan_batches, route_batch
+from .coactivation import resolve_path_length
 from .entropy import bernoulli_entropy, eq1_entropy, topk_renormalised
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ class RoutingProfile:
 
         if self.coactivation is None:
             self.coactivation = CoactivationStats(list(self.layers), self.num_experts, self.top_k,
-                                                  int(self.config.get("path_length", 3)))
+                                                  int(self.config.get("path_length") or 3))
         L, k = len(self.layers), self.top_k
         batch = [r for r, _ in routes]
         self.coactivation.add(domain, np.concatenate(batch) if batch else np.zeros((0, L, k), np.int64))
@@ -301,8 +302,7 @@ class RoutingProfile:
         readable copy of the metadata as ``profile.json``."""
         from safetensors.numpy import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_dirs(directory)
         arrays: dict[str, np.ndarray] = {}
         if self.keep_sequences:
             arrays = {k: np.ascontiguousarray(v) for k, v in self._compact().items()}
@@ -507,7 +507,8 @@ def profile(
     layers = model.layers
     prof = resume_from or RoutingProfile(
         layers=layers, num_experts=model.num_experts, top_k=model.top_k, keep_sequences=cfg.keep_sequences,
-        model_info=model.describe(), config={**cfg.to_dict(), "max_length_used": max_len},
+        model_info=model.describe(), config={**cfg.to_dict(), "max_length_used": max_len,
+                                             "path_length": resolve_path_length(cfg.path_length, len(layers))},
     )
     if resume_from is not None and (resume_from.layers != layers or resume_from.num_experts != model.num_experts):
         raise ConfigError("the profile to resume was made with another model: use a new --out")

@@ -14,7 +14,7 @@ def coactivation(
     model_or_profile: Any,
     domains: Any = None,
     *,
-    path_length: int = 3,
+    path_length: int | None = None,
     batch_size: int = 8,
     max_length: int | None = 512,
 ) -> CoactivationStats:
@@ -26,12 +26,18 @@ def coactivation(
     one from :func:`expertscope.profile_routes`), or a :class:`~expertscope.stats.token_selections.SequenceRoutes`.
     """
     from ..models.model import MoEModel
+    from ..validation import check_positive
+    from .coactivation import resolve_path_length
     from .profile import RoutingProfile
     from .token_selections import SequenceRoutes, record_routes
 
+    check_positive(path_length, "path_length", allow_none=True)
+    check_positive(batch_size, "batch_size")
+    check_positive(max_length, "max_length", allow_none=True)
     if isinstance(model_or_profile, MoEModel):
         if domains is None:
             raise ConfigError("coactivation(model, domains): pass the domains to route")
+        resolve_path_length(path_length, len(model_or_profile.layers))  # before routing anything
         routes = record_routes(model_or_profile, domains, batch_size=batch_size, max_length=max_length)
     elif isinstance(model_or_profile, RoutingProfile):
         if model_or_profile.routes is None:
@@ -42,7 +48,7 @@ def coactivation(
     else:
         raise ConfigError(f"coactivation takes an MoEModel, a RoutingProfile or SequenceRoutes, not "
                           f"{type(model_or_profile).__name__}")
-    return routes.coactivation(path_length=path_length)
+    return routes.coactivation(path_length=resolve_path_length(path_length, len(routes.layers)))
 
 
 
@@ -57,7 +63,7 @@ def save_coactivation_tables(profile: Any, out: str | Path, top_paths: int = 10)
 
     co = profile.coactivation
     if co is None:
-        co = coactivation(profile, path_length=int(profile.config.get("path_length", 3)))
+        co = coactivation(profile, path_length=profile.config.get("path_length"))
     out = Path(out)
     meta = {"top_k": co.top_k, "num_experts": co.num_experts, "path_length": co.window}
     write_table(out / "coactivation.parquet", co.to_frame(), meta={"table": "coactivation", **meta})

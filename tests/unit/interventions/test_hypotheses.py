@@ -168,3 +168,22 @@ def test_confirmation_sentences_count_and_name_the_outcomes() -> None:
     assert "1 not confirmed" in lines[0] and "1 not measured" in lines[0]
     assert lines[1] == ("math domain experts (2) at mask: predicted lower, observed -0.200 [-0.300, -0.100] beyond "
                         "equally busy experts (q 0.01): confirmed.")
+
+
+def test_a_prediction_the_data_cannot_show_is_not_measured_and_says_why() -> None:
+    """At the floor a loss cannot show, at saturation a gain cannot: those rows are not measured (numbers kept)."""
+    hyp = _hyp()
+    dose = pd.DataFrame([_dose_row("math", "domain", "mask", 2, -0.01, -0.03, 0.01, False),
+                         _dose_row("math", "domain", "×1.2", 2, 0.1, 0.05, 0.15, True),
+                         _dose_row("code", "domain", "×1.2", 1, 0.0, -0.02, 0.02, False),
+                         _dose_row("code", "domain", "mask", 1, -0.2, -0.3, -0.1, True)])
+    table = pd.DataFrame([{"domain": "math", "condition": "original", "accuracy": 0.02},
+                          {"domain": "code", "condition": "original", "accuracy": 0.97}])
+    got = compare(hyp, InterventionResult(table, dose), "shifted").set_index(["domain", "kind", "strength"])
+    floor = got.loc[("math", "domain", "mask")]
+    assert floor.outcome == "not measured" and floor.note.startswith("floor: unsteered accuracy 0.020")
+    assert floor["diff"] == -0.01  # the measurement is kept
+    assert got.loc[("math", "domain", "selectivity")].outcome == "not measured"
+    assert got.loc[("math", "domain", "×1.2")].outcome == "confirmed"  # a gain can show at the floor
+    assert got.loc[("code", "domain", "×1.2")].note.startswith("saturated: unsteered accuracy 0.970")
+    assert got.loc[("code", "domain", "mask")].outcome == "confirmed"  # a loss can show at saturation
