@@ -12,6 +12,7 @@ domain selector, hover values on the routing-MI heatmap, and a banner for each r
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,17 @@ def overlap_section(dirs: Sequence[Path], labels: Sequence[str]) -> str:
 
 
 def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """Write ``out`` (an HTML file) comparing the runs in ``run_dirs`` (at least two); returns its path. The file
+    and its assets are written under their own directory's rules (never through a link below it)."""
+    from ..io import write_root
+    from ..validation import check_type
+
+    check_type(out, (str, os.PathLike), "out", "a file path (e.g. 'compare.html')")
+    with write_root(Path(out).parent):
+        return _compare_impl(run_dirs, out)
+
+
+def _compare_impl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """Write ``out`` (an HTML file) comparing the runs in ``run_dirs`` (at least two); returns its path."""
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) < 2:

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import OutputError
-from ..io import atomic_write, read_table, write_json
+from ..io import atomic_write, read_table, write_json, write_root
 from .blocks import _e, _figure_html, _safe, details, figure, heatmap, note, reading, table_html
 from .copy import CAPTIONS, NO_DRIVERS, SCALE_NOTE, report_intro
 from .figures import write_figures
@@ -530,6 +530,13 @@ def report(run_dir: str | Path, out: str | Path | None = None, problems: dict[st
     elif lock:
         with lock_dir(run_dir):
             return report(run_dir, problems=problems)
+    if out is not None:  # the file the caller chose, and its own assets beside it: checked against that directory
+        with write_root(Path(out).parent):
+            return _report(run_dir, out, problems)
+    return _report(run_dir, out, problems)
+
+
+def _report(run_dir: str | Path, out: str | Path | None, problems: dict[str, str] | None) -> Path:
     problems = {} if problems is None else problems
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -560,7 +560,7 @@ __all__ = ["SHOWN", "Sentence", "beyond_sentences", "confirmation_sentences", "c
 def confirmation_sentences(table: pd.DataFrame) -> list[str]:
     """In words, per corpus: how many predictions were confirmed, went the other way, or were not confirmed,
     and each confirmed or opposite one with its effect beyond the controls."""
-    out = []
+    out: list[str] = []
     if table is None or not len(table):
         return out
     for corpus, g in table.groupby("corpus", sort=False):

@@ -128,7 +128,8 @@ def test_predicted_against_observed_by_hand() -> None:
     got = {(r.domain, r.kind, r.strength): r for r in table.itertuples()}
     assert got[("math", "domain", "mask")].outcome == "confirmed"
     assert got[("math", "domain", "mask")].observed == "lower" and got[("math", "domain", "mask")].diff == -0.2
-    assert got[("math", "domain", "×0.8")].outcome == "opposite" and got[("math", "domain", "×0.8")].observed == "higher"
+    down = got[("math", "domain", "×0.8")]
+    assert down.outcome == "opposite" and down.observed == "higher"
     assert got[("math", "domain", "×1.2")].outcome == "not confirmed"
     assert got[("math", "driver", "mask")].outcome == "not measured"
     assert got[("math", "driver", "×1.2")].outcome == "not measured"  # not in the dose table at all

@@ -255,7 +255,8 @@ def test_report_puts_a_banner_on_an_incomplete_run() -> None:
     assert "Incomplete run" not in build_html({**manifest, "status": "complete"}, _tables(), {})
     page = build_html({**manifest, "status": "running"}, _tables(), {})
     banner = page.split("<div class='banner' role='alert'>")[1].split("</div>")[0]
-    assert "causal_rate, tokens, expert_map, hypotheses, steering, routing_overlap, confirmation did not finish" in banner
+    assert ("causal_rate, tokens, expert_map, hypotheses, steering, routing_overlap, confirmation did not "
+            "finish") in banner
     assert "“running”" in banner
     assert page.index("class='banner'") < page.index("id='findings'")  # above everything else
 
@@ -274,8 +275,8 @@ def test_compare_puts_a_banner_on_each_incomplete_run(tmp_path: Path, no_figures
     out = compare([a, b], tmp_path / "cmp.html")
     page = out.read_text()
     assert page.count("<div class='banner'") == 1 and "Run m-two is not complete" in page
-    assert ("stages coactivation, drivers, domain_experts, replication, causal_rate, tokens, expert_map, steering, "
-            "routing_overlap did not finish") in page
+    assert ("stages coactivation, drivers, domain_experts, replication, causal_rate, tokens, expert_map, hypotheses, "
+            "steering, routing_overlap, confirmation did not finish") in page
 
     # The same explorable page as the report: sort the summary, read the MI heatmap's hover value.
     from _browser import Browser, require_chromium
