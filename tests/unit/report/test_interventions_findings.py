@@ -97,3 +97,19 @@ def test_no_verdict_is_said_as_such() -> None:
     f = {f.domain: f for f in findings({"steering_dose": dose})}["math"]
     assert "No calibrated verdict (2 distinct control sets: fewer than 3, no verdict)." in " ".join(
         control_sentences(f))
+
+
+def test_every_verdict_of_a_domain_with_overlapping_items_says_so() -> None:
+    """A run with --allow-overlap records, per domain, how many confirmation or training items were discovery
+    items (in the dose table's settings); every verdict sentence of that domain, and no other, says so."""
+    dose, sel = _dose(), _selectivity()
+    dose.attrs["meta"] = {"overlap": {"math": 3}}
+    fs = {f.domain: f for f in findings({"steering_dose": dose, "steering_selectivity": sel})}
+    assert fs["math"].overlap == 3 and fs["emotion"].overlap == 0
+    lines = control_sentences(fs["math"])
+    verdicts = [x for x in lines if ("specific" in x or "selective" in x) and not x.startswith("Fragility")]
+    assert verdicts and all("Not an independent test: 3 of math's" in x and "--allow-overlap" in x for x in verdicts)
+    assert not any("Not an independent test" in x for x in lines if x.startswith("Fragility"))
+    assert not any("Not an independent test" in x for x in control_sentences(fs["emotion"]))
+    dose.attrs["meta"] = {}
+    assert not any("independent" in x for x in control_sentences(findings({"steering_dose": dose})[0]))
