@@ -934,7 +934,8 @@ def test_report_never_writes_through_a_linked_figures_directory(inputs, tmp_path
     assert not list(elsewhere.iterdir()) and not (run / "report.html").exists()
 
 
-@pytest.mark.parametrize("target", ["manifest.json", "profile.safetensors", "routing_mi.parquet"])
+@pytest.mark.parametrize("target", ["manifest.json", "domain_experts.parquet", "profile.safetensors",
+                                    "routing_mi.parquet"])
 def test_report_and_compare_refuse_an_out_file_that_would_replace_a_run_file(inputs, tmp_path: Path,
                                                                             target: str) -> None:
     run = _run_copy(inputs, tmp_path)
