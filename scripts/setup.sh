@@ -10,14 +10,15 @@ VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-PIP="$VENV/bin/pip"
+# -qq: pip's errors only (not the host's index warnings), so `make run` shows the project's own output.
+PIP=("$VENV/bin/pip" --disable-pip-version-check)
 stamp="$VENV/.expertscope-installed"
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-  "$PIP" install -q "torch==${EXPERTSCOPE_TORCH_VERSION:-2.13.0}"
+  "${PIP[@]}" install -qq "torch==${EXPERTSCOPE_TORCH_VERSION:-2.13.0}"
 fi
-"$PIP" install -q -c constraints.txt -e ".[dev]"
+"${PIP[@]}" install -qq -c constraints.txt -e ".[dev]"
 echo "$want" > "$stamp"

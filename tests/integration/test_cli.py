@@ -238,3 +238,25 @@ def test_confirm_takes_the_hypotheses_model_unless_told_and_the_demo_shifted_cor
     with pytest.raises(AssertionError, match="not a hypotheses file"):
         (tmp_path / "other.json").write_text("{}")
         captured("confirm", str(tmp_path / "other.json"))
+
+
+def test_help_imports_no_heavy_library() -> None:
+    """`expertscope --help` and a command's --help load no torch, transformers, pandas, scipy or matplotlib
+    (measured: 0.26 s against 3.3 s before), and list the options in panels by what they configure."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; import expertscope.cli.main as m; "
+            "r1 = CliRunner().invoke(m.app, ['--help']); r2 = CliRunner().invoke(m.app, ['run', '--help']); "
+            "assert r1.exit_code == 0 and r2.exit_code == 0, r2.output; "
+            "print(sorted(k for k in ('torch', 'transformers', 'pandas', 'scipy', 'matplotlib') if k in sys.modules)); "
+            "print(r2.output)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**__import__("os").environ, "COLUMNS": "120"})
+    assert r.returncode == 0, r.stderr
+    first, _, helptext = r.stdout.partition("\n")
+    assert first == "[]", first
+    for panel in ("Output", "Data", "Model", "Causal effects", "Driver experts", "Steering and confirmation",
+                  "Execution", "Shared settings"):
+        assert f"─ {panel} ─" in helptext, panel
+    assert "<int|none>" in helptext and "INT" not in helptext  # one notation

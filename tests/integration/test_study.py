@@ -202,11 +202,20 @@ def test_a_sentiment_file_with_its_own_labels_runs_the_whole_study(full_run: Pat
     assert items["steering"]["confirm"]["sa"] == digest(parts["confirm"][:5])  # --eval-limit 5
     assert items["steering"]["train"]["sa"] == digest(parts["train"][:8])  # --train-limit 8
     assert not {item_hash(e) for e in parts["discovery"]} & {item_hash(e) for e in parts["confirm"]}
-    # `expertscope run` prints the three parts and their sizes
-    from expertscope.cli.tables import parts_line
+    # `expertscope run` prints the three parts and their sizes, in its summary table
+    from rich.console import Console
+
+    from expertscope.cli.tables import run_summary
 
     sizes = (min(10, len(parts["discovery"])), min(8, len(parts["train"])), min(5, len(parts["confirm"])))
-    assert "sa {} / {} / {}".format(*sizes) in (parts_line(manifest) or "")
+    rec = Console(record=True, width=120)
+    rec.print(run_summary(full_run, manifest))
+    row = next(line for line in rec.export_text().splitlines() if line.startswith("│ sa "))
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    dom = pd.read_parquet(full_run / "domain_experts.parquet")
+    drv = pd.read_parquet(full_run / "drivers.parquet")
+    assert cells[:4] == ["sa", "{}/{}/{}".format(*sizes), str(int(dom[dom.domain == "sa"].is_domain_expert.sum())),
+                         str(int(drv[drv.domain == "sa"].is_driver.sum()))]
     # the evaluation scores exactly the domain's own labels
     r = runner.invoke(app, ["eval", "--model", str(model_dir), "--data", data, "--limit", "6",
                             "--out", str(tmp_path / "ev")])

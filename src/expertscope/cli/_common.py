@@ -78,9 +78,50 @@ def progress() -> Progress:
     )
 
 
+class ProgressLines:
+    """Progress for a log file or CI (no terminal): a line when a task starts, a line per task at most every
+    ``every`` seconds with done/total, elapsed time and an estimate of the time left, and a line when it ends.
+    ``clock`` and ``write`` are parameters so that tests drive them."""
+
+    def __init__(self, write: Callable[[str], None], every: float = 30.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.write, self.every, self.clock = write, every, clock or time.monotonic
+        self.started: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        now = self.clock()
+        if task not in self.started:
+            self.started[task] = self.last[task] = now
+            self.write(f"{task}: 0/{total}")
+            if done == 0:
+                return
+        if done >= total and total > 0:
+            if self.last.get(task) != float("inf"):
+                self.write(f"{task}: {done}/{total} done in {_duration(now - self.started[task])}")
+                self.last[task] = float("inf")
+            return
+        if now - self.last[task] >= self.every:
+            self.last[task] = now
+            elapsed = now - self.started[task]
+            eta = f", about {_duration(elapsed * (total - done) / done)} left" if done else ""
+            self.write(f"{task}: {done}/{total} after {_duration(elapsed)}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+
+
 @contextlib.contextmanager
 def progress_bars() -> Iterator[ProgressCallback]:
-    """A :data:`~expertscope.progress.ProgressCallback` drawing one rich bar per task until the block ends."""
+    """A :data:`~expertscope.progress.ProgressCallback`: one rich bar per task in a terminal; without one (a
+    log file, CI), :class:`ProgressLines` on stderr, so that a long stage is never silent."""
+    if not console.is_terminal:
+        yield ProgressLines(lambda line: console.print(line, highlight=False, soft_wrap=True))
+        return
     with progress() as p:
         tasks: dict[str, TaskID] = {}
 

@@ -68,10 +68,14 @@ def _class_source(klass: type) -> tuple[ast.AST, list[str]] | None:
 
 
 def field_metavar(tp: Any) -> str:
-    opts = [a for a in _flat(tp) if a is not type(None)]
+    """The one notation of an option's value in ``--help``: ``<int>``, ``<float|none>``, ``<scale|bias>``,
+    ``<list>`` (comma-separated)."""
+    flat = _flat(tp)
+    opts = [a for a in flat if a is not type(None)]
     lits = [v for a in opts if get_origin(a) is Literal for v in get_args(a)]
-    kinds = [a.__name__.upper() if isinstance(a, type) else "LIST" for a in opts if get_origin(a) is not Literal]
-    return "|".join([*map(str, lits), *kinds])
+    kinds = [a.__name__ if isinstance(a, type) else "list" for a in opts if get_origin(a) is not Literal]
+    none = ["none"] if type(None) in flat else []
+    return "<" + "|".join([*map(str, lits), *kinds, *none]) + ">"
 
 
 def _flat(tp: Any) -> list[Any]:

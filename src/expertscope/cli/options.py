@@ -37,6 +37,23 @@ PREFIXES = {"domain_experts": "domain", "drivers": "driver", "intervention": "st
 SHORT = {"model": "-m", "domain": "-d", "batch-size": "-b"}
 #: Options given once per value (``-d a=X -d b=Y``).
 REPEATED = ("domain", "confirm")
+#: The help panel of an option: by the config section it sets (run-level fields by name).
+SECTION_PANELS = {"profile": "Profiling", "domain_experts": "Domain experts", "causal": "Causal effects",
+                  "drivers": "Driver experts", "intervention": "Steering and confirmation",
+                  "evaluation": "Evaluation", "lm_eval": "lm-evaluation-harness"}
+RUN_PANELS = {"model": "Model", "dtype": "Model", "device": "Model", "trust_remote_code": "Model",
+              "allow_pickle": "Model", "domains": "Data", "limit": "Data", "train_limit": "Data", "parts": "Data",
+              "allow_overlap": "Data", "confirm": "Data", "seed": "Shared settings", "executor": "Execution",
+              "workers": "Execution", "gpus_per_worker": "Execution", "threads": "Execution"}
+OUTPUT_PANEL = "Output"
+
+
+def panel_of(s: Setting) -> str:
+    """The help panel an option is listed in."""
+    if len({sec for sec, _ in s.targets}) > 1:
+        return "Shared settings"  # one concept set in several analyses (--batch-size, --n-boot)
+    sec, name = s.targets[0]
+    return RUN_PANELS.get(name, "Run") if sec is None else SECTION_PANELS.get(sec, sec)
 #: Fields no command offers as an option (``confirm``'s positional argument sets ``hypotheses``).
 NOT_OPTIONS = ("hypotheses",)
 #: Old spellings → the options they mean (the first one the command has), hidden, for one release.
@@ -115,14 +132,17 @@ def option_params(settings: Sequence[Setting], base: StudyConfig) -> list[inspec
         # Escaped: the CLI renders help as rich markup, where "[...]" would be read as a tag.
         help_text = escape(f"{s.help} [default: {_show(default)}]".strip())
         flags = [f"--{s.name}"] + ([SHORT[s.name]] if s.name in SHORT else [])
+        panel = panel_of(s)
         if s.type is bool:
             flags = [f"--{s.name}/--no-{s.name}"]
-            ann: Any = Annotated[bool | None, typer.Option(*flags, help=help_text, show_default=False)]
+            ann: Any = Annotated[bool | None, typer.Option(*flags, help=help_text, show_default=False,
+                                                           rich_help_panel=panel)]
         elif s.name in REPEATED:
-            ann = Annotated[list[str] | None, typer.Option(*flags, help=help_text, show_default=False)]
+            ann = Annotated[list[str] | None, typer.Option(*flags, help=help_text, show_default=False,
+                                                           metavar="<name=source>", rich_help_panel=panel)]
         else:
             ann = Annotated[str | None, typer.Option(*flags, help=help_text, metavar=field_metavar(s.type),
-                                                     show_default=False)]
+                                                     show_default=False, rich_help_panel=panel)]
         params.append(inspect.Parameter(_pname(s.name), inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
     for alias, wanted in ALIASES.items():
         target = next((w for w in wanted if w in names), None)
@@ -197,11 +217,13 @@ def with_options(base: StudyConfig, values: dict[str, Any]) -> StudyConfig:
 
 # Options every writing command has besides its settings.
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (one run per directory).",
-                                             show_default=False)]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
+                                             show_default=False, metavar="<path>", rich_help_panel=OUTPUT_PANEL)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.",
+                                         rich_help_panel=OUTPUT_PANEL)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the run in --out (its files are moved aside "
-                                                         "until the new run finishes).")]
-ShowOpt = Annotated[int, typer.Option("--show", help="Rows to print per domain or layer.")]
+                                                         "until the new run finishes).", rich_help_panel=OUTPUT_PANEL)]
+ShowOpt = Annotated[int, typer.Option("--show", help="Rows to print per domain or layer.", metavar="<int>",
+                                      rich_help_panel=OUTPUT_PANEL)]
 
 __all__ = ["ALIASES", "RENAMES", "Setting", "all_settings", "build_config", "field_docs",
            "option_params", "settings_for"]

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from ..report import views
-from ..report.views import TableView
 from ._common import console, out_console
+
+if TYPE_CHECKING:
+    from ..report.views import TableView
+
+
+def _views() -> ModuleType:
+    """The report's table views, imported when a command prints (not for --help: they need pandas)."""
+    from ..report import views
+
+    return views
 
 
 def print_views(*tables: TableView) -> None:
@@ -25,34 +34,60 @@ def print_views(*tables: TableView) -> None:
 
 
 # ----- per command: what it prints when done (out, manifest, rows) -------------------------------------------
-def parts_line(manifest: dict[str, Any]) -> str | None:
-    """The items each part of each domain held, from the stages' records: ``a 180 / 60 / 60``."""
-    seen: dict[str, dict[str, int]] = {}
-    for st in manifest.get("stages", {}).values():
+def run_summary(out: Path, manifest: dict[str, Any]) -> Table | None:
+    """The end-of-run summary as one table, a row per domain: items per part, domain experts, drivers (and
+    whether the set is stable at this sample size), and confirmed pre-registered predictions per corpus."""
+    import json
+
+    stages = manifest.get("stages", {})
+    dom = (stages.get("domain_experts") or {}).get("domain_experts") or {}
+    drv = (stages.get("drivers") or {}).get("drivers") or {}
+    parts: dict[str, dict[str, int]] = {}
+    for st in stages.values():
         for part, doms in (st.get("items") or {}).items() if isinstance(st, dict) else ():
             for name, rec in doms.items():
-                seen.setdefault(name, {})[part] = max(seen.get(name, {}).get(part, 0), int(rec["n"]))
-    if not seen or not any({"confirm", "train"} & set(v) for v in seen.values()):
+                parts.setdefault(name, {})[part] = max(parts.get(name, {}).get(part, 0), int(rec["n"]))
+    names = list(dict.fromkeys([*dom, *drv, *parts]))
+    if not names:
         return None
-    cells = ", ".join(f"{d} {v.get('discovery', 0)} / {v.get('train', 0)} / {v.get('confirm', 0)}"
-                      for d, v in seen.items())
-    return f"items read (discovery / training / confirmation, disjoint): {cells}"
+    stable: dict[str, str] = {}
+    findings = out / "findings.json"
+    if findings.exists():
+        for d in json.loads(findings.read_text(encoding="utf-8")).get("domains", []):
+            text = d.get("driver_stability") or ""
+            need = d.get("driver_inputs_needed")
+            stable[d["domain"]] = ("yes" if " is stable" in text else
+                                   f"no (~{need:.0f})" if need else "no" if text else "–")
+    confirmed: dict[str, str] = {}
+    if (out / "confirmation.parquet").exists():
+        from ..io import read_table
+
+        conf, _ = read_table(out / "confirmation.parquet")
+        for name, g in conf.groupby("domain", sort=False):
+            cells = []
+            for _, h in g.groupby("corpus", sort=False):
+                tested = h[h["outcome"] != "not measured"]
+                cells.append(f"{int((tested['outcome'] == 'confirmed').sum())}/{len(tested)}")
+            confirmed[str(name)] = "; ".join(cells)
+    t = Table(title="Summary", title_justify="left",
+              caption="items: discovery/training/confirmation. experts: domain experts. stable: is the driver set "
+                      "stable at this sample size (else the inputs the power estimate asks for). confirmed: "
+                      "pre-registered predictions confirmed of those testable, per corpus (confirmation part; "
+                      "second corpus).", caption_justify="left")
+    for col in ("domain", "items", "experts", "drivers", "stable", "confirmed"):
+        t.add_column(col, justify="left" if col in ("domain", "stable") else "right", no_wrap=col != "stable")
+    for name in names:
+        p = parts.get(name, {})
+        items = "/".join(str(p[k]) if k in p else "–" for k in ("discovery", "train", "confirm"))
+        t.add_row(name, items, str(dom.get(name, "–")), str(drv.get(name, "–")), stable.get(name, "–"),
+                  confirmed.get(name, "–"))
+    return t
 
 
 def show_run(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    line = parts_line(manifest)
-    if line:
-        console.print(line)
-    for key, what in (("domain_experts", "domain experts"), ("drivers", "driver experts")):
-        counts = manifest["stages"].get(key, {}).get(key)
-        if counts:
-            console.print(f"{what} per domain: {counts}")
-    if (out / "confirmation.parquet").exists():
-        from ..io import read_table
-        from ..report.sentences import confirmation_sentences
-
-        for sentence in confirmation_sentences(read_table(out / "confirmation.parquet")[0])[:6]:
-            console.print(sentence)
+    table = run_summary(out, manifest)
+    if table is not None:
+        out_console.print(table)
     if (out / "report.html").exists():
         console.print(f"open {out / 'report.html'} in a browser")
 
@@ -83,9 +118,9 @@ def show_domains(out: Path, manifest: dict[str, Any], rows: int) -> None:
     from ..stats.domain_experts import DomainExpertTable
 
     table = DomainExpertTable.load(out / "domain_experts.parquet")
-    print_views(*views.domain_expert_views(table, rows))
+    print_views(*_views().domain_expert_views(table, rows))
     source = Path(manifest.get("fingerprint", {}).get("inputs", {}).get("dir") or out)
-    shared = views.shared_experts_line(manifest.get("model")
+    shared = _views().shared_experts_line(manifest.get("model")
                                        or (read_json(source / "manifest.json", "manifest").get("model") or {}))
     if shared:
         out_console.print(shared)
@@ -100,7 +135,7 @@ def show_drivers(out: Path, manifest: dict[str, Any], rows: int) -> None:
     from ..causal.drivers import DriverTable
 
     table = DriverTable.load(out / "drivers.parquet")
-    print_views(views.driver_view(table, pd.read_parquet(out / "causal_rate.parquet"), top=rows))
+    print_views(_views().driver_view(table, pd.read_parquet(out / "causal_rate.parquet"), top=rows))
     for r in table.summary():
         console.print(r["text"])
     for note in manifest["stages"].get("drivers", {}).get("engine_notes", []):
@@ -110,12 +145,12 @@ def show_drivers(out: Path, manifest: dict[str, Any], rows: int) -> None:
 def show_steering(out: Path, manifest: dict[str, Any], rows: int) -> None:
     from ..interventions.steering_study import InterventionResult
 
-    print_views(*views.steering_views(InterventionResult.load(out).table))
+    print_views(*_views().steering_views(InterventionResult.load(out).table))
 
 
 def show_eval(out: Path | None, manifest: dict[str, Any], rows: int) -> None:
     st = manifest["stages"]["eval"]
-    print_views(views.eval_view(st["results"]))
+    print_views(_views().eval_view(st["results"]))
     cut = {name: r["n_truncated"] for name, r in st["results"].items() if r.get("n_truncated")}
     if cut:
         out_console.print(f"[yellow]prompts cut from the left to fit the {st.get('context_length')}-token "
@@ -123,7 +158,7 @@ def show_eval(out: Path | None, manifest: dict[str, Any], rows: int) -> None:
 
 
 def show_lm_eval(out: Path, manifest: dict[str, Any], rows: int) -> None:
-    print_views(views.lm_eval_view(manifest["stages"]["lm_eval"]["results"]))
+    print_views(_views().lm_eval_view(manifest["stages"]["lm_eval"]["results"]))
 
 
 def show_recorded_routes(out: Path, summary: dict[str, Any]) -> None:

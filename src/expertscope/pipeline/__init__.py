@@ -10,10 +10,27 @@
 
 from __future__ import annotations
 
-from .context import StudyContext, StudyInputs
-from .prepare import prepare
-from .registry import PIPELINE, Pipeline, Stage
-from .runner import config_of_run, run_study, study_fingerprint
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .registry import PIPELINE, Pipeline, Stage  # the records only: reading them imports no analysis
+
+# The rest on first use, so that `--help` (which reads the registry) loads no torch.
+_LAZY = {"StudyContext": ".context", "StudyInputs": ".context", "prepare": ".prepare", "config_of_run": ".runner",
+         "run_study": ".runner", "study_fingerprint": ".runner"}
+
+if TYPE_CHECKING:
+    from .context import StudyContext, StudyInputs
+    from .prepare import prepare
+    from .runner import config_of_run, run_study, study_fingerprint
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'expertscope.pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = ["PIPELINE", "Pipeline", "Stage", "StudyContext", "StudyInputs", "config_of_run", "prepare", "run_study",
            "study_fingerprint"]
