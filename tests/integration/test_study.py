@@ -421,3 +421,19 @@ def test_hypotheses_are_registered_and_confirmed_on_new_data(full_run: Path, dom
     edited.write_text((full_run / "hypotheses.json").read_text().replace('"lower"', '"higher"'))
     r = runner.invoke(app, ["confirm", str(edited), "-d", f"sa={new}?task=classification", "-o", str(tmp_path / "e")])
     assert r.exit_code == 2 and "changed after it was written" in r.output and not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_docs_outputs_lists_every_column_of_every_table(full_run: Path) -> None:
+    """docs/outputs.md names each table the study writes and every one of its columns (kept true by this test)."""
+    import re
+
+    import pyarrow.parquet as pq
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "outputs.md").read_text()
+    sections = dict(re.findall(r"### `(\w+)\.parquet`\n(.*?)(?=\n### |\Z)", text, flags=re.S))
+    for path in sorted(full_run.glob("*.parquet")):
+        assert path.stem in sections, f"docs/outputs.md lacks {path.name}"
+        listed = set(re.findall(r"`(\w+)`", sections[path.stem].split("Columns:", 1)[-1]))
+        missing = set(pq.read_schema(path).names) - listed
+        assert not missing, f"{path.name}: columns not in docs/outputs.md: {sorted(missing)}"

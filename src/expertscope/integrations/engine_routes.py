@@ -1,6 +1,7 @@
 """Routes recorded by a serving or training engine: statistics from expert indices alone, no model in memory.
 
-Formats (checked against the engines' own source; see README "Routes from vLLM, SGLang and Megatron"):
+Formats (checked against the engines' own source; see docs/reference.md, "Routes recorded by vLLM, SGLang and
+Megatron"):
 
 - ``"vllm"`` — ``--enable-return-routed-experts``: ``prompt_routed_experts`` (request level) and
   ``routed_experts`` (per choice / ``CompletionOutput``), int16 ``[tokens, moe_layers, k]``; over HTTP as

@@ -480,13 +480,30 @@ def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
                             f"'{layer}' && r.cells[2].textContent === '{expert}').map(r => r.cells[3].textContent)")
         assert shown_text == [value]  # the same number in the table as under the mouse
 
-        # Filtering by typing: column=value terms.
+        # Filtering by typing: column=value terms, with or without spaces around the operator.
         b.click(f"{table} input.xt-q")
         b.send("Input.insertText", {"text": "layer=1"})
         assert set(b.eval(f"{visible}.map(r => r.cells[1].textContent)")) == {"1"}
         assert len(column("ce_mean")) == int((drivers["layer"] == 1).sum())
-        b.eval(f"(function(){{var q=document.querySelector('{table} input.xt-q');q.value='';"
-               "q.dispatchEvent(new Event('input'));})()")
+        clear = (f"(function(){{var q=document.querySelector('{table} input.xt-q');q.value='';"
+                 "q.dispatchEvent(new Event('input'));})()")
+        note = f"document.querySelector('{table} .xt-n').textContent"
+        b.eval(clear)
+        readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+        example = re.search(r"e\.g\. `(math ce_mean > ([0-9.]+))` in the driver table", readme)
+        assert example, "the README's filter example"
+        b.send("Input.insertText", {"text": example.group(1)})  # the README's example, as written (spaced)
+        want = drivers[(drivers["domain"] == "math") & (drivers["ce_mean"] > float(example.group(2)))]
+        assert len(want) and sorted(float(v) for v in column("ce_mean")) == sorted(want["ce_mean"])[:20]
+        assert b.eval(note).startswith("showing ")
+        # A column the table does not have, or a comparison with no number, is said under the box.
+        b.eval(clear)
+        b.send("Input.insertText", {"text": "lift>2"})
+        assert b.eval(note).startswith("filter: no column 'lift' in this table (columns: domain, layer, expert")
+        b.eval(clear)
+        b.send("Input.insertText", {"text": "ce_mean>abc"})
+        assert b.eval(note).startswith("filter: 'ce_mean>abc': > needs a number")
+        b.eval(clear)
 
         # The domain selector: one domain's rows, heatmaps and findings only.
         b.eval("(function(){var s=document.getElementById('domain-select');s.value='knowledge';"

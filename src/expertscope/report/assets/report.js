@@ -37,17 +37,27 @@
     return s === "" || s === "\u2013" ? null : s;
   }
 
-  // Filter terms: words (each must appear in the row), or column=value, column!=value, column>x, <, >=, <=.
+  // Filter terms: words (each must appear in the row), or column=value, column!=value, column>x, <, >=, <=
+  // (spaces around the operator are allowed). A term naming no column of the table, or comparing a column
+  // with something that is not a number, is an error: said under the box, and left out of the filter.
   function terms(query, columns) {
-    return query.toLowerCase().split(/\s+/).filter(Boolean).map(function (t) {
-      var m = /^([^<>=!]+)(>=|<=|!=|=|>|<)(.*)$/.exec(t);
-      var c = m ? columns.indexOf(m[1]) : -1;
-      return c >= 0 ? { col: c, op: m[2], v: m[3] } : { word: t };
+    var q = query.toLowerCase().replace(/\s*(>=|<=|!=|=|>|<)\s*/g, "$1");
+    return q.split(/\s+/).filter(Boolean).map(function (t) {
+      var m = /^([^<>=!]*)(>=|<=|!=|=|>|<)(.*)$/.exec(t);
+      if (!m) return { word: t };
+      var c = columns.indexOf(m[1]);
+      if (!m[1] || c < 0) return { error: "no column '" + m[1] + "' in this table (columns: " +
+                                   columns.filter(Boolean).join(", ") + ")" };
+      if (m[2].charAt(0) !== "=" && m[2] !== "!=" && (m[3] === "" || isNaN(parseFloat(m[3]))))
+        return { error: "'" + t + "': " + m[2] + " needs a number" };
+      if (m[3] === "") return { error: "'" + t + "': give a value after " + m[2] };
+      return { col: c, op: m[2], v: m[3] };
     });
   }
   function matches(tr, ts) {
     for (var i = 0; i < ts.length; i++) {
       var t = ts[i];
+      if (t.error !== undefined) continue;
       if (t.word !== undefined) {
         if (tr.textContent.toLowerCase().indexOf(t.word) < 0) return false;
         continue;
@@ -85,8 +95,10 @@
       r.hidden = !visible;
       if (visible) shown++;
     });
-    box.querySelector(".xt-n").textContent =
+    var errors = ts.filter(function (t) { return t.error !== undefined; }).map(function (t) { return t.error; });
+    box.querySelector(".xt-n").textContent = (errors.length ? "filter: " + errors.join("; ") + ". " : "") +
       "showing " + shown + " of " + n + " rows" + (n < rows.length ? " (" + rows.length + " in all)" : "");
+    box.classList.toggle("xt-bad", errors.length > 0);
     var more = box.querySelector(".xt-more");
     more.hidden = n <= page;
     more.textContent = all ? "show " + page + " rows" : "show all " + n;
