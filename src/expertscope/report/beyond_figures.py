@@ -67,6 +67,9 @@ def fig_dose(dose: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_do
                     top = np.nanmax(np.r_[r["delta_hi"].to_numpy(float), 0.0]) + 0.03
                     for xi in x[spec]:
                         ax.text(xi, top, "*", ha="center", va="bottom", fontsize=13)
+                    if spec.any():  # room for the stars inside the axes, under the title
+                        lo, hi = ax.get_ylim()
+                        ax.set_ylim(lo, max(hi, top + 0.12 * (hi - lo)))
                 ax.axhline(0, color="grey", lw=0.8)
                 ax.set_xticks(x, labels, rotation=30)
                 ax.set_ylabel("Δ accuracy vs unsteered")
@@ -99,9 +102,11 @@ def fig_selectivity(sel: pd.DataFrame | None, out_dir: str | Path, name: str = "
             for r in g.itertuples():
                 i, j = rows.index(str(r.ablated)), doms.index(str(r.evaluated))
                 m[i, j] = r.delta
-                ax.text(j, i, f"{r.delta:+.2f}\n[{r.delta_lo:+.2f}, {r.delta_hi:+.2f}]", ha="center", va="center",
-                        fontsize=7.5)
             im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
+            for r in g.itertuples():  # each cell's text in the colour that reads on it
+                i, j = rows.index(str(r.ablated)), doms.index(str(r.evaluated))
+                ax.text(j, i, f"{r.delta:+.2f}\n[{r.delta_lo:+.2f}, {r.delta_hi:+.2f}]", ha="center", va="center",
+                        fontsize=8, color=style.text_colour(im.cmap(im.norm(r.delta))))
             ax.set_xticks(range(len(doms)), doms)
             ax.set_yticks(range(len(rows)), rows)
             ax.set_xlabel("evaluated domain")
@@ -180,6 +185,7 @@ def fig_paths(paths: pd.DataFrame | None, out_dir: str | Path, name: str = "fig_
             ax.set_title(d)
             ax.set_xlabel("MoE layer")
             ax.set_ylabel("top-1 expert")
+            style.integer_ticks(ax, x=True, y=True)
             ax.legend(frameon=False, fontsize=7, loc="best")
         fig.suptitle("Most frequent expert paths (top-1 expert per layer)")
         return style.save_figure(fig, out_dir, name)
@@ -210,6 +216,7 @@ def fig_routing_overlap(overlap: pd.DataFrame | None, out_dir: str | Path, name:
             ax.set_ylim(0, 1.02)
             ax.set_title(d)
             ax.set_xlabel("MoE layer")
+            style.integer_ticks(ax)
             ax.set_ylabel("overlap with unsteered")
             ax.legend(frameon=False, fontsize=8)
         fig.suptitle("How far the interventions moved the routing")

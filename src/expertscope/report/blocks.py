@@ -109,22 +109,26 @@ def details(summary: str, body: str) -> str:
     """``body`` folded away under ``summary`` (long tables a reader opens on demand)."""
     return f"<details><summary>{_e(summary)}</summary>{body}</details>" if body else ""
 
-def _colours(values: np.ndarray, cmap: str) -> tuple[list[str], float, float]:
-    """Hex colours of ``values`` on ``cmap`` scaled to their finite range; grey for NaN."""
+def _colours(values: np.ndarray, cmap: str, scale: tuple[float, float] | None = None
+             ) -> tuple[list[str], float, float]:
+    """Hex colours of ``values`` on ``cmap`` scaled to ``scale`` (default: their finite range); grey for NaN."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
 
     finite = values[np.isfinite(values)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if scale is not None:
+        lo, hi = scale
     span = hi - lo if hi > lo else 1.0
     cm = colormaps[cmap]
     return [to_hex(cm((v - lo) / span)) if np.isfinite(v) else "#e6e6e6" for v in values], lo, hi
 
 def heatmap(df: pd.DataFrame | None, value: str, *, label: str, unit: str = "", flag: str | None = None,
             flag_label: str = "", rows: str = "layer", cols: str = "expert", by: str | None = "domain",
-            cmap: str = "cividis_r", caption: str = "") -> str:
-    """One inline-SVG heatmap of ``value`` (``rows`` × ``cols``) per ``by`` value, each with its own colour
-    scale (darker = larger with the default map) and cells where ``flag`` is true boxed; ``by=None``: one
+            cmap: str = "cividis_r", caption: str = "", shared: bool = True) -> str:
+    """One inline-SVG heatmap of ``value`` (``rows`` × ``cols``) per ``by`` value, on one colour scale for all of
+    them so that domains compare (``shared=False``: a scale each; darker = larger with the default map), and
+    cells where ``flag`` is true boxed; ``by=None``: one
     heatmap of all rows. Hovering a cell shows ``rows``, ``cols`` and the value as the tables print it
     (``data-v``); a heatmap per domain carries ``data-domain`` for the domain selector. ``""`` when ``df``
     lacks the columns."""
@@ -140,6 +144,9 @@ def heatmap(df: pd.DataFrame | None, value: str, *, label: str, unit: str = "", 
     rstep, cstep = max(1, -(-nr // 32)), max(1, -(-nc // 24))
     out = []
     groups = [(str(d), g) for d, g in df.groupby(df[by].astype(str), sort=False)] if by else [("", df)]
+    every = df[value].to_numpy(dtype=float)
+    every = every[np.isfinite(every)]
+    scale = (float(every.min()), float(every.max())) if shared and every.size else None
     for k, (d, g) in enumerate(groups):
         grid = g.pivot_table(index=rows, columns=cols, values=value, aggfunc="mean").reindex(
             index=row_keys, columns=col_keys)
@@ -147,7 +154,7 @@ def heatmap(df: pd.DataFrame | None, value: str, *, label: str, unit: str = "", 
         fl = (g.pivot_table(index=rows, columns=cols, values=flag, aggfunc="max").reindex(
             index=row_keys, columns=col_keys).fillna(False).to_numpy(dtype=bool)
             if flag and flag in g.columns else np.zeros_like(vals, dtype=bool))
-        colours, lo, hi = _colours(vals.ravel(), cmap)
+        colours, lo, hi = _colours(vals.ravel(), cmap, scale)
         cells, boxes = [], []
         for i in range(nr):
             for j in range(nc):

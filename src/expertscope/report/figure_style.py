@@ -35,6 +35,24 @@ _RC: dict[Any, Any] = {  # rc names; matplotlib's stub spells every key as a Lit
     "figure.autolayout": False, "figure.constrained_layout.use": False,
 }
 
+def integer_ticks(ax: Any, x: bool = True, y: bool = False) -> None:
+    """Whole-number ticks on the axes of counts and positions (MoE layers, expert ids): never 0.5 or 1.25."""
+    from matplotlib.ticker import MaxNLocator
+
+    if x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if y:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def text_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads better on a cell of colour ``rgba`` (by its relative luminance)."""
+    r, g, b = (float(c) for c in rgba[:3])
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+    lum = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
+
+
 def _empty(df: pd.DataFrame | None, *cols: str) -> bool:
     return df is None or len(df) == 0 or any(c not in df.columns for c in cols)
 

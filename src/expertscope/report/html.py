@@ -35,6 +35,7 @@ from .record import MIN_PAIR_COUNT, beyond_findings, findings, findings_record, 
 from .sentences import (
     Sentence,
     beyond_sentences,
+    brief_sentences,
     confirmation_sentences,
     control_sentences,
     read_associations,
@@ -49,7 +50,6 @@ from .sentences import (
     read_steering,
     read_sweep,
     replication_sentences,
-    sentences,
 )
 from .status import status_sentence
 from .views import steering_rows
@@ -179,11 +179,74 @@ def _association_summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _summary_html(tables: dict[str, pd.DataFrame]) -> str:
+    """The answer first: one row per domain (sample sizes, domain experts, drivers and their stability, the
+    unsteered accuracy, the ablations beyond controls with their verdicts, selectivity, confirmation), each
+    cell linking to the section that details it."""
+    fs = findings(tables)
+    if not fs:
+        return ""
+    conf = tables.get("confirmation")
+
+    def link(anchor: str, text: str) -> str:
+        return f"<a href='#{anchor}'>{_e(text)}</a>" if text not in ("", "–") else "–"
+
+    def verdict(f: Any, kind: str) -> str:
+        c = next((c for c in f.controls if c["kind"] == kind), None)
+        if c is None:
+            return "–"
+        if not c["applicable"]:
+            return "not applicable"
+        word = "no verdict" if c["specific"] is None else "specific" if c["specific"] else "not specific"
+        return f"{c['diff']:+.2f} [{c['diff_lo']:+.2f}, {c['diff_hi']:+.2f}] {word}"
+
+    head = ["domain", "texts / inputs / items", "domain experts", "drivers", "unsteered accuracy",
+            "domain experts masked, beyond controls", "drivers masked, beyond controls", "selective",
+            "confirmed"]
+    rows = []
+    for f in fs:
+        acc = ("–" if f.accuracy is None else f"{f.accuracy['accuracy']:.2f}" + (" (saturated)" if f.saturated
+                                                                                   else ""))
+        n_items = "–" if f.accuracy is None else str(f.accuracy["n"])
+        sample = " / ".join("–" if x is None else str(x) for x in (f.n_sequences, f.n_inputs)) + f" / {n_items}"
+        drv = "–" if f.n_drivers is None else str(f.n_drivers)
+        if f.driver_stability:
+            need = f.driver_inputs_needed
+            drv += (" (stable)" if " is stable" in f.driver_stability else
+                    f" (not stable; ~{need:.0f} inputs)" if need else " (not stable)")
+        sel = {sv["kind"]: sv["selective"] for sv in f.selectivity}
+        selective = ", ".join(f"{_KIND_WORD[k]} {'yes' if sel[k] else 'no' if sel[k] is not None else '–'}"
+                              for k in ("domain", "driver") if k in sel) or "–"
+        confirmed = "–"
+        if conf is not None and len(conf):
+            g = conf[conf["domain"].astype(str) == f.domain]
+            cells = []
+            for _, h in g.groupby("corpus", sort=False):
+                tested = h[h["outcome"] != "not measured"]
+                cells.append(f"{int((tested['outcome'] == 'confirmed').sum())}/{len(tested)}")
+            confirmed = "; ".join(cells) or "–"
+        cells = [_e(f.domain), _e(sample), link("domain", "–" if f.n_domain_experts is None else
+                                                 str(f.n_domain_experts)),
+                 link("drivers", drv), link("steering", acc), link("controls", verdict(f, "domain")),
+                 link("controls", verdict(f, "driver")), link("controls", selective), link("confirmation", confirmed)]
+        rows.append(f"<tr data-domain='{_e(f.domain)}'>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return ("<div class='xt-wrap'><table class='summary'><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
+            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
+            + "<p class='note'>Beyond controls: the change in accuracy when the set is masked, minus the mean change "
+              "over equally busy control sets, with its 95% interval and the run's corrected verdict. confirmed: "
+              "pre-registered predictions confirmed of those testable, per corpus (confirmation part; second "
+              "corpus). Each cell links to its section.</p>")
+
+
+_KIND_WORD = {"domain": "domain experts", "driver": "drivers"}
+
+
 def _findings_html(tables: dict[str, pd.DataFrame]) -> str:
-    """Per domain: what was found and, in words, what was not (see :mod:`.findings`)."""
+    """Per domain, a few sentences: what was found and, in words, what was not (the detail is in the sections
+    below, each sentence said once)."""
     parts = []
     for f in findings(tables):
-        items = "".join(f"<li>{_e(x)}</li>" for x in sentences(f))
+        items = "".join(f"<li>{_e(x)}</li>" for x in brief_sentences(f))
         parts.append(f"<div class='domain-findings' data-domain='{_e(f.domain)}'><h3>{_e(f.domain)}</h3>"
                      f"<ul class='findings'>{items}</ul></div>")
     mi = tables.get("routing_mi")
@@ -479,7 +542,7 @@ def _domains(tables: dict[str, pd.DataFrame]) -> list[str]:
 def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]],
                title: str = "expertscope report") -> str:
     """The report page as a string (pure: no I/O beyond reading the figure files)."""
-    sections = [("findings", "Findings", _findings_html(tables))]
+    sections = [("summary", "Summary", _summary_html(tables)), ("findings", "Findings", _findings_html(tables))]
     sections += [(anchor, heading, build(tables, figures)) for anchor, heading, build in SECTIONS]
     sections.append(("settings", "Run settings", _settings_html(manifest)))
     model = manifest.get("model")

@@ -149,6 +149,7 @@ def fig_routing_mi(routing_mi: pd.DataFrame | None, out_dir: str | Path, name: s
         for i, (label, g) in enumerate(groups):
             ax.plot(g["layer"], g["mi_bits"], marker="o", color=_colour(i), label=str(label) or None)
         ax.set_xlabel("MoE layer")
+        style.integer_ticks(ax)
         ax.set_ylabel("I(domain; expert) [bits]")
         ax.set_ylim(bottom=0)
         ax.set_title("How much routing depends on the domain")
@@ -320,6 +321,9 @@ def fig_steering(steering: pd.DataFrame | None, out_dir: str | Path, name: str =
                    color=_colour(j), label=c.replace("_", " "), error_kw={"lw": 0.8})
             for xi in xs[~np.isfinite(acc)]:  # a condition with no targets: say so, draw no bar
                 ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="0.4")
+            for xi in xs[np.isfinite(acc) & (acc == 0)]:  # a measured zero: a visible mark, not a missing bar
+                ax.plot([xi - w / 2, xi + w / 2], [0, 0], color=_colour(j), lw=3, solid_capstyle="butt")
+                ax.text(xi, 0.02, "0", ha="center", va="bottom", fontsize=7, color="0.2")
         ax.set_xticks(x, domains)
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.05)

@@ -87,6 +87,30 @@ def sentences(f: DomainFindings) -> list[str]:
     out += replication_sentences(f)
     return out + control_sentences(f)
 
+def brief_sentences(f: DomainFindings) -> list[str]:
+    """The findings of one domain in a few sentences, for the top of the report: the sample, the domain
+    experts, the drivers with their stability, the unsteered accuracy, and whether the experts matter beyond
+    controls; the detail (every verdict, replication, dose–response) is said once, in its own section."""
+    full = sentences(f)
+    keep = [x for x in full if x.startswith(("Sample:", "No domain experts", "No driver experts", "Unsteered accuracy"))
+            or " domain expert(s). " in x or " driver expert(s). " in x or x.startswith("Stability:")]
+    verdicts = []
+    for c in f.controls:
+        if not c["applicable"] or c["specific"] is None:
+            continue
+        name = _KIND_NAME[c["kind"]]
+        what = "ablating" if c["strength"] == "mask" else f"steering ({c['strength']})"
+        verdicts.append(f"{what} its {name}: {_sgn(c['diff'])}{_sci(c['diff_lo'], c['diff_hi'])} beyond "
+                        f"{CONTROL_NAMES.get(c['control'], c['control'])}, "
+                        + ("specific" if c["specific"] else "not specific"))
+    if verdicts:
+        keep.append("Beyond controls: " + "; ".join(verdicts) + ".")
+    sel = [f"its {_KIND_NAME[sv['kind']]} are selective" for sv in f.selectivity if sv["selective"]]
+    if sel:
+        keep.append(" and ".join(sel).capitalize() + ".")
+    return keep
+
+
 # ----- controls, dose-response, selectivity (issue #18) ------------------------------------------------------
 _KIND_NAME = {"domain": "domain experts", "driver": "drivers"}
 
@@ -154,11 +178,11 @@ def control_sentences(f: DomainFindings) -> list[str]:
             pts = "; ".join(f"{x['strength']} Δ {_sgn(x['delta'])}, beyond controls {_sgn(x['diff'])}"
                             f"{_sci(x['diff_lo'], x['diff_hi'])} (q = {_pv(x['q_vs_control'])})"
                             for x in c["specific_at"])
-            out.append(f"Dose–response of its {name} ({', '.join(c['strengths'])}): specific beyond {words} at "
-                       f"{pts}; not at the other strengths.")
+            out.append(f"Dose–response of {f.domain}'s {name} ({', '.join(c['strengths'])}): specific beyond {words} "
+                       f"at {pts}; not at the other strengths.")
         elif c["specific"] is not None:
-            out.append(f"Dose–response of its {name} ({', '.join(c['strengths'])}): specific beyond {words} at no "
-                       "strength after the run's correction.")
+            out.append(f"Dose–response of {f.domain}'s {name} ({', '.join(c['strengths'])}): specific beyond {words} "
+                       "at no strength after the run's correction.")
     for u in f.up_lowers:
         out.append(f"\"Up\" ({u['strength']}) lowered most of the {_KIND_NAME[u['kind']]}' logits: "
                    f"{100 * u['negative_share']:.0f}% of their logits on this domain are negative, and scaling a "
@@ -189,8 +213,8 @@ def replication_sentences(f: DomainFindings) -> list[Sentence]:
         if r is None:
             continue
         j = r["jaccard"]
-        head = (f"{label} on two disjoint halves ({r['n_inputs_a']} and {r['n_inputs_b']} inputs, split by a hash of "
-                f"the text): {r['n_half_a']} and {r['n_half_b']} found, {r['n_both']} in both")
+        head = (f"{f.domain}: {label.lower()} on two disjoint halves ({r['n_inputs_a']} and {r['n_inputs_b']} inputs, "
+                f"split by a hash of the text): {r['n_half_a']} and {r['n_half_b']} found, {r['n_both']} in both")
         if j is None or (isinstance(j, float) and math.isnan(j)):
             out.append(Sentence(head + "; none in either half, so nothing to replicate.", f.domain))
             continue
@@ -452,7 +476,9 @@ def read_associations(df: pd.DataFrame) -> list[Sentence]:
 
 def read_expert_map(df: pd.DataFrame) -> list[Sentence]:
     """How many clusters, and how the driver experts fall into them."""
-    lines = [Sentence(f"{len(df)} experts in {df['cluster'].nunique()} KMeans clusters.")]
+    rep = str(df["representation"].iloc[0]) if "representation" in df.columns and len(df) else ""
+    what = f"From {rep} representations: " if rep else ""
+    lines = [Sentence(f"{what}{len(df)} experts in {df['cluster'].nunique()} KMeans clusters.")]
     if "is_driver" in df.columns and df["is_driver"].astype(bool).any():
         drv = df[df["is_driver"].astype(bool)]
         counts = drv["cluster"].value_counts()
@@ -550,7 +576,8 @@ def read_saturated(domains: list[str]) -> list[Sentence]:
                      "about the experts.")]
 
 
-__all__ = ["SHOWN", "Sentence", "beyond_sentences", "confirmation_sentences", "control_sentences", "format_number",
+__all__ = ["SHOWN", "Sentence", "beyond_sentences", "brief_sentences", "confirmation_sentences", "control_sentences",
+           "format_number",
            "read_associations",
            "read_causal_rate", "read_domain_experts", "read_drivers", "read_expert_map",
            "read_expert_types", "read_positions", "read_routing_mi", "read_saturated", "read_steering",

@@ -520,3 +520,121 @@ def test_report_explores_in_chromium(built_report: Path, tmp_path: Path):
         assert b.eval(on_screen.format("svg.hm")) == 2 and b.eval(on_screen.format("#findings h3")) == 1
         b.screenshot(tmp_path / "explored.png")
     assert (tmp_path / "explored.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_opens_with_the_answer_and_says_each_sentence_once(no_figures: list[str]) -> None:
+    """The first section is the summary: a row per domain whose cells link to their sections and carry the
+    run's numbers; the findings are a few sentences per domain; no sentence appears twice on the page, and every
+    replication reading names its domain."""
+    from expertscope.report.html import build_html
+    from expertscope.report.record import findings
+
+    tables = synthetic_tables()
+    page = build_html({"kind": "study", "status": "complete", "model": {"source": "tiny"}}, tables, {})
+    sections = re.findall(r"<section id='([a-z_]+)'>", page)
+    assert sections[:2] == ["summary", "findings"]
+    summary = page.split("<section id='summary'>")[1].split("</section>")[0]
+    fs = findings(tables)
+    for f in fs:
+        row = re.search(rf"<tr data-domain='{f.domain}'>(.*?)</tr>", summary).group(1)
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        assert re.sub("<[^>]+>", "", cells[2]) == str(f.n_domain_experts)
+        assert "href='#domain'" in cells[2] and "href='#drivers'" in cells[3]
+        assert re.sub("<[^>]+>", "", cells[3]).startswith(str(f.n_drivers))
+    items = [re.sub("<[^>]+>", "", x) for x in re.findall(r"<li[^>]*>(.*?)</li>", page)]
+    repeated = {x for x in items if items.count(x) > 1}
+    assert not repeated, sorted(repeated)[:3]
+    findings_part = page.split("<section id='findings'>")[1].split("</section>")[0]
+    assert all(len(re.findall(r"<li>", block)) <= 7 for block in findings_part.split("<h3>")[1:])
+    rep = page.split("<section id='replication'>")[1].split("</section>")[0] if "id='replication'" in page else ""
+    for line in re.findall(r"<li data-domain='([^']+)'>(.*?)</li>", rep):
+        assert line[1].startswith(f"{line[0]}: ")
+
+
+# ----- figures that read (issue 36) ------------------------------------------------------------------------
+def _captured(monkeypatch) -> dict:
+    """Build figures without saving them: each Figure by name."""
+    from expertscope.report import figure_style
+
+    built: dict = {}
+
+    def keep(fig, out_dir, name):  # type: ignore[no-untyped-def]
+        built[name] = fig
+        return []
+
+    monkeypatch.setattr(figure_style, "save_figure", keep)
+    return built
+
+
+def test_layer_axes_have_whole_number_ticks(monkeypatch, tmp_path: Path) -> None:
+    """MI, paths and routing-overlap plots label layers 0, 1, 2, never 0.5 or 1.25 (matplotlib's default
+    locator puts halves between 4 layers)."""
+    from expertscope.report import beyond_figures as BF
+    from expertscope.report import paper_figures as PF
+
+    built = _captured(monkeypatch)
+    layers = [0, 1, 2, 3]
+    PF.fig_routing_mi(pd.DataFrame({"layer": layers, "mi_bits": [0.1, 0.05, 0.12, 0.15]}), tmp_path)
+    BF.fig_routing_overlap(pd.DataFrame({"domain": "math", "condition": "mask", "layer": layers,
+                                         "overlap": [0.9, 0.8, 0.85, 0.7]}), tmp_path)
+    BF.fig_paths(pd.DataFrame({"domain": "math", "start_layer": 0, "layers": "0>1>2", "path": "3>5>1",
+                               "share": [0.2]}), tmp_path)
+    for name, fig in built.items():
+        fig.canvas.draw()  # the tick locator runs at draw time
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), (name, ticks)
+    assert len(built) == 3
+
+
+def test_selectivity_cell_text_reads_on_its_colour(monkeypatch, tmp_path: Path) -> None:
+    """White text on the dark cells, black on the light ones (black on dark red before)."""
+    from matplotlib.colors import to_rgba
+
+    from expertscope.report import beyond_figures as BF
+
+    built = _captured(monkeypatch)
+    sel = pd.DataFrame([{"kind": "domain", "ablated": a, "evaluated": e, "delta": d, "delta_lo": d - 0.05,
+                         "delta_hi": d + 0.05} for a, e, d in (("math", "math", -0.5), ("math", "emotion", 0.0),
+                                                               ("emotion", "emotion", -0.45),
+                                                               ("emotion", "math", 0.01))])
+    BF.fig_selectivity(sel, tmp_path)
+    (fig,) = built.values()
+    colours = {t.get_text().split("\n")[0]: to_rgba(t.get_color()) for t in fig.axes[0].texts}
+    assert colours["-0.50"] == to_rgba("white") and colours["-0.45"] == to_rgba("white")
+    assert colours["+0.00"] == to_rgba("black")
+
+
+def test_dose_stars_sit_inside_the_axes_and_zero_bars_show(monkeypatch, tmp_path: Path) -> None:
+    from expertscope.report import beyond_figures as BF
+    from expertscope.report import paper_figures as PF
+
+    built = _captured(monkeypatch)
+    dose = pd.DataFrame([{"domain": "math", "kind": "domain", "strength": s, "applicable": True, "delta": d,
+                          "delta_lo": d - 0.1, "delta_hi": d + 0.1, "n": 60, "specific": spec}
+                         for s, d, spec in (("mask", -0.4, True), ("×0.8", 0.0, False), ("×1.2", 0.3, True))])
+    BF.fig_dose(dose, tmp_path)
+    (fig,) = [f for n, f in built.items() if n.startswith("fig_dose")]
+    ax = fig.axes[0]
+    stars = [t for t in ax.texts if t.get_text() == "*"]
+    assert len(stars) == 2 and all(t.get_position()[1] < ax.get_ylim()[1] for t in stars)
+    steering = pd.DataFrame([{"domain": "math", "condition": "original", "accuracy": 0.0, "ci_low": 0.0,
+                              "ci_high": 0.06}, {"domain": "math", "condition": "domain_mask", "accuracy": 0.3,
+                                                 "ci_low": 0.2, "ci_high": 0.4}])
+    PF.fig_steering(steering, tmp_path)
+    ax = built["fig_steering"].axes[0]
+    assert any(list(line.get_ydata()) == [0, 0] and line.get_linewidth() >= 3 for line in ax.lines)
+    assert any(t.get_text() == "0" for t in ax.texts)
+
+
+def test_domain_heatmaps_share_one_colour_scale() -> None:
+    from expertscope.report.blocks import heatmap
+
+    df = pd.DataFrame([{"domain": d, "layer": layer, "expert": e, "A": scale * (e + 1)}
+                       for d, scale in (("a", 1.0), ("b", 0.01)) for layer in range(2) for e in range(4)])
+    svg = heatmap(df, "A", label="activation")
+    legends = re.findall(r"<text x='\d+' y='[\d.]+'>([^<]+)</text><text x='\d+' y='[\d.]+' text-anchor='end'>"
+                         r"([^<]+) </text>", svg)
+    assert len(legends) == 2 and legends[0] == legends[1] == ("0.01", "4")
+    own = re.findall(r"text-anchor='end'>([^<]+) </text>", heatmap(df, "A", label="activation", shared=False))
+    assert own == ["4", "0.04"]
