@@ -506,6 +506,30 @@ SECTIONS: list[tuple[str, str, Section]] = [
 ]
 
 
+_ALWAYS_OPEN = ("summary", "findings")
+_FIGURE = re.compile(r"<figure><img alt='(.*?)'(.*?)<figcaption>(.*?)</figcaption></figure>", re.S)
+_PAPER_NUMBER = re.compile(r"^(Figures?) (\d+(?:–\d+)?)\. ")
+
+
+def number_figures(sections: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Number the page's figures in the order they appear (``Figure 1.``, ``Figure 2.``, …); a figure of the
+    paper keeps its own number in words (``Figure 4 (the paper's Figure 6).``)."""
+    n = 0
+
+    def one(m: re.Match[str]) -> str:
+        nonlocal n
+        n += 1
+        caption = m.group(3)
+        paper = _PAPER_NUMBER.match(caption)
+        if paper:
+            caption = f"Figure {n} (the paper's {paper.group(1)} {paper.group(2)}). " + caption[paper.end():]
+        else:
+            caption = f"Figure {n}. {caption}"
+        return f"<figure><img alt='{caption}'{m.group(2)}<figcaption>{caption}</figcaption></figure>"
+
+    return [(a, h, _FIGURE.sub(one, body)) for a, h, body in sections]
+
+
 def page(title: str, intro: str, sections: Sequence[tuple[str, str, str]], domains: Sequence[str] = (),
          banners: Sequence[str] = ()) -> str:
     """The whole page: ``title``, an ``intro`` line, a ``banner`` per warning (e.g. an incomplete run), a
@@ -520,7 +544,10 @@ def page(title: str, intro: str, sections: Sequence[tuple[str, str, str]], domai
                   "</label>")
     warn = "".join("<div class='banner' role='alert'><strong>Incomplete run.</strong> "
                    + _OPTION.sub(r"<code>\1</code>", _e(b)) + "</div>" for b in banners)
-    body = "".join(f"<section id='{_e(a)}'><h2>{_e(h)}</h2>{b}</section>" for a, h, b in shown)
+    # The answer (summary, findings) stays open; every detail section folds (open to start with).
+    body = "".join(f"<section id='{_e(a)}'><h2>{_e(h)}</h2>{b}</section>" if a in _ALWAYS_OPEN else
+                   f"<section id='{_e(a)}'><details open><summary><h2>{_e(h)}</h2></summary>{b}</details></section>"
+                   for a, h, b in shown)
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">"
@@ -544,6 +571,7 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
     """The report page as a string (pure: no I/O beyond reading the figure files)."""
     sections = [("summary", "Summary", _summary_html(tables)), ("findings", "Findings", _findings_html(tables))]
     sections += [(anchor, heading, build(tables, figures)) for anchor, heading, build in SECTIONS]
+    sections = number_figures(sections)
     sections.append(("settings", "Run settings", _settings_html(manifest)))
     model = manifest.get("model")
     source = model.get("source", "the model") if isinstance(model, dict) else "the model"

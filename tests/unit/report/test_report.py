@@ -638,3 +638,14 @@ def test_domain_heatmaps_share_one_colour_scale() -> None:
     assert len(legends) == 2 and legends[0] == legends[1] == ("0.01", "4")
     own = re.findall(r"text-anchor='end'>([^<]+) </text>", heatmap(df, "A", label="activation", shared=False))
     assert own == ["4", "0.04"]
+
+
+@pytest.mark.slow
+def test_figures_are_numbered_in_page_order(built_report: Path) -> None:
+    """Figure numbers run 1, 2, 3, … down the page; a figure of the paper names its own number in words."""
+    page = built_report.read_text()
+    numbers = [int(x) for x in re.findall(r"<figcaption>Figure (\d+)[ .]", page)]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 5
+    assert re.search(r"<figcaption>Figure \d+ \(the paper's Figure 1\)\. CWAS", page)
+    alts = [int(x) for x in re.findall(r"<img alt='Figure (\d+)[ .]", page)]
+    assert alts == numbers
