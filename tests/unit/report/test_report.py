@@ -649,3 +649,20 @@ def test_figures_are_numbered_in_page_order(built_report: Path) -> None:
     assert re.search(r"<figcaption>Figure \d+ \(the paper's Figure 1\)\. CWAS", page)
     alts = [int(x) for x in re.findall(r"<img alt='Figure (\d+)[ .]", page)]
     assert alts == numbers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width", [800, 1400])
+def test_figures_keep_their_drawn_size_in_a_narrow_window(built_report: Path, tmp_path: Path, width: int) -> None:
+    """At 800 and 1400 px every figure is shown at the size it was drawn for (its text 9-11 pt at 100 dpi), so
+    tick labels never shrink to a few pixels; a figure wider than the window scrolls inside its box."""
+    exe = _require_chromium()
+    with Browser(exe, tmp_path / "profile", size=(width, 900)) as b:
+        b.open(built_report.as_uri())
+        assert b.eval("document.body.getAttribute('data-js')") == "ready"
+        sizes = b.eval("Array.from(document.querySelectorAll('figure img')).map(i => "
+                       "[i.getBoundingClientRect().width, parseFloat(i.style.width), i.naturalWidth])")
+        assert len(sizes) >= 5
+        for shown, designed, natural in sizes:
+            # the rendered box holds the 1 px border on each side
+            assert abs(shown - designed) <= 2 and abs(designed - natural * 2 / 3) <= 1, (shown, designed, natural)
