@@ -24,6 +24,7 @@ from .figure_style import (
     _pick,
     _shared_legend,
     _styled,
+    integer_ticks,
 )
 
 
@@ -115,6 +116,8 @@ def _per_layer_lines(ax: Any, df: pd.DataFrame, value: str, domains: list[str], 
     layers = sorted(df["layer"].unique())
     if len(layers) <= 16:
         ax.set_xticks(layers)
+    else:
+        integer_ticks(ax)
     ax.set_xlabel("MoE layer")
 
 def fig_causal_rate(causal_rate: pd.DataFrame | None, out_dir: str | Path, name: str = "fig3_causal_rate"
