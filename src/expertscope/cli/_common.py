@@ -90,9 +90,13 @@ class ProgressLines:
         self.write, self.every, self.clock = write, every, clock or time.monotonic
         self.started: dict[str, float] = {}
         self.last: dict[str, float] = {}
+        self.done: dict[str, int] = {}
 
     def __call__(self, task: str, done: int, total: int) -> None:
         now = self.clock()
+        if task in self.started and done < self.done.get(task, 0):  # the same task run again: a new start
+            del self.started[task]
+        self.done[task] = done
         if task not in self.started:
             self.started[task] = self.last[task] = now
             self.write(f"{task}: 0/{total}")

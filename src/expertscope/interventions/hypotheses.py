@@ -350,7 +350,15 @@ def confirm(hypotheses: Hypotheses | str | Path, model: Any, domains: Sequence[D
     overlap = check_items(hyp, used, allow_overlap)
     cfg = config or hyp.config()
     dom_table, drv_table = _tables(hyp)
-    result = intervention_study(model, used, dom_table, drv_table, config=cfg, executor=executor, progress=progress)
+    labelled: ProgressCallback | None = None
+    if progress is not None:
+        report_to = progress
+
+        def labelled(task: str, done: int, total: int) -> None:  # told apart from the study's own steering
+            report_to(f"confirmation {task}", done, total)
+
+    result = intervention_study(model, used, dom_table, drv_table, config=cfg, executor=executor,
+                                progress=labelled)
     table = compare(hyp, result, corpus, {d.name: d.source or d.name for d in used}, overlap, cfg.saturation)
     table = table[table["domain"].isin([d.name for d in used])].reset_index(drop=True)
     return Confirmation(table, result, {"hypotheses_hash": hyp.hash, "overlap": overlap,

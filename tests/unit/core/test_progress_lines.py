@@ -28,3 +28,16 @@ def test_progress_lines_are_rate_limited_and_carry_counts_and_eta() -> None:
     now[0] += 6
     q("profiling", 4, 10)
     assert other[-1] == "profiling: 4/10 after 6 s, about 9 s left"
+
+
+def test_a_task_run_again_reports_again() -> None:
+    lines: list[str] = []
+    now = [0.0]
+    p = ProgressLines(lines.append, every=30, clock=lambda: now[0])
+    p("steering", 0, 4)
+    p("steering", 4, 4)
+    now[0] = 10.0
+    p("steering", 0, 2)  # a second study in the same run (confirmation on a second corpus)
+    now[0] = 15.0
+    p("steering", 2, 2)
+    assert lines == ["steering: 0/4", "steering: 4/4 done in 0 s", "steering: 0/2", "steering: 2/2 done in 5 s"]
