@@ -421,7 +421,7 @@ API_CASES: list[tuple[str, Any, type[Exception], str]] = [
     ("load-routes-top-k-str", lambda m, i: es.load_routes(i["routes_npy"], top_k="2"), TypeError, "top_k='2'"),
     ("load-routes-layers-neg", lambda m, i: es.load_routes(i["routes_npy"], num_layers=-1), ValueError,
      "num_layers=-1"),
-    ("load-routes-bool", lambda m, i: es.load_routes(i["routes_bool"]), ValueError, "not integer expert ids"),
+    ("load-routes-bool", lambda m, i: es.load_routes(i["routes_bool"]), ValueError, "are bool, not whole numbers"),
     ("profile-routes-list", lambda m, i: es.profile_routes([1, 2], 8), TypeError, "routes is a list"),
     ("profile-routes-int-value", lambda m, i: es.profile_routes({"a": 5}, 8), TypeError, "its routes is a int"),
     ("profile-routes-e-nan", lambda m, i: es.profile_routes({"a": _routes()}, math.nan), TypeError,

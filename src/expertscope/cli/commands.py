@@ -47,10 +47,14 @@ class Command:
 
 
 def _recorded_routes(kw: dict[str, Any], out: Path, resume: bool, force: bool) -> bool:
+    from ..errors import ConfigError
     from ..pipeline.jobs import profile_recorded_routes
 
     routes = kw.pop("routes")
     opts = {k: kw.pop(k) for k in ("num_experts", "moe_layers", "top_k", "routes_format")}
+    if routes and kw.get("domain"):
+        raise ConfigError("--routes profiles recorded expert indices and -d names texts for a model: give one or the "
+                          "other")
     if not routes:
         if any(v is not None for k, v in opts.items() if k != "routes_format"):
             raise typer.BadParameter("--num-experts, --moe-layers and --top-k go with --routes NAME=FILE")
@@ -63,8 +67,8 @@ def _recorded_routes(kw: dict[str, Any], out: Path, resume: bool, force: bool) -
 
 _ROUTES_OPTIONS = (
     ("routes", Annotated[list[str] | None, typer.Option(
-        "--routes", help="NAME=FILE: expert indices recorded by vLLM, SGLang or Megatron (repeatable; no model is "
-        "loaded). Needs --num-experts.")], None),
+        "--routes", help="NAME=FILE[,FILE...]: expert indices recorded by vLLM, SGLang or Megatron (a file, or a "
+        "Megatron trace directory; one --routes per domain; no model is loaded). Needs --num-experts.")], None),
     ("num_experts", Annotated[int | None, typer.Option(help="--routes: routed experts per MoE layer.")], None),
     ("moe_layers", Annotated[int | None, typer.Option(help="--routes: MoE layers (SGLang routed_experts).")], None),
     ("top_k", Annotated[int | None, typer.Option(help="--routes: experts per token (SGLang; a dump of k < 8).")],

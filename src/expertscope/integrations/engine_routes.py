@@ -62,6 +62,8 @@ class RecordedRoutes:
     source: str = ""
     prefix_cached: int = 0
     notes: list[str] = field(default_factory=list)
+    layers: list[int] | None = None
+    """The layer numbers the engine gave (Megatron's ``layer``), kept as given; None: ``0..L-1``."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -74,26 +76,46 @@ class RecordedRoutes:
 
 
 # ----- decoding ------------------------------------------------------------------------------------------
+def _ids(value: Any, where: str, what: str = "expert ids") -> np.ndarray:
+    """``value`` as an int64 array of whole numbers; a ragged, text, boolean or fractional value is a one-line
+    DataError naming ``where`` (never truncated: 3.7 is not expert 3)."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{where}: {what} are not a rectangular array ({_first(exc)}): check the file") from None
+    if arr.dtype == object or arr.dtype.kind in "USb" or arr.dtype == np.bool_:
+        kind = "mixed or ragged values" if arr.dtype == object else arr.dtype.name
+        raise DataError(f"{where}: {what} are {kind}, not whole numbers: pass the engine's expert indices")
+    if arr.dtype.kind == "f" and arr.size:
+        odd = ~np.isfinite(arr) | (arr != np.round(arr))
+        if odd.any():
+            raise DataError(f"{where}: {what} hold {arr[odd].ravel()[0]!r}, not a whole number: pass the engine's "
+                            "expert indices")
+    return arr.astype(np.int64)
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+
+
 def _decode_npy_b64(text: str) -> np.ndarray:
     try:
-        return np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+        return np.load(io.BytesIO(base64.b64decode(text, validate=True)), allow_pickle=False)
     except Exception as exc:
-        raise DataError(f"a routed_experts string is not a base64 .npy array ({exc}): check the format") from exc
+        raise DataError(f"a routed_experts string is not a base64 .npy array ({_first(exc)}): check the "
+                        "format") from None
 
 
 def _vllm_array(value: Any, where: str) -> np.ndarray | None:
     """A vLLM routed-experts value (array, nested lists or base64 .npy) as ``(T, L, k)`` int64."""
     if value is None:
         return None
-    arr = _decode_npy_b64(value) if isinstance(value, str) else np.asarray(value)
+    arr = _ids(_decode_npy_b64(value) if isinstance(value, str) else value, where, "routed experts")
     if arr.size == 0:
         return None
     if arr.ndim != 3:
         raise DataError(f"{where}: routed experts of shape {arr.shape}, expected [tokens, moe_layers, k]")
-    if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
-        raise DataError(f"{where}: routed experts are {arr.dtype}, not integer expert ids: pass the engine's expert "
-                        "indices")
-    return arr.astype(np.int64)
+    return arr
 
 
 def _vllm_record(rec: Mapping[str, Any], where: str) -> list[np.ndarray]:
@@ -101,12 +123,20 @@ def _vllm_record(rec: Mapping[str, Any], where: str) -> list[np.ndarray]:
     each choice's routes, one sequence per choice."""
     prompt = _vllm_array(rec.get("prompt_routed_experts"), where)
     choices = rec.get("choices") or rec.get("outputs") or []
-    outs = [_vllm_array(c.get("routed_experts"), where) for c in choices if isinstance(c, Mapping)]
+    if not isinstance(choices, list):
+        raise DataError(f"{where}: 'choices' is a {type(choices).__name__}, not a list of completions: check the "
+                        "response")
+    outs = [_vllm_array(c.get("routed_experts"), f"{where} choice {i}") for i, c in enumerate(choices)
+            if isinstance(c, Mapping)]
     if rec.get("routed_experts") is not None:
         outs.append(_vllm_array(rec.get("routed_experts"), where))
     parts = [o for o in outs if o is not None]
     if not parts:
         return [prompt] if prompt is not None else []
+    if prompt is not None and any(o.shape[1:] != prompt.shape[1:] for o in parts):
+        bad = next(o for o in parts if o.shape[1:] != prompt.shape[1:])
+        raise DataError(f"{where}: a completion's routes have (layers, k) {bad.shape[1:]} but the prompt's "
+                        f"{prompt.shape[1:]}: one model per response")
     return [np.concatenate([prompt, o]) if prompt is not None else o for o in parts]
 
 
@@ -119,8 +149,18 @@ def _sglang_record(rec: Mapping[str, Any], where: str, num_layers: int | None, t
     if num_layers is None or top_k is None:
         raise ConfigError(f"{where}: SGLang's routed_experts is a flat int32 array: pass the number of MoE "
                           "layers and top_k (--moe-layers L --top-k K) to reshape it")
-    flat = np.frombuffer(base64.b64decode(value), dtype=np.int32) if isinstance(value, str) \
-        else np.asarray(value, dtype=np.int64).ravel()
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except ValueError as exc:
+            raise DataError(f"{where}: routed_experts is not valid base64 ({_first(exc)}): check the "
+                            "response") from None
+        if len(raw) % 4:
+            raise DataError(f"{where}: routed_experts holds {len(raw)} bytes, not whole int32 ids: check the "
+                            "response")
+        flat = np.frombuffer(raw, dtype=np.int32).astype(np.int64)
+    else:
+        flat = _ids(value, where, "routed_experts").ravel()
     if flat.size % (num_layers * top_k):
         raise DataError(f"{where}: {flat.size} expert ids do not split into tokens x {num_layers} layers x "
                         f"k={top_k}: check --moe-layers and --top-k")
@@ -128,7 +168,11 @@ def _sglang_record(rec: Mapping[str, Any], where: str, num_layers: int | None, t
 
 
 def _json_records(path: Path) -> list[Any]:
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name} is not UTF-8 text (byte {exc.start}): pass the engine's JSON or JSONL "
+                        "output, or the right --routes-format for a binary file") from None
     try:
         data = json.loads(text)
         return data if isinstance(data, list) else [data]
@@ -144,15 +188,36 @@ def _json_records(path: Path) -> list[Any]:
     return out
 
 
-def _megatron(records: Iterable[Mapping[str, Any]], where: str, notes: list[str]) -> list[np.ndarray]:
+def _megatron(records: Iterable[Mapping[str, Any]], where: str, notes: list[str]
+              ) -> tuple[list[np.ndarray], list[int]]:
+    """The sequences of a Megatron router trace, ``(T, L, k)`` per (rank, step), and the layer numbers as the
+    trace gives them."""
     groups: dict[tuple[int, int], dict[int, np.ndarray]] = {}
     skipped = 0
-    for rec in records:
+    for n, rec in enumerate(records, 1):
+        at = f"{where} line {n}"
+        if not isinstance(rec, Mapping):
+            raise DataError(f"{at} is a JSON {type(rec).__name__}, not a router record: pass Megatron's "
+                            "router_trace_rank*.jsonl")
         if rec.get("block", "decoder") != "decoder":
             skipped += 1
             continue
-        idx = np.asarray(rec["top_indices"], dtype=np.int64).reshape(int(rec["num_tokens"]), int(rec["topk"]))
-        key = (int(rec.get("rank", 0)), int(rec["step"]))
+        missing = [k for k in ("top_indices", "num_tokens", "topk", "layer", "step") if k not in rec]
+        if missing:
+            raise DataError(f"{at} has no {missing[0]!r}: pass Megatron's router trace records")
+        try:
+            num_tokens, topk = int(rec["num_tokens"]), int(rec["topk"])
+            layer, step, rank = int(rec["layer"]), int(rec["step"]), int(rec.get("rank", 0))
+        except (TypeError, ValueError):
+            raise DataError(f"{at}: num_tokens, topk, layer, step and rank must be whole numbers: check the "
+                            "trace") from None
+        flat = _ids(rec["top_indices"], at, "top_indices").ravel()
+        if flat.size != num_tokens * topk:
+            raise DataError(f"{at}: {flat.size} top_indices do not reshape to num_tokens {num_tokens} x topk "
+                            f"{topk}: check the trace")
+        idx = flat.reshape(num_tokens, topk)
+        rec = {**rec, "layer": layer, "step": step}
+        key = (rank, step)
         layers = groups.setdefault(key, {})
         if int(rec["layer"]) in layers:
             raise DataError(f"{where}: layer {rec['layer']} appears twice in step {rec['step']} of rank "
@@ -164,26 +229,47 @@ def _megatron(records: Iterable[Mapping[str, Any]], where: str, notes: list[str]
         notes.append("several ranks read: with tensor parallelism ranks repeat the same tokens, so pass one "
                      "rank's file unless ranks saw different data")
     out = []
+    numbers = sorted({la for layers in groups.values() for la in layers})
     for key in sorted(groups):
         layers = groups[key]
         counts = {v.shape[0] for v in layers.values()}
         if len(counts) != 1:
             raise DataError(f"{where}: step {key[1]} of rank {key[0]} has layers with different token counts")
+        if sorted(layers) != numbers:
+            raise DataError(f"{where}: step {key[1]} of rank {key[0]} has layers {sorted(layers)}, others "
+                            f"{numbers}: pass whole traces")
         out.append(np.stack([layers[la] for la in sorted(layers)], axis=1))
-    return out
+    if numbers and numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        notes.append(f"layers {numbers} as the trace numbers them (not consecutive: the others are dense or not "
+                     "traced)")
+    return out, numbers
 
 
 def _sglang_dump(obj: Any, where: str, top_k: int | None, notes: list[str]) -> list[np.ndarray]:
-    records = obj.get("records", []) if isinstance(obj, Mapping) else list(obj)
+    records = obj.get("records", []) if isinstance(obj, Mapping) else obj
+    if not isinstance(records, list | tuple):
+        raise DataError(f"{where}: the dump's records are a {type(records).__name__}, not a list: pass the file "
+                        "/dump_expert_distribution_record wrote")
     mapping = obj.get("last_physical_to_logical_map") if isinstance(obj, Mapping) else None
     if mapping is not None:
-        mapping = np.asarray(mapping, dtype=np.int64)
+        mapping = _ids(_to_numpy(mapping), where, "last_physical_to_logical_map")
+        if mapping.ndim != 2:
+            raise DataError(f"{where}: last_physical_to_logical_map has shape {mapping.shape}, expected [layers, "
+                            "physical slots]")
         notes.append("physical expert slots mapped to experts with last_physical_to_logical_map")
     k = 8 if top_k is None else top_k
     out: list[np.ndarray] = []
     dropped_layers: set[int] = set()
     for n, rec in enumerate(records):
-        ids = np.asarray(_to_numpy(rec["topk_ids_of_layer"]), dtype=np.int64)  # [L, T, 8]
+        if not isinstance(rec, Mapping) or "topk_ids_of_layer" not in rec:
+            raise DataError(f"{where}: record {n} has no topk_ids_of_layer: pass SGLang's per-token dump")
+        ids = _ids(_to_numpy(rec["topk_ids_of_layer"]), f"{where} record {n}", "topk_ids_of_layer")  # [L, T, 8]
+        if ids.ndim != 3:
+            raise DataError(f"{where}: record {n}'s topk_ids_of_layer has shape {ids.shape}, expected [layers, "
+                            "tokens, 8]")
+        if mapping is not None and mapping.shape[0] != ids.shape[0]:
+            raise DataError(f"{where}: last_physical_to_logical_map has {mapping.shape[0]} layers, the records "
+                            f"{ids.shape[0]}: pass the map of this dump")
         T = len(rec.get("input_ids", ids[0]))
         ids = ids[:, :T]
         if ids.shape[2] < k:
@@ -258,10 +344,25 @@ def load_routes(path: str | Path, format: RouteFormat = "auto", *, num_layers: i
         raise ConfigError(f"format={format!r} is not one of auto, {', '.join(FORMATS)}")
     notes: list[str] = []
     where = p.name
+    try:
+        seqs, layers = _read(p, fmt, where, num_layers, top_k, notes)
+    except (DataError, ConfigError):
+        raise
+    except Exception as exc:  # whatever a malformed file makes a reader raise: one line, never a traceback
+        raise DataError(f"{where} cannot be read as {fmt} routes ({type(exc).__name__}: {_first(exc)}): check the "
+                        "file and --routes-format") from None
+    rr = _clean(RecordedRoutes(seqs, fmt, str(p), notes=notes), where)
+    rr.layers = layers
+    return rr
+
+
+def _read(p: Path, fmt: str, where: str, num_layers: int | None, top_k: int | None, notes: list[str]
+          ) -> tuple[list[np.ndarray], list[int] | None]:
+    """The sequences of one file in format ``fmt``, and the layer numbers when the format names them."""
     seqs: list[np.ndarray]
     if fmt == "megatron":
         files = sorted(p.glob("router_trace_rank*.jsonl")) if p.is_dir() else [p]
-        seqs = _megatron((r for f in files for r in _json_records(f)), where, notes)
+        return _megatron((r for f in files for r in _json_records(f)), where, notes)
     elif fmt == "sglang-dump":
         import torch
 
@@ -272,20 +373,35 @@ def load_routes(path: str | Path, format: RouteFormat = "auto", *, num_layers: i
                             "/dump_expert_distribution_record wrote") from exc
         seqs = _sglang_dump(obj, where, top_k, notes)
     elif fmt == "sglang":
-        found = [_sglang_record(r, where, num_layers, top_k) for r in _json_records(p) if isinstance(r, Mapping)]
+        found = [_sglang_record(r, f"{where} record {i}", num_layers, top_k)
+                 for i, r in enumerate(_json_records(p), 1) if isinstance(r, Mapping)]
         seqs = [s for s in found if s is not None]
     elif p.suffix.lower() == ".npy":
         seqs = [a for a in [_vllm_array(np.load(p, allow_pickle=False), where)] if a is not None]
     elif p.suffix.lower() == ".npz":
         with np.load(p, allow_pickle=False) as z:
-            seqs = [a for a in (_vllm_array(z[n], where) for n in z.files) if a is not None]
+            seqs = [a for a in (_vllm_array(z[n], f"{where} array {n!r}") for n in z.files) if a is not None]
     else:
-        seqs = [s for r in _json_records(p) if isinstance(r, Mapping) for s in _vllm_record(r, where)]
-    return _clean(RecordedRoutes(seqs, fmt, str(p), notes=notes), where)
+        records = _json_records(p)
+        bad = next((i for i, r in enumerate(records, 1) if not isinstance(r, Mapping)), None)
+        if bad is not None:
+            raise DataError(f"{where} record {bad} is a JSON {type(records[bad - 1]).__name__}, not a response "
+                            "object: pass the server's responses")
+        seqs = [s for i, r in enumerate(records, 1) for s in _vllm_record(r, f"{where} record {i}")]
+    return seqs, None
+
+
+#: What a position whose every id is -1 means, by format (it is left out and counted).
+MISSING = {"vllm": "vLLM prefix-cache hits, routed in an earlier request", "sglang": "unrecorded by SGLang",
+           "sglang-dump": "unrecorded by SGLang"}
 
 
 def _clean(rr: RecordedRoutes, where: str) -> RecordedRoutes:
-    """Check one shape for all sequences; leave out positions marked -1 (vLLM prefix cache), counting them."""
+    """Check the ids of every sequence and leave out missing positions, counting them.
+
+    A position whose ids are all -1 is missing (:data:`MISSING` names why, per format); any other negative
+    id, a -1 beside expert ids in one position, or an expert twice in one token's top-k at a layer is a
+    one-line DataError naming the sequence and the position. All sequences share one (layers, k)."""
     if not rr.sequences:
         raise DataError(f"{where}: no routed experts found: was the server started with "
                         "--enable-return-routed-experts and the request made with routed experts on?")
@@ -293,14 +409,30 @@ def _clean(rr: RecordedRoutes, where: str) -> RecordedRoutes:
     if len(shapes) > 1:
         raise DataError(f"{where}: sequences have different (layers, k) {sorted(shapes)}: one model per file")
     kept = []
-    for s in rr.sequences:
-        cached = (s < 0).any(axis=(1, 2))
-        rr.prefix_cached += int(cached.sum())
-        if (~cached).any():
-            kept.append(s[~cached])
+    for n, s in enumerate(rr.sequences):
+        missing = (s == -1).all(axis=(1, 2))
+        rest = s[~missing]
+        if (rest < 0).any():
+            t = int(np.flatnonzero((s < 0).any(axis=(1, 2)) & ~missing)[0])
+            bad = int(s[t][s[t] < 0][0])
+            what = "a -1 beside expert ids" if bad == -1 else f"expert id {bad}"
+            raise DataError(f"{where}: sequence {n}, position {t} holds {what}: a position is either all -1 "
+                            "(missing) or valid expert ids; check the file")
+        if rest.shape[2] > 1:
+            srt = np.sort(rest, axis=2)
+            dup = (srt[:, :, 1:] == srt[:, :, :-1]).any(axis=2)
+            if dup.any():
+                t, la = (int(x) for x in np.argwhere(dup)[0])
+                row = srt[t, la]
+                twice = int(row[1:][row[1:] == row[:-1]][0])
+                raise DataError(f"{where}: sequence {n}, position {t}: expert {twice} twice in the top-k at MoE "
+                                f"layer {la}: an engine selects k distinct experts; check the file")
+        rr.prefix_cached += int(missing.sum())
+        if len(rest):
+            kept.append(rest)
     if rr.prefix_cached:
-        rr.notes.append(f"{rr.prefix_cached} positions marked -1 (vLLM prefix-cache hits, routed in an earlier "
-                        "request) left out")
+        why = MISSING.get(rr.format, "missing")
+        rr.notes.append(f"{rr.prefix_cached} positions marked -1 ({why}) left out")
     rr.sequences = kept
     return rr
 
@@ -396,7 +528,14 @@ def profile_routes(
     L, k = shape
     if top_k is not None and k != top_k:
         raise DataError(f"the routes hold k={k} experts per token but top_k={top_k} was given: check --top-k")
-    layer_ids = list(layers) if layers is not None else list(range(L))
+    if k > E:
+        raise DataError(f"the routes hold k={k} experts per token but the model has {E} (--num-experts): k cannot "
+                        "exceed the expert count; check --num-experts and the file")
+    named = {tuple(rr.layers) for rr in loaded.values() if rr.layers is not None}
+    if layers is None and len(named) > 1:
+        raise DataError(f"the domains' traces number their layers differently {sorted(named)}: profile traces of "
+                        "one model together")
+    layer_ids = list(layers) if layers is not None else list(next(iter(named))) if named else list(range(L))
     if len(layer_ids) != L:
         raise DataError(f"{len(layer_ids)} layer names for routes with {L} MoE layers: pass {L} layers")
     if any(isinstance(x, bool) or not isinstance(x, int | np.integer) or x < 0 for x in layer_ids) \

@@ -14,7 +14,7 @@ from ..config import StudyConfig
 from ..data import synthetic
 from ..data.checks import spec_task
 from ..data.sources import load_domain
-from ..data.types import TASKS, check_domain_name
+from ..data.types import TASKS, check_domain_name, check_unique_names
 from ..errors import ConfigError, DataError
 from ..fingerprint import run_fingerprint
 from ..integrations.engine_routes import FORMATS, RecordedRoutes, load_routes, profile_routes
@@ -59,7 +59,8 @@ def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts:
                             moe_layers: int | None = None, top_k: int | None = None, format: str = "auto",
                             resume: bool = False, force: bool = False) -> dict[str, Any]:
     """``expertscope profile --routes``: a routing profile of expert indices recorded by a serving engine
-    (vLLM, SGLang, Megatron; ``routes`` = ``NAME=FILE`` specs, several files per name are concatenated),
+    (vLLM, SGLang, Megatron; ``routes`` = ``NAME=FILE[,FILE...]`` specs: several files of one domain are
+    concatenated; a FILE may be a Megatron trace directory; a name given twice is refused, as with ``-d``),
     written into the run directory ``out`` with its routing MI and co-activation tables; no model is loaded.
     Returns the manifest's summary: ``tokens`` per domain, ``mi_bits`` per layer, ``notes`` per domain."""
     if num_experts is None:
@@ -70,16 +71,20 @@ def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts:
     check_choice(format, "--routes-format", ("auto", *FORMATS))
     by_domain: dict[str, list[Path]] = {}
     for spec in routes:
-        name, sep, file = spec.partition("=")
-        if not sep or not name or not file:
+        name, sep, given = spec.partition("=")
+        if not sep or not name or not given:
             raise DataError(f"--routes {spec!r} is not NAME=FILE: e.g. --routes math=math.vllm.jsonl")
         check_domain_name(name)
-        if not Path(file).is_file():
-            raise DataError(f"--routes {spec}: no file {file}: check the path")
-        by_domain.setdefault(name, []).append(Path(file))
+        for file in given.split(","):
+            if not Path(file).exists():
+                raise DataError(f"--routes {spec}: no file {file}: check the path")
+            by_domain.setdefault(name, []).append(Path(file))
+    check_unique_names([s.partition("=")[0] for s in routes], "--routes (several files of one domain: NAME=A,B)")
     settings = {"routes": list(routes), "num_experts": num_experts, "moe_layers": moe_layers, "top_k": top_k,
                 "format": format}
-    files = [f for fs in by_domain.values() for f in fs]
+    # a Megatron trace directory is fingerprinted by its trace files
+    files = [g for fs in by_domain.values() for f in fs
+             for g in (sorted(f.glob("router_trace_rank*.jsonl")) if f.is_dir() else [f])]
     with open_run_dir(out, "profile-routes", run_fingerprint(None, (), settings, files=files), settings,
                       resume=resume, force=force) as rd:
         merged = {}

@@ -273,13 +273,13 @@ def test_recorded_routes_profile_equals_hook_profile(make_tiny, tmp_path, one_to
 
 
 def test_recorded_routes_bad_input_is_one_line(tmp_path) -> None:
-    a = np.zeros((4, 3, 2), np.int16)
-    b = np.zeros((4, 3, 3), np.int16)
+    a = np.broadcast_to(np.arange(2, dtype=np.int16), (4, 3, 2)).copy()  # distinct experts per token
+    b = np.broadcast_to(np.arange(3, dtype=np.int16), (4, 3, 3)).copy()
     with pytest.raises(DataError, match="k=3") as exc:
         es.profile_routes({"x": a, "y": b}, num_experts=8)
     assert "\n" not in str(exc.value)
     with pytest.raises(DataError, match="--num-experts 4"):
-        es.profile_routes({"x": np.full((2, 3, 2), 7)}, num_experts=4)
+        es.profile_routes({"x": np.broadcast_to(np.array([6, 7]), (2, 3, 2)).copy()}, num_experts=4)
     p = tmp_path / "s.json"
     p.write_text(json.dumps({"meta_info": {"routed_experts": base64.b64encode(np.zeros(12, np.int32).tobytes())
                                            .decode()}}))
@@ -289,7 +289,7 @@ def test_recorded_routes_bad_input_is_one_line(tmp_path) -> None:
         es.load_routes(p, num_layers=5, top_k=2)
     # a per-token dump of a k=2 model read as k=8 is refused with the fix
     topk = torch.full((3, 4, 8), -1, dtype=torch.int32)
-    topk[:, :, :2] = 1
+    topk[:, :, 0], topk[:, :, 1] = 0, 1
     torch.save({"records": [{"input_ids": [1, 2, 3, 4], "positions": [0, 1, 2, 3], "topk_ids_of_layer": topk}]},
                tmp_path / "d.pt")
     with pytest.raises(ConfigError, match="assumes k = 8"):
@@ -341,7 +341,7 @@ def test_cli_profile_routes_writes_tables_and_refuses_mismatch(tmp_path) -> None
         seqs = [np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(3)]) for _ in range(8)])
                 for _ in range(10)]
         np.savez(tmp_path / f"{name}.npz", *[x.astype(np.int16) for x in seqs])
-    np.save(tmp_path / "bad.npy", np.zeros((5, 3, 4), np.int16))
+    np.save(tmp_path / "bad.npy", np.broadcast_to(np.arange(4, dtype=np.int16), (5, 3, 4)).copy())  # k = 4
     runner = CliRunner()
     out = tmp_path / "run"
     res = runner.invoke(app, ["profile", "--routes", f"a={tmp_path / 'a.npz'}", "--routes", f"b={tmp_path / 'b.npz'}",

@@ -1,0 +1,163 @@
+"""Route files as real servers and users produce them (issue 35, item 1): every malformed file is one line
+naming the file (and the record) and the fix, exit 2, nothing written; ids are whole numbers in [0, E); -1
+means missing only for a whole position; k <= E; no expert twice in a token; layer numbers kept as given."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import expertscope as es
+from expertscope.cli.main import app
+
+runner = CliRunner()
+
+
+def _routes(T: int = 4, L: int = 2, k: int = 2, seed: int = 0) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    return np.stack([np.stack([g.choice(8, size=k, replace=False) for _ in range(L)]) for _ in range(T)])
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def _megatron_line(layer: object = 0, top: object = None, **extra: object) -> dict:
+    top = [[0, 1], [2, 3]] if top is None else top
+    return {"block": "decoder", "layer": layer, "step": 0, "rank": 0, "num_tokens": 2, "topk": 2,
+            "top_indices": top, **extra}
+
+
+def _truncated_npy(d: Path) -> Path:
+    np.save(d / "t.npy", _routes())
+    raw = (d / "t.npy").read_bytes()
+    (d / "t.npy").write_bytes(raw[: len(raw) // 2])
+    return d / "t.npy"
+
+
+def _object_npy(d: Path) -> Path:
+    np.save(d / "o.npy", np.array([_routes(), None], dtype=object), allow_pickle=True)
+    return d / "o.npy"
+
+
+def _pickle_npy(d: Path) -> Path:
+    (d / "p.npy").write_bytes(pickle.dumps({"routes": [1, 2]}))
+    return d / "p.npy"
+
+
+def _dump(d: Path, obj: object, name: str = "dump.pt") -> Path:
+    torch.save(obj, d / name)
+    return d / name
+
+
+CASES: list[tuple[str, Callable[[Path], Path], list[str], str]] = [
+    ("truncated-npy", _truncated_npy, [], "cannot be read as vllm routes"),
+    ("object-npy", _object_npy, [], "cannot be read as vllm routes"),
+    ("pickle-as-npy", _pickle_npy, [], "cannot be read as vllm routes"),
+    ("ragged-json", lambda d: _jsonl(d / "r.jsonl", [{"prompt_routed_experts": [[[0, 1]], [[0]]]}]), [],
+     "r.jsonl record 1"),
+    ("string-ids", lambda d: _jsonl(d / "s.jsonl", [{"prompt_routed_experts": [[["a", "b"]]]}]), [],
+     "not whole numbers"),
+    ("choices-int", lambda d: _jsonl(d / "c.jsonl", [{"prompt_routed_experts": _routes().tolist(), "choices": 5}]),
+     [], "'choices' is a int"),
+    ("choice-layers", lambda d: _jsonl(d / "cl.jsonl", [{"prompt_routed_experts": _routes().tolist(),
+                                                         "choices": [{"routed_experts": _routes(L=3).tolist()}]}]),
+     [], "one model per response"),
+    ("binary-jsonl", lambda d: (d / "b.jsonl").write_bytes(bytes(range(256)) * 4) and d / "b.jsonl", [],
+     "not UTF-8 text"),
+    ("latin1-jsonl", lambda d: (d / "l.jsonl").write_bytes('{"x": "café"}'.encode("latin-1")) and d / "l.jsonl", [],
+     "not UTF-8 text"),
+    ("pt-read-as-vllm", lambda d: _dump(d, {"records": []}, "x.pt"), ["--routes-format", "vllm"], "not UTF-8"),
+    ("sglang-bad-base64", lambda d: _jsonl(d / "sg.jsonl", [{"meta_info": {"routed_experts": "AAA"}}]),
+     ["--moe-layers", "2", "--top-k", "2"], "not valid base64"),
+    ("dump-no-topk", lambda d: _dump(d, {"records": [{"input_ids": [1, 2]}]}), [], "has no topk_ids_of_layer"),
+    ("dump-2d", lambda d: _dump(d, {"records": [{"topk_ids_of_layer": torch.zeros(2, 8, dtype=torch.int32)}]}), [],
+     "expected [layers, tokens, 8]"),
+    ("dump-string-records", lambda d: _dump(d, {"records": ["x", "y"]}), [], "has no topk_ids_of_layer"),
+    ("dump-0d", lambda d: _dump(d, {"records": [{"topk_ids_of_layer": torch.tensor(3)}]}), [],
+     "expected [layers, tokens, 8]"),
+    ("dump-bad-map", lambda d: _dump(d, {"records": [{"topk_ids_of_layer": torch.zeros(2, 3, 8, dtype=torch.int32)}],
+                                         "last_physical_to_logical_map": torch.zeros(5, dtype=torch.int64)}), [],
+     "last_physical_to_logical_map has shape"),
+    ("megatron-no-top", lambda d: _jsonl(d / "m.jsonl", [{k: v for k, v in _megatron_line().items()
+                                                         if k != "top_indices"}]), ["--routes-format", "megatron"],
+     "line 1 has no 'top_indices'"),
+    ("megatron-size", lambda d: _jsonl(d / "m.jsonl", [_megatron_line(top=[0, 1, 2])]), ["--routes-format", "megatron"],
+     "do not reshape"),
+    ("megatron-list-line", lambda d: _jsonl(d / "m.jsonl", [[1, 2, 3], [4]]), ["--routes-format", "megatron"],
+     "line 1 is a JSON list"),
+    ("megatron-string-layer", lambda d: _jsonl(d / "m.jsonl", [_megatron_line(layer="x")]),
+     ["--routes-format", "megatron"], "must be whole numbers"),
+    # ----- what was accepted silently
+    ("float-ids", lambda d: _jsonl(d / "f.jsonl", [{"prompt_routed_experts": [[[3.7, 1.0]]]}]), [], "3.7"),
+    ("id-minus-5", lambda d: _jsonl(d / "n.jsonl", [{"prompt_routed_experts": [[[-5, 1], [2, 3]]]}]), [],
+     "expert id -5"),
+    ("lone-minus-1", lambda d: _jsonl(d / "n1.jsonl", [{"prompt_routed_experts": [[[-1, 1], [2, 3]]]}]), [],
+     "a -1 beside expert ids"),
+    ("k-above-E", lambda d: _jsonl(d / "k.jsonl", [{"prompt_routed_experts": [[list(range(16))]]}]), [],
+     "k=16 experts per token but the model has 8"),
+    ("duplicate-in-token", lambda d: _jsonl(d / "dup.jsonl", [{"prompt_routed_experts": [[[2, 2], [0, 1]]]}]), [],
+     "expert 2 twice in the top-k"),
+]
+
+
+@pytest.mark.parametrize(("make", "extra", "needle"), [(m, e, n) for _, m, e, n in CASES], ids=[c[0] for c in CASES])
+def test_a_malformed_routes_file_is_one_line_exit_2(tmp_path: Path, make, extra: list[str], needle: str) -> None:
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["profile", "--routes", f"a={path}", "--num-experts", "8", *extra, "-o", str(out)])
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.output
+    assert "Traceback" not in r.output and not out.exists()
+
+
+def test_megatron_layers_keep_their_numbers_and_a_directory_works_on_the_cli(tmp_path: Path) -> None:
+    d = tmp_path / "trace"
+    d.mkdir()
+    g = np.random.default_rng(0)
+    lines = [_megatron_line(layer=la, top=[g.choice(8, 2, replace=False).tolist() for _ in range(2)])
+             for la in (0, 5, 9, 30)]
+    _jsonl(d / "router_trace_rank0.jsonl", lines)
+    rr = es.load_routes(d)
+    assert rr.layers == [0, 5, 9, 30] and any("not consecutive" in n for n in rr.notes)
+    prof = es.profile_routes({"a": rr}, num_experts=8)
+    assert list(prof.layers) == [0, 5, 9, 30]  # never relabelled 0-3
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["profile", "--routes", f"a={d}", "--num-experts", "8", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert list(es.RoutingProfile.load(out).layers) == [0, 5, 9, 30]
+
+
+def test_a_whole_position_of_minus_one_is_missing_and_named_by_format(tmp_path: Path) -> None:
+    routes = _routes(T=5)
+    routes[1] = -1
+    rr = es.load_routes(_jsonl(tmp_path / "v.jsonl", [{"prompt_routed_experts": routes.tolist()}]))
+    assert rr.prefix_cached == 1 and rr.n_tokens == 4 and "prefix-cache" in rr.notes[0]
+    flat = base64.b64encode(routes.astype(np.int32).tobytes()).decode()
+    rs = es.load_routes(_jsonl(tmp_path / "s.jsonl", [{"meta_info": {"routed_experts": flat}}]), num_layers=2,
+                        top_k=2)
+    assert rs.prefix_cached == 1 and "unrecorded by SGLang" in rs.notes[0]
+
+
+def test_routes_names_follow_the_domain_rule_and_are_not_mixed_with_domains(tmp_path: Path) -> None:
+    f = _jsonl(tmp_path / "v.jsonl", [{"prompt_routed_experts": _routes().tolist()}])
+    g = _jsonl(tmp_path / "w.jsonl", [{"prompt_routed_experts": _routes(seed=1).tolist()}])
+    cases = [(["--routes", f"a={f}", "--routes", f"a={g}"], "is used twice"),
+             (["--routes", f"a={f}", "--routes", f"A={g}"], "differ only in case"),
+             (["--routes", f"a={f}", "-d", "b=synthetic:math"], "give one or the other")]
+    for args, needle in cases:
+        r = runner.invoke(app, ["profile", *args, "--num-experts", "8", "-o", str(tmp_path / "out")])
+        assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = runner.invoke(app, ["profile", "--routes", f"a={f},{g}", "--num-experts", "8", "-o", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output  # several files of one domain: NAME=A,B
+    assert es.RoutingProfile.load(tmp_path / "ok").totals()[0].tolist() == [8]
