@@ -569,7 +569,13 @@ def _domains(tables: dict[str, pd.DataFrame]) -> list[str]:
 def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]],
                title: str = "expertscope report") -> str:
     """The report page as a string (pure: no I/O beyond reading the figure files)."""
-    sections = [("summary", "Summary", _summary_html(tables)), ("findings", "Findings", _findings_html(tables))]
+    unmeasurable = (manifest.get("model") or {}).get("not_applicable") if isinstance(manifest.get("model"), dict) \
+        else None
+    said_once = "" if not unmeasurable else note(
+        "This run profiled recorded routes (expert indices from a serving engine). Not measurable from routes, "
+        "and so not shown anywhere below: " + "; ".join(f"{k} ({v})" for k, v in unmeasurable.items()) + ".")
+    sections = [("summary", "Summary", _summary_html(tables)),
+                ("findings", "Findings", said_once + _findings_html(tables))]
     sections += [(anchor, heading, build(tables, figures)) for anchor, heading, build in SECTIONS]
     sections = number_figures(sections)
     sections.append(("settings", "Run settings", _settings_html(manifest)))

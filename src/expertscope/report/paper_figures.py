@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..stats.expert_types import expert_types  # the classification behind Fig. 2 (and its reading)
+from ..stats.expert_types import drivers_measured, expert_types  # the classification behind Fig. 2
 from . import figure_style as style
 from .figure_style import (
     SEQUENTIAL,
@@ -36,6 +36,8 @@ def fig_cwas(domain_experts: pd.DataFrame | None, out_dir: str | Path, name: str
     if _empty(df, "domain", "layer", "expert", "cwas"):
         return []
     assert df is not None
+    if not df["cwas"].notna().any():  # recorded routes: no logits, so no CWAS; no empty axes
+        return []
     layers, cut = _pick(sorted(df["layer"].unique()))
     domains = _domains(df)
 
@@ -78,6 +80,8 @@ def fig_expert_types(domain_experts: pd.DataFrame | None, out_dir: str | Path, d
     typed = expert_types(domain_experts, drivers)
     domains = _domains(typed)
     order = ["general", "domain", "driver", "both", "other", "below uniform"]
+    if not drivers_measured(domain_experts, drivers):  # no causal effects: no driver type, not "0 %"
+        order = [t for t in order if t not in ("driver", "both")]
 
     def build() -> Any:
         fig, (ax_a, ax_b) = _figure(2, ncols=2, panel=(5.2, 0.5 + 0.55 * max(3, len(domains))))
@@ -97,7 +101,7 @@ def fig_expert_types(domain_experts: pd.DataFrame | None, out_dir: str | Path, d
         y = np.arange(len(domains))
         h = 0.8 / len(order[:-1])
         for j, t in enumerate(order[:-1]):
-            ax_b.barh(y + (j - 2) * h, counts[t], height=h, color=TYPE_COLOURS[t], label=t)
+            ax_b.barh(y + (j - (len(order) - 2) / 2) * h, counts[t], height=h, color=TYPE_COLOURS[t], label=t)
         ax_b.set_yticks(y, domains)
         ax_b.invert_yaxis()
         ax_b.set_xlabel("activated experts (A > k/E), all layers")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..interventions.steering_study import CONTROL_NAMES
-from ..stats.expert_types import expert_types
+from ..stats.expert_types import drivers_measured, expert_types
 from .record import REPLICATES, SATURATED, DomainFindings, _f, _flag
 
 
@@ -371,6 +371,12 @@ def read_expert_types(df: pd.DataFrame, drivers: pd.DataFrame | None = None) -> 
         share = {t: float(g.loc[g["type"] == t, "activation_rate"].sum()) / tot for t in
                  ("general", "domain", "driver", "both")}
         n = g[g["type"] != "below uniform"].groupby("type").size()
+        if not drivers_measured(df, drivers):  # routes only: say what was measured, not a 0 % of drivers
+            out.append(Sentence(
+                f"In {d}, general experts take {_pct(share['general'])} of routed selections and domain experts "
+                f"{_pct(share['domain'])} ({int(n.get('general', 0))} general and {int(n.get('domain', 0))} domain "
+                "experts among those activated above uniform); drivers were not measured (no causal effects).", d))
+            continue
         # Each expert in one type: one that is both a domain and a driver expert counts once, as "both".
         out.append(Sentence(
             f"In {d}, general experts take {_pct(share['general'])} of routed selections, domain experts "

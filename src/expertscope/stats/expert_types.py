@@ -31,4 +31,12 @@ def expert_types(domain_experts: pd.DataFrame, drivers: pd.DataFrame | None = No
     return df.drop(columns="_drv")
 
 
-__all__ = ["expert_types"]
+def drivers_measured(domain_experts: pd.DataFrame, drivers: pd.DataFrame | None = None) -> bool:
+    """Were drivers looked for: a driver table, or driver flags set on the domain-expert table? Recorded routes
+    have no causal effects, and there "no driver experts" would be a false zero."""
+    if drivers is not None and len(drivers) and "is_driver" in drivers.columns:
+        return True
+    return "is_driver" in domain_experts.columns and bool(domain_experts["is_driver"].fillna(False).astype(bool).any())
+
+
+__all__ = ["drivers_measured", "expert_types"]

@@ -161,3 +161,25 @@ def test_routes_names_follow_the_domain_rule_and_are_not_mixed_with_domains(tmp_
     r = runner.invoke(app, ["profile", "--routes", f"a={f},{g}", "--num-experts", "8", "-o", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.output  # several files of one domain: NAME=A,B
     assert es.RoutingProfile.load(tmp_path / "ok").totals()[0].tolist() == [8]
+
+
+@pytest.mark.slow  # draws the report's figures
+def test_the_routes_report_shows_only_what_routes_give(tmp_path: Path) -> None:
+    """No CWAS panel of empty axes, no "driver experts 0 %": what needs logits or the model is said once."""
+    files = []
+    for name, seed in (("a", 0), ("b", 1)):
+        g = np.random.default_rng(seed)
+        seqs = [np.stack([np.stack([g.choice(8, 2, replace=False, p=np.r_[[0.3], np.full(7, 0.1)] if name == "a"
+                                              else None) for _ in range(3)]) for _ in range(20)]) for _ in range(6)]
+        files.append(_jsonl(tmp_path / f"{name}.jsonl", [{"prompt_routed_experts": s.tolist()} for s in seqs]))
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["profile", "--routes", f"a={files[0]}", "--routes", f"b={files[1]}", "--num-experts",
+                               "8", "-o", str(out)]).exit_code == 0
+    r = runner.invoke(app, ["domains", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    assert not (out / "figures" / "fig1_cwas.png").exists() and "CWAS = (1 − H)·A" not in page
+    assert page.count("Not measurable from routes") == 1
+    assert "driver experts 0" not in page and "drivers were not measured (no causal effects)" in page
