@@ -64,6 +64,8 @@ class RecordedRoutes:
     notes: list[str] = field(default_factory=list)
     layers: list[int] | None = None
     """The layer numbers the engine gave (Megatron's ``layer``), kept as given; None: ``0..L-1``."""
+    quirks: dict[str, int] = field(default_factory=dict)
+    """Known engine quirks met, each counted (:data:`QUIRKS` says what each is and the rule applied)."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -351,9 +353,7 @@ def load_routes(path: str | Path, format: RouteFormat = "auto", *, num_layers: i
     except Exception as exc:  # whatever a malformed file makes a reader raise: one line, never a traceback
         raise DataError(f"{where} cannot be read as {fmt} routes ({type(exc).__name__}: {_first(exc)}): check the "
                         "file and --routes-format") from None
-    rr = _clean(RecordedRoutes(seqs, fmt, str(p), notes=notes), where)
-    rr.layers = layers
-    return rr
+    return _clean(RecordedRoutes(seqs, fmt, str(p), notes=notes, layers=layers), where)
 
 
 def _read(p: Path, fmt: str, where: str, num_layers: int | None, top_k: int | None, notes: list[str]
@@ -391,6 +391,14 @@ def _read(p: Path, fmt: str, where: str, num_layers: int | None, top_k: int | No
     return seqs, None
 
 
+#: Engine quirks detected while reading, what each is, and the rule applied (counted in ``quirks``).
+QUIRKS = {
+    "constant_layer": "a layer whose every token has the same ids (all zeros, or one fixed set): a dense layer of a "
+                      "hybrid model or a fused kernel that does not report routes; the layer is left out",
+    "repeated_decode": "three or more consecutive tokens with identical routes at every layer, as CUDA-graph "
+                       "replays duplicate generated tokens' routes; the run keeps its first row",
+}
+
 #: What a position whose every id is -1 means, by format (it is left out and counted).
 MISSING = {"vllm": "vLLM prefix-cache hits, routed in an earlier request", "sglang": "unrecorded by SGLang",
            "sglang-dump": "unrecorded by SGLang"}
@@ -408,6 +416,7 @@ def _clean(rr: RecordedRoutes, where: str) -> RecordedRoutes:
     shapes = {s.shape[1:] for s in rr.sequences}
     if len(shapes) > 1:
         raise DataError(f"{where}: sequences have different (layers, k) {sorted(shapes)}: one model per file")
+    _constant_layers(rr, where)
     kept = []
     for n, s in enumerate(rr.sequences):
         missing = (s == -1).all(axis=(1, 2))
@@ -433,8 +442,47 @@ def _clean(rr: RecordedRoutes, where: str) -> RecordedRoutes:
     if rr.prefix_cached:
         why = MISSING.get(rr.format, "missing")
         rr.notes.append(f"{rr.prefix_cached} positions marked -1 ({why}) left out")
-    rr.sequences = kept
+    rr.sequences = [_drop_repeats(s, rr) for s in kept]
+    for name, count in rr.quirks.items():
+        if count:
+            rr.notes.append(f"{name} ({count}): {QUIRKS[name]}")
     return rr
+
+
+def _constant_layers(rr: RecordedRoutes, where: str) -> None:
+    """Leave out the layers at which every recorded token of the file has the same ids (:data:`QUIRKS`), keeping
+    the others' numbers; refuse a file where that leaves nothing."""
+    L = rr.sequences[0].shape[1]
+    stacked = np.concatenate([s[~(s == -1).all(axis=(1, 2))] for s in rr.sequences])
+    if len(stacked) < 2:
+        return
+    constant = [la for la in range(L) if (stacked[:, la] == stacked[0, la]).all()]
+    if not constant:
+        return
+    keep = [la for la in range(L) if la not in constant]
+    if not keep:
+        raise DataError(f"{where}: every layer has the same ids at every token: the engine reported no routes "
+                        "(all zeros); check the server's routing capture")
+    numbers = rr.layers if rr.layers is not None else list(range(L))
+    rr.quirks["constant_layer"] = rr.quirks.get("constant_layer", 0) + len(constant)
+    rr.sequences = [s[:, keep] for s in rr.sequences]
+    rr.layers = [numbers[la] for la in keep]
+
+
+def _drop_repeats(s: np.ndarray, rr: RecordedRoutes) -> np.ndarray:
+    """``s`` without rows identical to the row before at every layer, in runs of 3 or more (two equal neighbours
+    happen by chance on a small model; a run of three is the replay quirk); each dropped row is counted."""
+    if len(s) < 3:
+        return s
+    same = (s[1:] == s[:-1]).all(axis=(1, 2))  # row i+1 repeats row i
+    run = np.zeros(len(s), bool)
+    for i in range(1, len(s) - 1):
+        if same[i - 1] and same[i]:
+            run[i] = run[i + 1] = True
+    if not run.any():
+        return s
+    rr.quirks["repeated_decode"] = rr.quirks.get("repeated_decode", 0) + int(run.sum())
+    return s[~run]
 
 
 # ----- profiling -----------------------------------------------------------------------------------------
@@ -542,7 +590,8 @@ def profile_routes(
             or len(set(layer_ids)) != L:
         raise ConfigError(f"layers={layer_ids} must be {L} distinct layer numbers >= 0: e.g. layers={list(range(L))}")
     recorded = {name: {"format": rr.format, "source": rr.source, "sequences": len(rr.sequences),
-                       "tokens": rr.n_tokens, "prefix_cached": rr.prefix_cached, "notes": rr.notes}
+                       "tokens": rr.n_tokens, "prefix_cached": rr.prefix_cached, "notes": rr.notes,
+                       "quirks": dict(rr.quirks)}
                 for name, rr in loaded.items()}
     prof = RoutingProfile(
         layers=layer_ids, num_experts=E, top_k=k,
@@ -590,4 +639,4 @@ def _selection_counts(routes: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
-__all__ = ["FORMATS", "NOT_APPLICABLE", "RecordedRoutes", "load_routes", "profile_routes"]
+__all__ = ["FORMATS", "MISSING", "NOT_APPLICABLE", "QUIRKS", "RecordedRoutes", "load_routes", "profile_routes"]

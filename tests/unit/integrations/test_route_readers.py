@@ -183,3 +183,29 @@ def test_the_routes_report_shows_only_what_routes_give(tmp_path: Path) -> None:
     assert not (out / "figures" / "fig1_cwas.png").exists() and "CWAS = (1 − H)·A" not in page
     assert page.count("Not measurable from routes") == 1
     assert "driver experts 0" not in page and "drivers were not measured (no causal effects)" in page
+
+
+def test_engine_quirks_are_detected_handled_and_counted(tmp_path: Path) -> None:
+    """A layer with the same ids at every token (a dense layer of a hybrid model, or all zeros from a fused
+    kernel) is left out with the others' numbers kept; generated tokens replayed three or more times in a row
+    keep one; each is counted in the profile's record and said in the notes."""
+    from expertscope.integrations.engine_routes import QUIRKS
+
+    seqs = []
+    for seed in range(3):
+        s = _routes(T=10, L=3, seed=seed)
+        s[:, 1] = 0  # layer 1: all zeros at every token
+        seqs.append(s)
+    seqs[0][4:7] = seqs[0][3]  # rows 3-6 equal: a run of four
+    rr = es.load_routes(_jsonl(tmp_path / "q.jsonl", [{"prompt_routed_experts": s.tolist()} for s in seqs]))
+    assert rr.layers == [0, 2] and rr.shape == (2, 2)
+    assert rr.quirks == {"constant_layer": 1, "repeated_decode": 3}  # rows 4-6 repeat row 3
+    assert rr.n_tokens == 30 - 3
+    assert any(n.startswith("constant_layer (1): ") for n in rr.notes) and set(rr.quirks) <= set(QUIRKS)
+    prof = es.profile_routes({"a": rr}, num_experts=8)
+    assert list(prof.layers) == [0, 2]
+    assert prof.config["recorded"]["a"]["quirks"] == {"constant_layer": 1, "repeated_decode": 3}
+    # two equal neighbours happen by chance: kept
+    s = _routes(T=6, L=2, seed=9)
+    s[3] = s[2]
+    assert es.load_routes(_jsonl(tmp_path / "p.jsonl", [{"prompt_routed_experts": s.tolist()}])).n_tokens == 6

@@ -272,14 +272,20 @@ def test_recorded_routes_profile_equals_hook_profile(make_tiny, tmp_path, one_to
             assert any("MTP" in n for n in prof.config["recorded"]["alpha"]["notes"])
 
 
+def _distinct(T: int, L: int, k: int, seed: int = 0, E: int = 8) -> np.ndarray:
+    """Random routes ``(T, L, k)``: k distinct experts of E per token and layer."""
+    g = np.random.default_rng(seed)
+    return np.stack([np.stack([g.choice(E, size=k, replace=False) for _ in range(L)]) for _ in range(T)])
+
+
 def test_recorded_routes_bad_input_is_one_line(tmp_path) -> None:
-    a = np.broadcast_to(np.arange(2, dtype=np.int16), (4, 3, 2)).copy()  # distinct experts per token
-    b = np.broadcast_to(np.arange(3, dtype=np.int16), (4, 3, 3)).copy()
+    a = _distinct(4, 3, 2, seed=1).astype(np.int16)  # distinct experts per token
+    b = _distinct(4, 3, 3, seed=2).astype(np.int16)
     with pytest.raises(DataError, match="k=3") as exc:
         es.profile_routes({"x": a, "y": b}, num_experts=8)
     assert "\n" not in str(exc.value)
     with pytest.raises(DataError, match="--num-experts 4"):
-        es.profile_routes({"x": np.broadcast_to(np.array([6, 7]), (2, 3, 2)).copy()}, num_experts=4)
+        es.profile_routes({"x": _distinct(3, 3, 2, seed=4) + 2}, num_experts=4)  # ids up to 9
     p = tmp_path / "s.json"
     p.write_text(json.dumps({"meta_info": {"routed_experts": base64.b64encode(np.zeros(12, np.int32).tobytes())
                                            .decode()}}))
@@ -289,7 +295,7 @@ def test_recorded_routes_bad_input_is_one_line(tmp_path) -> None:
         es.load_routes(p, num_layers=5, top_k=2)
     # a per-token dump of a k=2 model read as k=8 is refused with the fix
     topk = torch.full((3, 4, 8), -1, dtype=torch.int32)
-    topk[:, :, 0], topk[:, :, 1] = 0, 1
+    topk[:, :, :2] = torch.from_numpy(_distinct(4, 3, 2, seed=5).transpose(1, 0, 2).astype(np.int32))
     torch.save({"records": [{"input_ids": [1, 2, 3, 4], "positions": [0, 1, 2, 3], "topk_ids_of_layer": topk}]},
                tmp_path / "d.pt")
     with pytest.raises(ConfigError, match="assumes k = 8"):
@@ -341,7 +347,7 @@ def test_cli_profile_routes_writes_tables_and_refuses_mismatch(tmp_path) -> None
         seqs = [np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(3)]) for _ in range(8)])
                 for _ in range(10)]
         np.savez(tmp_path / f"{name}.npz", *[x.astype(np.int16) for x in seqs])
-    np.save(tmp_path / "bad.npy", np.broadcast_to(np.arange(4, dtype=np.int16), (5, 3, 4)).copy())  # k = 4
+    np.save(tmp_path / "bad.npy", _distinct(5, 3, 4, seed=3).astype(np.int16))  # k = 4
     runner = CliRunner()
     out = tmp_path / "run"
     res = runner.invoke(app, ["profile", "--routes", f"a={tmp_path / 'a.npz'}", "--routes", f"b={tmp_path / 'b.npz'}",
