@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_getattr
 from .registry import PIPELINE, Pipeline, Stage  # the records only: reading them imports no analysis
 
 # The rest on first use, so that `--help` (which reads the registry) loads no torch.
@@ -25,12 +25,7 @@ if TYPE_CHECKING:
     from .runner import config_of_run, run_study, study_fingerprint
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'expertscope.pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 __all__ = ["PIPELINE", "Pipeline", "Stage", "StudyContext", "StudyInputs", "config_of_run", "prepare", "run_study",
            "study_fingerprint"]

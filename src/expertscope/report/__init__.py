@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
 
 # Imported on first use: the CLI reads :mod:`.views` without loading matplotlib and the figure code.
 _LAZY = {"write_figures": ".figures", "build_html": ".html", "load_tables": ".html", "report": ".html"}
@@ -13,12 +14,7 @@ if TYPE_CHECKING:
     from .html import build_html, load_tables, report
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'expertscope.report' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = ["build_html", "load_tables", "report", "write_figures"]

@@ -574,7 +574,7 @@ def build_html(manifest: dict[str, Any], tables: dict[str, pd.DataFrame], figure
     said_once = "" if not unmeasurable else note(
         "This run profiled recorded routes (expert indices from a serving engine). Not measurable from routes, "
         "and so not shown anywhere below: " + "; ".join(f"{k} ({v})" for k, v in unmeasurable.items()) + ".")
-    recorded = manifest.get("recorded") if isinstance(manifest.get("recorded"), dict) else {}
+    recorded: dict[str, Any] = manifest["recorded"] if isinstance(manifest.get("recorded"), dict) else {}
     met = [f"{d}: " + ", ".join(f"{q} {n}" for q, n in (rec.get("quirks") or {}).items() if n)
            for d, rec in recorded.items() if isinstance(rec, dict) and any((rec.get("quirks") or {}).values())]
     if met:
