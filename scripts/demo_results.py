@@ -103,7 +103,7 @@ def column(run: Path) -> dict[str, str]:
         "selective (domain experts / drivers)": _per_domain(
             doms, lambda d: f"{_selective(d, 'domain')}, {_selective(d, 'driver')}"),
         "drivers stable at this sample size? (inputs the power estimate asks for)": _per_domain(
-            doms, lambda d: "–" if not d.get("driver_stability") else "yes" if "is stable" in d["driver_stability"]
+            doms, lambda d: "–" if d.get("driver_stable") is None else "yes" if d["driver_stable"]
             else f"no ({_num(d.get('driver_inputs_needed'), '.0f')})"),
         "pre-registered predictions confirmed (confirmation part; second corpus)": _confirmed(f.get("confirmation")),
         "`expertscope run` wall time (steering stage)": (

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from ._lazy import lazy_getattr
 
 # The public names and the module each comes from, imported on first use: `import expertscope` (and so
 # `expertscope --help`) loads no torch, transformers or pandas until a name that needs them is used.
@@ -122,17 +123,7 @@ def report(*args: Any, **kwargs: Any) -> Any:
     return build(*args, **kwargs)
 
 
-
-def __getattr__(name: str) -> Any:
-    """A public name or subpackage, imported the first time it is asked for (PEP 562)."""
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'expertscope' has no attribute {name!r}")
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals(), _SUBPACKAGES)
 
 
 def __dir__() -> list[str]:

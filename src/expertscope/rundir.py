@@ -86,7 +86,7 @@ def _not_a_run_file(target: Path, option: str, given: Path) -> None:
     if not manifest.is_file():
         return
     old = _read_manifest(manifest) or {}
-    listed = _old_outputs(target.parent, old)
+    listed = _old_outputs(old)
     ours = {MANIFEST, LOCK_NAME, ASIDE_NAME} | (
         {p.name for p in _artifacts(target.parent)} if listed is None else listed)
     if target.name in ours or target.is_symlink():
@@ -148,8 +148,8 @@ def _no_link(p: Path) -> Path:
     return p
 
 
-def _old_outputs(out: Path, old: dict[str, Any] | None) -> set[str] | None:
-    """The entries the old run in ``out`` wrote, from its manifest's ``outputs`` (None: a manifest from before
+def _old_outputs(old: dict[str, Any] | None) -> set[str] | None:
+    """The entries an old run wrote, from its manifest's ``outputs`` (None: a manifest from before
     that list, whose entries all count as the run's)."""
     listed = (old or {}).get("outputs")
     return None if not isinstance(listed, list) else {str(x) for x in listed}
@@ -163,7 +163,7 @@ def _move_aside(out: Path, old: dict[str, Any] | None = None) -> set[str]:
         shutil.rmtree(aside)  # a run replaced earlier, whose replacement is now replaced in turn
     # Without a manifest inside, the aside is a move killed half-way: keep it and finish the move.
     aside.mkdir(exist_ok=True)
-    own = _old_outputs(out, old)
+    own = _old_outputs(old)
     entries = _artifacts(out)
     moved = [p for p in entries if own is None or p.name in own]
     # The manifest goes last: until then the directory still reads as the old run.
@@ -314,7 +314,7 @@ def open_run_dir(
                     raise OutputError(f"{out} holds a {kind} run with other settings ({diff}): resume with the "
                                       "same options, or pass --force to start over")
                 rd.previous = old
-                listed = _old_outputs(out, old)
+                listed = _old_outputs(old)
                 rd.foreign = set() if listed is None else {p.name for p in _artifacts(out)} - listed
                 fresh = False
             else:

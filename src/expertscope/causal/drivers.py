@@ -25,7 +25,7 @@ from ..io import read_table, write_table
 from ..models.model import MoEModel
 from ..routing import DomainInput, domain_texts, routing_pass
 from ..stats.replication import Replication, compare_sets, flagged_sets, half_sizes, halves_by_domain
-from ..stats.rules import bh_qvalues, bh_text, bootstrap_ci, passes, rule_text, z_rule_text
+from ..stats.rules import bh_qvalues, bh_text, bootstrap_ci, is_stable, passes, rule_text, z_rule_text
 from .effects import CausalEffects
 from .stability import Stability, domain_seed, inputs_for_stability, selection_frequency, signed_rank_greater
 
@@ -258,10 +258,10 @@ def stability_text(domain: str, info: Mapping[str, Any]) -> str:
     make it so (from the expected Jaccard of the rule on two half-samples, ``info`` of :func:`_stability`)."""
     n, m, j = info["n_inputs"], info["half_size"], info["expected_jaccard"]
     bound = f"; at most {info['false_bound']:.2g} false drivers expected (Meinshausen-Buhlmann bound)"
-    if not np.isfinite(j):
+    if is_stable(j) is None:
         return f"{domain}: no expert is flagged in any half-sample of {m} of its {n} inputs"
     head = f"two half-samples of {m} inputs flag sets with Jaccard {j:.2f} expected"
-    if j >= 0.6:
+    if is_stable(j):
         return f"{domain}: the driver set is stable at {n} inputs ({head}){bound}"
     need = info.get("inputs_needed")
     sizes = ", ".join(str(int(s)) for s, _ in info["curve"])

@@ -27,6 +27,8 @@ import numpy as np
 from scipy.special import ndtr
 from scipy.stats import rankdata
 
+from ..stats.rules import REPLICATES
+
 
 def signed_rank_greater(diff: np.ndarray) -> np.ndarray:
     """One-sided Wilcoxon signed-rank p-values that each column of ``diff`` has a positive location.
@@ -182,7 +184,8 @@ def selection_frequency(x: np.ndarray, pairs: int, alpha: float, min_ratio: floa
     return Stability(freq, n_sel / max(len(sub), 1), int(computed.sum()), int(sub.shape[1]), len(sub))
 
 
-def inputs_for_stability(curve: Sequence[tuple[int, float]], target: float = 0.6, cap: int = 16) -> float | None:
+def inputs_for_stability(curve: Sequence[tuple[int, float]], target: float = REPLICATES, cap: int = 16
+                         ) -> float | None:
     """Roughly how many inputs (half-sample size × 2) the expected Jaccard would reach ``target`` at: the
     line through the curve's points ``(half_size, expected Jaccard)`` in log2(half_size), extrapolated.
     None when the curve does not rise; ``inf`` when beyond ``cap`` × the largest size measured."""

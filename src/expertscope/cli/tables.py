@@ -37,7 +37,10 @@ def print_views(*tables: TableView) -> None:
 def run_summary(out: Path, manifest: dict[str, Any]) -> Table | None:
     """The end-of-run summary as one table, a row per domain: items per part, domain experts, drivers (and
     whether the set is stable at this sample size), and confirmed pre-registered predictions per corpus."""
-    import json
+    import dataclasses
+
+    from ..io import read_json, read_table
+    from ..report.record import DomainFindings, confirmed_cell, stable_cell
 
     stages = manifest.get("stages", {})
     dom = (stages.get("domain_experts") or {}).get("domain_experts") or {}
@@ -50,25 +53,11 @@ def run_summary(out: Path, manifest: dict[str, Any]) -> Table | None:
     names = list(dict.fromkeys([*dom, *drv, *parts]))
     if not names:
         return None
-    stable: dict[str, str] = {}
-    findings = out / "findings.json"
-    if findings.exists():
-        for d in json.loads(findings.read_text(encoding="utf-8")).get("domains", []):
-            text = d.get("driver_stability") or ""
-            need = d.get("driver_inputs_needed")
-            stable[d["domain"]] = ("yes" if " is stable" in text else
-                                   f"no (~{need:.0f})" if need else "no" if text else "–")
-    confirmed: dict[str, str] = {}
-    if (out / "confirmation.parquet").exists():
-        from ..io import read_table
-
-        conf, _ = read_table(out / "confirmation.parquet")
-        for name, g in conf.groupby("domain", sort=False):
-            cells = []
-            for _, h in g.groupby("corpus", sort=False):
-                tested = h[h["outcome"] != "not measured"]
-                cells.append(f"{int((tested['outcome'] == 'confirmed').sum())}/{len(tested)}")
-            confirmed[str(name)] = "; ".join(cells)
+    known = {f.name for f in dataclasses.fields(DomainFindings)}
+    recorded = read_json(out / "findings.json", "findings")["domains"] if (out / "findings.json").exists() else []
+    stable = {d["domain"]: stable_cell(DomainFindings(**{k: v for k, v in d.items() if k in known}))
+              for d in recorded}
+    conf = read_table(out / "confirmation.parquet")[0] if (out / "confirmation.parquet").exists() else None
     t = Table(title="Summary", title_justify="left",
               caption="items: discovery/training/confirmation. experts: domain experts. stable: is the driver set "
                       "stable at this sample size (else the inputs the power estimate asks for). confirmed: "
@@ -80,7 +69,7 @@ def run_summary(out: Path, manifest: dict[str, Any]) -> Table | None:
         p = parts.get(name, {})
         items = "/".join(str(p[k]) if k in p else "–" for k in ("discovery", "train", "confirm"))
         t.add_row(name, items, str(dom.get(name, "–")), str(drv.get(name, "–")), stable.get(name, "–"),
-                  confirmed.get(name, "–"))
+                  confirmed_cell(conf, name))
     return t
 
 

@@ -50,14 +50,15 @@ def digest(examples: Iterable[Any]) -> dict[str, Any]:
 
 
 def shared_items(seen: Mapping[str, Collection[str]], domains: Iterable[Any], digits: int = 64) -> dict[str, int]:
-    """Per domain of ``domains`` (``.name``, ``.examples``), how many of its items' hashes (their first
-    ``digits`` hex digits) are among ``seen[name]``; domains with none are left out."""
-    found = {}
+    """Per domain name of ``domains`` (``.name``, ``.examples``), how many of its items' hashes (their first
+    ``digits`` hex digits) are among ``seen[name]``, summed over the domains of that name (a domain's
+    confirmation, training and second-corpus parts); names with none are left out."""
+    found: dict[str, int] = {}
     for d in domains:
         known = seen.get(d.name, ())
         n = sum(item_hash(e)[:digits] in known for e in d.examples)
         if n:
-            found[d.name] = n
+            found[d.name] = found.get(d.name, 0) + n
     return found
 
 

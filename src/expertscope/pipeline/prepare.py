@@ -99,11 +99,8 @@ def _check_overlap(inputs: StudyInputs, allowed: bool) -> dict[str, int]:
     ``allowed`` (the parts of one source never overlap; a second corpus or a hand-given split might)."""
     seen = {d.name: {item_hash(e) for e in d.examples} for d in inputs.domains}
     later = [x for p in (inputs.test or [], inputs.train or [], inputs.second or []) for x in p]
-    found: dict[str, int] = {}
-    for name, n in ((k, v) for x in later for k, v in shared_items(seen, [x]).items()):
-        found[name] = found.get(name, 0) + n
-    return refuse_shared(found, allowed, "confirmation or training item(s) are also discovery items, so the same "
-                         "items would find the experts and test them")
+    return refuse_shared(shared_items(seen, later), allowed, "confirmation or training item(s) are also discovery "
+                         "items, so the same items would find the experts and test them")
 
 
 def _check_hypotheses(config: StudyConfig, second: Sequence[Any]) -> dict[str, int]:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pandas as pd
+
 from ..causal import CausalEffects, causal_effects, causal_rate, driver_experts, replicate_drivers
 from ..config import DomainExpertConfig, DriverConfig
 from ..evaluation import evaluate
 from ..integrations.lm_eval import SYNTHETIC_TASKS, lm_eval_steered, task_manager, write_synthetic_tasks
+from ..interventions.hypotheses import COLUMNS as CONFIRMATION_COLUMNS
 from ..interventions.hypotheses import Confirmation, Hypotheses, compare, confirm, pre_register
 from ..interventions.overlap import routing_changes
 from ..interventions.steering import SteeringSpec
@@ -155,10 +158,8 @@ def confirmation(ctx: StudyContext) -> dict[str, Any]:
         done.result.save(second)
         parts.append(done.table)
         results = {d.name: d.source for d in ctx.inputs.second}
-    import pandas as pd
-
-    table = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else \
-        pd.DataFrame(columns=list(parts[0].columns) if parts else [])
+    filled = [p for p in parts if len(p)]  # pandas warns on concatenating empty frames
+    table = pd.concat(filled, ignore_index=True) if filled else pd.DataFrame(columns=list(CONFIRMATION_COLUMNS))
     Confirmation(table, None, {"hypotheses_hash": hyp.hash, "second": results,
                                "overlap": dict(ctx.inputs.overlap)}).save(ctx.out)
     counts = table["outcome"].value_counts().to_dict() if len(table) else {}

@@ -31,7 +31,15 @@ from ..io import atomic_write, read_table, write_json, write_root
 from .blocks import _e, _figure_html, _safe, details, figure, heatmap, note, reading, table_html
 from .copy import CAPTIONS, NO_DRIVERS, SCALE_NOTE, report_intro
 from .figures import write_figures
-from .record import MIN_PAIR_COUNT, beyond_findings, findings, findings_record, table_meta
+from .record import (
+    MIN_PAIR_COUNT,
+    beyond_findings,
+    confirmed_cell,
+    findings,
+    findings_record,
+    stable_cell,
+    table_meta,
+)
 from .sentences import (
     Sentence,
     beyond_sentences,
@@ -210,21 +218,12 @@ def _summary_html(tables: dict[str, pd.DataFrame]) -> str:
         n_items = "–" if f.accuracy is None else str(f.accuracy["n"])
         sample = " / ".join("–" if x is None else str(x) for x in (f.n_sequences, f.n_inputs)) + f" / {n_items}"
         drv = "–" if f.n_drivers is None else str(f.n_drivers)
-        if f.driver_stability:
-            need = f.driver_inputs_needed
-            drv += (" (stable)" if " is stable" in f.driver_stability else
-                    f" (not stable; ~{need:.0f} inputs)" if need else " (not stable)")
+        if f.driver_stable is not None:
+            drv += f" ({stable_cell(f, long=True)})"
         sel = {sv["kind"]: sv["selective"] for sv in f.selectivity}
         selective = ", ".join(f"{_KIND_WORD[k]} {'yes' if sel[k] else 'no' if sel[k] is not None else '–'}"
                               for k in ("domain", "driver") if k in sel) or "–"
-        confirmed = "–"
-        if conf is not None and len(conf):
-            g = conf[conf["domain"].astype(str) == f.domain]
-            cells = []
-            for _, h in g.groupby("corpus", sort=False):
-                tested = h[h["outcome"] != "not measured"]
-                cells.append(f"{int((tested['outcome'] == 'confirmed').sum())}/{len(tested)}")
-            confirmed = "; ".join(cells) or "–"
+        confirmed = confirmed_cell(conf, f.domain)
         cells = [_e(f.domain), _e(sample), link("domain", "–" if f.n_domain_experts is None else
                                                  str(f.n_domain_experts)),
                  link("drivers", drv), link("steering", acc), link("controls", verdict(f, "domain")),

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..stats.rules import spearman_ci
+from ..stats.rules import REPLICATES, is_stable, spearman_ci
 
 #: 2: calibrated verdicts (the control a verdict beat, set and item tests, the run's number of tests), the
 #: domain's fragility, displaced experts and the selectivity verdict with its reason.
@@ -48,6 +48,8 @@ class DomainFindings:
     detectable_ce: float | None = None
     detectable_ce_by_layer: dict[int, float] = field(default_factory=dict)
     driver_stability: str | None = None
+    driver_stable: bool | None = None
+    """The driver set is stable at this sample size (None: not measured, or no expert ever flagged)."""
     driver_inputs_needed: float | None = None
     causal_rate_peak: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
@@ -153,6 +155,7 @@ def _driver_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: 
         })
     stab = (meta.get("stability") or {}).get(f.domain) or {}
     f.driver_stability = stab.get("text")
+    f.driver_stable = is_stable(stab.get("expected_jaccard")) if stab else None
     need = stab.get("inputs_needed")
     f.driver_inputs_needed = None if need is None or not math.isfinite(float(need)) else float(need)
 
@@ -321,6 +324,36 @@ def findings_record(tables: dict[str, pd.DataFrame], manifest: dict[str, Any] | 
     }
 
 
+def confirmed_counts(conf: pd.DataFrame | None, domain: str | None = None) -> list[tuple[str, int, int]]:
+    """Per corpus, in the table's order: ``(corpus, predictions confirmed, predictions testable)`` of one domain
+    (or all); a prediction is testable unless its outcome is ``not measured``."""
+    if conf is None or not len(conf):
+        return []
+    g = conf if domain is None else conf[conf["domain"].astype(str) == domain]
+    out = []
+    for corpus, h in g.groupby("corpus", sort=False):
+        tested = h[h["outcome"] != "not measured"]
+        out.append((str(corpus), int((tested["outcome"] == "confirmed").sum()), len(tested)))
+    return out
+
+
+def confirmed_cell(conf: pd.DataFrame | None, domain: str) -> str:
+    """``"2/8; 0/6"``: a domain's confirmed of testable predictions per corpus (``"–"`` when none)."""
+    return "; ".join(f"{c}/{n}" for _, c, n in confirmed_counts(conf, domain)) or "–"
+
+
+def stable_cell(f: DomainFindings, long: bool = False) -> str:
+    """Is the domain's driver set stable (``"yes"``), or not with the inputs the power estimate asks for."""
+    if f.driver_stable is None:
+        return "–"
+    if f.driver_stable:
+        return "stable" if long else "yes"
+    need = f.driver_inputs_needed
+    if need is None:
+        return "not stable" if long else "no"
+    return f"not stable; ~{need:.0f} inputs" if long else f"no (~{need:.0f})"
+
+
 def confirmation_findings(conf: pd.DataFrame | None) -> dict[str, Any] | None:
     """The confirmation table in the findings: the hypotheses' hash, the outcome counts per corpus, and every row
     (pre-registered against observed); None when the run has none."""
@@ -332,8 +365,6 @@ def confirmation_findings(conf: pd.DataFrame | None) -> dict[str, Any] | None:
             "rows": _clean(conf.to_dict("records"))}
 
 # ----- replication -----------------------------------------------------------------------------------------
-#: The Jaccard of the halves' sets at or above which a domain's experts are said to replicate (docs/methods.md).
-REPLICATES = 0.6
 
 def replication_part(f: DomainFindings, rep: pd.DataFrame | None) -> None:
     """Each listed expert's status in the two halves (``halves``: both / one / neither, or None when the run

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..interventions.steering_study import CONTROL_NAMES
 from ..stats.expert_types import drivers_measured, expert_types
-from .record import REPLICATES, SATURATED, DomainFindings, _f, _flag
+from .record import REPLICATES, SATURATED, DomainFindings, _f, _flag, confirmed_cell
 
 
 def _n(x: float | None, digits: int = 3) -> str:
@@ -26,38 +26,44 @@ def _n(x: float | None, digits: int = 3) -> str:
 def _ci(lo: float, hi: float, digits: int = 3) -> str:
     return "" if math.isnan(lo) or math.isnan(hi) else f" [{_n(lo, digits)}, {_n(hi, digits)}]"
 
-def sentences(f: DomainFindings) -> list[str]:
-    """The findings of one domain as plain sentences: what was found, then what was not, with sizes."""
-    out: list[str] = []
+def _headline(f: DomainFindings) -> list[tuple[str, str]]:
+    """The findings of one domain before replication and controls, each sentence with its part: ``sample``,
+    ``domain_experts``, ``displaced``, ``drivers``, ``stability``, ``causal_rate``, ``accuracy``, ``steering``,
+    ``not_applicable``."""
+    tagged: list[tuple[str, str]] = []
+
+    def out(part: str, text: str) -> None:
+        tagged.append((part, text))
+
     size = []
     if f.n_sequences is not None:
         size.append(f"{f.n_sequences} texts ({f.n_tokens} tokens) profiled")
     if f.n_inputs is not None:
         size.append(f"{f.n_inputs} inputs perturbed")
     if size:
-        out.append("Sample: " + "; ".join(size) + ".")
+        out("sample", "Sample: " + "; ".join(size) + ".")
     if f.n_domain_experts:
         best = "; ".join(
             f"layer {e['layer']} expert {e['expert']}: lift {_n(e['lift'], 2)}{_ci(e['lift_lo'], e['lift_hi'], 2)}, "
             f"activation {_n(e['activation_rate'])}, q = {_n(e['q_value'], 2)}" for e in f.domain_experts[:SHOWN])
-        out.append(f"{f.n_domain_experts} domain expert(s). {_strongest(len(f.domain_experts))}: {best}.")
+        out("domain_experts", f"{f.n_domain_experts} domain expert(s). {_strongest(len(f.domain_experts))}: {best}.")
     elif f.n_domain_experts == 0:
         hw = (f" Activation rates are known to ±{_n(f.activation_halfwidth, 2)} (median 95% CI half-width), so "
               "differences smaller than that, or lifts below the rule's minimum, could not be flagged."
               if f.activation_halfwidth is not None else "")
-        out.append(f"No domain experts: no expert passes the rule ({f.domain_rule or 'see settings'}).{hw}")
+        out("domain_experts", f"No domain experts: no expert passes the rule ({f.domain_rule or 'see settings'}).{hw}")
     if f.displaced:
         which = "; ".join(f"layer {e['layer']} expert {e['expert']} (A {_n(e['activation_rate'])} against a uniform "
                           f"{_n(e['uniform_rate'])}, lift {_n(e['lift'], 2)} against the layer's median "
                           f"{_n(e['layer_median_lift'], 2)})" for e in f.displaced)
-        out.append(f"Displaced, not preferred: {which}. Each passes the significance, uniform and lift criteria, "
+        out("displaced", f"Displaced, not preferred: {which}. Each passes the significance, uniform and lift criteria, "
                    "but its lift comes from the other domains' own experts taking its slots, not from use in "
                    "this domain, so it is not counted as a domain expert.")
     if f.n_drivers:
         best = "; ".join(
             f"layer {e['layer']} expert {e['expert']}: CE {_n(e['ce'])}{_ci(e['ce_lo'], e['ce_hi'])} nats "
             f"({_n(e['ratio_to_median'], 2)}× its layer's median)" for e in f.drivers[:SHOWN])
-        out.append(f"{f.n_drivers} driver expert(s). {_strongest(len(f.drivers))}: {best}.")
+        out("drivers", f"{f.n_drivers} driver expert(s). {_strongest(len(f.drivers))}: {best}.")
     elif f.n_drivers == 0:
         floor = f"; the floor is {_n(f.ce_floor)} nats" if f.ce_floor is not None else ""
         bars = ", ".join(f"layer {layer}: {_n(b)}" for layer, b in sorted(f.detectable_ce_by_layer.items()))
@@ -65,35 +71,42 @@ def sentences(f: DomainFindings) -> list[str]:
                f"layer, max(min_ratio × the layer's median, floor): {bars})" if f.detectable_ce is not None and bars
                else f"; with this sample the smallest mean CE the rule could flag is about {_n(f.detectable_ce)} nats"
                if f.detectable_ce is not None else "")
-        out.append(f"No driver experts (largest mean CE {_n(f.largest_ce)} nats{floor}{det}). Nothing was steered "
+        out("drivers", f"No driver experts (largest mean CE {_n(f.largest_ce)} nats{floor}{det}). Nothing was steered "
                    "as this domain's drivers.")
     if f.driver_stability:
-        out.append(f"Stability: {f.driver_stability.split(': ', 1)[-1]}.")
+        out("stability", f"Stability: {f.driver_stability.split(': ', 1)[-1]}.")
     if f.causal_rate_peak is not None and f.n_drivers:
-        out.append(f"Causal rate peaks at layer {f.causal_rate_peak['layer']}: "
+        out("causal_rate", f"Causal rate peaks at layer {f.causal_rate_peak['layer']}: "
                    f"{100 * f.causal_rate_peak['causal_rate']:.0f}% of tokens select a driver expert there.")
     if f.accuracy is not None:
         a = f.accuracy
         sat = " — saturated: steering can hardly move a task this close to its ceiling" if f.saturated else ""
-        out.append(f"Unsteered accuracy {_n(a['accuracy'])}{_ci(a['ci_low'], a['ci_high'])} (n = {a['n']}){sat}.")
+        out("accuracy", f"Unsteered accuracy {_n(a['accuracy'])}{_ci(a['ci_low'], a['ci_high'])} (n = {a['n']}){sat}.")
     for c in f.steering_changes:
-        out.append(f"{c['condition'].replace('_', ' ')} changes accuracy by {c['delta']:+.3f}"
+        out("steering", f"{c['condition'].replace('_', ' ')} changes accuracy by {c['delta']:+.3f}"
                    f"{_ci(c['delta_lo'], c['delta_hi'])} (95% paired-bootstrap CI excludes 0).")
     if f.steering_null:
-        out.append("No change outside its 95% CI under: " + ", ".join(c.replace("_", " ") for c in f.steering_null)
+        out("steering", "No change outside its 95% CI under: " + ", ".join(c.replace("_", " ") for c in f.steering_null)
                    + ".")
     for c in f.not_applicable:
-        out.append(f"{c['condition'].replace('_', ' ')}: not applicable ({c['reason']}).")
-    out += replication_sentences(f)
-    return out + control_sentences(f)
+        out("not_applicable", f"{c['condition'].replace('_', ' ')}: not applicable ({c['reason']}).")
+    return tagged
+
+
+def sentences(f: DomainFindings) -> list[str]:
+    """The findings of one domain as plain sentences: what was found, then what was not, with sizes; then
+    replication and the control findings."""
+    return [text for _, text in _headline(f)] + replication_sentences(f) + control_sentences(f)
+
+#: The parts of :func:`_headline` the brief findings keep.
+_BRIEF = ("sample", "domain_experts", "drivers", "stability", "accuracy")
+
 
 def brief_sentences(f: DomainFindings) -> list[str]:
     """The findings of one domain in a few sentences, for the top of the report: the sample, the domain
     experts, the drivers with their stability, the unsteered accuracy, and whether the experts matter beyond
     controls; the detail (every verdict, replication, dose–response) is said once, in its own section."""
-    full = sentences(f)
-    keep = [x for x in full if x.startswith(("Sample:", "No domain experts", "No driver experts", "Unsteered accuracy"))
-            or " domain expert(s). " in x or " driver expert(s). " in x or x.startswith("Stability:")]
+    keep = [text for part, text in _headline(f) if part in _BRIEF]
     verdicts = []
     for c in f.controls:
         if not c["applicable"] or c["specific"] is None:
@@ -599,8 +612,7 @@ def confirmation_sentences(table: pd.DataFrame) -> list[str]:
     for corpus, g in table.groupby("corpus", sort=False):
         counts = g["outcome"].value_counts()
         tested = int(len(g) - counts.get("not measured", 0))
-        per = ", ".join(f"{d} {int((h['outcome'] == 'confirmed').sum())}/{int((h['outcome'] != 'not measured').sum())}"
-                        for d, h in g.groupby("domain", sort=False))
+        per = ", ".join(f"{d} {confirmed_cell(g, str(d))}" for d in dict.fromkeys(g["domain"].astype(str)))
         out.append(f"On {corpus}: {counts.get('confirmed', 0)} of {tested} pre-registered predictions confirmed "
                    f"({per}), {counts.get('opposite', 0)} opposite, {counts.get('not confirmed', 0)} not confirmed "
                    "(no effect beyond the controls)"

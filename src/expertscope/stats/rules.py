@@ -184,6 +184,19 @@ def rule_text(*criteria: str) -> str:
     return "; ".join(c for c in criteria if c)
 
 
+#: The Jaccard of two disjoint halves' sets at or above which a rule's set is said to replicate
+#: (docs/methods.md); a driver set is called stable when two half-samples are expected to reach it.
+REPLICATES = 0.6
+
+
+def is_stable(expected_jaccard: float | None) -> bool | None:
+    """Is a driver set stable at its sample size (:data:`REPLICATES`)? None when no expert was ever
+    flagged (nothing to be stable or not)."""
+    if expected_jaccard is None or not np.isfinite(expected_jaccard):
+        return None
+    return bool(expected_jaccard >= REPLICATES)
+
+
 def jaccard(a: set[tuple[int, int]] | Sequence[tuple[int, int]], b: set[tuple[int, int]] | Sequence[tuple[int, int]]
             ) -> float:
     """``|a ∩ b| / |a ∪ b|`` of two sets of experts; NaN when both are empty (nothing to agree on)."""
@@ -193,11 +206,13 @@ def jaccard(a: set[tuple[int, int]] | Sequence[tuple[int, int]], b: set[tuple[in
 
 
 __all__ = [
+    "REPLICATES",
     "Interval",
     "bh_qvalues",
     "bh_text",
     "bootstrap_ci",
     "bootstrap_weights",
+    "is_stable",
     "jaccard",
     "mcnemar_exact",
     "mean_ci",
