@@ -185,12 +185,17 @@ class ProfileConfig(BaseConfig):
     """Keep every real token's selected experts per sequence (routes.safetensors; overlap between runs)."""
     path_length: int | None = None
     """Consecutive MoE layers per expert path in the co-activation counts (None: 3, or all when fewer)."""
+    generate: int = 0
+    """Also route N greedily generated tokens per text, and split every table by phase (prompt / generated)."""
 
     def validate(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("max_length", self.max_length, allow_none=True)
         _positive("limit", self.limit, allow_none=True)
         _positive("path_length", self.path_length, allow_none=True)
+        if isinstance(self.generate, bool) or not isinstance(self.generate, int) or self.generate < 0:
+            raise ConfigError(f"generate={self.generate!r} must be a whole number >= 0: e.g. generate=32 (0: prompts "
+                              "only)")
 
 
 @dataclass(frozen=True)

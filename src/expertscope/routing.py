@@ -49,6 +49,53 @@ def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> t
     return ids, mask
 
 
+@torch.inference_mode()
+def greedy_generate(
+    model: Any,
+    seqs: list[list[int]],
+    pad_id: int,
+    eos_id: int | None,
+    max_new_tokens: int,
+    device: torch.device,
+    stop: Callable[[int, int | None], Any] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations (token ids, EOS excluded) of left-padded prompts, at most ``max_new_tokens``.
+
+    ``stop(width, eos_id)``, if given, makes a ``transformers`` stopping criterion (e.g. :class:`_AnswerStop`)
+    whose ``generated[row]`` says where each row it stopped ends. Stopping a row does not change the other
+    rows' computation (the batch keeps its shape), so their tokens equal those of a run without it.
+    """
+    ids, mask = pad_ids(seqs, pad_id, left=True)
+    criteria = stop(ids.shape[1], eos_id) if stop is not None else None
+    kwargs: dict[str, Any] = {}
+    if criteria is not None:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([criteria])
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        **kwargs,
+    )
+    gen = out[:, ids.shape[1] :].tolist()
+    result = []
+    for i, row in enumerate(gen):
+        if criteria is not None and i in criteria.generated:
+            row = row[: criteria.generated[i]]
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        result.append(row)
+    return result
+
+
 def ensure_pad(tokenizer: Any) -> int:
     """The token id to pad with: the tokenizer's pad token, else its eos token (the tokenizer is not changed).
 
@@ -192,10 +239,22 @@ class RoutedBatch:
     #: ``norms[layer]`` ``(B*T, k)`` fp32: ``‖f_i(x_t)‖₂`` of each selected expert, same order as the call's
     #: indices (only when routed with ``expert_norms=True``).
     norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: ``(B,)`` the prompt's length per row when the batch was routed with a greedy continuation
+    #: (``route_batch(generate=N)``): positions from it on are generated tokens; None otherwise.
+    prompt_len: torch.Tensor | None = None
 
     def real(self) -> torch.Tensor:
         """``(B*T,)`` bool on the model's device: which rows of a call are real tokens."""
         return self.mask.reshape(-1)
+
+    def phase_masks(self) -> dict[str, torch.Tensor]:
+        """``{"prompt", "generated"}`` → ``(B, T)`` bool masks of real tokens in each phase (empty when the batch
+        was routed without a continuation)."""
+        if self.prompt_len is None:
+            return {}
+        pos = torch.arange(self.mask.shape[1], device=self.mask.device)[None, :]
+        before = pos < self.prompt_len.to(self.mask.device)[:, None]
+        return {"prompt": self.mask & before, "generated": self.mask & ~before}
 
 
 class ExpertNorms:
@@ -237,16 +296,32 @@ class ExpertNorms:
 
 def route_batch(
     model: MoEModel, texts: Sequence[str], max_length: int | None, record: bool = True,
-    domain: str = "", ids: Sequence[int] | None = None, expert_norms: bool = False,
+    domain: str = "", ids: Sequence[int] | None = None, expert_norms: bool = False, generate: int = 0,
 ) -> RoutedBatch:
     """One forward pass (no gradients, no KV cache) over ``texts``, recording every MoE layer's router call.
 
     ``max_length`` is used as given (pass :func:`effective_max_length`'s value). With ``record=False`` no
     router hook is installed (for callers that hook the model themselves). With ``expert_norms`` the norm of
     every selected expert's output is computed in the same pass (``RoutedBatch.norms``; about the cost of
-    the MoE layers once more).
+    the MoE layers once more). With ``generate=N`` each text is first continued greedily by up to N tokens
+    (stopping at EOS) and the pass routes text and continuation together: ``RoutedBatch.prompt_len`` says
+    where each row's generated tokens start. Causal attention makes a generated token's routing in this pass
+    the routing it had when it was generated.
     """
     enc, truncated = tokenize_batch(model.tokenizer, texts, max_length)
+    prompt_len = None
+    if generate:
+        pad = ensure_pad(model.tokenizer)
+        rows = [r[m.bool()].tolist() for r, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+        ctx = model.context_length
+        if ctx:  # room for the continuation within the model's context
+            cut = [r[: max(1, ctx - generate)] for r in rows]
+            truncated = truncated | np.array([len(c) < len(r) for c, r in zip(cut, rows, strict=True)])
+            rows = cut
+        cont = greedy_generate(model.model, rows, pad, model.tokenizer.eos_token_id, generate, model.device)
+        prompt_len = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        input_ids, mask = pad_ids([r + c for r, c in zip(rows, cont, strict=True)], pad)
+        enc = {"input_ids": input_ids, "attention_mask": mask}
     enc = {k: v.to(model.device) for k, v in enc.items()}
     calls: dict[int, RouterCall] = {}
     norms: dict[int, torch.Tensor] = {}
@@ -263,7 +338,7 @@ def route_batch(
         else:
             model.model(**enc, use_cache=False)
     return RoutedBatch(domain, list(ids) if ids is not None else list(range(len(texts))), enc["input_ids"],
-                       enc["attention_mask"].bool(), calls, truncated, norms)
+                       enc["attention_mask"].bool(), calls, truncated, norms, prompt_len)
 
 
 def routing_pass(
@@ -299,6 +374,7 @@ __all__ = [
     "effective_max_length",
     "ensure_pad",
     "flatten_texts",
+    "greedy_generate",
     "pad_ids",
     "plan_batches",
     "route_batch",

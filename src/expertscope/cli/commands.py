@@ -51,16 +51,17 @@ def _recorded_routes(kw: dict[str, Any], out: Path, resume: bool, force: bool) -
     from ..pipeline.jobs import profile_recorded_routes
 
     routes = kw.pop("routes")
-    opts = {k: kw.pop(k) for k in ("num_experts", "moe_layers", "top_k", "routes_format")}
+    opts = {k: kw.pop(k) for k in ("num_experts", "moe_layers", "top_k", "routes_format", "stream")}
     if routes and kw.get("domain"):
         raise ConfigError("--routes profiles recorded expert indices and -d names texts for a model: give one or the "
                           "other")
     if not routes:
-        if any(v is not None for k, v in opts.items() if k != "routes_format"):
-            raise typer.BadParameter("--num-experts, --moe-layers and --top-k go with --routes NAME=FILE")
+        if any(v is not None for k, v in opts.items() if k not in ("routes_format", "stream")) or opts["stream"]:
+            raise typer.BadParameter("--num-experts, --moe-layers, --top-k and --stream go with --routes NAME=FILE")
         return False
     summary = profile_recorded_routes(out, routes, opts["num_experts"], moe_layers=opts["moe_layers"],
-                                      top_k=opts["top_k"], format=opts["routes_format"], resume=resume, force=force)
+                                      top_k=opts["top_k"], format=opts["routes_format"], stream=opts["stream"],
+                                      resume=resume, force=force)
     T.show_recorded_routes(out, summary)
     return True
 
@@ -75,6 +76,8 @@ _ROUTES_OPTIONS = (
      None),
     ("routes_format", Annotated[str, typer.Option(help="--routes: auto, vllm, sglang, sglang-dump or megatron.")],
      "auto"),
+    ("stream", Annotated[bool, typer.Option(help="--routes: read files in bounded memory (a day of serving: GBs); "
+                                                 "keeps domain totals only, so no intervals per sequence.")], False),
 )
 
 

@@ -100,6 +100,19 @@ def show_profile(out: Path, manifest: dict[str, Any], rows: int) -> None:
                   + ", ".join(f"{k}: {v:.3f}" for k, v in st["routing_mi_bits"].items()))
     if any(st["truncated"].values()):
         console.print(f"[yellow]truncated to {st.get('max_length_used')} tokens:[/] {st['truncated']}")
+    _show_phases(out, st.get("phases"))
+
+
+def _show_phases(out: Path, phases: dict[str, Any] | None) -> None:
+    """The prompt-against-generated sentences, and where each phase's own profile is."""
+    if not phases:
+        return
+    for sentence in phases["sentences"]:
+        out_console.print(sentence)
+    if phases.get("note"):
+        console.print(f"[yellow]note:[/] {phases['note']}")
+    out_console.print(f"each phase's profile: {out / 'phases' / 'prompt'}, {out / 'phases' / 'generated'} (every "
+                      "command that reads a profile reads them); the comparison: phase_comparison.parquet")
 
 
 def show_domains(out: Path, manifest: dict[str, Any], rows: int) -> None:
@@ -159,5 +172,6 @@ def show_recorded_routes(out: Path, summary: dict[str, Any]) -> None:
             console.print(f"[yellow]{name}:[/] {note}")
     console.print("I(domain; selected expert) per layer \\[bits]: "
                   + ", ".join(f"{layer}: {bits:.3f}" for layer, bits in summary["mi_bits"].items()))
+    _show_phases(out, summary.get("phases"))
     console.print("not applicable from indices alone: entropy, CWAS, gate weights, importance, CE (no logits "
                   f"or model); next: expertscope domains {out}")

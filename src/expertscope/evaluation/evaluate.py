@@ -30,7 +30,7 @@ from ..data import prompts
 from ..data.types import TASKS, Domain, Example
 from ..errors import ConfigError, DataError
 from ..progress import ProgressCallback
-from ..routing import pad_ids
+from ..routing import greedy_generate, pad_ids
 from .extract import _STRICT_NUMBER, ANSWER_MARKER, answers_equal, extract_answer, normalise_number
 from .metrics import accuracy, weighted_f1, wilson_interval
 
@@ -295,53 +295,6 @@ class _AnswerStop:
                 self.generated[row] = len(toks)
                 done[row] = True
         return done
-
-
-@torch.inference_mode()
-def greedy_generate(
-    model: Any,
-    seqs: list[list[int]],
-    pad_id: int,
-    eos_id: int | None,
-    max_new_tokens: int,
-    device: torch.device,
-    stop: Callable[[int, int | None], Any] | None = None,
-) -> list[list[int]]:
-    """Greedy continuations (token ids, EOS excluded) of left-padded prompts, at most ``max_new_tokens``.
-
-    ``stop(width, eos_id)``, if given, makes a ``transformers`` stopping criterion (e.g. :class:`_AnswerStop`)
-    whose ``generated[row]`` says where each row it stopped ends. Stopping a row does not change the other
-    rows' computation (the batch keeps its shape), so their tokens equal those of a run without it.
-    """
-    ids, mask = _pad(seqs, pad_id, left=True)
-    criteria = stop(ids.shape[1], eos_id) if stop is not None else None
-    kwargs: dict[str, Any] = {}
-    if criteria is not None:
-        from transformers import StoppingCriteriaList
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList([criteria])
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        **kwargs,
-    )
-    gen = out[:, ids.shape[1] :].tolist()
-    result = []
-    for i, row in enumerate(gen):
-        if criteria is not None and i in criteria.generated:
-            row = row[: criteria.generated[i]]
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        result.append(row)
-    return result
 
 
 def _letter_ids(tokenizer: Any, n: int) -> list[int] | None:

@@ -17,9 +17,10 @@ from ..data.sources import load_domain
 from ..data.types import TASKS, check_domain_name, check_unique_names
 from ..errors import ConfigError, DataError
 from ..fingerprint import run_fingerprint
-from ..integrations.engine_routes import FORMATS, RecordedRoutes, load_routes, profile_routes
+from ..integrations.engine_routes import FORMATS, profile_routes
 from ..io import atomic_write
 from ..rundir import open_run_dir
+from ..stats.phases import save_phase_comparison
 from ..stats.routing_mi import save_routing_mi
 from ..stats.structure import save_coactivation_tables
 from ..validation import check_choice, check_positive
@@ -57,12 +58,15 @@ def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str 
 
 def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts: int | None, *,
                             moe_layers: int | None = None, top_k: int | None = None, format: str = "auto",
-                            resume: bool = False, force: bool = False) -> dict[str, Any]:
+                            stream: bool = False, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """``expertscope profile --routes``: a routing profile of expert indices recorded by a serving engine
     (vLLM, SGLang, Megatron; ``routes`` = ``NAME=FILE[,FILE...]`` specs: several files of one domain are
     concatenated; a FILE may be a Megatron trace directory; a name given twice is refused, as with ``-d``),
-    written into the run directory ``out`` with its routing MI and co-activation tables; no model is loaded.
-    Returns the manifest's summary: ``tokens`` per domain, ``mi_bits`` per layer, ``notes`` per domain."""
+    written into the run directory ``out`` with its routing MI and co-activation tables, and, when the engine
+    labelled prompt and generated tokens, each phase's profile (``phases/<phase>/``) and their comparison
+    (``phase_comparison.parquet``); no model is loaded. ``stream``: files are read in bounded memory and only
+    domain totals are kept. Returns the manifest's summary: ``tokens`` per domain, ``mi_bits`` per layer,
+    ``notes`` per domain, ``phases`` (sentences) when there are phases."""
     if num_experts is None:
         raise ConfigError("--routes needs --num-experts E (routed experts per layer): e.g. --num-experts 64")
     check_positive(num_experts, "--num-experts")
@@ -81,29 +85,27 @@ def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts:
             by_domain.setdefault(name, []).append(Path(file))
     check_unique_names([s.partition("=")[0] for s in routes], "--routes (several files of one domain: NAME=A,B)")
     settings = {"routes": list(routes), "num_experts": num_experts, "moe_layers": moe_layers, "top_k": top_k,
-                "format": format}
+                "format": format, "stream": stream}
     # a Megatron trace directory is fingerprinted by its trace files
     files = [g for fs in by_domain.values() for f in fs
              for g in (sorted(f.glob("router_trace_rank*.jsonl")) if f.is_dir() else [f])]
     with open_run_dir(out, "profile-routes", run_fingerprint(None, (), settings, files=files), settings,
                       resume=resume, force=force) as rd:
-        merged = {}
-        for name, fs in by_domain.items():
-            parts = [load_routes(f, format, num_layers=moe_layers, top_k=top_k) for f in fs]  # type: ignore[arg-type]
-            merged[name] = parts[0] if len(parts) == 1 else RecordedRoutes(
-                [s for p in parts for s in p.sequences], "+".join(sorted({p.format for p in parts})),
-                ", ".join(p.source for p in parts), sum(p.prefix_cached for p in parts),
-                [n for p in parts for n in p.notes])
-        prof = profile_routes(merged, num_experts, top_k=top_k)
+        prof = profile_routes(dict(by_domain), num_experts, num_layers=moe_layers, top_k=top_k,
+                              format=format, stream=stream)  # type: ignore[arg-type]
         prof.save(rd.path)
         mi = save_routing_mi(prof, rd.path)
         coactivation = save_coactivation_tables(prof, rd.path)
+        phases = save_phase_comparison(prof, rd.path)
         n, _ = prof.totals()
         summary: dict[str, Any] = {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)},
                    "mi_bits": {int(r.layer): float(r.mi_bits) for r in mi.itertuples()},
                    "notes": {name: list(rec["notes"]) for name, rec in prof.config["recorded"].items()}}
+        if phases is not None:
+            summary["phases"] = phases
         rd.write_manifest("complete", model=prof.model_info, recorded=prof.config["recorded"],
-                          coactivation=coactivation, tokens=summary["tokens"], mi_bits=summary["mi_bits"])
+                          coactivation=coactivation, tokens=summary["tokens"], mi_bits=summary["mi_bits"],
+                          phases=phases)
     return summary
 
 

@@ -142,7 +142,7 @@ _EXECUTOR = ("executor", "workers", "gpus_per_worker")
 #: The study's stages, in the order they run.
 PIPELINE = Pipeline([
     Stage("profile", "profile_stage", sections=("profile",), run_fields=_EXECUTOR,
-          writes=("profile", "routing_mi", "routes", "coactivation_stats")),
+          writes=("profile", "routing_mi", "routes", "coactivation_stats", "phase_comparison")),
     Stage("coactivation", "coactivation", reads=("profile",), needs_model=False, needs_data=False,
           writes=("coactivation", "transitions", "paths", "routing_consistency", "importance")),
     Stage("drivers", "drivers", sections=("causal", "drivers"), writes=("ce", "drivers"), row_check="task_rows"),

@@ -22,6 +22,7 @@ from ..io import atomic_write, write_json, write_table
 from ..report import report as write_report
 from ..stats.domain_experts import domain_experts
 from ..stats.expert_map import expert_map
+from ..stats.phases import save_phase_comparison
 from ..stats.profile import RoutingProfile, checkpointer, profile
 from ..stats.replication import Replication, replicate_domain_experts
 from ..stats.routing_mi import save_routing_mi
@@ -43,9 +44,13 @@ def profile_stage(ctx: StudyContext) -> dict[str, Any]:
     ctx.keep("profile", prof)
     mi = save_routing_mi(prof, ctx.out)
     n, _ = prof.totals()
-    return {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated,
-            "max_length_used": prof.config.get("max_length_used"),
-            "routing_mi_bits": {int(r.layer): round(float(r.mi_bits), 4) for r in mi.itertuples()}}
+    out = {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated,
+           "max_length_used": prof.config.get("max_length_used"),
+           "routing_mi_bits": {int(r.layer): round(float(r.mi_bits), 4) for r in mi.itertuples()}}
+    phases = save_phase_comparison(prof, ctx.out, seed=c.seed)  # the default domain-expert rule per phase
+    if phases is not None:
+        out["phases"] = phases
+    return out
 
 
 def coactivation(ctx: StudyContext) -> dict[str, Any]:

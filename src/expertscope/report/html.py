@@ -83,6 +83,7 @@ TABLE_FILES: dict[str, tuple[str, ...]] = {
     "importance": ("importance.parquet",),
     "routing_overlap": ("routing_overlap.parquet",),
     "confirmation": ("confirmation.parquet",),
+    "phase_comparison": ("phase_comparison.parquet",),
 }
 FIGURE_DIR = "figures"
 
@@ -322,6 +323,25 @@ def _replication_section(tables: dict[str, pd.DataFrame], figures: dict[str, lis
     return body
 
 
+def _phase_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
+    """Prompt against generated tokens (a profile with phases): a sentence per domain and the per-layer table."""
+    from ..stats.phases import phase_sentences
+
+    table = tables.get("phase_comparison")
+    if table is None or not len(table):
+        return ""
+    body = reading(_safe(phase_sentences, table))
+    why = table_meta(table).get("note")
+    if why:
+        body += note(str(why))
+    return body + table_html(table, ["domain", "layer", "n_prompt", "n_generated", "usage_overlap", "overlap_lo",
+                                     "overlap_hi", "overlap_if_same", "differs", "prompt_experts",
+                                     "generated_experts", "shared_experts", "jaccard"], rows=60,
+                             title="Per layer: share of expert selections in common (overlap), the floor phases "
+                                   "routing alike stay above, and each phase's domain experts",
+                             source="phase_comparison.parquet")
+
+
 def _token_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]) -> str:
     body = ""
     pos = tables.get("positions")
@@ -496,6 +516,7 @@ SECTIONS: list[tuple[str, str, Section]] = [
     ("drivers", "Driver experts", _driver_section),
     ("replication", "Replication", _replication_section),
     ("routing", "Routing and the domain", _routing_section),
+    ("phases", "Prompt against generated tokens", _phase_section),
     ("tokens", "Tokens", _token_section),
     ("map", "Expert map", _map_section),
     ("steering", "Steering", _steering_section),

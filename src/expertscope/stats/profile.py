@@ -73,6 +73,16 @@ class RoutingProfile:
     _keys: set[tuple[str, int]] = field(default_factory=set, repr=False)
     routes: SequenceRoutes | None = field(default=None, repr=False)
     coactivation: CoactivationStats | None = field(default=None, repr=False)
+    phases: dict[str, RoutingProfile] = field(default_factory=dict, repr=False)
+    """The same statistics over each phase's tokens (``"prompt"``, ``"generated"``), when phases were recorded:
+    ``profile --generate N`` or routes an engine labelled. Sequence ids are shared with this profile."""
+
+    def phase(self, name: str) -> RoutingProfile:
+        """The profile of one phase's tokens (every table of a profile can be made from it)."""
+        if name not in self.phases:
+            have = ", ".join(self.phases) or "none (profile with --generate N, or routes that label phases)"
+            raise ConfigError(f"this profile has no {name!r} phase: its phases are {have}")
+        return self.phases[name]
 
     # ----- building ------------------------------------------------------------------------------
     def _domain_index(self, name: str) -> int:
@@ -294,6 +304,9 @@ class RoutingProfile:
         for name in ("routes", "coactivation"):
             a, b = getattr(self, name), getattr(other, name)
             setattr(out, name, a.merge(b) if a is not None and b is not None else (a if b is None else b))
+        for ph in dict.fromkeys([*self.phases, *other.phases]):
+            a, b = self.phases.get(ph), other.phases.get(ph)
+            out.phases[ph] = a.merge(b) if a is not None and b is not None else (a if b is None else b)  # type: ignore[assignment]
         return out
 
     # ----- persistence ---------------------------------------------------------------------------
@@ -317,7 +330,10 @@ class RoutingProfile:
             "domains": self.domains, "keep_sequences": self.keep_sequences,
             "model": self.model_info, "config": self.config, "truncated": self.truncated,
             "keys": None if self.keep_sequences else [[d, i] for d, i in sorted(self._keys)],
+            "phases": list(self.phases),
         }
+        for ph, part in self.phases.items():  # before the header that names them
+            part.save(directory / "phases" / ph)
         with atomic_path(directory / "profile.safetensors") as tmp:
             save_file(arrays, str(tmp), metadata={"expertscope": json.dumps(meta, default=str)})
         write_json(directory / "profile.json", {k: v for k, v in meta.items() if k != "keys"})
@@ -384,6 +400,8 @@ class RoutingProfile:
             p.routes = SequenceRoutes.load(directory / "routes.safetensors")
         if (directory / "coactivation.safetensors").exists():
             p.coactivation = CoactivationStats.load(directory / "coactivation.safetensors")
+        for ph in meta.get("phases") or []:
+            p.phases[ph] = cls.load(directory / "phases" / ph)
         return p
 
 
@@ -445,6 +463,9 @@ class BatchResult:
     n_truncated: int
     #: per sequence: its real tokens' selections ``(T_i, L, k)`` (top-1 first) and token-id hash
     routes: list[tuple[np.ndarray, int]] | None = None
+    #: per phase (``"prompt"``, ``"generated"``; with ``generate``): the same three over that phase's tokens
+    phases: dict[str, tuple[np.ndarray, dict[str, np.ndarray], list[tuple[np.ndarray, int]]]] = field(
+        default_factory=dict)
 
 
 #: One profiling work item: ``(domain, sequence ids, their texts)``.
@@ -459,21 +480,31 @@ class BatchProfiler:
     the same wherever it runs.
     """
 
-    def __init__(self, model: MoEModel, max_length: int | None, importance: bool = False) -> None:
+    def __init__(self, model: MoEModel, max_length: int | None, importance: bool = False, generate: int = 0) -> None:
         ensure_pad(model.tokenizer)
         self.model = model
         self.max_length = max_length
         self.importance = importance
+        self.generate = generate
 
     def __call__(self, item: ProfileItem) -> BatchResult:
         from .token_selections import batch_routes
 
         domain, ids, texts = item
         model = self.model
-        routed = route_batch(model, texts, self.max_length, domain=domain, ids=ids, expert_norms=self.importance)
+        routed = route_batch(model, texts, self.max_length, domain=domain, ids=ids, expert_norms=self.importance,
+                             generate=self.generate)
         stats = batch_statistics(routed.calls, model.layers, model.num_experts, routed.mask, routed.norms)
+        routes = batch_routes(routed, model.layers)
+        phases = {}
+        for name, m in routed.phase_masks().items():
+            keep = m.cpu().numpy()[routed.mask.cpu().numpy()]  # over the real tokens, row by row
+            starts = np.cumsum([0, *[len(r) for r, _ in routes]])
+            parts = [(r[keep[a:b]], -1) for (r, _), a, b in zip(routes, starts[:-1], starts[1:], strict=True)]
+            phases[name] = (m.sum(1).cpu().numpy(), batch_statistics(routed.calls, model.layers, model.num_experts,
+                                                                     m, routed.norms), parts)
         return BatchResult(domain, list(ids), routed.mask.sum(1).cpu().numpy(), stats, int(routed.truncated.sum()),
-                           batch_routes(routed, model.layers))
+                           routes, phases)
 
 
 def profile(
@@ -517,9 +548,15 @@ def profile(
     items: list[ProfileItem] = [(name, ids, [texts_by_domain[name][i] for i in ids]) for name, ids in plan]
     if progress is not None:
         progress("profiling", 0, len(items))
-    worker = partial(BatchProfiler, max_length=max_len, importance=cfg.importance)
+    worker = partial(BatchProfiler, max_length=max_len, importance=cfg.importance, generate=cfg.generate)
     for step, res in enumerate(runner.run_items(model, items, worker)):
         prof.add(res.domain, res.ids, res.n_tokens, res.stats, res.routes)
+        for name, (n_tok, stats, routes) in res.phases.items():
+            if name not in prof.phases:
+                prof.phases[name] = RoutingProfile(layers=layers, num_experts=model.num_experts, top_k=model.top_k,
+                                                   keep_sequences=cfg.keep_sequences, model_info=prof.model_info,
+                                                   config={**prof.config, "keep_routes": False, "phase": name})
+            prof.phases[name].add(res.domain, res.ids, n_tok, stats, routes)
         if res.n_truncated:
             prof.truncated[res.domain] = prof.truncated.get(res.domain, 0) + res.n_truncated
         if on_batch is not None:

@@ -196,8 +196,9 @@ def test_engine_quirks_are_detected_handled_and_counted(tmp_path: Path) -> None:
         s = _routes(T=10, L=3, seed=seed)
         s[:, 1] = 0  # layer 1: all zeros at every token
         seqs.append(s)
-    seqs[0][4:7] = seqs[0][3]  # rows 3-6 equal: a run of four
-    rr = es.load_routes(_jsonl(tmp_path / "q.jsonl", [{"prompt_routed_experts": s.tolist()} for s in seqs]))
+    seqs[0][4:7] = seqs[0][3]  # rows 3-6 equal: a run of four, in the generated part
+    recs = [{"prompt_routed_experts": s[:2].tolist(), "choices": [{"routed_experts": s[2:].tolist()}]} for s in seqs]
+    rr = es.load_routes(_jsonl(tmp_path / "q.jsonl", recs))
     assert rr.layers == [0, 2] and rr.shape == (2, 2)
     assert rr.quirks == {"constant_layer": 1, "repeated_decode": 3}  # rows 4-6 repeat row 3
     assert rr.n_tokens == 30 - 3
@@ -205,6 +206,9 @@ def test_engine_quirks_are_detected_handled_and_counted(tmp_path: Path) -> None:
     prof = es.profile_routes({"a": rr}, num_experts=8)
     assert list(prof.layers) == [0, 2]
     assert prof.config["recorded"]["a"]["quirks"] == {"constant_layer": 1, "repeated_decode": 3}
+    # prompt tokens are never replayed: the same run in a prompt is kept
+    prompt_only = es.load_routes(_jsonl(tmp_path / "pr.jsonl", [{"prompt_routed_experts": s.tolist()} for s in seqs]))
+    assert prompt_only.n_tokens == 30 and "repeated_decode" not in prompt_only.quirks
     # two equal neighbours happen by chance: kept
     s = _routes(T=6, L=2, seed=9)
     s[3] = s[2]
