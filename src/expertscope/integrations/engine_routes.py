@@ -55,7 +55,7 @@ PROMPT, GENERATED, UNLABELLED = 0, 1, -1
 PHASES = {"prompt": PROMPT, "generated": GENERATED}
 
 #: Rows per piece when a long array is streamed (``.npy`` files are memory-mapped and read in pieces).
-CHUNK_TOKENS = 65_536
+CHUNK_TOKENS = 16_384
 
 #: What cannot be computed from expert indices alone, and why.
 NOT_APPLICABLE = {
@@ -507,6 +507,29 @@ def _sglang_dump(obj: Any, where: str, top_k: int | None, notes: list[str]) -> l
     return [_seq(ids[keep].transpose(1, 0, 2), phase, n, at) for ids, phase, n, at in pieces]
 
 
+def _npy_pieces(p: Path, chunk: int) -> Iterator[np.ndarray]:
+    """A C-ordered ``.npy`` array read ``chunk`` rows at a time with plain reads (a memory map would count the
+    whole file in the process's resident memory as it is read); other arrays are read whole."""
+    with p.open("rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)  # the header only: never unpickles
+        if dtype.hasobject:
+            raise DataError(f"{p.name} holds Python objects, not expert ids: pass the engine's int array")
+        if fortran or len(shape) != 3:
+            yield np.load(p, allow_pickle=False)
+            return
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        for a in range(0, shape[0], chunk):
+            n = min(chunk, shape[0] - a)
+            buf = fh.read(n * row)
+            if len(buf) != n * row:
+                raise DataError(f"{p.name} ends after {a + len(buf) // max(row, 1)} of {shape[0]} rows: the file is "
+                                "truncated; copy it again")
+            yield np.frombuffer(buf, dtype=dtype).reshape(n, *shape[1:])
+
+
 def _to_numpy(x: Any) -> Any:
     return x.numpy() if hasattr(x, "numpy") else x
 
@@ -555,14 +578,13 @@ def _read(p: Path, fmt: str, where: str, num_layers: int | None, top_k: int | No
                 if s is not None:
                     yield s
     elif p.suffix.lower() == ".npy":
-        arr = np.load(p, allow_pickle=False, mmap_mode="r" if chunk else None)
-        if chunk and arr.ndim == 3 and len(arr) > chunk:
-            for a in range(0, len(arr), chunk):
-                got = _vllm_array(np.asarray(arr[a:a + chunk]), where)
+        if chunk:
+            for piece in _npy_pieces(p, chunk):
+                got = _vllm_array(piece, where)
                 if got is not None:
                     yield _seq(got[0], UNLABELLED, 1, where, got[1])
             return
-        got = _vllm_array(np.asarray(arr), where)
+        got = _vllm_array(np.load(p, allow_pickle=False), where)
         if got is not None:
             yield _seq(got[0], UNLABELLED, 1, where, got[1])
     elif p.suffix.lower() == ".npz":
@@ -702,7 +724,8 @@ class _Cleaner:
         if (rest < 0).any():
             t = int(np.flatnonzero((rest < 0).any(axis=(1, 2)))[0])
             bad = int(rest[t][rest[t] < 0][0])
-            what = "a -1 beside expert ids" if bad == -1 else f"expert id {bad}"
+            what = "a -1 (missing or unwritten, as is 255 from a uint8 buffer) beside expert ids" if bad == -1 \
+                else f"expert id {bad}"
             raise DataError(f"{s.where}, position {t} holds {what}: a position is either all -1 (missing) or valid "
                             "expert ids; check the file")
         if rest.shape[2] > 1 and len(rest):
@@ -810,7 +833,7 @@ def load_routes(path: str | Path, format: RouteFormat = "auto", *, num_layers: i
 
 
 def _stream_routes(path: str | Path, format: str, num_layers: int | None, top_k: int | None,
-                   num_experts: int | None, chunk: int = CHUNK_TOKENS) -> tuple[_Cleaner, list[str], Iterator[_Seq]]:
+                   num_experts: int | None, chunk: int | None = None) -> tuple[_Cleaner, list[str], Iterator[_Seq]]:
     """One file streamed twice (a scan, then the cleaned sequences), one sequence (or ``chunk`` rows of a long
     array) in memory at a time. The cleaner's counts and the notes are complete once the iterator is spent."""
     p, fmt, where = _opened(path, format, num_layers, top_k)
@@ -818,7 +841,7 @@ def _stream_routes(path: str | Path, format: str, num_layers: int | None, top_k:
     meta: dict[str, Any] = {}
 
     def read(into: list[str]) -> Iterator[_Seq]:
-        return _guarded(_read(p, fmt, where, num_layers, top_k, into, meta, chunk), where, fmt)
+        return _guarded(_read(p, fmt, where, num_layers, top_k, into, meta, chunk or CHUNK_TOKENS), where, fmt)
 
     cleaner, cleaned = _cleaned(read([]), fmt, where, num_experts, meta, rescan=lambda: read(notes))
     return cleaner, notes, cleaned

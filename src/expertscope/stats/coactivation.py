@@ -20,7 +20,6 @@ and the result does not depend on how tokens were batched.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,9 @@ def one_hot_routes(routes: np.ndarray, num_experts: int) -> np.ndarray:
     M[rows, cols, routes.astype(np.int64)] = 1
     return M
 
+
+#: Tokens per block of the co-activation counts (bounds the temporary indicator matrices).
+_ROWS = 1 << 18
 
 #: Layers per expert path when none is asked for (fewer when the model has fewer MoE layers).
 DEFAULT_PATH_LENGTH = 3
@@ -69,7 +71,8 @@ class CoactivationStats:
     """Mergeable co-activation, transition and path counts per domain (``L`` MoE layers, ``E`` experts).
 
     ``pairs[d]`` ``(L, E, E)`` int64; ``transitions[d]`` ``(L-1, E, E)`` int64; ``n_tokens[d]`` int;
-    ``paths[d]`` a Counter of ``(start layer position, top-1 experts of path_length layers)``.
+    ``paths[d]`` the path counts as ``(keys, counts)``: ``keys`` ``(P, 1 + window)`` int64 rows of (start layer
+    position, top-1 experts of ``window`` consecutive layers), unique and sorted; ``counts`` ``(P,)`` int64.
     """
 
     layers: list[int]
@@ -80,7 +83,7 @@ class CoactivationStats:
     n_tokens: dict[str, int] = field(default_factory=dict)
     pairs: dict[str, np.ndarray] = field(default_factory=dict)
     transitions: dict[str, np.ndarray] = field(default_factory=dict)
-    paths: dict[str, Counter[tuple[int, tuple[int, ...]]]] = field(default_factory=dict)
+    paths: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.path_length < 1:
@@ -98,7 +101,7 @@ class CoactivationStats:
             self.n_tokens[domain] = 0
             self.pairs[domain] = np.zeros((L, E, E), np.int64)
             self.transitions[domain] = np.zeros((max(L - 1, 0), E, E), np.int64)
-            self.paths[domain] = Counter()
+            self.paths[domain] = (np.zeros((0, 1 + self.window), np.int64), np.zeros(0, np.int64))
 
     def add(self, domain: str, routes: np.ndarray) -> None:
         """Add the routes ``(N, L, k)`` (expert indices, column 0 the top-1) of ``N`` real tokens of ``domain``."""
@@ -111,20 +114,35 @@ class CoactivationStats:
         self._ensure(domain)
         if not len(routes):
             return
-        M = one_hot_routes(routes, E)
         self.n_tokens[domain] += len(routes)
+        for a in range(0, len(routes), _ROWS):  # bounded temporary memory
+            self._add_counts(domain, routes[a:a + _ROWS])
+
+    def _add_counts(self, domain: str, routes: np.ndarray) -> None:
+        from scipy.sparse import csr_matrix
+
+        L, E, k = len(self.layers), self.num_experts, routes.shape[2]
+        N = len(routes)
         pairs, trans = self.pairs[domain], self.transitions[domain]
+        # per layer a sparse (N, E) indicator of the k selected experts: the counts are its sparse products,
+        # about N·k² work per layer instead of N·E² for dense indicators
+        indptr = np.arange(0, N * k + 1, k)
+        ones = np.ones(N * k, np.int64)
+        prev = None
         for li in range(L):
-            pairs[li] += M[:, li].T @ M[:, li]
-            if li + 1 < L:
-                trans[li] += M[:, li].T @ M[:, li + 1]
+            M = csr_matrix((ones, routes[:, li].ravel().astype(np.int64), indptr), shape=(N, E))
+            pairs[li] += (M.T @ M).toarray()
+            if prev is not None:
+                trans[li - 1] += (prev.T @ M).toarray()
+            prev = M
         m = self.window
         top1 = routes[:, :, 0].astype(np.int64)
-        counter = self.paths[domain]
-        for s in range(L - m + 1):
-            uniq, counts = np.unique(top1[:, s:s + m], axis=0, return_counts=True)
-            for row, c in zip(uniq, counts, strict=True):
-                counter[(s, tuple(int(x) for x in row))] += int(c)
+        found = [self.paths[domain]]
+        for start in range(L - m + 1):
+            keys = np.column_stack([np.full(N, start, np.int64), top1[:, start:start + m]])
+            found.append(_count_rows(keys, np.ones(N, np.int64)))
+        self.paths[domain] = _count_rows(np.concatenate([f[0] for f in found]),
+                                         np.concatenate([f[1] for f in found]))
 
     def merge(self, other: CoactivationStats) -> CoactivationStats:
         """A new object holding the counts of both (disjoint token sets)."""
@@ -138,7 +156,8 @@ class CoactivationStats:
                 out.n_tokens[d] += src.n_tokens[d]
                 out.pairs[d] = out.pairs[d] + src.pairs[d]
                 out.transitions[d] = out.transitions[d] + src.transitions[d]
-                out.paths[d].update(src.paths[d])
+                (ka, ca), (kb, cb) = out.paths[d], src.paths[d]
+                out.paths[d] = _count_rows(np.concatenate([ka, kb]), np.concatenate([ca, cb]))
         return out
 
     # ----- persistence ---------------------------------------------------------------------------
@@ -150,10 +169,10 @@ class CoactivationStats:
         for i, d in enumerate(self.domains):
             arrays[f"pairs.{i}"] = self.pairs[d]
             arrays[f"transitions.{i}"] = self.transitions[d]
-            items = sorted(self.paths[d].items())
-            arrays[f"path_start.{i}"] = np.array([s for (s, _), _ in items], np.int64)
-            arrays[f"path_experts.{i}"] = np.array([p for (_, p), _ in items], np.int64).reshape(len(items), m)
-            arrays[f"path_count.{i}"] = np.array([c for _, c in items], np.int64)
+            keys, counts = self.paths[d]
+            arrays[f"path_start.{i}"] = np.ascontiguousarray(keys[:, 0])
+            arrays[f"path_experts.{i}"] = np.ascontiguousarray(keys[:, 1:]).reshape(len(keys), m)
+            arrays[f"path_count.{i}"] = counts
         meta = {"format": "expertscope.coactivation", "version": COACTIVATION_FORMAT_VERSION,
                 "layers": self.layers, "num_experts": self.num_experts, "top_k": self.top_k,
                 "path_length": self.path_length, "domains": self.domains, "n_tokens": self.n_tokens}
@@ -167,9 +186,10 @@ class CoactivationStats:
             out.n_tokens[d] = int(meta["n_tokens"][d])
             out.pairs[d] = np.asarray(arrays[f"pairs.{i}"])
             out.transitions[d] = np.asarray(arrays[f"transitions.{i}"])
-            for s, p, c in zip(arrays[f"path_start.{i}"], arrays[f"path_experts.{i}"], arrays[f"path_count.{i}"],
-                               strict=True):
-                out.paths[d][(int(s), tuple(int(x) for x in p))] = int(c)
+            start = np.asarray(arrays[f"path_start.{i}"], np.int64)
+            experts = np.asarray(arrays[f"path_experts.{i}"], np.int64).reshape(len(start), -1)
+            out.paths[d] = _count_rows(np.column_stack([start, experts]),
+                                       np.asarray(arrays[f"path_count.{i}"], np.int64))
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -261,16 +281,32 @@ class CoactivationStats:
         m = self.window
         for d in self.domains:
             N = self.n_tokens[d]
-            by_start: dict[int, list[tuple[tuple[int, ...], int]]] = {}
-            for (s, p), c in self.paths[d].items():
-                by_start.setdefault(s, []).append((p, c))
-            for s in sorted(by_start):
-                ranked = sorted(by_start[s], key=lambda pc: (-pc[1], pc[0]))[:top]
+            keys, counts = self.paths[d]
+            for s in np.unique(keys[:, 0]).tolist():
+                sel = keys[:, 0] == s
+                ks, cs = keys[sel, 1:], counts[sel]
+                order = np.lexsort((*ks.T[::-1], -cs))[:top]  # by count, then by path
+                ranked = [(tuple(int(x) for x in ks[j]), int(cs[j])) for j in order]
                 for rank, (p, c) in enumerate(ranked, 1):
                     rows.append({"domain": d, "start_layer": self.layers[s], "rank": rank,
                                  "layers": ">".join(str(x) for x in self.layers[s:s + m]),
                                  "path": ">".join(str(x) for x in p), "count": c, "share": c / N if N else np.nan})
         return pd.DataFrame(rows, columns=["domain", "start_layer", "rank", "layers", "path", "count", "share"])
+
+
+def _count_rows(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``keys`` ``(n, w)`` (sorted) and the sum of ``counts`` over each; rows of small
+    non-negative integers are packed into one int64 first (much faster than sorting rows)."""
+    if not len(keys):
+        return keys.reshape(0, keys.shape[1]).astype(np.int64), counts.astype(np.int64)
+    base = int(keys.max()) + 1
+    if base ** keys.shape[1] < 2 ** 62:
+        code = keys @ (base ** np.arange(keys.shape[1] - 1, -1, -1, dtype=np.int64))
+        _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+    else:
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    summed = np.bincount(inverse.ravel(), weights=counts, minlength=len(first))
+    return keys[first], np.rint(summed).astype(np.int64)
 
 
 def pair_mutual_information(T: np.ndarray) -> tuple[float, float]:

@@ -102,7 +102,7 @@ CASES: list[tuple[str, Callable[[Path], Path], list[str], str]] = [
     ("id-minus-5", lambda d: _jsonl(d / "n.jsonl", [{"prompt_routed_experts": [[[-5, 1], [2, 3]]]}]), [],
      "expert id -5"),
     ("lone-minus-1", lambda d: _jsonl(d / "n1.jsonl", [{"prompt_routed_experts": [[[-1, 1], [2, 3]]]}]), [],
-     "a -1 beside expert ids"),
+     "beside expert ids"),
     ("k-above-E", lambda d: _jsonl(d / "k.jsonl", [{"prompt_routed_experts": [[list(range(16))]]}]), [],
      "k=16 experts per token but the model has 8"),
     ("duplicate-in-token", lambda d: _jsonl(d / "dup.jsonl", [{"prompt_routed_experts": [[[2, 2], [0, 1]]]}]), [],
