@@ -334,9 +334,10 @@ class CausalConfig(BaseConfig):
     perturbations that provably cannot change the output (renormalising top-k routers only);
     ``fisher_mass``/``fisher_max_outputs`` set the output tokens the Fisher expectation covers;
     ``fisher_route`` forces how the Fisher expectation is taken (``auto``: the cheaper exact route);
-    ``hybrid_top`` is how many experts per layer ``method="hybrid"`` recomputes exactly (chosen by
-    ``fast``); ``fast_outputs`` is how many of the most probable output tokens ``method="fast"`` takes
-    gradients for, and ``fast_probes`` how many random-sign backward probes estimate its Fisher form (0,
+    ``hybrid_top``: ``method="hybrid"`` screens with ``fast`` and verifies exactly what could be a driver
+    (:mod:`expertscope.causal.hybrid`); this many top experts per layer by fast CE are verified too;
+    ``fast_outputs`` is how many of the most probable output tokens ``method="fast"`` takes gradients for,
+    and ``fast_probes`` how many random-sign backward probes estimate its Fisher form (0,
     or at least positions × outputs: one product per (position, token), exact).
     ``decision``: where CE is measured. ``"task"`` (default): where each input's task is decided (the label
     or answer-letter position, every gold-answer position of math, teacher-forced; the last real token of
@@ -344,7 +345,7 @@ class CausalConfig(BaseConfig):
     """
 
     method: Literal["exact", "fast", "fisher", "hybrid"] = "exact"
-    """exact (the definition), fast (Fisher sketch), hybrid (fast ranks, top experts exact) or fisher."""
+    """exact (the definition), fast (Fisher sketch), hybrid (fast screens, possible drivers exact) or fisher."""
     magnitude: float = 1.0
     """Added to the expert's router logit (non-zero)."""
     positions: Literal["all", "last"] = "all"
@@ -371,8 +372,10 @@ class CausalConfig(BaseConfig):
     """Fisher: at most this many output tokens."""
     fisher_route: Literal["auto", "tokens", "hidden"] = "auto"
     """Fisher: auto (the cheaper exact route), tokens or hidden."""
-    hybrid_top: int = 4
-    """hybrid: experts per layer recomputed exactly."""
+    hybrid_top: int = 0
+    """hybrid: the top experts of each layer by fast CE also computed exactly (beside the screened ones)."""
+    noise_inputs: int = 8
+    """Inputs on which the dtype's rounding floor of CE is measured (0: not measured)."""
     fast_outputs: int = 64
     """fast: most probable output tokens given gradients."""
     fast_probes: int = 8
@@ -401,7 +404,11 @@ class CausalConfig(BaseConfig):
         _positive("limit", self.limit, allow_none=True)
         _positive("chunk_tokens", self.chunk_tokens)
         _positive("fisher_max_outputs", self.fisher_max_outputs)
-        _positive("hybrid_top", self.hybrid_top)
+        if isinstance(self.hybrid_top, bool) or not isinstance(self.hybrid_top, int) or self.hybrid_top < 0:
+            raise ConfigError(f"hybrid_top={self.hybrid_top!r} must be a whole number >= 0: e.g. 0")
+        if isinstance(self.noise_inputs, bool) or not isinstance(self.noise_inputs, int) or self.noise_inputs < 0:
+            raise ConfigError(f"noise_inputs={self.noise_inputs!r} must be a whole number >= 0: e.g. 8 (0: no "
+                              "rounding floor measured)")
         _positive("fast_outputs", self.fast_outputs)
         if self.fast_probes < 0:
             raise ConfigError(f"fast_probes={self.fast_probes!r} is negative: pass 0 (exact, one pass per "

@@ -27,6 +27,7 @@ from ..routing import DomainInput, domain_texts, routing_pass
 from ..stats.replication import Replication, compare_sets, flagged_sets, half_sizes, halves_by_domain
 from ..stats.rules import bh_qvalues, bh_text, bootstrap_ci, is_stable, passes, rule_text, z_rule_text
 from .effects import CausalEffects
+from .noise import floor_note
 from .stability import Stability, domain_seed, inputs_for_stability, selection_frequency, signed_rank_greater
 
 TABLE_VERSION = 2
@@ -151,6 +152,11 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     check_type(effects, CausalEffects, "effects", "CausalEffects (es.causal_effects(...) or CausalEffects.load)")
     cfg = resolve_config(DriverConfig, config, overrides)
     df = effects.mean_by_domain()
+    noise = effects.settings.get("numerical_floor") or {}
+    # The floor per layer: the rule's, raised to the dtype's rounding level where that is higher.
+    floor = np.array([[max(cfg.ce_floor, float((noise.get("per_layer") or {}).get(str(la),
+                                                (noise.get("per_layer") or {}).get(la, 0.0))))]
+                      for la in effects.layers])  # (L, 1)
     rng = np.random.default_rng(cfg.seed)
     L, E = len(effects.layers), effects.num_experts
     parts = []
@@ -177,13 +183,13 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
         q = bh_qvalues(p)
         pass_test = q <= cfg.alpha
         pass_ratio = ok & (vals >= cfg.min_ratio * med)
-        pass_floor = ok & (vals >= cfg.ce_floor)
+        pass_floor = ok & (vals >= floor)
         freq = np.full((L, E), np.nan)
         if cfg.rule == "fdr":
-            thr = np.maximum(cfg.min_ratio * med, cfg.ce_floor)
+            thr = np.maximum(cfg.min_ratio * med, floor)
             is_drv = passes({"test": pass_test, "ratio": pass_ratio, "floor": pass_floor})
             if cfg.stability_pairs > 0:
-                freq, stability[d] = _stability(x, cfg, d)
+                freq, stability[d] = _stability(x, cfg, d, floor)
                 is_drv = ok & (np.nan_to_num(freq) >= cfg.min_frequency)
         elif cfg.rule == "z":
             thr = mu + cfg.z * sd
@@ -223,6 +229,7 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     else:
         text = f"the {cfg.top} largest CE(D) of each layer"
     settings = {
+        "numerical_floor": {**noise, "note": floor_note(noise, cfg.ce_floor)} if noise else None,
         "rule": cfg.rule, "config": cfg.to_dict(), "z": cfg.z if cfg.rule == "z" else None,
         "top": cfg.top if cfg.rule == "top" else None, "rule_text": text,
         "causal_effects": effects.settings, "stability": stability,
@@ -232,12 +239,13 @@ def driver_experts(effects: CausalEffects, config: DriverConfig | None = None, *
     return table
 
 
-def _stability(x: np.ndarray, cfg: DriverConfig, domain: str) -> tuple[np.ndarray, dict[str, Any]]:
+def _stability(x: np.ndarray, cfg: DriverConfig, domain: str, floor: np.ndarray | float | None = None
+               ) -> tuple[np.ndarray, dict[str, Any]]:
     """Selection frequencies ``(L, E)`` of one domain's CE ``x`` ``(N, L, E)`` and what the findings say of
     them: the false-driver bound, the expected Jaccard of two half-samples, and its curve over smaller samples
     (half-samples of N/8, N/4, N/2) with the inputs it suggests would make the set stable."""
     rng = np.random.default_rng(domain_seed(cfg.seed, domain))
-    args = (cfg.stability_pairs, cfg.alpha, cfg.min_ratio, cfg.ce_floor)
+    args = (cfg.stability_pairs, cfg.alpha, cfg.min_ratio, cfg.ce_floor if floor is None else floor)
     main: Stability = selection_frequency(x, *args, rng=rng)
     curve = []
     for size in (len(x) // 8, len(x) // 4):

@@ -37,6 +37,8 @@ from .decision import Prepared, common_prefix, prepare_inputs
 from .exact import ExactEstimator, ExactStats, TailMode
 from .fast import FastEstimator, FastStats
 from .fisher import FisherEstimator, FisherStats
+from .hybrid import Hybrid
+from .noise import numerical_floor
 
 TABLE_VERSION = 1
 
@@ -226,20 +228,27 @@ def causal_effects(
     resumed = run.open_checkpoint(checkpoint, resume, fingerprint)
     phase_names = {"exact": ["exact"], "fast": ["fast"], "fisher": ["fisher"], "hybrid": ["fast", "exact"]}[cfg.method]
     run.start_progress(len(phase_names), progress, on_batch)
-    top: dict[int, list[int]] = {}
+    hybrid: Hybrid | None = None
     try:
         if cfg.method != "hybrid":
             run.phase(cfg.method, per_layer)
         else:
             run.phase("fast", per_layer)
-            top = _hybrid_candidates(run.assemble("fast"), np.asarray(dom_of, dtype=object), lays, per_layer,
-                                     cfg.hybrid_top)
-            run.phase("exact", top)
+            hybrid = Hybrid(run.assemble("fast"), np.asarray(dom_of, dtype=object), lays, per_layer, E_max,
+                            cfg.hybrid_top)
+            for r, which in enumerate(hybrid.rounds()):  # screen, verify exactly, screen again
+                run.phase(f"exact:{r}", which)
+                hybrid.verified(run.assemble(f"exact:{r}"), which)
     finally:
         run.stop_progress()
         if run.checkpoint is not None:
             run.checkpoint.close()
-    ce, exact_mask = _combine(run, cfg.method, lays, per_layer, top, E_max)
+    ce, exact_mask = _combine(run, cfg.method, lays, per_layer, hybrid, E_max)
+    t_noise = time.perf_counter()
+    noise = numerical_floor(model, run.stack, prep, lays, cfg, run.lab_t, cfg.noise_inputs, run.pad_id) \
+        if cfg.noise_inputs else {}
+    if noise:
+        noise["seconds"] = round(time.perf_counter() - t_noise, 4)
     settings = {
         **cfg.to_dict(), "layers_asked": lays, "experts_asked": settings_key["experts"], "label_ids": label_ids,
         "n_inputs": len(prep.token_ids), "domains": [d.name for d in doms], "truncated": prep.truncated,
@@ -252,10 +261,11 @@ def causal_effects(
         "fast_stats": run.fast_stats.to_dict() if cfg.method in ("fast", "hybrid") else None,
         "skipped": run.exact_stats.skipped, "timings": run.timings(time.perf_counter() - t_start),
         "resumed_rows": resumed, "model": model.describe(),
-        "engine_notes": run.engine_notes(),
+        "engine_notes": run.engine_notes(), "numerical_floor": noise,
     }
-    if cfg.method == "hybrid":
-        settings["hybrid_exact"] = {str(layer): list(map(int, v)) for layer, v in top.items()}
+    if hybrid is not None:
+        settings["hybrid_exact"] = hybrid.exact_sets()
+        settings["hybrid"] = hybrid.summary()
     return CausalEffects(ce=ce, domain=np.asarray(dom_of, dtype=object), text_index=np.asarray(tix, dtype=np.int64),
                          layers=lays, exact=exact_mask, settings=settings)
 
@@ -374,7 +384,7 @@ class _Run:
                 continue
             batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions, model.device,
                                [prep.decisions[i] for i in ids])
-            vals = self.estimators[name].estimate(batch, which)
+            vals = self.estimators[name.split(":")[0]].estimate(batch, which)  # "exact:1": hybrid's rounds
             for j, i in enumerate(ids):
                 rows[i] = _full_row(vals[j], self.lays, which, self.E_max)
             self.done += 1
@@ -414,20 +424,17 @@ class _Run:
 
 
 def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Sequence[int]],
-             top: Mapping[int, Sequence[int]], E_max: int) -> tuple[np.ndarray, np.ndarray]:
+             hybrid: Hybrid | None, E_max: int) -> tuple[np.ndarray, np.ndarray]:
     """The CE array of the method and the ``(L, E)`` mask of entries computed exactly."""
     exact_mask = np.zeros((len(lays), E_max), bool)
     if method == "exact":
         for li, layer in enumerate(lays):
             exact_mask[li, list(per_layer[layer])] = True
         return run.assemble("exact"), exact_mask
-    ce = run.assemble("fast" if method == "hybrid" else method)
     if method == "hybrid":
-        ex_ce = run.assemble("exact")
-        for li, layer in enumerate(lays):
-            exact_mask[li, list(top[layer])] = True
-        ce[:, exact_mask] = ex_ce[:, exact_mask]
-    return ce, exact_mask
+        assert hybrid is not None
+        return hybrid.ce.copy(), hybrid.exact.copy()
+    return run.assemble(method), exact_mask
 
 
 def _plan(order: list[int], lengths: list[int], batch_size: int, min_fill: float = 0.75) -> list[list[int]]:
@@ -452,19 +459,6 @@ def _full_row(vals: np.ndarray, lays: list[int], which: Mapping[int, Sequence[in
 
 def _assemble(rows: dict[int, np.ndarray], n: int) -> np.ndarray:
     return np.stack([rows[i] for i in range(n)])
-
-
-def _hybrid_candidates(ce: np.ndarray, dom: np.ndarray, lays: list[int], per_layer: Mapping[int, Sequence[int]],
-                       n_top: int) -> dict[int, list[int]]:
-    """Per layer, the ``n_top`` experts with the largest domain-mean estimated CE (max over domains)."""
-    means = np.stack([np.nanmean(ce[dom == d], axis=0) for d in dict.fromkeys(dom.tolist())])  # (D, L, E)
-    score = np.nanmax(means, axis=0)
-    out = {}
-    for li, layer in enumerate(lays):
-        ex = np.asarray(per_layer[layer])
-        order = np.argsort(-score[li, ex], kind="stable")
-        out[layer] = sorted(int(e) for e in ex[order[:n_top]])
-    return out
 
 
 def _dump_stats(ex: ExactStats, fi: FisherStats) -> dict[str, Any]:

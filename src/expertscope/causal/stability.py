@@ -99,12 +99,13 @@ def bh_rows(p: np.ndarray) -> np.ndarray:
     return q
 
 
-def base_rule(x: np.ndarray, alpha: float, min_ratio: float, ce_floor: float) -> np.ndarray:
+def base_rule(x: np.ndarray, alpha: float, min_ratio: float, ce_floor: float | np.ndarray) -> np.ndarray:
     """The driver rule on a batch of samples: ``x`` ``(B, n, L, E)`` per-input CE (NaN: not computed).
 
     Per sample: the paired test (:func:`signed_rank_greater`) of each expert's CE against its layer's
     median CE on the same input, BH over the sample's computed cells, ``q <= alpha``; mean CE ``>=
-    min_ratio ×`` the layer's median mean CE; mean CE ``>= ce_floor``. Returns ``(B, L, E)`` bool.
+    min_ratio ×`` the layer's median mean CE; mean CE ``>= ce_floor`` (a number, or ``(L, 1)`` per layer).
+    Returns ``(B, L, E)`` bool.
     """
     B, n, L, E = x.shape
     with warnings.catch_warnings():
@@ -160,7 +161,7 @@ class Stability:
         return float((f * f).sum() / den) if den > 0 else float("nan")
 
 
-def selection_frequency(x: np.ndarray, pairs: int, alpha: float, min_ratio: float, ce_floor: float,
+def selection_frequency(x: np.ndarray, pairs: int, alpha: float, min_ratio: float, ce_floor: float | np.ndarray,
                         rng: np.random.Generator, size: int | None = None, chunk: int = 64) -> Stability:
     """Selection frequency of every expert over ``pairs`` complementary pairs of half-samples of ``x``.
 

@@ -45,6 +45,11 @@ class DomainFindings:
     drivers: list[dict[str, Any]] = field(default_factory=list)
     largest_ce: float | None = None
     ce_floor: float | None = None
+    ce_noise: float | None = None
+    """The CE rounding alone gives in the model's dtype (the numerical floor; None: not measured)."""
+    ce_noise_dtype: str | None = None
+    numerical_floor: str | None = None
+    """The numerical floor in words: its size beside the rule's floor, and the layers where it was raised."""
     detectable_ce: float | None = None
     detectable_ce_by_layer: dict[int, float] = field(default_factory=dict)
     driver_stability: str | None = None
@@ -132,6 +137,10 @@ def _driver_part(f: DomainFindings, g: pd.DataFrame, meta: dict[str, Any], top: 
     f.largest_ce = float(g["ce_mean"].max())
     floor = meta.get("ce_floor", (meta.get("config") or {}).get("ce_floor"))
     f.ce_floor = float(floor) if floor is not None else None
+    noise = meta.get("numerical_floor")
+    if isinstance(noise, dict) and noise.get("note"):
+        f.ce_noise, f.ce_noise_dtype = float(noise.get("max", 0.0)), str(noise.get("dtype", ""))
+        f.numerical_floor = str(noise["note"])
     ratio = float((meta.get("config") or {}).get("min_ratio", meta.get("min_ratio", float("nan"))))
     # The driver table's own layer medians and ratios where it has them (what its rule used).
     medians = (g.groupby("layer")["layer_median"].first() if "layer_median" in g.columns

@@ -73,6 +73,8 @@ def _headline(f: DomainFindings) -> list[tuple[str, str]]:
                if f.detectable_ce is not None else "")
         out("drivers", f"No driver experts (largest mean CE {_n(f.largest_ce)} nats{floor}{det}). Nothing was steered "
                    "as this domain's drivers.")
+    if f.numerical_floor:
+        out("numerical_floor", f.numerical_floor)
     if f.driver_stability:
         out("stability", f"Stability: {f.driver_stability.split(': ', 1)[-1]}.")
     if f.causal_rate_peak is not None and f.n_drivers:
