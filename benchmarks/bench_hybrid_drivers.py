@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_causal import PRESETS, deep_model  # noqa: E402
-
-import expertscope.causal as C  # noqa: E402
-from expertscope.data import synthetic  # noqa: E402
-from expertscope.data.types import Domain  # noqa: E402
-from expertscope.models.model import MoEModel  # noqa: E402
-from expertscope.testing import tiny_tokenizer  # noqa: E402
+import expertscope.causal as C
+from bench_causal import PRESETS, deep_model
+from expertscope.data import synthetic
+from expertscope.data.types import Domain
+from expertscope.models.model import MoEModel
+from expertscope.testing import tiny_tokenizer
 
 
 def plant(model: Any, seed: int, factor: float, n: int = 3) -> list[tuple[int, int]]:

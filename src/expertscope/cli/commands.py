@@ -34,6 +34,8 @@ class Command:
     """The command's own options: ``(parameter, annotation, default)``, read by ``adjust``."""
     adjust: Callable[[StudyConfig, dict[str, Any]], StudyConfig] | None = None
     resumable: bool = True
+    job: Callable[[StudyConfig, dict[str, Any]], None] | None = None
+    """Runs instead of the stages with the built config and the command's own options (``plan``)."""
     intercept: Callable[[dict[str, Any], Path, bool, bool], bool] | None = None
     """Pops the command's own options; runs another job instead of the stages and returns True when they ask
     for one (``profile --routes``). Called with (options, out, resume, force)."""
@@ -101,6 +103,22 @@ def _eval_config(config: StudyConfig, kw: dict[str, Any]) -> StudyConfig:
     from ..pipeline.jobs import eval_domains
 
     return eval_domains(config, kw.pop("data"), kw.pop("task"), kw.pop("split"))
+
+
+def _plan_job(config: StudyConfig, opts: dict[str, Any]) -> None:
+    from ..pipeline.plan import plan
+
+    T.show_plan(plan(config, calibrate=opts["calibrate"], tflops=opts["tflops"], tokens=opts["tokens"]))
+
+
+_PLAN_OPTIONS = (
+    ("calibrate", Annotated[bool, typer.Option(help="Time the real model once (loads its weights) instead of "
+                                                    "assuming a throughput.")], False),
+    ("tflops", Annotated[float | None, typer.Option(help="Sustained TFLOP/s of the device when not calibrating "
+                                                         "(default: one CPU core, 0.03).")], None),
+    ("tokens", Annotated[int | None, typer.Option(help="Plan for inputs of this many tokens instead of the data's.")],
+     None),
+)
 
 
 COMMANDS = (
@@ -210,6 +228,18 @@ COMMANDS = (
 
       expertscope lm-eval --model demo --steer runs/study/steer_math_driver_up.json --tasks expertscope_math
     """, T.show_lm_eval, resumable=False),
+    Command("plan", None, None, """What `expertscope run` with these options would cost, before any weight is
+    loaded: forward passes, forward-equivalents, peak memory and time per stage, from the model's config.json
+    and the data. Time assumes a throughput unless --calibrate times the model once.
+
+    Examples:
+
+      expertscope plan
+
+      expertscope plan -m ./granite-3.0-1b-a400m --calibrate -d sa=emotion.jsonl -d math=gsm8k.jsonl?task=math
+
+      expertscope plan -m ./Mixtral-8x7B --dtype bfloat16 --tflops 300      # an H100 at about 30% of its peak
+    """, T.show_run, resumable=False, own=_PLAN_OPTIONS, job=_plan_job),
 )
 
 
@@ -248,6 +278,7 @@ def _build(cmd: Command) -> Callable[..., Any]:
         fields = {k: kw.pop(f"{k}_field", None) for k in ("text", "label", "answer")}
         show = kw.pop("top_rows", None) or show
         run_dir = kw.pop("run_dir", None)
+        own_opts = {name: kw.pop(name) for name, _, _ in cmd.own} if cmd.job is not None else {}
         if cmd.intercept is not None and cmd.intercept(kw, Path(out or run_dir or cmd.out or "."), resume, force):
             return
         start = base if run_dir is None else pipeline.config_of_run(run_dir, base)
@@ -257,6 +288,9 @@ def _build(cmd: Command) -> Callable[..., Any]:
         if any(fields.values()):
             config = config.replace(domains=tuple(str(DomainSpec.parse(s).with_fields(fields))
                                                   for s in config.domain_specs))
+        if cmd.job is not None:
+            cmd.job(config, own_opts)
+            return
         out = out or run_dir or cmd.out
         out = None if out is None else Path(out)
         names = list(cmd.stages) if cmd.stages is not None else PIPELINE.study()

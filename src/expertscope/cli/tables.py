@@ -175,3 +175,44 @@ def show_recorded_routes(out: Path, summary: dict[str, Any]) -> None:
     _show_phases(out, summary.get("phases"))
     console.print("not applicable from indices alone: entropy, CWAS, gate weights, importance, CE (no logits "
                   f"or model); next: expertscope domains {out}")
+
+
+def show_plan(plan: Any) -> None:
+    """What ``expertscope plan`` prints: the model's shape, a table of the stages, the total and how it was timed."""
+    from rich.table import Table
+
+    m = plan.model
+    moe_layers = len(m.moe)
+    experts = sorted({e for e, _ in m.moe.values()})
+    top_k = sorted({k for _, k in m.moe.values()})
+    out_console.print(f"{m.architecture}: {m.n_layers} layers ({moe_layers} MoE, {'/'.join(map(str, experts))} "
+                      f"experts, top-{'/'.join(map(str, top_k))}), hidden {m.hidden}, {_count(m.params)} "
+                      f"parameters ({_count(m.active_params)} active per token), {m.dtype}: "
+                      f"{m.weights_gb:.2f} GB of weights")
+    t = Table(show_lines=False)
+    rows = plan.table()
+    cols = ("stage", "inputs", "forward passes", "forward-equivalents", "memory GB", "time")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
+    for r in rows:
+        t.add_row(*(str(r[c]) for c in cols))
+    out_console.print(t)
+    for r in rows:
+        if r["note"]:
+            out_console.print(f"  {r['stage']}: {r['note']}")
+    out_console.print(f"total: {_duration(plan.total_seconds)}; peak memory "
+                      f"{max((s.memory_gb for s in plan.stages), default=m.weights_gb):.2f} GB")
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _duration(s: float) -> str:
+    from ..pipeline.plan import _duration as d
+
+    return d(s)
+
+
+def _count(n: float) -> str:
+    from ..pipeline.plan import _count as c
+
+    return c(n)

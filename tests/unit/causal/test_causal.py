@@ -319,8 +319,19 @@ def test_hybrid_recomputes_top_candidates_exactly(make_tiny: Any) -> None:
     moe = _moe(make_tiny, "mixtral")
     ex = C.causal_effects(moe, SHORT, batch_size=4)
     hy = C.causal_effects(moe, SHORT, method="hybrid", hybrid_top=2, batch_size=4)
-    assert hy.exact.sum() == 2 * len(moe.layers)
+    fa = C.causal_effects(moe, SHORT, method="fast", batch_size=4)
+    assert hy.exact[-1].all() and (hy.exact.sum(axis=1) >= 2).all()  # the calibration layer, the top 2 per layer
     np.testing.assert_allclose(hy.ce[:, hy.exact], ex.ce[:, hy.exact], rtol=0, atol=1e-6)  # other row packing
+    # every other cell is its fast CE times its layer's exact/fast ratio (the median over the verified experts)
+    f, e = np.nanmean(fa.ce, axis=0), np.nanmean(hy.ce, axis=0)
+    for li in range(len(moe.layers)):
+        rest = ~hy.exact[li]
+        if rest.any():
+            ok = hy.exact[li] & (f[li] > 0)
+            s = np.median(e[li, ok] / f[li, ok])
+            np.testing.assert_allclose(hy.ce[:, li, rest], fa.ce[:, li, rest] * s, rtol=1e-9)
+    assert hy.settings["hybrid"]["exact_cells"] == int(hy.exact.sum())
+    assert hy.settings["hybrid"]["rounds"][0]["round"].startswith("calibrate")
     agree = C.spearman_by_layer(hy, ex)
     assert set(agree.columns) >= {"domain", "layer", "spearman"}
 

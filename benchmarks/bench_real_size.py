@@ -1,0 +1,183 @@
+"""Full-width MoE models on CPU (issue 38, item 1): what capture, causal effects and steering cost at a real
+hidden size, and what ``expertscope plan`` predicts for the same work.
+
+Models are built from the published configs of real checkpoints with random weights, written once to
+``--dir`` (safetensors + the bundled tokenizer) so that ``es.load_model(path)`` is the real path:
+
+- ``granite-1b``: IBM Granite-3.0-1B-A400M (24 layers, 32 experts, top-8, hidden 1024; 1.33 B parameters);
+- ``granite-3b``: IBM Granite-3.0-3B-A800M (32 layers, 40 experts, top-8, hidden 1536; 3.3 B parameters).
+
+Each measurement runs in a fresh process (its peak resident memory is its own, VmHWM): plain forwards,
+``profile`` (capture overhead against the plain forwards, tokens per second), ``fast`` and ``exact`` causal
+effects on 128-token inputs (``exact`` on a subset of layers, extrapolated to all by its cost per layer, said
+so), and a steered evaluation. Beside each, the estimate of :func:`expertscope.plan` for the same work
+(from ``config.json`` and the one timed forward of ``--calibrate``), and their ratio.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_real_size.py --models granite-1b granite-3b --dir /tmp/real
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "granite-1b": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=512, num_local_experts=32, num_experts_per_tok=8, vocab_size=49155,
+                       max_position_embeddings=4096, embedding_multiplier=12.0, logits_scaling=6.0,
+                       residual_multiplier=0.22, attention_multiplier=0.015625, tie_word_embeddings=True,
+                       rms_norm_eps=1e-6, rope_theta=10000.0),
+    "granite-3b": dict(hidden_size=1536, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                       intermediate_size=512, num_local_experts=40, num_experts_per_tok=8, vocab_size=49155,
+                       max_position_embeddings=4096, embedding_multiplier=12.0, logits_scaling=6.0,
+                       residual_multiplier=0.22, attention_multiplier=0.015625, tie_word_embeddings=True,
+                       rms_norm_eps=1e-6, rope_theta=10000.0),
+}
+
+
+def peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_model(name: str, root: Path) -> Path:
+    """The model directory (written once): random weights in float32 safetensors and the bundled tokenizer."""
+    out = root / name
+    if (out / "config.json").exists():
+        return out
+    import torch
+    import transformers as tf
+
+    from expertscope.testing import tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = tf.GraniteMoeConfig(**CONFIGS[name], torch_dtype="float32")
+    model = tf.GraniteMoeForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def texts(n: int, tokens: int) -> list[str]:
+    from expertscope.data import synthetic
+
+    base = [e.text + " " + (e.solution or "") for d in ("emotion", "knowledge", "math")
+            for e in synthetic.generate(d, n, seed=0, split="test").examples]
+    return [(t * (2 + tokens // max(1, len(t))))[: 6 * tokens] for t in base[:n]]
+
+
+def child(job: str, path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(1)
+    import expertscope as es
+
+    t0 = time.perf_counter()
+    moe = es.load_model(path, dtype="float32")
+    out: dict[str, Any] = {"job": job, "load_s": time.perf_counter() - t0}
+    docs = texts(args.texts, args.tokens)
+    if job == "forward":
+        with torch.no_grad():
+            t = time.perf_counter()
+            n_tok = 0
+            for text in docs:
+                ids = moe.tokenizer(text, return_tensors="pt")["input_ids"][:, : args.tokens]
+                moe.model(input_ids=ids, use_cache=False)
+                n_tok += ids.shape[1]
+            out.update(seconds=time.perf_counter() - t, texts=len(docs), tokens=n_tok)
+    elif job == "profile":
+        t = time.perf_counter()
+        prof = es.profile(moe, {"a": docs}, max_length=args.tokens, batch_size=1)
+        out.update(seconds=time.perf_counter() - t, texts=len(docs), tokens=int(prof.totals()[0].sum()))
+    elif job in ("fast", "exact", "hybrid"):
+        layers = moe.layers
+        subset = None if job == "fast" else [layers[0], layers[len(layers) // 2]]
+        t = time.perf_counter()
+        ce = es.causal_effects(moe, {"a": docs[: args.inputs]}, method=job, max_length=args.tokens, batch_size=1,
+                               only_layers=tuple(subset) if subset else None, decision="last", noise_inputs=0)
+        out.update(seconds=time.perf_counter() - t, inputs=args.inputs, layers=subset or layers,
+                   all_layers=layers, n_dec=len(moe.model.model.layers))
+        if job == "hybrid":
+            out["exact_share"] = ce.settings["hybrid"]["exact_share"]
+    elif job == "steer":
+        from expertscope.data import synthetic
+
+        dom = synthetic.generate("emotion", args.inputs, seed=0, split="test")
+        spec = es.SteeringSpec(targets=((moe.layers[-1], 0), (moe.layers[-1], 1)), scale=0.5)
+        t = time.perf_counter()
+        with es.steer(moe, spec=spec):
+            es.evaluate(moe, dom, batch_size=4)
+        out.update(seconds=time.perf_counter() - t, items=args.inputs)
+    out["peak_mb"] = peak_mb()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["granite-1b", "granite-3b"], choices=list(CONFIGS))
+    ap.add_argument("--dir", default="/tmp/expertscope-real-size")
+    ap.add_argument("--texts", type=int, default=6)
+    ap.add_argument("--inputs", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--jobs", nargs="+", default=["forward", "profile", "fast", "exact", "hybrid", "steer"])
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args)))
+        return
+    import expertscope as es
+
+    root = Path(args.dir)
+    results: dict[str, Any] = {}
+    for name in args.models:
+        path = write_model(name, root)
+        weights_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
+        print(f"\n== {name}: {path} ({weights_gb:.2f} GB of float32 weights), one torch thread", flush=True)
+        rows = {}
+        for job in args.jobs:
+            res = subprocess.run([sys.executable, __file__, "--child", job, str(path), "--texts", str(args.texts),
+                                  "--inputs", str(args.inputs), "--tokens", str(args.tokens)],
+                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if res.returncode:
+                print(f"  {job}: failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+                continue
+            rows[job] = json.loads(res.stdout.strip().splitlines()[-1])
+            r = rows[job]
+            print(f"  {job}: {r['seconds']:.1f} s, peak {r['peak_mb']:,.0f} MB (load {r['load_s']:.1f} s)", flush=True)
+        fwd = rows.get("forward")
+        per_fwd = fwd["seconds"] / fwd["texts"] if fwd else float("nan")
+        if fwd and "profile" in rows:
+            p = rows["profile"]
+            print(f"  capture: profile {p['tokens'] / p['seconds']:.0f} tokens/s against plain forwards "
+                  f"{fwd['tokens'] / fwd['seconds']:.0f} tokens/s: overhead {p['seconds'] / fwd['seconds']:.2f}x")
+        for job in ("fast", "exact", "hybrid"):
+            if job in rows:
+                r = rows[job]
+                per_input = r["seconds"] / r["inputs"]
+                if job != "fast":  # a layer subset: extrapolate by each layer's share of the recomputation
+                    n_dec = r["n_dec"]
+                    share = sum(n_dec - la for la in r["layers"]) / sum(n_dec - la for la in r["all_layers"])
+                    r["per_input_all_layers"] = per_input / share
+                    print(f"  {job}: {per_input:.1f} s per input on layers {r['layers']}; all layers extrapolated "
+                          f"{r['per_input_all_layers']:.0f} s ({r['per_input_all_layers'] / per_fwd:.0f} "
+                          "forward-equivalents)")
+                else:
+                    print(f"  fast: {per_input:.1f} s per input ({per_input / per_fwd:.1f} forward-equivalents)")
+        plan = es.plan(es.StudyConfig(model=str(path)), calibrate=True, tokens=args.tokens)
+        results[name] = {"weights_gb": weights_gb, "measured": rows, "plan": plan.to_dict()}
+        print(plan.compare(rows, per_forward=per_fwd))
+    (root / "bench_real_size.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

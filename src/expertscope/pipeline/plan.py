@@ -1,0 +1,382 @@
+"""What a study costs before it starts (``expertscope plan``, :func:`plan`): forward passes, forward-equivalents,
+memory and time per stage, from the model's ``config.json`` and the data, before any weight is loaded.
+
+The model is built on PyTorch's ``meta`` device (shapes, no memory) and its routers are found by the same
+adapters a run uses, so layers, experts, top-k and parameter counts are the model's own. Counts follow the
+stages' own work:
+
+- a **forward-equivalent** (FE) is one clean forward of an input; time is FE × tokens × seconds per token;
+- ``profile``: one forward per text (output-aware importance adds the MoE layers' share again);
+- ``drivers`` (``exact``): per input, one clean pass and, per MoE layer ``l`` and expert, a restart that
+  recomputes layers ``l..`` (``(n_layers - l) / n_layers`` of a forward): the analytic bound of the engine (it
+  does less: skipped perturbations, the last layer at the decision positions); ``fast``: ``2 + 2 × probes``;
+  ``hybrid``: ``fast`` plus the share its screen verifies (25-50 % measured; 40 % assumed);
+- ``causal_rate``, ``tokens``, ``expert_map``: routing passes (1, 3 and 2 FE per input);
+- ``steering``: every steered arm of the study (strengths × the target, its controls, references and the
+  busiest control; the selectivity matrix), each scoring the domain's test items (one forward per item; math
+  generates up to ``max_new_tokens``); the router LoRA: 3 FE per training item and epoch.
+
+Seconds per token: ``--calibrate`` times forwards of the real model (weights loaded once, after the counts are
+printed) and one ``exact`` restart at the first and the last MoE layer, so the engine's own efficiency enters;
+without it an assumed throughput (``tflops``; a CPU core: 0.03 TFLOP/s) on 2 × active parameters per token.
+Memory: the weights, plus the stage's activations (formulas in :func:`_activations`), plus about 0.5 GB of
+runtime. Estimates, not guarantees: ``bench_real_size.py`` checks them against measured runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import StudyConfig
+from ..errors import ConfigError
+
+#: Assumed throughput without --calibrate (TFLOP/s): one CPU core.
+CPU_TFLOPS = 0.03
+RUNTIME_GB = 0.5
+HYBRID_SHARE = 0.4
+
+
+@dataclass
+class ModelShape:
+    """The model's shape from its config: decoder layers, MoE layers ``{layer: (experts, top_k)}``, hidden and
+    vocabulary sizes, attention heads, parameters (total, active per token, in the routed experts) and dtype."""
+
+    architecture: str
+    n_layers: int
+    moe: dict[int, tuple[int, int]]
+    hidden: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    params: int
+    active_params: int
+    expert_params: int
+    dtype: str
+    bytes_per_param: int
+
+    @property
+    def weights_gb(self) -> float:
+        return self.params * self.bytes_per_param / 1e9
+
+    @property
+    def moe_share(self) -> float:
+        """The routed experts' share of a token's compute."""
+        active_experts = self.expert_params - (self.params - self.active_params)
+        return active_experts / max(self.active_params, 1)
+
+
+@dataclass
+class StagePlan:
+    """One stage: ``inputs`` processed, ``forward_passes``, ``fe`` (forward-equivalents, each of an average
+    input), ``tokens`` per input, ``memory_gb`` at peak, ``seconds`` and a ``note`` on what was assumed."""
+
+    stage: str
+    inputs: int
+    forward_passes: int
+    fe: float
+    tokens: float
+    memory_gb: float
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """A study's plan: the model's shape, the data, per-stage estimates and how time was calibrated."""
+
+    model: ModelShape
+    data: dict[str, dict[str, float]]
+    stages: list[StagePlan]
+    seconds_per_token: float
+    calibrated: bool
+    exact_efficiency: float = 1.0
+    """Measured exact restart cost over the analytic bound (1.0: the bound, not calibrated)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"]["weights_gb"] = self.model.weights_gb
+        d["total_seconds"] = self.total_seconds
+        return d
+
+    def stage(self, name: str) -> StagePlan | None:
+        return next((s for s in self.stages if s.stage == name), None)
+
+    def compare(self, measured: Mapping[str, Mapping[str, Any]], per_forward: float | None = None) -> str:
+        """Lines comparing this plan with measured jobs (``bench_real_size.py``'s rows): time and peak memory,
+        and their ratio (estimate / measured)."""
+        lines = []
+        for job, row in measured.items():
+            est = self._job(job, row)
+            if est is None:
+                continue
+            sec, mem = est
+            t = float(row.get("per_input_all_layers") or row["seconds"] / max(row.get("inputs") or row.get("texts")
+                                                                                or row.get("items") or 1, 1))
+            m = float(row["peak_mb"]) / 1024
+            lines.append(f"  plan vs measured, {job}: {sec:.1f} s vs {t:.1f} s per item ({sec / t:.2f}x), "
+                         f"memory {mem:.1f} vs {m:.1f} GB ({mem / m:.2f}x)")
+        return "\n".join(lines)
+
+    def _job(self, job: str, row: Mapping[str, Any]) -> tuple[float, float] | None:
+        """Seconds per item and peak GB the plan gives for one benchmark job."""
+        T = float(row.get("tokens", 0)) / max(row.get("texts", 1) or 1, 1) if job in ("forward", "profile") else \
+            self.data.get("_bench", {}).get("tokens", 128.0)
+        mem = self.model.weights_gb + RUNTIME_GB
+        if job == "forward":
+            return T * self.seconds_per_token, mem + _activations(self.model, 1, T, "forward")
+        if job == "profile":
+            return (T * self.seconds_per_token * (1 + self.model.moe_share),
+                    mem + _activations(self.model, 1, T, "forward"))
+        if job in ("exact", "fast", "hybrid"):
+            fe = _causal_fe(self.model, job, 8, self.exact_efficiency)
+            return fe * T * self.seconds_per_token, mem + _activations(self.model, 1, T, job)
+        if job == "steer":
+            return T * self.seconds_per_token, mem + _activations(self.model, 4, T, "forward")
+        return None
+
+    def table(self) -> list[dict[str, Any]]:
+        return [{"stage": s.stage, "inputs": s.inputs, "forward passes": s.forward_passes,
+                 "forward-equivalents": round(s.fe, 1), "memory GB": round(s.memory_gb, 2),
+                 "time": _duration(s.seconds), "note": s.note} for s in self.stages]
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def model_shape(source: Any, dtype: str = "auto", trust_remote_code: bool = False) -> ModelShape:
+    """The shape of the model at ``source`` (a :class:`~expertscope.models.loading.ModelSource`), from its
+    config alone: built on the ``meta`` device, routers found by the adapters."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models.loading import parse_dtype
+    from ..models.model import discover_sites
+
+    cfg = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    sites = discover_sites(model)
+    if not sites:
+        raise ConfigError(f"{source.name} has no MoE layer expertscope can adapt: plan needs an MoE model")
+    total = sum(p.numel() for p in model.parameters())
+    experts = active = 0
+    for m in model.modules():
+        ex = getattr(m, "experts", None)
+        if isinstance(ex, torch.nn.Module):
+            n = sum(p.numel() for p in ex.parameters())
+            site = next((s for s in sites if s.block is m), None)
+            E, k = (site.num_experts, site.top_k) if site is not None else (sites[0].num_experts, sites[0].top_k)
+            experts += n
+            active += n * k / max(E, 1)
+    parsed = parse_dtype(dtype)
+    want = parsed if isinstance(parsed, torch.dtype) else None
+    given = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    dt = want or (given if isinstance(given, torch.dtype) else getattr(torch, str(given), None) if given else None) \
+        or torch.float32
+    text_cfg = getattr(cfg, "text_config", cfg)
+    hidden = int(getattr(text_cfg, "hidden_size", 0))
+    heads = int(getattr(text_cfg, "num_attention_heads", 1))
+    return ModelShape(
+        architecture=type(model).__name__, n_layers=int(getattr(text_cfg, "num_hidden_layers", len(sites))),
+        moe={s.layer: (s.num_experts, s.top_k) for s in sites}, hidden=hidden,
+        vocab=int(getattr(text_cfg, "vocab_size", 0)), heads=heads,
+        kv_heads=int(getattr(text_cfg, "num_key_value_heads", None) or heads), params=int(total),
+        active_params=int(total - experts + active), expert_params=int(experts),
+        dtype=str(dt).replace("torch.", ""), bytes_per_param=torch.tensor([], dtype=dt).element_size())
+
+
+def _activations(m: ModelShape, batch: int, tokens: float, kind: str, chunk_tokens: int = 8192) -> float:
+    """Peak GB above the weights: a forward keeps one layer's activations at a time (about 16 hidden-size vectors
+    per token, the attention scores and the float32 logits); ``exact`` adds the clean run's cached layer inputs and
+    keys/values for every layer and one perturbed run of ``chunk_tokens``; ``fast`` keeps every layer's
+    activations for its backward passes (about 34 hidden-size vectors per token and layer)."""
+    b = m.bytes_per_param
+    bt = batch * tokens
+    fwd = (bt * 16 * m.hidden * b + batch * m.heads * tokens ** 2 * b + bt * m.vocab * 4) / 1e9
+    if kind in ("forward", "profile"):
+        return fwd
+    head_dim = m.hidden // max(m.heads, 1)
+    cache = m.n_layers * bt * (m.hidden + 2 * m.kv_heads * head_dim) * b / 1e9
+    if kind == "exact":
+        return fwd + cache + min(chunk_tokens, bt) * 16 * m.hidden * b / 1e9
+    if kind in ("fast", "hybrid"):
+        grad = m.n_layers * bt * 34 * m.hidden * b / 1e9
+        return fwd + grad + (cache if kind == "hybrid" else 0.0)
+    return fwd
+
+
+def _causal_fe(m: ModelShape, method: str, probes: int, efficiency: float) -> float:
+    """Forward-equivalents per input of ``method`` (module docstring)."""
+    exact = 1 + efficiency * sum(E * (m.n_layers - layer) / m.n_layers for layer, (E, _) in m.moe.items())
+    fast = 2 + 2 * probes
+    return {"exact": exact, "fast": fast, "hybrid": fast + HYBRID_SHARE * exact}.get(method, exact)
+
+
+def _tokens(domains: Sequence[Any], tokenizer: Any, cap: int | None) -> tuple[int, float]:
+    """Inputs and their mean token count (capped), over ``domains``."""
+    texts = [e.text for d in domains for e in d.examples]
+    if not texts:
+        return 0, 0.0
+    if tokenizer is not None:
+        lens = [len(x) for x in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    else:
+        lens = [max(1, len(t) // 4) for t in texts]
+    lens = [min(n, cap) if cap else n for n in lens]
+    return len(texts), sum(lens) / len(lens)
+
+
+def _arms(cfg: StudyConfig, n_domains: int) -> int:
+    """Steered arms the intervention stage evaluates per domain (both kinds), selectivity included."""
+    from ..interventions.steering_study import strengths
+
+    c = cfg.intervention
+    per = len(strengths(c)) * (1 + c.n_controls + c.n_reference + int(c.busiest))
+    sel = (1 + c.selectivity_controls) * n_domains if c.selectivity else 0
+    return 2 * (per + sel) + 1  # two kinds; the unsteered baseline
+
+
+def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: float | None = None,
+         tokens: int | None = None, stages: Sequence[str] | None = None) -> Plan:
+    """The cost of ``run_study(config)`` (or of ``stages``), before any weight is loaded (module docstring).
+
+    ``calibrate``: time the real model once (loads its weights after the shapes are read); ``tflops``: the
+    device's sustained throughput when not calibrating (default: one CPU core); ``tokens``: the input length to
+    plan for instead of the data's (e.g. 128 for the benchmarks)."""
+    from ..interventions.steering_study import strengths
+    from ..models.loading import ModelSource
+    from ..validation import check_positive
+    from .prepare import prepare
+    from .registry import PIPELINE
+
+    cfg = config if config is not None else StudyConfig()
+    if tflops is not None and (isinstance(tflops, bool) or not isinstance(tflops, int | float)
+                               or not 0 < tflops < float("inf")):
+        raise ConfigError(f"tflops={tflops!r} must be a positive number: the device's sustained TFLOP/s, e.g. 0.03 for "
+                          "one CPU core, 300 for a recent GPU")
+    check_positive(tokens, "tokens", allow_none=True)
+    chosen = [s.name for s in PIPELINE.chosen(stages)]
+    source = ModelSource.resolve(cfg.model)
+    shape = model_shape(source, cfg.dtype, cfg.trust_remote_code)
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # no tokenizer files here: about 4 characters per token
+        tok = None
+    inputs = prepare(cfg, chosen) if not PIPELINE.data_free(chosen) else None
+    disc = inputs.domains if inputs is not None else []
+    test = (inputs.test or []) if inputs is not None else []
+    train = (inputs.train or []) if inputs is not None else []
+    n_prof, t_prof = _tokens(disc, tok, cfg.profile.max_length)
+    causal_doms = [d.head(cfg.causal.limit) for d in disc]
+    n_ce, t_ce = _tokens(causal_doms, tok, cfg.causal.max_length)
+    n_test, t_test = _tokens(test, tok, None)
+    n_train, _ = _tokens(train, tok, None)
+    if tokens:
+        t_prof = t_ce = t_test = float(tokens)
+    data = {d.name: {"discovery": len(d.examples)} for d in disc}
+    data["_bench"] = {"tokens": float(tokens or t_ce or 128.0)}
+    notes = []
+    efficiency = 1.0
+    if calibrate:
+        spt, efficiency = _calibrate(cfg, shape, int(tokens or t_ce or 128))
+        notes.append(f"calibrated: {spt * 1e3:.3f} ms per token in one forward; exact at {efficiency:.2f} of its "
+                     "analytic bound")
+    else:
+        spt = 2 * shape.active_params / ((tflops or CPU_TFLOPS) * 1e12)
+        notes.append(f"not calibrated: 2 x {_count(shape.active_params)} active parameters per token at "
+                     f"{tflops or CPU_TFLOPS} TFLOP/s (pass --calibrate to time the model)")
+    base = shape.weights_gb + RUNTIME_GB
+    out: list[StagePlan] = []
+
+    def add(stage: str, n: int, passes: int, fe: float, t: float, kind: str, batch: int, note: str = "") -> None:
+        if stage in chosen:
+            out.append(StagePlan(stage, n, passes, fe, t, base + _activations(shape, batch, t, kind),
+                                 fe * t * spt, note))
+
+    c = cfg.causal
+    add("profile", n_prof, n_prof, n_prof * (1 + (shape.moe_share if cfg.profile.importance else 0)), t_prof,
+        "forward", cfg.profile.batch_size, "importance on: the MoE layers once more" if cfg.profile.importance else "")
+    fe_in = _causal_fe(shape, c.method, c.fast_probes, efficiency)
+    add("drivers", n_ce, int(n_ce * fe_in), n_ce * fe_in, t_ce, c.method, c.batch_size,
+        f"{c.method}: {fe_in:.0f} FE per input" + ("" if calibrate or c.method == "fast" else
+                                                   " (the engine's analytic bound; it does less)"))
+    add("causal_rate", n_ce, n_ce, float(n_ce), t_ce, "forward", c.batch_size)
+    add("tokens", n_prof, 3 * n_prof, 3.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
+    add("expert_map", n_prof, 2 * n_prof, 2.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
+    arms = _arms(cfg, max(len(disc), 1))
+    per_item = 1.0
+    if any(getattr(d, "task", "") == "math" for d in test):
+        share = sum(1 for d in test if d.task == "math") / max(len(test), 1)
+        per_item = 1 + share * cfg.intervention.max_new_tokens * max(1 / max(t_test, 1), 0.05)
+    n_eval = arms * n_test
+    lora = 3 * n_train * cfg.intervention.finetune_epochs
+    add("steering", n_test, int(n_eval), n_eval * per_item + lora, t_test or 64.0, "forward",
+        cfg.intervention.batch_size,
+        f"{arms} steered arms x {n_test} test items; router LoRA {lora:.0f} FE")
+    second = (inputs.second or []) if inputs is not None else []
+    n_second, t_second = _tokens(second, tok, None)
+    if n_second:  # the registered sets at the registered strengths, with their matched controls
+        c2 = cfg.intervention
+        arms2 = 2 * len(strengths(c2)) * (1 + c2.n_controls) + 1
+        add("confirmation", n_second, arms2 * n_second, arms2 * n_second * per_item, float(tokens or t_second),
+            "forward", c2.batch_size, f"{arms2} arms x {n_second} items of the second corpora")
+    add("routing_overlap", n_test, 4 * n_test, 4.0 * n_test, t_test or 64.0, "forward", cfg.profile.batch_size,
+        "the targets' and references' routing, recorded")
+    if not out:
+        notes.append("the chosen stages read earlier tables only: no model work")
+    return Plan(shape, data, out, spt, calibrate, efficiency, notes)
+
+
+def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float, float]:
+    """Seconds per token of a forward of the real model (a batch of ``profile.batch_size`` inputs of ``tokens``
+    tokens, median of 3 after a warm-up), and exact's cost against its analytic bound, from the restarts of up to
+    8 experts at the first and the last MoE layer on two inputs."""
+    import torch
+
+    from ..causal import causal_effects
+    from ..models.loading import load_model
+
+    moe = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                     allow_pickle=cfg.allow_pickle)
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * (1 + tokens // 8))
+    ids = moe.tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens].to(moe.device)
+    batch = ids.expand(max(1, cfg.profile.batch_size), -1)
+    times = []
+    with torch.no_grad():
+        for _ in range(4):
+            t = time.perf_counter()
+            moe.model(input_ids=batch, use_cache=False)
+            times.append(time.perf_counter() - t)
+    spt = sorted(times[1:])[1] / batch.numel()
+    first, last = moe.layers[0], moe.layers[-1]
+    experts = tuple(range(min(8, min(moe.site(la).num_experts for la in (first, last)))))
+    t = time.perf_counter()
+    causal_effects(moe, {"c": [text, text[: len(text) // 2 + 1]]}, max_length=tokens, batch_size=2,
+                   only_layers=(first, last), only_experts=experts, noise_inputs=0)
+    spent = time.perf_counter() - t
+    n_tok = ids.shape[1] * 1.5  # the two inputs
+    clean = spt * n_tok
+    restarts = len(experts) * sum((shape.n_layers - la) / shape.n_layers for la in (first, last)) * spt * n_tok
+    return spt, max(0.05, min(2.0, (spent - clean) / restarts)) if restarts > 0 else 1.0
+
+
+__all__ = ["ModelShape", "Plan", "StagePlan", "model_shape", "plan"]

@@ -1,0 +1,98 @@
+"""Issue 38, item 2: ``expertscope plan`` says what a study costs before any weight is loaded, from the model's
+config and the data; its counts follow the stages' own work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import expertscope as es
+from expertscope.cli.main import app
+from expertscope.models.loading import ModelSource
+from expertscope.pipeline.plan import _arms, _causal_fe, model_shape
+from expertscope.testing import tiny_model, tiny_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-qwen")
+    tiny_model("qwen2_moe", num_experts=8).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_the_shape_from_the_config_is_the_loaded_models(model_dir: Path, monkeypatch) -> None:
+    import transformers
+
+    loaded = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loaded.append(a) or real(*a, **k))
+    shape = model_shape(ModelSource.resolve(str(model_dir)))
+    assert not loaded  # no weight read
+    moe = es.load_model(str(model_dir))
+    assert shape.params == sum(p.numel() for p in moe.model.parameters())
+    assert shape.moe == {s.layer: (s.num_experts, s.top_k) for s in moe.sites}
+    assert shape.n_layers == len(moe.model.model.layers) and shape.bytes_per_param == 4
+    # active parameters: the routed experts count k / E of theirs (by hand from the model's experts modules)
+    experts = sum(p.numel() for layer in moe.model.model.layers for p in layer.mlp.experts.parameters())
+    k, E = moe.top_k, moe.num_experts
+    assert shape.active_params == pytest.approx(shape.params - experts + experts * k / E, rel=1e-9)
+    # exact's forward-equivalents: one clean pass and a restart of layers l.. per layer and expert
+    n = shape.n_layers
+    assert _causal_fe(shape, "exact", 8, 1.0) == pytest.approx(1 + sum(E * (n - la) / n for la in moe.layers))
+
+
+def test_plan_command_prints_every_stage_and_a_total(model_dir: Path) -> None:
+    r = runner.invoke(app, ["plan", "-m", str(model_dir), "--limit", "12", "--causal-limit", "4", "--eval-limit", "6"])
+    assert r.exit_code == 0, r.output
+    for stage in ("profile", "drivers", "steering", "confirmation"):
+        assert stage in r.output
+    assert "total:" in r.output and "not calibrated" in " ".join(r.output.split())
+    r = runner.invoke(app, ["plan", "-m", str(model_dir), "--limit", "12", "--causal-limit", "4", "--eval-limit", "6",
+                            "--calibrate", "--tokens", "32"])
+    assert r.exit_code == 0, r.output
+    assert "calibrated:" in r.output and "ms per token" in r.output
+    r = runner.invoke(app, ["plan", "-m", str(model_dir), "--tflops", "-1"])
+    assert r.exit_code == 2 and "tflops" in r.output
+
+
+def test_plan_counts_follow_the_inputs_and_the_settings(model_dir: Path) -> None:
+    base = es.StudyConfig(model=str(model_dir), limit=12, causal=es.CausalConfig(limit=4))
+    p = es.plan(base)
+    prof, drv = p.stage("profile"), p.stage("drivers")
+    assert prof is not None and drv is not None
+    assert prof.inputs == 12 * 3 and drv.inputs == 4 * 3  # the demo's three synthetic domains
+    assert drv.fe == pytest.approx(drv.inputs * _causal_fe(p.model, "exact", 8, 1.0))
+    fast = es.plan(base.replace(causal=es.CausalConfig(limit=4, method="fast")))
+    assert fast.stage("drivers").fe == drv.inputs * (2 + 2 * 8)  # type: ignore[union-attr]  # 8 probes
+    double = es.plan(base, tflops=0.06)
+    assert double.total_seconds == pytest.approx(p.total_seconds / 2, rel=1e-9)
+    # the steering stage's arms: strengths x (target, controls, references, busiest) and the selectivity matrix
+    c = base.intervention
+    n_strengths = int(c.dose_mask) + len(set(c.dose_scales) | {c.scale_up, c.scale_down}) + len(set(c.dose_biases))
+    per = n_strengths * (1 + c.n_controls + c.n_reference + int(c.busiest))
+    assert _arms(base, 3) == 2 * (per + (1 + c.selectivity_controls) * 3) + 1
+
+
+@pytest.mark.slow
+def test_the_planned_arms_bound_the_arms_a_run_steers(tmp_path: Path, model_dir: Path) -> None:
+    """Against a real run: the steering stage evaluated no more arms than planned, and most of them."""
+    import pandas as pd
+
+    out = tmp_path / "run"
+    args = ["run", "--model", str(model_dir), "--out", str(out), "--limit", "10", "--batch-size", "4",
+            "--causal-limit", "3", "--eval-limit", "5", "--train-limit", "8", "--n-boot", "50", "--n-controls", "1",
+            "--dose-scales", "2", "--dose-biases", "2", "--stability-pairs", "0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    from expertscope.pipeline.runner import config_of_run
+
+    cfg = config_of_run(out, es.StudyConfig())
+    arms = pd.read_parquet(out / "steering_arms.parquet")
+    planned = (_arms(cfg, 3) - 1) * 3
+    assert len(arms) <= planned and len(arms) >= 0.5 * planned, (len(arms), planned)
