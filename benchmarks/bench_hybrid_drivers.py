@@ -4,6 +4,7 @@ For each shape (Mixtral-8x7B's 32 x 8 top-2, DeepSeek-MoE-16B's 28 x 64 top-6 wi
 first layer; hidden size 64) and each seed, a random model is built from the seed, three experts in three
 layers drawn from the seed are made drivers (their output weights x ``--plant``; 0 plants none), and synthetic
 emotion / knowledge / math inputs are drawn from the seed (an input set per seed, never looked at before).
+The driver rule is the default one (stability selection), with ``--ce-floor`` for both methods alike.
 ``exact`` and ``hybrid`` then run on the same inputs, and the driver rule (the defaults of
 ``driver_experts``) on each. Printed per run: the drivers each finds, their Jaccard, the share of cells
 ``hybrid`` computed exactly, and each method's cost in forward-equivalents per input (its time over one clean
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import expertscope.causal as C
 from bench_causal import PRESETS, deep_model
+from expertscope.config import DriverConfig
 from expertscope.data import synthetic
 from expertscope.data.types import Domain
 from expertscope.models.model import MoEModel
@@ -53,8 +55,8 @@ def plant(model: Any, seed: int, factor: float, n: int = 3) -> list[tuple[int, i
     return out
 
 
-def drivers(effects: C.CausalEffects) -> set[tuple[str, int, int]]:
-    df = C.driver_experts(effects).df
+def drivers(effects: C.CausalEffects, rule: Any) -> set[tuple[str, int, int]]:
+    df = C.driver_experts(effects, rule).df
     return set(map(tuple, df[df.is_driver][["domain", "layer", "expert"]].values.tolist()))
 
 
@@ -66,7 +68,8 @@ def one_run(shape: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     moe = MoEModel.from_model(model, tokenizer=tiny_tokenizer())
     doms: list[Domain] = [synthetic.generate(d, args.inputs, seed=100 + seed, split="test")
                           for d in ("emotion", "knowledge", "math")]
-    common = dict(max_length=args.tokens, batch_size=args.batch_size)
+    common = dict(max_length=args.tokens, batch_size=args.batch_size, noise_inputs=0)
+    rule = DriverConfig(ce_floor=args.ce_floor)
     C.causal_effects(moe, {"warm": ["warm up the allocator"]}, **common)
     prep_texts = [e.text for d in doms for e in d.examples]
     with torch.no_grad():  # the unit of cost: one clean forward of every input
@@ -79,9 +82,13 @@ def one_run(shape: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     ex = C.causal_effects(moe, doms, method="exact", **common)
     t_ex = time.perf_counter() - t
     t = time.perf_counter()
-    hy = C.causal_effects(moe, doms, method="hybrid", **common)
+    hy = C.causal_effects(moe, doms, method="hybrid", drivers=rule, **common)
     t_hy = time.perf_counter() - t
-    a, b = drivers(ex), drivers(hy)
+    a, b = drivers(ex, rule), drivers(hy, rule)
+    if args.save:  # the arrays, to rerun the rule offline (another floor: hybrid's cells are exact's values)
+        for name, eff in (("exact", ex), ("hybrid", hy)):
+            eff.save(Path(args.save) / f"{shape}-{seed}-{name}")
+        C.causal_effects(moe, doms, method="fast", **common).save(Path(args.save) / f"{shape}-{seed}-fast")
     union = a | b
     n = len(prep_texts)
     row = {"shape": shape, "seed": seed, "planted": planted, "exact_drivers": len(a), "hybrid_drivers": len(b),
@@ -102,10 +109,15 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--plant", type=float, default=4.0, help="output-weight factor of the planted drivers (0: none)")
+    ap.add_argument("--ce-floor", type=float, default=1e-3,
+                    help="the driver rule's floor, for both methods (random hidden-64 models have CEs of 1e-7 to "
+                         "1e-5 nats on the DeepSeek shape: 1e-6 lets drivers exist there)")
+    ap.add_argument("--save", default="/tmp/expertscope-hybrid-bench",
+                    help="a directory to save each run's CE arrays in ('' : none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"hybrid against exact: {args.inputs} inputs x 3 domains of <= {args.tokens} tokens, hidden {args.hidden}, "
-          f"planted x{args.plant}; cost in forward-equivalents per input (one thread)")
+          f"planted x{args.plant}, ce_floor {args.ce_floor:g}; cost in forward-equivalents per input (one thread)")
     print(f"{'shape':<18}{'seed':>5}{'exact':>7}{'hybrid':>8}{'Jaccard':>9}{'exact cells':>13}{'FE exact':>10}"
           f"{'FE hybrid':>11}{'cost':>7}{'rounds':>8}")
     rows = []

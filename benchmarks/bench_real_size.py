@@ -86,24 +86,25 @@ def child(job: str, path: str, args: argparse.Namespace) -> dict[str, Any]:
     moe = es.load_model(path, dtype="float32")
     out: dict[str, Any] = {"job": job, "load_s": time.perf_counter() - t0}
     docs = texts(args.texts, args.tokens)
-    if job == "forward":
+    if job == "forward":  # the texts as one batch, as profiling batches them
+        from expertscope.routing import tokenize_batch
+
+        enc, _ = tokenize_batch(moe.tokenizer, docs, args.tokens)
         with torch.no_grad():
+            moe.model(**{k: v[:1] for k, v in enc.items()}, use_cache=False)  # warm-up
             t = time.perf_counter()
-            n_tok = 0
-            for text in docs:
-                ids = moe.tokenizer(text, return_tensors="pt")["input_ids"][:, : args.tokens]
-                moe.model(input_ids=ids, use_cache=False)
-                n_tok += ids.shape[1]
-            out.update(seconds=time.perf_counter() - t, texts=len(docs), tokens=n_tok)
+            moe.model(**enc, use_cache=False)
+            out.update(seconds=time.perf_counter() - t, texts=len(docs), tokens=int(enc["attention_mask"].sum()))
     elif job == "profile":
         t = time.perf_counter()
-        prof = es.profile(moe, {"a": docs}, max_length=args.tokens, batch_size=1)
+        prof = es.profile(moe, {"a": docs}, max_length=args.tokens, batch_size=len(docs))
         out.update(seconds=time.perf_counter() - t, texts=len(docs), tokens=int(prof.totals()[0].sum()))
     elif job in ("fast", "exact", "hybrid"):
         layers = moe.layers
         subset = None if job == "fast" else [layers[0], layers[len(layers) // 2]]
         t = time.perf_counter()
-        ce = es.causal_effects(moe, {"a": docs[: args.inputs]}, method=job, max_length=args.tokens, batch_size=1,
+        ce = es.causal_effects(moe, {"a": docs[: args.inputs]}, method=job, max_length=args.tokens,
+                               batch_size=args.inputs,
                                only_layers=tuple(subset) if subset else None, decision="last", noise_inputs=0)
         out.update(seconds=time.perf_counter() - t, inputs=args.inputs, layers=subset or layers,
                    all_layers=layers, n_dec=len(moe.model.model.layers))
@@ -116,8 +117,11 @@ def child(job: str, path: str, args: argparse.Namespace) -> dict[str, Any]:
         spec = es.SteeringSpec(targets=((moe.layers[-1], 0), (moe.layers[-1], 1)), scale=0.5)
         t = time.perf_counter()
         with es.steer(moe, spec=spec):
-            es.evaluate(moe, dom, batch_size=4)
-        out.update(seconds=time.perf_counter() - t, items=args.inputs)
+            es.evaluate(moe, dom.task, dom, batch_size=16)
+        from expertscope.data.prompts import prompt
+
+        n_tok = [len(moe.tokenizer(prompt(dom.task, e))["input_ids"]) for e in dom.examples]
+        out.update(seconds=time.perf_counter() - t, items=args.inputs, tokens=sum(n_tok) / len(n_tok))
     out["peak_mb"] = peak_mb()
     return out
 
@@ -130,6 +134,7 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--jobs", nargs="+", default=["forward", "profile", "fast", "exact", "hybrid", "steer"])
+    ap.add_argument("--plan-only", action="store_true", help="recompute the plan against the measured rows saved")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -138,6 +143,17 @@ def main() -> None:
     import expertscope as es
 
     root = Path(args.dir)
+    if args.plan_only:  # the plan against the measured rows of an earlier run (bench_real_size.json)
+        saved = json.loads((root / "bench_real_size.json").read_text())
+        for name in args.models:
+            rows = saved[name]["measured"]
+            fwd = rows["forward"]
+            plan = es.plan(es.StudyConfig(model=str(root / name)), calibrate=True, tokens=args.tokens)
+            print(f"== {name}: " + "; ".join(plan.notes))
+            print(plan.compare(rows, per_forward=fwd["seconds"] / fwd["texts"]))
+            saved[name]["plan"] = plan.to_dict()
+        (root / "bench_real_size.json").write_text(json.dumps(saved, indent=1, default=str))
+        return
     results: dict[str, Any] = {}
     for name in args.models:
         path = write_model(name, root)
@@ -155,7 +171,7 @@ def main() -> None:
             r = rows[job]
             print(f"  {job}: {r['seconds']:.1f} s, peak {r['peak_mb']:,.0f} MB (load {r['load_s']:.1f} s)", flush=True)
         fwd = rows.get("forward")
-        per_fwd = fwd["seconds"] / fwd["texts"] if fwd else float("nan")
+        per_fwd = fwd["seconds"] / fwd["texts"] if fwd else float("nan")  # one text's share of a batched forward
         if fwd and "profile" in rows:
             p = rows["profile"]
             print(f"  capture: profile {p['tokens'] / p['seconds']:.0f} tokens/s against plain forwards "

@@ -188,6 +188,7 @@ def causal_effects(
     resume: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
     progress: ProgressCallback | None = None,
+    drivers: Any = None,
     **overrides: Any,
 ) -> CausalEffects:
     """Causal effect of each (layer, expert) on the prediction where each input's task is decided.
@@ -204,6 +205,8 @@ def causal_effects(
     ``checkpoint``: a file path; the partial result is saved atomically after every batch and, with
     ``resume=True``, continued from (bit-identical to an uninterrupted run). ``on_batch(done, total)`` runs
     after each batch's checkpoint; ``progress(task, done, total)`` reports the same counts to a front end.
+    ``drivers``: the :class:`~expertscope.config.DriverConfig` the drivers will be found with (``hybrid`` screens
+    for that rule; default: its defaults).
     """
     from ..validation import check_type
 
@@ -235,7 +238,7 @@ def causal_effects(
         else:
             run.phase("fast", per_layer)
             hybrid = Hybrid(run.assemble("fast"), np.asarray(dom_of, dtype=object), lays, per_layer, E_max,
-                            cfg.hybrid_top)
+                            cfg.hybrid_top, drivers)
             for r, which in enumerate(hybrid.rounds()):  # screen, verify exactly, screen again
                 run.phase(f"exact:{r}", which)
                 hybrid.verified(run.assemble(f"exact:{r}"), which)

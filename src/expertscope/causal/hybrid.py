@@ -5,11 +5,12 @@ CE on random deep models) but within a layer it ranks experts by the same contra
 against the layer's median). So:
 
 1. **calibrate** — the last MoE layer is computed exactly in full (the cheapest layer to recompute: nothing
-   after it), which gives the exact/fast ratio;
+   after it), which gives the exact/fast ratio; in layers of at least 16 experts, the 2 experts nearest the
+   layer's median fast CE too (its bulk's ratio: the median the rule compares against);
 2. **screen** — an expert is a candidate when, for some domain, its fast mean CE could pass the driver rule with
    room to spare: at least ``min_ratio / margin`` × its layer's median fast CE, and at least ``ce_floor / margin``
-   once scaled by the largest exact/fast ratio seen (``margin`` = 1.5; the rule's defaults,
-   :class:`~expertscope.config.DriverConfig`);
+   once scaled by the largest exact/fast ratio seen (``margin`` = 1.5; the driver rule the study uses,
+   :class:`~expertscope.config.DriverConfig`, its defaults unless given);
 3. **verify** — candidates are computed exactly; every other cell holds its fast CE scaled by its layer's
    exact/fast ratio (the median over the layer's verified experts; the calibration layer's otherwise), so the
    layer medians the rule compares against stay in exact units;
@@ -35,6 +36,10 @@ from .stability import base_rule
 #: How far a fast estimate may fall short of exact before a real driver would be missed.
 MARGIN = 1.5
 MAX_ROUNDS = 6
+#: Experts nearest each layer's median fast CE computed exactly in the first round (layers of at least
+#: ANCHOR_MIN_EXPERTS experts), so that the unverified cells' scale is the bulk's.
+ANCHORS = 2
+ANCHOR_MIN_EXPERTS = 16
 
 
 class Hybrid:
@@ -43,7 +48,7 @@ class Hybrid:
     :meth:`verified` takes their values."""
 
     def __init__(self, fast: np.ndarray, dom: np.ndarray, lays: list[int], per_layer: Mapping[int, Sequence[int]],
-                 E_max: int, least: int = 0) -> None:
+                 E_max: int, least: int = 0, rule: DriverConfig | None = None) -> None:
         self.fast, self.dom, self.lays, self.per_layer = fast, dom, lays, per_layer
         self.ce = fast.copy()
         self.exact = np.zeros((len(lays), E_max), bool)
@@ -51,7 +56,7 @@ class Hybrid:
         for li, layer in enumerate(lays):
             self.asked[li, list(per_layer[layer])] = True
         self.least = least
-        self.rule = DriverConfig()
+        self.rule = rule if rule is not None else DriverConfig()
         self.log: list[dict[str, Any]] = []
         self.scale_hi = 1.0
 
@@ -59,8 +64,8 @@ class Hybrid:
     def rounds(self) -> Iterator[dict[int, list[int]]]:
         """The cells to compute exactly, round by round (ends when every flagged cell is exact)."""
         last = len(self.lays) - 1
-        first = self._cells(np.zeros_like(self.asked), extra={last: list(self.per_layer[self.lays[last]])})
-        yield self._log("calibrate: the last MoE layer in full", first)
+        first = self._cells(self._anchors(), extra={last: list(self.per_layer[self.lays[last]])})
+        yield self._log("calibrate: the last MoE layer in full, and each layer's median experts by fast CE", first)
         want = self._screen() & ~self.exact
         if self.least:
             want |= self._top(self.least) & ~self.exact
@@ -129,6 +134,22 @@ class Hybrid:
         for x, _ in self._means(self.ce):
             sel = base_rule(x[None], min(1.0, r.alpha * MARGIN), r.min_ratio / MARGIN, r.ce_floor / MARGIN)[0]
             out |= sel & self.asked
+        return out
+
+    def _anchors(self) -> np.ndarray:
+        """Per layer of at least :data:`ANCHOR_MIN_EXPERTS` experts, the :data:`ANCHORS` experts whose pooled fast
+        mean is nearest the layer's median: computed exactly, they put the layer's bulk (hence its median) in
+        exact units. Fewer experts: none (two of eight would cost a quarter of exact)."""
+        out = np.zeros_like(self.asked)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            f = np.nanmean(self.fast, axis=0)
+        for li in range(len(self.lays)):
+            ex = np.flatnonzero(self.asked[li])
+            if len(ex) < ANCHOR_MIN_EXPERTS:
+                continue
+            med = np.nanmedian(f[li, ex])
+            out[li, ex[np.argsort(np.abs(f[li, ex] - med), kind="stable")[:ANCHORS]]] = True
         return out
 
     def _top(self, n: int) -> np.ndarray:

@@ -6,7 +6,8 @@ adapters a run uses, so layers, experts, top-k and parameter counts are the mode
 stages' own work:
 
 - a **forward-equivalent** (FE) is one clean forward of an input; time is FE × tokens × seconds per token;
-- ``profile``: one forward per text (output-aware importance adds the MoE layers' share again);
+- ``profile``: one forward per text (output-aware importance computes the selected experts again, one slot at a
+  time: about twice their share of a forward, or as ``--calibrate`` measures it);
 - ``drivers`` (``exact``): per input, one clean pass and, per MoE layer ``l`` and expert, a restart that
   recomputes layers ``l..`` (``(n_layers - l) / n_layers`` of a forward): the analytic bound of the engine (it
   does less: skipped perturbations, the last layer at the decision positions); ``fast``: ``2 + 2 × probes``;
@@ -17,7 +18,7 @@ stages' own work:
   generates up to ``max_new_tokens``); the router LoRA: 3 FE per training item and epoch.
 
 Seconds per token: ``--calibrate`` times forwards of the real model (weights loaded once, after the counts are
-printed) and one ``exact`` restart at the first and the last MoE layer, so the engine's own efficiency enters;
+printed) and ``exact``'s restarts at the first and the middle MoE layer, so the engine's own efficiency enters;
 without it an assumed throughput (``tflops``; a CPU core: 0.03 TFLOP/s) on 2 × active parameters per token.
 Memory: the weights, plus the stage's activations (formulas in :func:`_activations`), plus about 0.5 GB of
 runtime. Estimates, not guarantees: ``bench_real_size.py`` checks them against measured runs.
@@ -94,6 +95,10 @@ class Plan:
     calibrated: bool
     exact_efficiency: float = 1.0
     """Measured exact restart cost over the analytic bound (1.0: the bound, not calibrated)."""
+    profile_factor: float = 1.0
+    """A profiling forward's time over a plain forward's (measured with ``calibrate``; else assumed)."""
+    fast_fe: float | None = None
+    """``fast``'s forward-equivalents per input, measured with ``calibrate`` (None: ``2 + 2 × probes``)."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -133,13 +138,13 @@ class Plan:
         if job == "forward":
             return T * self.seconds_per_token, mem + _activations(self.model, 1, T, "forward")
         if job == "profile":
-            return (T * self.seconds_per_token * (1 + self.model.moe_share),
-                    mem + _activations(self.model, 1, T, "forward"))
+            return T * self.seconds_per_token * self.profile_factor, mem + _activations(self.model, 1, T, "forward")
         if job in ("exact", "fast", "hybrid"):
-            fe = _causal_fe(self.model, job, 8, self.exact_efficiency)
+            fe = _causal_fe(self.model, job, 8, self.exact_efficiency, self.fast_fe)
             return fe * T * self.seconds_per_token, mem + _activations(self.model, 1, T, job)
-        if job == "steer":
-            return T * self.seconds_per_token, mem + _activations(self.model, 4, T, "forward")
+        if job == "steer":  # one forward of the item's prompt
+            T = float(row.get("tokens", T))
+            return T * self.seconds_per_token, mem + _activations(self.model, 16, T, "forward")
         return None
 
     def table(self) -> list[dict[str, Any]]:
@@ -222,16 +227,21 @@ def _activations(m: ModelShape, batch: int, tokens: float, kind: str, chunk_toke
     return fwd
 
 
-def _causal_fe(m: ModelShape, method: str, probes: int, efficiency: float) -> float:
+def _causal_fe(m: ModelShape, method: str, probes: int, efficiency: float, fast_fe: float | None = None) -> float:
     """Forward-equivalents per input of ``method`` (module docstring)."""
     exact = 1 + efficiency * sum(E * (m.n_layers - layer) / m.n_layers for layer, (E, _) in m.moe.items())
-    fast = 2 + 2 * probes
+    fast = fast_fe if fast_fe is not None else 2 + 2 * probes
     return {"exact": exact, "fast": fast, "hybrid": fast + HYBRID_SHARE * exact}.get(method, exact)
 
 
-def _tokens(domains: Sequence[Any], tokenizer: Any, cap: int | None) -> tuple[int, float]:
-    """Inputs and their mean token count (capped), over ``domains``."""
-    texts = [e.text for d in domains for e in d.examples]
+def _tokens(domains: Sequence[Any], tokenizer: Any, cap: int | None, prompts: bool = False) -> tuple[int, float]:
+    """Inputs and their mean token count (capped), over ``domains``; with ``prompts`` the evaluation prompt each
+    item is scored with (its task's), not its text."""
+    from ..data import prompts as P
+    from ..data.types import TASKS
+
+    texts = [P.prompt(d.task, e) if prompts and d.task in TASKS else e.text
+             for d in domains for e in d.examples]
     if not texts:
         return 0, 0.0
     if tokenizer is not None:
@@ -288,7 +298,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     n_prof, t_prof = _tokens(disc, tok, cfg.profile.max_length)
     causal_doms = [d.head(cfg.causal.limit) for d in disc]
     n_ce, t_ce = _tokens(causal_doms, tok, cfg.causal.max_length)
-    n_test, t_test = _tokens(test, tok, None)
+    n_test, t_test = _tokens(test, tok, None, prompts=True)
     n_train, _ = _tokens(train, tok, None)
     if tokens:
         t_prof = t_ce = t_test = float(tokens)
@@ -296,10 +306,14 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     data["_bench"] = {"tokens": float(tokens or t_ce or 128.0)}
     notes = []
     efficiency = 1.0
+    fast_fe = None
+    # importance computes the selected experts' outputs again, one slot at a time: about twice their share
+    factor = 1 + (2 * shape.moe_share if cfg.profile.importance else 0.0)
     if calibrate:
-        spt, efficiency = _calibrate(cfg, shape, int(tokens or t_ce or 128))
-        notes.append(f"calibrated: {spt * 1e3:.3f} ms per token in one forward; exact at {efficiency:.2f} of its "
-                     "analytic bound")
+        spt, efficiency, measured, fast_fe = _calibrate(cfg, shape, int(tokens or t_ce or 128))
+        factor = measured if cfg.profile.importance else 1.0
+        notes.append(f"calibrated: {spt * 1e3:.3f} ms per token in one forward; profiling {factor:.2f}x a forward; "
+                     f"exact at {efficiency:.2f} of its analytic bound; fast {fast_fe:.1f} forward-equivalents")
     else:
         spt = 2 * shape.active_params / ((tflops or CPU_TFLOPS) * 1e12)
         notes.append(f"not calibrated: 2 x {_count(shape.active_params)} active parameters per token at "
@@ -313,9 +327,9 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
                                  fe * t * spt, note))
 
     c = cfg.causal
-    add("profile", n_prof, n_prof, n_prof * (1 + (shape.moe_share if cfg.profile.importance else 0)), t_prof,
-        "forward", cfg.profile.batch_size, "importance on: the MoE layers once more" if cfg.profile.importance else "")
-    fe_in = _causal_fe(shape, c.method, c.fast_probes, efficiency)
+    add("profile", n_prof, n_prof, n_prof * factor, t_prof, "forward", cfg.profile.batch_size,
+        f"importance on: {factor:.2f} forwards per text" if cfg.profile.importance else "")
+    fe_in = _causal_fe(shape, c.method, c.fast_probes, efficiency, fast_fe)
     add("drivers", n_ce, int(n_ce * fe_in), n_ce * fe_in, t_ce, c.method, c.batch_size,
         f"{c.method}: {fe_in:.0f} FE per input" + ("" if calibrate or c.method == "fast" else
                                                    " (the engine's analytic bound; it does less)"))
@@ -333,7 +347,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
         cfg.intervention.batch_size,
         f"{arms} steered arms x {n_test} test items; router LoRA {lora:.0f} FE")
     second = (inputs.second or []) if inputs is not None else []
-    n_second, t_second = _tokens(second, tok, None)
+    n_second, t_second = _tokens(second, tok, None, prompts=True)
     if n_second:  # the registered sets at the registered strengths, with their matched controls
         c2 = cfg.intervention
         arms2 = 2 * len(strengths(c2)) * (1 + c2.n_controls) + 1
@@ -343,17 +357,19 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
         "the targets' and references' routing, recorded")
     if not out:
         notes.append("the chosen stages read earlier tables only: no model work")
-    return Plan(shape, data, out, spt, calibrate, efficiency, notes)
+    return Plan(shape, data, out, spt, calibrate, efficiency, factor, fast_fe, notes)
 
 
-def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float, float]:
+def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float, float, float, float]:
     """Seconds per token of a forward of the real model (a batch of ``profile.batch_size`` inputs of ``tokens``
-    tokens, median of 3 after a warm-up), and exact's cost against its analytic bound, from the restarts of up to
-    8 experts at the first and the last MoE layer on two inputs."""
+    tokens, median of 3 after a warm-up), exact's cost against its analytic bound, from the restarts of up to 8
+    experts at the first and the last MoE layer on two inputs, a profiling batch's time over a forward's, and
+    ``fast``'s forward-equivalents on one input."""
     import torch
 
     from ..causal import causal_effects
     from ..models.loading import load_model
+    from ..stats.profile import profile
 
     moe = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                      allow_pickle=cfg.allow_pickle)
@@ -367,16 +383,27 @@ def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float,
             moe.model(input_ids=batch, use_cache=False)
             times.append(time.perf_counter() - t)
     spt = sorted(times[1:])[1] / batch.numel()
-    first, last = moe.layers[0], moe.layers[-1]
-    experts = tuple(range(min(8, min(moe.site(la).num_experts for la in (first, last)))))
+    t = time.perf_counter()
+    profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens, batch_size=batch.shape[0],
+            importance=cfg.profile.importance)
+    prof_factor = (time.perf_counter() - t) / (spt * batch.numel())
+    # the first and the middle MoE layer: the last one's restart also pays the LM head, which the bound omits
+    first, mid = moe.layers[0], moe.layers[len(moe.layers) // 2]
+    picked = (first, mid) if mid != first else (first,)
+    experts = tuple(range(min(8, min(moe.site(la).num_experts for la in picked))))
     t = time.perf_counter()
     causal_effects(moe, {"c": [text, text[: len(text) // 2 + 1]]}, max_length=tokens, batch_size=2,
-                   only_layers=(first, last), only_experts=experts, noise_inputs=0)
+                   only_layers=picked, only_experts=experts, noise_inputs=0)
     spent = time.perf_counter() - t
     n_tok = ids.shape[1] * 1.5  # the two inputs
     clean = spt * n_tok
-    restarts = len(experts) * sum((shape.n_layers - la) / shape.n_layers for la in (first, last)) * spt * n_tok
-    return spt, max(0.05, min(2.0, (spent - clean) / restarts)) if restarts > 0 else 1.0
+    restarts = len(experts) * sum((shape.n_layers - la) / shape.n_layers for la in picked) * spt * n_tok
+    efficiency = max(0.05, min(2.0, (spent - clean) / restarts)) if restarts > 0 else 1.0
+    t = time.perf_counter()
+    causal_effects(moe, {"c": [text]}, method="fast", max_length=tokens, batch_size=1, noise_inputs=0,
+                   fast_probes=cfg.causal.fast_probes)
+    fast_fe = (time.perf_counter() - t) / (spt * ids.shape[1])
+    return spt, efficiency, max(1.0, prof_factor), fast_fe
 
 
 __all__ = ["ModelShape", "Plan", "StagePlan", "model_shape", "plan"]

@@ -59,7 +59,8 @@ def coactivation(ctx: StudyContext) -> dict[str, Any]:
 
 def drivers(ctx: StudyContext) -> dict[str, Any]:
     c = ctx.config
-    effects = causal_effects(ctx.model, ctx.domains, c.causal, checkpoint=ctx.out / "ce_checkpoint.jsonl",
+    effects = causal_effects(ctx.model, ctx.domains, c.causal, drivers=c.drivers,
+                             checkpoint=ctx.out / "ce_checkpoint.jsonl",
                              resume=True, progress=ctx.progress)
     effects.save(ctx.out)
     table = driver_experts(effects, c.drivers)

@@ -336,6 +336,36 @@ def test_hybrid_recomputes_top_candidates_exactly(make_tiny: Any) -> None:
     assert set(agree.columns) >= {"domain", "layer", "spearman"}
 
 
+def test_hybrid_screen_and_verify_on_a_table() -> None:
+    """The rounds on given arrays (no model): the last layer and, in layers of 16+ experts, the 2 experts nearest
+    the layer's median fast CE first; then every cell the relaxed rule could flag; a planted driver whose fast
+    estimate stands out ends exact and flagged, cells far below the floor never computed."""
+    from expertscope.causal.hybrid import Hybrid
+
+    g = np.random.default_rng(0)
+    N, L, E = 24, 4, 16
+    exact = g.gamma(4.0, 1e-4, size=(N, L, E))
+    exact[:, 1, 5] *= 40  # a driver: 40x its layer
+    fast = exact * 0.2 * g.uniform(0.8, 1.25, size=exact.shape)  # fast: a fifth of the scale, some noise
+    dom = np.array(["a"] * N, dtype=object)
+    h = Hybrid(fast, dom, [0, 1, 2, 3], {la: list(range(E)) for la in range(4)}, E)
+    rounds = []
+    for which in h.rounds():
+        rounds.append(which)
+        h.verified(exact, which)
+    assert rounds[0][3] == list(range(E))  # the calibration layer in full
+    med = np.median(fast.mean(0), axis=1)
+    for la in range(3):
+        nearest = np.argsort(np.abs(fast.mean(0)[la] - med[la]), kind="stable")[:2]
+        assert set(nearest) <= set(rounds[0][la])
+    assert h.exact[1, 5] and np.array_equal(h.ce[:, 1, 5], exact[:, 1, 5])
+    # unverified cells: fast x the layer's exact/fast ratio, about 5 here
+    rest = ~h.exact[0]
+    assert np.allclose(h.ce[:, 0, rest] / fast[:, 0, rest], h.ce[:, 0, rest][0, 0] / fast[:, 0, rest][0, 0])
+    assert 4 < h.ce[0, 0, rest][0] / fast[0, 0, rest][0] < 6.5
+    assert h.summary()["exact_cells"] == int(h.exact.sum()) < L * E
+
+
 # ----- drivers, causal rate ------------------------------------------------------------------------
 def test_planted_driver_is_found() -> None:
     model = tiny_model("mixtral", seed=0, initializer_range=0.3, num_local_experts=8)
