@@ -126,6 +126,23 @@ def child(job: str, path: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def steer_fe(rows: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
+    """The plan's forward-equivalents (and prompt tokens) per item of the steered evaluation's domain, into its row."""
+    if "steer" not in rows:
+        return
+    from transformers import AutoTokenizer
+
+    from expertscope.data import synthetic
+    from expertscope.data.prompts import prompt
+    from expertscope.pipeline.plan import _item_fe
+
+    tok = AutoTokenizer.from_pretrained(path)
+    dom = synthetic.generate("emotion", args.inputs, seed=0, split="test")
+    n = [len(tok(prompt(dom.task, e))["input_ids"]) for e in dom.examples]
+    rows["steer"]["tokens"] = sum(n) / len(n)
+    rows["steer"]["fe"] = _item_fe([dom], tok, 96, sum(n) / len(n))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["granite-1b", "granite-3b"], choices=list(CONFIGS))
@@ -148,6 +165,7 @@ def main() -> None:
         for name in args.models:
             rows = saved[name]["measured"]
             fwd = rows["forward"]
+            steer_fe(rows, root / name, args)
             plan = es.plan(es.StudyConfig(model=str(root / name)), calibrate=True, tokens=args.tokens)
             print(f"== {name}: " + "; ".join(plan.notes))
             print(plan.compare(rows, per_forward=fwd["seconds"] / fwd["texts"]))
@@ -189,6 +207,7 @@ def main() -> None:
                           "forward-equivalents)")
                 else:
                     print(f"  fast: {per_input:.1f} s per input ({per_input / per_fwd:.1f} forward-equivalents)")
+        steer_fe(rows, path, args)
         plan = es.plan(es.StudyConfig(model=str(path)), calibrate=True, tokens=args.tokens)
         results[name] = {"weights_gb": weights_gb, "measured": rows, "plan": plan.to_dict()}
         print(plan.compare(rows, per_forward=per_fwd))

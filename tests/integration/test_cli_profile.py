@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import expertscope as es
 from expertscope.cli.main import app
-from expertscope.testing import tiny_model, tiny_tokenizer
+from expertscope.testing import save_tiny_model, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -19,8 +19,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny-qwen")
-    tiny_model("qwen2_moe").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
+    save_tiny_model(d, "qwen2_moe")
     return d
 
 

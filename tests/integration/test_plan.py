@@ -12,17 +12,14 @@ import expertscope as es
 from expertscope.cli.main import app
 from expertscope.models.loading import ModelSource
 from expertscope.pipeline.plan import _arms, _causal_fe, model_shape
-from expertscope.testing import tiny_model, tiny_tokenizer
+from expertscope.testing import save_tiny_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-qwen")
-    tiny_model("qwen2_moe", num_experts=8).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen"), "qwen2_moe", num_experts=8)
 
 
 def test_the_shape_from_the_config_is_the_loaded_models(model_dir: Path, monkeypatch) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from expertscope.testing import tiny_model, tiny_tokenizer
+from expertscope.testing import save_tiny_model
 
 SCRIPT = Path(__file__).parent / "scripts" / "pool_parent.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,10 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reas
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pool-model")
-    tiny_model("mixtral", num_local_experts=4).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("pool-model"), "mixtral", num_local_experts=4)
 
 
 def _env() -> dict[str, str]:

@@ -8,7 +8,7 @@ import torch
 
 import expertscope as es
 from expertscope.execution import ModelSpec, RayExecutor, make_executor
-from expertscope.testing import tiny_model, tiny_tokenizer
+from expertscope.testing import save_tiny_model
 
 # One test process runs this module (make test: --dist loadgroup): one local Ray cluster, not one per worker.
 pytestmark = pytest.mark.xdist_group("ray")
@@ -32,8 +32,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ray-model")
-    tiny_model("qwen2_moe").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
+    save_tiny_model(d, "qwen2_moe")
     return d
 
 

@@ -142,9 +142,10 @@ class Plan:
         if job in ("exact", "fast", "hybrid"):
             fe = _causal_fe(self.model, job, 8, self.exact_efficiency, self.fast_fe)
             return fe * T * self.seconds_per_token, mem + _activations(self.model, 1, T, job)
-        if job == "steer":  # one forward of the item's prompt
+        if job == "steer":  # the item's prompt, as evaluation scores it (row["fe"]: the plan's count for it)
             T = float(row.get("tokens", T))
-            return T * self.seconds_per_token, mem + _activations(self.model, 16, T, "forward")
+            return T * self.seconds_per_token * float(row.get("fe", 1.0)), \
+                mem + _activations(self.model, 16, T, "forward")
         return None
 
     def table(self) -> list[dict[str, Any]]:
@@ -252,6 +253,37 @@ def _tokens(domains: Sequence[Any], tokenizer: Any, cap: int | None, prompts: bo
     return len(texts), sum(lens) / len(lens)
 
 
+def _item_fe(domains: Sequence[Any], tokenizer: Any, new_tokens: int, tokens: float) -> float:
+    """Forward-equivalents to score one item, averaged over ``domains``' items, as evaluation scores them: a
+    classification item one forward for its one-token labels and a ``prompt + label`` row per longer label; a
+    multiple-choice item one forward when the letters are one token each, else a row per choice; a math item its
+    prompt and up to ``new_tokens`` decoding steps (each about 1/``tokens`` of a forward, at least 0.05)."""
+    from ..data import prompts as P
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None else 1
+
+    total = count = 0.0
+    for d in domains:
+        n = len(d.examples)
+        if not n:
+            continue
+        if d.task == "classification":
+            labels = d.labels or tuple(dict.fromkeys(e.label for e in d.examples if e.label))
+            multi = sum(n_tokens(P.verbalise(lab)) > 1 for lab in labels)
+            fe = float(multi + (1 if multi < len(labels) else 0))
+        elif d.task == "multiple_choice":
+            letters_one = all(n_tokens(P.LETTER_VERBALISATIONS[x]) == 1 for x in P.LETTERS[:4])
+            fe = 1.0 if letters_one else float(max((len(e.choices or ()) for e in d.examples), default=4))
+        elif d.task == "math":
+            fe = 1 + new_tokens * max(1 / max(tokens, 1), 0.05)
+        else:
+            fe = 1.0
+        total += fe * n
+        count += n
+    return total / count if count else 1.0
+
+
 def _arms(cfg: StudyConfig, n_domains: int) -> int:
     """Steered arms the intervention stage evaluates per domain (both kinds), selectivity included."""
     from ..interventions.steering_study import strengths
@@ -337,10 +369,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     add("tokens", n_prof, 3 * n_prof, 3.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
     add("expert_map", n_prof, 2 * n_prof, 2.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
     arms = _arms(cfg, max(len(disc), 1))
-    per_item = 1.0
-    if any(getattr(d, "task", "") == "math" for d in test):
-        share = sum(1 for d in test if d.task == "math") / max(len(test), 1)
-        per_item = 1 + share * cfg.intervention.max_new_tokens * max(1 / max(t_test, 1), 0.05)
+    per_item = _item_fe(test, tok, cfg.intervention.max_new_tokens, t_test)
     n_eval = arms * n_test
     lora = 3 * n_train * cfg.intervention.finetune_epochs
     add("steering", n_test, int(n_eval), n_eval * per_item + lora, t_test or 64.0, "forward",
@@ -387,6 +416,7 @@ def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float,
     profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens, batch_size=batch.shape[0],
             importance=cfg.profile.importance)
     prof_factor = (time.perf_counter() - t) / (spt * batch.numel())
+    causal_effects(moe, {"c": ["warm up"]}, max_length=tokens, batch_size=1, noise_inputs=0)  # the engine's check
     # the first and the middle MoE layer: the last one's restart also pays the LM head, which the bound omits
     first, mid = moe.layers[0], moe.layers[len(moe.layers) // 2]
     picked = (first, mid) if mid != first else (first,)

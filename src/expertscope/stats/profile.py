@@ -220,7 +220,8 @@ class RoutingProfile:
         ``lift`` = ``A / mean of A over the other domains`` (NaN with a single domain or when all are 0,
         inf when only this domain selects the expert), ``importance`` = mean ``w·‖f_i(x)‖₂`` over the tokens
         that select the expert (output-aware importance; NaN when never selected or not computed, e.g. for
-        recorded routes). Works for any number of domains, one included.
+        recorded routes), ``weighted_activation`` = the gate weight the expert receives per token on average
+        (``A × gate_mean``; NaN where gate weights are not known). Works for any number of domains, one included.
 
         ``entropy`` is ``"bernoulli"`` (base 2) or ``"eq1"`` (``-p ln p``). With ``shared`` (default), the
         model's always-on shared experts are added as rows marked ``shared=True`` (see
@@ -255,6 +256,7 @@ class RoutingProfile:
             "gate_mean": gate_mean.ravel(),
             "lift": lift.ravel(),
             "importance": importance.ravel(),
+            "weighted_activation": np.where(nn > 0, tot["gate"] / np.maximum(nn, 1), np.nan).ravel(),
         })
         return with_shared_rows(df, self.model_info, E) if shared else df.assign(shared=False)
 

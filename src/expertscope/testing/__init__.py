@@ -232,6 +232,14 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     return model.to(dtype).eval()
 
 
+def save_tiny_model(directory: Any, family: str, **config: Any) -> Any:
+    """A tiny model of ``family`` (config overrides as :func:`tiny_model`) and the tiny tokenizer saved as a
+    Hugging Face directory, so that ``load_model(directory)`` is the real loading path; returns ``directory``."""
+    tiny_model(family, **config).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
 def tiny_tokenizer(vocab_size: int = 128) -> Any:
     """A character-level fast tokenizer for the tiny models: ids 0–2 are pad/bos/eos, each printable ASCII
     character has its own id, anything else maps to ``<unk>``. Adds ``<s>`` in front of every text."""

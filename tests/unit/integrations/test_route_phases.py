@@ -136,6 +136,7 @@ def test_gate_weights_beside_the_ids_give_weight_statistics(tmp_path: Path) -> N
         hit = r[:, row.layer] == row.expert
         want = w32[:, row.layer][hit].mean() if hit.any() else np.nan
         assert (np.isnan(want) and np.isnan(row.gate_mean)) or row.gate_mean == pytest.approx(want, rel=1e-12)
+        assert row.weighted_activation == pytest.approx(w32[:, row.layer][hit].sum() / len(r), rel=1e-12, abs=0)
     assert "gate_mean" not in prof.model_info["not_applicable"]
     bad = [{"meta_info": {"routed_experts": _b64(r), "routed_experts_weights": _b64(w[:2], np.float32)}}]
     with pytest.raises(DataError, match="do not match the ids' shape"):
