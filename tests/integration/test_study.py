@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import expertscope as es
 from expertscope.cli.main import app
 from expertscope.pipeline import PIPELINE, stages
 from expertscope.testing import tiny_model, tiny_tokenizer
@@ -437,3 +438,23 @@ def test_docs_outputs_lists_every_column_of_every_table(full_run: Path) -> None:
         listed = set(re.findall(r"`(\w+)`", sections[path.stem].split("Columns:", 1)[-1]))
         missing = set(pq.read_schema(path).names) - listed
         assert not missing, f"{path.name}: columns not in docs/outputs.md: {sorted(missing)}"
+
+
+@pytest.mark.slow
+def test_the_plan_bounds_the_arms_the_run_steered(full_run: Path) -> None:
+    """``expertscope plan`` counts the steering stage's arms from the settings alone: the run evaluated no more than
+    planned, and most of them (kinds without targets are not applicable)."""
+    from expertscope.interventions.steering_study import strengths
+    from expertscope.pipeline.plan import _arms
+    from expertscope.pipeline.runner import config_of_run
+
+    cfg = config_of_run(full_run, es.StudyConfig())
+    arms = pd.read_parquet(full_run / "steering_arms.parquet")
+    domains = arms["domain"].nunique()
+    assert len(arms) <= (_arms(cfg, domains) - 1) * domains
+    c = cfg.intervention
+    per_kind = len(strengths(c)) * (1 + c.n_controls + c.n_reference + int(c.busiest))
+    own = arms[arms["ablated"] == arms["domain"]]
+    counts = own.groupby(["domain", "kind"]).size()
+    assert len(counts) and all(per_kind / 2 <= n <= per_kind + 2 * (1 + c.selectivity_controls) for n in counts), \
+        (counts.to_dict(), per_kind)

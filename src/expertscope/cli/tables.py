@@ -207,12 +207,12 @@ def show_plan(plan: Any) -> None:
 
 
 def _duration(s: float) -> str:
-    from ..pipeline.plan import _duration as d
+    from ..pipeline.plan import duration_text
 
-    return d(s)
+    return duration_text(s)
 
 
 def _count(n: float) -> str:
-    from ..pipeline.plan import _count as c
+    from ..pipeline.plan import count_text
 
-    return c(n)
+    return count_text(n)

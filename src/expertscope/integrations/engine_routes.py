@@ -272,9 +272,9 @@ def _vllm_record(rec: Mapping[str, Any], where: str, request: int) -> list[_Seq]
         s = _seq(arr, GENERATED, request, where, uint8, w)
         if i == 0 and prompt is not None:
             p = _seq(prompt[0], PROMPT, request, where, prompt[1], pw)
-            both = pw is not None and w is not None
             s = _Seq(np.concatenate([p.routes, s.routes]), np.concatenate([p.phase, s.phase]),
-                     np.concatenate([pw, w]) if both else None, request, where, prompt[1] or uint8)  # type: ignore[list-item]
+                     np.concatenate([pw, w]) if pw is not None and w is not None else None, request, where,
+                     prompt[1] or uint8)
         out.append(s)
     if not out and prompt is not None:
         out.append(_seq(prompt[0], PROMPT, request, where, prompt[1], pw))

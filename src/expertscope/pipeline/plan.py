@@ -151,14 +151,16 @@ class Plan:
     def table(self) -> list[dict[str, Any]]:
         return [{"stage": s.stage, "inputs": s.inputs, "forward passes": s.forward_passes,
                  "forward-equivalents": round(s.fe, 1), "memory GB": round(s.memory_gb, 2),
-                 "time": _duration(s.seconds), "note": s.note} for s in self.stages]
+                 "time": duration_text(s.seconds), "note": s.note} for s in self.stages]
 
 
-def _count(n: float) -> str:
+def count_text(n: float) -> str:
+    """A parameter count in words: ``1.33 B``, ``3.8 M``, ``12.0 K``."""
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
 
 
-def _duration(s: float) -> str:
+def duration_text(s: float) -> str:
+    """Seconds in words: ``42 s``, ``17 min``, ``3.5 h``."""
     if s < 120:
         return f"{s:.0f} s"
     if s < 7200:
@@ -182,7 +184,8 @@ def model_shape(source: Any, dtype: str = "auto", trust_remote_code: bool = Fals
     if not sites:
         raise ConfigError(f"{source.name} has no MoE layer expertscope can adapt: plan needs an MoE model")
     total = sum(p.numel() for p in model.parameters())
-    experts = active = 0
+    experts = 0
+    active = 0.0
     for m in model.modules():
         ex = getattr(m, "experts", None)
         if isinstance(ex, torch.nn.Module):
@@ -334,7 +337,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     n_train, _ = _tokens(train, tok, None)
     if tokens:
         t_prof = t_ce = t_test = float(tokens)
-    data = {d.name: {"discovery": len(d.examples)} for d in disc}
+    data: dict[str, dict[str, float]] = {d.name: {"discovery": float(len(d.examples))} for d in disc}
     data["_bench"] = {"tokens": float(tokens or t_ce or 128.0)}
     notes = []
     efficiency = 1.0
@@ -348,7 +351,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
                      f"exact at {efficiency:.2f} of its analytic bound; fast {fast_fe:.1f} forward-equivalents")
     else:
         spt = 2 * shape.active_params / ((tflops or CPU_TFLOPS) * 1e12)
-        notes.append(f"not calibrated: 2 x {_count(shape.active_params)} active parameters per token at "
+        notes.append(f"not calibrated: 2 x {count_text(shape.active_params)} active parameters per token at "
                      f"{tflops or CPU_TFLOPS} TFLOP/s (pass --calibrate to time the model)")
     base = shape.weights_gb + RUNTIME_GB
     out: list[StagePlan] = []
@@ -436,4 +439,4 @@ def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float,
     return spt, efficiency, max(1.0, prof_factor), fast_fe
 
 
-__all__ = ["ModelShape", "Plan", "StagePlan", "model_shape", "plan"]
+__all__ = ["ModelShape", "Plan", "StagePlan", "count_text", "duration_text", "model_shape", "plan"]

@@ -235,7 +235,8 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
 def save_tiny_model(directory: Any, family: str, **config: Any) -> Any:
     """A tiny model of ``family`` (config overrides as :func:`tiny_model`) and the tiny tokenizer saved as a
     Hugging Face directory, so that ``load_model(directory)`` is the real loading path; returns ``directory``."""
-    tiny_model(family, **config).save_pretrained(directory)
+    model: Any = tiny_model(family, **config)
+    model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
 
