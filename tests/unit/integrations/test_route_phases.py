@@ -236,3 +236,25 @@ def test_cli_stream_and_phases_write_the_phase_tables(tmp_path: Path) -> None:
     assert r.exit_code == 2
     r = runner.invoke(app, ["profile", "-d", "b=synthetic:math", "--stream", "-o", str(tmp_path / "y")])
     assert r.exit_code == 2 and "go with --routes" in " ".join(r.output.replace("│", " ").split())
+
+
+@pytest.mark.slow  # draws the report's figures
+def test_the_report_compares_the_phases_per_domain(tmp_path: Path) -> None:
+    skew = np.r_[[0.45], np.full(7, 0.55 / 7)]
+    files = []
+    for name, p in (("a", skew), ("b", None)):
+        recs = [{"prompt_routed_experts": _routes(12, seed=10 * i + len(name)).tolist(),
+                 "choices": [{"routed_experts": _routes(8, seed=500 + 10 * i + len(name), p=p).tolist()}]}
+                for i in range(6)]
+        files.append(_jsonl(tmp_path / f"{name}.jsonl", recs))
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["profile", "--routes", f"a={files[0]}", "--routes", f"b={files[1]}", "--num-experts",
+                               "8", "-o", str(out)]).exit_code == 0
+    assert runner.invoke(app, ["domains", str(out)]).exit_code == 0
+    r = runner.invoke(app, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    assert "Prompt against generated tokens" in page and "layers differ beyond sampling noise" in page
+    assert "a: prompt (72 tokens) and generated (48 tokens)" in page and "b: prompt (72 tokens)" in page
+    # each phase's directory reads as a profile run of its own
+    assert runner.invoke(app, ["domains", str(out / "phases" / "generated"), "-o", str(tmp_path / "g")]).exit_code == 0
