@@ -294,6 +294,9 @@ def _driver_section(tables: dict[str, pd.DataFrame], figures: dict[str, list[Pat
              + heatmap(drv, "ce_mean", label="CE", unit="nats", flag="is_driver", flag_label="driver",
                        caption=CAPTIONS["fig7_causal_heatmap"])
              + reading(_safe(read_drivers, drv)) + _rule(drv))
+    floor = (table_meta(drv).get("numerical_floor") or {}).get("note")
+    if floor:  # the dtype's rounding floor, once for the run
+        body += note(str(floor))
     if "is_driver" in drv.columns:
         rows = drv[drv["is_driver"].fillna(False).astype(bool)].sort_values(["domain", "ce_mean"],
                                                                            ascending=[True, False])

@@ -50,6 +50,10 @@ def test_bf16_rounding_floor_is_measured_stated_and_raises_the_driver_floor() ->
     f = next(x for x in findings({"drivers": df}) if x.domain == "a")
     assert f.ce_noise == pytest.approx(nb["max"]) and f.ce_noise_dtype == "bfloat16"
     assert "in bfloat16" in f.numerical_floor and any("Rounding alone gives CE up to" in s for s in sentences(f))
+    # the report says it once, in the driver section
+    from expertscope.report.html import _driver_section
+
+    assert _driver_section({"drivers": df}, {}).count("Rounding alone gives CE up to") == 1
 
 
 def test_the_floor_can_be_turned_off_and_survives_a_save(tmp_path) -> None:
