@@ -5,8 +5,8 @@ where ``Q`` is the prediction after adding ``magnitude`` to expert ``i``'s route
 real token, or the first decision position onward). Methods: ``exact`` (the definition, computed
 efficiently, see :mod:`.exact`), ``fast`` (the exact local change of the layer's output, propagated to
 first order; see :mod:`.fast`), ``fisher`` (a second-order estimate in the router logit, blind to top-k
-changes; see :mod:`.fisher`) and ``hybrid`` (fast ranks, the top experts of each layer are recomputed
-exactly). Long runs checkpoint after every batch and resume to the same result.
+changes; see :mod:`.fisher`) and ``hybrid`` (fast screens, what could be a driver is computed exactly;
+see :mod:`.hybrid`). Long runs checkpoint after every batch and resume to the same result.
 """
 
 from __future__ import annotations

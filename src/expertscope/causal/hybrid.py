@@ -14,8 +14,9 @@ against the layer's median). So:
 3. **verify** — candidates are computed exactly; every other cell holds its fast CE scaled by its layer's
    exact/fast ratio (the median over the layer's verified experts; the calibration layer's otherwise), so the
    layer medians the rule compares against stay in exact units;
-4. **repeat** — the driver rule is run on that table for every domain (all inputs, the ratio and floor
-   relaxed by ``margin``): any flagged cell not yet exact is verified, until none is (at most 6 rounds).
+4. **repeat** — the study's driver rule is run on that table for every domain (all inputs; ``fdr``'s ratio and
+   floor relaxed by ``margin``, ``z``'s bar lowered by it, ``top``'s largest): any flagged cell not yet exact is
+   verified, until none is (at most 6 rounds).
 
 A driver is then always an exactly computed expert; the table's ``exact`` mask says which cells were
 (``settings["hybrid"]`` the rounds and the cells per round). ``hybrid_top`` (default 0) adds the top experts of
@@ -128,11 +129,25 @@ class Hybrid:
         return out
 
     def _flagged(self) -> np.ndarray:
-        """Cells the driver rule (relaxed by the margin) flags on the current table, for some domain."""
+        """Cells the study's driver rule (relaxed by the margin) flags on the current table, for some domain:
+        ``fdr`` the base rule; ``z`` CE at least the layer mean + z / margin sd; ``top`` each layer's ``top``
+        largest (their ties included)."""
         r = self.rule
         out = np.zeros_like(self.asked)
-        for x, _ in self._means(self.ce):
-            sel = base_rule(x[None], min(1.0, r.alpha * MARGIN), r.min_ratio / MARGIN, r.ce_floor / MARGIN)[0]
+        for x, mean in self._means(self.ce):
+            if r.rule == "fdr":
+                sel = base_rule(x[None], min(1.0, r.alpha * MARGIN), r.min_ratio / MARGIN, r.ce_floor / MARGIN)[0]
+            else:
+                m = np.where(self.asked, np.nan_to_num(mean, nan=-np.inf), -np.inf)
+                if r.rule == "z":
+                    vals = np.where(self.asked, mean, np.nan)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        bar = np.nanmean(vals, axis=1, keepdims=True) + r.z / MARGIN * np.nanstd(vals, axis=1,
+                                                                                               keepdims=True)
+                else:
+                    bar = -np.sort(-m, axis=1)[:, min(r.top, m.shape[1]) - 1:min(r.top, m.shape[1])]
+                sel = m >= bar
             out |= sel & self.asked
         return out
 

@@ -864,12 +864,13 @@ def _in_memory(seqs: list[_Seq], fmt: str, name: str, num_experts: int | None) -
 
 
 def _as_recorded(value: RouteInput, name: str, num_layers: int | None, top_k: int | None,
-                 num_experts: int | None) -> RecordedRoutes:
+                 num_experts: int | None, format: RouteFormat = "auto") -> RecordedRoutes:
+    """``value`` (any :data:`RouteInput`) read whole and cleaned; files in ``format``."""
     if isinstance(value, RecordedRoutes):
         return value
     where = f"domain {name!r}"
-    if isinstance(value, str | Path):
-        return load_routes(value, num_layers=num_layers, top_k=top_k, num_experts=num_experts)
+    if isinstance(value, str | os.PathLike):
+        return load_routes(value, format, num_layers=num_layers, top_k=top_k, num_experts=num_experts)
     if isinstance(value, np.ndarray):
         return _in_memory([_seq(_checked_array(value, name), UNLABELLED, 1, where, value.dtype == np.uint8)],
                           "array", name, num_experts)
@@ -878,8 +879,8 @@ def _as_recorded(value: RouteInput, name: str, num_layers: int | None, top_k: in
     items = list(value)
     if all(isinstance(x, Mapping) for x in items):
         return _in_memory(_records(items, name, num_layers, top_k), "records", name, num_experts)
-    if all(isinstance(x, str | Path) for x in items):
-        parts = [load_routes(x, num_layers=num_layers, top_k=top_k, num_experts=num_experts) for x in items]
+    if all(isinstance(x, str | os.PathLike) for x in items):
+        parts = [load_routes(x, format, num_layers=num_layers, top_k=top_k, num_experts=num_experts) for x in items]
         shapes = {p.shape for p in parts}
         if len(shapes) > 1:
             raise DataError(f"domain {name!r}: its files have different (layers, k) {sorted(shapes)}")
@@ -1035,11 +1036,8 @@ def profile_routes(
             and value and all(isinstance(x, str | os.PathLike) for x in value) else None
         if stream and files is not None:
             domains[name] = _streamed(files, name, format, num_layers, top_k, E)
-        elif files is not None and format != "auto":
-            domains[name] = _held(RecordedRoutes.concat([load_routes(f, format, num_layers=num_layers, top_k=top_k,
-                                                                     num_experts=E) for f in files]))
         else:
-            domains[name] = _held(_as_recorded(value, name, num_layers, top_k, E))
+            domains[name] = _held(_as_recorded(value, name, num_layers, top_k, E, format))
     L, k = _common_shape(domains)
     if top_k is not None and k != top_k:
         raise DataError(f"the routes hold k={k} experts per token but top_k={top_k} was given: check --top-k")

@@ -18,14 +18,14 @@ from ..data.types import TASKS, check_domain_name, check_unique_names
 from ..errors import ConfigError, DataError
 from ..fingerprint import run_fingerprint
 from ..integrations.engine_routes import FORMATS, profile_routes
-from ..io import atomic_write
-from ..rundir import open_run_dir
+from ..io import atomic_write, write_json
+from ..rundir import make_manifest, open_run_dir
 from ..stats.phases import save_phase_comparison
 from ..stats.routing_mi import save_routing_mi
 from ..stats.structure import save_coactivation_tables
 from ..validation import check_choice, check_positive
 
-__all__ = ["eval_domains", "profile_recorded_routes", "write_synthetic_benchmark"]
+__all__ = ["eval_domains", "profile_recorded_routes", "save_phases", "write_synthetic_benchmark"]
 
 
 def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str | None = None, split: str = "test"
@@ -54,6 +54,23 @@ def eval_domains(config: StudyConfig, data: str | Path | None = None, task: str 
     if config.limit is None:  # the synthetic benchmark's own size when no limit is given
         specs = [s if "?" in s else f"{s}?limit=300" for s in specs]
     return config.replace(domains=tuple(specs))
+
+
+def save_phases(profile: Any, out: Path, seed: int = 0) -> dict[str, Any] | None:
+    """After ``profile.save(out)``: each phase's directory (``out/phases/<phase>``) gets a manifest, so that it
+    reads as a profile run of its own, and ``phase_comparison.parquet`` is written; returns its summary, or
+    None when the profile has no phases to compare."""
+    summary = save_phase_comparison(profile, out, seed=seed)  # the default domain-expert rule per phase
+    if summary is None:
+        return None
+    for name, part in profile.phases.items():
+        n, _ = part.totals()
+        where = out / "phases" / name
+        write_json(where / "manifest.json", make_manifest(
+            "profile-phase", {"phase": name}, status="complete", fingerprint={"phase": name},
+            outputs=sorted(p.name for p in where.iterdir() if p.name != "manifest.json"), model=part.model_info,
+            phase=name, stages={"profile": {"tokens": {d: int(x) for d, x in zip(part.domains, n, strict=True)}}}))
+    return summary
 
 
 def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts: int | None, *,
@@ -96,7 +113,7 @@ def profile_recorded_routes(out: str | Path, routes: Sequence[str], num_experts:
         prof.save(rd.path)
         mi = save_routing_mi(prof, rd.path)
         coactivation = save_coactivation_tables(prof, rd.path)
-        phases = save_phase_comparison(prof, rd.path)
+        phases = save_phases(prof, rd.path)
         n, _ = prof.totals()
         summary: dict[str, Any] = {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)},
                    "mi_bits": {int(r.layer): float(r.mi_bits) for r in mi.itertuples()},

@@ -93,6 +93,8 @@ class Plan:
     stages: list[StagePlan]
     seconds_per_token: float
     calibrated: bool
+    input_tokens: float = 128.0
+    """The causal inputs' mean length the plan was made for (``tokens``, else the data's)."""
     exact_efficiency: float = 1.0
     """Measured exact restart cost over the analytic bound (1.0: the bound, not calibrated)."""
     profile_factor: float = 1.0
@@ -133,7 +135,7 @@ class Plan:
     def _job(self, job: str, row: Mapping[str, Any]) -> tuple[float, float] | None:
         """Seconds per item and peak GB the plan gives for one benchmark job."""
         T = float(row.get("tokens", 0)) / max(row.get("texts", 1) or 1, 1) if job in ("forward", "profile") else \
-            self.data.get("_bench", {}).get("tokens", 128.0)
+            self.input_tokens
         mem = self.model.weights_gb + RUNTIME_GB
         if job == "forward":
             return T * self.seconds_per_token, mem + _activations(self.model, 1, T, "forward")
@@ -338,7 +340,6 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     if tokens:
         t_prof = t_ce = t_test = float(tokens)
     data: dict[str, dict[str, float]] = {d.name: {"discovery": float(len(d.examples))} for d in disc}
-    data["_bench"] = {"tokens": float(tokens or t_ce or 128.0)}
     notes = []
     efficiency = 1.0
     fast_fe = None
@@ -389,7 +390,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
         "the targets' and references' routing, recorded")
     if not out:
         notes.append("the chosen stages read earlier tables only: no model work")
-    return Plan(shape, data, out, spt, calibrate, efficiency, factor, fast_fe, notes)
+    return Plan(shape, data, out, spt, calibrate, float(tokens or t_ce or 128.0), efficiency, factor, fast_fe, notes)
 
 
 def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float, float, float, float]:

@@ -22,13 +22,13 @@ from ..io import atomic_write, write_json, write_table
 from ..report import report as write_report
 from ..stats.domain_experts import domain_experts
 from ..stats.expert_map import expert_map
-from ..stats.phases import save_phase_comparison
 from ..stats.profile import RoutingProfile, checkpointer, profile
 from ..stats.replication import Replication, replicate_domain_experts
 from ..stats.routing_mi import save_routing_mi
 from ..stats.structure import save_coactivation_tables
 from ..stats.tokens import flagged_experts, position_profile, record_tokens, token_associations
 from .context import StudyContext
+from .jobs import save_phases
 
 
 def _df(table: Any) -> Any:
@@ -47,7 +47,7 @@ def profile_stage(ctx: StudyContext) -> dict[str, Any]:
     out = {"tokens": {d: int(x) for d, x in zip(prof.domains, n, strict=True)}, "truncated": prof.truncated,
            "max_length_used": prof.config.get("max_length_used"),
            "routing_mi_bits": {int(r.layer): round(float(r.mi_bits), 4) for r in mi.itertuples()}}
-    phases = save_phase_comparison(prof, ctx.out, seed=c.seed)  # the default domain-expert rule per phase
+    phases = save_phases(prof, ctx.out, seed=c.seed)
     if phases is not None:
         out["phases"] = phases
     return out

@@ -178,16 +178,6 @@ def save_phase_comparison(profile: RoutingProfile, out_dir: Any, config: DomainE
 
     if not {"prompt", "generated"} <= set(profile.phases):
         return None
-    from ..io import write_json
-    from ..rundir import make_manifest
-
-    for name, part in profile.phases.items():  # each phase's directory reads as a profile run of its own
-        n, _ = part.totals()
-        where = Path(out_dir) / "phases" / name
-        write_json(where / "manifest.json", make_manifest(
-            "profile-phase", {"phase": name}, status="complete", fingerprint={"phase": name},
-            outputs=sorted(p.name for p in where.iterdir() if p.name != "manifest.json"), model=part.model_info,
-            phase=name, stages={"profile": {"tokens": {d: int(x) for d, x in zip(part.domains, n, strict=True)}}}))
     table = phase_comparison(profile, config, seed=seed)
     write_table(Path(out_dir) / "phase_comparison.parquet", table,
                 meta={"table": "phase_comparison", "note": table.attrs.get("note", "")})

@@ -364,6 +364,19 @@ def test_hybrid_screen_and_verify_on_a_table() -> None:
     assert np.allclose(h.ce[:, 0, rest] / fast[:, 0, rest], h.ce[:, 0, rest][0, 0] / fast[:, 0, rest][0, 0])
     assert 4 < h.ce[0, 0, rest][0] / fast[0, 0, rest][0] < 6.5
     assert h.summary()["exact_cells"] == int(h.exact.sum()) < L * E
+    # under the other rules too, what the rule picks on the final table was computed exactly
+    from expertscope.config import DriverConfig
+
+    for rule in (DriverConfig(rule="top", top=2), DriverConfig(rule="z", z=2.0)):
+        h = Hybrid(fast, dom, [0, 1, 2, 3], {la: list(range(E)) for la in range(4)}, E, rule=rule)
+        for which in h.rounds():
+            h.verified(exact, which)
+        mean = h.ce.mean(0)
+        if rule.rule == "top":
+            picked = mean >= -np.sort(-mean, axis=1)[:, 1:2]
+        else:
+            picked = mean >= mean.mean(1, keepdims=True) + 2.0 * mean.std(1, keepdims=True)
+        assert picked.any() and h.exact[picked].all(), rule.rule
 
 
 # ----- drivers, causal rate ------------------------------------------------------------------------
