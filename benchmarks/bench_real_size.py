@@ -41,6 +41,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The steered evaluation's batch (items per forward; each is a row per label of several tokens).
+STEER_BATCH = 16
+
+
 def peak_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -117,7 +121,7 @@ def child(job: str, path: str, args: argparse.Namespace) -> dict[str, Any]:
         spec = es.SteeringSpec(targets=((moe.layers[-1], 0), (moe.layers[-1], 1)), scale=0.5)
         t = time.perf_counter()
         with es.steer(moe, spec=spec):
-            es.evaluate(moe, dom.task, dom, batch_size=16)
+            es.evaluate(moe, dom.task, dom, batch_size=STEER_BATCH)
         from expertscope.data.prompts import prompt
 
         n_tok = [len(moe.tokenizer(prompt(dom.task, e))["input_ids"]) for e in dom.examples]
@@ -127,20 +131,20 @@ def child(job: str, path: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def steer_fe(rows: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
-    """The plan's forward-equivalents (and prompt tokens) per item of the steered evaluation's domain, into its row."""
+    """What evaluation scores per item of the steered evaluation's domain (``scoring_cost``: tokens, padding
+    included, and the largest forward), into its row: the plan's count for it."""
     if "steer" not in rows:
         return
     from transformers import AutoTokenizer
 
     from expertscope.data import synthetic
-    from expertscope.data.prompts import prompt
-    from expertscope.pipeline.plan import _item_fe
+    from expertscope.evaluation import scoring_cost
 
     tok = AutoTokenizer.from_pretrained(path)
     dom = synthetic.generate("emotion", args.inputs, seed=0, split="test")
-    n = [len(tok(prompt(dom.task, e))["input_ids"]) for e in dom.examples]
-    rows["steer"]["tokens"] = sum(n) / len(n)
-    rows["steer"]["fe"] = _item_fe([dom], tok, 96, sum(n) / len(n))
+    cost = scoring_cost(dom.task, dom, tok, batch_size=STEER_BATCH)
+    rows["steer"]["scored"] = cost.per_item()
+    rows["steer"]["largest"] = list(cost.largest)
 
 
 def main() -> None:

@@ -74,3 +74,31 @@ def test_plan_counts_follow_the_inputs_and_the_settings(model_dir: Path) -> None
     n_strengths = int(c.dose_mask) + len(set(c.dose_scales) | {c.scale_up, c.scale_down}) + len(set(c.dose_biases))
     per = n_strengths * (1 + c.n_controls + c.n_reference + int(c.busiest))
     assert _arms(base, 3) == 2 * (per + (1 + c.selectivity_controls) * 3) + 1
+
+
+def test_plan_scores_the_steering_items_as_evaluation_does(model_dir: Path) -> None:
+    """The steering stage's work is its arms x what evaluation runs on the test items (every label of the task,
+    padded rows), counted by ``scoring_cost`` on the same items; its memory follows the largest forward."""
+    from transformers import AutoTokenizer
+
+    from expertscope.evaluation import scoring_cost
+    from expertscope.pipeline.prepare import prepare
+
+    cfg = es.StudyConfig(model=str(model_dir), limit=12, causal=es.CausalConfig(limit=4),
+                         intervention=es.InterventionConfig(limit=5, batch_size=4))
+    p = es.plan(cfg)
+    st = p.stage("steering")
+    assert st is not None
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    test = prepare(cfg).test or []
+    costs = [scoring_cost(d.task, d, tok, batch_size=4, max_new_tokens=cfg.intervention.max_new_tokens)
+             for d in test]
+    per_item = sum(c.token_forwards for c in costs) / sum(c.items for c in costs)
+    n = sum(c.items for c in costs)
+    arms = _arms(cfg, len(test))
+    lora = 3 * sum(len(d.examples) for d in prepare(cfg).train or []) * cfg.intervention.finetune_epochs
+    assert st.inputs == n
+    assert st.fe == pytest.approx(arms * n * per_item / st.tokens + lora, rel=1e-9)
+    # twice the batch: rows per forward double, so the largest forward (and the stage's memory) grows
+    big = es.plan(cfg.replace(intervention=es.InterventionConfig(limit=5, batch_size=8))).stage("steering")
+    assert big is not None and big.memory_gb > st.memory_gb

@@ -406,6 +406,87 @@ def evaluate(
     return _result(task, [r for r in records if r is not None], n_truncated=sum(cut))
 
 
+#: A decoding step of one row costs about this share of a forward of its prompt (at least one token's work):
+#: the key/value cache makes a step one token, but a step's fixed costs do not shrink with it.
+DECODE_STEP_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class ScoringCost:
+    """The model work :func:`evaluate` does on some examples, counted before running it.
+
+    ``token_forwards``: tokens run through the model, padding included, summed over its forward passes (a
+    math row's decoding steps counted as :data:`DECODE_STEP_SHARE` of its prompt's forward each, at least one
+    token); ``largest`` ``(rows, length)``: the largest forward pass (what its peak memory follows);
+    ``items``: the examples; ``forwards``: the forward passes (decoding steps not counted)."""
+
+    token_forwards: float
+    largest: tuple[int, int]
+    items: int
+    forwards: int
+
+    def per_item(self) -> float:
+        """Tokens run per example."""
+        return self.token_forwards / max(self.items, 1)
+
+
+def scoring_cost(
+    task: str,
+    examples: Sequence[Example] | Domain,
+    tokenizer: Any,
+    batch_size: int = 8,
+    labels: Sequence[str] | None = None,
+    max_new_tokens: int | None = None,
+) -> ScoringCost:
+    """What :func:`evaluate` will run on ``examples``, from the tokenizer alone (no model): the same prompts,
+    label set, batches (longest prompts first) and rows — one forward for one-token labels or letters, a
+    ``prompt + label`` row per longer label or letter, right-padded to the batch's longest row; a math batch
+    its left-padded prompts and ``max_new_tokens`` decoding steps. Prompts are not cut to a context here
+    (:func:`evaluate` cuts only prompts longer than the model's context)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if isinstance(examples, Domain):
+        labels = examples.labels if labels is None else labels
+        examples = examples.examples
+    exs = list(examples)
+    label_set = tuple(labels) if labels is not None else prompts.LABELS
+    new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    p_ids = _encode_many(tokenizer, [prompts.prompt(task, ex) for ex in exs], special=True) if exs else []
+    order = sorted(range(len(exs)), key=lambda i: -len(p_ids[i]))
+    l_lens = [len(_encode(tokenizer, prompts.verbalise(lab), special=False)) for lab in label_set]
+    letters = {x: len(_encode(tokenizer, prompts.LETTER_VERBALISATIONS[x], special=False)) for x in prompts.LETTERS}
+    total, passes, largest = 0.0, 0, (0, 0)
+
+    def run(rows: int, length: int) -> None:
+        nonlocal total, passes, largest
+        total += rows * length
+        passes += 1
+        largest = max(largest, (rows, length), key=lambda x: x[0] * x[1])
+
+    for start in range(0, len(exs), max(batch_size, 1)):
+        idx = order[start : start + batch_size]
+        lens = [len(p_ids[i]) for i in idx]
+        if task == "classification":
+            if any(n == 1 for n in l_lens):
+                run(len(idx), max(lens))
+            multi = [n for n in l_lens if n != 1]
+            if multi:
+                run(len(idx) * len(multi), max(lens) + max(multi))
+        elif task == "multiple_choice":
+            n_ch = [len(exs[i].choices or ()) for i in idx]
+            one = [all(letters[x] == 1 for x in prompts.LETTERS[:n]) for n in n_ch]
+            if any(one):
+                run(sum(one), max(n for n, o in zip(lens, one, strict=True) if o))
+            rows = [(n, c) for n, c, o in zip(lens, n_ch, one, strict=True) if not o]
+            if rows:
+                width = max(n + max(letters[x] for x in prompts.LETTERS[:c]) for n, c in rows)
+                run(sum(c for _, c in rows), width)
+        else:
+            run(len(idx), max(lens))
+            total += new_tokens * len(idx) * max(1.0, DECODE_STEP_SHARE * max(lens))
+    return ScoringCost(total, largest, len(exs), passes)
+
+
 def _encode_many(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
     """Token ids of every text, in one tokenizer call (what :func:`_encode` gives text by text)."""
     return [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]

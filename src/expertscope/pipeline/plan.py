@@ -14,8 +14,10 @@ stages' own work:
   ``hybrid``: ``fast`` plus the share its screen verifies (25-50 % measured; 40 % assumed);
 - ``causal_rate``, ``tokens``, ``expert_map``: routing passes (1, 3 and 2 FE per input);
 - ``steering``: every steered arm of the study (strengths × the target, its controls, references and the
-  busiest control; the selectivity matrix), each scoring the domain's test items (one forward per item; math
-  generates up to ``max_new_tokens``); the router LoRA: 3 FE per training item and epoch.
+  busiest control; the selectivity matrix), each scoring the domain's test items as evaluation scores them
+  (:func:`~expertscope.evaluation.scoring_cost`: the same label set, batches and ``prompt + label`` rows, padding
+  included; math its prompt and up to ``max_new_tokens`` decoding steps); the router LoRA: 3 FE per training item
+  and epoch.
 
 Seconds per token: ``--calibrate`` times forwards of the real model (weights loaded once, after the counts are
 printed) and ``exact``'s restarts at the first and the middle MoE layer, so the engine's own efficiency enters;
@@ -144,10 +146,10 @@ class Plan:
         if job in ("exact", "fast", "hybrid"):
             fe = _causal_fe(self.model, job, 8, self.exact_efficiency, self.fast_fe)
             return fe * T * self.seconds_per_token, mem + _activations(self.model, 1, T, job)
-        if job == "steer":  # the item's prompt, as evaluation scores it (row["fe"]: the plan's count for it)
-            T = float(row.get("tokens", T))
-            return T * self.seconds_per_token * float(row.get("fe", 1.0)), \
-                mem + _activations(self.model, 16, T, "forward")
+        if job == "steer":  # the items as evaluation scores them (row["scored"]: scoring_cost's count for them)
+            rows, width = row.get("largest", (16, T))
+            return float(row["scored"]) * self.seconds_per_token, \
+                mem + _activations(self.model, int(rows), float(width), "forward")
         return None
 
     def table(self) -> list[dict[str, Any]]:
@@ -258,35 +260,33 @@ def _tokens(domains: Sequence[Any], tokenizer: Any, cap: int | None, prompts: bo
     return len(texts), sum(lens) / len(lens)
 
 
-def _item_fe(domains: Sequence[Any], tokenizer: Any, new_tokens: int, tokens: float) -> float:
-    """Forward-equivalents to score one item, averaged over ``domains``' items, as evaluation scores them: a
-    classification item one forward for its one-token labels and a ``prompt + label`` row per longer label; a
-    multiple-choice item one forward when the letters are one token each, else a row per choice; a math item its
-    prompt and up to ``new_tokens`` decoding steps (each about 1/``tokens`` of a forward, at least 0.05)."""
-    from ..data import prompts as P
+def _scored(domains: Sequence[Any], tokenizer: Any, batch_size: int, new_tokens: int
+            ) -> tuple[float, tuple[int, float]]:
+    """Tokens evaluation runs per item (padding included; averaged over ``domains``' items) and its largest
+    forward ``(rows, length)``: :func:`~expertscope.evaluation.scoring_cost` on each domain (about 4 characters
+    a token without a tokenizer)."""
+    from ..evaluation import scoring_cost
 
-    def n_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None else 1
-
-    total = count = 0.0
+    tok = tokenizer if tokenizer is not None else _CharTokenizer()
+    total, items, largest = 0.0, 0, (1, 1.0)
     for d in domains:
-        n = len(d.examples)
-        if not n:
+        if not d.examples:
             continue
-        if d.task == "classification":
-            labels = d.labels or tuple(dict.fromkeys(e.label for e in d.examples if e.label))
-            multi = sum(n_tokens(P.verbalise(lab)) > 1 for lab in labels)
-            fe = float(multi + (1 if multi < len(labels) else 0))
-        elif d.task == "multiple_choice":
-            letters_one = all(n_tokens(P.LETTER_VERBALISATIONS[x]) == 1 for x in P.LETTERS[:4])
-            fe = 1.0 if letters_one else float(max((len(e.choices or ()) for e in d.examples), default=4))
-        elif d.task == "math":
-            fe = 1 + new_tokens * max(1 / max(tokens, 1), 0.05)
-        else:
-            fe = 1.0
-        total += fe * n
-        count += n
-    return total / count if count else 1.0
+        c = scoring_cost(d.task, d, tok, batch_size, max_new_tokens=new_tokens)
+        total += c.token_forwards
+        items += c.items
+        largest = max(largest, (c.largest[0], float(c.largest[1])), key=lambda x: x[0] * x[1])
+    return (total / items if items else 0.0), largest
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer for counting: about 4 characters a token (no tokenizer files to read)."""
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
+        def ids(t: str) -> list[int]:
+            return [0] * max(1, len(t) // 4)
+
+        return {"input_ids": [ids(t) for t in text] if isinstance(text, list) else ids(text)}
 
 
 def _arms(cfg: StudyConfig, n_domains: int) -> int:
@@ -337,6 +337,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     n_ce, t_ce = _tokens(causal_doms, tok, cfg.causal.max_length)
     n_test, t_test = _tokens(test, tok, None, prompts=True)
     n_train, _ = _tokens(train, tok, None)
+    t_data = t_test
     if tokens:
         t_prof = t_ce = t_test = float(tokens)
     data: dict[str, dict[str, float]] = {d.name: {"discovery": float(len(d.examples))} for d in disc}
@@ -357,9 +358,11 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     base = shape.weights_gb + RUNTIME_GB
     out: list[StagePlan] = []
 
-    def add(stage: str, n: int, passes: int, fe: float, t: float, kind: str, batch: int, note: str = "") -> None:
-        if stage in chosen:
-            out.append(StagePlan(stage, n, passes, fe, t, base + _activations(shape, batch, t, kind),
+    def add(stage: str, n: int, passes: int, fe: float, t: float, kind: str, batch: int, note: str = "",
+            peak: tuple[int, float] | None = None) -> None:
+        if stage in chosen:  # peak: (rows, length) of the stage's largest forward, when not batch x t
+            rows, width = peak if peak is not None else (batch, t)
+            out.append(StagePlan(stage, n, passes, fe, t, base + _activations(shape, rows, width, kind),
                                  fe * t * spt, note))
 
     c = cfg.causal
@@ -373,19 +376,27 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     add("tokens", n_prof, 3 * n_prof, 3.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
     add("expert_map", n_prof, 2 * n_prof, 2.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
     arms = _arms(cfg, max(len(disc), 1))
-    per_item = _item_fe(test, tok, cfg.intervention.max_new_tokens, t_test)
+    ci = cfg.intervention
+    scored, peak = _scored(test, tok, ci.batch_size, ci.max_new_tokens)
+    if tokens and t_data:  # planned at another input length: the rows scale with it
+        scored, peak = scored * tokens / t_data, (peak[0], peak[1] * tokens / t_data)
     n_eval = arms * n_test
-    lora = 3 * n_train * cfg.intervention.finetune_epochs
-    add("steering", n_test, int(n_eval), n_eval * per_item + lora, t_test or 64.0, "forward",
-        cfg.intervention.batch_size,
-        f"{arms} steered arms x {n_test} test items; router LoRA {lora:.0f} FE")
+    lora = 3 * n_train * ci.finetune_epochs
+    t_eval = t_test or 64.0
+    add("steering", n_test, int(n_eval), n_eval * scored / t_eval + lora, t_eval, "forward", ci.batch_size,
+        f"{arms} steered arms x {n_test} test items ({scored:.0f} tokens scored per item, padding included); "
+        f"router LoRA {lora:.0f} FE", peak=peak)
     second = (inputs.second or []) if inputs is not None else []
     n_second, t_second = _tokens(second, tok, None, prompts=True)
     if n_second:  # the registered sets at the registered strengths, with their matched controls
         c2 = cfg.intervention
         arms2 = 2 * len(strengths(c2)) * (1 + c2.n_controls) + 1
-        add("confirmation", n_second, arms2 * n_second, arms2 * n_second * per_item, float(tokens or t_second),
-            "forward", c2.batch_size, f"{arms2} arms x {n_second} items of the second corpora")
+        scored2, peak2 = _scored(second, tok, c2.batch_size, c2.max_new_tokens)
+        if tokens and t_second:
+            scored2, peak2 = scored2 * tokens / t_second, (peak2[0], peak2[1] * tokens / t_second)
+        t2 = float(tokens or t_second)
+        add("confirmation", n_second, arms2 * n_second, arms2 * n_second * scored2 / t2, t2, "forward",
+            c2.batch_size, f"{arms2} arms x {n_second} items of the second corpora", peak=peak2)
     add("routing_overlap", n_test, 4 * n_test, 4.0 * n_test, t_test or 64.0, "forward", cfg.profile.batch_size,
         "the targets' and references' routing, recorded")
     if not out:

@@ -574,3 +574,64 @@ def test_steering_rows_count_truncated_items(short_context, tokenizer) -> None:
     want = evaluate(moe, "classification", dom, batch_size=3).n_truncated
     t = res.table[res.table["applicable"].astype(bool)]
     assert want > 0 and set(t["n_truncated"]) == {want}
+
+
+# ------------------------------------------------------------------------------------------- cost
+
+
+class _Counted:
+    """Counts the (rows, length) of every forward pass ``model`` runs (decoding steps included)."""
+
+    def __init__(self, model) -> None:
+        self.shapes: list[tuple[int, int]] = []
+        self.handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, _m, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.shapes.append(tuple(ids.shape))
+
+
+@pytest.mark.parametrize("labels", [None, ("A", "joy", "B", "neutral", "sadness")])
+@pytest.mark.parametrize("bs", [1, 5, 16])
+def test_scoring_cost_counts_the_tokens_evaluation_runs(pair, labels, bs: int) -> None:
+    """Classification (multi-token labels, and a mix with one-token labels) and multiple choice (one-token letters,
+    and a tokenizer that splits them): the padded tokens of every forward evaluation runs, counted by a hook on
+    the model, equal ``scoring_cost``'s; the largest forward is its largest."""
+    from expertscope.evaluation import scoring_cost
+
+    tiny, tokenizer = pair
+    cases = [("classification", _relabelled(_examples("emotion", 11), labels) if labels else _examples("emotion", 11),
+              tokenizer, tiny)]
+    if labels is None:
+        cases.append(("multiple_choice", _examples("knowledge", 7), tokenizer, tiny))
+        cases.append(("multiple_choice", _examples("knowledge", 7), *reversed(_build_pair(300))))
+    for task, exs, tok, model in cases:
+        c = _Counted(model)
+        try:
+            evaluate(model, task, exs, tokenizer=tok, batch_size=bs, labels=labels)
+        finally:
+            c.handle.remove()
+        cost = scoring_cost(task, exs, tok, batch_size=bs, labels=labels)
+        assert cost.token_forwards == sum(r * n for r, n in c.shapes), (task, c.shapes)
+        assert cost.forwards == len(c.shapes) and cost.largest == max(c.shapes, key=lambda x: x[0] * x[1])
+        assert cost.items == len(exs)
+    # the full label set is scored whatever the examples' labels: two items of the seven emotions cost seven rows
+    two = _examples("emotion", 2)
+    assert len({e.label for e in two}) < len(LABELS)
+    seven = scoring_cost("classification", two, tokenizer, batch_size=16)
+    n_multi = sum(len(tokenizer(" " + x, add_special_tokens=False)["input_ids"]) > 1 for x in LABELS)
+    assert seven.largest[0] == 2 * n_multi
+
+
+def test_scoring_cost_of_math_counts_prompt_and_decoding_steps(tokenizer) -> None:
+    from expertscope.evaluation import scoring_cost
+    from expertscope.evaluation.evaluate import DECODE_STEP_SHARE
+
+    exs = _examples("math", 5)
+    lens = sorted((len(tokenizer(prompt("math", e))["input_ids"]) for e in exs), reverse=True)
+    c = scoring_cost("math", exs, tokenizer, batch_size=3, max_new_tokens=10)
+    by_hand = 3 * lens[0] + 2 * lens[3] + 10 * (3 * max(1, DECODE_STEP_SHARE * lens[0]) +
+                                               2 * max(1, DECODE_STEP_SHARE * lens[3]))
+    assert c.token_forwards == pytest.approx(by_hand) and c.forwards == 2
+    with pytest.raises(ConfigError, match="unknown task"):
+        scoring_cost("poetry", exs, tokenizer)
