@@ -285,8 +285,9 @@ def stability_text(domain: str, info: Mapping[str, Any]) -> str:
 # ----- replication ---------------------------------------------------------------------------------
 def subset_effects(effects: CausalEffects, keep: np.ndarray) -> CausalEffects:
     """The inputs of ``effects`` where ``keep`` ``(N,)`` is True (layers, exact mask and settings kept)."""
+    exact = effects.exact if effects.exact.ndim == 2 else effects.exact[keep]
     return CausalEffects(ce=effects.ce[keep], domain=effects.domain[keep], text_index=effects.text_index[keep],
-                         layers=list(effects.layers), exact=effects.exact, settings=dict(effects.settings))
+                         layers=list(effects.layers), exact=exact, settings=dict(effects.settings))
 
 
 def replicate_drivers(

@@ -50,7 +50,8 @@ class CausalEffects:
 
     ``ce`` ``(N, L, E)`` float64 (NaN for experts not asked for); ``domain`` ``(N,)`` each input's domain;
     ``text_index`` ``(N,)`` its index within that domain; ``layers`` the MoE layers of axis 1;
-    ``exact`` ``(L, E)`` bool, the entries computed by the exact engine (all for ``method="exact"``).
+    ``exact`` bool, the entries computed by the exact engine: ``(L, E)`` the same for every input (all for
+    ``method="exact"``), or ``(N, L, E)`` per input (``hybrid`` verifies a cell for the domains it matters to).
     """
 
     ce: np.ndarray
@@ -59,6 +60,10 @@ class CausalEffects:
     layers: list[int]
     exact: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def exact_per_input(self) -> np.ndarray:
+        """``(N, L, E)`` bool: the entries computed by the exact engine, per input."""
+        return np.broadcast_to(self.exact, self.ce.shape) if self.exact.ndim == 2 else self.exact
 
     @property
     def domains(self) -> list[str]:
@@ -74,6 +79,7 @@ class CausalEffects:
         rows = []
         L, E = len(self.layers), self.num_experts
         ll, ee = np.meshgrid(np.arange(L), np.arange(E), indexing="ij")
+        exact = self.exact_per_input()
         for d in self.domains:
             x = self.ce[self.domain == d]
             with warnings.catch_warnings():
@@ -82,7 +88,7 @@ class CausalEffects:
             rows.append(pd.DataFrame({
                 "domain": d, "layer": np.asarray(self.layers)[ll.ravel()], "expert": ee.ravel(),
                 "ce_mean": mean.ravel(), "ce_sd": sd.ravel(), "n_inputs": len(x),
-                "exact": self.exact.ravel(),
+                "exact": exact[self.domain == d].all(axis=0).ravel(),
             }))
         return pd.concat(rows, ignore_index=True)
 
@@ -93,7 +99,7 @@ class CausalEffects:
         return pd.DataFrame({
             "input": nn_.ravel(), "domain": self.domain[nn_.ravel()], "text_index": self.text_index[nn_.ravel()],
             "layer": np.asarray(self.layers)[ll.ravel()], "expert": ee.ravel(), "ce": self.ce.ravel(),
-            "exact": np.broadcast_to(self.exact, (N, L, E)).ravel(),
+            "exact": self.exact_per_input().ravel(),
         })
 
     def save(self, directory: str | Path) -> Path:
@@ -122,9 +128,11 @@ class CausalEffects:
         ce = np.full((N, L, E), np.nan)
         ce[df["input"].to_numpy(), df["layer"].map(lpos).to_numpy(), df["expert"].to_numpy()] = df["ce"].to_numpy()
         first = df.drop_duplicates("input").sort_values("input")
-        exact = np.zeros((L, E), bool)
-        one = df[df["input"] == 0]
-        exact[one["layer"].map(lpos).to_numpy(), one["expert"].to_numpy()] = one["exact"].to_numpy()
+        exact = np.zeros((N, L, E), bool)
+        exact[df["input"].to_numpy(), df["layer"].map(lpos).to_numpy(), df["expert"].to_numpy()] = \
+            df["exact"].to_numpy()
+        if N and (exact == exact[:1]).all():  # the same for every input: one (L, E) mask
+            exact = exact[0].copy()
         return cls(ce=ce, domain=first["domain"].to_numpy(dtype=object), text_index=first["text_index"].to_numpy(),
                    layers=layers, exact=exact, settings=meta)
 
@@ -239,9 +247,10 @@ def causal_effects(
             run.phase("fast", per_layer)
             hybrid = Hybrid(run.assemble("fast"), np.asarray(dom_of, dtype=object), lays, per_layer, E_max,
                             cfg.hybrid_top, drivers)
-            for r, which in enumerate(hybrid.rounds()):  # screen, verify exactly, screen again
-                run.phase(f"exact:{r}", which)
-                hybrid.verified(run.assemble(f"exact:{r}"), which)
+            for r, want in enumerate(hybrid.rounds()):  # screen, verify exactly (per domain), screen again
+                which, asked = hybrid.cells(want)
+                run.phase(f"exact:{r}", which, asked)
+                hybrid.verified(run.assemble(f"exact:{r}"), want)
     finally:
         run.stop_progress()
         if run.checkpoint is not None:
@@ -377,17 +386,27 @@ class _Run:
     def stop_progress(self) -> None:
         self.progress = None
 
-    def phase(self, name: str, which: Mapping[int, Sequence[int]]) -> None:
+    def phase(self, name: str, which: Mapping[int, Sequence[int]], asked: np.ndarray | None = None) -> None:
         """Compute phase ``name`` (an estimator: ``"exact"``, ``"fast"`` or ``"fisher"``) for the (layer,
-        experts) in ``which``."""
+        experts) in ``which``; ``asked`` ``(N, L, E_max)`` (``exact`` only): the cells each input needs (the
+        others stay NaN; a batch that needs none is not run)."""
         cfg, model, prep = self.cfg, self.model, self.prep
         rows = self.phases.setdefault(name, {})
         for ids in self.plan:
             if all(i in rows for i in ids):
                 continue
-            batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions, model.device,
-                               [prep.decisions[i] for i in ids])
-            vals = self.estimators[name.split(":")[0]].estimate(batch, which)  # "exact:1": hybrid's rounds
+            if asked is not None and not asked[ids].any():
+                vals = np.full((len(ids), len(which), self.E_max), np.nan)
+            else:
+                batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions,
+                                   model.device, [prep.decisions[i] for i in ids])
+                est = self.estimators[name.split(":")[0]]  # "exact:1": hybrid's rounds
+                if asked is None:
+                    vals = est.estimate(batch, which)
+                else:
+                    assert isinstance(est, ExactEstimator)
+                    li = [self.lays.index(layer) for layer in which]
+                    vals = est.estimate(batch, which, asked[ids][:, li])
             for j, i in enumerate(ids):
                 rows[i] = _full_row(vals[j], self.lays, which, self.E_max)
             self.done += 1
@@ -428,7 +447,7 @@ class _Run:
 
 def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Sequence[int]],
              hybrid: Hybrid | None, E_max: int) -> tuple[np.ndarray, np.ndarray]:
-    """The CE array of the method and the ``(L, E)`` mask of entries computed exactly."""
+    """The CE array of the method and the mask of entries computed exactly (``(L, E)``; ``hybrid`` per input)."""
     exact_mask = np.zeros((len(lays), E_max), bool)
     if method == "exact":
         for li, layer in enumerate(lays):
@@ -436,7 +455,7 @@ def _combine(run: _Run, method: str, lays: list[int], per_layer: Mapping[int, Se
         return run.assemble("exact"), exact_mask
     if method == "hybrid":
         assert hybrid is not None
-        return hybrid.ce.copy(), hybrid.exact.copy()
+        return hybrid.ce.copy(), hybrid.exact_per_input()
     return run.assemble(method), exact_mask
 
 

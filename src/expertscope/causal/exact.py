@@ -236,6 +236,7 @@ def exact_batch(
     stats: ExactStats,
     clean: CleanRun | None = None,
     prefix: bool = False,
+    asked: np.ndarray | None = None,
 ) -> np.ndarray:
     """CE ``(B, L, E_max)`` float64 for one batch; layers in ``experts``' order, NaN where not asked.
 
@@ -244,7 +245,8 @@ def exact_batch(
     tokens of one perturbed run (rows × padded length), so memory stays bounded whatever the batch.
     ``prefix``: recompute each row only from the first position whose layer output can change (the first
     perturbed position; for renormalising routers the first token where the expert is selected or can
-    enter the top-k), attending to the clean run's cached keys and values before it.
+    enter the top-k), attending to the clean run's cached keys and values before it. ``asked`` ``(B, L, E_max)``
+    bool: the (input, layer, expert) cells to compute (default: all in ``experts``); the others stay NaN.
     """
     layers = list(experts)
     B = batch.size
@@ -279,7 +281,8 @@ def exact_batch(
         ex = list(experts[layer])
         st = flat[o : o + B * len(ex)].reshape(B, len(ex))
         o += B * len(ex)
-        sk = st >= T
+        want = np.ones((B, len(ex)), bool) if asked is None else np.asarray(asked)[:, li][:, ex]
+        sk = (st >= T) & want
         n_sk = int(sk.sum())
         stats.skipped += n_sk
         stats.per_layer_skipped[layer] = stats.per_layer_skipped.get(layer, 0) + n_sk
@@ -291,7 +294,7 @@ def exact_batch(
         tail = stack is not None and stack.runs_tail(layer)
         # Rows: (input b, expert e) pairs, ordered by restart position so a run restarts late for all its rows.
         pairs = sorted(((int(fd[b] if tail else min(st[b, j], fd[b])) if prefix else 0, e, b)
-                        for j, e in enumerate(ex) for b in range(B) if not sk[b, j]))
+                        for j, e in enumerate(ex) for b in range(B) if want[b, j] and not sk[b, j]))
         for chunk in _runs(pairs, lens if prefix else [T] * B, chunk_tokens):
             start = chunk[0][0]
             end = max(lens[b] for _, _, b in chunk) if prefix else T
@@ -327,12 +330,14 @@ class ExactEstimator:
         self.stats = stats if stats is not None else ExactStats()
         self._engine: tuple[Stack | None] | None = None
 
-    def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]]) -> np.ndarray:
+    def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]], asked: np.ndarray | None = None
+                 ) -> np.ndarray:
+        """CE ``(B, L, E_max)``; ``asked`` ``(B, L, E_max)`` bool limits it to those cells (others NaN)."""
         if self._engine is None:
             self._engine = (resolve_engine(self.moe, self.stack, self.cfg.prefix_reuse, self.stats),)
         cfg = self.cfg
         return exact_batch(self.moe, self._engine[0], batch, experts, cfg.magnitude, self.label_ids,
-                           cfg.chunk_tokens, cfg.skip, self.stats, prefix=self.stats.prefix)
+                           cfg.chunk_tokens, cfg.skip, self.stats, prefix=self.stats.prefix, asked=asked)
 
 
 def _runs(pairs: list[tuple[int, int, int]], lens: list[int], chunk_tokens: int, waste: float = 0.25

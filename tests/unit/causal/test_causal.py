@@ -320,17 +320,29 @@ def test_hybrid_recomputes_top_candidates_exactly(make_tiny: Any) -> None:
     ex = C.causal_effects(moe, SHORT, batch_size=4)
     hy = C.causal_effects(moe, SHORT, method="hybrid", hybrid_top=2, batch_size=4)
     fa = C.causal_effects(moe, SHORT, method="fast", batch_size=4)
-    assert hy.exact[-1].all() and (hy.exact.sum(axis=1) >= 2).all()  # the calibration layer, the top 2 per layer
-    np.testing.assert_allclose(hy.ce[:, hy.exact], ex.ce[:, hy.exact], rtol=0, atol=1e-6)  # other row packing
-    # every other cell is its fast CE times its layer's exact/fast ratio (the median over the verified experts)
-    f, e = np.nanmean(fa.ce, axis=0), np.nanmean(hy.ce, axis=0)
+    assert hy.exact.shape == hy.ce.shape  # per input: a cell is verified for the domains it matters to
+    assert hy.exact[:, -1].all() and (hy.exact.sum(axis=2) >= 2).all()  # the calibration layer, the top 2 a layer
+    np.testing.assert_allclose(hy.ce[hy.exact], ex.ce[hy.exact], rtol=0, atol=1e-6)  # other row packing
+    # every other cell is its fast CE times its layer's exact/fast ratio (the median over the verified cells of
+    # every domain, each domain's mean over its own inputs)
     for li in range(len(moe.layers)):
-        rest = ~hy.exact[li]
+        ratios = []
+        for d in hy.domains:
+            rows = hy.domain == d
+            f, e = np.nanmean(fa.ce[rows], axis=0), np.nanmean(hy.ce[rows], axis=0)
+            ok = hy.exact[rows][0, li] & (f[li] > 0)
+            ratios += list(e[li, ok] / f[li, ok])
+        s = np.median(ratios)
+        rest = ~hy.exact[:, li]
         if rest.any():
-            ok = hy.exact[li] & (f[li] > 0)
-            s = np.median(e[li, ok] / f[li, ok])
-            np.testing.assert_allclose(hy.ce[:, li, rest], fa.ce[:, li, rest] * s, rtol=1e-9)
-    assert hy.settings["hybrid"]["exact_cells"] == int(hy.exact.sum())
+            np.testing.assert_allclose(hy.ce[:, li][rest], fa.ce[:, li][rest] * s, rtol=1e-9)
+    assert hy.settings["hybrid"]["exact_cells"] == sum(int(hy.exact[hy.domain == d][0].sum()) for d in hy.domains)
+    # the per-input mask survives a save and a load
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        back = C.CausalEffects.load(hy.save(tmp))
+    assert np.array_equal(back.exact_per_input(), hy.exact)
     assert hy.settings["hybrid"]["rounds"][0]["round"].startswith("calibrate")
     agree = C.spearman_by_layer(hy, ex)
     assert set(agree.columns) >= {"domain", "layer", "spearman"}
@@ -350,17 +362,17 @@ def test_hybrid_screen_and_verify_on_a_table() -> None:
     dom = np.array(["a"] * N, dtype=object)
     h = Hybrid(fast, dom, [0, 1, 2, 3], {la: list(range(E)) for la in range(4)}, E)
     rounds = []
-    for which in h.rounds():
-        rounds.append(which)
-        h.verified(exact, which)
-    assert rounds[0][3] == list(range(E))  # the calibration layer in full
+    for want in h.rounds():
+        rounds.append(want)
+        h.verified(exact, want)
+    assert rounds[0].shape == (1, L, E) and rounds[0][0, 3].all()  # the calibration layer in full
     med = np.median(fast.mean(0), axis=1)
     for la in range(3):
         nearest = np.argsort(np.abs(fast.mean(0)[la] - med[la]), kind="stable")[:2]
-        assert set(nearest) <= set(rounds[0][la])
-    assert h.exact[1, 5] and np.array_equal(h.ce[:, 1, 5], exact[:, 1, 5])
+        assert set(nearest) <= set(np.flatnonzero(rounds[0][0, la]))
+    assert h.exact[0, 1, 5] and np.array_equal(h.ce[:, 1, 5], exact[:, 1, 5])
     # unverified cells: fast x the layer's exact/fast ratio, about 5 here
-    rest = ~h.exact[0]
+    rest = ~h.exact[0, 0]
     assert np.allclose(h.ce[:, 0, rest] / fast[:, 0, rest], h.ce[:, 0, rest][0, 0] / fast[:, 0, rest][0, 0])
     assert 4 < h.ce[0, 0, rest][0] / fast[0, 0, rest][0] < 6.5
     assert h.summary()["exact_cells"] == int(h.exact.sum()) < L * E
@@ -369,15 +381,74 @@ def test_hybrid_screen_and_verify_on_a_table() -> None:
 
     for rule in (DriverConfig(rule="top", top=2), DriverConfig(rule="z", z=2.0)):
         h = Hybrid(fast, dom, [0, 1, 2, 3], {la: list(range(E)) for la in range(4)}, E, rule=rule)
-        for which in h.rounds():
-            h.verified(exact, which)
+        for want in h.rounds():
+            h.verified(exact, want)
         mean = h.ce.mean(0)
         if rule.rule == "top":
             picked = mean >= -np.sort(-mean, axis=1)[:, 1:2]
         else:
             picked = mean >= mean.mean(1, keepdims=True) + 2.0 * mean.std(1, keepdims=True)
-        assert picked.any() and h.exact[picked].all(), rule.rule
+        assert picked.any() and h.exact[0][picked].all(), rule.rule
 
+
+def test_hybrid_verifies_a_cell_on_the_domains_it_could_drive() -> None:
+    """Two domains, a driver planted in domain b only: it is computed exactly on b's inputs, never on a's (their
+    cell holds the scaled fast CE); the exact engine is asked for exactly the cells of each input's domain."""
+    from expertscope.causal.hybrid import Hybrid
+
+    g = np.random.default_rng(1)
+    N, L, E = 40, 4, 16
+    exact = g.gamma(4.0, 1e-4, size=(N, L, E))
+    dom = np.array(["a"] * 20 + ["b"] * 20, dtype=object)
+    exact[20:, 1, 5] *= 40  # b's driver
+    fast = exact * 0.2 * g.uniform(0.8, 1.25, size=exact.shape)
+    h = Hybrid(fast, dom, [0, 1, 2, 3], {la: list(range(E)) for la in range(4)}, E)
+    asked_total = np.zeros(exact.shape, bool)
+    for want in h.rounds():
+        which, asked = h.cells(want)
+        assert asked.shape == exact.shape
+        assert (asked[:20] == want[0]).all() and (asked[20:] == want[1]).all()  # each input: its domain's cells
+        assert all(asked[:, h.lays.index(la)].any(axis=0)[ex].all() for la, ex in which.items())
+        asked_total |= asked
+        h.verified(np.where(asked, exact, np.nan), want)  # what the engine returns: NaN outside the ask
+    assert h.exact[1, 1, 5] and not h.exact[0, 1, 5]
+    assert np.array_equal(h.ce[20:, 1, 5], exact[20:, 1, 5]) and not asked_total[:20, 1, 5].any()
+    assert np.isfinite(h.ce).all()  # every cell filled: exact or scaled fast
+    assert (h.exact_per_input() == asked_total).all()
+    assert h.summary()["cells"] == 2 * L * E
+
+
+
+def test_hybrid_makes_the_median_of_a_driver_layer_exact() -> None:
+    """Eight experts a layer: where the rule flags a driver, the experts around that layer's median on the final
+    table (the middle two, one more on each side) are exact for that domain, so the test and ratio compare
+    against exact's own median; the drivers found on hybrid's table equal those on the exact table."""
+    from expertscope.causal import driver_experts
+    from expertscope.causal.effects import CausalEffects
+    from expertscope.causal.hybrid import Hybrid
+    from expertscope.config import DriverConfig
+
+    g = np.random.default_rng(3)
+    N, L, E = 30, 4, 8
+    exact = g.gamma(4.0, 1e-3, size=(N, L, E))
+    exact[:, 2, 6] *= 6  # a driver of every domain at layer 2
+    # fast: a fifth of the scale, and a ranking that is off by expert (as fast is at depth)
+    fast = exact * 0.2 * g.uniform(0.5, 2.0, size=(1, L, E)) * g.uniform(0.9, 1.1, size=exact.shape)
+    dom = np.array(["a"] * 15 + ["b"] * 15, dtype=object)
+    rule = DriverConfig(stability_pairs=0)
+    h = Hybrid(fast, dom, list(range(L)), {la: list(range(E)) for la in range(L)}, E, rule=rule)
+    for want in h.rounds():
+        h.verified(np.where(h.cells(want)[1], exact, np.nan), want)
+    for di, rows in enumerate(h.rows):
+        assert h.exact[di, 2, 6]
+        middle = np.argsort(h.ce[rows].mean(0)[2], kind="stable")[2:6]  # on the final table: all exact
+        assert h.exact[di, 2, middle].all(), (di, middle, h.exact[di, 2])
+    def as_effects(ce: np.ndarray, ex: np.ndarray) -> CausalEffects:
+        return CausalEffects(ce=ce, domain=dom, text_index=np.arange(N), layers=list(range(L)), exact=ex)
+
+    a = driver_experts(as_effects(exact, np.ones((L, E), bool)), rule).df
+    b = driver_experts(as_effects(h.ce, h.exact_per_input()), rule).df
+    assert a.is_driver.any() and (a.is_driver.to_numpy() == b.is_driver.to_numpy()).all()
 
 # ----- drivers, causal rate ------------------------------------------------------------------------
 def test_planted_driver_is_found() -> None:
