@@ -54,6 +54,7 @@ def test_plan_command_prints_every_stage_and_a_total(model_dir: Path) -> None:
                             "--calibrate", "--tokens", "32"])
     assert r.exit_code == 0, r.output
     assert "calibrated:" in r.output and "ms per token" in r.output
+    assert "(its largest batch)" in " ".join(r.output.split())  # evaluation's forwards timed at their own shape
     r = runner.invoke(app, ["plan", "-m", str(model_dir), "--tflops", "-1"])
     assert r.exit_code == 2 and "tflops" in r.output
 

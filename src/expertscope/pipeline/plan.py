@@ -104,6 +104,9 @@ class Plan:
     fast_fe: float | None = None
     """``fast``'s forward-equivalents per input, measured with ``calibrate`` (None: ``2 + 2 × probes``)."""
     notes: list[str] = field(default_factory=list)
+    eval_seconds_per_token: float | None = None
+    """Seconds per token of evaluation's forwards (its largest batch, timed with ``calibrate``: many rows run
+    cheaper per token than a profiling batch on a small model); None: ``seconds_per_token``."""
 
     @property
     def total_seconds(self) -> float:
@@ -148,7 +151,7 @@ class Plan:
             return fe * T * self.seconds_per_token, mem + _activations(self.model, 1, T, job)
         if job == "steer":  # the items as evaluation scores them (row["scored"]: scoring_cost's count for them)
             rows, width = row.get("largest", (16, T))
-            return float(row["scored"]) * self.seconds_per_token, \
+            return float(row["scored"]) * (self.eval_seconds_per_token or self.seconds_per_token), \
                 mem + _activations(self.model, int(rows), float(width), "forward")
         return None
 
@@ -346,11 +349,18 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     fast_fe = None
     # importance computes the selected experts' outputs again, one slot at a time: about twice their share
     factor = 1 + (2 * shape.moe_share if cfg.profile.importance else 0.0)
+    ci = cfg.intervention
+    scored, peak = _scored(test, tok, ci.batch_size, ci.max_new_tokens)
+    if tokens and t_data:  # planned at another input length: the rows scale with it
+        scored, peak = scored * tokens / t_data, (peak[0], peak[1] * tokens / t_data)
+    eval_spt = None
     if calibrate:
-        spt, efficiency, measured, fast_fe = _calibrate(cfg, shape, int(tokens or t_ce or 128))
+        spt, efficiency, measured, fast_fe, eval_spt = _calibrate(cfg, shape, int(tokens or t_ce or 128),
+                                                                  peak if n_test else None)
         factor = measured if cfg.profile.importance else 1.0
         notes.append(f"calibrated: {spt * 1e3:.3f} ms per token in one forward; profiling {factor:.2f}x a forward; "
-                     f"exact at {efficiency:.2f} of its analytic bound; fast {fast_fe:.1f} forward-equivalents")
+                     f"exact at {efficiency:.2f} of its analytic bound; fast {fast_fe:.1f} forward-equivalents"
+                     + (f"; evaluation {eval_spt * 1e3:.3f} ms per token (its largest batch)" if eval_spt else ""))
     else:
         spt = 2 * shape.active_params / ((tflops or CPU_TFLOPS) * 1e12)
         notes.append(f"not calibrated: 2 x {count_text(shape.active_params)} active parameters per token at "
@@ -359,11 +369,11 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     out: list[StagePlan] = []
 
     def add(stage: str, n: int, passes: int, fe: float, t: float, kind: str, batch: int, note: str = "",
-            peak: tuple[int, float] | None = None) -> None:
+            peak: tuple[int, float] | None = None, per_token: float | None = None) -> None:
         if stage in chosen:  # peak: (rows, length) of the stage's largest forward, when not batch x t
             rows, width = peak if peak is not None else (batch, t)
             out.append(StagePlan(stage, n, passes, fe, t, base + _activations(shape, rows, width, kind),
-                                 fe * t * spt, note))
+                                 fe * t * (per_token or spt), note))
 
     c = cfg.causal
     add("profile", n_prof, n_prof, n_prof * factor, t_prof, "forward", cfg.profile.batch_size,
@@ -376,16 +386,12 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     add("tokens", n_prof, 3 * n_prof, 3.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
     add("expert_map", n_prof, 2 * n_prof, 2.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
     arms = _arms(cfg, max(len(disc), 1))
-    ci = cfg.intervention
-    scored, peak = _scored(test, tok, ci.batch_size, ci.max_new_tokens)
-    if tokens and t_data:  # planned at another input length: the rows scale with it
-        scored, peak = scored * tokens / t_data, (peak[0], peak[1] * tokens / t_data)
     n_eval = arms * n_test
     lora = 3 * n_train * ci.finetune_epochs
     t_eval = t_test or 64.0
     add("steering", n_test, int(n_eval), n_eval * scored / t_eval + lora, t_eval, "forward", ci.batch_size,
         f"{arms} steered arms x {n_test} test items ({scored:.0f} tokens scored per item, padding included); "
-        f"router LoRA {lora:.0f} FE", peak=peak)
+        f"router LoRA {lora:.0f} FE", peak=peak, per_token=eval_spt)
     second = (inputs.second or []) if inputs is not None else []
     n_second, t_second = _tokens(second, tok, None, prompts=True)
     if n_second:  # the registered sets at the registered strengths, with their matched controls
@@ -396,19 +402,26 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
             scored2, peak2 = scored2 * tokens / t_second, (peak2[0], peak2[1] * tokens / t_second)
         t2 = float(tokens or t_second)
         add("confirmation", n_second, arms2 * n_second, arms2 * n_second * scored2 / t2, t2, "forward",
-            c2.batch_size, f"{arms2} arms x {n_second} items of the second corpora", peak=peak2)
+            c2.batch_size, f"{arms2} arms x {n_second} items of the second corpora", peak=peak2, per_token=eval_spt)
     add("routing_overlap", n_test, 4 * n_test, 4.0 * n_test, t_test or 64.0, "forward", cfg.profile.batch_size,
         "the targets' and references' routing, recorded")
     if not out:
         notes.append("the chosen stages read earlier tables only: no model work")
-    return Plan(shape, data, out, spt, calibrate, float(tokens or t_ce or 128.0), efficiency, factor, fast_fe, notes)
+    return Plan(shape, data, out, spt, calibrate, float(tokens or t_ce or 128.0), efficiency, factor, fast_fe, notes,
+                eval_spt)
 
 
-def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float, float, float, float]:
+#: Rows of evaluation's largest batch timed by ``--calibrate`` (at most; its length in full).
+EVAL_CALIBRATION_ROWS = 32
+
+
+def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int, eval_shape: tuple[int, float] | None = None
+               ) -> tuple[float, float, float, float, float | None]:
     """Seconds per token of a forward of the real model (a batch of ``profile.batch_size`` inputs of ``tokens``
     tokens, median of 3 after a warm-up), exact's cost against its analytic bound, from the restarts of up to 8
-    experts at the first and the last MoE layer on two inputs, a profiling batch's time over a forward's, and
-    ``fast``'s forward-equivalents on one input."""
+    experts at the first and the last MoE layer on two inputs, a profiling batch's time over a forward's,
+    ``fast``'s forward-equivalents on one input, and, given evaluation's largest forward ``(rows, length)``, the
+    seconds per token of a forward of that shape (at most :data:`EVAL_CALIBRATION_ROWS` rows, after a warm-up)."""
     import torch
 
     from ..causal import causal_effects
@@ -448,7 +461,17 @@ def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int) -> tuple[float,
     causal_effects(moe, {"c": [text]}, method="fast", max_length=tokens, batch_size=1, noise_inputs=0,
                    fast_probes=cfg.causal.fast_probes)
     fast_fe = (time.perf_counter() - t) / (spt * ids.shape[1])
-    return spt, efficiency, max(1.0, prof_factor), fast_fe
+    eval_spt = None
+    if eval_shape is not None:
+        rows, width = min(int(eval_shape[0]), EVAL_CALIBRATION_ROWS), max(1, round(eval_shape[1]))
+        long = moe.tokenizer(" ".join([text] * (1 + width // max(ids.shape[1], 1))), return_tensors="pt")
+        shaped = long["input_ids"][:, :width].to(moe.device).expand(rows, -1)
+        with torch.no_grad():
+            moe.model(input_ids=shaped[:1], use_cache=False)  # warm-up at this length
+            t = time.perf_counter()
+            moe.model(input_ids=shaped, use_cache=False)
+            eval_spt = (time.perf_counter() - t) / shaped.numel()
+    return spt, efficiency, max(1.0, prof_factor), fast_fe, eval_spt
 
 
 __all__ = ["ModelShape", "Plan", "StagePlan", "count_text", "duration_text", "model_shape", "plan"]
