@@ -18,7 +18,8 @@ against the layer's median). So:
 4. **repeat** — rescale and verify again, until nothing new is flagged (at most 6 rounds).
 
 There is no separate screen on the fast CE: a cell "could pass the ratio" in about 3 of 8 experts of every
-layer, while the relaxed rule (test, ratio and floor together) flags few, and misses no planted driver.
+layer, while the relaxed rule (test, ratio and floor together) flags few. What this costs and how often it
+agrees with ``exact``: ``benchmarks/bench_hybrid_drivers.py`` (docs/benchmarks.md, "Cheap drivers").
 
 A driver is then always an exactly computed expert of its domain; the result's ``exact`` mask ``(N, L, E)``
 says which cells were, per input (``settings["hybrid"]`` the rounds and the cells per round). ``hybrid_top``
