@@ -61,7 +61,7 @@ class Hybrid:
 
     def __init__(self, fast: np.ndarray, dom: np.ndarray, lays: list[int], per_layer: Mapping[int, Sequence[int]],
                  E_max: int, least: int = 0, rule: DriverConfig | None = None) -> None:
-        self.fast, self.dom, self.lays, self.per_layer = fast, dom, lays, per_layer
+        self.fast, self.lays = fast, lays
         self.domains = list(dict.fromkeys(dom.tolist()))
         self.rows = [dom == d for d in self.domains]
         self.ce = fast.copy()
@@ -94,7 +94,7 @@ class Hybrid:
         """The exact engine's request for ``want`` ``(D, L, E)``: ``{layer: experts}`` (any domain) and the cells
         each input needs ``(N, L, E)`` (its domain's)."""
         which: dict[int, list[int]] = {}
-        union = np.asarray(want).any(axis=0, keepdims=False).astype(bool)
+        union = np.any(want, axis=0)
         for li, layer in enumerate(self.lays):
             ex = np.flatnonzero(union[li])
             if len(ex):
@@ -136,14 +136,10 @@ class Hybrid:
         layer's verified cells of every domain; over all layers' where the layer has none)."""
         ratio, ok = self._ratios()
         overall = float(np.nanmedian(ratio[ok])) if ok.any() else 1.0
-        for li in range(len(self.lays)):
-            s = float(np.nanmedian(ratio[:, li][ok[:, li]])) if ok[:, li].any() else overall
-            for di, rows in enumerate(self.rows):
-                rest = np.flatnonzero(self.asked[li] & ~self.exact[di, li])
-                if len(rest):
-                    sub = self.ce[rows]
-                    sub[:, li, rest] = self.fast[rows][:, li, rest] * s
-                    self.ce[rows] = sub
+        scale = np.array([float(np.nanmedian(ratio[:, li][ok[:, li]])) if ok[:, li].any() else overall
+                          for li in range(len(self.lays))])
+        rest = self.asked[None] & ~self.exact_per_input()
+        self.ce = np.where(rest, self.fast * scale[None, :, None], self.ce)
 
     def _means(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per domain: its inputs' CE ``(n, L, E)`` and the mean ``(L, E)``."""

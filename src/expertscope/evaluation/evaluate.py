@@ -20,7 +20,7 @@ Prompts never run past the model's context: longer ones are cut from the left (`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -353,9 +353,7 @@ def evaluate(
         raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} is not positive: pass --batch-size 1 or more")
-    if isinstance(examples, Domain):
-        labels = examples.labels if labels is None else labels  # the domain's own label set
-        examples = examples.examples
+    examples, labels = _unpack(examples, labels)
     if isinstance(examples, str | bytes | dict) or not all(isinstance(e, Example) for e in examples):
         from ..errors import InputTypeError
 
@@ -372,9 +370,6 @@ def evaluate(
     p_ids = _encode_many(tokenizer, [prompts.prompt(task, ex) for ex in exs], special=True)
     l_ids = [_encode(tokenizer, prompts.verbalise(lab), special=False) for lab in label_set]
     p_ids, cut = _fit_prompts(model, hf, tokenizer, task, exs, p_ids, l_ids, new_tokens)
-    # Batches take prompts of similar length together, longest first (a stable sort: ties keep the input
-    # order): less padding, and for math fewer steps, as a longer question tends to a longer solution.
-    order = sorted(range(len(exs)), key=lambda i: -len(p_ids[i]))
     name = f"evaluating {task}"
     if progress is not None:
         progress(name, 0, len(exs))
@@ -383,8 +378,7 @@ def evaluate(
     records: list[dict[str, Any] | None] = [None] * len(exs)
     done = 0
     try:
-        for start in range(0, len(exs), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in _batches(p_ids, batch_size):
             batch, b_ids = [exs[i] for i in idx], [p_ids[i] for i in idx]
             if task == "classification":
                 recs = _score_classification(hf, batch, b_ids, label_set, l_ids, pad_id, dev)
@@ -445,14 +439,11 @@ def scoring_cost(
     (:func:`evaluate` cuts only prompts longer than the model's context)."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-    if isinstance(examples, Domain):
-        labels = examples.labels if labels is None else labels
-        examples = examples.examples
+    examples, labels = _unpack(examples, labels)
     exs = list(examples)
     label_set = tuple(labels) if labels is not None else prompts.LABELS
     new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     p_ids = _encode_many(tokenizer, [prompts.prompt(task, ex) for ex in exs], special=True) if exs else []
-    order = sorted(range(len(exs)), key=lambda i: -len(p_ids[i]))
     l_lens = [len(_encode(tokenizer, prompts.verbalise(lab), special=False)) for lab in label_set]
     letters = {x: len(_encode(tokenizer, prompts.LETTER_VERBALISATIONS[x], special=False)) for x in prompts.LETTERS}
     total, passes, largest = 0.0, 0, (0, 0)
@@ -463,8 +454,7 @@ def scoring_cost(
         passes += 1
         largest = max(largest, (rows, length), key=lambda x: x[0] * x[1])
 
-    for start in range(0, len(exs), max(batch_size, 1)):
-        idx = order[start : start + batch_size]
+    for idx in _batches(p_ids, max(batch_size, 1)):
         lens = [len(p_ids[i]) for i in idx]
         if task == "classification":
             if any(n == 1 for n in l_lens):
@@ -485,6 +475,23 @@ def scoring_cost(
             run(len(idx), max(lens))
             total += new_tokens * len(idx) * max(1.0, DECODE_STEP_SHARE * max(lens))
     return ScoringCost(total, largest, len(exs), passes)
+
+
+def _unpack(examples: Sequence[Example] | Domain, labels: Sequence[str] | None
+            ) -> tuple[Sequence[Example], Sequence[str] | None]:
+    """A Domain's examples and, unless ``labels`` is given, its own label set; anything else as it is."""
+    if isinstance(examples, Domain):
+        return examples.examples, examples.labels if labels is None else labels
+    return examples, labels
+
+
+def _batches(p_ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    """The example indices of each batch: prompts of similar length together, longest first (a stable sort: ties
+    keep the input order): less padding, and for math fewer steps, as a longer question tends to a longer
+    solution."""
+    order = sorted(range(len(p_ids)), key=lambda i: -len(p_ids[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 def _encode_many(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:

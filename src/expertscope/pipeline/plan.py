@@ -263,11 +263,12 @@ def _tokens(domains: Sequence[Any], tokenizer: Any, cap: int | None, prompts: bo
     return len(texts), sum(lens) / len(lens)
 
 
-def _scored(domains: Sequence[Any], tokenizer: Any, batch_size: int, new_tokens: int
-            ) -> tuple[float, tuple[int, float]]:
+def _scored(domains: Sequence[Any], tokenizer: Any, batch_size: int, new_tokens: int, tokens: int | None = None,
+            data_tokens: float = 0.0) -> tuple[float, tuple[int, float]]:
     """Tokens evaluation runs per item (padding included; averaged over ``domains``' items) and its largest
     forward ``(rows, length)``: :func:`~expertscope.evaluation.scoring_cost` on each domain (about 4 characters
-    a token without a tokenizer)."""
+    a token without a tokenizer). Planned at another input length ``tokens`` than the data's mean prompt
+    ``data_tokens``, both scale with it."""
     from ..evaluation import scoring_cost
 
     tok = tokenizer if tokenizer is not None else _CharTokenizer()
@@ -279,7 +280,8 @@ def _scored(domains: Sequence[Any], tokenizer: Any, batch_size: int, new_tokens:
         total += c.token_forwards
         items += c.items
         largest = max(largest, (c.largest[0], float(c.largest[1])), key=lambda x: x[0] * x[1])
-    return (total / items if items else 0.0), largest
+    scale = tokens / data_tokens if tokens and data_tokens else 1.0
+    return (total / items * scale if items else 0.0), (largest[0], largest[1] * scale)
 
 
 class _CharTokenizer:
@@ -350,9 +352,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     # importance computes the selected experts' outputs again, one slot at a time: about twice their share
     factor = 1 + (2 * shape.moe_share if cfg.profile.importance else 0.0)
     ci = cfg.intervention
-    scored, peak = _scored(test, tok, ci.batch_size, ci.max_new_tokens)
-    if tokens and t_data:  # planned at another input length: the rows scale with it
-        scored, peak = scored * tokens / t_data, (peak[0], peak[1] * tokens / t_data)
+    scored, peak = _scored(test, tok, ci.batch_size, ci.max_new_tokens, tokens, t_data)
     eval_spt = None
     if calibrate:
         spt, efficiency, measured, fast_fe, eval_spt = _calibrate(cfg, shape, int(tokens or t_ce or 128),
@@ -395,14 +395,11 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     second = (inputs.second or []) if inputs is not None else []
     n_second, t_second = _tokens(second, tok, None, prompts=True)
     if n_second:  # the registered sets at the registered strengths, with their matched controls
-        c2 = cfg.intervention
-        arms2 = 2 * len(strengths(c2)) * (1 + c2.n_controls) + 1
-        scored2, peak2 = _scored(second, tok, c2.batch_size, c2.max_new_tokens)
-        if tokens and t_second:
-            scored2, peak2 = scored2 * tokens / t_second, (peak2[0], peak2[1] * tokens / t_second)
+        arms2 = 2 * len(strengths(ci)) * (1 + ci.n_controls) + 1
+        scored2, peak2 = _scored(second, tok, ci.batch_size, ci.max_new_tokens, tokens, t_second)
         t2 = float(tokens or t_second)
         add("confirmation", n_second, arms2 * n_second, arms2 * n_second * scored2 / t2, t2, "forward",
-            c2.batch_size, f"{arms2} arms x {n_second} items of the second corpora", peak=peak2, per_token=eval_spt)
+            ci.batch_size, f"{arms2} arms x {n_second} items of the second corpora", peak=peak2, per_token=eval_spt)
     add("routing_overlap", n_test, 4 * n_test, 4.0 * n_test, t_test or 64.0, "forward", cfg.profile.batch_size,
         "the targets' and references' routing, recorded")
     if not out:
