@@ -103,3 +103,61 @@ def test_plan_scores_the_steering_items_as_evaluation_does(model_dir: Path) -> N
     # twice the batch: rows per forward double, so the largest forward (and the stage's memory) grows
     big = es.plan(cfg.replace(intervention=es.InterventionConfig(limit=5, batch_size=8))).stage("steering")
     assert big is not None and big.memory_gb > st.memory_gb
+
+
+def test_plan_spreads_the_executor_stages_over_its_workers(model_dir: Path) -> None:
+    """With ``executor="process"`` the stages it runs (profiling, steering, confirmation) take their local time over
+    the workers, and the first of them pays the workers' start once; the other stages are unchanged."""
+    from expertscope.pipeline.plan import LOAD_GB_PER_S, WORKER_START_S
+
+    local = es.StudyConfig(model=str(model_dir), limit=12, causal=es.CausalConfig(limit=4))
+    one = es.plan(local)
+    for workers in (2, 3):
+        p = es.plan(local.replace(executor="process", workers=workers))
+        start = WORKER_START_S + p.model.weights_gb / LOAD_GB_PER_S
+        for s in one.stages:
+            got = p.stage(s.stage)
+            assert got is not None and got.fe == s.fe
+            if s.stage == "profile":
+                assert got.seconds == pytest.approx(s.seconds / workers + start, rel=1e-9)
+            elif s.stage in ("steering", "confirmation"):
+                assert got.seconds == pytest.approx(s.seconds / workers, rel=1e-9)
+                assert f"over {workers} process workers" in got.note
+            else:
+                assert got.seconds == pytest.approx(s.seconds, rel=1e-9)
+
+
+def test_the_routing_stages_count_the_texts_their_passes_read(model_dir: Path) -> None:
+    """``causal_rate`` reads every discovery text (not the causal stage's limit) and ``expert_map`` the texts that
+    give its router inputs: counted by a hook on the model's forward while the library's own functions run."""
+    import pandas as pd
+    import torch
+
+    from expertscope.causal import causal_rate
+    from expertscope.pipeline.prepare import prepare
+    from expertscope.stats.expert_map import router_inputs
+
+    cfg = es.StudyConfig(model=str(model_dir), limit=12, causal=es.CausalConfig(limit=4))
+    p = es.plan(cfg)
+    rate, emap = p.stage("causal_rate"), p.stage("expert_map")
+    assert rate is not None and emap is not None
+    moe = es.load_model(str(model_dir))
+    doms = prepare(cfg).domains
+    rows: list[int] = []
+    handle = moe.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(int((kwargs.get("input_ids") if "input_ids" in kwargs
+                                                  else args[0]).shape[0])), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            causal_rate(moe, doms, pd.DataFrame(columns=["domain", "layer", "expert", "is_driver"]),
+                        batch_size=cfg.causal.batch_size, max_length=cfg.causal.max_length)
+            read_by_rate = sum(rows)
+            rows.clear()
+            router_inputs(moe, doms, batch_size=cfg.profile.batch_size, max_length=cfg.profile.max_length)
+            read_by_map = sum(rows)
+    finally:
+        handle.remove()
+    assert rate.inputs == rate.forward_passes == read_by_rate == 12 * 3
+    # the plan reads whole batches until the mean text length gives 1024 inputs: within a batch of the count
+    assert abs(emap.forward_passes - read_by_map) <= cfg.profile.batch_size
+    assert emap.forward_passes < rate.forward_passes  # 16 of the 36 texts here: not every text, as before

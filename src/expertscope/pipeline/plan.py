@@ -12,7 +12,9 @@ stages' own work:
   recomputes layers ``l..`` (``(n_layers - l) / n_layers`` of a forward): the analytic bound of the engine (it
   does less: skipped perturbations, the last layer at the decision positions); ``fast``: ``2 + 2 × probes``;
   ``hybrid``: ``fast`` plus the share its screen verifies (25-50 % measured; 40 % assumed);
-- ``causal_rate``, ``tokens``, ``expert_map``: routing passes (1, 3 and 2 FE per input);
+- ``causal_rate``: one routing pass over every discovery text (at the causal stage's length); ``tokens``: 3 FE
+  per discovery text; ``expert_map``: the texts that give :data:`EXPERT_MAP_TOKENS` router inputs, and every
+  expert's MLP on them;
 - ``steering``: every steered arm of the study (strengths × the target, its controls, references and the
   busiest control; the selectivity matrix), each scoring the domain's test items as evaluation scores them
   (:func:`~expertscope.evaluation.scoring_cost`: the same label set, batches and ``prompt + label`` rows, padding
@@ -22,12 +24,16 @@ stages' own work:
 Seconds per token: ``--calibrate`` times forwards of the real model (weights loaded once, after the counts are
 printed) and ``exact``'s restarts at the first and the middle MoE layer, so the engine's own efficiency enters;
 without it an assumed throughput (``tflops``; a CPU core: 0.03 TFLOP/s) on 2 × active parameters per token.
+With ``executor`` ``process`` or ``ray``, the stages it runs (profiling, steering, confirmation) spread over
+``workers`` (their time divided by it), and the first of them pays the workers' start once (each imports the
+libraries and loads the model: timed by ``--calibrate``, else :data:`WORKER_START_S` assumed).
 Memory: the weights, plus the stage's activations (formulas in :func:`_activations`), plus about 0.5 GB of
 runtime. Estimates, not guarantees: ``bench_real_size.py`` checks them against measured runs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +46,14 @@ from ..errors import ConfigError
 CPU_TFLOPS = 0.03
 RUNTIME_GB = 0.5
 HYBRID_SHARE = 0.4
+#: Seconds to start a worker (interpreter, torch and transformers imported, a small model loaded) when not
+#: calibrated; weights add their load time at :data:`LOAD_GB_PER_S`.
+WORKER_START_S = 6.0
+LOAD_GB_PER_S = 1.0
+#: Router inputs ``expert_map`` collects (``router_inputs``' default): texts are read until it has them.
+EXPERT_MAP_TOKENS = 1024
+#: The stages an executor spreads over its workers.
+EXECUTOR_STAGES = ("profile", "steering", "confirmation")
 
 
 @dataclass
@@ -238,6 +252,12 @@ def _activations(m: ModelShape, batch: int, tokens: float, kind: str, chunk_toke
     return fwd
 
 
+def _experts_over_k(m: ModelShape) -> float:
+    """Experts over top-k, averaged over the MoE layers: every expert on a token costs this many of its routed
+    share of a forward."""
+    return sum(E / max(k, 1) for E, k in m.moe.values()) / max(len(m.moe), 1)
+
+
 def _causal_fe(m: ModelShape, method: str, probes: int, efficiency: float, fast_fe: float | None = None) -> float:
     """Forward-equivalents per input of ``method`` (module docstring)."""
     exact = 1 + efficiency * sum(E * (m.n_layers - layer) / m.n_layers for layer, (E, _) in m.moe.items())
@@ -354,9 +374,11 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     ci = cfg.intervention
     scored, peak = _scored(test, tok, ci.batch_size, ci.max_new_tokens, tokens, t_data)
     eval_spt = None
+    start_s = WORKER_START_S + shape.weights_gb / LOAD_GB_PER_S
     if calibrate:
-        spt, efficiency, measured, fast_fe, eval_spt = _calibrate(cfg, shape, int(tokens or t_ce or 128),
-                                                                  peak if n_test else None)
+        spt, efficiency, measured, fast_fe, eval_spt, start = _calibrate(cfg, shape, int(tokens or t_ce or 128),
+                                                                         peak if n_test else None)
+        start_s = start if start is not None else start_s
         factor = measured if cfg.profile.importance else 1.0
         notes.append(f"calibrated: {spt * 1e3:.3f} ms per token in one forward; profiling {factor:.2f}x a forward; "
                      f"exact at {efficiency:.2f} of its analytic bound; fast {fast_fe:.1f} forward-equivalents"
@@ -367,13 +389,23 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
                      f"{tflops or CPU_TFLOPS} TFLOP/s (pass --calibrate to time the model)")
     base = shape.weights_gb + RUNTIME_GB
     out: list[StagePlan] = []
+    workers = cfg.workers if cfg.executor != "local" else 1
+    started = [False]
 
     def add(stage: str, n: int, passes: int, fe: float, t: float, kind: str, batch: int, note: str = "",
             peak: tuple[int, float] | None = None, per_token: float | None = None) -> None:
         if stage in chosen:  # peak: (rows, length) of the stage's largest forward, when not batch x t
             rows, width = peak if peak is not None else (batch, t)
+            seconds = fe * t * (per_token or spt)
+            if workers > 1 and stage in EXECUTOR_STAGES:
+                seconds /= workers
+                note = (note + "; " if note else "") + f"over {workers} {cfg.executor} workers"
+            if cfg.executor != "local" and stage in EXECUTOR_STAGES and not started[0]:
+                started[0] = True
+                seconds += start_s
+                note += f" (their start: {start_s:.0f} s)"
             out.append(StagePlan(stage, n, passes, fe, t, base + _activations(shape, rows, width, kind),
-                                 fe * t * (per_token or spt), note))
+                                 seconds, note))
 
     c = cfg.causal
     add("profile", n_prof, n_prof, n_prof * factor, t_prof, "forward", cfg.profile.batch_size,
@@ -382,9 +414,19 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     add("drivers", n_ce, int(n_ce * fe_in), n_ce * fe_in, t_ce, c.method, c.batch_size,
         f"{c.method}: {fe_in:.0f} FE per input" + ("" if calibrate or c.method == "fast" else
                                                    " (the engine's analytic bound; it does less)"))
-    add("causal_rate", n_ce, n_ce, float(n_ce), t_ce, "forward", c.batch_size)
+    n_rate, t_rate = _tokens(disc, tok, c.max_length)  # every discovery text, at the causal stage's length
+    if tokens:
+        t_rate = float(tokens)
+    add("causal_rate", n_rate, n_rate, float(n_rate), t_rate, "forward", c.batch_size,
+        "one routing pass over every discovery text")
     add("tokens", n_prof, 3 * n_prof, 3.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
-    add("expert_map", n_prof, 2 * n_prof, 2.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
+    # texts until EXPERT_MAP_TOKENS router inputs (whole batches), then every expert's MLP on those inputs
+    bs = cfg.profile.batch_size
+    texts_needed = math.ceil(EXPERT_MAP_TOKENS / t_prof) if t_prof else 0
+    n_map = min(n_prof, bs * math.ceil(texts_needed / bs))
+    experts_fe = EXPERT_MAP_TOKENS * shape.moe_share * _experts_over_k(shape) / max(t_prof, 1.0)
+    add("expert_map", n_prof, n_map, n_map + experts_fe, t_prof, "forward", bs,
+        f"{n_map} texts give its {EXPERT_MAP_TOKENS} router inputs; every expert's MLP on them")
     arms = _arms(cfg, max(len(disc), 1))
     n_eval = arms * n_test
     lora = 3 * n_train * ci.finetune_epochs
@@ -413,20 +455,24 @@ EVAL_CALIBRATION_ROWS = 32
 
 
 def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int, eval_shape: tuple[int, float] | None = None
-               ) -> tuple[float, float, float, float, float | None]:
+               ) -> tuple[float, float, float, float, float | None, float | None]:
     """Seconds per token of a forward of the real model (a batch of ``profile.batch_size`` inputs of ``tokens``
     tokens, median of 3 after a warm-up), exact's cost against its analytic bound, from the restarts of up to 8
     experts at the first and the last MoE layer on two inputs, a profiling batch's time over a forward's,
     ``fast``'s forward-equivalents on one input, and, given evaluation's largest forward ``(rows, length)``, the
-    seconds per token of a forward of that shape (at most :data:`EVAL_CALIBRATION_ROWS` rows, after a warm-up)."""
+    seconds per token of a forward of that shape (at most :data:`EVAL_CALIBRATION_ROWS` rows, after a warm-up);
+    with a ``process`` or ``ray`` executor, the seconds a worker takes to start (a fresh interpreter importing
+    the libraries, plus the model's load here)."""
     import torch
 
     from ..causal import causal_effects
     from ..models.loading import load_model
     from ..stats.profile import profile
 
+    t = time.perf_counter()
     moe = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                      allow_pickle=cfg.allow_pickle)
+    start = _worker_start() + time.perf_counter() - t if cfg.executor != "local" else None
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * (1 + tokens // 8))
     ids = moe.tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens].to(moe.device)
     batch = ids.expand(max(1, cfg.profile.batch_size), -1)
@@ -468,7 +514,18 @@ def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int, eval_shape: tup
             t = time.perf_counter()
             moe.model(input_ids=shaped, use_cache=False)
             eval_spt = (time.perf_counter() - t) / shaped.numel()
-    return spt, efficiency, max(1.0, prof_factor), fast_fe, eval_spt
+    return spt, efficiency, max(1.0, prof_factor), fast_fe, eval_spt, start
+
+
+def _worker_start() -> float:
+    """Seconds a fresh interpreter takes to import what a worker imports (torch, transformers, the profiler)."""
+    import subprocess
+    import sys
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, transformers, expertscope.stats.profile"], check=False,
+                   capture_output=True)
+    return time.perf_counter() - t
 
 
 __all__ = ["ModelShape", "Plan", "StagePlan", "count_text", "duration_text", "model_shape", "plan"]
