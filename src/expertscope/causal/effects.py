@@ -247,10 +247,9 @@ def causal_effects(
             run.phase("fast", per_layer)
             hybrid = Hybrid(run.assemble("fast"), np.asarray(dom_of, dtype=object), lays, per_layer, E_max,
                             cfg.hybrid_top, drivers)
-            for r, want in enumerate(hybrid.rounds()):  # screen, verify exactly (per domain), screen again
-                which, asked = hybrid.cells(want)
-                run.phase(f"exact:{r}", which, asked)
-                hybrid.verified(run.assemble(f"exact:{r}"), want)
+            for r, ask in enumerate(hybrid.rounds()):  # screen, probe, verify exactly (per input), screen again
+                run.phase(f"exact:{r}", hybrid.which(ask), ask)
+                hybrid.verified(run.assemble(f"exact:{r}"), ask)
     finally:
         run.stop_progress()
         if run.checkpoint is not None:
@@ -395,18 +394,20 @@ class _Run:
         for ids in self.plan:
             if all(i in rows for i in ids):
                 continue
-            if asked is not None and not asked[ids].any():
-                vals = np.full((len(ids), len(which), self.E_max), np.nan)
-            else:
-                batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions,
-                                   model.device, [prep.decisions[i] for i in ids])
+            # with an ask, only the inputs needing a cell run (their clean pass too); the others stay NaN
+            run_ids = ids if asked is None else [i for i in ids if asked[i].any()]
+            vals = np.full((len(ids), len(which), self.E_max), np.nan)
+            if run_ids:
+                batch = make_batch(run_ids, [prep.token_ids[i] for i in run_ids], self.pad_id, cfg.positions,
+                                   model.device, [prep.decisions[i] for i in run_ids])
                 est = self.estimators[name.split(":")[0]]  # "exact:1": hybrid's rounds
                 if asked is None:
                     vals = est.estimate(batch, which)
                 else:
                     assert isinstance(est, ExactEstimator)
                     li = [self.lays.index(layer) for layer in which]
-                    vals = est.estimate(batch, which, asked[ids][:, li])
+                    got = est.estimate(batch, which, asked[run_ids][:, li])
+                    vals[[ids.index(i) for i in run_ids]] = got
             for j, i in enumerate(ids):
                 rows[i] = _full_row(vals[j], self.lays, which, self.E_max)
             self.done += 1
@@ -486,7 +487,8 @@ def _assemble(rows: dict[int, np.ndarray], n: int) -> np.ndarray:
 def _dump_stats(ex: ExactStats, fi: FisherStats) -> dict[str, Any]:
     return {"exact": {"skipped": ex.skipped, "computed": ex.computed, "runs": ex.runs, "clean_s": ex.clean_s,
                       "perturbed_s": ex.perturbed_s, "engine": ex.engine, "note": ex.note,
-                      "token_rows": ex.token_rows, "prefix": ex.prefix, "prefix_note": ex.prefix_note,
+                      "token_rows": ex.token_rows, "clean_rows": ex.clean_rows, "prefix": ex.prefix,
+                      "prefix_note": ex.prefix_note,
                       "tail": ex.tail, "tail_note": ex.tail_note,
                       "per_layer_skipped": {str(k): v for k, v in ex.per_layer_skipped.items()}},
             "fisher": {"backward_products": fi.backward_products, "routes": fi.routes, "min_mass": fi.min_mass,
@@ -499,6 +501,7 @@ def _restore_stats(ex: ExactStats, fi: FisherStats, d: dict[str, Any]) -> None:
     ex.clean_s, ex.perturbed_s = float(e.get("clean_s", 0.0)), float(e.get("perturbed_s", 0.0))
     ex.per_layer_skipped = {int(k): int(v) for k, v in e.get("per_layer_skipped", {}).items()}
     ex.token_rows, ex.prefix = int(e.get("token_rows", 0)), bool(e.get("prefix", False))
+    ex.clean_rows = int(e.get("clean_rows", 0))
     ex.prefix_note = str(e.get("prefix_note", ""))
     tail = e.get("tail", "off")
     ex.tail = tail if tail in get_args(TailMode) else "off"

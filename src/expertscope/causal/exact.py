@@ -57,6 +57,7 @@ class ExactStats:
     note: str = ""
     per_layer_skipped: dict[int, int] = field(default_factory=dict)
     token_rows: int = 0  # positions x decoder layers recomputed by perturbed runs (restart engine)
+    clean_rows: int = 0  # inputs run clean (once per batch and phase: hybrid's rounds run only those asked)
     prefix: bool = False
     prefix_note: str = ""
     #: How restarts ran the last decoder layer's MoE block: at the decision positions only ("decisions"), or at
@@ -70,6 +71,7 @@ class ExactStats:
             "skipped": self.skipped, "computed": self.computed, "perturbed_runs": self.runs,
             "clean_s": round(self.clean_s, 4), "perturbed_s": round(self.perturbed_s, 4),
             "engine": self.engine, "engine_note": self.note, "recomputed_token_layers": self.token_rows,
+            "clean_rows": self.clean_rows,
             "prefix_reuse": self.prefix, "prefix_note": self.prefix_note, "last_layer_block": self.tail,
             "last_layer_note": self.tail_note,
             "skipped_per_layer": {str(k): v for k, v in self.per_layer_skipped.items()},
@@ -258,6 +260,7 @@ def exact_batch(
     t0 = time.perf_counter()
     if clean is None:
         clean = clean_run(moe, stack, batch, min(layers) if stack is not None else None, skippable, keep_kv=prefix)
+        stats.clean_rows += B
     logp = log_probs(clean.logits, label_ids)  # (P, V)
     stats.clean_s += time.perf_counter() - t0
     T = batch.input_ids.shape[1]

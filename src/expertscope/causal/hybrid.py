@@ -9,21 +9,26 @@ against the layer's median). So:
    layer's median fast CE too (its bulk's ratio: the median the rule compares against);
 2. **rescale** — every cell not computed exactly holds its fast CE × its layer's exact/fast ratio (the median
    over the layer's verified cells; the calibration layer's otherwise), so the table is in exact units;
-3. **verify** — the study's driver rule (:class:`~expertscope.config.DriverConfig`, its defaults unless given)
+3. **probe** — the study's driver rule (:class:`~expertscope.config.DriverConfig`, its defaults unless given)
    runs on that table per domain, relaxed by ``margin`` = 1.5 (``fdr``'s level × 1.5, its ratio and floor / 1.5;
-   ``z``'s bar lowered; ``top``'s largest); a flagged cell not yet exact for that domain is computed exactly on
-   that domain's inputs only (the rule reads one domain at a time). Where the rule itself flags a driver, the
-   experts nearest its layer's median for that domain are verified too (the middle two; ± 1 more with fewer
-   than 16 experts): the paired test and the ratio compare against that median, so it must be exact as well;
-4. **repeat** — rescale and verify again, until nothing new is flagged (at most 6 rounds).
+   ``z``'s bar lowered; ``top``'s largest); a flagged cell is first computed exactly on its domain's *probe*
+   inputs only (a seeded quarter of them, at least 4; the rule reads one domain at a time). Its other inputs
+   then hold their fast CE × the cell's own exact/fast ratio on the probe, a far closer estimate than the
+   layer's ratio: most flagged cells were flagged by the layer ratio's error and drop out here;
+4. **verify** — a cell the relaxed rule still flags after its probe is computed exactly on the rest of its
+   domain's inputs. Where the rule itself flags a driver, the experts nearest its layer's median for that
+   domain are computed on all its inputs too (the middle two; ± 1 more with fewer than 16 experts): the paired
+   test and the ratio compare against that median, so it must be exact as well;
+5. **repeat** — rescale, probe and verify again, until nothing new is flagged (at most 8 rounds).
 
 There is no separate screen on the fast CE: a cell "could pass the ratio" in about 3 of 8 experts of every
 layer, while the relaxed rule (test, ratio and floor together) flags few. What this costs and how often it
 agrees with ``exact``: ``benchmarks/bench_hybrid_drivers.py`` (docs/benchmarks.md, "Cheap drivers").
 
-A driver is then always an exactly computed expert of its domain; the result's ``exact`` mask ``(N, L, E)``
-says which cells were, per input (``settings["hybrid"]`` the rounds and the cells per round). ``hybrid_top``
-(default 0) adds the top experts of each layer by fast CE to the first round.
+A driver is then always an expert computed exactly on every input of its domain; the result's ``exact`` mask
+``(N, L, E)`` says which cells were, per input (a probed cell on its probe inputs only); ``settings["hybrid"]``
+the rounds and the cells per round. ``hybrid_top`` (default 0) adds the top experts of each layer by fast CE
+to the first round.
 """
 
 from __future__ import annotations
@@ -39,7 +44,15 @@ from .stability import base_rule
 
 #: How far a fast estimate may fall short of exact before a real driver would be missed.
 MARGIN = 1.5
-MAX_ROUNDS = 6
+MAX_ROUNDS = 8
+#: A flagged cell is first computed on this share of its domain's inputs (at least PROBE_MIN; the inputs are a
+#: seeded draw per domain, the same for every cell).
+PROBE_SHARE = 0.25
+PROBE_MIN = 4
+#: The relaxation for a probed cell (its other inputs rescaled by its own ratio: a closer estimate).
+PROBED_MARGIN = 1.5
+#: A layer's median experts are computed on all inputs only where a decision there is within this factor.
+BAND_MARGIN = 1.25
 #: Experts nearest each layer's median fast CE computed exactly in the first round (layers of at least
 #: ANCHOR_MIN_EXPERTS experts), so that the unverified cells' scale is the bulk's.
 ANCHORS = 2
@@ -50,14 +63,14 @@ BAND_FEW = 1
 
 
 class Hybrid:
-    """The screen-and-verify state of one ``hybrid`` call: ``ce`` ``(N, L, E)`` (exact where verified for the
-    input's domain, scaled fast elsewhere) and ``exact`` ``(D, L, E)`` (per domain, in first-seen order).
-    :meth:`rounds` yields the cells ``(D, L, E)`` to compute exactly next, :meth:`cells` turns them into the
-    exact engine's request and :meth:`verified` takes their values.
+    """The screen-probe-and-verify state of one ``hybrid`` call: ``ce`` ``(N, L, E)`` (exact where computed, fast
+    × the cell's or its layer's exact/fast ratio elsewhere) and ``done`` ``(N, L, E)`` (computed exactly, per
+    input). :meth:`rounds` yields the cells each input needs next ``(N, L, E)``, :meth:`which` turns them into
+    the exact engine's ``{layer: experts}`` and :meth:`verified` takes their values.
 
-    The driver rule reads one domain's inputs at a time (its test, medians and floor), so a cell is verified
+    The driver rule reads one domain's inputs at a time (its test, medians and floor), so a cell is computed
     only on the inputs of the domains it could be a driver of: a domain-specific candidate costs its domain's
-    share of the inputs, not all of them."""
+    share of the inputs (a quarter of that while it is only probed), not all of them."""
 
     def __init__(self, fast: np.ndarray, dom: np.ndarray, lays: list[int], per_layer: Mapping[int, Sequence[int]],
                  E_max: int, least: int = 0, rule: DriverConfig | None = None) -> None:
@@ -65,52 +78,75 @@ class Hybrid:
         self.domains = list(dict.fromkeys(dom.tolist()))
         self.rows = [dom == d for d in self.domains]
         self.ce = fast.copy()
-        self.exact = np.zeros((len(self.domains), len(lays), E_max), bool)
+        self.done = np.zeros(fast.shape, bool)
         self.asked = np.zeros((len(lays), E_max), bool)
         for li, layer in enumerate(lays):
             self.asked[li, list(per_layer[layer])] = True
         self.least = least
         self.rule = rule if rule is not None else DriverConfig()
+        self.probe = np.zeros(len(dom), bool)
+        g = np.random.default_rng(self.rule.seed)  # the driver rule's seed: one run, one draw
+        for rows in self.rows:  # each domain's probe inputs: a seeded draw, the same for every cell
+            idx = np.flatnonzero(rows)
+            n = min(len(idx), max(PROBE_MIN, int(np.ceil(PROBE_SHARE * len(idx)))))
+            self.probe[g.permutation(idx)[:n]] = True
         self.log: list[dict[str, Any]] = []
 
     # ----- the rounds ------------------------------------------------------------------------------------
+    @property
+    def exact(self) -> np.ndarray:
+        """``(D, L, E)`` bool: the cells computed exactly on every input of the domain."""
+        return np.stack([self.done[rows].all(axis=0) for rows in self.rows])
+
+    @property
+    def probed(self) -> np.ndarray:
+        """``(D, L, E)`` bool: the cells computed exactly on (at least) the domain's probe inputs."""
+        return np.stack([self.done[rows & self.probe].all(axis=0) for rows in self.rows])
+
     def rounds(self) -> Iterator[np.ndarray]:
-        """The cells ``(D, L, E)`` to compute exactly, round by round (ends when every flagged cell, and the
-        median experts of every layer holding a driver, are exact)."""
+        """The cells each input needs computed exactly ``(N, L, E)``, round by round (ends when every flagged
+        cell has been probed, every cell still flagged after its probe and the median experts of every layer
+        holding a driver are exact on all their domain's inputs)."""
         first = self._anchors()
         first[-1] |= self.asked[-1]
-        first = np.broadcast_to(first, self.exact.shape).copy()
+        first = np.broadcast_to(first, (len(self.domains), *first.shape)).copy()
         if self.least:
             first |= self._top(self.least)
-        yield self._log("calibrate: the last MoE layer in full, and each layer's median experts by fast CE", first)
+        yield self._log("calibrate: the last MoE layer in full, and each layer's median experts by fast CE",
+                        self._per_input(first) & ~self.done)
         for _ in range(MAX_ROUNDS):
-            want = (self._flagged() | self._median_band(self._drivers())) & ~self.exact
-            if not want.any():
+            probed, exact = self.probed, self.exact
+            band = self._median_band(self._drivers())
+            # the median in full only where a decision of the layer is within BAND_MARGIN of the rule's bars
+            border = (self._flagged(BAND_MARGIN) & ~self._tight(BAND_MARGIN)).any(axis=2, keepdims=True)
+            full = (self._flagged(PROBED_MARGIN) | (band & border)) & probed  # decided on the probed table
+            ask = self._per_input(full & ~exact) | (self._per_input((self._flagged(MARGIN) | band) & ~probed)
+                                                    & self.probe[:, None, None])
+            ask &= ~self.done
+            if not ask.any():
                 return
-            yield self._log("verify: flagged on the table (relaxed rule), and the median experts of a layer "
-                            "holding a driver; not yet exact", want)
+            yield self._log("probe what the relaxed rule flags, then the rest of its domain's inputs for what it "
+                            "still flags; the median experts of a layer holding a driver on all inputs", ask)
 
-    def cells(self, want: np.ndarray) -> tuple[dict[int, list[int]], np.ndarray]:
-        """The exact engine's request for ``want`` ``(D, L, E)``: ``{layer: experts}`` (any domain) and the cells
-        each input needs ``(N, L, E)`` (its domain's)."""
-        which: dict[int, list[int]] = {}
-        union = np.any(want, axis=0)
+    def which(self, ask: np.ndarray) -> dict[int, list[int]]:
+        """The exact engine's request ``{layer: experts}`` for ``ask`` ``(N, L, E)`` (any input)."""
+        union = np.any(ask, axis=0)
+        out: dict[int, list[int]] = {}
         for li, layer in enumerate(self.lays):
             ex = np.flatnonzero(union[li])
             if len(ex):
-                which[layer] = ex.tolist()
-        return which, self._per_input(want)
+                out[layer] = ex.tolist()
+        return out
 
-    def verified(self, exact_ce: np.ndarray, want: np.ndarray) -> None:
-        """Take the exact values of the cells ``want`` ``(D, L, E)`` and rescale the fast cells of every layer."""
-        take = self._per_input(want)
-        self.ce = np.where(take, exact_ce, self.ce)
-        self.exact |= want
+    def verified(self, exact_ce: np.ndarray, ask: np.ndarray) -> None:
+        """Take the exact values of the cells ``ask`` ``(N, L, E)`` and rescale every other cell."""
+        self.ce = np.where(ask, exact_ce, self.ce)
+        self.done |= ask
         self._rescale()
 
     def exact_per_input(self) -> np.ndarray:
-        """``(N, L, E)`` bool: the cells computed exactly, per input (its domain's)."""
-        return self._per_input(self.exact)
+        """``(N, L, E)`` bool: the cells computed exactly, per input."""
+        return self.done.copy()
 
     # ----- internals -------------------------------------------------------------------------------------
     def _per_input(self, per_domain: np.ndarray) -> np.ndarray:
@@ -119,27 +155,33 @@ class Hybrid:
             out[rows] = per_domain[di]
         return out
 
-    def _ratios(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per domain and verified cell the exact/fast ratio of mean CE ``(D, L, E)``, and where it is defined."""
-        ratio = np.full(self.exact.shape, np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            for di, rows in enumerate(self.rows):
-                f = np.nanmean(self.fast[rows], axis=0)
-                e = np.nanmean(self.ce[rows], axis=0)
-                ok = self.exact[di] & (f > 0) & np.isfinite(e)
-                ratio[di] = np.where(ok, e / np.where(f > 0, f, 1.0), np.nan)
-        return ratio, np.isfinite(ratio)
+    def _ratios(self) -> np.ndarray:
+        """Per domain and cell the exact/fast ratio of its summed CE over the inputs computed exactly ``(D, L, E)``
+        (NaN: none computed, or no fast CE there)."""
+        ratio = np.full((len(self.domains), *self.asked.shape), np.nan)
+        for di, rows in enumerate(self.rows):
+            done = self.done[rows]
+            f = np.where(done, np.nan_to_num(self.fast[rows]), 0.0).sum(axis=0)
+            e = np.where(done, np.nan_to_num(self.ce[rows]), 0.0).sum(axis=0)
+            ok = done.any(axis=0) & (f > 0)
+            ratio[di] = np.where(ok, e / np.where(ok, f, 1.0), np.nan)
+        return ratio
 
     def _rescale(self) -> None:
-        """Every cell not exact for a domain: its fast CE × its layer's exact/fast ratio (the median over the
-        layer's verified cells of every domain; over all layers' where the layer has none)."""
-        ratio, ok = self._ratios()
-        overall = float(np.nanmedian(ratio[ok])) if ok.any() else 1.0
-        scale = np.array([float(np.nanmedian(ratio[:, li][ok[:, li]])) if ok[:, li].any() else overall
+        """Every input's cell not computed exactly: its fast CE × that cell's exact/fast ratio on the domain's
+        inputs computed exactly (a probe), else × its layer's ratio (the median over the layer's cells with one,
+        of every domain; over all layers' where the layer has none)."""
+        ratio = self._ratios()
+        ok = np.isfinite(ratio)
+        overall = float(np.median(ratio[ok])) if ok.any() else 1.0
+        layer = np.array([float(np.median(ratio[:, li][ok[:, li]])) if ok[:, li].any() else overall
                           for li in range(len(self.lays))])
-        rest = self.asked[None] & ~self.exact_per_input()
-        self.ce = np.where(rest, self.fast * scale[None, :, None], self.ce)
+        cell = np.where(ok, ratio, layer[None, :, None])  # (D, L, E)
+        scale = np.zeros(self.fast.shape)
+        for di, rows in enumerate(self.rows):
+            scale[rows] = cell[di]
+        rest = self.asked[None] & ~self.done
+        self.ce = np.where(rest, self.fast * scale, self.ce)
 
     def _means(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per domain: its inputs' CE ``(n, L, E)`` and the mean ``(L, E)``."""
@@ -176,7 +218,18 @@ class Hybrid:
                 out[di, li, order[lo : hi + 1]] = True
         return out
 
-    def _flagged(self) -> np.ndarray:
+    def _tight(self, margin: float) -> np.ndarray:
+        """Per domain, the cells the ``fdr`` rule flags with its bars raised by ``margin`` (level / margin, ratio
+        and floor × margin): decisions no error within the margin could undo. Other rules: their flags."""
+        r = self.rule
+        if r.rule != "fdr":
+            return self._flagged(1.0)
+        out = np.zeros_like(self.exact)
+        for di, (x, _) in enumerate(self._means(self.ce)):
+            out[di] = base_rule(x[None], r.alpha / margin, r.min_ratio * margin, r.ce_floor * margin)[0] & self.asked
+        return out
+
+    def _flagged(self, margin: float = MARGIN) -> np.ndarray:
         """Per domain, the cells the study's driver rule (relaxed by the margin) flags on the current table:
         ``fdr`` the base rule; ``z`` CE at least the layer mean + z / margin sd; ``top`` each layer's ``top``
         largest (their ties included)."""
@@ -184,14 +237,14 @@ class Hybrid:
         out = np.zeros_like(self.exact)
         for di, (x, mean) in enumerate(self._means(self.ce)):
             if r.rule == "fdr":
-                sel = base_rule(x[None], min(1.0, r.alpha * MARGIN), r.min_ratio / MARGIN, r.ce_floor / MARGIN)[0]
+                sel = base_rule(x[None], min(1.0, r.alpha * margin), r.min_ratio / margin, r.ce_floor / margin)[0]
             else:
                 m = np.where(self.asked, np.nan_to_num(mean, nan=-np.inf), -np.inf)
                 if r.rule == "z":
                     vals = np.where(self.asked, mean, np.nan)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
-                        bar = np.nanmean(vals, axis=1, keepdims=True) + r.z / MARGIN * np.nanstd(vals, axis=1,
+                        bar = np.nanmean(vals, axis=1, keepdims=True) + r.z / margin * np.nanstd(vals, axis=1,
                                                                                                keepdims=True)
                 else:
                     bar = -np.sort(-m, axis=1)[:, min(r.top, m.shape[1]) - 1:min(r.top, m.shape[1])]
@@ -223,10 +276,11 @@ class Hybrid:
                 out[di, li, np.argsort(-vals, kind="stable")[:n]] = True
         return out & self.asked
 
-    def _log(self, why: str, want: np.ndarray) -> np.ndarray:
-        self.log.append({"round": why, "cells": int(want.sum()), "layers": int(want.any(axis=(0, 2)).sum()),
-                         "inputs_x_cells": int(self._per_input(want).sum())})
-        return want
+    def _log(self, why: str, ask: np.ndarray) -> np.ndarray:
+        self.log.append({"round": why, "inputs_x_cells": int(ask.sum()), "inputs": int(ask.any(axis=(1, 2)).sum()),
+                         "layers": int(ask.any(axis=(0, 2)).sum()),
+                         "cells": int(np.any([ask[rows].any(axis=0) for rows in self.rows], axis=0).sum())})
+        return ask
 
     def exact_sets(self) -> dict[str, dict[str, list[int]]]:
         """Per domain and layer (as text), the experts computed exactly."""
@@ -235,11 +289,15 @@ class Hybrid:
 
     def summary(self) -> dict[str, Any]:
         n = int(self.asked.sum()) * len(self.domains)
-        return {"rounds": self.log, "exact_cells": int(self.exact.sum()), "cells": n,
-                "exact_share": round(float(self.exact.sum()) / max(n, 1), 4), "margin": MARGIN,
+        exact, probed = self.exact, self.probed
+        per_input = int(self.asked.sum()) * len(self.done)
+        return {"rounds": self.log, "exact_cells": int(exact.sum()), "probed_only_cells": int((probed & ~exact).sum()),
+                "cells": n, "exact_share": round(float(self.done.sum()) / max(per_input, 1), 4),
+                "probe_inputs": int(self.probe.sum()), "margin": MARGIN,
                 "rule": {"alpha": self.rule.alpha, "min_ratio": self.rule.min_ratio, "ce_floor": self.rule.ce_floor},
-                "note": "cells are (domain, layer, expert); a cell not computed exactly for a domain holds the fast "
-                        "CE scaled by its layer's exact/fast ratio"}
+                "note": "cells are (domain, layer, expert); exact_share is the share of (input, layer, expert) cells "
+                        "computed exactly; a cell not computed exactly on an input holds its fast CE × the cell's "
+                        "exact/fast ratio on its domain's probe inputs, or its layer's ratio"}
 
 
-__all__ = ["MARGIN", "Hybrid"]
+__all__ = ["MARGIN", "PROBE_SHARE", "Hybrid"]
