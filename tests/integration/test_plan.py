@@ -51,10 +51,16 @@ def test_plan_command_prints_every_stage_and_a_total(model_dir: Path) -> None:
         assert stage in r.output
     assert "total:" in r.output and "not calibrated" in " ".join(r.output.split())
     r = runner.invoke(app, ["plan", "-m", str(model_dir), "--limit", "12", "--causal-limit", "4", "--eval-limit", "6",
-                            "--calibrate", "--tokens", "32"])
+                            "--calibrate", "--tokens", "32", "--executor", "process", "--workers", "2"])
     assert r.exit_code == 0, r.output
     assert "calibrated:" in r.output and "ms per token" in r.output
-    assert "(its largest batch)" in " ".join(r.output.split())  # evaluation's forwards timed at their own shape
+    words = " ".join(r.output.split())
+    assert "per scored token (a batch of each domain's test items, evaluated)" in words
+    # the workers' start, timed (a fresh interpreter's imports and the model's load): a few seconds here
+    import re
+
+    start = re.search(r"over 2 process workers \(their start: (\d+) s\)", words)
+    assert start is not None and 0 < int(start.group(1)) < 120, words
     r = runner.invoke(app, ["plan", "-m", str(model_dir), "--tflops", "-1"])
     assert r.exit_code == 2 and "tflops" in r.output
 
@@ -161,3 +167,30 @@ def test_the_routing_stages_count_the_texts_their_passes_read(model_dir: Path) -
     # the plan reads whole batches until the mean text length gives 1024 inputs: within a batch of the count
     assert abs(emap.forward_passes - read_by_map) <= cfg.profile.batch_size
     assert emap.forward_passes < rate.forward_passes  # 16 of the 36 texts here: not every text, as before
+
+
+def test_calibration_times_at_the_studys_thread_count(model_dir: Path, monkeypatch) -> None:
+    """``--calibrate`` times forwards at the study's ``threads`` (the run's own count: two threads on busy cores
+    made a tiny model's forward 2x slower than the run it planned) and restores the caller's afterwards."""
+    import torch
+
+    import expertscope.pipeline.plan as P
+
+    seen = []
+    monkeypatch.setattr(P, "_measure", lambda *a: seen.append(torch.get_num_threads())
+                        or P.Calibration(1e-4, 1.0, 1.0, 1.0, 20.0, None, None))
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        es.plan(es.StudyConfig(model=str(model_dir), limit=4, threads=threads), calibrate=True, stages=["profile"])
+    assert seen == [1, 2] and torch.get_num_threads() == before
+
+
+def test_timed_repeats_short_calls_and_takes_the_median(monkeypatch) -> None:
+    import expertscope.pipeline.plan as P
+
+    # start; a call of 0.1 s, check; 0.4 s, check; 0.1 s, check: 1.2 s passed, stop
+    clock = iter([0.0, 0.0, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.6, 1.2])
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert P._timed(lambda: calls.append(1)) == pytest.approx(0.1)
+    assert len(calls) == 3

@@ -22,7 +22,9 @@ stages' own work:
   and epoch.
 
 Seconds per token: ``--calibrate`` times forwards of the real model (weights loaded once, after the counts are
-printed) and ``exact``'s restarts at the first and the middle MoE layer, so the engine's own efficiency enters;
+printed, at the study's ``threads``), a profiling batch and a routing pass, ``exact``'s restarts at the first and
+the middle MoE layer (so the engine's own efficiency enters), ``fast`` on one input and ``evaluate`` on a batch of
+each domain's test items (its rate per scored token, decoding included, prices steering and confirmation);
 without it an assumed throughput (``tflops``; a CPU core: 0.03 TFLOP/s) on 2 × active parameters per token.
 With ``executor`` ``process`` or ``ray``, the stages it runs (profiling, steering, confirmation) spread over
 ``workers`` (their time divided by it), and the first of them pays the workers' start once (each imports the
@@ -375,14 +377,18 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     scored, peak = _scored(test, tok, ci.batch_size, ci.max_new_tokens, tokens, t_data)
     eval_spt = None
     start_s = WORKER_START_S + shape.weights_gb / LOAD_GB_PER_S
+    routing = 1.0
     if calibrate:
-        spt, efficiency, measured, fast_fe, eval_spt, start = _calibrate(cfg, shape, int(tokens or t_ce or 128),
-                                                                         peak if n_test else None)
-        start_s = start if start is not None else start_s
-        factor = measured if cfg.profile.importance else 1.0
-        notes.append(f"calibrated: {spt * 1e3:.3f} ms per token in one forward; profiling {factor:.2f}x a forward; "
-                     f"exact at {efficiency:.2f} of its analytic bound; fast {fast_fe:.1f} forward-equivalents"
-                     + (f"; evaluation {eval_spt * 1e3:.3f} ms per token (its largest batch)" if eval_spt else ""))
+        cal = _calibrate(cfg, shape, int(tokens or t_ce or 128), test if n_test else None)
+        spt, efficiency, fast_fe, eval_spt = cal.seconds_per_token, cal.exact_efficiency, cal.fast_fe, cal.eval_spt
+        start_s = cal.worker_start_s if cal.worker_start_s is not None else start_s
+        factor = cal.profile_factor if cfg.profile.importance else cal.routing_factor
+        routing = cal.routing_factor
+        notes.append(f"calibrated: {spt * 1e3:.3f} ms per token in one forward; profiling {factor:.2f}x a forward, "
+                     f"a routing pass {routing:.2f}x; exact at {efficiency:.2f} of its analytic bound; fast "
+                     f"{fast_fe:.1f} forward-equivalents"
+                     + (f"; evaluation {eval_spt * 1e3:.3f} ms per scored token (a batch of each domain's test "
+                        "items, evaluated)" if eval_spt else ""))
     else:
         spt = 2 * shape.active_params / ((tflops or CPU_TFLOPS) * 1e12)
         notes.append(f"not calibrated: 2 x {count_text(shape.active_params)} active parameters per token at "
@@ -418,7 +424,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     if tokens:
         t_rate = float(tokens)
     add("causal_rate", n_rate, n_rate, float(n_rate), t_rate, "forward", c.batch_size,
-        "one routing pass over every discovery text")
+        "one routing pass over every discovery text", per_token=spt * routing)
     add("tokens", n_prof, 3 * n_prof, 3.0 * n_prof, t_prof, "forward", cfg.profile.batch_size)
     # texts until EXPERT_MAP_TOKENS router inputs (whole batches), then every expert's MLP on those inputs
     bs = cfg.profile.batch_size
@@ -443,26 +449,54 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
         add("confirmation", n_second, arms2 * n_second, arms2 * n_second * scored2 / t2, t2, "forward",
             ci.batch_size, f"{arms2} arms x {n_second} items of the second corpora", peak=peak2, per_token=eval_spt)
     add("routing_overlap", n_test, 4 * n_test, 4.0 * n_test, t_test or 64.0, "forward", cfg.profile.batch_size,
-        "the targets' and references' routing, recorded")
+        "the targets' and references' routing, recorded", per_token=spt * routing)
     if not out:
         notes.append("the chosen stages read earlier tables only: no model work")
     return Plan(shape, data, out, spt, calibrate, float(tokens or t_ce or 128.0), efficiency, factor, fast_fe, notes,
                 eval_spt)
 
 
-#: Rows of evaluation's largest batch timed by ``--calibrate`` (at most; its length in full).
-EVAL_CALIBRATION_ROWS = 32
 
 
-def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int, eval_shape: tuple[int, float] | None = None
-               ) -> tuple[float, float, float, float, float | None, float | None]:
+@dataclass
+class Calibration:
+    """What ``--calibrate`` measured: seconds per token of a forward; exact's cost over its analytic bound; a
+    profiling batch's and a routing pass's (capture without importance) time over a forward's; ``fast``'s
+    forward-equivalents; seconds per scored token of evaluation (None: no test items); a worker's start (None:
+    the local executor)."""
+
+    seconds_per_token: float
+    exact_efficiency: float
+    profile_factor: float
+    routing_factor: float
+    fast_fe: float
+    eval_spt: float | None
+    worker_start_s: float | None
+
+
+def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int, test: Sequence[Any] | None = None) -> Calibration:
     """Seconds per token of a forward of the real model (a batch of ``profile.batch_size`` inputs of ``tokens``
-    tokens, median of 3 after a warm-up), exact's cost against its analytic bound, from the restarts of up to 8
+    tokens, the median over at least 3 calls and :data:`CALIBRATION_SECONDS`, after a warm-up; at the study's
+    ``threads``), exact's cost against its analytic bound, from the restarts of up to 8
     experts at the first and the last MoE layer on two inputs, a profiling batch's time over a forward's,
-    ``fast``'s forward-equivalents on one input, and, given evaluation's largest forward ``(rows, length)``, the
-    seconds per token of a forward of that shape (at most :data:`EVAL_CALIBRATION_ROWS` rows, after a warm-up);
+    ``fast``'s forward-equivalents on one input, and, given the ``test`` domains, evaluation's seconds per scored
+    token: ``evaluate`` on one batch of each domain's items, over what :func:`~expertscope.evaluation.scoring_cost`
+    counts for them (decoding steps and evaluation's own work included);
     with a ``process`` or ``ray`` executor, the seconds a worker takes to start (a fresh interpreter importing
     the libraries, plus the model's load here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # the run's own thread count (two on busy cores spin, not help)
+    try:
+        return _measure(cfg, shape, tokens, test)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(cfg: StudyConfig, shape: ModelShape, tokens: int, test: Sequence[Any] | None) -> Calibration:
+    """:func:`_calibrate`'s measurements, at the thread count it set."""
     import torch
 
     from ..causal import causal_effects
@@ -476,17 +510,15 @@ def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int, eval_shape: tup
     text = " ".join(["the quick brown fox jumps over the lazy dog"] * (1 + tokens // 8))
     ids = moe.tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens].to(moe.device)
     batch = ids.expand(max(1, cfg.profile.batch_size), -1)
-    times = []
     with torch.no_grad():
-        for _ in range(4):
-            t = time.perf_counter()
-            moe.model(input_ids=batch, use_cache=False)
-            times.append(time.perf_counter() - t)
-    spt = sorted(times[1:])[1] / batch.numel()
-    t = time.perf_counter()
-    profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens, batch_size=batch.shape[0],
-            importance=cfg.profile.importance)
-    prof_factor = (time.perf_counter() - t) / (spt * batch.numel())
+        moe.model(input_ids=batch, use_cache=False)  # warm-up
+        spt = _timed(lambda: moe.model(input_ids=batch, use_cache=False), min_reps=3) / batch.numel()
+    prof = _timed(lambda: profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens, batch_size=batch.shape[0],
+                                  importance=cfg.profile.importance))
+    prof_factor = prof / (spt * batch.numel())
+    routed = _timed(lambda: profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens,
+                                    batch_size=batch.shape[0], importance=False))
+    routing_factor = max(1.0, routed / (spt * batch.numel()))
     causal_effects(moe, {"c": ["warm up"]}, max_length=tokens, batch_size=1, noise_inputs=0)  # the engine's check
     # the first and the middle MoE layer: the last one's restart also pays the LM head, which the bound omits
     first, mid = moe.layers[0], moe.layers[len(moe.layers) // 2]
@@ -504,17 +536,45 @@ def _calibrate(cfg: StudyConfig, shape: ModelShape, tokens: int, eval_shape: tup
     causal_effects(moe, {"c": [text]}, method="fast", max_length=tokens, batch_size=1, noise_inputs=0,
                    fast_probes=cfg.causal.fast_probes)
     fast_fe = (time.perf_counter() - t) / (spt * ids.shape[1])
-    eval_spt = None
-    if eval_shape is not None:
-        rows, width = min(int(eval_shape[0]), EVAL_CALIBRATION_ROWS), max(1, round(eval_shape[1]))
-        long = moe.tokenizer(" ".join([text] * (1 + width // max(ids.shape[1], 1))), return_tensors="pt")
-        shaped = long["input_ids"][:, :width].to(moe.device).expand(rows, -1)
-        with torch.no_grad():
-            moe.model(input_ids=shaped[:1], use_cache=False)  # warm-up at this length
-            t = time.perf_counter()
-            moe.model(input_ids=shaped, use_cache=False)
-            eval_spt = (time.perf_counter() - t) / shaped.numel()
-    return spt, efficiency, max(1.0, prof_factor), fast_fe, eval_spt, start
+    return Calibration(spt, efficiency, max(1.0, prof_factor), routing_factor, fast_fe,
+                       _eval_rate(moe, cfg, test) if test else None, start)
+
+
+def _eval_rate(moe: Any, cfg: StudyConfig, test: Sequence[Any]) -> float | None:
+    """Seconds per scored token of ``evaluate``: one batch of each domain's test items, after a warm-up on one
+    item, over the tokens :func:`~expertscope.evaluation.scoring_cost` counts for them."""
+    from ..evaluation import evaluate, scoring_cost
+
+    ci = cfg.intervention
+    spent = counted = 0.0
+    for d in test:
+        head = d.head(ci.batch_size)
+        if not head.examples or head.task is None:
+            continue
+        evaluate(moe, head.task, head.head(1), batch_size=1, max_new_tokens=1)  # warm-up
+        t = time.perf_counter()
+        evaluate(moe, head.task, head, batch_size=ci.batch_size, max_new_tokens=ci.max_new_tokens)
+        spent += time.perf_counter() - t
+        counted += scoring_cost(head.task, head, moe.tokenizer, ci.batch_size,
+                                max_new_tokens=ci.max_new_tokens).token_forwards
+    return spent / counted if counted else None
+
+
+#: Calibration repeats a timed call until this many seconds have passed (small models: one call takes
+#: milliseconds, and a handful of them is mostly noise).
+CALIBRATION_SECONDS = 1.0
+
+
+def _timed(fn: Any, min_reps: int = 1, max_reps: int = 200) -> float:
+    """The median seconds of ``fn()`` over at least ``min_reps`` calls, repeated until
+    :data:`CALIBRATION_SECONDS` have passed (at most ``max_reps``)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < CALIBRATION_SECONDS):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def _worker_start() -> float:
