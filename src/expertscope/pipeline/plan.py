@@ -540,23 +540,28 @@ def _measure(cfg: StudyConfig, shape: ModelShape, tokens: int, test: Sequence[An
                        _eval_rate(moe, cfg, test) if test else None, start)
 
 
+#: Decoding steps ``--calibrate`` lets evaluation run (at most): a big model's calibration stays minutes.
+EVAL_CALIBRATION_STEPS = 32
+
+
 def _eval_rate(moe: Any, cfg: StudyConfig, test: Sequence[Any]) -> float | None:
-    """Seconds per scored token of ``evaluate``: one batch of each domain's test items, after a warm-up on one
-    item, over the tokens :func:`~expertscope.evaluation.scoring_cost` counts for them."""
+    """Seconds per scored token of ``evaluate``: one batch of each domain's test items (decoding at most
+    :data:`EVAL_CALIBRATION_STEPS` steps), after a warm-up on one item, over the tokens
+    :func:`~expertscope.evaluation.scoring_cost` counts for them."""
     from ..evaluation import evaluate, scoring_cost
 
     ci = cfg.intervention
+    new = min(ci.max_new_tokens, EVAL_CALIBRATION_STEPS)
     spent = counted = 0.0
     for d in test:
-        head = d.head(ci.batch_size)
+        head = d.head(ci.batch_size)  # evaluation's own batch shape: a small model's rate depends on it
         if not head.examples or head.task is None:
             continue
         evaluate(moe, head.task, head.head(1), batch_size=1, max_new_tokens=1)  # warm-up
         t = time.perf_counter()
-        evaluate(moe, head.task, head, batch_size=ci.batch_size, max_new_tokens=ci.max_new_tokens)
+        evaluate(moe, head.task, head, batch_size=ci.batch_size, max_new_tokens=new)
         spent += time.perf_counter() - t
-        counted += scoring_cost(head.task, head, moe.tokenizer, ci.batch_size,
-                                max_new_tokens=ci.max_new_tokens).token_forwards
+        counted += scoring_cost(head.task, head, moe.tokenizer, ci.batch_size, max_new_tokens=new).token_forwards
     return spent / counted if counted else None
 
 
