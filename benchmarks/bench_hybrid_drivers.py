@@ -6,8 +6,8 @@ layers drawn from the seed are made drivers (their output weights x ``--plant``;
 emotion / knowledge / math inputs are drawn from the seed (an input set per seed, never looked at before).
 The driver rule is the default one (stability selection), with ``--ce-floor`` for both methods alike.
 ``exact`` and ``hybrid`` then run on the same inputs, and the driver rule (the defaults of
-``driver_experts``) on each. Printed per run: the drivers each finds, their Jaccard, the share of cells
-``hybrid`` computed exactly, and each method's cost in forward-equivalents per input (its time over one clean
+``driver_experts``) on each. Printed per run: the drivers each finds, their Jaccard, the share of (input, layer,
+expert) cells ``hybrid`` computed exactly, and each method's cost in forward-equivalents per input (its time over one clean
 forward of every input, one torch thread). Targets: Jaccard >= 0.9 at no more than a third of exact's cost.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_hybrid_drivers.py                 # both shapes, seeds 0 1 2

@@ -16,9 +16,10 @@ against the layer's median). So:
    then hold their fast CE × the cell's own exact/fast ratio on the probe, a far closer estimate than the
    layer's ratio: most flagged cells were flagged by the layer ratio's error and drop out here;
 4. **verify** — a cell the relaxed rule still flags after its probe is computed exactly on the rest of its
-   domain's inputs. Where the rule itself flags a driver, the experts nearest its layer's median for that
-   domain are computed on all its inputs too (the middle two; ± 1 more with fewer than 16 experts): the paired
-   test and the ratio compare against that median, so it must be exact as well;
+   domain's inputs. Where the rule itself flags a driver, or a decision is within ``BAND_MARGIN`` of the rule's
+   bars, the experts nearest its layer's median for that domain are probed (the middle two; ± 1 more with fewer
+   than 16 experts), and in a layer holding such a near decision computed on all its inputs: the paired test
+   and the ratio compare against that median, so there it must be exact as well;
 5. **repeat** — rescale, probe and verify again, until nothing new is flagged (at most 8 rounds).
 
 There is no separate screen on the fast CE: a cell "could pass the ratio" in about 3 of 8 experts of every
