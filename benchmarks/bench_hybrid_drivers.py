@@ -7,8 +7,8 @@ emotion / knowledge / math inputs are drawn from the seed (an input set per seed
 The driver rule is the default one (stability selection), with ``--ce-floor`` for both methods alike.
 ``exact`` and ``hybrid`` then run on the same inputs, and the driver rule (the defaults of
 ``driver_experts``) on each. Printed per run: the drivers each finds, their Jaccard, the share of (input, layer,
-expert) cells ``hybrid`` computed exactly, and each method's cost in forward-equivalents per input (its time over one clean
-forward of every input, one torch thread). Targets: Jaccard >= 0.9 at no more than a third of exact's cost.
+expert) cells ``hybrid`` computed exactly, and each method's cost in forward-equivalents per input (its time over
+one clean forward of every input, one torch thread). Targets: Jaccard >= 0.9 at no more than a third of exact's cost.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_hybrid_drivers.py                 # both shapes, seeds 0 1 2
     python benchmarks/bench_hybrid_drivers.py --shapes mixtral-8x7b --seeds 3 4 --inputs 6
