@@ -194,3 +194,34 @@ def test_timed_repeats_short_calls_and_takes_the_median(monkeypatch) -> None:
     calls = []
     assert P._timed(lambda: calls.append(1)) == pytest.approx(0.1)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("warm_s, items", [(0.01, 16), (2.0, 2)])
+def test_evaluation_is_timed_at_its_batch_unless_one_item_takes_seconds(model_dir: Path, monkeypatch,
+                                                                        warm_s: float, items: int) -> None:
+    """A small model's evaluation rate is timed on its own batch (per-call costs depend on the shape); where the
+    warm-up item takes over ``EVAL_SLOW_ITEM_S`` (compute-bound) two items are timed. The rate is the time over the
+    tokens ``scoring_cost`` counts for exactly the items evaluated."""
+    import expertscope.evaluation as ev
+    import expertscope.pipeline.plan as P
+    from expertscope.pipeline.prepare import prepare
+
+    clock = [0.0]
+    seen: list[int] = []
+
+    def fake_evaluate(model, task, examples, batch_size=8, max_new_tokens=None, **kw):  # type: ignore[no-untyped-def]
+        n = len(examples.examples)
+        seen.append(n)
+        clock[0] += warm_s if max_new_tokens == 1 else 0.001 * n
+        return None
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    monkeypatch.setattr(P.time, "perf_counter", lambda: clock[0])
+    cfg = es.StudyConfig(model=str(model_dir), limit=12, intervention=es.InterventionConfig(limit=20, batch_size=16))
+    test = prepare(cfg).test or []
+    moe = es.load_model(str(model_dir))
+    rate = P._eval_rate(moe, cfg, test)
+    assert seen == [1, items] * len(test)
+    counted = sum(ev.scoring_cost(d.task, d.head(items), moe.tokenizer, 16, max_new_tokens=32).token_forwards
+                  for d in test)
+    assert rate == pytest.approx(0.001 * items * len(test) / counted)

@@ -542,22 +542,28 @@ def _measure(cfg: StudyConfig, shape: ModelShape, tokens: int, test: Sequence[An
 
 #: Decoding steps ``--calibrate`` lets evaluation run (at most): a big model's calibration stays minutes.
 EVAL_CALIBRATION_STEPS = 32
+#: A warm-up item slower than this (seconds) marks a compute-bound model: two items are timed, not a batch.
+EVAL_SLOW_ITEM_S = 1.0
 
 
 def _eval_rate(moe: Any, cfg: StudyConfig, test: Sequence[Any]) -> float | None:
-    """Seconds per scored token of ``evaluate``: one batch of each domain's test items (decoding at most
-    :data:`EVAL_CALIBRATION_STEPS` steps), after a warm-up on one item, over the tokens
-    :func:`~expertscope.evaluation.scoring_cost` counts for them."""
+    """Seconds per scored token of ``evaluate``: one batch of each domain's test items (two where the warm-up
+    item took over :data:`EVAL_SLOW_ITEM_S`; decoding at most :data:`EVAL_CALIBRATION_STEPS` steps), over the
+    tokens :func:`~expertscope.evaluation.scoring_cost` counts for them."""
     from ..evaluation import evaluate, scoring_cost
 
     ci = cfg.intervention
     new = min(ci.max_new_tokens, EVAL_CALIBRATION_STEPS)
     spent = counted = 0.0
     for d in test:
-        head = d.head(ci.batch_size)  # evaluation's own batch shape: a small model's rate depends on it
-        if not head.examples or head.task is None:
+        if not d.examples or d.task is None:
             continue
-        evaluate(moe, head.task, head.head(1), batch_size=1, max_new_tokens=1)  # warm-up
+        t = time.perf_counter()
+        evaluate(moe, d.task, d.head(1), batch_size=1, max_new_tokens=1)  # warm-up
+        # a small model's rate depends on the batch shape (per-call costs): its own batch; a model whose one item
+        # takes seconds is compute-bound, and two items give its rate without minutes of calibration
+        slow = time.perf_counter() - t > EVAL_SLOW_ITEM_S
+        head = d.head(min(ci.batch_size, 2) if slow else ci.batch_size)
         t = time.perf_counter()
         evaluate(moe, head.task, head, batch_size=ci.batch_size, max_new_tokens=new)
         spent += time.perf_counter() - t
