@@ -396,18 +396,19 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
     base = shape.weights_gb + RUNTIME_GB
     out: list[StagePlan] = []
     workers = cfg.workers if cfg.executor != "local" else 1
-    started = [False]
+    started = False
 
     def add(stage: str, n: int, passes: int, fe: float, t: float, kind: str, batch: int, note: str = "",
             peak: tuple[int, float] | None = None, per_token: float | None = None) -> None:
+        nonlocal started
         if stage in chosen:  # peak: (rows, length) of the stage's largest forward, when not batch x t
             rows, width = peak if peak is not None else (batch, t)
             seconds = fe * t * (per_token or spt)
             if workers > 1 and stage in EXECUTOR_STAGES:
                 seconds /= workers
                 note = (note + "; " if note else "") + f"over {workers} {cfg.executor} workers"
-            if cfg.executor != "local" and stage in EXECUTOR_STAGES and not started[0]:
-                started[0] = True
+            if cfg.executor != "local" and stage in EXECUTOR_STAGES and not started:
+                started = True
                 seconds += start_s
                 note += f" (their start: {start_s:.0f} s)"
             out.append(StagePlan(stage, n, passes, fe, t, base + _activations(shape, rows, width, kind),
@@ -516,8 +517,9 @@ def _measure(cfg: StudyConfig, shape: ModelShape, tokens: int, test: Sequence[An
     prof = _timed(lambda: profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens, batch_size=batch.shape[0],
                                   importance=cfg.profile.importance))
     prof_factor = prof / (spt * batch.numel())
-    routed = _timed(lambda: profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens,
-                                    batch_size=batch.shape[0], importance=False))
+    routed = prof if not cfg.profile.importance else _timed(  # without importance the profile is a routing pass
+        lambda: profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens, batch_size=batch.shape[0],
+                        importance=False))
     routing_factor = max(1.0, routed / (spt * batch.numel()))
     causal_effects(moe, {"c": ["warm up"]}, max_length=tokens, batch_size=1, noise_inputs=0)  # the engine's check
     # the first and the middle MoE layer: the last one's restart also pays the LM head, which the bound omits
