@@ -34,7 +34,7 @@ from ..progress import ProgressCallback
 from ..routing import DomainInput, as_domain_list, effective_max_length
 from ._engine import Estimator, Stack, find_stack, make_batch
 from .decision import Prepared, common_prefix, prepare_inputs
-from .exact import ExactEstimator, ExactStats, TailMode
+from .exact import CleanCache, ExactEstimator, ExactStats, TailMode
 from .fast import FastEstimator, FastStats
 from .fisher import FisherEstimator, FisherStats
 from .hybrid import Hybrid
@@ -355,6 +355,7 @@ class _Run:
         }
         self.phases: dict[str, dict[int, np.ndarray]] = {}
         self.checkpoint: RowCheckpoint | None = None
+        self.clean_cache = CleanCache(lays)  # hybrid's rounds: each batch's clean run, kept between them
         self.done, self.total = 0, 0
         self.progress: ProgressCallback | None = None
         self.on_batch: Callable[[int, int], None] | None = None
@@ -394,20 +395,19 @@ class _Run:
         for ids in self.plan:
             if all(i in rows for i in ids):
                 continue
-            # with an ask, only the inputs needing a cell run (their clean pass too); the others stay NaN
-            run_ids = ids if asked is None else [i for i in ids if asked[i].any()]
+            # with an ask, a batch none of whose inputs needs a cell is not run; the others run whole (their
+            # clean run kept for the next round: the same batch gives the same values), asking only those cells
             vals = np.full((len(ids), len(which), self.E_max), np.nan)
-            if run_ids:
-                batch = make_batch(run_ids, [prep.token_ids[i] for i in run_ids], self.pad_id, cfg.positions,
-                                   model.device, [prep.decisions[i] for i in run_ids])
+            if asked is None or asked[ids].any():
+                batch = make_batch(ids, [prep.token_ids[i] for i in ids], self.pad_id, cfg.positions,
+                                   model.device, [prep.decisions[i] for i in ids])
                 est = self.estimators[name.split(":")[0]]  # "exact:1": hybrid's rounds
                 if asked is None:
                     vals = est.estimate(batch, which)
                 else:
                     assert isinstance(est, ExactEstimator)
                     li = [self.lays.index(layer) for layer in which]
-                    got = est.estimate(batch, which, asked[run_ids][:, li])
-                    vals[[ids.index(i) for i in run_ids]] = got
+                    vals = est.estimate(batch, which, asked[ids][:, li], self.clean_cache, ids[0])
             for j, i in enumerate(ids):
                 rows[i] = _full_row(vals[j], self.lays, which, self.E_max)
             self.done += 1

@@ -43,6 +43,10 @@ from ._engine import (
 #: How restarts ran the last decoder layer's MoE block (see :attr:`ExactStats.tail`).
 TailMode = Literal["decisions", "absent", "failed", "off"]
 
+#: Bytes of clean runs a :class:`CleanCache` keeps between calls on the same batches (``hybrid``'s rounds): at
+#: hidden 64 every batch fits; at full width a batch of 8 × 128 tokens caches a few hundred MB.
+CLEAN_CACHE_BYTES = 1 << 30
+
 
 @dataclass
 class ExactStats:
@@ -57,7 +61,7 @@ class ExactStats:
     note: str = ""
     per_layer_skipped: dict[int, int] = field(default_factory=dict)
     token_rows: int = 0  # positions x decoder layers recomputed by perturbed runs (restart engine)
-    clean_rows: int = 0  # inputs run clean (once per batch and phase: hybrid's rounds run only those asked)
+    clean_rows: int = 0  # inputs run clean (once per batch; hybrid's rounds reuse a kept clean run)
     prefix: bool = False
     prefix_note: str = ""
     #: How restarts ran the last decoder layer's MoE block: at the decision positions only ("decisions"), or at
@@ -76,6 +80,41 @@ class ExactStats:
             "last_layer_note": self.tail_note,
             "skipped_per_layer": {str(k): v for k, v in self.per_layer_skipped.items()},
         }
+
+
+def _nbytes(obj: object, seen: set[int]) -> int:
+    """Bytes of the tensors in ``obj`` (nested tuples, lists and dicts), each storage counted once."""
+    if isinstance(obj, torch.Tensor):
+        ptr = obj.untyped_storage().data_ptr()
+        if ptr in seen:
+            return 0
+        seen.add(ptr)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(x, seen) for x in obj.values())
+    return 0
+
+
+@dataclass
+class CleanCache:
+    """Clean runs kept between :func:`exact_batch` calls on the same batches (``hybrid``'s rounds ask cells of
+    the same batches again): each run caches the inputs of every decoder layer from ``min(layers)`` and the
+    router logits of every skippable layer of ``layers``, so it serves a call on any of them. Runs are kept
+    while their bytes fit ``budget``; a batch whose run was not kept is run again when asked (the same batch,
+    so the same values)."""
+
+    layers: list[int]
+    budget: int | None = None  # None: CLEAN_CACHE_BYTES
+    runs: dict[object, CleanRun] = field(default_factory=dict)
+    used: int = 0
+
+    def keep(self, key: object, run: CleanRun) -> None:
+        n = _nbytes((run.logits, run.inputs, run.router_logits, run.kv), set())
+        if self.used + n <= (CLEAN_CACHE_BYTES if self.budget is None else self.budget):
+            self.runs[key] = run
+            self.used += n
 
 
 def check_restart(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[int]) -> str:
@@ -239,6 +278,8 @@ def exact_batch(
     clean: CleanRun | None = None,
     prefix: bool = False,
     asked: np.ndarray | None = None,
+    cache: CleanCache | None = None,
+    key: object = None,
 ) -> np.ndarray:
     """CE ``(B, L, E_max)`` float64 for one batch; layers in ``experts``' order, NaN where not asked.
 
@@ -249,6 +290,8 @@ def exact_batch(
     perturbed position; for renormalising routers the first token where the expert is selected or can
     enter the top-k), attending to the clean run's cached keys and values before it. ``asked`` ``(B, L, E_max)``
     bool: the (input, layer, expert) cells to compute (default: all in ``experts``); the others stay NaN.
+    ``cache``: the clean run of batch ``key`` is taken from it, or run for all of ``cache.layers`` and offered
+    to it.
     """
     layers = list(experts)
     B = batch.size
@@ -258,9 +301,15 @@ def exact_batch(
     skippable = [layer for layer in layers if skip and can_skip(moe.site(layer))]
     prefix = prefix and stack is not None
     t0 = time.perf_counter()
+    if clean is None and cache is not None:
+        clean = cache.runs.get(key)
     if clean is None:
-        clean = clean_run(moe, stack, batch, min(layers) if stack is not None else None, skippable, keep_kv=prefix)
+        every = layers if cache is None else cache.layers
+        record = [layer for layer in every if skip and can_skip(moe.site(layer))]
+        clean = clean_run(moe, stack, batch, min(every) if stack is not None else None, record, keep_kv=prefix)
         stats.clean_rows += B
+        if cache is not None:
+            cache.keep(key, clean)
     logp = log_probs(clean.logits, label_ids)  # (P, V)
     stats.clean_s += time.perf_counter() - t0
     T = batch.input_ids.shape[1]
@@ -333,14 +382,16 @@ class ExactEstimator:
         self.stats = stats if stats is not None else ExactStats()
         self._engine: tuple[Stack | None] | None = None
 
-    def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]], asked: np.ndarray | None = None
-                 ) -> np.ndarray:
-        """CE ``(B, L, E_max)``; ``asked`` ``(B, L, E_max)`` bool limits it to those cells (others NaN)."""
+    def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]], asked: np.ndarray | None = None,
+                 cache: CleanCache | None = None, key: object = None) -> np.ndarray:
+        """CE ``(B, L, E_max)``; ``asked`` ``(B, L, E_max)`` bool limits it to those cells (others NaN); the clean
+        run of batch ``key`` from ``cache`` (:class:`CleanCache`) when given."""
         if self._engine is None:
             self._engine = (resolve_engine(self.moe, self.stack, self.cfg.prefix_reuse, self.stats),)
         cfg = self.cfg
         return exact_batch(self.moe, self._engine[0], batch, experts, cfg.magnitude, self.label_ids,
-                           cfg.chunk_tokens, cfg.skip, self.stats, prefix=self.stats.prefix, asked=asked)
+                           cfg.chunk_tokens, cfg.skip, self.stats, prefix=self.stats.prefix, asked=asked,
+                           cache=cache, key=key)
 
 
 def _runs(pairs: list[tuple[int, int, int]], lens: list[int], chunk_tokens: int, waste: float = 0.25

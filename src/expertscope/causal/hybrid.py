@@ -10,18 +10,21 @@ against the layer's median). So:
 2. **rescale** — every cell not computed exactly holds its fast CE × its layer's exact/fast ratio (the median
    over the layer's verified cells; the calibration layer's otherwise), so the table is in exact units;
 3. **probe** — the study's driver rule (:class:`~expertscope.config.DriverConfig`, its defaults unless given)
-   runs on that table per domain, relaxed by ``margin`` = 1.5 (``fdr``'s level × 1.5, its ratio and floor / 1.5;
-   ``z``'s bar lowered; ``top``'s largest); a flagged cell is first computed exactly on its domain's *probe*
-   inputs only (a seeded quarter of them, at least 4; the rule reads one domain at a time). Its other inputs
-   then hold their fast CE × the cell's own exact/fast ratio on the probe (on the benchmark's models only a
-   little closer than the layer's ratio: 1.32-1.45x off at the 90th percentile against 1.46-1.48x), and a
+   runs on that table per domain, relaxed by :data:`MARGIN` = 1.25 (``fdr``'s level × 1.25, its ratio and floor
+   / 1.25; ``z``'s bar lowered; ``top``'s largest); a flagged cell is first computed exactly on its domain's
+   *probe* inputs only (a seeded quarter of them, at least 4; the rule reads one domain at a time). Its other
+   inputs then hold their fast CE × the cell's own exact/fast ratio on the probe (on the benchmark's models only
+   a little closer than the layer's ratio: 1.32-1.45x off at the 90th percentile against 1.46-1.48x), and a
    quarter of its inputs are exact;
-4. **verify** — a cell the relaxed rule still flags after its probe is computed exactly on the rest of its
-   domain's inputs. Where the rule itself flags a driver, or a decision is within ``BAND_MARGIN`` of the rule's
-   bars, the experts nearest its layer's median for that domain are probed (the middle two; ± 1 more with fewer
-   than 16 experts), and in a layer holding such a near decision computed on all its inputs: the paired test
-   and the ratio compare against that median, so there it must be exact as well;
-5. **repeat** — rescale, probe and verify again, until nothing new is flagged (at most 8 rounds).
+4. **verify** — a cell the rule relaxed by :data:`PROBED_MARGIN` still flags after its probe is computed exactly
+   on the rest of its domain's inputs. Where the rule itself flags a driver, or a decision is within
+   :data:`BAND_MARGIN` of the rule's bars, the experts nearest its layer's median for that domain are probed
+   (the middle two; ± 1 more with fewer than 16 experts). Where a decision *about a cell already exact on all its
+   domain's inputs* is still within :data:`FULL_BAND_MARGIN` of the bars, the probed median experts of its layer
+   are computed on all inputs too: the paired test and the ratio compare against that median, so there it must
+   be exact as well. (A decision about a cell still estimated waits for the cell: most such decisions are the
+   estimate's noise, and the cell's own verification settles them first.)
+5. **repeat** — rescale, probe and verify again, until nothing new is asked (at most :data:`MAX_ROUNDS` rounds).
 
 There is no separate screen on the fast CE: a cell "could pass the ratio" in about 3 of 8 experts of every
 layer, while the relaxed rule (test, ratio and floor together) flags few. What this costs and how often it
@@ -44,9 +47,9 @@ import numpy as np
 from ..config import DriverConfig
 from .stability import base_rule
 
-#: How far a fast estimate may fall short of exact before a real driver would be missed.
-MARGIN = 1.5
-MAX_ROUNDS = 8
+#: The relaxation under which a cell on the fast table (× its layer's ratio) is probed.
+MARGIN = 1.25
+MAX_ROUNDS = 12
 #: A flagged cell is first computed on this share of its domain's inputs (at least PROBE_MIN; the inputs are a
 #: seeded draw per domain, the same for every cell).
 PROBE_SHARE = 0.25
@@ -54,10 +57,12 @@ PROBE_MIN = 4
 #: The relaxation for a probed cell, whose other inputs hold fast x its own probe ratio: on the benchmark's random
 #: 32 x 8 models that estimate of a domain mean above 1.2x its layer's median is off by a factor of 1.12-1.15 at
 #: the median and 1.32-1.45 at the 90th percentile (docs/benchmarks.md, "Cheap drivers").
-PROBED_MARGIN = 1.25
-#: A layer's median experts are computed on all inputs only where a decision there is within this factor of the
-#: rule's bars (elsewhere their probe stands in).
+PROBED_MARGIN = 1.15
+#: A layer's median experts are probed where a decision there is within this factor of the rule's bars.
 BAND_MARGIN = 1.25
+#: ... and computed on all inputs where a decision about a cell exact on all its domain's inputs is within this
+#: factor (elsewhere their probe stands in).
+FULL_BAND_MARGIN = 1.15
 #: Experts nearest each layer's median fast CE computed exactly in the first round (layers of at least
 #: ANCHOR_MIN_EXPERTS experts), so that the unverified cells' scale is the bulk's.
 ANCHORS = 2
@@ -121,19 +126,19 @@ class Hybrid:
                         self._per_input(first) & ~self.done)
         for _ in range(MAX_ROUNDS):
             probed, exact = self.probed, self.exact
-            # decisions within BAND_MARGIN of the rule's bars: their layer's median must be exact (the middle
-            # experts probed, then computed on all inputs); a layer holding a clear driver gets its median probed
-            border = self._flagged(BAND_MARGIN) & ~self._tight(BAND_MARGIN)
-            band = self._median_band(self._drivers() | border)
-            near = border.any(axis=2, keepdims=True)
-            full = (self._flagged(PROBED_MARGIN) | (band & near)) & probed  # decided on the probed table
+            # a layer holding a driver or a decision within BAND_MARGIN of the rule's bars: its median experts
+            # probed; where a decision about an exact cell is within FULL_BAND_MARGIN, on all inputs (those probed)
+            band = self._median_band(self._drivers() | self._border(BAND_MARGIN))
+            full_band = self._median_band(self._border(FULL_BAND_MARGIN) & exact)
+            full = (self._flagged(PROBED_MARGIN) | full_band) & probed  # decided on the probed table
             ask = self._per_input(full & ~exact) | (self._per_input((self._flagged(MARGIN) | band) & ~probed)
                                                     & self.probe[:, None, None])
             ask &= ~self.done
             if not ask.any():
                 return
             yield self._log("probe what the relaxed rule flags, then the rest of its domain's inputs for what it "
-                            "still flags; the median experts of a layer holding a driver on all inputs", ask)
+                            "still flags; the median experts of a layer holding a driver probed, of a layer holding "
+                            "a near decision about an exact cell on all inputs", ask)
 
     def which(self, ask: np.ndarray) -> dict[int, list[int]]:
         """The exact engine's request ``{layer: experts}`` for ``ask`` ``(N, L, E)`` (any input)."""
@@ -223,6 +228,11 @@ class Hybrid:
                 out[di, li, order[lo : hi + 1]] = True
         return out
 
+    def _border(self, margin: float) -> np.ndarray:
+        """Per domain, the cells whose decision is within ``margin`` of the rule's bars: flagged with the bars
+        relaxed by ``margin``, not with them raised by it ``(D, L, E)``."""
+        return self._flagged(margin) & ~self._tight(margin)
+
     def _tight(self, margin: float) -> np.ndarray:
         """Per domain, the cells the ``fdr`` rule flags with its bars raised by ``margin`` (level / margin, ratio
         and floor × margin): decisions no error within the margin could undo. Other rules: their flags."""
@@ -305,4 +315,4 @@ class Hybrid:
                         "exact/fast ratio on its domain's probe inputs, or its layer's ratio"}
 
 
-__all__ = ["MARGIN", "PROBE_SHARE", "Hybrid"]
+__all__ = ["BAND_MARGIN", "FULL_BAND_MARGIN", "MARGIN", "PROBED_MARGIN", "PROBE_SHARE", "Hybrid"]
