@@ -225,3 +225,18 @@ def test_evaluation_is_timed_at_its_batch_unless_one_item_takes_seconds(model_di
     counted = sum(ev.scoring_cost(d.task, d.head(items), moe.tokenizer, 16, max_new_tokens=32).token_forwards
                   for d in test)
     assert rate == pytest.approx(0.001 * items * len(test) / counted)
+
+
+def test_hybrid_memory_holds_the_clean_runs_its_rounds_keep(model_dir: Path, monkeypatch) -> None:
+    """``hybrid`` keeps each batch's clean run between its rounds (up to the cache's budget): its planned memory
+    grows with the batches, by exact's per-batch cache, until the budget caps it."""
+    import expertscope.causal.exact as E
+    from expertscope.pipeline.plan import _activations
+
+    shape = model_shape(ModelSource.resolve(str(model_dir)))
+    fast = _activations(shape, 4, 64.0, "fast")
+    one = _activations(shape, 4, 64.0, "hybrid", inputs=4) - fast  # one batch's clean run
+    assert one > 0
+    assert _activations(shape, 4, 64.0, "hybrid", inputs=40) - fast == pytest.approx(10 * one)
+    monkeypatch.setattr(E, "CLEAN_CACHE_BYTES", int(3.5 * one * 1e9))
+    assert _activations(shape, 4, 64.0, "hybrid", inputs=40) - fast == pytest.approx(3.5 * one)

@@ -48,7 +48,7 @@ from ..config import DriverConfig
 from .stability import base_rule
 
 #: The relaxation under which a cell on the fast table (× its layer's ratio) is probed.
-MARGIN = 1.25
+MARGIN = 1.5
 MAX_ROUNDS = 12
 #: A flagged cell is first computed on this share of its domain's inputs (at least PROBE_MIN; the inputs are a
 #: seeded draw per domain, the same for every cell).
@@ -57,12 +57,12 @@ PROBE_MIN = 4
 #: The relaxation for a probed cell, whose other inputs hold fast x its own probe ratio: on the benchmark's random
 #: 32 x 8 models that estimate of a domain mean above 1.2x its layer's median is off by a factor of 1.12-1.15 at
 #: the median and 1.32-1.45 at the 90th percentile (docs/benchmarks.md, "Cheap drivers").
-PROBED_MARGIN = 1.15
+PROBED_MARGIN = 1.25
 #: A layer's median experts are probed where a decision there is within this factor of the rule's bars.
 BAND_MARGIN = 1.25
 #: ... and computed on all inputs where a decision about a cell exact on all its domain's inputs is within this
 #: factor (elsewhere their probe stands in).
-FULL_BAND_MARGIN = 1.15
+FULL_BAND_MARGIN = 1.25
 #: Experts nearest each layer's median fast CE computed exactly in the first round (layers of at least
 #: ANCHOR_MIN_EXPERTS experts), so that the unverified cells' scale is the bulk's.
 ANCHORS = 2

@@ -234,11 +234,14 @@ def model_shape(source: Any, dtype: str = "auto", trust_remote_code: bool = Fals
         dtype=str(dt).replace("torch.", ""), bytes_per_param=torch.tensor([], dtype=dt).element_size())
 
 
-def _activations(m: ModelShape, batch: int, tokens: float, kind: str, chunk_tokens: int = 8192) -> float:
+def _activations(m: ModelShape, batch: int, tokens: float, kind: str, chunk_tokens: int = 8192,
+                 inputs: int = 0) -> float:
     """Peak GB above the weights: a forward keeps one layer's activations at a time (about 16 hidden-size vectors
     per token, the attention scores and the float32 logits); ``exact`` adds the clean run's cached layer inputs and
     keys/values for every layer and one perturbed run of ``chunk_tokens``; ``fast`` keeps every layer's
-    activations for its backward passes (about 34 hidden-size vectors per token and layer)."""
+    activations for its backward passes (about 34 hidden-size vectors per token and layer); ``hybrid`` adds to
+    ``fast``'s the clean runs its rounds keep, one per batch of its ``inputs``, up to the cache's budget
+    (:data:`~expertscope.causal.exact.CLEAN_CACHE_BYTES`)."""
     b = m.bytes_per_param
     bt = batch * tokens
     fwd = (bt * 16 * m.hidden * b + batch * m.heads * tokens ** 2 * b + bt * m.vocab * 4) / 1e9
@@ -250,7 +253,12 @@ def _activations(m: ModelShape, batch: int, tokens: float, kind: str, chunk_toke
         return fwd + cache + min(chunk_tokens, bt) * 16 * m.hidden * b / 1e9
     if kind in ("fast", "hybrid"):
         grad = m.n_layers * bt * 34 * m.hidden * b / 1e9
-        return fwd + grad + (cache if kind == "hybrid" else 0.0)
+        if kind == "fast":
+            return fwd + grad
+        from ..causal.exact import CLEAN_CACHE_BYTES
+
+        kept = max(cache, min(CLEAN_CACHE_BYTES / 1e9, cache * math.ceil(inputs / max(batch, 1))))
+        return fwd + grad + kept
     return fwd
 
 
@@ -411,7 +419,7 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
                 started = True
                 seconds += start_s
                 note += f" (their start: {start_s:.0f} s)"
-            out.append(StagePlan(stage, n, passes, fe, t, base + _activations(shape, rows, width, kind),
+            out.append(StagePlan(stage, n, passes, fe, t, base + _activations(shape, rows, width, kind, inputs=n),
                                  seconds, note))
 
     c = cfg.causal

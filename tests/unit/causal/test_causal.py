@@ -380,6 +380,19 @@ def test_hybrid_recomputes_top_candidates_exactly(make_tiny: Any, monkeypatch: p
     assert set(agree.columns) >= {"domain", "layer", "spearman"}
 
 
+def test_the_clean_cache_counts_shared_storage_once_and_keeps_within_its_budget() -> None:
+    from expertscope.causal._engine import CleanRun
+    from expertscope.causal.exact import CleanCache
+
+    x = torch.zeros(10, 8)  # 320 bytes
+    run = CleanRun(logits=torch.zeros(2, 5), inputs={0: ((x,), {"pos": (x[:2], x)}), 1: ((x,), {})})
+    cache = CleanCache([0, 1], budget=400)
+    cache.keep("a", run)  # 40 + 320: x's storage once, whatever the views of it
+    assert cache.used == 360 and "a" in cache.runs
+    cache.keep("b", run)  # 360 more would pass 400: not kept
+    assert cache.used == 360 and "b" not in cache.runs
+
+
 def test_hybrid_screen_and_verify_on_a_table() -> None:
     """The rounds on given arrays (no model): the last layer and, in layers of 16+ experts, the 2 experts nearest
     the layer's median fast CE first; then every cell the relaxed rule could flag; a planted driver whose fast
