@@ -10,8 +10,8 @@ against the layer's median). So:
 2. **rescale** — every cell not computed exactly holds its fast CE × its layer's exact/fast ratio (the median
    over the layer's verified cells; the calibration layer's otherwise), so the table is in exact units;
 3. **probe** — the study's driver rule (:class:`~expertscope.config.DriverConfig`, its defaults unless given)
-   runs on that table per domain, relaxed by :data:`MARGIN` = 1.25 (``fdr``'s level × 1.25, its ratio and floor
-   / 1.25; ``z``'s bar lowered; ``top``'s largest); a flagged cell is first computed exactly on its domain's
+   runs on that table per domain, relaxed by :data:`MARGIN` = 1.5 (``fdr``'s level × 1.5, its ratio and floor
+   / 1.5; ``z``'s bar lowered; ``top``'s largest); a flagged cell is first computed exactly on its domain's
    *probe* inputs only (a seeded quarter of them, at least 4; the rule reads one domain at a time). Its other
    inputs then hold their fast CE × the cell's own exact/fast ratio on the probe (on the benchmark's models only
    a little closer than the layer's ratio: 1.32-1.45x off at the 90th percentile against 1.46-1.48x), and a

@@ -11,7 +11,7 @@ stages' own work:
 - ``drivers`` (``exact``): per input, one clean pass and, per MoE layer ``l`` and expert, a restart that
   recomputes layers ``l..`` (``(n_layers - l) / n_layers`` of a forward): the analytic bound of the engine (it
   does less: skipped perturbations, the last layer at the decision positions); ``fast``: ``2 + 2 × probes``;
-  ``hybrid``: ``fast`` plus the share its screen verifies (25-50 % measured; 40 % assumed);
+  ``hybrid``: ``fast`` plus the share of exact's work its rounds verify (22-36 % measured; 30 % assumed);
 - ``causal_rate``: one routing pass over every discovery text (at the causal stage's length); ``tokens``: 3 FE
   per discovery text; ``expert_map``: the texts that give :data:`EXPERT_MAP_TOKENS` router inputs, and every
   expert's MLP on them;
@@ -47,7 +47,7 @@ from ..errors import ConfigError
 #: Assumed throughput without --calibrate (TFLOP/s): one CPU core.
 CPU_TFLOPS = 0.03
 RUNTIME_GB = 0.5
-HYBRID_SHARE = 0.4
+HYBRID_SHARE = 0.3
 #: Seconds to start a worker (interpreter, torch and transformers imported, a small model loaded) when not
 #: calibrated; weights add their load time at :data:`LOAD_GB_PER_S`.
 WORKER_START_S = 6.0
