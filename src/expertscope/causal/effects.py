@@ -247,8 +247,9 @@ def causal_effects(
             run.phase("fast", per_layer)
             hybrid = Hybrid(run.assemble("fast"), np.asarray(dom_of, dtype=object), lays, per_layer, E_max,
                             cfg.hybrid_top, drivers)
+            plan = run.round_plan()
             for r, ask in enumerate(hybrid.rounds()):  # screen, probe, verify exactly (per input), screen again
-                run.phase(f"exact:{r}", hybrid.which(ask), ask)
+                run.phase(f"exact:{r}", hybrid.which(ask), ask, plan)
                 hybrid.verified(run.assemble(f"exact:{r}"), ask)
     finally:
         run.stop_progress()
@@ -276,7 +277,7 @@ def causal_effects(
     }
     if hybrid is not None:
         settings["hybrid_exact"] = hybrid.exact_sets()
-        settings["hybrid"] = hybrid.summary()
+        settings["hybrid"] = {**hybrid.summary(), "round_batch_sizes": [len(b) for b in plan]}
     return CausalEffects(ce=ce, domain=np.asarray(dom_of, dtype=object), text_index=np.asarray(tix, dtype=np.int64),
                          layers=lays, exact=exact_mask, settings=settings)
 
@@ -386,13 +387,35 @@ class _Run:
     def stop_progress(self) -> None:
         self.progress = None
 
-    def phase(self, name: str, which: Mapping[int, Sequence[int]], asked: np.ndarray | None = None) -> None:
+    def round_plan(self) -> list[list[int]]:
+        """The batches of ``hybrid``'s exact rounds: as large as a quarter of the clean cache's budget holds (at
+        least ``batch_size`` inputs; a clean run's bytes per token measured on the first batch, so the plan is the
+        same on every run of the call, resumed or not). A round asks a few cells of each input: a larger batch
+        packs them into fuller perturbed runs (at hidden size 64 a run of few rows costs more per recomputed
+        position). Without a decoder stack to restart on, the batches of the other phases."""
+        est = self.estimators["exact"]
+        assert isinstance(est, ExactEstimator)
+        first = self.plan[0]
+        batch = make_batch(first, [self.prep.token_ids[i] for i in first], self.pad_id, self.cfg.positions,
+                           self.model.device, [self.prep.decisions[i] for i in first])
+        per_token = est.clean_bytes_per_token(batch, self.lays)
+        if not per_token:
+            return self.plan
+        from .exact import CLEAN_CACHE_BYTES
+
+        longest = max(len(t) for t in self.prep.token_ids)
+        size = max(self.cfg.batch_size, int(CLEAN_CACHE_BYTES / 4 // (per_token * longest)))
+        order = [i for ids in self.plan for i in ids]
+        return _plan(order, [len(t) for t in self.prep.token_ids], size)
+
+    def phase(self, name: str, which: Mapping[int, Sequence[int]], asked: np.ndarray | None = None,
+              plan: list[list[int]] | None = None) -> None:
         """Compute phase ``name`` (an estimator: ``"exact"``, ``"fast"`` or ``"fisher"``) for the (layer,
         experts) in ``which``; ``asked`` ``(N, L, E_max)`` (``exact`` only): the cells each input needs (the
-        others stay NaN; a batch that needs none is not run)."""
+        others stay NaN; a batch that needs none is not run); ``plan``: its batches (default: the call's)."""
         cfg, model, prep = self.cfg, self.model, self.prep
         rows = self.phases.setdefault(name, {})
-        for ids in self.plan:
+        for ids in self.plan if plan is None else plan:
             if all(i in rows for i in ids):
                 continue
             # with an ask, a batch none of whose inputs needs a cell is not run; the others run whole (their

@@ -382,6 +382,18 @@ class ExactEstimator:
         self.stats = stats if stats is not None else ExactStats()
         self._engine: tuple[Stack | None] | None = None
 
+    def clean_bytes_per_token(self, batch: Batch, layers: Sequence[int]) -> float:
+        """Bytes per (padded) token of the clean run :func:`exact_batch` would keep of ``batch`` for ``layers``
+        (run once here, not counted); 0 without a decoder stack to restart on."""
+        if self._engine is None:
+            self._engine = (resolve_engine(self.moe, self.stack, self.cfg.prefix_reuse, self.stats),)
+        stack = self._engine[0]
+        if stack is None:
+            return 0.0
+        record = [layer for layer in layers if self.cfg.skip and can_skip(self.moe.site(layer))]
+        run = clean_run(self.moe, stack, batch, min(layers), record, keep_kv=self.stats.prefix)
+        return _nbytes((run.logits, run.inputs, run.router_logits, run.kv), set()) / batch.input_ids.numel()
+
     def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]], asked: np.ndarray | None = None,
                  cache: CleanCache | None = None, key: object = None) -> np.ndarray:
         """CE ``(B, L, E_max)``; ``asked`` ``(B, L, E_max)`` bool limits it to those cells (others NaN); the clean

@@ -360,12 +360,15 @@ def test_hybrid_recomputes_top_candidates_exactly(make_tiny: Any, monkeypatch: p
     rounds = hy.settings["hybrid"]["rounds"]
     assert hy.settings["hybrid"]["probe_inputs"] == 2 * 4 and len(rounds) >= 3
     assert min(r["inputs"] for r in rounds[1:]) == 8
-    assert hy.settings["exact_stats"]["clean_rows"] == 24  # 3 batches, each run clean once over >= 3 rounds
+    assert hy.settings["exact_stats"]["clean_rows"] == 24  # each input run clean once over >= 3 rounds
+    # the rounds' batches: larger than the call's 8 (a tiny model's clean runs are small), each input in one
+    sizes = hy.settings["hybrid"]["round_batch_sizes"]
+    assert sum(sizes) == 24 and max(sizes) > 8
     # with no clean run kept, each round runs every batch it asks a cell of clean again: the same batches, so the
     # same values, bit for bit
     import expertscope.causal.exact as E
 
-    monkeypatch.setattr(E, "CLEAN_CACHE_BYTES", 0)
+    monkeypatch.setattr(E.CleanCache, "keep", lambda self, key, run: None)
     again = C.causal_effects(planted, many, method="hybrid", batch_size=8, drivers=DriverConfig(ce_floor=1e-9))
     assert again.settings["exact_stats"]["clean_rows"] > 24
     assert np.array_equal(again.ce, hy.ce) and np.array_equal(again.exact, hy.exact)
