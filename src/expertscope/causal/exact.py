@@ -97,6 +97,11 @@ def _nbytes(obj: object, seen: set[int]) -> int:
     return 0
 
 
+def clean_bytes(run: CleanRun) -> int:
+    """Bytes a kept clean run holds: its logits, cached layer inputs, router logits and keys/values."""
+    return _nbytes((run.logits, run.inputs, run.router_logits, run.kv), set())
+
+
 @dataclass
 class CleanCache:
     """Clean runs kept between :func:`exact_batch` calls on the same batches (``hybrid``'s rounds ask cells of
@@ -111,7 +116,7 @@ class CleanCache:
     used: int = 0
 
     def keep(self, key: object, run: CleanRun) -> None:
-        n = _nbytes((run.logits, run.inputs, run.router_logits, run.kv), set())
+        n = clean_bytes(run)
         if self.used + n <= (CLEAN_CACHE_BYTES if self.budget is None else self.budget):
             self.runs[key] = run
             self.used += n
@@ -392,7 +397,7 @@ class ExactEstimator:
             return 0.0
         record = [layer for layer in layers if self.cfg.skip and can_skip(self.moe.site(layer))]
         run = clean_run(self.moe, stack, batch, min(layers), record, keep_kv=self.stats.prefix)
-        return _nbytes((run.logits, run.inputs, run.router_logits, run.kv), set()) / batch.input_ids.numel()
+        return clean_bytes(run) / batch.input_ids.numel()
 
     def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]], asked: np.ndarray | None = None,
                  cache: CleanCache | None = None, key: object = None) -> np.ndarray:
