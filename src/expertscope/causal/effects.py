@@ -401,10 +401,8 @@ class _Run:
         per_token = est.clean_bytes_per_token(batch, self.lays)
         if not per_token:
             return self.plan
-        from .exact import CLEAN_CACHE_BYTES
-
         longest = max(len(t) for t in self.prep.token_ids)
-        size = max(self.cfg.batch_size, int(CLEAN_CACHE_BYTES / 4 // (per_token * longest)))
+        size = max(self.cfg.batch_size, int(self.clean_cache.limit / 4 // (per_token * longest)))
         order = [i for ids in self.plan for i in ids]
         return _plan(order, [len(t) for t in self.prep.token_ids], size)
 

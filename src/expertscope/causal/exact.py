@@ -115,11 +115,25 @@ class CleanCache:
     runs: dict[object, CleanRun] = field(default_factory=dict)
     used: int = 0
 
+    @property
+    def limit(self) -> int:
+        """The bytes it keeps at most: ``budget``, else :data:`CLEAN_CACHE_BYTES` (read when asked)."""
+        return CLEAN_CACHE_BYTES if self.budget is None else self.budget
+
     def keep(self, key: object, run: CleanRun) -> None:
         n = clean_bytes(run)
-        if self.used + n <= (CLEAN_CACHE_BYTES if self.budget is None else self.budget):
+        if self.used + n <= self.limit:
             self.runs[key] = run
             self.used += n
+
+
+def clean_for(moe: MoEModel, stack: Stack | None, batch: Batch, layers: Sequence[int], skip: bool, prefix: bool
+              ) -> CleanRun:
+    """The clean run that restarts at any of ``layers`` read: every decoder layer's inputs from ``min(layers)``
+    on, the router logits of each skippable one of them (with ``skip``) and, with ``prefix``, the keys and values
+    (nothing cached with ``stack=None``: full forward passes)."""
+    record = [layer for layer in layers if skip and can_skip(moe.site(layer))]
+    return clean_run(moe, stack, batch, min(layers) if stack is not None else None, record, keep_kv=prefix)
 
 
 def check_restart(moe: MoEModel, stack: Stack, batch: Batch, layers: Sequence[int]) -> str:
@@ -309,9 +323,7 @@ def exact_batch(
     if clean is None and cache is not None:
         clean = cache.runs.get(key)
     if clean is None:
-        every = layers if cache is None else cache.layers
-        record = [layer for layer in every if skip and can_skip(moe.site(layer))]
-        clean = clean_run(moe, stack, batch, min(every) if stack is not None else None, record, keep_kv=prefix)
+        clean = clean_for(moe, stack, batch, layers if cache is None else cache.layers, skip, prefix)
         stats.clean_rows += B
         if cache is not None:
             cache.keep(key, clean)
@@ -390,23 +402,24 @@ class ExactEstimator:
     def clean_bytes_per_token(self, batch: Batch, layers: Sequence[int]) -> float:
         """Bytes per (padded) token of the clean run :func:`exact_batch` would keep of ``batch`` for ``layers``
         (run once here, not counted); 0 without a decoder stack to restart on."""
-        if self._engine is None:
-            self._engine = (resolve_engine(self.moe, self.stack, self.cfg.prefix_reuse, self.stats),)
-        stack = self._engine[0]
+        stack = self._stack()
         if stack is None:
             return 0.0
-        record = [layer for layer in layers if self.cfg.skip and can_skip(self.moe.site(layer))]
-        run = clean_run(self.moe, stack, batch, min(layers), record, keep_kv=self.stats.prefix)
+        run = clean_for(self.moe, stack, batch, layers, self.cfg.skip, self.stats.prefix)
         return clean_bytes(run) / batch.input_ids.numel()
+
+    def _stack(self) -> Stack | None:
+        """The stack restarts run on (None: full forward passes), resolved at the first call."""
+        if self._engine is None:
+            self._engine = (resolve_engine(self.moe, self.stack, self.cfg.prefix_reuse, self.stats),)
+        return self._engine[0]
 
     def estimate(self, batch: Batch, experts: Mapping[int, Sequence[int]], asked: np.ndarray | None = None,
                  cache: CleanCache | None = None, key: object = None) -> np.ndarray:
         """CE ``(B, L, E_max)``; ``asked`` ``(B, L, E_max)`` bool limits it to those cells (others NaN); the clean
         run of batch ``key`` from ``cache`` (:class:`CleanCache`) when given."""
-        if self._engine is None:
-            self._engine = (resolve_engine(self.moe, self.stack, self.cfg.prefix_reuse, self.stats),)
         cfg = self.cfg
-        return exact_batch(self.moe, self._engine[0], batch, experts, cfg.magnitude, self.label_ids,
+        return exact_batch(self.moe, self._stack(), batch, experts, cfg.magnitude, self.label_ids,
                            cfg.chunk_tokens, cfg.skip, self.stats, prefix=self.stats.prefix, asked=asked,
                            cache=cache, key=key)
 

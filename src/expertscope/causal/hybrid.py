@@ -126,12 +126,15 @@ class Hybrid:
                         self._per_input(first) & ~self.done)
         for _ in range(MAX_ROUNDS):
             probed, exact = self.probed, self.exact
+            # the rule on this round's table, once per margin (several of them are equal)
+            flagged = {m: self._flagged(m) for m in {MARGIN, PROBED_MARGIN, BAND_MARGIN, FULL_BAND_MARGIN}}
+            tight = {m: self._tight(m) for m in {BAND_MARGIN, FULL_BAND_MARGIN}}
             # a layer holding a driver or a decision within BAND_MARGIN of the rule's bars: its median experts
             # probed; where a decision about an exact cell is within FULL_BAND_MARGIN, on all inputs (those probed)
-            band = self._median_band(self._drivers() | self._border(BAND_MARGIN))
-            full_band = self._median_band(self._border(FULL_BAND_MARGIN) & exact)
-            full = (self._flagged(PROBED_MARGIN) | full_band) & probed  # decided on the probed table
-            ask = self._per_input(full & ~exact) | (self._per_input((self._flagged(MARGIN) | band) & ~probed)
+            band = self._median_band(self._drivers() | (flagged[BAND_MARGIN] & ~tight[BAND_MARGIN]))
+            full_band = self._median_band(flagged[FULL_BAND_MARGIN] & ~tight[FULL_BAND_MARGIN] & exact)
+            full = (flagged[PROBED_MARGIN] | full_band) & probed  # decided on the probed table
+            ask = self._per_input(full & ~exact) | (self._per_input((flagged[MARGIN] | band) & ~probed)
                                                     & self.probe[:, None, None])
             ask &= ~self.done
             if not ask.any():
@@ -227,11 +230,6 @@ class Hybrid:
                 lo, hi = max((len(ex) - 1) // 2 - band, 0), len(ex) // 2 + band
                 out[di, li, order[lo : hi + 1]] = True
         return out
-
-    def _border(self, margin: float) -> np.ndarray:
-        """Per domain, the cells whose decision is within ``margin`` of the rule's bars: flagged with the bars
-        relaxed by ``margin``, not with them raised by it ``(D, L, E)``."""
-        return self._flagged(margin) & ~self._tight(margin)
 
     def _tight(self, margin: float) -> np.ndarray:
         """Per domain, the cells the ``fdr`` rule flags with its bars raised by ``margin`` (level / margin, ratio

@@ -465,8 +465,6 @@ def plan(config: StudyConfig | None = None, *, calibrate: bool = False, tflops: 
                 eval_spt)
 
 
-
-
 @dataclass
 class Calibration:
     """What ``--calibrate`` measured: seconds per token of a forward; exact's cost over its analytic bound; a
@@ -522,12 +520,14 @@ def _measure(cfg: StudyConfig, shape: ModelShape, tokens: int, test: Sequence[An
     with torch.no_grad():
         moe.model(input_ids=batch, use_cache=False)  # warm-up
         spt = _timed(lambda: moe.model(input_ids=batch, use_cache=False), min_reps=3) / batch.numel()
-    prof = _timed(lambda: profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens, batch_size=batch.shape[0],
-                                  importance=cfg.profile.importance))
+
+    def profiled(importance: bool) -> float:
+        return _timed(lambda: profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens,
+                                      batch_size=batch.shape[0], importance=importance))
+
+    prof = profiled(cfg.profile.importance)
     prof_factor = prof / (spt * batch.numel())
-    routed = prof if not cfg.profile.importance else _timed(  # without importance the profile is a routing pass
-        lambda: profile(moe, {"c": [text] * batch.shape[0]}, max_length=tokens, batch_size=batch.shape[0],
-                        importance=False))
+    routed = profiled(False) if cfg.profile.importance else prof  # without importance the profile is a routing pass
     routing_factor = max(1.0, routed / (spt * batch.numel()))
     causal_effects(moe, {"c": ["warm up"]}, max_length=tokens, batch_size=1, noise_inputs=0)  # the engine's check
     # the first and the middle MoE layer: the last one's restart also pays the LM head, which the bound omits
