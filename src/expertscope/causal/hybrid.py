@@ -6,9 +6,15 @@ against the layer's median). So:
 
 1. **calibrate** — the last MoE layer is computed exactly in full (the cheapest layer to recompute: nothing
    after it), which gives the exact/fast ratio; in layers of at least 16 experts, the 2 experts nearest the
-   layer's median fast CE too (its bulk's ratio: the median the rule compares against);
-2. **rescale** — every cell not computed exactly holds its fast CE × its layer's exact/fast ratio (the median
-   over the layer's verified cells; the calibration layer's otherwise), so the table is in exact units;
+   layer's median fast CE too, on the probe inputs (its bulk's ratio: the median the rule compares against);
+2. **rescale** — every cell not computed exactly holds its fast CE × a predicted exact/fast ratio, so the table
+   is in exact units. fast spreads a layer's cells wider than exact does (its per-cell error is noise, and the
+   cells fast puts high are partly high by noise: on the benchmark's 32 × 8 models, cells at > 1.3× their
+   layer's median fast mean are overstated by 1.2× on average), so the ratio is not one per layer but
+   ``exp(a_l + (β − 1)·c)``, with ``c`` the cell's log fast domain mean less its layer's median, ``β`` the
+   within-layer slope of exact on fast in logs (:meth:`Hybrid.slope`: pooled over every layer and domain with
+   two or more cells computed, bounded to [:data:`SLOPE_MIN`, 1]) and ``a_l`` the layer's intercept (the median
+   over its computed cells; over all layers' where it has none);
 3. **probe** — the study's driver rule (:class:`~expertscope.config.DriverConfig`, its defaults unless given)
    runs on that table per domain, relaxed by :data:`MARGIN` = 1.5 (``fdr``'s level × 1.5, its ratio and floor
    / 1.5; ``z``'s bar lowered; ``top``'s largest); a flagged cell is first computed exactly on its domain's
@@ -17,13 +23,14 @@ against the layer's median). So:
    a little closer than the layer's ratio: 1.32-1.45x off at the 90th percentile against 1.46-1.48x), and a
    quarter of its inputs are exact;
 4. **verify** — a cell the rule relaxed by :data:`PROBED_MARGIN` still flags after its probe is computed exactly
-   on the rest of its domain's inputs. Where the rule itself flags a driver, or a decision is within
-   :data:`BAND_MARGIN` of the rule's bars, the experts nearest its layer's median for that domain are probed
-   (the middle two; ± 1 more with fewer than 16 experts). Where a decision *about a cell already exact on all its
-   domain's inputs* is still within :data:`FULL_BAND_MARGIN` of the bars, the probed median experts of its layer
-   are computed on all inputs too: the paired test and the ratio compare against that median, so there it must
-   be exact as well. (A decision about a cell still estimated waits for the cell: most such decisions are the
-   estimate's noise, and the cell's own verification settles them first.)
+   on half its domain's inputs (:data:`HALF_SHARE`, the probe's among them), and, if still flagged there, on the
+   rest. Where the rule itself flags a driver, or a decision is within :data:`BAND_MARGIN` of the rule's bars,
+   the experts nearest its layer's median for that domain are probed (the middle two; ± 1 more with fewer than
+   16 experts). Where a decision *about a cell already exact on half its domain's inputs* is still within
+   :data:`FULL_BAND_MARGIN` of the bars, the probed median experts of its layer follow it to that half, and
+   where the cell is exact on all of them, to all: the paired test and the ratio compare against that median, so
+   there it must be exact as well. (A decision about a cell still estimated waits for the cell: most such
+   decisions are the estimate's noise, and the cell's own verification settles them first.)
 5. **repeat** — rescale, probe and verify again, until nothing new is asked (at most :data:`MAX_ROUNDS` rounds).
 
 There is no separate screen on the fast CE: a cell "could pass the ratio" in about 3 of 8 experts of every
@@ -49,7 +56,7 @@ from .stability import base_rule
 
 #: The relaxation under which a cell on the fast table (× its layer's ratio) is probed.
 MARGIN = 1.5
-MAX_ROUNDS = 12
+MAX_ROUNDS = 24
 #: A flagged cell is first computed on this share of its domain's inputs (at least PROBE_MIN; the inputs are a
 #: seeded draw per domain, the same for every cell).
 PROBE_SHARE = 0.25
@@ -58,6 +65,11 @@ PROBE_MIN = 4
 #: 32 x 8 models that estimate of a domain mean above 1.2x its layer's median is off by a factor of 1.12-1.15 at
 #: the median and 1.32-1.45 at the 90th percentile (docs/benchmarks.md, "Cheap drivers").
 PROBED_MARGIN = 1.25
+#: A cell still flagged after its probe is computed on this share of its domain's inputs before the rest (a seeded
+#: draw per domain holding the probe inputs): a cell the half clears costs half its domain, not all of it.
+HALF_SHARE = 0.5
+#: The least within-layer slope of exact on fast (in logs) the rescaling takes (:meth:`Hybrid.slope`).
+SLOPE_MIN = 0.5
 #: A layer's median experts are probed where a decision there is within this factor of the rule's bars.
 BAND_MARGIN = 1.25
 #: ... and computed on all inputs where a decision about a cell exact on all its domain's inputs is within this
@@ -95,11 +107,14 @@ class Hybrid:
         self.least = least
         self.rule = rule if rule is not None else DriverConfig()
         self.probe = np.zeros(len(dom), bool)
+        self.half = np.zeros(len(dom), bool)
         g = np.random.default_rng(self.rule.seed)  # the driver rule's seed: one run, one draw
-        for rows in self.rows:  # each domain's probe inputs: a seeded draw, the same for every cell
-            idx = np.flatnonzero(rows)
+        for rows in self.rows:  # each domain's probe inputs and its half: a seeded draw, the same for every cell
+            idx = g.permutation(np.flatnonzero(rows))
             n = min(len(idx), max(PROBE_MIN, int(np.ceil(PROBE_SHARE * len(idx)))))
-            self.probe[g.permutation(idx)[:n]] = True
+            self.probe[idx[:n]] = True
+            self.half[idx[:max(n, int(np.ceil(HALF_SHARE * len(idx))))]] = True  # the probe's inputs among them
+        self.beta = 1.0
         self.log: list[dict[str, Any]] = []
 
     # ----- the rounds ------------------------------------------------------------------------------------
@@ -113,35 +128,45 @@ class Hybrid:
         """``(D, L, E)`` bool: the cells computed exactly on (at least) the domain's probe inputs."""
         return np.stack([self.done[rows & self.probe].all(axis=0) for rows in self.rows])
 
+    @property
+    def halved(self) -> np.ndarray:
+        """``(D, L, E)`` bool: the cells computed exactly on (at least) the domain's half inputs."""
+        return np.stack([self.done[rows & self.half].all(axis=0) for rows in self.rows])
+
     def rounds(self) -> Iterator[np.ndarray]:
         """The cells each input needs computed exactly ``(N, L, E)``, round by round (ends when every flagged
         cell has been probed, every cell still flagged after its probe and the median experts of every layer
         holding a driver are exact on all their domain's inputs)."""
-        first = self._anchors()
-        first[-1] |= self.asked[-1]
-        first = np.broadcast_to(first, (len(self.domains), *first.shape)).copy()
+        probe, half = self.probe[:, None, None], self.half[:, None, None]
+        last = np.zeros_like(self.asked)
+        last[-1] = self.asked[-1]
+        each = len(self.domains)
+        first = self._per_input(np.broadcast_to(last, (each, *last.shape))) | \
+            (self._per_input(np.broadcast_to(self._anchors(), (each, *last.shape))) & probe)
         if self.least:
-            first |= self._top(self.least)
-        yield self._log("calibrate: the last MoE layer in full, and each layer's median experts by fast CE",
-                        self._per_input(first) & ~self.done)
+            first |= self._per_input(self._top(self.least))
+        yield self._log("calibrate: the last MoE layer in full, each layer's median experts by fast CE on the probe "
+                        "inputs", first & ~self.done)
         for _ in range(MAX_ROUNDS):
-            probed, exact = self.probed, self.exact
+            probed, halved, exact = self.probed, self.halved, self.exact
             # the rule on this round's table, once per margin (several of them are equal)
             flagged = {m: self._flagged(m) for m in {MARGIN, PROBED_MARGIN, BAND_MARGIN, FULL_BAND_MARGIN}}
             tight = {m: self._tight(m) for m in {BAND_MARGIN, FULL_BAND_MARGIN}}
             # a layer holding a driver or a decision within BAND_MARGIN of the rule's bars: its median experts
-            # probed; where a decision about an exact cell is within FULL_BAND_MARGIN, on all inputs (those probed)
+            # probed; a decision within FULL_BAND_MARGIN about a cell exact on half (all) of its domain's inputs
+            # takes them to that half (to all)
             band = self._median_band(self._drivers() | (flagged[BAND_MARGIN] & ~tight[BAND_MARGIN]))
-            full_band = self._median_band(flagged[FULL_BAND_MARGIN] & ~tight[FULL_BAND_MARGIN] & exact)
-            full = (flagged[PROBED_MARGIN] | full_band) & probed  # decided on the probed table
-            ask = self._per_input(full & ~exact) | (self._per_input((flagged[MARGIN] | band) & ~probed)
-                                                    & self.probe[:, None, None])
+            near = flagged[FULL_BAND_MARGIN] & ~tight[FULL_BAND_MARGIN]
+            to_half = (flagged[PROBED_MARGIN] | self._median_band(near & halved)) & probed & ~halved
+            to_all = (flagged[PROBED_MARGIN] | self._median_band(near & exact)) & halved & ~exact
+            ask = (self._per_input((flagged[MARGIN] | band) & ~probed) & probe) | \
+                (self._per_input(to_half) & half) | self._per_input(to_all)
             ask &= ~self.done
             if not ask.any():
                 return
-            yield self._log("probe what the relaxed rule flags, then the rest of its domain's inputs for what it "
-                            "still flags; the median experts of a layer holding a driver probed, of a layer holding "
-                            "a near decision about an exact cell on all inputs", ask)
+            yield self._log("probe what the relaxed rule flags; what it still flags, on half its domain's inputs, then "
+                            "on the rest; the median experts of a layer holding a driver probed, of a layer holding "
+                            "a near decision about a cell exact on half (all) its inputs on that half (all)", ask)
 
     def which(self, ask: np.ndarray) -> dict[int, list[int]]:
         """The exact engine's request ``{layer: experts}`` for ``ask`` ``(N, L, E)`` (any input)."""
@@ -183,16 +208,49 @@ class Hybrid:
             ratio[di] = np.where(ok, e / np.where(ok, f, 1.0), np.nan)
         return ratio
 
+    def _centred_fast(self) -> np.ndarray:
+        """Per domain and cell, its log fast domain mean less its layer's median ``(D, L, E)`` (NaN: no fast CE)."""
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.stack([np.nanmean(self.fast[rows], axis=0) for rows in self.rows])
+            logs = np.log(np.where(self.asked[None] & (means > 0), means, np.nan))
+            return logs - np.nanmedian(logs, axis=2, keepdims=True)
+
+    @staticmethod
+    def slope(log_ratio: np.ndarray, centred: np.ndarray) -> float:
+        """β, the within-layer slope of log exact on log fast, from the cells computed: ``log_ratio`` and
+        ``centred`` ``(D, L, E)`` (NaN: no ratio). The least-squares slope of ``log_ratio`` on ``centred`` with each
+        (domain, layer) of two or more such cells centred on its own means, plus 1, bounded to
+        [:data:`SLOPE_MIN`, 1] (1: no such layer)."""
+        ok = np.isfinite(log_ratio) & np.isfinite(centred)
+        sxy = sxx = 0.0
+        for d, li in zip(*np.nonzero(ok.sum(axis=2) >= 2), strict=True):
+            m = ok[d, li]
+            x, y = centred[d, li, m], log_ratio[d, li, m]
+            x, y = x - x.mean(), y - y.mean()
+            sxy, sxx = sxy + float(x @ y), sxx + float(x @ x)
+        if sxx <= 0:
+            return 1.0
+        return float(min(1.0, max(SLOPE_MIN, 1.0 + sxy / sxx)))
+
     def _rescale(self) -> None:
         """Every input's cell not computed exactly: its fast CE × that cell's exact/fast ratio on the domain's
-        inputs computed exactly (a probe), else × its layer's ratio (the median over the layer's cells with one,
-        of every domain; over all layers' where the layer has none)."""
+        inputs computed exactly (a probe), else × ``exp(a_l + (β − 1)·c)`` (the module's step 2: ``c`` the cell's
+        centred log fast mean, ``a_l`` the median over the layer's cells with a ratio, of every domain, of
+        ``log ratio − (β − 1)·c``; over all layers' where the layer has none)."""
         ratio = self._ratios()
-        ok = np.isfinite(ratio)
-        overall = float(np.median(ratio[ok])) if ok.any() else 1.0
-        layer = np.array([float(np.median(ratio[:, li][ok[:, li]])) if ok[:, li].any() else overall
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_ratio = np.log(ratio)
+        centred = self._centred_fast()
+        self.beta = self.slope(log_ratio, centred)
+        c = np.nan_to_num(centred, nan=0.0, posinf=0.0, neginf=0.0)
+        icpt = np.where(np.isfinite(log_ratio), log_ratio - (self.beta - 1.0) * c, np.nan)
+        known = np.isfinite(icpt)
+        overall = float(np.median(icpt[known])) if known.any() else 0.0
+        layer = np.array([float(np.median(icpt[:, li][known[:, li]])) if known[:, li].any() else overall
                           for li in range(len(self.lays))])
-        scale = self._per_input(np.where(ok, ratio, layer[None, :, None]))
+        predicted = np.exp(layer[None, :, None] + (self.beta - 1.0) * c)
+        scale = self._per_input(np.where(np.isfinite(ratio), ratio, predicted))
         rest = self.asked[None] & ~self.done
         self.ce = np.where(rest, self.fast * scale, self.ce)
 
@@ -290,7 +348,8 @@ class Hybrid:
         return out & self.asked
 
     def _log(self, why: str, ask: np.ndarray) -> np.ndarray:
-        self.log.append({"round": why, "inputs_x_cells": int(ask.sum()), "inputs": int(ask.any(axis=(1, 2)).sum()),
+        self.log.append({"round": why, "beta": round(self.beta, 4), "inputs_x_cells": int(ask.sum()),
+                         "inputs": int(ask.any(axis=(1, 2)).sum()),
                          "layers": int(ask.any(axis=(0, 2)).sum()),
                          "cells": int(np.any([ask[rows].any(axis=0) for rows in self.rows], axis=0).sum())})
         return ask
@@ -306,11 +365,14 @@ class Hybrid:
         per_input = int(self.asked.sum()) * len(self.done)
         return {"rounds": self.log, "exact_cells": int(exact.sum()), "probed_only_cells": int((probed & ~exact).sum()),
                 "cells": n, "exact_share": round(float(self.done.sum()) / max(per_input, 1), 4),
-                "probe_inputs": int(self.probe.sum()), "margin": MARGIN,
+                "probe_inputs": int(self.probe.sum()), "half_inputs": int(self.half.sum()), "margin": MARGIN,
+                "beta": round(self.beta, 4),
                 "rule": {"alpha": self.rule.alpha, "min_ratio": self.rule.min_ratio, "ce_floor": self.rule.ce_floor},
                 "note": "cells are (domain, layer, expert); exact_share is the share of (input, layer, expert) cells "
                         "computed exactly; a cell not computed exactly on an input holds its fast CE × the cell's "
-                        "exact/fast ratio on its domain's probe inputs, or its layer's ratio"}
+                        "exact/fast ratio on its domain's inputs computed, or the ratio predicted from its layer's "
+                        "and its fast mean's place in the layer (beta: the within-layer slope of exact on fast)"}
 
 
-__all__ = ["BAND_MARGIN", "FULL_BAND_MARGIN", "MARGIN", "PROBED_MARGIN", "PROBE_SHARE", "Hybrid"]
+__all__ = ["BAND_MARGIN", "FULL_BAND_MARGIN", "HALF_SHARE", "MARGIN", "PROBED_MARGIN", "PROBE_SHARE", "SLOPE_MIN",
+           "Hybrid"]
