@@ -135,8 +135,8 @@ class Hybrid:
 
     def rounds(self) -> Iterator[np.ndarray]:
         """The cells each input needs computed exactly ``(N, L, E)``, round by round (ends when every flagged
-        cell has been probed, every cell still flagged after its probe and the median experts of every layer
-        holding a driver are exact on all their domain's inputs)."""
+        cell has been probed, every cell still flagged after its probe and after its half, and the median experts
+        of every layer holding a near decision about such a cell, are exact on all their domain's inputs)."""
         probe, half = self.probe[:, None, None], self.half[:, None, None]
         last = np.zeros_like(self.asked)
         last[-1] = self.asked[-1]
