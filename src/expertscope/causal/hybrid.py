@@ -115,6 +115,7 @@ class Hybrid:
             self.probe[idx[:n]] = True
             self.half[idx[:max(n, int(np.ceil(HALF_SHARE * len(idx))))]] = True  # the probe's inputs among them
         self.beta = 1.0
+        self.centred = self._centred_fast()  # fast does not change between rounds
         self.log: list[dict[str, Any]] = []
 
     # ----- the rounds ------------------------------------------------------------------------------------
@@ -140,9 +141,7 @@ class Hybrid:
         probe, half = self.probe[:, None, None], self.half[:, None, None]
         last = np.zeros_like(self.asked)
         last[-1] = self.asked[-1]
-        each = len(self.domains)
-        first = self._per_input(np.broadcast_to(last, (each, *last.shape))) | \
-            (self._per_input(np.broadcast_to(self._anchors(), (each, *last.shape))) & probe)
+        first = last | (self._anchors() & probe)  # (N, L, E): the last layer on every input, anchors on the probe
         if self.least:
             first |= self._per_input(self._top(self.least))
         yield self._log("calibrate: the last MoE layer in full, each layer's median experts by fast CE on the probe "
@@ -241,9 +240,8 @@ class Hybrid:
         ratio = self._ratios()
         with np.errstate(divide="ignore", invalid="ignore"):
             log_ratio = np.log(ratio)
-        centred = self._centred_fast()
-        self.beta = self.slope(log_ratio, centred)
-        c = np.nan_to_num(centred, nan=0.0, posinf=0.0, neginf=0.0)
+        self.beta = self.slope(log_ratio, self.centred)
+        c = np.nan_to_num(self.centred, nan=0.0)
         icpt = np.where(np.isfinite(log_ratio), log_ratio - (self.beta - 1.0) * c, np.nan)
         known = np.isfinite(icpt)
         overall = float(np.median(icpt[known])) if known.any() else 0.0
