@@ -200,6 +200,15 @@ class RouterAdapter(ABC):
         ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
         return torch.stack([experts(hidden, indices[:, j:j + 1], ones) for j in range(indices.shape[1])], dim=1)
 
+    def all_expert_outputs(self, site: RouterSite, hidden: torch.Tensor) -> torch.Tensor:
+        """Every routed expert's own output on every token ``(N, E, H)``: :meth:`expert_outputs` with each token
+        sent to every expert (per-expert modules are called on all tokens at once)."""
+        experts = getattr(site.block, "experts", None)
+        if isinstance(experts, nn.ModuleList):
+            return torch.stack([experts[e](hidden) for e in range(site.num_experts)], dim=1)
+        every = torch.arange(site.num_experts, device=hidden.device).expand(hidden.shape[0], site.num_experts)
+        return self.expert_outputs(site, hidden, every)
+
 
 _REGISTRY: list[type[RouterAdapter]] = []
 
