@@ -33,8 +33,8 @@ against the layer's median). So:
    set changed on eight replayed seeds). Where a decision *about a cell already exact on half its domain's
    inputs* is still within :data:`FULL_BAND_MARGIN` of the bars, the probed median experts of its layer follow it
    to that half, and where the cell is exact on all of them, to all: the paired test and the ratio compare against
-   that median, so there it must be exact as well. (A decision about a cell still estimated waits for the cell: most such
-   decisions are the estimate's noise, and the cell's own verification settles them first.)
+   that median, so there it must be exact as well. (A decision about a cell still estimated waits for the cell:
+   most such decisions are the estimate's noise, and the cell's own verification settles them first.)
 5. **repeat** — rescale, probe and verify again, until nothing new is asked (at most :data:`MAX_ROUNDS` rounds).
 
 There is no separate screen on the fast CE: a cell "could pass the ratio" in about 3 of 8 experts of every
