@@ -11,7 +11,7 @@ stages' own work:
 - ``drivers`` (``exact``): per input, one clean pass and, per MoE layer ``l`` and expert, a restart that
   recomputes layers ``l..`` (``(n_layers - l) / n_layers`` of a forward): the analytic bound of the engine (it
   does less: skipped perturbations, the last layer at the decision positions); ``fast``: ``2 + 2 × probes``;
-  ``hybrid``: ``fast`` plus the share of exact's work its rounds verify (16-36 % measured; 30 % assumed);
+  ``hybrid``: ``fast`` plus the share of exact's work its rounds verify (20-31 % measured; 30 % assumed);
 - ``causal_rate``: one routing pass over every discovery text (at the causal stage's length); ``tokens``: 3 FE
   per discovery text; ``expert_map``: the texts that give :data:`EXPERT_MAP_TOKENS` router inputs, and every
   expert's MLP on them;
