@@ -30,7 +30,7 @@ the (layer, batch) pairs each way.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from torch import nn
 
 from ..config import CausalConfig
 from ..errors import ConfigError, ModelError
+from ..models.adapters.base import RouterSite
 from ..models.hooks import RouterHooks
 from ..models.model import MoEModel
 from ._engine import Batch, Stack, can_skip, decision_logits, output_distribution, unchanged_tokens
@@ -86,8 +87,9 @@ class _RouterInput:
     """Context manager: keeps the input of ``site``'s router module ``(N, H)`` from the calls made while active
     (the last one); the hook is removed on exit."""
 
-    def __init__(self, site: Any) -> None:
-        self.site, self.value = site, None
+    def __init__(self, site: RouterSite) -> None:
+        self.site: RouterSite = site
+        self.value: torch.Tensor | None = None
         self._handle: Any = None
 
     def _keep(self, _m: nn.Module, args: tuple) -> None:
@@ -102,7 +104,7 @@ class _RouterInput:
         self._handle.remove()
 
 
-def decomposed_delta(site: Any, hidden: torch.Tensor, logits: torch.Tensor, pmask: torch.Tensor,
+def decomposed_delta(site: RouterSite, hidden: torch.Tensor, logits: torch.Tensor, pmask: torch.Tensor,
                      experts: Sequence[int], magnitude: float, chunk_tokens: int) -> torch.Tensor:
     """``Σ_j (w_j(z + m·e_i) − w_j(z)) f_j(x)`` ``(len(experts), N, H)`` fp32 for each asked expert ``i``: the
     change of a block whose output is its routed experts' outputs weighted by the routing (plus terms the routing
@@ -288,9 +290,10 @@ def fast_batch(
     return out.cpu().numpy()
 
 
-def _decomposed(site: Any, hidden: torch.Tensor | None, logits: torch.Tensor, batch: Batch, ex: list[int],
+def _decomposed(site: RouterSite, hidden: torch.Tensor | None, logits: torch.Tensor, batch: Batch, ex: list[int],
                 magnitude: float, chunk_tokens: int, live: torch.Tensor,
-                rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rerun: Any,
+                rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                rerun: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                 base: torch.Tensor) -> torch.Tensor | None:
     """The layer's local changes ``(len(ex), B, T, H)`` by :func:`decomposed_delta` (zero where ``live`` says the
     output cannot change), or None where that is not available or disagrees with the block's own ``rerun`` on
