@@ -84,8 +84,9 @@ FULL_BAND_MARGIN = 1.25
 #: ANCHOR_MIN_EXPERTS experts), so that the unverified cells' scale is the bulk's.
 ANCHORS = 2
 ANCHOR_MIN_EXPERTS = 16
-#: In a layer of fewer experts holding a driver, this many experts on each side of the middle two are verified
-#: too: with 8 experts the median is one of few values and a fast ranking misplaces it by one or two.
+#: In a layer of fewer experts holding a near decision, this many experts on each side of the middle two are verified
+#: too (and every expert estimated within BAND_MARGIN of the median): with 8 experts the median is one of few values
+#: and a fast ranking misplaces it by one or two.
 BAND_FEW = 1
 
 
@@ -169,8 +170,8 @@ class Hybrid:
             if not ask.any():
                 return
             yield self._log("probe what the relaxed rule flags; what it still flags, on half its domain's inputs, then "
-                            "on the rest; the median experts of a layer holding a driver probed, of a layer holding "
-                            "a near decision about a cell exact on half (all) its inputs on that half (all)", ask)
+                            "on the rest; the median experts of a layer holding a near decision probed, of a layer "
+                            "holding one about a cell exact on half (all) its inputs on that half (all)", ask)
 
     def which(self, ask: np.ndarray) -> dict[int, list[int]]:
         """The exact engine's request ``{layer: experts}`` for ``ask`` ``(N, L, E)`` (any input)."""
