@@ -21,8 +21,8 @@ not touch (shared experts), it is ``Σ_j (w_j(z + m·e_i) − w_j(z)) f_j(x)``: 
 token (the adapter's :meth:`~expertscope.models.adapters.base.RouterAdapter.all_expert_outputs`) and the routing
 weights before and after from the adapter's own ``site_route``, instead of the block rerun once per (expert,
 token) with the top-k experts and the shared ones each time (measured on 28 x 64 top-6 with two shared experts,
-hidden 64: ``fast`` 8.3-8.5 s against 15.7-16.5 s, its local part 4.0 s against 11.6-12.3 s; on 32 x 8 top-2
-about even). That identity is checked per layer and batch against the block itself on :data:`CHECK_ROWS` rows;
+hidden 64: ``fast`` 1.92x faster, its local part 2.84x; on 32 x 8 top-2 1.06x and 1.18x:
+``benchmarks/bench_fast_local.py``). That identity is checked per layer and batch against the block itself on :data:`CHECK_ROWS` rows;
 where it does not hold (a family whose block computes otherwise), the block is rerun, and ``fast_stats`` counts
 the (layer, batch) pairs each way.
 """
