@@ -22,9 +22,9 @@ token (the adapter's :meth:`~expertscope.models.adapters.base.RouterAdapter.all_
 weights before and after from the adapter's own ``site_route``, instead of the block rerun once per (expert,
 token) with the top-k experts and the shared ones each time (measured on 28 x 64 top-6 with two shared experts,
 hidden 64: ``fast`` 1.92x faster, its local part 2.84x; on 32 x 8 top-2 1.06x and 1.18x:
-``benchmarks/bench_fast_local.py``). That identity is checked per layer and batch against the block itself on :data:`CHECK_ROWS` rows;
-where it does not hold (a family whose block computes otherwise), the block is rerun, and ``fast_stats`` counts
-the (layer, batch) pairs each way.
+``benchmarks/bench_fast_local.py``). That identity is checked per layer and batch against the block itself on
+:data:`CHECK_ROWS` rows; where it does not hold (a family whose block computes otherwise), the block is rerun, and
+``fast_stats`` counts the (layer, batch) pairs each way.
 """
 
 from __future__ import annotations
