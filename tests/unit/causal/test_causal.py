@@ -410,6 +410,22 @@ def test_the_clean_cache_counts_shared_storage_once_and_keeps_within_its_budget(
     assert cache.used == 360 and "b" not in cache.runs
 
 
+def _driver_tables(exact: np.ndarray, h: Any, dom: np.ndarray, rule: Any) -> tuple[Any, Any]:
+    """The driver tables (``driver_experts(...).df``) under ``rule`` of ``exact`` ``(N, L, E)`` (every cell
+    computed) and of the :class:`~expertscope.causal.hybrid.Hybrid` ``h``'s table (exact where it computed), the
+    inputs' domains ``dom``."""
+    from expertscope.causal import driver_experts
+    from expertscope.causal.effects import CausalEffects
+
+    N, L, E = exact.shape
+
+    def as_effects(ce: np.ndarray, ex: np.ndarray) -> CausalEffects:
+        return CausalEffects(ce=ce, domain=dom, text_index=np.arange(N), layers=list(range(L)), exact=ex)
+
+    return (driver_experts(as_effects(exact, np.ones((L, E), bool)), rule).df,
+            driver_experts(as_effects(h.ce, h.exact_per_input()), rule).df)
+
+
 def test_hybrid_screen_and_verify_on_a_table() -> None:
     """The rounds on given arrays (no model): the last layer and, in layers of 16+ experts, the 2 experts nearest
     the layer's median fast CE (on the probe inputs) first; then every cell the relaxed rule could flag; a planted
@@ -517,8 +533,6 @@ def test_hybrid_goes_on_with_a_driver_its_probe_understates() -> None:
     """A driver at 2.34x its layer whose probe inputs are its weakest (0.6x of the rest): rescaled by its own probe
     ratio, it looks 1.56x, which the rule relaxed by 1.25 (bar 1.6x) would drop; relaxed by ``PROBED_MARGIN`` (1.4:
     bar 1.43x) it is computed on every input and found, as exact finds it."""
-    from expertscope.causal import driver_experts
-    from expertscope.causal.effects import CausalEffects
     from expertscope.causal.hybrid import PROBED_MARGIN, Hybrid
     from expertscope.config import DriverConfig
 
@@ -536,11 +550,7 @@ def test_hybrid_goes_on_with_a_driver_its_probe_understates() -> None:
         h.verified(np.where(ask, exact, np.nan), ask)
     assert h.exact[0, 2, 9]
 
-    def as_effects(ce: np.ndarray, ex: np.ndarray) -> CausalEffects:
-        return CausalEffects(ce=ce, domain=dom, text_index=np.arange(N), layers=list(range(L)), exact=ex)
-
-    a = driver_experts(as_effects(exact, np.ones((L, E), bool)), rule).df
-    b = driver_experts(as_effects(h.ce, h.exact_per_input()), rule).df
+    a, b = _driver_tables(exact, h, dom, rule)
     assert a[a.is_driver][["layer", "expert"]].values.tolist() == [[2, 9]]
     assert (a.is_driver.to_numpy() == b.is_driver.to_numpy()).all()
 
@@ -623,8 +633,6 @@ def test_hybrid_makes_the_median_of_a_borderline_layer_exact() -> None:
     middle two, one more on each side) are computed on every input, so the test and ratio compare against exact's
     own median; a driver far above every bar (20x) leaves its layer's median estimated (only the driver is
     computed there). The drivers found on hybrid's table equal those on exact's."""
-    from expertscope.causal import driver_experts
-    from expertscope.causal.effects import CausalEffects
     from expertscope.causal.hybrid import Hybrid
     from expertscope.config import DriverConfig
 
@@ -646,11 +654,7 @@ def test_hybrid_makes_the_median_of_a_borderline_layer_exact() -> None:
         assert h.exact[di, 1, middle].all(), (di, middle, h.exact[di, 1])  # borderline: all inputs
         assert np.array_equal(np.flatnonzero(h.probed[di, 2]), [6])  # clear: the driver alone
 
-    def as_effects(ce: np.ndarray, ex: np.ndarray) -> CausalEffects:
-        return CausalEffects(ce=ce, domain=dom, text_index=np.arange(N), layers=list(range(L)), exact=ex)
-
-    a = driver_experts(as_effects(exact, np.ones((L, E), bool)), rule).df
-    b = driver_experts(as_effects(h.ce, h.exact_per_input()), rule).df
+    a, b = _driver_tables(exact, h, dom, rule)
     assert a.is_driver.sum() >= 4 and (a.is_driver.to_numpy() == b.is_driver.to_numpy()).all()
 
 
@@ -660,8 +664,6 @@ def test_hybrid_computes_a_median_expert_that_fast_puts_low_in_a_small_layer() -
     the middle four. Its estimate is within ``BAND_MARGIN`` of the median, so it is computed with the band; left
     estimated, it drags the median down and expert 3 passes as a driver at 2.26x (measured on this table). The
     drivers found on hybrid's table equal exact's: none."""
-    from expertscope.causal import driver_experts
-    from expertscope.causal.effects import CausalEffects
     from expertscope.causal.hybrid import Hybrid
     from expertscope.config import DriverConfig
 
@@ -679,11 +681,7 @@ def test_hybrid_computes_a_median_expert_that_fast_puts_low_in_a_small_layer() -
         h.verified(np.where(ask, exact, np.nan), ask)
     assert h.exact[0, 1, 3] and h.exact[0, 1, 1]
 
-    def as_effects(ce: np.ndarray, ex: np.ndarray) -> CausalEffects:
-        return CausalEffects(ce=ce, domain=dom, text_index=np.arange(N), layers=list(range(L)), exact=ex)
-
-    a = driver_experts(as_effects(exact, np.ones((L, E), bool)), rule).df
-    b = driver_experts(as_effects(h.ce, h.exact_per_input()), rule).df
+    a, b = _driver_tables(exact, h, dom, rule)
     row = a[(a.layer == 1) & (a.expert == 3)].iloc[0]
     assert 1.9 < row.ratio < 2.0 and row.pass_test  # near the ratio's bar, and only the ratio holds it back
     assert not a.is_driver.any() and not b.is_driver.any()
